@@ -1,0 +1,372 @@
+//! `GonkaNode` (`gonka.ai/v1alpha1`): one class of GPU machines joining one Gonka network node.
+//!
+//! Every doc comment below becomes the field's description in the CRD schema, so it is what
+//! `kubectl explain gonkanode.spec.<field>` prints. Constraints the apiserver can check alone
+//! (ranges, patterns, cross-field rules in CEL) live in the schema; rules that need parsing
+//! (engine arguments) are checked by the operator's validate step and reported as conditions.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The node label NVIDIA GPU Feature Discovery (and the GPU Operator) puts on every GPU node.
+pub const NVIDIA_GPU_PRESENT_LABEL: &str = "nvidia.com/gpu.present";
+/// The extended resource name of the NVIDIA device plugin, and the usual GPU-node taint key.
+pub const NVIDIA_GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Upstream ML-node management / PoC port (`PORT` in the network's `config.env`).
+pub const DEFAULT_POC_PORT: i32 = 8080;
+/// Upstream ML-node inference port (the mlnode's vLLM proxy listens on 5000).
+pub const DEFAULT_INFERENCE_PORT: i32 = 5000;
+/// Longest `GonkaNode` name: owned objects append suffixes and pod names append a hash.
+pub const MAX_NAME_LENGTH: usize = 40;
+
+/// A fleet of ML nodes for the Gonka network: one ML node (a node-daemon pod owning the node's
+/// GPUs) on every Kubernetes node that matches the placement, registered with the host's
+/// network node, proving compute (PoC) and serving inference.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gonka.ai",
+    version = "v1alpha1",
+    kind = "GonkaNode",
+    plural = "gonkanodes",
+    shortname = "gn",
+    category = "gonka",
+    namespaced,
+    status = "GonkaNodeStatus",
+    derive = "PartialEq",
+    doc = "A fleet of GPU machines joining one Gonka network node as ML nodes.",
+    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters (owned objects and pods append suffixes)"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Every desired ML node is ready"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredMlNodes", description = "ML nodes wanted: Kubernetes nodes matching the placement"),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.readyMlNodes", description = "ML nodes whose daemon is ready"),
+    printcolumn(name = "Registered", type_ = "integer", json_path = ".status.registeredMlNodes", description = "ML nodes registered with the network node"),
+    printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.totalGpus", description = "GPUs reported by the ML nodes"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.weight", description = "PoC weight of the last round, where known"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Why the fleet is or is not ready"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GonkaNodeSpec {
+    /// The host's network node (Gonka "dapi") these ML nodes join: where the operator registers
+    /// them and where they send PoC results.
+    pub network_node: NetworkNodeSpec,
+
+    /// Which Kubernetes nodes run an ML node. Defaults select NVIDIA GPU nodes (label
+    /// `nvidia.com/gpu.present=true`, as set by GPU Feature Discovery) and tolerate the usual
+    /// `nvidia.com/gpu` taint.
+    #[serde(default)]
+    pub placement: Placement,
+
+    /// GPUs each ML node owns, requested from the NVIDIA device plugin as `nvidia.com/gpu`.
+    /// Unset: the ML node uses every GPU of its Kubernetes node (`NVIDIA_VISIBLE_DEVICES=all`),
+    /// as the upstream docker-compose ML node does. Must be a multiple of every model's
+    /// tensor-parallel x pipeline-parallel size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub gpus_per_ml_node: Option<i32>,
+
+    /// The models these ML nodes serve, by Gonka (Hugging Face) model id. Each must be approved
+    /// by the network's governance, or the network node rejects the registration.
+    #[schemars(length(min = 1, max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub models: Vec<ModelSpec>,
+
+    /// Proof-of-compute settings of the node-daemons.
+    #[serde(default)]
+    pub poc: PocSpec,
+
+    /// The node-daemon container image. Defaults to the operator's `--daemon-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// When the kubelet pulls the image.
+    #[serde(default)]
+    pub image_pull_policy: ImagePullPolicy,
+
+    /// Secrets in this namespace holding registry credentials for the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// CPU and memory for the node-daemon container. GPUs come from `gpusPerMlNode`; do not
+    /// set `nvidia.com/gpu` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// PriorityClass of the ML-node pods, so they are not preempted by less valuable work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub priority_class_name: Option<String>,
+
+    /// How a change of this spec rolls out over the ML nodes.
+    #[serde(default)]
+    pub update_strategy: UpdateStrategy,
+
+    /// Drain switch. While true the operator holds every change to the fleet's objects (no
+    /// rollout starts), and ML nodes are to be disabled on the network node so they finish the
+    /// current epoch and get no new PoC round. Pods keep running; set back to false to resume.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Where the host's network node is.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkNodeSpec {
+    /// Base URL of the network node's admin API (upstream port 9200), e.g.
+    /// `http://gonka-api.gonka.svc:9200`. The operator registers ML nodes there through
+    /// `/admin/v1/nodes`. The admin API has no authentication of its own: keep it private.
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("adminUrl must be an absolute http:// or https:// URL with a host"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub admin_url: String,
+
+    /// Base URL of the network node's ML callback server (upstream `DAPI_API__POC_CALLBACK_URL`,
+    /// port 9100), e.g. `http://gonka-api.gonka.svc:9100`. Every ML-node pod must reach it: PoC
+    /// batches are posted there.
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("mlCallbackUrl must be an absolute http:// or https:// URL with a host"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub ml_callback_url: String,
+
+    /// Optional Secret in this namespace with credentials for the admin API, for network nodes
+    /// fronted by an authenticating proxy. Key `token` is sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretReference>,
+}
+
+/// A Secret in the GonkaNode's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretReference {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+}
+
+/// Which Kubernetes nodes run an ML node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Node labels a Kubernetes node must carry to run an ML node. An empty map selects every
+    /// node the tolerations allow.
+    #[serde(default = "default_node_selector")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Scheduling constraints beyond labels (e.g. only some GPU products).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Taints the ML-node pods tolerate.
+    #[serde(default = "default_tolerations")]
+    pub tolerations: Vec<Toleration>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self { node_selector: default_node_selector(), affinity: None, tolerations: default_tolerations() }
+    }
+}
+
+fn default_node_selector() -> BTreeMap<String, String> {
+    BTreeMap::from([(NVIDIA_GPU_PRESENT_LABEL.to_string(), "true".to_string())])
+}
+
+fn default_tolerations() -> Vec<Toleration> {
+    vec![Toleration {
+        key: Some(NVIDIA_GPU_RESOURCE.to_string()),
+        operator: Some("Exists".to_string()),
+        effect: Some("NoSchedule".to_string()),
+        ..Toleration::default()
+    }]
+}
+
+/// One model the ML nodes serve.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// The Gonka model id, which is its Hugging Face repository, e.g. `Qwen/Qwen2.5-7B-Instruct`.
+    #[schemars(
+        length(min = 3, max = 256),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub id: String,
+
+    /// Inference-engine (vLLM) arguments for this model, e.g. `["--tensor-parallel-size", "4"]`.
+    /// Sent to the network node with the registration and merged there with the governance
+    /// `model_args`.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.all(a, size(a) > 0 && size(a) <= 512)").message("args entries must be non-empty and at most 512 characters"))]
+    pub args: Vec<String>,
+}
+
+/// Proof-of-compute settings of the node-daemons.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PocSpec {
+    /// Nonces computed per forward pass (upstream `POC_BATCH_SIZE_DEFAULT`).
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: i32,
+
+    /// How often a daemon posts its pending PoC batches to the callback URL, in seconds
+    /// (upstream sends every 5 s).
+    #[serde(default = "default_send_interval")]
+    #[schemars(range(min = 1, max = 300))]
+    pub send_interval_seconds: i32,
+
+    /// Most PoC batches a daemon keeps while the callback URL is unreachable. When full, nonce
+    /// generation waits (backpressure) instead of dropping proofs.
+    #[serde(default = "default_max_pending_batches")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_pending_batches: i32,
+}
+
+impl Default for PocSpec {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            send_interval_seconds: default_send_interval(),
+            max_pending_batches: default_max_pending_batches(),
+        }
+    }
+}
+
+fn default_batch_size() -> i32 {
+    32
+}
+fn default_send_interval() -> i32 {
+    5
+}
+fn default_max_pending_batches() -> i32 {
+    10_000
+}
+
+/// When the kubelet pulls the node-daemon image.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ImagePullPolicy {
+    /// Pull on every pod start.
+    Always,
+    /// Pull only when the image is not on the node.
+    #[default]
+    IfNotPresent,
+    /// Never pull; the image must be on the node.
+    Never,
+}
+
+impl ImagePullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// How a change of the spec rolls out over the ML nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStrategy {
+    /// Most ML nodes down at once during a rollout: a count (e.g. `1`) or a percentage of the
+    /// desired ML nodes (e.g. `"25%"`).
+    #[serde(default = "default_max_unavailable")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^(100|[1-9][0-9]?)%$')").message("maxUnavailable must be a count >= 1 or a percentage between 1% and 100%"))]
+    pub max_unavailable: IntOrString,
+
+    /// Hold a rollout while the network is in a PoC window (PoC generation, validation or a
+    /// confirmation PoC), so no ML node restarts and loses its weight. Enforced once the
+    /// operator can read the network node's epoch phase; until then the condition
+    /// `Progressing` says the hold could not be checked.
+    #[serde(default = "default_true")]
+    pub hold_during_poc: bool,
+}
+
+impl Default for UpdateStrategy {
+    fn default() -> Self {
+        Self { max_unavailable: default_max_unavailable(), hold_during_poc: true }
+    }
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(1)
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Observed state of the fleet, written by the operator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GonkaNodeStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Current state as standard conditions: `Ready`, `Progressing`, `Degraded`, `Registered`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// ML nodes wanted: Kubernetes nodes that match the placement.
+    #[serde(default)]
+    pub desired_ml_nodes: i32,
+
+    /// ML nodes running the current spec.
+    #[serde(default)]
+    pub updated_ml_nodes: i32,
+
+    /// ML nodes whose daemon passes its readiness probe.
+    #[serde(default)]
+    pub ready_ml_nodes: i32,
+
+    /// ML nodes registered with the network node.
+    #[serde(default)]
+    pub registered_ml_nodes: i32,
+
+    /// GPUs reported by the ML nodes, summed over `gpus`.
+    #[serde(default)]
+    pub total_gpus: i32,
+
+    /// GPUs reported by the ML nodes, by model, in upstream's hardware form
+    /// (`"<NVML name> | <N>GB"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub gpus: Vec<GpuCount>,
+
+    /// PoC weight the fleet earned in the last round, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+}
+
+/// A number of GPUs of one model.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GpuCount {
+    /// The GPU model and memory, as upstream reports hardware: `"<NVML name> | <N>GB"`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// How many GPUs of this model.
+    pub count: i32,
+}
+
+/// Condition types of `GonkaNode.status.conditions`.
+pub mod condition {
+    /// Every desired ML node is ready.
+    pub const READY: &str = "Ready";
+    /// A rollout or scale-out is under way, or held.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something needs an operator's attention: bad spec, failed apply, ML nodes unavailable.
+    pub const DEGRADED: &str = "Degraded";
+    /// ML nodes are registered with the network node.
+    pub const REGISTERED: &str = "Registered";
+}

@@ -1,0 +1,227 @@
+//! Apply: the one module that writes to Kubernetes (owned objects by server-side apply, the
+//! status subresource, events). The finalizer's own add/remove patches are made by kube's
+//! `finalizer` helper, called from the controller.
+//!
+//! Before applying an object it reads the live one and skips the write when the live object
+//! already carries every field we would set (a *derivative* of the desired object, as
+//! apimachinery's `equality.Semantic.DeepDerivative` puts it): a steady fleet costs reads, never
+//! writes, and a field someone else changed is put back on the next reconcile.
+
+use gonka_crds::{GonkaNode, GonkaNodeStatus};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::build::{DesiredObjects, MANAGER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("reading {kind} {name}: {source}")]
+    Read { kind: String, name: String, source: kube::Error },
+    #[error("applying {kind} {name}: {source}")]
+    Write { kind: String, name: String, source: kube::Error },
+    #[error("writing GonkaNode status: {0}")]
+    Status(#[source] kube::Error),
+}
+
+impl ApplyError {
+    /// A message fit for a condition: the apiserver's own words where it gave them.
+    pub fn user_message(&self) -> String {
+        match self {
+            Self::Read { kind, name, source } | Self::Write { kind, name, source } => {
+                let why = match source {
+                    kube::Error::Api(status) => status.message.clone(),
+                    other => other.to_string(),
+                };
+                format!("{kind} {name}: {why}")
+            }
+            Self::Status(e) => e.to_string(),
+        }
+    }
+}
+
+/// What an apply pass did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// `Kind/name` of objects that did not exist and were created.
+    pub created: Vec<String>,
+    /// `Kind/name` of objects that existed and were changed.
+    pub updated: Vec<String>,
+    /// The DaemonSet as the apiserver holds it after the pass.
+    pub daemon_set: Option<DaemonSet>,
+}
+
+/// Whether `apply_objects` may change the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Make the owned objects match the desired ones.
+    Apply,
+    /// `spec.paused`: read only, hold every change.
+    Hold,
+}
+
+pub struct Writer {
+    client: Client,
+    params: PatchParams,
+}
+
+impl Writer {
+    pub fn new(client: Client) -> Self {
+        // force: the operator owns these fields; a conflicting manager (kubectl edit) loses.
+        Self { client, params: PatchParams::apply(MANAGER).force() }
+    }
+
+    /// Brings the owned objects to `desired` (or only reads them, in [`Mode::Hold`]).
+    pub async fn apply_objects(&self, desired: &DesiredObjects, mode: Mode) -> Result<Applied, ApplyError> {
+        let mut applied = Applied::default();
+        if mode == Mode::Apply {
+            self.apply_one(&desired.service_account, &mut applied).await?;
+            self.apply_one(&desired.config_map, &mut applied).await?;
+            self.apply_one(&desired.service, &mut applied).await?;
+            applied.daemon_set = Some(self.apply_one(&desired.daemon_set, &mut applied).await?);
+        } else {
+            let ds = &desired.daemon_set;
+            let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), &ds.namespace().unwrap_or_default());
+            applied.daemon_set = api.get_opt(&ds.name_any()).await.map_err(|source| ApplyError::Read {
+                kind: "DaemonSet".into(),
+                name: ds.name_any(),
+                source,
+            })?;
+        }
+        Ok(applied)
+    }
+
+    async fn apply_one<K>(&self, desired: &K, applied: &mut Applied) -> Result<K, ApplyError>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        let kind = K::kind(&()).to_string();
+        let name = desired.name_any();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &desired.namespace().unwrap_or_default());
+        let live = api.get_opt(&name).await.map_err(|source| ApplyError::Read {
+            kind: kind.clone(),
+            name: name.clone(),
+            source,
+        })?;
+        let mut want = serde_json::to_value(desired).expect("k8s objects serialize");
+        want["apiVersion"] = json!(K::api_version(&()));
+        want["kind"] = json!(K::kind(&()));
+        if let Some(live) = &live {
+            let live_json = serde_json::to_value(live).expect("k8s objects serialize");
+            if is_derivative(&want, &live_json) {
+                return Ok(live.clone());
+            }
+        }
+        let result = api
+            .patch(&name, &self.params, &Patch::Apply(&want))
+            .await
+            .map_err(|source| ApplyError::Write { kind: kind.clone(), name: name.clone(), source })?;
+        let record = format!("{kind}/{name}");
+        if live.is_some() {
+            applied.updated.push(record)
+        } else {
+            applied.created.push(record)
+        }
+        Ok(result)
+    }
+
+    /// Writes `status` to the status subresource, unless it is already what the object has.
+    /// Returns whether it wrote.
+    pub async fn patch_status(&self, gn: &GonkaNode, status: &GonkaNodeStatus) -> Result<bool, ApplyError> {
+        if gn.status.as_ref() == Some(status) {
+            return Ok(false);
+        }
+        let api: Api<GonkaNode> = Api::namespaced(self.client.clone(), &gn.namespace().unwrap_or_default());
+        let body = json!({
+            "apiVersion": GonkaNode::api_version(&()),
+            "kind": GonkaNode::kind(&()),
+            "status": status,
+        });
+        api.patch_status(&gn.name_any(), &self.params, &Patch::Apply(&body)).await.map_err(ApplyError::Status)?;
+        Ok(true)
+    }
+
+    /// Publishes a Kubernetes Event about `gn`. Events are best effort: a failure is logged,
+    /// never fails the reconcile.
+    pub async fn event(&self, recorder: &Recorder, gn: &GonkaNode, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &gn.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Whether `live` already has every field `desired` sets, with the same values. Fields only
+/// `live` has (defaults, status, other managers' fields) don't matter; `null`s and empty
+/// collections in `desired` mean "not set". Lists must match element by element.
+pub fn is_derivative(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Null, _) => true,
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
+            Some(lv) => is_derivative(dv, lv),
+            None => is_unset(dv),
+        }),
+        (Value::Object(d), Value::Null) => d.values().all(is_unset),
+        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(d, l)| is_derivative(d, l)),
+        (Value::Array(d), Value::Null) => d.is_empty(),
+        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
+        (d, l) => d == l,
+    }
+}
+
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_unset),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derivative_ignores_server_defaults_but_not_our_fields() {
+        let desired = json!({"spec": {"a": 1, "list": [{"x": 1}], "empty": [], "none": null, "obj": {}}});
+        let live = json!({"spec": {"a": 1.0, "list": [{"x": 1, "defaulted": true}], "b": 2}, "status": {}});
+        assert!(is_derivative(&desired, &live));
+        assert!(!is_derivative(&json!({"spec": {"a": 2}}), &live), "changed value");
+        assert!(!is_derivative(&json!({"spec": {"c": 1}}), &live), "missing field");
+        assert!(!is_derivative(&json!({"spec": {"list": [{"x": 1}, {"x": 2}]}}), &live), "list grew");
+        assert!(!is_derivative(&json!({"spec": {"list": [{"x": 2}]}}), &live), "list element changed");
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries() {
+        assert_eq!(truncate("ééé".into(), 3), "é");
+        assert_eq!(truncate("abc".into(), 10), "abc");
+    }
+}

@@ -1,0 +1,504 @@
+//! Build: a validated GonkaNode in, the Kubernetes objects it wants out. Pure: no client, no
+//! clock, no randomness, so the same spec always builds byte-identical objects and the apply
+//! step can tell "nothing changed" from "something changed".
+
+use std::collections::BTreeMap;
+
+use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_POC_PORT, GonkaNode, NVIDIA_GPU_RESOURCE};
+use gonka_protocol::daemon_config::{self, DaemonConfig, ModelConfig, PocConfig};
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::validate::ValidatedSpec;
+
+/// Field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
+pub const MANAGER: &str = "gonka-operator";
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
+/// Label naming the GonkaNode an object belongs to.
+pub const LABEL_GONKA_NODE: &str = "gonka.ai/gonka-node";
+/// Pod-template annotation with a hash of the daemon config, so a config change rolls the pods.
+pub const ANNOTATION_CONFIG_HASH: &str = "gonka.ai/config-hash";
+/// Name of the node-daemon container.
+pub const CONTAINER: &str = "node-daemon";
+/// Environment variable telling the daemon where its config file is.
+pub const ENV_CONFIG: &str = "GONKA_DAEMON_CONFIG";
+const APP_NAME: &str = "gonka-ml-node";
+
+/// Everything a GonkaNode owns, in the order they are applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredObjects {
+    pub service_account: ServiceAccount,
+    pub config_map: ConfigMap,
+    pub service: Service,
+    pub daemon_set: DaemonSet,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("GonkaNode has no namespace")]
+    NoNamespace,
+    #[error("GonkaNode has no uid yet (not read from the apiserver?)")]
+    NoUid,
+}
+
+/// Names of the owned objects, derived from the GonkaNode's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub daemon_set: String,
+    pub service_account: String,
+    pub config_map: String,
+    pub service: String,
+}
+
+impl Names {
+    pub fn of(gonka_node: &str) -> Self {
+        Self {
+            daemon_set: format!("{gonka_node}-ml-node"),
+            service_account: format!("{gonka_node}-ml-node"),
+            config_map: format!("{gonka_node}-daemon-config"),
+            service: format!("{gonka_node}-ml-nodes"),
+        }
+    }
+}
+
+/// Labels that select a GonkaNode's pods. Immutable on a DaemonSet, so never change them.
+pub fn selector_labels(gn: &GonkaNode) -> BTreeMap<String, String> {
+    BTreeMap::from([(LABEL_NAME.into(), APP_NAME.into()), (LABEL_INSTANCE.into(), gn.name_any())])
+}
+
+/// Labels on every object the operator makes for a GonkaNode.
+pub fn labels(gn: &GonkaNode) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(gn);
+    labels.insert(LABEL_COMPONENT.into(), "ml-node".into());
+    labels.insert(LABEL_MANAGED_BY.into(), MANAGER.into());
+    labels.insert(LABEL_PART_OF.into(), "gonka".into());
+    labels.insert(LABEL_GONKA_NODE.into(), gn.name_any());
+    labels
+}
+
+/// The daemon's configuration file for this GonkaNode.
+pub fn daemon_config(gn: &GonkaNode) -> DaemonConfig {
+    let spec = &gn.spec;
+    DaemonConfig {
+        gonka_node: format!("{}/{}", gn.namespace().unwrap_or_default(), gn.name_any()),
+        ml_callback_url: spec.network_node.ml_callback_url.clone(),
+        poc_port: DEFAULT_POC_PORT as u16,
+        inference_port: DEFAULT_INFERENCE_PORT as u16,
+        gpus: spec.gpus_per_ml_node.map(|g| g as u32),
+        models: spec.models.iter().map(|m| ModelConfig { id: m.id.clone(), args: m.args.clone() }).collect(),
+        poc: PocConfig {
+            batch_size: spec.poc.batch_size as u32,
+            send_interval_seconds: spec.poc.send_interval_seconds as u32,
+            max_pending_batches: spec.poc.max_pending_batches as u32,
+        },
+    }
+}
+
+/// Builds every object `gn` owns.
+pub fn desired_objects(gn: &GonkaNode, validated: &ValidatedSpec) -> Result<DesiredObjects, BuildError> {
+    let namespace = gn.namespace().ok_or(BuildError::NoNamespace)?;
+    let owner = gn.controller_owner_ref(&()).ok_or(BuildError::NoUid)?;
+    let names = Names::of(&gn.name_any());
+    let meta = |name: &str| ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels(gn)),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    };
+
+    let config_json = daemon_config(gn).to_json();
+    let config_hash = hex::encode(&Sha256::digest(config_json.as_bytes())[..8]);
+
+    let service_account = ServiceAccount {
+        metadata: meta(&names.service_account),
+        // The daemon talks to the operator and the network node, never to the apiserver.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    };
+    let config_map = ConfigMap {
+        metadata: meta(&names.config_map),
+        data: Some(BTreeMap::from([(daemon_config::FILE_NAME.to_string(), config_json)])),
+        ..ConfigMap::default()
+    };
+    let service = Service {
+        metadata: meta(&names.service),
+        spec: Some(ServiceSpec {
+            // Headless: the network node addresses each ML node by pod IP; DNS lists them all.
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(gn)),
+            ports: Some(vec![
+                service_port("poc-api", DEFAULT_POC_PORT),
+                service_port("inference-api", DEFAULT_INFERENCE_PORT),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let daemon_set = DaemonSet {
+        metadata: meta(&names.daemon_set),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector { match_labels: Some(selector_labels(gn)), ..LabelSelector::default() },
+            revision_history_limit: Some(5),
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(gn.spec.update_strategy.max_unavailable.clone()),
+                    // A surge pod would need the same GPUs; GPU nodes cannot run two.
+                    max_surge: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: pod_template(gn, validated, &names, &config_hash),
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    };
+    Ok(DesiredObjects { service_account, config_map, service, daemon_set })
+}
+
+fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config_hash: &str) -> PodTemplateSpec {
+    let spec = &gn.spec;
+    let placement = &spec.placement;
+    let config_path = format!("{}/{}", daemon_config::MOUNT_DIR, daemon_config::FILE_NAME);
+
+    let mut env = vec![
+        env_value(ENV_CONFIG, &config_path),
+        env_field("POD_NAME", "metadata.name"),
+        env_field("POD_NAMESPACE", "metadata.namespace"),
+        env_field("POD_IP", "status.podIP"),
+        env_field("NODE_NAME", "spec.nodeName"),
+    ];
+    let mut resources = spec.resources.clone().unwrap_or_default();
+    match spec.gpus_per_ml_node {
+        Some(gpus) => {
+            resources
+                .limits
+                .get_or_insert_with(BTreeMap::new)
+                .insert(NVIDIA_GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+        }
+        // No device-plugin request: the container sees every GPU of the node, as upstream's
+        // docker-compose ML node (`count: all`) does.
+        None => env.push(env_value("NVIDIA_VISIBLE_DEVICES", "all")),
+    }
+
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(validated.image.clone()),
+        image_pull_policy: Some(spec.image_pull_policy.as_str().into()),
+        env: Some(env),
+        ports: Some(vec![
+            container_port("poc-api", DEFAULT_POC_PORT),
+            container_port("inference-api", DEFAULT_INFERENCE_PORT),
+        ]),
+        resources: non_empty_resources(resources),
+        // Model loading can take many minutes; liveness only starts once the daemon is up.
+        startup_probe: Some(http_probe("/livez", 10, 90)),
+        liveness_probe: Some(http_probe("/livez", 20, 6)),
+        readiness_probe: Some(http_probe("/readyz", 10, 3)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "daemon-config".into(),
+                mount_path: daemon_config::MOUNT_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() },
+        ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(gn)),
+            annotations: Some(BTreeMap::from([(ANNOTATION_CONFIG_HASH.into(), config_hash.into())])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(names.service_account.clone()),
+            automount_service_account_token: Some(false),
+            node_selector: (!placement.node_selector.is_empty()).then(|| placement.node_selector.clone()),
+            affinity: placement.affinity.clone(),
+            tolerations: (!placement.tolerations.is_empty()).then(|| placement.tolerations.clone()),
+            priority_class_name: spec.priority_class_name.clone(),
+            image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
+            termination_grace_period_seconds: Some(60),
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![container],
+            volumes: Some(vec![
+                Volume {
+                    name: "daemon-config".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: names.config_map.clone(),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                // Inference engines share tensors through /dev/shm (upstream runs `ipc: host`);
+                // a memory-backed volume gives them room without the host's IPC namespace.
+                Volume {
+                    name: "shm".into(),
+                    empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
+                    ..Volume::default()
+                },
+            ]),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+fn non_empty_resources(r: ResourceRequirements) -> Option<ResourceRequirements> {
+    let empty = r.limits.as_ref().is_none_or(BTreeMap::is_empty)
+        && r.requests.as_ref().is_none_or(BTreeMap::is_empty)
+        && r.claims.as_ref().is_none_or(Vec::is_empty);
+    (!empty).then_some(r)
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort { name: Some(name.into()), container_port: port, protocol: Some("TCP".into()), ..Default::default() }
+}
+
+fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("poc-api".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+fn env_value(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::gonka_node;
+    use crate::validate::validate;
+    use gonka_crds::GonkaNodeSpec;
+    use k8s_openapi::api::core::v1::Toleration;
+
+    fn build(edit: impl FnOnce(&mut GonkaNodeSpec)) -> DesiredObjects {
+        let gn = gonka_node("h100", edit);
+        let validated = validate(&gn, "ghcr.io/example/daemon:1").unwrap();
+        desired_objects(&gn, &validated).unwrap()
+    }
+
+    fn pod_spec(objects: &DesiredObjects) -> &PodSpec {
+        objects.daemon_set.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    fn env(objects: &DesiredObjects, name: &str) -> Option<String> {
+        pod_spec(objects).containers[0].env.as_ref().unwrap().iter().find(|e| e.name == name).map(|e| {
+            e.value
+                .clone()
+                .unwrap_or_else(|| e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path.clone())
+        })
+    }
+
+    #[test]
+    fn every_object_is_owned_labelled_and_named_after_the_gonka_node() {
+        let o = build(|_| {});
+        let metas = [&o.service_account.metadata, &o.config_map.metadata, &o.service.metadata, &o.daemon_set.metadata];
+        let names: Vec<&str> = metas.iter().map(|m| m.name.as_deref().unwrap()).collect();
+        assert_eq!(names, ["h100-ml-node", "h100-daemon-config", "h100-ml-nodes", "h100-ml-node"]);
+        for m in metas {
+            assert_eq!(m.namespace.as_deref(), Some("gpu"));
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("GonkaNode", "h100", Some(true)));
+            let labels = m.labels.as_ref().unwrap();
+            assert_eq!(labels[LABEL_MANAGED_BY], MANAGER);
+            assert_eq!(labels[LABEL_GONKA_NODE], "h100");
+        }
+    }
+
+    /// Table: spec edits in, the pod template facts they must produce out.
+    #[test]
+    fn pod_template_follows_the_spec() {
+        struct Case {
+            name: &'static str,
+            edit: fn(&mut GonkaNodeSpec),
+            check: fn(&DesiredObjects),
+        }
+        let cases = [
+            Case {
+                name: "defaults select NVIDIA GPU nodes and see every GPU",
+                edit: |_| {},
+                check: |o| {
+                    let pod = pod_spec(o);
+                    assert_eq!(pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.present"], "true");
+                    assert_eq!(pod.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("nvidia.com/gpu"));
+                    assert_eq!(env(o, "NVIDIA_VISIBLE_DEVICES").as_deref(), Some("all"));
+                    assert!(pod.containers[0].resources.is_none());
+                    assert_eq!(pod.containers[0].image.as_deref(), Some("ghcr.io/example/daemon:1"));
+                    assert_eq!(pod.containers[0].image_pull_policy.as_deref(), Some("IfNotPresent"));
+                },
+            },
+            Case {
+                name: "gpusPerMlNode requests GPUs from the device plugin",
+                edit: |s| s.gpus_per_ml_node = Some(4),
+                check: |o| {
+                    let limits = pod_spec(o).containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+                    assert_eq!(limits["nvidia.com/gpu"], Quantity("4".into()));
+                    assert_eq!(env(o, "NVIDIA_VISIBLE_DEVICES"), None);
+                },
+            },
+            Case {
+                name: "an empty node selector and no tolerations are left out",
+                edit: |s| {
+                    s.placement.node_selector.clear();
+                    s.placement.tolerations.clear();
+                },
+                check: |o| {
+                    assert_eq!(pod_spec(o).node_selector, None);
+                    assert_eq!(pod_spec(o).tolerations, None);
+                },
+            },
+            Case {
+                name: "custom tolerations, priority class, pull policy and secrets pass through",
+                edit: |s| {
+                    s.placement.tolerations = vec![Toleration {
+                        key: Some("dedicated".into()),
+                        operator: Some("Equal".into()),
+                        value: Some("gonka".into()),
+                        ..Default::default()
+                    }];
+                    s.priority_class_name = Some("gonka-critical".into());
+                    s.image_pull_policy = gonka_crds::ImagePullPolicy::Always;
+                    s.image_pull_secrets =
+                        vec![k8s_openapi::api::core::v1::LocalObjectReference { name: "regcred".into() }];
+                },
+                check: |o| {
+                    let pod = pod_spec(o);
+                    assert_eq!(pod.tolerations.as_ref().unwrap()[0].value.as_deref(), Some("gonka"));
+                    assert_eq!(pod.priority_class_name.as_deref(), Some("gonka-critical"));
+                    assert_eq!(pod.containers[0].image_pull_policy.as_deref(), Some("Always"));
+                    assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+                },
+            },
+            Case {
+                name: "maxUnavailable reaches the rolling update, with no surge",
+                edit: |s| s.update_strategy.max_unavailable = IntOrString::String("25%".into()),
+                check: |o| {
+                    let ru = o
+                        .daemon_set
+                        .spec
+                        .as_ref()
+                        .unwrap()
+                        .update_strategy
+                        .as_ref()
+                        .unwrap()
+                        .rolling_update
+                        .as_ref()
+                        .unwrap();
+                    assert_eq!(ru.max_unavailable, Some(IntOrString::String("25%".into())));
+                    assert_eq!(ru.max_surge, Some(IntOrString::Int(0)));
+                },
+            },
+            Case {
+                name: "the pod learns where its config and identity are",
+                edit: |_| {},
+                check: |o| {
+                    assert_eq!(env(o, ENV_CONFIG).as_deref(), Some("/etc/gonka/daemon.json"));
+                    assert_eq!(env(o, "NODE_NAME").as_deref(), Some("spec.nodeName"));
+                    assert_eq!(env(o, "POD_IP").as_deref(), Some("status.podIP"));
+                    let ports: Vec<i32> =
+                        pod_spec(o).containers[0].ports.as_ref().unwrap().iter().map(|p| p.container_port).collect();
+                    assert_eq!(ports, [8080, 5000]);
+                },
+            },
+        ];
+        for case in cases {
+            let objects = build(case.edit);
+            let result = std::panic::catch_unwind(|| (case.check)(&objects));
+            assert!(result.is_ok(), "case failed: {}", case.name);
+        }
+    }
+
+    #[test]
+    fn config_map_carries_the_daemon_config_and_the_pods_roll_when_it_changes() {
+        let a = build(|_| {});
+        let b = build(|s| s.poc.batch_size = 64);
+        let config: DaemonConfig =
+            DaemonConfig::from_json(&a.config_map.data.as_ref().unwrap()[daemon_config::FILE_NAME]).unwrap();
+        assert_eq!(config.gonka_node, "gpu/h100");
+        assert_eq!(config.ml_callback_url, "http://gonka-api.gonka.svc:9100");
+        assert_eq!(config.poc.batch_size, 32);
+        let hash = |o: &DesiredObjects| {
+            o.daemon_set.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+                [ANNOTATION_CONFIG_HASH]
+                .clone()
+        };
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(a, build(|_| {}), "building is deterministic");
+    }
+
+    #[test]
+    fn headless_service_exposes_the_ml_node_ports() {
+        let o = build(|_| {});
+        let spec = o.service.spec.as_ref().unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        let ports: Vec<(&str, i32)> =
+            spec.ports.as_ref().unwrap().iter().map(|p| (p.name.as_deref().unwrap(), p.port)).collect();
+        assert_eq!(ports, [("poc-api", 8080), ("inference-api", 5000)]);
+        assert_eq!(spec.selector.as_ref(), o.daemon_set.spec.as_ref().unwrap().selector.match_labels.as_ref());
+    }
+
+    #[test]
+    fn refuses_objects_without_identity() {
+        let mut gn = gonka_node("x", |_| {});
+        let validated = validate(&gn, "img").unwrap();
+        gn.metadata.uid = None;
+        assert_eq!(desired_objects(&gn, &validated), Err(BuildError::NoUid));
+        gn.metadata.namespace = None;
+        assert_eq!(desired_objects(&gn, &validated), Err(BuildError::NoNamespace));
+    }
+}

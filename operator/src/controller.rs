@@ -1,0 +1,298 @@
+//! The GonkaNode controller. One reconcile is a pipeline:
+//!
+//! read (the watch hands us the object) → [`validate`](crate::validate) →
+//! [`build`](crate::build) (pure) → [`apply`](crate::apply) (the only writer) →
+//! [`status`](crate::status) (pure, then written by apply).
+//!
+//! Deletion goes through a finalizer so the network node can be cleaned up before the
+//! GonkaNode disappears; the owned objects then go by garbage collection (owner references).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gonka_crds::{GonkaNode, condition};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
+use kube::runtime::Predicate;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::apply::{ApplyError, Mode, Writer};
+use crate::build::{self, BuildError, LABEL_MANAGED_BY, MANAGER, Names};
+use crate::metrics::Metrics;
+use crate::status::{self, Observation};
+use crate::validate::validate;
+
+/// Finalizer that holds a GonkaNode until its ML nodes are off the network node.
+pub const FINALIZER: &str = "gonka.ai/network-registration";
+
+/// Settings of the controller loop.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Node-daemon image for GonkaNodes that don't name one.
+    pub daemon_image: String,
+    /// Watch only this namespace; `None` = all namespaces.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// How often a steady GonkaNode is re-checked for drift.
+    pub resync: Duration,
+    /// Wait before retrying a failed reconcile.
+    pub retry: Duration,
+    /// `reportingInstance` of events (the pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            daemon_image: String::new(),
+            namespace: None,
+            concurrency: 4,
+            resync: Duration::from_secs(300),
+            retry: Duration::from_secs(15),
+            instance: None,
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub writer: Writer,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub config: ControllerConfig,
+    pub client: Client,
+}
+
+impl Context {
+    pub fn new(client: Client, config: ControllerConfig, metrics: Metrics) -> Self {
+        let reporter = Reporter { controller: MANAGER.into(), instance: config.instance.clone() };
+        Self {
+            writer: Writer::new(client.clone()),
+            recorder: Recorder::new(client.clone(), reporter),
+            metrics,
+            config,
+            client,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Stable label for the `reconcile_errors` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Build(_) => "build",
+            Self::Apply(ApplyError::Status(_)) => "status",
+            Self::Apply(_) => "apply",
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
+                _ => "finalizer",
+            },
+        }
+    }
+}
+
+/// Reconciles one GonkaNode.
+pub async fn reconcile(gn: Arc<GonkaNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let Some(namespace) = gn.namespace() else {
+        return Err(Error::Build(BuildError::NoNamespace));
+    };
+    let api: Api<GonkaNode> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, gn, |event| async {
+        match event {
+            FinalizerEvent::Apply(gn) => apply_gonka_node(&gn, &ctx).await,
+            FinalizerEvent::Cleanup(gn) => cleanup(&gn, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
+    let spec = &gn.spec;
+    let previous = gn.status.as_ref();
+    let mut failure = None;
+    let mut daemon_set = None;
+    let mut obs = Observation {
+        generation: gn.metadata.generation,
+        paused: spec.paused,
+        hold_during_poc: spec.update_strategy.hold_during_poc,
+        ..Observation::default()
+    };
+
+    match validate(gn, &ctx.config.daemon_image) {
+        Err(errors) => {
+            let message = errors.to_string();
+            if status::find(previous, condition::DEGRADED)
+                .is_none_or(|c| c.reason != "InvalidSpec" || c.message != message)
+            {
+                ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "InvalidSpec", message.clone()).await;
+            }
+            obs.invalid_spec = Some(message);
+            // Nothing is applied; what runs keeps running on the last valid spec.
+            let name = Names::of(&gn.name_any()).daemon_set;
+            let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+            daemon_set = api.get_opt(&name).await.ok().flatten();
+        }
+        Ok(validated) => {
+            let desired = build::desired_objects(gn, &validated)?;
+            let mode = if spec.paused { Mode::Hold } else { Mode::Apply };
+            match ctx.writer.apply_objects(&desired, mode).await {
+                Ok(applied) => {
+                    if !applied.created.is_empty() {
+                        let note = format!("created {}", applied.created.join(", "));
+                        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Created", note).await;
+                    }
+                    if !applied.updated.is_empty() {
+                        let note = format!("updated {}", applied.updated.join(", "));
+                        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Updated", note).await;
+                    }
+                    daemon_set = applied.daemon_set;
+                }
+                Err(e) => {
+                    let message = e.user_message();
+                    warn!(gonka_node = %gn.name_any(), error = %e, "apply failed");
+                    ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "ApplyFailed", message.clone()).await;
+                    obs.apply_error = Some(message);
+                    failure = Some(e);
+                }
+            }
+        }
+    }
+    obs.daemon_set = daemon_set.as_ref();
+    obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
+
+    let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
+    announce_transitions(gn, ctx, &new_status).await;
+    if ctx.writer.patch_status(gn, &new_status).await? {
+        info!(gonka_node = %gn.name_any(), generation = ?gn.metadata.generation, "status updated");
+    }
+
+    match failure {
+        Some(e) => Err(e.into()),
+        // An invalid spec only gets better when the user edits it.
+        None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
+        None => Ok(Action::requeue(ctx.config.resync)),
+    }
+}
+
+/// Events for condition changes a user should see in `kubectl describe`.
+async fn announce_transitions(gn: &GonkaNode, ctx: &Context, new: &gonka_crds::GonkaNodeStatus) {
+    let previous = gn.status.as_ref();
+    let before = |t| status::find(previous, t).map(|c| (c.status.clone(), c.reason.clone()));
+    let after = |t| status::find(Some(new), t).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+
+    if let Some((s, reason, message)) = after(condition::DEGRADED) {
+        // InvalidSpec and ApplyFailed have their own events.
+        let own_event = reason == "InvalidSpec" || reason == "ApplyFailed";
+        if s == "True" && !own_event && before(condition::DEGRADED).is_none_or(|(s, r)| s != "True" || r != reason) {
+            ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "Degraded", message).await;
+        }
+    }
+    if let Some((_, reason, message)) = after(condition::PROGRESSING) {
+        let was_paused = before(condition::PROGRESSING).is_some_and(|(_, r)| r == "Paused");
+        if reason == "Paused" && !was_paused {
+            ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Paused", message).await;
+        } else if reason != "Paused" && was_paused {
+            ctx.writer
+                .event(
+                    &ctx.recorder,
+                    gn,
+                    EventType::Normal,
+                    "Resumed",
+                    "spec.paused is false: changes roll out again".into(),
+                )
+                .await;
+        }
+    }
+}
+
+/// Runs before a GonkaNode goes away. This operator version registers nothing with the
+/// network node, so there is nothing to deregister yet; network registration adds it here.
+async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
+    ctx.writer
+        .event(
+            &ctx.recorder,
+            gn,
+            EventType::Normal,
+            "Deleting",
+            "owned DaemonSet, ConfigMap, Service and ServiceAccount go by garbage collection".into(),
+        )
+        .await;
+    Ok(Action::await_change())
+}
+
+fn error_policy(gn: Arc<GonkaNode>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(error.metric_label());
+    warn!(gonka_node = %gn.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(ctx.config.retry)
+}
+
+/// Runs the controller until `stop` is cancelled, then lets running reconciles finish.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let client = ctx.client.clone();
+    let namespace = ctx.config.namespace.clone();
+    let api = |c: &Client| -> Api<GonkaNode> {
+        match &namespace {
+            Some(ns) => Api::namespaced(c.clone(), ns),
+            None => Api::all(c.clone()),
+        }
+    };
+    fn owned<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+
+    // Status writes don't change generation and must not trigger a reconcile of their own;
+    // finalizer changes must (the helper adds the finalizer, then waits for the next event).
+    let (reader, writer) = reflector::store();
+    let gonka_nodes = watcher(api(&client), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+    // Watch only our own objects: a cluster's DaemonSets and ConfigMaps are not our business.
+    let ours = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+
+    Controller::for_stream(gonka_nodes, reader)
+        .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
+        .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
+        .owns(owned::<Service>(&client, &namespace), ours.clone())
+        .owns(owned::<ServiceAccount>(&client, &namespace), ours)
+        .with_config(controller::Config::default().concurrency(ctx.config.concurrency))
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,164 @@
+//! Running the operator: admin server, CRD check, leader election, controller.
+//!
+//! Every replica serves `/healthz`, `/readyz` and `/metrics`; only the holder of the Lease
+//! runs the controller, so two replicas never write at once. A replica that loses the lease
+//! stops its controller and returns [`RunError::LostLeadership`] (the binary exits and is
+//! restarted as a follower). On shutdown the lease is released so a follower takes over at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gonka_crds::GonkaNode;
+use kube::Client;
+use kube::api::{Api, ListParams};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::controller::{self, Context, ControllerConfig};
+use crate::http::{self, AdminState};
+use crate::metrics::Metrics;
+
+/// The Lease that elects the leader.
+#[derive(Clone, Debug)]
+pub struct LeaseOptions {
+    pub name: String,
+    pub namespace: String,
+    /// Unique per replica; the pod name in a cluster.
+    pub identity: String,
+    /// Seconds a lease stays valid without renewal.
+    pub duration_seconds: u64,
+    /// Seconds before expiry the holder renews.
+    pub grace_seconds: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub controller: ControllerConfig,
+    pub lease: LeaseOptions,
+    /// Where `/healthz`, `/readyz` and `/metrics` listen.
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "the GonkaNode CRD is not installed (gonkanodes.gonka.ai not found): install it with `kubectl apply --server-side -f crds/gonkanode.yaml` or the Helm chart"
+    )]
+    CrdMissing,
+    #[error("talking to the apiserver: {0}")]
+    Api(#[from] kube::Error),
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("lost the leader lease to another replica; stopping so this one restarts as a follower")]
+    LostLeadership,
+    #[error("admin server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running operator's handles, for callers that need the admin address or metrics.
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub metrics: Metrics,
+}
+
+/// Runs the operator until `stop` is cancelled (Ok) or leadership is lost (Err). `started`
+/// receives the admin address and metrics once the server listens.
+pub async fn run(
+    client: Client,
+    options: Options,
+    stop: CancellationToken,
+    started: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> Result<(), RunError> {
+    let metrics = Metrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = AdminState { metrics: metrics.clone(), ready: ready.clone() };
+    let server_stop = stop.child_token();
+    let (admin_addr, server) = http::serve(options.admin_addr, admin, server_stop.clone().cancelled_owned()).await?;
+    info!(%admin_addr, "admin server listening");
+    if let Some(started) = started {
+        let _ = started.send(Running { admin_addr, metrics: metrics.clone() });
+    }
+
+    let result = lead_and_reconcile(client, &options, &metrics, &ready, &stop).await;
+    server_stop.cancel();
+    let _ = server.await;
+    result
+}
+
+async fn lead_and_reconcile(
+    client: Client,
+    options: &Options,
+    metrics: &Metrics,
+    ready: &AtomicBool,
+    stop: &CancellationToken,
+) -> Result<(), RunError> {
+    check_crd(&client, options.controller.namespace.as_deref()).await?;
+    ready.store(true, Ordering::Relaxed);
+
+    let lease = &options.lease;
+    let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_duration(lease.duration_seconds)
+        .with_grace(lease.grace_seconds)
+        .with_field_manager(crate::build::MANAGER)
+        .build()
+        .await?;
+    let (mut leading, lease_task) = manager.watch().await;
+    info!(identity = %lease.identity, lease = %lease.name, "waiting for the leader lease");
+
+    let outcome = async {
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                changed = leading.changed() => if changed.is_err() { return Err(RunError::LostLeadership) },
+            }
+        }
+        info!(identity = %lease.identity, "leading: starting the controller");
+        metrics.leader.set(1);
+        let ctx = Arc::new(Context::new(client.clone(), options.controller.clone(), metrics.clone()));
+        let controller_stop = stop.child_token();
+        let mut controller = tokio::spawn(controller::run(ctx, controller_stop.clone()));
+        let result = loop {
+            tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow_and_update() {
+                        warn!(identity = %lease.identity, "lost the leader lease");
+                        break Err(RunError::LostLeadership);
+                    }
+                }
+                _ = &mut controller => break Ok(()),
+            }
+        };
+        controller_stop.cancel();
+        let _ = controller.await;
+        metrics.leader.set(0);
+        result
+    }
+    .await;
+
+    // Closing the channel makes the lease task release the lease before it ends.
+    drop(leading);
+    match lease_task.await {
+        Ok(Err(e)) => warn!(error = %e, "releasing the leader lease"),
+        Err(e) => warn!(error = %e, "lease task failed"),
+        Ok(Ok(_)) => info!("leader lease released"),
+    }
+    outcome
+}
+
+/// Fails fast, with the fix in the message, when the CRD is missing.
+async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<(), RunError> {
+    let api: Api<GonkaNode> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(RunError::CrdMissing),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,116 @@
+//! `gonka-operator`: run the controller, or print the CRD.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gonka_operator::telemetry::{self, LogFormat};
+use gonka_operator::{ControllerConfig, LeaseOptions, Options};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "gonka-operator", version, about = "Puts GPU fleets to work on the Gonka network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (the default).
+    Run,
+    /// Print the GonkaNode CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Node-daemon image for GonkaNodes that set no `spec.image`.
+    #[arg(long, env = "GONKA_DAEMON_IMAGE", default_value = "ghcr.io/gonka-operator/gonka-node-daemon:0.1.0")]
+    daemon_image: String,
+    /// Watch GonkaNodes in this namespace only (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "GONKA_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// GonkaNodes reconciled at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u16,
+    /// Seconds between drift checks of a steady GonkaNode.
+    #[arg(long, default_value_t = 300)]
+    resync_seconds: u64,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "gonka-operator-leader")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds the Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Seconds before expiry the holder renews the Lease.
+    #[arg(long, default_value_t = 5)]
+    lease_grace_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, `RUST_LOG` syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_filter: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Crd) = cli.command {
+        print!("{}", gonka_crds::crd_yaml());
+        return Ok(());
+    }
+    let args = cli.run;
+    telemetry::init(args.log_format, &args.log_filter)?;
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let options = Options {
+        controller: ControllerConfig {
+            daemon_image: args.daemon_image,
+            namespace: args.namespace,
+            concurrency: args.concurrency,
+            resync: Duration::from_secs(args.resync_seconds),
+            instance: Some(identity.clone()),
+            ..ControllerConfig::default()
+        },
+        lease: LeaseOptions {
+            name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            duration_seconds: args.lease_duration_seconds,
+            grace_seconds: args.lease_grace_seconds,
+        },
+        admin_addr: args.admin_addr,
+    };
+
+    let client = kube::Client::try_default().await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    gonka_operator::run(client, options, stop, None).await?;
+    Ok(())
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    stop.cancel();
+}

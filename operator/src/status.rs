@@ -1,0 +1,345 @@
+//! Status: what the fleet looks like, derived from what was observed. Pure: the caller passes
+//! the clock, so the same observation always gives the same status, and a condition keeps its
+//! `lastTransitionTime` until its status really changes (no flapping timestamps, no status
+//! writes that only move a clock, no reconcile storms).
+
+use gonka_crds::{GonkaNodeStatus, condition};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// What one reconcile observed, the input of [`compute`].
+#[derive(Debug, Default)]
+pub struct Observation<'a> {
+    /// `metadata.generation` of the GonkaNode.
+    pub generation: Option<i64>,
+    /// Why the spec is invalid, if it is.
+    pub invalid_spec: Option<String>,
+    /// Why applying the owned objects failed, if it did.
+    pub apply_error: Option<String>,
+    /// The owned DaemonSet as last read, if it exists.
+    pub daemon_set: Option<&'a DaemonSet>,
+    /// `spec.paused`.
+    pub paused: bool,
+    /// `spec.updateStrategy.maxUnavailable`.
+    pub max_unavailable: Option<&'a IntOrString>,
+    /// `spec.updateStrategy.holdDuringPoc`.
+    pub hold_during_poc: bool,
+}
+
+/// Counts from the DaemonSet's status; `None` until the DaemonSet controller has looked at it.
+struct Rollout {
+    desired: i32,
+    updated: i32,
+    ready: i32,
+    available: i32,
+    unavailable: i32,
+    /// The DaemonSet controller has seen the DaemonSet's current spec.
+    caught_up: bool,
+}
+
+fn rollout(ds: &DaemonSet) -> Option<Rollout> {
+    let status = ds.status.as_ref()?;
+    let observed = status.observed_generation?;
+    Some(Rollout {
+        desired: status.desired_number_scheduled,
+        updated: status.updated_number_scheduled.unwrap_or(0),
+        ready: status.number_ready,
+        available: status.number_available.unwrap_or(0),
+        unavailable: status.number_unavailable.unwrap_or(0),
+        caught_up: ds.metadata.generation.is_none_or(|g| observed >= g),
+    })
+}
+
+/// The new status. `previous` supplies transition times to keep and the fields other layers
+/// own (registration, GPU inventory, weight), which are carried over unchanged.
+pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &Time) -> GonkaNodeStatus {
+    let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let rollout = obs.daemon_set.and_then(rollout);
+    let cond = |type_: &str, status: bool, reason: &str, message: String| Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: obs.generation,
+        last_transition_time: previous_conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == if status { "True" } else { "False" })
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone()),
+    };
+
+    let ready = match (&obs.invalid_spec, &rollout) {
+        (Some(why), None) => cond(condition::READY, false, "InvalidSpec", why.clone()),
+        (_, None) if obs.daemon_set.is_none() => {
+            cond(condition::READY, false, "DaemonSetMissing", "the ML-node DaemonSet does not exist yet".into())
+        }
+        (_, None) => cond(
+            condition::READY,
+            false,
+            "AwaitingDaemonSetController",
+            "the DaemonSet controller has not reported on the ML-node DaemonSet yet".into(),
+        ),
+        (_, Some(r)) if r.desired == 0 => cond(
+            condition::READY,
+            false,
+            "NoMatchingNodes",
+            "no Kubernetes node matches spec.placement (node selector, affinity, tolerations)".into(),
+        ),
+        (_, Some(r)) if r.ready >= r.desired => {
+            cond(condition::READY, true, "AllMlNodesReady", format!("{}/{} ML nodes ready", r.ready, r.desired))
+        }
+        (_, Some(r)) => {
+            cond(condition::READY, false, "MlNodesNotReady", format!("{}/{} ML nodes ready", r.ready, r.desired))
+        }
+    };
+
+    let progressing = match &rollout {
+        _ if obs.paused => {
+            cond(condition::PROGRESSING, false, "Paused", "spec.paused is true: changes to the fleet are held".into())
+        }
+        _ if obs.invalid_spec.is_some() => cond(
+            condition::PROGRESSING,
+            false,
+            "InvalidSpec",
+            "the spec is invalid; the last valid spec stays in place".into(),
+        ),
+        Some(r) if r.caught_up && r.updated >= r.desired && r.available >= r.desired => cond(
+            condition::PROGRESSING,
+            false,
+            "RolloutComplete",
+            format!("{}/{} ML nodes run the current spec", r.updated, r.desired),
+        ),
+        Some(r) if r.caught_up => {
+            let mut message =
+                format!("{}/{} ML nodes updated, {}/{} available", r.updated, r.desired, r.available, r.desired);
+            if obs.hold_during_poc {
+                message
+                    .push_str("; the PoC-window hold is not enforced yet: the network node's epoch phase is not read");
+            }
+            cond(condition::PROGRESSING, true, "RollingOut", message)
+        }
+        _ => cond(
+            condition::PROGRESSING,
+            true,
+            "RolloutPending",
+            "waiting for the DaemonSet controller to pick up the ML-node DaemonSet".into(),
+        ),
+    };
+
+    let tolerated = |desired: i32| match obs.max_unavailable {
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(p)) => {
+            let percent: i32 = p.trim_end_matches('%').parse().unwrap_or(0);
+            // Kubernetes rounds a percentage maxUnavailable up, with a floor of one.
+            ((desired * percent + 99) / 100).max(1)
+        }
+        None => 1,
+    };
+    let degraded = match (&obs.invalid_spec, &obs.apply_error, &rollout) {
+        (Some(why), _, _) => cond(condition::DEGRADED, true, "InvalidSpec", why.clone()),
+        (_, Some(why), _) => cond(condition::DEGRADED, true, "ApplyFailed", why.clone()),
+        (_, _, Some(r)) if r.unavailable > tolerated(r.desired) => cond(
+            condition::DEGRADED,
+            true,
+            "MlNodesUnavailable",
+            format!(
+                "{} of {} ML nodes unavailable, more than maxUnavailable allows ({})",
+                r.unavailable,
+                r.desired,
+                tolerated(r.desired)
+            ),
+        ),
+        _ => cond(condition::DEGRADED, false, "AsExpected", "no problem observed".into()),
+    };
+
+    let registered =
+        previous_conditions.iter().find(|c| c.type_ == condition::REGISTERED).cloned().unwrap_or_else(|| Condition {
+            type_: condition::REGISTERED.into(),
+            status: "Unknown".into(),
+            reason: "RegistrationNotEnabled".into(),
+            message: "this operator version does not register ML nodes with the network node yet".into(),
+            observed_generation: obs.generation,
+            last_transition_time: now.clone(),
+        });
+
+    let previous = previous.cloned().unwrap_or_default();
+    GonkaNodeStatus {
+        observed_generation: obs.generation,
+        conditions: vec![ready, progressing, degraded, registered],
+        desired_ml_nodes: rollout.as_ref().map_or(0, |r| r.desired),
+        updated_ml_nodes: rollout.as_ref().map_or(0, |r| r.updated),
+        ready_ml_nodes: rollout.as_ref().map_or(0, |r| r.ready),
+        ..previous
+    }
+}
+
+/// The condition of `type_`, if present.
+pub fn find<'a>(status: Option<&'a GonkaNodeStatus>, type_: &str) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::DaemonSetStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn at(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(1_800_000_000 + secs).unwrap())
+    }
+
+    fn ds(generation: i64, observed: i64, desired: i32, updated: i32, ready: i32, unavailable: i32) -> DaemonSet {
+        DaemonSet {
+            metadata: ObjectMeta { generation: Some(generation), ..Default::default() },
+            status: Some(DaemonSetStatus {
+                observed_generation: Some(observed),
+                desired_number_scheduled: desired,
+                current_number_scheduled: desired,
+                updated_number_scheduled: Some(updated),
+                number_ready: ready,
+                number_available: Some(desired - unavailable),
+                number_unavailable: Some(unavailable),
+                number_misscheduled: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn get<'a>(s: &'a GonkaNodeStatus, t: &str) -> (&'a str, &'a str) {
+        let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    /// Table: DaemonSet state in, the four conditions out.
+    #[test]
+    fn conditions_follow_the_daemon_set() {
+        let one = IntOrString::Int(1);
+        type Case<'a> = (&'a str, Option<DaemonSet>, bool, [(&'a str, &'a str); 3]);
+        let cases: Vec<Case> = vec![
+            (
+                "no DaemonSet yet",
+                None,
+                false,
+                [("False", "DaemonSetMissing"), ("True", "RolloutPending"), ("False", "AsExpected")],
+            ),
+            (
+                "DaemonSet controller not caught up",
+                Some(DaemonSet { status: None, ..ds(1, 1, 0, 0, 0, 0) }),
+                false,
+                [("False", "AwaitingDaemonSetController"), ("True", "RolloutPending"), ("False", "AsExpected")],
+            ),
+            (
+                "no GPU node matches",
+                Some(ds(1, 1, 0, 0, 0, 0)),
+                false,
+                [("False", "NoMatchingNodes"), ("False", "RolloutComplete"), ("False", "AsExpected")],
+            ),
+            (
+                "all ready",
+                Some(ds(2, 2, 3, 3, 3, 0)),
+                false,
+                [("True", "AllMlNodesReady"), ("False", "RolloutComplete"), ("False", "AsExpected")],
+            ),
+            (
+                "rolling, within budget",
+                Some(ds(3, 3, 3, 1, 2, 1)),
+                false,
+                [("False", "MlNodesNotReady"), ("True", "RollingOut"), ("False", "AsExpected")],
+            ),
+            (
+                "new generation not seen",
+                Some(ds(4, 3, 3, 3, 3, 0)),
+                false,
+                [("True", "AllMlNodesReady"), ("True", "RolloutPending"), ("False", "AsExpected")],
+            ),
+            (
+                "too many down",
+                Some(ds(3, 3, 4, 4, 2, 2)),
+                false,
+                [("False", "MlNodesNotReady"), ("True", "RollingOut"), ("True", "MlNodesUnavailable")],
+            ),
+            (
+                "paused",
+                Some(ds(3, 3, 3, 1, 3, 0)),
+                true,
+                [("True", "AllMlNodesReady"), ("False", "Paused"), ("False", "AsExpected")],
+            ),
+        ];
+        for (name, ds, paused, want) in cases {
+            let obs = Observation {
+                generation: Some(7),
+                daemon_set: ds.as_ref(),
+                paused,
+                max_unavailable: Some(&one),
+                ..Default::default()
+            };
+            let s = compute(None, &obs, &at(0));
+            let got = [get(&s, "Ready"), get(&s, "Progressing"), get(&s, "Degraded")];
+            assert_eq!(got, want, "case {name}");
+            assert_eq!(s.observed_generation, Some(7));
+            assert!(s.conditions.iter().all(|c| c.observed_generation == Some(7)));
+        }
+    }
+
+    #[test]
+    fn counts_come_from_the_daemon_set() {
+        let d = ds(1, 1, 5, 4, 3, 2);
+        let s = compute(None, &Observation { daemon_set: Some(&d), ..Default::default() }, &at(0));
+        assert_eq!((s.desired_ml_nodes, s.updated_ml_nodes, s.ready_ml_nodes), (5, 4, 3));
+    }
+
+    #[test]
+    fn percentage_budget_rounds_up() {
+        let quarter = IntOrString::String("25%".into());
+        // 10 nodes, 25% -> 3 may be down.
+        for (unavailable, degraded) in [(3, "False"), (4, "True")] {
+            let d = ds(1, 1, 10, 10, 10 - unavailable, unavailable);
+            let obs = Observation { daemon_set: Some(&d), max_unavailable: Some(&quarter), ..Default::default() };
+            assert_eq!(get(&compute(None, &obs, &at(0)), "Degraded").0, degraded, "{unavailable} down");
+        }
+    }
+
+    #[test]
+    fn invalid_spec_and_apply_errors_degrade_with_the_message() {
+        let obs = Observation { invalid_spec: Some("spec.image: required".into()), ..Default::default() };
+        let s = compute(None, &obs, &at(0));
+        assert_eq!(get(&s, "Degraded"), ("True", "InvalidSpec"));
+        assert_eq!(get(&s, "Ready"), ("False", "InvalidSpec"));
+        assert_eq!(s.conditions[2].message, "spec.image: required");
+
+        let d = ds(1, 1, 2, 2, 2, 0);
+        let obs = Observation { apply_error: Some("forbidden".into()), daemon_set: Some(&d), ..Default::default() };
+        let s = compute(None, &obs, &at(0));
+        assert_eq!(get(&s, "Degraded"), ("True", "ApplyFailed"));
+        assert_eq!(get(&s, "Ready"), ("True", "AllMlNodesReady"), "existing ML nodes keep serving");
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let d = ds(1, 1, 2, 2, 2, 0);
+        let obs = Observation { daemon_set: Some(&d), ..Default::default() };
+        let first = compute(None, &obs, &at(0));
+        let again = compute(Some(&first), &obs, &at(100));
+        assert_eq!(first, again, "same observation, same status: nothing to write");
+
+        let d2 = ds(1, 1, 2, 2, 1, 1);
+        let obs2 =
+            Observation { daemon_set: Some(&d2), max_unavailable: Some(&IntOrString::Int(1)), ..Default::default() };
+        let flipped = compute(Some(&again), &obs2, &at(200));
+        let ready = flipped.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), &ready.last_transition_time), ("False", &at(200)));
+        let degraded = flipped.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(degraded.last_transition_time, at(0), "Degraded stayed False");
+    }
+
+    #[test]
+    fn registration_fields_are_carried_over() {
+        let previous =
+            GonkaNodeStatus { registered_ml_nodes: 2, total_gpus: 16, weight: Some(42), ..Default::default() };
+        let s = compute(Some(&previous), &Observation::default(), &at(0));
+        assert_eq!((s.registered_ml_nodes, s.total_gpus, s.weight), (2, 16, Some(42)));
+        assert_eq!(get(&s, "Registered"), ("Unknown", "RegistrationNotEnabled"));
+    }
+}

@@ -1,0 +1,23 @@
+//! GonkaNodes for unit tests.
+
+use gonka_crds::{GonkaNode, GonkaNodeSpec};
+
+/// A GonkaNode `name` in namespace `gpu`, as read from the apiserver (uid, generation), with
+/// a minimal valid spec edited by `edit`.
+pub fn gonka_node(name: &str, edit: impl FnOnce(&mut GonkaNodeSpec)) -> GonkaNode {
+    let mut spec: GonkaNodeSpec = serde_json::from_value(serde_json::json!({
+        "networkNode": {
+            "adminUrl": "http://gonka-api.gonka.svc:9200",
+            "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"
+        },
+        "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}]
+    }))
+    .expect("fixture spec parses");
+    edit(&mut spec);
+    let mut gn = GonkaNode::new(name, spec);
+    gn.metadata.namespace = Some("gpu".into());
+    gn.metadata.uid = Some(format!("uid-{name}"));
+    gn.metadata.generation = Some(1);
+    gn.metadata.resource_version = Some("1".into());
+    gn
+}

@@ -1,0 +1,204 @@
+//! Validate: the checks the apiserver's schema cannot make, and the operator's defaults.
+//!
+//! The CRD schema and its CEL rules already reject malformed fields at admission. What remains
+//! needs parsing or the operator's own settings: engine arguments against `gpusPerMlNode`, a
+//! GPU request smuggled into `resources`, the image default. Every error names the field.
+
+use std::fmt;
+
+use gonka_crds::{GonkaNode, GonkaNodeSpec, NVIDIA_GPU_RESOURCE};
+
+/// A spec that passed validation, with the operator's defaults filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedSpec {
+    /// The GonkaNode's spec as written.
+    pub spec: GonkaNodeSpec,
+    /// The node-daemon image: `spec.image`, else the operator's default.
+    pub image: String,
+}
+
+/// One problem with one field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `spec.models[0].args`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in a spec, so the user can fix them in one go.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Validates `gn` and resolves defaults. `default_image` is the operator's `--daemon-image`.
+pub fn validate(gn: &GonkaNode, default_image: &str) -> Result<ValidatedSpec, ValidationErrors> {
+    let spec = &gn.spec;
+    let mut errors = Vec::new();
+    let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+
+    let image = match spec.image.as_deref().map(str::trim) {
+        Some(image) if !image.is_empty() => image.to_string(),
+        _ if !default_image.trim().is_empty() => default_image.trim().to_string(),
+        _ => {
+            err("spec.image".into(), "required: the operator was started without a default --daemon-image".into());
+            String::new()
+        }
+    };
+
+    for (i, model) in spec.models.iter().enumerate() {
+        let field = format!("spec.models[{i}].args");
+        let parallel = match parallel_size(&model.args) {
+            Ok(p) => p,
+            Err(message) => {
+                err(field, message);
+                continue;
+            }
+        };
+        if let Some(gpus) = spec.gpus_per_ml_node
+            && !(gpus as u32).is_multiple_of(parallel)
+        {
+            err(
+                field,
+                format!(
+                    "model {} needs {parallel} GPUs per engine (tensor x pipeline parallel), which does not divide spec.gpusPerMlNode={gpus}",
+                    model.id
+                ),
+            );
+        }
+    }
+
+    if let Some(resources) = &spec.resources {
+        let asks_gpu =
+            [&resources.limits, &resources.requests].into_iter().flatten().any(|m| m.contains_key(NVIDIA_GPU_RESOURCE));
+        if asks_gpu {
+            err("spec.resources".into(), format!("must not set {NVIDIA_GPU_RESOURCE}; set spec.gpusPerMlNode instead"));
+        }
+    }
+
+    if errors.is_empty() { Ok(ValidatedSpec { spec: spec.clone(), image }) } else { Err(ValidationErrors(errors)) }
+}
+
+/// GPUs one inference engine of a model needs: tensor-parallel x pipeline-parallel size, read
+/// from vLLM's flags (`--tensor-parallel-size N`, `--tensor-parallel-size=N`, `-tp N`, and the
+/// pipeline-parallel equivalents). Flags absent = 1.
+pub fn parallel_size(args: &[String]) -> Result<u32, String> {
+    let mut tp = 1;
+    let mut pp = 1;
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].as_str();
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (arg, None),
+        };
+        let target = match flag {
+            "--tensor-parallel-size" | "-tp" => Some(&mut tp),
+            "--pipeline-parallel-size" | "-pp" => Some(&mut pp),
+            _ => None,
+        };
+        if let Some(target) = target {
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    i += 1;
+                    args.get(i).map(String::as_str).ok_or_else(|| format!("{flag} needs a value"))?
+                }
+            };
+            *target = value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| format!("{flag} must be a positive integer, got {value:?}"))?;
+        }
+        i += 1;
+    }
+    Ok(tp * pp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::gonka_node;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parallel_size_reads_vllm_flags() {
+        let cases: &[(&[&str], Result<u32, &str>)] = &[
+            (&[], Ok(1)),
+            (&["--quantization", "fp8"], Ok(1)),
+            (&["--tensor-parallel-size", "4"], Ok(4)),
+            (&["--tensor-parallel-size=4", "--pipeline-parallel-size", "2"], Ok(8)),
+            (&["-tp", "2", "-pp=2"], Ok(4)),
+            (&["--tensor-parallel-size"], Err("--tensor-parallel-size needs a value")),
+            (&["--tensor-parallel-size", "0"], Err("--tensor-parallel-size must be a positive integer, got \"0\"")),
+            (&["-tp", "four"], Err("-tp must be a positive integer, got \"four\"")),
+        ];
+        for (input, want) in cases {
+            let got = parallel_size(&args(input));
+            assert_eq!(got, want.map_err(str::to_string), "args {input:?}");
+        }
+    }
+
+    #[test]
+    fn image_defaults_to_the_operators() {
+        let gn = gonka_node("a", |_| {});
+        assert_eq!(validate(&gn, "img:default").unwrap().image, "img:default");
+        let gn = gonka_node("a", |s| s.image = Some("img:mine".into()));
+        assert_eq!(validate(&gn, "img:default").unwrap().image, "img:mine");
+        let err = validate(&gonka_node("a", |_| {}), "").unwrap_err();
+        assert_eq!(err.0[0].field, "spec.image");
+    }
+
+    #[test]
+    fn parallelism_must_divide_gpus_per_ml_node() {
+        let gn = gonka_node("a", |s| {
+            s.gpus_per_ml_node = Some(6);
+            s.models[0].args = args(&["--tensor-parallel-size", "4"]);
+        });
+        let err = validate(&gn, "img").unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].field, "spec.models[0].args");
+        assert!(err.0[0].message.contains("does not divide spec.gpusPerMlNode=6"), "{err}");
+
+        let ok = gonka_node("a", |s| {
+            s.gpus_per_ml_node = Some(8);
+            s.models[0].args = args(&["--tensor-parallel-size", "4"]);
+        });
+        assert!(validate(&ok, "img").is_ok());
+    }
+
+    #[test]
+    fn gpu_requests_belong_in_gpus_per_ml_node() {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let gn = gonka_node("a", |s| {
+            s.resources = Some(ResourceRequirements {
+                limits: Some([(NVIDIA_GPU_RESOURCE.to_string(), Quantity("2".into()))].into()),
+                ..Default::default()
+            })
+        });
+        let err = validate(&gn, "img").unwrap_err();
+        assert_eq!(err.to_string(), "spec.resources: must not set nvidia.com/gpu; set spec.gpusPerMlNode instead");
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let gn = gonka_node("a", |s| {
+            s.gpus_per_ml_node = Some(3);
+            s.models[0].args = args(&["-tp", "2"]);
+            s.models.push(gonka_crds::ModelSpec { id: "x/y".into(), args: args(&["-tp"]) });
+        });
+        let err = validate(&gn, "").unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.image", "spec.models[0].args", "spec.models[1].args"]);
+    }
+}

@@ -1,0 +1,90 @@
+//! `daemon.json`: the node-daemon's configuration, written by the operator.
+//!
+//! Field names are camelCase like the GonkaNode spec they come from. Unknown fields are
+//! rejected so that an operator/daemon version skew is loud, not silent.
+
+use serde::{Deserialize, Serialize};
+
+/// The file name inside the ConfigMap and the mount path the pod reads it from.
+pub const FILE_NAME: &str = "daemon.json";
+pub const MOUNT_DIR: &str = "/etc/gonka";
+
+/// Configuration of one node-daemon (one ML node).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// `namespace/name` of the GonkaNode this daemon belongs to.
+    pub gonka_node: String,
+    /// Network node ML callback base URL (upstream `DAPI_API__POC_CALLBACK_URL`).
+    pub ml_callback_url: String,
+    /// Port of the ML-node management and PoC API (upstream 8080).
+    pub poc_port: u16,
+    /// Port of the inference API (upstream 5000).
+    pub inference_port: u16,
+    /// GPUs this ML node owns; `None` = every GPU visible to the container.
+    pub gpus: Option<u32>,
+    /// Models to serve, with engine arguments.
+    pub models: Vec<ModelConfig>,
+    /// Proof-of-compute settings.
+    pub poc: PocConfig,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelConfig {
+    pub id: String,
+    pub args: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PocConfig {
+    pub batch_size: u32,
+    pub send_interval_seconds: u32,
+    pub max_pending_batches: u32,
+}
+
+impl DaemonConfig {
+    /// Stable JSON (struct field order), so equal configs render to equal bytes and hashes.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("DaemonConfig always serializes")
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DaemonConfig {
+        DaemonConfig {
+            gonka_node: "gpu/h100".into(),
+            ml_callback_url: "http://api:9100".into(),
+            poc_port: 8080,
+            inference_port: 5000,
+            gpus: Some(8),
+            models: vec![ModelConfig {
+                id: "Qwen/QwQ-32B".into(),
+                args: vec!["--tensor-parallel-size".into(), "4".into()],
+            }],
+            poc: PocConfig { batch_size: 32, send_interval_seconds: 5, max_pending_batches: 100 },
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let c = sample();
+        assert_eq!(DaemonConfig::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+        v["surprise"] = serde_json::json!(1);
+        let err = DaemonConfig::from_json(&v.to_string()).unwrap_err();
+        assert!(err.to_string().contains("unknown field `surprise`"), "{err}");
+    }
+}
