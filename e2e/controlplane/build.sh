@@ -3,7 +3,7 @@
 # machine's Go toolchain, once, into a cache directory keyed by the pinned versions, and prints
 # that directory. Nothing is downloaded but Go modules.
 #
-#   e2e/controlplane/build.sh [component ...]   # default: kube-apiserver kubectl etcd
+#   e2e/controlplane/build.sh [component ...]   # default: kube-apiserver kube-controller-manager kubectl etcd
 #
 # Env: GONKA_CACHE_DIR (default ~/.cache/gonka-operator). The Go build and module caches are
 # the toolchain's own (GOCACHE, GOMODCACHE) and are reused across versions.
@@ -17,7 +17,7 @@ cache=${GONKA_CACHE_DIR:-$HOME/.cache/gonka-operator}/controlplane/k8s-${kube_ve
 mkdir -p "$cache"
 
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(kube-apiserver kubectl etcd)
+[ ${#components[@]} -gt 0 ] || components=(kube-apiserver kube-controller-manager kubectl etcd)
 
 command -v go >/dev/null || { echo "build.sh: Go toolchain not found (need Go >= 1.25)" >&2; exit 1; }
 

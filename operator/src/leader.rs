@@ -121,20 +121,18 @@ async fn lead_and_reconcile(
         let ctx = Arc::new(Context::new(client.clone(), options.controller.clone(), metrics.clone()));
         let controller_stop = stop.child_token();
         let mut controller = tokio::spawn(controller::run(ctx, controller_stop.clone()));
-        let result = loop {
-            tokio::select! {
-                _ = stop.cancelled() => break Ok(()),
-                changed = leading.changed() => {
-                    if changed.is_err() || !*leading.borrow_and_update() {
-                        warn!(identity = %lease.identity, "lost the leader lease");
-                        break Err(RunError::LostLeadership);
-                    }
-                }
-                _ = &mut controller => break Ok(()),
+        let (result, finished) = tokio::select! {
+            _ = stop.cancelled() => (Ok(()), false),
+            _ = &mut controller => (Ok(()), true),
+            lost = lost_lease(&mut leading) => {
+                warn!(identity = %lease.identity, "lost the leader lease");
+                (Err(lost), false)
             }
         };
         controller_stop.cancel();
-        let _ = controller.await;
+        if !finished {
+            let _ = controller.await;
+        }
         metrics.leader.set(0);
         result
     }
@@ -148,6 +146,15 @@ async fn lead_and_reconcile(
         Ok(Ok(_)) => info!("leader lease released"),
     }
     outcome
+}
+
+/// Resolves when this replica no longer holds the lease.
+async fn lost_lease(leading: &mut tokio::sync::watch::Receiver<bool>) -> RunError {
+    loop {
+        if leading.changed().await.is_err() || !*leading.borrow_and_update() {
+            return RunError::LostLeadership;
+        }
+    }
 }
 
 /// Fails fast, with the fix in the message, when the CRD is missing.

@@ -1,0 +1,492 @@
+//! A real, throwaway Kubernetes control plane for tests: etcd, kube-apiserver and (optionally)
+//! kube-controller-manager, built from Go modules by `e2e/controlplane/build.sh` and started on
+//! free loopback ports with generated certificates and a static admin token. Everything is
+//! stopped and deleted when the [`ControlPlane`] drops.
+//!
+//! There is no kubelet and no scheduler: [`ControlPlane::simulate_kubelet`] binds and readies
+//! pods the way they would, so the DaemonSet controller's status is real.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Binding, Namespace, Node, ObjectReference, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, ResourceExt};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+/// Which processes a test needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Components {
+    /// etcd + kube-apiserver: admission, validation, storage.
+    ApiServer,
+    /// Also kube-controller-manager with the DaemonSet controller and the garbage collector.
+    WithControllers,
+}
+
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    processes: Vec<(&'static str, Child)>,
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+    pub url: String,
+}
+
+impl ControlPlane {
+    /// Starts a control plane and waits until the apiserver is ready.
+    pub async fn start(components: Components) -> anyhow::Result<Self> {
+        init_logging();
+        let bin = binaries()?;
+        let dir = tempfile::Builder::new().prefix("gonka-e2e-").tempdir()?;
+        let d = dir.path();
+
+        // Certificates: a CA, the apiserver's serving cert, the service-account signing key.
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "gonka-e2e-ca");
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate()?;
+        let mut server_params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+        server_params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        let server_cert = server_params.signed_by(&server_key, &issuer)?;
+        let sa_key = KeyPair::generate()?;
+        std::fs::write(d.join("ca.crt"), ca_cert.pem())?;
+        std::fs::write(d.join("apiserver.crt"), server_cert.pem())?;
+        std::fs::write(d.join("apiserver.key"), server_key.serialize_pem())?;
+        std::fs::write(d.join("sa.key"), sa_key.serialize_pem())?;
+        std::fs::write(d.join("sa.pub"), sa_key.public_key_pem())?;
+        let token = format!("e2e-{}", std::process::id());
+        std::fs::write(d.join("tokens.csv"), format!("{token},admin,admin-uid,\"system:masters\"\n"))?;
+
+        let [etcd_port, peer_port, api_port] = free_ports()?;
+        let url = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: admin\n    namespace: default\ncurrent-context: e2e\n",
+                ca = d.join("ca.crt").display()
+            ),
+        )?;
+
+        let mut cp = Self { dir, processes: Vec::new(), bin, kubeconfig, url };
+        let d = cp.dir.path().to_path_buf();
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        cp.spawn(
+            "etcd",
+            &[
+                "--name=e2e",
+                &format!("--data-dir={}", d.join("etcd").display()),
+                &format!("--listen-client-urls={etcd_url}"),
+                &format!("--advertise-client-urls={etcd_url}"),
+                &format!("--listen-peer-urls={peer_url}"),
+                &format!("--initial-advertise-peer-urls={peer_url}"),
+                &format!("--initial-cluster=e2e={peer_url}"),
+                // Throwaway data: skip fsync, tests are I/O bound on small machines.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )?;
+        let path = |f: &str| d.join(f).display().to_string();
+        cp.spawn(
+            "kube-apiserver",
+            &[
+                &format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                &format!("--cert-dir={}", path("apiserver-certs")),
+                &format!("--tls-cert-file={}", path("apiserver.crt")),
+                &format!("--tls-private-key-file={}", path("apiserver.key")),
+                &format!("--token-auth-file={}", path("tokens.csv")),
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                &format!("--service-account-key-file={}", path("sa.pub")),
+                &format!("--service-account-signing-key-file={}", path("sa.key")),
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--allow-privileged=true",
+                "--profiling=false",
+                // The `kubernetes` Service cannot point at a loopback address; nothing needs it.
+                "--endpoint-reconciler-type=none",
+            ],
+        )?;
+        cp.wait_ready().await?;
+
+        if components == Components::WithControllers {
+            cp.spawn(
+                "kube-controller-manager",
+                &[
+                    &format!("--kubeconfig={}", path("kubeconfig")),
+                    "--controllers=daemonset-controller,garbage-collector-controller",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                    "--concurrent-daemonset-syncs=2",
+                ],
+            )?;
+        }
+        Ok(cp)
+    }
+
+    fn spawn(&mut self, name: &'static str, args: &[&str]) -> anyhow::Result<()> {
+        let log = File::create(self.dir.path().join(format!("{name}.log")))?;
+        let child = Command::new(self.bin.join(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} from {}", self.bin.display()))?;
+        self.processes.push((name, child));
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let req = http_get("/readyz");
+            match client.request_text(req).await {
+                Ok(body) if body.trim() == "ok" => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    bail!("kube-apiserver not ready after 90s; log tail:\n{}", self.log_tail("kube-apiserver", 40))
+                }
+                _ => {}
+            }
+            let mut exited = None;
+            for (name, child) in &mut self.processes {
+                if let Some(status) = child.try_wait()? {
+                    exited = Some((*name, status));
+                }
+            }
+            if let Some((name, status)) = exited {
+                bail!("{name} exited with {status}; log tail:\n{}", self.log_tail(name, 40));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The last `lines` lines of a component's log.
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// A client with cluster-admin rights.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Runs the control plane's own kubectl against it; returns stdout, or the error with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Installs the GonkaNode CRD and waits until it is served.
+    pub async fn install_crd(&self) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        api.patch("gonkanodes.gonka.ai", &PatchParams::apply("e2e").force(), &Patch::Apply(gonka_crds::crd())).await?;
+        let gonka: Api<gonka_crds::GonkaNode> = Api::all(client);
+        eventually("GonkaNode CRD served", Duration::from_secs(30), || async {
+            Ok(gonka.list(&ListParams::default().limit(1)).await.is_ok())
+        })
+        .await
+        .context("GonkaNode CRD never became served")
+    }
+
+    /// Creates a namespace.
+    pub async fn namespace(&self, name: &str) -> anyhow::Result<()> {
+        let api: Api<Namespace> = Api::all(self.client().await?);
+        let ns =
+            Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
+        api.create(&PostParams::default(), &ns).await?;
+        Ok(())
+    }
+
+    /// Registers a GPU node the way a kubelet with the NVIDIA device plugin and GPU Feature
+    /// Discovery would show it: labelled, with `nvidia.com/gpu` capacity, Ready.
+    pub async fn gpu_node(&self, name: &str, gpus: u32, product: &str) -> anyhow::Result<()> {
+        let api: Api<Node> = Api::all(self.client().await?);
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name,
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": product,
+                "nvidia.com/gpu.count": gpus.to_string(),
+            }},
+        }))?;
+        api.create(&PostParams::default(), &node).await?;
+        let capacity =
+            serde_json::json!({"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": gpus.to_string()});
+        let status = serde_json::json!({"status": {
+            "capacity": capacity, "allocatable": capacity,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated",
+                            "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
+        }});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await?;
+        // Admission taints new nodes not-ready until the node lifecycle controller sees a
+        // healthy kubelet; do its part.
+        api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"taints": null}}))).await?;
+        Ok(())
+    }
+
+    /// Does what a scheduler and kubelets would for the pods in `namespace` matching
+    /// `selector`: binds each unbound pod to the node its DaemonSet affinity names, reports it
+    /// Running and Ready, and finishes the deletion of pods being deleted (the kubelet's
+    /// confirmation once containers stop). Returns how many pods it touched.
+    pub async fn simulate_kubelet(&self, namespace: &str, selector: &str) -> anyhow::Result<usize> {
+        let client = self.client().await?;
+        let pods: Api<Pod> = Api::namespaced(client, namespace);
+        let mut touched = 0;
+        for pod in pods.list(&ListParams::default().labels(selector)).await? {
+            let name = pod.name_any();
+            if pod.metadata.deletion_timestamp.is_some() {
+                pods.delete(&name, &kube::api::DeleteParams::default().grace_period(0)).await?;
+                touched += 1;
+                continue;
+            }
+            let spec = pod.spec.clone().unwrap_or_default();
+            if spec.node_name.is_none() {
+                let Some(node) = daemon_pod_node(&pod) else { continue };
+                let binding = Binding {
+                    metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                    target: ObjectReference { kind: Some("Node".into()), name: Some(node), ..Default::default() },
+                };
+                pods.create_subresource::<Binding, serde_json::Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    &binding,
+                )
+                .await?;
+            }
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready {
+                continue;
+            }
+            let status = serde_json::json!({"status": {
+                "phase": "Running",
+                "hostIP": "10.0.0.1",
+                "podIP": format!("10.244.0.{}", 10 + touched % 200),
+                "startTime": now(),
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
+                    {"type": "Initialized", "status": "True", "lastTransitionTime": now()},
+                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now()},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": now()},
+                ],
+                "containerStatuses": [{"name": "node-daemon", "ready": true, "restartCount": 0, "started": true,
+                    "image": spec.containers.first().and_then(|c| c.image.clone()).unwrap_or_default(), "imageID": "",
+                    "state": {"running": {"startedAt": now()}}}],
+            }});
+            pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await?;
+            touched += 1;
+        }
+        Ok(touched)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Controllers first, etcd last, so nothing logs errors about a vanished store.
+        for (_, child) in self.processes.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::env::var_os("GONKA_E2E_KEEP").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            eprintln!("control plane files kept in {}", kept.display());
+        }
+    }
+}
+
+/// The node a DaemonSet pod is pinned to (the DaemonSet controller sets a required node
+/// affinity on `metadata.name`).
+fn daemon_pod_node(pod: &Pod) -> Option<String> {
+    let terms = &pod.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?;
+    let required = terms.required_during_scheduling_ignored_during_execution.as_ref()?;
+    required.node_selector_terms.iter().find_map(|t| {
+        t.match_fields.as_ref()?.iter().find(|f| f.key == "metadata.name")?.values.as_ref()?.first().cloned()
+    })
+}
+
+fn http_get(path: &str) -> http::Request<Vec<u8>> {
+    http::Request::get(path).body(Vec::new()).expect("static request")
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().round(jiff::Unit::Second).expect("rounding").to_string()
+}
+
+/// Polls `check` until it returns true or `timeout` passes; `what` names the wait in errors.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() > deadline {
+            return match last_error {
+                Some(e) => Err(e.context(format!("{what}: not within {timeout:?}"))),
+                None => bail!("{what}: not within {timeout:?}"),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Directory holding the control-plane binaries: `GONKA_CONTROLPLANE_BIN`, else what
+/// `e2e/controlplane/build.sh` builds (or finds in its cache).
+fn binaries() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("GONKA_CONTROLPLANE_BIN") {
+            return Ok(PathBuf::from(dir));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed ({})", script.display(), out.status));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout.lines().last().map(PathBuf::from).ok_or_else(|| format!("{} printed no directory", script.display()))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    // Hold all listeners until every port is picked so the N ports differ.
+    let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
+    Ok(ports.try_into().expect("N ports"))
+}
+
+fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = std::env::var("RUST_LOG")
+            .unwrap_or_else(|_| "warn,kube_client::client::builder=off,gonka_operator=info".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+/// Labels as a selector string.
+pub fn selector(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// An operator running in this process against a [`ControlPlane`], as a replica would in a pod.
+pub struct Operator {
+    pub identity: String,
+    pub metrics: gonka_operator::metrics::Metrics,
+    pub admin_addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), gonka_operator::RunError>>>,
+}
+
+/// Image the operator puts in DaemonSets when a GonkaNode names none.
+pub const TEST_DAEMON_IMAGE: &str = "registry.test/gonka-node-daemon:e2e";
+
+impl ControlPlane {
+    /// Starts an operator replica with `identity` in the shared leader Lease.
+    pub async fn start_operator(&self, identity: &str) -> anyhow::Result<Operator> {
+        let options = gonka_operator::Options {
+            controller: gonka_operator::ControllerConfig {
+                daemon_image: TEST_DAEMON_IMAGE.into(),
+                instance: Some(identity.into()),
+                retry: Duration::from_secs(2),
+                ..Default::default()
+            },
+            lease: gonka_operator::LeaseOptions {
+                name: "gonka-operator-leader".into(),
+                namespace: "default".into(),
+                identity: identity.into(),
+                duration_seconds: 6,
+                grace_seconds: 2,
+            },
+            admin_addr: "127.0.0.1:0".parse()?,
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let client = self.client().await?;
+        let task = tokio::spawn(gonka_operator::run(client, options, stop.clone(), Some(tx)));
+        let running = rx.await.context("operator stopped before its admin server listened")?;
+        Ok(Operator {
+            identity: identity.into(),
+            metrics: running.metrics,
+            admin_addr: running.admin_addr,
+            stop,
+            task: Some(task),
+        })
+    }
+}
+
+impl Operator {
+    /// Reconciles this replica has started.
+    pub fn reconciles(&self) -> u64 {
+        self.metrics.reconciles.get()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics.leader.get() == 1
+    }
+
+    /// Stops the replica the way SIGTERM does and returns how its run ended.
+    pub async fn stop(mut self) -> Result<(), gonka_operator::RunError> {
+        self.stop.cancel();
+        self.task.take().expect("running").await.expect("operator task panicked")
+    }
+
+    /// Waits for the replica to end on its own (e.g. after losing the lease).
+    pub async fn finished(mut self, timeout: Duration) -> anyhow::Result<Result<(), gonka_operator::RunError>> {
+        let task = self.task.take().expect("running");
+        Ok(tokio::time::timeout(timeout, task).await.context("operator still running")??)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
