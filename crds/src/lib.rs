@@ -10,6 +10,9 @@ pub use gonka_node::*;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+/// Where the generated CRD is checked in, relative to the repository root.
+pub const CHECKED_IN: [&str; 2] = ["crds/gonkanode.yaml", "manifests/crd/gonkanode.yaml"];
+
 /// The CustomResourceDefinition of `GonkaNode`, as the apiserver receives it.
 pub fn crd() -> CustomResourceDefinition {
     GonkaNode::crd()
@@ -25,20 +28,23 @@ pub fn crd_yaml() -> String {
 mod tests {
     use super::*;
 
-    /// The checked-in YAML must be what the Rust types generate, or users install a stale schema.
+    /// The checked-in YAML (the CRD itself and the copy kustomize installs) must be what the
+    /// Rust types generate, or users install a stale schema.
     #[test]
     fn checked_in_crd_yaml_is_current() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/gonkanode.yaml");
-        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
         let generated = crd_yaml();
-        if std::env::var_os("UPDATE_CRDS").is_some() {
-            std::fs::write(path, &generated).unwrap();
-            return;
+        for file in CHECKED_IN {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+            if std::env::var_os("UPDATE_CRDS").is_some() {
+                std::fs::write(&path, &generated).unwrap();
+                continue;
+            }
+            let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                checked_in == generated,
+                "{file} is stale: run `make crds` (or UPDATE_CRDS=1 cargo test -p gonka-crds) and commit the result"
+            );
         }
-        assert!(
-            checked_in == generated,
-            "crds/gonkanode.yaml is stale: run `make crds` (or UPDATE_CRDS=1 cargo test -p gonka-crds) and commit the result"
-        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Binding, Namespace, Node, ObjectReference, Pod};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Binding, Namespace, Node, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -71,13 +72,7 @@ impl ControlPlane {
         let [etcd_port, peer_port, api_port] = free_ports()?;
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = d.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: admin\n    namespace: default\ncurrent-context: e2e\n",
-                ca = d.join("ca.crt").display()
-            ),
-        )?;
+        write_kubeconfig(&kubeconfig, &url, &d.join("ca.crt"), &token)?;
 
         let mut cp = Self { dir, processes: Vec::new(), bin, kubeconfig, url };
         let d = cp.dir.path().to_path_buf();
@@ -185,9 +180,30 @@ impl ControlPlane {
 
     /// A client with cluster-admin rights.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
+        client_from(&self.kubeconfig).await
+    }
+
+    /// A client acting as ServiceAccount `namespace/name`, with only the rights RBAC gives it
+    /// (a token from the TokenRequest API, as a pod would get).
+    pub async fn client_as(&self, namespace: &str, name: &str) -> anyhow::Result<Client> {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
+            ..Default::default()
+        };
+        let issued: TokenRequest = accounts.create_subresource("token", name, &PostParams::default(), &request).await?;
+        let token = issued.status.context("TokenRequest without status")?.token;
+        let path = self.dir.path().join(format!("kubeconfig-{namespace}-{name}"));
+        write_kubeconfig(&path, &self.url, &self.dir.path().join("ca.crt"), &token)?;
+        client_from(&path).await
+    }
+
+    /// Installs the operator as `manifests/` describes it (CRD, namespace, RBAC, Deployment)
+    /// with `kubectl apply --server-side -k`, and waits for the CRD to be served.
+    pub async fn apply_manifests(&self) -> anyhow::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+        self.kubectl(&["apply", "--server-side", "-k", &dir.display().to_string()])?;
+        self.wait_crd_served().await
     }
 
     pub fn kubeconfig(&self) -> &Path {
@@ -211,7 +227,11 @@ impl ControlPlane {
         let client = self.client().await?;
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
         api.patch("gonkanodes.gonka.ai", &PatchParams::apply("e2e").force(), &Patch::Apply(gonka_crds::crd())).await?;
-        let gonka: Api<gonka_crds::GonkaNode> = Api::all(client);
+        self.wait_crd_served().await
+    }
+
+    async fn wait_crd_served(&self) -> anyhow::Result<()> {
+        let gonka: Api<gonka_crds::GonkaNode> = Api::all(self.client().await?);
         eventually("GonkaNode CRD served", Duration::from_secs(30), || async {
             Ok(gonka.list(&ListParams::default().limit(1)).await.is_ok())
         })
@@ -329,6 +349,18 @@ impl Drop for ControlPlane {
     }
 }
 
+fn write_kubeconfig(path: &Path, url: &str, ca: &Path, token: &str) -> anyhow::Result<()> {
+    let config = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {"server": url, "certificate-authority": ca}}],
+        "users": [{"name": "e2e", "user": {"token": token}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e", "namespace": "default"}}],
+        "current-context": "e2e",
+    });
+    std::fs::write(path, serde_yaml::to_string(&config)?)?;
+    Ok(())
+}
+
 /// The node a DaemonSet pod is pinned to (the DaemonSet controller sets a required node
 /// affinity on `metadata.name`).
 fn daemon_pod_node(pod: &Pod) -> Option<String> {
@@ -337,6 +369,24 @@ fn daemon_pod_node(pod: &Pod) -> Option<String> {
     required.node_selector_terms.iter().find_map(|t| {
         t.match_fields.as_ref()?.iter().find(|f| f.key == "metadata.name")?.values.as_ref()?.first().cloned()
     })
+}
+
+async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// A plain HTTP/1.1 GET to `addr` (the operator's admin server); returns status and body.
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_string()))
 }
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {
@@ -429,8 +479,19 @@ pub struct Operator {
 pub const TEST_DAEMON_IMAGE: &str = "registry.test/gonka-node-daemon:e2e";
 
 impl ControlPlane {
-    /// Starts an operator replica with `identity` in the shared leader Lease.
+    /// Starts an operator replica with `identity`, with admin rights, leasing in `default`.
     pub async fn start_operator(&self, identity: &str) -> anyhow::Result<Operator> {
+        self.start_operator_as(self.client().await?, identity, "default").await
+    }
+
+    /// Starts an operator replica with `identity` using `client` (e.g. [`Self::client_as`] the
+    /// operator's ServiceAccount), with its leader Lease in `lease_namespace`.
+    pub async fn start_operator_as(
+        &self,
+        client: Client,
+        identity: &str,
+        lease_namespace: &str,
+    ) -> anyhow::Result<Operator> {
         let options = gonka_operator::Options {
             controller: gonka_operator::ControllerConfig {
                 daemon_image: TEST_DAEMON_IMAGE.into(),
@@ -440,7 +501,7 @@ impl ControlPlane {
             },
             lease: gonka_operator::LeaseOptions {
                 name: "gonka-operator-leader".into(),
-                namespace: "default".into(),
+                namespace: lease_namespace.into(),
                 identity: identity.into(),
                 duration_seconds: 6,
                 grace_seconds: 2,
@@ -449,7 +510,6 @@ impl ControlPlane {
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let client = self.client().await?;
         let task = tokio::spawn(gonka_operator::run(client, options, stop.clone(), Some(tx)));
         let running = rx.await.context("operator stopped before its admin server listened")?;
         Ok(Operator {

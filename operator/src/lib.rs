@@ -16,6 +16,8 @@ pub mod telemetry;
 pub mod validate;
 
 #[cfg(test)]
+mod mock_api_tests;
+#[cfg(test)]
 pub(crate) mod test_fixtures;
 
 pub use controller::{Context, ControllerConfig, FINALIZER};

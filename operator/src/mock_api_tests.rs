@@ -1,0 +1,287 @@
+//! Exact API call sequences of one reconcile, against a mocked apiserver (tower-test), as
+//! kube-rs controller-rs does. The real-apiserver behaviour is covered in `e2e/`; these pin
+//! down what is sent, in which order, and that nothing else is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gonka_crds::{GonkaNode, GonkaNodeSpec};
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::{Client, Resource};
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle, SendResponse};
+
+use crate::build::desired_objects;
+use crate::controller::{Context, ControllerConfig, FINALIZER, reconcile};
+use crate::metrics::Metrics;
+use crate::status::{self, Observation};
+use crate::test_fixtures::gonka_node;
+use crate::validate::validate;
+
+const GN_PATH: &str = "/apis/gonka.ai/v1alpha1/namespaces/gpu/gonkanodes/h100";
+
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+impl ApiServer {
+    /// Takes the next request, checks its method and path, returns its JSON body (or Null).
+    async fn expect(&mut self, method: Method, path: &str) -> (Value, Request<()>, SendResponse<Response<Body>>) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
+            .unwrap_or_else(|| panic!("client gone before {method} {path}"));
+        let (parts, body) = request.into_parts();
+        assert_eq!(
+            (&parts.method, parts.uri.path()),
+            (&method, path),
+            "unexpected call {} {}",
+            parts.method,
+            parts.uri
+        );
+        let bytes = body.collect_bytes().await.unwrap();
+        let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        (json, Request::from_parts(parts, ()), send)
+    }
+
+    async fn expect_not_found(&mut self, path: &str) {
+        let (_, _, send) = self.expect(Method::GET, path).await;
+        send.send_response(status_response(StatusCode::NOT_FOUND, "NotFound"));
+    }
+
+    async fn expect_get(&mut self, path: &str, object: &impl serde::Serialize) {
+        let (_, _, send) = self.expect(Method::GET, path).await;
+        send.send_response(json_response(&serde_json::to_value(object).unwrap()));
+    }
+
+    /// A server-side apply by the operator's field manager; answers with the applied body.
+    async fn expect_apply(&mut self, path: &str) -> Value {
+        let (body, request, send) = self.expect(Method::PATCH, path).await;
+        let query = request.uri().query().unwrap_or_default();
+        assert!(query.contains("fieldManager=gonka-operator") && query.contains("force=true"), "{query}");
+        assert_eq!(request.headers()["content-type"], "application/apply-patch+yaml");
+        send.send_response(json_response(&body));
+        body
+    }
+
+    /// A server-side apply of the GonkaNode's status; answers with the object carrying it.
+    async fn expect_status(&mut self, gn: &GonkaNode) -> Value {
+        let (body, request, send) = self.expect(Method::PATCH, &format!("{GN_PATH}/status")).await;
+        assert!(request.uri().query().unwrap_or_default().contains("fieldManager=gonka-operator"));
+        let mut object = serde_json::to_value(gn).unwrap();
+        object["status"] = body["status"].clone();
+        send.send_response(json_response(&object));
+        body
+    }
+
+    /// An Event about the GonkaNode; returns its reason.
+    async fn expect_event(&mut self) -> String {
+        let (body, _, send) = self.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/gpu/events").await;
+        assert_eq!(body["regarding"]["name"], "h100");
+        assert_eq!(body["reportingController"], "gonka-operator");
+        send.send_response(json_response(&body));
+        body["reason"].as_str().unwrap().to_string()
+    }
+
+    /// After the reconcile dropped every client: no request may be left.
+    async fn expect_silence(mut self) {
+        if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request()).await {
+            panic!("unexpected extra call {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn json_response(body: &Value) -> Response<Body> {
+    Response::builder().status(200).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap()
+}
+
+fn status_response(code: StatusCode, reason: &str) -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code.as_u16(), "message": reason});
+    Response::builder().status(code).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap()
+}
+
+/// Runs one reconcile of `gn` while `script` plays the apiserver; then checks that nothing
+/// else was called.
+async fn run<F, Fut>(gn: GonkaNode, script: F) -> Result<Action, crate::controller::Error>
+where
+    F: FnOnce(ApiServer) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ApiServer> + Send,
+{
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let config = ControllerConfig { daemon_image: "registry.test/daemon:1".into(), ..ControllerConfig::default() };
+    let ctx = Arc::new(Context::new(client, config, Metrics::default()));
+    let server = tokio::spawn(async move { script(ApiServer(handle)).await });
+    let result = reconcile(Arc::new(gn), ctx).await;
+    let api = server.await.expect("scenario panicked");
+    api.expect_silence().await;
+    result
+}
+
+fn with_finalizer(edit: impl FnOnce(&mut GonkaNodeSpec)) -> GonkaNode {
+    let mut gn = gonka_node("h100", edit);
+    gn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    gn
+}
+
+#[tokio::test]
+async fn a_new_gonka_node_first_gets_the_finalizer_and_nothing_else() {
+    let gn = gonka_node("h100", |_| {});
+    let action = run(gn.clone(), |mut api| async move {
+        let (patch, request, send) = api.expect(Method::PATCH, GN_PATH).await;
+        assert_eq!(request.headers()["content-type"], "application/json-patch+json");
+        assert_eq!(patch[1], json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
+        let mut updated = serde_json::to_value(&gn).unwrap();
+        updated["metadata"]["finalizers"] = json!([FINALIZER]);
+        send.send_response(json_response(&updated));
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_status() {
+    let gn = with_finalizer(|_| {});
+    let action = run(gn.clone(), |mut api| async move {
+        for (path, kind) in [
+            ("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", "ServiceAccount"),
+            ("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", "ConfigMap"),
+            ("/api/v1/namespaces/gpu/services/h100-ml-nodes", "Service"),
+            ("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", "DaemonSet"),
+        ] {
+            api.expect_not_found(path).await;
+            let applied = api.expect_apply(path).await;
+            assert_eq!(applied["kind"], kind);
+            assert_eq!(applied["metadata"]["ownerReferences"][0]["uid"], "uid-h100");
+        }
+        assert_eq!(api.expect_event().await, "Created");
+        let status = api.expect_status(&gn).await;
+        assert_eq!(status["status"]["observedGeneration"], 1);
+        let reasons: Vec<&str> =
+            status["status"]["conditions"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
+        assert_eq!(reasons, ["AwaitingDaemonSetController", "RolloutPending", "AsExpected", "RegistrationNotEnabled"]);
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn a_steady_fleet_is_read_but_never_written() {
+    // The live objects are exactly what the operator would apply, and the status is current.
+    let mut gn = with_finalizer(|_| {});
+    let desired = desired_objects(&gn, &validate(&gn, "registry.test/daemon:1").unwrap()).unwrap();
+    let mut ds: DaemonSet = desired.daemon_set.clone();
+    ds.metadata.generation = Some(1);
+    ds.status = Some(DaemonSetStatus {
+        observed_generation: Some(1),
+        desired_number_scheduled: 2,
+        current_number_scheduled: 2,
+        updated_number_scheduled: Some(2),
+        number_ready: 2,
+        number_available: Some(2),
+        ..Default::default()
+    });
+    let obs = Observation {
+        generation: Some(1),
+        daemon_set: Some(&ds),
+        max_unavailable: Some(&gn.spec.update_strategy.max_unavailable),
+        hold_during_poc: true,
+        ..Default::default()
+    };
+    gn.status = Some(status::compute(None, &obs, &Time(jiff::Timestamp::from_second(1_800_000_000).unwrap())));
+
+    let action = run(gn, move |mut api| async move {
+        api.expect_get("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", &with_kind(&desired.service_account))
+            .await;
+        api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
+        api.expect_get("/api/v1/namespaces/gpu/services/h100-ml-nodes", &with_kind(&desired.service)).await;
+        api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_announced_and_reported_without_touching_the_fleet() {
+    let gn = with_finalizer(|s| {
+        s.gpus_per_ml_node = Some(6);
+        s.models[0].args = vec!["--tensor-parallel-size".into(), "4".into()];
+    });
+    let action = run(gn.clone(), |mut api| async move {
+        assert_eq!(api.expect_event().await, "InvalidSpec");
+        api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
+        let status = api.expect_status(&gn).await;
+        let degraded = &status["status"]["conditions"][2];
+        assert_eq!((degraded["type"].as_str(), degraded["status"].as_str()), (Some("Degraded"), Some("True")));
+        assert!(degraded["message"].as_str().unwrap().starts_with("spec.models[0].args:"));
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change(), "only an edit can fix a spec");
+}
+
+#[tokio::test]
+async fn paused_reads_the_fleet_and_announces_the_hold() {
+    let gn = with_finalizer(|s| s.paused = true);
+    let action = run(gn.clone(), |mut api| async move {
+        api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
+        assert_eq!(api.expect_event().await, "Paused");
+        let status = api.expect_status(&gn).await;
+        assert_eq!(status["status"]["conditions"][1]["reason"], "Paused");
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn apiserver_refusal_is_reported_and_retried() {
+    let gn = with_finalizer(|_| {});
+    let result = run(gn.clone(), |mut api| async move {
+        api.expect_not_found("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
+        let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
+        send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
+        assert_eq!(api.expect_event().await, "ApplyFailed");
+        let status = api.expect_status(&gn).await;
+        assert_eq!(status["status"]["conditions"][2]["reason"], "ApplyFailed");
+        api
+    })
+    .await;
+    let err = result.unwrap_err();
+    assert_eq!(err.metric_label(), "apply");
+}
+
+#[tokio::test]
+async fn deletion_runs_cleanup_then_releases_the_finalizer() {
+    let mut gn = with_finalizer(|_| {});
+    gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
+    let body = serde_json::to_value(&gn).unwrap();
+    let action = run(gn, move |mut api| async move {
+        assert_eq!(api.expect_event().await, "Deleting");
+        let (patch, request, send) = api.expect(Method::PATCH, GN_PATH).await;
+        assert_eq!(request.headers()["content-type"], "application/json-patch+json");
+        assert_eq!(patch[1], json!({"op": "remove", "path": "/metadata/finalizers/0"}));
+        send.send_response(json_response(&body));
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+fn with_kind<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Value {
+    let mut v = serde_json::to_value(object).unwrap();
+    v["apiVersion"] = json!(K::api_version(&()));
+    v["kind"] = json!(K::kind(&()));
+    v
+}
