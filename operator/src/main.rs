@@ -25,43 +25,44 @@ enum Command {
     Crd,
 }
 
+/// Flags of `run`; global so both `gonka-operator --flag` and `gonka-operator run --flag` work.
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Node-daemon image for GonkaNodes that set no `spec.image`.
-    #[arg(long, env = "GONKA_DAEMON_IMAGE", default_value = "ghcr.io/gonka-operator/gonka-node-daemon:0.1.0")]
+    #[arg(global = true, long, env = "GONKA_DAEMON_IMAGE", default_value = "ghcr.io/gonka-operator/gonka-node-daemon:0.1.0")]
     daemon_image: String,
     /// Watch GonkaNodes in this namespace only (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
+    #[arg(global = true, long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
     /// Address of the admin server (/healthz, /readyz, /metrics).
-    #[arg(long, env = "GONKA_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(global = true, long, env = "GONKA_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     admin_addr: SocketAddr,
     /// GonkaNodes reconciled at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(global = true, long, default_value_t = 4)]
     concurrency: u16,
     /// Seconds between drift checks of a steady GonkaNode.
-    #[arg(long, default_value_t = 300)]
+    #[arg(global = true, long, default_value_t = 300)]
     resync_seconds: u64,
     /// Name of the leader-election Lease.
-    #[arg(long, default_value = "gonka-operator-leader")]
+    #[arg(global = true, long, default_value = "gonka-operator-leader")]
     lease_name: String,
     /// Namespace of the Lease (default: the pod's namespace, else `default`).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    #[arg(global = true, long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// This replica's identity in the Lease (default: the pod name, else host name and pid).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(global = true, long, env = "POD_NAME")]
     identity: Option<String>,
     /// Seconds the Lease stays valid without renewal.
-    #[arg(long, default_value_t = 15)]
+    #[arg(global = true, long, default_value_t = 15)]
     lease_duration_seconds: u64,
     /// Seconds before expiry the holder renews the Lease.
-    #[arg(long, default_value_t = 5)]
+    #[arg(global = true, long, default_value_t = 5)]
     lease_grace_seconds: u64,
     /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(global = true, long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter, `RUST_LOG` syntax.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    #[arg(global = true, long, env = "RUST_LOG", default_value = "info")]
     log_filter: String,
 }
 

@@ -139,7 +139,9 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
     let degraded = match (&obs.invalid_spec, &obs.apply_error, &rollout) {
         (Some(why), _, _) => cond(condition::DEGRADED, true, "InvalidSpec", why.clone()),
         (_, Some(why), _) => cond(condition::DEGRADED, true, "ApplyFailed", why.clone()),
-        (_, _, Some(r)) if r.unavailable > tolerated(r.desired) => cond(
+        // While a rollout runs, pods starting up are expected to be unavailable (Progressing
+        // says so); once every ML node runs the current spec, missing ones are a problem.
+        (_, _, Some(r)) if r.caught_up && r.updated >= r.desired && r.unavailable > tolerated(r.desired) => cond(
             condition::DEGRADED,
             true,
             "MlNodesUnavailable",

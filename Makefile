@@ -1,0 +1,45 @@
+# Everyday targets. `make test` is what CI runs (after `make lint`); it installs what it needs:
+# Rust crates via cargo, Go modules via the module proxy, and builds the test control plane
+# (kube-apiserver, kube-controller-manager, kubectl, etcd) once into ~/.cache/gonka-operator.
+
+CARGO ?= cargo
+
+.PHONY: build test unit e2e controlplane crds lint fmt demo clean-cache
+
+build:
+	$(CARGO) build --workspace --locked
+
+## The two newcomer commands (README): `make demo` and `make test`.
+demo: controlplane
+	$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
+
+test: controlplane
+	$(CARGO) test --workspace --locked
+
+## Pure and mocked-API tests only: no control plane, seconds.
+unit:
+	$(CARGO) test --workspace --locked --lib --bins
+
+## Real control-plane tests only.
+e2e: controlplane
+	$(CARGO) test --locked -p gonka-e2e
+
+## Build (or find in the cache) the control-plane binaries before tests start in parallel.
+controlplane:
+	@e2e/controlplane/build.sh >/dev/null
+
+## Regenerate the CRD YAML from the Rust types (crds/ and the kustomize copy).
+crds:
+	$(CARGO) run --locked -q -p gonka-operator -- crd > crds/gonkanode.yaml.tmp
+	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
+	cp crds/gonkanode.yaml manifests/crd/gonkanode.yaml
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean-cache:
+	rm -rf $${GONKA_CACHE_DIR:-$$HOME/.cache/gonka-operator}
