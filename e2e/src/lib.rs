@@ -465,3 +465,88 @@ pub fn init_logging(default_filter: &str) {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     });
 }
+
+/// An operator running in this process against a [`ControlPlane`], as a replica would in a pod.
+pub struct Operator {
+    pub identity: String,
+    pub metrics: gonka_operator::metrics::Metrics,
+    pub admin_addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), gonka_operator::RunError>>>,
+}
+
+/// Image the operator puts in DaemonSets when a GonkaNode names none.
+pub const TEST_DAEMON_IMAGE: &str = "registry.test/gonka-node-daemon:e2e";
+
+impl ControlPlane {
+    /// Starts an operator replica with `identity`, with admin rights, leasing in `default`.
+    pub async fn start_operator(&self, identity: &str) -> anyhow::Result<Operator> {
+        self.start_operator_as(self.client().await?, identity, "default").await
+    }
+
+    /// Starts an operator replica with `identity` using `client` (e.g. [`Self::client_as`] the
+    /// operator's ServiceAccount), with its leader Lease in `lease_namespace`.
+    pub async fn start_operator_as(
+        &self,
+        client: Client,
+        identity: &str,
+        lease_namespace: &str,
+    ) -> anyhow::Result<Operator> {
+        let options = gonka_operator::Options {
+            controller: gonka_operator::ControllerConfig {
+                daemon_image: TEST_DAEMON_IMAGE.into(),
+                instance: Some(identity.into()),
+                retry: Duration::from_secs(2),
+                ..Default::default()
+            },
+            lease: gonka_operator::LeaseOptions {
+                name: "gonka-operator-leader".into(),
+                namespace: lease_namespace.into(),
+                identity: identity.into(),
+                duration_seconds: 6,
+                grace_seconds: 2,
+            },
+            admin_addr: "127.0.0.1:0".parse()?,
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(gonka_operator::run(client, options, stop.clone(), Some(tx)));
+        let running = rx.await.context("operator stopped before its admin server listened")?;
+        Ok(Operator {
+            identity: identity.into(),
+            metrics: running.metrics,
+            admin_addr: running.admin_addr,
+            stop,
+            task: Some(task),
+        })
+    }
+}
+
+impl Operator {
+    /// Reconciles this replica has started.
+    pub fn reconciles(&self) -> u64 {
+        self.metrics.reconciles.get()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metrics.leader.get() == 1
+    }
+
+    /// Stops the replica the way SIGTERM does and returns how its run ended.
+    pub async fn stop(mut self) -> Result<(), gonka_operator::RunError> {
+        self.stop.cancel();
+        self.task.take().expect("running").await.expect("operator task panicked")
+    }
+
+    /// Waits for the replica to end on its own (e.g. after losing the lease).
+    pub async fn finished(mut self, timeout: Duration) -> anyhow::Result<Result<(), gonka_operator::RunError>> {
+        let task = self.task.take().expect("running");
+        Ok(tokio::time::timeout(timeout, task).await.context("operator still running")??)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

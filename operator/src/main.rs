@@ -29,7 +29,12 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Node-daemon image for GonkaNodes that set no `spec.image`.
-    #[arg(global = true, long, env = "GONKA_DAEMON_IMAGE", default_value = "ghcr.io/gonka-operator/gonka-node-daemon:0.1.0")]
+    #[arg(
+        global = true,
+        long,
+        env = "GONKA_DAEMON_IMAGE",
+        default_value = "ghcr.io/gonka-operator/gonka-node-daemon:0.1.0"
+    )]
     daemon_image: String,
     /// Watch GonkaNodes in this namespace only (default: all namespaces).
     #[arg(global = true, long, env = "WATCH_NAMESPACE")]
