@@ -466,6 +466,20 @@ pub fn init_logging(default_filter: &str) {
     });
 }
 
+/// A minimal valid GonkaNode manifest (one model, the usual network-node URLs), as JSON so
+/// tests can break or extend it before sending.
+pub fn gonka_node_manifest(name: &str, namespace: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "gonka.ai/v1alpha1",
+        "kind": "GonkaNode",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "networkNode": {"adminUrl": "http://gonka-api.gonka.svc:9200", "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"},
+            "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}],
+        }
+    })
+}
+
 /// An operator running in this process against a [`ControlPlane`], as a replica would in a pod.
 pub struct Operator {
     pub identity: String,

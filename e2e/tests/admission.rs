@@ -2,20 +2,12 @@
 //! Runs against a real kube-apiserver + etcd with the checked-in CRD schema.
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane};
+use gonka_e2e::{Components, ControlPlane, gonka_node_manifest};
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
 fn valid(name: &str) -> Value {
-    json!({
-        "apiVersion": "gonka.ai/v1alpha1",
-        "kind": "GonkaNode",
-        "metadata": {"name": name, "namespace": "gpu"},
-        "spec": {
-            "networkNode": {"adminUrl": "http://gonka-api.gonka.svc:9200", "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"},
-            "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}],
-        }
-    })
+    gonka_node_manifest(name, "gpu")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

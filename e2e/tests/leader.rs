@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, admin_get, eventually};
+use gonka_e2e::{Components, ControlPlane, admin_get, eventually, gonka_node_manifest};
 use gonka_operator::RunError;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -48,14 +48,7 @@ async fn only_the_leader_writes_and_a_follower_takes_over() -> anyhow::Result<()
     let (_, metrics) = admin_get(b.admin_addr, "/metrics").await?;
     assert!(metrics.contains("gonka_operator_leader 0"), "{metrics}");
 
-    let gn: GonkaNode = serde_json::from_value(json!({
-        "apiVersion": "gonka.ai/v1alpha1", "kind": "GonkaNode",
-        "metadata": {"name": "a100", "namespace": "gpu"},
-        "spec": {
-            "networkNode": {"adminUrl": "http://api:9200", "mlCallbackUrl": "http://api:9100"},
-            "models": [{"id": "Qwen/Qwen2.5-7B-Instruct"}],
-        }
-    }))?;
+    let gn: GonkaNode = serde_json::from_value(gonka_node_manifest("a100", "gpu"))?;
     gonka_nodes.create(&PostParams::default(), &gn).await?;
     eventually("op-a creates the DaemonSet", WAIT, || async {
         Ok(daemon_sets.get_opt("a100-ml-node").await?.is_some())

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, TEST_DAEMON_IMAGE, eventually};
+use gonka_e2e::{Components, ControlPlane, TEST_DAEMON_IMAGE, eventually, gonka_node_manifest};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -85,14 +85,10 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     let operator = cp.start_operator("op-a").await?;
 
     // --- create ---
-    let gn: GonkaNode = serde_json::from_value(json!({
-        "apiVersion": "gonka.ai/v1alpha1", "kind": "GonkaNode",
-        "metadata": {"name": "h100", "namespace": NS},
-        "spec": {
-            "networkNode": {"adminUrl": "http://gonka-api.gonka.svc:9200", "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"},
-            "models": [{"id": "Qwen/QwQ-32B", "args": ["--tensor-parallel-size", "4", "--quantization", "fp8"]}],
-        }
-    }))?;
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["models"] =
+        json!([{"id": "Qwen/QwQ-32B", "args": ["--tensor-parallel-size", "4", "--quantization", "fp8"]}]);
+    let gn: GonkaNode = serde_json::from_value(manifest)?;
     let created = api.create(&PostParams::default(), &gn).await?;
     let uid = created.uid().unwrap();
 

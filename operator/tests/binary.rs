@@ -5,11 +5,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, admin_get, eventually, free_port};
+use gonka_e2e::{Components, ControlPlane, admin_get, eventually, free_port, gonka_node_manifest};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
-use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(45);
 
@@ -62,14 +61,7 @@ async fn runs_reconciles_logs_json_and_stops_cleanly_on_sigterm() -> anyhow::Res
 
     eventually("operator ready", WAIT, || async { Ok(admin_get(admin, "/readyz").await.is_ok_and(|(s, _)| s == 200)) })
         .await?;
-    let gn: GonkaNode = serde_json::from_value(json!({
-        "apiVersion": "gonka.ai/v1alpha1", "kind": "GonkaNode",
-        "metadata": {"name": "l40s", "namespace": "gpu"},
-        "spec": {
-            "networkNode": {"adminUrl": "http://api:9200", "mlCallbackUrl": "http://api:9100"},
-            "models": [{"id": "Qwen/Qwen2.5-7B-Instruct"}],
-        }
-    }))?;
+    let gn: GonkaNode = serde_json::from_value(gonka_node_manifest("l40s", "gpu"))?;
     Api::<GonkaNode>::namespaced(client.clone(), "gpu").create(&PostParams::default(), &gn).await?;
     let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), "gpu");
     eventually("DaemonSet created by the binary", WAIT, || async {
