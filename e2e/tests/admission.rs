@@ -147,6 +147,12 @@ async fn apiserver_rejects_malformed_gonka_nodes_naming_the_field() -> anyhow::R
         other => failures.push(format!("misspelt field: {other:?}")),
     }
 
+    // `kubectl explain` teaches from the schema's descriptions.
+    let explained = cp.kubectl(&["explain", "gonkanode.spec.gpusPerMlNode"])?;
+    assert!(explained.contains("GPUs each ML node owns"), "{explained}");
+    let explained = cp.kubectl(&["explain", "gonkanode.status.conditions"])?;
+    assert!(explained.contains("Ready"), "{explained}");
+
     assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
     Ok(())
 }
