@@ -205,9 +205,11 @@ fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config
             container_port("inference-api", DEFAULT_INFERENCE_PORT),
         ]),
         resources: non_empty_resources(resources),
-        // Model loading can take many minutes; liveness only starts once the daemon is up.
-        startup_probe: Some(http_probe("/livez", 10, 90)),
-        liveness_probe: Some(http_probe("/livez", 20, 6)),
+        // `/healthz` is the daemon process itself. Upstream's `/livez` answers 503 when GPUs
+        // are unavailable, which would make the kubelet restart a pod that a restart can't
+        // fix; GPU trouble shows in readiness, status and metrics instead.
+        startup_probe: Some(http_probe("/healthz", 5, 60)),
+        liveness_probe: Some(http_probe("/healthz", 20, 6)),
         readiness_probe: Some(http_probe("/readyz", 10, 3)),
         volume_mounts: Some(vec![
             VolumeMount {

@@ -1,7 +1,8 @@
-//! Wire shapes shared by the operator and the node-daemon, defined once.
+//! Wire shapes shared by the operator, the node-daemon and (later) the devnet, defined once.
 //!
-//! Today: the daemon's configuration file, which the operator renders into each GonkaNode's
-//! ConfigMap and the daemon reads at start. The Gonka admin/ML-node JSON shapes and the report
-//! `.proto` join this crate with network registration.
+//! - [`daemon_config`]: the daemon's configuration file, rendered by the operator into each
+//!   GonkaNode's ConfigMap.
+//! - [`ml_node`]: the Gonka ML-node management API, in upstream's JSON shapes.
 
 pub mod daemon_config;
+pub mod ml_node;

@@ -1,0 +1,197 @@
+//! The ML-node management API, as upstream's mlnode serves it to the network node: same paths,
+//! JSON shapes and status codes, an optional `/vX.Y.Z` path prefix (the network node addresses
+//! ML-node versions side by side that way), FastAPI-style `{"detail": ...}` errors.
+//!
+//! Served in this version: state, stop, GPU devices and driver, health, readiness, metrics.
+//! PoC and inference endpoints come with the proof jobs; until then they answer 404 like any
+//! unknown path, which the network node treats as "not implemented".
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use gonka_protocol::ml_node::{
+    ErrorResponse, GpuDevicesResponse, GpuInfo, HealthResponse, ManagerStatus, ManagersInfo, ReadinessResponse,
+    ServiceState, StateResponse, StatusResponse,
+};
+
+use crate::gpu::{GpuProbe, GpuStatus};
+use crate::metrics::DaemonMetrics;
+
+/// Upstream caches the health answer this long.
+const HEALTH_CACHE: Duration = Duration::from_secs(5);
+
+pub struct AppState {
+    pub probe: GpuProbe,
+    pub metrics: DaemonMetrics,
+    pub version: String,
+    state: Mutex<ServiceState>,
+    health: Mutex<Option<(Instant, HealthResponse)>>,
+}
+
+impl AppState {
+    pub fn new(probe: GpuProbe, metrics: DaemonMetrics, version: impl Into<String>) -> Arc<Self> {
+        Arc::new(Self {
+            probe,
+            metrics,
+            version: version.into(),
+            state: Mutex::new(ServiceState::Stopped),
+            health: Mutex::new(None),
+        })
+    }
+
+    fn service_state(&self) -> ServiceState {
+        *self.state.lock().expect("state")
+    }
+}
+
+/// The router behind the version-prefix rewrite, ready for `axum::serve`.
+pub type Service = axum::routing::IntoMakeService<tower::util::MapRequest<Router, RequestRewrite>>;
+type RequestRewrite = fn(Request) -> Request;
+
+/// The API, with the version-prefix rewrite in front of routing (a rewrite inside the router
+/// would run after routing).
+pub fn service(state: Arc<AppState>) -> Service {
+    use tower::Layer;
+    let rewrite: RequestRewrite = strip_version_prefix;
+    let app = tower::util::MapRequestLayer::new(rewrite).layer(router(state));
+    axum::ServiceExt::<Request>::into_make_service(app)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/state", get(get_state))
+        .route("/api/v1/stop", post(stop))
+        .route("/api/v1/gpu/devices", get(gpu_devices))
+        .route("/api/v1/gpu/driver", get(gpu_driver))
+        .route("/health", get(health))
+        .route("/livez", get(health))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed") })
+        .with_state(state)
+}
+
+/// `/v3.0.8/api/v1/state` → `/api/v1/state`.
+fn strip_version_prefix(mut request: Request) -> Request {
+    let path = request.uri().path();
+    let Some(rest) = path.strip_prefix("/v") else { return request };
+    let (version, tail) = rest.split_once('/').map_or((rest, ""), |(v, t)| (v, t));
+    let is_version = version.split('.').count() == 3
+        && version.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if !is_version {
+        return request;
+    }
+    let new_path = format!("/{tail}");
+    let path_and_query = match request.uri().query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
+}
+
+fn error(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, Json(ErrorResponse { detail: detail.into() })).into_response()
+}
+
+async fn snapshot(state: &AppState) -> Vec<GpuStatus> {
+    let probe = state.probe.clone();
+    tokio::task::spawn_blocking(move || probe.snapshot()).await.unwrap_or_default()
+}
+
+async fn get_state(State(state): State<Arc<AppState>>) -> Json<StateResponse> {
+    Json(StateResponse {
+        state: state.service_state(),
+        version: state.version.clone(),
+        poc_status: None,
+        inference_healthy: None,
+        loaded_model: None,
+    })
+}
+
+async fn stop(State(state): State<Arc<AppState>>) -> Json<StatusResponse> {
+    *state.state.lock().expect("state") = ServiceState::Stopped;
+    Json(StatusResponse::ok())
+}
+
+async fn gpu_devices(State(state): State<Arc<AppState>>) -> Json<GpuDevicesResponse> {
+    let devices: Vec<_> = snapshot(&state).await.iter().map(GpuStatus::to_device).collect();
+    Json(GpuDevicesResponse { count: devices.len(), devices })
+}
+
+async fn gpu_driver(State(state): State<Arc<AppState>>) -> Response {
+    let probe = state.probe.clone();
+    match tokio::task::spawn_blocking(move || probe.driver()).await {
+        Ok(Ok(info)) => Json(info).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let cached = state.health.lock().expect("health").clone().filter(|(at, _)| at.elapsed() < HEALTH_CACHE);
+    let answer = match cached {
+        Some((_, answer)) => answer,
+        None => {
+            let devices: Vec<_> = snapshot(&state).await.iter().map(GpuStatus::to_device).collect();
+            let idle = ManagerStatus { running: false, healthy: true };
+            // Upstream: healthy needs NVML up, and every running manager healthy.
+            let healthy = state.probe.available();
+            let answer = HealthResponse {
+                status: if healthy { "healthy" } else { "unhealthy" }.into(),
+                service_state: state.service_state(),
+                gpu: GpuInfo { available: state.probe.available(), count: devices.len(), devices },
+                managers: ManagersInfo { pow: idle, inference: idle, train: idle },
+            };
+            *state.health.lock().expect("health") = Some((Instant::now(), answer.clone()));
+            answer
+        }
+    };
+    let status = if answer.status == "healthy" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(answer)).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    // Upstream: not ready only while INFERENCE runs unhealthy; no inference runs here yet.
+    let ready = state.service_state() != ServiceState::Inference;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ReadinessResponse { ready })).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.observe(&snapshot(&state).await);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(p: &str) -> String {
+        let req = Request::builder().uri(p).body(axum::body::Body::empty()).unwrap();
+        strip_version_prefix(req).uri().to_string()
+    }
+
+    #[test]
+    fn version_prefix_is_stripped_only_when_it_is_a_version() {
+        assert_eq!(path("/v3.0.8/api/v1/state"), "/api/v1/state");
+        assert_eq!(path("/v3.0.16/api/v1/gpu/devices?x=1"), "/api/v1/gpu/devices?x=1");
+        assert_eq!(path("/api/v1/state"), "/api/v1/state");
+        assert_eq!(path("/v1/models"), "/v1/models");
+        assert_eq!(path("/v3.0/api"), "/v3.0/api");
+        assert_eq!(path("/vx.y.z/api"), "/vx.y.z/api");
+    }
+}

@@ -1,0 +1,67 @@
+//! `gonka-node-daemon`: one Gonka ML node per pod. To the host's network node it looks like an
+//! upstream ML node (the management API in [`api`]); to the operator it is the pod that owns
+//! the node's GPUs ([`gpu`]: NVML inventory, health, XID events).
+//!
+//! This version serves the GPU probe and the management API's state, stop, GPU, health and
+//! metrics endpoints; PoC proof jobs (libtorch) and the report stream to the operator follow.
+
+pub mod api;
+pub mod gpu;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use gonka_protocol::daemon_config::DaemonConfig;
+
+/// Settings after file, environment and flags are merged.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The operator's `daemon.json`, when running under a GonkaNode.
+    pub config: Option<DaemonConfig>,
+    /// Address of the management API.
+    pub listen: SocketAddr,
+    /// NVML library to load instead of the system's.
+    pub nvml_library: Option<PathBuf>,
+}
+
+/// Reads `daemon.json`, with an error that names the file and the problem.
+pub fn read_config(path: &std::path::Path) -> anyhow::Result<DaemonConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    DaemonConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{} is not a valid daemon config: {e}", path.display()))
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let probe = gpu::GpuProbe::open(settings.nvml_library.as_deref());
+    let metrics = metrics::DaemonMetrics::default();
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let metrics = metrics.clone();
+        probe.watch_xids(stop_watch.clone(), move |gpu, code, class| metrics.xid(gpu, code, class))
+    };
+    if let Some(config) = &settings.config {
+        tracing::info!(gonka_node = %config.gonka_node, models = config.models.len(), "configured by the operator");
+    }
+    let gpus = {
+        let probe = probe.clone();
+        tokio::task::spawn_blocking(move || probe.snapshot()).await?
+    };
+    tracing::info!(gpus = gpus.len(), hardware = ?gpu::hardware(&gpus), "GPU probe");
+
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"));
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
+    axum::serve(listener, api::service(state)).with_graceful_shutdown(shutdown).await?;
+
+    stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(w) = watcher {
+        let _ = tokio::task::spawn_blocking(move || w.join()).await;
+    }
+    Ok(())
+}

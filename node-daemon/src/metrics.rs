@@ -1,0 +1,122 @@
+//! Prometheus metrics of one ML node, on `/metrics`. GPU gauges are refreshed from a fresh
+//! probe at every scrape; XID counters grow as events arrive.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::gpu::{GpuStatus, XidClass};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabels {
+    pub gpu: String,
+    pub uuid: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XidLabels {
+    pub gpu: String,
+    pub xid: String,
+    pub class: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone)]
+pub struct DaemonMetrics {
+    registry: Arc<Registry>,
+    gpus: Gauge<i64, AtomicI64>,
+    available: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    utilization: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    memory_used: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    memory_total: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    temperature: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    power: Family<GpuLabels, FloatGauge>,
+    ecc_corrected: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    ecc_uncorrected: Family<GpuLabels, Gauge<i64, AtomicI64>>,
+    xids: Family<XidLabels, Counter>,
+}
+
+impl Default for DaemonMetrics {
+    fn default() -> Self {
+        let (gpus, available, utilization) = (Gauge::default(), Family::default(), Family::default());
+        let (memory_used, memory_total, temperature) = (Family::default(), Family::default(), Family::default());
+        let (power, ecc_corrected, ecc_uncorrected, xids) =
+            (Family::default(), Family::default(), Family::default(), Family::default());
+        let mut registry = Registry::with_prefix("gonka_ml_node");
+        registry.register("gpus", "GPUs NVML reports", Gauge::clone(&gpus));
+        registry.register("gpu_available", "1 when the GPU is fit for proof and inference", Family::clone(&available));
+        registry.register("gpu_utilization_percent", "GPU compute utilization", Family::clone(&utilization));
+        registry.register("gpu_memory_used_mebibytes", "GPU memory in use", Family::clone(&memory_used));
+        registry.register("gpu_memory_total_mebibytes", "GPU memory in total", Family::clone(&memory_total));
+        registry.register("gpu_temperature_celsius", "GPU temperature", Family::clone(&temperature));
+        registry.register("gpu_power_watts", "GPU power draw", Family::clone(&power));
+        registry.register(
+            "gpu_ecc_corrected_errors",
+            "Corrected ECC errors (aggregate)",
+            Family::clone(&ecc_corrected),
+        );
+        registry.register(
+            "gpu_ecc_uncorrected_errors",
+            "Uncorrected ECC errors (aggregate)",
+            Family::clone(&ecc_uncorrected),
+        );
+        registry.register("gpu_xid_errors", "XID events by code and class", Family::clone(&xids));
+        Self {
+            registry: Arc::new(registry),
+            gpus,
+            available,
+            utilization,
+            memory_used,
+            memory_total,
+            temperature,
+            power,
+            ecc_corrected,
+            ecc_uncorrected,
+            xids,
+        }
+    }
+}
+
+impl DaemonMetrics {
+    pub fn xid(&self, gpu: u32, code: u64, class: XidClass) {
+        let labels = XidLabels { gpu: gpu.to_string(), xid: code.to_string(), class: class.as_str().into() };
+        self.xids.get_or_create(&labels).inc();
+    }
+
+    /// Sets the GPU gauges from a probe snapshot.
+    pub fn observe(&self, gpus: &[GpuStatus]) {
+        self.gpus.set(gpus.len() as i64);
+        for g in gpus {
+            let l =
+                GpuLabels { gpu: g.index.to_string(), uuid: g.uuid.clone().unwrap_or_default(), model: g.name.clone() };
+            self.available.get_or_create(&l).set(i64::from(g.is_available()));
+            let set = |family: &Family<GpuLabels, Gauge<i64, AtomicI64>>, v: Option<u64>| {
+                if let Some(v) = v {
+                    family.get_or_create(&l).set(v as i64);
+                }
+            };
+            set(&self.utilization, g.utilization_percent.map(u64::from));
+            set(&self.memory_used, g.used_memory_mb);
+            set(&self.memory_total, g.total_memory_mb);
+            set(&self.temperature, g.temperature_c.map(u64::from));
+            set(&self.ecc_corrected, g.ecc_corrected);
+            set(&self.ecc_uncorrected, g.ecc_uncorrected);
+            if let Some(w) = g.power_watts {
+                self.power.get_or_create(&l).set(w);
+            }
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

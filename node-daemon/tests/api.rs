@@ -1,0 +1,256 @@
+//! The daemon binary, answering the ML-node API over HTTP, with its GPUs simulated by the fake
+//! `libnvidia-ml.so.1` (the real nvml-wrapper code path). One daemon process per scenario, so
+//! each has its own fake GPUs.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_nvml::{GpuState, Scenario};
+use serde_json::{Value, json};
+
+struct Daemon {
+    child: Child,
+    port: u16,
+    scenario: tempfile::NamedTempFile,
+}
+
+impl Daemon {
+    fn start(scenario: &Scenario) -> Self {
+        Self::start_with(scenario, Some(Path::new(fake_nvml::LIBRARY)))
+    }
+
+    fn start_with(scenario: &Scenario, library: Option<&Path>) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        scenario.write(file.path()).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+        cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
+            .env(fake_nvml::CONFIG_ENV, file.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match library {
+            Some(lib) => cmd.env("GONKA_NVML_LIBRARY", lib),
+            None => cmd.env_remove("GONKA_NVML_LIBRARY"),
+        };
+        let child = cmd.spawn().unwrap();
+        let daemon = Self { child, port, scenario: file };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while daemon.try_request("GET", "/healthz").is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    /// Replaces the simulated machine while the daemon runs.
+    fn change(&self, scenario: &Scenario) {
+        // A different mtime even within the same clock tick: the file size changes or we wait.
+        std::thread::sleep(Duration::from_millis(20));
+        scenario.write(self.scenario.path()).unwrap();
+    }
+
+    fn try_request(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok((status, body.to_string()))
+    }
+
+    fn json(&self, method: &str, path: &str) -> (u16, Value) {
+        let (status, body) = self.try_request(method, path).unwrap();
+        let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body:?}"));
+        (status, value)
+    }
+
+    fn text(&self, path: &str) -> String {
+        self.try_request("GET", path).unwrap().1
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 10s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_hgx_h100_box_answers_in_upstream_shapes() {
+    let d = Daemon::start(&Scenario::hgx_h100());
+
+    let (status, devices) = d.json("GET", "/api/v1/gpu/devices");
+    assert_eq!(status, 200);
+    assert_eq!(devices["count"], 8);
+    assert_eq!(
+        devices["devices"][0],
+        json!({
+            "index": 0, "name": "NVIDIA H100 80GB HBM3",
+            "total_memory_mb": 81559, "free_memory_mb": 80535, "used_memory_mb": 1024,
+            "utilization_percent": 37, "temperature_c": 41,
+            "is_available": true, "error_message": null
+        })
+    );
+
+    let (status, driver) = d.json("GET", "/api/v1/gpu/driver");
+    assert_eq!(status, 200);
+    assert_eq!(
+        driver,
+        json!({"driver_version": "550.54.15", "cuda_driver_version": "12.4", "nvml_version": "12.550.54.15"})
+    );
+
+    let (status, state) = d.json("GET", "/api/v1/state");
+    assert_eq!(status, 200);
+    assert_eq!(state["state"], "STOPPED");
+    assert_eq!(state["version"], env!("CARGO_PKG_VERSION"));
+    assert!(state.as_object().unwrap().contains_key("poc_status"), "upstream sends nulls: {state}");
+    assert_eq!(d.json("POST", "/api/v1/stop"), (200, json!({"status": "OK"})));
+
+    let (status, health) = d.json("GET", "/health");
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["service_state"], "STOPPED");
+    assert_eq!((health["gpu"]["available"].clone(), health["gpu"]["count"].clone()), (json!(true), json!(8)));
+    assert_eq!(health["managers"]["pow"], json!({"running": false, "healthy": true}));
+    assert_eq!(d.json("GET", "/livez").0, 200);
+    assert_eq!(d.json("GET", "/readyz"), (200, json!({"ready": true})));
+
+    // The network node may address a versioned ML node.
+    let (status, prefixed) = d.json("GET", "/v3.0.8/api/v1/gpu/devices");
+    assert_eq!((status, prefixed["count"].clone()), (200, json!(8)));
+
+    // Errors are JSON, FastAPI-style.
+    assert_eq!(d.json("GET", "/api/v1/nothing-here"), (404, json!({"detail": "Not Found"})));
+    assert_eq!(d.json("GET", "/api/v1/stop"), (405, json!({"detail": "Method Not Allowed"})));
+
+    let metrics = d.text("/metrics");
+    for line in [
+        "gonka_ml_node_gpus 8",
+        "gonka_ml_node_gpu_power_watts{gpu=\"0\",uuid=\"GPU-h100-0000\",model=\"NVIDIA H100 80GB HBM3\"} 350.0",
+        "gonka_ml_node_gpu_temperature_celsius{gpu=\"7\",uuid=\"GPU-h100-0007\",model=\"NVIDIA H100 80GB HBM3\"} 41",
+        "gonka_ml_node_gpu_memory_total_mebibytes{gpu=\"3\",uuid=\"GPU-h100-0003\",model=\"NVIDIA H100 80GB HBM3\"} 81559",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+}
+
+#[test]
+fn a_mixed_box_reports_each_model_and_skips_ecc_where_unsupported() {
+    let d = Daemon::start(&Scenario::mixed());
+    let (_, devices) = d.json("GET", "/api/v1/gpu/devices");
+    let names: Vec<&str> = devices["devices"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4090"]
+    );
+    assert_eq!(devices["devices"][2]["total_memory_mb"], 24564);
+    let metrics = d.text("/metrics");
+    assert!(metrics.contains(
+        "gonka_ml_node_gpu_ecc_corrected_errors{gpu=\"0\",uuid=\"GPU-a100-0000\",model=\"NVIDIA A100-SXM4-40GB\"} 0"
+    ));
+    assert!(!metrics.contains("gonka_ml_node_gpu_ecc_corrected_errors{gpu=\"2\""), "RTX 4090 has no ECC:\n{metrics}");
+}
+
+#[test]
+fn ecc_errors_show_in_metrics() {
+    let d = Daemon::start(&Scenario::ecc_errors());
+    let metrics = d.text("/metrics");
+    assert!(metrics.contains("gonka_ml_node_gpu_ecc_uncorrected_errors{gpu=\"2\",uuid=\"GPU-h100-0002\",model=\"NVIDIA H100 80GB HBM3\"} 3"), "{metrics}");
+    assert!(metrics.contains("gonka_ml_node_gpu_ecc_corrected_errors{gpu=\"2\",uuid=\"GPU-h100-0002\",model=\"NVIDIA H100 80GB HBM3\"} 1200"), "{metrics}");
+}
+
+#[test]
+fn a_gpu_falling_off_the_bus_mid_run_is_reported_unavailable() {
+    let mut scenario = Scenario::hgx_h100();
+    let d = Daemon::start(&scenario);
+    assert_eq!(d.json("GET", "/api/v1/gpu/devices").1["devices"][5]["is_available"], true);
+
+    scenario.gpus[5].state = GpuState::Lost;
+    d.change(&scenario);
+    eventually("GPU 5 lost", || d.json("GET", "/api/v1/gpu/devices").1["devices"][5]["is_available"] == false);
+    let (_, devices) = d.json("GET", "/api/v1/gpu/devices");
+    let lost = &devices["devices"][5];
+    assert_eq!(lost["name"], "Unknown");
+    assert_eq!(lost["total_memory_mb"], Value::Null);
+    assert!(lost["error_message"].as_str().is_some_and(|m| !m.is_empty()), "{lost}");
+    assert_eq!(devices["devices"][4]["is_available"], true, "the others keep working");
+    assert!(d.text("/metrics").contains("gonka_ml_node_gpu_available{gpu=\"4\""));
+}
+
+#[test]
+fn xid_events_are_classified_and_take_broken_gpus_out() {
+    let mut scenario = Scenario::hgx_h100();
+    let d = Daemon::start(&scenario);
+    scenario.xids = vec![(1, 13), (3, 48), (6, 79)];
+    d.change(&scenario);
+
+    eventually("three XIDs counted", || d.text("/metrics").matches("gonka_ml_node_gpu_xid_errors_total{").count() == 3);
+    let metrics = d.text("/metrics");
+    for line in [
+        "gonka_ml_node_gpu_xid_errors_total{gpu=\"1\",xid=\"13\",class=\"transient\"} 1",
+        "gonka_ml_node_gpu_xid_errors_total{gpu=\"3\",xid=\"48\",class=\"needs_reset\"} 1",
+        "gonka_ml_node_gpu_xid_errors_total{gpu=\"6\",xid=\"79\",class=\"fatal\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    let (_, devices) = d.json("GET", "/api/v1/gpu/devices");
+    let available: Vec<bool> =
+        devices["devices"].as_array().unwrap().iter().map(|g| g["is_available"].as_bool().unwrap()).collect();
+    assert_eq!(available, [true, true, true, false, true, true, false, true]);
+    assert_eq!(devices["devices"][3]["error_message"], "XID 48 (double-bit ECC error): needs_reset");
+    assert_eq!(devices["devices"][6]["error_message"], "XID 79 (GPU has fallen off the bus): fatal");
+}
+
+#[test]
+fn without_a_driver_there_are_no_gpus_and_health_says_so() {
+    for (what, daemon) in [
+        ("driver not loaded", Daemon::start(&Scenario::no_driver())),
+        ("no library", Daemon::start_with(&Scenario::hgx_h100(), Some(Path::new("/nonexistent/libnvidia-ml.so.1")))),
+    ] {
+        assert_eq!(daemon.json("GET", "/api/v1/gpu/devices"), (200, json!({"devices": [], "count": 0})), "{what}");
+        let (status, driver) = daemon.json("GET", "/api/v1/gpu/driver");
+        assert_eq!(status, 503, "{what}");
+        assert!(driver["detail"].as_str().unwrap().starts_with("NVML is not available"), "{what}: {driver}");
+        let (status, health) = daemon.json("GET", "/health");
+        assert_eq!(
+            (status, health["status"].clone(), health["gpu"]["available"].clone()),
+            (503, json!("unhealthy"), json!(false)),
+            "{what}"
+        );
+        // The process itself is fine: kubelet's liveness probe must not restart it.
+        assert_eq!(daemon.try_request("GET", "/healthz").unwrap().0, 200, "{what}");
+    }
+}
+
+#[test]
+fn a_broken_config_file_stops_the_daemon_with_the_reason() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), r#"{"gonkaNode": "gpu/h100", "surprise": 1}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"))
+        .arg("--config")
+        .arg(config.path())
+        .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a valid daemon config") && stderr.contains("surprise"), "{stderr}");
+}
