@@ -1,10 +1,14 @@
 # Everyday targets. `make test` is what CI runs (after `make lint`); it installs what it needs:
-# Rust crates via cargo, Go modules via the module proxy, and builds the test control plane
-# (kube-apiserver, kube-controller-manager, kubectl, etcd) once into ~/.cache/gonka-operator.
+# Rust crates via cargo, Go modules via the module proxy, the test control plane (kube-apiserver,
+# kube-controller-manager, kubectl, etcd) built once into ~/.cache/gonka-operator, and the
+# reference Python packages (numpy) into .cache/pyenv.
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane crds lint fmt demo clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds lint fmt demo clean-cache
+
+# The tests compare against numpy through this interpreter.
+export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
 
 build:
 	$(CARGO) build --workspace --locked
@@ -13,7 +17,7 @@ build:
 demo: controlplane
 	$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
 
-test: controlplane
+test: controlplane pyenv
 	$(CARGO) test --workspace --locked
 
 ## Pure and mocked-API tests only: no control plane, seconds.
@@ -27,6 +31,10 @@ e2e: controlplane
 ## Build (or find in the cache) the control-plane binaries before tests start in parallel.
 controlplane:
 	@e2e/controlplane/build.sh >/dev/null
+
+## The project's Python with the reference packages the tests compare against.
+pyenv:
+	@scripts/pyenv.sh >/dev/null
 
 ## Regenerate the CRD YAML from the Rust types (crds/ and the kustomize copy).
 crds:

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod gpu;
 pub mod metrics;
+pub mod poc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,7 @@
+//! Proof of compute, v1 ("PoW 2.0"): the pieces that must match upstream bit for bit.
+//!
+//! Today: [`rng`], numpy's random numbers. The random-initialised Llama on libtorch, the nonce
+//! iterator, batching and validation build on it.
+
+pub mod rng;
+mod ziggurat_tables;
