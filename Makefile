@@ -9,6 +9,8 @@ CARGO ?= cargo
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
+# libtorch from the venv (evaluated when used, after `pyenv` installed it).
+LIBTORCH_DIR = $(shell scripts/pyenv.sh --libtorch)
 
 build:
 	$(CARGO) build --workspace --locked
@@ -19,6 +21,7 @@ demo: controlplane
 
 test: controlplane pyenv
 	$(CARGO) test --workspace --locked
+	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) test --locked -p gonka-node-daemon --features torch
 
 ## Pure and mocked-API tests only: no control plane, seconds.
 unit:
