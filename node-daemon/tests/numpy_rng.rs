@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use gonka_node_daemon::poc::pipeline::{distance, nonce_inputs, nonce_permutation, target};
 use gonka_node_daemon::poc::rng::{Pcg64, SeedSequence, extended_entropy, seeded, uniform_on_sphere};
 use serde_json::Value;
 
@@ -76,5 +77,32 @@ fn draws_match_numpy_bit_for_bit() {
 
         let sphere: Vec<u64> = uniform_on_sphere(&mut seeded(seed, n), 8196).iter().map(|x| x.to_bits()).collect();
         assert_eq!(first_mismatch(&sphere, &u64s(&case["sphere_8196"])), None, "{}", what("uniform on the sphere"));
+    }
+}
+
+#[test]
+fn nonce_pipeline_matches_upstreams_numpy_steps() {
+    let reference = reference();
+    for case in reference["pipeline"].as_array().unwrap() {
+        let (hash, pk) = (case["block_hash"].as_str().unwrap(), case["public_key"].as_str().unwrap());
+        let nonce = case["nonce"].as_u64().unwrap();
+        let size = |k: &str| case[k].as_u64().unwrap() as usize;
+        let inputs: Vec<u64> = nonce_inputs(hash, pk, nonce, size("seq_len"), size("dim"))
+            .iter()
+            .map(|x| u64::from(x.to_bits()))
+            .collect();
+        assert_eq!(first_mismatch(&inputs, &u64s(&case["inputs"])), None, "inputs of nonce {nonce}");
+        let perm = nonce_permutation(hash, pk, nonce, size("vocab"));
+        assert_eq!(perm.iter().map(|&x| x as u64).collect::<Vec<_>>(), u64s(&case["permutation"]), "permutation");
+        let target = target(hash, size("vocab"));
+        assert_eq!(target.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), u64s(&case["target"]), "target");
+        let logits: Vec<f32> = u64s(&case["logits"]).iter().map(|&b| f32::from_bits(b as u32)).collect();
+        let dist = distance(&logits, &perm, &target);
+        assert_eq!(
+            dist.to_bits(),
+            case["dist"].as_u64().unwrap(),
+            "distance {dist} vs {}",
+            f64::from_bits(case["dist"].as_u64().unwrap())
+        );
     }
 }

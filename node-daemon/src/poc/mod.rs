@@ -3,5 +3,7 @@
 //! Today: [`rng`], numpy's random numbers. The random-initialised Llama on libtorch, the nonce
 //! iterator, batching and validation build on it.
 
+pub mod params;
+pub mod pipeline;
 pub mod rng;
 mod ziggurat_tables;

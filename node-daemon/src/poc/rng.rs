@@ -245,21 +245,24 @@ pub fn uniform_on_sphere(rng: &mut Generator, dim: usize) -> Vec<f64> {
     v
 }
 
-/// numpy's pairwise summation of a contiguous float64 array (`pairwise_sum` in its loops):
-/// sequential below 8 items, eight interleaved partial sums up to a block of 128, halves
-/// (cut at a multiple of 8) above.
-pub fn pairwise_sum(a: &[f64]) -> f64 {
+/// numpy's pairwise summation of a contiguous float array (`pairwise_sum` in its loops), in
+/// the array's own precision: sequential below 8 items, eight interleaved partial sums up to a
+/// block of 128, halves (cut at a multiple of 8) above.
+pub fn pairwise_sum<T>(a: &[T]) -> T
+where
+    T: Copy + std::ops::Add<Output = T> + std::ops::AddAssign + std::ops::Neg<Output = T> + Default,
+{
     const BLOCK: usize = 128;
     let n = a.len();
     if n < 8 {
-        let mut res = -0.0;
-        for x in a {
+        let mut res = -T::default();
+        for &x in a {
             res += x;
         }
         return res;
     }
     if n <= BLOCK {
-        let mut r = [0.0f64; 8];
+        let mut r = [T::default(); 8];
         r.copy_from_slice(&a[..8]);
         let mut i = 8;
         while i < n - n % 8 {
@@ -269,7 +272,7 @@ pub fn pairwise_sum(a: &[f64]) -> f64 {
             i += 8;
         }
         let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for x in &a[i..] {
+        for &x in &a[i..] {
             res += x;
         }
         return res;

@@ -43,4 +43,27 @@ for seed, n in [("0xabc123", 4), ("deadbeef_pubkey_nonce7", 4), ("block_target",
     y /= np.linalg.norm(y, axis=1, keepdims=True)
     case["sphere_8196"] = bits(y[0])
     out["cases"].append(case)
+# PoC v1 per-nonce pipeline, as pow.random + pow.compute.compute do it (numpy side only).
+pipeline = []
+for block_hash, public_key, nonce, seq_len, dim, vocab in [("0xabc", "pk1", 0, 4, 16, 64), ("blockhash", "pubkey", 12345, 8, 32, 8196)]:
+    emb = rng(f"{block_hash}_{public_key}_nonce{nonce}", 4).standard_normal((1, seq_len, dim))
+    # torch.tensor(float64 array, dtype=float16) converts through float32.
+    inputs = emb.astype(np.float32).astype(np.float16).astype(np.float32)
+    perm = rng(f"{block_hash}_{public_key}_nonce_{nonce}_permutations", 1).permutation(vocab)
+    t = rng(f"{block_hash}_target", 1).standard_normal((1, vocab))
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    target = t[0]
+    logits = rng(f"logits_{nonce}", 1).standard_normal((1, vocab)).astype(np.float32)
+    outputs = logits[np.arange(1)[:, None], perm[None, :]]
+    outputs = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
+    dist = np.linalg.norm(outputs - target, axis=1)
+    pipeline.append({
+        "block_hash": block_hash, "public_key": public_key, "nonce": nonce, "seq_len": seq_len, "dim": dim, "vocab": vocab,
+        "inputs": [int(x) for x in inputs.reshape(-1).view(np.uint32)],
+        "permutation": [int(x) for x in perm],
+        "target": bits(target),
+        "logits": [int(x) for x in logits.reshape(-1).view(np.uint32)],
+        "dist": bits(dist)[0],
+    })
+out["pipeline"] = pipeline
 print(json.dumps(out))
