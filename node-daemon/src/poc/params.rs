@@ -107,14 +107,14 @@ impl Params {
         if self.multiple_of == 0 {
             return fail("multiple_of must be positive");
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return fail("dim must be a multiple of n_heads");
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return fail("dim / n_heads must be even (rotary embeddings pair dimensions)");
         }
         let kv = self.kv_heads();
-        if kv == 0 || kv > self.n_heads || self.n_heads % kv != 0 {
+        if kv == 0 || kv > self.n_heads || !self.n_heads.is_multiple_of(kv) {
             return fail("n_kv_heads must divide n_heads");
         }
         Ok(())
