@@ -45,9 +45,10 @@ crds:
 	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
 	cp crds/gonkanode.yaml manifests/crd/gonkanode.yaml
 
-lint:
+lint: pyenv
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) clippy --locked -p gonka-node-daemon --features torch --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

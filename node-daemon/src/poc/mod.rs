@@ -1,8 +1,15 @@
 //! Proof of compute, v1 ("PoW 2.0"): the pieces that must match upstream bit for bit.
 //!
-//! Today: [`rng`], numpy's random numbers. The random-initialised Llama on libtorch, the nonce
-//! iterator, batching and validation build on it.
+//! - [`rng`]: numpy's random numbers, bit for bit;
+//! - [`params`]: the proof model's shape, as the init request carries it;
+//! - [`pipeline`]: a nonce's inputs, permutation, the target and the distance;
+//! - `model` (feature `torch`): the random-initialised Llama on libtorch.
+//!
+//! Proof jobs (batching, the callback sender, validation) and the `/pow/*` endpoints build on
+//! these.
 
+#[cfg(feature = "torch")]
+pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod rng;

@@ -1,0 +1,89 @@
+//! The libtorch proof model against a numpy re-statement of upstream's computation
+//! (`tests/reference/llama_forward.py`): same pool weights, same forward, same distances.
+#![cfg(feature = "torch")]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use gonka_node_daemon::poc::model::ProofModel;
+use gonka_node_daemon::poc::params::Params;
+use gonka_node_daemon::poc::pipeline::{distance, nonce_inputs, nonce_permutation, target};
+use serde_json::{Value, json};
+use tch::{Device, Kind};
+
+fn reference(request: &Value) -> Value {
+    let py = std::env::var_os("GONKA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_forward.py");
+    let out =
+        Command::new(&py).arg(script).arg(request.to_string()).output().unwrap_or_else(|e| {
+            panic!("cannot run {} ({e}): `make pyenv` installs the project's Python", py.display())
+        });
+    assert!(out.status.success(), "llama_forward.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn tiny(kv_heads: usize, scaled: bool) -> Params {
+    Params {
+        dim: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: Some(kv_heads),
+        vocab_size: 96,
+        ffn_dim_multiplier: Some(1.3),
+        multiple_of: 32,
+        norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        use_scaled_rope: scaled,
+        seq_len: 8,
+    }
+}
+
+#[test]
+fn fp32_logits_and_distances_match_the_reference() {
+    // Plain, grouped-query attention (2 KV heads for 4), Llama 3.1's scaled RoPE, and a model
+    // whose FFN matrices (448 x 128) outgrow the 50 000-value pool, so they are tiled and rotated.
+    let wide = Params { dim: 128, n_layers: 1, ..tiny(4, false) };
+    for (params, block_hash) in [
+        (tiny(4, false), "0xblockhash"),
+        (tiny(2, false), "another-block"),
+        (tiny(4, true), "scaled-block"),
+        (wide, "wide-block"),
+    ] {
+        let (pk, nonces) = ("pubkey", [0u64, 1, 7, 12345]);
+        let model = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Float).unwrap();
+        let inputs: Vec<Vec<f32>> =
+            nonces.iter().map(|&n| nonce_inputs(block_hash, pk, n, params.seq_len, params.dim)).collect();
+        let logits = model.last_logits(&inputs);
+        let request = json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params});
+        let theirs = reference(&request);
+        let target = target(block_hash, params.vocab_size);
+        for (i, &nonce) in nonces.iter().enumerate() {
+            let reference_logits: Vec<f64> =
+                theirs["logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let scale = reference_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (j, (ours, theirs)) in logits[i].iter().zip(&reference_logits).enumerate() {
+                assert!(
+                    (f64::from(*ours) - theirs).abs() <= 1e-4 * scale,
+                    "{block_hash} nonce {nonce} logit {j}: {ours} vs {theirs}"
+                );
+            }
+            let perm = nonce_permutation(block_hash, pk, nonce, params.vocab_size);
+            let ours = distance(&logits[i], &perm, &target);
+            let theirs = theirs["dist"][i].as_f64().unwrap();
+            assert!((ours - theirs).abs() < 1e-5, "{block_hash} nonce {nonce}: distance {ours} vs {theirs}");
+        }
+    }
+}
+
+#[test]
+fn different_blocks_make_different_models() {
+    let p = tiny(4, false);
+    let inputs = vec![nonce_inputs("h", "pk", 0, p.seq_len, p.dim)];
+    let a = ProofModel::new(&p, "block-a", Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
+    let b = ProofModel::new(&p, "block-b", Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
+    let again = ProofModel::new(&p, "block-a", Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
+    assert_ne!(a, b);
+    assert_eq!(a, again, "a model is a pure function of the block hash");
+}
