@@ -13,4 +13,5 @@ pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod rng;
+pub mod validation;
 mod ziggurat_tables;
