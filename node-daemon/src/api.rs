@@ -2,9 +2,9 @@
 //! JSON shapes and status codes, an optional `/vX.Y.Z` path prefix (the network node addresses
 //! ML-node versions side by side that way), FastAPI-style `{"detail": ...}` errors.
 //!
-//! Served in this version: state, stop, GPU devices and driver, health, readiness, metrics.
-//! PoC and inference endpoints come with the proof jobs; until then they answer 404 like any
-//! unknown path, which the network node treats as "not implemented".
+//! Served: state, stop, GPU devices and driver, health, readiness, metrics, and (with the
+//! `torch` feature) PoC v1's `/pow/*`. Inference endpoints answer 404 like any unknown path,
+//! which the network node treats as "not implemented".
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,23 +30,55 @@ pub struct AppState {
     pub probe: GpuProbe,
     pub metrics: DaemonMetrics,
     pub version: String,
-    state: Mutex<ServiceState>,
+    /// PoC v1 jobs (upstream's `PowManager`).
+    #[cfg(feature = "torch")]
+    pub pow: crate::poc::engine::PowService,
     health: Mutex<Option<(Instant, HealthResponse)>>,
 }
 
 impl AppState {
-    pub fn new(probe: GpuProbe, metrics: DaemonMetrics, version: impl Into<String>) -> Arc<Self> {
+    pub fn new(
+        probe: GpuProbe,
+        metrics: DaemonMetrics,
+        version: impl Into<String>,
+        #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
+    ) -> Arc<Self> {
         Arc::new(Self {
             probe,
+            #[cfg(feature = "torch")]
+            pow: crate::poc::engine::PowService::new(pow, metrics.clone()),
             metrics,
             version: version.into(),
-            state: Mutex::new(ServiceState::Stopped),
             health: Mutex::new(None),
         })
     }
 
+    /// Which manager runs: POW while a PoC session exists.
     fn service_state(&self) -> ServiceState {
-        *self.state.lock().expect("state")
+        #[cfg(feature = "torch")]
+        if self.pow.is_running() {
+            return ServiceState::Pow;
+        }
+        ServiceState::Stopped
+    }
+}
+
+/// A JSON request body whose rejection is a FastAPI-style `{"detail": ...}` naming the problem
+/// (422 for a body that does not fit the schema, 400 for one that is not JSON at all).
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(error(rejection.status(), rejection.body_text())),
+        }
     }
 }
 
@@ -64,7 +96,10 @@ pub fn service(state: Arc<AppState>) -> Service {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new();
+    #[cfg(feature = "torch")]
+    let router = router.merge(crate::poc::routes::routes());
+    router
         .route("/api/v1/state", get(get_state))
         .route("/api/v1/stop", post(stop))
         .route("/api/v1/gpu/devices", get(gpu_devices))
@@ -102,7 +137,7 @@ fn strip_version_prefix(mut request: Request) -> Request {
     request
 }
 
-fn error(status: StatusCode, detail: impl Into<String>) -> Response {
+pub fn error(status: StatusCode, detail: impl Into<String>) -> Response {
     (status, Json(ErrorResponse { detail: detail.into() })).into_response()
 }
 
@@ -121,8 +156,11 @@ async fn get_state(State(state): State<Arc<AppState>>) -> Json<StateResponse> {
     })
 }
 
-async fn stop(State(state): State<Arc<AppState>>) -> Json<StatusResponse> {
-    *state.state.lock().expect("state") = ServiceState::Stopped;
+async fn stop(
+    #[cfg_attr(not(feature = "torch"), allow(unused_variables))] State(state): State<Arc<AppState>>,
+) -> Json<StatusResponse> {
+    #[cfg(feature = "torch")]
+    state.pow.stop();
     Json(StatusResponse::ok())
 }
 

@@ -55,7 +55,14 @@ pub async fn run(
     };
     tracing::info!(gpus = gpus.len(), hardware = ?gpu::hardware(&gpus), "GPU probe");
 
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"));
+    let pow = match &settings.config {
+        Some(c) => poc::PowSettings {
+            send_interval: std::time::Duration::from_secs(u64::from(c.poc.send_interval_seconds.max(1))),
+            max_pending: c.poc.max_pending_batches.max(1) as usize,
+        },
+        None => poc::PowSettings::default(),
+    };
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     axum::serve(listener, api::service(state)).with_graceful_shutdown(shutdown).await?;

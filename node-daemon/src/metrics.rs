@@ -20,6 +20,12 @@ pub struct GpuLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchLabels {
+    /// `generated` or `validated`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct XidLabels {
     pub gpu: String,
     pub xid: String,
@@ -41,6 +47,11 @@ pub struct DaemonMetrics {
     ecc_corrected: Family<GpuLabels, Gauge<i64, AtomicI64>>,
     ecc_uncorrected: Family<GpuLabels, Gauge<i64, AtomicI64>>,
     xids: Family<XidLabels, Counter>,
+    nonces_computed: Counter,
+    nonces_valid: Counter,
+    batches_sent: Family<BatchLabels, Counter>,
+    send_failures: Family<BatchLabels, Counter>,
+    pending_batches: Gauge<i64, AtomicI64>,
 }
 
 impl Default for DaemonMetrics {
@@ -68,6 +79,22 @@ impl Default for DaemonMetrics {
             Family::clone(&ecc_uncorrected),
         );
         registry.register("gpu_xid_errors", "XID events by code and class", Family::clone(&xids));
+        let (nonces_computed, nonces_valid) = (Counter::default(), Counter::default());
+        let (batches_sent, send_failures) = (Family::default(), Family::default());
+        let pending_batches = Gauge::default();
+        registry.register("poc_nonces_computed", "PoC nonces computed", Counter::clone(&nonces_computed));
+        registry.register("poc_nonces_valid", "PoC nonces below r_target (proofs)", Counter::clone(&nonces_valid));
+        registry.register("poc_batches_sent", "PoC batches delivered to the callback", Family::clone(&batches_sent));
+        registry.register(
+            "poc_send_failures",
+            "PoC batch posts that failed (kept for retry)",
+            Family::clone(&send_failures),
+        );
+        registry.register(
+            "poc_pending_batches",
+            "PoC batches waiting for the callback",
+            Gauge::clone(&pending_batches),
+        );
         Self {
             registry: Arc::new(registry),
             gpus,
@@ -80,6 +107,11 @@ impl Default for DaemonMetrics {
             ecc_corrected,
             ecc_uncorrected,
             xids,
+            nonces_computed,
+            nonces_valid,
+            batches_sent,
+            send_failures,
+            pending_batches,
         }
     }
 }
@@ -88,6 +120,26 @@ impl DaemonMetrics {
     pub fn xid(&self, gpu: u32, code: u64, class: XidClass) {
         let labels = XidLabels { gpu: gpu.to_string(), xid: code.to_string(), class: class.as_str().into() };
         self.xids.get_or_create(&labels).inc();
+    }
+
+    pub fn pow_computed(&self, n: u64) {
+        self.nonces_computed.inc_by(n);
+    }
+
+    pub fn pow_valid(&self, n: u64) {
+        self.nonces_valid.inc_by(n);
+    }
+
+    pub fn pow_sent(&self, kind: &str) {
+        self.batches_sent.get_or_create(&BatchLabels { kind: kind.into() }).inc();
+    }
+
+    pub fn pow_send_failed(&self, kind: &str) {
+        self.send_failures.get_or_create(&BatchLabels { kind: kind.into() }).inc();
+    }
+
+    pub fn pow_pending(&self, n: i64) {
+        self.pending_batches.set(n);
     }
 
     /// Sets the GPU gauges from a probe snapshot.

@@ -2,96 +2,14 @@
 //! `libnvidia-ml.so.1` (the real nvml-wrapper code path). One daemon process per scenario, so
 //! each has its own fake GPUs.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::process::Command;
+
+use common::{Daemon, eventually};
 use fake_nvml::{GpuState, Scenario};
 use serde_json::{Value, json};
-
-struct Daemon {
-    child: Child,
-    port: u16,
-    scenario: tempfile::NamedTempFile,
-}
-
-impl Daemon {
-    fn start(scenario: &Scenario) -> Self {
-        Self::start_with(scenario, Some(Path::new(fake_nvml::LIBRARY)))
-    }
-
-    fn start_with(scenario: &Scenario, library: Option<&Path>) -> Self {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        scenario.write(file.path()).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
-        cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
-            .env(fake_nvml::CONFIG_ENV, file.path())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        match library {
-            Some(lib) => cmd.env("GONKA_NVML_LIBRARY", lib),
-            None => cmd.env_remove("GONKA_NVML_LIBRARY"),
-        };
-        let child = cmd.spawn().unwrap();
-        let daemon = Self { child, port, scenario: file };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while daemon.try_request("GET", "/healthz").is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        daemon
-    }
-
-    /// Replaces the simulated machine while the daemon runs.
-    fn change(&self, scenario: &Scenario) {
-        // A different mtime even within the same clock tick: the file size changes or we wait.
-        std::thread::sleep(Duration::from_millis(20));
-        scenario.write(self.scenario.path()).unwrap();
-    }
-
-    fn try_request(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok((status, body.to_string()))
-    }
-
-    fn json(&self, method: &str, path: &str) -> (u16, Value) {
-        let (status, body) = self.try_request(method, path).unwrap();
-        let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body:?}"));
-        (status, value)
-    }
-
-    fn text(&self, path: &str) -> String {
-        self.try_request("GET", path).unwrap().1
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within 10s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn an_hgx_h100_box_answers_in_upstream_shapes() {

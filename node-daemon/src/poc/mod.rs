@@ -14,4 +14,26 @@ pub mod params;
 pub mod pipeline;
 pub mod rng;
 pub mod validation;
+
+#[cfg(feature = "torch")]
+pub mod engine;
+#[cfg(feature = "torch")]
+pub mod routes;
+
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct PowSettings {
+    /// How often pending batches are posted (upstream: 5 s).
+    pub send_interval: Duration,
+    /// Batches the sender keeps before generation has to wait.
+    pub max_pending: usize,
+}
+
+impl Default for PowSettings {
+    fn default() -> Self {
+        Self { send_interval: Duration::from_secs(5), max_pending: 10_000 }
+    }
+}
+
 mod ziggurat_tables;

@@ -1,0 +1,318 @@
+//! PoC v1 jobs: one session per init request, as upstream's `PowManager` + controller + sender.
+//!
+//! A session builds the block's proof model, then, in the generate phase, walks this ML node's
+//! nonces batch by batch and queues the proofs; in the validate phase it recomputes batches the
+//! network node hands in and queues verdicts. A sender posts both to the callback URL every
+//! interval and keeps what failed for the next try. Nothing is dropped: when the sender holds
+//! `max_pending` batches it stops taking more, the bounded queue fills, and generation waits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gonka_protocol::pow::{InitRequest, PowState, PowStatus, ProofBatch, ValidatedBatch};
+use tch::{Device, Kind};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::PowSettings;
+use super::model::ProofModel;
+use super::pipeline::{distance, nonce_inputs, nonce_permutation, nonces, target};
+use super::validation::{ValidationError, check_claims, verdict};
+use crate::metrics::DaemonMetrics;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Generate,
+    Validate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PowError {
+    #[error("Node ID and node count must be set")]
+    NodeUnset,
+    #[error("PoW is not running")]
+    NotRunning,
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("invalid PoC params: {0}")]
+    Params(String),
+}
+
+struct Session {
+    request: InitRequest,
+    phase: watch::Sender<Phase>,
+    model_ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+    to_validate: mpsc::Sender<ProofBatch>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The PoC manager of one ML node.
+pub struct PowService {
+    settings: PowSettings,
+    metrics: DaemonMetrics,
+    http: reqwest::Client,
+    session: Mutex<Option<Session>>,
+}
+
+impl PowService {
+    pub fn new(settings: PowSettings, metrics: DaemonMetrics) -> Self {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("HTTP client");
+        Self { settings, metrics, http, session: Mutex::new(None) }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.session.lock().expect("session").is_some()
+    }
+
+    /// `/pow/init*`: (re)starts the session when the request differs, then enters `phase`.
+    pub fn init(&self, request: InitRequest, phase: Phase) -> Result<PowStatus, PowError> {
+        if phase == Phase::Generate && (request.node_id == -1 || request.node_count == -1) {
+            return Err(PowError::NodeUnset);
+        }
+        request.params.validate().map_err(|e| PowError::Params(e.0))?;
+        let mut session = self.session.lock().expect("session");
+        if session.as_ref().is_none_or(|s| s.request != request) {
+            *session = Some(self.start(request));
+        }
+        let s = session.as_ref().expect("just set");
+        if phase != Phase::Idle {
+            s.phase.send_replace(phase);
+        }
+        Ok(status_of(s))
+    }
+
+    /// `/pow/phase/*`: switches the running session.
+    pub fn set_phase(&self, phase: Phase) -> Result<PowStatus, PowError> {
+        let session = self.session.lock().expect("session");
+        let s = session.as_ref().ok_or(PowError::NotRunning)?;
+        if phase == Phase::Generate && (s.request.node_id == -1 || s.request.node_count == -1) {
+            return Err(PowError::NodeUnset);
+        }
+        s.phase.send_replace(phase);
+        Ok(status_of(s))
+    }
+
+    /// `/pow/validate`: queues another node's batch for recomputation.
+    pub async fn validate(&self, batch: ProofBatch) -> Result<(), PowError> {
+        let to_validate = {
+            let session = self.session.lock().expect("session");
+            let s = session.as_ref().ok_or(PowError::NotRunning)?;
+            check_claims(&batch, s.request.r_target)?;
+            s.to_validate.clone()
+        };
+        to_validate.send(batch).await.map_err(|_| PowError::NotRunning)
+    }
+
+    pub fn status(&self) -> PowStatus {
+        match self.session.lock().expect("session").as_ref() {
+            Some(s) => status_of(s),
+            None => PowStatus { status: PowState::NotLoaded, is_model_initialized: None },
+        }
+    }
+
+    /// Ends the session; returns whether one ran.
+    pub fn stop(&self) -> bool {
+        self.session.lock().expect("session").take().is_some()
+    }
+
+    fn start(&self, request: InitRequest) -> Session {
+        tracing::info!(block_height = request.block_height, node_id = request.node_id, "starting a PoC session");
+        let (phase, phase_rx) = watch::channel(Phase::Idle);
+        let stop = CancellationToken::new();
+        let model_ready = Arc::new(AtomicBool::new(false));
+        let capacity = self.settings.max_pending.max(1);
+        let (generated_tx, generated_rx) = mpsc::channel(capacity);
+        let (validated_tx, validated_rx) = mpsc::channel(capacity);
+        let (to_validate, to_validate_rx) = mpsc::channel(1024);
+
+        let worker = Worker {
+            request: request.clone(),
+            phase: phase_rx,
+            stop: stop.clone(),
+            model_ready: model_ready.clone(),
+            generated: generated_tx,
+            validated: validated_tx,
+            to_validate: to_validate_rx,
+            metrics: self.metrics.clone(),
+        };
+        tokio::task::spawn_blocking(move || worker.run());
+        let sender = Sender {
+            url: request.url.trim_end_matches('/').to_string(),
+            http: self.http.clone(),
+            settings: self.settings.clone(),
+            generated: generated_rx,
+            validated: validated_rx,
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(sender.run(stop.clone()));
+        Session { request, phase, model_ready, stop, to_validate }
+    }
+}
+
+fn status_of(s: &Session) -> PowStatus {
+    let ready = s.model_ready.load(Ordering::Relaxed);
+    let status = match *s.phase.borrow() {
+        Phase::Idle if !ready => PowState::Loading,
+        Phase::Idle => PowState::Idle,
+        Phase::Generate => PowState::Generating,
+        Phase::Validate => PowState::Validating,
+    };
+    PowStatus { status, is_model_initialized: Some(ready) }
+}
+
+/// CPU: float32; GPU: float16 on the first device (device groups come with the GPU path).
+fn device_and_kind() -> (Device, Kind) {
+    if tch::Cuda::is_available() { (Device::Cuda(0), Kind::Half) } else { (Device::Cpu, Kind::Float) }
+}
+
+struct Worker {
+    request: InitRequest,
+    phase: watch::Receiver<Phase>,
+    stop: CancellationToken,
+    model_ready: Arc<AtomicBool>,
+    generated: mpsc::Sender<ProofBatch>,
+    validated: mpsc::Sender<ValidatedBatch>,
+    to_validate: mpsc::Receiver<ProofBatch>,
+    metrics: DaemonMetrics,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let r = &self.request;
+        let (device, kind) = device_and_kind();
+        let model = match ProofModel::new(&r.params, &r.block_hash, device, kind) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the proof model");
+                return;
+            }
+        };
+        let target = target(&r.block_hash, r.params.vocab_size);
+        self.model_ready.store(true, Ordering::Relaxed);
+        tracing::info!(params = model.params().parameter_count(), "proof model ready");
+        let mut own_nonces = nonces(r.node_id.max(0) as u64, r.node_count.max(1) as u64, 0, 1);
+        while !self.stop.is_cancelled() {
+            let phase = *self.phase.borrow();
+            match phase {
+                Phase::Generate => {
+                    let batch: Vec<u64> = own_nonces.by_ref().take(r.batch_size.max(1)).collect();
+                    let dist = self.distances(&model, &target, &r.public_key, &batch);
+                    self.metrics.pow_computed(batch.len() as u64);
+                    let proofs = ProofBatch {
+                        public_key: r.public_key.clone(),
+                        block_hash: r.block_hash.clone(),
+                        block_height: r.block_height,
+                        nonces: batch.iter().map(|&n| n as i64).collect(),
+                        dist,
+                        node_id: r.node_id,
+                    }
+                    .proofs(r.r_target);
+                    self.metrics.pow_valid(proofs.nonces.len() as u64);
+                    // Waits while the sender's queue is full: backpressure, not loss.
+                    if !proofs.nonces.is_empty() && self.generated.blocking_send(proofs).is_err() {
+                        return;
+                    }
+                }
+                Phase::Validate => match self.to_validate.try_recv() {
+                    Ok(batch) => {
+                        let nonces: Vec<u64> = batch.nonces.iter().map(|&n| n as u64).collect();
+                        let dist = self.distances(&model, &target, &batch.public_key, &nonces);
+                        let result = verdict(&batch, dist, r.r_target, r.fraud_threshold);
+                        if self.validated.blocking_send(result).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                },
+                Phase::Idle => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn distances(&self, model: &ProofModel, target: &[f64], public_key: &str, nonces: &[u64]) -> Vec<f64> {
+        let p = model.params();
+        let bh = &self.request.block_hash;
+        let inputs: Vec<Vec<f32>> = nonces.iter().map(|&n| nonce_inputs(bh, public_key, n, p.seq_len, p.dim)).collect();
+        let logits = model.last_logits(&inputs);
+        nonces
+            .iter()
+            .zip(&logits)
+            .map(|(&n, l)| distance(l, &nonce_permutation(bh, public_key, n, p.vocab_size), target))
+            .collect()
+    }
+}
+
+struct Sender {
+    url: String,
+    http: reqwest::Client,
+    settings: PowSettings,
+    generated: mpsc::Receiver<ProofBatch>,
+    validated: mpsc::Receiver<ValidatedBatch>,
+    metrics: DaemonMetrics,
+}
+
+impl Sender {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut pending_generated: Vec<ProofBatch> = Vec::new();
+        let mut pending_validated: Vec<ValidatedBatch> = Vec::new();
+        let mut tick = tokio::time::interval(self.settings.send_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            // Take what was generated since the last tick as one merged batch, as upstream
+            // does, while there is room.
+            let mut merged: Option<ProofBatch> = None;
+            while pending_generated.len() < self.settings.max_pending {
+                let Ok(batch) = self.generated.try_recv() else { break };
+                match &mut merged {
+                    Some(m) => {
+                        m.nonces.extend(batch.nonces);
+                        m.dist.extend(batch.dist);
+                    }
+                    None => merged = Some(batch),
+                }
+            }
+            pending_generated.extend(merged);
+            while pending_validated.len() < self.settings.max_pending {
+                let Ok(batch) = self.validated.try_recv() else { break };
+                pending_validated.push(batch);
+            }
+            pending_generated = self.send_all(pending_generated, "generated").await;
+            pending_validated = self.send_all(pending_validated, "validated").await;
+            self.metrics.pow_pending((pending_generated.len() + pending_validated.len()) as i64);
+        }
+    }
+
+    /// Posts each batch; returns those that failed, in order, for the next tick.
+    async fn send_all<T: serde::Serialize>(&self, batches: Vec<T>, kind: &str) -> Vec<T> {
+        let url = format!("{}/{kind}", self.url);
+        let mut failed = Vec::new();
+        for batch in batches {
+            if !failed.is_empty() {
+                failed.push(batch); // the callback is down; keep order and try next tick
+                continue;
+            }
+            let result = self.http.post(&url).json(&batch).send().await.and_then(|r| r.error_for_status());
+            match result {
+                Ok(_) => self.metrics.pow_sent(kind),
+                Err(e) => {
+                    tracing::warn!(%url, error = %e, "sending PoC batch failed; kept for retry");
+                    self.metrics.pow_send_failed(kind);
+                    failed.push(batch);
+                }
+            }
+        }
+        failed
+    }
+}

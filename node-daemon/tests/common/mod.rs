@@ -1,0 +1,120 @@
+//! The daemon binary under test: one process per scenario, GPUs from the fake NVML library.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_nvml::Scenario;
+use serde_json::Value;
+
+pub struct Daemon {
+    child: Child,
+    pub port: u16,
+    scenario: tempfile::NamedTempFile,
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Daemon {
+    pub fn start(scenario: &Scenario) -> Self {
+        Self::start_with(scenario, Some(Path::new(fake_nvml::LIBRARY)))
+    }
+
+    /// Runs under an operator-style `daemon.json`.
+    pub fn start_configured(scenario: &Scenario, config: &Value) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), config.to_string()).unwrap();
+        Self::spawn(scenario, Some(Path::new(fake_nvml::LIBRARY)), Some(file))
+    }
+
+    pub fn start_with(scenario: &Scenario, library: Option<&Path>) -> Self {
+        Self::spawn(scenario, library, None)
+    }
+
+    fn spawn(scenario: &Scenario, library: Option<&Path>, config: Option<tempfile::NamedTempFile>) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        scenario.write(file.path()).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+        cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
+            .env(fake_nvml::CONFIG_ENV, file.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match library {
+            Some(lib) => cmd.env("GONKA_NVML_LIBRARY", lib),
+            None => cmd.env_remove("GONKA_NVML_LIBRARY"),
+        };
+        if let Some(config) = &config {
+            cmd.env("GONKA_DAEMON_CONFIG", config.path());
+        }
+        let child = cmd.spawn().unwrap();
+        let daemon = Self { child, port, scenario: file, _config: config };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while daemon.try_request("GET", "/healthz").is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    /// Replaces the simulated machine while the daemon runs.
+    pub fn change(&self, scenario: &Scenario) {
+        // A different mtime even within the same clock tick: the file size changes or we wait.
+        std::thread::sleep(Duration::from_millis(20));
+        scenario.write(self.scenario.path()).unwrap();
+    }
+
+    pub fn try_request(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        self.send(method, path, "")
+    }
+
+    /// A request with a JSON body; returns status and body.
+    pub fn send(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok((status, body.to_string()))
+    }
+
+    pub fn json(&self, method: &str, path: &str) -> (u16, Value) {
+        self.post_json(method, path, &Value::Null)
+    }
+
+    /// `method path` with `body` (none when null), answer parsed as JSON.
+    pub fn post_json(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let text = if body.is_null() { String::new() } else { body.to_string() };
+        let (status, body) = self.send(method, path, &text).unwrap();
+        let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body:?}"));
+        (status, value)
+    }
+
+    pub fn text(&self, path: &str) -> String {
+        self.try_request("GET", path).unwrap().1
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 60s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,229 @@
+//! PoC v1 through the daemon binary, as the network node drives it: init, generate while the
+//! callback server is down and then up (no proof lost), validate honest and fabricated
+//! batches, stop; plus upstream's error answers.
+#![cfg(feature = "torch")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use common::{Daemon, eventually};
+use fake_nvml::Scenario;
+use gonka_node_daemon::poc::model::ProofModel;
+use gonka_node_daemon::poc::params::Params;
+use gonka_node_daemon::poc::pipeline::{distance, nonce_inputs, nonce_permutation, target};
+use serde_json::{Value, json};
+
+// Near sqrt(2), the distance of a random unit vector: about half the nonces are proofs.
+const R_TARGET: f64 = 1.41;
+
+/// The network node's ML callback server: records what it is sent, or answers 503 while down.
+#[derive(Default)]
+struct Callback {
+    down: AtomicBool,
+    generated: Mutex<Vec<Value>>,
+    validated: Mutex<Vec<Value>>,
+}
+
+fn start_callback(runtime: &tokio::runtime::Runtime) -> (Arc<Callback>, String) {
+    let callback = Arc::new(Callback::default());
+    let record = |kind: &'static str| {
+        move |State(cb): State<Arc<Callback>>, axum::Json(body): axum::Json<Value>| async move {
+            if cb.down.load(Ordering::SeqCst) {
+                return StatusCode::SERVICE_UNAVAILABLE;
+            }
+            let list = if kind == "generated" { &cb.generated } else { &cb.validated };
+            list.lock().unwrap().push(body);
+            StatusCode::OK
+        }
+    };
+    let app = Router::new()
+        .route("/v1/poc-batches/generated", post(record("generated")))
+        .route("/v1/poc-batches/validated", post(record("validated")))
+        .with_state(callback.clone());
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/v1/poc-batches", listener.local_addr().unwrap());
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (callback, url)
+}
+
+fn params() -> Params {
+    serde_json::from_value(json!({
+        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 96,
+        "ffn_dim_multiplier": 1.3, "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 10000.0,
+        "use_scaled_rope": false, "seq_len": 8
+    }))
+    .unwrap()
+}
+
+fn init_request(url: &str, node_id: i64) -> Value {
+    json!({
+        "node_id": node_id, "node_count": 1, "block_hash": "0xblock", "block_height": 100,
+        "public_key": "prover", "batch_size": 8, "r_target": R_TARGET, "fraud_threshold": 1e-7,
+        "params": params(), "url": url
+    })
+}
+
+fn daemon() -> Daemon {
+    let config = json!({
+        "gonkaNode": "gpu/test", "mlCallbackUrl": "http://unused", "pocPort": 8080, "inferencePort": 5000,
+        "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
+    });
+    Daemon::start_configured(&Scenario::hgx_h100(), &config)
+}
+
+/// Distances as any honest ML node computes them, for checking what arrived.
+fn distances(public_key: &str, nonces: &[u64]) -> Vec<f64> {
+    let p = params();
+    let model = ProofModel::new(&p, "0xblock", tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let inputs: Vec<Vec<f32>> =
+        nonces.iter().map(|&n| nonce_inputs("0xblock", public_key, n, p.seq_len, p.dim)).collect();
+    let target = target("0xblock", p.vocab_size);
+    model
+        .last_logits(&inputs)
+        .iter()
+        .zip(nonces)
+        .map(|(l, &n)| distance(l, &nonce_permutation("0xblock", public_key, n, p.vocab_size), &target))
+        .collect()
+}
+
+fn metric(d: &Daemon, name: &str) -> f64 {
+    d.text("/metrics")
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn generation_survives_a_callback_outage_without_losing_a_proof() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (callback, url) = start_callback(&runtime);
+    let d = daemon();
+    callback.down.store(true, Ordering::SeqCst);
+
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "OK");
+    // As upstream, the phase shows at once; the model may still be loading.
+    assert_eq!(d.json("GET", "/api/v1/pow/status").1["status"], "GENERATING");
+    eventually("model loaded", || {
+        d.json("GET", "/api/v1/pow/status").1 == json!({"status": "GENERATING", "is_model_initialized": true})
+    });
+    assert_eq!(d.json("GET", "/api/v1/state").1["state"], "POW");
+
+    eventually("sends fail while the callback is down", || {
+        metric(&d, "gonka_ml_node_poc_send_failures_total{kind=\"generated\"}") >= 2.0
+    });
+    assert!(callback.generated.lock().unwrap().is_empty());
+    assert!(metric(&d, "gonka_ml_node_poc_pending_batches") >= 1.0);
+
+    callback.down.store(false, Ordering::SeqCst);
+    eventually("proofs delivered after the outage", || {
+        callback.generated.lock().unwrap().iter().map(|b| b["nonces"].as_array().unwrap().len()).sum::<usize>() >= 40
+    });
+    assert_eq!(d.json("POST", "/api/v1/pow/stop").1["status"], "OK");
+    assert_eq!(d.json("GET", "/api/v1/pow/status").1, json!({"status": "NOT_LOADED"}));
+
+    let batches = callback.generated.lock().unwrap().clone();
+    let mut delivered = BTreeSet::new();
+    for b in &batches {
+        assert_eq!(
+            (b["block_hash"].as_str(), b["public_key"].as_str(), b["node_id"].as_i64()),
+            (Some("0xblock"), Some("prover"), Some(0))
+        );
+        for (n, dist) in b["nonces"].as_array().unwrap().iter().zip(b["dist"].as_array().unwrap()) {
+            assert!(dist.as_f64().unwrap() < R_TARGET);
+            assert!(delivered.insert(n.as_u64().unwrap()), "nonce {n} delivered twice");
+        }
+    }
+    // Every proof among the nonces computed so far arrived: the valid ones of whole batches of 8.
+    let last = *delivered.iter().max().unwrap();
+    let computed: Vec<u64> = (0..(last / 8 + 1) * 8).collect();
+    let expected: BTreeSet<u64> =
+        computed.iter().zip(distances("prover", &computed)).filter(|(_, d)| *d < R_TARGET).map(|(n, _)| *n).collect();
+    assert_eq!(delivered, expected, "proofs lost or invented");
+    assert!(metric(&d, "gonka_ml_node_poc_nonces_computed_total") >= computed.len() as f64);
+}
+
+#[test]
+fn validation_recomputes_and_catches_fabricated_proofs() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (callback, url) = start_callback(&runtime);
+    let d = daemon();
+    let (status, _) = d.post_json("POST", "/api/v1/pow/init/validate", &init_request(&url, 1));
+    assert_eq!(status, 200);
+
+    // An honest prover's proofs among nonces 0..64, and a forger claiming misses as proofs.
+    let nonces: Vec<u64> = (0..64).collect();
+    let dist = distances("alice", &nonces);
+    let (proofs, misses): (Vec<_>, Vec<_>) = nonces.iter().zip(&dist).partition(|(_, d)| **d < R_TARGET);
+    assert!(proofs.len() >= 5 && misses.len() >= 5, "r_target splits the nonces");
+    let honest = json!({"public_key": "alice", "block_hash": "0xblock", "block_height": 100, "node_id": 4,
+        "nonces": proofs.iter().map(|(n, _)| **n).collect::<Vec<_>>(), "dist": proofs.iter().map(|(_, d)| **d).collect::<Vec<_>>()});
+    let forged = json!({"public_key": "alice", "block_hash": "0xblock", "block_height": 100, "node_id": 5,
+        "nonces": misses.iter().take(5).map(|(n, _)| **n).collect::<Vec<_>>(), "dist": [1.0, 1.0, 1.0, 1.0, 1.0]});
+    assert_eq!(d.post_json("POST", "/api/v1/pow/validate", &honest), (200, Value::Null));
+    assert_eq!(d.post_json("POST", "/api/v1/pow/validate", &forged), (200, Value::Null));
+
+    eventually("two verdicts delivered", || callback.validated.lock().unwrap().len() == 2);
+    let verdicts = callback.validated.lock().unwrap().clone();
+    let by_node = |id: i64| verdicts.iter().find(|v| v["node_id"] == id).unwrap().clone();
+    let (h, f) = (by_node(4), by_node(5));
+    assert_eq!((h["n_invalid"].as_i64(), h["fraud_detected"].as_bool()), (Some(0), Some(false)), "{h}");
+    assert_eq!(h["probability_honest"], 1.0);
+    assert_eq!((f["n_invalid"].as_i64(), f["fraud_detected"].as_bool()), (Some(5), Some(true)), "{f}");
+    assert_eq!(f["received_dist"], json!([1.0, 1.0, 1.0, 1.0, 1.0]));
+    assert_eq!((f["r_target"].as_f64(), f["fraud_threshold"].as_f64()), (Some(R_TARGET), Some(1e-7)));
+
+    // A claim that is not even a proof is refused before any compute.
+    let bad = json!({"public_key": "alice", "block_hash": "0xblock", "block_height": 100, "node_id": 6, "nonces": [1], "dist": [1.9]});
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/validate", &bad);
+    assert_eq!(status, 400);
+    assert!(answer["detail"].as_str().unwrap().contains("not below r_target"), "{answer}");
+}
+
+#[test]
+fn pow_endpoints_answer_like_upstream() {
+    let d = daemon();
+    assert_eq!(d.json("GET", "/api/v1/pow/status"), (200, json!({"status": "NOT_LOADED"})));
+    assert_eq!(d.json("POST", "/api/v1/pow/stop").1, json!({"status": "OK", "pow_status": "PoW is not running"}));
+    assert_eq!(d.json("POST", "/api/v1/pow/phase/generate").0, 400);
+    assert_eq!(d.json("POST", "/api/v1/pow/phase/generate").1, json!({"detail": "PoW is not running"}));
+
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request("http://127.0.0.1:9", -1));
+    assert_eq!((status, answer), (400, json!({"detail": "Node ID and node count must be set"})));
+
+    let mut missing = init_request("http://127.0.0.1:9", 0);
+    missing.as_object_mut().unwrap().remove("block_hash");
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init", &missing);
+    assert_eq!(status, 422);
+    assert!(answer["detail"].as_str().unwrap().contains("block_hash"), "{answer}");
+
+    let (status, answer) = d.send("POST", "/api/v1/pow/init", "{not json").unwrap();
+    assert_eq!(status, 400, "{answer}");
+
+    let mut bad_params = init_request("http://127.0.0.1:9", 0);
+    bad_params["params"]["n_heads"] = json!(5);
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init", &bad_params);
+    assert_eq!(
+        (status, answer["detail"].as_str().unwrap()),
+        (400, "invalid PoC params: dim must be a multiple of n_heads")
+    );
+
+    // Init without a phase loads the model and idles; the network node may use a version prefix.
+    let (status, answer) = d.post_json("POST", "/v3.0.8/api/v1/pow/init", &init_request("http://127.0.0.1:9", 0));
+    assert_eq!(status, 200, "{answer}");
+    eventually("model loaded", || {
+        d.json("GET", "/api/v1/pow/status").1 == json!({"status": "IDLE", "is_model_initialized": true})
+    });
+    assert_eq!(d.json("POST", "/api/v1/stop").1, json!({"status": "OK"}));
+    assert_eq!(d.json("GET", "/api/v1/state").1["state"], "STOPPED");
+}
