@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds lint fmt demo clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds lint fmt demo bench clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -44,6 +44,10 @@ crds:
 	$(CARGO) run --locked -q -p gonka-operator -- crd > crds/gonkanode.yaml.tmp
 	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
 	cp crds/gonkanode.yaml manifests/crd/gonkanode.yaml
+
+## PoC v1 nonces/s, Rust next to PyTorch, appended to docs/benchmarks.md (not a test).
+bench: pyenv
+	bench/run.sh
 
 lint: pyenv
 	$(CARGO) fmt --all --check

@@ -3,13 +3,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Settings come from flags, else environment, else the operator's `daemon.json`.
 #[derive(Parser, Debug)]
 #[command(name = "gonka-node-daemon", version, about = "A Gonka ML node: GPU probe and the ML-node management API")]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The operator's daemon config (`daemon.json`).
     #[arg(long, env = "GONKA_DAEMON_CONFIG")]
     config: Option<PathBuf>,
@@ -28,9 +30,33 @@ struct Cli {
     log_filter: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the ML-node API (the default).
+    Serve,
+    /// Measure PoC v1 nonces per second on this machine; prints one JSON line.
+    Bench {
+        /// Model shape: `small`, `testnet`, `mainnet`, or the init request's `params` as JSON.
+        #[arg(long, default_value = "small")]
+        params: String,
+        /// Nonces per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Nonces to compute.
+        #[arg(long, default_value_t = 256)]
+        nonces: usize,
+        /// Distance below which a nonce counts as a proof.
+        #[arg(long, default_value_t = 1.4013564660458173)]
+        r_target: f64,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Bench { params, batch_size, nonces, r_target }) = &cli.command {
+        return bench(params, *batch_size, *nonces, *r_target);
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(EnvFilter::try_new(&cli.log_filter)?);
     if cli.log_format == "json" {
         builder.json().flatten_event(true).init();
@@ -46,6 +72,36 @@ async fn main() -> anyhow::Result<()> {
         nvml_library: cli.nvml_library,
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
+}
+
+/// Named model shapes for `bench`; anything else is parsed as JSON params.
+fn bench_params(name: &str) -> anyhow::Result<gonka_node_daemon::poc::params::Params> {
+    use gonka_node_daemon::poc::params::Params;
+    let json = match name {
+        "small" => serde_json::json!({"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 8, "vocab_size": 8196,
+            "ffn_dim_multiplier": 1.3, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0, "seq_len": 32}),
+        "testnet" => {
+            serde_json::json!({"dim": 1024, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "vocab_size": 8196,
+            "ffn_dim_multiplier": 10.0, "multiple_of": 2048, "norm_eps": 1e-5, "rope_theta": 10000.0, "seq_len": 128})
+        }
+        "mainnet" => return Ok(Params::mainnet()),
+        other => serde_json::from_str(other)
+            .map_err(|e| anyhow::anyhow!("--params: not a preset nor valid params JSON: {e}"))?,
+    };
+    Ok(serde_json::from_value(json)?)
+}
+
+#[cfg(feature = "torch")]
+fn bench(params: &str, batch_size: usize, nonces: usize, r_target: f64) -> anyhow::Result<()> {
+    let result = gonka_node_daemon::poc::bench::run(&bench_params(params)?, batch_size, nonces, r_target)?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+#[cfg(not(feature = "torch"))]
+fn bench(params: &str, _batch_size: usize, _nonces: usize, _r_target: f64) -> anyhow::Result<()> {
+    bench_params(params)?;
+    anyhow::bail!("this build has no PoC engine: rebuild with `--features torch` (LIBTORCH pointing at libtorch)")
 }
 
 async fn shutdown_signal() {

@@ -16,6 +16,8 @@ pub mod rng;
 pub mod validation;
 
 #[cfg(feature = "torch")]
+pub mod bench;
+#[cfg(feature = "torch")]
 pub mod engine;
 #[cfg(feature = "torch")]
 pub mod routes;

@@ -6,67 +6,20 @@ forward from embeddings (pow/models/llama31.py, forward_embedding), and the per-
 Usage: python llama_forward.py '<json: {block_hash, public_key, nonces, params}>'
 Prints JSON {logits: [[...]], dist: [...]}.
 """
-import hashlib
 import json
 import math
+import os
 import sys
 
 import numpy as np
-from numpy.random import SeedSequence, default_rng
 
-
-def get_rng(seed, n):
-    e = np.concatenate([np.frombuffer(hashlib.sha256(f"{seed}_{i}".encode()).digest(), dtype=np.uint32) for i in range(n)])
-    return default_rng(SeedSequence(e))
-
-
-def ffn_hidden(p):
-    hidden = int(2 * (4 * p["dim"]) / 3)
-    if p.get("ffn_dim_multiplier") is not None:
-        hidden = int(p["ffn_dim_multiplier"] * hidden)
-    m = p["multiple_of"]
-    return m * ((hidden + m - 1) // m)
-
-
-def named_shapes(p):
-    dim, heads = p["dim"], p["n_heads"]
-    kv = p.get("n_kv_heads") or heads
-    hd, hid = dim // heads, ffn_hidden(p)
-    out = [("tok_embeddings.weight", (p["vocab_size"], dim))]
-    for i in range(p["n_layers"]):
-        out += [
-            (f"layers.{i}.attention.wq.weight", (heads * hd, dim)),
-            (f"layers.{i}.attention.wk.weight", (kv * hd, dim)),
-            (f"layers.{i}.attention.wv.weight", (kv * hd, dim)),
-            (f"layers.{i}.attention.wo.weight", (dim, heads * hd)),
-            (f"layers.{i}.feed_forward.w1.weight", (hid, dim)),
-            (f"layers.{i}.feed_forward.w2.weight", (dim, hid)),
-            (f"layers.{i}.feed_forward.w3.weight", (hid, dim)),
-            (f"layers.{i}.attention_norm.weight", (dim,)),
-            (f"layers.{i}.ffn_norm.weight", (dim,)),
-        ]
-    return out + [("norm.weight", (dim,)), ("output.weight", (p["vocab_size"], dim))]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from upstream_poc import get_rng, pool_weights  # noqa: E402
 
 
 def init_weights(p, block_hash):
-    shapes = named_shapes(p)
-    total = sum(int(np.prod(s)) for _, s in shapes)
-    pool_size = max(50000, int(total * 0.05))
-    pool = get_rng(block_hash, 4).normal(0.0, 0.02, size=pool_size).astype(np.float32)
-    weights = {}
-    for name, shape in shapes:
-        size = int(np.prod(shape))
-        h = int(hashlib.sha256(f"{block_hash}_{name}".encode()).hexdigest()[:8], 16)
-        if size <= pool_size:
-            start = h % (pool_size - size + 1)
-            values = pool[start:start + size]
-        else:
-            full, rem = divmod(size, pool_size)
-            values = np.concatenate([np.tile(pool, full), pool[:rem]])
-            shift = h % size
-            values = np.concatenate([values[shift:], values[:shift]])
-        weights[name] = values.reshape(shape).astype(np.float64)
-    return weights
+    weights, _ = pool_weights(p, block_hash)
+    return {name: w.astype(np.float64) for name, w in weights.items()}
 
 
 def rms_norm(x, w, eps):
