@@ -30,6 +30,8 @@ pub struct AppState {
     pub probe: GpuProbe,
     pub metrics: DaemonMetrics,
     pub version: String,
+    /// The report hook: inventory, state, events.
+    pub reporting: crate::report::Reporting,
     /// PoC v1 jobs (upstream's `PowManager`).
     #[cfg(feature = "torch")]
     pub pow: crate::poc::engine::PowService,
@@ -42,11 +44,13 @@ impl AppState {
         metrics: DaemonMetrics,
         version: impl Into<String>,
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
+        reporting: crate::report::Reporting,
     ) -> Arc<Self> {
         Arc::new(Self {
             probe,
             #[cfg(feature = "torch")]
-            pow: crate::poc::engine::PowService::new(pow, metrics.clone()),
+            pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone()),
+            reporting,
             metrics,
             version: version.into(),
             health: Mutex::new(None),

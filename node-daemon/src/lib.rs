@@ -9,6 +9,7 @@ pub mod api;
 pub mod gpu;
 pub mod metrics;
 pub mod poc;
+pub mod report;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,26 +35,58 @@ pub fn read_config(path: &std::path::Path) -> anyhow::Result<DaemonConfig> {
     DaemonConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{} is not a valid daemon config: {e}", path.display()))
 }
 
+/// How often the GPU inventory is re-probed for the report hook.
+const INVENTORY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs the daemon until `shutdown` completes.
 pub async fn run(
     settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with(settings, report::Reporting::default(), shutdown).await
+}
+
+/// Runs the daemon, publishing inventory, state and events to `reporting`.
+pub async fn run_with(
+    settings: Settings,
+    reporting: report::Reporting,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let probe = gpu::GpuProbe::open(settings.nvml_library.as_deref());
     let metrics = metrics::DaemonMetrics::default();
     let stop_watch = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let metrics = metrics.clone();
-        probe.watch_xids(stop_watch.clone(), move |gpu, code, class| metrics.xid(gpu, code, class))
+        let (metrics, reporting, probe_for_xid) = (metrics.clone(), reporting.clone(), probe.clone());
+        probe.watch_xids(stop_watch.clone(), move |gpu, code, class| {
+            metrics.xid(gpu, code, class);
+            reporting.event(report::Event::Xid { gpu, code, class });
+            // A GPU that needs a reset is no longer available: the inventory says so now.
+            reporting.set_inventory(report::Inventory::probe(&probe_for_xid));
+        })
     };
     if let Some(config) = &settings.config {
         tracing::info!(gonka_node = %config.gonka_node, models = config.models.len(), "configured by the operator");
     }
-    let gpus = {
+    let inventory = {
         let probe = probe.clone();
-        tokio::task::spawn_blocking(move || probe.snapshot()).await?
+        tokio::task::spawn_blocking(move || report::Inventory::probe(&probe)).await?
     };
-    tracing::info!(gpus = gpus.len(), hardware = ?gpu::hardware(&gpus), "GPU probe");
+    tracing::info!(gpus = inventory.devices.len(), hardware = ?inventory.hardware, "GPU probe");
+    reporting.set_inventory(inventory);
+    let reprobe = {
+        let (probe, reporting) = (probe.clone(), reporting.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(INVENTORY_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let probe = probe.clone();
+                if let Ok(inventory) = tokio::task::spawn_blocking(move || report::Inventory::probe(&probe)).await {
+                    reporting.set_inventory(inventory);
+                }
+            }
+        })
+    };
 
     let pow = match &settings.config {
         Some(c) => poc::PowSettings {
@@ -62,11 +95,12 @@ pub async fn run(
         },
         None => poc::PowSettings::default(),
     };
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow);
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     axum::serve(listener, api::service(state)).with_graceful_shutdown(shutdown).await?;
 
+    reprobe.abort();
     stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(w) = watcher {
         let _ = tokio::task::spawn_blocking(move || w.join()).await;

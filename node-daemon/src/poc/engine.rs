@@ -20,6 +20,8 @@ use super::model::ProofModel;
 use super::pipeline::{distance, nonce_inputs, nonce_permutation, nonces, target};
 use super::validation::{ValidationError, check_claims, verdict};
 use crate::metrics::DaemonMetrics;
+use crate::report::Reporting;
+use gonka_protocol::ml_node::ServiceState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -58,14 +60,15 @@ impl Drop for Session {
 pub struct PowService {
     settings: PowSettings,
     metrics: DaemonMetrics,
+    reporting: Reporting,
     http: reqwest::Client,
     session: Mutex<Option<Session>>,
 }
 
 impl PowService {
-    pub fn new(settings: PowSettings, metrics: DaemonMetrics) -> Self {
+    pub fn new(settings: PowSettings, metrics: DaemonMetrics, reporting: Reporting) -> Self {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("HTTP client");
-        Self { settings, metrics, http, session: Mutex::new(None) }
+        Self { settings, metrics, reporting, http, session: Mutex::new(None) }
     }
 
     pub fn is_running(&self) -> bool {
@@ -81,6 +84,7 @@ impl PowService {
         let mut session = self.session.lock().expect("session");
         if session.as_ref().is_none_or(|s| s.request != request) {
             *session = Some(self.start(request));
+            self.reporting.update_state(|s| s.service = ServiceState::Pow);
         }
         let s = session.as_ref().expect("just set");
         if phase != Phase::Idle {
@@ -120,7 +124,11 @@ impl PowService {
 
     /// Ends the session; returns whether one ran.
     pub fn stop(&self) -> bool {
-        self.session.lock().expect("session").take().is_some()
+        let stopped = self.session.lock().expect("session").take().is_some();
+        if stopped {
+            self.reporting.update_state(|s| s.service = ServiceState::Stopped);
+        }
+        stopped
     }
 
     fn start(&self, request: InitRequest) -> Session {
@@ -142,6 +150,7 @@ impl PowService {
             validated: validated_tx,
             to_validate: to_validate_rx,
             metrics: self.metrics.clone(),
+            reporting: self.reporting.clone(),
         };
         tokio::task::spawn_blocking(move || worker.run());
         let sender = Sender {
@@ -151,6 +160,7 @@ impl PowService {
             generated: generated_rx,
             validated: validated_rx,
             metrics: self.metrics.clone(),
+            reporting: self.reporting.clone(),
         };
         tokio::spawn(sender.run(stop.clone()));
         Session { request, phase, model_ready, stop, to_validate }
@@ -182,6 +192,7 @@ struct Worker {
     validated: mpsc::Sender<ValidatedBatch>,
     to_validate: mpsc::Receiver<ProofBatch>,
     metrics: DaemonMetrics,
+    reporting: Reporting,
 }
 
 impl Worker {
@@ -216,6 +227,11 @@ impl Worker {
                     }
                     .proofs(r.r_target);
                     self.metrics.pow_valid(proofs.nonces.len() as u64);
+                    let (computed, valid) = (batch.len() as u64, proofs.nonces.len() as u64);
+                    self.reporting.update_state(|s| {
+                        s.poc.nonces_computed += computed;
+                        s.poc.nonces_valid += valid;
+                    });
                     // Waits while the sender's queue is full: backpressure, not loss.
                     if !proofs.nonces.is_empty() && self.generated.blocking_send(proofs).is_err() {
                         return;
@@ -257,6 +273,7 @@ struct Sender {
     generated: mpsc::Receiver<ProofBatch>,
     validated: mpsc::Receiver<ValidatedBatch>,
     metrics: DaemonMetrics,
+    reporting: Reporting,
 }
 
 impl Sender {
@@ -288,15 +305,24 @@ impl Sender {
                 let Ok(batch) = self.validated.try_recv() else { break };
                 pending_validated.push(batch);
             }
-            pending_generated = self.send_all(pending_generated, "generated").await;
-            pending_validated = self.send_all(pending_validated, "validated").await;
-            self.metrics.pow_pending((pending_generated.len() + pending_validated.len()) as i64);
+            let (generated, sent_g, failed_g) = self.send_all(pending_generated, "generated").await;
+            let (validated, sent_v, failed_v) = self.send_all(pending_validated, "validated").await;
+            (pending_generated, pending_validated) = (generated, validated);
+            let pending = (pending_generated.len() + pending_validated.len()) as u64;
+            self.metrics.pow_pending(pending as i64);
+            self.reporting.update_state(|s| {
+                s.poc.batches_sent += sent_g + sent_v;
+                s.poc.send_failures += failed_g + failed_v;
+                s.poc.pending_batches = pending;
+            });
         }
     }
 
-    /// Posts each batch; returns those that failed, in order, for the next tick.
-    async fn send_all<T: serde::Serialize>(&self, batches: Vec<T>, kind: &str) -> Vec<T> {
+    /// Posts each batch; returns those that failed, in order, for the next tick, and how many
+    /// posts went through and failed.
+    async fn send_all<T: serde::Serialize>(&self, batches: Vec<T>, kind: &str) -> (Vec<T>, u64, u64) {
         let url = format!("{}/{kind}", self.url);
+        let (mut sent, mut failures) = (0, 0);
         let mut failed = Vec::new();
         for batch in batches {
             if !failed.is_empty() {
@@ -305,14 +331,18 @@ impl Sender {
             }
             let result = self.http.post(&url).json(&batch).send().await.and_then(|r| r.error_for_status());
             match result {
-                Ok(_) => self.metrics.pow_sent(kind),
+                Ok(_) => {
+                    sent += 1;
+                    self.metrics.pow_sent(kind);
+                }
                 Err(e) => {
                     tracing::warn!(%url, error = %e, "sending PoC batch failed; kept for retry");
+                    failures += 1;
                     self.metrics.pow_send_failed(kind);
                     failed.push(batch);
                 }
             }
         }
-        failed
+        (failed, sent, failures)
     }
 }

@@ -1,0 +1,141 @@
+//! What the daemon tells the operator, as values a reporter can subscribe to: the GPU inventory
+//! and the daemon's state (current values, so a reporter that connects or reconnects sends the
+//! whole picture at once) and events (XIDs, as they happen). The gRPC report stream to the
+//! operator plugs in here; so does anything else that wants to watch an ML node.
+
+use gonka_protocol::ml_node::{DriverInfo, GpuDevice, ServiceState};
+use tokio::sync::{broadcast, watch};
+
+use crate::gpu::{self, GpuProbe, XidClass};
+
+/// The node's GPUs, as `/gpu/devices` shows them, plus upstream's hardware strings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Inventory {
+    pub devices: Vec<GpuDevice>,
+    /// `("<NVML name> | <N>GB", count)` of the available GPUs.
+    pub hardware: Vec<(String, u32)>,
+    pub driver: Option<DriverInfo>,
+    /// Why there are no GPUs, when NVML is unavailable.
+    pub nvml_error: Option<String>,
+}
+
+impl Inventory {
+    /// Probes now (blocking).
+    pub fn probe(probe: &GpuProbe) -> Self {
+        let gpus = probe.snapshot();
+        Self {
+            devices: gpus.iter().map(gpu::GpuStatus::to_device).collect(),
+            hardware: gpu::hardware(&gpus),
+            driver: probe.driver().ok(),
+            nvml_error: probe.unavailable_reason().map(str::to_string),
+        }
+    }
+}
+
+/// PoC v1 progress counters since the daemon started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PocCounters {
+    pub nonces_computed: u64,
+    pub nonces_valid: u64,
+    pub batches_sent: u64,
+    pub send_failures: u64,
+    pub pending_batches: u64,
+}
+
+/// The daemon's state: which manager runs, PoC progress.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DaemonState {
+    pub service: ServiceState,
+    pub poc: PocCounters,
+}
+
+impl Default for DaemonState {
+    fn default() -> Self {
+        Self { service: ServiceState::Stopped, poc: PocCounters::default() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Xid { gpu: u32, code: u64, class: XidClass },
+}
+
+/// The hook. Cheap to clone; every clone publishes to the same subscribers.
+#[derive(Clone)]
+pub struct Reporting {
+    inventory: watch::Sender<Inventory>,
+    state: watch::Sender<DaemonState>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Default for Reporting {
+    fn default() -> Self {
+        Self {
+            inventory: watch::Sender::new(Inventory::default()),
+            state: watch::Sender::new(DaemonState::default()),
+            events: broadcast::Sender::new(256),
+        }
+    }
+}
+
+impl Reporting {
+    pub fn inventory(&self) -> watch::Receiver<Inventory> {
+        self.inventory.subscribe()
+    }
+
+    pub fn state(&self) -> watch::Receiver<DaemonState> {
+        self.state.subscribe()
+    }
+
+    /// Events from now on; a subscriber that falls behind by more than 256 is told how many
+    /// it missed (`RecvError::Lagged`), never blocks the daemon.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Publishes a new inventory, waking subscribers only when it changed.
+    pub fn set_inventory(&self, inventory: Inventory) {
+        self.inventory.send_if_modified(|current| {
+            let changed = *current != inventory;
+            *current = inventory;
+            changed
+        });
+    }
+
+    pub fn update_state(&self, update: impl FnOnce(&mut DaemonState)) {
+        self.state.send_if_modified(|current| {
+            let before = current.clone();
+            update(current);
+            *current != before
+        });
+    }
+
+    pub fn event(&self, event: Event) {
+        // No subscriber is fine: nobody is listening yet.
+        let _ = self.events.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribers_see_current_values_and_only_real_changes() {
+        let r = Reporting::default();
+        let mut state = r.state();
+        r.update_state(|s| s.service = ServiceState::Pow);
+        assert!(state.has_changed().unwrap());
+        assert_eq!(state.borrow_and_update().service, ServiceState::Pow);
+        r.update_state(|s| s.service = ServiceState::Pow);
+        assert!(!state.has_changed().unwrap(), "no change, no wake-up");
+
+        // A late subscriber gets the current inventory at once.
+        r.set_inventory(Inventory { hardware: vec![("NVIDIA H100 80GB HBM3 | 79GB".into(), 8)], ..Default::default() });
+        assert_eq!(r.inventory().borrow().hardware[0].1, 8);
+
+        let mut events = r.events();
+        r.event(Event::Xid { gpu: 3, code: 48, class: XidClass::NeedsReset });
+        assert_eq!(events.try_recv().unwrap(), Event::Xid { gpu: 3, code: 48, class: XidClass::NeedsReset });
+    }
+}
