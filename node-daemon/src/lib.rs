@@ -88,12 +88,15 @@ pub async fn run_with(
         })
     };
 
+    let gpu_vram_gb =
+        reporting.inventory().borrow().devices.iter().map(|d| d.total_memory_mb.unwrap_or(0) as f64 / 1024.0).collect();
     let pow = match &settings.config {
         Some(c) => poc::PowSettings {
             send_interval: std::time::Duration::from_secs(u64::from(c.poc.send_interval_seconds.max(1))),
             max_pending: c.poc.max_pending_batches.max(1) as usize,
+            gpu_vram_gb,
         },
-        None => poc::PowSettings::default(),
+        None => poc::PowSettings { gpu_vram_gb, ..poc::PowSettings::default() },
     };
     let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;

@@ -87,3 +87,15 @@ fn different_blocks_make_different_models() {
     assert_ne!(a, b);
     assert_eq!(a, again, "a model is a pure function of the block hash");
 }
+
+#[test]
+fn a_model_sharded_over_a_device_group_computes_the_same_logits() {
+    // Two CPU "devices" exercise the placement and the hand-over between them.
+    let p = Params { n_layers: 3, ..tiny(4, false) };
+    let inputs = vec![nonce_inputs("h", "pk", 5, p.seq_len, p.dim), nonce_inputs("h", "pk", 6, p.seq_len, p.dim)];
+    let whole = ProofModel::new(&p, "block", Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
+    let sharded =
+        ProofModel::sharded(&p, "block", &[Device::Cpu, Device::Cpu], Kind::Float).unwrap().last_logits(&inputs);
+    assert_eq!(whole, sharded);
+    assert!(ProofModel::sharded(&p, "block", &[], Kind::Float).is_err());
+}

@@ -181,6 +181,9 @@ fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config
         env_field("POD_NAMESPACE", "metadata.namespace"),
         env_field("POD_IP", "status.podIP"),
         env_field("NODE_NAME", "spec.nodeName"),
+        // CUDA numbers GPUs fastest-first by default; the daemon maps CUDA devices to NVML's
+        // (bus order) when it cuts GPU groups, so make both count the same way.
+        env_value("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
     ];
     let mut resources = spec.resources.clone().unwrap_or_default();
     match spec.gpus_per_ml_node {
@@ -452,6 +455,7 @@ mod tests {
                     assert_eq!(env(o, ENV_CONFIG).as_deref(), Some("/etc/gonka/daemon.json"));
                     assert_eq!(env(o, "NODE_NAME").as_deref(), Some("spec.nodeName"));
                     assert_eq!(env(o, "POD_IP").as_deref(), Some("status.podIP"));
+                    assert_eq!(env(o, "CUDA_DEVICE_ORDER").as_deref(), Some("PCI_BUS_ID"));
                     let ports: Vec<i32> =
                         pod_spec(o).containers[0].ports.as_ref().unwrap().iter().map(|p| p.container_port).collect();
                     assert_eq!(ports, [8080, 5000]);

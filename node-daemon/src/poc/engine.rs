@@ -6,7 +6,7 @@
 //! interval and keeps what failed for the next try. Nothing is dropped: when the sender holds
 //! `max_pending` batches it stops taking more, the bounded queue fills, and generation waits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::PowSettings;
+use super::groups::{gpu_groups, min_group_vram_gb};
 use super::model::ProofModel;
 use super::pipeline::{distance, nonce_inputs, nonce_permutation, nonces, target};
 use super::validation::{ValidationError, check_claims, verdict};
@@ -45,7 +46,9 @@ pub enum PowError {
 struct Session {
     request: InitRequest,
     phase: watch::Sender<Phase>,
-    model_ready: Arc<AtomicBool>,
+    /// Model replicas built so far, one per GPU group.
+    models_ready: Arc<AtomicUsize>,
+    groups: usize,
     stop: CancellationToken,
     to_validate: mpsc::Sender<ProofBatch>,
 }
@@ -135,24 +138,36 @@ impl PowService {
         tracing::info!(block_height = request.block_height, node_id = request.node_id, "starting a PoC session");
         let (phase, phase_rx) = watch::channel(Phase::Idle);
         let stop = CancellationToken::new();
-        let model_ready = Arc::new(AtomicBool::new(false));
+        let models_ready = Arc::new(AtomicUsize::new(0));
         let capacity = self.settings.max_pending.max(1);
         let (generated_tx, generated_rx) = mpsc::channel(capacity);
         let (validated_tx, validated_rx) = mpsc::channel(capacity);
         let (to_validate, to_validate_rx) = mpsc::channel(1024);
+        let to_validate_rx = Arc::new(Mutex::new(to_validate_rx));
 
-        let worker = Worker {
-            request: request.clone(),
-            phase: phase_rx,
-            stop: stop.clone(),
-            model_ready: model_ready.clone(),
-            generated: generated_tx,
-            validated: validated_tx,
-            to_validate: to_validate_rx,
-            metrics: self.metrics.clone(),
-            reporting: self.reporting.clone(),
-        };
-        tokio::task::spawn_blocking(move || worker.run());
+        let (groups, kind) = self.device_groups(&request);
+        if groups.is_empty() {
+            tracing::error!(vram = ?self.settings.gpu_vram_gb, "no GPU group can hold the proof model");
+        }
+        let n_groups = groups.len();
+        for (group_id, devices) in groups.into_iter().enumerate() {
+            let worker = Worker {
+                request: request.clone(),
+                devices,
+                kind,
+                group_id: group_id as u64,
+                n_groups: n_groups as u64,
+                phase: phase_rx.clone(),
+                stop: stop.clone(),
+                models_ready: models_ready.clone(),
+                generated: generated_tx.clone(),
+                validated: validated_tx.clone(),
+                to_validate: to_validate_rx.clone(),
+                metrics: self.metrics.clone(),
+                reporting: self.reporting.clone(),
+            };
+            tokio::task::spawn_blocking(move || worker.run());
+        }
         let sender = Sender {
             url: request.url.trim_end_matches('/').to_string(),
             http: self.http.clone(),
@@ -163,12 +178,24 @@ impl PowService {
             reporting: self.reporting.clone(),
         };
         tokio::spawn(sender.run(stop.clone()));
-        Session { request, phase, model_ready, stop, to_validate }
+        Session { request, phase, models_ready, groups: n_groups, stop, to_validate }
+    }
+
+    /// CPU: one group in float32. GPUs: upstream's groups (consecutive GPUs holding one model
+    /// replica together), in float16.
+    fn device_groups(&self, request: &InitRequest) -> (Vec<Vec<Device>>, Kind) {
+        if !tch::Cuda::is_available() {
+            return (vec![vec![Device::Cpu]], Kind::Float);
+        }
+        let count = tch::Cuda::device_count() as usize;
+        let vram: Vec<f64> = (0..count).map(|i| self.settings.gpu_vram_gb.get(i).copied().unwrap_or(0.0)).collect();
+        let groups = gpu_groups(&vram, min_group_vram_gb(&request.params));
+        (groups.into_iter().map(|g| g.into_iter().map(Device::Cuda).collect()).collect(), Kind::Half)
     }
 }
 
 fn status_of(s: &Session) -> PowStatus {
-    let ready = s.model_ready.load(Ordering::Relaxed);
+    let ready = s.groups > 0 && s.models_ready.load(Ordering::Relaxed) >= s.groups;
     let status = match *s.phase.borrow() {
         Phase::Idle if !ready => PowState::Loading,
         Phase::Idle => PowState::Idle,
@@ -178,28 +205,28 @@ fn status_of(s: &Session) -> PowStatus {
     PowStatus { status, is_model_initialized: Some(ready) }
 }
 
-/// CPU: float32; GPU: float16 on the first device (device groups come with the GPU path).
-fn device_and_kind() -> (Device, Kind) {
-    if tch::Cuda::is_available() { (Device::Cuda(0), Kind::Half) } else { (Device::Cpu, Kind::Float) }
-}
-
+/// One GPU group's loop (the CPU is one group): its model replica, its nonce stream.
 struct Worker {
     request: InitRequest,
+    devices: Vec<Device>,
+    kind: Kind,
+    group_id: u64,
+    n_groups: u64,
     phase: watch::Receiver<Phase>,
     stop: CancellationToken,
-    model_ready: Arc<AtomicBool>,
+    models_ready: Arc<AtomicUsize>,
     generated: mpsc::Sender<ProofBatch>,
     validated: mpsc::Sender<ValidatedBatch>,
-    to_validate: mpsc::Receiver<ProofBatch>,
+    /// Shared by the groups: whichever is free takes the next batch to validate.
+    to_validate: Arc<Mutex<mpsc::Receiver<ProofBatch>>>,
     metrics: DaemonMetrics,
     reporting: Reporting,
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(self) {
         let r = &self.request;
-        let (device, kind) = device_and_kind();
-        let model = match ProofModel::new(&r.params, &r.block_hash, device, kind) {
+        let model = match ProofModel::sharded(&r.params, &r.block_hash, &self.devices, self.kind) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the proof model");
@@ -207,9 +234,9 @@ impl Worker {
             }
         };
         let target = target(&r.block_hash, r.params.vocab_size);
-        self.model_ready.store(true, Ordering::Relaxed);
-        tracing::info!(params = model.params().parameter_count(), "proof model ready");
-        let mut own_nonces = nonces(r.node_id.max(0) as u64, r.node_count.max(1) as u64, 0, 1);
+        self.models_ready.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(params = model.params().parameter_count(), group = self.group_id, devices = ?self.devices, "proof model ready");
+        let mut own_nonces = nonces(r.node_id.max(0) as u64, r.node_count.max(1) as u64, self.group_id, self.n_groups);
         while !self.stop.is_cancelled() {
             let phase = *self.phase.borrow();
             match phase {
@@ -237,8 +264,8 @@ impl Worker {
                         return;
                     }
                 }
-                Phase::Validate => match self.to_validate.try_recv() {
-                    Ok(batch) => {
+                Phase::Validate => match self.next_to_validate() {
+                    Some(batch) => {
                         let nonces: Vec<u64> = batch.nonces.iter().map(|&n| n as u64).collect();
                         let dist = self.distances(&model, &target, &batch.public_key, &nonces);
                         let result = verdict(&batch, dist, r.r_target, r.fraud_threshold);
@@ -246,11 +273,16 @@ impl Worker {
                             return;
                         }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    None => std::thread::sleep(Duration::from_millis(20)),
                 },
                 Phase::Idle => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    /// Takes the next batch to validate without holding the queue while computing.
+    fn next_to_validate(&self) -> Option<ProofBatch> {
+        self.to_validate.lock().expect("validation queue").try_recv().ok()
     }
 
     fn distances(&self, model: &ProofModel, target: &[f64], public_key: &str, nonces: &[u64]) -> Vec<f64> {

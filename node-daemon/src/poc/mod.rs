@@ -8,6 +8,7 @@
 //! Proof jobs (batching, the callback sender, validation) and the `/pow/*` endpoints build on
 //! these.
 
+pub mod groups;
 #[cfg(feature = "torch")]
 pub mod model;
 pub mod params;
@@ -30,11 +31,13 @@ pub struct PowSettings {
     pub send_interval: Duration,
     /// Batches the sender keeps before generation has to wait.
     pub max_pending: usize,
+    /// Total memory of each GPU by CUDA index (from NVML), for cutting GPU groups.
+    pub gpu_vram_gb: Vec<f64>,
 }
 
 impl Default for PowSettings {
     fn default() -> Self {
-        Self { send_interval: Duration::from_secs(5), max_pending: 10_000 }
+        Self { send_interval: Duration::from_secs(5), max_pending: 10_000, gpu_vram_gb: Vec::new() }
     }
 }
 

@@ -9,6 +9,7 @@
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use super::groups::layer_devices;
 use super::params::{Params, ParamsError};
 use super::rng::seeded;
 
@@ -17,6 +18,8 @@ const POOL_FRACTION: f64 = 0.05;
 const MIN_POOL: usize = 50_000;
 
 struct Layer {
+    /// Index into the model's devices.
+    device: usize,
     wq: Tensor,
     wk: Tensor,
     wv: Tensor,
@@ -32,12 +35,14 @@ struct Layer {
 pub struct ProofModel {
     params: Params,
     kind: Kind,
-    device: Device,
+    /// The devices the layers are spread over (one on CPU; a GPU group on GPUs).
+    devices: Vec<Device>,
     layers: Vec<Layer>,
+    /// Final norm and output head, on the last layer's device.
     norm: Tensor,
     output: Tensor,
-    /// `[seq_len, head_dim / 2, 2]` cos/sin, in the model dtype (upstream casts them so).
-    freqs: Tensor,
+    /// Per device: `[seq_len, head_dim / 2, 2]` cos/sin in the model dtype (upstream casts them so).
+    freqs: Vec<Tensor>,
 }
 
 /// Upstream's per-parameter offset into the pool: the first 8 hex digits of
@@ -70,40 +75,53 @@ pub fn pool(params: &Params, block_hash: &str) -> Vec<f32> {
 impl ProofModel {
     /// Builds the model of `block_hash` on `device` in `kind` (Float on CPU, Half on GPUs).
     pub fn new(params: &Params, block_hash: &str, device: Device, kind: Kind) -> Result<Self, ParamsError> {
+        Self::sharded(params, block_hash, &[device], kind)
+    }
+
+    /// Builds the model with its layers spread over `devices` in balanced blocks (a GPU group
+    /// whose GPUs hold one model together).
+    pub fn sharded(params: &Params, block_hash: &str, devices: &[Device], kind: Kind) -> Result<Self, ParamsError> {
         params.validate()?;
+        if devices.is_empty() {
+            return Err(ParamsError("no device to place the model on".into()));
+        }
+        let placement = layer_devices(params.n_layers, devices.len());
+        let last = *placement.last().unwrap_or(&0);
         let pool = pool(params, block_hash);
         let mut tensors = params.parameters().into_iter().map(|(name, shape)| {
             let size = shape.iter().product();
             let values = parameter_values(&pool, size, name_hash(block_hash, &name));
             let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-            let tensor = Tensor::from_slice(&values).view(shape.as_slice()).to_kind(kind).to_device(device);
-            (name, tensor)
+            (name, Tensor::from_slice(&values).view(shape.as_slice()).to_kind(kind))
         });
-        let mut next = |expected: &str| {
+        let mut next = |expected: &str, device: usize| {
             let (name, t) = tensors.next().expect("parameter list");
             debug_assert!(name.ends_with(expected), "{name} vs {expected}");
-            t
+            t.to_device(devices[device])
         };
         // Token embeddings are drawn (they shift nothing: each parameter has its own offset) but
         // PoC feeds embeddings directly, so they are not kept.
-        let _ = next("tok_embeddings.weight");
-        let layers = (0..params.n_layers)
-            .map(|_| Layer {
-                wq: next("wq.weight"),
-                wk: next("wk.weight"),
-                wv: next("wv.weight"),
-                wo: next("wo.weight"),
-                w1: next("w1.weight"),
-                w2: next("w2.weight"),
-                w3: next("w3.weight"),
-                attention_norm: next("attention_norm.weight"),
-                ffn_norm: next("ffn_norm.weight"),
+        let _ = next("tok_embeddings.weight", 0);
+        let layers = placement
+            .iter()
+            .map(|&device| Layer {
+                device,
+                wq: next("wq.weight", device),
+                wk: next("wk.weight", device),
+                wv: next("wv.weight", device),
+                wo: next("wo.weight", device),
+                w1: next("w1.weight", device),
+                w2: next("w2.weight", device),
+                w3: next("w3.weight", device),
+                attention_norm: next("attention_norm.weight", device),
+                ffn_norm: next("ffn_norm.weight", device),
             })
             .collect();
-        let norm = next("norm.weight");
-        let output = next("output.weight");
-        let freqs = rotary_frequencies(params).to_kind(kind).to_device(device);
-        Ok(Self { params: params.clone(), kind, device, layers, norm, output, freqs })
+        let norm = next("norm.weight", last);
+        let output = next("output.weight", last);
+        let cpu_freqs = rotary_frequencies(params).to_kind(kind);
+        let freqs = devices.iter().map(|&d| cpu_freqs.to_device(d)).collect();
+        Ok(Self { params: params.clone(), kind, devices: devices.to_vec(), layers, norm, output, freqs })
     }
 
     pub fn params(&self) -> &Params {
@@ -118,7 +136,7 @@ impl ProofModel {
         let x = Tensor::from_slice(&flat)
             .view([inputs.len() as i64, p.seq_len as i64, p.dim as i64])
             .to_kind(self.kind)
-            .to_device(self.device);
+            .to_device(self.devices[0]);
         let logits = tch::no_grad(|| self.forward(&x)).to_device(Device::Cpu).contiguous();
         let vocab = p.vocab_size;
         let mut out = vec![0f32; inputs.len() * vocab];
@@ -126,14 +144,16 @@ impl ProofModel {
         out.chunks(vocab).map(<[f32]>::to_vec).collect()
     }
 
-    /// `forward_embedding(h, start_pos=0)[:, -1, :]`.
+    /// `forward_embedding(h, start_pos=0)[:, -1, :]`; activations follow the layers' devices.
     fn forward(&self, x: &Tensor) -> Tensor {
         let seq = x.size()[1];
-        let mask = Tensor::full([seq, seq], f64::NEG_INFINITY, (Kind::Float, self.device)).triu(1).to_kind(self.kind);
+        let mask = Tensor::full([seq, seq], f64::NEG_INFINITY, (Kind::Float, Device::Cpu)).triu(1).to_kind(self.kind);
+        let masks: Vec<Tensor> = self.devices.iter().map(|&d| mask.to_device(d)).collect();
         let mut h = x.shallow_clone();
         for layer in &self.layers {
-            let attended = h.shallow_clone()
-                + self.attention(layer, &rms_norm(&h, &layer.attention_norm, self.params.norm_eps), &mask);
+            h = h.to_device(self.devices[layer.device]);
+            let normed = rms_norm(&h, &layer.attention_norm, self.params.norm_eps);
+            let attended = h.shallow_clone() + self.attention(layer, &normed, &masks[layer.device]);
             let ff = rms_norm(&attended, &layer.ffn_norm, self.params.norm_eps);
             let ff = ff.linear(&layer.w1, None::<Tensor>).silu() * ff.linear(&layer.w3, None::<Tensor>);
             h = &attended + ff.linear(&layer.w2, None::<Tensor>);
@@ -143,6 +163,7 @@ impl ProofModel {
     }
 
     fn attention(&self, layer: &Layer, x: &Tensor, mask: &Tensor) -> Tensor {
+        let freqs = &self.freqs[layer.device];
         let p = &self.params;
         let size = x.size();
         let (b, s) = (size[0], size[1]);
@@ -150,8 +171,8 @@ impl ProofModel {
         let q = x.linear(&layer.wq, None::<Tensor>).view([b, s, heads, hd]);
         let k = x.linear(&layer.wk, None::<Tensor>).view([b, s, kv_heads, hd]);
         let v = x.linear(&layer.wv, None::<Tensor>).view([b, s, kv_heads, hd]);
-        let q = self.rotate(&q);
-        let k = repeat_kv(&self.rotate(&k), heads / kv_heads);
+        let q = rotate(&q, freqs);
+        let k = repeat_kv(&rotate(&k, freqs), heads / kv_heads);
         let v = repeat_kv(&v, heads / kv_heads);
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let scores = q.matmul(&k.transpose(2, 3)) / (hd as f64).sqrt();
@@ -159,18 +180,18 @@ impl ProofModel {
         let out = scores.matmul(&v).transpose(1, 2).contiguous().view([b, s, -1]);
         out.linear(&layer.wo, None::<Tensor>)
     }
+}
 
-    /// Rotary embeddings on `[b, s, heads, head_dim]`, computed in float32 as upstream does.
-    fn rotate(&self, x: &Tensor) -> Tensor {
-        let size = x.size();
-        let (b, s, heads, hd) = (size[0], size[1], size[2], size[3]);
-        let xs = x.to_kind(Kind::Float).reshape([b, s, heads, hd / 2, 2]);
-        let f = self.freqs.narrow(0, 0, s).view([1, s, 1, hd / 2, 2]);
-        let (x0, x1) = (xs.select(-1, 0), xs.select(-1, 1));
-        let (f0, f1) = (f.select(-1, 0), f.select(-1, 1));
-        let rotated = Tensor::stack(&[&x0 * &f0 - &x1 * &f1, &x1 * &f0 + &x0 * &f1], -1);
-        rotated.flatten(3, -1).to_kind(x.kind())
-    }
+/// Rotary embeddings on `[b, s, heads, head_dim]`, computed in float32 as upstream does.
+fn rotate(x: &Tensor, freqs: &Tensor) -> Tensor {
+    let size = x.size();
+    let (b, s, heads, hd) = (size[0], size[1], size[2], size[3]);
+    let xs = x.to_kind(Kind::Float).reshape([b, s, heads, hd / 2, 2]);
+    let f = freqs.narrow(0, 0, s).view([1, s, 1, hd / 2, 2]);
+    let (x0, x1) = (xs.select(-1, 0), xs.select(-1, 1));
+    let (f0, f1) = (f.select(-1, 0), f.select(-1, 1));
+    let rotated = Tensor::stack(&[&x0 * &f0 - &x1 * &f1, &x1 * &f0 + &x0 * &f1], -1);
+    rotated.flatten(3, -1).to_kind(x.kind())
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
