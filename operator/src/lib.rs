@@ -11,6 +11,7 @@ pub mod controller;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod network_node;
 pub mod status;
 pub mod telemetry;
 pub mod validate;
