@@ -126,14 +126,15 @@ async fn list(State(d): State<Shared>) -> Json<Vec<NodeResponse>> {
     Json(d.lock().expect("devnet").nodes())
 }
 
-fn body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(raw).map_err(|e| fail(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+/// Parses a request body; the error is upstream's 400 message.
+fn body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(raw).map_err(|e| format!("invalid request body: {e}"))
 }
 
 async fn upsert(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
     let config: InferenceNodeConfig = match body(&raw) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
     };
     match d.lock().expect("devnet").upsert(config) {
         Ok((node, _)) => Json(node.config).into_response(),
@@ -145,14 +146,14 @@ async fn upsert_by_id(state: State<Shared>, Path(id): Path<String>, raw: axum::b
     match body::<InferenceNodeConfig>(&raw) {
         Ok(c) if c.id != id => fail(StatusCode::BAD_REQUEST, "node id in the path and the body differ"),
         Ok(_) => upsert(state, raw).await,
-        Err(r) => r,
+        Err(e) => fail(StatusCode::BAD_REQUEST, e),
     }
 }
 
 async fn batch(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
     let configs: Vec<InferenceNodeConfig> = match body(&raw) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
     };
     let mut devnet = d.lock().expect("devnet");
     let (mut nodes, mut errors) = (Vec::new(), Vec::new());
