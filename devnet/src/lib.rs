@@ -188,3 +188,64 @@ async fn toggle(State(d): State<Shared>, Path(id): Path<String>, enabled: bool) 
     let word = if enabled { "enabled" } else { "disabled" };
     Json(NodeToggleResponse { message: format!("node {word} successfully"), node_id: id }).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn node(id: &str, model: &str) -> serde_json::Value {
+        json!({"host": "10.0.0.1", "inference_port": 5000, "poc_port": 8080, "id": id,
+               "models": {model: {"args": []}}, "max_concurrent": 10, "hardware": []})
+    }
+
+    async fn call(app: &Router, method: &str, path: &str, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn app() -> Router {
+        admin_router(Arc::new(Mutex::new(Devnet::new(["a/ok".to_string()]))))
+    }
+
+    #[tokio::test]
+    async fn batch_answers_created_partial_or_bad_request_like_upstream() {
+        let app = app();
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n1", "a/ok"), node("n2", "a/ok")])).await;
+        assert_eq!((s, v.as_array().unwrap().len()), (StatusCode::CREATED, 2));
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n3", "a/ok"), node("n4", "b/no")])).await;
+        assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(v["errors"][0].as_str().unwrap().split(':').next(), Some("node[1] (id"));
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n5", "b/no")])).await;
+        assert_eq!((s, v["message"]["error"].as_str()), (StatusCode::BAD_REQUEST, Some("all nodes failed validation")));
+        let (_, list) = call(&app, "GET", "/admin/v1/nodes", serde_json::Value::Null).await;
+        assert_eq!(list.as_array().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn malformed_registrations_are_refused_with_reasons() {
+        let app = app();
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes", json!({"id": "x"})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(v["message"].as_str().unwrap().starts_with("invalid request body"), "{v}");
+        let mut empty = node("", "a/ok");
+        empty["host"] = json!("");
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes", empty).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["message"], "node id is required and cannot be empty; host is required and cannot be empty");
+        let (s, _) = call(&app, "PUT", "/admin/v1/nodes/other", node("n1", "a/ok")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, v) = call(&app, "PUT", "/admin/v1/nodes/n1", node("n1", "a/ok")).await;
+        assert_eq!((s, v["id"].as_str()), (StatusCode::OK, Some("n1")));
+    }
+}
