@@ -12,6 +12,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod network_node;
+pub mod registration;
 pub mod status;
 pub mod telemetry;
 pub mod validate;

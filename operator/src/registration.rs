@@ -1,0 +1,186 @@
+//! Registration: which ML nodes a GonkaNode should have on the network node, and what to change
+//! there to get them. Pure: the controller lists pods and registrations, this module plans,
+//! [`crate::network_node`] carries the plan out.
+//!
+//! Rules: a ready pod with an IP is registered (host = pod IP, upstream's ML-node ports, the
+//! GonkaNode's models); a registration whose pod still exists stays even while the pod is not
+//! ready (a restart must not cost the node its broker number and weight); a registration whose
+//! pod is gone is removed; while `spec.paused` every registration is disabled (it serves out the
+//! epoch, then gets no new work), and enabled again after.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_POC_PORT, GonkaNode};
+use gonka_protocol::admin::{InferenceNodeConfig, ModelArgs, NodeResponse};
+use kube::ResourceExt;
+
+use crate::network_node::ml_node_id;
+
+/// Upstream's default cap of concurrent inference requests per ML node.
+pub const MAX_CONCURRENT: u32 = 500;
+
+/// A GonkaNode's pod as registration sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MlNodePod {
+    pub kubernetes_node: String,
+    pub pod_ip: Option<String>,
+    pub ready: bool,
+}
+
+/// What to change on the network node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub upsert: Vec<InferenceNodeConfig>,
+    pub delete: Vec<String>,
+    pub enable: Vec<String>,
+    pub disable: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.delete.is_empty() && self.enable.is_empty() && self.disable.is_empty()
+    }
+}
+
+/// The id prefix of a GonkaNode's ML nodes: `<name>.<namespace>@`.
+pub fn id_prefix(gn: &GonkaNode) -> String {
+    ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), "")
+}
+
+/// The registration of one pod.
+pub fn node_config(gn: &GonkaNode, kubernetes_node: &str, pod_ip: &str) -> InferenceNodeConfig {
+    InferenceNodeConfig {
+        host: pod_ip.to_string(),
+        inference_segment: String::new(),
+        inference_port: DEFAULT_INFERENCE_PORT as u16,
+        poc_segment: String::new(),
+        poc_port: DEFAULT_POC_PORT as u16,
+        models: gn.spec.models.iter().map(|m| (m.id.clone(), ModelArgs { args: m.args.clone() })).collect(),
+        id: ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), kubernetes_node),
+        max_concurrent: MAX_CONCURRENT,
+        // Left out: the network node derives it from the ML node's `/api/v1/gpu/devices`.
+        hardware: Vec::new(),
+    }
+}
+
+/// The plan that brings `registered` (everything the network node lists) to what `pods` call
+/// for. Registrations of other GonkaNodes, or made by hand, are never touched.
+pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], registered: &[NodeResponse]) -> Plan {
+    let prefix = id_prefix(gn);
+    let ours: BTreeMap<&str, &NodeResponse> = registered
+        .iter()
+        .filter(|r| r.node.config.id.starts_with(&prefix))
+        .map(|r| (r.node.config.id.as_str(), r))
+        .collect();
+    let existing_pods: BTreeSet<String> = pods
+        .iter()
+        .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
+        .collect();
+
+    let mut plan = Plan::default();
+    for pod in pods.iter().filter(|p| p.ready) {
+        let Some(ip) = &pod.pod_ip else { continue };
+        let want = node_config(gn, &pod.kubernetes_node, ip);
+        if ours.get(want.id.as_str()).is_none_or(|r| r.node.config != want) {
+            plan.upsert.push(want);
+        }
+    }
+    for (id, r) in &ours {
+        if !existing_pods.contains(*id) {
+            plan.delete.push(id.to_string());
+            continue;
+        }
+        let enabled = r.state.admin_state.enabled;
+        if gn.spec.paused && enabled {
+            plan.disable.push(id.to_string());
+        } else if !gn.spec.paused && !enabled {
+            plan.enable.push(id.to_string());
+        }
+    }
+    plan
+}
+
+/// How many of the GonkaNode's ML nodes the network node lists.
+pub fn registered_count(gn: &GonkaNode, registered: &[NodeResponse]) -> usize {
+    let prefix = id_prefix(gn);
+    registered.iter().filter(|r| r.node.config.id.starts_with(&prefix)).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::gonka_node;
+    use gonka_protocol::admin::{AdminState, Node, NodeState};
+
+    fn pod(node: &str, ip: Option<&str>, ready: bool) -> MlNodePod {
+        MlNodePod { kubernetes_node: node.into(), pod_ip: ip.map(str::to_string), ready }
+    }
+
+    fn registered(config: InferenceNodeConfig, enabled: bool) -> NodeResponse {
+        NodeResponse {
+            node: Node { config, node_num: 0 },
+            state: NodeState { admin_state: AdminState { enabled, epoch: 1 }, ..NodeState::default() },
+        }
+    }
+
+    #[test]
+    fn ready_pods_are_registered_with_upstreams_ports_and_the_models() {
+        let gn = gonka_node("h100", |_| {});
+        let p = plan(
+            &gn,
+            &[pod("gpu-a", Some("10.0.0.5"), true), pod("gpu-b", None, true), pod("gpu-c", Some("10.0.0.7"), false)],
+            &[],
+        );
+        assert_eq!(p.upsert.len(), 1, "only the ready pod with an IP");
+        let c = &p.upsert[0];
+        assert_eq!(
+            (c.id.as_str(), c.host.as_str(), c.poc_port, c.inference_port),
+            ("h100.gpu@gpu-a", "10.0.0.5", 8080, 5000)
+        );
+        assert_eq!(c.models["Qwen/Qwen2.5-7B-Instruct"].args, ["--quantization", "fp8"]);
+    }
+
+    /// Table: pods and registrations in, the plan out.
+    #[test]
+    fn plans_converge_and_touch_only_what_differs() {
+        let gn = gonka_node("h100", |_| {});
+        let a = node_config(&gn, "gpu-a", "10.0.0.5");
+        let other = registered(InferenceNodeConfig { id: "l40s.gpu@gpu-a".into(), ..a.clone() }, true);
+        let manual = registered(InferenceNodeConfig { id: "my-own-node".into(), ..a.clone() }, true);
+
+        // In sync: nothing to do (re-reconcile writes nothing).
+        let p = plan(
+            &gn,
+            &[pod("gpu-a", Some("10.0.0.5"), true)],
+            &[registered(a.clone(), true), other.clone(), manual.clone()],
+        );
+        assert!(p.is_empty(), "{p:?}");
+        // The pod moved to a new IP: update in place.
+        let p = plan(&gn, &[pod("gpu-a", Some("10.0.0.9"), true)], &[registered(a.clone(), true)]);
+        assert_eq!(p.upsert[0].host, "10.0.0.9");
+        // Restarting (not ready): keep the registration as it is.
+        assert!(plan(&gn, &[pod("gpu-a", Some("10.0.0.5"), false)], &[registered(a.clone(), true)]).is_empty());
+        // The pod is gone: deregister; other GonkaNodes' and hand-made registrations stay.
+        let p = plan(&gn, &[], &[registered(a.clone(), true), other, manual]);
+        assert_eq!((p.delete, p.upsert.len()), (vec!["h100.gpu@gpu-a".to_string()], 0));
+    }
+
+    #[test]
+    fn pause_disables_and_resume_enables() {
+        let a = node_config(&gonka_node("h100", |_| {}), "gpu-a", "10.0.0.5");
+        let pods = [pod("gpu-a", Some("10.0.0.5"), true)];
+        let paused = gonka_node("h100", |s| s.paused = true);
+        assert_eq!(plan(&paused, &pods, &[registered(a.clone(), true)]).disable, ["h100.gpu@gpu-a"]);
+        assert!(plan(&paused, &pods, &[registered(a.clone(), false)]).is_empty());
+        let resumed = gonka_node("h100", |_| {});
+        assert_eq!(plan(&resumed, &pods, &[registered(a, false)]).enable, ["h100.gpu@gpu-a"]);
+    }
+
+    #[test]
+    fn counts_only_this_gonka_nodes_registrations() {
+        let gn = gonka_node("h100", |_| {});
+        let a = node_config(&gn, "gpu-a", "10.0.0.5");
+        let other = InferenceNodeConfig { id: "h100x.gpu@gpu-a".into(), ..a.clone() };
+        assert_eq!(registered_count(&gn, &[registered(a, true), registered(other, true)]), 1);
+    }
+}
