@@ -466,6 +466,20 @@ pub fn init_logging(default_filter: &str) {
     });
 }
 
+/// A devnet (the network node's stand-in) on a free loopback port, approving `models`; returns
+/// its state and admin URL. It serves until the test's runtime ends.
+pub async fn start_devnet(models: &[&str]) -> anyhow::Result<(gonka_devnet::Shared, String)> {
+    let devnet =
+        std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::new(models.iter().map(|m| m.to_string()))));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let app = gonka_devnet::admin_router(devnet.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((devnet, url))
+}
+
 /// A minimal valid GonkaNode manifest (one model, the usual network-node URLs), as JSON so
 /// tests can break or extend it before sending.
 pub fn gonka_node_manifest(name: &str, namespace: &str) -> serde_json::Value {
@@ -474,7 +488,8 @@ pub fn gonka_node_manifest(name: &str, namespace: &str) -> serde_json::Value {
         "kind": "GonkaNode",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "networkNode": {"adminUrl": "http://gonka-api.gonka.svc:9200", "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"},
+            // Loopback, nothing listening: tests that need a network node start a devnet.
+            "networkNode": {"adminUrl": "http://127.0.0.1:9", "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"},
             "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}],
         }
     })

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, TEST_DAEMON_IMAGE, eventually, gonka_node_manifest};
+use std::collections::BTreeMap;
+
+use gonka_e2e::{Components, ControlPlane, TEST_DAEMON_IMAGE, eventually, gonka_node_manifest, start_devnet};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -83,9 +85,22 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
     let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
     let operator = cp.start_operator("op-a").await?;
+    let (devnet, admin_url) = start_devnet(&["Qwen/QwQ-32B"]).await?;
+    let registrations = || {
+        let mut r: Vec<(String, String, bool)> = devnet
+            .lock()
+            .unwrap()
+            .nodes()
+            .into_iter()
+            .map(|n| (n.node.config.id, n.node.config.host, n.state.admin_state.enabled))
+            .collect();
+        r.sort();
+        r
+    };
 
     // --- create ---
     let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(admin_url);
     manifest["spec"]["models"] =
         json!([{"id": "Qwen/QwQ-32B", "args": ["--tensor-parallel-size", "4", "--quantization", "fp8"]}]);
     let gn: GonkaNode = serde_json::from_value(manifest)?;
@@ -117,9 +132,26 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     let gn = converge("fleet ready", &cp, &api, 2, |gn| has(gn, "Ready", "True", "AllMlNodesReady")).await?;
     assert!(has(&gn, "Progressing", "False", "RolloutComplete"));
     assert!(has(&gn, "Degraded", "False", "AsExpected"));
-    assert!(has(&gn, "Registered", "Unknown", "RegistrationNotEnabled"));
     assert_eq!(gn.status.as_ref().unwrap().observed_generation, Some(1));
     assert!(event_reasons(&client).await?.contains(&"Created".to_string()));
+
+    // Each ready ML node is registered with the network node, at its pod IP.
+    eventually("both ML nodes registered", WAIT, || async {
+        let gn = gonka_node(&api).await?;
+        Ok(gn.status.as_ref().is_some_and(|s| s.registered_ml_nodes == 2)
+            && has(&gn, "Registered", "True", "MlNodesRegistered"))
+    })
+    .await?;
+    let pods = pod_ips(&client).await?;
+    let ids: Vec<(String, String, bool)> = registrations();
+    assert_eq!(
+        ids,
+        vec![
+            ("h100.gpu@gpu-a".to_string(), pods["gpu-a"].clone(), true),
+            ("h100.gpu@gpu-b".to_string(), pods["gpu-b"].clone(), true)
+        ]
+    );
+    assert!(event_reasons(&client).await?.contains(&"Registered".to_string()));
 
     // kubectl tells the story through the printer columns.
     let table = cp.kubectl(&["get", "gonkanodes", "-n", NS])?;
@@ -127,7 +159,7 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "READY", "DESIRED", "NODES", "REGISTERED", "GPUS", "WEIGHT", "AGE"], "{table}");
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(&row[..6], ["h100", "True", "2", "2", "0", "0"], "{table}");
+    assert_eq!(&row[..6], ["h100", "True", "2", "2", "2", "0"], "{table}");
     let wide = cp.kubectl(&["get", "gn", "-n", NS, "-o", "wide"])?;
     assert!(wide.contains("REASON") && wide.contains("AllMlNodesReady"), "{wide}");
 
@@ -171,6 +203,16 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     .await?;
     assert_eq!(gn.status.as_ref().unwrap().observed_generation, Some(2));
     assert!(event_reasons(&client).await?.contains(&"Updated".to_string()));
+    // Replaced pods have new IPs: their registrations follow, in place (no duplicates).
+    eventually("registrations follow the new pods", WAIT, || async {
+        let pods = pod_ips(&client).await?;
+        Ok(registrations()
+            .iter()
+            .map(|(id, host, _)| (id.rsplit('@').next().unwrap().to_string(), host.clone()))
+            .collect::<BTreeMap<_, _>>()
+            == pods)
+    })
+    .await?;
 
     // --- a spec the apiserver accepts but the operator cannot run: nothing changes, Degraded says why ---
     let ds_generation = ds_now(&daemon_sets).await?.metadata.generation;
@@ -203,7 +245,13 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     .await?;
     assert!(has(&gonka_node(&api).await?, "Degraded", "False", "AsExpected"));
     assert_eq!(image(&ds_now(&daemon_sets).await?), "registry.test/daemon:v2", "paused must hold the rollout");
+    eventually("ML nodes disabled on the network node", WAIT, || async {
+        Ok(registrations().iter().all(|(_, _, enabled)| !enabled))
+    })
+    .await?;
     api.patch("h100", &PatchParams::default(), &merge(json!({"spec": {"paused": false}}))).await?;
+    eventually("ML nodes enabled again", WAIT, || async { Ok(registrations().iter().all(|(_, _, enabled)| *enabled)) })
+        .await?;
     eventually("DaemonSet image v3 after resume", WAIT, || async {
         Ok(image(&ds_now(&daemon_sets).await?) == "registry.test/daemon:v3")
     })
@@ -230,6 +278,7 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     // --- delete: the finalizer runs, then the garbage collector removes what the GonkaNode owned ---
     api.delete("h100", &DeleteParams::default()).await?;
     eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
+    assert!(registrations().is_empty(), "no registration left behind: {:?}", registrations());
     eventually("owned objects collected", WAIT, || async {
         let gone = daemon_sets.get_opt("h100-ml-node").await?.is_none()
             && Api::<ConfigMap>::namespaced(client.clone(), NS).get_opt("h100-daemon-config").await?.is_none()
@@ -238,10 +287,24 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
         Ok(gone)
     })
     .await?;
-    assert!(event_reasons(&client).await?.contains(&"Deleting".to_string()));
+    let reasons = event_reasons(&client).await?;
+    assert!(reasons.contains(&"Deleting".to_string()) && reasons.contains(&"Deregistered".to_string()), "{reasons:?}");
 
     operator.stop().await?;
     Ok(())
+}
+
+/// Kubernetes node -> pod IP of the GonkaNode's running pods.
+async fn pod_ips(client: &Client) -> anyhow::Result<BTreeMap<String, String>> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), NS);
+    Ok(pods
+        .list(&ListParams::default().labels(PODS))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| Some((p.spec?.node_name?, p.status?.pod_ip?)))
+        .collect())
 }
 
 async fn ds_now(api: &Api<DaemonSet>) -> anyhow::Result<DaemonSet> {

@@ -13,22 +13,25 @@ use std::time::Duration;
 use futures::StreamExt;
 use gonka_crds::{GonkaNode, condition};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::Predicate;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::apply::{ApplyError, Mode, Writer};
-use crate::build::{self, BuildError, LABEL_MANAGED_BY, MANAGER, Names};
+use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
 use crate::metrics::Metrics;
-use crate::status::{self, Observation};
+use crate::network_node::{NetworkNode, NetworkNodeError};
+use crate::registration;
+use crate::status::{self, Observation, Registration};
 use crate::validate::validate;
 
 /// Finalizer that holds a GonkaNode until its ML nodes are off the network node.
@@ -94,6 +97,8 @@ pub enum Error {
     Apply(#[from] ApplyError),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("deregistering ML nodes: {0}")]
+    Deregistration(String),
 }
 
 impl Error {
@@ -101,6 +106,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Build(_) => "build",
+            Self::Deregistration(_) => "deregistration",
             Self::Apply(ApplyError::Status(_)) => "status",
             Self::Apply(_) => "apply",
             Self::Finalizer(inner) => match inner.as_ref() {
@@ -183,6 +189,9 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     }
     obs.daemon_set = daemon_set.as_ref();
     obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
+    if obs.invalid_spec.is_none() {
+        obs.registration = Some(register(gn, ctx).await);
+    }
 
     let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
     announce_transitions(gn, ctx, &new_status).await;
@@ -194,8 +203,112 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         Some(e) => Err(e.into()),
         // An invalid spec only gets better when the user edits it.
         None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
+        // The network node is down or a pod still waits for its registration: come back soon.
+        None if matches!(obs.registration, Some(Registration::Unreachable(_))) => Ok(Action::requeue(ctx.config.retry)),
         None => Ok(Action::requeue(ctx.config.resync)),
     }
+}
+
+/// The label selector of a GonkaNode's pods.
+fn pod_selector(gn: &GonkaNode) -> String {
+    build::selector_labels(gn).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// The bearer token for the admin API, from `spec.networkNode.credentialsSecretRef` (key
+/// `token`), if one is referenced.
+async fn admin_token(gn: &GonkaNode, ctx: &Context) -> Result<Option<String>, String> {
+    let Some(secret_ref) = &gn.spec.network_node.credentials_secret_ref else { return Ok(None) };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+    let secret = secrets
+        .get_opt(&secret_ref.name)
+        .await
+        .map_err(|e| format!("reading Secret {}: {e}", secret_ref.name))?
+        .ok_or_else(|| format!("Secret {} (spec.networkNode.credentialsSecretRef) does not exist", secret_ref.name))?;
+    let token = secret
+        .data
+        .and_then(|d| d.get("token").cloned())
+        .ok_or_else(|| format!("Secret {} has no key `token`", secret_ref.name))?;
+    String::from_utf8(token.0).map(|t| Some(t.trim().to_string())).map_err(|_| "the token is not UTF-8".into())
+}
+
+/// One registration pass: list the GonkaNode's pods and the network node's registrations,
+/// change what differs. Writes go to the network node only.
+async fn register(gn: &GonkaNode, ctx: &Context) -> Registration {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+    let pods = match pods.list(&ListParams::default().labels(&pod_selector(gn))).await {
+        Ok(list) => list.items.iter().filter_map(ml_node_pod).collect::<Vec<_>>(),
+        Err(e) => return Registration::Unreachable(format!("listing the ML-node pods: {e}")),
+    };
+    let ready = pods.iter().filter(|p| p.ready && p.pod_ip.is_some()).count() as i32;
+    let token = match admin_token(gn, ctx).await {
+        Ok(t) => t,
+        Err(why) => return Registration::Refused(why),
+    };
+    let network_node = match NetworkNode::new(&gn.spec.network_node.admin_url, token) {
+        Ok(n) => n,
+        Err(e) => return Registration::Refused(e.to_string()),
+    };
+    let outcome = async {
+        let registered = network_node.nodes().await?;
+        let plan = registration::plan(gn, &pods, &registered);
+        if plan.is_empty() {
+            return Ok((registration::registered_count(gn, &registered), plan));
+        }
+        for config in &plan.upsert {
+            network_node.upsert(config).await?;
+        }
+        for id in &plan.delete {
+            network_node.delete(id).await?;
+        }
+        for id in &plan.disable {
+            network_node.set_enabled(id, false).await?;
+        }
+        for id in &plan.enable {
+            network_node.set_enabled(id, true).await?;
+        }
+        let registered = network_node.nodes().await?;
+        Ok::<_, NetworkNodeError>((registration::registered_count(gn, &registered), plan))
+    }
+    .await;
+    match outcome {
+        Ok((count, plan)) => {
+            announce_registration(gn, ctx, &plan).await;
+            Registration::Synced { registered: count as i32, ready, paused: gn.spec.paused }
+        }
+        Err(e) if e.is_retryable() => Registration::Unreachable(e.to_string()),
+        Err(e) => {
+            ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "RegistrationRefused", e.to_string()).await;
+            Registration::Refused(e.to_string())
+        }
+    }
+}
+
+async fn announce_registration(gn: &GonkaNode, ctx: &Context, plan: &registration::Plan) {
+    let lists = [
+        ("Registered", &plan.upsert.iter().map(|c| c.id.clone()).collect::<Vec<_>>()),
+        ("Deregistered", &plan.delete),
+        ("Disabled", &plan.disable),
+        ("Enabled", &plan.enable),
+    ];
+    for (reason, ids) in lists {
+        if !ids.is_empty() {
+            let note = format!("ML nodes on the network node: {}", ids.join(", "));
+            ctx.writer.event(&ctx.recorder, gn, EventType::Normal, reason, note).await;
+        }
+    }
+}
+
+/// A pod as registration needs it; pods being deleted no longer count.
+fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let kubernetes_node = pod.spec.as_ref()?.node_name.clone()?;
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    Some(registration::MlNodePod { kubernetes_node, pod_ip: status.and_then(|s| s.pod_ip.clone()), ready })
 }
 
 /// Events for condition changes a user should see in `kubectl describe`.
@@ -229,9 +342,47 @@ async fn announce_transitions(gn: &GonkaNode, ctx: &Context, new: &gonka_crds::G
     }
 }
 
-/// Runs before a GonkaNode goes away. This operator version registers nothing with the
-/// network node, so there is nothing to deregister yet; network registration adds it here.
+/// Annotation that lets a GonkaNode go without deregistering (the network node is gone for good).
+pub const SKIP_DEREGISTRATION: &str = "gonka.ai/skip-deregistration";
+
+/// Runs before a GonkaNode goes away: every ML node it registered is removed from the network
+/// node first. While the network node is unreachable the GonkaNode stays (Terminating) and
+/// this is retried, unless annotated `gonka.ai/skip-deregistration: "true"`.
 async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
+    let skip = gn.annotations().get(SKIP_DEREGISTRATION).is_some_and(|v| v == "true");
+    if !skip {
+        let token = admin_token(gn, ctx).await.map_err(Error::Deregistration)?;
+        let network_node = NetworkNode::new(&gn.spec.network_node.admin_url, token)
+            .map_err(|e| Error::Deregistration(e.to_string()))?;
+        let outcome = async {
+            let prefix = registration::id_prefix(gn);
+            let ids: Vec<String> = network_node
+                .nodes()
+                .await?
+                .into_iter()
+                .map(|r| r.node.config.id)
+                .filter(|id| id.starts_with(&prefix))
+                .collect();
+            for id in &ids {
+                network_node.delete(id).await?;
+            }
+            Ok::<_, NetworkNodeError>(ids)
+        }
+        .await;
+        match outcome {
+            Ok(ids) if !ids.is_empty() => {
+                let note = format!("ML nodes removed from the network node: {}", ids.join(", "));
+                ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Deregistered", note).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let note =
+                    format!("{e}; the GonkaNode stays until this succeeds (or annotate {SKIP_DEREGISTRATION}=true)");
+                ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "DeregistrationFailed", note).await;
+                return Err(Error::Deregistration(e.to_string()));
+            }
+        }
+    }
     ctx.writer
         .event(
             &ctx.recorder,
@@ -285,7 +436,12 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
         .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
         .owns(owned::<Service>(&client, &namespace), ours.clone())
-        .owns(owned::<ServiceAccount>(&client, &namespace), ours)
+        .owns(owned::<ServiceAccount>(&client, &namespace), ours.clone())
+        // Pods belong to the DaemonSet, not to us; their label names the GonkaNode.
+        .watches(owned::<Pod>(&client, &namespace), ours, |pod: Pod| {
+            let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
+            Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        })
         .with_config(controller::Config::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)

@@ -76,6 +76,15 @@ impl ApiServer {
         body
     }
 
+    /// The registration pass lists the GonkaNode's pods; answers with `pods`.
+    async fn expect_pod_list(&mut self, pods: Value) {
+        let (_, request, send) = self.expect(Method::GET, "/api/v1/namespaces/gpu/pods").await;
+        let query = request.uri().query().unwrap_or_default();
+        assert!(query.contains("labelSelector=app.kubernetes.io%2Finstance%3Dh100"), "{query}");
+        let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods});
+        send.send_response(json_response(&list));
+    }
+
     /// An Event about the GonkaNode; returns its reason.
     async fn expect_event(&mut self) -> String {
         let (body, _, send) = self.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/gpu/events").await;
@@ -159,22 +168,46 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
             assert_eq!(applied["metadata"]["ownerReferences"][0]["uid"], "uid-h100");
         }
         assert_eq!(api.expect_event().await, "Created");
+        api.expect_pod_list(json!([])).await;
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["observedGeneration"], 1);
         let reasons: Vec<&str> =
             status["status"]["conditions"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
-        assert_eq!(reasons, ["AwaitingDaemonSetController", "RolloutPending", "AsExpected", "RegistrationNotEnabled"]);
+        // The fixture's network node (127.0.0.1:9) does not answer.
+        assert_eq!(reasons, ["AwaitingDaemonSetController", "RolloutPending", "AsExpected", "NetworkNodeUnreachable"]);
         api
     })
     .await
     .unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)), "retried soon while the network node is down");
+}
+
+/// A devnet network node on loopback holding `nodes`; returns its admin URL.
+async fn network_node(nodes: Vec<gonka_protocol::admin::InferenceNodeConfig>) -> String {
+    let mut devnet = gonka_devnet::Devnet::new(["Qwen/Qwen2.5-7B-Instruct".to_string()]);
+    for n in nodes {
+        devnet.upsert(n).unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = gonka_devnet::admin_router(Arc::new(std::sync::Mutex::new(devnet)));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+fn ready_pod(node: &str, ip: &str) -> Value {
+    json!({"metadata": {"name": format!("h100-ml-node-{node}"), "namespace": "gpu"},
+           "spec": {"nodeName": node, "containers": [{"name": "node-daemon"}]},
+           "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
 }
 
 #[tokio::test]
 async fn a_steady_fleet_is_read_but_never_written() {
-    // The live objects are exactly what the operator would apply, and the status is current.
-    let mut gn = with_finalizer(|_| {});
+    // The live objects are exactly what the operator would apply, the network node lists the
+    // ready pod, and the status is current.
+    let template = with_finalizer(|_| {});
+    let admin_url = network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12")]).await;
+    let mut gn = with_finalizer(|s| s.network_node.admin_url = admin_url);
     let desired = desired_objects(&gn, &validate(&gn, "registry.test/daemon:1").unwrap()).unwrap();
     let mut ds: DaemonSet = desired.daemon_set.clone();
     ds.metadata.generation = Some(1);
@@ -192,6 +225,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         daemon_set: Some(&ds),
         max_unavailable: Some(&gn.spec.update_strategy.max_unavailable),
         hold_during_poc: true,
+        registration: Some(status::Registration::Synced { registered: 1, ready: 1, paused: false }),
         ..Default::default()
     };
     gn.status = Some(status::compute(None, &obs, &Time(jiff::Timestamp::from_second(1_800_000_000).unwrap())));
@@ -202,6 +236,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
         api.expect_get("/api/v1/namespaces/gpu/services/h100-ml-nodes", &with_kind(&desired.service)).await;
         api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
+        api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;
         api
     })
     .await
@@ -234,6 +269,7 @@ async fn paused_reads_the_fleet_and_announces_the_hold() {
     let gn = with_finalizer(|s| s.paused = true);
     let action = run(gn.clone(), |mut api| async move {
         api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
+        api.expect_pod_list(json!([])).await;
         assert_eq!(api.expect_event().await, "Paused");
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["conditions"][1]["reason"], "Paused");
@@ -241,7 +277,7 @@ async fn paused_reads_the_fleet_and_announces_the_hold() {
     })
     .await
     .unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
 }
 
 #[tokio::test]
@@ -252,6 +288,7 @@ async fn apiserver_refusal_is_reported_and_retried() {
         let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
         send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
         assert_eq!(api.expect_event().await, "ApplyFailed");
+        api.expect_pod_list(json!([])).await;
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["conditions"][2]["reason"], "ApplyFailed");
         api
@@ -262,11 +299,14 @@ async fn apiserver_refusal_is_reported_and_retried() {
 }
 
 #[tokio::test]
-async fn deletion_runs_cleanup_then_releases_the_finalizer() {
-    let mut gn = with_finalizer(|_| {});
+async fn deletion_deregisters_then_releases_the_finalizer() {
+    let template = with_finalizer(|_| {});
+    let admin_url = network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12")]).await;
+    let mut gn = with_finalizer(|s| s.network_node.admin_url = admin_url.clone());
     gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
     let body = serde_json::to_value(&gn).unwrap();
     let action = run(gn, move |mut api| async move {
+        assert_eq!(api.expect_event().await, "Deregistered");
         assert_eq!(api.expect_event().await, "Deleting");
         let (patch, request, send) = api.expect(Method::PATCH, GN_PATH).await;
         assert_eq!(request.headers()["content-type"], "application/json-patch+json");
@@ -277,6 +317,34 @@ async fn deletion_runs_cleanup_then_releases_the_finalizer() {
     .await
     .unwrap();
     assert_eq!(action, Action::await_change());
+    let client = crate::network_node::NetworkNode::new(&admin_url, None).unwrap();
+    assert!(client.nodes().await.unwrap().is_empty(), "no registration left behind");
+}
+
+#[tokio::test]
+async fn deletion_waits_while_the_network_node_is_unreachable() {
+    let mut gn = with_finalizer(|_| {});
+    gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
+    let result = run(gn, |mut api| async move {
+        assert_eq!(api.expect_event().await, "DeregistrationFailed");
+        api
+    })
+    .await;
+    assert_eq!(result.unwrap_err().metric_label(), "deregistration", "the finalizer stays");
+
+    let mut gn = with_finalizer(|_| {});
+    gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
+    gn.metadata.annotations = Some([("gonka.ai/skip-deregistration".to_string(), "true".to_string())].into());
+    let body = serde_json::to_value(&gn).unwrap();
+    let action = run(gn, move |mut api| async move {
+        assert_eq!(api.expect_event().await, "Deleting");
+        let (_, _, send) = api.expect(Method::PATCH, GN_PATH).await;
+        send.send_response(json_response(&body));
+        api
+    })
+    .await
+    .unwrap();
+    assert_eq!(action, Action::await_change(), "the escape hatch lets it go");
 }
 
 fn with_kind<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Value {

@@ -25,6 +25,20 @@ pub struct Observation<'a> {
     pub max_unavailable: Option<&'a IntOrString>,
     /// `spec.updateStrategy.holdDuringPoc`.
     pub hold_during_poc: bool,
+    /// How registration with the network node went this time; `None` = not attempted (the
+    /// previous `Registered` condition and count stand).
+    pub registration: Option<Registration>,
+}
+
+/// The outcome of one registration pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// The network node lists `registered` of this GonkaNode's ML nodes; `ready` pods want to be.
+    Synced { registered: i32, ready: i32, paused: bool },
+    /// The network node did not answer; retried with backoff.
+    Unreachable(String),
+    /// The network node refused (e.g. a model governance did not approve).
+    Refused(String),
 }
 
 /// Counts from the DaemonSet's status; `None` until the DaemonSet controller has looked at it.
@@ -49,6 +63,16 @@ fn rollout(ds: &DaemonSet) -> Option<Rollout> {
         unavailable: status.number_unavailable.unwrap_or(0),
         caught_up: ds.metadata.generation.is_none_or(|g| observed >= g),
     })
+}
+
+/// How long ML nodes may be unavailable (starting, loading a model) before the fleet counts as
+/// degraded. Checked at every reconcile, so it shows within one resync period after.
+pub const UNAVAILABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Seconds since `Ready` last turned False, if it is False.
+fn not_ready_since(previous: &[Condition], now: &Time) -> Option<i64> {
+    let ready = previous.iter().find(|c| c.type_ == condition::READY && c.status == "False")?;
+    Some(now.0.as_second() - ready.last_transition_time.0.as_second())
 }
 
 /// The new status. `previous` supplies transition times to keep and the fields other layers
@@ -139,34 +163,74 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
     let degraded = match (&obs.invalid_spec, &obs.apply_error, &rollout) {
         (Some(why), _, _) => cond(condition::DEGRADED, true, "InvalidSpec", why.clone()),
         (_, Some(why), _) => cond(condition::DEGRADED, true, "ApplyFailed", why.clone()),
-        // While a rollout runs, pods starting up are expected to be unavailable (Progressing
-        // says so); once every ML node runs the current spec, missing ones are a problem.
-        (_, _, Some(r)) if r.caught_up && r.updated >= r.desired && r.unavailable > tolerated(r.desired) => cond(
-            condition::DEGRADED,
-            true,
-            "MlNodesUnavailable",
-            format!(
-                "{} of {} ML nodes unavailable, more than maxUnavailable allows ({})",
-                r.unavailable,
-                r.desired,
-                tolerated(r.desired)
-            ),
-        ),
+        // Pods starting up (a rollout, a new node, model loading) are unavailable for a while;
+        // only ML nodes missing for longer than the grace period are a problem.
+        (_, _, Some(r))
+            if r.caught_up
+                && r.updated >= r.desired
+                && r.unavailable > tolerated(r.desired)
+                && not_ready_since(previous_conditions, now)
+                    .is_some_and(|s| s >= UNAVAILABLE_GRACE.as_secs() as i64) =>
+        {
+            cond(
+                condition::DEGRADED,
+                true,
+                "MlNodesUnavailable",
+                format!(
+                    "{} of {} ML nodes unavailable, more than maxUnavailable allows ({})",
+                    r.unavailable,
+                    r.desired,
+                    tolerated(r.desired)
+                ),
+            )
+        }
         _ => cond(condition::DEGRADED, false, "AsExpected", "no problem observed".into()),
     };
 
-    let registered =
-        previous_conditions.iter().find(|c| c.type_ == condition::REGISTERED).cloned().unwrap_or_else(|| Condition {
-            type_: condition::REGISTERED.into(),
-            status: "Unknown".into(),
-            reason: "RegistrationNotEnabled".into(),
-            message: "this operator version does not register ML nodes with the network node yet".into(),
-            observed_generation: obs.generation,
-            last_transition_time: now.clone(),
-        });
+    let registered = match &obs.registration {
+        None => previous_conditions.iter().find(|c| c.type_ == condition::REGISTERED).cloned().unwrap_or_else(|| {
+            Condition {
+                type_: condition::REGISTERED.into(),
+                status: "Unknown".into(),
+                reason: "RegistrationPending".into(),
+                message: "registration with the network node has not run yet".into(),
+                observed_generation: obs.generation,
+                last_transition_time: now.clone(),
+            }
+        }),
+        Some(Registration::Synced { registered, ready, paused }) => {
+            let held = if *paused { " (disabled while spec.paused)" } else { "" };
+            if *ready == 0 && *registered == 0 {
+                cond(condition::REGISTERED, false, "NoReadyMlNodes", "no ML node is ready to register yet".into())
+            } else if registered >= ready {
+                cond(
+                    condition::REGISTERED,
+                    true,
+                    "MlNodesRegistered",
+                    format!("{registered} ML nodes registered with the network node{held}"),
+                )
+            } else {
+                cond(
+                    condition::REGISTERED,
+                    false,
+                    "RegistrationPending",
+                    format!("{registered}/{ready} ready ML nodes registered{held}"),
+                )
+            }
+        }
+        Some(Registration::Unreachable(why)) => {
+            cond(condition::REGISTERED, false, "NetworkNodeUnreachable", format!("{why}; retrying"))
+        }
+        Some(Registration::Refused(why)) => cond(condition::REGISTERED, false, "RegistrationRefused", why.clone()),
+    };
 
     let previous = previous.cloned().unwrap_or_default();
+    let registered_ml_nodes = match &obs.registration {
+        Some(Registration::Synced { registered, .. }) => *registered,
+        _ => previous.registered_ml_nodes,
+    };
     GonkaNodeStatus {
+        registered_ml_nodes,
         observed_generation: obs.generation,
         conditions: vec![ready, progressing, degraded, registered],
         desired_ml_nodes: rollout.as_ref().map_or(0, |r| r.desired),
@@ -207,6 +271,12 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A status whose `Ready` has been False since `secs_ago` seconds before `at(0)`.
+    fn not_ready_for(secs_ago: i64) -> GonkaNodeStatus {
+        let obs = Observation::default();
+        compute(None, &obs, &at(-secs_ago))
     }
 
     fn get<'a>(s: &'a GonkaNodeStatus, t: &str) -> (&'a str, &'a str) {
@@ -277,12 +347,24 @@ mod tests {
                 max_unavailable: Some(&one),
                 ..Default::default()
             };
-            let s = compute(None, &obs, &at(0));
+            let long_unready = not_ready_for(700);
+            let s = compute(Some(&long_unready), &obs, &at(0));
             let got = [get(&s, "Ready"), get(&s, "Progressing"), get(&s, "Degraded")];
             assert_eq!(got, want, "case {name}");
             assert_eq!(s.observed_generation, Some(7));
-            assert!(s.conditions.iter().all(|c| c.observed_generation == Some(7)));
+            // Registered was not evaluated here (no registration pass): it keeps its own generation.
+            assert!(s.conditions.iter().filter(|c| c.type_ != "Registered").all(|c| c.observed_generation == Some(7)));
         }
+    }
+
+    #[test]
+    fn unavailability_degrades_only_after_the_grace_period() {
+        let d = ds(1, 1, 2, 2, 0, 2); // created, both pods still starting
+        let one = IntOrString::Int(1);
+        let obs = Observation { daemon_set: Some(&d), max_unavailable: Some(&one), ..Default::default() };
+        assert_eq!(get(&compute(None, &obs, &at(0)), "Degraded"), ("False", "AsExpected"), "brand new fleet");
+        assert_eq!(get(&compute(Some(&not_ready_for(60)), &obs, &at(0)), "Degraded"), ("False", "AsExpected"));
+        assert_eq!(get(&compute(Some(&not_ready_for(601)), &obs, &at(0)), "Degraded"), ("True", "MlNodesUnavailable"));
     }
 
     #[test]
@@ -299,7 +381,11 @@ mod tests {
         for (unavailable, degraded) in [(3, "False"), (4, "True")] {
             let d = ds(1, 1, 10, 10, 10 - unavailable, unavailable);
             let obs = Observation { daemon_set: Some(&d), max_unavailable: Some(&quarter), ..Default::default() };
-            assert_eq!(get(&compute(None, &obs, &at(0)), "Degraded").0, degraded, "{unavailable} down");
+            assert_eq!(
+                get(&compute(Some(&not_ready_for(700)), &obs, &at(0)), "Degraded").0,
+                degraded,
+                "{unavailable} down"
+            );
         }
     }
 
@@ -337,11 +423,28 @@ mod tests {
     }
 
     #[test]
+    fn registered_follows_the_registration_pass() {
+        let cases = [
+            (Registration::Synced { registered: 0, ready: 0, paused: false }, ("False", "NoReadyMlNodes"), 0),
+            (Registration::Synced { registered: 1, ready: 3, paused: false }, ("False", "RegistrationPending"), 1),
+            (Registration::Synced { registered: 3, ready: 3, paused: true }, ("True", "MlNodesRegistered"), 3),
+            (Registration::Unreachable("connection refused".into()), ("False", "NetworkNodeUnreachable"), 7),
+            (Registration::Refused("model not approved".into()), ("False", "RegistrationRefused"), 7),
+        ];
+        let previous = GonkaNodeStatus { registered_ml_nodes: 7, ..Default::default() };
+        for (registration, want, count) in cases {
+            let obs = Observation { registration: Some(registration.clone()), ..Default::default() };
+            let s = compute(Some(&previous), &obs, &at(0));
+            assert_eq!((get(&s, "Registered"), s.registered_ml_nodes), (want, count), "{registration:?}");
+        }
+    }
+
+    #[test]
     fn registration_fields_are_carried_over() {
         let previous =
             GonkaNodeStatus { registered_ml_nodes: 2, total_gpus: 16, weight: Some(42), ..Default::default() };
         let s = compute(Some(&previous), &Observation::default(), &at(0));
         assert_eq!((s.registered_ml_nodes, s.total_gpus, s.weight), (2, 16, Some(42)));
-        assert_eq!(get(&s, "Registered"), ("Unknown", "RegistrationNotEnabled"));
+        assert_eq!(get(&s, "Registered"), ("Unknown", "RegistrationPending"));
     }
 }

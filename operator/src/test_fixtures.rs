@@ -7,7 +7,8 @@ use gonka_crds::{GonkaNode, GonkaNodeSpec};
 pub fn gonka_node(name: &str, edit: impl FnOnce(&mut GonkaNodeSpec)) -> GonkaNode {
     let mut spec: GonkaNodeSpec = serde_json::from_value(serde_json::json!({
         "networkNode": {
-            "adminUrl": "http://gonka-api.gonka.svc:9200",
+            // Nothing listens on port 9: the network node is "unreachable" without any lookup.
+            "adminUrl": "http://127.0.0.1:9",
             "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"
         },
         "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}]

@@ -50,10 +50,20 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     step(&format!("operator running (metrics on http://{}/metrics)", operator.admin_addr));
 
+    let (devnet, admin_url) = gonka_e2e::start_devnet(&["Qwen/QwQ-32B", "Qwen/Qwen2.5-7B-Instruct"]).await?;
+    step(&format!("devnet (the network node's stand-in) serving its admin API at {admin_url}"));
+
     cp.namespace(NAMESPACE).await?;
+    // The samples name an in-cluster network node; here it is the devnet on loopback.
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/samples");
-    cp.kubectl(&["apply", "--server-side", "-f", &samples.display().to_string()])?;
-    step("applied manifests/samples/ (GonkaNodes h100 and a100)");
+    let rewritten = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(&samples)? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?.replace("http://gonka-api.gonka.svc:9200", &admin_url);
+        std::fs::write(rewritten.path().join(path.file_name().context("file name")?), text)?;
+    }
+    cp.kubectl(&["apply", "--server-side", "-f", &rewritten.path().display().to_string()])?;
+    step("applied manifests/samples/ (GonkaNodes h100 and a100), adminUrl pointed at the devnet");
 
     let api: Api<GonkaNode> = Api::namespaced(cp.client().await?, NAMESPACE);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -68,11 +78,12 @@ async fn main() -> anyhow::Result<()> {
                 let s = gn.status.clone().unwrap_or_default();
                 let ready = s.conditions.iter().find(|c| c.type_ == "Ready");
                 format!(
-                    "{}: {}/{} ML nodes ready ({})",
+                    "{}: {}/{} ML nodes ready ({}), {} registered",
                     gn.name_any(),
                     s.ready_ml_nodes,
                     s.desired_ml_nodes,
-                    ready.map_or("no status yet", |c| c.reason.as_str())
+                    ready.map_or("no status yet", |c| c.reason.as_str()),
+                    s.registered_ml_nodes
                 )
             })
             .collect();
@@ -100,9 +111,17 @@ async fn main() -> anyhow::Result<()> {
     print!("{}", cp.kubectl(&["get", "daemonsets,pods", "-n", NAMESPACE, "-o", "wide"])?);
     println!("\n$ kubectl get events -n {NAMESPACE} --field-selector involvedObject.kind=GonkaNode");
     print!("{}", cp.kubectl(&["get", "events", "-n", NAMESPACE, "--field-selector", "involvedObject.kind=GonkaNode"])?);
+    println!("\nThe network node (devnet) lists these ML nodes:");
+    for n in devnet.lock().expect("devnet").nodes() {
+        let models: Vec<&String> = n.node.config.models.keys().collect();
+        println!(
+            "  {:<28} node_num {}  host {:<12} enabled {}  models {:?}",
+            n.node.config.id, n.node.node_num, n.node.config.host, n.state.admin_state.enabled, models
+        );
+    }
     println!(
-        "\nNot in this demo yet: registration with a network node and PoC rounds (the devnet stand-in \
-         and node-daemon come with the network-joining work); the REGISTERED, GPUS and WEIGHT columns stay 0."
+        "\nNot in this demo yet: node-daemons answering the network node, PoC rounds and weights (the \
+         devnet's round driver and the daemon report stream come next); the GPUS and WEIGHT columns stay empty."
     );
 
     if keep {
