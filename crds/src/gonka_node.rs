@@ -111,7 +111,7 @@ pub struct GonkaNodeSpec {
     pub update_strategy: UpdateStrategy,
 
     /// Drain switch. While true the operator holds every change to the fleet's objects (no
-    /// rollout starts), and ML nodes are to be disabled on the network node so they finish the
+    /// rollout starts) and disables its ML nodes on the network node, so they finish the
     /// current epoch and get no new PoC round. Pods keep running; set back to false to resume.
     #[serde(default)]
     pub paused: bool,
