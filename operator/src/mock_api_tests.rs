@@ -184,14 +184,10 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
 
 /// A devnet network node on loopback holding `nodes`; returns its admin URL.
 async fn network_node(nodes: Vec<gonka_protocol::admin::InferenceNodeConfig>) -> String {
-    let mut devnet = gonka_devnet::Devnet::new(["Qwen/Qwen2.5-7B-Instruct".to_string()]);
+    let (devnet, url) = gonka_e2e::start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await.unwrap();
     for n in nodes {
-        devnet.upsert(n).unwrap();
+        devnet.lock().unwrap().upsert(n).unwrap();
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = gonka_devnet::admin_router(Arc::new(std::sync::Mutex::new(devnet)));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
 }
 
