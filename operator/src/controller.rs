@@ -1,11 +1,13 @@
 //! The GonkaNode controller. One reconcile is a pipeline:
 //!
 //! read (the watch hands us the object) → [`validate`](crate::validate) →
-//! [`build`](crate::build) (pure) → [`apply`](crate::apply) (the only writer) →
+//! [`build`](crate::build) (pure) → [`apply`](crate::apply) (the only Kubernetes writer) →
+//! registration ([`registration`](crate::registration) plans, pure;
+//! [`network_node`](crate::network_node) carries it out on the network node) →
 //! [`status`](crate::status) (pure, then written by apply).
 //!
-//! Deletion goes through a finalizer so the network node can be cleaned up before the
-//! GonkaNode disappears; the owned objects then go by garbage collection (owner references).
+//! Deletion goes through a finalizer: every ML node is removed from the network node before
+//! the GonkaNode disappears; the owned objects then go by garbage collection (owner references).
 
 use std::sync::Arc;
 use std::time::Duration;
