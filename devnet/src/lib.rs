@@ -3,8 +3,10 @@
 //! registrations in memory and answers the admin API in upstream's JSON shapes.
 //!
 //! Served now: the admin API's node registration (`/admin/v1/nodes` list, upsert, batch,
-//! delete, enable, disable), with upstream's governance-model check. The ML callback server,
-//! the epochs endpoint and the PoC round driver join it with network registration.
+//! delete, enable, disable), with upstream's governance-model check; and the ML callback server
+//! (`/v1/poc-batches/generated|validated`, upstream's :9100) that records PoC v1 batches and
+//! counts weights as the chain does (unique proofs per ML node). The epochs endpoint and the PoC
+//! round driver come next.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gonka_protocol::admin::{AdminState, InferenceNodeConfig, Node, NodeResponse, NodeState, NodeToggleResponse};
+use gonka_protocol::pow::{ProofBatch, ValidatedBatch};
 use serde_json::json;
 
 /// The network node's registrations.
@@ -26,6 +29,10 @@ pub struct Devnet {
     next_num: u64,
     /// The current epoch, stamped on enable/disable.
     pub epoch: u64,
+    /// PoC batches ML nodes posted to the callback server, in arrival order.
+    pub generated: Vec<ProofBatch>,
+    /// Validation verdicts ML nodes posted.
+    pub validated: Vec<ValidatedBatch>,
 }
 
 impl Devnet {
@@ -35,7 +42,19 @@ impl Devnet {
             nodes: BTreeMap::new(),
             next_num: 0,
             epoch: 1,
+            generated: Vec::new(),
+            validated: Vec::new(),
         }
+    }
+
+    /// PoC weight per ML node (`node_id`) for the round at `block_height`: its unique proven
+    /// nonces, as the chain counts them (duplicates, e.g. from a retried post, count once).
+    pub fn weights(&self, block_height: i64) -> BTreeMap<i64, usize> {
+        let mut proofs: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+        for b in self.generated.iter().filter(|b| b.block_height == block_height) {
+            proofs.entry(b.node_id).or_default().extend(&b.nonces);
+        }
+        proofs.into_iter().map(|(node, nonces)| (node, nonces.len())).collect()
     }
 
     /// Registered nodes, as `GET /admin/v1/nodes` answers.
@@ -84,6 +103,40 @@ impl Devnet {
             }
             None => false,
         }
+    }
+}
+
+/// The ML callback server (upstream :9100): ML nodes post PoC batches here. Both the current
+/// paths and upstream's old `/mlnode` alias are served.
+pub fn callback_router(devnet: Shared) -> Router {
+    Router::new()
+        .route("/v1/poc-batches/generated", post(generated))
+        .route("/v1/poc-batches/validated", post(validated))
+        .route("/mlnode/v1/poc-batches/generated", post(generated))
+        .route("/mlnode/v1/poc-batches/validated", post(validated))
+        .with_state(devnet)
+}
+
+async fn generated(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
+    match body::<ProofBatch>(&raw) {
+        Ok(batch) if batch.nonces.len() != batch.dist.len() => {
+            fail(StatusCode::BAD_REQUEST, "nonces and dist differ in length")
+        }
+        Ok(batch) => {
+            d.lock().expect("devnet").generated.push(batch);
+            StatusCode::OK.into_response()
+        }
+        Err(e) => fail(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn validated(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
+    match body::<ValidatedBatch>(&raw) {
+        Ok(batch) => {
+            d.lock().expect("devnet").validated.push(batch);
+            StatusCode::OK.into_response()
+        }
+        Err(e) => fail(StatusCode::BAD_REQUEST, e),
     }
 }
 
@@ -230,6 +283,30 @@ mod tests {
         assert_eq!((s, v["message"]["error"].as_str()), (StatusCode::BAD_REQUEST, Some("all nodes failed validation")));
         let (_, list) = call(&app, "GET", "/admin/v1/nodes", serde_json::Value::Null).await;
         assert_eq!(list.as_array().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn callback_records_batches_and_counts_unique_proofs_as_weight() {
+        let devnet = Arc::new(Mutex::new(Devnet::new(Vec::new())));
+        let app = callback_router(devnet.clone());
+        let batch = |node: i64, height: i64, nonces: &[i64]| {
+            json!({"public_key": "pk", "block_hash": "h", "block_height": height, "node_id": node,
+                   "nonces": nonces, "dist": vec![1.2; nonces.len()]})
+        };
+        for (path, b) in [
+            ("/v1/poc-batches/generated", batch(0, 10, &[0, 2, 4])),
+            ("/v1/poc-batches/generated", batch(0, 10, &[4, 6])), // 4 again: a retried post
+            ("/mlnode/v1/poc-batches/generated", batch(1, 10, &[1])),
+            ("/v1/poc-batches/generated", batch(1, 9, &[3, 5])), // an older round
+        ] {
+            assert_eq!(call(&app, "POST", path, b).await.0, StatusCode::OK);
+        }
+        assert_eq!(devnet.lock().unwrap().weights(10), BTreeMap::from([(0, 4), (1, 1)]));
+        let (s, _) = call(&app, "POST", "/v1/poc-batches/generated", json!({"nonces": [1]})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let mut uneven = batch(0, 10, &[1, 2]);
+        uneven["dist"] = json!([1.0]);
+        assert_eq!(call(&app, "POST", "/v1/poc-batches/generated", uneven).await.0, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]

@@ -227,3 +227,29 @@ fn pow_endpoints_answer_like_upstream() {
     assert_eq!(d.json("POST", "/api/v1/stop").1, json!({"status": "OK"}));
     assert_eq!(d.json("GET", "/api/v1/state").1["state"], "STOPPED");
 }
+
+#[test]
+fn proofs_reach_the_network_node_and_count_as_weight() {
+    // The devnet's callback server stands in for the network node's :9100.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::new(Vec::new())));
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/v1/poc-batches", listener.local_addr().unwrap());
+    let app = gonka_devnet::callback_router(devnet.clone());
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let d = daemon();
+    let mut request = init_request(&url, 3);
+    request["node_count"] = json!(4);
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &request).0, 200);
+    eventually("weight counted", || devnet.lock().unwrap().weights(100).get(&3).copied().unwrap_or(0) >= 10);
+    d.json("POST", "/api/v1/pow/stop");
+
+    let devnet = devnet.lock().unwrap();
+    let weights = devnet.weights(100);
+    assert_eq!(weights.keys().copied().collect::<Vec<_>>(), [3], "only this ML node posted");
+    // Node 3 of 4 proves nonces 3, 7, 11, ...: its own share, none twice.
+    let nonces: Vec<i64> = devnet.generated.iter().flat_map(|b| b.nonces.clone()).collect();
+    assert!(nonces.iter().all(|n| n % 4 == 3), "{nonces:?}");
+    assert_eq!(weights[&3], nonces.len());
+}
