@@ -5,8 +5,8 @@
 //! Served now: the admin API's node registration (`/admin/v1/nodes` list, upsert, batch,
 //! delete, enable, disable), with upstream's governance-model check; and the ML callback server
 //! (`/v1/poc-batches/generated|validated`, upstream's :9100) that records PoC v1 batches and
-//! counts weights as the chain does (unique proofs per ML node). The epochs endpoint and the PoC
-//! round driver come next.
+//! counts weights as the chain does (unique proofs per ML node); and the public API's
+//! `/v1/epochs/latest` with a phase tests set. The PoC round driver comes next.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gonka_protocol::admin::{AdminState, InferenceNodeConfig, Node, NodeResponse, NodeState, NodeToggleResponse};
+use gonka_protocol::network::{EpochPhase, EpochResponse, LatestEpoch};
 use gonka_protocol::pow::{ProofBatch, ValidatedBatch};
 use serde_json::json;
 
@@ -33,6 +34,8 @@ pub struct Devnet {
     pub generated: Vec<ProofBatch>,
     /// Validation verdicts ML nodes posted.
     pub validated: Vec<ValidatedBatch>,
+    /// The epoch `/v1/epochs/latest` reports; tests (and the round driver) move it along.
+    pub epoch_state: EpochResponse,
 }
 
 impl Devnet {
@@ -44,7 +47,27 @@ impl Devnet {
             epoch: 1,
             generated: Vec::new(),
             validated: Vec::new(),
+            epoch_state: EpochResponse {
+                block_height: 1,
+                latest_epoch: LatestEpoch { index: 1, poc_start_block_height: 0 },
+                phase: EpochPhase::Inference,
+                epoch_stages: json!({}),
+                next_epoch_stages: json!({}),
+                epoch_params: json!({}),
+                is_confirmation_poc_active: false,
+            },
         }
+    }
+
+    /// Moves the epoch to `phase` (a new epoch starts at `PoCGenerate`).
+    pub fn set_phase(&mut self, phase: EpochPhase) {
+        if phase == EpochPhase::PocGenerate && self.epoch_state.phase != EpochPhase::PocGenerate {
+            self.epoch += 1;
+            self.epoch_state.latest_epoch =
+                LatestEpoch { index: self.epoch, poc_start_block_height: self.epoch_state.block_height };
+        }
+        self.epoch_state.phase = phase;
+        self.epoch_state.block_height += 1;
     }
 
     /// PoC weight per ML node (`node_id`) for the round at `block_height`: its unique proven
@@ -104,6 +127,16 @@ impl Devnet {
             None => false,
         }
     }
+}
+
+/// The public API's epoch endpoint (upstream :9000 `/v1/epochs/latest`).
+pub fn public_router(devnet: Shared) -> Router {
+    Router::new()
+        .route(
+            "/v1/epochs/latest",
+            get(|State(d): State<Shared>| async move { Json(d.lock().expect("devnet").epoch_state.clone()) }),
+        )
+        .with_state(devnet)
 }
 
 /// The ML callback server (upstream :9100): ML nodes post PoC batches here. Both the current
@@ -307,6 +340,22 @@ mod tests {
         let mut uneven = batch(0, 10, &[1, 2]);
         uneven["dist"] = json!([1.0]);
         assert_eq!(call(&app, "POST", "/v1/poc-batches/generated", uneven).await.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn epochs_endpoint_reports_the_phase_tests_set() {
+        let devnet = Arc::new(Mutex::new(Devnet::new(Vec::new())));
+        let app = public_router(devnet.clone());
+        let (s, v) = call(&app, "GET", "/v1/epochs/latest", serde_json::Value::Null).await;
+        assert_eq!(
+            (s, v["phase"].as_str(), v["latest_epoch"]["index"].as_u64()),
+            (StatusCode::OK, Some("Inference"), Some(1))
+        );
+        devnet.lock().unwrap().set_phase(EpochPhase::PocGenerate);
+        let (_, v) = call(&app, "GET", "/v1/epochs/latest", serde_json::Value::Null).await;
+        let e: EpochResponse = serde_json::from_value(v).unwrap();
+        assert_eq!((e.phase, e.latest_epoch.index), (EpochPhase::PocGenerate, 2));
+        assert!(e.poc_window());
     }
 
     #[tokio::test]

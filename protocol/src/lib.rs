@@ -4,9 +4,11 @@
 //! - [`daemon_config`]: the daemon's configuration file, rendered by the operator into each
 //!   GonkaNode's ConfigMap.
 //! - [`ml_node`]: the Gonka ML-node management API, in upstream's JSON shapes.
+//! - [`network`]: the network node's public epoch answer (PoC windows).
 //! - [`pow`]: PoC v1's init request, proof and validation batches, model params.
 
 pub mod admin;
 pub mod daemon_config;
 pub mod ml_node;
+pub mod network;
 pub mod pow;
