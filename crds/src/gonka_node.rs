@@ -135,6 +135,14 @@ pub struct NetworkNodeSpec {
     #[schemars(length(min = 1, max = 2048))]
     pub ml_callback_url: String,
 
+    /// Base URL of the network node's public API (upstream port 9000, or the 8000 proxy), e.g.
+    /// `http://gonka-api.gonka.svc:9000`. The operator reads the epoch phase there
+    /// (`/v1/epochs/latest`) to hold rollouts out of PoC windows; unset, rollouts are not held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("publicUrl must be an absolute http:// or https:// URL with a host"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub public_url: Option<String>,
+
     /// Optional Secret in this namespace with credentials for the admin API, for network nodes
     /// fronted by an authenticating proxy. Key `token` is sent as a bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,9 +293,10 @@ pub struct UpdateStrategy {
     pub max_unavailable: IntOrString,
 
     /// Hold a rollout while the network is in a PoC window (PoC generation, validation or a
-    /// confirmation PoC), so no ML node restarts and loses its weight. Enforced once the
-    /// operator can read the network node's epoch phase; until then the condition
-    /// `Progressing` says the hold could not be checked.
+    /// confirmation PoC), so no ML node restarts and loses its weight. Needs
+    /// `spec.networkNode.publicUrl`: the DaemonSet then updates `OnDelete` and the operator
+    /// replaces pods itself, outside PoC windows, at most `maxUnavailable` at a time, disabling
+    /// each ML node on the network node first.
     #[serde(default = "default_true")]
     pub hold_during_poc: bool,
 }

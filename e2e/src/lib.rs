@@ -467,13 +467,17 @@ pub fn init_logging(default_filter: &str) {
 }
 
 /// A devnet (the network node's stand-in) on a free loopback port, approving `models`; returns
-/// its state and admin URL. It serves until the test's runtime ends.
+/// its state and base URL, which serves the admin API, the public epoch endpoint and the ML
+/// callback server at once (upstream: ports 9200, 9000, 9100). It serves until the test's
+/// runtime ends.
 pub async fn start_devnet(models: &[&str]) -> anyhow::Result<(gonka_devnet::Shared, String)> {
     let devnet =
         std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::new(models.iter().map(|m| m.to_string()))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let app = gonka_devnet::admin_router(devnet.clone());
+    let app = gonka_devnet::admin_router(devnet.clone())
+        .merge(gonka_devnet::public_router(devnet.clone()))
+        .merge(gonka_devnet::callback_router(devnet.clone()));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -526,6 +530,7 @@ impl ControlPlane {
                 daemon_image: TEST_DAEMON_IMAGE.into(),
                 instance: Some(identity.into()),
                 retry: Duration::from_secs(2),
+                rollout_recheck: Duration::from_secs(1),
                 ..Default::default()
             },
             lease: gonka_operator::LeaseOptions {

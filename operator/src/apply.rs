@@ -1,5 +1,5 @@
 //! Apply: the one module that writes to Kubernetes (owned objects by server-side apply, the
-//! status subresource, events). The finalizer's own add/remove patches are made by kube's
+//! status subresource, events, and pod deletions of an operator-driven rollout). The finalizer's own add/remove patches are made by kube's
 //! `finalizer` helper, called from the controller.
 //!
 //! Before applying an object it reads the live one and skips the write when the live object
@@ -148,6 +148,13 @@ impl Writer {
         });
         api.patch_status(&gn.name_any(), &self.params, &Patch::Apply(&body)).await.map_err(ApplyError::Status)?;
         Ok(true)
+    }
+
+    /// Deletes an ML-node pod (an `OnDelete` rollout step); the DaemonSet controller starts its
+    /// replacement.
+    pub async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), namespace);
+        api.delete(name, &Default::default()).await.map(drop)
     }
 
     /// Publishes a Kubernetes Event about `gn`. Events are best effort: a failure is logged,

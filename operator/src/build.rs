@@ -32,6 +32,9 @@ pub const LABEL_PART_OF: &str = "app.kubernetes.io/part-of";
 pub const LABEL_GONKA_NODE: &str = "gonka.ai/gonka-node";
 /// Pod-template annotation with a hash of the daemon config, so a config change rolls the pods.
 pub const ANNOTATION_CONFIG_HASH: &str = "gonka.ai/config-hash";
+/// Pod-template annotation with a hash of the whole template: a pod whose value differs from
+/// the DaemonSet's runs an old spec (how the operator finds pods to replace under `OnDelete`).
+pub const ANNOTATION_TEMPLATE_HASH: &str = "gonka.ai/template-hash";
 /// Name of the node-daemon container.
 pub const CONTAINER: &str = "node-daemon";
 /// Environment variable telling the daemon where its config file is.
@@ -88,6 +91,25 @@ pub fn labels(gn: &GonkaNode) -> BTreeMap<String, String> {
     labels.insert(LABEL_PART_OF.into(), "gonka".into());
     labels.insert(LABEL_GONKA_NODE.into(), gn.name_any());
     labels
+}
+
+/// Whether rollouts wait for PoC windows to end: `holdDuringPoc` and a public URL to read the
+/// epoch phase from.
+pub fn holds_rollouts(gn: &GonkaNode) -> bool {
+    gn.spec.update_strategy.hold_during_poc && gn.spec.network_node.public_url.is_some()
+}
+
+/// The template hash a DaemonSet's pods should carry.
+pub fn template_hash(ds: &DaemonSet) -> Option<&str> {
+    ds.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TEMPLATE_HASH)
+        .map(String::as_str)
 }
 
 /// The daemon's configuration file for this GonkaNode.
@@ -149,20 +171,31 @@ pub fn desired_objects(gn: &GonkaNode, validated: &ValidatedSpec) -> Result<Desi
         }),
         ..Service::default()
     };
+    let mut template = pod_template(gn, validated, &names, &config_hash);
+    let template_hash = hex::encode(&Sha256::digest(serde_json::to_vec(&template).expect("serializes"))[..8]);
+    if let Some(annotations) = template.metadata.as_mut().and_then(|m| m.annotations.as_mut()) {
+        annotations.insert(ANNOTATION_TEMPLATE_HASH.into(), template_hash);
+    }
+    let update_strategy = if holds_rollouts(gn) {
+        // The operator replaces pods itself, outside PoC windows.
+        DaemonSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }
+    } else {
+        DaemonSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateDaemonSet {
+                max_unavailable: Some(gn.spec.update_strategy.max_unavailable.clone()),
+                // A surge pod would need the same GPUs; GPU nodes cannot run two.
+                max_surge: Some(IntOrString::Int(0)),
+            }),
+        }
+    };
     let daemon_set = DaemonSet {
         metadata: meta(&names.daemon_set),
         spec: Some(DaemonSetSpec {
             selector: LabelSelector { match_labels: Some(selector_labels(gn)), ..LabelSelector::default() },
             revision_history_limit: Some(5),
-            update_strategy: Some(DaemonSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(gn.spec.update_strategy.max_unavailable.clone()),
-                    // A surge pod would need the same GPUs; GPU nodes cannot run two.
-                    max_surge: Some(IntOrString::Int(0)),
-                }),
-            }),
-            template: pod_template(gn, validated, &names, &config_hash),
+            update_strategy: Some(update_strategy),
+            template,
             ..DaemonSetSpec::default()
         }),
         ..DaemonSet::default()
@@ -449,6 +482,14 @@ mod tests {
                 },
             },
             Case {
+                name: "holding rollouts for PoC windows makes the DaemonSet OnDelete",
+                edit: |s| s.network_node.public_url = Some("http://api:9000".into()),
+                check: |o| {
+                    let st = o.daemon_set.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+                    assert_eq!((st.type_.as_deref(), st.rolling_update.is_none()), (Some("OnDelete"), true));
+                },
+            },
+            Case {
                 name: "the pod learns where its config and identity are",
                 edit: |_| {},
                 check: |o| {
@@ -485,6 +526,9 @@ mod tests {
         };
         assert_ne!(hash(&a), hash(&b));
         assert_eq!(a, build(|_| {}), "building is deterministic");
+        let image_change = build(|s| s.image = Some("other:2".into()));
+        assert_eq!(hash(&a), hash(&image_change), "the config did not change");
+        assert_ne!(template_hash(&a.daemon_set), template_hash(&image_change.daemon_set), "the template did");
     }
 
     #[test]

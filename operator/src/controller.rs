@@ -31,8 +31,9 @@ use tracing::{info, warn};
 use crate::apply::{ApplyError, Mode, Writer};
 use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
 use crate::metrics::Metrics;
-use crate::network_node::{NetworkNode, NetworkNodeError};
+use crate::network_node::{self, NetworkNode, NetworkNodeError};
 use crate::registration;
+use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
 use crate::validate::validate;
 
@@ -54,6 +55,8 @@ pub struct ControllerConfig {
     pub retry: Duration,
     /// `reportingInstance` of events (the pod name).
     pub instance: Option<String>,
+    /// How often a held or running rollout looks at the epoch phase again (no watch reports it).
+    pub rollout_recheck: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -65,6 +68,7 @@ impl Default for ControllerConfig {
             resync: Duration::from_secs(300),
             retry: Duration::from_secs(15),
             instance: None,
+            rollout_recheck: Duration::from_secs(30),
         }
     }
 }
@@ -146,7 +150,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     let mut obs = Observation {
         generation: gn.metadata.generation,
         paused: spec.paused,
-        hold_during_poc: spec.update_strategy.hold_during_poc,
+        hold_unchecked: spec.update_strategy.hold_during_poc && spec.network_node.public_url.is_none(),
         ..Observation::default()
     };
 
@@ -191,8 +195,26 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     }
     obs.daemon_set = daemon_set.as_ref();
     obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
+    let mut rollout = RolloutStep::Idle;
     if obs.invalid_spec.is_none() {
-        obs.registration = Some(register(gn, ctx).await);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+        match pods.list(&ListParams::default().labels(&pod_selector(gn))).await {
+            Ok(list) => {
+                if let Some(ds) = &daemon_set {
+                    rollout = drive_rollout(gn, ctx, ds, &list.items).await;
+                }
+                if let RolloutStep::Held(why) = &rollout {
+                    obs.rollout_held = Some(why.clone());
+                }
+                let pods: Vec<_> = list.items.iter().filter_map(ml_node_pod).collect();
+                let expected = daemon_set
+                    .as_ref()
+                    .and_then(|d| d.status.as_ref())
+                    .map_or(pods.len(), |s| s.desired_number_scheduled.max(0) as usize);
+                obs.registration = Some(register(gn, ctx, &pods, expected).await);
+            }
+            Err(e) => obs.registration = Some(Registration::Unreachable(format!("listing the ML-node pods: {e}"))),
+        }
     }
 
     let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
@@ -205,8 +227,10 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         Some(e) => Err(e.into()),
         // An invalid spec only gets better when the user edits it.
         None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
-        // The network node is down or a pod still waits for its registration: come back soon.
+        // The network node is down: come back soon.
         None if matches!(obs.registration, Some(Registration::Unreachable(_))) => Ok(Action::requeue(ctx.config.retry)),
+        // A held or running rollout waits on the epoch phase, which no watch reports.
+        None if rollout != RolloutStep::Idle => Ok(Action::requeue(ctx.config.rollout_recheck)),
         None => Ok(Action::requeue(ctx.config.resync)),
     }
 }
@@ -233,14 +257,93 @@ async fn admin_token(gn: &GonkaNode, ctx: &Context) -> Result<Option<String>, St
     String::from_utf8(token.0).map(|t| Some(t.trim().to_string())).map_err(|_| "the token is not UTF-8".into())
 }
 
-/// One registration pass: list the GonkaNode's pods and the network node's registrations,
-/// change what differs. Writes go to the network node only.
-async fn register(gn: &GonkaNode, ctx: &Context) -> Registration {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-    let pods = match pods.list(&ListParams::default().labels(&pod_selector(gn))).await {
-        Ok(list) => list.items.iter().filter_map(ml_node_pod).collect::<Vec<_>>(),
-        Err(e) => return Registration::Unreachable(format!("listing the ML-node pods: {e}")),
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RolloutStep {
+    /// No pod runs an old spec (or rollouts are not held: the DaemonSet rolls by itself).
+    Idle,
+    /// Pods are being replaced.
+    Replacing,
+    /// Outdated pods wait, and why.
+    Held(String),
+}
+
+/// Replaces outdated pods outside PoC windows (`OnDelete` DaemonSets only): reads the epoch
+/// phase, disables each chosen ML node on the network node, then deletes its pod; the
+/// DaemonSet controller starts the new one and the registration pass enables it again.
+async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Pod]) -> RolloutStep {
+    let (Some(public_url), Some(desired)) = (&gn.spec.network_node.public_url, build::template_hash(ds)) else {
+        return RolloutStep::Idle;
     };
+    if !build::holds_rollouts(gn) || gn.spec.paused {
+        return RolloutStep::Idle;
+    }
+    let view: Vec<RolloutPod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let node = ml_node_pod(p)?;
+            Some(RolloutPod {
+                name: p.name_any(),
+                kubernetes_node: node.kubernetes_node,
+                template_hash: p.annotations().get(build::ANNOTATION_TEMPLATE_HASH).cloned(),
+                ready: node.ready,
+            })
+        })
+        .collect();
+    let tolerated = status::tolerated_unavailable(Some(&gn.spec.update_strategy.max_unavailable), view.len() as i32);
+    let (outdated, pick) = rollout::replacements(&view, desired, tolerated);
+    if outdated == 0 {
+        return RolloutStep::Idle;
+    }
+    let epoch = match network_node::latest_epoch(public_url).await {
+        Ok(e) => e,
+        Err(e) => return RolloutStep::Held(format!("{outdated} ML nodes wait: the epoch phase is unknown ({e})")),
+    };
+    if epoch.poc_window() {
+        let confirmation = if epoch.is_confirmation_poc_active { ", confirmation PoC active" } else { "" };
+        return RolloutStep::Held(format!(
+            "{outdated} ML nodes wait for the PoC window to end (epoch {} phase {:?}{confirmation})",
+            epoch.latest_epoch.index, epoch.phase
+        ));
+    }
+    if pick.is_empty() {
+        return RolloutStep::Replacing; // waiting for replaced pods to come up
+    }
+    let token = admin_token(gn, ctx).await.ok().flatten();
+    let network = NetworkNode::new(&gn.spec.network_node.admin_url, token).ok();
+    let namespace = gn.namespace().unwrap_or_default();
+    let mut replaced = Vec::new();
+    for pod in pick {
+        let id = network_node::ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &pod.kubernetes_node);
+        // Disable first so the network node stops routing work to it; a node it doesn't know
+        // (never registered) is fine to replace, an unreachable network node is not.
+        if let Some(network) = &network {
+            match network.set_enabled(&id, false).await {
+                Ok(()) | Err(NetworkNodeError::Rejected { status: 404, .. }) => {}
+                Err(e) => return RolloutStep::Held(format!("{outdated} ML nodes wait: disabling {id} failed ({e})")),
+            }
+        }
+        if let Err(e) = ctx.writer.delete_pod(&namespace, &pod.name).await {
+            warn!(pod = %pod.name, error = %e, "could not delete an outdated ML-node pod");
+            continue;
+        }
+        replaced.push(pod.name.clone());
+    }
+    if !replaced.is_empty() {
+        let note = format!("replacing outdated ML-node pods outside the PoC window: {}", replaced.join(", "));
+        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Replacing", note).await;
+    }
+    RolloutStep::Replacing
+}
+
+/// One registration pass: compare the GonkaNode's pods with the network node's registrations
+/// and change what differs. Writes go to the network node only.
+async fn register(
+    gn: &GonkaNode,
+    ctx: &Context,
+    pods: &[registration::MlNodePod],
+    pods_expected: usize,
+) -> Registration {
     let ready = pods.iter().filter(|p| p.ready && p.pod_ip.is_some()).count() as i32;
     let token = match admin_token(gn, ctx).await {
         Ok(t) => t,
@@ -252,7 +355,7 @@ async fn register(gn: &GonkaNode, ctx: &Context) -> Registration {
     };
     let outcome = async {
         let registered = network_node.nodes().await?;
-        let plan = registration::plan(gn, &pods, &registered);
+        let plan = registration::plan(gn, pods, pods_expected, &registered);
         if plan.is_empty() {
             return Ok((registration::registered_count(gn, &registered), plan));
         }

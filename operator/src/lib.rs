@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod network_node;
 pub mod registration;
+pub mod rollout;
 pub mod status;
 pub mod telemetry;
 pub mod validate;

@@ -220,7 +220,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         generation: Some(1),
         daemon_set: Some(&ds),
         max_unavailable: Some(&gn.spec.update_strategy.max_unavailable),
-        hold_during_poc: true,
+        hold_unchecked: true,
         registration: Some(status::Registration::Synced { registered: 1, ready: 1, paused: false }),
         ..Default::default()
     };

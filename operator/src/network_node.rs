@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use gonka_protocol::admin::{InferenceNodeConfig, NodeResponse};
+use gonka_protocol::network::EpochResponse;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkNodeError {
@@ -108,6 +109,17 @@ impl NetworkNode {
         let what = format!("{verb} {id}");
         self.send(&what, self.request(reqwest::Method::POST, &format!("/admin/v1/nodes/{id}/{verb}"))).await.map(drop)
     }
+}
+
+/// `GET <public_url>/v1/epochs/latest`: the epoch and its phase.
+pub async fn latest_epoch(public_url: &str) -> Result<EpochResponse, NetworkNodeError> {
+    let client = NetworkNode::new(public_url, None)?;
+    let response = client.send("reading the epoch", client.request(reqwest::Method::GET, "/v1/epochs/latest")).await?;
+    response.json().await.map_err(|e| NetworkNodeError::Rejected {
+        what: "reading the epoch".into(),
+        status: 200,
+        message: format!("unreadable answer: {e}"),
+    })
 }
 
 #[cfg(test)]

@@ -5,8 +5,10 @@
 //! Rules: a ready pod with an IP is registered (host = pod IP, upstream's ML-node ports, the
 //! GonkaNode's models); a registration whose pod still exists stays even while the pod is not
 //! ready (a restart must not cost the node its broker number and weight); a registration whose
-//! pod is gone is removed; while `spec.paused` every registration is disabled (it serves out the
-//! epoch, then gets no new work), and enabled again after.
+//! pod is gone is removed — unless the DaemonSet still wants more pods than exist (a pod being
+//! replaced comes back on the same Kubernetes node, under the same registration); while
+//! `spec.paused` every registration is disabled (it serves out the epoch, then gets no new
+//! work), and enabled again after.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,8 +66,10 @@ pub fn node_config(gn: &GonkaNode, kubernetes_node: &str, pod_ip: &str) -> Infer
 }
 
 /// The plan that brings `registered` (everything the network node lists) to what `pods` call
-/// for. Registrations of other GonkaNodes, or made by hand, are never touched.
-pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], registered: &[NodeResponse]) -> Plan {
+/// for. `pods_expected` is how many pods the DaemonSet wants; while fewer exist, a missing pod
+/// is on its way back and its registration stays. Registrations of other GonkaNodes, or made by
+/// hand, are never touched.
+pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered: &[NodeResponse]) -> Plan {
     let prefix = id_prefix(gn);
     let ours: BTreeMap<&str, &NodeResponse> = registered
         .iter()
@@ -85,9 +89,12 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], registered: &[NodeResponse]) -> 
             plan.upsert.push(want);
         }
     }
+    let replacements_pending = pods_expected > pods.len();
     for (id, r) in &ours {
         if !existing_pods.contains(*id) {
-            plan.delete.push(id.to_string());
+            if !replacements_pending {
+                plan.delete.push(id.to_string());
+            }
             continue;
         }
         let enabled = r.state.admin_state.enabled;
@@ -129,6 +136,7 @@ mod tests {
         let p = plan(
             &gn,
             &[pod("gpu-a", Some("10.0.0.5"), true), pod("gpu-b", None, true), pod("gpu-c", Some("10.0.0.7"), false)],
+            3,
             &[],
         );
         assert_eq!(p.upsert.len(), 1, "only the ready pod with an IP");
@@ -152,16 +160,19 @@ mod tests {
         let p = plan(
             &gn,
             &[pod("gpu-a", Some("10.0.0.5"), true)],
+            1,
             &[registered(a.clone(), true), other.clone(), manual.clone()],
         );
         assert!(p.is_empty(), "{p:?}");
         // The pod moved to a new IP: update in place.
-        let p = plan(&gn, &[pod("gpu-a", Some("10.0.0.9"), true)], &[registered(a.clone(), true)]);
+        let p = plan(&gn, &[pod("gpu-a", Some("10.0.0.9"), true)], 1, &[registered(a.clone(), true)]);
         assert_eq!(p.upsert[0].host, "10.0.0.9");
         // Restarting (not ready): keep the registration as it is.
-        assert!(plan(&gn, &[pod("gpu-a", Some("10.0.0.5"), false)], &[registered(a.clone(), true)]).is_empty());
-        // The pod is gone: deregister; other GonkaNodes' and hand-made registrations stay.
-        let p = plan(&gn, &[], &[registered(a.clone(), true), other, manual]);
+        assert!(plan(&gn, &[pod("gpu-a", Some("10.0.0.5"), false)], 1, &[registered(a.clone(), true)]).is_empty());
+        // Replaced (the DaemonSet still wants the pod): the registration waits for it.
+        assert!(plan(&gn, &[], 1, &[registered(a.clone(), true)]).is_empty());
+        // The pod is gone for good: deregister; other GonkaNodes' and hand-made registrations stay.
+        let p = plan(&gn, &[], 0, &[registered(a.clone(), true), other, manual]);
         assert_eq!((p.delete, p.upsert.len()), (vec!["h100.gpu@gpu-a".to_string()], 0));
     }
 
@@ -170,10 +181,10 @@ mod tests {
         let a = node_config(&gonka_node("h100", |_| {}), "gpu-a", "10.0.0.5");
         let pods = [pod("gpu-a", Some("10.0.0.5"), true)];
         let paused = gonka_node("h100", |s| s.paused = true);
-        assert_eq!(plan(&paused, &pods, &[registered(a.clone(), true)]).disable, ["h100.gpu@gpu-a"]);
-        assert!(plan(&paused, &pods, &[registered(a.clone(), false)]).is_empty());
+        assert_eq!(plan(&paused, &pods, 1, &[registered(a.clone(), true)]).disable, ["h100.gpu@gpu-a"]);
+        assert!(plan(&paused, &pods, 1, &[registered(a.clone(), false)]).is_empty());
         let resumed = gonka_node("h100", |_| {});
-        assert_eq!(plan(&resumed, &pods, &[registered(a, false)]).enable, ["h100.gpu@gpu-a"]);
+        assert_eq!(plan(&resumed, &pods, 1, &[registered(a, false)]).enable, ["h100.gpu@gpu-a"]);
     }
 
     #[test]

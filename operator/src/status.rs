@@ -23,8 +23,10 @@ pub struct Observation<'a> {
     pub paused: bool,
     /// `spec.updateStrategy.maxUnavailable`.
     pub max_unavailable: Option<&'a IntOrString>,
-    /// `spec.updateStrategy.holdDuringPoc`.
-    pub hold_during_poc: bool,
+    /// `holdDuringPoc` is asked for but cannot be checked (no `networkNode.publicUrl`).
+    pub hold_unchecked: bool,
+    /// Why the operator holds the rollout now (a PoC window), if it does.
+    pub rollout_held: Option<String>,
     /// How registration with the network node went this time; `None` = not attempted (the
     /// previous `Registered` condition and count stand).
     pub registration: Option<Registration>,
@@ -63,6 +65,19 @@ fn rollout(ds: &DaemonSet) -> Option<Rollout> {
         unavailable: status.number_unavailable.unwrap_or(0),
         caught_up: ds.metadata.generation.is_none_or(|g| observed >= g),
     })
+}
+
+/// ML nodes that may be down at once: `maxUnavailable` as a count, or as a percentage of
+/// `desired` rounded up with a floor of one (as Kubernetes resolves it).
+pub fn tolerated_unavailable(max_unavailable: Option<&IntOrString>, desired: i32) -> i32 {
+    match max_unavailable {
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(p)) => {
+            let percent: i32 = p.trim_end_matches('%').parse().unwrap_or(0);
+            ((desired * percent + 99) / 100).max(1)
+        }
+        None => 1,
+    }
 }
 
 /// How long ML nodes may be unavailable (starting, loading a model) before the fleet counts as
@@ -128,6 +143,9 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
             "InvalidSpec",
             "the spec is invalid; the last valid spec stays in place".into(),
         ),
+        _ if obs.rollout_held.is_some() => {
+            cond(condition::PROGRESSING, true, "HeldForPoC", obs.rollout_held.clone().unwrap_or_default())
+        }
         Some(r) if r.caught_up && r.updated >= r.desired && r.available >= r.desired => cond(
             condition::PROGRESSING,
             false,
@@ -137,9 +155,8 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
         Some(r) if r.caught_up => {
             let mut message =
                 format!("{}/{} ML nodes updated, {}/{} available", r.updated, r.desired, r.available, r.desired);
-            if obs.hold_during_poc {
-                message
-                    .push_str("; the PoC-window hold is not enforced yet: the network node's epoch phase is not read");
+            if obs.hold_unchecked {
+                message.push_str("; PoC windows are not checked: set spec.networkNode.publicUrl to hold rollouts");
             }
             cond(condition::PROGRESSING, true, "RollingOut", message)
         }
@@ -151,15 +168,7 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
         ),
     };
 
-    let tolerated = |desired: i32| match obs.max_unavailable {
-        Some(IntOrString::Int(n)) => *n,
-        Some(IntOrString::String(p)) => {
-            let percent: i32 = p.trim_end_matches('%').parse().unwrap_or(0);
-            // Kubernetes rounds a percentage maxUnavailable up, with a floor of one.
-            ((desired * percent + 99) / 100).max(1)
-        }
-        None => 1,
-    };
+    let tolerated = |desired: i32| tolerated_unavailable(obs.max_unavailable, desired);
     let degraded = match (&obs.invalid_spec, &obs.apply_error, &rollout) {
         (Some(why), _, _) => cond(condition::DEGRADED, true, "InvalidSpec", why.clone()),
         (_, Some(why), _) => cond(condition::DEGRADED, true, "ApplyFailed", why.clone()),
@@ -365,6 +374,19 @@ mod tests {
         assert_eq!(get(&compute(None, &obs, &at(0)), "Degraded"), ("False", "AsExpected"), "brand new fleet");
         assert_eq!(get(&compute(Some(&not_ready_for(60)), &obs, &at(0)), "Degraded"), ("False", "AsExpected"));
         assert_eq!(get(&compute(Some(&not_ready_for(601)), &obs, &at(0)), "Degraded"), ("True", "MlNodesUnavailable"));
+    }
+
+    #[test]
+    fn a_held_rollout_says_why() {
+        let d = ds(2, 2, 3, 0, 3, 0);
+        let obs = Observation {
+            daemon_set: Some(&d),
+            rollout_held: Some("3 ML nodes wait for the PoC window to end (phase PoCGenerate)".into()),
+            ..Default::default()
+        };
+        let s = compute(None, &obs, &at(0));
+        assert_eq!(get(&s, "Progressing"), ("True", "HeldForPoC"));
+        assert!(s.conditions[1].message.contains("PoCGenerate"));
     }
 
     #[test]

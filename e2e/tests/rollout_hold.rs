@@ -1,0 +1,113 @@
+//! Rollouts that don't cost a PoC window, on a real control plane: with a public URL to read the
+//! epoch phase, the DaemonSet updates OnDelete and the operator replaces pods itself — never
+//! while the devnet network node reports a PoC phase, one at a time after, each ML node
+//! disabled on the network node before its pod goes and enabled again once it is back.
+
+use std::time::Duration;
+
+use gonka_crds::GonkaNode;
+use gonka_e2e::{Components, ControlPlane, eventually, gonka_node_manifest, start_devnet};
+use gonka_protocol::network::EpochPhase;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "gpu";
+const WAIT: Duration = Duration::from_secs(90);
+const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
+
+async fn pod_images(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
+    let mut images: Vec<String> = pods
+        .list(&ListParams::default().labels(PODS))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec?.containers.first()?.image.clone())
+        .collect();
+    images.sort();
+    Ok(images)
+}
+
+fn condition(gn: &GonkaNode, t: &str) -> (String, String, String) {
+    gn.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::WithControllers).await?;
+    cp.install_crd().await?;
+    cp.namespace(NS).await?;
+    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    cp.gpu_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op-a").await?;
+
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+
+    eventually("fleet ready and registered", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2)
+    })
+    .await?;
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), NS).get("h100-ml-node").await?;
+    assert_eq!(ds.spec.unwrap().update_strategy.unwrap().type_.as_deref(), Some("OnDelete"));
+    let node_nums = || {
+        devnet.lock().unwrap().nodes().iter().map(|n| (n.node.config.id.clone(), n.node.node_num)).collect::<Vec<_>>()
+    };
+    let before = node_nums();
+
+    // A PoC window opens, then a new image is applied: nothing restarts.
+    devnet.lock().unwrap().set_phase(EpochPhase::PocGenerate);
+    api.patch("h100", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "registry.test/daemon:v2"}})))
+        .await?;
+    eventually("the hold is reported", WAIT, || async {
+        let (status, reason, message) = condition(&api.get("h100").await?, "Progressing");
+        Ok(status == "True" && reason == "HeldForPoC" && message.contains("PocGenerate"))
+    })
+    .await?;
+    for _ in 0..10 {
+        cp.simulate_kubelet(NS, PODS).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(pod_images(&pods).await?, ["registry.test/gonka-node-daemon:e2e"; 2], "no pod replaced during PoC");
+    assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.state.admin_state.enabled), "nothing disabled yet");
+
+    // The window closes: pods are replaced one at a time and come back registered and enabled.
+    devnet.lock().unwrap().set_phase(EpochPhase::Inference);
+    eventually("rolled out after the window", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        let images = pod_images(&pods).await?;
+        let enabled = devnet.lock().unwrap().nodes().iter().all(|n| n.state.admin_state.enabled);
+        Ok(images == ["registry.test/daemon:v2"; 2] && s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2 && enabled)
+    })
+    .await?;
+    assert_eq!(node_nums(), before, "replaced ML nodes keep their registration (and broker number)");
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await?.items.into_iter().filter_map(|e| e.reason).collect();
+    for r in ["Replacing", "Enabled"] {
+        assert!(reasons.contains(&r.to_string()), "missing event {r}: {reasons:?}");
+    }
+    eventually("rollout complete", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        Ok(condition(&api.get("h100").await?, "Progressing").1 == "RolloutComplete")
+    })
+    .await?;
+    operator.stop().await?;
+    Ok(())
+}
