@@ -59,11 +59,13 @@ async fn main() -> anyhow::Result<()> {
     let rewritten = tempfile::tempdir()?;
     for entry in std::fs::read_dir(&samples)? {
         let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?.replace("http://gonka-api.gonka.svc:9200", &admin_url);
+        let text = std::fs::read_to_string(&path)?
+            .replace("http://gonka-api.gonka.svc:9200", &admin_url)
+            .replace("http://gonka-api.gonka.svc:9000", &admin_url);
         std::fs::write(rewritten.path().join(path.file_name().context("file name")?), text)?;
     }
     cp.kubectl(&["apply", "--server-side", "-f", &rewritten.path().display().to_string()])?;
-    step("applied manifests/samples/ (GonkaNodes h100 and a100), adminUrl pointed at the devnet");
+    step("applied manifests/samples/ (GonkaNodes h100 and a100), network node URLs pointed at the devnet");
 
     let api: Api<GonkaNode> = Api::namespaced(cp.client().await?, NAMESPACE);
     let deadline = Instant::now() + Duration::from_secs(120);
