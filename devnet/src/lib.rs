@@ -6,7 +6,10 @@
 //! delete, enable, disable), with upstream's governance-model check; and the ML callback server
 //! (`/v1/poc-batches/generated|validated`, upstream's :9100) that records PoC v1 batches and
 //! counts weights as the chain does (unique proofs per ML node); and the public API's
-//! `/v1/epochs/latest` with a phase tests set. The PoC round driver comes next.
+//! `/v1/epochs/latest` with a phase tests set; and [`round`], which drives registered ML nodes
+//! through a PoC v1 round (generate, sample, cross-validate, weigh).
+
+pub mod round;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
