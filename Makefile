@@ -16,8 +16,10 @@ build:
 	$(CARGO) build --workspace --locked
 
 ## The two newcomer commands (README): `make demo` and `make test`.
-demo: controlplane
-	$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
+demo: controlplane pyenv
+	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) build --locked -q -p gonka-node-daemon --features torch
+	GONKA_DAEMON_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/gonka-node-daemon \
+		$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
 
 test: controlplane pyenv
 	$(CARGO) test --workspace --locked

@@ -33,6 +33,7 @@ pub enum Components {
 }
 
 pub struct ControlPlane {
+    next_ip: std::sync::atomic::AtomicU32,
     dir: tempfile::TempDir,
     processes: Vec<(&'static str, Child)>,
     bin: PathBuf,
@@ -73,7 +74,8 @@ impl ControlPlane {
         let kubeconfig = d.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &url, &d.join("ca.crt"), &token)?;
 
-        let mut cp = Self { dir, processes: Vec::new(), bin, kubeconfig, url };
+        let mut cp =
+            Self { next_ip: std::sync::atomic::AtomicU32::new(0), dir, processes: Vec::new(), bin, kubeconfig, url };
         let d = cp.dir.path().to_path_buf();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -274,6 +276,12 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A fresh loopback address for a pod: 127.0.1.1, 127.0.1.2, ...
+    fn next_pod_ip(&self) -> String {
+        let n = self.next_ip.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        format!("127.0.{}.{}", 1 + n / 250, 1 + n % 250)
+    }
+
     /// Does what a scheduler and kubelets would for the pods in `namespace` matching
     /// `selector`: binds each unbound pod to the node its DaemonSet affinity names, reports it
     /// Running and Ready, and finishes the deletion of pods being deleted (the kubelet's
@@ -315,7 +323,9 @@ impl ControlPlane {
             let status = serde_json::json!({"status": {
                 "phase": "Running",
                 "hostIP": "10.0.0.1",
-                "podIP": format!("10.244.0.{}", 10 + touched % 200),
+                // A loopback address of its own, so a process standing in for the pod can listen
+                // on it at the ML-node ports (127.0.0.0/8 is all loopback).
+                "podIP": self.next_pod_ip(),
                 "startTime": now(),
                 "conditions": [
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},

@@ -8,6 +8,7 @@
 //! `--keep` leaves everything running and prints a KUBECONFIG to explore with; Ctrl-C stops.
 
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -121,10 +122,13 @@ async fn main() -> anyhow::Result<()> {
             n.node.config.id, n.node.node_num, n.node.config.host, n.state.admin_state.enabled, models
         );
     }
-    println!(
-        "\nNot in this demo yet: node-daemons answering the network node, PoC rounds and weights (the \
-         devnet's round driver and the daemon report stream come next); the GPUS and WEIGHT columns stay empty."
-    );
+    match std::env::var_os("GONKA_DAEMON_BIN") {
+        Some(bin) => poc_round(&cp, &devnet, &admin_url, Path::new(&bin), &step).await?,
+        None => println!(
+            "\nNo PoC round: set GONKA_DAEMON_BIN to a node-daemon built with `--features torch` \
+             (`make demo` does) to run one."
+        ),
+    }
 
     if keep {
         println!("\nKeeping it running. In another shell:\n  export KUBECONFIG={}", cp.kubeconfig().display());
@@ -133,5 +137,117 @@ async fn main() -> anyhow::Result<()> {
     }
     operator.stop().await?;
     step("stopped; the control plane and its files are removed");
+    Ok(())
+}
+
+/// Node-daemon processes stand in for the ML-node pods (each listens on its pod's loopback IP at
+/// the ML-node port the operator registered), with fake-NVML GPUs matching their nodes; the
+/// devnet drives them through a PoC v1 round; the result is a table.
+async fn poc_round(
+    cp: &ControlPlane,
+    devnet: &gonka_devnet::Shared,
+    base_url: &str,
+    daemon: &Path,
+    step: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(cp.client().await?, NAMESPACE);
+    let scratch = tempfile::tempdir()?;
+    let config = scratch.path().join("daemon.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"gonkaNode": "gonka-demo/demo", "mlCallbackUrl": format!("{base_url}/v1/poc-batches"),
+            "pocPort": 8080, "inferencePort": 5000, "gpus": null, "models": [],
+            "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 10000}})
+        .to_string(),
+    )?;
+    struct Running(Vec<Child>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut daemons = Running(Vec::new());
+    for pod in pods.list(&ListParams::default().labels("app.kubernetes.io/name=gonka-ml-node")).await? {
+        let (Some(ip), Some(node)) =
+            (pod.status.as_ref().and_then(|s| s.pod_ip.clone()), pod.spec.as_ref().and_then(|s| s.node_name.clone()))
+        else {
+            continue;
+        };
+        let scenario = if node.contains("a100") {
+            let mut s = fake_nvml::Scenario::hgx_h100();
+            s.gpus = (0..8).map(fake_nvml::FakeGpu::a100_40).collect();
+            s
+        } else {
+            fake_nvml::Scenario::hgx_h100()
+        };
+        let scenario_file = scratch.path().join(format!("{node}.gpus"));
+        scenario.write(&scenario_file)?;
+        let child = Command::new(daemon)
+            .env("GONKA_LISTEN", format!("{ip}:8080"))
+            .env("GONKA_DAEMON_CONFIG", &config)
+            .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
+            .env(fake_nvml::CONFIG_ENV, &scenario_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", daemon.display()))?;
+        daemons.0.push(child);
+    }
+    let http = reqwest::Client::new();
+    let targets: Vec<(String, String)> = devnet
+        .lock()
+        .expect("devnet")
+        .nodes()
+        .into_iter()
+        .map(|n| (n.node.config.id, format!("http://{}:{}", n.node.config.host, n.node.config.poc_port)))
+        .collect();
+    for (id, url) in &targets {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.get(format!("{url}/healthz")).send().await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the node-daemon for {id} did not come up at {url}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    step(&format!("{} node-daemons up on the pods' addresses, GPUs from fake NVML", daemons.0.len()));
+
+    let cfg = gonka_devnet::round::RoundConfig {
+        block_hash: "0xdemo-block".into(),
+        block_height: 1000,
+        public_key: "demo-host".into(),
+        // A small proof model, so a CPU proves a few hundred nonces in seconds.
+        params: serde_json::from_value(serde_json::json!({"dim": 64, "n_layers": 2, "n_heads": 4,
+            "vocab_size": 96, "ffn_dim_multiplier": 1.3, "multiple_of": 32, "rope_theta": 10000.0, "seq_len": 8}))?,
+        r_target: 1.41,
+        fraud_threshold: 1e-7,
+        batch_size: 8,
+        generate_for: Duration::from_secs(6),
+        settle_for: Duration::from_secs(3),
+        validation_sample: 200,
+        callback_url: format!("{base_url}/v1/poc-batches"),
+    };
+    let results = gonka_devnet::round::run_round(devnet, &http, &cfg, |m| step(m)).await?;
+
+    println!("\nPoC round at block {} (devnet):", cfg.block_height);
+    println!("  {:<28} {:<34} {:>12} {:>8}  validation", "ML NODE", "GPUS", "VALID NONCES", "WEIGHT");
+    for r in &results {
+        let url = &targets.iter().find(|(id, _)| *id == r.id).map(|(_, u)| u.clone()).unwrap_or_default();
+        let devices: serde_json::Value =
+            http.get(format!("{url}/api/v1/gpu/devices")).send().await?.json().await.unwrap_or_default();
+        let gpus = devices["devices"]
+            .as_array()
+            .map(|d| format!("{} x {}", d.len(), d.first().and_then(|g| g["name"].as_str()).unwrap_or("?")))
+            .unwrap_or_else(|| "?".into());
+        let validation = match (&r.validated_by, r.fraud_detected, r.n_invalid) {
+            (Some(by), Some(false), Some(n)) => format!("passed ({n} misses, by {by})"),
+            (Some(by), Some(true), Some(n)) => format!("FRAUD ({n} misses, by {by})"),
+            _ => "not validated".into(),
+        };
+        println!("  {:<28} {:<34} {:>12} {:>8}  {validation}", r.id, gpus, r.valid_nonces, r.weight);
+    }
     Ok(())
 }
