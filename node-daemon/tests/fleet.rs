@@ -1,0 +1,116 @@
+//! The whole chain on a real control plane: the operator rolls out a GonkaNode and registers
+//! its pods with the devnet network node; node-daemon processes stand in for the pods on their
+//! addresses; the devnet drives them through a PoC round; both earn weight; deleting the
+//! GonkaNode leaves no registration behind.
+#![cfg(feature = "torch")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gonka_crds::GonkaNode;
+use gonka_devnet::round::{RoundConfig, run_round};
+use gonka_e2e::{Components, ControlPlane, eventually, gonka_node_manifest, start_devnet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "gpu";
+const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Daemons(Vec<Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::WithControllers).await?;
+    cp.install_crd().await?;
+    cp.namespace(NS).await?;
+    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    cp.gpu_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op-a").await?;
+
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    eventually("fleet ready and registered", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2)
+    })
+    .await?;
+
+    // The daemons take the pods' places: the address the operator registered, the daemon config
+    // the operator rendered (its ConfigMap), GPUs from fake NVML.
+    let scratch = tempfile::tempdir()?;
+    let cm =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
+    let config = scratch.path().join("daemon.json");
+    std::fs::write(&config, &cm.data.unwrap()["daemon.json"])?;
+    let gpus = scratch.path().join("gpus");
+    fake_nvml::Scenario::hgx_h100().write(&gpus)?;
+    let mut daemons = Daemons(Vec::new());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    for pod in pods.list(&ListParams::default().labels(PODS)).await? {
+        let ip = pod.status.and_then(|s| s.pod_ip).expect("ready pods have an IP");
+        daemons.0.push(
+            Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"))
+                .env("GONKA_LISTEN", format!("{ip}:8080"))
+                .env("GONKA_DAEMON_CONFIG", &config)
+                .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
+                .env(fake_nvml::CONFIG_ENV, &gpus)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let http = reqwest::Client::new();
+    for n in devnet.lock().unwrap().nodes() {
+        let health = format!("http://{}:{}/healthz", n.node.config.host, n.node.config.poc_port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http.get(&health).send().await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "daemon at {health} did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let cfg = RoundConfig {
+        block_hash: "0xfleet".into(),
+        block_height: 42,
+        public_key: "host".into(),
+        params: serde_json::from_value(json!({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 96,
+            "ffn_dim_multiplier": 1.3, "multiple_of": 32, "rope_theta": 10000.0, "seq_len": 8}))?,
+        r_target: 1.41,
+        fraud_threshold: 1e-7,
+        batch_size: 8,
+        generate_for: Duration::from_secs(4),
+        settle_for: Duration::from_secs(6),
+        validation_sample: 200,
+        callback_url: format!("{url}/v1/poc-batches"),
+    };
+    let results = run_round(&devnet, &http, &cfg, |_| {}).await?;
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.weight > 0 && r.fraud_detected == Some(false), "{r:?}");
+    }
+
+    api.delete("h100", &DeleteParams::default()).await?;
+    eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
+    assert!(devnet.lock().unwrap().nodes().is_empty(), "no registration left behind");
+    drop(daemons);
+    operator.stop().await?;
+    Ok(())
+}
