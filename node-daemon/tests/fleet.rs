@@ -78,7 +78,8 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
         );
     }
     let http = reqwest::Client::new();
-    for n in devnet.lock().unwrap().nodes() {
+    let registered = devnet.lock().unwrap().nodes();
+    for n in registered {
         let health = format!("http://{}:{}/healthz", n.node.config.host, n.node.config.poc_port);
         let deadline = Instant::now() + Duration::from_secs(30);
         while http.get(&health).send().await.is_err() {
