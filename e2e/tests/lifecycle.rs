@@ -250,8 +250,12 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
     })
     .await?;
     api.patch("h100", &PatchParams::default(), &merge(json!({"spec": {"paused": false}}))).await?;
-    eventually("ML nodes enabled again", WAIT, || async { Ok(registrations().iter().all(|(_, _, enabled)| *enabled)) })
-        .await?;
+    // Resuming rolls the held change out; each ML node is enabled again once its pod is ready.
+    eventually("ML nodes enabled again", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        Ok(registrations().iter().all(|(_, _, enabled)| *enabled))
+    })
+    .await?;
     eventually("DaemonSet image v3 after resume", WAIT, || async {
         Ok(image(&ds_now(&daemon_sets).await?) == "registry.test/daemon:v3")
     })

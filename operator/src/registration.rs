@@ -8,7 +8,7 @@
 //! pod is gone is removed — unless the DaemonSet still wants more pods than exist (a pod being
 //! replaced comes back on the same Kubernetes node, under the same registration); while
 //! `spec.paused` every registration is disabled (it serves out the epoch, then gets no new
-//! work), and enabled again after.
+//! work); a disabled registration is enabled again once not paused and its pod is ready.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -90,17 +90,20 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         }
     }
     let replacements_pending = pods_expected > pods.len();
+    let ready_pods: BTreeSet<String> = pods
+        .iter()
+        .filter(|p| p.ready)
+        .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
+        .collect();
     for (id, r) in &ours {
-        if !existing_pods.contains(*id) {
-            if !replacements_pending {
-                plan.delete.push(id.to_string());
-            }
-            continue;
-        }
         let enabled = r.state.admin_state.enabled;
-        if gn.spec.paused && enabled {
+        if !existing_pods.contains(*id) && !replacements_pending {
+            plan.delete.push(id.to_string());
+        } else if gn.spec.paused && enabled {
             plan.disable.push(id.to_string());
-        } else if !gn.spec.paused && !enabled {
+        } else if !gn.spec.paused && !enabled && ready_pods.contains(*id) {
+            // Enabled again only once its pod serves: a node disabled for replacement stays
+            // disabled until the new pod is ready.
             plan.enable.push(id.to_string());
         }
     }
@@ -184,7 +187,13 @@ mod tests {
         assert_eq!(plan(&paused, &pods, 1, &[registered(a.clone(), true)]).disable, ["h100.gpu@gpu-a"]);
         assert!(plan(&paused, &pods, 1, &[registered(a.clone(), false)]).is_empty());
         let resumed = gonka_node("h100", |_| {});
-        assert_eq!(plan(&resumed, &pods, 1, &[registered(a, false)]).enable, ["h100.gpu@gpu-a"]);
+        assert_eq!(plan(&resumed, &pods, 1, &[registered(a.clone(), false)]).enable, ["h100.gpu@gpu-a"]);
+        // Paused while its pod is being replaced: disabled all the same.
+        assert_eq!(plan(&paused, &[], 1, &[registered(a.clone(), true)]).disable, ["h100.gpu@gpu-a"]);
+        // Resumed while its pod is being replaced (or starting): enabled once the pod is ready.
+        assert!(plan(&resumed, &[], 1, &[registered(a.clone(), false)]).is_empty());
+        let starting = [pod("gpu-a", Some("10.0.0.5"), false)];
+        assert!(plan(&resumed, &starting, 1, &[registered(a, false)]).is_empty());
     }
 
     #[test]
