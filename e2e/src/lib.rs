@@ -134,6 +134,18 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// A control plane with controllers, the GonkaNode CRD, `namespace`, and one 8-GPU H100
+    /// node per name in `gpu_nodes`: the setup of the fleet tests.
+    pub async fn start_h100_fleet(namespace: &str, gpu_nodes: &[&str]) -> anyhow::Result<Self> {
+        let cp = Self::start(Components::WithControllers).await?;
+        cp.install_crd().await?;
+        cp.namespace(namespace).await?;
+        for node in gpu_nodes {
+            cp.gpu_node(node, 8, "NVIDIA-H100-80GB-HBM3").await?;
+        }
+        Ok(cp)
+    }
+
     fn spawn(&mut self, name: &'static str, args: &[&str]) -> anyhow::Result<()> {
         let log = File::create(self.dir.path().join(format!("{name}.log")))?;
         let child = Command::new(self.bin.join(name))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use gonka_crds::GonkaNode;
 use std::collections::BTreeMap;
 
-use gonka_e2e::{Components, ControlPlane, TEST_DAEMON_IMAGE, eventually, gonka_node_manifest, start_devnet};
+use gonka_e2e::{ControlPlane, TEST_DAEMON_IMAGE, eventually, gonka_node_manifest, start_devnet};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -72,11 +72,7 @@ async fn converge(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gonka_node_lifecycle() -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Components::WithControllers).await?;
-    cp.install_crd().await?;
-    cp.namespace(NS).await?;
-    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.gpu_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
     // A CPU node: no GPU label, so no ML node lands there.
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cp.client().await?);
     nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "cpu-a"}}))?).await?;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet_on};
+use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet_on};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
@@ -21,11 +21,7 @@ fn registered(gn: &GonkaNode) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_a_network_node_outage_and_an_operator_restart() -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Components::WithControllers).await?;
-    cp.install_crd().await?;
-    cp.namespace(NS).await?;
-    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.gpu_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
     let api: Api<GonkaNode> = Api::namespaced(cp.client().await?, NS);
     let operator = cp.start_operator("op-a").await?;
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, eventually, gonka_node_manifest, start_devnet};
+use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
 use gonka_protocol::network::EpochPhase;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -41,11 +41,7 @@ fn condition(gn: &GonkaNode, t: &str) -> (String, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Components::WithControllers).await?;
-    cp.install_crd().await?;
-    cp.namespace(NS).await?;
-    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.gpu_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
     let client = cp.client().await?;
     let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use gonka_crds::GonkaNode;
 use gonka_devnet::round::{RoundConfig, run_round};
-use gonka_e2e::{Components, ControlPlane, eventually, gonka_node_manifest, start_devnet};
+use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
@@ -31,11 +31,7 @@ impl Drop for Daemons {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Components::WithControllers).await?;
-    cp.install_crd().await?;
-    cp.namespace(NS).await?;
-    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.gpu_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
     let client = cp.client().await?;
     let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
     let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
