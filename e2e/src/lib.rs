@@ -511,6 +511,83 @@ pub async fn start_devnet_on(models: &[&str], port: u16) -> anyhow::Result<(gonk
     Ok((devnet, url))
 }
 
+/// Node-daemon processes standing in for ML-node pods (there is no kubelet to run the pods):
+/// each listens on its pod's loopback IP at the ML-node port the operator registers, reads the
+/// daemon config given, and sees the GPUs of a fake-NVML scenario. Killed when dropped.
+pub struct PodStandIns {
+    children: Vec<Child>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Drop for PodStandIns {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl PodStandIns {
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+}
+
+impl ControlPlane {
+    /// Starts a `daemon` binary (built with `--features torch`) for every running pod in
+    /// `namespace` matching `selector`, with `daemon_config` as its `daemon.json` and the GPUs
+    /// `gpus_for(<kubernetes node>)` describes; returns once each answers `/healthz`.
+    pub async fn stand_in_for_pods(
+        &self,
+        namespace: &str,
+        selector: &str,
+        daemon: &Path,
+        daemon_config: &str,
+        gpus_for: impl Fn(&str) -> fake_nvml::Scenario,
+    ) -> anyhow::Result<PodStandIns> {
+        // Built first, so processes started before a failure are stopped by its Drop.
+        let mut stand_ins = PodStandIns { children: Vec::new(), _scratch: tempfile::tempdir()? };
+        let scratch = stand_ins._scratch.path().to_path_buf();
+        let config = scratch.join("daemon.json");
+        std::fs::write(&config, daemon_config)?;
+        let pods: Api<Pod> = Api::namespaced(self.client().await?, namespace);
+        let mut addresses = Vec::new();
+        for pod in pods.list(&ListParams::default().labels(selector)).await? {
+            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            let (Some(ip), Some(node), None) = (ip, node, pod.metadata.deletion_timestamp.as_ref()) else { continue };
+            let gpus = scratch.join(format!("{node}.gpus"));
+            gpus_for(&node).write(&gpus)?;
+            let child = Command::new(daemon)
+                .env("GONKA_LISTEN", format!("{ip}:8080"))
+                .env("GONKA_DAEMON_CONFIG", &config)
+                .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
+                .env(fake_nvml::CONFIG_ENV, &gpus)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", daemon.display()))?;
+            stand_ins.children.push(child);
+            addresses.push(format!("http://{ip}:8080/healthz"));
+        }
+        let http = reqwest::Client::new();
+        for health in addresses {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while http.get(&health).send().await.is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "the node-daemon at {health} did not come up");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(stand_ins)
+    }
+}
+
 /// A minimal valid GonkaNode manifest (one model, the usual network-node URLs), as JSON so
 /// tests can break or extend it before sending.
 pub fn gonka_node_manifest(name: &str, namespace: &str) -> serde_json::Value {

@@ -4,30 +4,17 @@
 //! GonkaNode leaves no registration behind.
 #![cfg(feature = "torch")]
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gonka_crds::GonkaNode;
 use gonka_devnet::round::{RoundConfig, run_round};
 use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
 const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
 const WAIT: Duration = Duration::from_secs(90);
-
-struct Daemons(Vec<Child>);
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow::Result<()> {
@@ -50,39 +37,14 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
 
     // The daemons take the pods' places: the address the operator registered, the daemon config
     // the operator rendered (its ConfigMap), GPUs from fake NVML.
-    let scratch = tempfile::tempdir()?;
     let cm =
         Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
-    let config = scratch.path().join("daemon.json");
-    std::fs::write(&config, &cm.data.unwrap()["daemon.json"])?;
-    let gpus = scratch.path().join("gpus");
-    fake_nvml::Scenario::hgx_h100().write(&gpus)?;
-    let mut daemons = Daemons(Vec::new());
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    for pod in pods.list(&ListParams::default().labels(PODS)).await? {
-        let ip = pod.status.and_then(|s| s.pod_ip).expect("ready pods have an IP");
-        daemons.0.push(
-            Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"))
-                .env("GONKA_LISTEN", format!("{ip}:8080"))
-                .env("GONKA_DAEMON_CONFIG", &config)
-                .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
-                .env(fake_nvml::CONFIG_ENV, &gpus)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
-    }
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+    let stand_ins = cp
+        .stand_in_for_pods(NS, PODS, daemon, &cm.data.unwrap()["daemon.json"], |_| fake_nvml::Scenario::hgx_h100())
+        .await?;
+    assert_eq!(stand_ins.len(), 2);
     let http = reqwest::Client::new();
-    let registered = devnet.lock().unwrap().nodes();
-    for n in registered {
-        let health = format!("http://{}:{}/healthz", n.node.config.host, n.node.config.poc_port);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http.get(&health).send().await.is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "daemon at {health} did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 
     let cfg = RoundConfig {
         block_hash: "0xfleet".into(),
@@ -107,7 +69,7 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
     api.delete("h100", &DeleteParams::default()).await?;
     eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
     assert!(devnet.lock().unwrap().nodes().is_empty(), "no registration left behind");
-    drop(daemons);
+    drop(stand_ins);
     operator.stop().await?;
     Ok(())
 }

@@ -8,7 +8,6 @@
 //! `--keep` leaves everything running and prints a KUBECONFIG to explore with; Ctrl-C stops.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -150,54 +149,26 @@ async fn poc_round(
     daemon: &Path,
     step: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    use k8s_openapi::api::core::v1::Pod;
-    let pods: Api<Pod> = Api::namespaced(cp.client().await?, NAMESPACE);
-    let scratch = tempfile::tempdir()?;
-    let config = scratch.path().join("daemon.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({"gonkaNode": "gonka-demo/demo", "mlCallbackUrl": format!("{base_url}/v1/poc-batches"),
-            "pocPort": 8080, "inferencePort": 5000, "gpus": null, "models": [],
-            "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 10000}})
-        .to_string(),
-    )?;
-    struct Running(Vec<Child>);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+    let daemon_config = serde_json::json!({"gonkaNode": "gonka-demo/demo",
+        "mlCallbackUrl": format!("{base_url}/v1/poc-batches"), "pocPort": 8080, "inferencePort": 5000,
+        "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 10000}});
+    let gpus_for = |node: &str| {
+        let mut scenario = fake_nvml::Scenario::hgx_h100();
+        if node.contains("a100") {
+            scenario.gpus = (0..8).map(fake_nvml::FakeGpu::a100_40).collect();
         }
-    }
-    let mut daemons = Running(Vec::new());
-    for pod in pods.list(&ListParams::default().labels("app.kubernetes.io/name=gonka-ml-node")).await? {
-        let (Some(ip), Some(node)) =
-            (pod.status.as_ref().and_then(|s| s.pod_ip.clone()), pod.spec.as_ref().and_then(|s| s.node_name.clone()))
-        else {
-            continue;
-        };
-        let scenario = if node.contains("a100") {
-            let mut s = fake_nvml::Scenario::hgx_h100();
-            s.gpus = (0..8).map(fake_nvml::FakeGpu::a100_40).collect();
-            s
-        } else {
-            fake_nvml::Scenario::hgx_h100()
-        };
-        let scenario_file = scratch.path().join(format!("{node}.gpus"));
-        scenario.write(&scenario_file)?;
-        let child = Command::new(daemon)
-            .env("GONKA_LISTEN", format!("{ip}:8080"))
-            .env("GONKA_DAEMON_CONFIG", &config)
-            .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
-            .env(fake_nvml::CONFIG_ENV, &scenario_file)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", daemon.display()))?;
-        daemons.0.push(child);
-    }
+        scenario
+    };
+    let stand_ins = cp
+        .stand_in_for_pods(
+            NAMESPACE,
+            "app.kubernetes.io/name=gonka-ml-node",
+            daemon,
+            &daemon_config.to_string(),
+            gpus_for,
+        )
+        .await?;
+    step(&format!("{} node-daemons up on the pods' addresses, GPUs from fake NVML", stand_ins.len()));
     let http = reqwest::Client::new();
     let targets: Vec<(String, String)> = devnet
         .lock()
@@ -206,14 +177,6 @@ async fn poc_round(
         .into_iter()
         .map(|n| (n.node.config.id, format!("http://{}:{}", n.node.config.host, n.node.config.poc_port)))
         .collect();
-    for (id, url) in &targets {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http.get(format!("{url}/healthz")).send().await.is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "the node-daemon for {id} did not come up at {url}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    step(&format!("{} node-daemons up on the pods' addresses, GPUs from fake NVML", daemons.0.len()));
 
     let cfg = gonka_devnet::round::RoundConfig {
         block_hash: "0xdemo-block".into(),
