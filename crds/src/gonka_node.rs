@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -353,9 +353,54 @@ pub struct GonkaNodeStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub gpus: Vec<GpuCount>,
 
-    /// PoC weight the fleet earned in the last round, where known.
+    /// Valid nonces the ML nodes found in the latest PoC round they reported (`pocBlockHeight`),
+    /// summed: the weight the fleet claims for that round, before the network validates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
+
+    /// Block height of the PoC round `weight` is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poc_block_height: Option<i64>,
+
+    /// Each ML node as its node-daemon last reported, by Kubernetes node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub ml_nodes: Vec<MlNodeStatus>,
+}
+
+/// One ML node (one pod) as its node-daemon reports it over the report stream.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MlNodeStatus {
+    /// The Kubernetes node the ML node runs on.
+    pub node: String,
+    /// The pod.
+    pub pod: String,
+    /// Upstream's ML-node state: `STOPPED`, `POW`, `INFERENCE` or `TRAIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// GPUs the daemon sees through NVML.
+    #[serde(default)]
+    pub gpus: i32,
+    /// Of those, GPUs fit to work (no lost GPU, no XID that needs a reset).
+    #[serde(default)]
+    pub gpus_available: i32,
+    /// The available GPUs in upstream's hardware form, as registered with the network node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hardware: Vec<GpuCount>,
+    /// Why NVML shows no GPUs (no driver, no library), when it doesn't.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_error: Option<String>,
+    /// The daemon's report stream to the operator is up.
+    pub reporting: bool,
+    /// When the report stream came up (`reporting`) or went down (not `reporting`).
+    pub since: Time,
+    /// Block height of the ML node's latest PoC round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poc_block_height: Option<i64>,
+    /// Valid nonces (proofs) the ML node found in that round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poc_valid_nonces: Option<i64>,
 }
 
 /// A number of GPUs of one model.

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Binding, Namespace, Node, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -516,6 +516,8 @@ pub async fn start_devnet_on(models: &[&str], port: u16) -> anyhow::Result<(gonk
 /// daemon config given, and sees the GPUs of a fake-NVML scenario. Killed when dropped.
 pub struct PodStandIns {
     children: Vec<Child>,
+    /// The fake-NVML scenario file of each Kubernetes node's daemon.
+    gpu_files: std::collections::BTreeMap<String, PathBuf>,
     _scratch: tempfile::TempDir,
 }
 
@@ -536,11 +538,44 @@ impl PodStandIns {
     pub fn is_empty(&self) -> bool {
         self.children.is_empty()
     }
+
+    /// Changes the GPUs (or delivers XIDs) on `kubernetes_node` while its daemon runs.
+    pub fn change_gpus(&self, kubernetes_node: &str, scenario: &fake_nvml::Scenario) -> anyhow::Result<()> {
+        let file = self.gpu_files.get(kubernetes_node).with_context(|| format!("no daemon on {kubernetes_node}"))?;
+        // A different mtime even within the same clock tick.
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(scenario.write(file)?)
+    }
 }
 
 impl ControlPlane {
-    /// Starts a `daemon` binary (built with `--features torch`) for every running pod in
-    /// `namespace` matching `selector`, with `daemon_config` as its `daemon.json` and the GPUs
+    /// A token of `pod`'s ServiceAccount bound to the pod, for the operator's audience: what
+    /// the kubelet projects into the pod's report-token volume.
+    pub async fn pod_token(&self, pod: &Pod) -> anyhow::Result<String> {
+        let namespace = pod.namespace().context("pod without namespace")?;
+        let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).context("no ServiceAccount")?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client().await?, &namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![gonka_protocol::report::TOKEN_AUDIENCE.into()],
+                expiration_seconds: Some(3600),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod.name_any()),
+                    uid: pod.uid(),
+                }),
+            },
+            ..Default::default()
+        };
+        let issued: TokenRequest =
+            accounts.create_subresource("token", &account, &PostParams::default(), &request).await?;
+        Ok(issued.status.context("TokenRequest without status")?.token)
+    }
+
+    /// Starts a `daemon` binary for every running pod in `namespace` matching `selector`, with
+    /// `daemon_config` as its `daemon.json`, the pod's identity in the downward-API variables,
+    /// a pod-bound report token where the config asks for one, and the GPUs
     /// `gpus_for(<kubernetes node>)` describes; returns once each answers `/healthz`.
     pub async fn stand_in_for_pods(
         &self,
@@ -551,10 +586,10 @@ impl ControlPlane {
         gpus_for: impl Fn(&str) -> fake_nvml::Scenario,
     ) -> anyhow::Result<PodStandIns> {
         // Built first, so processes started before a failure are stopped by its Drop.
-        let mut stand_ins = PodStandIns { children: Vec::new(), _scratch: tempfile::tempdir()? };
+        let mut stand_ins =
+            PodStandIns { children: Vec::new(), gpu_files: Default::default(), _scratch: tempfile::tempdir()? };
         let scratch = stand_ins._scratch.path().to_path_buf();
-        let config = scratch.join("daemon.json");
-        std::fs::write(&config, daemon_config)?;
+        let config: serde_json::Value = serde_json::from_str(daemon_config).context("daemon config")?;
         let pods: Api<Pod> = Api::namespaced(self.client().await?, namespace);
         let mut addresses = Vec::new();
         for pod in pods.list(&ListParams::default().labels(selector)).await? {
@@ -563,9 +598,20 @@ impl ControlPlane {
             let (Some(ip), Some(node), None) = (ip, node, pod.metadata.deletion_timestamp.as_ref()) else { continue };
             let gpus = scratch.join(format!("{node}.gpus"));
             gpus_for(&node).write(&gpus)?;
+            let mut pod_config = config.clone();
+            if pod_config.pointer("/report/tokenFile").is_some() {
+                let token = scratch.join(format!("{}.token", pod.name_any()));
+                std::fs::write(&token, self.pod_token(&pod).await?)?;
+                pod_config["report"]["tokenFile"] = serde_json::json!(token);
+            }
+            let config_file = scratch.join(format!("{}.json", pod.name_any()));
+            std::fs::write(&config_file, pod_config.to_string())?;
             let child = Command::new(daemon)
                 .env("GONKA_LISTEN", format!("{ip}:8080"))
-                .env("GONKA_DAEMON_CONFIG", &config)
+                .env("GONKA_DAEMON_CONFIG", &config_file)
+                .env("POD_NAME", pod.name_any())
+                .env("NODE_NAME", &node)
+                .env("POD_IP", &ip)
                 .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
                 .env(fake_nvml::CONFIG_ENV, &gpus)
                 .env("RUST_LOG", "warn")
@@ -574,6 +620,7 @@ impl ControlPlane {
                 .spawn()
                 .with_context(|| format!("starting {}", daemon.display()))?;
             stand_ins.children.push(child);
+            stand_ins.gpu_files.insert(node, gpus);
             addresses.push(format!("http://{ip}:8080/healthz"));
         }
         let http = reqwest::Client::new();
@@ -629,13 +676,37 @@ impl ControlPlane {
         identity: &str,
         lease_namespace: &str,
     ) -> anyhow::Result<Operator> {
+        self.start_operator_with(client, identity, lease_namespace, None).await
+    }
+
+    /// Starts an operator replica with admin rights whose report server listens on
+    /// `127.0.0.1:report_port` (the URL its DaemonSets' daemons get), checking daemons' tokens
+    /// with TokenReview. A restarted replica on the same port is the same endpoint to them.
+    pub async fn start_reporting_operator(&self, identity: &str, report_port: u16) -> anyhow::Result<Operator> {
+        self.start_operator_with(self.client().await?, identity, "default", Some(report_port)).await
+    }
+
+    async fn start_operator_with(
+        &self,
+        client: Client,
+        identity: &str,
+        lease_namespace: &str,
+        report_port: Option<u16>,
+    ) -> anyhow::Result<Operator> {
         let options = gonka_operator::Options {
             controller: gonka_operator::ControllerConfig {
                 daemon_image: TEST_DAEMON_IMAGE.into(),
                 instance: Some(identity.into()),
                 retry: Duration::from_secs(2),
                 rollout_recheck: Duration::from_secs(1),
+                report_url: report_port.map(|p| format!("http://127.0.0.1:{p}")),
+                report_flush: Duration::from_secs(2),
                 ..Default::default()
+            },
+            reports: gonka_operator::ReportOptions {
+                addr: report_port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))),
+                authenticate: true,
+                heartbeat: Duration::from_secs(1),
             },
             lease: gonka_operator::LeaseOptions {
                 name: "gonka-operator-leader".into(),

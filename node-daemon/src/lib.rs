@@ -2,14 +2,15 @@
 //! upstream ML node (the management API in [`api`]); to the operator it is the pod that owns
 //! the node's GPUs ([`gpu`]: NVML inventory, health, XID events).
 //!
-//! This version serves the GPU probe and the management API's state, stop, GPU, health and
-//! metrics endpoints; PoC proof jobs (libtorch) and the report stream to the operator follow.
+//! What the daemon knows it publishes through the [`report`] hook; [`reporter`] streams that
+//! to the operator when `daemon.json` names a report endpoint.
 
 pub mod api;
 pub mod gpu;
 pub mod metrics;
 pub mod poc;
 pub mod report;
+pub mod reporter;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,16 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// NVML library to load instead of the system's.
     pub nvml_library: Option<PathBuf>,
+    /// The pod this daemon runs in (downward API), as it reports itself to the operator.
+    pub pod: PodInfo,
+}
+
+/// The daemon's pod, from the downward API (`POD_NAME`, `NODE_NAME`, `POD_IP`).
+#[derive(Clone, Debug, Default)]
+pub struct PodInfo {
+    pub name: Option<String>,
+    pub node_name: Option<String>,
+    pub ip: Option<String>,
 }
 
 /// Reads `daemon.json`, with an error that names the file and the problem.
@@ -98,12 +109,32 @@ pub async fn run_with(
         },
         None => poc::PowSettings { gpu_vram_gb, ..poc::PowSettings::default() },
     };
+    let reporter_stop = tokio_util::sync::CancellationToken::new();
+    let reporter = settings.config.as_ref().and_then(|c| {
+        let target = c.report.as_ref()?;
+        let identity = reporter::Identity {
+            gonka_node: c.gonka_node.clone(),
+            pod_name: settings.pod.name.clone().unwrap_or_default(),
+            kubernetes_node: settings.pod.node_name.clone().unwrap_or_default(),
+            pod_ip: settings.pod.ip.clone().unwrap_or_else(|| settings.listen.ip().to_string()),
+            poc_port: c.poc_port,
+            inference_port: c.inference_port,
+        };
+        let reporter_settings =
+            reporter::ReporterSettings::new(&target.url, target.token_file.as_ref().map(PathBuf::from), identity);
+        tracing::info!(url = %target.url, "reporting to the operator");
+        Some(tokio::spawn(reporter::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
+    });
     let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     axum::serve(listener, api::service(state)).with_graceful_shutdown(shutdown).await?;
 
     reprobe.abort();
+    reporter_stop.cancel();
+    if let Some(reporter) = reporter {
+        let _ = reporter.await;
+    }
     stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(w) = watcher {
         let _ = tokio::task::spawn_blocking(move || w.join()).await;

@@ -22,6 +22,15 @@ struct Cli {
     /// NVML library to load instead of the system's `libnvidia-ml.so.1`.
     #[arg(long, env = "GONKA_NVML_LIBRARY")]
     nvml_library: Option<PathBuf>,
+    /// The pod's name, as the daemon reports itself to the operator (downward API).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// The Kubernetes node the pod runs on (downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The pod's IP (downward API); default: the listen address.
+    #[arg(long, env = "POD_IP")]
+    pod_ip: Option<String>,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -70,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         listen: cli.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port))),
         config,
         nvml_library: cli.nvml_library,
+        pod: gonka_node_daemon::PodInfo { name: cli.pod_name, node_name: cli.node_name, ip: cli.pod_ip },
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
 }

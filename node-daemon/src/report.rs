@@ -32,9 +32,11 @@ impl Inventory {
     }
 }
 
-/// PoC v1 progress counters since the daemon started.
+/// PoC v1 progress of the current (or last) session; a new session starts from zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PocCounters {
+    /// Block height of the PoC round the session is for.
+    pub block_height: Option<i64>,
     pub nonces_computed: u64,
     pub nonces_valid: u64,
     pub batches_sent: u64,

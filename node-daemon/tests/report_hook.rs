@@ -12,7 +12,12 @@ use gonka_protocol::ml_node::ServiceState;
 fn settings() -> (Settings, SocketAddr) {
     let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     // The fake library with no scenario file: NVML works, the node has no GPUs.
-    let settings = Settings { config: None, listen: addr, nvml_library: Some(PathBuf::from(fake_nvml::LIBRARY)) };
+    let settings = Settings {
+        config: None,
+        listen: addr,
+        nvml_library: Some(PathBuf::from(fake_nvml::LIBRARY)),
+        pod: Default::default(),
+    };
     (settings, addr)
 }
 

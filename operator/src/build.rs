@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 
 use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_POC_PORT, GonkaNode, NVIDIA_GPU_RESOURCE};
-use gonka_protocol::daemon_config::{self, DaemonConfig, ModelConfig, PocConfig};
+use gonka_protocol::daemon_config::{self, DaemonConfig, ModelConfig, PocConfig, ReportConfig};
+use gonka_protocol::report;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -112,8 +113,9 @@ pub fn template_hash(ds: &DaemonSet) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// The daemon's configuration file for this GonkaNode.
-pub fn daemon_config(gn: &GonkaNode) -> DaemonConfig {
+/// The daemon's configuration file for this GonkaNode; `report_url` is the operator's report
+/// endpoint, if daemons should report.
+pub fn daemon_config(gn: &GonkaNode, report_url: Option<&str>) -> DaemonConfig {
     let spec = &gn.spec;
     DaemonConfig {
         gonka_node: format!("{}/{}", gn.namespace().unwrap_or_default(), gn.name_any()),
@@ -127,11 +129,16 @@ pub fn daemon_config(gn: &GonkaNode) -> DaemonConfig {
             send_interval_seconds: spec.poc.send_interval_seconds as u32,
             max_pending_batches: spec.poc.max_pending_batches as u32,
         },
+        report: report_url.map(|url| ReportConfig { url: url.into(), token_file: Some(report::TOKEN_PATH.into()) }),
     }
 }
 
 /// Builds every object `gn` owns.
-pub fn desired_objects(gn: &GonkaNode, validated: &ValidatedSpec) -> Result<DesiredObjects, BuildError> {
+pub fn desired_objects(
+    gn: &GonkaNode,
+    validated: &ValidatedSpec,
+    report_url: Option<&str>,
+) -> Result<DesiredObjects, BuildError> {
     let namespace = gn.namespace().ok_or(BuildError::NoNamespace)?;
     let owner = gn.controller_owner_ref(&()).ok_or(BuildError::NoUid)?;
     let names = Names::of(&gn.name_any());
@@ -143,7 +150,7 @@ pub fn desired_objects(gn: &GonkaNode, validated: &ValidatedSpec) -> Result<Desi
         ..ObjectMeta::default()
     };
 
-    let config_json = daemon_config(gn).to_json();
+    let config_json = daemon_config(gn, report_url).to_json();
     let config_hash = hex::encode(&Sha256::digest(config_json.as_bytes())[..8]);
 
     let service_account = ServiceAccount {
@@ -171,7 +178,7 @@ pub fn desired_objects(gn: &GonkaNode, validated: &ValidatedSpec) -> Result<Desi
         }),
         ..Service::default()
     };
-    let mut template = pod_template(gn, validated, &names, &config_hash);
+    let mut template = pod_template(gn, validated, &names, &config_hash, report_url.is_some());
     let template_hash = hex::encode(&Sha256::digest(serde_json::to_vec(&template).expect("serializes"))[..8]);
     if let Some(annotations) = template.metadata.as_mut().and_then(|m| m.annotations.as_mut()) {
         annotations.insert(ANNOTATION_TEMPLATE_HASH.into(), template_hash);
@@ -203,7 +210,13 @@ pub fn desired_objects(gn: &GonkaNode, validated: &ValidatedSpec) -> Result<Desi
     Ok(DesiredObjects { service_account, config_map, service, daemon_set })
 }
 
-fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config_hash: &str) -> PodTemplateSpec {
+fn pod_template(
+    gn: &GonkaNode,
+    validated: &ValidatedSpec,
+    names: &Names,
+    config_hash: &str,
+    reports: bool,
+) -> PodTemplateSpec {
     let spec = &gn.spec;
     let placement = &spec.placement;
     let config_path = format!("{}/{}", daemon_config::MOUNT_DIR, daemon_config::FILE_NAME);
@@ -231,6 +244,59 @@ fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config
         None => env.push(env_value("NVIDIA_VISIBLE_DEVICES", "all")),
     }
 
+    let mut volume_mounts = vec![
+        VolumeMount {
+            name: "daemon-config".into(),
+            mount_path: daemon_config::MOUNT_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "daemon-config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config_map.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        // Inference engines share tensors through /dev/shm (upstream runs `ipc: host`);
+        // a memory-backed volume gives them room without the host's IPC namespace.
+        Volume {
+            name: "shm".into(),
+            empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
+            ..Volume::default()
+        },
+    ];
+    if reports {
+        // The daemon proves who it is to the operator with a token bound to its pod, for the
+        // operator's audience only, rotated by the kubelet (no Secret, no apiserver access).
+        let (dir, file) = report::TOKEN_PATH.rsplit_once('/').expect("an absolute path");
+        volume_mounts.push(VolumeMount {
+            name: "report-token".into(),
+            mount_path: dir.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "report-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(report::TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                        path: file.into(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+
     let container = Container {
         name: CONTAINER.into(),
         image: Some(validated.image.clone()),
@@ -247,15 +313,7 @@ fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config
         startup_probe: Some(http_probe("/healthz", 5, 60)),
         liveness_probe: Some(http_probe("/healthz", 20, 6)),
         readiness_probe: Some(http_probe("/readyz", 10, 3)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "daemon-config".into(),
-                mount_path: daemon_config::MOUNT_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() },
-        ]),
+        volume_mounts: Some(volume_mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
@@ -284,23 +342,7 @@ fn pod_template(gn: &GonkaNode, validated: &ValidatedSpec, names: &Names, config
                 ..PodSecurityContext::default()
             }),
             containers: vec![container],
-            volumes: Some(vec![
-                Volume {
-                    name: "daemon-config".into(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: names.config_map.clone(),
-                        ..ConfigMapVolumeSource::default()
-                    }),
-                    ..Volume::default()
-                },
-                // Inference engines share tensors through /dev/shm (upstream runs `ipc: host`);
-                // a memory-backed volume gives them room without the host's IPC namespace.
-                Volume {
-                    name: "shm".into(),
-                    empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
-                    ..Volume::default()
-                },
-            ]),
+            volumes: Some(volumes),
             ..PodSpec::default()
         }),
     }
@@ -367,7 +409,7 @@ mod tests {
     fn build(edit: impl FnOnce(&mut GonkaNodeSpec)) -> DesiredObjects {
         let gn = gonka_node("h100", edit);
         let validated = validate(&gn, "ghcr.io/example/daemon:1").unwrap();
-        desired_objects(&gn, &validated).unwrap()
+        desired_objects(&gn, &validated, None).unwrap()
     }
 
     fn pod_spec(objects: &DesiredObjects) -> &PodSpec {
@@ -511,6 +553,31 @@ mod tests {
     }
 
     #[test]
+    fn reporting_daemons_get_the_endpoint_and_a_pod_bound_token_for_the_operator_only() {
+        let gn = gonka_node("h100", |_| {});
+        let validated = validate(&gn, "ghcr.io/example/daemon:1").unwrap();
+        let url = "http://gonka-operator.gonka-system.svc:8082";
+        let o = desired_objects(&gn, &validated, Some(url)).unwrap();
+        let config = DaemonConfig::from_json(&o.config_map.data.as_ref().unwrap()[daemon_config::FILE_NAME]).unwrap();
+        let report = config.report.unwrap();
+        assert_eq!((report.url.as_str(), report.token_file.as_deref()), (url, Some(report::TOKEN_PATH)));
+        let pod = pod_spec(&o);
+        let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "report-token").unwrap();
+        let token = volume.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.as_ref();
+        assert_eq!(token.unwrap().audience.as_deref(), Some("gonka-operator"));
+        let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "report-token");
+        assert_eq!(format!("{}/{}", mount.unwrap().mount_path, token.unwrap().path), report::TOKEN_PATH);
+        // The apiserver token stays out of the pod.
+        assert_eq!(pod.automount_service_account_token, Some(false));
+
+        let quiet = build(|_| {});
+        assert!(pod_spec(&quiet).volumes.as_ref().unwrap().iter().all(|v| v.name != "report-token"));
+        let config =
+            DaemonConfig::from_json(&quiet.config_map.data.as_ref().unwrap()[daemon_config::FILE_NAME]).unwrap();
+        assert_eq!(config.report, None);
+    }
+
+    #[test]
     fn config_map_carries_the_daemon_config_and_the_pods_roll_when_it_changes() {
         let a = build(|_| {});
         let b = build(|s| s.poc.batch_size = 64);
@@ -547,8 +614,8 @@ mod tests {
         let mut gn = gonka_node("x", |_| {});
         let validated = validate(&gn, "img").unwrap();
         gn.metadata.uid = None;
-        assert_eq!(desired_objects(&gn, &validated), Err(BuildError::NoUid));
+        assert_eq!(desired_objects(&gn, &validated, None), Err(BuildError::NoUid));
         gn.metadata.namespace = None;
-        assert_eq!(desired_objects(&gn, &validated), Err(BuildError::NoNamespace));
+        assert_eq!(desired_objects(&gn, &validated, None), Err(BuildError::NoNamespace));
     }
 }

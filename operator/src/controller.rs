@@ -33,6 +33,7 @@ use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
 use crate::registration;
+use crate::reports::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
 use crate::validate::validate;
@@ -57,6 +58,11 @@ pub struct ControllerConfig {
     pub instance: Option<String>,
     /// How often a held or running rollout looks at the epoch phase again (no watch reports it).
     pub rollout_recheck: Duration,
+    /// The report endpoint node-daemons stream to (`daemon.json`'s `report.url`); `None` = the
+    /// daemons don't report.
+    pub report_url: Option<String>,
+    /// How often reports that only move counters (PoC nonces) are folded into status.
+    pub report_flush: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -69,6 +75,8 @@ impl Default for ControllerConfig {
             retry: Duration::from_secs(15),
             instance: None,
             rollout_recheck: Duration::from_secs(30),
+            report_url: None,
+            report_flush: Duration::from_secs(30),
         }
     }
 }
@@ -80,6 +88,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub config: ControllerConfig,
     pub client: Client,
+    /// What the node-daemons report.
+    pub reports: ReportStore,
 }
 
 impl Context {
@@ -91,7 +101,14 @@ impl Context {
             metrics,
             config,
             client,
+            reports: ReportStore::default(),
         }
+    }
+
+    /// Reads reports from `reports` (the report server's store).
+    pub fn with_reports(mut self, reports: ReportStore) -> Self {
+        self.reports = reports;
+        self
     }
 }
 
@@ -169,7 +186,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             daemon_set = api.get_opt(&name).await.ok().flatten();
         }
         Ok(validated) => {
-            let desired = build::desired_objects(gn, &validated)?;
+            let desired = build::desired_objects(gn, &validated, ctx.config.report_url.as_deref())?;
             let mode = if spec.paused { Mode::Hold } else { Mode::Apply };
             match ctx.writer.apply_objects(&desired, mode).await {
                 Ok(applied) => {
@@ -206,7 +223,9 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                 if let RolloutStep::Held(why) = &rollout {
                     obs.rollout_held = Some(why.clone());
                 }
-                let pods: Vec<_> = list.items.iter().filter_map(ml_node_pod).collect();
+                let fleet = read_reports(gn, ctx, &list.items);
+                let pods: Vec<_> = list.items.iter().filter_map(|p| ml_node_pod(p, &fleet.1)).collect();
+                obs.fleet = Some(fleet.0);
                 let expected = daemon_set
                     .as_ref()
                     .and_then(|d| d.status.as_ref())
@@ -281,7 +300,7 @@ async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Po
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
-            let node = ml_node_pod(p)?;
+            let node = ml_node_pod(p, &Default::default())?;
             Some(RolloutPod {
                 name: p.name_any(),
                 kubernetes_node: node.kubernetes_node,
@@ -403,8 +422,37 @@ async fn announce_registration(gn: &GonkaNode, ctx: &Context, plan: &registratio
     }
 }
 
-/// A pod as registration needs it; pods being deleted no longer count.
-fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
+/// The reports of `gn`'s pods: the fleet for status and, by pod name, the hardware each ML
+/// node reported. Forgets reports of pods that are gone.
+fn read_reports(
+    gn: &GonkaNode,
+    ctx: &Context,
+    pods: &[Pod],
+) -> (reports::Fleet, std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>) {
+    let key = (gn.namespace().unwrap_or_default(), gn.name_any());
+    let existing = pods.iter().map(ResourceExt::name_any).collect();
+    ctx.reports.prune(&key, &existing);
+    let reports = ctx.reports.of(&key);
+    let refs: Vec<reports::PodRef> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            Some(reports::PodRef { name: p.name_any(), kubernetes_node: node })
+        })
+        .collect();
+    let previous = gn.status.as_ref().map(|s| s.ml_nodes.as_slice()).unwrap_or_default();
+    let hardware =
+        reports.iter().filter_map(|(pod, r)| Some((pod.clone(), reports::hardware(r.snapshot.as_ref()?)))).collect();
+    (reports::fleet(&refs, &reports, previous), hardware)
+}
+
+/// A pod as registration needs it; pods being deleted no longer count. `hardware` is what each
+/// pod's daemon reported, by pod name.
+fn ml_node_pod(
+    pod: &Pod,
+    hardware: &std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>,
+) -> Option<registration::MlNodePod> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -413,7 +461,12 @@ fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
     let ready = status
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    Some(registration::MlNodePod { kubernetes_node, pod_ip: status.and_then(|s| s.pod_ip.clone()), ready })
+    Some(registration::MlNodePod {
+        kubernetes_node,
+        pod_ip: status.and_then(|s| s.pod_ip.clone()),
+        ready,
+        hardware: hardware.get(&pod.name_any()).cloned(),
+    })
 }
 
 /// Events for condition changes a user should see in `kubectl describe`.
@@ -537,6 +590,18 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     // Watch only our own objects: a cluster's DaemonSets and ConfigMaps are not our business.
     let ours = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
 
+    let flusher = {
+        let (reports, every, stop) = (ctx.reports.clone(), ctx.config.report_flush, stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => reports.flush(),
+                }
+            }
+        })
+    };
     Controller::for_stream(gonka_nodes, reader)
         .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
         .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
@@ -547,6 +612,8 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
             Some(ObjectRef::new(&name).within(&pod.namespace()?))
         })
+        // Reports that change what status says reconcile their GonkaNode at once.
+        .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(ctx.reports.changes()))
         .with_config(controller::Config::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
@@ -556,4 +623,5 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             }
         })
         .await;
+    flusher.abort();
 }

@@ -19,6 +19,9 @@ use tracing::{info, warn};
 use crate::controller::{self, Context, ControllerConfig};
 use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
+use crate::report_server::{self, ReportAuth, ReportService};
+use crate::reports::ReportStore;
+use kube::runtime::events::{Recorder, Reporter};
 
 /// The Lease that elects the leader.
 #[derive(Clone, Debug)]
@@ -39,6 +42,28 @@ pub struct Options {
     pub lease: LeaseOptions,
     /// Where `/healthz`, `/readyz` and `/metrics` listen.
     pub admin_addr: SocketAddr,
+    pub reports: ReportOptions,
+}
+
+/// The report server the node-daemons stream to.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    /// Where it listens; `None` = no report server.
+    pub addr: Option<SocketAddr>,
+    /// Check daemons' tokens with TokenReview (`true`), or take them at their word.
+    pub authenticate: bool,
+    /// The heartbeat interval daemons are asked for.
+    pub heartbeat: std::time::Duration,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        Self {
+            addr: None,
+            authenticate: true,
+            heartbeat: std::time::Duration::from_secs(u64::from(gonka_protocol::report::DEFAULT_HEARTBEAT_SECONDS)),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +85,8 @@ pub enum RunError {
 /// A running operator's handles, for callers that need the admin address or metrics.
 pub struct Running {
     pub admin_addr: SocketAddr,
+    /// Where the report server listens, if it runs.
+    pub report_addr: Option<SocketAddr>,
     pub metrics: Metrics,
 }
 
@@ -77,13 +104,44 @@ pub async fn run(
     let server_stop = stop.child_token();
     let (admin_addr, server) = http::serve(options.admin_addr, admin, server_stop.clone().cancelled_owned()).await?;
     info!(%admin_addr, "admin server listening");
+
+    let reports = ReportStore::default();
+    let leading = Arc::new(AtomicBool::new(false));
+    let mut report_addr = None;
+    let mut report_server = None;
+    if let Some(addr) = options.reports.addr {
+        let auth = if options.reports.authenticate {
+            ReportAuth::ServiceAccount(client.clone())
+        } else {
+            warn!("--report-auth none: node-daemon reports are not authenticated");
+            ReportAuth::None
+        };
+        let reporter =
+            Reporter { controller: crate::build::MANAGER.into(), instance: options.controller.instance.clone() };
+        let service = ReportService {
+            store: reports.clone(),
+            auth,
+            leading: leading.clone(),
+            heartbeat: options.reports.heartbeat,
+            metrics: metrics.clone(),
+            recorder: Some(Recorder::new(client.clone(), reporter)),
+            stop: server_stop.clone(),
+        };
+        let (addr, task) = report_server::serve(addr, service).await?;
+        info!(%addr, "report server listening");
+        report_addr = Some(addr);
+        report_server = Some(task);
+    }
     if let Some(started) = started {
-        let _ = started.send(Running { admin_addr, metrics: metrics.clone() });
+        let _ = started.send(Running { admin_addr, report_addr, metrics: metrics.clone() });
     }
 
-    let result = lead_and_reconcile(client, &options, &metrics, &ready, &stop).await;
+    let result = lead_and_reconcile(client, &options, &metrics, &ready, &stop, &reports, &leading).await;
     server_stop.cancel();
     let _ = server.await;
+    if let Some(task) = report_server {
+        let _ = task.await;
+    }
     result
 }
 
@@ -93,6 +151,8 @@ async fn lead_and_reconcile(
     metrics: &Metrics,
     ready: &AtomicBool,
     stop: &CancellationToken,
+    reports: &ReportStore,
+    leading_flag: &AtomicBool,
 ) -> Result<(), RunError> {
     check_crd(&client, options.controller.namespace.as_deref()).await?;
     ready.store(true, Ordering::Relaxed);
@@ -118,7 +178,10 @@ async fn lead_and_reconcile(
         }
         info!(identity = %lease.identity, "leading: starting the controller");
         metrics.leader.set(1);
-        let ctx = Arc::new(Context::new(client.clone(), options.controller.clone(), metrics.clone()));
+        leading_flag.store(true, Ordering::Relaxed);
+        let ctx = Arc::new(
+            Context::new(client.clone(), options.controller.clone(), metrics.clone()).with_reports(reports.clone()),
+        );
         let controller_stop = stop.child_token();
         let mut controller = tokio::spawn(controller::run(ctx, controller_stop.clone()));
         let (result, finished) = tokio::select! {
@@ -134,6 +197,7 @@ async fn lead_and_reconcile(
             let _ = controller.await;
         }
         metrics.leader.set(0);
+        leading_flag.store(false, Ordering::Relaxed);
         result
     }
     .await;

@@ -3,7 +3,9 @@
 //! Module map (the reconcile pipeline, in order): [`validate`] → [`build`] (pure) →
 //! [`apply`] (the only writer) → [`status`] (pure); [`controller`] wires them to the watch
 //! streams; [`leader`] keeps a second replica idle until the first goes; [`http`] and
-//! [`metrics`] serve health and Prometheus.
+//! [`metrics`] serve health and Prometheus. [`report_server`] takes the node-daemons' report
+//! streams into [`reports`], which reconciles read for status and registration hardware;
+//! [`registration`] plans and [`network_node`] carries out the ML nodes' registration.
 
 pub mod apply;
 pub mod build;
@@ -13,6 +15,8 @@ pub mod leader;
 pub mod metrics;
 pub mod network_node;
 pub mod registration;
+pub mod report_server;
+pub mod reports;
 pub mod rollout;
 pub mod status;
 pub mod telemetry;
@@ -24,4 +28,4 @@ mod mock_api_tests;
 pub(crate) mod test_fixtures;
 
 pub use controller::{Context, ControllerConfig, FINALIZER};
-pub use leader::{LeaseOptions, Options, RunError, run};
+pub use leader::{LeaseOptions, Options, ReportOptions, RunError, run};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use gonka_operator::telemetry::{self, LogFormat};
-use gonka_operator::{ControllerConfig, LeaseOptions, Options};
+use gonka_operator::{ControllerConfig, LeaseOptions, Options, ReportOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,21 @@ struct RunArgs {
     /// Address of the admin server (/healthz, /readyz, /metrics).
     #[arg(global = true, long, env = "GONKA_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     admin_addr: SocketAddr,
+    /// Address of the report server node-daemons stream to (gRPC); `off` = none.
+    #[arg(global = true, long, env = "GONKA_REPORT_ADDR", default_value = "0.0.0.0:8082")]
+    report_addr: String,
+    /// The report endpoint as daemons reach it, written into their `daemon.json`, e.g.
+    /// `http://gonka-operator.gonka-system.svc:8082` (the operator's Service). Unset: daemons
+    /// don't report (status shows no GPUs, weight or per-node reports).
+    #[arg(global = true, long, env = "GONKA_REPORT_URL")]
+    report_url: Option<String>,
+    /// How daemons prove who they are: `service-account` (their pod's projected token, checked
+    /// with a TokenReview) or `none` (development only).
+    #[arg(global = true, long, value_enum, default_value_t = ReportAuth::ServiceAccount)]
+    report_auth: ReportAuth,
+    /// Seconds between daemon heartbeats; a daemon silent for three is counted as gone.
+    #[arg(global = true, long, default_value_t = 10)]
+    report_heartbeat_seconds: u64,
     /// GonkaNodes reconciled at once.
     #[arg(global = true, long, default_value_t = 4)]
     concurrency: u16,
@@ -71,6 +86,12 @@ struct RunArgs {
     log_filter: String,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ReportAuth {
+    ServiceAccount,
+    None,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -92,7 +113,16 @@ async fn main() -> anyhow::Result<()> {
             concurrency: args.concurrency,
             resync: Duration::from_secs(args.resync_seconds),
             instance: Some(identity.clone()),
+            report_url: args.report_url,
             ..ControllerConfig::default()
+        },
+        reports: ReportOptions {
+            addr: match args.report_addr.as_str() {
+                "off" => None,
+                addr => Some(addr.parse().map_err(|e| anyhow::anyhow!("--report-addr {addr}: {e}"))?),
+            },
+            authenticate: args.report_auth == ReportAuth::ServiceAccount,
+            heartbeat: Duration::from_secs(args.report_heartbeat_seconds.max(1)),
         },
         lease: LeaseOptions {
             name: args.lease_name,

@@ -25,6 +25,14 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     pub duration: Histogram,
     pub leader: Gauge<i64, AtomicI64>,
+    pub report_streams: Gauge<i64, AtomicI64>,
+    pub gpu_xids: Family<XidLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XidLabels {
+    /// NVIDIA's XID catalog class: `transient`, `needs_reset`, `fatal`.
+    pub class: String,
 }
 
 impl Default for Metrics {
@@ -44,7 +52,11 @@ impl Default for Metrics {
             duration.clone(),
         );
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Self { registry: Arc::new(registry), reconciles, failures, duration, leader }
+        let report_streams = Gauge::<i64, AtomicI64>::default();
+        registry.register("report_streams", "Node-daemon report streams open to this replica", report_streams.clone());
+        let gpu_xids = Family::<XidLabels, Counter>::default();
+        registry.register("gpu_xid_events", "XID errors the node-daemons reported, by class", gpu_xids.clone());
+        Self { registry: Arc::new(registry), reconciles, failures, duration, leader, report_streams, gpu_xids }
     }
 }
 
@@ -53,6 +65,10 @@ impl Metrics {
     pub fn reconcile_started(&self) -> ReconcileTimer {
         self.reconciles.inc();
         ReconcileTimer { start: Instant::now(), histogram: self.duration.clone() }
+    }
+
+    pub fn gpu_xid(&self, class: &str) {
+        self.gpu_xids.get_or_create(&XidLabels { class: class.to_string() }).inc();
     }
 
     pub fn reconcile_failed(&self, label: &str) {

@@ -202,9 +202,10 @@ async fn a_steady_fleet_is_read_but_never_written() {
     // The live objects are exactly what the operator would apply, the network node lists the
     // ready pod, and the status is current.
     let template = with_finalizer(|_| {});
-    let admin_url = network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12")]).await;
+    let admin_url =
+        network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12", Vec::new())]).await;
     let mut gn = with_finalizer(|s| s.network_node.admin_url = admin_url);
-    let desired = desired_objects(&gn, &validate(&gn, "registry.test/daemon:1").unwrap()).unwrap();
+    let desired = desired_objects(&gn, &validate(&gn, "registry.test/daemon:1").unwrap(), None).unwrap();
     let mut ds: DaemonSet = desired.daemon_set.clone();
     ds.metadata.generation = Some(1);
     ds.status = Some(DaemonSetStatus {
@@ -297,7 +298,8 @@ async fn apiserver_refusal_is_reported_and_retried() {
 #[tokio::test]
 async fn deletion_deregisters_then_releases_the_finalizer() {
     let template = with_finalizer(|_| {});
-    let admin_url = network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12")]).await;
+    let admin_url =
+        network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12", Vec::new())]).await;
     let mut gn = with_finalizer(|s| s.network_node.admin_url = admin_url.clone());
     gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
     let body = serde_json::to_value(&gn).unwrap();

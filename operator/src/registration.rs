@@ -8,12 +8,13 @@
 //! pod is gone is removed — unless the DaemonSet still wants more pods than exist (a pod being
 //! replaced comes back on the same Kubernetes node, under the same registration); while
 //! `spec.paused` every registration is disabled (it serves out the epoch, then gets no new
-//! work); a disabled registration is enabled again once not paused and its pod is ready.
+//! work); a disabled registration is enabled again once not paused and its pod is ready. The
+//! hardware registered is what the pod's daemon reported; before it has, what is registered stays.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_POC_PORT, GonkaNode};
-use gonka_protocol::admin::{InferenceNodeConfig, ModelArgs, NodeResponse};
+use gonka_protocol::admin::{Hardware, InferenceNodeConfig, ModelArgs, NodeResponse};
 use kube::ResourceExt;
 
 use crate::network_node::ml_node_id;
@@ -27,6 +28,8 @@ pub struct MlNodePod {
     pub kubernetes_node: String,
     pub pod_ip: Option<String>,
     pub ready: bool,
+    /// GPUs its daemon reported, in upstream's hardware form; `None` = no report yet.
+    pub hardware: Option<Vec<Hardware>>,
 }
 
 /// What to change on the network node.
@@ -49,8 +52,14 @@ pub fn id_prefix(gn: &GonkaNode) -> String {
     ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), "")
 }
 
-/// The registration of one pod.
-pub fn node_config(gn: &GonkaNode, kubernetes_node: &str, pod_ip: &str) -> InferenceNodeConfig {
+/// The registration of one pod, with the hardware its daemon reported (upstream's explicit
+/// `hardware`, which wins over the network node's own probe of `/gpu/devices`).
+pub fn node_config(
+    gn: &GonkaNode,
+    kubernetes_node: &str,
+    pod_ip: &str,
+    hardware: Vec<Hardware>,
+) -> InferenceNodeConfig {
     InferenceNodeConfig {
         host: pod_ip.to_string(),
         inference_segment: String::new(),
@@ -60,8 +69,7 @@ pub fn node_config(gn: &GonkaNode, kubernetes_node: &str, pod_ip: &str) -> Infer
         models: gn.spec.models.iter().map(|m| (m.id.clone(), ModelArgs { args: m.args.clone() })).collect(),
         id: ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), kubernetes_node),
         max_concurrent: MAX_CONCURRENT,
-        // Left out: the network node derives it from the ML node's `/api/v1/gpu/devices`.
-        hardware: Vec::new(),
+        hardware,
     }
 }
 
@@ -84,8 +92,13 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
     let mut plan = Plan::default();
     for pod in pods.iter().filter(|p| p.ready) {
         let Some(ip) = &pod.pod_ip else { continue };
-        let want = node_config(gn, &pod.kubernetes_node, ip);
-        if ours.get(want.id.as_str()).is_none_or(|r| r.node.config != want) {
+        let id = ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &pod.kubernetes_node);
+        let current = ours.get(id.as_str());
+        // Not reported yet (e.g. the operator just restarted): keep what is registered.
+        let hardware =
+            pod.hardware.clone().or_else(|| current.map(|r| r.node.config.hardware.clone())).unwrap_or_default();
+        let want = node_config(gn, &pod.kubernetes_node, ip, hardware);
+        if current.is_none_or(|r| r.node.config != want) {
             plan.upsert.push(want);
         }
     }
@@ -123,7 +136,7 @@ mod tests {
     use gonka_protocol::admin::{AdminState, Node, NodeState};
 
     fn pod(node: &str, ip: Option<&str>, ready: bool) -> MlNodePod {
-        MlNodePod { kubernetes_node: node.into(), pod_ip: ip.map(str::to_string), ready }
+        MlNodePod { kubernetes_node: node.into(), pod_ip: ip.map(str::to_string), ready, hardware: None }
     }
 
     fn registered(config: InferenceNodeConfig, enabled: bool) -> NodeResponse {
@@ -155,7 +168,7 @@ mod tests {
     #[test]
     fn plans_converge_and_touch_only_what_differs() {
         let gn = gonka_node("h100", |_| {});
-        let a = node_config(&gn, "gpu-a", "10.0.0.5");
+        let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
         let other = registered(InferenceNodeConfig { id: "l40s.gpu@gpu-a".into(), ..a.clone() }, true);
         let manual = registered(InferenceNodeConfig { id: "my-own-node".into(), ..a.clone() }, true);
 
@@ -180,8 +193,26 @@ mod tests {
     }
 
     #[test]
+    fn hardware_comes_from_the_daemons_report_and_survives_an_operator_restart() {
+        let gn = gonka_node("h100", |_| {});
+        let h100s = vec![Hardware { type_: "NVIDIA H100 80GB HBM3 | 79GB".into(), count: 8 }];
+        let reported = MlNodePod { hardware: Some(h100s.clone()), ..pod("gpu-a", Some("10.0.0.5"), true) };
+        let bare = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
+        // Registered before the daemon reported: the report updates it.
+        let p = plan(&gn, std::slice::from_ref(&reported), 1, &[registered(bare, true)]);
+        assert_eq!(p.upsert[0].hardware, h100s);
+        // The operator restarted and has no report yet: what is registered stays.
+        let full = node_config(&gn, "gpu-a", "10.0.0.5", h100s.clone());
+        assert!(plan(&gn, &[pod("gpu-a", Some("10.0.0.5"), true)], 1, &[registered(full.clone(), true)]).is_empty());
+        // A GPU fell off the bus: the registration says so.
+        let seven = vec![Hardware { count: 7, ..h100s[0].clone() }];
+        let degraded = MlNodePod { hardware: Some(seven.clone()), ..reported };
+        assert_eq!(plan(&gn, &[degraded], 1, &[registered(full, true)]).upsert[0].hardware, seven);
+    }
+
+    #[test]
     fn pause_disables_and_resume_enables() {
-        let a = node_config(&gonka_node("h100", |_| {}), "gpu-a", "10.0.0.5");
+        let a = node_config(&gonka_node("h100", |_| {}), "gpu-a", "10.0.0.5", Vec::new());
         let pods = [pod("gpu-a", Some("10.0.0.5"), true)];
         let paused = gonka_node("h100", |s| s.paused = true);
         assert_eq!(plan(&paused, &pods, 1, &[registered(a.clone(), true)]).disable, ["h100.gpu@gpu-a"]);
@@ -199,7 +230,7 @@ mod tests {
     #[test]
     fn counts_only_this_gonka_nodes_registrations() {
         let gn = gonka_node("h100", |_| {});
-        let a = node_config(&gn, "gpu-a", "10.0.0.5");
+        let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
         let other = InferenceNodeConfig { id: "h100x.gpu@gpu-a".into(), ..a.clone() };
         assert_eq!(registered_count(&gn, &[registered(a, true), registered(other, true)]), 1);
     }

@@ -30,6 +30,8 @@ pub struct Observation<'a> {
     /// How registration with the network node went this time; `None` = not attempted (the
     /// previous `Registered` condition and count stand).
     pub registration: Option<Registration>,
+    /// What the node-daemons report; `None` = not read this time (the previous fleet stands).
+    pub fleet: Option<crate::reports::Fleet>,
 }
 
 /// The outcome of one registration pass.
@@ -91,7 +93,8 @@ fn not_ready_since(previous: &[Condition], now: &Time) -> Option<i64> {
 }
 
 /// The new status. `previous` supplies transition times to keep and the fields other layers
-/// own (registration, GPU inventory, weight), which are carried over unchanged.
+/// own (registration, GPU inventory, weight), carried over unchanged when this observation did
+/// not look at them.
 pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &Time) -> GonkaNodeStatus {
     let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let rollout = obs.daemon_set.and_then(rollout);
@@ -238,14 +241,28 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
         Some(Registration::Synced { registered, .. }) => *registered,
         _ => previous.registered_ml_nodes,
     };
+    let (ml_nodes, gpus, total_gpus, weight, poc_block_height) = match &obs.fleet {
+        Some(f) => (f.ml_nodes.clone(), f.gpus.clone(), f.total_gpus, f.weight.map(|w| w.0), f.weight.map(|w| w.1)),
+        None => (
+            previous.ml_nodes.clone(),
+            previous.gpus.clone(),
+            previous.total_gpus,
+            previous.weight,
+            previous.poc_block_height,
+        ),
+    };
     GonkaNodeStatus {
+        ml_nodes,
+        gpus,
+        total_gpus,
+        weight,
+        poc_block_height,
         registered_ml_nodes,
         observed_generation: obs.generation,
         conditions: vec![ready, progressing, degraded, registered],
         desired_ml_nodes: rollout.as_ref().map_or(0, |r| r.desired),
         updated_ml_nodes: rollout.as_ref().map_or(0, |r| r.updated),
         ready_ml_nodes: rollout.as_ref().map_or(0, |r| r.ready),
-        ..previous
     }
 }
 

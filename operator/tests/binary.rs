@@ -15,6 +15,7 @@ const WAIT: Duration = Duration::from_secs(45);
 fn operator(cp: &ControlPlane, admin_port: u16) -> std::io::Result<Child> {
     Command::new(env!("CARGO_BIN_EXE_gonka-operator"))
         .args(["run", "--admin-addr", &format!("127.0.0.1:{admin_port}"), "--identity", "bin-a"])
+        .args(["--report-addr", "127.0.0.1:0"])
         .env("KUBECONFIG", cp.kubeconfig())
         .env("POD_NAMESPACE", "default")
         .env("LOG_FORMAT", "json")

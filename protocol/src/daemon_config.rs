@@ -27,6 +27,21 @@ pub struct DaemonConfig {
     pub models: Vec<ModelConfig>,
     /// Proof-of-compute settings.
     pub poc: PocConfig,
+    /// Where to stream reports to the operator; `None` = don't report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportConfig>,
+}
+
+/// The operator's report endpoint (gRPC, `gonka.report.v1.FleetReports`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReportConfig {
+    /// e.g. `http://gonka-operator.gonka-system.svc:8082`.
+    pub url: String,
+    /// The bearer token to send (a projected ServiceAccount token, re-read at every connect);
+    /// `None` = send none (an operator running with `--report-auth none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -71,6 +86,10 @@ mod tests {
                 args: vec!["--tensor-parallel-size".into(), "4".into()],
             }],
             poc: PocConfig { batch_size: 32, send_interval_seconds: 5, max_pending_batches: 100 },
+            report: Some(ReportConfig {
+                url: "http://gonka-operator.gonka-system.svc:8082".into(),
+                token_file: Some("/var/run/secrets/gonka.ai/report/token".into()),
+            }),
         }
     }
 

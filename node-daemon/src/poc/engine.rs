@@ -21,7 +21,7 @@ use super::model::ProofModel;
 use super::pipeline::{distance, nonce_inputs, nonce_permutation, nonces, target};
 use super::validation::{ValidationError, check_claims, verdict};
 use crate::metrics::DaemonMetrics;
-use crate::report::Reporting;
+use crate::report::{PocCounters, Reporting};
 use gonka_protocol::ml_node::ServiceState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +86,12 @@ impl PowService {
         request.params.validate().map_err(|e| PowError::Params(e.0))?;
         let mut session = self.session.lock().expect("session");
         if session.as_ref().is_none_or(|s| s.request != request) {
+            let block_height = request.block_height;
             *session = Some(self.start(request));
-            self.reporting.update_state(|s| s.service = ServiceState::Pow);
+            self.reporting.update_state(|s| {
+                s.service = ServiceState::Pow;
+                s.poc = PocCounters { block_height: Some(block_height), ..PocCounters::default() };
+            });
         }
         let s = session.as_ref().expect("just set");
         if phase != Phase::Idle {

@@ -1,0 +1,142 @@
+//! The report stream on a real control plane: node-daemons standing in for a GonkaNode's pods
+//! report to the operator with their pods' bound ServiceAccount tokens; status and the
+//! network-node registrations show their GPUs; the operator goes away and comes back, the
+//! daemons reconnect, and what happened meanwhile (a GPU lost to an XID) arrives; a daemon
+//! cannot speak for another pod.
+
+use std::time::Duration;
+
+use gonka_crds::GonkaNode;
+use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet};
+use gonka_protocol::report::{self as proto, fleet_reports_client::FleetReportsClient};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "gpu";
+const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
+const WAIT: Duration = Duration::from_secs(90);
+const H100: &str = "NVIDIA H100 80GB HBM3 | 79GB";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let report_port = free_port()?;
+    let operator = cp.start_reporting_operator("op-a", report_port).await?;
+
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    eventually("fleet ready and registered", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2)
+    })
+    .await?;
+    // Registered before any daemon reported: no hardware yet.
+    assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.node.config.hardware.is_empty()));
+
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
+    let config = &cm.data.unwrap()["daemon.json"];
+    assert!(config.contains(&format!("http://127.0.0.1:{report_port}")), "{config}");
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+    let stand_ins = cp.stand_in_for_pods(NS, PODS, daemon, config, |_| fake_nvml::Scenario::hgx_h100()).await?;
+    assert_eq!(stand_ins.len(), 2);
+
+    // Reports reach status and the registrations.
+    let hardware_of = |node: &str| {
+        let nodes = devnet.lock().unwrap().nodes();
+        let n = nodes.iter().find(|n| n.node.config.id == format!("h100.gpu@{node}")).cloned();
+        n.map(|n| n.node.config.hardware.iter().map(|h| (h.type_.clone(), h.count)).collect::<Vec<_>>())
+    };
+    eventually("both ML nodes reporting 8 H100s, registered with their hardware", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        let reporting = s.ml_nodes.iter().filter(|n| n.reporting && n.gpus_available == 8).count();
+        Ok(reporting == 2
+            && s.total_gpus == 16
+            && hardware_of("gpu-a") == Some(vec![(H100.into(), 8)])
+            && hardware_of("gpu-b") == Some(vec![(H100.into(), 8)]))
+    })
+    .await?;
+    let status = api.get("h100").await?.status.unwrap();
+    assert_eq!(status.gpus.iter().map(|g| (g.type_.as_str(), g.count)).collect::<Vec<_>>(), [(H100, 16)]);
+    let a = status.ml_nodes.iter().find(|n| n.node == "gpu-a").unwrap();
+    assert_eq!((a.state.as_deref(), a.gpus, a.gpu_error.as_deref()), (Some("STOPPED"), 8, None));
+    assert!(a.pod.starts_with("h100-ml-node-"), "{a:?}");
+    eventually("two streams open", WAIT, || async { Ok(operator.metrics.report_streams.get() == 2) }).await?;
+
+    // The operator goes away: the streams drop. Meanwhile GPU 6 on gpu-b falls off the bus.
+    operator.stop().await?;
+    let mut broken = fake_nvml::Scenario::hgx_h100();
+    broken.xids = vec![(6, 79)];
+    stand_ins.change_gpus("gpu-b", &broken)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A new operator on the same endpoint: the daemons reconnect and catch it up.
+    let operator = cp.start_reporting_operator("op-b", report_port).await?;
+    eventually("both reporting again, gpu-b with 7 usable GPUs, registered as 7", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        let b = s.ml_nodes.iter().find(|n| n.node == "gpu-b");
+        Ok(s.ml_nodes.iter().all(|n| n.reporting)
+            && b.is_some_and(|b| b.gpus == 8 && b.gpus_available == 7)
+            && s.total_gpus == 15
+            && hardware_of("gpu-b") == Some(vec![(H100.into(), 7)]))
+    })
+    .await?;
+    eventually("two streams open", WAIT, || async { Ok(operator.metrics.report_streams.get() == 2) }).await?;
+    // The XID happened while no operator listened; the daemon kept it and sent it on reconnect.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    eventually("a GpuXid warning on the GonkaNode", WAIT, || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list.items.iter().any(|e| {
+            e.reason.as_deref() == Some("GpuXid")
+                && e.note.as_deref().is_some_and(|n| n.contains("XID 79 on GPU 6 of node gpu-b"))
+        }))
+    })
+    .await?;
+
+    // A daemon speaks only for its own pod: gpu-a's token cannot report as gpu-b's pod.
+    let pods = Api::<Pod>::namespaced(client.clone(), NS).list(&ListParams::default().labels(PODS)).await?;
+    let pod_on = |node: &str| {
+        pods.items.iter().find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)).unwrap()
+    };
+    let token_a = cp.pod_token(pod_on("gpu-a")).await?;
+    let hello_b = proto::Hello {
+        gonka_node: "gpu/h100".into(),
+        pod_name: kube::ResourceExt::name_any(pod_on("gpu-b")),
+        kubernetes_node: "gpu-b".into(),
+        boot_id: "forged".into(),
+        ..Default::default()
+    };
+    let refused = forged_stream(report_port, Some(&token_a), hello_b.clone()).await;
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("bound to pod"), "{refused:?}");
+    let refused = forged_stream(report_port, None, hello_b).await;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    api.delete("h100", &DeleteParams::default()).await?;
+    eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
+    assert!(devnet.lock().unwrap().nodes().is_empty(), "no registration left behind");
+    drop(stand_ins);
+    operator.stop().await?;
+    Ok(())
+}
+
+/// Opens a report stream with `hello` and returns how the operator refused it.
+async fn forged_stream(port: u16, token: Option<&str>, hello: proto::Hello) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let mut client = FleetReportsClient::new(channel.connect().await.expect("connects"));
+    let first = proto::DaemonMessage { seq: 1, body: Some(proto::daemon_message::Body::Hello(hello)) };
+    let mut request = tonic::Request::new(tokio_stream::iter(vec![first]));
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    match client.report(request).await {
+        Ok(_) => panic!("the operator took a forged stream"),
+        Err(status) => status,
+    }
+}

@@ -1,0 +1,346 @@
+//! The gRPC server node-daemons report to (`gonka.report.v1.FleetReports`, see
+//! `protocol/proto/gonka/report/v1/report.proto`).
+//!
+//! Every replica listens; only the leader takes streams in (the others answer `UNAVAILABLE`
+//! and the daemon retries, reaching the leader through the Service sooner or later), so the
+//! replica that writes status is the one that holds the reports.
+//!
+//! A stream is let in when its bearer token passes a TokenReview (audience `gonka-operator`)
+//! as the GonkaNode's own ServiceAccount, bound to the pod that `Hello` names — a daemon can
+//! speak only for its own pod. `--report-auth none` skips the check (development only).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use gonka_protocol::report::fleet_reports_server::{FleetReports, FleetReportsServer};
+use gonka_protocol::report::{self as proto, daemon_message::Body, operator_message};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::build::Names;
+use crate::metrics::Metrics;
+use crate::reports::{Connection, ReportStore};
+
+/// How the operator checks who is reporting.
+#[derive(Clone)]
+pub enum ReportAuth {
+    /// TokenReview of the daemon's projected ServiceAccount token.
+    ServiceAccount(kube::Client),
+    /// Take `Hello` at its word. For development against a local apiserver only.
+    None,
+}
+
+/// Who a token belongs to, as the apiserver says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod the token is bound to.
+    pub pod: Option<String>,
+    /// The node that pod runs on.
+    pub node: Option<String>,
+}
+
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+impl ReportAuth {
+    async fn authenticate(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
+        let Self::ServiceAccount(client) = self else { return Ok(None) };
+        let token = token.ok_or_else(|| Status::unauthenticated("no bearer token: send the pod's report token"))?;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![proto::TOKEN_AUDIENCE.to_string()]),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Status::unavailable(format!("checking the token with the apiserver: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(Status::unauthenticated(format!("the report token was refused: {why}")));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some((namespace, service_account)) =
+            username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(Status::permission_denied(format!("{username} is not a ServiceAccount")));
+        };
+        let extra = user.extra.unwrap_or_default();
+        let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
+        Ok(Some(Caller {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            pod: first(POD_NAME_EXTRA),
+            node: first(NODE_NAME_EXTRA),
+        }))
+    }
+}
+
+/// Checks that `caller` may report as `hello` says; returns the GonkaNode's key.
+pub fn check_identity(hello: &proto::Hello, caller: Option<&Caller>) -> Result<(String, String), String> {
+    let (namespace, name) = hello
+        .gonka_node
+        .split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+        .ok_or_else(|| format!("hello.gonka_node {:?} is not <namespace>/<name>", hello.gonka_node))?;
+    if hello.pod_name.is_empty() {
+        return Err("hello.pod_name is empty".into());
+    }
+    if let Some(caller) = caller {
+        let expected = Names::of(name).service_account;
+        if caller.namespace != namespace || caller.service_account != expected {
+            return Err(format!(
+                "ServiceAccount {}/{} may not report for GonkaNode {namespace}/{name} (its ServiceAccount is {expected})",
+                caller.namespace, caller.service_account
+            ));
+        }
+        match &caller.pod {
+            Some(pod) if *pod != hello.pod_name => {
+                return Err(format!("the token is bound to pod {pod}, not {}", hello.pod_name));
+            }
+            None => return Err("the token is not bound to a pod: use the pod's projected token".into()),
+            Some(_) => {}
+        }
+        if let Some(node) = &caller.node
+            && *node != hello.kubernetes_node
+        {
+            return Err(format!("pod {} runs on {node}, not {}", hello.pod_name, hello.kubernetes_node));
+        }
+    }
+    Ok((namespace.to_string(), name.to_string()))
+}
+
+/// The service.
+#[derive(Clone)]
+pub struct ReportService {
+    pub store: ReportStore,
+    pub auth: ReportAuth,
+    /// True while this replica leads.
+    pub leading: Arc<AtomicBool>,
+    pub heartbeat: Duration,
+    pub metrics: Metrics,
+    /// Kubernetes events for GPU faults, on the GonkaNode.
+    pub recorder: Option<Recorder>,
+    /// Ends every stream (shutdown).
+    pub stop: CancellationToken,
+}
+
+type OperatorStream = Pin<Box<dyn Stream<Item = Result<proto::OperatorMessage, Status>> + Send>>;
+
+fn bearer(request: &Request<Streaming<proto::DaemonMessage>>) -> Option<String> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
+}
+
+#[tonic::async_trait]
+impl FleetReports for ReportService {
+    type ReportStream = OperatorStream;
+
+    async fn report(
+        &self,
+        request: Request<Streaming<proto::DaemonMessage>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        if !self.leading.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this operator replica is not the leader; reconnect"));
+        }
+        let token = bearer(&request);
+        let caller = self.auth.authenticate(token.as_deref()).await?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let Some(proto::DaemonMessage { seq, body: Some(Body::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be a hello"));
+        };
+        let key = check_identity(&hello, caller.as_ref()).map_err(Status::permission_denied)?;
+        info!(gonka_node = %hello.gonka_node, pod = %hello.pod_name, node = %hello.kubernetes_node, "ML node reporting");
+        let connection = self.store.connect(key, hello.clone(), seq);
+
+        let (tx, rx) = mpsc::channel(16);
+        let welcome =
+            operator_message::Body::Welcome(proto::Welcome { heartbeat_seconds: self.heartbeat.as_secs() as u32 });
+        let _ = tx.try_send(Ok(proto::OperatorMessage { body: Some(welcome) }));
+        let service = self.clone();
+        tokio::spawn(async move {
+            service.metrics.report_streams.inc();
+            let end = service.serve_stream(&connection, &hello, &mut inbound, &tx).await;
+            service.metrics.report_streams.dec();
+            service.store.disconnect(&connection);
+            match end {
+                Ok(()) => info!(pod = %hello.pod_name, "report stream ended"),
+                Err(status) => {
+                    warn!(pod = %hello.pod_name, reason = %status.message(), "report stream ended");
+                    let _ = tx.try_send(Err(status));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as OperatorStream))
+    }
+}
+
+impl ReportService {
+    async fn serve_stream(
+        &self,
+        connection: &Connection,
+        hello: &proto::Hello,
+        inbound: &mut Streaming<proto::DaemonMessage>,
+        tx: &mpsc::Sender<Result<proto::OperatorMessage, Status>>,
+    ) -> Result<(), Status> {
+        // Three missed heartbeats and the daemon counts as gone.
+        let silence = self.heartbeat * 3;
+        loop {
+            let message = tokio::select! {
+                _ = self.stop.cancelled() => return Err(Status::unavailable("the operator is shutting down")),
+                m = tokio::time::timeout(silence, inbound.message()) => m,
+            };
+            let message = match message {
+                Err(_) => return Err(Status::deadline_exceeded(format!("no message for {}s", silence.as_secs()))),
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Ok(Some(m))) => m,
+            };
+            if !self.leading.load(Ordering::Relaxed) {
+                return Err(Status::unavailable("this operator replica is no longer the leader; reconnect"));
+            }
+            let received = self.store.receive(connection, message);
+            if received.superseded {
+                return Err(Status::aborted("a newer report stream from this pod took over"));
+            }
+            if let Some(event) = received.event {
+                self.gpu_event(hello, &event).await;
+            }
+            // Acks are cumulative: when the daemon is slow to read, skipping one loses nothing.
+            let ack = operator_message::Body::Ack(proto::Ack { seq: received.ack });
+            let _ = tx.try_send(Ok(proto::OperatorMessage { body: Some(ack) }));
+        }
+    }
+
+    async fn gpu_event(&self, hello: &proto::Hello, event: &proto::GpuEvent) {
+        let class = proto::XidClass::try_from(event.class).unwrap_or(proto::XidClass::Unspecified);
+        let label = match class {
+            proto::XidClass::Transient => "transient",
+            proto::XidClass::NeedsReset => "needs_reset",
+            proto::XidClass::Fatal => "fatal",
+            proto::XidClass::Unspecified => "unknown",
+        };
+        self.metrics.gpu_xid(label);
+        // Transient XIDs are the application's business; the rest need a person.
+        if !matches!(class, proto::XidClass::NeedsReset | proto::XidClass::Fatal) {
+            return;
+        }
+        let Some(recorder) = &self.recorder else { return };
+        let Some((namespace, name)) = hello.gonka_node.split_once('/') else { return };
+        let what = if class == proto::XidClass::Fatal {
+            "the GPU is gone or broken: service the node"
+        } else {
+            "the GPU needs a reset before it can be trusted"
+        };
+        let note = format!(
+            "XID {} on GPU {} of node {} (pod {}): {what}",
+            event.xid, event.gpu, hello.kubernetes_node, hello.pod_name
+        );
+        let reference = ObjectReference {
+            api_version: Some("gonka.ai/v1alpha1".into()),
+            kind: Some("GonkaNode".into()),
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "GpuXid".into(),
+            note: Some(note),
+            action: "Report".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            warn!(error = %e, "could not publish a GPU event");
+        }
+    }
+}
+
+/// Serves the report service on `addr` until `stop`; returns the bound address and the task.
+pub async fn serve(
+    addr: SocketAddr,
+    service: ReportService,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let stop = service.stop.clone();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(FleetReportsServer::new(service))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            warn!(error = %e, "report server failed");
+        }
+    });
+    Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(gonka_node: &str, pod: &str, node: &str) -> proto::Hello {
+        proto::Hello {
+            gonka_node: gonka_node.into(),
+            pod_name: pod.into(),
+            kubernetes_node: node.into(),
+            ..Default::default()
+        }
+    }
+
+    fn caller(ns: &str, sa: &str, pod: Option<&str>, node: Option<&str>) -> Caller {
+        Caller {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            pod: pod.map(str::to_string),
+            node: node.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_daemon_speaks_only_for_its_own_pod() {
+        let h = hello("gpu/h100", "h100-ml-node-x1", "gpu-a");
+        let own = caller("gpu", "h100-ml-node", Some("h100-ml-node-x1"), Some("gpu-a"));
+        assert_eq!(check_identity(&h, Some(&own)), Ok(("gpu".into(), "h100".into())));
+        // No auth: taken at its word.
+        assert!(check_identity(&h, None).is_ok());
+
+        let refused = [
+            (caller("other", "h100-ml-node", Some("h100-ml-node-x1"), None), "may not report"),
+            (caller("gpu", "l40s-ml-node", Some("h100-ml-node-x1"), None), "its ServiceAccount is h100-ml-node"),
+            (caller("gpu", "h100-ml-node", Some("h100-ml-node-x2"), None), "bound to pod h100-ml-node-x2"),
+            (caller("gpu", "h100-ml-node", None, None), "not bound to a pod"),
+            (caller("gpu", "h100-ml-node", Some("h100-ml-node-x1"), Some("gpu-b")), "runs on gpu-b"),
+        ];
+        for (c, why) in refused {
+            let err = check_identity(&h, Some(&c)).unwrap_err();
+            assert!(err.contains(why), "{err} should say {why}");
+        }
+        assert!(check_identity(&hello("h100", "p", "n"), None).unwrap_err().contains("<namespace>/<name>"));
+        assert!(check_identity(&hello("gpu/h100", "", "n"), None).unwrap_err().contains("pod_name"));
+    }
+}

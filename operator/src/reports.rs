@@ -1,0 +1,415 @@
+//! What the node-daemons report, held in memory for the reconciles: one entry per pod, the
+//! latest snapshot and whether its stream is up. The report server ([`crate::report_server`])
+//! writes here; reconciles read a GonkaNode's entries and turn them into status and
+//! registration hardware ([`fleet`], pure).
+//!
+//! Memory only, by design: after an operator restart or a leader change every daemon
+//! reconnects within seconds and sends its whole picture again; until then the status keeps
+//! what it said. Entries of pods that are gone are pruned at every reconcile.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use gonka_crds::{GonkaNode, GpuCount, MlNodeStatus};
+use gonka_protocol::admin::Hardware;
+use gonka_protocol::report::{self as proto, daemon_message::Body};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc;
+
+/// `(namespace, name)` of a GonkaNode.
+pub type GonkaNodeKey = (String, String);
+
+/// One pod's daemon as last heard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlNodeReport {
+    pub hello: proto::Hello,
+    pub snapshot: Option<proto::Snapshot>,
+    /// The report stream is up.
+    pub connected: bool,
+    /// When the current stream came up, or when the last one went down.
+    pub since: jiff::Timestamp,
+    connection: u64,
+    /// Highest `seq` taken in from this daemon process (`hello.boot_id`).
+    highest_seq: u64,
+    /// `highest_seq` when the current stream began: an event numbered at or below it was
+    /// taken in before and is being resent.
+    seen_before: u64,
+}
+
+/// A stream's claim on its pod's entry; a newer stream from the same pod supersedes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub gonka_node: GonkaNodeKey,
+    pub pod: String,
+    id: u64,
+}
+
+/// What one message from a daemon gave.
+#[derive(Debug, Default, PartialEq)]
+pub struct Received {
+    /// Acknowledge up to here.
+    pub ack: u64,
+    /// A GPU event not seen before.
+    pub event: Option<proto::GpuEvent>,
+    /// This stream was superseded by a newer one from the same pod; close it.
+    pub superseded: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: BTreeMap<GonkaNodeKey, BTreeMap<String, MlNodeReport>>,
+    next_connection: u64,
+    /// GonkaNodes with changes that only move counters, reconciled at the next flush.
+    dirty: BTreeSet<GonkaNodeKey>,
+    notify: Option<mpsc::Sender<ObjectRef<GonkaNode>>>,
+}
+
+impl Inner {
+    fn trigger(&mut self, key: &GonkaNodeKey) {
+        self.dirty.remove(key);
+        if let Some(notify) = &self.notify {
+            // Full means a reconcile is queued for it already, or the controller is behind and
+            // its periodic resync catches up: dropping a trigger loses nothing.
+            let _ = notify.try_send(ObjectRef::new(&key.1).within(&key.0));
+        }
+    }
+}
+
+/// Cheap to clone; clones share the store.
+#[derive(Clone, Default)]
+pub struct ReportStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Snapshot changes that should show in status at once; anything else (PoC counters, GPU
+/// utilization and temperature) waits for the next flush.
+fn significant(before: Option<&proto::Snapshot>, after: &proto::Snapshot) -> bool {
+    let Some(before) = before else { return true };
+    let gpus = |s: &proto::Snapshot| s.gpus.iter().map(|g| (g.index, g.available)).collect::<Vec<_>>();
+    before.state != after.state
+        || before.hardware != after.hardware
+        || before.nvml_error != after.nvml_error
+        || gpus(before) != gpus(after)
+        || before.poc.as_ref().and_then(|p| p.block_height) != after.poc.as_ref().and_then(|p| p.block_height)
+}
+
+impl ReportStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// GonkaNodes whose reports changed, for the controller to reconcile. One subscriber: a
+    /// second call takes over.
+    pub fn changes(&self) -> mpsc::Receiver<ObjectRef<GonkaNode>> {
+        let (tx, rx) = mpsc::channel(1024);
+        self.lock().notify = Some(tx);
+        rx
+    }
+
+    /// A stream from `hello`'s pod came up (its identity already checked).
+    pub fn connect(&self, gonka_node: GonkaNodeKey, hello: proto::Hello, seq: u64) -> Connection {
+        let mut inner = self.lock();
+        inner.next_connection += 1;
+        let id = inner.next_connection;
+        let now = jiff::Timestamp::now();
+        let pods = inner.nodes.entry(gonka_node.clone()).or_default();
+        let pod = hello.pod_name.clone();
+        match pods.get_mut(&pod) {
+            Some(entry) if entry.hello.boot_id == hello.boot_id => {
+                entry.seen_before = entry.highest_seq;
+                entry.highest_seq = entry.highest_seq.max(seq);
+                entry.hello = hello;
+                entry.connection = id;
+                if !entry.connected {
+                    entry.since = now;
+                }
+                entry.connected = true;
+            }
+            _ => {
+                let entry = MlNodeReport {
+                    hello,
+                    snapshot: None,
+                    connected: true,
+                    since: now,
+                    connection: id,
+                    highest_seq: seq,
+                    seen_before: 0,
+                };
+                pods.insert(pod.clone(), entry);
+            }
+        }
+        inner.trigger(&gonka_node);
+        Connection { gonka_node, pod, id }
+    }
+
+    /// Takes in one message of `connection`'s stream.
+    pub fn receive(&self, connection: &Connection, message: proto::DaemonMessage) -> Received {
+        let mut inner = self.lock();
+        let Some(entry) = inner.nodes.get_mut(&connection.gonka_node).and_then(|pods| pods.get_mut(&connection.pod))
+        else {
+            return Received { superseded: true, ..Received::default() };
+        };
+        if entry.connection != connection.id {
+            return Received { superseded: true, ..Received::default() };
+        }
+        let seq = message.seq;
+        let mut received = Received { ack: seq, ..Received::default() };
+        let mut trigger = false;
+        match message.body {
+            Some(Body::Snapshot(snapshot)) => {
+                trigger = significant(entry.snapshot.as_ref(), &snapshot);
+                entry.snapshot = Some(snapshot);
+            }
+            Some(Body::GpuEvent(event)) if seq > entry.seen_before => received.event = Some(event),
+            _ => {}
+        }
+        entry.highest_seq = entry.highest_seq.max(seq);
+        if trigger {
+            inner.trigger(&connection.gonka_node);
+        } else {
+            inner.dirty.insert(connection.gonka_node.clone());
+        }
+        received
+    }
+
+    /// `connection`'s stream ended; a superseded one changes nothing.
+    pub fn disconnect(&self, connection: &Connection) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.nodes.get_mut(&connection.gonka_node).and_then(|pods| pods.get_mut(&connection.pod))
+        else {
+            return;
+        };
+        if entry.connection == connection.id && entry.connected {
+            entry.connected = false;
+            entry.since = jiff::Timestamp::now();
+            inner.trigger(&connection.gonka_node);
+        }
+    }
+
+    /// Reconciles GonkaNodes whose counters moved since the last flush.
+    pub fn flush(&self) {
+        let mut inner = self.lock();
+        for key in std::mem::take(&mut inner.dirty) {
+            inner.trigger(&key);
+        }
+    }
+
+    /// The reports of a GonkaNode's pods, by pod name.
+    pub fn of(&self, gonka_node: &GonkaNodeKey) -> BTreeMap<String, MlNodeReport> {
+        self.lock().nodes.get(gonka_node).cloned().unwrap_or_default()
+    }
+
+    /// Forgets pods not in `keep` (gone, or not this GonkaNode's any more).
+    pub fn prune(&self, gonka_node: &GonkaNodeKey, keep: &BTreeSet<String>) {
+        let mut inner = self.lock();
+        if let Some(pods) = inner.nodes.get_mut(gonka_node) {
+            pods.retain(|pod, _| keep.contains(pod));
+            if pods.is_empty() {
+                inner.nodes.remove(gonka_node);
+            }
+        }
+    }
+}
+
+/// A pod of the GonkaNode, as the fleet summary needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub name: String,
+    pub kubernetes_node: String,
+}
+
+/// What the reports say about a GonkaNode's fleet, for its status.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fleet {
+    pub ml_nodes: Vec<MlNodeStatus>,
+    pub gpus: Vec<GpuCount>,
+    pub total_gpus: i32,
+    /// Valid nonces of the latest PoC round any ML node reported, summed, and that round.
+    pub weight: Option<(i64, i64)>,
+}
+
+/// Joins the pods with their reports. A pod that has not reported since this operator started
+/// keeps the entry `previous` had for it, as not reporting (the daemon is on its way back), so
+/// a restart does not blank the fleet's GPUs.
+pub fn fleet(pods: &[PodRef], reports: &BTreeMap<String, MlNodeReport>, previous: &[MlNodeStatus]) -> Fleet {
+    let mut ml_nodes = Vec::new();
+    for pod in pods {
+        match reports.get(&pod.name) {
+            Some(report) => ml_nodes.push(ml_node_status(pod, report)),
+            None => {
+                if let Some(p) = previous.iter().find(|p| p.pod == pod.name) {
+                    ml_nodes.push(MlNodeStatus { reporting: false, ..p.clone() });
+                }
+            }
+        }
+    }
+    ml_nodes.sort_by(|a, b| a.node.cmp(&b.node).then(a.pod.cmp(&b.pod)));
+
+    let mut by_type: BTreeMap<String, i32> = BTreeMap::new();
+    for node in &ml_nodes {
+        for h in &node.hardware {
+            *by_type.entry(h.type_.clone()).or_default() += h.count;
+        }
+    }
+    let gpus: Vec<GpuCount> = by_type.into_iter().map(|(type_, count)| GpuCount { type_, count }).collect();
+    let total_gpus = gpus.iter().map(|g| g.count).sum();
+    let latest = ml_nodes.iter().filter_map(|n| n.poc_block_height).max();
+    let weight = latest.map(|height| {
+        let nonces =
+            ml_nodes.iter().filter(|n| n.poc_block_height == Some(height)).filter_map(|n| n.poc_valid_nonces).sum();
+        (nonces, height)
+    });
+    Fleet { ml_nodes, gpus, total_gpus, weight }
+}
+
+fn ml_node_status(pod: &PodRef, report: &MlNodeReport) -> MlNodeStatus {
+    let snapshot = report.snapshot.as_ref();
+    let poc = snapshot.and_then(|s| s.poc.as_ref());
+    MlNodeStatus {
+        node: pod.kubernetes_node.clone(),
+        pod: pod.name.clone(),
+        state: snapshot.map(|s| s.state.clone()).filter(|s| !s.is_empty()),
+        gpus: snapshot.map_or(0, |s| s.gpus.len() as i32),
+        gpus_available: snapshot.map_or(0, |s| s.gpus.iter().filter(|g| g.available).count() as i32),
+        hardware: snapshot.map(|s| hardware(s).into_iter().map(gpu_count).collect()).unwrap_or_default(),
+        gpu_error: snapshot.map(|s| s.nvml_error.clone()).filter(|e| !e.is_empty()),
+        reporting: report.connected,
+        since: Time(report.since),
+        poc_block_height: poc.and_then(|p| p.block_height),
+        poc_valid_nonces: poc.and_then(|p| p.block_height.map(|_| p.nonces_valid as i64)),
+    }
+}
+
+fn gpu_count(h: Hardware) -> GpuCount {
+    GpuCount { type_: h.type_, count: h.count as i32 }
+}
+
+/// A snapshot's hardware in the admin API's form, sorted.
+pub fn hardware(snapshot: &proto::Snapshot) -> Vec<Hardware> {
+    let mut hardware: Vec<Hardware> =
+        snapshot.hardware.iter().map(|h| Hardware { type_: h.r#type.clone(), count: h.count }).collect();
+    hardware.sort();
+    hardware
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> GonkaNodeKey {
+        ("gpu".into(), "h100".into())
+    }
+
+    fn hello(pod: &str, boot: &str) -> proto::Hello {
+        proto::Hello { gonka_node: "gpu/h100".into(), pod_name: pod.into(), boot_id: boot.into(), ..Default::default() }
+    }
+
+    fn snapshot(state: &str, h100s: u32, block: Option<i64>, valid: u64) -> proto::Snapshot {
+        proto::Snapshot {
+            state: state.into(),
+            hardware: vec![proto::HardwareCount { r#type: "NVIDIA H100 80GB HBM3 | 79GB".into(), count: h100s }],
+            gpus: (0..h100s).map(|index| proto::Gpu { index, available: true, ..Default::default() }).collect(),
+            poc: Some(proto::PocProgress { block_height: block, nonces_valid: valid, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn message(seq: u64, body: Body) -> proto::DaemonMessage {
+        proto::DaemonMessage { seq, body: Some(body) }
+    }
+
+    fn xid(seq: u64) -> proto::DaemonMessage {
+        message(seq, Body::GpuEvent(proto::GpuEvent { gpu: 1, xid: 79, class: 3, observed_at: 0 }))
+    }
+
+    #[tokio::test]
+    async fn significant_changes_trigger_a_reconcile_counters_wait_for_the_flush() {
+        let store = ReportStore::default();
+        let mut changes = store.changes();
+        let c = store.connect(key(), hello("h100-ml-node-a", "boot1"), 1);
+        assert_eq!(changes.try_recv().unwrap(), ObjectRef::new("h100").within("gpu"));
+        store.receive(&c, message(2, Body::Snapshot(snapshot("STOPPED", 8, None, 0))));
+        assert!(changes.try_recv().is_ok(), "first snapshot");
+        store.receive(&c, message(3, Body::Snapshot(snapshot("POW", 8, Some(10), 0))));
+        assert!(changes.try_recv().is_ok(), "state change");
+        let r = store.receive(&c, message(4, Body::Snapshot(snapshot("POW", 8, Some(10), 55))));
+        assert_eq!(r.ack, 4);
+        assert!(changes.try_recv().is_err(), "counters only: no reconcile yet");
+        store.receive(&c, message(5, Body::Heartbeat(proto::Heartbeat {})));
+        store.flush();
+        assert!(changes.try_recv().is_ok(), "flushed");
+        store.flush();
+        assert!(changes.try_recv().is_err(), "nothing left to flush");
+        store.disconnect(&c);
+        assert!(changes.try_recv().is_ok(), "disconnect");
+        let pods = store.of(&key());
+        let entry = &pods["h100-ml-node-a"];
+        assert!(!entry.connected);
+        assert_eq!(entry.snapshot.as_ref().unwrap().poc.unwrap().nonces_valid, 55);
+    }
+
+    #[test]
+    fn a_resent_event_is_taken_once_and_a_newer_stream_supersedes_an_older_one() {
+        let store = ReportStore::default();
+        let first = store.connect(key(), hello("p", "boot1"), 1);
+        assert!(store.receive(&first, xid(2)).event.is_some());
+        // The ack of 2 was lost: the daemon reconnects and resends it, plus one it never got
+        // through (3), after its new hello (4).
+        let second = store.connect(key(), hello("p", "boot1"), 4);
+        assert!(store.receive(&first, xid(9)).superseded, "the old stream is closed");
+        store.disconnect(&first);
+        assert!(store.of(&key())["p"].connected, "a superseded stream's end changes nothing");
+        assert!(store.receive(&second, xid(2)).event.is_none(), "seen before");
+        assert!(store.receive(&second, xid(3)).event.is_some(), "not seen before");
+        // A restarted daemon (new boot id) numbers from 1 again.
+        let third = store.connect(key(), hello("p", "boot2"), 1);
+        assert!(store.receive(&third, xid(2)).event.is_some());
+    }
+
+    #[test]
+    fn the_fleet_joins_pods_and_reports() {
+        let store = ReportStore::default();
+        let a = store.connect(key(), hello("pa", "b"), 1);
+        store.receive(&a, message(2, Body::Snapshot(snapshot("POW", 8, Some(20), 40))));
+        let b = store.connect(key(), hello("pb", "b"), 1);
+        store.receive(&b, message(2, Body::Snapshot(snapshot("POW", 4, Some(20), 2))));
+        let c = store.connect(key(), hello("pc", "b"), 1);
+        store.receive(&c, message(2, Body::Snapshot(snapshot("POW", 8, Some(10), 900))));
+        let gone = store.connect(key(), hello("gone", "b"), 1);
+        store.receive(&gone, message(2, Body::Snapshot(snapshot("POW", 8, Some(20), 1000))));
+        store.disconnect(&b);
+
+        let pod = |name: &str, node: &str| PodRef { name: name.into(), kubernetes_node: node.into() };
+        let previous = MlNodeStatus { pod: "pd".into(), node: "gpu-d".into(), reporting: true, ..fleet_entry() };
+        let pods = [pod("pa", "gpu-a"), pod("pb", "gpu-b"), pod("pc", "gpu-c"), pod("pd", "gpu-d"), pod("pe", "gpu-e")];
+        let f = fleet(&pods, &store.of(&key()), std::slice::from_ref(&previous));
+        let nodes: Vec<_> = f.ml_nodes.iter().map(|n| (n.node.as_str(), n.reporting, n.gpus)).collect();
+        // pd has not reported since the restart: its previous entry stays, as not reporting; pe
+        // never reported.
+        assert_eq!(nodes, [("gpu-a", true, 8), ("gpu-b", false, 4), ("gpu-c", true, 8), ("gpu-d", false, 2)]);
+        assert_eq!(f.gpus, [GpuCount { type_: "NVIDIA H100 80GB HBM3 | 79GB".into(), count: 22 }]);
+        assert_eq!(f.total_gpus, 22);
+        // The latest round (20) counts: pa and pb, not pc's older round, not the gone pod.
+        assert_eq!(f.weight, Some((42, 20)));
+
+        store.prune(&key(), &BTreeSet::from(["pa".to_string()]));
+        assert_eq!(store.of(&key()).keys().collect::<Vec<_>>(), ["pa"]);
+    }
+
+    fn fleet_entry() -> MlNodeStatus {
+        MlNodeStatus {
+            node: String::new(),
+            pod: String::new(),
+            state: Some("POW".into()),
+            gpus: 2,
+            gpus_available: 2,
+            hardware: vec![GpuCount { type_: "NVIDIA H100 80GB HBM3 | 79GB".into(), count: 2 }],
+            gpu_error: None,
+            reporting: false,
+            since: Time(jiff::Timestamp::UNIX_EPOCH),
+            poc_block_height: None,
+            poc_valid_nonces: None,
+        }
+    }
+}
