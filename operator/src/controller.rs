@@ -9,13 +9,14 @@
 //! Deletion goes through a finalizer: every ML node is removed from the network node before
 //! the GonkaNode disappears; the owned objects then go by garbage collection (owner references).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use gonka_crds::{GonkaNode, condition};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
 use kube::runtime::Predicate;
@@ -224,7 +225,8 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                     obs.rollout_held = Some(why.clone());
                 }
                 let fleet = read_reports(gn, ctx, &list.items);
-                let pods: Vec<_> = list.items.iter().filter_map(|p| ml_node_pod(p, &fleet.1)).collect();
+                let cordoned = if list.items.is_empty() { BTreeSet::new() } else { cordoned_nodes(ctx).await };
+                let pods: Vec<_> = list.items.iter().filter_map(|p| ml_node_pod(p, &fleet.1, &cordoned)).collect();
                 obs.fleet = Some(fleet.0);
                 let expected = daemon_set
                     .as_ref()
@@ -300,7 +302,7 @@ async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Po
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
-            let node = ml_node_pod(p, &Default::default())?;
+            let node = ml_node_pod(p, &Default::default(), &Default::default())?;
             Some(RolloutPod {
                 name: p.name_any(),
                 kubernetes_node: node.kubernetes_node,
@@ -397,7 +399,12 @@ async fn register(
     match outcome {
         Ok((count, plan)) => {
             announce_registration(gn, ctx, &plan).await;
-            Registration::Synced { registered: count as i32, ready, paused: gn.spec.paused }
+            Registration::Synced {
+                registered: count as i32,
+                ready,
+                paused: gn.spec.paused,
+                cordoned: registration::cordoned_count(pods) as i32,
+            }
         }
         Err(e) if e.is_retryable() => Registration::Unreachable(e.to_string()),
         Err(e) => {
@@ -447,11 +454,28 @@ fn read_reports(
     (reports::fleet(&refs, &reports, previous), hardware)
 }
 
+/// Kubernetes nodes that are cordoned (`spec.unschedulable`), where ML nodes are held disabled.
+/// Unknown (the list failed) counts as none cordoned: a failed read must not take ML nodes out.
+async fn cordoned_nodes(ctx: &Context) -> BTreeSet<String> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    match nodes.list_metadata(&ListParams::default().fields(CORDONED)).await {
+        Ok(list) => list.items.iter().map(ResourceExt::name_any).collect(),
+        Err(e) => {
+            warn!(error = %e, "listing cordoned nodes");
+            BTreeSet::new()
+        }
+    }
+}
+
+/// Field selector of cordoned Kubernetes nodes.
+const CORDONED: &str = "spec.unschedulable=true";
+
 /// A pod as registration needs it; pods being deleted no longer count. `hardware` is what each
-/// pod's daemon reported, by pod name.
+/// pod's daemon reported, by pod name; `cordoned` the cordoned Kubernetes nodes.
 fn ml_node_pod(
     pod: &Pod,
     hardware: &std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>,
+    cordoned: &BTreeSet<String>,
 ) -> Option<registration::MlNodePod> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
@@ -462,10 +486,11 @@ fn ml_node_pod(
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     Some(registration::MlNodePod {
-        kubernetes_node,
         pod_ip: status.and_then(|s| s.pod_ip.clone()),
         ready,
         hardware: hardware.get(&pod.name_any()).cloned(),
+        cordoned: cordoned.contains(&kubernetes_node),
+        kubernetes_node,
     })
 }
 
@@ -602,6 +627,13 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             }
         })
     };
+    let every_gonka_node = reader.clone();
+    let cordons = watcher(
+        Api::<kube::core::PartialObjectMeta<Node>>::all(client.clone()),
+        watcher::Config::default().fields(CORDONED),
+    )
+    .default_backoff()
+    .touched_objects();
     Controller::for_stream(gonka_nodes, reader)
         .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
         .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
@@ -611,6 +643,11 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         .watches(owned::<Pod>(&client, &namespace), ours, |pod: Pod| {
             let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
             Some(ObjectRef::new(&name).within(&pod.namespace()?))
+        })
+        // A node cordoned or uncordoned (the set of `spec.unschedulable=true` nodes changes):
+        // every GonkaNode looks again; cordons are rare, GonkaNodes few.
+        .watches_stream(cordons, move |_| {
+            every_gonka_node.state().iter().map(|gn| ObjectRef::from_obj(gn.as_ref())).collect::<Vec<_>>()
         })
         // Reports that change what status says reconcile their GonkaNode at once.
         .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(ctx.reports.changes()))

@@ -85,6 +85,16 @@ impl ApiServer {
         send.send_response(json_response(&list));
     }
 
+    /// With pods to register, the pass asks which Kubernetes nodes are cordoned; none are.
+    async fn expect_cordoned_list(&mut self) {
+        let (_, request, send) = self.expect(Method::GET, "/api/v1/nodes").await;
+        let query = request.uri().query().unwrap_or_default();
+        assert!(query.contains("fieldSelector=spec.unschedulable%3Dtrue"), "{query}");
+        let list =
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []});
+        send.send_response(json_response(&list));
+    }
+
     /// An Event about the GonkaNode; returns its reason.
     async fn expect_event(&mut self) -> String {
         let (body, _, send) = self.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/gpu/events").await;
@@ -222,7 +232,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         daemon_set: Some(&ds),
         max_unavailable: Some(&gn.spec.update_strategy.max_unavailable),
         hold_unchecked: true,
-        registration: Some(status::Registration::Synced { registered: 1, ready: 1, paused: false }),
+        registration: Some(status::Registration::Synced { registered: 1, ready: 1, paused: false, cordoned: 0 }),
         ..Default::default()
     };
     gn.status = Some(status::compute(None, &obs, &Time(jiff::Timestamp::from_second(1_800_000_000).unwrap())));
@@ -234,6 +244,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         api.expect_get("/api/v1/namespaces/gpu/services/h100-ml-nodes", &with_kind(&desired.service)).await;
         api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
         api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;
+        api.expect_cordoned_list().await;
         api
     })
     .await

@@ -8,7 +8,8 @@
 //! pod is gone is removed — unless the DaemonSet still wants more pods than exist (a pod being
 //! replaced comes back on the same Kubernetes node, under the same registration); while
 //! `spec.paused` every registration is disabled (it serves out the epoch, then gets no new
-//! work); a disabled registration is enabled again once not paused and its pod is ready. The
+//! work), and so is the registration of a pod on a cordoned Kubernetes node (a drain is
+//! coming); a disabled registration is enabled again once neither holds and its pod is ready. The
 //! hardware registered is what the pod's daemon reported; before it has, what is registered stays.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +31,8 @@ pub struct MlNodePod {
     pub ready: bool,
     /// GPUs its daemon reported, in upstream's hardware form; `None` = no report yet.
     pub hardware: Option<Vec<Hardware>>,
+    /// Its Kubernetes node is cordoned (`kubectl cordon`, the start of `kubectl drain`).
+    pub cordoned: bool,
 }
 
 /// What to change on the network node.
@@ -108,19 +111,30 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         .filter(|p| p.ready)
         .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
         .collect();
+    let cordoned: BTreeSet<String> = pods
+        .iter()
+        .filter(|p| p.cordoned)
+        .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
+        .collect();
     for (id, r) in &ours {
         let enabled = r.state.admin_state.enabled;
+        let held = gn.spec.paused || cordoned.contains(*id);
         if !existing_pods.contains(*id) && !replacements_pending {
             plan.delete.push(id.to_string());
-        } else if gn.spec.paused && enabled {
+        } else if held && enabled {
             plan.disable.push(id.to_string());
-        } else if !gn.spec.paused && !enabled && ready_pods.contains(*id) {
+        } else if !held && !enabled && ready_pods.contains(*id) {
             // Enabled again only once its pod serves: a node disabled for replacement stays
             // disabled until the new pod is ready.
             plan.enable.push(id.to_string());
         }
     }
     plan
+}
+
+/// How many ML nodes are held disabled because their Kubernetes node is cordoned.
+pub fn cordoned_count(pods: &[MlNodePod]) -> usize {
+    pods.iter().filter(|p| p.cordoned).count()
 }
 
 /// How many of the GonkaNode's ML nodes the network node lists.
@@ -136,7 +150,13 @@ mod tests {
     use gonka_protocol::admin::{AdminState, Node, NodeState};
 
     fn pod(node: &str, ip: Option<&str>, ready: bool) -> MlNodePod {
-        MlNodePod { kubernetes_node: node.into(), pod_ip: ip.map(str::to_string), ready, hardware: None }
+        MlNodePod {
+            kubernetes_node: node.into(),
+            pod_ip: ip.map(str::to_string),
+            ready,
+            hardware: None,
+            cordoned: false,
+        }
     }
 
     fn registered(config: InferenceNodeConfig, enabled: bool) -> NodeResponse {
@@ -225,6 +245,25 @@ mod tests {
         assert!(plan(&resumed, &[], 1, &[registered(a.clone(), false)]).is_empty());
         let starting = [pod("gpu-a", Some("10.0.0.5"), false)];
         assert!(plan(&resumed, &starting, 1, &[registered(a, false)]).is_empty());
+    }
+
+    #[test]
+    fn a_cordoned_node_is_disabled_and_enabled_again_when_uncordoned() {
+        let gn = gonka_node("h100", |_| {});
+        let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
+        let b = node_config(&gn, "gpu-b", "10.0.0.6", Vec::new());
+        let cordoned = MlNodePod { cordoned: true, ..pod("gpu-a", Some("10.0.0.5"), true) };
+        let pods = [cordoned.clone(), pod("gpu-b", Some("10.0.0.6"), true)];
+        let p = plan(&gn, &pods, 2, &[registered(a.clone(), true), registered(b.clone(), true)]);
+        assert_eq!((p.disable, p.enable, p.upsert.len()), (vec!["h100.gpu@gpu-a".to_string()], vec![], 0));
+        assert!(plan(&gn, &pods, 2, &[registered(a.clone(), false), registered(b.clone(), true)]).is_empty());
+        let uncordoned = [pod("gpu-a", Some("10.0.0.5"), true), pod("gpu-b", Some("10.0.0.6"), true)];
+        let p = plan(&gn, &uncordoned, 2, &[registered(a.clone(), false), registered(b.clone(), true)]);
+        assert_eq!(p.enable, ["h100.gpu@gpu-a"]);
+        // Uncordoned while paused: stays disabled.
+        let paused = gonka_node("h100", |s| s.paused = true);
+        let p = plan(&paused, &uncordoned, 2, &[registered(a, false), registered(b, false)]);
+        assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct Observation<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Registration {
     /// The network node lists `registered` of this GonkaNode's ML nodes; `ready` pods want to be.
-    Synced { registered: i32, ready: i32, paused: bool },
+    Synced { registered: i32, ready: i32, paused: bool, cordoned: i32 },
     /// The network node did not answer; retried with backoff.
     Unreachable(String),
     /// The network node refused (e.g. a model governance did not approve).
@@ -210,8 +210,12 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
                 last_transition_time: now.clone(),
             }
         }),
-        Some(Registration::Synced { registered, ready, paused }) => {
-            let held = if *paused { " (disabled while spec.paused)" } else { "" };
+        Some(Registration::Synced { registered, ready, paused, cordoned }) => {
+            let held = match (*paused, *cordoned) {
+                (true, _) => " (disabled while spec.paused)".to_string(),
+                (false, 0) => String::new(),
+                (false, n) => format!("; {n} disabled on cordoned nodes"),
+            };
             if *ready == 0 && *registered == 0 {
                 cond(condition::REGISTERED, false, "NoReadyMlNodes", "no ML node is ready to register yet".into())
             } else if registered >= ready {
@@ -464,9 +468,26 @@ mod tests {
     #[test]
     fn registered_follows_the_registration_pass() {
         let cases = [
-            (Registration::Synced { registered: 0, ready: 0, paused: false }, ("False", "NoReadyMlNodes"), 0),
-            (Registration::Synced { registered: 1, ready: 3, paused: false }, ("False", "RegistrationPending"), 1),
-            (Registration::Synced { registered: 3, ready: 3, paused: true }, ("True", "MlNodesRegistered"), 3),
+            (
+                Registration::Synced { registered: 0, ready: 0, paused: false, cordoned: 0 },
+                ("False", "NoReadyMlNodes"),
+                0,
+            ),
+            (
+                Registration::Synced { registered: 1, ready: 3, paused: false, cordoned: 0 },
+                ("False", "RegistrationPending"),
+                1,
+            ),
+            (
+                Registration::Synced { registered: 3, ready: 3, paused: true, cordoned: 0 },
+                ("True", "MlNodesRegistered"),
+                3,
+            ),
+            (
+                Registration::Synced { registered: 3, ready: 3, paused: false, cordoned: 1 },
+                ("True", "MlNodesRegistered"),
+                3,
+            ),
             (Registration::Unreachable("connection refused".into()), ("False", "NetworkNodeUnreachable"), 7),
             (Registration::Refused("model not approved".into()), ("False", "RegistrationRefused"), 7),
         ];

@@ -1,0 +1,58 @@
+//! Draining a GPU node: `kubectl cordon` (what `kubectl drain` starts with; DaemonSet pods stay
+//! on a drained node) disables the node's ML node on the network node, so it serves out the
+//! epoch and gets no new work before the maintenance; `kubectl uncordon` enables it again.
+//! The other ML nodes are not touched.
+
+use std::time::Duration;
+
+use gonka_crds::GonkaNode;
+use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+const NS: &str = "gpu";
+const WAIT: Duration = Duration::from_secs(90);
+const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordoning_a_node_disables_its_ml_node_and_uncordoning_enables_it() -> anyhow::Result<()> {
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
+    let api: Api<GonkaNode> = Api::namespaced(cp.client().await?, NS);
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op-a").await?;
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    let enabled = || {
+        let mut nodes: Vec<(String, bool)> = devnet
+            .lock()
+            .unwrap()
+            .nodes()
+            .iter()
+            .map(|n| (n.node.config.id.clone(), n.state.admin_state.enabled))
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let both = |a: bool, b: bool| vec![("h100.gpu@gpu-a".to_string(), a), ("h100.gpu@gpu-b".to_string(), b)];
+    eventually("both ML nodes registered and enabled", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        Ok(enabled() == both(true, true))
+    })
+    .await?;
+
+    cp.kubectl(&["cordon", "gpu-a"])?;
+    eventually("gpu-a's ML node disabled, gpu-b's untouched", WAIT, || async { Ok(enabled() == both(false, true)) })
+        .await?;
+    eventually("the Registered condition says why", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        let c = s.conditions.iter().find(|c| c.type_ == "Registered");
+        Ok(c.is_some_and(|c| c.status == "True" && c.message.contains("1 disabled on cordoned nodes")))
+    })
+    .await?;
+
+    cp.kubectl(&["uncordon", "gpu-a"])?;
+    eventually("gpu-a's ML node enabled again", WAIT, || async { Ok(enabled() == both(true, true)) }).await?;
+    operator.stop().await?;
+    Ok(())
+}
