@@ -46,7 +46,7 @@ pub const MAX_NAME_LENGTH: usize = 40;
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.readyMlNodes", description = "ML nodes whose daemon is ready"),
     printcolumn(name = "Registered", type_ = "integer", json_path = ".status.registeredMlNodes", description = "ML nodes registered with the network node"),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.totalGpus", description = "GPUs reported by the ML nodes"),
-    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.weight", description = "PoC weight of the last round, where known"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.weight", description = "Valid nonces the ML nodes reported for the latest PoC round"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Why the fleet is or is not ready"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]

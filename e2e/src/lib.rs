@@ -686,7 +686,9 @@ impl ControlPlane {
         self.start_operator_with(self.client().await?, identity, "default", Some(report_port)).await
     }
 
-    async fn start_operator_with(
+    /// Starts an operator replica using `client`, leasing in `lease_namespace`, with a report
+    /// server on `127.0.0.1:<report_port>` if given (see [`Self::start_reporting_operator`]).
+    pub async fn start_operator_with(
         &self,
         client: Client,
         identity: &str,

@@ -1,14 +1,15 @@
 //! The whole chain on a real control plane: the operator rolls out a GonkaNode and registers
 //! its pods with the devnet network node; node-daemon processes stand in for the pods on their
-//! addresses; the devnet drives them through a PoC round; both earn weight; deleting the
-//! GonkaNode leaves no registration behind.
+//! addresses and report to the operator; the devnet drives them through a PoC round; both earn
+//! weight, and the GonkaNode's status shows it; deleting the GonkaNode leaves no registration
+//! behind.
 #![cfg(feature = "torch")]
 
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
 use gonka_devnet::round::{RoundConfig, run_round};
-use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
+use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
@@ -22,7 +23,7 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
     let client = cp.client().await?;
     let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
     let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
-    let operator = cp.start_operator("op-a").await?;
+    let operator = cp.start_reporting_operator("op-a", free_port()?).await?;
 
     let mut manifest = gonka_node_manifest("h100", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
@@ -65,6 +66,15 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
     for r in &results {
         assert!(r.weight > 0 && r.fraud_detected == Some(false), "{r:?}");
     }
+    // The daemons report the round to the operator: status counts at least what the network
+    // node accepted in the round (a batch that arrives after the devnet closed the round still
+    // counts on the daemon's side).
+    let accepted: usize = results.iter().map(|r| r.weight).sum();
+    eventually("status shows the round's weight", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.poc_block_height == Some(42) && s.weight.is_some_and(|w| w as usize >= accepted))
+    })
+    .await?;
 
     api.delete("h100", &DeleteParams::default()).await?;
     eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;

@@ -185,8 +185,14 @@ impl FleetReports for ReportService {
             service.store.disconnect(&connection);
             match end {
                 Ok(()) => info!(pod = %hello.pod_name, "report stream ended"),
-                Err(status) => {
+                // Silence is worth a warning; a daemon going away (pod deleted, node drained,
+                // operator shutting down) is everyday Kubernetes.
+                Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
                     warn!(pod = %hello.pod_name, reason = %status.message(), "report stream ended");
+                    let _ = tx.try_send(Err(status));
+                }
+                Err(status) => {
+                    info!(pod = %hello.pod_name, reason = %status.message(), "report stream ended");
                     let _ = tx.try_send(Err(status));
                 }
             }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use gonka_crds::GonkaNode;
 use gonka_e2e::{Components, ControlPlane};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
@@ -45,10 +46,19 @@ async fn main() -> anyhow::Result<()> {
 
     // The Deployment in manifests/ has no kubelet to run it here; the operator runs in this
     // process instead, with exactly the ServiceAccount's RBAC.
+    let report_port = gonka_e2e::free_port()?;
     let operator = cp
-        .start_operator_as(cp.client_as("gonka-system", "gonka-operator").await?, "demo-operator", "gonka-system")
+        .start_operator_with(
+            cp.client_as("gonka-system", "gonka-operator").await?,
+            "demo-operator",
+            "gonka-system",
+            Some(report_port),
+        )
         .await?;
-    step(&format!("operator running (metrics on http://{}/metrics)", operator.admin_addr));
+    step(&format!(
+        "operator running (metrics on http://{}/metrics, node-daemon reports on 127.0.0.1:{report_port})",
+        operator.admin_addr
+    ));
 
     let (devnet, admin_url) = gonka_e2e::start_devnet(&["Qwen/QwQ-32B", "Qwen/Qwen2.5-7B-Instruct"]).await?;
     step(&format!("devnet (the network node's stand-in) serving its admin API at {admin_url}"));
@@ -61,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         let path = entry?.path();
         let text = std::fs::read_to_string(&path)?
             .replace("http://gonka-api.gonka.svc:9200", &admin_url)
+            .replace("http://gonka-api.gonka.svc:9100", &admin_url)
             .replace("http://gonka-api.gonka.svc:9000", &admin_url);
         std::fs::write(rewritten.path().join(path.file_name().context("file name")?), text)?;
     }
@@ -122,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     match std::env::var_os("GONKA_DAEMON_BIN") {
-        Some(bin) => poc_round(&cp, &devnet, &admin_url, Path::new(&bin), &step).await?,
+        Some(bin) => poc_round(&cp, &api, &devnet, &admin_url, Path::new(&bin), &step).await?,
         None => println!(
             "\nNo PoC round: set GONKA_DAEMON_BIN to a node-daemon built with `--features torch` \
              (`make demo` does) to run one."
@@ -140,18 +151,17 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Node-daemon processes stand in for the ML-node pods (each listens on its pod's loopback IP at
-/// the ML-node port the operator registered), with fake-NVML GPUs matching their nodes; the
+/// the ML-node port the operator registered, runs on the `daemon.json` the operator rendered and
+/// reports to the operator with its pod's token), with fake-NVML GPUs matching their nodes; the
 /// devnet drives them through a PoC v1 round; the result is a table.
 async fn poc_round(
     cp: &ControlPlane,
+    api: &Api<GonkaNode>,
     devnet: &gonka_devnet::Shared,
     base_url: &str,
     daemon: &Path,
     step: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    let daemon_config = serde_json::json!({"gonkaNode": "gonka-demo/demo",
-        "mlCallbackUrl": format!("{base_url}/v1/poc-batches"), "pocPort": 8080, "inferencePort": 5000,
-        "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 10000}});
     let gpus_for = |node: &str| {
         let mut scenario = fake_nvml::Scenario::hgx_h100();
         if node.contains("a100") {
@@ -159,16 +169,26 @@ async fn poc_round(
         }
         scenario
     };
-    let stand_ins = cp
-        .stand_in_for_pods(
-            NAMESPACE,
-            "app.kubernetes.io/name=gonka-ml-node",
-            daemon,
-            &daemon_config.to_string(),
-            gpus_for,
-        )
-        .await?;
-    step(&format!("{} node-daemons up on the pods' addresses, GPUs from fake NVML", stand_ins.len()));
+    let config_maps: Api<ConfigMap> = Api::namespaced(cp.client().await?, NAMESPACE);
+    let mut stand_ins = Vec::new();
+    for gn in api.list(&ListParams::default()).await? {
+        let name = gn.name_any();
+        let config = config_maps.get(&format!("{name}-daemon-config")).await?;
+        let daemon_json = config.data.as_ref().and_then(|d| d.get("daemon.json")).context("daemon.json")?;
+        let pods = format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=gonka-ml-node");
+        stand_ins.push(cp.stand_in_for_pods(NAMESPACE, &pods, daemon, daemon_json, gpus_for).await?);
+    }
+    let stand_ins_count: usize = stand_ins.iter().map(|s| s.len()).sum();
+    step(&format!("{stand_ins_count} node-daemons up on the pods' addresses, GPUs from fake NVML"));
+    wait_for_fleet(api, "reports: every ML node reporting its GPUs", |s| {
+        !s.ml_nodes.is_empty() && s.ml_nodes.iter().all(|n| n.reporting) && s.total_gpus > 0
+    })
+    .await?;
+    for gn in api.list(&ListParams::default()).await? {
+        let s = gn.status.unwrap_or_default();
+        let gpus: Vec<String> = s.gpus.iter().map(|g| format!("{} x {}", g.count, g.type_)).collect();
+        step(&format!("{} reports {} GPUs: {}", gn.metadata.name.unwrap_or_default(), s.total_gpus, gpus.join(", ")));
+    }
     let http = reqwest::Client::new();
     let targets: Vec<(String, String)> = devnet
         .lock()
@@ -212,5 +232,46 @@ async fn poc_round(
         };
         println!("  {:<28} {:<34} {:>12} {:>8}  {validation}", r.id, gpus, r.valid_nonces, r.weight);
     }
+
+    // The daemons report their round to the operator, which writes it into status.
+    wait_for_fleet(api, "status: the round's valid nonces", |s| s.poc_block_height == Some(cfg.block_height)).await?;
+    println!("\n$ kubectl get gonkanodes -n {NAMESPACE}   # GPUs and weight as the node-daemons reported them");
+    print!("{}", cp.kubectl(&["get", "gonkanodes", "-n", NAMESPACE])?);
+    println!("\nPer ML node (status.mlNodes):");
+    println!(
+        "  {:<12} {:<12} {:<8} {:>4} {:>9}  {:>12}",
+        "GONKANODE", "NODE", "STATE", "GPUS", "REPORTING", "VALID NONCES"
+    );
+    for gn in api.list(&ListParams::default()).await? {
+        for n in gn.status.clone().unwrap_or_default().ml_nodes {
+            println!(
+                "  {:<12} {:<12} {:<8} {:>4} {:>9}  {:>12}",
+                gn.name_any(),
+                n.node,
+                n.state.unwrap_or_default(),
+                n.gpus_available,
+                n.reporting,
+                n.poc_valid_nonces.map_or("-".into(), |v| v.to_string())
+            );
+        }
+    }
+    drop(stand_ins);
     Ok(())
+}
+
+/// Waits until every GonkaNode's status passes `check`.
+async fn wait_for_fleet(
+    api: &Api<GonkaNode>,
+    what: &str,
+    check: impl Fn(&gonka_crds::GonkaNodeStatus) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let fleet = api.list(&ListParams::default()).await?;
+        if fleet.iter().all(|gn| gn.status.as_ref().is_some_and(&check)) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within 60s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
