@@ -91,6 +91,8 @@ pub struct Context {
     pub client: Client,
     /// What the node-daemons report.
     pub reports: ReportStore,
+    /// Consecutive registration passes that found the network node unreachable, per GonkaNode.
+    unreachable: std::sync::Mutex<std::collections::HashMap<reports::GonkaNodeKey, u32>>,
 }
 
 impl Context {
@@ -103,7 +105,23 @@ impl Context {
             config,
             client,
             reports: ReportStore::default(),
+            unreachable: Default::default(),
         }
+    }
+
+    /// When to try an unreachable network node again: `retry`, doubling with every consecutive
+    /// failure up to the resync period; a success starts over.
+    fn network_retry(&self, gn: &GonkaNode, reachable: bool) -> Duration {
+        let key = (gn.namespace().unwrap_or_default(), gn.name_any());
+        let mut failures = self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reachable {
+            failures.remove(&key);
+            return self.config.retry;
+        }
+        let n = failures.entry(key).or_default();
+        let delay = retry_delay(self.config.retry, self.config.resync, *n);
+        *n = n.saturating_add(1);
+        delay
     }
 
     /// Reads reports from `reports` (the report server's store).
@@ -244,16 +262,26 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         info!(gonka_node = %gn.name_any(), generation = ?gn.metadata.generation, "status updated");
     }
 
+    if matches!(obs.registration, Some(Registration::Synced { .. })) {
+        ctx.network_retry(gn, true);
+    }
     match failure {
         Some(e) => Err(e.into()),
         // An invalid spec only gets better when the user edits it.
         None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
-        // The network node is down: come back soon.
-        None if matches!(obs.registration, Some(Registration::Unreachable(_))) => Ok(Action::requeue(ctx.config.retry)),
+        // The network node is down: come back soon, then less and less often.
+        None if matches!(obs.registration, Some(Registration::Unreachable(_))) => {
+            Ok(Action::requeue(ctx.network_retry(gn, false)))
+        }
         // A held or running rollout waits on the epoch phase, which no watch reports.
         None if rollout != RolloutStep::Idle => Ok(Action::requeue(ctx.config.rollout_recheck)),
         None => Ok(Action::requeue(ctx.config.resync)),
     }
+}
+
+/// `base` doubled `failures` times, at most `cap`.
+fn retry_delay(base: Duration, cap: Duration, failures: u32) -> Duration {
+    base.saturating_mul(1u32 << failures.min(16)).min(cap.max(base))
 }
 
 /// The label selector of a GonkaNode's pods.
@@ -661,4 +689,17 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         })
         .await;
     flusher.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_network_node_is_retried_less_and_less_often() {
+        let (base, cap) = (Duration::from_secs(15), Duration::from_secs(300));
+        let delays: Vec<u64> = (0..7).map(|n| retry_delay(base, cap, n).as_secs()).collect();
+        assert_eq!(delays, [15, 30, 60, 120, 240, 300, 300]);
+        assert_eq!(retry_delay(base, cap, u32::MAX), cap, "no overflow");
+    }
 }
