@@ -635,6 +635,29 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// Creates `manifest` (a GonkaNode) and waits, playing the kubelet for the pods matching
+    /// `pods`, until `ml_nodes` of them are ready and registered with the network node.
+    pub async fn roll_out(
+        &self,
+        manifest: serde_json::Value,
+        pods: &str,
+        ml_nodes: i32,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let gn: gonka_crds::GonkaNode = serde_json::from_value(manifest)?;
+        let (name, namespace) = (gn.name_any(), gn.namespace().context("manifest without namespace")?);
+        let api: Api<gonka_crds::GonkaNode> = Api::namespaced(self.client().await?, &namespace);
+        api.create(&PostParams::default(), &gn).await?;
+        eventually("fleet ready and registered", timeout, || async {
+            self.simulate_kubelet(&namespace, pods).await?;
+            let s = api.get(&name).await?.status.unwrap_or_default();
+            Ok(s.ready_ml_nodes == ml_nodes && s.registered_ml_nodes == ml_nodes)
+        })
+        .await
+    }
+}
+
 /// A minimal valid GonkaNode manifest (one model, the usual network-node URLs), as JSON so
 /// tests can break or extend it before sending.
 pub fn gonka_node_manifest(name: &str, namespace: &str) -> serde_json::Value {

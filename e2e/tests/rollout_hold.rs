@@ -11,7 +11,7 @@ use gonka_protocol::network::EpochPhase;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
@@ -51,14 +51,7 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
     let mut manifest = gonka_node_manifest("h100", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
     manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
-    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
-
-    eventually("fleet ready and registered", WAIT, || async {
-        cp.simulate_kubelet(NS, PODS).await?;
-        let s = api.get("h100").await?.status.unwrap_or_default();
-        Ok(s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2)
-    })
-    .await?;
+    cp.roll_out(manifest, PODS, 2, WAIT).await?;
     let ds = Api::<DaemonSet>::namespaced(client.clone(), NS).get("h100-ml-node").await?;
     assert_eq!(ds.spec.unwrap().update_strategy.unwrap().type_.as_deref(), Some("OnDelete"));
     let node_nums = || {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use gonka_crds::GonkaNode;
 use gonka_devnet::round::{RoundConfig, run_round};
 use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
@@ -28,13 +28,7 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
     let mut manifest = gonka_node_manifest("h100", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
     manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
-    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
-    eventually("fleet ready and registered", WAIT, || async {
-        cp.simulate_kubelet(NS, PODS).await?;
-        let s = api.get("h100").await?.status.unwrap_or_default();
-        Ok(s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2)
-    })
-    .await?;
+    cp.roll_out(manifest, PODS, 2, WAIT).await?;
 
     // The daemons take the pods' places: the address the operator registered, the daemon config
     // the operator rendered (its ConfigMap), GPUs from fake NVML.

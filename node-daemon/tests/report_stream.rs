@@ -10,7 +10,7 @@ use gonka_crds::GonkaNode;
 use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet};
 use gonka_protocol::report::{self as proto, fleet_reports_client::FleetReportsClient};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
@@ -30,13 +30,7 @@ async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
     let mut manifest = gonka_node_manifest("h100", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
     manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
-    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
-    eventually("fleet ready and registered", WAIT, || async {
-        cp.simulate_kubelet(NS, PODS).await?;
-        let s = api.get("h100").await?.status.unwrap_or_default();
-        Ok(s.ready_ml_nodes == 2 && s.registered_ml_nodes == 2)
-    })
-    .await?;
+    cp.roll_out(manifest, PODS, 2, WAIT).await?;
     // Registered before any daemon reported: no hardware yet.
     assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.node.config.hardware.is_empty()));
 

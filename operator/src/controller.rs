@@ -560,6 +560,8 @@ pub const SKIP_DEREGISTRATION: &str = "gonka.ai/skip-deregistration";
 /// node first. While the network node is unreachable the GonkaNode stays (Terminating) and
 /// this is retried, unless annotated `gonka.ai/skip-deregistration: "true"`.
 async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
+    let key = (gn.namespace().unwrap_or_default(), gn.name_any());
+    ctx.reports.prune(&key, &BTreeSet::new());
     let skip = gn.annotations().get(SKIP_DEREGISTRATION).is_some_and(|v| v == "true");
     if !skip {
         let token = admin_token(gn, ctx).await.map_err(Error::Deregistration)?;
