@@ -2,7 +2,7 @@
 //! report to the operator with their pods' bound ServiceAccount tokens; status and the
 //! network-node registrations show their GPUs; the operator goes away and comes back, the
 //! daemons reconnect, and what happened meanwhile (a GPU lost to an XID) arrives; a daemon
-//! cannot speak for another pod.
+//! cannot speak for another pod; a follower replica sends daemons on to the leader.
 
 use std::time::Duration;
 
@@ -106,11 +106,20 @@ async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
         boot_id: "forged".into(),
         ..Default::default()
     };
-    let refused = forged_stream(report_port, Some(&token_a), hello_b.clone()).await;
+    let refused = refused_stream(report_port, Some(&token_a), hello_b.clone()).await;
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("bound to pod"), "{refused:?}");
-    let refused = forged_stream(report_port, None, hello_b).await;
+    let refused = refused_stream(report_port, None, hello_b.clone()).await;
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // A follower replica takes no streams, even a rightful one: the daemon retries until it
+    // reaches the leader (through the Service, in a cluster).
+    let follower_port = free_port()?;
+    let follower = cp.start_reporting_operator("op-c", follower_port).await?;
+    let token_b = cp.pod_token(pod_on("gpu-b")).await?;
+    let refused = refused_stream(follower_port, Some(&token_b), hello_b).await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("not the leader"), "{refused:?}");
+    drop(follower);
 
     api.delete("h100", &DeleteParams::default()).await?;
     eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
@@ -120,8 +129,8 @@ async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens a report stream with `hello` and returns how the operator refused it.
-async fn forged_stream(port: u16, token: Option<&str>, hello: proto::Hello) -> tonic::Status {
+/// Opens a report stream with `hello`; returns how the operator refused it (taking it fails the test).
+async fn refused_stream(port: u16, token: Option<&str>, hello: proto::Hello) -> tonic::Status {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
     let mut client = FleetReportsClient::new(channel.connect().await.expect("connects"));
     let first = proto::DaemonMessage { seq: 1, body: Some(proto::daemon_message::Body::Hello(hello)) };
@@ -130,7 +139,7 @@ async fn forged_stream(port: u16, token: Option<&str>, hello: proto::Hello) -> t
         request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     match client.report(request).await {
-        Ok(_) => panic!("the operator took a forged stream"),
+        Ok(_) => panic!("the operator took the stream"),
         Err(status) => status,
     }
 }
