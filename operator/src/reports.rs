@@ -82,8 +82,8 @@ pub struct ReportStore {
     inner: Arc<Mutex<Inner>>,
 }
 
-/// Snapshot changes that should show in status at once; anything else (PoC counters, GPU
-/// utilization and temperature) waits for the next flush.
+/// Snapshot changes that should show in status at once; the PoC round's valid nonces wait for
+/// the next flush, and what status does not show (GPU utilization, temperature) for nothing.
 fn significant(before: Option<&proto::Snapshot>, after: &proto::Snapshot) -> bool {
     let Some(before) = before else { return true };
     let gpus = |s: &proto::Snapshot| s.gpus.iter().map(|g| (g.index, g.available)).collect::<Vec<_>>();
@@ -155,10 +155,14 @@ impl ReportStore {
         }
         let seq = message.seq;
         let mut received = Received { ack: seq, ..Received::default() };
-        let mut trigger = false;
+        // Heartbeats and events change nothing status shows; snapshots may.
+        let (mut trigger, mut dirty) = (false, false);
         match message.body {
             Some(Body::Snapshot(snapshot)) => {
                 trigger = significant(entry.snapshot.as_ref(), &snapshot);
+                let nonces = |s: Option<&proto::Snapshot>| s.and_then(|s| s.poc.as_ref()).map(|p| p.nonces_valid);
+                // Only what status shows: GPU utilization or temperature moving is no reason.
+                dirty = nonces(entry.snapshot.as_ref()) != nonces(Some(&snapshot));
                 entry.snapshot = Some(snapshot);
             }
             Some(Body::GpuEvent(event)) if seq > entry.seen_before => received.event = Some(event),
@@ -167,7 +171,7 @@ impl ReportStore {
         entry.highest_seq = entry.highest_seq.max(seq);
         if trigger {
             inner.trigger(&connection.gonka_node);
-        } else {
+        } else if dirty {
             inner.dirty.insert(connection.gonka_node.clone());
         }
         received
@@ -336,11 +340,14 @@ mod tests {
         let r = store.receive(&c, message(4, Body::Snapshot(snapshot("POW", 8, Some(10), 55))));
         assert_eq!(r.ack, 4);
         assert!(changes.try_recv().is_err(), "counters only: no reconcile yet");
-        store.receive(&c, message(5, Body::Heartbeat(proto::Heartbeat {})));
         store.flush();
         assert!(changes.try_recv().is_ok(), "flushed");
+        store.receive(&c, message(5, Body::Heartbeat(proto::Heartbeat {})));
+        let mut warmer = snapshot("POW", 8, Some(10), 55);
+        warmer.gpus[0].temperature_c = Some(80);
+        store.receive(&c, message(6, Body::Snapshot(warmer)));
         store.flush();
-        assert!(changes.try_recv().is_err(), "nothing left to flush");
+        assert!(changes.try_recv().is_err(), "heartbeats and a warmer GPU: nothing status shows");
         store.disconnect(&c);
         assert!(changes.try_recv().is_ok(), "disconnect");
         let pods = store.of(&key());
