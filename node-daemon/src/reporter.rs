@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use gonka_protocol::report::{self as proto, daemon_message::Body, fleet_reports_client::FleetReportsClient};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -129,13 +129,13 @@ pub async fn run(settings: ReporterSettings, reporting: Reporting, stop: Cancell
     };
     let mut delays = backoff();
     loop {
-        let welcomed = match reporter.session(&stop).await {
+        let mut welcomed = false;
+        match reporter.session(&stop, &mut welcomed).await {
             Ok(()) => return, // stopped
-            Err((welcomed, e)) => {
-                tracing::warn!(url = %reporter.settings.url, error = %e, "report stream to the operator down; reconnecting");
-                welcomed
+            Err(e) => {
+                tracing::warn!(url = %reporter.settings.url, error = %e, "report stream to the operator down; reconnecting")
             }
-        };
+        }
         if welcomed {
             delays = backoff(); // it worked for a while: start over from the shortest wait
         }
@@ -151,11 +151,7 @@ fn boot_id() -> String {
     use sha2::Digest;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let seed = format!("{nanos}:{}:{:p}", std::process::id(), &nanos);
-    hex_prefix(&sha2::Sha256::digest(seed.as_bytes()))
-}
-
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8])
 }
 
 impl Reporter {
@@ -213,26 +209,29 @@ impl Reporter {
         self.next(Body::Hello(hello))
     }
 
-    fn snapshot(&mut self) -> proto::DaemonMessage {
-        let inventory = self.reporting.inventory().borrow().clone();
-        let state = self.reporting.state().borrow().clone();
-        let snapshot = snapshot(&inventory, &state, self.buffer.dropped);
+    /// The current values as a snapshot message; marks both seen.
+    fn snapshot(
+        &mut self,
+        inventory: &mut watch::Receiver<Inventory>,
+        state: &mut watch::Receiver<DaemonState>,
+    ) -> proto::DaemonMessage {
+        let snapshot = snapshot(&inventory.borrow_and_update(), &state.borrow_and_update(), self.buffer.dropped);
         self.next(Body::Snapshot(snapshot))
     }
 
-    /// One connection, until it breaks (`Err`, saying whether the operator had welcomed it) or
-    /// `stop` (`Ok`).
-    async fn session(&mut self, stop: &CancellationToken) -> Result<(), (bool, SessionError)> {
+    /// One connection, until it breaks (`Err`; `welcomed` says whether the operator had taken
+    /// it) or `stop` (`Ok`).
+    async fn session(&mut self, stop: &CancellationToken, welcomed: &mut bool) -> Result<(), SessionError> {
         let url = self.settings.url.clone();
         let token = match &self.settings.token_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|source| (false, SessionError::Token { path: path.display().to_string(), source }))?,
+                    .map_err(|source| SessionError::Token { path: path.display().to_string(), source })?,
             ),
             None => None,
         };
         let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|source| (false, SessionError::Connect { url: url.clone(), source }))?
+            .map_err(|source| SessionError::Connect { url: url.clone(), source })?
             .connect_timeout(Duration::from_secs(5))
             // A silently dead connection (a node gone) is noticed within ~40 s.
             .http2_keep_alive_interval(Duration::from_secs(20))
@@ -240,14 +239,14 @@ impl Reporter {
             .keep_alive_while_idle(true);
         let channel = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            c = endpoint.connect() => c.map_err(|source| (false, SessionError::Connect { url: url.clone(), source }))?,
+            c = endpoint.connect() => c.map_err(|source| SessionError::Connect { url: url.clone(), source })?,
         };
         let mut client = FleetReportsClient::new(channel);
 
         let (tx, rx) = mpsc::channel::<proto::DaemonMessage>(32);
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(token) = token {
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| (false, SessionError::TokenFormat))?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| SessionError::TokenFormat)?;
             request.metadata_mut().insert("authorization", value);
         }
         // Queued before the call: the operator reads `Hello` before it answers.
@@ -255,16 +254,16 @@ impl Reporter {
         let _ = tx.try_send(hello);
         let mut inbound = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            r = client.report(request) => r.map_err(|s| (false, SessionError::Refused(s)))?.into_inner(),
+            r = client.report(request) => r.map_err(SessionError::Refused)?.into_inner(),
         };
         let heartbeat = match inbound.message().await {
             Ok(Some(proto::OperatorMessage { body: Some(proto::operator_message::Body::Welcome(w)) })) => {
                 Duration::from_secs(u64::from(w.heartbeat_seconds.max(1)))
             }
-            Ok(_) => return Err((false, SessionError::NoWelcome)),
-            Err(s) => return Err((false, SessionError::Broken(s))),
+            Ok(_) => return Err(SessionError::NoWelcome),
+            Err(s) => return Err(SessionError::Broken(s)),
         };
-        let welcomed = true;
+        *welcomed = true;
         tracing::info!(%url, heartbeat_s = heartbeat.as_secs(), "reporting to the operator");
 
         let send = |message: proto::DaemonMessage| {
@@ -273,8 +272,8 @@ impl Reporter {
                 // A peer that reads nothing for this long is as good as gone.
                 match tokio::time::timeout(Duration::from_secs(30), tx.send(message)).await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err((true, SessionError::Closed)),
-                    Err(_) => Err((true, SessionError::Stalled)),
+                    Ok(Err(_)) => Err(SessionError::Closed),
+                    Err(_) => Err(SessionError::Stalled),
                 }
             }
         };
@@ -298,29 +297,25 @@ impl Reporter {
                             self.buffer.acknowledge(ack.seq);
                         }
                         Ok(Some(_)) => {}
-                        Ok(None) => return Err((welcomed, SessionError::Closed)),
-                        Err(s) => return Err((welcomed, SessionError::Broken(s))),
+                        Ok(None) => return Err(SessionError::Closed),
+                        Err(s) => return Err(SessionError::Broken(s)),
                     }
                     continue;
                 }
                 changed = inventory.changed() => {
                     if changed.is_err() { return Ok(()) }
-                    inventory.mark_unchanged();
-                    state.mark_unchanged();
-                    self.snapshot()
+                    self.snapshot(&mut inventory, &mut state)
                 }
                 changed = state.changed() => {
                     if changed.is_err() { return Ok(()) }
-                    inventory.mark_unchanged();
-                    state.mark_unchanged();
-                    self.snapshot()
+                    self.snapshot(&mut inventory, &mut state)
                 }
                 event = self.events.recv() => {
                     let lagged = matches!(event, Err(broadcast::error::RecvError::Lagged(_)));
                     match self.take_event(event) {
                         Some(message) => message,
                         // Missed events: the next snapshot says how many.
-                        None if lagged => self.snapshot(),
+                        None if lagged => self.snapshot(&mut inventory, &mut state),
                         None => continue,
                     }
                 }

@@ -244,7 +244,16 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                 }
                 let fleet = read_reports(gn, ctx, &list.items);
                 let cordoned = if list.items.is_empty() { BTreeSet::new() } else { cordoned_nodes(ctx).await };
-                let pods: Vec<_> = list.items.iter().filter_map(|p| ml_node_pod(p, &fleet.1, &cordoned)).collect();
+                let pods: Vec<_> = list
+                    .items
+                    .iter()
+                    .filter_map(|p| {
+                        let mut pod = ml_node_pod(p)?;
+                        pod.hardware = fleet.1.get(&p.name_any()).cloned();
+                        pod.cordoned = cordoned.contains(&pod.kubernetes_node);
+                        Some(pod)
+                    })
+                    .collect();
                 obs.fleet = Some(fleet.0);
                 let expected = daemon_set
                     .as_ref()
@@ -330,7 +339,7 @@ async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Po
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
-            let node = ml_node_pod(p, &Default::default(), &Default::default())?;
+            let node = ml_node_pod(p)?;
             Some(RolloutPod {
                 name: p.name_any(),
                 kubernetes_node: node.kubernetes_node,
@@ -498,13 +507,9 @@ async fn cordoned_nodes(ctx: &Context) -> BTreeSet<String> {
 /// Field selector of cordoned Kubernetes nodes.
 const CORDONED: &str = "spec.unschedulable=true";
 
-/// A pod as registration needs it; pods being deleted no longer count. `hardware` is what each
-/// pod's daemon reported, by pod name; `cordoned` the cordoned Kubernetes nodes.
-fn ml_node_pod(
-    pod: &Pod,
-    hardware: &std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>,
-    cordoned: &BTreeSet<String>,
-) -> Option<registration::MlNodePod> {
+/// A pod as registration needs it, as Kubernetes shows it (no report, not cordoned); pods being
+/// deleted no longer count.
+fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -516,9 +521,9 @@ fn ml_node_pod(
     Some(registration::MlNodePod {
         pod_ip: status.and_then(|s| s.pod_ip.clone()),
         ready,
-        hardware: hardware.get(&pod.name_any()).cloned(),
-        cordoned: cordoned.contains(&kubernetes_node),
         kubernetes_node,
+        hardware: None,
+        cordoned: false,
     })
 }
 

@@ -124,7 +124,7 @@ pub async fn run(
             leading: leading.clone(),
             heartbeat: options.reports.heartbeat,
             metrics: metrics.clone(),
-            recorder: Some(Recorder::new(client.clone(), reporter)),
+            recorder: Recorder::new(client.clone(), reporter),
             stop: server_stop.clone(),
         };
         let (addr, task) = report_server::serve(addr, service).await?;

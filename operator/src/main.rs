@@ -55,8 +55,8 @@ struct RunArgs {
     #[arg(global = true, long, value_enum, default_value_t = ReportAuth::ServiceAccount)]
     report_auth: ReportAuth,
     /// Seconds between daemon heartbeats; a daemon silent for three is counted as gone.
-    #[arg(global = true, long, default_value_t = 10)]
-    report_heartbeat_seconds: u64,
+    #[arg(global = true, long, default_value_t = gonka_protocol::report::DEFAULT_HEARTBEAT_SECONDS)]
+    report_heartbeat_seconds: u32,
     /// GonkaNodes reconciled at once.
     #[arg(global = true, long, default_value_t = 4)]
     concurrency: u16,
@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 addr => Some(addr.parse().map_err(|e| anyhow::anyhow!("--report-addr {addr}: {e}"))?),
             },
             authenticate: args.report_auth == ReportAuth::ServiceAccount,
-            heartbeat: Duration::from_secs(args.report_heartbeat_seconds.max(1)),
+            heartbeat: Duration::from_secs(u64::from(args.report_heartbeat_seconds.max(1))),
         },
         lease: LeaseOptions {
             name: args.lease_name,

@@ -137,7 +137,7 @@ pub struct ReportService {
     pub heartbeat: Duration,
     pub metrics: Metrics,
     /// Kubernetes events for GPU faults, on the GonkaNode.
-    pub recorder: Option<Recorder>,
+    pub recorder: Recorder,
     /// Ends every stream (shutdown).
     pub stop: CancellationToken,
 }
@@ -251,7 +251,6 @@ impl ReportService {
         if !matches!(class, proto::XidClass::NeedsReset | proto::XidClass::Fatal) {
             return;
         }
-        let Some(recorder) = &self.recorder else { return };
         let Some((namespace, name)) = hello.gonka_node.split_once('/') else { return };
         let what = if class == proto::XidClass::Fatal {
             "the GPU is gone or broken: service the node"
@@ -276,7 +275,7 @@ impl ReportService {
             action: "Report".into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&event, &reference).await {
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
             warn!(error = %e, "could not publish a GPU event");
         }
     }

@@ -12,5 +12,3 @@ pub const TOKEN_AUDIENCE: &str = "gonka-operator";
 pub const TOKEN_PATH: &str = "/var/run/secrets/gonka.ai/report/token";
 /// Default heartbeat interval the operator asks for.
 pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 10;
-/// The operator's default report port.
-pub const DEFAULT_PORT: u16 = 8082;
