@@ -78,6 +78,38 @@ fn fp32_logits_and_distances_match_the_reference() {
 }
 
 #[test]
+fn fp16_logits_stay_within_half_precision_of_the_reference() {
+    // GPUs run the proof model in float16 (upstream's `.half()`). libtorch's CPU kernels take the
+    // same dtype path, so the casts and the float32 islands (norms, softmax, RoPE) are checked here
+    // without a GPU; only the CUDA kernels themselves differ.
+    let (block_hash, pk, nonces) = ("half-block", "pubkey", [0u64, 3, 99]);
+    for params in [tiny(4, false), tiny(2, true)] {
+        let inputs: Vec<Vec<f32>> =
+            nonces.iter().map(|&n| nonce_inputs(block_hash, pk, n, params.seq_len, params.dim)).collect();
+        let half = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Half).unwrap().last_logits(&inputs);
+        let float = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
+        assert_ne!(half, float, "the model runs in the dtype it was built with");
+        let theirs = reference(&json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params}));
+        let target = target(block_hash, params.vocab_size);
+        for (i, &nonce) in nonces.iter().enumerate() {
+            let reference_logits: Vec<f64> =
+                theirs["logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let scale = reference_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (j, (ours, theirs)) in half[i].iter().zip(&reference_logits).enumerate() {
+                assert!(
+                    (f64::from(*ours) - theirs).abs() <= 2e-2 * scale,
+                    "nonce {nonce} logit {j}: fp16 {ours} vs fp32 reference {theirs}"
+                );
+            }
+            let perm = nonce_permutation(block_hash, pk, nonce, params.vocab_size);
+            let ours = distance(&half[i], &perm, &target);
+            let theirs = theirs["dist"][i].as_f64().unwrap();
+            assert!((ours - theirs).abs() < 1e-2, "nonce {nonce}: fp16 distance {ours} vs {theirs}");
+        }
+    }
+}
+
+#[test]
 fn different_blocks_make_different_models() {
     let p = tiny(4, false);
     let inputs = vec![nonce_inputs("h", "pk", 0, p.seq_len, p.dim)];
