@@ -89,7 +89,8 @@ fn fp16_logits_stay_within_half_precision_of_the_reference() {
         let half = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Half).unwrap().last_logits(&inputs);
         let float = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
         assert_ne!(half, float, "the model runs in the dtype it was built with");
-        let theirs = reference(&json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params}));
+        let theirs =
+            reference(&json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params}));
         let target = target(block_hash, params.vocab_size);
         for (i, &nonce) in nonces.iter().enumerate() {
             let reference_logits: Vec<f64> =
@@ -97,14 +98,14 @@ fn fp16_logits_stay_within_half_precision_of_the_reference() {
             let scale = reference_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
             for (j, (ours, theirs)) in half[i].iter().zip(&reference_logits).enumerate() {
                 assert!(
-                    (f64::from(*ours) - theirs).abs() <= 2e-2 * scale,
+                    (f64::from(*ours) - theirs).abs() <= 5e-3 * scale,
                     "nonce {nonce} logit {j}: fp16 {ours} vs fp32 reference {theirs}"
                 );
             }
             let perm = nonce_permutation(block_hash, pk, nonce, params.vocab_size);
             let ours = distance(&half[i], &perm, &target);
             let theirs = theirs["dist"][i].as_f64().unwrap();
-            assert!((ours - theirs).abs() < 1e-2, "nonce {nonce}: fp16 distance {ours} vs {theirs}");
+            assert!((ours - theirs).abs() < 2e-3, "nonce {nonce}: fp16 distance {ours} vs {theirs}");
         }
     }
 }
