@@ -3,8 +3,9 @@
 //! ML-node versions side by side that way), FastAPI-style `{"detail": ...}` errors.
 //!
 //! Served: state, stop, GPU devices and driver, health, readiness, metrics, and (with the
-//! `torch` feature) PoC v1's `/pow/*`. Inference endpoints answer 404 like any unknown path,
-//! which the network node treats as "not implemented".
+//! `torch` feature) PoC v1's `/pow/*`. The managers' endpoints are guarded as upstream's are:
+//! one manager at a time, 409 otherwise (`modes`). `/inference/up` answers that no inference is
+//! served here.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +59,7 @@ impl AppState {
     }
 
     /// Which manager runs: POW while a PoC session exists.
-    fn service_state(&self) -> ServiceState {
+    pub(crate) fn service_state(&self) -> ServiceState {
         #[cfg(feature = "torch")]
         if self.pow.is_running() {
             return ServiceState::Pow;
@@ -100,10 +101,13 @@ pub fn service(state: Arc<AppState>) -> Service {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let router = Router::new();
+    let managers = crate::modes::inference_routes();
     #[cfg(feature = "torch")]
-    let router = router.merge(crate::poc::routes::routes());
-    router
+    let managers = managers.merge(crate::poc::routes::routes());
+    let managers =
+        managers.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::modes::refuse_conflicts));
+    Router::new()
+        .merge(managers)
         .route("/api/v1/state", get(get_state))
         .route("/api/v1/stop", post(stop))
         .route("/api/v1/gpu/devices", get(gpu_devices))
@@ -188,14 +192,19 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         Some((_, answer)) => answer,
         None => {
             let devices: Vec<_> = snapshot(&state).await.iter().map(GpuStatus::to_device).collect();
-            let idle = ManagerStatus { running: false, healthy: true };
+            let service_state = state.service_state();
+            let manager = |mode| ManagerStatus { running: service_state == mode, healthy: true };
             // Upstream: healthy needs NVML up, and every running manager healthy.
             let healthy = state.probe.available();
             let answer = HealthResponse {
                 status: if healthy { "healthy" } else { "unhealthy" }.into(),
-                service_state: state.service_state(),
+                service_state,
                 gpu: GpuInfo { available: state.probe.available(), count: devices.len(), devices },
-                managers: ManagersInfo { pow: idle, inference: idle, train: idle },
+                managers: ManagersInfo {
+                    pow: manager(ServiceState::Pow),
+                    inference: manager(ServiceState::Inference),
+                    train: manager(ServiceState::Train),
+                },
             };
             *state.health.lock().expect("health") = Some((Instant::now(), answer.clone()));
             answer

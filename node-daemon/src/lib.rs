@@ -8,6 +8,7 @@
 pub mod api;
 pub mod gpu;
 pub mod metrics;
+pub mod modes;
 pub mod poc;
 pub mod report;
 pub mod reporter;

@@ -118,6 +118,16 @@ fn generation_survives_a_callback_outage_without_losing_a_proof() {
         d.json("GET", "/api/v1/pow/status").1 == json!({"status": "GENERATING", "is_model_initialized": true})
     });
     assert_eq!(d.json("GET", "/api/v1/state").1["state"], "POW");
+    eventually("health shows the PoC manager running", || {
+        d.json("GET", "/health").1["managers"]["pow"] == json!({"running": true, "healthy": true})
+    });
+    // One manager at a time: the inference manager is refused while PoC runs, as upstream does.
+    let up = json!({"model": "Qwen/Qwen3-0.6B", "dtype": "auto"});
+    let conflict =
+        json!({"detail": "Cannot run INFERENCE because MLNode is currently in POW mode. Please stop POW first."});
+    assert_eq!(d.post_json("POST", "/api/v1/inference/up", &up), (409, conflict.clone()));
+    assert_eq!(d.json("POST", "/api/v1/inference/down"), (409, conflict));
+    assert_eq!(d.json("GET", "/api/v1/pow/status").0, 200, "the running manager's own endpoints are not refused");
 
     eventually("sends fail while the callback is down", || {
         metric(&d, "gonka_ml_node_poc_send_failures_total{kind=\"generated\"}") >= 2.0
@@ -131,6 +141,7 @@ fn generation_survives_a_callback_outage_without_losing_a_proof() {
     });
     assert_eq!(d.json("POST", "/api/v1/pow/stop").1["status"], "OK");
     assert_eq!(d.json("GET", "/api/v1/pow/status").1, json!({"status": "NOT_LOADED"}));
+    assert_eq!(d.post_json("POST", "/api/v1/inference/up", &up).0, 501, "stopped: no conflict any more");
 
     let batches = callback.generated.lock().unwrap().clone();
     let mut delivered = BTreeSet::new();

@@ -39,6 +39,16 @@ impl StatusResponse {
     }
 }
 
+/// `POST /api/v1/inference/up` (upstream `InferenceInitRequest`): the model to serve, its dtype
+/// and the engine's extra arguments.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InferenceUpRequest {
+    pub model: String,
+    pub dtype: String,
+    #[serde(default)]
+    pub additional_args: Vec<String>,
+}
+
 /// One GPU in `GET /api/v1/gpu/devices` (upstream `GPUDevice`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct GpuDevice {

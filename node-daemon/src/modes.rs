@@ -1,0 +1,93 @@
+//! One manager at a time, as upstream's `check_service_conflicts`: a request to a manager's
+//! endpoints (`/api/v1/pow/...`, `/api/v1/inference/...`) while another manager runs is refused
+//! with 409, naming both. `/state`, `/stop`, GPU and health endpoints are never refused.
+//!
+//! The inference manager's endpoints are here so that the network node gets upstream's answers:
+//! 409 while PoC runs, and otherwise a plain "not served" (this daemon proves compute with PoC v1
+//! and does not run an inference engine), never a 404 that reads as an old ML node.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use gonka_protocol::ml_node::{InferenceUpRequest, ServiceState, StatusResponse};
+
+use crate::api::{AppState, JsonBody, error};
+
+const API_PREFIX: &str = "/api/v1";
+
+/// The manager a path belongs to: its first segment after `/api/v1`, upper-cased, as upstream
+/// names it (`/api/v1/pow/init` → `POW`).
+pub fn requested_service(path: &str) -> String {
+    path.strip_prefix(API_PREFIX).unwrap_or(path).trim_start_matches('/').split('/').next().unwrap_or("").to_uppercase()
+}
+
+/// `None` when `requested` may run in `current` mode, else upstream's refusal.
+pub fn conflict(current: ServiceState, requested: &str) -> Option<String> {
+    let current = match current {
+        ServiceState::Stopped => return None,
+        ServiceState::Pow => "POW",
+        ServiceState::Inference => "INFERENCE",
+        ServiceState::Train => "TRAIN",
+    };
+    (current != requested).then(|| {
+        format!("Cannot run {requested} because MLNode is currently in {current} mode. Please stop {current} first.")
+    })
+}
+
+/// Route layer for the managers' routers (it runs only for routes that matched, as FastAPI's
+/// router dependencies do: an unknown path stays a 404).
+pub async fn refuse_conflicts(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let requested = requested_service(request.uri().path());
+    match conflict(state.service_state(), &requested) {
+        Some(detail) => error(StatusCode::CONFLICT, detail),
+        None => next.run(request).await,
+    }
+}
+
+/// Upstream's inference manager endpoints (`api/inference/routes.py`).
+pub fn inference_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/inference/up", post(inference_up))
+        .route("/api/v1/inference/up/async", post(inference_up))
+        .route("/api/v1/inference/down", post(|| async { axum::Json(StatusResponse::ok()) }))
+}
+
+async fn inference_up(JsonBody(request): JsonBody<InferenceUpRequest>) -> Response {
+    tracing::warn!(model = %request.model, "the network node asked for inference, which this ML node does not serve");
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "cannot serve {}: gonka-node-daemon proves compute (PoC v1) and runs no inference engine",
+            request.model
+        ),
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manager_is_the_first_path_segment() {
+        assert_eq!(requested_service("/api/v1/pow/init/generate"), "POW");
+        assert_eq!(requested_service("/api/v1/inference/up"), "INFERENCE");
+        assert_eq!(requested_service("/api/v1/train/start"), "TRAIN");
+    }
+
+    #[test]
+    fn only_another_running_manager_conflicts() {
+        assert_eq!(conflict(ServiceState::Stopped, "INFERENCE"), None);
+        assert_eq!(conflict(ServiceState::Pow, "POW"), None);
+        assert_eq!(
+            conflict(ServiceState::Pow, "INFERENCE").as_deref(),
+            Some("Cannot run INFERENCE because MLNode is currently in POW mode. Please stop POW first.")
+        );
+        assert!(conflict(ServiceState::Inference, "POW").unwrap().contains("currently in INFERENCE mode"));
+    }
+}
