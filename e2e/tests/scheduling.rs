@@ -1,0 +1,119 @@
+//! The fleet under Kubernetes' own scheduling: the real kube-scheduler places the ML-node pods
+//! and kwok runs the nodes and pods (no simulated binding). ML nodes land on exactly the GPU
+//! nodes where their GPUs fit, are registered on the pod IPs Kubernetes gave them, and an ML node
+//! the scheduler cannot place is named in status with the scheduler's reason, until capacity
+//! appears and it starts by itself.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gonka_crds::GonkaNode;
+use gonka_e2e::{Components, ControlPlane, KWOK_POD_CIDR, eventually, gonka_node_manifest, start_devnet};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "gpu";
+const WAIT: Duration = Duration::from_secs(120);
+const PODS: &str = "app.kubernetes.io/instance=fleet,app.kubernetes.io/name=gonka-ml-node";
+
+fn ready_condition(gn: &GonkaNode) -> (String, String, String) {
+    let c = gn.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+    c.map(|c| (c.status, c.reason, c.message)).unwrap_or_default()
+}
+
+/// Pods by the node the scheduler bound them to (`""` while unbound), with their IP.
+async fn placement(pods: &Api<Pod>) -> anyhow::Result<BTreeMap<String, Option<String>>> {
+    let list = pods.list(&ListParams::default().labels(PODS)).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            (node, p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_places_ml_nodes_where_their_gpus_fit() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::Scheduled).await?;
+    cp.install_crd().await?;
+    cp.namespace(NS).await?;
+    // Two full H100 boxes, a 4-GPU box too small for an 8-GPU ML node, and a CPU node.
+    cp.kwok_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    cp.kwok_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    cp.kwok_node("gpu-small", 4, "NVIDIA-H100-80GB-HBM3").await?;
+    cp.kwok_node("cpu-a", 0, "").await?;
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op").await?;
+
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut manifest = gonka_node_manifest("fleet", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["gpusPerMlNode"] = json!(8);
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+
+    // Both H100 boxes run an ML node (tolerating the GPU taint), registered on kwok's pod IPs.
+    eventually("two ML nodes registered", WAIT, || async {
+        Ok(api.get("fleet").await?.status.is_some_and(|s| s.registered_ml_nodes == 2))
+    })
+    .await
+    .map_err(|e| {
+        let logs = ["kube-scheduler", "kwok"].map(|c| format!("{c}:\n{}", cp.log_tail(c, 15))).join("\n");
+        let objects = cp.kubectl(&["get", "nodes,daemonsets,pods,gonkanodes", "-A", "-o", "wide"]).unwrap_or_default();
+        e.context(format!("{objects}\n{logs}"))
+    })?;
+    let placed = placement(&pods).await?;
+    let prefix = KWOK_POD_CIDR.rsplit_once('.').map(|(p, _)| format!("{p}.")).unwrap();
+    for node in ["gpu-a", "gpu-b"] {
+        let ip = placed.get(node).cloned().flatten().unwrap_or_default();
+        assert!(ip.starts_with(&prefix), "{node}'s ML node runs with a kwok pod IP: {placed:?}");
+    }
+    assert!(!placed.contains_key("cpu-a"), "no ML node on a node without GPUs: {placed:?}");
+    let mut hosts: Vec<String> = devnet.lock().unwrap().nodes().iter().map(|n| n.node.config.host.clone()).collect();
+    hosts.sort();
+    let mut ips: Vec<String> = ["gpu-a", "gpu-b"].iter().filter_map(|n| placed[*n].clone()).collect();
+    ips.sort();
+    assert_eq!(hosts, ips, "the network node reaches each ML node on its pod IP");
+
+    // The small box's ML node exists but no node can take it; status says which and why.
+    let unplaced = pods.list(&ListParams::default().labels(PODS)).await?;
+    let pending: Vec<&Pod> =
+        unplaced.items.iter().filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_none())).collect();
+    assert_eq!(pending.len(), 1, "one ML node waits for the scheduler: {placed:?}");
+    eventually("status names the unschedulable ML node", WAIT, || async {
+        let (status, reason, message) = ready_condition(&api.get("fleet").await?);
+        Ok(status == "False"
+            && reason == "MlNodesUnschedulable"
+            && message.contains("gpu-small")
+            && message.contains("Insufficient nvidia.com/gpu"))
+    })
+    .await?;
+
+    // Capacity appears (the device plugin now advertises 8 GPUs): the scheduler places the
+    // waiting ML node, kwok runs it, the operator registers it.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let gpus = json!({"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"});
+    nodes
+        .patch_status(
+            "gpu-small",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"capacity": gpus, "allocatable": gpus}})),
+        )
+        .await?;
+    eventually("three ML nodes registered and ready", WAIT, || async {
+        let gn = api.get("fleet").await?;
+        let (status, reason, _) = ready_condition(&gn);
+        Ok(gn.status.is_some_and(|s| s.registered_ml_nodes == 3)
+            && (status.as_str(), reason.as_str()) == ("True", "AllMlNodesReady"))
+    })
+    .await?;
+    let placed = placement(&pods).await?;
+    assert_eq!(placed.keys().map(String::as_str).collect::<Vec<_>>(), ["gpu-a", "gpu-b", "gpu-small"]);
+    operator.stop().await?;
+    Ok(())
+}
