@@ -294,8 +294,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// A node run by kwok (needs [`Components::Scheduled`]): kwok keeps it Ready with heartbeats
-    /// and runs the pods the scheduler binds to it. `gpus > 0` makes it a GPU node as GPU Feature
+    /// A node run by kwok (needs [`Components::Scheduled`]): kwok reports it Ready and runs the
+    /// pods the scheduler binds to it. `gpus > 0` makes it a GPU node as GPU Feature
     /// Discovery and the device plugin show one, with the `nvidia.com/gpu` taint GPU pools carry.
     pub async fn kwok_node(&self, name: &str, gpus: u32, product: &str) -> anyhow::Result<()> {
         let api: Api<Node> = Api::all(self.client().await?);

@@ -1,5 +1,6 @@
 //! The local demo: a real control plane on this machine (etcd, kube-apiserver,
-//! kube-controller-manager built from Go modules), simulated GPU nodes, the operator installed
+//! kube-controller-manager, kube-scheduler built from Go modules), GPU nodes simulated by kwok
+//! (which also runs their pods and gives them IPs), the operator installed
 //! from `manifests/` and running with its ServiceAccount's rights, and the sample GonkaNodes
 //! from `manifests/samples/` rolled out to ML-node pods. Prints progress, then the fleet.
 //!
@@ -27,8 +28,11 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let step = |msg: &str| println!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
 
-    step("starting etcd, kube-apiserver and kube-controller-manager (first run builds them from Go modules)");
-    let cp = ControlPlane::start(Components::WithControllers).await?;
+    step(
+        "starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok \
+         (first run builds them from Go modules)",
+    );
+    let cp = ControlPlane::start(Components::Scheduled).await?;
     step(&format!("control plane up at {}", cp.url));
 
     cp.apply_manifests().await?;
@@ -40,9 +44,9 @@ async fn main() -> anyhow::Result<()> {
         ("gpu-a100-a", 8, "NVIDIA-A100-SXM4-80GB"),
     ];
     for (name, gpus, product) in gpu_nodes {
-        cp.gpu_node(name, gpus, product).await?;
+        cp.kwok_node(name, gpus, product).await?;
     }
-    step(&format!("registered {} simulated GPU nodes (2x H100, 1x A100)", gpu_nodes.len()));
+    step(&format!("{} simulated GPU nodes run by kwok (2x H100, 1x A100, 8 GPUs each)", gpu_nodes.len()));
 
     // The Deployment in manifests/ has no kubelet to run it here; the operator runs in this
     // process instead, with exactly the ServiceAccount's RBAC.
@@ -82,8 +86,6 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = String::new();
     loop {
-        // Stand in for the scheduler and kubelets: bind the DaemonSet pods and report them ready.
-        cp.simulate_kubelet(NAMESPACE, "app.kubernetes.io/name=gonka-ml-node").await?;
         let fleet = api.list(&ListParams::default()).await?;
         let summary: Vec<String> = fleet
             .iter()
@@ -165,7 +167,7 @@ async fn poc_round(
     let gpus_for = |node: &str| {
         let mut scenario = fake_nvml::Scenario::hgx_h100();
         if node.contains("a100") {
-            scenario.gpus = (0..8).map(fake_nvml::FakeGpu::a100_40).collect();
+            scenario.gpus = (0..8).map(fake_nvml::FakeGpu::a100_80).collect();
         }
         scenario
     };

@@ -68,6 +68,10 @@ impl FakeGpu {
         }
     }
 
+    pub fn a100_80(i: u32) -> Self {
+        Self { name: "NVIDIA A100-SXM4-80GB".into(), total_mb: 81920, ..Self::a100_40(i) }
+    }
+
     pub fn rtx4090(i: u32) -> Self {
         Self {
             name: "NVIDIA GeForce RTX 4090".into(),
