@@ -40,6 +40,49 @@ fn tiny(kv_heads: usize, scaled: bool) -> Params {
     }
 }
 
+/// How close a model's logits (relative to the largest reference logit) and distances must be.
+struct Tolerance {
+    logit: f64,
+    distance: f64,
+}
+
+/// Runs `kind`'s model of `block_hash` on `nonces` and compares it with the numpy reference;
+/// returns our logits.
+fn check_against_reference(
+    params: &Params,
+    block_hash: &str,
+    nonces: &[u64],
+    kind: Kind,
+    tolerance: Tolerance,
+) -> Vec<Vec<f32>> {
+    let pk = "pubkey";
+    let model = ProofModel::new(params, block_hash, Device::Cpu, kind).unwrap();
+    let inputs: Vec<Vec<f32>> =
+        nonces.iter().map(|&n| nonce_inputs(block_hash, pk, n, params.seq_len, params.dim)).collect();
+    let logits = model.last_logits(&inputs);
+    let theirs = reference(&json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params}));
+    let target = target(block_hash, params.vocab_size);
+    for (i, &nonce) in nonces.iter().enumerate() {
+        let reference_logits: Vec<f64> =
+            theirs["logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let scale = reference_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (j, (ours, theirs)) in logits[i].iter().zip(&reference_logits).enumerate() {
+            assert!(
+                (f64::from(*ours) - theirs).abs() <= tolerance.logit * scale,
+                "{block_hash} {kind:?} nonce {nonce} logit {j}: {ours} vs {theirs}"
+            );
+        }
+        let perm = nonce_permutation(block_hash, pk, nonce, params.vocab_size);
+        let ours = distance(&logits[i], &perm, &target);
+        let theirs = theirs["dist"][i].as_f64().unwrap();
+        assert!(
+            (ours - theirs).abs() < tolerance.distance,
+            "{block_hash} {kind:?} nonce {nonce}: distance {ours} vs {theirs}"
+        );
+    }
+    logits
+}
+
 #[test]
 fn fp32_logits_and_distances_match_the_reference() {
     // Plain, grouped-query attention (2 KV heads for 4), Llama 3.1's scaled RoPE, and a model
@@ -51,29 +94,8 @@ fn fp32_logits_and_distances_match_the_reference() {
         (tiny(4, true), "scaled-block"),
         (wide, "wide-block"),
     ] {
-        let (pk, nonces) = ("pubkey", [0u64, 1, 7, 12345]);
-        let model = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Float).unwrap();
-        let inputs: Vec<Vec<f32>> =
-            nonces.iter().map(|&n| nonce_inputs(block_hash, pk, n, params.seq_len, params.dim)).collect();
-        let logits = model.last_logits(&inputs);
-        let request = json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params});
-        let theirs = reference(&request);
-        let target = target(block_hash, params.vocab_size);
-        for (i, &nonce) in nonces.iter().enumerate() {
-            let reference_logits: Vec<f64> =
-                theirs["logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            let scale = reference_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
-            for (j, (ours, theirs)) in logits[i].iter().zip(&reference_logits).enumerate() {
-                assert!(
-                    (f64::from(*ours) - theirs).abs() <= 1e-4 * scale,
-                    "{block_hash} nonce {nonce} logit {j}: {ours} vs {theirs}"
-                );
-            }
-            let perm = nonce_permutation(block_hash, pk, nonce, params.vocab_size);
-            let ours = distance(&logits[i], &perm, &target);
-            let theirs = theirs["dist"][i].as_f64().unwrap();
-            assert!((ours - theirs).abs() < 1e-5, "{block_hash} nonce {nonce}: distance {ours} vs {theirs}");
-        }
+        let tolerance = Tolerance { logit: 1e-4, distance: 1e-5 };
+        check_against_reference(&params, block_hash, &[0, 1, 7, 12345], Kind::Float, tolerance);
     }
 }
 
@@ -82,31 +104,13 @@ fn fp16_logits_stay_within_half_precision_of_the_reference() {
     // GPUs run the proof model in float16 (upstream's `.half()`). libtorch's CPU kernels take the
     // same dtype path, so the casts and the float32 islands (norms, softmax, RoPE) are checked here
     // without a GPU; only the CUDA kernels themselves differ.
-    let (block_hash, pk, nonces) = ("half-block", "pubkey", [0u64, 3, 99]);
     for params in [tiny(4, false), tiny(2, true)] {
-        let inputs: Vec<Vec<f32>> =
-            nonces.iter().map(|&n| nonce_inputs(block_hash, pk, n, params.seq_len, params.dim)).collect();
-        let half = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Half).unwrap().last_logits(&inputs);
-        let float = ProofModel::new(&params, block_hash, Device::Cpu, Kind::Float).unwrap().last_logits(&inputs);
+        let nonces = [0, 3, 99];
+        let tolerance = Tolerance { logit: 5e-3, distance: 2e-3 };
+        let half = check_against_reference(&params, "half-block", &nonces, Kind::Half, tolerance);
+        let tolerance = Tolerance { logit: 1e-4, distance: 1e-5 };
+        let float = check_against_reference(&params, "half-block", &nonces, Kind::Float, tolerance);
         assert_ne!(half, float, "the model runs in the dtype it was built with");
-        let theirs =
-            reference(&json!({"block_hash": block_hash, "public_key": pk, "nonces": nonces, "params": params}));
-        let target = target(block_hash, params.vocab_size);
-        for (i, &nonce) in nonces.iter().enumerate() {
-            let reference_logits: Vec<f64> =
-                theirs["logits"][i].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            let scale = reference_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
-            for (j, (ours, theirs)) in half[i].iter().zip(&reference_logits).enumerate() {
-                assert!(
-                    (f64::from(*ours) - theirs).abs() <= 5e-3 * scale,
-                    "nonce {nonce} logit {j}: fp16 {ours} vs fp32 reference {theirs}"
-                );
-            }
-            let perm = nonce_permutation(block_hash, pk, nonce, params.vocab_size);
-            let ours = distance(&half[i], &perm, &target);
-            let theirs = theirs["dist"][i].as_f64().unwrap();
-            assert!((ours - theirs).abs() < 2e-3, "nonce {nonce}: fp16 distance {ours} vs {theirs}");
-        }
     }
 }
 
