@@ -94,6 +94,9 @@ async fn the_scheduler_places_ml_nodes_where_their_gpus_fit() -> anyhow::Result<
     })
     .await?;
 
+    let events = cp.kubectl(&["get", "events", "-n", NS, "--field-selector", "reason=MlNodesUnschedulable"])?;
+    assert!(events.contains("gpu-small"), "a warning event names the unschedulable ML node: {events}");
+
     // Capacity appears (the device plugin now advertises 8 GPUs): the scheduler places the
     // waiting ML node, kwok runs it, the operator registers it.
     let nodes: Api<Node> = Api::all(client.clone());

@@ -578,6 +578,12 @@ async fn announce_transitions(gn: &GonkaNode, ctx: &Context, new: &gonka_crds::G
             ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "Degraded", message).await;
         }
     }
+    if let Some((_, reason, message)) = after(condition::READY) {
+        // Pods the scheduler can't place wait silently otherwise; say so once, when it starts.
+        if reason == "MlNodesUnschedulable" && before(condition::READY).is_none_or(|(_, r)| r != reason) {
+            ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "MlNodesUnschedulable", message).await;
+        }
+    }
     if let Some((_, reason, message)) = after(condition::PROGRESSING) {
         let was_paused = before(condition::PROGRESSING).is_some_and(|(_, r)| r == "Paused");
         if reason == "Paused" && !was_paused {
