@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
 use gonka_protocol::ml_node::{InferenceUpRequest, ServiceState, StatusResponse};
 
@@ -66,7 +66,6 @@ async fn inference_up(JsonBody(request): JsonBody<InferenceUpRequest>) -> Respon
             request.model
         ),
     )
-    .into_response()
 }
 
 #[cfg(test)]
