@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds lint fmt demo bench clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds lint fmt demo bench bench-poc bench-fleet clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -47,9 +47,16 @@ crds:
 	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
 	cp crds/gonkanode.yaml manifests/crd/gonkanode.yaml
 
-## PoC v1 nonces/s, Rust next to PyTorch, appended to docs/benchmarks.md (not a test).
-bench: pyenv
+## Benchmarks (not tests), appended to docs/benchmarks.md: PoC v1 nonces/s, Rust next to
+## PyTorch; and the operator over a kwok fleet (time to register, steady-state cost).
+bench: bench-poc bench-fleet
+
+bench-poc: pyenv
 	bench/run.sh
+
+FLEET_NODES ?= 200
+bench-fleet: controlplane
+	$(CARGO) run --release --locked -q -p gonka-e2e --bin gonka-fleet-bench -- --nodes $(FLEET_NODES) --write
 
 lint: pyenv
 	$(CARGO) fmt --all --check

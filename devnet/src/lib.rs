@@ -39,6 +39,9 @@ pub struct Devnet {
     pub validated: Vec<ValidatedBatch>,
     /// The epoch `/v1/epochs/latest` reports; tests (and the round driver) move it along.
     pub epoch_state: EpochResponse,
+    /// Admin API writes received (upserts, deletes, enables, disables), accepted or not: what a
+    /// steady fleet should not cause.
+    pub admin_writes: u64,
 }
 
 impl Devnet {
@@ -59,6 +62,7 @@ impl Devnet {
                 epoch_params: json!({}),
                 is_confirmation_poc_active: false,
             },
+            admin_writes: 0,
         }
     }
 
@@ -96,6 +100,7 @@ impl Devnet {
 
     /// Upserts a node; returns whether it was new.
     pub fn upsert(&mut self, config: InferenceNodeConfig) -> Result<(Node, bool), String> {
+        self.admin_writes += 1;
         validate(&config)?;
         if let Some(model) = config.models.keys().find(|m| !self.governance_models.contains(*m)) {
             return Err(format!(
@@ -118,10 +123,12 @@ impl Devnet {
     }
 
     pub fn remove(&mut self, id: &str) -> Option<Node> {
+        self.admin_writes += 1;
         self.nodes.remove(id).map(|(n, _)| n)
     }
 
     pub fn set_enabled(&mut self, id: &str, enabled: bool) -> bool {
+        self.admin_writes += 1;
         match self.nodes.get_mut(id) {
             Some((_, admin)) => {
                 *admin = AdminState { enabled, epoch: self.epoch };
