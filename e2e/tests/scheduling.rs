@@ -2,7 +2,8 @@
 //! and kwok runs the nodes and pods (no simulated binding). ML nodes land on exactly the GPU
 //! nodes where their GPUs fit, are registered on the pod IPs Kubernetes gave them, and an ML node
 //! the scheduler cannot place is named in status with the scheduler's reason, until capacity
-//! appears and it starts by itself.
+//! appears and it starts by itself. A rollout replaces pods for real (terminated by kwok,
+//! re-created by the DaemonSet controller, placed again) and every ML node stays registered.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -117,6 +118,77 @@ async fn the_scheduler_places_ml_nodes_where_their_gpus_fit() -> anyhow::Result<
     .await?;
     let placed = placement(&pods).await?;
     assert_eq!(placed.keys().map(String::as_str).collect::<Vec<_>>(), ["gpu-a", "gpu-b", "gpu-small"]);
+    operator.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_with_real_pod_lifecycles_keeps_every_ml_node_registered() -> anyhow::Result<()> {
+    // The operator deletes outdated pods itself (OnDelete, outside PoC windows); here kwok really
+    // terminates them, the DaemonSet controller re-creates them, the scheduler places them and
+    // kwok runs them (it hands the freed address out again): each ML node ends up registered,
+    // enabled, at its new pod's address, under the same id and broker number.
+    let cp = ControlPlane::start(Components::Scheduled).await?;
+    cp.install_crd().await?;
+    cp.namespace(NS).await?;
+    for node in ["gpu-a", "gpu-b"] {
+        cp.kwok_node(node, 8, "NVIDIA-H100-80GB-HBM3").await?;
+    }
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op").await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut manifest = gonka_node_manifest("fleet", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    eventually("two ML nodes registered", WAIT, || async {
+        Ok(api.get("fleet").await?.status.is_some_and(|s| s.registered_ml_nodes == 2))
+    })
+    .await?;
+    let registrations = || {
+        let mut r: Vec<(String, u64, String)> = devnet
+            .lock()
+            .unwrap()
+            .nodes()
+            .iter()
+            .map(|n| (n.node.config.id.clone(), n.node.node_num, n.node.config.host.clone()))
+            .collect();
+        r.sort();
+        r
+    };
+    let before = registrations();
+    let old_pods: Vec<String> = pods
+        .list(&ListParams::default().labels(PODS))
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
+
+    api.patch("fleet", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "registry.test/daemon:v2"}})))
+        .await?;
+    eventually("rolled out, registered at the new pods", WAIT, || async {
+        let list = pods.list(&ListParams::default().labels(PODS)).await?.items;
+        let fresh = list.len() == 2
+            && list.iter().all(|p| {
+                p.metadata.uid.as_ref().is_some_and(|u| !old_pods.contains(u))
+                    && p.spec.as_ref().and_then(|s| s.containers.first()?.image.clone()).as_deref()
+                        == Some("registry.test/daemon:v2")
+            });
+        let mut ips: Vec<String> = list.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
+        ips.sort();
+        let mut hosts: Vec<String> = registrations().into_iter().map(|(_, _, host)| host).collect();
+        hosts.sort();
+        let s = api.get("fleet").await?.status.unwrap_or_default();
+        let enabled = devnet.lock().unwrap().nodes().iter().all(|n| n.state.admin_state.enabled);
+        Ok(fresh && ips.len() == 2 && hosts == ips && s.registered_ml_nodes == 2 && enabled)
+    })
+    .await?;
+    let after = registrations();
+    let ids = |r: &[(String, u64, String)]| r.iter().map(|(id, num, _)| (id.clone(), *num)).collect::<Vec<_>>();
+    assert_eq!(ids(&after), ids(&before), "each ML node keeps its registration and broker number");
     operator.stop().await?;
     Ok(())
 }
