@@ -54,7 +54,7 @@ bench: bench-poc bench-fleet
 bench-poc: pyenv
 	bench/run.sh
 
-FLEET_NODES ?= 200
+FLEET_NODES ?= 1000
 bench-fleet: controlplane
 	$(CARGO) run --release --locked -q -p gonka-e2e --bin gonka-fleet-bench -- --nodes $(FLEET_NODES) --write
 

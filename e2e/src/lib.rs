@@ -40,7 +40,9 @@ pub enum Components {
 
 /// Pod IPs kwok hands out: loopback addresses, so a process standing in for a pod can listen on
 /// its IP (all of 127.0.0.0/8 is loopback), apart from [`ControlPlane::simulate_kubelet`]'s.
-pub const KWOK_POD_CIDR: &str = "127.0.100.0/24";
+pub const KWOK_POD_CIDR: &str = "127.100.0.0/16";
+/// What every address in [`KWOK_POD_CIDR`] starts with.
+pub const KWOK_POD_PREFIX: &str = "127.100.";
 
 /// The annotation that puts a node in kwok's hands.
 const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
