@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
-use gonka_e2e::{Components, ControlPlane, KWOK_POD_PREFIX, eventually, gonka_node_manifest, start_devnet};
+use gonka_e2e::{Components, ControlPlane, KWOK_POD_PREFIX, Operator, eventually, gonka_node_manifest, start_devnet};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -37,26 +37,43 @@ async fn placement(pods: &Api<Pod>) -> anyhow::Result<BTreeMap<String, Option<St
         .collect())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_scheduler_places_ml_nodes_where_their_gpus_fit() -> anyhow::Result<()> {
+struct Fleet {
+    cp: ControlPlane,
+    devnet: gonka_devnet::Shared,
+    operator: Operator,
+    api: Api<GonkaNode>,
+    pods: Api<Pod>,
+}
+
+/// A control plane with the real scheduler and kwok `nodes` (name, GPUs), a devnet, an operator,
+/// and the GonkaNode `fleet` (its network node the devnet; `edit` adjusts it, given the devnet's
+/// URL).
+async fn kwok_fleet(nodes: &[(&str, u32)], edit: impl FnOnce(&mut serde_json::Value, &str)) -> anyhow::Result<Fleet> {
     let cp = ControlPlane::start(Components::Scheduled).await?;
     cp.install_crd().await?;
     cp.namespace(NS).await?;
-    // Two full H100 boxes, a 4-GPU box too small for an 8-GPU ML node, and a CPU node.
-    cp.kwok_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.kwok_node("gpu-b", 8, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.kwok_node("gpu-small", 4, "NVIDIA-H100-80GB-HBM3").await?;
-    cp.kwok_node("cpu-a", 0, "").await?;
+    for (node, gpus) in nodes {
+        cp.kwok_node(node, *gpus, "NVIDIA-H100-80GB-HBM3").await?;
+    }
     let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
     let operator = cp.start_operator("op").await?;
-
     let client = cp.client().await?;
     let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client, NS);
     let mut manifest = gonka_node_manifest("fleet", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
-    manifest["spec"]["gpusPerMlNode"] = json!(8);
+    edit(&mut manifest, &url);
     api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    Ok(Fleet { cp, devnet, operator, api, pods })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_places_ml_nodes_where_their_gpus_fit() -> anyhow::Result<()> {
+    // Two full H100 boxes, a 4-GPU box too small for an 8-GPU ML node, and a CPU node.
+    let nodes = [("gpu-a", 8), ("gpu-b", 8), ("gpu-small", 4), ("cpu-a", 0)];
+    let Fleet { cp, devnet, operator, api, pods } =
+        kwok_fleet(&nodes, |m, _| m["spec"]["gpusPerMlNode"] = json!(8)).await?;
+    let client = cp.client().await?;
 
     // Both H100 boxes run an ML node (tolerating the GPU taint), registered on kwok's pod IPs.
     eventually("two ML nodes registered", WAIT, || async {
@@ -127,21 +144,8 @@ async fn a_rollout_with_real_pod_lifecycles_keeps_every_ml_node_registered() -> 
     // terminates them, the DaemonSet controller re-creates them, the scheduler places them and
     // kwok runs them (it hands the freed address out again): each ML node ends up registered,
     // enabled, at its new pod's address, under the same id and broker number.
-    let cp = ControlPlane::start(Components::Scheduled).await?;
-    cp.install_crd().await?;
-    cp.namespace(NS).await?;
-    for node in ["gpu-a", "gpu-b"] {
-        cp.kwok_node(node, 8, "NVIDIA-H100-80GB-HBM3").await?;
-    }
-    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
-    let operator = cp.start_operator("op").await?;
-    let client = cp.client().await?;
-    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let mut manifest = gonka_node_manifest("fleet", NS);
-    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
-    manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
-    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    let Fleet { cp: _cp, devnet, operator, api, pods } =
+        kwok_fleet(&[("gpu-a", 8), ("gpu-b", 8)], |m, url| m["spec"]["networkNode"]["publicUrl"] = json!(url)).await?;
     eventually("two ML nodes registered", WAIT, || async {
         Ok(api.get("fleet").await?.status.is_some_and(|s| s.registered_ml_nodes == 2))
     })
