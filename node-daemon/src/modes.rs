@@ -28,12 +28,10 @@ pub fn requested_service(path: &str) -> String {
 
 /// `None` when `requested` may run in `current` mode, else upstream's refusal.
 pub fn conflict(current: ServiceState, requested: &str) -> Option<String> {
-    let current = match current {
-        ServiceState::Stopped => return None,
-        ServiceState::Pow => "POW",
-        ServiceState::Inference => "INFERENCE",
-        ServiceState::Train => "TRAIN",
-    };
+    if current == ServiceState::Stopped {
+        return None;
+    }
+    let current = current.as_str();
     (current != requested).then(|| {
         format!("Cannot run {requested} because MLNode is currently in {current} mode. Please stop {current} first.")
     })

@@ -331,10 +331,7 @@ impl Reporter {
 pub fn snapshot(inventory: &Inventory, state: &DaemonState, events_dropped: u64) -> proto::Snapshot {
     let driver = inventory.driver.as_ref();
     proto::Snapshot {
-        state: serde_json::to_value(state.service)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        state: state.service.as_str().into(),
         gpus: inventory
             .devices
             .iter()

@@ -15,6 +15,18 @@ pub enum ServiceState {
     Stopped,
 }
 
+impl ServiceState {
+    /// Upstream's name of the state, as it appears on the wire (`"POW"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pow => "POW",
+            Self::Inference => "INFERENCE",
+            Self::Train => "TRAIN",
+            Self::Stopped => "STOPPED",
+        }
+    }
+}
+
 /// `GET /api/v1/state`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StateResponse {
@@ -133,6 +145,13 @@ pub fn hardware_type(name: &str, total_memory_mb: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_the_wire_names() {
+        for state in [ServiceState::Pow, ServiceState::Inference, ServiceState::Train, ServiceState::Stopped] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+    }
     use serde_json::json;
 
     #[test]
