@@ -380,7 +380,7 @@ impl ControlPlane {
             }
             let spec = pod.spec.clone().unwrap_or_default();
             if spec.node_name.is_none() {
-                let Some(node) = daemon_pod_node(&pod) else { continue };
+                let Some(node) = gonka_operator::controller::daemon_pod_target_node(&pod) else { continue };
                 let binding = Binding {
                     metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
                     target: ObjectReference { kind: Some("Node".into()), name: Some(node), ..Default::default() },
@@ -449,16 +449,6 @@ fn write_kubeconfig(path: &Path, url: &str, ca: &Path, token: &str) -> anyhow::R
     });
     std::fs::write(path, serde_yaml::to_string(&config)?)?;
     Ok(())
-}
-
-/// The node a DaemonSet pod is pinned to (the DaemonSet controller sets a required node
-/// affinity on `metadata.name`).
-fn daemon_pod_node(pod: &Pod) -> Option<String> {
-    let terms = &pod.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?;
-    let required = terms.required_during_scheduling_ignored_during_execution.as_ref()?;
-    required.node_selector_terms.iter().find_map(|t| {
-        t.match_fields.as_ref()?.iter().find(|f| f.key == "metadata.name")?.values.as_ref()?.first().cloned()
-    })
 }
 
 async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {

@@ -528,8 +528,17 @@ fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
     })
 }
 
-/// ML-node pods the scheduler could not place, as `"<Kubernetes node>: <scheduler's reason>"`
-/// (a DaemonSet pod targets its node through a `metadata.name` node affinity).
+/// The Kubernetes node a DaemonSet pod is made for: the DaemonSet controller pins each pod to
+/// its node with a required `metadata.name` node affinity (bound or not).
+pub fn daemon_pod_target_node(pod: &Pod) -> Option<String> {
+    let affinity = pod.spec.as_ref()?.affinity.as_ref()?.node_affinity.as_ref()?;
+    let required = affinity.required_during_scheduling_ignored_during_execution.as_ref()?;
+    required.node_selector_terms.iter().find_map(|t| {
+        t.match_fields.as_ref()?.iter().find(|f| f.key == "metadata.name")?.values.as_ref()?.first().cloned()
+    })
+}
+
+/// ML-node pods the scheduler could not place, as `"<Kubernetes node>: <scheduler's reason>"`.
 fn unschedulable_ml_nodes(pods: &[Pod]) -> Vec<String> {
     pods.iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -540,26 +549,7 @@ fn unschedulable_ml_nodes(pods: &[Pod]) -> Vec<String> {
             if scheduled.status != "False" || scheduled.reason.as_deref() != Some("Unschedulable") {
                 return None;
             }
-            let target = p
-                .spec
-                .as_ref()?
-                .affinity
-                .as_ref()
-                .and_then(|a| a.node_affinity.as_ref())
-                .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
-                .and_then(|r| {
-                    r.node_selector_terms.iter().find_map(|t| {
-                        t.match_fields
-                            .as_ref()?
-                            .iter()
-                            .find(|f| f.key == "metadata.name")?
-                            .values
-                            .as_ref()?
-                            .first()
-                            .cloned()
-                    })
-                })
-                .unwrap_or_else(|| p.name_any());
+            let target = daemon_pod_target_node(p).unwrap_or_else(|| p.name_any());
             Some(format!("{target}: {}", scheduled.message.as_deref().unwrap_or("no reason given")))
         })
         .collect()
