@@ -301,16 +301,13 @@ impl ControlPlane {
     /// Discovery and the device plugin show one, with the `nvidia.com/gpu` taint GPU pools carry.
     pub async fn kwok_node(&self, name: &str, gpus: u32, product: &str) -> anyhow::Result<()> {
         let api: Api<Node> = Api::all(self.client().await?);
-        let mut labels = serde_json::json!({"kubernetes.io/hostname": name, "type": "kwok"});
-        let mut taints = serde_json::json!([]);
-        let mut capacity = serde_json::json!({"cpu": "64", "memory": "512Gi", "pods": "110"});
-        if gpus > 0 {
-            labels["nvidia.com/gpu.present"] = "true".into();
-            labels["nvidia.com/gpu.product"] = product.into();
-            labels["nvidia.com/gpu.count"] = gpus.to_string().into();
-            taints = serde_json::json!([{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]);
-            capacity["nvidia.com/gpu"] = gpus.to_string().into();
-        }
+        let (mut labels, capacity) = node_shape(name, gpus, product);
+        labels["type"] = "kwok".into();
+        let taints = if gpus > 0 {
+            serde_json::json!([{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+        } else {
+            serde_json::json!([])
+        };
         let node: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": labels, "annotations": {KWOK_NODE_ANNOTATION: "fake"}},
             "spec": {"taints": taints.clone()},
@@ -334,17 +331,9 @@ impl ControlPlane {
     /// Discovery would show it: labelled, with `nvidia.com/gpu` capacity, Ready.
     pub async fn gpu_node(&self, name: &str, gpus: u32, product: &str) -> anyhow::Result<()> {
         let api: Api<Node> = Api::all(self.client().await?);
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {
-                "kubernetes.io/hostname": name,
-                "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": product,
-                "nvidia.com/gpu.count": gpus.to_string(),
-            }},
-        }))?;
+        let (labels, capacity) = node_shape(name, gpus, product);
+        let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}}))?;
         api.create(&PostParams::default(), &node).await?;
-        let capacity =
-            serde_json::json!({"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": gpus.to_string()});
         let status = serde_json::json!({"status": {
             "capacity": capacity, "allocatable": capacity,
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated",
@@ -449,6 +438,20 @@ fn write_kubeconfig(path: &Path, url: &str, ca: &Path, token: &str) -> anyhow::R
     });
     std::fs::write(path, serde_yaml::to_string(&config)?)?;
     Ok(())
+}
+
+/// A node's labels and capacity as GPU Feature Discovery and the NVIDIA device plugin show them
+/// (`gpus == 0`: a node without GPUs).
+fn node_shape(name: &str, gpus: u32, product: &str) -> (serde_json::Value, serde_json::Value) {
+    let mut labels = serde_json::json!({"kubernetes.io/hostname": name});
+    let mut capacity = serde_json::json!({"cpu": "64", "memory": "512Gi", "pods": "110"});
+    if gpus > 0 {
+        labels["nvidia.com/gpu.present"] = "true".into();
+        labels["nvidia.com/gpu.product"] = product.into();
+        labels["nvidia.com/gpu.count"] = gpus.to_string().into();
+        capacity["nvidia.com/gpu"] = gpus.to_string().into();
+    }
+    (labels, capacity)
 }
 
 async fn client_from(kubeconfig: &Path) -> anyhow::Result<Client> {
