@@ -37,6 +37,20 @@ pub struct StateResponse {
     pub poc_status: Option<String>,
     pub inference_healthy: Option<bool>,
     pub loaded_model: Option<String>,
+    /// Whether PoC validation can run while inference is served (newest mlnode; older network
+    /// nodes ignore it, older ML nodes omit it).
+    #[serde(default)]
+    pub poc_validation_inference: bool,
+}
+
+/// `GET /api/v1/versions` and `/api/v1/inference/pow/versions` (newest mlnode's
+/// `VersionsResponse`): what the network node checks before using newer PoC features.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VersionsResponse {
+    pub version: String,
+    /// The inference engine's version; `null` with no engine running.
+    pub vllm_version: Option<String>,
+    pub poc_validation_inference: bool,
 }
 
 /// `{"status": "OK"}`, the answer of `POST /api/v1/stop` and friends.
@@ -49,6 +63,16 @@ impl StatusResponse {
     pub fn ok() -> Self {
         Self { status: "OK".into() }
     }
+}
+
+/// The answer of `POST /api/v1/inference/up`: `{"status": "OK"}`, or, when the engine cannot
+/// start, still a 200 with `{"status": "ERROR", "message": ...}` (upstream's
+/// `api/inference/routes.py`; the network node reads neither).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InferenceUpResponse {
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// `POST /api/v1/inference/up` (upstream `InferenceInitRequest`): the model to serve, its dtype
@@ -162,10 +186,12 @@ mod tests {
             poc_status: None,
             inference_healthy: None,
             loaded_model: None,
+            poc_validation_inference: false,
         };
         assert_eq!(
             serde_json::to_value(&s).unwrap(),
-            json!({"state": "STOPPED", "version": "0.1.0", "poc_status": null, "inference_healthy": null, "loaded_model": null})
+            json!({"state": "STOPPED", "version": "0.1.0", "poc_status": null, "inference_healthy": null,
+                   "loaded_model": null, "poc_validation_inference": false})
         );
     }
 

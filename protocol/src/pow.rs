@@ -5,16 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /api/v1/pow/init`, `/pow/init/generate`, `/pow/init/validate` (upstream
-/// `PowInitRequestUrl`).
+/// `PowInitRequestUrl`, a pydantic model: unknown fields are ignored).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct InitRequest {
-    /// The ML node's number in the broker (`node_num`); -1 = not set.
-    #[serde(default = "unset")]
-    pub node_id: i64,
-    /// How many ML nodes take part; -1 = not set.
-    #[serde(default = "unset")]
-    pub node_count: i64,
+    // Fields in the order upstream's Go `InitDto` marshals them.
     pub block_hash: String,
     pub block_height: i64,
     pub public_key: String,
@@ -23,6 +17,12 @@ pub struct InitRequest {
     pub fraud_threshold: f64,
     #[serde(default = "default_params")]
     pub params: Params,
+    /// The ML node's number in the broker (`node_num`); -1 = not set.
+    #[serde(default = "unset")]
+    pub node_id: i64,
+    /// How many ML nodes take part; -1 = not set.
+    #[serde(default = "unset")]
+    pub node_count: i64,
     /// Callback base: batches go to `{url}/generated` and `{url}/validated`.
     pub url: String,
 }
@@ -104,9 +104,9 @@ pub struct PowResponse {
     pub pow_status: PowStatus,
 }
 
-/// The proof model's shape (`params` of the init request; upstream `pow.models.utils.Params`).
+/// The proof model's shape (`params` of the init request; upstream `pow.models.utils.Params`, a
+/// dataclass read by pydantic: every field has a default, unknown fields are ignored).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Params {
     #[serde(default = "d_dim")]
     pub dim: usize,
@@ -114,9 +114,9 @@ pub struct Params {
     pub n_layers: usize,
     #[serde(default = "d_heads")]
     pub n_heads: usize,
-    /// `null` means `n_heads`, as upstream's `ModelArgs` does.
-    #[serde(default)]
-    pub n_kv_heads: Option<usize>,
+    /// Upstream's default is 16 whatever `n_heads` is.
+    #[serde(default = "d_kv_heads")]
+    pub n_kv_heads: usize,
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     #[serde(default = "d_ffn")]
@@ -140,6 +140,9 @@ fn d_layers() -> usize {
     16
 }
 fn d_heads() -> usize {
+    16
+}
+fn d_kv_heads() -> usize {
     16
 }
 fn d_vocab() -> usize {
@@ -172,7 +175,7 @@ impl Params {
             dim: 1792,
             n_layers: 64,
             n_heads: 64,
-            n_kv_heads: Some(64),
+            n_kv_heads: 64,
             vocab_size: 8196,
             ffn_dim_multiplier: Some(10.0),
             multiple_of: 4 * 2048,
@@ -184,7 +187,7 @@ impl Params {
     }
 
     pub fn kv_heads(&self) -> usize {
-        self.n_kv_heads.unwrap_or(self.n_heads)
+        self.n_kv_heads
     }
 
     pub fn head_dim(&self) -> usize {
@@ -264,26 +267,21 @@ mod tests {
 
     #[test]
     fn init_request_params_parse_with_upstream_defaults() {
-        let p: Params = serde_json::from_value(serde_json::json!({"dim": 64, "n_layers": 2, "n_heads": 4})).unwrap();
-        assert_eq!((p.vocab_size, p.seq_len, p.kv_heads(), p.rope_theta), (8192, 16, 4, 500_000.0));
-        let err = serde_json::from_value::<Params>(serde_json::json!({"dims": 64})).unwrap_err();
-        assert!(err.to_string().contains("unknown field `dims`"));
+        let p: Params = serde_json::from_value(serde_json::json!({"dim": 64, "n_layers": 2, "n_heads": 32})).unwrap();
+        assert_eq!((p.vocab_size, p.seq_len, p.kv_heads(), p.rope_theta), (8192, 16, 16, 500_000.0));
+        // Unknown fields are ignored, as pydantic does; a null where upstream wants an int is not.
+        let p: Params = serde_json::from_value(serde_json::json!({"dims": 64, "n_heads": 16})).unwrap();
+        assert_eq!((p.dim, p.n_heads), (2048, 16));
+        assert!(serde_json::from_value::<Params>(serde_json::json!({"n_kv_heads": null})).is_err());
     }
 
     #[test]
     fn rejects_shapes_upstream_asserts_against() {
-        let base = Params {
-            dim: 64,
-            n_heads: 4,
-            n_kv_heads: None,
-            n_layers: 1,
-            vocab_size: 32,
-            seq_len: 4,
-            ..Params::mainnet()
-        };
+        let base =
+            Params { dim: 64, n_heads: 4, n_kv_heads: 4, n_layers: 1, vocab_size: 32, seq_len: 4, ..Params::mainnet() };
         assert!(base.validate().is_ok());
         assert!(Params { n_heads: 5, ..base.clone() }.validate().is_err());
-        assert!(Params { n_kv_heads: Some(3), ..base.clone() }.validate().is_err());
+        assert!(Params { n_kv_heads: 3, ..base.clone() }.validate().is_err());
         assert!(Params { seq_len: 0, ..base }.validate().is_err());
     }
 }

@@ -1,0 +1,3 @@
+module gonka-operator/testing/dapi-wire
+
+go 1.24
