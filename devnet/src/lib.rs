@@ -1,36 +1,68 @@
 //! `devnet`: a local stand-in for the host's network node (upstream's "dapi"), for the demo and
 //! the tests. It is a test double of an external service, not a network node: it keeps ML-node
-//! registrations in memory and answers the admin API in upstream's JSON shapes.
+//! registrations in memory and answers the admin API as upstream does, byte for byte where it
+//! matters (`{"error": ...}` bodies, `null` for nil lists, echo's content-type check).
 //!
-//! Served now: the admin API's node registration (`/admin/v1/nodes` list, upsert, batch,
-//! delete, enable, disable), with upstream's governance-model check; and the ML callback server
+//! Two generations of network node are played ([`Generation`]): the 2025 launch one, whose
+//! `POST /admin/v1/nodes` registers a node again (new broker number, state reset, a second
+//! entry in its config file) and which has no `PUT`, and the 2026 mainline one, whose `POST`
+//! and `PUT /admin/v1/nodes/:id` update in place. Each refuses as its code does (2025: 500
+//! `error creating new node`; 2026: 400 on create, 500 on update).
+//!
+//! Served: the admin API's node registration (`/admin/v1/nodes` list, register, batch, update,
+//! delete, enable, disable), with upstream's governance-model check; the ML callback server
 //! (`/v1/poc-batches/generated|validated`, upstream's :9100) that records PoC v1 batches and
-//! counts weights as the chain does (unique proofs per ML node); and the public API's
-//! `/v1/epochs/latest` with a phase tests set; and [`round`], which drives registered ML nodes
-//! through a PoC v1 round (generate, sample, cross-validate, weigh).
+//! counts weights as the chain does (unique proofs per ML node); the public API's
+//! `/v1/epochs/latest` with a phase tests set; [`ml_node_client`], the ML-node client as
+//! upstream's network node writes its requests; and [`round`], which drives registered ML nodes
+//! through a PoC v1 round with the 2025 network node's call sequence.
 
+pub mod ml_node_client;
 pub mod round;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gonka_protocol::admin::{AdminState, InferenceNodeConfig, Node, NodeResponse, NodeState, NodeToggleResponse};
+pub use gonka_protocol::admin::Generation;
+use gonka_protocol::admin::{
+    AdminError, AdminState, InferenceNodeConfig, Node, NodeResponse, NodeState, NodeToggleResponse,
+};
 use gonka_protocol::network::{EpochPhase, EpochResponse, LatestEpoch};
 use gonka_protocol::pow::{ProofBatch, ValidatedBatch};
 use serde_json::json;
 
+/// A refused admin call: the status and the words upstream answers with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub error: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self { status: status.as_u16(), error: error.into() }
+    }
+}
+
 /// The network node's registrations.
 #[derive(Debug)]
 pub struct Devnet {
-    /// Models governance approved; registrations naming others are refused (upstream: 400).
+    /// Which network node this plays.
+    pub generation: Generation,
+    /// Models governance approved; registrations naming others are refused.
     pub governance_models: BTreeSet<String>,
+    /// The broker's nodes by id (what `GET /admin/v1/nodes` lists).
     nodes: BTreeMap<String, (Node, AdminState)>,
-    next_num: u64,
+    /// The network node's config file of nodes: a 2025 `POST` of a known id appends a second
+    /// entry; a delete or a 2026 update rewrites it from the broker.
+    config: Vec<InferenceNodeConfig>,
+    /// The last broker number handed out (upstream's `curMaxNodesNum`: the first node gets 1).
+    last_num: u64,
     /// The current epoch, stamped on enable/disable.
     pub epoch: u64,
     /// PoC batches ML nodes posted to the callback server, in arrival order.
@@ -39,17 +71,24 @@ pub struct Devnet {
     pub validated: Vec<ValidatedBatch>,
     /// The epoch `/v1/epochs/latest` reports; tests (and the round driver) move it along.
     pub epoch_state: EpochResponse,
-    /// Admin API writes received (upserts, deletes, enables, disables), accepted or not: what a
-    /// steady fleet should not cause.
+    /// Admin API writes received (registrations, updates, deletes, enables, disables), accepted
+    /// or not: what a steady fleet should not cause.
     pub admin_writes: u64,
 }
 
 impl Devnet {
+    /// A 2026 mainline network node.
     pub fn new(governance_models: impl IntoIterator<Item = String>) -> Self {
+        Self::of(Generation::Mainline2026, governance_models)
+    }
+
+    pub fn of(generation: Generation, governance_models: impl IntoIterator<Item = String>) -> Self {
         Self {
+            generation,
             governance_models: governance_models.into_iter().collect(),
             nodes: BTreeMap::new(),
-            next_num: 0,
+            config: Vec::new(),
+            last_num: 0,
             epoch: 1,
             generated: Vec::new(),
             validated: Vec::new(),
@@ -87,7 +126,7 @@ impl Devnet {
         proofs.into_iter().map(|(node, nonces)| (node, nonces.len())).collect()
     }
 
-    /// Registered nodes, as `GET /admin/v1/nodes` answers.
+    /// Registered nodes, typed.
     pub fn nodes(&self) -> Vec<NodeResponse> {
         self.nodes
             .values()
@@ -98,33 +137,162 @@ impl Devnet {
             .collect()
     }
 
-    /// Upserts a node; returns whether it was new.
-    pub fn upsert(&mut self, config: InferenceNodeConfig) -> Result<(Node, bool), String> {
+    /// How many entries the network node's config file has for `id` (upstream's 2025 POST of
+    /// a known id makes it two).
+    pub fn config_entries(&self, id: &str) -> usize {
+        self.config.iter().filter(|c| c.id == id).count()
+    }
+
+    /// `GET /admin/v1/nodes` as upstream's Go writes it: a nil `hardware` is `null`, statuses
+    /// are names, and each generation has its own fields (2025: the node's `version`; 2026: the
+    /// state's `ml_node_version` and `preserved_models`).
+    pub fn listing(&self) -> serde_json::Value {
+        let entries = self.nodes.values().map(|(node, admin)| {
+            let c = &node.config;
+            let models: serde_json::Map<String, serde_json::Value> =
+                c.models.iter().map(|(m, a)| (m.clone(), json!({"args": a.args}))).collect();
+            let mut n = json!({
+                "host": c.host, "inference_segment": c.inference_segment, "inference_port": c.inference_port,
+                "poc_segment": c.poc_segment, "poc_port": c.poc_port, "models": models, "id": c.id,
+                "max_concurrent": c.max_concurrent, "node_num": node.node_num,
+                "hardware": if c.hardware.is_empty() { json!(null) } else { json!(c.hardware) },
+            });
+            let mut state = json!({
+                "intended_status": "UNKNOWN", "current_status": "UNKNOWN",
+                "poc_intended_status": "IDLE", "poc_current_status": "IDLE",
+                "lock_count": 0, "failure_reason": "", "status_timestamp": "2026-11-28T00:00:00Z",
+                "admin_state": {"enabled": admin.enabled, "epoch": admin.epoch},
+                "epoch_models": {}, "epoch_ml_nodes": {},
+            });
+            match self.generation {
+                Generation::Launch2025 => n["version"] = json!(""),
+                Generation::Mainline2026 => {
+                    state["ml_node_version"] = json!("");
+                    state["preserved_models"] = json!(null);
+                }
+            }
+            json!({"node": n, "state": state})
+        });
+        serde_json::Value::Array(entries.collect())
+    }
+
+    /// `POST /admin/v1/nodes`, as the generation played does it.
+    pub fn register(&mut self, config: InferenceNodeConfig) -> Result<Node, Refusal> {
         self.admin_writes += 1;
-        validate(&config)?;
-        if let Some(model) = config.models.keys().find(|m| !self.governance_models.contains(*m)) {
-            return Err(format!(
-                "failed to create node: one or more models are not valid governance models ({model} is not)"
-            ));
-        }
-        match self.nodes.get_mut(&config.id) {
-            Some((node, _)) => {
-                node.config = config;
-                Ok((node.clone(), false))
-            }
-            None => {
-                let node = Node { config, node_num: self.next_num };
-                self.next_num += 1;
-                let admin = AdminState { enabled: true, epoch: self.epoch };
-                self.nodes.insert(node.config.id.clone(), (node.clone(), admin));
-                Ok((node, true))
-            }
+        match self.generation {
+            Generation::Launch2025 => self.register_2025(config),
+            Generation::Mainline2026 if self.nodes.contains_key(&config.id) => self.update_2026(config),
+            Generation::Mainline2026 => self.create_2026(config),
         }
     }
 
-    pub fn remove(&mut self, id: &str) -> Option<Node> {
+    /// `PUT /admin/v1/nodes/:id`: 2026 only (2025 has no such route: 405).
+    pub fn update(&mut self, config: InferenceNodeConfig) -> Result<Node, Refusal> {
         self.admin_writes += 1;
-        self.nodes.remove(id).map(|(n, _)| n)
+        match self.generation {
+            Generation::Launch2025 => Err(Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")),
+            Generation::Mainline2026 if self.nodes.contains_key(&config.id) => self.update_2026(config),
+            Generation::Mainline2026 => self.create_2026(config),
+        }
+    }
+
+    /// 2025 `RegisterNode`: no field checks, every model must be approved (else a bare 500),
+    /// and a known id is registered again.
+    fn register_2025(&mut self, config: InferenceNodeConfig) -> Result<Node, Refusal> {
+        if config.models.keys().any(|m| !self.governance_models.contains(m)) {
+            return Err(Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "error creating new node"));
+        }
+        let node = self.insert_new(config.clone());
+        self.config.push(config);
+        Ok(node)
+    }
+
+    /// 2026 `RegisterNode`: field checks, unapproved models dropped (none left: refused).
+    fn create_2026(&mut self, mut config: InferenceNodeConfig) -> Result<Node, Refusal> {
+        let refused = |why: String| Refusal::new(StatusCode::BAD_REQUEST, format!("failed to create node: {why}"));
+        self.validate(&config, None).map_err(refused)?;
+        config.models.retain(|m, _| self.governance_models.contains(m));
+        if config.models.is_empty() {
+            return Err(refused(format!("node {} has no governance-valid models", config.id)));
+        }
+        let node = self.insert_new(config.clone());
+        self.config.push(config);
+        Ok(node)
+    }
+
+    /// 2026 `UpdateNode`: field checks, every model approved, broker number and state kept.
+    fn update_2026(&mut self, config: InferenceNodeConfig) -> Result<Node, Refusal> {
+        let refused =
+            |why: String| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, format!("failed to update node: {why}"));
+        self.validate(&config, Some(&config.id)).map_err(refused)?;
+        if let Some(m) = config.models.keys().find(|m| !self.governance_models.contains(*m)) {
+            return Err(refused(format!("model {m} is not a valid governance model")));
+        }
+        let (node, _) = self.nodes.get_mut(&config.id).expect("checked by the caller");
+        node.config = config;
+        let node = node.clone();
+        self.sync_config();
+        Ok(node)
+    }
+
+    fn insert_new(&mut self, config: InferenceNodeConfig) -> Node {
+        self.last_num += 1;
+        let node = Node { config, node_num: self.last_num, version: None };
+        let admin = AdminState { enabled: true, epoch: self.epoch };
+        self.nodes.insert(node.config.id.clone(), (node.clone(), admin));
+        node
+    }
+
+    /// Upstream's 2026 `validateInferenceNode`: required fields and unique host+port.
+    fn validate(&self, c: &InferenceNodeConfig, except: Option<&str>) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if c.id.trim().is_empty() {
+            errors.push("node id is required and cannot be empty".to_string());
+        }
+        if c.host.trim().is_empty() {
+            errors.push("host is required and cannot be empty".to_string());
+        }
+        if c.inference_port == 0 {
+            errors.push(format!("inference_port must be between 1 and 65535, got {}", c.inference_port));
+        }
+        if c.poc_port == 0 {
+            errors.push(format!("poc_port must be between 1 and 65535, got {}", c.poc_port));
+        }
+        if c.max_concurrent == 0 {
+            errors.push(format!("max_concurrent must be greater than 0, got {}", c.max_concurrent));
+        }
+        if c.models.is_empty() {
+            errors.push("at least one model must be specified".to_string());
+        }
+        let others = || self.nodes.iter().filter(|(id, _)| Some(id.as_str()) != except);
+        if let Some((id, _)) =
+            others().find(|(_, (n, _))| n.config.host == c.host && n.config.inference_port == c.inference_port)
+        {
+            errors.push(format!(
+                "duplicate inference host+port combination: {}:{} (already used by node '{id}')",
+                c.host, c.inference_port
+            ));
+        }
+        if let Some((id, _)) = others().find(|(_, (n, _))| n.config.host == c.host && n.config.poc_port == c.poc_port) {
+            errors.push(format!(
+                "duplicate PoC host+port combination: {}:{} (already used by node '{id}')",
+                c.host, c.poc_port
+            ));
+        }
+        if errors.is_empty() { Ok(()) } else { Err(format!("validation failed: {}", errors.join("; "))) }
+    }
+
+    /// Upstream's `syncNodesWithConfig`: the config file becomes the broker's list.
+    fn sync_config(&mut self) {
+        self.config = self.nodes.values().map(|(n, _)| n.config.clone()).collect();
+    }
+
+    /// `DELETE /admin/v1/nodes/:id`; whether it was there.
+    pub fn remove(&mut self, id: &str) -> bool {
+        self.admin_writes += 1;
+        let removed = self.nodes.remove(id).is_some();
+        self.sync_config();
+        removed
     }
 
     pub fn set_enabled(&mut self, id: &str, enabled: bool) -> bool {
@@ -160,8 +328,8 @@ pub fn callback_router(devnet: Shared) -> Router {
         .with_state(devnet)
 }
 
-async fn generated(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
-    match body::<ProofBatch>(&raw) {
+async fn generated(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
+    match bind::<ProofBatch>(&headers, &raw) {
         Ok(batch) if batch.nonces.len() != batch.dist.len() => {
             fail(StatusCode::BAD_REQUEST, "nonces and dist differ in length")
         }
@@ -169,96 +337,107 @@ async fn generated(State(d): State<Shared>, raw: axum::body::Bytes) -> Response 
             d.lock().expect("devnet").generated.push(batch);
             StatusCode::OK.into_response()
         }
-        Err(e) => fail(StatusCode::BAD_REQUEST, e),
+        Err(r) => refused(r),
     }
 }
 
-async fn validated(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
-    match body::<ValidatedBatch>(&raw) {
+async fn validated(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
+    match bind::<ValidatedBatch>(&headers, &raw) {
         Ok(batch) => {
             d.lock().expect("devnet").validated.push(batch);
             StatusCode::OK.into_response()
         }
-        Err(e) => fail(StatusCode::BAD_REQUEST, e),
+        Err(r) => refused(r),
     }
-}
-
-/// Upstream's basic node validation.
-fn validate(c: &InferenceNodeConfig) -> Result<(), String> {
-    let mut errors = Vec::new();
-    if c.id.trim().is_empty() {
-        errors.push("node id is required and cannot be empty");
-    }
-    if c.host.trim().is_empty() {
-        errors.push("host is required and cannot be empty");
-    }
-    if c.inference_port == 0 || c.poc_port == 0 {
-        errors.push("inference_port and poc_port must be set");
-    }
-    if c.models.is_empty() {
-        errors.push("at least one model is required");
-    }
-    if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
 }
 
 pub type Shared = Arc<Mutex<Devnet>>;
 
-fn fail(status: StatusCode, message: impl Into<serde_json::Value>) -> Response {
-    (status, Json(json!({ "message": message.into() }))).into_response()
+/// An error answer as upstream's `TransparentErrorHandler` writes it.
+fn fail(status: StatusCode, error: impl Into<serde_json::Value>) -> Response {
+    (status, Json(AdminError::new(error))).into_response()
+}
+
+fn refused(r: Refusal) -> Response {
+    fail(StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), r.error)
+}
+
+/// echo's `Bind` of a JSON body: it wants `Content-Type: application/json` (else 415), reads
+/// an empty body as zero values, and ignores unknown fields; a body that does not decode is a
+/// 400.
+fn bind<T: serde::de::DeserializeOwned>(headers: &HeaderMap, raw: &[u8]) -> Result<T, Refusal> {
+    let raw: &[u8] = if raw.is_empty() { b"{}" } else { raw };
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(Refusal::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported Media Type"));
+    }
+    serde_json::from_slice(raw).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
 }
 
 /// The admin API (upstream serves it on :9200).
 pub fn admin_router(devnet: Shared) -> Router {
     Router::new()
-        .route("/admin/v1/nodes", get(list).post(upsert))
+        .route("/admin/v1/nodes", get(list).post(register))
         .route("/admin/v1/nodes/batch", post(batch))
-        .route("/admin/v1/nodes/{id}", axum::routing::put(upsert_by_id).delete(delete))
+        .route("/admin/v1/nodes/{id}", axum::routing::put(update).delete(delete))
         .route("/admin/v1/nodes/{id}/enable", post(|s, p| toggle(s, p, true)))
         .route("/admin/v1/nodes/{id}/disable", post(|s, p| toggle(s, p, false)))
+        .fallback(|| async { fail(StatusCode::NOT_FOUND, "Not Found") })
+        .method_not_allowed_fallback(|| async { fail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed") })
         .with_state(devnet)
 }
 
-async fn list(State(d): State<Shared>) -> Json<Vec<NodeResponse>> {
-    Json(d.lock().expect("devnet").nodes())
+async fn list(State(d): State<Shared>) -> Json<serde_json::Value> {
+    Json(d.lock().expect("devnet").listing())
 }
 
-/// Parses a request body; the error is upstream's 400 message.
-fn body<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(raw).map_err(|e| format!("invalid request body: {e}"))
-}
-
-async fn upsert(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
-    let config: InferenceNodeConfig = match body(&raw) {
+async fn register(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
+    let config: InferenceNodeConfig = match bind(&headers, &raw) {
         Ok(c) => c,
-        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
+        Err(r) => return refused(r),
     };
-    match d.lock().expect("devnet").upsert(config) {
-        Ok((node, _)) => Json(node.config).into_response(),
-        Err(e) => fail(StatusCode::BAD_REQUEST, e),
+    match d.lock().expect("devnet").register(config) {
+        Ok(node) => Json(node.config).into_response(),
+        Err(r) => refused(r),
     }
 }
 
-async fn upsert_by_id(state: State<Shared>, Path(id): Path<String>, raw: axum::body::Bytes) -> Response {
-    match body::<InferenceNodeConfig>(&raw) {
-        Ok(c) if c.id != id => fail(StatusCode::BAD_REQUEST, "node id in the path and the body differ"),
-        Ok(_) => upsert(state, raw).await,
-        Err(e) => fail(StatusCode::BAD_REQUEST, e),
+/// `PUT /admin/v1/nodes/:id`: upstream reads the id from the body.
+async fn update(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
+    if d.lock().expect("devnet").generation == Generation::Launch2025 {
+        return fail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
-}
-
-async fn batch(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
-    let configs: Vec<InferenceNodeConfig> = match body(&raw) {
+    let config: InferenceNodeConfig = match bind(&headers, &raw) {
         Ok(c) => c,
-        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
+        Err(r) => return refused(r),
+    };
+    match d.lock().expect("devnet").update(config) {
+        Ok(node) => Json(node.config).into_response(),
+        Err(r) => refused(r),
+    }
+}
+
+async fn batch(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
+    let configs: Vec<InferenceNodeConfig> = match bind(&headers, &raw) {
+        Ok(c) => c,
+        Err(r) => return refused(r),
     };
     let mut devnet = d.lock().expect("devnet");
     let (mut nodes, mut errors) = (Vec::new(), Vec::new());
     for (i, c) in configs.into_iter().enumerate() {
         let id = c.id.clone();
-        match devnet.upsert(c) {
-            Ok((n, _)) => nodes.push(n.config),
-            Err(e) => errors.push(format!("node[{i}] (id: {id}): {e}")),
+        match devnet.register(c) {
+            Ok(n) => nodes.push(n.config),
+            Err(r) => errors.push(format!("node[{i}] (id: {id}): {}", r.error)),
         }
+    }
+    // 2025 skips failures silently (and answers `null` when none went through).
+    if devnet.generation == Generation::Launch2025 {
+        let nodes = if nodes.is_empty() { json!(null) } else { json!(nodes) };
+        return (StatusCode::CREATED, Json(nodes)).into_response();
     }
     match (nodes.is_empty(), errors.is_empty()) {
         (_, true) => (StatusCode::CREATED, Json(nodes)).into_response(),
@@ -273,8 +452,7 @@ async fn batch(State(d): State<Shared>, raw: axum::body::Bytes) -> Response {
 
 async fn delete(State(d): State<Shared>, Path(id): Path<String>) -> Response {
     // Upstream answers 200 whether or not the node existed.
-    let removed = d.lock().expect("devnet").remove(&id).is_some();
-    Json(removed).into_response()
+    Json(d.lock().expect("devnet").remove(&id)).into_response()
 }
 
 async fn toggle(State(d): State<Shared>, Path(id): Path<String>, enabled: bool) -> Response {
@@ -293,7 +471,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn node(id: &str, model: &str) -> serde_json::Value {
-        json!({"host": "10.0.0.1", "inference_port": 5000, "poc_port": 8080, "id": id,
+        json!({"host": format!("10.0.0.{}", id.len()), "inference_port": 5000, "poc_port": 8080, "id": id,
                "models": {model: {"args": []}}, "max_concurrent": 10, "hardware": []})
     }
 
@@ -310,22 +488,84 @@ mod tests {
         (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
     }
 
-    fn app() -> Router {
-        admin_router(Arc::new(Mutex::new(Devnet::new(["a/ok".to_string()]))))
+    fn devnet_app(generation: Generation) -> (Shared, Router) {
+        let devnet = Arc::new(Mutex::new(Devnet::of(generation, ["a/ok".to_string()])));
+        (devnet.clone(), admin_router(devnet))
     }
 
     #[tokio::test]
     async fn batch_answers_created_partial_or_bad_request_like_upstream() {
-        let app = app();
-        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n1", "a/ok"), node("n2", "a/ok")])).await;
+        let (_, app) = devnet_app(Generation::Mainline2026);
+        let (s, v) =
+            call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n1", "a/ok"), node("n22", "a/ok")])).await;
         assert_eq!((s, v.as_array().unwrap().len()), (StatusCode::CREATED, 2));
-        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n3", "a/ok"), node("n4", "b/no")])).await;
+        let (s, v) =
+            call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n333", "a/ok"), node("n4444", "b/no")])).await;
         assert_eq!(s, StatusCode::PARTIAL_CONTENT);
         assert_eq!(v["errors"][0].as_str().unwrap().split(':').next(), Some("node[1] (id"));
-        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n5", "b/no")])).await;
-        assert_eq!((s, v["message"]["error"].as_str()), (StatusCode::BAD_REQUEST, Some("all nodes failed validation")));
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n55555", "b/no")])).await;
+        assert_eq!((s, v["error"]["error"].as_str()), (StatusCode::BAD_REQUEST, Some("all nodes failed validation")));
         let (_, list) = call(&app, "GET", "/admin/v1/nodes", serde_json::Value::Null).await;
         assert_eq!(list.as_array().unwrap().len(), 3);
+
+        // 2025 skips failures silently; nothing went through: `null`.
+        let (_, app) = devnet_app(Generation::Launch2025);
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes/batch", json!([node("n1", "b/no")])).await;
+        assert_eq!((s, v), (StatusCode::CREATED, serde_json::Value::Null));
+    }
+
+    #[tokio::test]
+    async fn a_2025_network_node_registers_a_known_id_again() {
+        let (devnet, app) = devnet_app(Generation::Launch2025);
+        let (s, _) = call(&app, "POST", "/admin/v1/nodes", node("n1", "a/ok")).await;
+        assert_eq!(s, StatusCode::OK);
+        call(&app, "POST", "/admin/v1/nodes/n1/disable", json!(null)).await;
+        let (s, _) = call(&app, "POST", "/admin/v1/nodes", node("n1", "a/ok")).await;
+        assert_eq!(s, StatusCode::OK);
+        let (_, list) = call(&app, "GET", "/admin/v1/nodes", serde_json::Value::Null).await;
+        let entry = &list[0];
+        assert_eq!(list.as_array().unwrap().len(), 1, "the broker keys nodes by id");
+        assert_eq!(entry["node"]["node_num"], 2, "a new broker number");
+        assert_eq!(entry["state"]["admin_state"]["enabled"], true, "its state reset");
+        assert_eq!(devnet.lock().unwrap().config_entries("n1"), 2, "and a second entry in the config file");
+        // 2025's list: the node's version, no ml_node_version; nil hardware is null.
+        assert_eq!((&entry["node"]["version"], &entry["node"]["hardware"]), (&json!(""), &json!(null)));
+        assert!(entry["state"].get("ml_node_version").is_none());
+        // No PUT; a refused model is a bare 500; a delete rewrites the config file.
+        let (s, v) = call(&app, "PUT", "/admin/v1/nodes/n1", node("n1", "a/ok")).await;
+        assert_eq!((s, v["error"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("Method Not Allowed")));
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes", node("n2", "b/no")).await;
+        assert_eq!((s, v["error"].as_str()), (StatusCode::INTERNAL_SERVER_ERROR, Some("error creating new node")));
+        let (s, v) = call(&app, "DELETE", "/admin/v1/nodes/n1", json!(null)).await;
+        assert_eq!((s, v), (StatusCode::OK, json!(true)));
+        assert_eq!(devnet.lock().unwrap().config_entries("n1"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_2026_network_node_updates_in_place() {
+        let (devnet, app) = devnet_app(Generation::Mainline2026);
+        call(&app, "POST", "/admin/v1/nodes", node("n1", "a/ok")).await;
+        call(&app, "POST", "/admin/v1/nodes/n1/disable", json!(null)).await;
+        let mut moved = node("n1", "a/ok");
+        moved["host"] = json!("10.0.0.99");
+        let (s, _) = call(&app, "PUT", "/admin/v1/nodes/n1", moved.clone()).await;
+        assert_eq!(s, StatusCode::OK);
+        moved["poc_port"] = json!(8081);
+        let (s, _) = call(&app, "POST", "/admin/v1/nodes", moved.clone()).await;
+        assert_eq!(s, StatusCode::OK, "POST of a known id is an update too");
+        let (_, list) = call(&app, "GET", "/admin/v1/nodes", serde_json::Value::Null).await;
+        let entry = &list[0];
+        assert_eq!((&entry["node"]["node_num"], &entry["node"]["host"]), (&json!(1), &json!("10.0.0.99")));
+        assert_eq!(entry["state"]["admin_state"]["enabled"], false, "state kept");
+        assert_eq!(entry["state"]["ml_node_version"], "");
+        assert_eq!(devnet.lock().unwrap().config_entries("n1"), 1);
+        // Refusals: create 400, update 500, each with its words.
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes", node("n2", "b/no")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"], "failed to create node: node n2 has no governance-valid models");
+        let (s, v) = call(&app, "PUT", "/admin/v1/nodes/n1", node("n1", "b/no")).await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(v["error"], "failed to update node: model b/no is not a valid governance model");
     }
 
     #[tokio::test]
@@ -350,6 +590,9 @@ mod tests {
         let mut uneven = batch(0, 10, &[1, 2]);
         uneven["dist"] = json!([1.0]);
         assert_eq!(call(&app, "POST", "/v1/poc-batches/generated", uneven).await.0, StatusCode::BAD_REQUEST);
+        // echo's Bind wants a JSON content type.
+        let req = Request::post("/v1/poc-batches/generated").body(Body::from(batch(0, 10, &[8]).to_string())).unwrap();
+        assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[tokio::test]
@@ -370,18 +613,20 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_registrations_are_refused_with_reasons() {
-        let app = app();
-        let (s, v) = call(&app, "POST", "/admin/v1/nodes", json!({"id": "x"})).await;
+        let (_, app) = devnet_app(Generation::Mainline2026);
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes", json!({"id": 7})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        assert!(v["message"].as_str().unwrap().starts_with("invalid request body"), "{v}");
+        assert!(v["error"].as_str().unwrap().starts_with("invalid request body"), "{v}");
         let mut empty = node("", "a/ok");
         empty["host"] = json!("");
         let (s, v) = call(&app, "POST", "/admin/v1/nodes", empty).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        assert_eq!(v["message"], "node id is required and cannot be empty; host is required and cannot be empty");
-        let (s, _) = call(&app, "PUT", "/admin/v1/nodes/other", node("n1", "a/ok")).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
-        let (s, v) = call(&app, "PUT", "/admin/v1/nodes/n1", node("n1", "a/ok")).await;
-        assert_eq!((s, v["id"].as_str()), (StatusCode::OK, Some("n1")));
+        assert_eq!(
+            v["error"],
+            "failed to create node: validation failed: node id is required and cannot be empty; host is required and cannot be empty"
+        );
+        call(&app, "POST", "/admin/v1/nodes", node("n1", "a/ok")).await;
+        let (s, v) = call(&app, "POST", "/admin/v1/nodes", node("n2", "a/ok")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "n1 and n2 share a host and ports: {v}");
     }
 }

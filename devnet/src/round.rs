@@ -1,15 +1,23 @@
-//! A PoC v1 round, driven the way the network node drives one: every registered, enabled ML
-//! node gets `init/generate` with its broker number, generates for a while and posts proofs to
-//! the callback server; then each node's proofs are sampled and handed to the next node for
-//! validation; the verdicts decide whose weight counts.
+//! A PoC v1 round, driven the way a 2025 network node drives one (gonka-ai/gonka `312044d`,
+//! `broker/node_worker_commands.go`), with its bytes ([`crate::ml_node_client`]): every
+//! registered, enabled ML node is asked `GET /state` (and `GET /pow/status` when in POW), stopped
+//! unless already stopped, and sent `/pow/init/generate` with its broker number; it generates for
+//! a while and posts proofs to the callback server. Then each node gets `/pow/init/validate`
+//! (the same init: no restart), a sample of another node's proofs arrives at `/pow/validate`
+//! (with `node_id` 0, as upstream samples), and the verdicts decide whose weight counts. The
+//! round ends as the epoch does: `/stop`, then `/inference/up` with the node's first model.
+//!
+//! Simplified from upstream: the sample is the first proofs, not a seeded permutation, and the
+//! validator is the next ML node in the list.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use gonka_protocol::pow::{Params, ProofBatch};
-use serde_json::json;
+use gonka_protocol::ml_node::{InferenceUpResponse, ServiceState};
+use gonka_protocol::pow::{InitRequest, Params, PowState, ProofBatch};
 
 use crate::Shared;
+use crate::ml_node_client::{Answer, ClientError, MlNodeClient};
 
 /// One round's settings.
 #[derive(Clone, Debug)]
@@ -45,6 +53,9 @@ pub struct NodeResult {
     pub fraud_detected: Option<bool>,
     /// Its proofs if validation passed, else 0.
     pub weight: usize,
+    /// What it answered `/inference/up` at the end of the round: the answer's `status` (`OK`,
+    /// `ERROR`), else `HTTP <code>` (the 2025 network node does not look at it).
+    pub inference_up: Option<String>,
 }
 
 #[derive(Debug)]
@@ -67,23 +78,56 @@ impl std::error::Error for RoundError {}
 struct Target {
     id: String,
     node_num: u64,
-    base: String,
+    model: Option<(String, Vec<String>)>,
+    client: MlNodeClient,
 }
 
-async fn post(http: &reqwest::Client, t: &Target, path: &str, body: serde_json::Value) -> Result<(), RoundError> {
-    let fail = |reason: String| RoundError::Http { node: t.id.clone(), what: path.to_string(), reason };
-    let response = http.post(format!("{}{path}", t.base)).json(&body).send().await.map_err(|e| fail(e.to_string()))?;
-    if !response.status().is_success() {
-        let status = response.status();
-        return Err(fail(format!("HTTP {status}: {}", response.text().await.unwrap_or_default())));
+impl Target {
+    fn fail(&self, what: &str) -> impl Fn(ClientError) -> RoundError {
+        let (node, what) = (self.id.clone(), what.to_string());
+        move |e| RoundError::Http { node: node.clone(), what: what.clone(), reason: e.to_string() }
     }
-    Ok(())
+
+    /// `StartPoCNodeCommand` / `InitValidateNodeCommand`: skip if already in that PoC phase,
+    /// stop first unless stopped (or, for validation, already in POW), then init.
+    async fn enter_poc(&self, dto: &InitRequest, phase: PowState) -> Result<(), RoundError> {
+        let state = self.client.state().await.ok();
+        if state.as_ref().is_some_and(|s| s.state == ServiceState::Pow) {
+            let pow = self.client.pow_status().await.ok();
+            if pow.is_some_and(|p| p.status == phase) {
+                return Ok(());
+            }
+        }
+        let keeps_running =
+            |s: ServiceState| s == ServiceState::Stopped || (phase == PowState::Validating && s == ServiceState::Pow);
+        if let Some(s) = state.filter(|s| !keeps_running(s.state)) {
+            tracing::debug!(node = %self.id, state = ?s.state, "stopping the ML node for PoC");
+            self.client.stop().await.map_err(self.fail("/api/v1/stop"))?;
+        }
+        let answer = match phase {
+            PowState::Validating => self.client.init_validate(dto).await,
+            _ => self.client.init_generate(dto).await,
+        };
+        // The network node reads no status here, only whether the request went out; the
+        // devnet reports refusals, which upstream would not notice.
+        refused(answer.map_err(self.fail("/api/v1/pow/init"))?, &self.id, "/api/v1/pow/init")
+    }
+}
+
+fn refused(answer: Answer, node: &str, what: &str) -> Result<(), RoundError> {
+    if answer.is_success() {
+        return Ok(());
+    }
+    Err(RoundError::Http {
+        node: node.to_string(),
+        what: what.to_string(),
+        reason: format!("HTTP {}: {}", answer.status, answer.text()),
+    })
 }
 
 /// Runs one round against the devnet's registered ML nodes; `progress` hears what happens.
 pub async fn run_round(
     devnet: &Shared,
-    http: &reqwest::Client,
     cfg: &RoundConfig,
     progress: impl Fn(&str),
 ) -> Result<Vec<NodeResult>, RoundError> {
@@ -95,34 +139,41 @@ pub async fn run_round(
         .filter(|n| n.state.admin_state.enabled)
         .map(|n| {
             let c = n.node.config;
-            Target {
-                base: format!("http://{}:{}{}", c.host, c.poc_port, c.poc_segment),
-                id: c.id,
-                node_num: n.node.node_num,
-            }
+            let base = format!("http://{}:{}{}", c.host, c.poc_port, c.poc_segment);
+            let client = MlNodeClient::new(&base).map_err(|e| RoundError::Http {
+                node: c.id.clone(),
+                what: "its address".into(),
+                reason: e.to_string(),
+            })?;
+            let model = c.models.iter().next().map(|(m, a)| (m.clone(), a.args.clone()));
+            Ok(Target { id: c.id, node_num: n.node.node_num, model, client })
         })
-        .collect();
+        .collect::<Result<_, RoundError>>()?;
     if targets.is_empty() {
         return Err(RoundError::NoNodes);
     }
-    let init = |t: &Target| {
-        json!({
-            "node_id": t.node_num, "node_count": targets.len(), "block_hash": cfg.block_hash,
-            "block_height": cfg.block_height, "public_key": cfg.public_key, "batch_size": cfg.batch_size,
-            "r_target": cfg.r_target, "fraud_threshold": cfg.fraud_threshold, "params": cfg.params,
-            "url": cfg.callback_url,
-        })
+    let init = |t: &Target| InitRequest {
+        block_hash: cfg.block_hash.clone(),
+        block_height: cfg.block_height,
+        public_key: cfg.public_key.clone(),
+        batch_size: cfg.batch_size,
+        r_target: cfg.r_target,
+        fraud_threshold: cfg.fraud_threshold,
+        params: cfg.params.clone(),
+        node_id: t.node_num as i64,
+        node_count: targets.len() as i64,
+        url: cfg.callback_url.clone(),
     };
 
     for t in &targets {
-        post(http, t, "/api/v1/pow/init/generate", init(t)).await?;
+        t.enter_poc(&init(t), PowState::Generating).await?;
     }
     progress(&format!("PoC generation started on {} ML nodes for {:?}", targets.len(), cfg.generate_for));
     tokio::time::sleep(cfg.generate_for).await;
 
     // Generation ends: every node moves to validation (and stops generating).
     for t in &targets {
-        post(http, t, "/api/v1/pow/phase/validate", json!(null)).await?;
+        t.enter_poc(&init(t), PowState::Validating).await?;
     }
     tokio::time::sleep(cfg.settle_for).await;
     let proofs: BTreeMap<u64, ProofBatch> = {
@@ -149,34 +200,46 @@ pub async fn run_round(
         proofs.len()
     ));
 
-    // Each node's sample goes to the next node.
-    let mut validators = BTreeMap::new();
+    // Each node's sample goes to the next node; the verdict comes back with `node_id` 0, so it
+    // is told apart by its nonces (nonce ranges of ML nodes are disjoint).
+    let mut samples: BTreeMap<u64, (String, Vec<i64>)> = BTreeMap::new();
     for (i, t) in targets.iter().enumerate() {
         let Some(batch) = proofs.get(&t.node_num) else { continue };
         let validator = &targets[(i + 1) % targets.len()];
         let sample = ProofBatch {
             nonces: batch.nonces.iter().take(cfg.validation_sample).copied().collect(),
             dist: batch.dist.iter().take(cfg.validation_sample).copied().collect(),
+            node_id: 0,
             ..batch.clone()
         };
-        post(http, validator, "/api/v1/pow/validate", serde_json::to_value(&sample).expect("serializes")).await?;
-        validators.insert(t.node_num, validator.id.clone());
+        let answer = validator.client.validate_batch(&sample).await.map_err(validator.fail("/api/v1/pow/validate"))?;
+        refused(answer, &validator.id, "/api/v1/pow/validate")?;
+        samples.insert(t.node_num, (validator.id.clone(), sample.nonces));
     }
+    let verdict_of = |d: &crate::Devnet, nonces: &[i64]| {
+        d.validated.iter().rev().find(|v| v.block_height == cfg.block_height && v.nonces == nonces).cloned()
+    };
     let deadline = tokio::time::Instant::now() + cfg.settle_for * 4;
     loop {
         let done = {
             let d = devnet.lock().expect("devnet");
-            validators
-                .keys()
-                .all(|n| d.validated.iter().any(|v| v.block_height == cfg.block_height && v.node_id as u64 == *n))
+            samples.values().all(|(_, nonces)| verdict_of(&d, nonces).is_some())
         };
         if done || tokio::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The epoch moves on to inference: stop, then bring the model up.
+    let mut inference_up = BTreeMap::new();
     for t in &targets {
-        post(http, t, "/api/v1/pow/stop", json!(null)).await?;
+        t.client.stop().await.map_err(t.fail("/api/v1/stop"))?;
+        if let Some((model, args)) = &t.model {
+            let answer = t.client.inference_up(model, args).await.map_err(t.fail("/api/v1/inference/up"))?;
+            let status = answer.json::<InferenceUpResponse>().map(|r| r.status);
+            inference_up.insert(t.node_num, status.unwrap_or_else(|_| format!("HTTP {}", answer.status)));
+        }
     }
 
     let d = devnet.lock().expect("devnet");
@@ -184,18 +247,19 @@ pub async fn run_round(
     Ok(targets
         .iter()
         .map(|t| {
-            let verdict =
-                d.validated.iter().rev().find(|v| v.block_height == cfg.block_height && v.node_id as u64 == t.node_num);
+            let sample = samples.get(&t.node_num);
+            let verdict = sample.and_then(|(_, nonces)| verdict_of(&d, nonces));
             let valid_nonces = weights.get(&(t.node_num as i64)).copied().unwrap_or(0);
-            let passed = verdict.is_some_and(|v| !v.fraud_detected);
+            let passed = verdict.as_ref().is_some_and(|v| !v.fraud_detected);
             NodeResult {
                 id: t.id.clone(),
                 node_num: t.node_num,
                 valid_nonces,
-                validated_by: validators.get(&t.node_num).cloned(),
-                n_invalid: verdict.map(|v| v.n_invalid),
-                fraud_detected: verdict.map(|v| v.fraud_detected),
+                validated_by: sample.map(|(v, _)| v.clone()),
+                n_invalid: verdict.as_ref().map(|v| v.n_invalid),
+                fraud_detected: verdict.as_ref().map(|v| v.fraud_detected),
                 weight: if passed { valid_nonces } else { 0 },
+                inference_up: inference_up.get(&t.node_num).cloned(),
             }
         })
         .collect())

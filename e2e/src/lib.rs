@@ -550,18 +550,25 @@ pub fn init_logging(default_filter: &str) {
     });
 }
 
-/// A devnet (the network node's stand-in) on a free loopback port, approving `models`; returns
-/// its state and base URL, which serves the admin API, the public epoch endpoint and the ML
-/// callback server at once (upstream: ports 9200, 9000, 9100). It serves until the test's
-/// runtime ends.
+/// A devnet (the network node's stand-in, a 2026 mainline one) on a free loopback port,
+/// approving `models`; returns its state and base URL, which serves the admin API, the public
+/// epoch endpoint and the ML callback server at once (upstream: ports 9200, 9000, 9100). It
+/// serves until the test's runtime ends.
 pub async fn start_devnet(models: &[&str]) -> anyhow::Result<(gonka_devnet::Shared, String)> {
-    start_devnet_on(models, 0).await
+    start_devnet_on(gonka_devnet::Generation::Mainline2026, models, 0).await
 }
 
-/// [`start_devnet`] on a given loopback port (0: any), e.g. one a GonkaNode already names.
-pub async fn start_devnet_on(models: &[&str], port: u16) -> anyhow::Result<(gonka_devnet::Shared, String)> {
-    let devnet =
-        std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::new(models.iter().map(|m| m.to_string()))));
+/// [`start_devnet`] playing a given generation of network node, on a given loopback port (0:
+/// any), e.g. one a GonkaNode already names.
+pub async fn start_devnet_on(
+    generation: gonka_devnet::Generation,
+    models: &[&str],
+    port: u16,
+) -> anyhow::Result<(gonka_devnet::Shared, String)> {
+    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::of(
+        generation,
+        models.iter().map(|m| m.to_string()),
+    )));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let url = format!("http://{}", listener.local_addr()?);
     let app = gonka_devnet::admin_router(devnet.clone())

@@ -39,7 +39,8 @@ async fn registration_survives_a_network_node_outage_and_an_operator_restart() -
     .await?;
 
     // It comes up: the operator's retries register both ML nodes, once each.
-    let (devnet, _) = start_devnet_on(&["Qwen/Qwen2.5-7B-Instruct"], port).await?;
+    let (devnet, _) =
+        start_devnet_on(gonka_devnet::Generation::Mainline2026, &["Qwen/Qwen2.5-7B-Instruct"], port).await?;
     eventually("registered after the outage", WAIT, || async {
         Ok(registered(&api.get("h100").await?) == (2, "MlNodesRegistered".to_string()))
     })

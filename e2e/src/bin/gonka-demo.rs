@@ -64,7 +64,13 @@ async fn main() -> anyhow::Result<()> {
         operator.admin_addr
     ));
 
-    let (devnet, admin_url) = gonka_e2e::start_devnet(&["Qwen/QwQ-32B", "Qwen/Qwen2.5-7B-Instruct"]).await?;
+    // A 2025 network node: the PoC v1 round below is its flow (2026 ones prove with PoC v2).
+    let (devnet, admin_url) = gonka_e2e::start_devnet_on(
+        gonka_devnet::Generation::Launch2025,
+        &["Qwen/QwQ-32B", "Qwen/Qwen2.5-7B-Instruct"],
+        0,
+    )
+    .await?;
     step(&format!("devnet (the network node's stand-in) serving its admin API at {admin_url}"));
 
     cp.namespace(NAMESPACE).await?;
@@ -205,7 +211,7 @@ async fn poc_round(
         block_height: 1000,
         public_key: "demo-host".into(),
         // A small proof model, so a CPU proves a few hundred nonces in seconds.
-        params: serde_json::from_value(serde_json::json!({"dim": 64, "n_layers": 2, "n_heads": 4,
+        params: serde_json::from_value(serde_json::json!({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4,
             "vocab_size": 96, "ffn_dim_multiplier": 1.3, "multiple_of": 32, "rope_theta": 10000.0, "seq_len": 8}))?,
         r_target: 1.41,
         fraud_threshold: 1e-7,
@@ -215,7 +221,7 @@ async fn poc_round(
         validation_sample: 200,
         callback_url: format!("{base_url}/v1/poc-batches"),
     };
-    let results = gonka_devnet::round::run_round(devnet, &http, &cfg, |m| step(m)).await?;
+    let results = gonka_devnet::round::run_round(devnet, &cfg, |m| step(m)).await?;
 
     println!("\nPoC round at block {} (devnet):", cfg.block_height);
     println!("  {:<28} {:<34} {:>12} {:>8}  validation", "ML NODE", "GPUS", "VALID NONCES", "WEIGHT");
