@@ -2,10 +2,14 @@
 //! JSON shapes and status codes, an optional `/vX.Y.Z` path prefix (the network node addresses
 //! ML-node versions side by side that way), FastAPI-style `{"detail": ...}` errors.
 //!
-//! Served: state, stop, GPU devices and driver, health, readiness, metrics, and (with the
-//! `torch` feature) PoC v1's `/pow/*`. The managers' endpoints are guarded as upstream's are:
+//! Served: state, stop, GPU devices and driver, health, readiness, metrics, versions, and (with
+//! the `torch` feature) PoC v1's `/pow/*`. The managers' endpoints are guarded as upstream's are:
 //! one manager at a time, 409 otherwise (`modes`). `/inference/up` answers that no inference is
-//! served here.
+//! served here; `/encrypted/identity` answers 503, upstream's "encryption disabled".
+//!
+//! Bodies are read as FastAPI reads them: JSON when the request says so or says nothing (the
+//! 2025 network node sends no `Content-Type`), unknown fields ignored; an `Authorization`
+//! header (the newest network node's `auth_token`) is accepted and not checked.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use gonka_protocol::ml_node::{
     ErrorResponse, GpuDevicesResponse, GpuInfo, HealthResponse, ManagerStatus, ManagersInfo, ReadinessResponse,
-    ServiceState, StateResponse, StatusResponse,
+    ServiceState, StateResponse, StatusResponse, VersionsResponse,
 };
 
 use crate::gpu::{GpuProbe, GpuStatus};
@@ -68,8 +72,9 @@ impl AppState {
     }
 }
 
-/// A JSON request body whose rejection is a FastAPI-style `{"detail": ...}` naming the problem
-/// (422 for a body that does not fit the schema, 400 for one that is not JSON at all).
+/// A JSON request body read as FastAPI reads one: parsed as JSON when `Content-Type` is absent,
+/// `application/json` or `application/*+json`; anything else, an empty body or JSON that does
+/// not fit the schema is a 422 `{"detail": ...}` naming the problem.
 pub struct JsonBody<T>(pub T);
 
 impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
@@ -80,11 +85,26 @@ where
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(error(rejection.status(), rejection.body_text())),
+        let unprocessable = |detail: String| error(StatusCode::UNPROCESSABLE_ENTITY, detail);
+        let json = req.headers().get(header::CONTENT_TYPE).map(|v| is_json_media_type(v.to_str().unwrap_or("")));
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| unprocessable(e.body_text()))?;
+        if body.is_empty() {
+            return Err(unprocessable("body: Field required".into()));
         }
+        if json == Some(false) {
+            return Err(unprocessable("body: Input should be a valid JSON object (Content-Type is not JSON)".into()));
+        }
+        serde_json::from_slice(&body).map(Self).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => unprocessable(format!("body: {e}")),
+            _ => unprocessable(format!("body: JSON decode error: {e}")),
+        })
     }
+}
+
+/// `application/json`, `application/*+json`, with any parameters (FastAPI's rule).
+fn is_json_media_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence.strip_prefix("application/").is_some_and(|sub| sub == "json" || sub.ends_with("+json"))
 }
 
 /// The router behind the version-prefix rewrite, ready for `axum::serve`.
@@ -112,6 +132,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/stop", post(stop))
         .route("/api/v1/gpu/devices", get(gpu_devices))
         .route("/api/v1/gpu/driver", get(gpu_driver))
+        .route("/api/v1/versions", get(versions))
+        .route("/api/v1/inference/pow/versions", get(versions))
+        .route(
+            "/api/v1/encrypted/identity",
+            get(|| async {
+                error(StatusCode::SERVICE_UNAVAILABLE, "encrypted inference is not enabled on this ML node")
+            }),
+        )
         .route("/health", get(health))
         .route("/livez", get(health))
         .route("/readyz", get(readyz))
@@ -161,7 +189,14 @@ async fn get_state(State(state): State<Arc<AppState>>) -> Json<StateResponse> {
         poc_status: None,
         inference_healthy: None,
         loaded_model: None,
+        poc_validation_inference: false,
     })
+}
+
+/// Upstream's answer with no inference engine running: no engine version, no PoC validation
+/// during inference.
+async fn versions(State(state): State<Arc<AppState>>) -> Json<VersionsResponse> {
+    Json(VersionsResponse { version: state.version.clone(), vllm_version: None, poc_validation_inference: false })
 }
 
 async fn stop(
@@ -234,6 +269,16 @@ mod tests {
     fn path(p: &str) -> String {
         let req = Request::builder().uri(p).body(axum::body::Body::empty()).unwrap();
         strip_version_prefix(req).uri().to_string()
+    }
+
+    #[test]
+    fn json_media_types_are_fastapis() {
+        for yes in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/ld+json"] {
+            assert!(is_json_media_type(yes), "{yes}");
+        }
+        for no in ["text/plain", "application/x-www-form-urlencoded", "json", ""] {
+            assert!(!is_json_media_type(no), "{no}");
+        }
     }
 
     #[test]

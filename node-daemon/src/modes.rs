@@ -3,8 +3,9 @@
 //! with 409, naming both. `/state`, `/stop`, GPU and health endpoints are never refused.
 //!
 //! The inference manager's endpoints are here so that the network node gets upstream's answers:
-//! 409 while PoC runs, and otherwise a plain "not served" (this daemon proves compute with PoC v1
-//! and does not run an inference engine), never a 404 that reads as an old ML node.
+//! 409 while PoC runs, and otherwise what upstream answers when its engine cannot start (200,
+//! `{"status": "ERROR", "message": ...}`: this daemon proves compute with PoC v1 and runs no
+//! inference engine yet), never a 404 that reads as an old ML node.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::post;
-use gonka_protocol::ml_node::{InferenceUpRequest, ServiceState, StatusResponse};
+use gonka_protocol::ml_node::{InferenceUpRequest, InferenceUpResponse, ServiceState, StatusResponse};
 
 use crate::api::{AppState, JsonBody, error};
 
@@ -55,15 +56,15 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
         .route("/api/v1/inference/down", post(|| async { axum::Json(StatusResponse::ok()) }))
 }
 
-async fn inference_up(JsonBody(request): JsonBody<InferenceUpRequest>) -> Response {
+async fn inference_up(JsonBody(request): JsonBody<InferenceUpRequest>) -> axum::Json<InferenceUpResponse> {
     tracing::warn!(model = %request.model, "the network node asked for inference, which this ML node does not serve");
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
+    axum::Json(InferenceUpResponse {
+        status: "ERROR".into(),
+        message: Some(format!(
             "cannot serve {}: gonka-node-daemon proves compute (PoC v1) and runs no inference engine",
             request.model
-        ),
-    )
+        )),
+    })
 }
 
 #[cfg(test)]

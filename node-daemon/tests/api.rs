@@ -55,12 +55,13 @@ fn an_hgx_h100_box_answers_in_upstream_shapes() {
     let (status, prefixed) = d.json("GET", "/v3.0.8/api/v1/gpu/devices");
     assert_eq!((status, prefixed["count"].clone()), (200, json!(8)));
 
-    // Inference is not served here: the network node is told so plainly (not a 404, which reads
-    // as an old ML node), and a malformed request still gets the field named.
+    // Inference is not served here: the network node is told so as upstream tells an engine
+    // failure (not a 404, which reads as an old ML node), and a malformed request still gets the
+    // field named.
     let up = json!({"model": "Qwen/Qwen3-0.6B", "dtype": "auto", "additional_args": ["--max-model-len", "4096"]});
     let (status, answer) = d.post_json("POST", "/api/v1/inference/up", &up);
-    assert_eq!(status, 501, "{answer}");
-    assert!(answer["detail"].as_str().unwrap().starts_with("cannot serve Qwen/Qwen3-0.6B"), "{answer}");
+    assert_eq!((status, &answer["status"]), (200, &json!("ERROR")), "{answer}");
+    assert!(answer["message"].as_str().unwrap().starts_with("cannot serve Qwen/Qwen3-0.6B"), "{answer}");
     let (status, answer) = d.post_json("POST", "/api/v1/inference/up/async", &json!({"model": "m"}));
     assert_eq!(status, 422);
     assert!(answer["detail"].as_str().unwrap().contains("dtype"), "{answer}");

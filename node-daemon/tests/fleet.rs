@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use gonka_crds::GonkaNode;
 use gonka_devnet::round::{RoundConfig, run_round};
-use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet};
+use gonka_e2e::{ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet_on};
 use kube::api::{Api, DeleteParams};
 use serde_json::json;
 
@@ -22,7 +22,8 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
     let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
     let client = cp.client().await?;
     let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
-    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    // A 2025 network node: the PoC v1 round is its flow.
+    let (devnet, url) = start_devnet_on(gonka_devnet::Generation::Launch2025, &["Qwen/Qwen2.5-7B-Instruct"], 0).await?;
     let operator = cp.start_reporting_operator("op-a", free_port()?).await?;
 
     let mut manifest = gonka_node_manifest("h100", NS);
@@ -39,14 +40,14 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
         .stand_in_for_pods(NS, PODS, daemon, &cm.data.unwrap()["daemon.json"], |_| fake_nvml::Scenario::hgx_h100())
         .await?;
     assert_eq!(stand_ins.len(), 2);
-    let http = reqwest::Client::new();
-
     let cfg = RoundConfig {
         block_hash: "0xfleet".into(),
         block_height: 42,
         public_key: "host".into(),
-        params: serde_json::from_value(json!({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 96,
-            "ffn_dim_multiplier": 1.3, "multiple_of": 32, "rope_theta": 10000.0, "seq_len": 8}))?,
+        params: serde_json::from_value(
+            json!({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 96,
+            "ffn_dim_multiplier": 1.3, "multiple_of": 32, "rope_theta": 10000.0, "seq_len": 8}),
+        )?,
         r_target: 1.41,
         fraud_threshold: 1e-7,
         batch_size: 8,
@@ -55,7 +56,7 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
         validation_sample: 200,
         callback_url: format!("{url}/v1/poc-batches"),
     };
-    let results = run_round(&devnet, &http, &cfg, |_| {}).await?;
+    let results = run_round(&devnet, &cfg, |_| {}).await?;
     assert_eq!(results.len(), 2);
     for r in &results {
         assert!(r.weight > 0 && r.fraud_detected == Some(false), "{r:?}");

@@ -29,7 +29,7 @@ fn tiny(kv_heads: usize, scaled: bool) -> Params {
         dim: 64,
         n_layers: 2,
         n_heads: 4,
-        n_kv_heads: Some(kv_heads),
+        n_kv_heads: kv_heads,
         vocab_size: 96,
         ffn_dim_multiplier: Some(1.3),
         multiple_of: 32,

@@ -57,7 +57,7 @@ async fn state_follows_the_poc_session_and_counts_nonces() {
     let init = serde_json::json!({
         "node_id": 0, "node_count": 1, "block_hash": "0xhook", "block_height": 1, "public_key": "pk",
         "batch_size": 4, "r_target": 1.41, "fraud_threshold": 1e-7, "url": "http://127.0.0.1:9",
-        "params": {"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64, "multiple_of": 32, "seq_len": 4}
+        "params": {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "vocab_size": 64, "multiple_of": 32, "seq_len": 4}
     });
     let post = |path: &'static str, body: String| async move {
         let response = post_http(addr, path, &body).await;

@@ -2,9 +2,11 @@
 //!
 //! A session builds the block's proof model, then, in the generate phase, walks this ML node's
 //! nonces batch by batch and queues the proofs; in the validate phase it recomputes batches the
-//! network node hands in and queues verdicts. A sender posts both to the callback URL every
-//! interval and keeps what failed for the next try. Nothing is dropped: when the sender holds
-//! `max_pending` batches it stops taking more, the bounded queue fills, and generation waits.
+//! network node hands in and queues verdicts. A sender posts them to the callback URL every
+//! interval, as upstream's does: proofs while generating, verdicts while validating (what waits
+//! for the other phase stays queued); it keeps what failed for the next try. Nothing is dropped
+//! while the session lives: when the sender holds `max_pending` batches it stops taking more,
+//! the bounded queue fills, and generation waits.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,7 +118,7 @@ impl PowService {
         let to_validate = {
             let session = self.session.lock().expect("session");
             let s = session.as_ref().ok_or(PowError::NotRunning)?;
-            check_claims(&batch, s.request.r_target)?;
+            check_claims(&batch)?;
             s.to_validate.clone()
         };
         to_validate.send(batch).await.map_err(|_| PowError::NotRunning)
@@ -173,6 +175,7 @@ impl PowService {
             tokio::task::spawn_blocking(move || worker.run());
         }
         let sender = Sender {
+            phase: phase_rx,
             url: request.url.trim_end_matches('/').to_string(),
             http: self.http.clone(),
             settings: self.settings.clone(),
@@ -303,6 +306,7 @@ impl Worker {
 }
 
 struct Sender {
+    phase: watch::Receiver<Phase>,
     url: String,
     http: reqwest::Client,
     settings: PowSettings,
@@ -323,32 +327,42 @@ impl Sender {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            // Take what was generated since the last tick as one merged batch, as upstream
-            // does, while there is room.
-            let mut merged: Option<ProofBatch> = None;
-            while pending_generated.len() < self.settings.max_pending {
-                let Ok(batch) = self.generated.try_recv() else { break };
-                match &mut merged {
-                    Some(m) => {
-                        m.nonces.extend(batch.nonces);
-                        m.dist.extend(batch.dist);
+            // Upstream's sender posts proofs only in the generate phase and verdicts only in the
+            // validate phase (the network node takes each only then).
+            let (mut sent, mut failed) = (0, 0);
+            let phase = *self.phase.borrow();
+            match phase {
+                Phase::Generate => {
+                    // What was generated since the last tick, as one merged batch, while there
+                    // is room.
+                    let mut merged: Option<ProofBatch> = None;
+                    while pending_generated.len() < self.settings.max_pending {
+                        let Ok(batch) = self.generated.try_recv() else { break };
+                        match &mut merged {
+                            Some(m) => {
+                                m.nonces.extend(batch.nonces);
+                                m.dist.extend(batch.dist);
+                            }
+                            None => merged = Some(batch),
+                        }
                     }
-                    None => merged = Some(batch),
+                    pending_generated.extend(merged);
+                    (pending_generated, sent, failed) = self.send_all(pending_generated, "generated").await;
                 }
+                Phase::Validate => {
+                    while pending_validated.len() < self.settings.max_pending {
+                        let Ok(batch) = self.validated.try_recv() else { break };
+                        pending_validated.push(batch);
+                    }
+                    (pending_validated, sent, failed) = self.send_all(pending_validated, "validated").await;
+                }
+                Phase::Idle => {}
             }
-            pending_generated.extend(merged);
-            while pending_validated.len() < self.settings.max_pending {
-                let Ok(batch) = self.validated.try_recv() else { break };
-                pending_validated.push(batch);
-            }
-            let (generated, sent_g, failed_g) = self.send_all(pending_generated, "generated").await;
-            let (validated, sent_v, failed_v) = self.send_all(pending_validated, "validated").await;
-            (pending_generated, pending_validated) = (generated, validated);
             let pending = (pending_generated.len() + pending_validated.len()) as u64;
             self.metrics.pow_pending(pending as i64);
             self.reporting.update_state(|s| {
-                s.poc.batches_sent += sent_g + sent_v;
-                s.poc.send_failures += failed_g + failed_v;
+                s.poc.batches_sent += sent;
+                s.poc.send_failures += failed;
                 s.poc.pending_batches = pending;
             });
         }

@@ -10,7 +10,7 @@ pub fn min_group_vram_gb(params: &Params) -> f64 {
         dim: 1024,
         n_layers: 32,
         n_heads: 32,
-        n_kv_heads: Some(32),
+        n_kv_heads: 32,
         vocab_size: 8196,
         ffn_dim_multiplier: Some(10.0),
         multiple_of: 2048,
