@@ -279,8 +279,9 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         Some(e) => Err(e.into()),
         // An invalid spec only gets better when the user edits it.
         None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
-        // The network node is down: come back soon, then less and less often.
-        None if matches!(obs.registration, Some(Registration::Unreachable(_))) => {
+        // The network node is down, or refused (a model governance has not approved yet, a
+        // failure on its side): come back soon, then less and less often.
+        None if matches!(obs.registration, Some(Registration::Unreachable(_) | Registration::Refused(_))) => {
             Ok(Action::requeue(ctx.network_retry(gn, false)))
         }
         // A held or running rollout waits on the epoch phase, which no watch reports.
@@ -418,18 +419,7 @@ async fn register(
         if plan.is_empty() {
             return Ok((registration::registered_count(gn, &registered), plan));
         }
-        for config in &plan.upsert {
-            network_node.upsert(config).await?;
-        }
-        for id in &plan.delete {
-            network_node.delete(id).await?;
-        }
-        for id in &plan.disable {
-            network_node.set_enabled(id, false).await?;
-        }
-        for id in &plan.enable {
-            network_node.set_enabled(id, true).await?;
-        }
+        registration::execute(&network_node, &plan).await?;
         let registered = network_node.nodes().await?;
         Ok::<_, NetworkNodeError>((registration::registered_count(gn, &registered), plan))
     }
@@ -444,7 +434,7 @@ async fn register(
                 cordoned: registration::cordoned_count(pods) as i32,
             }
         }
-        Err(e) if e.is_retryable() => Registration::Unreachable(e.to_string()),
+        Err(e) if e.is_outage() => Registration::Unreachable(e.to_string()),
         Err(e) => {
             ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "RegistrationRefused", e.to_string()).await;
             Registration::Refused(e.to_string())
@@ -454,7 +444,7 @@ async fn register(
 
 async fn announce_registration(gn: &GonkaNode, ctx: &Context, plan: &registration::Plan) {
     let lists = [
-        ("Registered", &plan.upsert.iter().map(|c| c.id.clone()).collect::<Vec<_>>()),
+        ("Registered", &plan.registered_ids()),
         ("Deregistered", &plan.delete),
         ("Disabled", &plan.disable),
         ("Enabled", &plan.enable),

@@ -196,7 +196,7 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
 async fn network_node(nodes: Vec<gonka_protocol::admin::InferenceNodeConfig>) -> String {
     let (devnet, url) = gonka_e2e::start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await.unwrap();
     for n in nodes {
-        devnet.lock().unwrap().upsert(n).unwrap();
+        devnet.lock().unwrap().register(n).unwrap();
     }
     url
 }

@@ -1,10 +1,16 @@
 //! Client of the host's network node admin API (upstream dapi `:9200`): register, update,
-//! enable, disable and remove ML nodes. Upserts are idempotent by node id, so retrying after a
-//! timeout never registers a node twice.
+//! enable, disable and remove ML nodes.
+//!
+//! Two generations of network node answer (see [`Generation`]), and only one of them updates a
+//! node in place, so the client never sends a `POST` for a node the network node already lists
+//! (on a 2025 one that registers it again: a new broker number and a second config entry). New
+//! nodes are `POST`ed; changed ones are `PUT` (2026: an update that keeps the broker number; 2025
+//! has no such route and answers 405, and nothing changes). See `registration.rs` for what is
+//! done on a 2025 network node instead.
 
 use std::time::Duration;
 
-use gonka_protocol::admin::{InferenceNodeConfig, NodeResponse};
+use gonka_protocol::admin::{InferenceNodeConfig, NodeResponse, error_message};
 use gonka_protocol::network::EpochResponse;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,13 +24,20 @@ pub enum NetworkNodeError {
 }
 
 impl NetworkNodeError {
-    /// Worth retrying with backoff: the network node is down or overloaded, not refusing.
-    pub fn is_retryable(&self) -> bool {
+    /// The network node did not answer for itself: down, or a proxy in front of it says it is
+    /// (502, 503, 504) or overloaded (429). Any other answer, a 500 included (a 2025 network
+    /// node refuses a model that way), is the network node's own word.
+    pub fn is_outage(&self) -> bool {
         match self {
             Self::Unreachable { .. } => true,
-            Self::Rejected { status, .. } => *status >= 500 || *status == 429,
+            Self::Rejected { status, .. } => matches!(status, 429 | 502 | 503 | 504),
             Self::UnsupportedUrl(_) => false,
         }
+    }
+
+    /// The network node has no such route for this method (a 2025 one and `PUT`).
+    pub fn is_method_not_allowed(&self) -> bool {
+        matches!(self, Self::Rejected { status: 405, .. })
     }
 }
 
@@ -72,12 +85,7 @@ impl NetworkNode {
             return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
-        // echo answers {"message": ...}; keep the message, else the raw body.
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("message").map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_string)))
-            .unwrap_or(text);
-        Err(NetworkNodeError::Rejected { what: what.into(), status: status.as_u16(), message })
+        Err(NetworkNodeError::Rejected { what: what.into(), status: status.as_u16(), message: error_message(&text) })
     }
 
     /// `GET /admin/v1/nodes`.
@@ -90,10 +98,18 @@ impl NetworkNode {
         })
     }
 
-    /// `POST /admin/v1/nodes`: registers or updates the node with `config.id`.
-    pub async fn upsert(&self, config: &InferenceNodeConfig) -> Result<(), NetworkNodeError> {
+    /// `POST /admin/v1/nodes`: registers a node the network node does not list.
+    pub async fn register(&self, config: &InferenceNodeConfig) -> Result<(), NetworkNodeError> {
         let what = format!("registering {}", config.id);
         self.send(&what, self.request(reqwest::Method::POST, "/admin/v1/nodes").json(config)).await.map(drop)
+    }
+
+    /// `PUT /admin/v1/nodes/:id`: updates a listed node in place (2026: its broker number and
+    /// state stay); a 2025 network node answers 405 ([`NetworkNodeError::is_method_not_allowed`]).
+    pub async fn update(&self, config: &InferenceNodeConfig) -> Result<(), NetworkNodeError> {
+        let what = format!("updating {}", config.id);
+        let path = format!("/admin/v1/nodes/{}", config.id);
+        self.send(&what, self.request(reqwest::Method::PUT, &path).json(config)).await.map(drop)
     }
 
     /// `DELETE /admin/v1/nodes/:id`; removing an unknown node is not an error.
@@ -136,11 +152,12 @@ mod tests {
     }
 
     #[test]
-    fn only_outages_are_retried() {
+    fn outages_are_told_from_refusals() {
         let rejected = |status| NetworkNodeError::Rejected { what: "x".into(), status, message: String::new() };
-        assert!(NetworkNodeError::Unreachable { url: "u".into(), reason: "r".into() }.is_retryable());
-        assert!(rejected(503).is_retryable());
-        assert!(!rejected(400).is_retryable(), "a model governance refuses stays refused");
+        assert!(NetworkNodeError::Unreachable { url: "u".into(), reason: "r".into() }.is_outage());
+        assert!(rejected(503).is_outage() && rejected(502).is_outage() && rejected(429).is_outage());
+        assert!(!rejected(400).is_outage(), "a 2026 network node refuses a model with 400");
+        assert!(!rejected(500).is_outage(), "a 2025 network node refuses a model with 500");
         assert!(NetworkNode::new("https://api:9200", None).is_err());
     }
 }

@@ -11,14 +11,23 @@
 //! work), and so is the registration of a pod on a cordoned Kubernetes node (a drain is
 //! coming); a disabled registration is enabled again once neither holds and its pod is ready. The
 //! hardware registered is what the pod's daemon reported; before it has, what is registered stays.
+//!
+//! How a changed registration is written depends on the network node's generation (told from
+//! its node list, [`Generation::of`]): a 2026 one updates in place (`PUT`, broker number and
+//! state kept). A 2025 one has no update, and its `POST` of a known id registers the node again
+//! (new broker number, state reset, a duplicate in its config file); there a change that matters
+//! for work (address, ports, models) is made by removing the node and registering it anew
+//! (a new broker number, unavoidable; the config file keeps one entry; a held node is disabled
+//! again), and a change of hardware alone, which is informational, is not written at all, so the
+//! broker number stays.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_POC_PORT, GonkaNode};
-use gonka_protocol::admin::{Hardware, InferenceNodeConfig, ModelArgs, NodeResponse};
+use gonka_protocol::admin::{Generation, Hardware, InferenceNodeConfig, ModelArgs, NodeResponse};
 use kube::ResourceExt;
 
-use crate::network_node::ml_node_id;
+use crate::network_node::{NetworkNode, NetworkNodeError, ml_node_id};
 
 /// Upstream's default cap of concurrent inference requests per ML node.
 pub const MAX_CONCURRENT: u32 = 500;
@@ -35,18 +44,33 @@ pub struct MlNodePod {
     pub cordoned: bool,
 }
 
-/// What to change on the network node.
+/// What to change on the network node, in this order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub upsert: Vec<InferenceNodeConfig>,
+    /// Not listed yet: `POST`.
+    pub register: Vec<InferenceNodeConfig>,
+    /// Listed and changed, updated in place: `PUT`.
+    pub update: Vec<InferenceNodeConfig>,
+    /// Listed and changed on a 2025 network node: removed, then registered anew.
+    pub reregister: Vec<InferenceNodeConfig>,
     pub delete: Vec<String>,
-    pub enable: Vec<String>,
     pub disable: Vec<String>,
+    pub enable: Vec<String>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.upsert.is_empty() && self.delete.is_empty() && self.enable.is_empty() && self.disable.is_empty()
+        self.register.is_empty()
+            && self.update.is_empty()
+            && self.reregister.is_empty()
+            && self.delete.is_empty()
+            && self.enable.is_empty()
+            && self.disable.is_empty()
+    }
+
+    /// Ids whose registration is written (registered, updated or registered anew).
+    pub fn registered_ids(&self) -> Vec<String> {
+        self.register.iter().chain(&self.update).chain(&self.reregister).map(|c| c.id.clone()).collect()
     }
 }
 
@@ -81,6 +105,7 @@ pub fn node_config(
 /// is on its way back and its registration stays. Registrations of other GonkaNodes, or made by
 /// hand, are never touched.
 pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered: &[NodeResponse]) -> Plan {
+    let generation = Generation::of(registered);
     let prefix = id_prefix(gn);
     let ours: BTreeMap<&str, &NodeResponse> = registered
         .iter()
@@ -101,8 +126,17 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         let hardware =
             pod.hardware.clone().or_else(|| current.map(|r| r.node.config.hardware.clone())).unwrap_or_default();
         let want = node_config(gn, &pod.kubernetes_node, ip, hardware);
-        if current.is_none_or(|r| r.node.config != want) {
-            plan.upsert.push(want);
+        match current {
+            None => plan.register.push(want),
+            Some(r) if r.node.config == want => {}
+            Some(r) if generation == Some(Generation::Launch2025) => {
+                // Hardware alone is informational: not worth a new broker number.
+                let same_work = InferenceNodeConfig { hardware: want.hardware.clone(), ..r.node.config.clone() };
+                if same_work != want {
+                    plan.reregister.push(want);
+                }
+            }
+            Some(_) => plan.update.push(want),
         }
     }
     let replacements_pending = pods_expected > pods.len();
@@ -116,8 +150,10 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         .filter(|p| p.cordoned)
         .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
         .collect();
+    let reregistered: BTreeSet<String> = plan.reregister.iter().map(|c| c.id.clone()).collect();
     for (id, r) in &ours {
-        let enabled = r.state.admin_state.enabled;
+        // Registering anew leaves a node enabled.
+        let enabled = r.state.admin_state.enabled || reregistered.contains(*id);
         let held = gn.spec.paused || cordoned.contains(*id);
         if !existing_pods.contains(*id) && !replacements_pending {
             plan.delete.push(id.to_string());
@@ -130,6 +166,40 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         }
     }
     plan
+}
+
+/// Carries `plan` out on the network node, in the plan's order. An update a network node has
+/// no route for (a 2025 one answers `PUT` with 405, when its list did not tell its generation)
+/// is made as a 2025 one needs it: removed, registered anew.
+pub async fn execute(network_node: &NetworkNode, plan: &Plan) -> Result<(), NetworkNodeError> {
+    for config in &plan.register {
+        network_node.register(config).await?;
+    }
+    for config in &plan.update {
+        match network_node.update(config).await {
+            Err(e) if e.is_method_not_allowed() => register_anew(network_node, config).await?,
+            other => other?,
+        }
+    }
+    for config in &plan.reregister {
+        register_anew(network_node, config).await?;
+    }
+    for id in &plan.delete {
+        network_node.delete(id).await?;
+    }
+    for id in &plan.disable {
+        network_node.set_enabled(id, false).await?;
+    }
+    for id in &plan.enable {
+        network_node.set_enabled(id, true).await?;
+    }
+    Ok(())
+}
+
+/// Removes the node first, so the network node's config file keeps one entry for it.
+async fn register_anew(network_node: &NetworkNode, config: &InferenceNodeConfig) -> Result<(), NetworkNodeError> {
+    network_node.delete(&config.id).await?;
+    network_node.register(config).await
 }
 
 /// How many ML nodes are held disabled because their Kubernetes node is cordoned.
@@ -161,7 +231,7 @@ mod tests {
 
     fn registered(config: InferenceNodeConfig, enabled: bool) -> NodeResponse {
         NodeResponse {
-            node: Node { config, node_num: 0 },
+            node: Node { config, node_num: 0, version: None },
             state: NodeState { admin_state: AdminState { enabled, epoch: 1 }, ..NodeState::default() },
         }
     }
@@ -175,8 +245,8 @@ mod tests {
             3,
             &[],
         );
-        assert_eq!(p.upsert.len(), 1, "only the ready pod with an IP");
-        let c = &p.upsert[0];
+        assert_eq!(p.register.len(), 1, "only the ready pod with an IP");
+        let c = &p.register[0];
         assert_eq!(
             (c.id.as_str(), c.host.as_str(), c.poc_port, c.inference_port),
             ("h100.gpu@gpu-a", "10.0.0.5", 8080, 5000)
@@ -202,14 +272,14 @@ mod tests {
         assert!(p.is_empty(), "{p:?}");
         // The pod moved to a new IP: update in place.
         let p = plan(&gn, &[pod("gpu-a", Some("10.0.0.9"), true)], 1, &[registered(a.clone(), true)]);
-        assert_eq!(p.upsert[0].host, "10.0.0.9");
+        assert_eq!((p.update[0].host.as_str(), p.register.len()), ("10.0.0.9", 0));
         // Restarting (not ready): keep the registration as it is.
         assert!(plan(&gn, &[pod("gpu-a", Some("10.0.0.5"), false)], 1, &[registered(a.clone(), true)]).is_empty());
         // Replaced (the DaemonSet still wants the pod): the registration waits for it.
         assert!(plan(&gn, &[], 1, &[registered(a.clone(), true)]).is_empty());
         // The pod is gone for good: deregister; other GonkaNodes' and hand-made registrations stay.
         let p = plan(&gn, &[], 0, &[registered(a.clone(), true), other, manual]);
-        assert_eq!((p.delete, p.upsert.len()), (vec!["h100.gpu@gpu-a".to_string()], 0));
+        assert_eq!((p.registered_ids().len(), p.delete), (0, vec!["h100.gpu@gpu-a".to_string()]));
     }
 
     #[test]
@@ -220,14 +290,14 @@ mod tests {
         let bare = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
         // Registered before the daemon reported: the report updates it.
         let p = plan(&gn, std::slice::from_ref(&reported), 1, &[registered(bare, true)]);
-        assert_eq!(p.upsert[0].hardware, h100s);
+        assert_eq!(p.update[0].hardware, h100s);
         // The operator restarted and has no report yet: what is registered stays.
         let full = node_config(&gn, "gpu-a", "10.0.0.5", h100s.clone());
         assert!(plan(&gn, &[pod("gpu-a", Some("10.0.0.5"), true)], 1, &[registered(full.clone(), true)]).is_empty());
         // A GPU fell off the bus: the registration says so.
         let seven = vec![Hardware { count: 7, ..h100s[0].clone() }];
         let degraded = MlNodePod { hardware: Some(seven.clone()), ..reported };
-        assert_eq!(plan(&gn, &[degraded], 1, &[registered(full, true)]).upsert[0].hardware, seven);
+        assert_eq!(plan(&gn, &[degraded], 1, &[registered(full, true)]).update[0].hardware, seven);
     }
 
     #[test]
@@ -255,7 +325,7 @@ mod tests {
         let cordoned = MlNodePod { cordoned: true, ..pod("gpu-a", Some("10.0.0.5"), true) };
         let pods = [cordoned.clone(), pod("gpu-b", Some("10.0.0.6"), true)];
         let p = plan(&gn, &pods, 2, &[registered(a.clone(), true), registered(b.clone(), true)]);
-        assert_eq!((p.disable, p.enable, p.upsert.len()), (vec!["h100.gpu@gpu-a".to_string()], vec![], 0));
+        assert_eq!((p.registered_ids().len(), p.disable, p.enable), (0, vec!["h100.gpu@gpu-a".to_string()], vec![]));
         assert!(plan(&gn, &pods, 2, &[registered(a.clone(), false), registered(b.clone(), true)]).is_empty());
         let uncordoned = [pod("gpu-a", Some("10.0.0.5"), true), pod("gpu-b", Some("10.0.0.6"), true)];
         let p = plan(&gn, &uncordoned, 2, &[registered(a.clone(), false), registered(b.clone(), true)]);
@@ -266,11 +336,87 @@ mod tests {
         assert!(p.is_empty(), "{p:?}");
     }
 
+    /// A node as each generation lists it (2025: the node's `version`; 2026: the state's
+    /// `ml_node_version`).
+    fn listed(config: InferenceNodeConfig, enabled: bool, generation: Generation) -> NodeResponse {
+        let mut r = registered(config, enabled);
+        match generation {
+            Generation::Launch2025 => r.node.version = Some(String::new()),
+            Generation::Mainline2026 => r.state.ml_node_version = Some(String::new()),
+        }
+        r
+    }
+
+    #[test]
+    fn a_2025_network_node_gets_no_update_it_would_turn_into_a_new_registration() {
+        let gn = gonka_node("h100", |_| {});
+        let h100s = vec![Hardware { type_: "NVIDIA H100 80GB HBM3 | 79GB".into(), count: 8 }];
+        let bare = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
+        let reported = MlNodePod { hardware: Some(h100s.clone()), ..pod("gpu-a", Some("10.0.0.5"), true) };
+        // Hardware alone changed: 2026 updates in place, 2025 keeps the broker number instead.
+        let p = plan(&gn, std::slice::from_ref(&reported), 1, &[listed(bare.clone(), true, Generation::Mainline2026)]);
+        assert_eq!(p.update.len(), 1);
+        let p = plan(&gn, std::slice::from_ref(&reported), 1, &[listed(bare.clone(), true, Generation::Launch2025)]);
+        assert!(p.is_empty(), "{p:?}");
+        // The address changed: 2025 must register it anew (never a POST over the old one).
+        let moved = MlNodePod { pod_ip: Some("10.0.0.9".into()), ..reported };
+        let p = plan(&gn, std::slice::from_ref(&moved), 1, &[listed(bare.clone(), true, Generation::Launch2025)]);
+        assert_eq!((p.reregister.len(), p.update.len(), p.register.len()), (1, 0, 0));
+        assert_eq!(p.reregister[0].host, "10.0.0.9");
+        // A held node registered anew comes back enabled: it is disabled again.
+        let cordoned = MlNodePod { cordoned: true, ..moved };
+        let p = plan(&gn, &[cordoned], 1, &[listed(bare, false, Generation::Launch2025)]);
+        assert_eq!((p.reregister.len(), p.disable.clone()), (1, vec!["h100.gpu@gpu-a".to_string()]));
+    }
+
     #[test]
     fn counts_only_this_gonka_nodes_registrations() {
         let gn = gonka_node("h100", |_| {});
         let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
         let other = InferenceNodeConfig { id: "h100x.gpu@gpu-a".into(), ..a.clone() };
         assert_eq!(registered_count(&gn, &[registered(a, true), registered(other, true)]), 1);
+    }
+
+    /// Reconciles in a row against each generation of network node: plan from what it lists,
+    /// carry the plan out.
+    #[tokio::test]
+    async fn neither_generation_gets_a_duplicate_or_a_needless_new_broker_number() {
+        use gonka_devnet::{Devnet, admin_router};
+        use std::sync::{Arc, Mutex};
+        for generation in [Generation::Launch2025, Generation::Mainline2026] {
+            let devnet = Arc::new(Mutex::new(Devnet::of(generation, ["Qwen/Qwen2.5-7B-Instruct".to_string()])));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(axum::serve(listener, admin_router(devnet.clone())).into_future());
+            let network = NetworkNode::new(&url, None).unwrap();
+            let gn = gonka_node("h100", |_| {});
+            let id = "h100.gpu@gpu-a";
+            let reconcile = async |pod: &MlNodePod| {
+                let listed = network.nodes().await.unwrap();
+                let p = plan(&gn, std::slice::from_ref(pod), 1, &listed);
+                execute(&network, &p).await.unwrap();
+                let d = devnet.lock().unwrap();
+                assert_eq!((d.nodes().len(), d.config_entries(id)), (1, 1), "{generation:?}: one registration");
+                let n = &d.nodes()[0];
+                (n.node.node_num, n.node.config.host.clone(), n.state.admin_state.enabled, d.admin_writes)
+            };
+            let mut ml_node = pod("gpu-a", Some("10.0.0.5"), true);
+            assert_eq!(reconcile(&ml_node).await, (1, "10.0.0.5".into(), true, 1));
+            // A steady fleet: nothing written.
+            assert_eq!(reconcile(&ml_node).await, (1, "10.0.0.5".into(), true, 1));
+            // The daemon reports its GPUs: 2026 updates in place, 2025 leaves it be.
+            ml_node.hardware = Some(vec![Hardware { type_: "NVIDIA H100 80GB HBM3 | 79GB".into(), count: 8 }]);
+            let writes = if generation == Generation::Mainline2026 { 2 } else { 1 };
+            assert_eq!(reconcile(&ml_node).await, (1, "10.0.0.5".into(), true, writes));
+            assert_eq!(reconcile(&ml_node).await.3, writes, "{generation:?}: steady again");
+            // Cordoned, then replaced on a new address: still one registration, held.
+            ml_node.cordoned = true;
+            reconcile(&ml_node).await;
+            ml_node.pod_ip = Some("10.0.0.9".into());
+            let (num, host, enabled, _) = reconcile(&ml_node).await;
+            assert_eq!((host.as_str(), enabled), ("10.0.0.9", false), "{generation:?}");
+            // Only a 2025 network node can't move a node without a new broker number.
+            assert_eq!(num, if generation == Generation::Launch2025 { 2 } else { 1 }, "{generation:?}");
+        }
     }
 }

@@ -1,15 +1,20 @@
-//! The operator's admin-API client against the devnet stand-in of the network node: upserts
-//! are idempotent, refusals carry the network node's words, outages are retryable.
+//! The operator's admin-API client against the devnet stand-in of the network node, playing
+//! both generations: registrations and updates, refusals with the network node's words (read
+//! from upstream's `{"error": ...}` bodies, a 2025 500 included), outages told apart.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use gonka_devnet::{Devnet, admin_router};
+use gonka_devnet::{Devnet, Generation, admin_router};
 use gonka_operator::network_node::{NetworkNode, NetworkNodeError, ml_node_id};
 use gonka_protocol::admin::{Hardware, InferenceNodeConfig, ModelArgs};
 
 async fn devnet() -> (Arc<Mutex<Devnet>>, String) {
-    let devnet = Arc::new(Mutex::new(Devnet::new(["Qwen/QwQ-32B".to_string()])));
+    devnet_of(Generation::Mainline2026).await
+}
+
+async fn devnet_of(generation: Generation) -> (Arc<Mutex<Devnet>>, String) {
+    let devnet = Arc::new(Mutex::new(Devnet::of(generation, ["Qwen/QwQ-32B".to_string()])));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let app = admin_router(devnet.clone());
@@ -19,7 +24,8 @@ async fn devnet() -> (Arc<Mutex<Devnet>>, String) {
 
 fn config(node: &str, model: &str, gpus: u32) -> InferenceNodeConfig {
     InferenceNodeConfig {
-        host: "10.244.0.12".into(),
+        // One pod IP per Kubernetes node (2026 refuses two ML nodes on one address).
+        host: format!("10.244.0.{}", node.bytes().last().unwrap()),
         inference_segment: String::new(),
         inference_port: 5000,
         poc_segment: String::new(),
@@ -35,65 +41,106 @@ fn config(node: &str, model: &str, gpus: u32) -> InferenceNodeConfig {
 }
 
 #[tokio::test]
-async fn registration_is_idempotent_and_updates_in_place() {
-    let (_, url) = devnet().await;
+async fn a_2026_network_node_updates_in_place() {
+    let (devnet, url) = devnet().await;
     let client = NetworkNode::new(&url, None).unwrap();
     let c = config("gpu-a", "Qwen/QwQ-32B", 8);
-    client.upsert(&c).await.unwrap();
-    client.upsert(&c).await.unwrap(); // a retry after a lost answer
+    client.register(&c).await.unwrap();
     let nodes = client.nodes().await.unwrap();
-    assert_eq!(nodes.len(), 1, "never a duplicate registration");
+    assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].node.config, c);
     assert!(nodes[0].state.admin_state.enabled);
 
-    client.upsert(&config("gpu-a", "Qwen/QwQ-32B", 4)).await.unwrap();
+    client.update(&config("gpu-a", "Qwen/QwQ-32B", 4)).await.unwrap();
+    client.update(&config("gpu-a", "Qwen/QwQ-32B", 4)).await.unwrap(); // a retry after a lost answer
     let nodes = client.nodes().await.unwrap();
     assert_eq!((nodes.len(), nodes[0].node.config.hardware[0].count), (1, 4));
-    assert_eq!(nodes[0].node.node_num, 0, "an update keeps the broker's node number");
+    assert_eq!(nodes[0].node.node_num, 1, "an update keeps the broker's node number");
+    assert_eq!(devnet.lock().unwrap().config_entries(&c.id), 1);
 
-    client.upsert(&config("gpu-b", "Qwen/QwQ-32B", 8)).await.unwrap();
+    client.register(&config("gpu-b", "Qwen/QwQ-32B", 8)).await.unwrap();
     let nums: Vec<u64> = client.nodes().await.unwrap().iter().map(|n| n.node.node_num).collect();
-    assert_eq!(nums, [0, 1]);
+    assert_eq!(nums, [1, 2]);
+}
+
+#[tokio::test]
+async fn a_2025_network_node_has_no_update_and_says_so() {
+    let (devnet, url) = devnet_of(Generation::Launch2025).await;
+    let client = NetworkNode::new(&url, None).unwrap();
+    let c = config("gpu-a", "Qwen/QwQ-32B", 8);
+    client.register(&c).await.unwrap();
+    let err = client.update(&config("gpu-a", "Qwen/QwQ-32B", 4)).await.unwrap_err();
+    assert!(err.is_method_not_allowed() && !err.is_outage(), "{err}");
+    let nodes = client.nodes().await.unwrap();
+    assert_eq!((nodes[0].node.node_num, nodes[0].node.config.hardware[0].count), (1, 8), "nothing changed");
+    assert_eq!(devnet.lock().unwrap().config_entries(&c.id), 1);
 }
 
 #[tokio::test]
 async fn drain_is_disable_then_delete() {
-    let (devnet, url) = devnet().await;
-    let client = NetworkNode::new(&url, None).unwrap();
-    let c = config("gpu-a", "Qwen/QwQ-32B", 8);
-    client.upsert(&c).await.unwrap();
-    client.set_enabled(&c.id, false).await.unwrap();
-    assert!(!client.nodes().await.unwrap()[0].state.admin_state.enabled);
-    client.set_enabled(&c.id, true).await.unwrap();
-    assert!(client.nodes().await.unwrap()[0].state.admin_state.enabled);
-    client.delete(&c.id).await.unwrap();
-    client.delete(&c.id).await.unwrap(); // already gone: still fine
-    assert!(client.nodes().await.unwrap().is_empty());
-    assert!(devnet.lock().unwrap().nodes().is_empty());
+    for generation in [Generation::Launch2025, Generation::Mainline2026] {
+        let (devnet, url) = devnet_of(generation).await;
+        let client = NetworkNode::new(&url, None).unwrap();
+        let c = config("gpu-a", "Qwen/QwQ-32B", 8);
+        client.register(&c).await.unwrap();
+        client.set_enabled(&c.id, false).await.unwrap();
+        assert!(!client.nodes().await.unwrap()[0].state.admin_state.enabled);
+        client.set_enabled(&c.id, true).await.unwrap();
+        assert!(client.nodes().await.unwrap()[0].state.admin_state.enabled);
+        client.delete(&c.id).await.unwrap();
+        client.delete(&c.id).await.unwrap(); // already gone: still fine
+        assert!(client.nodes().await.unwrap().is_empty());
+        assert!(devnet.lock().unwrap().nodes().is_empty());
 
-    let err = client.set_enabled("nobody.gpu@nowhere", true).await.unwrap_err();
-    assert!(matches!(err, NetworkNodeError::Rejected { status: 404, .. }), "{err}");
+        let err = client.set_enabled("nobody.gpu@nowhere", true).await.unwrap_err();
+        match err {
+            NetworkNodeError::Rejected { status: 404, message, .. } => {
+                assert_eq!(message, "node not found: nobody.gpu@nowhere")
+            }
+            other => panic!("{other}"),
+        }
+    }
 }
 
 #[tokio::test]
 async fn a_model_governance_did_not_approve_is_refused_with_the_reason() {
+    // 2026: 400 on create, 500 on update, each with its reason.
     let (_, url) = devnet().await;
     let client = NetworkNode::new(&url, None).unwrap();
-    let err = client.upsert(&config("gpu-a", "someone/unapproved-model", 8)).await.unwrap_err();
+    let err = client.register(&config("gpu-a", "someone/unapproved-model", 8)).await.unwrap_err();
     match &err {
         NetworkNodeError::Rejected { status: 400, message, .. } => {
-            assert!(message.contains("not valid governance models"), "{message}")
+            assert!(message.contains("has no governance-valid models"), "{message}")
         }
         other => panic!("{other}"),
     }
-    assert!(!err.is_retryable());
+    assert!(!err.is_outage());
     assert!(client.nodes().await.unwrap().is_empty());
+    client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap();
+    let err = client.update(&config("gpu-a", "someone/unapproved-model", 8)).await.unwrap_err();
+    match &err {
+        NetworkNodeError::Rejected { status: 500, message, .. } => {
+            assert_eq!(message, "failed to update node: model someone/unapproved-model is not a valid governance model")
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!err.is_outage(), "the network node answered for itself");
+
+    // 2025: a bare 500, still a refusal and not an outage.
+    let (_, url) = devnet_of(Generation::Launch2025).await;
+    let client = NetworkNode::new(&url, None).unwrap();
+    let err = client.register(&config("gpu-a", "someone/unapproved-model", 8)).await.unwrap_err();
+    match &err {
+        NetworkNodeError::Rejected { status: 500, message, .. } => assert_eq!(message, "error creating new node"),
+        other => panic!("{other}"),
+    }
+    assert!(!err.is_outage());
 }
 
 #[tokio::test]
-async fn an_unreachable_network_node_is_a_retryable_error() {
+async fn an_unreachable_network_node_is_an_outage() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let client = NetworkNode::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
-    let err = client.upsert(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap_err();
-    assert!(matches!(err, NetworkNodeError::Unreachable { .. }) && err.is_retryable(), "{err}");
+    let err = client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap_err();
+    assert!(matches!(err, NetworkNodeError::Unreachable { .. }) && err.is_outage(), "{err}");
 }
