@@ -28,6 +28,8 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
 
     let mut manifest = gonka_node_manifest("h100", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    // Proofs go out only while generating, at this interval: well within the round's window.
+    manifest["spec"]["poc"] = json!({"sendIntervalSeconds": 1});
     manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
     cp.roll_out(manifest, PODS, 2, WAIT).await?;
 

@@ -216,7 +216,9 @@ async fn poc_round(
         r_target: 1.41,
         fraud_threshold: 1e-7,
         batch_size: 8,
-        generate_for: Duration::from_secs(6),
+        // The daemons post proofs every 5 s (the samples' default, upstream's interval) and only
+        // while generating: two posts fit.
+        generate_for: Duration::from_secs(12),
         settle_for: Duration::from_secs(3),
         validation_sample: 200,
         callback_url: format!("{base_url}/v1/poc-batches"),
