@@ -1,13 +1,16 @@
 //! Draining a GPU node: `kubectl cordon` (what `kubectl drain` starts with; DaemonSet pods stay
 //! on a drained node) disables the node's ML node on the network node, so it serves out the
 //! epoch and gets no new work before the maintenance; `kubectl uncordon` enables it again.
-//! The other ML nodes are not touched.
+//! The other ML nodes are not touched. A pod being deleted, whatever deletes it (eviction,
+//! preemption, a person), has its ML node disabled while it stops; its replacement serves again.
 
 use std::time::Duration;
 
 use gonka_crds::GonkaNode;
 use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
@@ -53,6 +56,23 @@ async fn cordoning_a_node_disables_its_ml_node_and_uncordoning_enables_it() -> a
 
     cp.kubectl(&["uncordon", "gpu-a"])?;
     eventually("gpu-a's ML node enabled again", WAIT, || async { Ok(enabled() == both(true, true)) }).await?;
+
+    // gpu-b's pod is deleted; no kubelet confirms yet, so it stays terminating.
+    let pods: Api<Pod> = Api::namespaced(cp.client().await?, NS);
+    let on_b = pods
+        .list(&ListParams::default().labels(PODS))
+        .await?
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("gpu-b"))
+        .expect("gpu-b's pod");
+    pods.delete(&on_b.name_any(), &DeleteParams::default()).await?;
+    eventually("gpu-b's ML node disabled while its pod stops", WAIT, || async { Ok(enabled() == both(true, false)) })
+        .await?;
+    eventually("its replacement enabled again", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        Ok(enabled() == both(true, true))
+    })
+    .await?;
     operator.stop().await?;
     Ok(())
 }

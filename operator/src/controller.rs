@@ -404,7 +404,7 @@ async fn register(
     pods: &[registration::MlNodePod],
     pods_expected: usize,
 ) -> Registration {
-    let ready = pods.iter().filter(|p| p.ready && p.pod_ip.is_some()).count() as i32;
+    let ready = pods.iter().filter(|p| p.ready && !p.terminating && p.pod_ip.is_some()).count() as i32;
     let token = match admin_token(gn, ctx).await {
         Ok(t) => t,
         Err(why) => return Registration::Refused(why),
@@ -498,12 +498,8 @@ async fn cordoned_nodes(ctx: &Context) -> BTreeSet<String> {
 /// Field selector of cordoned Kubernetes nodes.
 const CORDONED: &str = "spec.unschedulable=true";
 
-/// A pod as registration needs it, as Kubernetes shows it (no report, not cordoned); pods being
-/// deleted no longer count.
+/// A pod as registration needs it, as Kubernetes shows it (no report, not cordoned).
 fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
     let kubernetes_node = pod.spec.as_ref()?.node_name.clone()?;
     let status = pod.status.as_ref();
     let ready = status
@@ -515,6 +511,7 @@ fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
         kubernetes_node,
         hardware: None,
         cordoned: false,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
     })
 }
 

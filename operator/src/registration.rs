@@ -9,7 +9,9 @@
 //! replaced comes back on the same Kubernetes node, under the same registration); while
 //! `spec.paused` every registration is disabled (it serves out the epoch, then gets no new
 //! work), and so is the registration of a pod on a cordoned Kubernetes node (a drain is
-//! coming); a disabled registration is enabled again once neither holds and its pod is ready. The
+//! coming) and of a pod being deleted, whatever deletes it (eviction, preemption, a node going
+//! away, a rollout); a disabled registration is enabled again once none holds and its pod is
+//! ready. The
 //! hardware registered is what the pod's daemon reported; before it has, what is registered stays.
 //!
 //! How a changed registration is written depends on the network node's generation (told from
@@ -42,6 +44,8 @@ pub struct MlNodePod {
     pub hardware: Option<Vec<Hardware>>,
     /// Its Kubernetes node is cordoned (`kubectl cordon`, the start of `kubectl drain`).
     pub cordoned: bool,
+    /// The pod is being deleted (`deletionTimestamp` set): its ML node is about to stop.
+    pub terminating: bool,
 }
 
 /// What to change on the network node, in this order.
@@ -118,7 +122,7 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         .collect();
 
     let mut plan = Plan::default();
-    for pod in pods.iter().filter(|p| p.ready) {
+    for pod in pods.iter().filter(|p| p.ready && !p.terminating) {
         let Some(ip) = &pod.pod_ip else { continue };
         let id = ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &pod.kubernetes_node);
         let current = ours.get(id.as_str());
@@ -140,11 +144,12 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         }
     }
     let replacements_pending = pods_expected > pods.len();
-    let ready_pods: BTreeSet<String> = pods
-        .iter()
-        .filter(|p| p.ready)
-        .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
-        .collect();
+    let id_of = |p: &MlNodePod| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node);
+    let ready_pods: BTreeSet<String> = pods.iter().filter(|p| p.ready && !p.terminating).map(id_of).collect();
+    // Being deleted, and no other pod serves that ML node (a replacement may already run).
+    let serving: BTreeSet<String> = pods.iter().filter(|p| !p.terminating).map(id_of).collect();
+    let stopping: BTreeSet<String> =
+        pods.iter().filter(|p| p.terminating).map(id_of).filter(|id| !serving.contains(id)).collect();
     let cordoned: BTreeSet<String> = pods
         .iter()
         .filter(|p| p.cordoned)
@@ -154,7 +159,7 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
     for (id, r) in &ours {
         // Registering anew leaves a node enabled.
         let enabled = r.state.admin_state.enabled || reregistered.contains(*id);
-        let held = gn.spec.paused || cordoned.contains(*id);
+        let held = gn.spec.paused || cordoned.contains(*id) || stopping.contains(*id);
         if !existing_pods.contains(*id) && !replacements_pending {
             plan.delete.push(id.to_string());
         } else if held && enabled {
@@ -226,6 +231,7 @@ mod tests {
             ready,
             hardware: None,
             cordoned: false,
+            terminating: false,
         }
     }
 
@@ -367,6 +373,19 @@ mod tests {
         let cordoned = MlNodePod { cordoned: true, ..moved };
         let p = plan(&gn, &[cordoned], 1, &[listed(bare, false, Generation::Launch2025)]);
         assert_eq!((p.reregister.len(), p.disable.clone()), (1, vec!["h100.gpu@gpu-a".to_string()]));
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_disabled_first_whatever_deletes_it() {
+        let gn = gonka_node("h100", |_| {});
+        let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
+        let evicted = MlNodePod { terminating: true, ..pod("gpu-a", Some("10.0.0.5"), true) };
+        let p = plan(&gn, std::slice::from_ref(&evicted), 1, &[registered(a.clone(), true)]);
+        assert_eq!((p.disable.clone(), p.delete.len(), p.registered_ids().len()), (vec![a.id.clone()], 0, 0));
+        // Its replacement is up on the same node: that one counts.
+        let replacement = pod("gpu-a", Some("10.0.0.5"), true);
+        let p = plan(&gn, &[evicted, replacement], 1, &[registered(a.clone(), false)]);
+        assert_eq!((p.enable, p.disable.len()), (vec![a.id.clone()], 0));
     }
 
     #[test]
