@@ -24,6 +24,9 @@ pub const DEFAULT_POC_PORT: i32 = 8080;
 pub const DEFAULT_INFERENCE_PORT: i32 = 5000;
 /// Longest `GonkaNode` name: owned objects append suffixes and pod names append a hash.
 pub const MAX_NAME_LENGTH: usize = 40;
+/// The label a Secret's owner sets (to `"true"`) to let the operator use it as network-node
+/// credentials. Without it the operator reads nothing from the Secret a GonkaNode names.
+pub const CREDENTIALS_LABEL: &str = "gonka.ai/network-node-credentials";
 
 /// A fleet of ML nodes for the Gonka network: one ML node (a node-daemon pod owning the node's
 /// GPUs) on every Kubernetes node that matches the placement, registered with the host's
@@ -144,9 +147,19 @@ pub struct NetworkNodeSpec {
     pub public_url: Option<String>,
 
     /// Optional Secret in this namespace with credentials for the admin API, for network nodes
-    /// fronted by an authenticating proxy. Key `token` is sent as a bearer token.
+    /// fronted by an authenticating proxy. Key `token` is sent as a bearer token. The Secret
+    /// must carry the label `gonka.ai/network-node-credentials: "true"`, set by whoever owns
+    /// it: naming a Secret here does not make the operator read one that did not opt in. The
+    /// token is sent only to an `https` adminUrl, or over plain `http` when
+    /// `allowPlaintextCredentials` says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
+
+    /// Send the credentials of `credentialsSecretRef` over plain `http` (a proxy on a network
+    /// you trust, e.g. a sidecar or an in-cluster service mesh). Off, an `http` adminUrl gets
+    /// no credentials and registration is refused with the reason.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext_credentials: bool,
 }
 
 /// A Secret in the GonkaNode's namespace.

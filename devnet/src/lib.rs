@@ -74,6 +74,10 @@ pub struct Devnet {
     /// Admin API writes received (registrations, updates, deletes, enables, disables), accepted
     /// or not: what a steady fleet should not cause.
     pub admin_writes: u64,
+    /// Admin API requests received, reads included.
+    pub admin_requests: u64,
+    /// The `Authorization` header of the latest admin API request that had one.
+    pub admin_authorization: Option<String>,
 }
 
 impl Devnet {
@@ -102,6 +106,8 @@ impl Devnet {
                 is_confirmation_poc_active: false,
             },
             admin_writes: 0,
+            admin_requests: 0,
+            admin_authorization: None,
         }
     }
 
@@ -387,7 +393,24 @@ pub fn admin_router(devnet: Shared) -> Router {
         .route("/admin/v1/nodes/{id}/disable", post(|s, p| toggle(s, p, false)))
         .fallback(|| async { fail(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async { fail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed") })
+        .layer(axum::middleware::from_fn_with_state(devnet.clone(), count_admin_request))
         .with_state(devnet)
+}
+
+/// Counts every admin request and keeps the credentials it carried.
+async fn count_admin_request(
+    State(d): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    {
+        let mut devnet = d.lock().expect("devnet");
+        devnet.admin_requests += 1;
+        if let Some(auth) = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            devnet.admin_authorization = Some(auth.to_string());
+        }
+    }
+    next.run(request).await
 }
 
 async fn list(State(d): State<Shared>) -> Json<serde_json::Value> {

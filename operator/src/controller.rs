@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use gonka_crds::{GonkaNode, condition};
+use gonka_crds::{CREDENTIALS_LABEL, GonkaNode, condition};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -281,7 +281,11 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
         // The network node is down, or refused (a model governance has not approved yet, a
         // failure on its side): come back soon, then less and less often.
-        None if matches!(obs.registration, Some(Registration::Unreachable(_) | Registration::Refused(_))) => {
+        None if matches!(
+            obs.registration,
+            Some(Registration::Unreachable(_) | Registration::Refused(_) | Registration::CredentialsRefused(_))
+        ) =>
+        {
             Ok(Action::requeue(ctx.network_retry(gn, false)))
         }
         // A held or running rollout waits on the epoch phase, which no watch reports.
@@ -301,15 +305,32 @@ fn pod_selector(gn: &GonkaNode) -> String {
 }
 
 /// The bearer token for the admin API, from `spec.networkNode.credentialsSecretRef` (key
-/// `token`), if one is referenced.
+/// `token`), if one is referenced. Refused, before anything is read or sent, when the token
+/// would cross plain http without `allowPlaintextCredentials`; refused when the Secret lacks
+/// its owner's opt-in label (a GonkaNode's author may not be allowed to read it: the operator
+/// must not become the way to).
 async fn admin_token(gn: &GonkaNode, ctx: &Context) -> Result<Option<String>, String> {
-    let Some(secret_ref) = &gn.spec.network_node.credentials_secret_ref else { return Ok(None) };
+    let network = &gn.spec.network_node;
+    let Some(secret_ref) = &network.credentials_secret_ref else { return Ok(None) };
+    if network.admin_url.starts_with("http://") && !network.allow_plaintext_credentials {
+        return Err(format!(
+            "the credentials of Secret {} are not sent over plain http to {}: use an https adminUrl, or set \
+             spec.networkNode.allowPlaintextCredentials on a network you trust",
+            secret_ref.name, network.admin_url
+        ));
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
     let secret = secrets
         .get_opt(&secret_ref.name)
         .await
         .map_err(|e| format!("reading Secret {}: {e}", secret_ref.name))?
         .ok_or_else(|| format!("Secret {} (spec.networkNode.credentialsSecretRef) does not exist", secret_ref.name))?;
+    if secret.labels().get(CREDENTIALS_LABEL).map(String::as_str) != Some("true") {
+        return Err(format!(
+            "Secret {} is not labelled {CREDENTIALS_LABEL}=true: its owner must opt in before the operator uses it",
+            secret_ref.name
+        ));
+    }
     let token = secret
         .data
         .and_then(|d| d.get("token").cloned())
@@ -369,19 +390,25 @@ async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Po
     if pick.is_empty() {
         return RolloutStep::Replacing; // waiting for replaced pods to come up
     }
-    let token = admin_token(gn, ctx).await.ok().flatten();
-    let network = NetworkNode::new(&gn.spec.network_node.admin_url, token).ok();
+    // No pod is replaced unless its ML node could be disabled first.
+    let network = match admin_token(gn, ctx)
+        .await
+        .and_then(|token| NetworkNode::new(&gn.spec.network_node.admin_url, token).map_err(|e| e.to_string()))
+    {
+        Ok(n) => n,
+        Err(why) => {
+            return RolloutStep::Held(format!("{outdated} ML nodes wait: their ML nodes can't be disabled ({why})"));
+        }
+    };
     let namespace = gn.namespace().unwrap_or_default();
     let mut replaced = Vec::new();
     for pod in pick {
         let id = network_node::ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &pod.kubernetes_node);
         // Disable first so the network node stops routing work to it; a node it doesn't know
         // (never registered) is fine to replace, an unreachable network node is not.
-        if let Some(network) = &network {
-            match network.set_enabled(&id, false).await {
-                Ok(()) | Err(NetworkNodeError::Rejected { status: 404, .. }) => {}
-                Err(e) => return RolloutStep::Held(format!("{outdated} ML nodes wait: disabling {id} failed ({e})")),
-            }
+        match network.set_enabled(&id, false).await {
+            Ok(()) | Err(NetworkNodeError::Rejected { status: 404, .. }) => {}
+            Err(e) => return RolloutStep::Held(format!("{outdated} ML nodes wait: disabling {id} failed ({e})")),
         }
         if let Err(e) = ctx.writer.delete_pod(&namespace, &pod.name).await {
             warn!(pod = %pod.name, error = %e, "could not delete an outdated ML-node pod");
@@ -407,7 +434,7 @@ async fn register(
     let ready = pods.iter().filter(|p| p.ready && !p.terminating && p.pod_ip.is_some()).count() as i32;
     let token = match admin_token(gn, ctx).await {
         Ok(t) => t,
-        Err(why) => return Registration::Refused(why),
+        Err(why) => return Registration::CredentialsRefused(why),
     };
     let network_node = match NetworkNode::new(&gn.spec.network_node.admin_url, token) {
         Ok(n) => n,

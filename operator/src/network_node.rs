@@ -13,6 +13,18 @@ use std::time::Duration;
 use gonka_protocol::admin::{InferenceNodeConfig, NodeResponse, error_message};
 use gonka_protocol::network::EpochResponse;
 
+/// Most of a network node's error body kept: its words reach events and status, which must stay
+/// small whatever a network node (or a proxy in front of it) answers.
+pub const MAX_MESSAGE_CHARS: usize = 512;
+
+/// `text` cut to [`MAX_MESSAGE_CHARS`], saying so.
+fn bounded(text: String) -> String {
+    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &text[..cut], text.len()),
+        None => text,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkNodeError {
     #[error("network node unreachable at {url}: {reason}")]
@@ -85,7 +97,8 @@ impl NetworkNode {
             return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
-        Err(NetworkNodeError::Rejected { what: what.into(), status: status.as_u16(), message: error_message(&text) })
+        let message = bounded(error_message(&text));
+        Err(NetworkNodeError::Rejected { what: what.into(), status: status.as_u16(), message })
     }
 
     /// `GET /admin/v1/nodes`.
@@ -149,6 +162,14 @@ mod tests {
         let (left, node) = id.split_once('@').unwrap();
         let (gonka_node, namespace) = left.rsplit_once('.').unwrap();
         assert_eq!((gonka_node, namespace, node), ("h100.v2", "gpu", "node-7.dc1"));
+    }
+
+    #[test]
+    fn long_answers_are_cut() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = bounded("é".repeat(10_000));
+        assert!(long.starts_with(&"é".repeat(MAX_MESSAGE_CHARS)) && long.ends_with("(20000 bytes in all)"), "{long}");
+        assert!(long.chars().count() < MAX_MESSAGE_CHARS + 32);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum Registration {
     Unreachable(String),
     /// The network node refused (e.g. a model governance did not approve).
     Refused(String),
+    /// The operator will not use the credentials the spec names (no opt-in label, plain http);
+    /// nothing was sent.
+    CredentialsRefused(String),
 }
 
 /// Counts from the DaemonSet's status; `None` until the DaemonSet controller has looked at it.
@@ -259,6 +262,9 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
             cond(condition::REGISTERED, false, "NetworkNodeUnreachable", format!("{why}; retrying"))
         }
         Some(Registration::Refused(why)) => cond(condition::REGISTERED, false, "RegistrationRefused", why.clone()),
+        Some(Registration::CredentialsRefused(why)) => {
+            cond(condition::REGISTERED, false, "CredentialsRefused", why.clone())
+        }
     };
 
     let previous = previous.cloned().unwrap_or_default();
@@ -528,6 +534,7 @@ mod tests {
             ),
             (Registration::Unreachable("connection refused".into()), ("False", "NetworkNodeUnreachable"), 7),
             (Registration::Refused("model not approved".into()), ("False", "RegistrationRefused"), 7),
+            (Registration::CredentialsRefused("no opt-in label".into()), ("False", "CredentialsRefused"), 7),
         ];
         let previous = GonkaNodeStatus { registered_ml_nodes: 7, ..Default::default() };
         for (registration, want, count) in cases {
