@@ -72,9 +72,11 @@ async fn credentials_are_used_only_when_their_owner_opted_in_and_never_cross_pla
         Ok(registered().await?.is_some_and(|c| c.reason == "MlNodesRegistered"))
     })
     .await?;
-    let d = devnet.lock().unwrap();
-    assert_eq!((d.nodes().len(), d.admin_authorization.as_deref()), (1, Some("Bearer s3cret")));
-    drop(d);
+    let (nodes, authorization) = {
+        let d = devnet.lock().unwrap();
+        (d.nodes().len(), d.admin_authorization.clone())
+    };
+    assert_eq!((nodes, authorization.as_deref()), (1, Some("Bearer s3cret")));
     operator.stop().await?;
     Ok(())
 }
