@@ -682,6 +682,8 @@ impl ControlPlane {
                 .env("NODE_NAME", &node)
                 .env("POD_IP", &ip)
                 .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
+                // Fake GPUs: PoC runs on the CPU (the development setting).
+                .env("GONKA_ALLOW_CPU_COMPUTE", "true")
                 .env(fake_nvml::CONFIG_ENV, &gpus)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())

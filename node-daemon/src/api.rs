@@ -31,8 +31,18 @@ use crate::metrics::DaemonMetrics;
 /// Upstream caches the health answer this long.
 const HEALTH_CACHE: Duration = Duration::from_secs(5);
 
+/// When the ML node is ready to be registered and given work.
+#[derive(Clone, Copy, Debug)]
+pub struct Readiness {
+    /// Available GPUs it needs (the GonkaNode's `gpusPerMlNode`, else one).
+    pub expected_gpus: usize,
+    /// Development only: ready without GPUs.
+    pub allow_cpu_compute: bool,
+}
+
 pub struct AppState {
     pub probe: GpuProbe,
+    pub readiness: Readiness,
     pub metrics: DaemonMetrics,
     pub version: String,
     /// The report hook: inventory, state, events.
@@ -50,9 +60,11 @@ impl AppState {
         version: impl Into<String>,
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
         reporting: crate::report::Reporting,
+        readiness: Readiness,
     ) -> Arc<Self> {
         Arc::new(Self {
             probe,
+            readiness,
             #[cfg(feature = "torch")]
             pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone()),
             reporting,
@@ -249,11 +261,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(answer)).into_response()
 }
 
+/// Ready once the GPUs the GonkaNode gives this ML node are there and fit to work (so a pod
+/// without them is never registered), and, as upstream, not while inference runs unhealthy.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    // Upstream: not ready only while INFERENCE runs unhealthy; no inference runs here yet.
-    let ready = state.service_state() != ServiceState::Inference;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(ReadinessResponse { ready })).into_response()
+    let available = snapshot(&state).await.iter().filter(|g| g.to_device().is_available).count();
+    let wanted = state.readiness.expected_gpus;
+    let reason = if state.service_state() == ServiceState::Inference {
+        Some("inference is not healthy".to_string())
+    } else if available < wanted && !state.readiness.allow_cpu_compute {
+        Some(format!("{available} of the {wanted} GPUs this ML node needs are available"))
+    } else {
+        None
+    };
+    let status = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ReadinessResponse { ready: reason.is_none(), reason })).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

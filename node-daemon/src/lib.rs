@@ -31,6 +31,10 @@ pub struct Settings {
     pub nvml_library: Option<PathBuf>,
     /// The pod this daemon runs in (downward API), as it reports itself to the operator.
     pub pod: PodInfo,
+    /// Development only: run PoC on the CPU when no GPU is there, and be ready without GPUs.
+    /// Off, an ML node without the GPUs it expects is never ready (so never registered) and
+    /// refuses PoC work.
+    pub allow_cpu_compute: bool,
 }
 
 /// The daemon's pod, from the downward API (`POD_NAME`, `NODE_NAME`, `POD_IP`).
@@ -107,8 +111,14 @@ pub async fn run_with(
             send_interval: std::time::Duration::from_secs(u64::from(c.poc.send_interval_seconds.max(1))),
             max_pending: c.poc.max_pending_batches.max(1) as usize,
             gpu_vram_gb,
+            allow_cpu: settings.allow_cpu_compute,
         },
-        None => poc::PowSettings { gpu_vram_gb, ..poc::PowSettings::default() },
+        None => poc::PowSettings { gpu_vram_gb, allow_cpu: settings.allow_cpu_compute, ..poc::PowSettings::default() },
+    };
+    // The GPUs the GonkaNode gives this ML node (`gpusPerMlNode`), else at least one.
+    let readiness = api::Readiness {
+        expected_gpus: settings.config.as_ref().and_then(|c| c.gpus).unwrap_or(1) as usize,
+        allow_cpu_compute: settings.allow_cpu_compute,
     };
     let reporter_stop = tokio_util::sync::CancellationToken::new();
     let reporter = settings.config.as_ref().and_then(|c| {
@@ -126,7 +136,7 @@ pub async fn run_with(
         tracing::info!(url = %target.url, "reporting to the operator");
         Some(tokio::spawn(reporter::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting);
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, readiness);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     axum::serve(listener, api::service(state)).with_graceful_shutdown(shutdown).await?;

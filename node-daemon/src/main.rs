@@ -31,6 +31,10 @@ struct Cli {
     /// The pod's IP (downward API); default: the listen address.
     #[arg(long, env = "POD_IP")]
     pod_ip: Option<String>,
+    /// Development only: compute PoC on the CPU when there is no GPU, and report ready without
+    /// GPUs. Never set it on a GPU fleet: a pod whose GPUs are missing would be registered.
+    #[arg(long, env = "GONKA_ALLOW_CPU_COMPUTE")]
+    allow_cpu_compute: bool,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         config,
         nvml_library: cli.nvml_library,
         pod: gonka_node_daemon::PodInfo { name: cli.pod_name, node_name: cli.node_name, ip: cli.pod_ip },
+        allow_cpu_compute: cli.allow_cpu_compute,
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
 }

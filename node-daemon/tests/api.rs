@@ -184,3 +184,31 @@ fn a_broken_config_file_stops_the_daemon_with_the_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not a valid daemon config") && stderr.contains("surprise"), "{stderr}");
 }
+
+#[test]
+fn ready_only_with_the_gpus_the_gonka_node_gives_it() {
+    let config = |gpus: Option<u32>| {
+        json!({
+            "gonkaNode": "gpu/h100", "mlCallbackUrl": "http://api:9100", "pocPort": 8080, "inferencePort": 5000,
+            "gpus": gpus, "models": [], "poc": {"batchSize": 32, "sendIntervalSeconds": 5, "maxPendingBatches": 100}
+        })
+    };
+    let mut scenario = Scenario::hgx_h100();
+    let d = Daemon::start_on_gpus_only(&scenario, Some(&config(Some(8))));
+    assert_eq!(d.json("GET", "/readyz"), (200, json!({"ready": true})));
+    // One of its eight GPUs falls off the bus: not ready any more, and it says why.
+    scenario.gpus[5].state = GpuState::Lost;
+    d.change(&scenario);
+    eventually("not ready with 7 of 8 GPUs", || d.json("GET", "/readyz").0 == 503);
+    assert_eq!(
+        d.json("GET", "/readyz").1,
+        json!({"ready": false, "reason": "7 of the 8 GPUs this ML node needs are available"})
+    );
+
+    // No GPU at all (no driver): never ready, so never registered; without a config, one GPU
+    // is the least it needs.
+    let d = Daemon::start_on_gpus_only(&Scenario::no_driver(), None);
+    assert_eq!(d.json("GET", "/readyz").1["reason"], "0 of the 1 GPUs this ML node needs are available");
+    // The development setting (what the other tests run with) is ready on the CPU.
+    assert_eq!(Daemon::start(&Scenario::no_driver()).json("GET", "/readyz"), (200, json!({"ready": true})));
+}

@@ -205,6 +205,16 @@ fn validation_recomputes_and_catches_fabricated_proofs() {
 }
 
 #[test]
+fn without_a_gpu_poc_is_refused_unless_cpu_compute_is_allowed() {
+    // The fake NVML shows GPUs, but CUDA has none here: production refuses to prove on a CPU.
+    let d = Daemon::start_on_gpus_only(&Scenario::hgx_h100(), None);
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request("http://127.0.0.1:9", 0));
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["detail"].as_str().unwrap().starts_with("no GPU"), "{answer}");
+    assert_eq!(d.json("GET", "/api/v1/state").1["state"], "STOPPED", "no session started");
+}
+
+#[test]
 fn pow_endpoints_answer_like_upstream() {
     let d = daemon();
     assert_eq!(d.json("GET", "/api/v1/pow/status"), (200, json!({"status": "NOT_LOADED"})));

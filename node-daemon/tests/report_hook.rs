@@ -17,6 +17,8 @@ fn settings() -> (Settings, SocketAddr) {
         listen: addr,
         nvml_library: Some(PathBuf::from(fake_nvml::LIBRARY)),
         pod: Default::default(),
+        // No GPUs here: PoC runs on the CPU.
+        allow_cpu_compute: true,
     };
     (settings, addr)
 }

@@ -148,10 +148,12 @@ pub struct HealthResponse {
     pub managers: ManagersInfo,
 }
 
-/// `GET /readyz`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// `GET /readyz`: upstream's `{ready}`, and why not.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ReadinessResponse {
     pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// An error answer, FastAPI's shape: `{"detail": "..."}`.

@@ -43,6 +43,8 @@ pub enum PowError {
     Invalid(#[from] ValidationError),
     #[error("invalid PoC params: {0}")]
     Params(String),
+    #[error("no GPU: this ML node proves compute on GPUs only (the CPU is for development, --allow-cpu-compute)")]
+    NoGpu,
 }
 
 struct Session {
@@ -86,6 +88,9 @@ impl PowService {
             return Err(PowError::NodeUnset);
         }
         request.params.validate().map_err(|e| PowError::Params(e.0))?;
+        if !self.settings.allow_cpu && !tch::Cuda::is_available() {
+            return Err(PowError::NoGpu);
+        }
         let mut session = self.session.lock().expect("session");
         if session.as_ref().is_none_or(|s| s.request != request) {
             let block_height = request.block_height;

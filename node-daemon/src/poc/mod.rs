@@ -33,11 +33,13 @@ pub struct PowSettings {
     pub max_pending: usize,
     /// Total memory of each GPU by CUDA index (from NVML), for cutting GPU groups.
     pub gpu_vram_gb: Vec<f64>,
+    /// Development only: compute on the CPU when CUDA has no GPU (else PoC is refused).
+    pub allow_cpu: bool,
 }
 
 impl Default for PowSettings {
     fn default() -> Self {
-        Self { send_interval: Duration::from_secs(5), max_pending: 10_000, gpu_vram_gb: Vec::new() }
+        Self { send_interval: Duration::from_secs(5), max_pending: 10_000, gpu_vram_gb: Vec::new(), allow_cpu: false }
     }
 }
 

@@ -30,6 +30,7 @@ fn failure(e: PowError) -> Response {
         PowError::NodeUnset | PowError::NotRunning | PowError::Invalid(_) | PowError::Params(_) => {
             StatusCode::BAD_REQUEST
         }
+        PowError::NoGpu => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
 }

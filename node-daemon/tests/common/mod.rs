@@ -32,7 +32,27 @@ impl Daemon {
         Self::spawn(scenario, library, None)
     }
 
+    /// As in production: no CPU compute, ready only with the GPUs `config` asks for.
+    pub fn start_on_gpus_only(scenario: &Scenario, config: Option<&Value>) -> Self {
+        let file = config.map(|c| {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), c.to_string()).unwrap();
+            file
+        });
+        Self::spawn_as(scenario, Some(Path::new(fake_nvml::LIBRARY)), file, false)
+    }
+
     fn spawn(scenario: &Scenario, library: Option<&Path>, config: Option<tempfile::NamedTempFile>) -> Self {
+        // The tests compute PoC on the CPU (no GPU here): the development setting.
+        Self::spawn_as(scenario, library, config, true)
+    }
+
+    fn spawn_as(
+        scenario: &Scenario,
+        library: Option<&Path>,
+        config: Option<tempfile::NamedTempFile>,
+        allow_cpu_compute: bool,
+    ) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         scenario.write(file.path()).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -40,6 +60,7 @@ impl Daemon {
         cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
             .env(fake_nvml::CONFIG_ENV, file.path())
             .env("RUST_LOG", "warn")
+            .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
