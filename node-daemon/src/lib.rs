@@ -35,6 +35,9 @@ pub struct Settings {
     /// Off, an ML node without the GPUs it expects is never ready (so never registered) and
     /// refuses PoC work.
     pub allow_cpu_compute: bool,
+    /// How long, after SIGTERM, pending PoC batches may take to be delivered (within the pod's
+    /// termination grace period).
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// The daemon's pod, from the downward API (`POD_NAME`, `NODE_NAME`, `POD_IP`).
@@ -139,7 +142,10 @@ pub async fn run_with(
     let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, readiness);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
-    axum::serve(listener, api::service(state)).with_graceful_shutdown(shutdown).await?;
+    // Shutting down takes no new work first (the server stops), then delivers what is pending.
+    axum::serve(listener, api::service(state.clone())).with_graceful_shutdown(shutdown).await?;
+    #[cfg(feature = "torch")]
+    state.pow.shutdown(settings.shutdown_grace).await;
 
     reprobe.abort();
     reporter_stop.cancel();

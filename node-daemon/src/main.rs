@@ -35,6 +35,10 @@ struct Cli {
     /// GPUs. Never set it on a GPU fleet: a pod whose GPUs are missing would be registered.
     #[arg(long, env = "GONKA_ALLOW_CPU_COMPUTE")]
     allow_cpu_compute: bool,
+    /// After SIGTERM, how long pending PoC batches may take to reach the network node (keep it
+    /// under the pod's termination grace period, 60 s).
+    #[arg(long, env = "GONKA_SHUTDOWN_GRACE_SECONDS", default_value_t = 45)]
+    shutdown_grace_seconds: u64,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         nvml_library: cli.nvml_library,
         pod: gonka_node_daemon::PodInfo { name: cli.pod_name, node_name: cli.node_name, ip: cli.pod_ip },
         allow_cpu_compute: cli.allow_cpu_compute,
+        shutdown_grace: std::time::Duration::from_secs(cli.shutdown_grace_seconds),
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
 }

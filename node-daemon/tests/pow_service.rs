@@ -8,6 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -162,6 +163,37 @@ fn generation_survives_a_callback_outage_without_losing_a_proof() {
         computed.iter().zip(distances("prover", &computed)).filter(|(_, d)| *d < R_TARGET).map(|(n, _)| *n).collect();
     assert_eq!(delivered, expected, "proofs lost or invented");
     assert!(metric(&d, "gonka_ml_node_poc_nonces_computed_total") >= computed.len() as f64);
+}
+
+#[test]
+fn sigterm_mid_poc_delivers_every_pending_proof() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (callback, url) = start_callback(&runtime);
+    // Proofs would go out every 300 s: whatever arrives comes from the shutdown.
+    let config = json!({
+        "gonkaNode": "gpu/test", "mlCallbackUrl": "http://unused", "pocPort": 8080, "inferencePort": 5000,
+        "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 300, "maxPendingBatches": 1000}
+    });
+    let mut d = Daemon::start_configured(&Scenario::hgx_h100(), &config);
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0)).0, 200);
+    eventually("proofs pending", || metric(&d, "gonka_ml_node_poc_nonces_valid_total") >= 20.0);
+    assert!(callback.generated.lock().unwrap().is_empty(), "nothing sent yet");
+
+    let exit = d.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "{exit:?}");
+    let mut delivered = BTreeSet::new();
+    for b in callback.generated.lock().unwrap().iter() {
+        for n in b["nonces"].as_array().unwrap() {
+            assert!(delivered.insert(n.as_u64().unwrap()), "nonce {n} delivered twice");
+        }
+    }
+    assert!(delivered.len() >= 20, "{} proofs delivered", delivered.len());
+    // Every proof among the nonces computed before the end, none lost.
+    let last = *delivered.iter().max().unwrap();
+    let computed: Vec<u64> = (0..(last / 8 + 1) * 8).collect();
+    let expected: BTreeSet<u64> =
+        computed.iter().zip(distances("prover", &computed)).filter(|(_, d)| *d < R_TARGET).map(|(n, _)| *n).collect();
+    assert_eq!(delivered, expected, "proofs lost or invented");
 }
 
 #[test]

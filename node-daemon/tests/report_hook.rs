@@ -19,6 +19,7 @@ fn settings() -> (Settings, SocketAddr) {
         pod: Default::default(),
         // No GPUs here: PoC runs on the CPU.
         allow_cpu_compute: true,
+        shutdown_grace: std::time::Duration::from_secs(5),
     };
     (settings, addr)
 }

@@ -53,7 +53,14 @@ struct Session {
     /// Model replicas built so far, one per GPU group.
     models_ready: Arc<AtomicUsize>,
     groups: usize,
+    /// Ends everything at once (`/stop`, a new session): what was not sent is dropped, as
+    /// upstream drops it.
     stop: CancellationToken,
+    /// Ends the GPU groups' work only (a child of `stop`).
+    workers: CancellationToken,
+    /// Asks the sender to deliver what is pending, then end.
+    flush: CancellationToken,
+    sender: Option<tokio::task::JoinHandle<()>>,
     to_validate: mpsc::Sender<ProofBatch>,
 }
 
@@ -136,6 +143,21 @@ impl PowService {
         }
     }
 
+    /// The daemon is shutting down (SIGTERM): stop computing, deliver every pending batch the
+    /// phase lets through within `grace`, then end the session.
+    pub async fn shutdown(&self, grace: Duration) {
+        let Some(mut session) = self.session.lock().expect("session").take() else { return };
+        session.workers.cancel();
+        session.flush.cancel();
+        if let Some(sender) = session.sender.take() {
+            match tokio::time::timeout(grace, sender).await {
+                Ok(_) => tracing::info!("pending PoC batches delivered"),
+                Err(_) => tracing::warn!(?grace, "pending PoC batches not all delivered within the grace period"),
+            }
+        }
+        self.reporting.update_state(|s| s.service = ServiceState::Stopped);
+    }
+
     /// Ends the session; returns whether one ran.
     pub fn stop(&self) -> bool {
         let stopped = self.session.lock().expect("session").take().is_some();
@@ -149,6 +171,8 @@ impl PowService {
         tracing::info!(block_height = request.block_height, node_id = request.node_id, "starting a PoC session");
         let (phase, phase_rx) = watch::channel(Phase::Idle);
         let stop = CancellationToken::new();
+        let workers = stop.child_token();
+        let flush = CancellationToken::new();
         let models_ready = Arc::new(AtomicUsize::new(0));
         let capacity = self.settings.max_pending.max(1);
         let (generated_tx, generated_rx) = mpsc::channel(capacity);
@@ -169,7 +193,7 @@ impl PowService {
                 group_id: group_id as u64,
                 n_groups: n_groups as u64,
                 phase: phase_rx.clone(),
-                stop: stop.clone(),
+                stop: workers.clone(),
                 models_ready: models_ready.clone(),
                 generated: generated_tx.clone(),
                 validated: validated_tx.clone(),
@@ -189,8 +213,8 @@ impl PowService {
             metrics: self.metrics.clone(),
             reporting: self.reporting.clone(),
         };
-        tokio::spawn(sender.run(stop.clone()));
-        Session { request, phase, models_ready, groups: n_groups, stop, to_validate }
+        let sender = Some(tokio::spawn(sender.run(stop.clone(), flush.clone())));
+        Session { request, phase, models_ready, groups: n_groups, stop, workers, flush, sender, to_validate }
     }
 
     /// CPU: one group in float32. GPUs: upstream's groups (consecutive GPUs holding one model
@@ -322,7 +346,7 @@ struct Sender {
 }
 
 impl Sender {
-    async fn run(mut self, stop: CancellationToken) {
+    async fn run(mut self, stop: CancellationToken, flush: CancellationToken) {
         let mut pending_generated: Vec<ProofBatch> = Vec::new();
         let mut pending_validated: Vec<ValidatedBatch> = Vec::new();
         let mut tick = tokio::time::interval(self.settings.send_interval);
@@ -330,6 +354,10 @@ impl Sender {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = flush.cancelled() => {
+                    self.deliver_all(pending_generated, pending_validated, &stop).await;
+                    break;
+                }
                 _ = tick.tick() => {}
             }
             // Upstream's sender posts proofs only in the generate phase and verdicts only in the
@@ -370,6 +398,59 @@ impl Sender {
                 s.poc.send_failures += failed;
                 s.poc.pending_batches = pending;
             });
+        }
+    }
+
+    /// The last delivery, at shutdown: everything the workers still hand over (until their
+    /// channels close: they have stopped) and everything pending, of the kind the phase lets
+    /// through, retried until sent or `stop`.
+    async fn deliver_all(
+        &mut self,
+        mut generated: Vec<ProofBatch>,
+        mut validated: Vec<ValidatedBatch>,
+        stop: &CancellationToken,
+    ) {
+        use tokio::sync::mpsc::error::TryRecvError;
+        let phase = *self.phase.borrow();
+        loop {
+            let mut open = false;
+            loop {
+                match self.generated.try_recv() {
+                    Ok(b) => generated.push(b),
+                    Err(TryRecvError::Empty) => {
+                        open = true;
+                        break;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            loop {
+                match self.validated.try_recv() {
+                    Ok(b) => validated.push(b),
+                    Err(TryRecvError::Empty) => {
+                        open = true;
+                        break;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            match phase {
+                Phase::Generate => generated = self.send_all(generated, "generated").await.0,
+                Phase::Validate => validated = self.send_all(validated, "validated").await.0,
+                Phase::Idle => {}
+            }
+            let waiting = match phase {
+                Phase::Generate => !generated.is_empty(),
+                Phase::Validate => !validated.is_empty(),
+                Phase::Idle => false,
+            };
+            if !open && !waiting {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
         }
     }
 
