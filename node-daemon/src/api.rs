@@ -30,6 +30,14 @@ use crate::metrics::DaemonMetrics;
 
 /// Upstream caches the health answer this long.
 const HEALTH_CACHE: Duration = Duration::from_secs(5);
+/// Largest request body (a validation sample of upstream's 200 nonces is a few KiB).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Requests handled at once; more are refused with 503 instead of queueing without end.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Longest a request may take (none should come near it).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The kubelet's probes and the metrics scrape are answered whatever the load.
+const UNLIMITED_PATHS: [&str; 5] = ["/healthz", "/readyz", "/livez", "/health", "/metrics"];
 
 /// When the ML node is ready to be registered and given work.
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +51,7 @@ pub struct Readiness {
 pub struct AppState {
     pub probe: GpuProbe,
     pub readiness: Readiness,
+    in_flight: tokio::sync::Semaphore,
     pub metrics: DaemonMetrics,
     pub version: String,
     /// The report hook: inventory, state, events.
@@ -65,6 +74,7 @@ impl AppState {
         Arc::new(Self {
             probe,
             readiness,
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             #[cfg(feature = "torch")]
             pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone()),
             reporting,
@@ -99,7 +109,8 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let unprocessable = |detail: String| error(StatusCode::UNPROCESSABLE_ENTITY, detail);
         let json = req.headers().get(header::CONTENT_TYPE).map(|v| is_json_media_type(v.to_str().unwrap_or("")));
-        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| unprocessable(e.body_text()))?;
+        // A body over the limit is a 413 naming it.
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| error(e.status(), e.body_text()))?;
         if body.is_empty() {
             return Err(unprocessable("body: Field required".into()));
         }
@@ -159,7 +170,27 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits))
         .with_state(state)
+}
+
+/// At most [`MAX_IN_FLIGHT`] requests at once and [`REQUEST_TIMEOUT`] each, so no caller can
+/// tie the ML node up; the probes and metrics are exempt.
+async fn limits(State(state): State<Arc<AppState>>, request: Request, next: axum::middleware::Next) -> Response {
+    if UNLIMITED_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.in_flight.try_acquire() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_IN_FLIGHT} requests in flight already; try again"),
+        );
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {REQUEST_TIMEOUT:?}")),
+    }
 }
 
 /// `/v3.0.8/api/v1/state` → `/api/v1/state`.

@@ -168,6 +168,14 @@ fn d_seq() -> usize {
 #[error("invalid PoC params: {0}")]
 pub struct ParamsError(pub String);
 
+/// Bounds on the proof model's shape (mainnet's is 1792 / 64 / 64 / 8196 / 256).
+pub const MAX_DIM: usize = 1 << 16;
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_HEADS: usize = 1024;
+pub const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_SEQ_LEN: usize = 1 << 16;
+pub const MAX_FFN_MULTIPLIER: f64 = 1024.0;
+
 impl Params {
     /// Mainnet's set (`MainNetParams` in the network node, `PARAMS_V2` in the ML node).
     pub fn mainnet() -> Self {
@@ -203,11 +211,32 @@ impl Params {
         self.multiple_of * hidden.div_ceil(self.multiple_of)
     }
 
-    /// Checks upstream's `ModelArgs` assertions and what a forward pass needs.
+    /// Checks upstream's `ModelArgs` assertions, what a forward pass needs, and bounds every
+    /// dimension (far above any model the network has used) so that sizes computed from them
+    /// can't overflow; whether the model fits an ML node's memory is [`Params::memory_bytes`].
     pub fn validate(&self) -> Result<(), ParamsError> {
         let fail = |m: &str| Err(ParamsError(m.into()));
         if self.dim == 0 || self.n_layers == 0 || self.n_heads == 0 || self.vocab_size == 0 || self.seq_len == 0 {
             return fail("dim, n_layers, n_heads, vocab_size and seq_len must be positive");
+        }
+        for (name, value, max) in [
+            ("dim", self.dim, MAX_DIM),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("n_heads", self.n_heads, MAX_HEADS),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("seq_len", self.seq_len, MAX_SEQ_LEN),
+            ("multiple_of", self.multiple_of, MAX_DIM),
+        ] {
+            if value > max {
+                return Err(ParamsError(format!("{name} {value} is above the limit of {max}")));
+            }
+        }
+        if let Some(m) = self.ffn_dim_multiplier
+            && !(m.is_finite() && m > 0.0 && m <= MAX_FFN_MULTIPLIER)
+        {
+            return Err(ParamsError(format!(
+                "ffn_dim_multiplier {m} must be above 0 and at most {MAX_FFN_MULTIPLIER}"
+            )));
         }
         if self.multiple_of == 0 {
             return fail("multiple_of must be positive");
@@ -246,6 +275,21 @@ impl Params {
         out
     }
 
+    /// Bytes a forward pass of `batch_size` nonces needs: the weights at `weight_bytes` each
+    /// (2 in float16, 4 in float32), and float32 activations of the widest steps (a layer's
+    /// hidden states, FFN and attention scores, the logits). Saturating: call after
+    /// [`Params::validate`] for a meaningful number.
+    pub fn memory_bytes(&self, batch_size: usize, weight_bytes: u64) -> u64 {
+        let n = |v: usize| v as u64;
+        let (b, s) = (n(batch_size), n(self.seq_len));
+        let weights = n(self.parameter_count()).saturating_mul(weight_bytes);
+        let per_token = n(self.dim).saturating_mul(4).saturating_add(n(self.ffn_hidden()).saturating_mul(3));
+        let hidden = b.saturating_mul(s).saturating_mul(per_token);
+        let scores = b.saturating_mul(n(self.n_heads)).saturating_mul(s).saturating_mul(s);
+        let logits = b.saturating_mul(n(self.vocab_size));
+        weights.saturating_add(hidden.saturating_add(scores).saturating_add(logits).saturating_mul(4))
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.parameters().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
@@ -282,6 +326,20 @@ mod tests {
         assert!(base.validate().is_ok());
         assert!(Params { n_heads: 5, ..base.clone() }.validate().is_err());
         assert!(Params { n_kv_heads: 3, ..base.clone() }.validate().is_err());
-        assert!(Params { seq_len: 0, ..base }.validate().is_err());
+        assert!(Params { seq_len: 0, ..base.clone() }.validate().is_err());
+        let err = Params { dim: 1 << 20, n_heads: 4, ..base.clone() }.validate().unwrap_err();
+        assert_eq!(err.0, "dim 1048576 is above the limit of 65536");
+        assert!(Params { ffn_dim_multiplier: Some(f64::INFINITY), ..base }.validate().is_err());
+    }
+
+    #[test]
+    fn memory_is_counted_for_weights_and_one_batch() {
+        let p = Params::mainnet();
+        // 18.4B parameters in float16 are about 34 GiB; upstream's GPU groups want 38 GB.
+        let gib = p.memory_bytes(32, 2) as f64 / (1u64 << 30) as f64;
+        assert!((34.0..40.0).contains(&gib), "{gib} GiB");
+        assert!(p.memory_bytes(64, 2) > p.memory_bytes(32, 2));
+        let huge = Params { dim: MAX_DIM, n_layers: MAX_LAYERS, n_heads: MAX_HEADS, ..p };
+        assert!(huge.memory_bytes(4096, 4) > 1 << 50, "saturates, never wraps");
     }
 }

@@ -45,6 +45,42 @@ pub enum PowError {
     Params(String),
     #[error("no GPU: this ML node proves compute on GPUs only (the CPU is for development, --allow-cpu-compute)")]
     NoGpu,
+    #[error(
+        "the proof model and a batch of {batch_size} need {needed_gib:.1} GiB; this ML node has {budget_gib:.1} GiB of {memory}"
+    )]
+    TooLarge { batch_size: usize, needed_gib: f64, budget_gib: f64, memory: &'static str },
+    #[error("batch_size {0} is outside 1..={MAX_BATCH_SIZE}")]
+    BatchSize(usize),
+    #[error("a validation batch holds at most {MAX_VALIDATION_NONCES} nonces, this one {0}")]
+    ValidationBatch(usize),
+    #[error("{VALIDATION_QUEUE} batches already wait for validation; try again later")]
+    ValidationBusy,
+}
+
+/// Nonces per forward pass accepted (the GonkaNode's `poc.batchSize` allows as many).
+pub const MAX_BATCH_SIZE: usize = 4096;
+/// Nonces in one `/pow/validate` batch (upstream samples 200 per participant).
+pub const MAX_VALIDATION_NONCES: usize = 100_000;
+/// Batches waiting for validation; more are refused (503) rather than waited for.
+pub const VALIDATION_QUEUE: usize = 1024;
+
+/// What a session may use: the GPUs' memory (NVML), or on the CPU (development) the memory
+/// the system has available.
+fn memory_budget(settings: &PowSettings) -> (u64, &'static str) {
+    if tch::Cuda::is_available() {
+        let gib: f64 = settings.gpu_vram_gb.iter().sum();
+        ((gib * (1u64 << 30) as f64) as u64, "GPU memory")
+    } else {
+        (available_memory_bytes().unwrap_or(0), "available system memory")
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`.
+fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 struct Session {
@@ -95,8 +131,24 @@ impl PowService {
             return Err(PowError::NodeUnset);
         }
         request.params.validate().map_err(|e| PowError::Params(e.0))?;
-        if !self.settings.allow_cpu && !tch::Cuda::is_available() {
+        if !(1..=MAX_BATCH_SIZE).contains(&request.batch_size) {
+            return Err(PowError::BatchSize(request.batch_size));
+        }
+        let cuda = tch::Cuda::is_available();
+        if !self.settings.allow_cpu && !cuda {
             return Err(PowError::NoGpu);
+        }
+        // Refused before anything is allocated: one request must not take the node down.
+        let needed = request.params.memory_bytes(request.batch_size, if cuda { 2 } else { 4 });
+        let (budget, memory) = memory_budget(&self.settings);
+        if needed > budget {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(PowError::TooLarge {
+                batch_size: request.batch_size,
+                needed_gib: gib(needed),
+                budget_gib: gib(budget),
+                memory,
+            });
         }
         let mut session = self.session.lock().expect("session");
         if session.as_ref().is_none_or(|s| s.request != request) {
@@ -125,15 +177,19 @@ impl PowService {
         Ok(status_of(s))
     }
 
-    /// `/pow/validate`: queues another node's batch for recomputation.
-    pub async fn validate(&self, batch: ProofBatch) -> Result<(), PowError> {
-        let to_validate = {
-            let session = self.session.lock().expect("session");
-            let s = session.as_ref().ok_or(PowError::NotRunning)?;
-            check_claims(&batch)?;
-            s.to_validate.clone()
-        };
-        to_validate.send(batch).await.map_err(|_| PowError::NotRunning)
+    /// `/pow/validate`: queues another node's batch for recomputation; a full queue is a
+    /// refusal, not a wait.
+    pub fn validate(&self, batch: ProofBatch) -> Result<(), PowError> {
+        if batch.nonces.len() > MAX_VALIDATION_NONCES {
+            return Err(PowError::ValidationBatch(batch.nonces.len()));
+        }
+        let session = self.session.lock().expect("session");
+        let s = session.as_ref().ok_or(PowError::NotRunning)?;
+        check_claims(&batch)?;
+        s.to_validate.try_send(batch).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => PowError::ValidationBusy,
+            mpsc::error::TrySendError::Closed(_) => PowError::NotRunning,
+        })
     }
 
     pub fn status(&self) -> PowStatus {
@@ -177,7 +233,7 @@ impl PowService {
         let capacity = self.settings.max_pending.max(1);
         let (generated_tx, generated_rx) = mpsc::channel(capacity);
         let (validated_tx, validated_rx) = mpsc::channel(capacity);
-        let (to_validate, to_validate_rx) = mpsc::channel(1024);
+        let (to_validate, to_validate_rx) = mpsc::channel(VALIDATION_QUEUE);
         let to_validate_rx = Arc::new(Mutex::new(to_validate_rx));
 
         let (groups, kind) = self.device_groups(&request);

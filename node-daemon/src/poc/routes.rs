@@ -27,10 +27,14 @@ pub fn routes() -> Router<Arc<AppState>> {
 
 fn failure(e: PowError) -> Response {
     let status = match e {
-        PowError::NodeUnset | PowError::NotRunning | PowError::Invalid(_) | PowError::Params(_) => {
-            StatusCode::BAD_REQUEST
-        }
-        PowError::NoGpu => StatusCode::SERVICE_UNAVAILABLE,
+        PowError::NodeUnset
+        | PowError::NotRunning
+        | PowError::Params(_)
+        | PowError::TooLarge { .. }
+        | PowError::BatchSize(_) => StatusCode::BAD_REQUEST,
+        PowError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        PowError::ValidationBatch(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        PowError::NoGpu | PowError::ValidationBusy => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
 }
@@ -50,7 +54,7 @@ async fn phase(State(s): State<Arc<AppState>>, phase: Phase) -> Response {
 }
 
 async fn validate(State(s): State<Arc<AppState>>, JsonBody(batch): JsonBody<ProofBatch>) -> Response {
-    match s.pow.validate(batch).await {
+    match s.pow.validate(batch) {
         // Upstream answers 200 with an empty (null) body.
         Ok(()) => axum::Json(serde_json::Value::Null).into_response(),
         Err(e) => failure(e),

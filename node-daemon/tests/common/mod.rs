@@ -124,6 +124,18 @@ impl Daemon {
         self.try_request("GET", path).unwrap().1
     }
 
+    /// The daemon's resident memory, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
     /// SIGTERM, as the kubelet sends it; waits for the process to end and says how it ended.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         let sent = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
