@@ -235,7 +235,9 @@ pub struct ModelSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PocSpec {
-    /// Nonces computed per forward pass (upstream `POC_BATCH_SIZE_DEFAULT`).
+    /// Nonces computed per forward pass, tuned to the GPUs (upstream's ML node tunes its own,
+    /// `POC_BATCH_SIZE_DEFAULT`); it replaces the `batch_size` the network node sends. Larger
+    /// batches use more GPU memory: a batch that does not fit is refused with the reason.
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 4096))]
     pub batch_size: i32,

@@ -25,6 +25,8 @@ use gonka_protocol::ml_node::{
     ServiceState, StateResponse, StatusResponse, VersionsResponse,
 };
 
+use sha2::{Digest, Sha256};
+
 use crate::gpu::{GpuProbe, GpuStatus};
 use crate::metrics::DaemonMetrics;
 
@@ -52,6 +54,11 @@ pub struct AppState {
     pub probe: GpuProbe,
     pub readiness: Readiness,
     in_flight: tokio::sync::Semaphore,
+    /// The models the GonkaNode gives this ML node (`daemon.json`); empty: any.
+    pub models: Vec<String>,
+    /// SHA-256 of the bearer token every API call must carry (the network node's
+    /// `auth_token`); `None`: no token asked for, as upstream's ML node.
+    api_token_sha256: Option<[u8; 32]>,
     pub metrics: DaemonMetrics,
     pub version: String,
     /// The report hook: inventory, state, events.
@@ -70,11 +77,15 @@ impl AppState {
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
         reporting: crate::report::Reporting,
         readiness: Readiness,
+        api_token: Option<&str>,
+        models: Vec<String>,
     ) -> Arc<Self> {
         Arc::new(Self {
             probe,
             readiness,
+            models,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            api_token_sha256: api_token.map(|t| Sha256::digest(t.as_bytes()).into()),
             #[cfg(feature = "torch")]
             pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone()),
             reporting,
@@ -175,11 +186,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// At most [`MAX_IN_FLIGHT`] requests at once and [`REQUEST_TIMEOUT`] each, so no caller can
-/// tie the ML node up; the probes and metrics are exempt.
+/// The bearer token when one is configured, then at most [`MAX_IN_FLIGHT`] requests at once and
+/// [`REQUEST_TIMEOUT`] each, so no caller can tie the ML node up; the probes and metrics are
+/// exempt from all three.
 async fn limits(State(state): State<Arc<AppState>>, request: Request, next: axum::middleware::Next) -> Response {
     if UNLIMITED_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
+    }
+    if let Some(want) = &state.api_token_sha256 {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())));
+        // Digests are compared, so the comparison's time says nothing about the token.
+        if given.as_ref() != Some(want) {
+            return error(StatusCode::UNAUTHORIZED, "Not authenticated: this ML node wants its bearer token");
+        }
     }
     let Ok(_permit) = state.in_flight.try_acquire() else {
         return error(

@@ -38,6 +38,9 @@ pub struct Settings {
     /// How long, after SIGTERM, pending PoC batches may take to be delivered (within the pod's
     /// termination grace period).
     pub shutdown_grace: std::time::Duration,
+    /// The bearer token API calls must carry (upstream node config's `auth_token`); `None`:
+    /// none asked for.
+    pub api_token: Option<String>,
 }
 
 /// The daemon's pod, from the downward API (`POD_NAME`, `NODE_NAME`, `POD_IP`).
@@ -115,6 +118,8 @@ pub async fn run_with(
             max_pending: c.poc.max_pending_batches.max(1) as usize,
             gpu_vram_gb,
             allow_cpu: settings.allow_cpu_compute,
+            callback_base: Some(c.ml_callback_url.clone()),
+            batch_size: Some(c.poc.batch_size.max(1) as usize),
         },
         None => poc::PowSettings { gpu_vram_gb, allow_cpu: settings.allow_cpu_compute, ..poc::PowSettings::default() },
     };
@@ -139,7 +144,16 @@ pub async fn run_with(
         tracing::info!(url = %target.url, "reporting to the operator");
         Some(tokio::spawn(reporter::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, readiness);
+    let state = api::AppState::new(
+        probe,
+        metrics,
+        env!("CARGO_PKG_VERSION"),
+        pow,
+        reporting,
+        readiness,
+        settings.api_token.as_deref(),
+        settings.config.iter().flat_map(|c| c.models.iter().map(|m| m.id.clone())).collect(),
+    );
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     // Shutting down takes no new work first (the server stops), then delivers what is pending.

@@ -39,6 +39,10 @@ struct Cli {
     /// under the pod's termination grace period, 60 s).
     #[arg(long, env = "GONKA_SHUTDOWN_GRACE_SECONDS", default_value_t = 45)]
     shutdown_grace_seconds: u64,
+    /// A file holding the bearer token every API call must carry (the network node's
+    /// `auth_token` for this ML node); unset, no token is asked for, as upstream.
+    #[arg(long, env = "GONKA_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -90,6 +94,15 @@ async fn main() -> anyhow::Result<()> {
         pod: gonka_node_daemon::PodInfo { name: cli.pod_name, node_name: cli.node_name, ip: cli.pod_ip },
         allow_cpu_compute: cli.allow_cpu_compute,
         shutdown_grace: std::time::Duration::from_secs(cli.shutdown_grace_seconds),
+        api_token: match &cli.api_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading --api-token-file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        },
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
 }

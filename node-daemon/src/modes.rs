@@ -56,15 +56,21 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
         .route("/api/v1/inference/down", post(|| async { axum::Json(StatusResponse::ok()) }))
 }
 
-async fn inference_up(JsonBody(request): JsonBody<InferenceUpRequest>) -> axum::Json<InferenceUpResponse> {
-    tracing::warn!(model = %request.model, "the network node asked for inference, which this ML node does not serve");
-    axum::Json(InferenceUpResponse {
-        status: "ERROR".into(),
-        message: Some(format!(
+async fn inference_up(
+    State(state): State<Arc<AppState>>,
+    JsonBody(request): JsonBody<InferenceUpRequest>,
+) -> axum::Json<InferenceUpResponse> {
+    let configured = &state.models;
+    let message = if !configured.is_empty() && !configured.contains(&request.model) {
+        format!("{} is not a model this ML node is configured for ({})", request.model, configured.join(", "))
+    } else {
+        tracing::warn!(model = %request.model, "the network node asked for inference, which this ML node does not serve");
+        format!(
             "cannot serve {}: gonka-node-daemon proves compute (PoC v1) and runs no inference engine",
             request.model
-        )),
-    })
+        )
+    };
+    axum::Json(InferenceUpResponse { status: "ERROR".into(), message: Some(message) })
 }
 
 #[cfg(test)]

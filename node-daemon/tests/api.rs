@@ -212,3 +212,45 @@ fn ready_only_with_the_gpus_the_gonka_node_gives_it() {
     // The development setting (what the other tests run with) is ready on the CPU.
     assert_eq!(Daemon::start(&Scenario::no_driver()).json("GET", "/readyz"), (200, json!({"ready": true})));
 }
+
+#[test]
+fn with_a_token_every_api_call_must_carry_it() {
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "node-config-auth-token\n").unwrap();
+    let d = Daemon::start_with_env(&Scenario::hgx_h100(), &[("GONKA_API_TOKEN_FILE", token.path().to_str().unwrap())]);
+    let (status, answer) = d.json("GET", "/api/v1/state");
+    assert_eq!(status, 401, "{answer}");
+    let call = |auth: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        write!(
+            stream,
+            "GET /api/v1/gpu/devices HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap()
+    };
+    assert_eq!(call("Bearer node-config-auth-token"), 200);
+    assert_eq!(call("Bearer someone-elses"), 401);
+    // The kubelet's probes and the metrics scrape carry no token.
+    assert_eq!(d.json("GET", "/readyz").0, 200);
+    assert_eq!(d.try_request("GET", "/healthz").unwrap().0, 200);
+}
+
+#[test]
+fn inference_is_asked_only_for_the_models_the_gonka_node_gives_it() {
+    let config = json!({
+        "gonkaNode": "gpu/h100", "mlCallbackUrl": "http://api:9100", "pocPort": 8080, "inferencePort": 5000,
+        "gpus": 8, "models": [{"id": "Qwen/QwQ-32B", "args": []}],
+        "poc": {"batchSize": 32, "sendIntervalSeconds": 5, "maxPendingBatches": 100}
+    });
+    let d = Daemon::start_configured(&Scenario::hgx_h100(), &config);
+    let up = |model: &str| d.post_json("POST", "/api/v1/inference/up", &json!({"model": model, "dtype": "auto"})).1;
+    assert_eq!(
+        up("someone/else")["message"],
+        "someone/else is not a model this ML node is configured for (Qwen/QwQ-32B)"
+    );
+    assert!(up("Qwen/QwQ-32B")["message"].as_str().unwrap().starts_with("cannot serve Qwen/QwQ-32B"));
+}

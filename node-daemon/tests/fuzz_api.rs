@@ -42,6 +42,8 @@ fn state() -> Arc<AppState> {
         PowSettings::default(),
         Reporting::default(),
         readiness,
+        None,
+        Vec::new(),
     )
 }
 

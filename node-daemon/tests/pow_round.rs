@@ -17,8 +17,10 @@ use serde_json::json;
 #[test]
 fn two_ml_nodes_prove_cross_validate_and_earn_weight() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
     let config = json!({
-        "gonkaNode": "gpu/test", "mlCallbackUrl": "http://unused", "pocPort": 8080, "inferencePort": 5000,
+        "gonkaNode": "gpu/test", "mlCallbackUrl": base, "pocPort": 8080, "inferencePort": 5000,
         "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
     });
     let nodes = [
@@ -44,8 +46,6 @@ fn two_ml_nodes_prove_cross_validate_and_earn_weight() {
         };
         devnet.lock().unwrap().register(registration).unwrap();
     }
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
     let app = gonka_devnet::callback_router(devnet.clone());
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
 

@@ -71,9 +71,11 @@ fn init_request(url: &str, node_id: i64) -> Value {
     })
 }
 
-fn daemon() -> Daemon {
+/// A daemon configured as the operator configures one, with `callback` as the network node's
+/// callback base (init requests may name only URLs under it).
+fn daemon(callback: &str) -> Daemon {
     let config = json!({
-        "gonkaNode": "gpu/test", "mlCallbackUrl": "http://unused", "pocPort": 8080, "inferencePort": 5000,
+        "gonkaNode": "gpu/test", "mlCallbackUrl": callback, "pocPort": 8080, "inferencePort": 5000,
         "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
     });
     Daemon::start_configured(&Scenario::hgx_h100(), &config)
@@ -107,7 +109,7 @@ fn metric(d: &Daemon, name: &str) -> f64 {
 fn generation_survives_a_callback_outage_without_losing_a_proof() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (callback, url) = start_callback(&runtime);
-    let d = daemon();
+    let d = daemon(&url);
     callback.down.store(true, Ordering::SeqCst);
 
     let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0));
@@ -171,7 +173,7 @@ fn sigterm_mid_poc_delivers_every_pending_proof() {
     let (callback, url) = start_callback(&runtime);
     // Proofs would go out every 300 s: whatever arrives comes from the shutdown.
     let config = json!({
-        "gonkaNode": "gpu/test", "mlCallbackUrl": "http://unused", "pocPort": 8080, "inferencePort": 5000,
+        "gonkaNode": "gpu/test", "mlCallbackUrl": url, "pocPort": 8080, "inferencePort": 5000,
         "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 300, "maxPendingBatches": 1000}
     });
     let mut d = Daemon::start_configured(&Scenario::hgx_h100(), &config);
@@ -200,7 +202,7 @@ fn sigterm_mid_poc_delivers_every_pending_proof() {
 fn validation_recomputes_and_catches_fabricated_proofs() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (callback, url) = start_callback(&runtime);
-    let d = daemon();
+    let d = daemon(&url);
     let (status, _) = d.post_json("POST", "/api/v1/pow/init/validate", &init_request(&url, 1));
     assert_eq!(status, 200);
 
@@ -248,7 +250,7 @@ fn without_a_gpu_poc_is_refused_unless_cpu_compute_is_allowed() {
 
 #[test]
 fn pow_endpoints_answer_like_upstream() {
-    let d = daemon();
+    let d = daemon("http://127.0.0.1:9");
     assert_eq!(d.json("GET", "/api/v1/pow/status"), (200, json!({"status": "NOT_LOADED"})));
     assert_eq!(d.json("POST", "/api/v1/pow/stop").1, json!({"status": "OK", "pow_status": "PoW is not running"}));
     assert_eq!(d.json("POST", "/api/v1/pow/phase/generate").0, 400);
@@ -256,6 +258,15 @@ fn pow_endpoints_answer_like_upstream() {
 
     let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request("http://127.0.0.1:9", -1));
     assert_eq!((status, answer), (400, json!({"detail": "Node ID and node count must be set"})));
+
+    // Proofs go only to the network node the operator configured, whoever asks.
+    let elsewhere = init_request("http://127.0.0.1:99/v1/poc-batches", 0);
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &elsewhere);
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(
+        answer["detail"],
+        "callback URL http://127.0.0.1:99/v1/poc-batches is not under this ML node's mlCallbackUrl http://127.0.0.1:9"
+    );
 
     let mut missing = init_request("http://127.0.0.1:9", 0);
     missing.as_object_mut().unwrap().remove("block_hash");
@@ -294,7 +305,7 @@ fn proofs_reach_the_network_node_and_count_as_weight() {
     let app = gonka_devnet::callback_router(devnet.clone());
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let d = daemon();
+    let d = daemon(&url);
     let mut request = init_request(&url, 3);
     request["node_count"] = json!(4);
     assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &request).0, 200);

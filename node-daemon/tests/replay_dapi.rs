@@ -87,7 +87,7 @@ fn a_2025_network_node_drives_a_poc_epoch_and_gets_upstreams_answers() {
     let callback = listener.local_addr().unwrap().to_string();
     runtime.spawn(axum::serve(listener, gonka_devnet::callback_router(devnet.clone())).into_future());
     let config = json!({
-        "gonkaNode": "gpu/test", "mlCallbackUrl": "http://unused", "pocPort": 8080, "inferencePort": 5000,
+        "gonkaNode": "gpu/test", "mlCallbackUrl": format!("http://{callback}"), "pocPort": 8080, "inferencePort": 5000,
         "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
     });
     let daemon = Daemon::start_configured(&Scenario::hgx_h100(), &config);

@@ -20,6 +20,7 @@ fn settings() -> (Settings, SocketAddr) {
         // No GPUs here: PoC runs on the CPU.
         allow_cpu_compute: true,
         shutdown_grace: std::time::Duration::from_secs(5),
+        api_token: None,
     };
     (settings, addr)
 }

@@ -43,6 +43,8 @@ pub enum PowError {
     Invalid(#[from] ValidationError),
     #[error("invalid PoC params: {0}")]
     Params(String),
+    #[error("callback URL {url} is not under this ML node's mlCallbackUrl {base}")]
+    CallbackNotAllowed { url: String, base: String },
     #[error("no GPU: this ML node proves compute on GPUs only (the CPU is for development, --allow-cpu-compute)")]
     NoGpu,
     #[error(
@@ -130,8 +132,14 @@ impl PowService {
         if phase == Phase::Generate && (request.node_id == -1 || request.node_count == -1) {
             return Err(PowError::NodeUnset);
         }
+        if let Some(base) = &self.settings.callback_base
+            && !super::callback_allowed(&request.url, base)
+        {
+            return Err(PowError::CallbackNotAllowed { url: request.url.clone(), base: base.clone() });
+        }
         request.params.validate().map_err(|e| PowError::Params(e.0))?;
-        if !(1..=MAX_BATCH_SIZE).contains(&request.batch_size) {
+        let batch_size = self.settings.batch_size.unwrap_or(request.batch_size);
+        if !(1..=MAX_BATCH_SIZE).contains(&request.batch_size) || !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
             return Err(PowError::BatchSize(request.batch_size));
         }
         let cuda = tch::Cuda::is_available();
@@ -139,21 +147,16 @@ impl PowService {
             return Err(PowError::NoGpu);
         }
         // Refused before anything is allocated: one request must not take the node down.
-        let needed = request.params.memory_bytes(request.batch_size, if cuda { 2 } else { 4 });
+        let needed = request.params.memory_bytes(batch_size, if cuda { 2 } else { 4 });
         let (budget, memory) = memory_budget(&self.settings);
         if needed > budget {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            return Err(PowError::TooLarge {
-                batch_size: request.batch_size,
-                needed_gib: gib(needed),
-                budget_gib: gib(budget),
-                memory,
-            });
+            return Err(PowError::TooLarge { batch_size, needed_gib: gib(needed), budget_gib: gib(budget), memory });
         }
         let mut session = self.session.lock().expect("session");
         if session.as_ref().is_none_or(|s| s.request != request) {
             let block_height = request.block_height;
-            *session = Some(self.start(request));
+            *session = Some(self.start(request, batch_size));
             self.reporting.update_state(|s| {
                 s.service = ServiceState::Pow;
                 s.poc = PocCounters { block_height: Some(block_height), ..PocCounters::default() };
@@ -223,7 +226,7 @@ impl PowService {
         stopped
     }
 
-    fn start(&self, request: InitRequest) -> Session {
+    fn start(&self, request: InitRequest, batch_size: usize) -> Session {
         tracing::info!(block_height = request.block_height, node_id = request.node_id, "starting a PoC session");
         let (phase, phase_rx) = watch::channel(Phase::Idle);
         let stop = CancellationToken::new();
@@ -244,6 +247,7 @@ impl PowService {
         for (group_id, devices) in groups.into_iter().enumerate() {
             let worker = Worker {
                 request: request.clone(),
+                batch_size,
                 devices,
                 kind,
                 group_id: group_id as u64,
@@ -300,6 +304,8 @@ fn status_of(s: &Session) -> PowStatus {
 /// One GPU group's loop (the CPU is one group): its model replica, its nonce stream.
 struct Worker {
     request: InitRequest,
+    /// Nonces per forward pass.
+    batch_size: usize,
     devices: Vec<Device>,
     kind: Kind,
     group_id: u64,
@@ -333,7 +339,7 @@ impl Worker {
             let phase = *self.phase.borrow();
             match phase {
                 Phase::Generate => {
-                    let batch: Vec<u64> = own_nonces.by_ref().take(r.batch_size.max(1)).collect();
+                    let batch: Vec<u64> = own_nonces.by_ref().take(self.batch_size).collect();
                     let dist = self.distances(&model, &target, &r.public_key, &batch);
                     self.metrics.pow_computed(batch.len() as u64);
                     let proofs = ProofBatch {

@@ -35,12 +35,48 @@ pub struct PowSettings {
     pub gpu_vram_gb: Vec<f64>,
     /// Development only: compute on the CPU when CUDA has no GPU (else PoC is refused).
     pub allow_cpu: bool,
+    /// The network node's callback base (`daemon.json` `mlCallbackUrl`): an init request's
+    /// `url` must be under it, so no caller can send this ML node's proofs elsewhere. `None`
+    /// (no `daemon.json`, development) takes any.
+    pub callback_base: Option<String>,
+    /// Nonces per forward pass (`daemon.json` `poc.batchSize`, the host's tuning for its GPUs,
+    /// as upstream's ML node tunes its own); `None`: the network node's `batch_size`.
+    pub batch_size: Option<usize>,
 }
 
 impl Default for PowSettings {
     fn default() -> Self {
-        Self { send_interval: Duration::from_secs(5), max_pending: 10_000, gpu_vram_gb: Vec::new(), allow_cpu: false }
+        Self {
+            send_interval: Duration::from_secs(5),
+            max_pending: 10_000,
+            gpu_vram_gb: Vec::new(),
+            allow_cpu: false,
+            callback_base: None,
+            batch_size: None,
+        }
     }
 }
 
+/// Whether `url` is `base` or a path below it (same scheme, host and port).
+pub fn callback_allowed(url: &str, base: &str) -> bool {
+    let base = base.trim_end_matches('/');
+    url.strip_prefix(base).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 mod ziggurat_tables;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callbacks_only_under_the_configured_base() {
+        let base = "http://gonka-api.gonka.svc:9100/";
+        assert!(callback_allowed("http://gonka-api.gonka.svc:9100/v1/poc-batches", base));
+        assert!(callback_allowed("http://gonka-api.gonka.svc:9100", base));
+        assert!(!callback_allowed("http://gonka-api.gonka.svc:91000/v1/poc-batches", base));
+        assert!(!callback_allowed("http://gonka-api.gonka.svc:9100.evil.example/v1", base));
+        assert!(!callback_allowed("http://attacker:9100/v1/poc-batches", base));
+        assert!(!callback_allowed("https://gonka-api.gonka.svc:9100/v1/poc-batches", base));
+    }
+}

@@ -33,6 +33,7 @@ fn failure(e: PowError) -> Response {
         | PowError::TooLarge { .. }
         | PowError::BatchSize(_) => StatusCode::BAD_REQUEST,
         PowError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        PowError::CallbackNotAllowed { .. } => StatusCode::FORBIDDEN,
         PowError::ValidationBatch(_) => StatusCode::PAYLOAD_TOO_LARGE,
         PowError::NoGpu | PowError::ValidationBusy => StatusCode::SERVICE_UNAVAILABLE,
     };

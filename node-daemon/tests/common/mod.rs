@@ -39,12 +39,17 @@ impl Daemon {
             std::fs::write(file.path(), c.to_string()).unwrap();
             file
         });
-        Self::spawn_as(scenario, Some(Path::new(fake_nvml::LIBRARY)), file, false)
+        Self::spawn_as(scenario, Some(Path::new(fake_nvml::LIBRARY)), file, false, &[])
+    }
+
+    /// With extra environment (flags the daemon reads from it).
+    pub fn start_with_env(scenario: &Scenario, env: &[(&str, &str)]) -> Self {
+        Self::spawn_as(scenario, Some(Path::new(fake_nvml::LIBRARY)), None, true, env)
     }
 
     fn spawn(scenario: &Scenario, library: Option<&Path>, config: Option<tempfile::NamedTempFile>) -> Self {
         // The tests compute PoC on the CPU (no GPU here): the development setting.
-        Self::spawn_as(scenario, library, config, true)
+        Self::spawn_as(scenario, library, config, true, &[])
     }
 
     fn spawn_as(
@@ -52,6 +57,7 @@ impl Daemon {
         library: Option<&Path>,
         config: Option<tempfile::NamedTempFile>,
         allow_cpu_compute: bool,
+        env: &[(&str, &str)],
     ) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         scenario.write(file.path()).unwrap();
@@ -61,6 +67,7 @@ impl Daemon {
             .env(fake_nvml::CONFIG_ENV, file.path())
             .env("RUST_LOG", "warn")
             .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
