@@ -41,23 +41,25 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The kubelet's probes and the metrics scrape are answered whatever the load.
 const UNLIMITED_PATHS: [&str; 5] = ["/healthz", "/readyz", "/livez", "/health", "/metrics"];
 
-/// When the ML node is ready to be registered and given work.
-#[derive(Clone, Copy, Debug)]
-pub struct Readiness {
-    /// Available GPUs it needs (the GonkaNode's `gpusPerMlNode`, else one).
+/// What the API holds this ML node to, from `daemon.json` and the flags.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Available GPUs it needs to be ready (the GonkaNode's `gpusPerMlNode`, else one).
     pub expected_gpus: usize,
     /// Development only: ready without GPUs.
     pub allow_cpu_compute: bool,
+    /// The models the GonkaNode gives this ML node; empty: any.
+    pub models: Vec<String>,
+    /// The bearer token every API call must carry (the network node's `auth_token`); `None`:
+    /// none asked for, as upstream's ML node.
+    pub api_token: Option<String>,
 }
 
 pub struct AppState {
     pub probe: GpuProbe,
-    pub readiness: Readiness,
+    pub policy: Policy,
     in_flight: tokio::sync::Semaphore,
-    /// The models the GonkaNode gives this ML node (`daemon.json`); empty: any.
-    pub models: Vec<String>,
-    /// SHA-256 of the bearer token every API call must carry (the network node's
-    /// `auth_token`); `None`: no token asked for, as upstream's ML node.
+    /// SHA-256 of `policy.api_token`.
     api_token_sha256: Option<[u8; 32]>,
     pub metrics: DaemonMetrics,
     pub version: String,
@@ -76,16 +78,13 @@ impl AppState {
         version: impl Into<String>,
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
         reporting: crate::report::Reporting,
-        readiness: Readiness,
-        api_token: Option<&str>,
-        models: Vec<String>,
+        policy: Policy,
     ) -> Arc<Self> {
         Arc::new(Self {
             probe,
-            readiness,
-            models,
+            api_token_sha256: policy.api_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).into()),
+            policy,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
-            api_token_sha256: api_token.map(|t| Sha256::digest(t.as_bytes()).into()),
             #[cfg(feature = "torch")]
             pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone()),
             reporting,
@@ -320,10 +319,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 /// without them is never registered), and, as upstream, not while inference runs unhealthy.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let available = snapshot(&state).await.iter().filter(|g| g.to_device().is_available).count();
-    let wanted = state.readiness.expected_gpus;
+    let wanted = state.policy.expected_gpus;
     let reason = if state.service_state() == ServiceState::Inference {
         Some("inference is not healthy".to_string())
-    } else if available < wanted && !state.readiness.allow_cpu_compute {
+    } else if available < wanted && !state.policy.allow_cpu_compute {
         Some(format!("{available} of the {wanted} GPUs this ML node needs are available"))
     } else {
         None

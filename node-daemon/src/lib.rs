@@ -123,10 +123,12 @@ pub async fn run_with(
         },
         None => poc::PowSettings { gpu_vram_gb, allow_cpu: settings.allow_cpu_compute, ..poc::PowSettings::default() },
     };
-    // The GPUs the GonkaNode gives this ML node (`gpusPerMlNode`), else at least one.
-    let readiness = api::Readiness {
+    let policy = api::Policy {
+        // The GPUs the GonkaNode gives this ML node (`gpusPerMlNode`), else at least one.
         expected_gpus: settings.config.as_ref().and_then(|c| c.gpus).unwrap_or(1) as usize,
         allow_cpu_compute: settings.allow_cpu_compute,
+        models: settings.config.iter().flat_map(|c| c.models.iter().map(|m| m.id.clone())).collect(),
+        api_token: settings.api_token.clone(),
     };
     let reporter_stop = tokio_util::sync::CancellationToken::new();
     let reporter = settings.config.as_ref().and_then(|c| {
@@ -144,16 +146,7 @@ pub async fn run_with(
         tracing::info!(url = %target.url, "reporting to the operator");
         Some(tokio::spawn(reporter::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });
-    let state = api::AppState::new(
-        probe,
-        metrics,
-        env!("CARGO_PKG_VERSION"),
-        pow,
-        reporting,
-        readiness,
-        settings.api_token.as_deref(),
-        settings.config.iter().flat_map(|c| c.models.iter().map(|m| m.id.clone())).collect(),
-    );
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy);
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     // Shutting down takes no new work first (the server stops), then delivers what is pending.

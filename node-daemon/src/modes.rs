@@ -60,7 +60,7 @@ async fn inference_up(
     State(state): State<Arc<AppState>>,
     JsonBody(request): JsonBody<InferenceUpRequest>,
 ) -> axum::Json<InferenceUpResponse> {
-    let configured = &state.models;
+    let configured = &state.policy.models;
     let message = if !configured.is_empty() && !configured.contains(&request.model) {
         format!("{} is not a model this ML node is configured for ({})", request.model, configured.join(", "))
     } else {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use gonka_node_daemon::api::{AppState, Readiness, router};
+use gonka_node_daemon::api::{AppState, Policy, router};
 use gonka_node_daemon::gpu::GpuProbe;
 use gonka_node_daemon::metrics::DaemonMetrics;
 use gonka_node_daemon::poc::PowSettings;
@@ -34,17 +34,8 @@ const ALLOWED: [u16; 9] = [200, 400, 404, 405, 409, 413, 415, 422, 503];
 fn state() -> Arc<AppState> {
     // No NVML and no CPU compute: nothing a request asks for gets allocated.
     let probe = GpuProbe::open(Some(Path::new("/nonexistent/libnvidia-ml.so.1")));
-    let readiness = Readiness { expected_gpus: 1, allow_cpu_compute: false };
-    AppState::new(
-        probe,
-        DaemonMetrics::default(),
-        "0.0.0-test",
-        PowSettings::default(),
-        Reporting::default(),
-        readiness,
-        None,
-        Vec::new(),
-    )
+    let policy = Policy { expected_gpus: 1, ..Policy::default() };
+    AppState::new(probe, DaemonMetrics::default(), "0.0.0-test", PowSettings::default(), Reporting::default(), policy)
 }
 
 fn status(runtime: &tokio::runtime::Runtime, app: &axum::Router, path: &str, body: Vec<u8>, json: bool) -> StatusCode {
