@@ -65,13 +65,13 @@ pub struct GonkaNodeSpec {
     #[serde(default)]
     pub placement: Placement,
 
-    /// GPUs each ML node owns, requested from the NVIDIA device plugin as `nvidia.com/gpu`.
-    /// Unset: the ML node uses every GPU of its Kubernetes node (`NVIDIA_VISIBLE_DEVICES=all`),
-    /// as the upstream docker-compose ML node does. Must be a multiple of every model's
-    /// tensor-parallel x pipeline-parallel size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// GPUs each ML node owns, requested from the NVIDIA device plugin as `nvidia.com/gpu`, so
+    /// the scheduler counts them and the container toolkit hands exactly these to the pod
+    /// (usually all GPUs of the node: 8 on an HGX board). Required: a count can't be guessed,
+    /// and "every GPU of the node" can't be requested. The ML node is not ready until it sees
+    /// them all. Must be a multiple of every model's tensor-parallel x pipeline-parallel size.
     #[schemars(range(min = 1, max = 64))]
-    pub gpus_per_ml_node: Option<i32>,
+    pub gpus_per_ml_node: i32,
 
     /// The models these ML nodes serve, by Gonka (Hugging Face) model id. Each must be approved
     /// by the network's governance, or the network node rejects the registration.
@@ -97,9 +97,25 @@ pub struct GonkaNodeSpec {
     pub image_pull_secrets: Vec<LocalObjectReference>,
 
     /// CPU and memory for the node-daemon container. GPUs come from `gpusPerMlNode`; do not
-    /// set `nvidia.com/gpu` here.
+    /// set `nvidia.com/gpu` here. Unset requests default to 2 CPUs and 8 GiB; no limit is set by
+    /// default (loading a model needs host memory in proportion to the GPUs' memory, and a
+    /// memory limit would kill the pod mid-load): set `limits` to cap it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Size of the pod's `/dev/shm` (a memory-backed volume, counted against the pod's memory):
+    /// inference engines exchange tensors through it. Default `16Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+
+    /// RuntimeClass of the ML-node pods, e.g. `nvidia` where the NVIDIA container runtime is
+    /// not the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub runtime_class_name: Option<String>,
 
     /// PriorityClass of the ML-node pods, so they are not preempted by less valuable work.
     #[serde(default, skip_serializing_if = "Option::is_none")]

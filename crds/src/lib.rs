@@ -77,6 +77,7 @@ mod tests {
     fn defaults_select_nvidia_gpu_nodes() {
         let spec: GonkaNodeSpec = serde_json::from_value(serde_json::json!({
             "networkNode": {"adminUrl": "http://api:9200", "mlCallbackUrl": "http://api:9100"},
+            "gpusPerMlNode": 8,
             "models": [{"id": "Qwen/Qwen2.5-7B-Instruct"}]
         }))
         .unwrap();

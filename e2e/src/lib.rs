@@ -739,6 +739,7 @@ pub fn gonka_node_manifest(name: &str, namespace: &str) -> serde_json::Value {
         "spec": {
             // Loopback, nothing listening: tests that need a network node start a devnet.
             "networkNode": {"adminUrl": "http://127.0.0.1:9", "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"},
+            "gpusPerMlNode": 8,
             "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}],
         }
     })

@@ -110,8 +110,84 @@ async fn apiserver_rejects_malformed_gonka_nodes_naming_the_field() -> anyhow::R
             |v| v["metadata"]["name"] = json!("a".repeat(41)),
             &["metadata.name must be at most 40 characters"],
         ),
+        (
+            "no GPU count (it can't be guessed)",
+            |v| {
+                v["spec"].as_object_mut().unwrap().remove("gpusPerMlNode");
+            },
+            &["spec.gpusPerMlNode: Required value"],
+        ),
+        (
+            "GPU count is not a number",
+            |v| v["spec"]["gpusPerMlNode"] = json!("eight"),
+            &["spec.gpusPerMlNode", "must be of type integer"],
+        ),
+        (
+            "public URL without a host",
+            |v| v["spec"]["networkNode"]["publicUrl"] = json!("http://"),
+            &["spec.networkNode.publicUrl", "publicUrl must be an absolute http:// or https:// URL"],
+        ),
+        (
+            "plain-http credentials switch is not a boolean",
+            |v| v["spec"]["networkNode"]["allowPlaintextCredentials"] = json!("please"),
+            &["spec.networkNode.allowPlaintextCredentials", "must be of type boolean"],
+        ),
+        (
+            "credentials secret name is not a DNS name",
+            |v| v["spec"]["networkNode"]["credentialsSecretRef"] = json!({"name": "Proxy_Token"}),
+            &["spec.networkNode.credentialsSecretRef.name", "should match"],
+        ),
+        (
+            "batch size above the largest",
+            |v| v["spec"]["poc"] = json!({"batchSize": 4097}),
+            &["spec.poc.batchSize", "should be less than or equal to 4096"],
+        ),
+        (
+            "send interval zero",
+            |v| v["spec"]["poc"] = json!({"sendIntervalSeconds": 0}),
+            &["spec.poc.sendIntervalSeconds", "should be greater than or equal to 1"],
+        ),
+        (
+            "send interval above five minutes",
+            |v| v["spec"]["poc"] = json!({"sendIntervalSeconds": 301}),
+            &["spec.poc.sendIntervalSeconds", "should be less than or equal to 300"],
+        ),
+        (
+            "no pending batches kept",
+            |v| v["spec"]["poc"] = json!({"maxPendingBatches": 0}),
+            &["spec.poc.maxPendingBatches", "should be greater than or equal to 1"],
+        ),
+        ("empty image", |v| v["spec"]["image"] = json!(""), &["spec.image", "should be at least 1 chars long"]),
+        (
+            "runtime class is not a DNS name",
+            |v| v["spec"]["runtimeClassName"] = json!("NVIDIA"),
+            &["spec.runtimeClassName", "should match"],
+        ),
+        (
+            "more than 16 models",
+            |v| {
+                v["spec"]["models"] =
+                    json!((0..17).map(|i| json!({"id": format!("org/model-{i}")})).collect::<Vec<_>>())
+            },
+            &["spec.models", "must have at most 16 items"],
+        ),
+        (
+            "more than 64 engine arguments",
+            |v| v["spec"]["models"][0]["args"] = json!(vec!["--x"; 65]),
+            &["spec.models[0].args", "must have at most 64 items"],
+        ),
+        (
+            "model id too long",
+            |v| v["spec"]["models"][0]["id"] = json!(format!("org/{}", "m".repeat(300))),
+            &["spec.models[0].id", "may not be more than 256 bytes"],
+        ),
+        (
+            "hold during PoC is not a boolean",
+            |v| v["spec"]["updateStrategy"] = json!({"holdDuringPoc": "yes"}),
+            &["spec.updateStrategy.holdDuringPoc", "must be of type boolean"],
+        ),
     ];
-    assert!(cases.len() >= 10);
+    assert!(cases.len() >= 30, "{} cases", cases.len());
 
     let mut failures = Vec::new();
     for (i, (what, edit, needles)) in cases.iter().enumerate() {

@@ -22,6 +22,13 @@ use sha2::{Digest, Sha256};
 
 use crate::validate::ValidatedSpec;
 
+/// The daemon's user and group (the images' non-root user; distroless's `nonroot`).
+pub const DAEMON_UID: i64 = 65532;
+/// Requests of the daemon container unless `spec.resources` sets them.
+const DEFAULT_REQUESTS: [(&str, &str); 2] = [("cpu", "2"), ("memory", "8Gi")];
+/// `/dev/shm` unless `spec.shmSize` sets it.
+const DEFAULT_SHM_SIZE: &str = "16Gi";
+
 /// Field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
 pub const MANAGER: &str = "gonka-operator";
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
@@ -122,7 +129,7 @@ pub fn daemon_config(gn: &GonkaNode, report_url: Option<&str>) -> DaemonConfig {
         ml_callback_url: spec.network_node.ml_callback_url.clone(),
         poc_port: DEFAULT_POC_PORT as u16,
         inference_port: DEFAULT_INFERENCE_PORT as u16,
-        gpus: spec.gpus_per_ml_node.map(|g| g as u32),
+        gpus: Some(spec.gpus_per_ml_node.max(1) as u32),
         models: spec.models.iter().map(|m| ModelConfig { id: m.id.clone(), args: m.args.clone() }).collect(),
         poc: PocConfig {
             batch_size: spec.poc.batch_size as u32,
@@ -221,7 +228,7 @@ fn pod_template(
     let placement = &spec.placement;
     let config_path = format!("{}/{}", daemon_config::MOUNT_DIR, daemon_config::FILE_NAME);
 
-    let mut env = vec![
+    let env = vec![
         env_value(ENV_CONFIG, &config_path),
         env_field("POD_NAME", "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -231,17 +238,16 @@ fn pod_template(
         // (bus order) when it cuts GPU groups, so make both count the same way.
         env_value("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
     ];
+    // Always through the device plugin: the scheduler counts the GPUs, and hardened container
+    // toolkits and managed clusters hand a pod only the GPUs it requested.
     let mut resources = spec.resources.clone().unwrap_or_default();
-    match spec.gpus_per_ml_node {
-        Some(gpus) => {
-            resources
-                .limits
-                .get_or_insert_with(BTreeMap::new)
-                .insert(NVIDIA_GPU_RESOURCE.into(), Quantity(gpus.to_string()));
-        }
-        // No device-plugin request: the container sees every GPU of the node, as upstream's
-        // docker-compose ML node (`count: all`) does.
-        None => env.push(env_value("NVIDIA_VISIBLE_DEVICES", "all")),
+    resources
+        .limits
+        .get_or_insert_with(BTreeMap::new)
+        .insert(NVIDIA_GPU_RESOURCE.into(), Quantity(spec.gpus_per_ml_node.to_string()));
+    let requests = resources.requests.get_or_insert_with(BTreeMap::new);
+    for (resource, default) in DEFAULT_REQUESTS {
+        requests.entry(resource.into()).or_insert_with(|| Quantity(default.into()));
     }
 
     let mut volume_mounts = vec![
@@ -252,6 +258,8 @@ fn pod_template(
             ..VolumeMount::default()
         },
         VolumeMount { name: "shm".into(), mount_path: "/dev/shm".into(), ..VolumeMount::default() },
+        // The root filesystem is read-only; scratch space goes here.
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
     ];
     let mut volumes = vec![
         Volume {
@@ -266,7 +274,15 @@ fn pod_template(
         // a memory-backed volume gives them room without the host's IPC namespace.
         Volume {
             name: "shm".into(),
-            empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(spec.shm_size.clone().unwrap_or_else(|| Quantity(DEFAULT_SHM_SIZE.into()))),
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("1Gi".into())), ..Default::default() }),
             ..Volume::default()
         },
     ];
@@ -314,9 +330,13 @@ fn pod_template(
         liveness_probe: Some(http_probe("/healthz", 20, 6)),
         readiness_probe: Some(http_probe("/readyz", 10, 3)),
         volume_mounts: Some(volume_mounts),
+        // The `restricted` Pod Security profile: no root, no privilege escalation, no
+        // capabilities, the runtime's seccomp profile, nothing written outside the volumes.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -337,8 +357,12 @@ fn pod_template(
             priority_class_name: spec.priority_class_name.clone(),
             image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| spec.image_pull_secrets.clone()),
             termination_grace_period_seconds: Some(60),
+            runtime_class_name: spec.runtime_class_name.clone(),
             security_context: Some(PodSecurityContext {
                 seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                run_as_non_root: Some(true),
+                run_as_user: Some(DAEMON_UID),
+                run_as_group: Some(DAEMON_UID),
                 ..PodSecurityContext::default()
             }),
             containers: vec![container],
@@ -450,25 +474,56 @@ mod tests {
         }
         let cases = [
             Case {
-                name: "defaults select NVIDIA GPU nodes and see every GPU",
+                name: "defaults select NVIDIA GPU nodes, request the GPUs, default requests, restricted",
                 edit: |_| {},
                 check: |o| {
                     let pod = pod_spec(o);
                     assert_eq!(pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.present"], "true");
                     assert_eq!(pod.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("nvidia.com/gpu"));
-                    assert_eq!(env(o, "NVIDIA_VISIBLE_DEVICES").as_deref(), Some("all"));
-                    assert!(pod.containers[0].resources.is_none());
+                    assert_eq!(env(o, "NVIDIA_VISIBLE_DEVICES"), None, "only the GPUs requested");
+                    let resources = pod.containers[0].resources.as_ref().unwrap();
+                    assert_eq!(resources.limits.as_ref().unwrap()["nvidia.com/gpu"], Quantity("8".into()));
+                    let requests = resources.requests.as_ref().unwrap();
+                    assert_eq!(
+                        (&requests["cpu"], &requests["memory"]),
+                        (&Quantity("2".into()), &Quantity("8Gi".into()))
+                    );
                     assert_eq!(pod.containers[0].image.as_deref(), Some("ghcr.io/example/daemon:1"));
                     assert_eq!(pod.containers[0].image_pull_policy.as_deref(), Some("IfNotPresent"));
+                    let container = pod.containers[0].security_context.as_ref().unwrap();
+                    assert_eq!(
+                        (container.read_only_root_filesystem, container.run_as_non_root),
+                        (Some(true), Some(true))
+                    );
+                    assert_eq!(pod.security_context.as_ref().unwrap().run_as_user, Some(DAEMON_UID));
+                    let shm = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "shm").unwrap();
+                    assert_eq!(shm.empty_dir.as_ref().unwrap().size_limit, Some(Quantity("16Gi".into())));
+                    assert_eq!(pod.runtime_class_name, None);
                 },
             },
             Case {
-                name: "gpusPerMlNode requests GPUs from the device plugin",
-                edit: |s| s.gpus_per_ml_node = Some(4),
+                name: "gpusPerMlNode, resources, shm size and runtime class follow the spec",
+                edit: |s| {
+                    s.gpus_per_ml_node = 4;
+                    s.resources = Some(ResourceRequirements {
+                        requests: Some(BTreeMap::from([("memory".into(), Quantity("64Gi".into()))])),
+                        ..Default::default()
+                    });
+                    s.shm_size = Some(Quantity("64Gi".into()));
+                    s.runtime_class_name = Some("nvidia".into());
+                },
                 check: |o| {
-                    let limits = pod_spec(o).containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
-                    assert_eq!(limits["nvidia.com/gpu"], Quantity("4".into()));
-                    assert_eq!(env(o, "NVIDIA_VISIBLE_DEVICES"), None);
+                    let pod = pod_spec(o);
+                    let resources = pod.containers[0].resources.as_ref().unwrap();
+                    assert_eq!(resources.limits.as_ref().unwrap()["nvidia.com/gpu"], Quantity("4".into()));
+                    let requests = resources.requests.as_ref().unwrap();
+                    assert_eq!(
+                        (&requests["cpu"], &requests["memory"]),
+                        (&Quantity("2".into()), &Quantity("64Gi".into()))
+                    );
+                    let shm = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "shm").unwrap();
+                    assert_eq!(shm.empty_dir.as_ref().unwrap().size_limit, Some(Quantity("64Gi".into())));
+                    assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
                 },
             },
             Case {

@@ -255,7 +255,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
 #[tokio::test]
 async fn an_invalid_spec_is_announced_and_reported_without_touching_the_fleet() {
     let gn = with_finalizer(|s| {
-        s.gpus_per_ml_node = Some(6);
+        s.gpus_per_ml_node = 6;
         s.models[0].args = vec!["--tensor-parallel-size".into(), "4".into()];
     });
     let action = run(gn.clone(), |mut api| async move {

@@ -11,6 +11,7 @@ pub fn gonka_node(name: &str, edit: impl FnOnce(&mut GonkaNodeSpec)) -> GonkaNod
             "adminUrl": "http://127.0.0.1:9",
             "mlCallbackUrl": "http://gonka-api.gonka.svc:9100"
         },
+        "gpusPerMlNode": 8,
         "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "args": ["--quantization", "fp8"]}]
     }))
     .expect("fixture spec parses");

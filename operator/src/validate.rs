@@ -60,9 +60,8 @@ pub fn validate(gn: &GonkaNode, default_image: &str) -> Result<ValidatedSpec, Va
                 continue;
             }
         };
-        if let Some(gpus) = spec.gpus_per_ml_node
-            && !(gpus as u32).is_multiple_of(parallel)
-        {
+        let gpus = spec.gpus_per_ml_node;
+        if !(gpus.max(1) as u32).is_multiple_of(parallel) {
             err(
                 field,
                 format!(
@@ -161,7 +160,7 @@ mod tests {
     #[test]
     fn parallelism_must_divide_gpus_per_ml_node() {
         let gn = gonka_node("a", |s| {
-            s.gpus_per_ml_node = Some(6);
+            s.gpus_per_ml_node = 6;
             s.models[0].args = args(&["--tensor-parallel-size", "4"]);
         });
         let err = validate(&gn, "img").unwrap_err();
@@ -170,7 +169,7 @@ mod tests {
         assert!(err.0[0].message.contains("does not divide spec.gpusPerMlNode=6"), "{err}");
 
         let ok = gonka_node("a", |s| {
-            s.gpus_per_ml_node = Some(8);
+            s.gpus_per_ml_node = 8;
             s.models[0].args = args(&["--tensor-parallel-size", "4"]);
         });
         assert!(validate(&ok, "img").is_ok());
@@ -193,7 +192,7 @@ mod tests {
     #[test]
     fn reports_every_error_at_once() {
         let gn = gonka_node("a", |s| {
-            s.gpus_per_ml_node = Some(3);
+            s.gpus_per_ml_node = 3;
             s.models[0].args = args(&["-tp", "2"]);
             s.models.push(gonka_crds::ModelSpec { id: "x/y".into(), args: args(&["-tp"]) });
         });
