@@ -124,6 +124,11 @@ impl Context {
         delay
     }
 
+    /// Forgets a GonkaNode's retry count (it is being deleted).
+    fn forget_network_retries(&self, key: &reports::GonkaNodeKey) {
+        self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+    }
+
     /// Reads reports from `reports` (the report server's store).
     pub fn with_reports(mut self, reports: ReportStore) -> Self {
         self.reports = reports;
@@ -614,7 +619,9 @@ pub const SKIP_DEREGISTRATION: &str = "gonka.ai/skip-deregistration";
 /// this is retried, unless annotated `gonka.ai/skip-deregistration: "true"`.
 async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
     let key = (gn.namespace().unwrap_or_default(), gn.name_any());
+    // Nothing keyed by a GonkaNode outlives it.
     ctx.reports.prune(&key, &BTreeSet::new());
+    ctx.forget_network_retries(&key);
     let skip = gn.annotations().get(SKIP_DEREGISTRATION).is_some_and(|v| v == "true");
     if !skip {
         let token = admin_token(gn, ctx).await.map_err(Error::Deregistration)?;

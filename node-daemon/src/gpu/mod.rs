@@ -101,6 +101,9 @@ pub fn hardware(gpus: &[GpuStatus]) -> Vec<(String, u32)> {
     groups.into_iter().collect()
 }
 
+/// XID records kept per GPU (the metrics count them all).
+pub const MAX_XID_HISTORY: usize = 64;
+
 /// The probe. Cheap to clone; clones share NVML and the XID history.
 #[derive(Clone)]
 pub struct GpuProbe {
@@ -170,11 +173,20 @@ impl GpuProbe {
         })
     }
 
-    /// Records an XID on GPU `index`; returns its class.
+    /// Records an XID on GPU `index`; returns its class. The history of a GPU keeps at most
+    /// [`MAX_XID_HISTORY`] records: beyond that the oldest of the least severe goes, so a GPU
+    /// that needs a reset stays out however many transient XIDs follow.
     pub fn record_xid(&self, index: u32, code: u64) -> XidClass {
         let (class, title) = classify(code);
         tracing::warn!(gpu = index, xid = code, %class, title, "XID event");
-        self.xids.lock().expect("xid history").entry(index).or_default().push(XidRecord { code, class, title });
+        let mut xids = self.xids.lock().expect("xid history");
+        let history = xids.entry(index).or_default();
+        history.push(XidRecord { code, class, title });
+        if history.len() > MAX_XID_HISTORY {
+            let least = history.iter().map(|x| x.class).min().expect("not empty");
+            let oldest = history.iter().position(|x| x.class == least).expect("present");
+            history.remove(oldest);
+        }
         class
     }
 
@@ -331,5 +343,18 @@ mod tests {
         assert!(probe.unavailable_reason().unwrap().contains("could not be loaded"));
         assert!(probe.snapshot().is_empty());
         assert!(matches!(probe.driver(), Err(GpuError::Unavailable(_))));
+    }
+
+    #[test]
+    fn the_xid_history_is_bounded_and_keeps_the_worst() {
+        let probe = GpuProbe::open(Some(std::path::Path::new("/nonexistent/libnvidia-ml.so.1")));
+        probe.record_xid(2, 48); // needs a reset
+        for _ in 0..1000 {
+            probe.record_xid(2, 13); // transient
+        }
+        let xids = probe.xids.lock().unwrap();
+        let history = &xids[&2];
+        assert_eq!(history.len(), MAX_XID_HISTORY);
+        assert_eq!(history.iter().map(|x| x.class).max(), Some(XidClass::NeedsReset));
     }
 }
