@@ -381,7 +381,7 @@ pub struct GonkaNodeStatus {
     /// GPUs reported by the ML nodes, by model, in upstream's hardware form
     /// (`"<NVML name> | <N>GB"`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub gpus: Vec<GpuCount>,
 
     /// Valid nonces the ML nodes found in the latest PoC round they reported (`pocBlockHeight`),
@@ -393,9 +393,10 @@ pub struct GonkaNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poc_block_height: Option<i64>,
 
-    /// Each ML node as its node-daemon last reported, by Kubernetes node.
+    /// Each ML node as its node-daemon last reported, by Kubernetes node; the first 1000
+    /// (the counts above cover all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
     pub ml_nodes: Vec<MlNodeStatus>,
 }
 
@@ -409,6 +410,7 @@ pub struct MlNodeStatus {
     pub pod: String,
     /// Upstream's ML-node state: `STOPPED`, `POW`, `INFERENCE` or `TRAIN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub state: Option<String>,
     /// GPUs the daemon sees through NVML.
     #[serde(default)]
@@ -418,9 +420,11 @@ pub struct MlNodeStatus {
     pub gpus_available: i32,
     /// The available GPUs in upstream's hardware form, as registered with the network node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub hardware: Vec<GpuCount>,
     /// Why NVML shows no GPUs (no driver, no library), when it doesn't.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub gpu_error: Option<String>,
     /// The daemon's report stream to the operator is up.
     pub reporting: bool,
@@ -439,6 +443,7 @@ pub struct MlNodeStatus {
 pub struct GpuCount {
     /// The GPU model and memory, as upstream reports hardware: `"<NVML name> | <N>GB"`.
     #[serde(rename = "type")]
+    #[schemars(length(max = 128))]
     pub type_: String,
     /// How many GPUs of this model.
     pub count: i32,

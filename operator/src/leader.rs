@@ -111,7 +111,7 @@ pub async fn run(
     let mut report_server = None;
     if let Some(addr) = options.reports.addr {
         let auth = if options.reports.authenticate {
-            ReportAuth::ServiceAccount(client.clone())
+            ReportAuth::service_account(client.clone())
         } else {
             warn!("--report-auth none: node-daemon reports are not authenticated");
             ReportAuth::None
@@ -126,6 +126,7 @@ pub async fn run(
             metrics: metrics.clone(),
             recorder: Recorder::new(client.clone(), reporter),
             stop: server_stop.clone(),
+            streams: Arc::new(tokio::sync::Semaphore::new(report_server::MAX_STREAMS)),
         };
         let (addr, task) = report_server::serve(addr, service).await?;
         info!(%addr, "report server listening");

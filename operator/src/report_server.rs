@@ -8,6 +8,10 @@
 //! A stream is let in when its bearer token passes a TokenReview (audience `gonka-operator`)
 //! as the GonkaNode's own ServiceAccount, bound to the pod that `Hello` names — a daemon can
 //! speak only for its own pod. `--report-auth none` skips the check (development only).
+//!
+//! Bounded: messages up to 256 KiB, [`MAX_STREAMS`] streams at once, at most
+//! [`MAX_TOKEN_REVIEWS`] TokenReviews in flight (more callers are told to come back), and a
+//! reviewed token is remembered for [`TOKEN_CACHE_TTL`] so reconnects don't each cost one.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,7 +40,7 @@ use crate::reports::{Connection, ReportStore};
 #[derive(Clone)]
 pub enum ReportAuth {
     /// TokenReview of the daemon's projected ServiceAccount token.
-    ServiceAccount(kube::Client),
+    ServiceAccount(TokenReviewer),
     /// Take `Hello` at its word. For development against a local apiserver only.
     None,
 }
@@ -52,13 +56,93 @@ pub struct Caller {
     pub node: Option<String>,
 }
 
+/// Largest message a daemon may send (a snapshot of 64 GPUs is a few KiB).
+pub const MAX_MESSAGE_BYTES: usize = 256 << 10;
+/// Report streams open at once (one per ML-node pod, with room for reconnects).
+pub const MAX_STREAMS: usize = 16_384;
+/// TokenReviews in flight at once; beyond, a caller gets `UNAVAILABLE` and retries later.
+pub const MAX_TOKEN_REVIEWS: usize = 16;
+/// How long a reviewed token is taken without asking the apiserver again.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Reviewed tokens remembered at once.
+const TOKEN_CACHE_ENTRIES: usize = 16_384;
+
+/// Tokens the apiserver vouched for lately, by SHA-256 (the tokens themselves are not kept).
+#[derive(Default)]
+pub struct TokenCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Caller, std::time::Instant)>>,
+}
+
+impl TokenCache {
+    fn digest(token: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
+
+    pub fn get(&self, token: &str, now: std::time::Instant) -> Option<Caller> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (caller, at) = entries.get(&Self::digest(token))?;
+        (now.duration_since(*at) < TOKEN_CACHE_TTL).then(|| caller.clone())
+    }
+
+    pub fn put(&self, token: &str, caller: Caller, now: std::time::Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= TOKEN_CACHE_ENTRIES {
+            entries.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_CACHE_TTL);
+            if entries.len() >= TOKEN_CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(Self::digest(token), (caller, now));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
+/// Asks the apiserver who a token belongs to, remembering answers and bounding questions.
+#[derive(Clone)]
+pub struct TokenReviewer {
+    client: kube::Client,
+    cache: Arc<TokenCache>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client, cache: Arc::default(), in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_TOKEN_REVIEWS)) }
+    }
+}
+
 impl ReportAuth {
+    /// TokenReview of the daemons' tokens through `client`.
+    pub fn service_account(client: kube::Client) -> Self {
+        Self::ServiceAccount(TokenReviewer::new(client))
+    }
+
     async fn authenticate(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
-        let Self::ServiceAccount(client) = self else { return Ok(None) };
+        let Self::ServiceAccount(reviewer) = self else { return Ok(None) };
         let token = token.ok_or_else(|| Status::unauthenticated("no bearer token: send the pod's report token"))?;
+        if let Some(caller) = reviewer.cache.get(token, std::time::Instant::now()) {
+            return Ok(Some(caller));
+        }
+        let Ok(_permit) = reviewer.in_flight.try_acquire() else {
+            return Err(Status::unavailable(format!("{MAX_TOKEN_REVIEWS} token checks under way; retry")));
+        };
+        let caller = Self::review(&reviewer.client, token).await?;
+        reviewer.cache.put(token, caller.clone(), std::time::Instant::now());
+        Ok(Some(caller))
+    }
+
+    async fn review(client: &kube::Client, token: &str) -> Result<Caller, Status> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -84,12 +168,12 @@ impl ReportAuth {
         };
         let extra = user.extra.unwrap_or_default();
         let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
-        Ok(Some(Caller {
+        Ok(Caller {
             namespace: namespace.into(),
             service_account: service_account.into(),
             pod: first(POD_NAME_EXTRA),
             node: first(NODE_NAME_EXTRA),
-        }))
+        })
     }
 }
 
@@ -140,6 +224,8 @@ pub struct ReportService {
     pub recorder: Recorder,
     /// Ends every stream (shutdown).
     pub stop: CancellationToken,
+    /// Streams open now, at most [`MAX_STREAMS`].
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 type OperatorStream = Pin<Box<dyn Stream<Item = Result<proto::OperatorMessage, Status>> + Send>>;
@@ -160,6 +246,9 @@ impl FleetReports for ReportService {
         if !self.leading.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this operator replica is not the leader; reconnect"));
         }
+        let Ok(stream_permit) = self.streams.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!("{MAX_STREAMS} report streams open already")));
+        };
         let token = bearer(&request);
         let caller = self.auth.authenticate(token.as_deref()).await?;
         let mut inbound = request.into_inner();
@@ -179,6 +268,7 @@ impl FleetReports for ReportService {
         let _ = tx.try_send(Ok(proto::OperatorMessage { body: Some(welcome) }));
         let service = self.clone();
         tokio::spawn(async move {
+            let _permit = stream_permit;
             service.metrics.report_streams.inc();
             let end = service.serve_stream(&connection, &hello, &mut inbound, &tx).await;
             service.metrics.report_streams.dec();
@@ -294,7 +384,7 @@ pub async fn serve(
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(FleetReportsServer::new(service))
+            .add_service(FleetReportsServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;
         if let Err(e) = result {
@@ -347,5 +437,18 @@ mod tests {
         }
         assert!(check_identity(&hello("h100", "p", "n"), None).unwrap_err().contains("<namespace>/<name>"));
         assert!(check_identity(&hello("gpu/h100", "", "n"), None).unwrap_err().contains("pod_name"));
+    }
+
+    #[test]
+    fn reviewed_tokens_are_remembered_briefly_and_not_kept_in_clear() {
+        let cache = TokenCache::default();
+        let now = std::time::Instant::now();
+        let caller = Caller { namespace: "gpu".into(), service_account: "h100-ml-node".into(), pod: None, node: None };
+        cache.put("secret-token", caller.clone(), now);
+        assert_eq!(cache.get("secret-token", now + Duration::from_secs(30)), Some(caller));
+        assert_eq!(cache.get("secret-token", now + TOKEN_CACHE_TTL), None, "expired");
+        assert_eq!(cache.get("another-token", now), None);
+        let kept = cache.entries.lock().unwrap();
+        assert!(kept.keys().all(|k| !k.windows(12).any(|w| w == b"secret-token")), "only digests");
     }
 }

@@ -20,6 +20,60 @@ use tokio::sync::mpsc;
 /// `(namespace, name)` of a GonkaNode.
 pub type GonkaNodeKey = (String, String);
 
+/// What one daemon's report may hold once taken in: a daemon (or something with its pod's
+/// token) must not be able to grow the operator's memory or the GonkaNode's status (etcd keeps
+/// objects under 1.5 MB) by sending more. Longer strings are cut, longer lists shortened.
+pub mod limits {
+    /// GPUs of one ML node (the GonkaNode allows 64).
+    pub const GPUS: usize = 64;
+    /// Distinct GPU models of one ML node.
+    pub const HARDWARE: usize = 16;
+    /// A GPU model name or hardware string.
+    pub const NAME: usize = 128;
+    /// An error text.
+    pub const ERROR: usize = 256;
+    /// A state, version or identity string.
+    pub const SHORT: usize = 64;
+    /// ML nodes listed in `status.mlNodes` (the counts cover all of them).
+    pub const ML_NODES_IN_STATUS: usize = 1000;
+    /// GPU models listed in `status.gpus` (the total covers all of them).
+    pub const GPU_MODELS_IN_STATUS: usize = 64;
+}
+
+/// `text` cut to `max` characters.
+fn cut(text: &mut String, max: usize) {
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        text.truncate(at);
+    }
+}
+
+/// A snapshot within [`limits`].
+fn bounded(mut snapshot: proto::Snapshot) -> proto::Snapshot {
+    cut(&mut snapshot.state, limits::SHORT);
+    cut(&mut snapshot.driver_version, limits::SHORT);
+    cut(&mut snapshot.cuda_driver_version, limits::SHORT);
+    cut(&mut snapshot.nvml_error, limits::ERROR);
+    snapshot.gpus.truncate(limits::GPUS);
+    for gpu in &mut snapshot.gpus {
+        cut(&mut gpu.name, limits::NAME);
+        cut(&mut gpu.error, limits::ERROR);
+    }
+    snapshot.hardware.truncate(limits::HARDWARE);
+    for h in &mut snapshot.hardware {
+        cut(&mut h.r#type, limits::NAME);
+        h.count = h.count.min(limits::GPUS as u32);
+    }
+    snapshot
+}
+
+/// A hello within [`limits`] (its pod and GonkaNode are checked against the token already).
+fn bounded_hello(mut hello: proto::Hello) -> proto::Hello {
+    for field in [&mut hello.kubernetes_node, &mut hello.pod_ip, &mut hello.daemon_version, &mut hello.boot_id] {
+        cut(field, limits::SHORT);
+    }
+    hello
+}
+
 /// One pod's daemon as last heard.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MlNodeReport {
@@ -109,6 +163,7 @@ impl ReportStore {
 
     /// A stream from `hello`'s pod came up (its identity already checked).
     pub fn connect(&self, gonka_node: GonkaNodeKey, hello: proto::Hello, seq: u64) -> Connection {
+        let hello = bounded_hello(hello);
         let mut inner = self.lock();
         inner.next_connection += 1;
         let id = inner.next_connection;
@@ -159,6 +214,7 @@ impl ReportStore {
         let (mut trigger, mut dirty) = (false, false);
         match message.body {
             Some(Body::Snapshot(snapshot)) => {
+                let snapshot = bounded(snapshot);
                 trigger = significant(entry.snapshot.as_ref(), &snapshot);
                 let nonces = |s: Option<&proto::Snapshot>| s.and_then(|s| s.poc.as_ref()).map(|p| p.nonces_valid);
                 // Only what status shows: GPU utilization or temperature moving is no reason.
@@ -256,14 +312,17 @@ pub fn fleet(pods: &[PodRef], reports: &BTreeMap<String, MlNodeReport>, previous
             *by_type.entry(h.type_.clone()).or_default() += h.count;
         }
     }
-    let gpus: Vec<GpuCount> = by_type.into_iter().map(|(type_, count)| GpuCount { type_, count }).collect();
+    let mut gpus: Vec<GpuCount> = by_type.into_iter().map(|(type_, count)| GpuCount { type_, count }).collect();
     let total_gpus = gpus.iter().map(|g| g.count).sum();
+    gpus.truncate(limits::GPU_MODELS_IN_STATUS);
     let latest = ml_nodes.iter().filter_map(|n| n.poc_block_height).max();
     let weight = latest.map(|height| {
         let nonces =
             ml_nodes.iter().filter(|n| n.poc_block_height == Some(height)).filter_map(|n| n.poc_valid_nonces).sum();
         (nonces, height)
     });
+    // The counts above cover every ML node; the list stops where status would grow too large.
+    ml_nodes.truncate(limits::ML_NODES_IN_STATUS);
     Fleet { ml_nodes, gpus, total_gpus, weight }
 }
 
@@ -418,5 +477,56 @@ mod tests {
             poc_block_height: None,
             poc_valid_nonces: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_daemon_cannot_grow_memory_or_status_by_sending_more() {
+        let store = ReportStore::default();
+        let huge = "x".repeat(1 << 20);
+        let mut greedy = hello("h100-ml-node-a", "boot-1");
+        greedy.daemon_version = huge.clone();
+        let connection = store.connect(key(), greedy, 0);
+        let mut report = snapshot(&huge, 8, Some(3), 10);
+        report.nvml_error = huge.clone();
+        let long = "y".repeat(1000);
+        report.gpus =
+            (0..100_000).map(|index| proto::Gpu { index, name: long.clone(), ..Default::default() }).collect();
+        report.hardware =
+            (0..10_000).map(|i| proto::HardwareCount { r#type: format!("{i}{long}"), count: u32::MAX }).collect();
+        store.receive(&connection, message(1, Body::Snapshot(report)));
+
+        let entry = &store.of(&key())["h100-ml-node-a"];
+        assert!(entry.hello.daemon_version.len() <= limits::SHORT);
+        let kept = entry.snapshot.as_ref().unwrap();
+        assert_eq!((kept.gpus.len(), kept.hardware.len()), (limits::GPUS, limits::HARDWARE));
+        assert!(kept.gpus.iter().all(|g| g.name.len() <= limits::NAME));
+        let pods = [PodRef { name: "h100-ml-node-a".into(), kubernetes_node: "gpu-a".into() }];
+        let status = fleet(&pods, &store.of(&key()), &[]);
+        let bytes = serde_json::to_vec(&status.ml_nodes).unwrap().len();
+        assert!(bytes < 8 << 10, "one ML node's status is {bytes} bytes");
+        assert!(status.ml_nodes[0].state.as_ref().unwrap().len() <= limits::SHORT);
+    }
+
+    #[test]
+    fn status_lists_at_most_so_many_ml_nodes_and_counts_them_all() {
+        let reports: BTreeMap<String, MlNodeReport> = (0..1500)
+            .map(|i| {
+                let pod = format!("pod-{i:04}");
+                let report = MlNodeReport {
+                    hello: hello(&pod, "b"),
+                    snapshot: Some(snapshot("POW", 8, Some(1), 1)),
+                    connected: true,
+                    since: jiff::Timestamp::UNIX_EPOCH,
+                    connection: 0,
+                    highest_seq: 0,
+                    seen_before: 0,
+                };
+                (pod, report)
+            })
+            .collect();
+        let pods: Vec<PodRef> =
+            reports.keys().map(|p| PodRef { name: p.clone(), kubernetes_node: format!("node-{p}") }).collect();
+        let f = fleet(&pods, &reports, &[]);
+        assert_eq!((f.ml_nodes.len(), f.total_gpus, f.weight), (limits::ML_NODES_IN_STATUS, 1500 * 8, Some((1500, 1))));
     }
 }
