@@ -45,7 +45,7 @@ pyenv:
 crds:
 	$(CARGO) run --locked -q -p gonka-operator -- crd > crds/gonkanode.yaml.tmp
 	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
-	cp crds/gonkanode.yaml manifests/crd/gonkanode.yaml
+	cp crds/gonkanode.yaml manifests/base/crd/gonkanode.yaml
 
 ## Benchmarks (not tests), appended to docs/benchmarks.md: PoC v1 nonces/s, Rust next to
 ## PyTorch; and the operator over a kwok fleet (time to register, steady-state cost).

@@ -249,7 +249,13 @@ impl ControlPlane {
     /// Installs the operator as `manifests/` describes it (CRD, namespace, RBAC, Deployment)
     /// with `kubectl apply --server-side -k`, and waits for the CRD to be served.
     pub async fn apply_manifests(&self) -> anyhow::Result<()> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+        self.apply_kustomization("").await
+    }
+
+    /// [`Self::apply_manifests`] with the kustomization in `manifests/<variant>` (e.g.
+    /// `namespaced`).
+    pub async fn apply_kustomization(&self, variant: &str) -> anyhow::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests").join(variant);
         self.kubectl(&["apply", "--server-side", "-k", &dir.display().to_string()])?;
         self.wait_crd_served().await
     }
@@ -774,6 +780,17 @@ impl ControlPlane {
         self.start_operator_with(client, identity, lease_namespace, None).await
     }
 
+    /// [`Self::start_operator_as`], watching only `namespace` (`WATCH_NAMESPACE`) and leasing
+    /// there, as the namespaced install runs it.
+    pub async fn start_operator_watching(
+        &self,
+        client: Client,
+        identity: &str,
+        namespace: &str,
+    ) -> anyhow::Result<Operator> {
+        self.launch_operator(client, identity, namespace, None, Some(namespace)).await
+    }
+
     /// Starts an operator replica with admin rights whose report server listens on
     /// `127.0.0.1:report_port` (the URL its DaemonSets' daemons get), checking daemons' tokens
     /// with TokenReview. A restarted replica on the same port is the same endpoint to them.
@@ -790,8 +807,20 @@ impl ControlPlane {
         lease_namespace: &str,
         report_port: Option<u16>,
     ) -> anyhow::Result<Operator> {
+        self.launch_operator(client, identity, lease_namespace, report_port, None).await
+    }
+
+    async fn launch_operator(
+        &self,
+        client: Client,
+        identity: &str,
+        lease_namespace: &str,
+        report_port: Option<u16>,
+        watch_namespace: Option<&str>,
+    ) -> anyhow::Result<Operator> {
         let options = gonka_operator::Options {
             controller: gonka_operator::ControllerConfig {
+                namespace: watch_namespace.map(str::to_string),
                 daemon_image: TEST_DAEMON_IMAGE.into(),
                 instance: Some(identity.into()),
                 retry: Duration::from_secs(2),
