@@ -418,26 +418,26 @@ async fn list(State(d): State<Shared>) -> Json<serde_json::Value> {
 }
 
 async fn register(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
-    let config: InferenceNodeConfig = match bind(&headers, &raw) {
-        Ok(c) => c,
-        Err(r) => return refused(r),
-    };
-    match d.lock().expect("devnet").register(config) {
-        Ok(node) => Json(node.config).into_response(),
-        Err(r) => refused(r),
-    }
+    write_node(&d, &headers, &raw, Devnet::register)
 }
 
-/// `PUT /admin/v1/nodes/:id`: upstream reads the id from the body.
+/// `PUT /admin/v1/nodes/:id`: upstream reads the id from the body; 2025 has no such route.
 async fn update(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {
     if d.lock().expect("devnet").generation == Generation::Launch2025 {
         return fail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
-    let config: InferenceNodeConfig = match bind(&headers, &raw) {
-        Ok(c) => c,
-        Err(r) => return refused(r),
-    };
-    match d.lock().expect("devnet").update(config) {
+    write_node(&d, &headers, &raw, Devnet::update)
+}
+
+/// Binds a node config from the body and writes it with `write`; answers the node or the
+/// refusal.
+fn write_node(
+    d: &Shared,
+    headers: &HeaderMap,
+    raw: &[u8],
+    write: fn(&mut Devnet, InferenceNodeConfig) -> Result<Node, Refusal>,
+) -> Response {
+    match bind(headers, raw).and_then(|config| write(&mut d.lock().expect("devnet"), config)) {
         Ok(node) => Json(node.config).into_response(),
         Err(r) => refused(r),
     }

@@ -472,30 +472,10 @@ impl Sender {
         mut validated: Vec<ValidatedBatch>,
         stop: &CancellationToken,
     ) {
-        use tokio::sync::mpsc::error::TryRecvError;
         let phase = *self.phase.borrow();
         loop {
-            let mut open = false;
-            loop {
-                match self.generated.try_recv() {
-                    Ok(b) => generated.push(b),
-                    Err(TryRecvError::Empty) => {
-                        open = true;
-                        break;
-                    }
-                    Err(TryRecvError::Disconnected) => break,
-                }
-            }
-            loop {
-                match self.validated.try_recv() {
-                    Ok(b) => validated.push(b),
-                    Err(TryRecvError::Empty) => {
-                        open = true;
-                        break;
-                    }
-                    Err(TryRecvError::Disconnected) => break,
-                }
-            }
+            // Both, so neither channel's workers wait on a full queue while they stop.
+            let open = drain(&mut self.generated, &mut generated) | drain(&mut self.validated, &mut validated);
             match phase {
                 Phase::Generate => generated = self.send_all(generated, "generated").await.0,
                 Phase::Validate => validated = self.send_all(validated, "validated").await.0,
@@ -542,5 +522,16 @@ impl Sender {
             }
         }
         (failed, sent, failures)
+    }
+}
+
+/// Moves what `rx` holds into `into`; whether senders may still add more.
+fn drain<T>(rx: &mut mpsc::Receiver<T>, into: &mut Vec<T>) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(item) => into.push(item),
+            Err(mpsc::error::TryRecvError::Empty) => return true,
+            Err(mpsc::error::TryRecvError::Disconnected) => return false,
+        }
     }
 }
