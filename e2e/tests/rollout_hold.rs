@@ -100,3 +100,35 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
     operator.stop().await?;
     Ok(())
 }
+
+/// Fail safe: when the operator can't disable an ML node (here its credentials are refused), no
+/// pod is replaced, PoC window or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pod_is_replaced_unless_its_ml_node_was_disabled_first() -> anyhow::Result<()> {
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a"]).await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op-a").await?;
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
+    cp.roll_out(manifest, PODS, 1, WAIT).await?;
+
+    // A new image, and credentials the operator won't use (the Secret did not opt in): outside
+    // any PoC window, the rollout still waits.
+    let spec = json!({"spec": {"image": "registry.test/daemon:v2", "networkNode": {
+        "credentialsSecretRef": {"name": "not-opted-in"}, "allowPlaintextCredentials": true}}});
+    api.patch("h100", &PatchParams::default(), &Patch::Merge(spec)).await?;
+    eventually("the hold says why", WAIT, || async {
+        let (status, _, message) = condition(&api.get("h100").await?, "Progressing");
+        Ok(status == "True" && message.contains("can't be disabled"))
+    })
+    .await?;
+    cp.simulate_kubelet(NS, PODS).await?;
+    assert_eq!(pod_images(&pods).await?, ["registry.test/gonka-node-daemon:e2e"], "no pod replaced");
+    assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.state.admin_state.enabled));
+    operator.stop().await?;
+    Ok(())
+}
