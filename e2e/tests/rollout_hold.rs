@@ -39,19 +39,33 @@ fn condition(gn: &GonkaNode, t: &str) -> (String, String, String) {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
-    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
+/// A GonkaNode `h100` over `nodes`, its rollouts held out of PoC windows (the devnet is its
+/// network node and public API), rolled out and registered.
+struct Held {
+    cp: ControlPlane,
+    client: kube::Client,
+    api: Api<GonkaNode>,
+    pods: Api<Pod>,
+    devnet: gonka_devnet::Shared,
+    operator: gonka_e2e::Operator,
+}
+
+async fn held_fleet(nodes: &[&str]) -> anyhow::Result<Held> {
+    let cp = ControlPlane::start_h100_fleet(NS, nodes).await?;
     let client = cp.client().await?;
-    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
     let operator = cp.start_operator("op-a").await?;
-
     let mut manifest = gonka_node_manifest("h100", NS);
     manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
     manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
-    cp.roll_out(manifest, PODS, 2, WAIT).await?;
+    cp.roll_out(manifest, PODS, nodes.len() as i32, WAIT).await?;
+    let (api, pods) = (Api::namespaced(client.clone(), NS), Api::namespaced(client.clone(), NS));
+    Ok(Held { cp, client, api, pods, devnet, operator })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
+    let Held { cp, client, api, pods, devnet, operator } = held_fleet(&["gpu-a", "gpu-b"]).await?;
     let ds = Api::<DaemonSet>::namespaced(client.clone(), NS).get("h100-ml-node").await?;
     assert_eq!(ds.spec.unwrap().update_strategy.unwrap().type_.as_deref(), Some("OnDelete"));
     let node_nums = || {
@@ -105,16 +119,7 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
 /// pod is replaced, PoC window or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_pod_is_replaced_unless_its_ml_node_was_disabled_first() -> anyhow::Result<()> {
-    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a"]).await?;
-    let client = cp.client().await?;
-    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
-    let operator = cp.start_operator("op-a").await?;
-    let mut manifest = gonka_node_manifest("h100", NS);
-    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
-    manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
-    cp.roll_out(manifest, PODS, 1, WAIT).await?;
+    let Held { cp, api, pods, devnet, operator, .. } = held_fleet(&["gpu-a"]).await?;
 
     // A new image, and credentials the operator won't use (the Secret did not opt in): outside
     // any PoC window, the rollout still waits.
