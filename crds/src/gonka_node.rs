@@ -171,6 +171,12 @@ pub struct NetworkNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
 
+    /// PEM certificates to trust, besides the system's, for an `https` adminUrl or publicUrl
+    /// (a network node behind a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub ca_bundle: Option<String>,
+
     /// Send the credentials of `credentialsSecretRef` over plain `http` (a proxy on a network
     /// you trust, e.g. a sidecar or an in-cluster service mesh). Off, an `http` adminUrl gets
     /// no credentials and registration is refused with the reason.

@@ -700,6 +700,7 @@ impl ControlPlane {
             stand_ins.gpu_files.insert(node, gpus);
             addresses.push(format!("http://{ip}:8080/healthz"));
         }
+        gonka_operator::network_node::install_crypto_provider();
         let http = reqwest::Client::new();
         for health in addresses {
             let deadline = Instant::now() + Duration::from_secs(30);

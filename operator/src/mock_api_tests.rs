@@ -326,7 +326,7 @@ async fn deletion_deregisters_then_releases_the_finalizer() {
     .await
     .unwrap();
     assert_eq!(action, Action::await_change());
-    let client = crate::network_node::NetworkNode::new(&admin_url, None).unwrap();
+    let client = crate::network_node::NetworkNode::new(&admin_url, None, None).unwrap();
     assert!(client.nodes().await.unwrap().is_empty(), "no registration left behind");
 }
 

@@ -31,8 +31,10 @@ pub enum NetworkNodeError {
     Unreachable { url: String, reason: String },
     #[error("network node refused {what}: HTTP {status}: {message}")]
     Rejected { what: String, status: u16, message: String },
-    #[error("network node admin URL {0}: only http:// is supported (the admin API is in-cluster plain HTTP)")]
+    #[error("network node URL {0}: only http:// and https:// are supported")]
     UnsupportedUrl(String),
+    #[error("spec.networkNode.caBundle: {0}")]
+    CaBundle(String),
 }
 
 impl NetworkNodeError {
@@ -43,7 +45,7 @@ impl NetworkNodeError {
         match self {
             Self::Unreachable { .. } => true,
             Self::Rejected { status, .. } => matches!(status, 429 | 502 | 503 | 504),
-            Self::UnsupportedUrl(_) => false,
+            Self::UnsupportedUrl(_) | Self::CaBundle(_) => false,
         }
     }
 
@@ -66,16 +68,31 @@ pub struct NetworkNode {
     token: Option<String>,
 }
 
+/// reqwest's rustls takes the process-wide crypto provider: ring, installed once, before any
+/// HTTP client of this process is built (without one, building a client panics).
+pub fn install_crypto_provider() {
+    // Err means one is installed already: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl NetworkNode {
-    /// `admin_url` as in `spec.networkNode.adminUrl`; `token` from the credentials Secret.
-    pub fn new(admin_url: &str, token: Option<String>) -> Result<Self, NetworkNodeError> {
-        if !admin_url.starts_with("http://") {
+    /// `admin_url` as in `spec.networkNode.adminUrl`; `token` from the credentials Secret;
+    /// `ca_bundle` (PEM) trusted besides the system's roots for https.
+    pub fn new(admin_url: &str, token: Option<String>, ca_bundle: Option<&str>) -> Result<Self, NetworkNodeError> {
+        if !(admin_url.starts_with("http://") || admin_url.starts_with("https://")) {
             return Err(NetworkNodeError::UnsupportedUrl(admin_url.into()));
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|e| NetworkNodeError::Unreachable { url: admin_url.into(), reason: e.to_string() })?;
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(15));
+        if let Some(pem) = ca_bundle {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| NetworkNodeError::CaBundle(format!("not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(NetworkNodeError::CaBundle("no certificate in it".into()));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| NetworkNodeError::CaBundle(e.to_string()))?;
         Ok(Self { base: admin_url.trim_end_matches('/').into(), http, token })
     }
 
@@ -141,8 +158,8 @@ impl NetworkNode {
 }
 
 /// `GET <public_url>/v1/epochs/latest`: the epoch and its phase.
-pub async fn latest_epoch(public_url: &str) -> Result<EpochResponse, NetworkNodeError> {
-    let client = NetworkNode::new(public_url, None)?;
+pub async fn latest_epoch(public_url: &str, ca_bundle: Option<&str>) -> Result<EpochResponse, NetworkNodeError> {
+    let client = NetworkNode::new(public_url, None, ca_bundle)?;
     let response = client.send("reading the epoch", client.request(reqwest::Method::GET, "/v1/epochs/latest")).await?;
     response.json().await.map_err(|e| NetworkNodeError::Rejected {
         what: "reading the epoch".into(),
@@ -179,6 +196,10 @@ mod tests {
         assert!(rejected(503).is_outage() && rejected(502).is_outage() && rejected(429).is_outage());
         assert!(!rejected(400).is_outage(), "a 2026 network node refuses a model with 400");
         assert!(!rejected(500).is_outage(), "a 2025 network node refuses a model with 500");
-        assert!(NetworkNode::new("https://api:9200", None).is_err());
+        assert!(NetworkNode::new("ftp://api:9200", None, None).is_err());
+        assert!(matches!(
+            NetworkNode::new("https://api:9200", None, Some("not a certificate")),
+            Err(NetworkNodeError::CaBundle(_))
+        ));
     }
 }

@@ -407,7 +407,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             tokio::spawn(axum::serve(listener, admin_router(devnet.clone())).into_future());
-            let network = NetworkNode::new(&url, None).unwrap();
+            let network = NetworkNode::new(&url, None, None).unwrap();
             let gn = gonka_node("h100", |_| {});
             let id = "h100.gpu@gpu-a";
             let reconcile = async |pod: &MlNodePod| {

@@ -13,6 +13,47 @@ async fn devnet() -> (Arc<Mutex<Devnet>>, String) {
     devnet_of(Generation::Mainline2026).await
 }
 
+/// A 2026 devnet's admin API over https, its certificate issued by a test CA; returns the
+/// devnet, its URL and the CA's PEM.
+async fn https_devnet() -> (Arc<Mutex<Devnet>>, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "network-node-test-ca");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".into()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key.serialize_der().try_into().unwrap())
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let devnet = Arc::new(Mutex::new(Devnet::new(["Qwen/QwQ-32B".to_string()])));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let app = admin_router(devnet.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (devnet, url, ca_cert.pem())
+}
+
 async fn devnet_of(generation: Generation) -> (Arc<Mutex<Devnet>>, String) {
     let devnet = Arc::new(Mutex::new(Devnet::of(generation, ["Qwen/QwQ-32B".to_string()])));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,7 +84,7 @@ fn config(node: &str, model: &str, gpus: u32) -> InferenceNodeConfig {
 #[tokio::test]
 async fn a_2026_network_node_updates_in_place() {
     let (devnet, url) = devnet().await;
-    let client = NetworkNode::new(&url, None).unwrap();
+    let client = NetworkNode::new(&url, None, None).unwrap();
     let c = config("gpu-a", "Qwen/QwQ-32B", 8);
     client.register(&c).await.unwrap();
     let nodes = client.nodes().await.unwrap();
@@ -66,7 +107,7 @@ async fn a_2026_network_node_updates_in_place() {
 #[tokio::test]
 async fn a_2025_network_node_has_no_update_and_says_so() {
     let (devnet, url) = devnet_of(Generation::Launch2025).await;
-    let client = NetworkNode::new(&url, None).unwrap();
+    let client = NetworkNode::new(&url, None, None).unwrap();
     let c = config("gpu-a", "Qwen/QwQ-32B", 8);
     client.register(&c).await.unwrap();
     let err = client.update(&config("gpu-a", "Qwen/QwQ-32B", 4)).await.unwrap_err();
@@ -80,7 +121,7 @@ async fn a_2025_network_node_has_no_update_and_says_so() {
 async fn drain_is_disable_then_delete() {
     for generation in [Generation::Launch2025, Generation::Mainline2026] {
         let (devnet, url) = devnet_of(generation).await;
-        let client = NetworkNode::new(&url, None).unwrap();
+        let client = NetworkNode::new(&url, None, None).unwrap();
         let c = config("gpu-a", "Qwen/QwQ-32B", 8);
         client.register(&c).await.unwrap();
         client.set_enabled(&c.id, false).await.unwrap();
@@ -106,7 +147,7 @@ async fn drain_is_disable_then_delete() {
 async fn a_model_governance_did_not_approve_is_refused_with_the_reason() {
     // 2026: 400 on create, 500 on update, each with its reason.
     let (_, url) = devnet().await;
-    let client = NetworkNode::new(&url, None).unwrap();
+    let client = NetworkNode::new(&url, None, None).unwrap();
     let err = client.register(&config("gpu-a", "someone/unapproved-model", 8)).await.unwrap_err();
     match &err {
         NetworkNodeError::Rejected { status: 400, message, .. } => {
@@ -128,7 +169,7 @@ async fn a_model_governance_did_not_approve_is_refused_with_the_reason() {
 
     // 2025: a bare 500, still a refusal and not an outage.
     let (_, url) = devnet_of(Generation::Launch2025).await;
-    let client = NetworkNode::new(&url, None).unwrap();
+    let client = NetworkNode::new(&url, None, None).unwrap();
     let err = client.register(&config("gpu-a", "someone/unapproved-model", 8)).await.unwrap_err();
     match &err {
         NetworkNodeError::Rejected { status: 500, message, .. } => assert_eq!(message, "error creating new node"),
@@ -138,9 +179,23 @@ async fn a_model_governance_did_not_approve_is_refused_with_the_reason() {
 }
 
 #[tokio::test]
+async fn an_https_network_node_is_reached_with_its_ca_bundle() {
+    let (devnet, url, ca) = https_devnet().await;
+    // Its certificate is not one the system trusts: no request goes through.
+    let err = NetworkNode::new(&url, Some("s3cret".into()), None).unwrap().nodes().await.unwrap_err();
+    assert!(matches!(err, NetworkNodeError::Unreachable { .. }), "{err}");
+    assert_eq!(devnet.lock().unwrap().admin_requests, 0);
+
+    let client = NetworkNode::new(&url, Some("s3cret".into()), Some(&ca)).unwrap();
+    client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap();
+    assert_eq!(client.nodes().await.unwrap().len(), 1);
+    assert_eq!(devnet.lock().unwrap().admin_authorization.as_deref(), Some("Bearer s3cret"));
+}
+
+#[tokio::test]
 async fn an_unreachable_network_node_is_an_outage() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let client = NetworkNode::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+    let client = NetworkNode::new(&format!("http://127.0.0.1:{port}"), None, None).unwrap();
     let err = client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap_err();
     assert!(matches!(err, NetworkNodeError::Unreachable { .. }) && err.is_outage(), "{err}");
 }

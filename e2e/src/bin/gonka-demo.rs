@@ -197,6 +197,7 @@ async fn poc_round(
         let gpus: Vec<String> = s.gpus.iter().map(|g| format!("{} x {}", g.count, g.type_)).collect();
         step(&format!("{} reports {} GPUs: {}", gn.metadata.name.unwrap_or_default(), s.total_gpus, gpus.join(", ")));
     }
+    gonka_operator::network_node::install_crypto_provider();
     let http = reqwest::Client::new();
     let targets: Vec<(String, String)> = devnet
         .lock()

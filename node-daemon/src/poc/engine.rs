@@ -119,6 +119,8 @@ pub struct PowService {
 
 impl PowService {
     pub fn new(settings: PowSettings, metrics: DaemonMetrics, reporting: Reporting) -> Self {
+        // reqwest with rustls (when the build has it) needs a process-wide crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("HTTP client");
         Self { settings, metrics, reporting, http, session: Mutex::new(None) }
     }
