@@ -171,8 +171,8 @@ pub struct NetworkNodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
 
-    /// PEM certificates to trust, besides the system's, for an `https` adminUrl or publicUrl
-    /// (a network node behind a private CA).
+    /// PEM certificates to trust, besides the system's, for an `https` adminUrl, publicUrl or
+    /// mlCallbackUrl (a network node behind a private CA); the ML nodes get it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub ca_bundle: Option<String>,

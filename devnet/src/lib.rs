@@ -19,6 +19,7 @@
 
 pub mod ml_node_client;
 pub mod round;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

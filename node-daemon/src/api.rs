@@ -79,19 +79,19 @@ impl AppState {
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
         reporting: crate::report::Reporting,
         policy: Policy,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
             probe,
             api_token_sha256: policy.api_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).into()),
             policy,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             #[cfg(feature = "torch")]
-            pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone()),
+            pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?,
             reporting,
             metrics,
             version: version.into(),
             health: Mutex::new(None),
-        })
+        }))
     }
 
     /// Which manager runs: POW while a PoC session exists.

@@ -120,6 +120,7 @@ pub async fn run_with(
             allow_cpu: settings.allow_cpu_compute,
             callback_base: Some(c.ml_callback_url.clone()),
             batch_size: Some(c.poc.batch_size.max(1) as usize),
+            ca_bundle: c.ca_bundle.clone(),
         },
         None => poc::PowSettings { gpu_vram_gb, allow_cpu: settings.allow_cpu_compute, ..poc::PowSettings::default() },
     };
@@ -146,7 +147,7 @@ pub async fn run_with(
         tracing::info!(url = %target.url, "reporting to the operator");
         Some(tokio::spawn(reporter::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy);
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     // Shutting down takes no new work first (the server stops), then delivers what is pending.

@@ -33,6 +33,15 @@ struct Callback {
 }
 
 fn start_callback(runtime: &tokio::runtime::Runtime) -> (Arc<Callback>, String) {
+    let (callback, app) = callback_app();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/v1/poc-batches", listener.local_addr().unwrap());
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (callback, url)
+}
+
+/// The callback server and what it records.
+fn callback_app() -> (Arc<Callback>, Router) {
     let callback = Arc::new(Callback::default());
     let record = |kind: &'static str| {
         move |State(cb): State<Arc<Callback>>, axum::Json(body): axum::Json<Value>| async move {
@@ -48,10 +57,7 @@ fn start_callback(runtime: &tokio::runtime::Runtime) -> (Arc<Callback>, String) 
         .route("/v1/poc-batches/generated", post(record("generated")))
         .route("/v1/poc-batches/validated", post(record("validated")))
         .with_state(callback.clone());
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let url = format!("http://{}/v1/poc-batches", listener.local_addr().unwrap());
-    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (callback, url)
+    (callback, app)
 }
 
 fn params() -> Params {
@@ -196,6 +202,37 @@ fn sigterm_mid_poc_delivers_every_pending_proof() {
     let expected: BTreeSet<u64> =
         computed.iter().zip(distances("prover", &computed)).filter(|(_, d)| *d < R_TARGET).map(|(n, _)| *n).collect();
     assert_eq!(delivered, expected, "proofs lost or invented");
+}
+
+#[test]
+fn proofs_reach_an_https_callback_whose_ca_the_gonka_node_names() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (callback, app) = callback_app();
+    let (base, ca) = runtime.block_on(gonka_devnet::tls::serve_https(app)).unwrap();
+    let config = |ca: Option<&str>| {
+        json!({
+            "gonkaNode": "gpu/test", "mlCallbackUrl": base, "caBundle": ca, "pocPort": 8080, "inferencePort": 5000,
+            "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
+        })
+    };
+    let d = Daemon::start_configured(&Scenario::hgx_h100(), &config(Some(&ca)));
+    let url = format!("{base}/v1/poc-batches");
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0)).0, 200);
+    eventually("proofs over https", || !callback.generated.lock().unwrap().is_empty());
+    d.json("POST", "/api/v1/pow/stop");
+
+    // Without the CA the callback's certificate is not trusted: sends fail, proofs wait.
+    let (callback, app) = callback_app();
+    let (base, _) = runtime.block_on(gonka_devnet::tls::serve_https(app)).unwrap();
+    let untrusting = json!({
+        "gonkaNode": "gpu/test", "mlCallbackUrl": base, "pocPort": 8080, "inferencePort": 5000, "gpus": null,
+        "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
+    });
+    let d = Daemon::start_configured(&Scenario::hgx_h100(), &untrusting);
+    let url = format!("{base}/v1/poc-batches");
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0)).0, 200);
+    eventually("sends fail", || metric(&d, "gonka_ml_node_poc_send_failures_total{kind=\"generated\"}") >= 1.0);
+    assert!(callback.generated.lock().unwrap().is_empty());
 }
 
 #[test]

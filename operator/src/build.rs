@@ -127,6 +127,7 @@ pub fn daemon_config(gn: &GonkaNode, report_url: Option<&str>) -> DaemonConfig {
     DaemonConfig {
         gonka_node: format!("{}/{}", gn.namespace().unwrap_or_default(), gn.name_any()),
         ml_callback_url: spec.network_node.ml_callback_url.clone(),
+        ca_bundle: spec.network_node.ca_bundle.clone(),
         poc_port: DEFAULT_POC_PORT as u16,
         inference_port: DEFAULT_INFERENCE_PORT as u16,
         gpus: Some(spec.gpus_per_ml_node.max(1) as u32),

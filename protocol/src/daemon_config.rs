@@ -17,6 +17,9 @@ pub struct DaemonConfig {
     pub gonka_node: String,
     /// Network node ML callback base URL (upstream `DAPI_API__POC_CALLBACK_URL`).
     pub ml_callback_url: String,
+    /// PEM certificates trusted, besides the system's, for an `https` callback URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
     /// Port of the ML-node management and PoC API (upstream 8080).
     pub poc_port: u16,
     /// Port of the inference API (upstream 5000).
@@ -78,6 +81,7 @@ mod tests {
         DaemonConfig {
             gonka_node: "gpu/h100".into(),
             ml_callback_url: "http://api:9100".into(),
+            ca_bundle: None,
             poc_port: 8080,
             inference_port: 5000,
             gpus: Some(8),

@@ -118,11 +118,19 @@ pub struct PowService {
 }
 
 impl PowService {
-    pub fn new(settings: PowSettings, metrics: DaemonMetrics, reporting: Reporting) -> Self {
-        // reqwest with rustls (when the build has it) needs a process-wide crypto provider.
+    /// Fails when `settings.ca_bundle` holds no PEM certificate.
+    pub fn new(settings: PowSettings, metrics: DaemonMetrics, reporting: Reporting) -> anyhow::Result<Self> {
+        // reqwest's rustls takes the process-wide crypto provider: ring (Err: installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("HTTP client");
-        Self { settings, metrics, reporting, http, session: Mutex::new(None) }
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(pem) = &settings.ca_bundle {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("caBundle: not PEM certificates: {e}"))?;
+            anyhow::ensure!(!certs.is_empty(), "caBundle: no certificate in it");
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build()?;
+        Ok(Self { settings, metrics, reporting, http, session: Mutex::new(None) })
     }
 
     pub fn is_running(&self) -> bool {

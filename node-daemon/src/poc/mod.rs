@@ -42,6 +42,8 @@ pub struct PowSettings {
     /// Nonces per forward pass (`daemon.json` `poc.batchSize`, the host's tuning for its GPUs,
     /// as upstream's ML node tunes its own); `None`: the network node's `batch_size`.
     pub batch_size: Option<usize>,
+    /// PEM certificates trusted, besides the system's, for an `https` callback URL.
+    pub ca_bundle: Option<String>,
 }
 
 impl Default for PowSettings {
@@ -53,6 +55,7 @@ impl Default for PowSettings {
             allow_cpu: false,
             callback_base: None,
             batch_size: None,
+            ca_bundle: None,
         }
     }
 }
