@@ -396,10 +396,10 @@ async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Po
         return RolloutStep::Replacing; // waiting for replaced pods to come up
     }
     // No pod is replaced unless its ML node could be disabled first.
-    let network = match admin_token(gn, ctx).await.and_then(|token| {
-        NetworkNode::new(&gn.spec.network_node.admin_url, token, gn.spec.network_node.ca_bundle.as_deref())
-            .map_err(|e| e.to_string())
-    }) {
+    let network = match admin_token(gn, ctx)
+        .await
+        .and_then(|token| NetworkNode::of(&gn.spec.network_node, token).map_err(|e| e.to_string()))
+    {
         Ok(n) => n,
         Err(why) => {
             return RolloutStep::Held(format!("{outdated} ML nodes wait: their ML nodes can't be disabled ({why})"));
@@ -441,11 +441,10 @@ async fn register(
         Ok(t) => t,
         Err(why) => return Registration::CredentialsRefused(why),
     };
-    let network_node =
-        match NetworkNode::new(&gn.spec.network_node.admin_url, token, gn.spec.network_node.ca_bundle.as_deref()) {
-            Ok(n) => n,
-            Err(e) => return Registration::Refused(e.to_string()),
-        };
+    let network_node = match NetworkNode::of(&gn.spec.network_node, token) {
+        Ok(n) => n,
+        Err(e) => return Registration::Refused(e.to_string()),
+    };
     let outcome = async {
         let registered = network_node.nodes().await?;
         let plan = registration::plan(gn, pods, pods_expected, &registered);
@@ -627,8 +626,7 @@ async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
     if !skip {
         let token = admin_token(gn, ctx).await.map_err(Error::Deregistration)?;
         let network_node =
-            NetworkNode::new(&gn.spec.network_node.admin_url, token, gn.spec.network_node.ca_bundle.as_deref())
-                .map_err(|e| Error::Deregistration(e.to_string()))?;
+            NetworkNode::of(&gn.spec.network_node, token).map_err(|e| Error::Deregistration(e.to_string()))?;
         let outcome = async {
             let prefix = registration::id_prefix(gn);
             let ids: Vec<String> = network_node

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use gonka_crds::NetworkNodeSpec;
 use gonka_protocol::admin::{InferenceNodeConfig, NodeResponse, error_message};
 use gonka_protocol::network::EpochResponse;
 
@@ -94,6 +95,11 @@ impl NetworkNode {
         }
         let http = builder.build().map_err(|e| NetworkNodeError::CaBundle(e.to_string()))?;
         Ok(Self { base: admin_url.trim_end_matches('/').into(), http, token })
+    }
+
+    /// The admin API a GonkaNode's `spec.networkNode` names, with `token` from its credentials.
+    pub fn of(spec: &NetworkNodeSpec, token: Option<String>) -> Result<Self, NetworkNodeError> {
+        Self::new(&spec.admin_url, token, spec.ca_bundle.as_deref())
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

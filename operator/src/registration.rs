@@ -110,22 +110,19 @@ pub fn node_config(
 /// hand, are never touched.
 pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered: &[NodeResponse]) -> Plan {
     let generation = Generation::of(registered);
+    let id_of = |p: &MlNodePod| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node);
     let prefix = id_prefix(gn);
     let ours: BTreeMap<&str, &NodeResponse> = registered
         .iter()
         .filter(|r| r.node.config.id.starts_with(&prefix))
         .map(|r| (r.node.config.id.as_str(), r))
         .collect();
-    let existing_pods: BTreeSet<String> = pods
-        .iter()
-        .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
-        .collect();
+    let existing_pods: BTreeSet<String> = pods.iter().map(id_of).collect();
 
     let mut plan = Plan::default();
     for pod in pods.iter().filter(|p| p.ready && !p.terminating) {
         let Some(ip) = &pod.pod_ip else { continue };
-        let id = ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &pod.kubernetes_node);
-        let current = ours.get(id.as_str());
+        let current = ours.get(id_of(pod).as_str());
         // Not reported yet (e.g. the operator just restarted): keep what is registered.
         let hardware =
             pod.hardware.clone().or_else(|| current.map(|r| r.node.config.hardware.clone())).unwrap_or_default();
@@ -144,17 +141,12 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
         }
     }
     let replacements_pending = pods_expected > pods.len();
-    let id_of = |p: &MlNodePod| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node);
     let ready_pods: BTreeSet<String> = pods.iter().filter(|p| p.ready && !p.terminating).map(id_of).collect();
     // Being deleted, and no other pod serves that ML node (a replacement may already run).
     let serving: BTreeSet<String> = pods.iter().filter(|p| !p.terminating).map(id_of).collect();
     let stopping: BTreeSet<String> =
         pods.iter().filter(|p| p.terminating).map(id_of).filter(|id| !serving.contains(id)).collect();
-    let cordoned: BTreeSet<String> = pods
-        .iter()
-        .filter(|p| p.cordoned)
-        .map(|p| ml_node_id(&gn.namespace().unwrap_or_default(), &gn.name_any(), &p.kubernetes_node))
-        .collect();
+    let cordoned: BTreeSet<String> = pods.iter().filter(|p| p.cordoned).map(id_of).collect();
     let reregistered: BTreeSet<String> = plan.reregister.iter().map(|c| c.id.clone()).collect();
     for (id, r) in &ours {
         // Registering anew leaves a node enabled.
