@@ -7,17 +7,37 @@ use axum::Router;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio_rustls::rustls;
 
+/// A throwaway certificate authority for tests (the devnet's https, the e2e apiserver).
+pub struct TestCa {
+    /// The CA's certificate, PEM: what a client trusts.
+    pub pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self { pem, issuer: Issuer::new(params, key) })
+    }
+
+    /// A serving certificate for `hosts` (names or IP addresses) and its key.
+    pub fn issue(&self, hosts: &[&str], name: &str) -> anyhow::Result<(rcgen::Certificate, KeyPair)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ok((params.signed_by(&key, &self.issuer)?, key))
+    }
+}
+
 /// Serves `app` over https on a free loopback port until the runtime ends; returns its base URL
 /// (`https://127.0.0.1:<port>`) and the CA's certificate (PEM) a client must trust.
 pub async fn serve_https(app: Router) -> anyhow::Result<(String, String)> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "gonka-devnet-test-ca");
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate()?;
-    let cert = CertificateParams::new(vec!["127.0.0.1".into()])?.signed_by(&key, &issuer)?;
+    let ca = TestCa::new("gonka-devnet-test-ca")?;
+    let (cert, key) = ca.issue(&["127.0.0.1"], "gonka-devnet")?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -36,5 +56,5 @@ pub async fn serve_https(app: Router) -> anyhow::Result<(String, String)> {
             });
         }
     });
-    Ok((url, ca_cert.pem()))
+    Ok((url, ca.pem))
 }

@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::KeyPair;
 
 /// Which processes a test needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,18 +65,10 @@ impl ControlPlane {
         let d = dir.path();
 
         // Certificates: a CA, the apiserver's serving cert, the service-account signing key.
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "gonka-e2e-ca");
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let server_key = KeyPair::generate()?;
-        let mut server_params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-        server_params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-        let server_cert = server_params.signed_by(&server_key, &issuer)?;
+        let ca = gonka_devnet::tls::TestCa::new("gonka-e2e-ca")?;
+        let (server_cert, server_key) = ca.issue(&["localhost", "127.0.0.1"], "kube-apiserver")?;
         let sa_key = KeyPair::generate()?;
-        std::fs::write(d.join("ca.crt"), ca_cert.pem())?;
+        std::fs::write(d.join("ca.crt"), &ca.pem)?;
         std::fs::write(d.join("apiserver.crt"), server_cert.pem())?;
         std::fs::write(d.join("apiserver.key"), server_key.serialize_pem())?;
         std::fs::write(d.join("sa.key"), sa_key.serialize_pem())?;
