@@ -64,7 +64,7 @@ pub struct AppState {
     pub metrics: DaemonMetrics,
     pub version: String,
     /// The report hook: inventory, state, events.
-    pub reporting: crate::report::Reporting,
+    pub reporting: crate::node_state::Reporting,
     /// PoC v1 jobs (upstream's `PowManager`).
     #[cfg(feature = "torch")]
     pub pow: crate::poc::engine::PowService,
@@ -77,7 +77,7 @@ impl AppState {
         metrics: DaemonMetrics,
         version: impl Into<String>,
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
-        reporting: crate::report::Reporting,
+        reporting: crate::node_state::Reporting,
         policy: Policy,
     ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {

@@ -2,16 +2,16 @@
 //! upstream ML node (the management API in [`api`]); to the operator it is the pod that owns
 //! the node's GPUs ([`gpu`]: NVML inventory, health, XID events).
 //!
-//! What the daemon knows it publishes through the [`report`] hook; [`reporter`] streams that
+//! What the daemon knows it publishes through the [`node_state`] hook; [`report_client`] streams that
 //! to the operator when `daemon.json` names a report endpoint.
 
 pub mod api;
 pub mod gpu;
 pub mod metrics;
 pub mod modes;
+pub mod node_state;
 pub mod poc;
-pub mod report;
-pub mod reporter;
+pub mod report_client;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,13 +65,13 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_with(settings, report::Reporting::default(), shutdown).await
+    run_with(settings, node_state::Reporting::default(), shutdown).await
 }
 
 /// Runs the daemon, publishing inventory, state and events to `reporting`.
 pub async fn run_with(
     settings: Settings,
-    reporting: report::Reporting,
+    reporting: node_state::Reporting,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let probe = gpu::GpuProbe::open(settings.nvml_library.as_deref());
@@ -81,9 +81,9 @@ pub async fn run_with(
         let (metrics, reporting, probe_for_xid) = (metrics.clone(), reporting.clone(), probe.clone());
         probe.watch_xids(stop_watch.clone(), move |gpu, code, class| {
             metrics.xid(gpu, code, class);
-            reporting.event(report::Event::Xid { gpu, code, class });
+            reporting.event(node_state::Event::Xid { gpu, code, class });
             // A GPU that needs a reset is no longer available: the inventory says so now.
-            reporting.set_inventory(report::Inventory::probe(&probe_for_xid));
+            reporting.set_inventory(node_state::Inventory::probe(&probe_for_xid));
         })
     };
     if let Some(config) = &settings.config {
@@ -91,7 +91,7 @@ pub async fn run_with(
     }
     let inventory = {
         let probe = probe.clone();
-        tokio::task::spawn_blocking(move || report::Inventory::probe(&probe)).await?
+        tokio::task::spawn_blocking(move || node_state::Inventory::probe(&probe)).await?
     };
     tracing::info!(gpus = inventory.devices.len(), hardware = ?inventory.hardware, "GPU probe");
     reporting.set_inventory(inventory);
@@ -103,7 +103,7 @@ pub async fn run_with(
             loop {
                 tick.tick().await;
                 let probe = probe.clone();
-                if let Ok(inventory) = tokio::task::spawn_blocking(move || report::Inventory::probe(&probe)).await {
+                if let Ok(inventory) = tokio::task::spawn_blocking(move || node_state::Inventory::probe(&probe)).await {
                     reporting.set_inventory(inventory);
                 }
             }
@@ -134,7 +134,7 @@ pub async fn run_with(
     let reporter_stop = tokio_util::sync::CancellationToken::new();
     let reporter = settings.config.as_ref().and_then(|c| {
         let target = c.report.as_ref()?;
-        let identity = reporter::Identity {
+        let identity = report_client::Identity {
             gonka_node: c.gonka_node.clone(),
             pod_name: settings.pod.name.clone().unwrap_or_default(),
             kubernetes_node: settings.pod.node_name.clone().unwrap_or_default(),
@@ -143,9 +143,9 @@ pub async fn run_with(
             inference_port: c.inference_port,
         };
         let reporter_settings =
-            reporter::ReporterSettings::new(&target.url, target.token_file.as_ref().map(PathBuf::from), identity);
+            report_client::ReporterSettings::new(&target.url, target.token_file.as_ref().map(PathBuf::from), identity);
         tracing::info!(url = %target.url, "reporting to the operator");
-        Some(tokio::spawn(reporter::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
+        Some(tokio::spawn(report_client::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });
     let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gonka_node_daemon::report::Reporting;
+use gonka_node_daemon::node_state::Reporting;
 use gonka_node_daemon::{Settings, run_with};
 use gonka_protocol::ml_node::ServiceState;
 

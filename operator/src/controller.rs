@@ -34,7 +34,7 @@ use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
 use crate::registration;
-use crate::reports::{self, ReportStore};
+use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
 use crate::validate::validate;
@@ -92,7 +92,7 @@ pub struct Context {
     /// What the node-daemons report.
     pub reports: ReportStore,
     /// Consecutive registration passes that found the network node unreachable, per GonkaNode.
-    unreachable: std::sync::Mutex<std::collections::HashMap<reports::GonkaNodeKey, u32>>,
+    unreachable: std::sync::Mutex<std::collections::HashMap<report_store::GonkaNodeKey, u32>>,
 }
 
 impl Context {
@@ -125,7 +125,7 @@ impl Context {
     }
 
     /// Forgets a GonkaNode's retry count (it is being deleted).
-    fn forget_network_retries(&self, key: &reports::GonkaNodeKey) {
+    fn forget_network_retries(&self, key: &report_store::GonkaNodeKey) {
         self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
     }
 
@@ -495,23 +495,25 @@ fn read_reports(
     gn: &GonkaNode,
     ctx: &Context,
     pods: &[Pod],
-) -> (reports::Fleet, std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>) {
+) -> (report_store::Fleet, std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>) {
     let key = (gn.namespace().unwrap_or_default(), gn.name_any());
     let existing = pods.iter().map(ResourceExt::name_any).collect();
     ctx.reports.prune(&key, &existing);
     let reports = ctx.reports.of(&key);
-    let refs: Vec<reports::PodRef> = pods
+    let refs: Vec<report_store::PodRef> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
             let node = p.spec.as_ref()?.node_name.clone()?;
-            Some(reports::PodRef { name: p.name_any(), kubernetes_node: node })
+            Some(report_store::PodRef { name: p.name_any(), kubernetes_node: node })
         })
         .collect();
     let previous = gn.status.as_ref().map(|s| s.ml_nodes.as_slice()).unwrap_or_default();
-    let hardware =
-        reports.iter().filter_map(|(pod, r)| Some((pod.clone(), reports::hardware(r.snapshot.as_ref()?)))).collect();
-    (reports::fleet(&refs, &reports, previous), hardware)
+    let hardware = reports
+        .iter()
+        .filter_map(|(pod, r)| Some((pod.clone(), report_store::hardware(r.snapshot.as_ref()?))))
+        .collect();
+    (report_store::fleet(&refs, &reports, previous), hardware)
 }
 
 /// Kubernetes nodes that are cordoned (`spec.unschedulable`), where ML nodes are held disabled.

@@ -2,22 +2,23 @@
 //!
 //! Module map (the reconcile pipeline, in order): [`validate`] → [`build`] (pure) →
 //! [`apply`] (the only writer) → [`status`] (pure); [`controller`] wires them to the watch
-//! streams; [`leader`] keeps a second replica idle until the first goes; [`http`] and
-//! [`metrics`] serve health and Prometheus. [`report_server`] takes the node-daemons' report
-//! streams into [`reports`], which reconciles read for status and registration hardware;
+//! streams; [`runtime`] runs a replica (leader election: a second replica idles until the
+//! first goes; the admin and report servers); [`http`] and [`metrics`] serve health and
+//! Prometheus. [`report_server`] takes the node-daemons' report
+//! streams into [`report_store`], which reconciles read for status and registration hardware;
 //! [`registration`] plans and [`network_node`] carries out the ML nodes' registration.
 
 pub mod apply;
 pub mod build;
 pub mod controller;
 pub mod http;
-pub mod leader;
 pub mod metrics;
 pub mod network_node;
 pub mod registration;
 pub mod report_server;
-pub mod reports;
+pub mod report_store;
 pub mod rollout;
+pub mod runtime;
 pub mod status;
 pub mod telemetry;
 pub mod validate;
@@ -28,4 +29,4 @@ mod mock_api_tests;
 pub(crate) mod test_fixtures;
 
 pub use controller::{Context, ControllerConfig, FINALIZER};
-pub use leader::{LeaseOptions, Options, ReportOptions, RunError, run};
+pub use runtime::{LeaseOptions, Options, ReportOptions, RunError, run};

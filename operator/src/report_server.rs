@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::build::Names;
 use crate::metrics::Metrics;
-use crate::reports::{Connection, ReportStore};
+use crate::report_store::{Connection, ReportStore};
 
 /// How the operator checks who is reporting.
 #[derive(Clone)]

@@ -31,7 +31,7 @@ pub struct Observation<'a> {
     /// previous `Registered` condition and count stand).
     pub registration: Option<Registration>,
     /// What the node-daemons report; `None` = not read this time (the previous fleet stands).
-    pub fleet: Option<crate::reports::Fleet>,
+    pub fleet: Option<crate::report_store::Fleet>,
     /// ML-node pods the scheduler could not place: `"<Kubernetes node>: <reason>"`.
     pub unschedulable: Vec<String>,
 }

@@ -23,7 +23,7 @@ use super::model::ProofModel;
 use super::pipeline::{distance, nonce_inputs, nonce_permutation, nonces, target};
 use super::validation::{ValidationError, check_claims, verdict};
 use crate::metrics::DaemonMetrics;
-use crate::report::{PocCounters, Reporting};
+use crate::node_state::{PocCounters, Reporting};
 use gonka_protocol::ml_node::ServiceState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

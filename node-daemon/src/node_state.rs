@@ -1,7 +1,8 @@
-//! What the daemon tells the operator, as values a reporter can subscribe to: the GPU inventory
-//! and the daemon's state (current values, so a reporter that connects or reconnects sends the
-//! whole picture at once) and events (XIDs, as they happen). The gRPC report stream to the
-//! operator plugs in here; so does anything else that wants to watch an ML node.
+//! What the ML node knows of itself, as values anything can subscribe to: the GPU inventory
+//! and the daemon's state (current values, so a subscriber that connects or reconnects gets
+//! the whole picture at once) and events (XIDs, as they happen). The report stream to the
+//! operator ([`crate::report_client`]) is one subscriber; anything else that watches an ML node
+//! can be another.
 
 use gonka_protocol::ml_node::{DriverInfo, GpuDevice, ServiceState};
 use tokio::sync::{broadcast, watch};

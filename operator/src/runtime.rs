@@ -20,7 +20,7 @@ use crate::controller::{self, Context, ControllerConfig};
 use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
 use crate::report_server::{self, ReportAuth, ReportService};
-use crate::reports::ReportStore;
+use crate::report_store::ReportStore;
 use kube::runtime::events::{Recorder, Reporter};
 
 /// The Lease that elects the leader.

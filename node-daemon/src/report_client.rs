@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use crate::gpu::XidClass;
-use crate::report::{DaemonState, Event, Inventory, Reporting};
+use crate::node_state::{DaemonState, Event, Inventory, Reporting};
 
 /// Who this daemon is, from the pod (downward API) and its `daemon.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
