@@ -818,7 +818,11 @@ impl ControlPlane {
                 instance: Some(identity.into()),
                 retry: Duration::from_secs(2),
                 rollout_recheck: Duration::from_secs(1),
-                report_url: report_port.map(|p| format!("http://127.0.0.1:{p}")),
+                // https, as a cluster runs it: the report server's CA goes into daemon.json.
+                report: report_port.map(|p| gonka_operator::build::ReportEndpoint {
+                    url: format!("https://127.0.0.1:{p}"),
+                    ca_bundle: None,
+                }),
                 report_flush: Duration::from_secs(2),
                 ..Default::default()
             },
@@ -826,6 +830,7 @@ impl ControlPlane {
                 addr: report_port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))),
                 authenticate: true,
                 heartbeat: Duration::from_secs(1),
+                ..Default::default()
             },
             lease: gonka_operator::LeaseOptions {
                 name: "gonka-operator-leader".into(),
@@ -833,13 +838,18 @@ impl ControlPlane {
                 identity: identity.into(),
                 duration_seconds: 6,
                 grace_seconds: 2,
+                // The replica's pod, when the test made one (the leader labels it).
+                pod: Some(identity.into()),
             },
             admin_addr: "127.0.0.1:0".parse()?,
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(gonka_operator::run(client, options, stop.clone(), Some(tx)));
-        let running = rx.await.context("operator stopped before its admin server listened")?;
+        let Ok(running) = rx.await else {
+            let ended = task.await?;
+            anyhow::bail!("operator stopped before it was up: {ended:?}");
+        };
         Ok(Operator {
             identity: identity.into(),
             metrics: running.metrics,

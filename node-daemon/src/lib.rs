@@ -142,8 +142,9 @@ pub async fn run_with(
             poc_port: c.poc_port,
             inference_port: c.inference_port,
         };
-        let reporter_settings =
+        let mut reporter_settings =
             report_client::ReporterSettings::new(&target.url, target.token_file.as_ref().map(PathBuf::from), identity);
+        reporter_settings.ca_bundle = target.ca_bundle.clone();
         tracing::info!(url = %target.url, "reporting to the operator");
         Some(tokio::spawn(report_client::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });

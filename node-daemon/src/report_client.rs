@@ -18,7 +18,7 @@ use gonka_protocol::report::{self as proto, daemon_message::Body, fleet_reports_
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::gpu::XidClass;
 use crate::node_state::{DaemonState, Event, Inventory, Reporting};
@@ -41,6 +41,8 @@ pub struct ReporterSettings {
     pub url: String,
     /// Bearer token file, read again at every connect (projected tokens rotate).
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) an `https://` url's certificate must chain to: the operator's report CA.
+    pub ca_bundle: Option<String>,
     pub identity: Identity,
     /// Events kept until acknowledged.
     pub event_buffer: usize,
@@ -53,6 +55,7 @@ impl ReporterSettings {
         Self {
             url: url.into(),
             token_file,
+            ca_bundle: None,
             identity,
             event_buffer: 1024,
             min_backoff: Duration::from_millis(500),
@@ -65,6 +68,8 @@ impl ReporterSettings {
 enum SessionError {
     #[error("connecting to {url}: {source}")]
     Connect { url: String, source: tonic::transport::Error },
+    #[error("{url} is https but daemon.json gives no report.caBundle to check the operator's certificate with")]
+    NoCa { url: String },
     #[error("reading the report token {path}: {source}")]
     Token { path: String, source: std::io::Error },
     #[error("the report token is not valid header text")]
@@ -230,8 +235,16 @@ impl Reporter {
             ),
             None => None,
         };
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|source| SessionError::Connect { url: url.clone(), source })?
+        let mut endpoint =
+            Endpoint::from_shared(url.clone()).map_err(|source| SessionError::Connect { url: url.clone(), source })?;
+        if url.starts_with("https://") {
+            // Only the operator's CA: a token must not go to anything else that holds a
+            // publicly trusted certificate for the name.
+            let ca = self.settings.ca_bundle.as_ref().ok_or_else(|| SessionError::NoCa { url: url.clone() })?;
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).map_err(|source| SessionError::Connect { url: url.clone(), source })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             // A silently dead connection (a node gone) is noticed within ~40 s.
             .http2_keep_alive_interval(Duration::from_secs(20))

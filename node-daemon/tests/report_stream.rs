@@ -36,7 +36,10 @@ async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
 
     let cm = Api::<ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
     let config = &cm.data.unwrap()["daemon.json"];
-    assert!(config.contains(&format!("http://127.0.0.1:{report_port}")), "{config}");
+    assert!(config.contains(&format!("https://127.0.0.1:{report_port}")), "{config}");
+    // The operator's own report CA, for the daemons to check its certificate with.
+    let report_ca = gonka_protocol::daemon_config::DaemonConfig::from_json(config)?.report.unwrap().ca_bundle.unwrap();
+    assert!(report_ca.starts_with("-----BEGIN CERTIFICATE-----"), "{report_ca}");
     let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
     let stand_ins = cp.stand_in_for_pods(NS, PODS, daemon, config, |_| fake_nvml::Scenario::hgx_h100()).await?;
     assert_eq!(stand_ins.len(), 2);
@@ -106,17 +109,23 @@ async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
         boot_id: "forged".into(),
         ..Default::default()
     };
-    let refused = refused_stream(report_port, Some(&token_a), hello_b.clone()).await;
+    let refused = refused_stream(report_port, &report_ca, Some(&token_a), hello_b.clone()).await;
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("bound to pod"), "{refused:?}");
-    let refused = refused_stream(report_port, None, hello_b.clone()).await;
+    let refused = refused_stream(report_port, &report_ca, None, hello_b.clone()).await;
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // TLS only, under the operator's CA: plain text, or trusting another CA, gets nowhere.
+    assert!(reaches_the_report_service(tls_endpoint(report_port, &report_ca)).await);
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{report_port}"))?;
+    assert!(!reaches_the_report_service(plain).await, "plain text reached the report service");
+    let stranger = gonka_devnet::tls::TestCa::new("another CA")?.pem;
+    assert!(!reaches_the_report_service(tls_endpoint(report_port, &stranger)).await, "another CA was trusted");
     // A follower replica takes no streams, even a rightful one: the daemon retries until it
     // reaches the leader (through the Service, in a cluster).
     let follower_port = free_port()?;
     let follower = cp.start_reporting_operator("op-c", follower_port).await?;
     let token_b = cp.pod_token(pod_on("gpu-b")).await?;
-    let refused = refused_stream(follower_port, Some(&token_b), hello_b).await;
+    let refused = refused_stream(follower_port, &report_ca, Some(&token_b), hello_b).await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("not the leader"), "{refused:?}");
     drop(follower);
@@ -130,9 +139,9 @@ async fn daemons_report_through_an_operator_restart() -> anyhow::Result<()> {
 }
 
 /// Opens a report stream with `hello`; returns how the operator refused it (taking it fails the test).
-async fn refused_stream(port: u16, token: Option<&str>, hello: proto::Hello) -> tonic::Status {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    let mut client = FleetReportsClient::new(channel.connect().await.expect("connects"));
+async fn refused_stream(port: u16, ca: &str, token: Option<&str>, hello: proto::Hello) -> tonic::Status {
+    let channel = tls_endpoint(port, ca).connect().await.expect("connects");
+    let mut client = FleetReportsClient::new(channel);
     let first = proto::DaemonMessage { seq: 1, body: Some(proto::daemon_message::Body::Hello(hello)) };
     let mut request = tonic::Request::new(tokio_stream::iter(vec![first]));
     if let Some(token) = token {
@@ -141,5 +150,21 @@ async fn refused_stream(port: u16, token: Option<&str>, hello: proto::Hello) -> 
     match client.report(request).await {
         Ok(_) => panic!("the operator took the stream"),
         Err(status) => status,
+    }
+}
+
+fn tls_endpoint(port: u16, ca: &str) -> tonic::transport::Endpoint {
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap().tls_config(tls).unwrap()
+}
+
+/// Whether a report call over `endpoint` gets any answer of the report service (even a refusal).
+async fn reaches_the_report_service(endpoint: tonic::transport::Endpoint) -> bool {
+    let Ok(channel) = endpoint.connect().await else { return false };
+    let hello = proto::DaemonMessage { seq: 1, body: Some(proto::daemon_message::Body::Hello(Default::default())) };
+    match FleetReportsClient::new(channel).report(tonic::Request::new(tokio_stream::iter(vec![hello]))).await {
+        Ok(_) => true,
+        // Refusals of the service itself, as opposed to a transport that never got through.
+        Err(status) => matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied),
     }
 }

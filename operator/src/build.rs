@@ -120,9 +120,18 @@ pub fn template_hash(ds: &DaemonSet) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// The daemon's configuration file for this GonkaNode; `report_url` is the operator's report
+/// The operator's report endpoint as the daemons reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReportEndpoint {
+    /// `https://<operator Service>.<namespace>.svc:8082` in a cluster.
+    pub url: String,
+    /// The CA the daemons trust for an https `url` (PEM); the report server's own CA.
+    pub ca_bundle: Option<String>,
+}
+
+/// The daemon's configuration file for this GonkaNode; `report` is the operator's report
 /// endpoint, if daemons should report.
-pub fn daemon_config(gn: &GonkaNode, report_url: Option<&str>) -> DaemonConfig {
+pub fn daemon_config(gn: &GonkaNode, report: Option<&ReportEndpoint>) -> DaemonConfig {
     let spec = &gn.spec;
     DaemonConfig {
         gonka_node: format!("{}/{}", gn.namespace().unwrap_or_default(), gn.name_any()),
@@ -137,7 +146,11 @@ pub fn daemon_config(gn: &GonkaNode, report_url: Option<&str>) -> DaemonConfig {
             send_interval_seconds: spec.poc.send_interval_seconds as u32,
             max_pending_batches: spec.poc.max_pending_batches as u32,
         },
-        report: report_url.map(|url| ReportConfig { url: url.into(), token_file: Some(report::TOKEN_PATH.into()) }),
+        report: report.map(|r| ReportConfig {
+            url: r.url.clone(),
+            token_file: Some(report::TOKEN_PATH.into()),
+            ca_bundle: r.ca_bundle.clone(),
+        }),
     }
 }
 
@@ -145,7 +158,7 @@ pub fn daemon_config(gn: &GonkaNode, report_url: Option<&str>) -> DaemonConfig {
 pub fn desired_objects(
     gn: &GonkaNode,
     validated: &ValidatedSpec,
-    report_url: Option<&str>,
+    report: Option<&ReportEndpoint>,
 ) -> Result<DesiredObjects, BuildError> {
     let namespace = gn.namespace().ok_or(BuildError::NoNamespace)?;
     let owner = gn.controller_owner_ref(&()).ok_or(BuildError::NoUid)?;
@@ -158,7 +171,7 @@ pub fn desired_objects(
         ..ObjectMeta::default()
     };
 
-    let config_json = daemon_config(gn, report_url).to_json();
+    let config_json = daemon_config(gn, report).to_json();
     let config_hash = hex::encode(&Sha256::digest(config_json.as_bytes())[..8]);
 
     let service_account = ServiceAccount {
@@ -186,7 +199,7 @@ pub fn desired_objects(
         }),
         ..Service::default()
     };
-    let mut template = pod_template(gn, validated, &names, &config_hash, report_url.is_some());
+    let mut template = pod_template(gn, validated, &names, &config_hash, report.is_some());
     let template_hash = hex::encode(&Sha256::digest(serde_json::to_vec(&template).expect("serializes"))[..8]);
     if let Some(annotations) = template.metadata.as_mut().and_then(|m| m.annotations.as_mut()) {
         annotations.insert(ANNOTATION_TEMPLATE_HASH.into(), template_hash);
@@ -612,11 +625,13 @@ mod tests {
     fn reporting_daemons_get_the_endpoint_and_a_pod_bound_token_for_the_operator_only() {
         let gn = gonka_node("h100", |_| {});
         let validated = validate(&gn, "ghcr.io/example/daemon:1").unwrap();
-        let url = "http://gonka-operator.gonka-system.svc:8082";
-        let o = desired_objects(&gn, &validated, Some(url)).unwrap();
+        let url = "https://gonka-operator.gonka-system.svc:8082";
+        let endpoint = ReportEndpoint { url: url.into(), ca_bundle: Some("CA PEM".into()) };
+        let o = desired_objects(&gn, &validated, Some(&endpoint)).unwrap();
         let config = DaemonConfig::from_json(&o.config_map.data.as_ref().unwrap()[daemon_config::FILE_NAME]).unwrap();
         let report = config.report.unwrap();
         assert_eq!((report.url.as_str(), report.token_file.as_deref()), (url, Some(report::TOKEN_PATH)));
+        assert_eq!(report.ca_bundle.as_deref(), Some("CA PEM"));
         let pod = pod_spec(&o);
         let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "report-token").unwrap();
         let token = volume.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.as_ref();

@@ -61,7 +61,7 @@ pub struct ControllerConfig {
     pub rollout_recheck: Duration,
     /// The report endpoint node-daemons stream to (`daemon.json`'s `report.url`); `None` = the
     /// daemons don't report.
-    pub report_url: Option<String>,
+    pub report: Option<build::ReportEndpoint>,
     /// How often reports that only move counters (PoC nonces) are folded into status.
     pub report_flush: Duration,
 }
@@ -76,7 +76,7 @@ impl Default for ControllerConfig {
             retry: Duration::from_secs(15),
             instance: None,
             rollout_recheck: Duration::from_secs(30),
-            report_url: None,
+            report: None,
             report_flush: Duration::from_secs(30),
         }
     }
@@ -210,7 +210,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             daemon_set = api.get_opt(&name).await.ok().flatten();
         }
         Ok(validated) => {
-            let desired = build::desired_objects(gn, &validated, ctx.config.report_url.as_deref())?;
+            let desired = build::desired_objects(gn, &validated, ctx.config.report.as_ref())?;
             let mode = if spec.paused { Mode::Hold } else { Mode::Apply };
             match ctx.writer.apply_objects(&desired, mode).await {
                 Ok(applied) => {

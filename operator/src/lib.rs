@@ -17,6 +17,7 @@ pub mod network_node;
 pub mod registration;
 pub mod report_server;
 pub mod report_store;
+pub mod report_tls;
 pub mod rollout;
 pub mod runtime;
 pub mod status;

@@ -46,10 +46,16 @@ struct RunArgs {
     #[arg(global = true, long, env = "GONKA_REPORT_ADDR", default_value = "0.0.0.0:8082")]
     report_addr: String,
     /// The report endpoint as daemons reach it, written into their `daemon.json`, e.g.
-    /// `http://gonka-operator.gonka-system.svc:8082` (the operator's Service). Unset: daemons
+    /// `https://gonka-operator.gonka-system.svc:8082` (the operator's Service). `https://`
+    /// serves TLS under the operator's own CA (kept in `--report-tls-secret`, handed to the
+    /// daemons in `daemon.json`); `http://` is plain text (development only). Unset: daemons
     /// don't report (status shows no GPUs, weight or per-node reports).
     #[arg(global = true, long, env = "GONKA_REPORT_URL")]
     report_url: Option<String>,
+    /// The Secret, in the operator's namespace, holding the report server's CA and certificate
+    /// (created when missing).
+    #[arg(global = true, long, default_value = gonka_operator::runtime::REPORT_TLS_SECRET)]
+    report_tls_secret: String,
     /// How daemons prove who they are: `service-account` (their pod's projected token, checked
     /// with a TokenReview) or `none` (development only).
     #[arg(global = true, long, value_enum, default_value_t = ReportAuth::ServiceAccount)]
@@ -70,8 +76,12 @@ struct RunArgs {
     #[arg(global = true, long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// This replica's identity in the Lease (default: the pod name, else host name and pid).
-    #[arg(global = true, long, env = "POD_NAME")]
+    #[arg(global = true, long)]
     identity: Option<String>,
+    /// This replica's pod, labelled `gonka.ai/operator-leader=true` while it leads (the report
+    /// Service selects that label).
+    #[arg(global = true, long, env = "POD_NAME")]
+    pod_name: Option<String>,
     /// Seconds the Lease stays valid without renewal.
     #[arg(global = true, long, default_value_t = 15)]
     lease_duration_seconds: u64,
@@ -102,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
     let args = cli.run;
     telemetry::init(args.log_format, &args.log_filter)?;
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
+    let identity = args.identity.clone().or_else(|| args.pod_name.clone()).unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
@@ -113,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency: args.concurrency,
             resync: Duration::from_secs(args.resync_seconds),
             instance: Some(identity.clone()),
-            report_url: args.report_url,
+            report: args.report_url.map(|url| gonka_operator::build::ReportEndpoint { url, ca_bundle: None }),
             ..ControllerConfig::default()
         },
         reports: ReportOptions {
@@ -123,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             },
             authenticate: args.report_auth == ReportAuth::ServiceAccount,
             heartbeat: Duration::from_secs(u64::from(args.report_heartbeat_seconds.max(1))),
+            tls_secret: args.report_tls_secret,
         },
         lease: LeaseOptions {
             name: args.lease_name,
@@ -130,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             duration_seconds: args.lease_duration_seconds,
             grace_seconds: args.lease_grace_seconds,
+            pod: args.pod_name,
         },
         admin_addr: args.admin_addr,
     };

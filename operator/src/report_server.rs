@@ -375,13 +375,21 @@ impl ReportService {
 pub async fn serve(
     addr: SocketAddr,
     service: ReportService,
+    tls: Option<&crate::report_tls::ReportTls>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(std::io::Error::other)?;
+    }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let stop = service.stop.clone();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(FleetReportsServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use gonka_crds::GonkaNode;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,6 +22,7 @@ use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
 use crate::report_server::{self, ReportAuth, ReportService};
 use crate::report_store::ReportStore;
+use crate::report_tls;
 use kube::runtime::events::{Recorder, Reporter};
 
 /// The Lease that elects the leader.
@@ -34,7 +36,13 @@ pub struct LeaseOptions {
     pub duration_seconds: u64,
     /// Seconds before expiry the holder renews.
     pub grace_seconds: u64,
+    /// This replica's pod (in `namespace`), labelled [`LEADER_LABEL`] while it leads so the
+    /// report Service routes to the leader alone; `None` outside a cluster.
+    pub pod: Option<String>,
 }
+
+/// On the leading replica's pod; the report Service selects it.
+pub const LEADER_LABEL: &str = "gonka.ai/operator-leader";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -54,7 +62,13 @@ pub struct ReportOptions {
     pub authenticate: bool,
     /// The heartbeat interval daemons are asked for.
     pub heartbeat: std::time::Duration,
+    /// The Secret (in the Lease's namespace) holding the report server's CA and certificate,
+    /// used when the report URL is `https://` (see [`crate::report_tls`]).
+    pub tls_secret: String,
 }
+
+/// The report TLS Secret's default name.
+pub const REPORT_TLS_SECRET: &str = "gonka-operator-report-tls";
 
 impl Default for ReportOptions {
     fn default() -> Self {
@@ -62,6 +76,7 @@ impl Default for ReportOptions {
             addr: None,
             authenticate: true,
             heartbeat: std::time::Duration::from_secs(u64::from(gonka_protocol::report::DEFAULT_HEARTBEAT_SECONDS)),
+            tls_secret: REPORT_TLS_SECRET.into(),
         }
     }
 }
@@ -80,6 +95,8 @@ pub enum RunError {
     LostLeadership,
     #[error("admin server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("report server TLS: {0}")]
+    ReportTls(#[from] crate::report_tls::TlsError),
 }
 
 /// A running operator's handles, for callers that need the admin address or metrics.
@@ -109,7 +126,27 @@ pub async fn run(
     let leading = Arc::new(AtomicBool::new(false));
     let mut report_addr = None;
     let mut report_server = None;
+    let mut options = options;
     if let Some(addr) = options.reports.addr {
+        // The URL's scheme decides: https (the manifests' and chart's) serves TLS under the
+        // operator's CA, which the daemons get in daemon.json; http is for development.
+        let tls = match options.controller.report.as_ref().map(|r| r.url.clone()).as_deref() {
+            Some(url) if url.starts_with("https://") => {
+                let hosts = vec![report_tls::host_of(url)?];
+                let tls =
+                    report_tls::ensure(client.clone(), &options.lease.namespace, &options.reports.tls_secret, &hosts)
+                        .await?;
+                if let Some(report) = options.controller.report.as_mut() {
+                    report.ca_bundle = Some(tls.ca_pem.clone());
+                }
+                Some(tls)
+            }
+            Some(url) => {
+                warn!(%url, "the report URL is plain http: the daemons' pod tokens travel unencrypted");
+                None
+            }
+            None => None,
+        };
         let auth = if options.reports.authenticate {
             ReportAuth::service_account(client.clone())
         } else {
@@ -128,7 +165,7 @@ pub async fn run(
             stop: server_stop.clone(),
             streams: Arc::new(tokio::sync::Semaphore::new(report_server::MAX_STREAMS)),
         };
-        let (addr, task) = report_server::serve(addr, service).await?;
+        let (addr, task) = report_server::serve(addr, service, tls.as_ref()).await?;
         info!(%addr, "report server listening");
         report_addr = Some(addr);
         report_server = Some(task);
@@ -157,6 +194,8 @@ async fn lead_and_reconcile(
 ) -> Result<(), RunError> {
     check_crd(&client, options.controller.namespace.as_deref()).await?;
     ready.store(true, Ordering::Relaxed);
+    // A restarted container keeps its pod's labels: it is no leader until it wins again.
+    mark_leader(&client, &options.lease, false).await;
 
     let lease = &options.lease;
     let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
@@ -180,6 +219,7 @@ async fn lead_and_reconcile(
         info!(identity = %lease.identity, "leading: starting the controller");
         metrics.leader.set(1);
         leading_flag.store(true, Ordering::Relaxed);
+        mark_leader(&client, lease, true).await;
         let ctx = Arc::new(
             Context::new(client.clone(), options.controller.clone(), metrics.clone()).with_reports(reports.clone()),
         );
@@ -199,6 +239,7 @@ async fn lead_and_reconcile(
         }
         metrics.leader.set(0);
         leading_flag.store(false, Ordering::Relaxed);
+        mark_leader(&client, lease, false).await;
         result
     }
     .await;
@@ -211,6 +252,22 @@ async fn lead_and_reconcile(
         Ok(Ok(_)) => info!("leader lease released"),
     }
     outcome
+}
+
+/// Labels this replica's pod as the leader, or takes the label off. A failure is logged, not
+/// fatal: the report Service then misses the leader (or keeps a follower, which answers
+/// `UNAVAILABLE`), and daemons retry until it is put right.
+async fn mark_leader(client: &Client, lease: &LeaseOptions, leading: bool) {
+    let Some(pod) = &lease.pod else { return };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &lease.namespace);
+    let value = if leading { serde_json::json!("true") } else { serde_json::Value::Null };
+    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => info!(%pod, leading, "leader label set on this replica's pod"),
+        Err(e) => {
+            warn!(%pod, leading, error = %e, "could not label this replica's pod; the report Service may route to the wrong replica")
+        }
+    }
 }
 
 /// Resolves when this replica no longer holds the lease.

@@ -39,12 +39,16 @@ pub struct DaemonConfig {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReportConfig {
-    /// e.g. `http://gonka-operator.gonka-system.svc:8082`.
+    /// e.g. `https://gonka-operator.gonka-system.svc:8082`.
     pub url: String,
     /// The bearer token to send (a projected ServiceAccount token, re-read at every connect);
     /// `None` = send none (an operator running with `--report-auth none`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// The CA (PEM) to trust for an `https://` url: the operator's own report CA. Required for
+    /// https (the report server's certificate is not from a public CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -91,8 +95,9 @@ mod tests {
             }],
             poc: PocConfig { batch_size: 32, send_interval_seconds: 5, max_pending_batches: 100 },
             report: Some(ReportConfig {
-                url: "http://gonka-operator.gonka-system.svc:8082".into(),
+                url: "https://gonka-operator.gonka-system.svc:8082".into(),
                 token_file: Some("/var/run/secrets/gonka.ai/report/token".into()),
+                ca_bundle: Some("-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n".into()),
             }),
         }
     }
