@@ -324,7 +324,8 @@ impl ImagePullPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct UpdateStrategy {
     /// Most ML nodes down at once during a rollout: a count (e.g. `1`) or a percentage of the
-    /// desired ML nodes (e.g. `"25%"`).
+    /// desired ML nodes (e.g. `"25%"`). The GonkaNode's PodDisruptionBudget
+    /// (`<name>-ml-nodes`) lets evictions take as many.
     #[serde(default = "default_max_unavailable")]
     #[x_kube(validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^(100|[1-9][0-9]?)%$')").message("maxUnavailable must be a count >= 1 or a percentage between 1% and 100%"))]
     pub max_unavailable: IntOrString,
@@ -333,7 +334,8 @@ pub struct UpdateStrategy {
     /// confirmation PoC), so no ML node restarts and loses its weight. Needs
     /// `spec.networkNode.publicUrl`: the DaemonSet then updates `OnDelete` and the operator
     /// replaces pods itself, outside PoC windows, at most `maxUnavailable` at a time, disabling
-    /// each ML node on the network node first.
+    /// each ML node on the network node first; and the PodDisruptionBudget allows no eviction
+    /// during a PoC window (nor while the phase can't be read).
     #[serde(default = "default_true")]
     pub hold_during_poc: bool,
 }

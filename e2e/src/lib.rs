@@ -131,7 +131,7 @@ impl ControlPlane {
                 "kube-controller-manager",
                 &[
                     &format!("--kubeconfig={}", path("kubeconfig")),
-                    "--controllers=daemonset-controller,garbage-collector-controller",
+                    "--controllers=daemonset-controller,garbage-collector-controller,disruption-controller",
                     "--leader-elect=false",
                     "--secure-port=0",
                     "--concurrent-daemonset-syncs=2",
@@ -221,6 +221,15 @@ impl ControlPlane {
     /// A client with cluster-admin rights.
     pub async fn client(&self) -> anyhow::Result<Client> {
         client_from(&self.kubeconfig).await
+    }
+
+    /// An admin client that hands every 429/503 back instead of retrying (kube's default client
+    /// retries them), for tests that expect a refusal such as an eviction a budget forbids.
+    pub async fn client_without_retries(&self) -> anyhow::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        config.default_retry = false;
+        Ok(Client::try_from(config)?)
     }
 
     /// A client acting as ServiceAccount `namespace/name`, with only the rights RBAC gives it
@@ -839,7 +848,10 @@ impl ControlPlane {
                 duration_seconds: 6,
                 grace_seconds: 2,
                 // The replica's pod, when the test made one (the leader labels it).
-                pod: Some(identity.into()),
+                pod: Api::<Pod>::namespaced(self.client().await?, lease_namespace)
+                    .get_opt(identity)
+                    .await?
+                    .map(|_| identity.to_string()),
             },
             admin_addr: "127.0.0.1:0".parse()?,
         };

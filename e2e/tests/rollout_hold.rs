@@ -1,7 +1,8 @@
 //! Rollouts that don't cost a PoC window, on a real control plane: with a public URL to read the
 //! epoch phase, the DaemonSet updates OnDelete and the operator replaces pods itself — never
 //! while the devnet network node reports a PoC phase, one at a time after, each ML node
-//! disabled on the network node before its pod goes and enabled again once it is back.
+//! disabled on the network node before its pod goes and enabled again once it is back. The
+//! GonkaNode's PodDisruptionBudget follows the windows: no eviction during one.
 
 use std::time::Duration;
 
@@ -11,7 +12,10 @@ use gonka_protocol::network::EpochPhase;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
@@ -73,8 +77,38 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
     };
     let before = node_nums();
 
-    // A PoC window opens, then a new image is applied: nothing restarts.
+    // Outside a PoC window the disruption budget tolerates what rollouts do (one ML node), and
+    // the disruption controller lets an eviction through (a dry run: nothing is evicted).
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+    let min_available = || async {
+        let pdb = budgets.get_opt("h100-ml-nodes").await?;
+        anyhow::Ok(pdb.and_then(|p| p.spec?.min_available))
+    };
+    let a_pod = pods.list(&ListParams::default().labels(PODS)).await?.items[0].name_any();
+    // A refused eviction answers 429, which kube's default client would retry for minutes.
+    let evictions: Api<Pod> = Api::namespaced(cp.client_without_retries().await?, NS);
+    let dry_run_eviction = || async {
+        // `?dryRun=All`: the apiserver checks the budget and evicts nothing.
+        let params = EvictParams {
+            post_options: PostParams { dry_run: true, ..PostParams::default() },
+            ..EvictParams::default()
+        };
+        evictions.evict(&a_pod, &params).await
+    };
+    eventually("an eviction is allowed outside the PoC window", WAIT, || async {
+        cp.simulate_kubelet(NS, PODS).await?;
+        Ok(min_available().await? == Some(IntOrString::Int(1)) && dry_run_eviction().await.is_ok())
+    })
+    .await?;
+
+    // A PoC window opens, then a new image is applied: nothing restarts, and nothing may evict
+    // an ML node (the cluster autoscaler, a descheduler).
     devnet.lock().unwrap().set_phase(EpochPhase::PocGenerate);
+    eventually("the disruption budget closes for the PoC window", WAIT, || async {
+        Ok(min_available().await? == Some(IntOrString::Int(2))
+            && matches!(dry_run_eviction().await, Err(kube::Error::Api(e)) if e.code == 429))
+    })
+    .await?;
     api.patch("h100", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "registry.test/daemon:v2"}})))
         .await?;
     eventually("the hold is reported", WAIT, || async {
@@ -91,6 +125,10 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
 
     // The window closes: pods are replaced one at a time and come back registered and enabled.
     devnet.lock().unwrap().set_phase(EpochPhase::Inference);
+    eventually("the disruption budget opens again", WAIT, || async {
+        Ok(min_available().await? == Some(IntOrString::Int(1)))
+    })
+    .await?;
     eventually("rolled out after the window", WAIT, || async {
         cp.simulate_kubelet(NS, PODS).await?;
         let s = api.get("h100").await?.status.unwrap_or_default();

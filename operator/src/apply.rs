@@ -10,6 +10,7 @@
 use gonka_crds::{GonkaNode, GonkaNodeStatus};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -94,6 +95,16 @@ impl Writer {
             })?;
         }
         Ok(applied)
+    }
+
+    /// Brings the GonkaNode's PodDisruptionBudget to `desired` (it follows the PoC windows, so
+    /// it is applied after the epoch was read, apart from the other objects).
+    pub async fn apply_disruption_budget(
+        &self,
+        desired: &PodDisruptionBudget,
+        applied: &mut Applied,
+    ) -> Result<(), ApplyError> {
+        self.apply_one(desired, applied).await.map(|_| ())
     }
 
     async fn apply_one<K>(&self, desired: &K, applied: &mut Applied) -> Result<K, ApplyError>

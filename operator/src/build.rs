@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
     ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
     ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -73,6 +74,7 @@ pub struct Names {
     pub service_account: String,
     pub config_map: String,
     pub service: String,
+    pub disruption_budget: String,
 }
 
 impl Names {
@@ -82,8 +84,59 @@ impl Names {
             service_account: format!("{gonka_node}-ml-node"),
             config_map: format!("{gonka_node}-daemon-config"),
             service: format!("{gonka_node}-ml-nodes"),
+            disruption_budget: format!("{gonka_node}-ml-nodes"),
         }
     }
+}
+
+/// How many ML nodes evictions may take now (the PodDisruptionBudget's stance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisruptionGuard {
+    /// Outside PoC windows, or no epoch to tell them by: as many as
+    /// `updateStrategy.maxUnavailable`, the same tolerance rollouts have.
+    Tolerate,
+    /// A PoC window is on, or its phase is unknown while rollouts are held: none (an ML node
+    /// evicted now loses the epoch's weight).
+    PocWindow,
+}
+
+/// The PodDisruptionBudget that guards PoC windows against eviction-API callers (the cluster
+/// autoscaler, a descheduler, `kubectl drain` of non-DaemonSet pods does not apply to ours).
+/// `expected` is the DaemonSet's desired pod count. DaemonSet pods only admit an integer
+/// `minAvailable` (the disruption controller cannot scale a DaemonSet), hence a count here;
+/// pods that are not Ready can always be evicted, so a broken pod never blocks maintenance.
+pub fn disruption_budget(
+    gn: &GonkaNode,
+    expected: i32,
+    guard: DisruptionGuard,
+) -> Result<PodDisruptionBudget, BuildError> {
+    let namespace = gn.namespace().ok_or(BuildError::NoNamespace)?;
+    let owner = gn.controller_owner_ref(&()).ok_or(BuildError::NoUid)?;
+    let expected = expected.max(0);
+    let min_available = match guard {
+        DisruptionGuard::PocWindow => expected,
+        DisruptionGuard::Tolerate => {
+            let tolerated =
+                crate::status::tolerated_unavailable(Some(&gn.spec.update_strategy.max_unavailable), expected);
+            (expected - tolerated).max(0)
+        }
+    };
+    Ok(PodDisruptionBudget {
+        metadata: ObjectMeta {
+            name: Some(Names::of(&gn.name_any()).disruption_budget),
+            namespace: Some(namespace),
+            labels: Some(labels(gn)),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(min_available)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(gn)), ..LabelSelector::default() }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    })
 }
 
 /// Labels that select a GonkaNode's pods. Immutable on a DaemonSet, so never change them.
@@ -619,6 +672,25 @@ mod tests {
             let result = std::panic::catch_unwind(|| (case.check)(&objects));
             assert!(result.is_ok(), "case failed: {}", case.name);
         }
+    }
+
+    #[test]
+    fn disruption_budget_allows_no_eviction_in_a_poc_window_and_the_rollout_tolerance_outside() {
+        let min_available = |max_unavailable: IntOrString, expected: i32, guard: DisruptionGuard| {
+            let gn = gonka_node("h100", |s| s.update_strategy.max_unavailable = max_unavailable.clone());
+            let pdb = disruption_budget(&gn, expected, guard).unwrap();
+            let spec = pdb.spec.unwrap();
+            assert_eq!(spec.selector.unwrap().match_labels.unwrap(), selector_labels(&gn));
+            assert_eq!(spec.unhealthy_pod_eviction_policy.as_deref(), Some("AlwaysAllow"));
+            assert_eq!(pdb.metadata.owner_references.unwrap()[0].name, "h100");
+            spec.min_available.unwrap()
+        };
+        use DisruptionGuard::*;
+        assert_eq!(min_available(IntOrString::Int(1), 10, PocWindow), IntOrString::Int(10));
+        assert_eq!(min_available(IntOrString::Int(1), 10, Tolerate), IntOrString::Int(9));
+        assert_eq!(min_available(IntOrString::String("25%".into()), 10, Tolerate), IntOrString::Int(7));
+        assert_eq!(min_available(IntOrString::Int(3), 2, Tolerate), IntOrString::Int(0));
+        assert_eq!(min_available(IntOrString::Int(1), 0, PocWindow), IntOrString::Int(0));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::apply::{ApplyError, Mode, Writer};
-use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
+use crate::build::{self, BuildError, DisruptionGuard, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
 use crate::registration;
@@ -38,6 +38,7 @@ use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
 use crate::validate::validate;
+use gonka_protocol::network::EpochResponse;
 
 /// Finalizer that holds a GonkaNode until its ML nodes are off the network node.
 pub const FINALIZER: &str = "gonka.ai/network-registration";
@@ -236,13 +237,40 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     }
     obs.daemon_set = daemon_set.as_ref();
     obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
+    // The epoch phase, read once: rollouts and the disruption budget both follow PoC windows.
+    let epoch = match (&spec.network_node.public_url, build::holds_rollouts(gn)) {
+        (Some(url), true) => Some(network_node::latest_epoch(url, spec.network_node.ca_bundle.as_deref()).await),
+        _ => None,
+    };
+    if let (Some(ds), None, false) = (&daemon_set, &failure, spec.paused) {
+        let guard = match &epoch {
+            Some(Ok(e)) if !e.poc_window() => DisruptionGuard::Tolerate,
+            // In a window, or it can't be told: an eviction now could cost the epoch's weight.
+            Some(_) => DisruptionGuard::PocWindow,
+            None => DisruptionGuard::Tolerate,
+        };
+        let expected = ds.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
+        let pdb = build::disruption_budget(gn, expected, guard)?;
+        let mut applied = crate::apply::Applied::default();
+        match ctx.writer.apply_disruption_budget(&pdb, &mut applied).await {
+            Ok(()) if !applied.updated.is_empty() => {
+                info!(gonka_node = %gn.name_any(), ?guard, expected, "disruption budget follows the PoC window")
+            }
+            Ok(()) => {}
+            Err(e) => {
+                warn!(gonka_node = %gn.name_any(), error = %e, "applying the disruption budget failed");
+                obs.apply_error = Some(e.user_message());
+                failure = Some(e);
+            }
+        }
+    }
     let mut rollout = RolloutStep::Idle;
     if obs.invalid_spec.is_none() {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
         match pods.list(&ListParams::default().labels(&pod_selector(gn))).await {
             Ok(list) => {
                 if let Some(ds) = &daemon_set {
-                    rollout = drive_rollout(gn, ctx, ds, &list.items).await;
+                    rollout = drive_rollout(gn, ctx, ds, &list.items, epoch.as_ref()).await;
                 }
                 if let RolloutStep::Held(why) = &rollout {
                     obs.rollout_held = Some(why.clone());
@@ -293,8 +321,9 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         {
             Ok(Action::requeue(ctx.network_retry(gn, false)))
         }
-        // A held or running rollout waits on the epoch phase, which no watch reports.
-        None if rollout != RolloutStep::Idle => Ok(Action::requeue(ctx.config.rollout_recheck)),
+        // A held or running rollout, and the disruption budget, follow the epoch phase, which
+        // no watch reports.
+        None if rollout != RolloutStep::Idle || epoch.is_some() => Ok(Action::requeue(ctx.config.rollout_recheck)),
         None => Ok(Action::requeue(ctx.config.resync)),
     }
 }
@@ -356,11 +385,17 @@ enum RolloutStep {
 /// Replaces outdated pods outside PoC windows (`OnDelete` DaemonSets only): reads the epoch
 /// phase, disables each chosen ML node on the network node, then deletes its pod; the
 /// DaemonSet controller starts the new one and the registration pass enables it again.
-async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Pod]) -> RolloutStep {
-    let (Some(public_url), Some(desired)) = (&gn.spec.network_node.public_url, build::template_hash(ds)) else {
+async fn drive_rollout(
+    gn: &GonkaNode,
+    ctx: &Context,
+    ds: &DaemonSet,
+    pods: &[Pod],
+    epoch: Option<&Result<EpochResponse, NetworkNodeError>>,
+) -> RolloutStep {
+    let (Some(epoch), Some(desired)) = (epoch, build::template_hash(ds)) else {
         return RolloutStep::Idle;
     };
-    if !build::holds_rollouts(gn) || gn.spec.paused {
+    if gn.spec.paused {
         return RolloutStep::Idle;
     }
     let view: Vec<RolloutPod> = pods
@@ -381,7 +416,7 @@ async fn drive_rollout(gn: &GonkaNode, ctx: &Context, ds: &DaemonSet, pods: &[Po
     if outdated == 0 {
         return RolloutStep::Idle;
     }
-    let epoch = match network_node::latest_epoch(public_url, gn.spec.network_node.ca_bundle.as_deref()).await {
+    let epoch = match epoch {
         Ok(e) => e,
         Err(e) => return RolloutStep::Held(format!("{outdated} ML nodes wait: the epoch phase is unknown ({e})")),
     };

@@ -23,6 +23,7 @@ use crate::test_fixtures::gonka_node;
 use crate::validate::validate;
 
 const GN_PATH: &str = "/apis/gonka.ai/v1alpha1/namespaces/gpu/gonkanodes/h100";
+const PDB_PATH: &str = "/apis/policy/v1/namespaces/gpu/poddisruptionbudgets/h100-ml-nodes";
 
 struct ApiServer(Handle<Request<Body>, Response<Body>>);
 
@@ -178,6 +179,13 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
             assert_eq!(applied["metadata"]["ownerReferences"][0]["uid"], "uid-h100");
         }
         assert_eq!(api.expect_event().await, "Created");
+        // The disruption budget, applied after the DaemonSet (it counts the DaemonSet's pods).
+        api.expect_not_found(PDB_PATH).await;
+        let pdb = api.expect_apply(PDB_PATH).await;
+        assert_eq!(
+            (pdb["kind"].as_str(), pdb["spec"]["minAvailable"].as_i64()),
+            (Some("PodDisruptionBudget"), Some(0))
+        );
         api.expect_pod_list(json!([])).await;
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["observedGeneration"], 1);
@@ -236,6 +244,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         ..Default::default()
     };
     gn.status = Some(status::compute(None, &obs, &Time(jiff::Timestamp::from_second(1_800_000_000).unwrap())));
+    let pdb = crate::build::disruption_budget(&gn, 2, crate::build::DisruptionGuard::Tolerate).unwrap();
 
     let action = run(gn, move |mut api| async move {
         api.expect_get("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", &with_kind(&desired.service_account))
@@ -243,6 +252,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
         api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
         api.expect_get("/api/v1/namespaces/gpu/services/h100-ml-nodes", &with_kind(&desired.service)).await;
         api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
+        api.expect_get(PDB_PATH, &with_kind(&pdb)).await;
         api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;
         api.expect_cordoned_list().await;
         api
