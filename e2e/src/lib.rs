@@ -277,6 +277,28 @@ impl ControlPlane {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Runs helm (built with the control plane) against it, with its own config and cache dirs;
+    /// returns stdout, or the error with stderr.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
+        let home = self.dir.path().join("helm");
+        let out = Command::new(self.bin.join("helm"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .output()?;
+        if !out.status.success() {
+            bail!("helm {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Waits until the GonkaNode CRD is served (after something else installed it).
+    pub async fn crd_served(&self) -> anyhow::Result<()> {
+        self.wait_crd_served().await
+    }
+
     /// Installs the GonkaNode CRD and waits until it is served.
     pub async fn install_crd(&self) -> anyhow::Result<()> {
         let client = self.client().await?;

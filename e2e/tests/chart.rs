@@ -1,0 +1,162 @@
+//! The Helm chart (`charts/gonka-operator`) with helm built from its Go module, on a real
+//! control plane: it lints; a misspelt value fails; it installs into a namespace of the user's
+//! choosing; the operator, running with exactly the chart's RBAC, rolls out a GonkaNode and
+//! registers its ML node on the devnet; `helm upgrade` to a chart whose CRD gained a field makes
+//! the field usable (Helm never upgrades `crds/`, so the chart renders the CRD as a template);
+//! `helm uninstall` leaves none of the chart's objects (the CRD stays, as `crds.keep` says, so
+//! an uninstall never deletes the GonkaNodes).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gonka_crds::GonkaNode;
+use gonka_e2e::{Components, ControlPlane, eventually, free_port, gonka_node_manifest, start_devnet};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::serde::Deserialize;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+
+/// The release's namespace: anything but gonka-system.
+const NS: &str = "gonka-fleet";
+const WAIT: Duration = Duration::from_secs(90);
+const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gonka-operator")
+}
+
+#[test]
+fn the_chart_follows_the_crate_version_and_carries_the_generated_crd() {
+    let chart_yaml: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap()).unwrap();
+    assert_eq!(chart_yaml["version"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(chart_yaml["appVersion"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+    let in_chart = std::fs::read_to_string(chart_dir().join("files/gonkanode.yaml")).unwrap();
+    assert_eq!(
+        in_chart,
+        gonka_crds::crd_yaml(),
+        "charts/gonka-operator/files/gonkanode.yaml is stale: run `make crds`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::WithControllers).await?;
+    let chart = chart_dir().display().to_string();
+    cp.helm(&["lint", &chart])?;
+
+    // values.schema.json: a typo fails, naming the key.
+    let typo = cp.helm(&["template", "x", &chart, "--kube-version", "1.35.4", "--set", "replicas=3"]).unwrap_err();
+    assert!(typo.to_string().contains("'replicas' not allowed"), "{typo}");
+    let wrong =
+        cp.helm(&["template", "x", &chart, "--kube-version", "1.35.4", "--set", "scope=everywhere"]).unwrap_err();
+    assert!(wrong.to_string().contains("scope"), "{wrong}");
+    // Namespaced scope: no cluster-wide rights on GonkaNodes, and the operator watches its namespace.
+    let namespaced = cp.helm(&[
+        "template",
+        "gonka-operator",
+        &chart,
+        "-n",
+        NS,
+        "--kube-version",
+        "1.35.4",
+        "--set",
+        "scope=namespace",
+    ])?;
+    assert!(namespaced.contains("name: WATCH_NAMESPACE"), "{namespaced}");
+    let cluster_roles: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&namespaced)
+        .map(serde_yaml::Value::deserialize)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|o| o["kind"] == "ClusterRole")
+        .collect();
+    assert_eq!(cluster_roles.len(), 1);
+    assert!(
+        !serde_yaml::to_string(&cluster_roles[0])?.contains("gonkanodes"),
+        "namespaced scope holds no cluster-wide GonkaNode rights"
+    );
+
+    // Install with no values, into a namespace of our choosing.
+    cp.namespace(NS).await?;
+    cp.namespace("gpu").await?;
+    cp.helm(&["install", "gonka-operator", &chart, "-n", NS])?;
+    cp.crd_served().await?;
+    let admin = cp.client().await?;
+    let deployment = Api::<Deployment>::namespaced(admin.clone(), NS).get("gonka-operator").await?;
+    let container = &deployment.spec.unwrap().template.spec.unwrap().containers[0];
+    let env: Vec<(String, String)> =
+        container.env.clone().unwrap_or_default().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect();
+    assert!(
+        env.contains(&("GONKA_REPORT_URL".into(), "https://gonka-operator.$(POD_NAMESPACE).svc:8082".into())),
+        "{env:?}"
+    );
+    let service = Api::<Service>::namespaced(admin.clone(), NS).get("gonka-operator").await?;
+    assert_eq!(service.spec.unwrap().selector.unwrap()["gonka.ai/operator-leader"], "true");
+
+    // The operator with exactly the chart's rights: rolls out a GonkaNode, registers its ML node.
+    cp.gpu_node("gpu-a", 8, "NVIDIA-H100-80GB-HBM3").await?;
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let rights = cp.client_as(NS, "gonka-operator").await?;
+    let operator = cp.start_operator_with(rights, "op-a", NS, Some(free_port()?)).await?;
+    let mut manifest = gonka_node_manifest("h100", "gpu");
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
+    cp.roll_out(manifest, PODS, 1, WAIT).await?;
+    assert_eq!(devnet.lock().unwrap().nodes().len(), 1, "one ML node registered");
+
+    // Upgrade to a chart whose CRD gained a field: the field is kept on GonkaNodes afterwards
+    // (an unknown field would be pruned by the apiserver).
+    let next = tempfile::tempdir()?;
+    copy_dir(&chart_dir(), next.path())?;
+    let crd_path = next.path().join("files/gonkanode.yaml");
+    let mut crd: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&crd_path)?)?;
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["futureField"] =
+        serde_yaml::to_value(json!({"type": "string", "description": "a field of the next release"}))?;
+    std::fs::write(&crd_path, serde_yaml::to_string(&crd)?)?;
+    let gonka_nodes: Api<GonkaNode> = Api::namespaced(admin.clone(), "gpu");
+    let raw: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(admin.clone(), "gpu", &kube::api::ApiResource::erase::<GonkaNode>(&()));
+    let mut probe = gonka_node_manifest("probe", "gpu");
+    probe["spec"]["futureField"] = json!("set");
+    let probe: kube::api::DynamicObject = serde_json::from_value(probe)?;
+    // A dry-run create answers with the object as it would be stored (pruned to the schema).
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    assert!(raw.create(&dry_run, &probe).await?.data["spec"].get("futureField").is_none(), "pruned before the upgrade");
+    cp.helm(&["upgrade", "gonka-operator", &next.path().display().to_string(), "-n", NS])?;
+    eventually("the upgraded CRD keeps the new field", WAIT, || async {
+        Ok(raw.create(&dry_run, &probe).await?.data["spec"]["futureField"] == "set")
+    })
+    .await?;
+
+    // Uninstall: GonkaNodes first (the operator deregisters their ML nodes), then the release.
+    gonka_nodes.delete("h100", &DeleteParams::default()).await?;
+    eventually("GonkaNodes gone", WAIT, || async { Ok(gonka_nodes.list(&Default::default()).await?.items.is_empty()) })
+        .await?;
+    assert!(devnet.lock().unwrap().nodes().is_empty(), "no registration left behind");
+    operator.stop().await?;
+    cp.helm(&["uninstall", "gonka-operator", "-n", NS, "--wait"])?;
+    assert!(Api::<Deployment>::namespaced(admin.clone(), NS).get_opt("gonka-operator").await?.is_none());
+    assert!(Api::<ServiceAccount>::namespaced(admin.clone(), NS).get_opt("gonka-operator").await?.is_none());
+    assert!(Api::<Role>::namespaced(admin.clone(), NS).list(&Default::default()).await?.items.is_empty());
+    assert!(Api::<ClusterRole>::all(admin.clone()).get_opt("gonka-operator").await?.is_none());
+    // Kept on purpose (crds.keep): deleting the CRD would delete every GonkaNode with it.
+    assert!(Api::<CustomResourceDefinition>::all(admin).get_opt("gonkanodes.gonka.ai").await?.is_some());
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
