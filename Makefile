@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds lint fmt demo bench bench-poc bench-fleet clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds manifests lint fmt demo bench bench-poc bench-fleet clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -25,6 +25,10 @@ test: controlplane pyenv
 	$(CARGO) test --workspace --locked
 	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) test --locked -p gonka-node-daemon --features torch
 
+## manifests/ rendered from the Helm chart (helm is built with the control plane).
+manifests:
+	scripts/render-manifests.sh
+
 ## Pure and mocked-API tests only: no control plane, seconds.
 unit:
 	$(CARGO) test --workspace --locked --lib --bins
@@ -41,12 +45,12 @@ controlplane:
 pyenv:
 	@scripts/pyenv.sh >/dev/null
 
-## Regenerate the CRD YAML from the Rust types (crds/, the kustomize and the chart copies).
+## Regenerate the CRD YAML from the Rust types (crds/ and the chart's copy), then manifests/.
 crds:
 	$(CARGO) run --locked -q -p gonka-operator -- crd > crds/gonkanode.yaml.tmp
 	mv crds/gonkanode.yaml.tmp crds/gonkanode.yaml
-	cp crds/gonkanode.yaml manifests/base/crd/gonkanode.yaml
 	cp crds/gonkanode.yaml charts/gonka-operator/files/gonkanode.yaml
+	scripts/render-manifests.sh
 
 ## Benchmarks (not tests), appended to docs/benchmarks.md: PoC v1 nonces/s, Rust next to
 ## PyTorch; and the operator over a kwok fleet (time to register, steady-state cost).

@@ -11,7 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 /// Where the generated CRD is checked in, relative to the repository root.
-pub const CHECKED_IN: [&str; 2] = ["crds/gonkanode.yaml", "manifests/base/crd/gonkanode.yaml"];
+pub const CHECKED_IN: [&str; 2] = ["crds/gonkanode.yaml", "charts/gonka-operator/files/gonkanode.yaml"];
 
 /// The CustomResourceDefinition of `GonkaNode`, as the apiserver receives it.
 pub fn crd() -> CustomResourceDefinition {

@@ -1,9 +1,10 @@
 //! The gRPC server node-daemons report to (`gonka.report.v1.FleetReports`, see
 //! `protocol/proto/gonka/report/v1/report.proto`).
 //!
-//! Every replica listens; only the leader takes streams in (the others answer `UNAVAILABLE`
-//! and the daemon retries, reaching the leader through the Service sooner or later), so the
-//! replica that writes status is the one that holds the reports.
+//! Every replica listens, over TLS under the operator's own CA ([`crate::report_tls`]); the
+//! Service routes to the leader (it labels its pod, [`crate::runtime`]), and a follower reached
+//! anyway (a stale endpoint during a leader change) answers `UNAVAILABLE` so the daemon retries:
+//! the replica that writes status is the one that holds the reports.
 //!
 //! A stream is let in when its bearer token passes a TokenReview (audience `gonka-operator`)
 //! as the GonkaNode's own ServiceAccount, bound to the pod that `Hello` names — a daemon can

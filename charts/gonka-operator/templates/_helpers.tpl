@@ -28,39 +28,53 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Values.daemonImage.repository }}:{{ .Values.daemonImage.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{/* The rules the controller needs wherever it watches GonkaNodes (see manifests/base/rbac.yaml for the call behind each). */}}
+{{/* The rules the controller needs wherever it watches GonkaNodes; each says which call needs it (the e2e tests run the operator with exactly these rights). */}}
 {{- define "gonka-operator.controllerRules" -}}
+# The controller's watch of GonkaNodes; the finalizer is added and removed with a JSON patch.
 - apiGroups: [gonka.ai]
   resources: [gonkanodes]
   verbs: [list, watch, patch]
+# Status, written with server-side apply.
 - apiGroups: [gonka.ai]
   resources: [gonkanodes/status]
   verbs: [patch]
+# Owned objects: watched (owns), read before applying (apply.rs skips writes when the live
+# object already matches), written with server-side apply (an apply that creates needs create).
 - apiGroups: [apps]
   resources: [daemonsets]
   verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [configmaps, services, serviceaccounts]
   verbs: [get, list, watch, create, patch]
+# The PodDisruptionBudget that follows PoC windows, read before and written with server-side
+# apply (apply.rs apply_disruption_budget).
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]
+# Events (kube's Recorder creates an event, then patches its series).
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+# Registration and reports: which ML-node pods are ready, on which node, at which IP; rollouts
+# held out of PoC windows replace pods themselves (the DaemonSet is OnDelete then).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, delete]
+# spec.networkNode.credentialsSecretRef: read in the GonkaNode's own namespace, used only when
+# the Secret's owner labelled it gonka.ai/network-node-credentials=true.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
 {{- end -}}
 
-{{/* Cluster-scoped by nature: cordoned nodes (drains) and the report stream's TokenReviews. */}}
+{{/* Cluster-scoped by nature. */}}
 {{- define "gonka-operator.clusterScopedRules" -}}
+# Drains: a metadata watch of cordoned nodes; an ML node on one is disabled.
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch]
+# The report stream: node-daemons authenticate with their pod's projected ServiceAccount token,
+# which the operator checks with a TokenReview.
 - apiGroups: [authentication.k8s.io]
   resources: [tokenreviews]
   verbs: [create]
