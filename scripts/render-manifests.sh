@@ -2,7 +2,9 @@
 # Renders manifests/ from the Helm chart, so plain YAML and Helm are one install story:
 #   manifests/base/gonka-operator.yaml        helm template, default values (cluster scope)
 #   manifests/namespaced/gonka-operator.yaml  the same with scope=namespace
-# Both for the release `gonka-operator` in namespace gonka-system (kustomize can move them).
+# Both for the release `gonka-operator` in namespace gonka-system (kustomize can move them),
+# without the chart's hooks (the uninstall hook is for `helm uninstall` only; without Helm, delete
+# the GonkaNodes yourself first, see the README).
 #
 #   scripts/render-manifests.sh          # write them
 #   scripts/render-manifests.sh --check  # fail if they differ from the chart (a test runs this)
@@ -15,7 +17,7 @@ kube_version=$(awk '/^require k8s.io\/kubernetes /{print $3}' "$root/e2e/control
 render() {
   echo "# Generated from charts/gonka-operator by scripts/render-manifests.sh (make manifests): edit the chart."
   HELM_CACHE_HOME=$(mktemp -d) HELM_CONFIG_HOME=$(mktemp -d) HELM_DATA_HOME=$(mktemp -d) \
-    "$helm" template gonka-operator "$root/charts/gonka-operator" --namespace gonka-system \
+    "$helm" template gonka-operator "$root/charts/gonka-operator" --namespace gonka-system --no-hooks \
     --kube-version "$kube_version" "$@"
 }
 

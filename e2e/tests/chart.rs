@@ -3,8 +3,8 @@
 //! choosing; the operator, running with exactly the chart's RBAC, rolls out a GonkaNode and
 //! registers its ML node on the devnet; `helm upgrade` to a chart whose CRD gained a field makes
 //! the field usable (Helm never upgrades `crds/`, so the chart renders the CRD as a template);
-//! `helm uninstall` leaves none of the chart's objects (the CRD stays, as `crds.keep` says, so
-//! an uninstall never deletes the GonkaNodes).
+//! uninstalling deletes the GonkaNodes first (the pre-delete hook's code, with the hook's RBAC),
+//! so the operator deregisters their ML nodes, and then leaves none of the chart's objects.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::serde::Deserialize;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 
 /// The release's namespace: anything but gonka-system.
@@ -138,19 +138,62 @@ async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<
     })
     .await?;
 
-    // Uninstall: GonkaNodes first (the operator deregisters their ML nodes), then the release.
-    gonka_nodes.delete("h100", &DeleteParams::default()).await?;
-    eventually("GonkaNodes gone", WAIT, || async { Ok(gonka_nodes.list(&Default::default()).await?.items.is_empty()) })
-        .await?;
-    assert!(devnet.lock().unwrap().nodes().is_empty(), "no registration left behind");
+    // Uninstall. The chart's pre-delete hook runs `gonka-operator uninstall` with its own
+    // ServiceAccount; no kubelet runs images here, so the test runs the same code with that
+    // ServiceAccount's rights (rendered from the chart), then `helm uninstall --no-hooks`.
+    let hook = cp.helm(&[
+        "template",
+        "gonka-operator",
+        &chart,
+        "-n",
+        NS,
+        "--kube-version",
+        "1.35.4",
+        "--show-only",
+        "templates/uninstall-hook.yaml",
+    ])?;
+    let hook_objects: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&hook).map(serde_yaml::Value::deserialize).collect::<Result<_, _>>()?;
+    let job = hook_objects.iter().find(|o| o["kind"] == "Job").expect("the hook Job");
+    assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["args"][0], "uninstall");
+    let rbac: Vec<String> =
+        hook_objects.iter().filter(|o| o["kind"] != "Job").map(serde_yaml::to_string).collect::<Result<_, _>>()?;
+    let rbac_file = next.path().join("uninstall-rbac.yaml");
+    std::fs::write(&rbac_file, rbac.join("---\n"))?;
+    cp.kubectl(&["apply", "-f", &rbac_file.display().to_string()])?;
+    let hook_rights = cp.client_as(NS, "gonka-operator-uninstall").await?;
+    let poll = Duration::from_millis(200);
+    let deleted = gonka_operator::uninstall::delete_gonka_nodes(hook_rights.clone(), None, WAIT, poll).await?;
+    assert_eq!(deleted, 1);
+    assert!(devnet.lock().unwrap().nodes().is_empty(), "the operator deregistered before the GonkaNode went");
+
+    // Without a running operator the hook does not pretend: it names what is left and fails.
+    gonka_nodes.create(&PostParams::default(), &serde_json::from_value(gonka_node_manifest("stuck", "gpu"))?).await?;
+    eventually("the operator adds its finalizer", WAIT, || async {
+        Ok(!gonka_nodes.get("stuck").await?.metadata.finalizers.unwrap_or_default().is_empty())
+    })
+    .await?;
     operator.stop().await?;
-    cp.helm(&["uninstall", "gonka-operator", "-n", NS, "--wait"])?;
+    let left = gonka_operator::uninstall::delete_gonka_nodes(hook_rights, None, Duration::from_secs(2), poll)
+        .await
+        .unwrap_err();
+    assert!(left.to_string().contains("gpu/stuck") && left.to_string().contains("is it running"), "{left}");
+    gonka_nodes
+        .patch(
+            "stuck",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await?;
+
+    cp.helm(&["uninstall", "gonka-operator", "-n", NS, "--no-hooks", "--wait"])?;
     assert!(Api::<Deployment>::namespaced(admin.clone(), NS).get_opt("gonka-operator").await?.is_none());
     assert!(Api::<ServiceAccount>::namespaced(admin.clone(), NS).get_opt("gonka-operator").await?.is_none());
     assert!(Api::<Role>::namespaced(admin.clone(), NS).list(&Default::default()).await?.items.is_empty());
     assert!(Api::<ClusterRole>::all(admin.clone()).get_opt("gonka-operator").await?.is_none());
-    // Kept on purpose (crds.keep): deleting the CRD would delete every GonkaNode with it.
-    assert!(Api::<CustomResourceDefinition>::all(admin).get_opt("gonkanodes.gonka.ai").await?.is_some());
+    // crds.keep is off by default: the CRD goes too, and the cluster is as it was.
+    let crds: Api<CustomResourceDefinition> = Api::all(admin);
+    eventually("the CRD is gone", WAIT, || async { Ok(crds.get_opt("gonkanodes.gonka.ai").await?.is_none()) }).await?;
     Ok(())
 }
 

@@ -6,7 +6,8 @@
 //! first goes; the admin and report servers); [`http`] and [`metrics`] serve health and
 //! Prometheus. [`report_server`] takes the node-daemons' report
 //! streams into [`report_store`], which reconciles read for status and registration hardware;
-//! [`registration`] plans and [`network_node`] carries out the ML nodes' registration.
+//! [`registration`] plans and [`network_node`] carries out the ML nodes' registration;
+//! [`uninstall`] is what the Helm chart's pre-delete hook runs.
 
 pub mod apply;
 pub mod build;
@@ -22,6 +23,7 @@ pub mod rollout;
 pub mod runtime;
 pub mod status;
 pub mod telemetry;
+pub mod uninstall;
 pub mod validate;
 
 #[cfg(test)]

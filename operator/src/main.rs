@@ -23,6 +23,13 @@ enum Command {
     Run,
     /// Print the GonkaNode CustomResourceDefinition as YAML.
     Crd,
+    /// Delete every GonkaNode in scope (`--namespace`, else all) and wait until their
+    /// finalizers deregistered them (the Helm chart's pre-delete hook; the operator must run).
+    Uninstall {
+        /// How long to wait for the GonkaNodes to go.
+        #[arg(long, default_value_t = 600)]
+        timeout_seconds: u64,
+    },
 }
 
 /// Flags of `run`; global so both `gonka-operator --flag` and `gonka-operator run --flag` work.
@@ -111,6 +118,19 @@ async fn main() -> anyhow::Result<()> {
     }
     let args = cli.run;
     telemetry::init(args.log_format, &args.log_filter)?;
+    if let Some(Command::Uninstall { timeout_seconds }) = cli.command {
+        let client = kube::Client::try_default().await?;
+        let timeout = Duration::from_secs(timeout_seconds);
+        let deleted = gonka_operator::uninstall::delete_gonka_nodes(
+            client,
+            args.namespace.as_deref(),
+            timeout,
+            Duration::from_secs(2),
+        )
+        .await?;
+        tracing::info!(deleted, "every GonkaNode is gone: its ML nodes were deregistered");
+        return Ok(());
+    }
 
     let identity = args.identity.clone().or_else(|| args.pod_name.clone()).unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());

@@ -96,3 +96,34 @@ async fn runs_reconciles_logs_json_and_stops_cleanly_on_sigterm() -> anyhow::Res
     }
     Ok(())
 }
+
+/// `gonka-operator uninstall` (the Helm chart's pre-delete hook): deletes every GonkaNode and
+/// exits 0 once they are gone; one held by its finalizer (no operator to deregister it) makes it
+/// fail, naming the GonkaNode, instead of letting the uninstall orphan registrations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_deletes_gonka_nodes_and_fails_on_those_that_stay() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::ApiServer).await?;
+    cp.install_crd().await?;
+    cp.namespace("gpu").await?;
+    let api: Api<GonkaNode> = Api::namespaced(cp.client().await?, "gpu");
+    api.create(&PostParams::default(), &serde_json::from_value(gonka_node_manifest("a100", "gpu"))?).await?;
+    let uninstall = |timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gonka-operator"))
+            .args(["uninstall", "--timeout-seconds", timeout])
+            .env("KUBECONFIG", cp.kubeconfig())
+            .stdin(Stdio::null())
+            .output()
+    };
+    let done = uninstall("30")?;
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(api.list(&Default::default()).await?.items.is_empty());
+
+    let mut held = gonka_node_manifest("h100", "gpu");
+    held["metadata"]["finalizers"] = serde_json::json!([gonka_operator::FINALIZER]);
+    api.create(&PostParams::default(), &serde_json::from_value(held)?).await?;
+    let stuck = uninstall("1")?;
+    let stderr = String::from_utf8_lossy(&stuck.stderr);
+    assert!(!stuck.status.success());
+    assert!(stderr.contains("gpu/h100") && stderr.contains("is it running"), "{stderr}");
+    Ok(())
+}
