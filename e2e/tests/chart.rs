@@ -210,3 +210,59 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The optional monitoring and NetworkPolicy objects: the apiserver accepts the NetworkPolicy
+/// and the metrics Service, the ServiceMonitor selects that Service, and every metric the alerts
+/// use is one the operator really exports (a renamed metric would silence an alert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::ApiServer).await?;
+    cp.namespace(NS).await?;
+    let rendered = cp.helm(&[
+        "template",
+        "gonka-operator",
+        &chart_dir().display().to_string(),
+        "-n",
+        NS,
+        "--kube-version",
+        "1.35.4",
+        "--show-only",
+        "templates/monitoring.yaml",
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,networkPolicy.enabled=true",
+    ])?;
+    let objects: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&rendered).map(serde_yaml::Value::deserialize).collect::<Result<_, _>>()?;
+    let of = |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind}")).clone();
+
+    // Core objects: the apiserver validates them (a server-side dry run).
+    let core: Vec<String> =
+        ["Service", "NetworkPolicy"].iter().map(|k| serde_yaml::to_string(&of(k))).collect::<Result<_, _>>()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("core.yaml");
+    std::fs::write(&file, core.join("---\n"))?;
+    cp.kubectl(&["apply", "--dry-run=server", "-n", NS, "-f", &file.display().to_string()])?;
+
+    // The ServiceMonitor selects the metrics Service and scrapes its port.
+    let (service, monitor) = (of("Service"), of("ServiceMonitor"));
+    let wanted = monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    let labels = service["metadata"]["labels"].as_mapping().unwrap();
+    assert!(wanted.iter().all(|(k, v)| labels.get(k) == Some(v)), "{wanted:?} vs {labels:?}");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
+
+    // Every metric an alert reads is exported by the operator.
+    let metrics = gonka_operator::metrics::Metrics::default();
+    metrics.reconcile_failed("apply");
+    metrics.gpu_xid("fatal");
+    let exported = metrics.encode();
+    let rules = serde_yaml::to_string(&of("PrometheusRule")["spec"])?;
+    let used: std::collections::BTreeSet<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("gonka_operator_"))
+        .collect();
+    assert!(used.len() >= 4, "{used:?}");
+    for name in used {
+        assert!(exported.lines().any(|l| l.starts_with(name)), "alert metric {name} is not exported:\n{exported}");
+    }
+    Ok(())
+}
