@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
@@ -182,6 +183,16 @@ pub struct NetworkNodeSpec {
     /// no credentials and registration is refused with the reason.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_plaintext_credentials: bool,
+
+    /// Who may call the ML nodes: NetworkPolicy peers (e.g. the network node's namespace and
+    /// pods, or its address as an ipBlock). Set, the operator owns a NetworkPolicy
+    /// `<name>-ml-nodes` that admits only these peers to the ML-node pods' ports (the ML-node
+    /// API 8080 and inference 5000; include your metrics scraper, it reads 8080 too). Unset, no
+    /// policy is made and every caller the cluster's network allows gets through. Enforced
+    /// only where the cluster's network plugin implements NetworkPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub ml_node_api_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 /// A Secret in the GonkaNode's namespace.

@@ -10,6 +10,7 @@
 use gonka_crds::{GonkaNode, GonkaNodeStatus};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -53,6 +54,8 @@ pub struct Applied {
     pub created: Vec<String>,
     /// `Kind/name` of objects that existed and were changed.
     pub updated: Vec<String>,
+    /// `Kind/name` of owned objects the spec no longer asks for, deleted.
+    pub deleted: Vec<String>,
     /// The DaemonSet as the apiserver holds it after the pass.
     pub daemon_set: Option<DaemonSet>,
 }
@@ -84,6 +87,16 @@ impl Writer {
             self.apply_one(&desired.service_account, &mut applied).await?;
             self.apply_one(&desired.config_map, &mut applied).await?;
             self.apply_one(&desired.service, &mut applied).await?;
+            match &desired.network_policy {
+                Some(policy) => {
+                    self.apply_one(policy, &mut applied).await?;
+                }
+                None => {
+                    let namespace = desired.service.namespace().unwrap_or_default();
+                    let name = &desired.names.network_policy;
+                    self.delete_if_present::<NetworkPolicy>(&namespace, name, &mut applied).await?;
+                }
+            }
             applied.daemon_set = Some(self.apply_one(&desired.daemon_set, &mut applied).await?);
         } else {
             let ds = &desired.daemon_set;
@@ -105,6 +118,30 @@ impl Writer {
         applied: &mut Applied,
     ) -> Result<(), ApplyError> {
         self.apply_one(desired, applied).await.map(|_| ())
+    }
+
+    /// Deletes an owned object the spec no longer asks for (read first: a steady fleet is not
+    /// written to).
+    async fn delete_if_present<K>(&self, namespace: &str, name: &str, applied: &mut Applied) -> Result<(), ApplyError>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + DeserializeOwned + Clone + std::fmt::Debug,
+    {
+        let kind = K::kind(&()).to_string();
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let read_error = |source| ApplyError::Read { kind: kind.clone(), name: name.into(), source };
+        let Some(live) = api.get_opt(name).await.map_err(read_error)? else { return Ok(()) };
+        // Only ours: an object of that name the GonkaNode does not own is left alone.
+        if live.meta().owner_references.as_ref().is_none_or(|o| !o.iter().any(|o| o.controller == Some(true))) {
+            return Ok(());
+        }
+        match api.delete(name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => {
+                applied.deleted.push(format!("{kind}/{name}"));
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(source) => Err(ApplyError::Write { kind, name: name.into(), source }),
+        }
     }
 
     async fn apply_one<K>(&self, desired: &K, applied: &mut Applied) -> Result<K, ApplyError>

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
     ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
     ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -53,9 +54,14 @@ const APP_NAME: &str = "gonka-ml-node";
 /// Everything a GonkaNode owns, in the order they are applied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredObjects {
+    /// Their names (also of those the spec does not ask for now, to delete them).
+    pub names: Names,
     pub service_account: ServiceAccount,
     pub config_map: ConfigMap,
     pub service: Service,
+    /// Who may call the ML nodes (`spec.networkNode.mlNodeApiFrom`); `None`: no policy, and one
+    /// left from before is deleted.
+    pub network_policy: Option<NetworkPolicy>,
     pub daemon_set: DaemonSet,
 }
 
@@ -75,6 +81,7 @@ pub struct Names {
     pub config_map: String,
     pub service: String,
     pub disruption_budget: String,
+    pub network_policy: String,
 }
 
 impl Names {
@@ -85,6 +92,7 @@ impl Names {
             config_map: format!("{gonka_node}-daemon-config"),
             service: format!("{gonka_node}-ml-nodes"),
             disruption_budget: format!("{gonka_node}-ml-nodes"),
+            network_policy: format!("{gonka_node}-ml-nodes"),
         }
     }
 }
@@ -281,7 +289,28 @@ pub fn desired_objects(
         }),
         ..DaemonSet::default()
     };
-    Ok(DesiredObjects { service_account, config_map, service, daemon_set })
+    let network_policy = gn.spec.network_node.ml_node_api_from.as_ref().map(|peers| NetworkPolicy {
+        metadata: meta(&names.network_policy),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: Some(selector_labels(gn)), ..LabelSelector::default() }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(peers.clone()),
+                ports: Some(
+                    [DEFAULT_POC_PORT, DEFAULT_INFERENCE_PORT]
+                        .into_iter()
+                        .map(|port| NetworkPolicyPort {
+                            port: Some(IntOrString::Int(port)),
+                            protocol: Some("TCP".into()),
+                            ..NetworkPolicyPort::default()
+                        })
+                        .collect(),
+                ),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    });
+    Ok(DesiredObjects { names, service_account, config_map, service, network_policy, daemon_set })
 }
 
 fn pod_template(
@@ -672,6 +701,27 @@ mod tests {
             let result = std::panic::catch_unwind(|| (case.check)(&objects));
             assert!(result.is_ok(), "case failed: {}", case.name);
         }
+    }
+
+    #[test]
+    fn ml_node_api_callers_are_the_spec_s_peers_only() {
+        assert_eq!(build(|_| {}).network_policy, None, "no peers, no policy");
+        let peers: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer> =
+            serde_json::from_value(serde_json::json!([
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gonka"}}},
+                {"ipBlock": {"cidr": "10.0.0.7/32"}},
+            ]))
+            .unwrap();
+        let o = build(|s| s.network_node.ml_node_api_from = Some(peers.clone()));
+        let policy = o.network_policy.unwrap();
+        assert_eq!(policy.metadata.name.as_deref(), Some("h100-ml-nodes"));
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.pod_selector.unwrap().match_labels, o.daemon_set.spec.unwrap().selector.match_labels);
+        assert_eq!(spec.policy_types.unwrap(), ["Ingress"]);
+        let rule = &spec.ingress.unwrap()[0];
+        assert_eq!(rule.from.as_ref().unwrap(), &peers);
+        let ports: Vec<_> = rule.ports.as_ref().unwrap().iter().map(|p| p.port.clone().unwrap()).collect();
+        assert_eq!(ports, [IntOrString::Int(8080), IntOrString::Int(5000)]);
     }
 
     #[test]

@@ -219,9 +219,15 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                         let note = format!("created {}", applied.created.join(", "));
                         ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Created", note).await;
                     }
-                    if !applied.updated.is_empty() {
-                        let note = format!("updated {}", applied.updated.join(", "));
-                        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Updated", note).await;
+                    if !applied.updated.is_empty() || !applied.deleted.is_empty() {
+                        let mut changes = Vec::new();
+                        if !applied.updated.is_empty() {
+                            changes.push(format!("updated {}", applied.updated.join(", ")));
+                        }
+                        if !applied.deleted.is_empty() {
+                            changes.push(format!("deleted {} (no longer in the spec)", applied.deleted.join(", ")));
+                        }
+                        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Updated", changes.join("; ")).await;
                     }
                     daemon_set = applied.daemon_set;
                 }

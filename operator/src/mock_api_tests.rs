@@ -23,6 +23,7 @@ use crate::test_fixtures::gonka_node;
 use crate::validate::validate;
 
 const GN_PATH: &str = "/apis/gonka.ai/v1alpha1/namespaces/gpu/gonkanodes/h100";
+const NETPOL_PATH: &str = "/apis/networking.k8s.io/v1/namespaces/gpu/networkpolicies/h100-ml-nodes";
 const PDB_PATH: &str = "/apis/policy/v1/namespaces/gpu/poddisruptionbudgets/h100-ml-nodes";
 
 struct ApiServer(Handle<Request<Body>, Response<Body>>);
@@ -173,6 +174,10 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
             ("/api/v1/namespaces/gpu/services/h100-ml-nodes", "Service"),
             ("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", "DaemonSet"),
         ] {
+            if kind == "DaemonSet" {
+                // No mlNodeApiFrom: no NetworkPolicy, and none is left from before.
+                api.expect_not_found(NETPOL_PATH).await;
+            }
             api.expect_not_found(path).await;
             let applied = api.expect_apply(path).await;
             assert_eq!(applied["kind"], kind);
@@ -251,6 +256,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
             .await;
         api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
         api.expect_get("/api/v1/namespaces/gpu/services/h100-ml-nodes", &with_kind(&desired.service)).await;
+        api.expect_not_found(NETPOL_PATH).await;
         api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
         api.expect_get(PDB_PATH, &with_kind(&pdb)).await;
         api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;

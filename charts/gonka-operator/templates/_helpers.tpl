@@ -51,6 +51,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]
+# spec.networkNode.mlNodeApiFrom: the NetworkPolicy admitting only those callers, applied like
+# the other owned objects and deleted when the field goes.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 # Events (kube's Recorder creates an event, then patches its series).
 - apiGroups: [events.k8s.io]
   resources: [events]
