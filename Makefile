@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds manifests lint fmt demo bench bench-poc bench-fleet clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds manifests images lint fmt demo bench bench-poc bench-fleet clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -28,6 +28,15 @@ test: controlplane pyenv
 ## manifests/ rendered from the Helm chart (helm is built with the control plane).
 manifests:
 	scripts/render-manifests.sh
+
+## Container images, tagged with the crates' version (the chart's default tags). Any of docker,
+## podman or buildah; IMAGE_REPO names your registry (push with `$(CONTAINER) push <image>`).
+CONTAINER ?= $(shell command -v docker || command -v podman || command -v buildah)
+IMAGE_REPO ?= ghcr.io/gonka-operator
+VERSION := $(shell awk -F'"' '/^version = /{print $$2; exit}' Cargo.toml)
+images:
+	$(CONTAINER) build -f images/operator/Dockerfile -t $(IMAGE_REPO)/gonka-operator:$(VERSION) .
+	$(CONTAINER) build -f images/node-daemon/Dockerfile -t $(IMAGE_REPO)/gonka-node-daemon:$(VERSION) .
 
 ## Pure and mocked-API tests only: no control plane, seconds.
 unit:
