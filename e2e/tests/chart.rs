@@ -211,9 +211,10 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The optional monitoring and NetworkPolicy objects: the apiserver accepts the NetworkPolicy
-/// and the metrics Service, the ServiceMonitor selects that Service, and every metric the alerts
-/// use is one the operator really exports (a renamed metric would silence an alert).
+/// The optional monitoring and NetworkPolicy objects: the apiserver accepts the NetworkPolicy,
+/// the metrics Service and the dashboard's ConfigMap, the ServiceMonitor selects that Service,
+/// and every metric the alerts and the dashboard read is one the operator really exports (a
+/// renamed metric would silence an alert).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> {
     let cp = ControlPlane::start(Components::ApiServer).await?;
@@ -228,16 +229,22 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
         "1.35.4",
         "--show-only",
         "templates/monitoring.yaml",
+        "--show-only",
+        "templates/dashboard.yaml",
         "--set",
         "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,networkPolicy.enabled=true",
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
     ])?;
     let objects: Vec<serde_yaml::Value> =
         serde_yaml::Deserializer::from_str(&rendered).map(serde_yaml::Value::deserialize).collect::<Result<_, _>>()?;
     let of = |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind}")).clone();
 
     // Core objects: the apiserver validates them (a server-side dry run).
-    let core: Vec<String> =
-        ["Service", "NetworkPolicy"].iter().map(|k| serde_yaml::to_string(&of(k))).collect::<Result<_, _>>()?;
+    let core: Vec<String> = ["Service", "NetworkPolicy", "ConfigMap"]
+        .iter()
+        .map(|k| serde_yaml::to_string(&of(k)))
+        .collect::<Result<_, _>>()?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("core.yaml");
     std::fs::write(&file, core.join("---\n"))?;
@@ -255,12 +262,16 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
     metrics.reconcile_failed("apply");
     metrics.gpu_xid("fatal");
     let exported = metrics.encode();
-    let rules = serde_yaml::to_string(&of("PrometheusRule")["spec"])?;
+    let dashboard: serde_json::Value =
+        serde_json::from_str(of("ConfigMap")["data"]["gonka-operator.json"].as_str().unwrap())?;
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 5 && panels.iter().all(|p| !p["targets"][0]["expr"].as_str().unwrap_or("").is_empty()));
+    let rules = serde_yaml::to_string(&of("PrometheusRule")["spec"])? + &dashboard.to_string();
     let used: std::collections::BTreeSet<&str> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("gonka_operator_"))
         .collect();
-    assert!(used.len() >= 4, "{used:?}");
+    assert!(used.len() >= 6, "{used:?}");
     for name in used {
         assert!(exported.lines().any(|l| l.starts_with(name)), "alert metric {name} is not exported:\n{exported}");
     }
