@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds manifests images lint fmt demo bench bench-poc bench-fleet clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds manifests images lint fmt demo bench bench-poc bench-fleet bench-scale clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -63,10 +63,18 @@ crds:
 
 ## Benchmarks (not tests), appended to docs/benchmarks.md: PoC v1 nonces/s, Rust next to
 ## PyTorch; and the operator over a kwok fleet (time to register, steady-state cost).
-bench: bench-poc bench-fleet
+bench: bench-poc bench-fleet bench-scale
 
 bench-poc: pyenv
 	bench/run.sh
+
+## The install at scale: the chart, the operator as its own process, 1000 kwok nodes, 50
+## GonkaNodes, 5 minutes at rest (docs/benchmarks.md).
+SCALE_NODES ?= 1000
+SCALE_GONKA_NODES ?= 50
+bench-scale: controlplane
+	$(CARGO) build --release --locked -q -p gonka-operator -p gonka-e2e --bin gonka-scale-bench --bin gonka-operator
+	$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release/gonka-scale-bench --nodes $(SCALE_NODES) --gonka-nodes $(SCALE_GONKA_NODES) --write
 
 FLEET_NODES ?= 1000
 bench-fleet: controlplane

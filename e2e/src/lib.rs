@@ -235,6 +235,12 @@ impl ControlPlane {
     /// A client acting as ServiceAccount `namespace/name`, with only the rights RBAC gives it
     /// (a token from the TokenRequest API, as a pod would get).
     pub async fn client_as(&self, namespace: &str, name: &str) -> anyhow::Result<Client> {
+        client_from(&self.kubeconfig_as(namespace, name).await?).await
+    }
+
+    /// A kubeconfig acting as ServiceAccount `namespace/name` (see [`Self::client_as`]), for a
+    /// process such as the operator binary; returns its path.
+    pub async fn kubeconfig_as(&self, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
@@ -244,7 +250,7 @@ impl ControlPlane {
         let token = issued.status.context("TokenRequest without status")?.token;
         let path = self.dir.path().join(format!("kubeconfig-{namespace}-{name}"));
         write_kubeconfig(&path, &self.url, &self.dir.path().join("ca.crt"), &token)?;
-        client_from(&path).await
+        Ok(path)
     }
 
     /// Installs the operator as `manifests/` describes it (CRD, namespace, RBAC, Deployment)
@@ -876,6 +882,7 @@ impl ControlPlane {
                     .map(|_| identity.to_string()),
             },
             admin_addr: "127.0.0.1:0".parse()?,
+            api_requests: Default::default(),
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();

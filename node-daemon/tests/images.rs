@@ -56,7 +56,7 @@ impl Buildah {
     /// Debian-made one; returns the image name.
     fn build(&self, dockerfile: &str, context: &Path, tag: &str) -> anyhow::Result<String> {
         let dockerfile = repo().join(dockerfile);
-        run(self.cmd().args(["bud", "--isolation", "chroot", "--quiet", "--force-rm"]).args([
+        run(self.cmd().args(["bud", "--isolation", "chroot", "--quiet"]).args([
             "-f",
             dockerfile.to_str().unwrap(),
             "--build-arg",

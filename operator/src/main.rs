@@ -164,9 +164,10 @@ async fn main() -> anyhow::Result<()> {
             pod: args.pod_name,
         },
         admin_addr: args.admin_addr,
+        api_requests: gonka_operator::metrics::ApiRequests::default(),
     };
 
-    let client = kube::Client::try_default().await?;
+    let client = options.api_requests.client(kube::Config::infer().await?)?;
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
     gonka_operator::run(client, options, stop, None).await?;

@@ -27,6 +27,72 @@ pub struct Metrics {
     pub leader: Gauge<i64, AtomicI64>,
     pub report_streams: Gauge<i64, AtomicI64>,
     pub gpu_xids: Family<XidLabels, Counter>,
+    /// Requests this replica sent to the apiserver, by verb (see [`ApiRequests`]).
+    pub api_requests: ApiRequests,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    /// `get` (an object or a list), `watch`, `create`, `update`, `patch`, `delete`.
+    pub verb: String,
+    /// The resource, `daemonsets` or `gonkanodes/status` (a subresource after a slash).
+    pub resource: String,
+}
+
+/// Counts the apiserver requests of a client built with [`ApiRequests::client`]: what the
+/// operator costs the control plane, and whether a steady fleet is really left alone (no writes).
+#[derive(Clone, Debug, Default)]
+pub struct ApiRequests(pub Family<VerbLabels, Counter>);
+
+impl ApiRequests {
+    /// The verb of a request, from its method (and `watch` in the query for a GET).
+    pub fn verb(method: &http::Method, query: Option<&str>) -> &'static str {
+        match *method {
+            http::Method::GET if query.is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1")) => {
+                "watch"
+            }
+            http::Method::GET => "get",
+            http::Method::POST => "create",
+            http::Method::PUT => "update",
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => "delete",
+            _ => "other",
+        }
+    }
+
+    /// The resource a request path names: `/api/v1/namespaces/gpu/pods/x` → `pods`,
+    /// `/apis/gonka.ai/v1alpha1/namespaces/gpu/gonkanodes/h100/status` → `gonkanodes/status`,
+    /// `/api/v1/nodes` → `nodes`, `/api/v1/namespaces/gpu` → `namespaces`.
+    pub fn resource(path: &str) -> String {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let rest = match segments.first() {
+            Some(&"api") => segments.get(2..),
+            Some(&"apis") => segments.get(3..),
+            _ => None,
+        }
+        .unwrap_or_default();
+        let rest = match rest {
+            ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+            other => other,
+        };
+        match rest {
+            [resource, _, sub, ..] => format!("{resource}/{sub}"),
+            [resource, ..] => (*resource).to_string(),
+            [] => "other".into(),
+        }
+    }
+
+    /// A client for `config` whose every request is counted here.
+    pub fn client(&self, config: kube::Config) -> Result<kube::Client, kube::Error> {
+        let family = self.0.clone();
+        let count = tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+            let verb = Self::verb(request.method(), request.uri().query());
+            let resource = Self::resource(request.uri().path());
+            family.get_or_create(&VerbLabels { verb: verb.into(), resource }).inc();
+            request
+        });
+        Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&count).build())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +103,13 @@ pub struct XidLabels {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::new(ApiRequests::default())
+    }
+}
+
+impl Metrics {
+    /// The metrics, `api_requests` among them (the counter the client was built with).
+    pub fn new(api_requests: ApiRequests) -> Self {
         let mut registry = Registry::with_prefix("gonka_operator");
         let reconciles = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
@@ -56,11 +129,23 @@ impl Default for Metrics {
         registry.register("report_streams", "Node-daemon report streams open to this replica", report_streams.clone());
         let gpu_xids = Family::<XidLabels, Counter>::default();
         registry.register("gpu_xid_events", "XID errors the node-daemons reported, by class", gpu_xids.clone());
-        Self { registry: Arc::new(registry), reconciles, failures, duration, leader, report_streams, gpu_xids }
+        registry.register(
+            "apiserver_requests",
+            "Requests sent to the kube-apiserver, by verb and resource",
+            api_requests.0.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            reconciles,
+            failures,
+            duration,
+            leader,
+            report_streams,
+            gpu_xids,
+            api_requests,
+        }
     }
-}
 
-impl Metrics {
     /// Counts a reconcile and times it until the returned guard drops.
     pub fn reconcile_started(&self) -> ReconcileTimer {
         self.reconciles.inc();
@@ -95,6 +180,27 @@ impl Drop for ReconcileTimer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn apiserver_requests_are_counted_by_verb() {
+        use http::Method;
+        assert_eq!(ApiRequests::verb(&Method::GET, Some("watch=true&resourceVersion=1")), "watch");
+        assert_eq!(ApiRequests::verb(&Method::GET, Some("labelSelector=a%3Db")), "get");
+        assert_eq!(ApiRequests::verb(&Method::GET, None), "get");
+        assert_eq!(ApiRequests::verb(&Method::PATCH, Some("fieldManager=x")), "patch");
+        assert_eq!(ApiRequests::verb(&Method::POST, None), "create");
+        assert_eq!(ApiRequests::verb(&Method::DELETE, None), "delete");
+        assert_eq!(ApiRequests::resource("/api/v1/namespaces/gpu/pods"), "pods");
+        assert_eq!(ApiRequests::resource("/api/v1/namespaces/gpu/pods/x"), "pods");
+        assert_eq!(
+            ApiRequests::resource("/apis/gonka.ai/v1alpha1/namespaces/gpu/gonkanodes/h100/status"),
+            "gonkanodes/status"
+        );
+        assert_eq!(ApiRequests::resource("/apis/coordination.k8s.io/v1/namespaces/x/leases/l"), "leases");
+        assert_eq!(ApiRequests::resource("/api/v1/nodes"), "nodes");
+        assert_eq!(ApiRequests::resource("/api/v1/namespaces/gpu"), "namespaces");
+        assert_eq!(ApiRequests::resource("/apis/gonka.ai/v1alpha1/gonkanodes"), "gonkanodes");
+    }
+
     use super::*;
 
     #[test]

@@ -51,6 +51,9 @@ pub struct Options {
     /// Where `/healthz`, `/readyz` and `/metrics` listen.
     pub admin_addr: SocketAddr,
     pub reports: ReportOptions,
+    /// The counter the client was built with ([`crate::metrics::ApiRequests::client`]), shown
+    /// on `/metrics`; default: a fresh one (nothing counted).
+    pub api_requests: crate::metrics::ApiRequests,
 }
 
 /// The report server the node-daemons stream to.
@@ -115,7 +118,7 @@ pub async fn run(
     stop: CancellationToken,
     started: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> Result<(), RunError> {
-    let metrics = Metrics::default();
+    let metrics = Metrics::new(options.api_requests.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = AdminState { metrics: metrics.clone(), ready: ready.clone() };
     let server_stop = stop.child_token();

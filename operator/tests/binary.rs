@@ -75,6 +75,12 @@ async fn runs_reconciles_logs_json_and_stops_cleanly_on_sigterm() -> anyhow::Res
     let (_, metrics) = admin_get(admin, "/metrics").await?;
     assert!(metrics.contains("gonka_operator_leader 1"), "{metrics}");
     assert!(!metrics.contains("gonka_operator_reconciles_total 0\n"), "{metrics}");
+    // Its own requests to the apiserver, by verb and resource (the DaemonSet was written with an
+    // apply patch, the GonkaNodes are watched).
+    for (verb, resource) in [("patch", "daemonsets"), ("watch", "gonkanodes"), ("patch", "leases")] {
+        let series = format!("gonka_operator_apiserver_requests_total{{verb=\"{verb}\",resource=\"{resource}\"}}");
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
 
     let leases: Api<Lease> = Api::namespaced(client, "default");
     let holder = leases.get("gonka-operator-leader").await?.spec.and_then(|s| s.holder_identity);
