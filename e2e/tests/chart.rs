@@ -24,6 +24,21 @@ const NS: &str = "gonka-fleet";
 const WAIT: Duration = Duration::from_secs(90);
 const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
 
+/// The Kubernetes version the chart is rendered for (the test control plane's).
+const KUBE_VERSION: &str = "1.35.4";
+
+/// `helm template` of the chart as release `gonka-operator` in [`NS`], with `extra` arguments;
+/// returns the text and its objects.
+fn render(cp: &ControlPlane, extra: &[&str]) -> anyhow::Result<(String, Vec<serde_yaml::Value>)> {
+    let chart = chart_dir().display().to_string();
+    let mut args = vec!["template", "gonka-operator", &chart, "-n", NS, "--kube-version", KUBE_VERSION];
+    args.extend_from_slice(extra);
+    let text = cp.helm(&args)?;
+    let objects =
+        serde_yaml::Deserializer::from_str(&text).map(serde_yaml::Value::deserialize).collect::<Result<Vec<_>, _>>()?;
+    Ok((text, objects))
+}
+
 fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gonka-operator")
 }
@@ -53,27 +68,13 @@ async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<
     cp.helm(&["lint", &chart])?;
 
     // values.schema.json: a typo fails, naming the key.
-    let typo = cp.helm(&["template", "x", &chart, "--kube-version", "1.35.4", "--set", "replicas=3"]).unwrap_err();
+    let typo = render(&cp, &["--set", "replicas=3"]).unwrap_err();
     assert!(typo.to_string().contains("'replicas' not allowed"), "{typo}");
-    let wrong =
-        cp.helm(&["template", "x", &chart, "--kube-version", "1.35.4", "--set", "scope=everywhere"]).unwrap_err();
+    let wrong = render(&cp, &["--set", "scope=everywhere"]).unwrap_err();
     assert!(wrong.to_string().contains("scope"), "{wrong}");
     // Namespaced scope: no cluster-wide rights on GonkaNodes, and the operator watches its namespace.
-    let namespaced = cp.helm(&[
-        "template",
-        "gonka-operator",
-        &chart,
-        "-n",
-        NS,
-        "--kube-version",
-        "1.35.4",
-        "--set",
-        "scope=namespace",
-    ])?;
+    let (namespaced, objects) = render(&cp, &["--set", "scope=namespace"])?;
     assert!(namespaced.contains("name: WATCH_NAMESPACE"), "{namespaced}");
-    let objects: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&namespaced)
-        .map(serde_yaml::Value::deserialize)
-        .collect::<Result<Vec<_>, _>>()?;
     let operator_cluster_roles: Vec<&serde_yaml::Value> = objects
         .iter()
         .filter(|o| o["kind"] == "ClusterRole")
@@ -141,19 +142,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<
     // Uninstall. The chart's pre-delete hook runs `gonka-operator uninstall` with its own
     // ServiceAccount; no kubelet runs images here, so the test runs the same code with that
     // ServiceAccount's rights (rendered from the chart), then `helm uninstall --no-hooks`.
-    let hook = cp.helm(&[
-        "template",
-        "gonka-operator",
-        &chart,
-        "-n",
-        NS,
-        "--kube-version",
-        "1.35.4",
-        "--show-only",
-        "templates/uninstall-hook.yaml",
-    ])?;
-    let hook_objects: Vec<serde_yaml::Value> =
-        serde_yaml::Deserializer::from_str(&hook).map(serde_yaml::Value::deserialize).collect::<Result<_, _>>()?;
+    let (_, hook_objects) = render(&cp, &["--show-only", "templates/uninstall-hook.yaml"])?;
     let job = hook_objects.iter().find(|o| o["kind"] == "Job").expect("the hook Job");
     assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["args"][0], "uninstall");
     let rbac: Vec<String> =
@@ -219,25 +208,19 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> {
     let cp = ControlPlane::start(Components::ApiServer).await?;
     cp.namespace(NS).await?;
-    let rendered = cp.helm(&[
-        "template",
-        "gonka-operator",
-        &chart_dir().display().to_string(),
-        "-n",
-        NS,
-        "--kube-version",
-        "1.35.4",
-        "--show-only",
-        "templates/monitoring.yaml",
-        "--show-only",
-        "templates/dashboard.yaml",
-        "--set",
-        "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,networkPolicy.enabled=true",
-        "--set",
-        "metrics.grafanaDashboard.enabled=true",
-    ])?;
-    let objects: Vec<serde_yaml::Value> =
-        serde_yaml::Deserializer::from_str(&rendered).map(serde_yaml::Value::deserialize).collect::<Result<_, _>>()?;
+    let (_, objects) = render(
+        &cp,
+        &[
+            "--show-only",
+            "templates/monitoring.yaml",
+            "--show-only",
+            "templates/dashboard.yaml",
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,networkPolicy.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+        ],
+    )?;
     let of = |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind}")).clone();
 
     // Core objects: the apiserver validates them (a server-side dry run).

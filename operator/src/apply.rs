@@ -94,7 +94,8 @@ impl Writer {
                 None => {
                     let namespace = desired.service.namespace().unwrap_or_default();
                     let name = &desired.names.network_policy;
-                    self.delete_if_present::<NetworkPolicy>(&namespace, name, &mut applied).await?;
+                    let owner = desired.service.owner_references().first().map(|o| o.uid.as_str()).unwrap_or_default();
+                    self.delete_if_present::<NetworkPolicy>(&namespace, name, owner, &mut applied).await?;
                 }
             }
             applied.daemon_set = Some(self.apply_one(&desired.daemon_set, &mut applied).await?);
@@ -122,7 +123,13 @@ impl Writer {
 
     /// Deletes an owned object the spec no longer asks for (read first: a steady fleet is not
     /// written to).
-    async fn delete_if_present<K>(&self, namespace: &str, name: &str, applied: &mut Applied) -> Result<(), ApplyError>
+    async fn delete_if_present<K>(
+        &self,
+        namespace: &str,
+        name: &str,
+        owner_uid: &str,
+        applied: &mut Applied,
+    ) -> Result<(), ApplyError>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + DeserializeOwned + Clone + std::fmt::Debug,
     {
@@ -130,8 +137,8 @@ impl Writer {
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
         let read_error = |source| ApplyError::Read { kind: kind.clone(), name: name.into(), source };
         let Some(live) = api.get_opt(name).await.map_err(read_error)? else { return Ok(()) };
-        // Only ours: an object of that name the GonkaNode does not own is left alone.
-        if live.meta().owner_references.as_ref().is_none_or(|o| !o.iter().any(|o| o.controller == Some(true))) {
+        // Only ours: an object of that name the GonkaNode does not control is left alone.
+        if !live.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == owner_uid) {
             return Ok(());
         }
         match api.delete(name, &kube::api::DeleteParams::default()).await {

@@ -244,11 +244,13 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     obs.daemon_set = daemon_set.as_ref();
     obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
     // The epoch phase, read once: rollouts and the disruption budget both follow PoC windows.
-    let epoch = match (&spec.network_node.public_url, build::holds_rollouts(gn)) {
+    // Not for an invalid spec: nothing is applied or rolled out then.
+    let valid = obs.invalid_spec.is_none();
+    let epoch = match (&spec.network_node.public_url, valid && build::holds_rollouts(gn)) {
         (Some(url), true) => Some(network_node::latest_epoch(url, spec.network_node.ca_bundle.as_deref()).await),
         _ => None,
     };
-    if let (Some(ds), None, false) = (&daemon_set, &failure, spec.paused) {
+    if let (Some(ds), None, false, true) = (&daemon_set, &failure, spec.paused, valid) {
         let guard = match &epoch {
             Some(Ok(e)) if !e.poc_window() => DisruptionGuard::Tolerate,
             // In a window, or it can't be told: an eviction now could cost the epoch's weight.

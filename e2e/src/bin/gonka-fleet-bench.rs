@@ -50,19 +50,6 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
@@ -150,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
          | steady fleet: network-node writes | {steady_writes} |\n\
          | steady fleet: GonkaNode written | {written} |\n\
          | peak RSS of the process | {rss:.0} MiB |\n",
-        machine = machine(),
+        machine = gonka_e2e::machine(),
         nodes = args.nodes,
         pods = secs(pods_ready),
         ready = secs(all_ready),

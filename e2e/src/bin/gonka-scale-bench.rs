@@ -147,18 +147,6 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpu}, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()))
-}
-
 fn operator_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("gonka-operator");
@@ -351,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
          | at rest: Lease renewals / all requests | {rest_lease} / {rest_all} | |\n\
          | at rest: network-node writes | {rest_network} | 0 |\n\
          | at rest: operator CPU | {rest_cpu_used:.1} s | |\n",
-        machine = machine(),
+        machine = gonka_e2e::machine(),
         nodes = args.nodes,
         gns = args.gonka_nodes,
         join = first_registered.map_or(f64::NAN, |d| d.as_secs_f64()),
