@@ -1,7 +1,7 @@
 # Everyday targets. `make test` is what CI runs (after `make lint`); it installs what it needs:
 # Rust crates via cargo, Go modules via the module proxy, the test control plane (kube-apiserver,
 # kube-controller-manager, kubectl, etcd) built once into ~/.cache/gonka-operator, and the
-# reference Python packages (numpy) into .cache/pyenv.
+# reference Python packages (numpy, torch, transformers) into .cache/pyenv.
 
 CARGO ?= cargo
 
@@ -12,8 +12,9 @@ export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
 # libtorch from the venv (evaluated when used, after `pyenv` installed it).
 LIBTORCH_DIR = $(shell scripts/pyenv.sh --libtorch)
 
-build:
-	$(CARGO) build --workspace --locked
+build: pyenv
+	$(CARGO) build --workspace --exclude gonka-inference --locked
+	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) build --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch
 
 ## The two newcomer commands (README): `make demo` and `make test`.
 demo: controlplane pyenv
@@ -22,8 +23,8 @@ demo: controlplane pyenv
 		$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
 
 test: controlplane pyenv
-	$(CARGO) test --workspace --locked
-	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) test --locked -p gonka-node-daemon --features torch
+	$(CARGO) test --workspace --exclude gonka-inference --locked
+	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) test --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch
 
 ## manifests/ rendered from the Helm chart (helm is built with the control plane).
 manifests:
@@ -40,7 +41,7 @@ images:
 
 ## Pure and mocked-API tests only: no control plane, seconds.
 unit:
-	$(CARGO) test --workspace --locked --lib --bins
+	$(CARGO) test --workspace --exclude gonka-inference --locked --lib --bins
 
 ## Real control-plane tests only.
 e2e: controlplane
@@ -82,8 +83,8 @@ bench-fleet: controlplane
 
 lint: pyenv
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) clippy --locked -p gonka-node-daemon --features torch --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --exclude gonka-inference --all-targets --locked -- -D warnings
+	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) clippy --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,0 +1,199 @@
+//! A Hugging Face checkpoint's weights: `model.safetensors`, or the shards a
+//! `model.safetensors.index.json` names. Headers are read (and validated by the `safetensors`
+//! crate) when the checkpoint opens; each tensor is read from its file only when asked for and
+//! goes straight to its device, so loading never holds more than one tensor in host memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::LoadError;
+
+/// Headers over 100 MB are refused, as the safetensors crate does.
+const MAX_HEADER: u64 = 100_000_000;
+
+struct Shard {
+    path: PathBuf,
+    file: File,
+    /// Where the tensor data starts (after the length prefix and the header).
+    data_start: u64,
+    metadata: Metadata,
+}
+
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    /// Tensor name → shard index.
+    index: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let bytes =
+                std::fs::read(&index_path).map_err(|source| LoadError::Io { path: index_path.clone(), source })?;
+            let index: ShardIndex = serde_json::from_slice(&bytes)
+                .map_err(|source| LoadError::Json { path: index_path.clone(), source })?;
+            let mut files: Vec<&String> = index.weight_map.values().collect();
+            files.sort();
+            files.dedup();
+            files
+                .into_iter()
+                .map(|f| {
+                    // Shard names come from a file we did not write: keep them inside the directory.
+                    let name = Path::new(f);
+                    if name.components().count() != 1 || name.is_absolute() {
+                        return Err(LoadError::Checkpoint {
+                            path: index_path.clone(),
+                            message: format!("shard {f:?} is not a file name in the model directory"),
+                        });
+                    }
+                    Ok(dir.join(name))
+                })
+                .collect::<Result<_, _>>()?
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            return Err(LoadError::NoWeights(dir.to_path_buf()));
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for path in files {
+            let shard = Shard::open(path)?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), shards.len());
+            }
+            shards.push(shard);
+        }
+        Ok(Self { shards, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Every tensor name, for error messages and checks.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The tensor `name` as `kind` on `device`, checked against the shape the config implies.
+    pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor, LoadError> {
+        let &shard_index = self.index.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let shard = &self.shards[shard_index];
+        let info = shard.metadata.info(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if found != shape {
+            return Err(LoadError::Shape { name: name.to_string(), expected: shape.to_vec(), found });
+        }
+        let stored = match info.dtype {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F64 => Kind::Double,
+            other => return Err(LoadError::TensorDtype { name: name.to_string(), dtype: format!("{other:?}") }),
+        };
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        shard
+            .file
+            .read_exact_at(&mut bytes, shard.data_start + start as u64)
+            .map_err(|source| LoadError::Io { path: shard.path.clone(), source })?;
+        let tensor = Tensor::f_from_data_size(&bytes, &found, stored)?;
+        drop(bytes);
+        // Narrow on the host (less to copy), widen on the device.
+        let tensor = if kind.elt_size_in_bytes() <= stored.elt_size_in_bytes() {
+            tensor.f_to_kind(kind)?.f_to_device(device)?
+        } else {
+            tensor.f_to_device(device)?.f_to_kind(kind)?
+        };
+        Ok(tensor)
+    }
+}
+
+impl Shard {
+    fn open(path: PathBuf) -> Result<Self, LoadError> {
+        let io = |source| LoadError::Io { path: path.clone(), source };
+        let bad = |message: String| LoadError::Checkpoint { path: path.clone(), message };
+        let file = File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut prefix = [0u8; 8];
+        file.read_exact_at(&mut prefix, 0).map_err(io)?;
+        let header_len = u64::from_le_bytes(prefix);
+        if header_len > MAX_HEADER || 8 + header_len > file_len {
+            return Err(bad(format!("header length {header_len} does not fit a {file_len}-byte file")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8).map_err(io)?;
+        // Metadata's own deserialisation checks that offsets are contiguous and match shapes.
+        let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let data_start = 8 + header_len;
+        let data_len = metadata.data_len() as u64;
+        if data_start + data_len != file_len {
+            return Err(bad(format!(
+                "the header describes {data_len} bytes of tensors, the file holds {}",
+                file_len - data_start
+            )));
+        }
+        Ok(Self { path, file, data_start, metadata })
+    }
+}
+
+/// Loads tensors under a name prefix, in the model dtype, onto one device (candle's
+/// `VarBuilder`, without the variables).
+#[derive(Clone)]
+pub struct Loader<'a> {
+    checkpoint: &'a Checkpoint,
+    prefix: String,
+    kind: Kind,
+    device: Device,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(checkpoint: &'a Checkpoint, kind: Kind, device: Device) -> Self {
+        Self { checkpoint, prefix: String::new(), kind, device }
+    }
+
+    /// The loader for `name` under this prefix (`model` → `model.layers`).
+    pub fn at(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    /// The same prefix onto another device.
+    pub fn on(&self, device: Device) -> Self {
+        Self { device, ..self.clone() }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.checkpoint.contains(&self.name(name))
+    }
+
+    pub fn tensor(&self, name: &str, shape: &[i64]) -> Result<Tensor, LoadError> {
+        self.checkpoint.load(&self.name(name), shape, self.kind, self.device)
+    }
+}

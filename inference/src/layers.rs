@@ -1,0 +1,321 @@
+//! The building blocks the Qwen architectures share: linear layers, RMSNorm, rotary embeddings,
+//! the SwiGLU MLP and causal attention over a batch of sequences.
+//!
+//! Every op follows transformers' in order and dtype (RMSNorm and rotary frequencies in float32,
+//! cast back to the model dtype; softmax inside libtorch's scaled-dot-product attention), so a
+//! forward here and one there run the same kernels on the same values.
+//!
+//! Tokens are flattened: a step over several sequences is one `[tokens, hidden]` matrix for every
+//! projection and MLP (batched matmuls), and only attention looks at sequence boundaries.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::batch::{Batch, StepCache};
+use crate::checkpoint::Loader;
+use crate::config::{Rope, RopeScaling};
+use crate::error::LoadError;
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Loader, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self, LoadError> {
+        let weight = w.tensor("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(w.tensor("bias", &[out_dim])?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    /// Several projections of the same input as one matmul (q/k/v, an MLP's gate and up):
+    /// their weights (and biases) stacked along the output dimension.
+    pub fn load_fused(parts: &[(Loader, i64)], in_dim: i64, bias: bool) -> Result<Self, LoadError> {
+        let weights =
+            parts.iter().map(|(w, out)| w.tensor("weight", &[*out, in_dim])).collect::<Result<Vec<_>, _>>()?;
+        let bias = if bias {
+            let biases = parts.iter().map(|(w, out)| w.tensor("bias", &[*out])).collect::<Result<Vec<_>, _>>()?;
+            Some(Tensor::cat(&biases, 0))
+        } else {
+            None
+        };
+        Ok(Self { weight: Tensor::cat(&weights, 0), bias })
+    }
+
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { weight, bias: None }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Loader, dim: i64, eps: f64) -> Result<Self, LoadError> {
+        Ok(Self { weight: w.tensor("weight", &[dim])?, eps })
+    }
+
+    /// transformers' `Qwen2RMSNorm`: normalise in float32, back to the input dtype, then scale.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x32 = x.to_kind(Kind::Float);
+        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = x32 * (variance + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+/// Rotary position embeddings: `inv_freq` in float32 as transformers computes it per rope type.
+pub struct Rotary {
+    inv_freq: Tensor,
+    /// YaRN's scale on cos/sin (1 otherwise).
+    attention_scaling: f64,
+}
+
+impl Rotary {
+    pub fn new(rope: &Rope, head_dim: i64) -> Self {
+        let float = (Kind::Float, Device::Cpu);
+        let exponents = Tensor::arange_start_step(0, head_dim, 2, float) / head_dim as f64;
+        let pos_freqs = Tensor::pow_scalar(rope.theta, &exponents);
+        let (inv_freq, attention_scaling) = match &rope.scaling {
+            RopeScaling::Default => (pos_freqs.reciprocal(), 1.0),
+            RopeScaling::Linear { factor } => (pos_freqs.reciprocal() / *factor, 1.0),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                mscale,
+                mscale_all_dim,
+                truncate,
+            } => {
+                let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let attention = attention_factor.unwrap_or(match (mscale, mscale_all_dim) {
+                    (Some(m), Some(a)) if *m != 0.0 && *a != 0.0 => get_mscale(*factor, *m) / get_mscale(*factor, *a),
+                    _ => get_mscale(*factor, 1.0),
+                });
+                let dim = head_dim as f64;
+                let correction_dim = |rotations: f64| {
+                    dim * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * rope.theta.ln())
+                };
+                let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let ramp = ((Tensor::arange(head_dim / 2, float) - low) / (high - low)).clamp(0.0, 1.0);
+                let extrapolation_factor = 1.0 - ramp;
+                let extrapolation = pos_freqs.reciprocal();
+                let interpolation = (pos_freqs * *factor).reciprocal();
+                let inv = &interpolation * (1.0 - &extrapolation_factor) + &extrapolation * &extrapolation_factor;
+                (inv, attention)
+            }
+        };
+        Self { inv_freq: inv_freq.to_kind(Kind::Float), attention_scaling }
+    }
+
+    /// `(cos, sin)` for `positions` (int64 `[tokens]`), `[tokens, 1, head_dim]` in `kind`.
+    pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let device = positions.device();
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.to_device(device);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (mut cos, mut sin) = (emb.cos(), emb.sin());
+        if self.attention_scaling != 1.0 {
+            cos *= self.attention_scaling;
+            sin *= self.attention_scaling;
+        }
+        (cos.to_kind(kind).unsqueeze(1), sin.to_kind(kind).unsqueeze(1))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+/// `x * cos + rotate_half(x) * sin` on `[tokens, heads, head_dim]`.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`, gate and up as one matmul.
+pub struct Mlp {
+    gate_up: Linear,
+    down: Linear,
+    intermediate: i64,
+}
+
+impl Mlp {
+    pub fn load(w: &Loader, hidden: i64, intermediate: i64) -> Result<Self, LoadError> {
+        Ok(Self {
+            gate_up: Linear::load_fused(
+                &[(w.at("gate_proj"), intermediate), (w.at("up_proj"), intermediate)],
+                hidden,
+                false,
+            )?,
+            down: Linear::load(&w.at("down_proj"), intermediate, hidden, false)?,
+            intermediate,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let gate_up = self.gate_up.forward(x);
+        let gate = gate_up.narrow(-1, 0, self.intermediate);
+        let up = gate_up.narrow(-1, self.intermediate, self.intermediate);
+        self.down.forward(&(gate.silu() * up))
+    }
+}
+
+/// Shapes of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+}
+
+/// Grouped-query self-attention with rotary positions: Qwen2's (biased q/k/v projections) and
+/// Qwen3's (RMSNorm over each head's queries and keys before the rotation).
+pub struct Attention {
+    qkv: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    shape: AttentionShape,
+}
+
+/// What distinguishes one architecture's attention from another's.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionKind {
+    /// Biases on q/k/v (Qwen2 always; Qwen3 when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Qwen3 `attention_bias`).
+    pub o_bias: bool,
+    /// Per-head RMSNorm of queries and keys with this epsilon (Qwen3).
+    pub qk_norm_eps: Option<f64>,
+}
+
+impl Attention {
+    pub fn load(w: &Loader, hidden: i64, shape: AttentionShape, kind: AttentionKind) -> Result<Self, LoadError> {
+        let AttentionShape { heads, kv_heads, head_dim } = shape;
+        let qkv = Linear::load_fused(
+            &[
+                (w.at("q_proj"), heads * head_dim),
+                (w.at("k_proj"), kv_heads * head_dim),
+                (w.at("v_proj"), kv_heads * head_dim),
+            ],
+            hidden,
+            kind.qkv_bias,
+        )?;
+        let o = Linear::load(&w.at("o_proj"), heads * head_dim, hidden, kind.o_bias)?;
+        let (q_norm, k_norm) = match kind.qk_norm_eps {
+            Some(eps) => (
+                Some(RmsNorm::load(&w.at("q_norm"), head_dim, eps)?),
+                Some(RmsNorm::load(&w.at("k_norm"), head_dim, eps)?),
+            ),
+            None => (None, None),
+        };
+        Ok(Self { qkv, o, q_norm, k_norm, shape })
+    }
+
+    /// `x` `[tokens, hidden]` → `[tokens, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        layer: usize,
+        batch: &Batch,
+        caches: &mut [StepCache<'_>],
+    ) -> Tensor {
+        let AttentionShape { heads, kv_heads, head_dim } = self.shape;
+        let tokens = x.size()[0];
+        let qkv = self.qkv.forward(x);
+        let q = qkv.narrow(-1, 0, heads * head_dim).view([tokens, heads, head_dim]);
+        let k = qkv.narrow(-1, heads * head_dim, kv_heads * head_dim).view([tokens, kv_heads, head_dim]);
+        let v = qkv.narrow(-1, (heads + kv_heads) * head_dim, kv_heads * head_dim).view([tokens, kv_heads, head_dim]);
+        let q = match &self.q_norm {
+            Some(norm) => norm.forward(&q),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(norm) => norm.forward(&k),
+            None => k,
+        };
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
+        let out = attention(&q, &k, &v, self.shape, layer, batch, caches);
+        self.o.forward(&out)
+    }
+}
+
+/// Causal attention of a batch's new tokens over each sequence's past and present.
+///
+/// `q` is `[tokens, heads, head_dim]`, `k`/`v` `[tokens, kv_heads, head_dim]`, already rotated;
+/// the result is `[tokens, heads * head_dim]`. Keys and values are appended to the sequences'
+/// caches where they have one. Sequences of equal length with no past (a PoC batch, a batch of
+/// fresh prompts of one length) run as one batched kernel; the rest one by one.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: AttentionShape,
+    layer: usize,
+    batch: &Batch,
+    caches: &mut [StepCache<'_>],
+) -> Tensor {
+    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let scale = (head_dim as f64).powf(-0.5);
+    let gqa = heads != kv_heads;
+    if let Some((sequences, len)) = batch.uniform_fresh() {
+        // [B*T, h, d] -> [B, h, T, d]
+        let to_heads = |x: &Tensor, h: i64| x.view([sequences, len, h, head_dim]).transpose(1, 2);
+        let (qb, kb, vb) = (to_heads(q, heads), to_heads(k, kv_heads), to_heads(v, kv_heads));
+        for (i, cache) in caches.iter_mut().enumerate() {
+            if let Some(cache) = cache {
+                let i = i as i64;
+                // Batched attention reads the fresh keys directly; the cache only keeps them.
+                let _ = cache.append(layer, &kb.narrow(0, i, 1), &vb.narrow(0, i, 1));
+            }
+        }
+        let out = Tensor::scaled_dot_product_attention(&qb, &kb, &vb, None::<Tensor>, 0.0, len > 1, scale, gqa);
+        return out.transpose(1, 2).reshape([sequences * len, heads * head_dim]);
+    }
+    let mut outputs = Vec::with_capacity(caches.len());
+    for (span, cache) in batch.spans().iter().zip(caches.iter_mut()) {
+        let to_heads = |x: &Tensor| x.narrow(0, span.start, span.len).transpose(0, 1).unsqueeze(0);
+        let (qs, ks, vs) = (to_heads(q), to_heads(k), to_heads(v));
+        let (keys, values) = match cache {
+            Some(cache) => cache.append(layer, &ks, &vs),
+            None => (ks, vs),
+        };
+        let out = if span.past == 0 || span.len == 1 {
+            // No past: plain causal; one new token: it sees everything.
+            Tensor::scaled_dot_product_attention(&qs, &keys, &values, None::<Tensor>, 0.0, span.len > 1, scale, gqa)
+        } else {
+            // New tokens after a past: token i sees positions 0..=past+i.
+            let device = q.device();
+            let rows = Tensor::arange(span.len, (Kind::Int64, device)).unsqueeze(1) + span.past;
+            let cols = Tensor::arange(span.past + span.len, (Kind::Int64, device)).unsqueeze(0);
+            let mask = cols.le_tensor(&rows);
+            Tensor::scaled_dot_product_attention(&qs, &keys, &values, Some(mask), 0.0, false, scale, gqa)
+        };
+        outputs.push(out.squeeze_dim(0).transpose(0, 1).reshape([span.len, heads * head_dim]));
+    }
+    Tensor::cat(&outputs, 0)
+}

@@ -1,0 +1,23 @@
+//! The ML node's inference engine on libtorch (tch): loads a Hugging Face checkpoint of the Qwen
+//! family the Gonka network has served (Qwen2/Qwen2.5/QwQ, Qwen3 dense, Qwen3-MoE) and runs it
+//! over batches of sequences with a KV cache.
+//!
+//! Layout (candle-transformers and mistral.rs): `config` and `checkpoint` read the model
+//! directory; `layers` holds the shared modules; `models/` one file per architecture;
+//! `kv_cache` and `batch` stay apart from the model code; `generate` decodes.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod layers;
+pub mod model;
+pub mod models;
+
+pub use batch::{Output, Step, StepInput};
+pub use error::LoadError;
+pub use kv_cache::SequenceCache;
+pub use model::{LoadOptions, load};
+pub use models::{LayerHook, ModelSpec, Transformer};

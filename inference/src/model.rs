@@ -1,0 +1,57 @@
+//! Loading a Hugging Face model directory into the architecture its `config.json` names.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tch::{Device, Kind};
+
+use crate::checkpoint::{Checkpoint, Loader};
+use crate::config::{Architecture, declared_kind};
+use crate::error::LoadError;
+use crate::models::{Transformer, qwen2, qwen3, qwen3_moe};
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype to run in; `None` takes the checkpoint's (upstream's `dtype: "auto"`), float32
+    /// when it declares none.
+    pub dtype: Option<Kind>,
+    /// The devices the layers spread over, in order.
+    pub devices: Vec<Device>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: None, devices: vec![Device::Cpu] }
+    }
+}
+
+/// Reads `config.json` in `dir`.
+pub fn read_config(dir: &Path) -> Result<Value, LoadError> {
+    let path = dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+    serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })
+}
+
+pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError> {
+    let config = read_config(dir)?;
+    let architecture = Architecture::from_config(&config)?;
+    let kind = match options.dtype {
+        Some(kind) => kind,
+        None => declared_kind(&config)?.unwrap_or(Kind::Float),
+    };
+    let devices = if options.devices.is_empty() { vec![Device::Cpu] } else { options.devices.clone() };
+    let checkpoint = Checkpoint::open(dir)?;
+    let root = Loader::new(&checkpoint, kind, devices[0]);
+    let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
+    match architecture {
+        Architecture::Qwen2 => {
+            qwen2::load(&serde_json::from_value::<qwen2::Config>(config).map_err(parse)?, &root, &devices)
+        }
+        Architecture::Qwen3 => {
+            qwen3::load(&serde_json::from_value::<qwen3::Config>(config).map_err(parse)?, &root, &devices)
+        }
+        Architecture::Qwen3Moe => {
+            qwen3_moe::load(&serde_json::from_value::<qwen3_moe::Config>(config).map_err(parse)?, &root, &devices)
+        }
+    }
+}

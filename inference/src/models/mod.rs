@@ -1,0 +1,208 @@
+//! The decoder stack the Qwen family shares (token embedding, pre-norm blocks of attention and a
+//! feed-forward, final norm, LM head), and one file per architecture that reads its config and
+//! says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`).
+
+pub mod qwen2;
+pub mod qwen3;
+pub mod qwen3_moe;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::batch::{Batch, Output, Step, StepCache, StepInput};
+use crate::checkpoint::Loader;
+use crate::config::Architecture;
+use crate::error::LoadError;
+use crate::kv_cache::SequenceCache;
+use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
+
+/// A block's feed-forward: a dense SwiGLU MLP or a mixture of experts.
+pub trait FeedForward: Send {
+    /// `[tokens, hidden]` → `[tokens, hidden]`.
+    fn forward(&self, x: &Tensor) -> Tensor;
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        Mlp::forward(self, x)
+    }
+}
+
+pub struct Block {
+    pub device: Device,
+    pub input_norm: RmsNorm,
+    pub attention: Attention,
+    pub post_attention_norm: RmsNorm,
+    pub feed_forward: Box<dyn FeedForward>,
+}
+
+/// Shapes a caller needs (the server, the PoC runner, tests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub architecture: Architecture,
+    pub hidden_size: i64,
+    pub vocab_size: i64,
+    pub layers: usize,
+    pub max_position_embeddings: i64,
+    /// The dtype the weights run in.
+    pub kind: Kind,
+}
+
+/// Called with each layer's index and output (the residual stream, `[tokens, hidden]`); returns
+/// what the next layer takes. PoC v2's Householder reflections go here.
+pub type LayerHook<'a> = &'a dyn Fn(usize, &Tensor) -> Tensor;
+
+pub struct Transformer {
+    pub spec: ModelSpec,
+    pub embed_tokens: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub rotary: Rotary,
+}
+
+impl Transformer {
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.blocks.len())
+    }
+
+    pub fn devices(&self) -> Vec<Device> {
+        let mut devices: Vec<Device> = self.blocks.iter().map(|b| b.device).collect();
+        devices.dedup();
+        devices
+    }
+
+    fn first_device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// One step over several sequences: their new tokens go through every layer (keys and values
+    /// appended to the caches they bring), and the final-norm hidden states come back in the
+    /// model dtype on the last device — `[sequences, hidden]` for [`Output::Last`],
+    /// `[tokens, hidden]` (in step order) for [`Output::All`].
+    pub fn forward(&self, steps: &mut [Step<'_>], hook: Option<LayerHook<'_>>, output: Output) -> Tensor {
+        assert!(!steps.is_empty() && steps.iter().all(|s| !s.input.is_empty()), "a step needs input");
+        let kind = self.spec.kind;
+        let device = self.first_device();
+        let batch = Batch::new(steps);
+        let inputs: Vec<Tensor> = steps
+            .iter()
+            .map(|s| match &s.input {
+                StepInput::Tokens(ids) => {
+                    Tensor::embedding(&self.embed_tokens, &Tensor::from_slice(ids).to_device(device), -1, false, false)
+                }
+                StepInput::Embeddings(e) => e.to_device(device).to_kind(kind),
+            })
+            .collect();
+        let mut x = Tensor::cat(&inputs, 0);
+        drop(inputs);
+        let mut caches: Vec<StepCache<'_>> = steps.iter_mut().map(|s| s.cache.as_deref_mut()).collect();
+        let mut rotation: Option<(Device, Tensor, Tensor)> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if x.device() != block.device {
+                x = x.to_device(block.device);
+            }
+            if rotation.as_ref().is_none_or(|(d, _, _)| *d != block.device) {
+                let (cos, sin) = self.rotary.cos_sin(&batch.positions(block.device), kind);
+                rotation = Some((block.device, cos, sin));
+            }
+            let (_, cos, sin) = rotation.as_ref().expect("set above");
+            let attended = block.attention.forward(&block.input_norm.forward(&x), (cos, sin), i, &batch, &mut caches);
+            x += attended;
+            let fed = block.feed_forward.forward(&block.post_attention_norm.forward(&x));
+            x += fed;
+            if let Some(hook) = hook {
+                x = hook(i, &x);
+            }
+        }
+        for (cache, span) in caches.iter_mut().zip(batch.spans()) {
+            if let Some(cache) = cache {
+                cache.advance(span.len);
+            }
+        }
+        let last = self.lm_head.weight().device();
+        let x = x.to_device(last);
+        let x = match output {
+            Output::Last => x.index_select(0, &batch.last_rows(last)),
+            Output::All => x,
+        };
+        self.norm.forward(&x)
+    }
+
+    /// Logits of final hidden states, `[rows, vocab]` in the model dtype.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        self.lm_head.forward(hidden)
+    }
+}
+
+/// The parts every architecture's config names, for [`assemble`].
+pub struct StackShape {
+    pub spec: ModelSpec,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub rotary: Rotary,
+}
+
+/// A block's attention and feed-forward, as one architecture builds them.
+pub type BlockParts = (Attention, Box<dyn FeedForward>);
+
+/// Loads the shared stack from `w` (the checkpoint's root) with the layers spread over
+/// `devices`; `block` builds layer `i`'s attention and feed-forward from its loader.
+pub fn assemble(
+    shape: StackShape,
+    w: &Loader<'_>,
+    devices: &[Device],
+    block: impl Fn(usize, &Loader<'_>) -> Result<BlockParts, LoadError>,
+) -> Result<Transformer, LoadError> {
+    let StackShape { spec, rms_norm_eps, tie_word_embeddings, rotary } = shape;
+    let placed = layer_devices(spec.layers, devices);
+    let first = placed.first().copied().unwrap_or(w.device());
+    let last = placed.last().copied().unwrap_or(w.device());
+    let model = w.at("model");
+    let embed_tokens = model.on(first).tensor("embed_tokens.weight", &[spec.vocab_size, spec.hidden_size])?;
+    let mut blocks = Vec::with_capacity(spec.layers);
+    for (i, device) in placed.iter().enumerate() {
+        let layer = model.at("layers").at(i).on(*device);
+        let (attention, feed_forward) = block(i, &layer)?;
+        blocks.push(Block {
+            device: *device,
+            input_norm: RmsNorm::load(&layer.at("input_layernorm"), spec.hidden_size, rms_norm_eps)?,
+            attention,
+            post_attention_norm: RmsNorm::load(&layer.at("post_attention_layernorm"), spec.hidden_size, rms_norm_eps)?,
+            feed_forward,
+        });
+    }
+    let norm = RmsNorm::load(&model.at("norm").on(last), spec.hidden_size, rms_norm_eps)?;
+    // Tied checkpoints (Qwen3-0.6B) store no lm_head; some still carry one, which then wins.
+    let lm_head = if tie_word_embeddings && !w.contains("lm_head.weight") {
+        Linear::from_weight(embed_tokens.to_device(last))
+    } else {
+        Linear::load(&w.at("lm_head").on(last), spec.hidden_size, spec.vocab_size, false)?
+    };
+    Ok(Transformer { spec, embed_tokens, blocks, norm, lm_head, rotary })
+}
+
+/// Which device each of `layers` layers runs on: contiguous runs, as even as they divide
+/// (the embedding goes with the first layer, the final norm and LM head with the last).
+pub fn layer_devices(layers: usize, devices: &[Device]) -> Vec<Device> {
+    let n = devices.len().max(1);
+    (0..layers).map(|i| devices.get(i * n / layers.max(1)).copied().unwrap_or(Device::Cpu)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_split_in_contiguous_runs() {
+        let gpus = [Device::Cuda(0), Device::Cuda(1), Device::Cuda(2)];
+        let placed = layer_devices(8, &gpus);
+        assert_eq!(placed.iter().filter(|d| **d == Device::Cuda(0)).count(), 3);
+        assert_eq!(placed.iter().filter(|d| **d == Device::Cuda(2)).count(), 2);
+        assert!(
+            placed
+                .windows(2)
+                .all(|w| w[0] == w[1] || gpus.iter().position(|g| *g == w[0]) < gpus.iter().position(|g| *g == w[1]))
+        );
+        assert_eq!(layer_devices(4, &[Device::Cpu]), vec![Device::Cpu; 4]);
+    }
+}

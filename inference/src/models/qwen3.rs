@@ -1,0 +1,42 @@
+//! Qwen3 dense: Qwen2's blocks with RMSNorm over each head's queries and keys before the
+//! rotation, an explicit `head_dim`, and biases only when `attention_bias` says so
+//! (transformers' `modeling_qwen3.py`).
+
+use serde::Deserialize;
+use tch::Device;
+
+use super::{BlockParts, FeedForward, Transformer, assemble, qwen2};
+use crate::checkpoint::Loader;
+use crate::config::Architecture;
+use crate::error::LoadError;
+use crate::layers::{Attention, AttentionKind, Mlp};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    #[serde(flatten)]
+    pub base: qwen2::Config,
+    #[serde(default)]
+    pub attention_bias: bool,
+}
+
+impl Config {
+    pub fn attention_kind(&self) -> AttentionKind {
+        AttentionKind {
+            qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            qk_norm_eps: Some(self.base.rms_norm_eps),
+        }
+    }
+}
+
+pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
+    let base = &config.base;
+    let shape = base.stack_shape(Architecture::Qwen3, w.kind())?;
+    assemble(shape, w, devices, |_, layer| -> Result<BlockParts, LoadError> {
+        let attention =
+            Attention::load(&layer.at("self_attn"), base.hidden_size, base.attention_shape(), config.attention_kind())?;
+        let mlp: Box<dyn FeedForward> =
+            Box::new(Mlp::load(&layer.at("mlp"), base.hidden_size, base.intermediate_size)?);
+        Ok((attention, mlp))
+    })
+}

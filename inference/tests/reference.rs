@@ -1,0 +1,211 @@
+//! The engine against transformers: tiny random Qwen2 / Qwen3 / Qwen3-MoE checkpoints written
+//! by `tests/reference/qwen_reference.py`, loaded here from disk; the logits of every prompt
+//! position must match transformers' forward of the same weights, and greedy decoding (ours
+//! through the KV cache, theirs recomputing the whole sequence) must match token for token.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gonka_inference::generate::greedy;
+use gonka_inference::{LoadOptions, Output, Step, StepInput, Transformer, load};
+use serde_json::{Value, json};
+use tch::{Kind, Tensor};
+
+const PROMPT: [i64; 7] = [1, 5, 9, 200, 7, 64, 311];
+
+fn python() -> PathBuf {
+    std::env::var_os("GONKA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"))
+}
+
+fn to_tensor(rows: &Value) -> Tensor {
+    let rows: Vec<Vec<f32>> = serde_json::from_value(rows.clone()).unwrap();
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
+}
+
+/// Writes a tiny checkpoint into `dir` and returns what transformers makes of it.
+fn reference_json(request: Value) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/qwen_reference.py");
+    let py = python();
+    let out =
+        Command::new(&py).arg(script).arg(request.to_string()).output().unwrap_or_else(|e| {
+            panic!("cannot run {} ({e}): `make pyenv` installs the project's Python", py.display())
+        });
+    assert!(out.status.success(), "qwen_reference.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// transformers' logits of the prompt and greedy tokens.
+fn reference(request: Value) -> (Tensor, Vec<i64>) {
+    let v = reference_json(request);
+    (to_tensor(&v["logits"]), serde_json::from_value(v["greedy"].clone()).unwrap())
+}
+
+fn prompt_logits(model: &Transformer, prompt: &[i64]) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let mut steps = [Step { input: StepInput::Tokens(prompt.to_vec()), cache: None }];
+    let hidden = model.forward(&mut steps, None, Output::All);
+    model.logits(&hidden).to_kind(Kind::Float)
+}
+
+/// Largest difference relative to the reference's largest logit.
+fn relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
+    assert_eq!(ours.size(), theirs.size());
+    let diff = (ours - theirs).abs().max().double_value(&[]);
+    diff / theirs.abs().max().double_value(&[]).max(1.0)
+}
+
+fn check(arch: &str, extra: Value, tolerance: f64) -> (tempfile::TempDir, Transformer) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut request = json!({"arch": arch, "dir": dir.path(), "prompt": PROMPT, "max_new": 10, "seed": 7});
+    request.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let (theirs, their_tokens) = reference(request);
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    let ours = prompt_logits(&model, &PROMPT);
+    let error = relative_error(&ours, &theirs);
+    assert!(error < tolerance, "{arch}: logits differ from transformers' by {error:e} (tolerance {tolerance:e})");
+    assert_eq!(greedy(&model, &PROMPT, 10, &[]), their_tokens, "{arch}: greedy tokens");
+    (dir, model)
+}
+
+#[test]
+fn qwen2_with_yarn_in_transformers_4_spelling_matches_transformers() {
+    // Sharded (index.json), rope_theta + rope_scaling {"type": "yarn"} as Qwen2.5 ships.
+    let (dir, model) = check("qwen2", json!({"shard_size": "100KB", "old_config_spelling": true}), 1e-5);
+    assert!(dir.path().join("model.safetensors.index.json").is_file());
+    assert_eq!(model.spec.layers, 3);
+}
+
+#[test]
+fn qwen3_tied_matches_transformers() {
+    let (dir, _) = check("qwen3", json!({}), 1e-5);
+    assert!(dir.path().join("model.safetensors").is_file());
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check("qwen3_moe", json!({"shard_size": "100KB"}), 1e-5);
+}
+
+/// In bfloat16 neither forward is exact; ours must be as close to the float32 truth (the same
+/// rounded weights in float32) as transformers' own bfloat16 forward is.
+#[test]
+fn bfloat16_checkpoints_run_in_bfloat16_as_accurately_as_transformers() {
+    for arch in ["qwen2", "qwen3", "qwen3_moe"] {
+        let dir = tempfile::tempdir().unwrap();
+        let v = reference_json(json!({"arch": arch, "dir": dir.path(), "prompt": PROMPT, "dtype": "bfloat16"}));
+        let (theirs, truth) = (to_tensor(&v["logits"]), to_tensor(&v["logits_float32"]));
+        // dtype "auto": the checkpoint's own.
+        let model = load(dir.path(), &LoadOptions::default()).unwrap();
+        assert_eq!(model.spec.kind, Kind::BFloat16);
+        let ours = prompt_logits(&model, &PROMPT);
+        let (our_error, their_error) = (relative_error(&ours, &truth), relative_error(&theirs, &truth));
+        assert!(our_error <= 1.5 * their_error + 1e-3, "{arch}: ours {our_error:e}, transformers {their_error:e}");
+        // Same kernels on the same values: the two bfloat16 forwards agree far more closely
+        // than either does with float32 (bit for bit on the machine this was written on).
+        let apart = relative_error(&ours, &theirs);
+        assert!(apart < 1e-3, "{arch}: bf16 logits {apart:e} apart from transformers'");
+        // And float32 on request runs the rounded weights as transformers' float32 does.
+        let model = load(dir.path(), &LoadOptions { dtype: Some(Kind::Float), ..LoadOptions::default() }).unwrap();
+        let error = relative_error(&prompt_logits(&model, &PROMPT), &truth);
+        assert!(error < 1e-5, "{arch}: float32 of bf16 weights {error:e}");
+    }
+}
+
+/// A step over several sequences (fresh, with a past, one token) gives each the hidden state
+/// it gets alone, through both attention paths.
+#[test]
+fn batched_steps_match_sequences_run_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    reference_json(json!({"arch": "qwen3_moe", "dir": dir.path(), "prompt": [1]}));
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    let _guard = tch::no_grad_guard();
+    let alone = |prefix: &[i64], new: &[i64]| -> Tensor {
+        let mut cache = model.new_cache();
+        if !prefix.is_empty() {
+            let _ = model.forward(
+                &mut [Step { input: StepInput::Tokens(prefix.to_vec()), cache: Some(&mut cache) }],
+                None,
+                Output::Last,
+            );
+        }
+        model.forward(
+            &mut [Step { input: StepInput::Tokens(new.to_vec()), cache: Some(&mut cache) }],
+            None,
+            Output::Last,
+        )
+    };
+    let sequences: [(&[i64], &[i64]); 3] =
+        [(&[], &[3, 4, 5, 6, 7]), (&[10, 11, 12, 13], &[14, 15, 16]), (&[20; 6], &[21])];
+    let mut caches: Vec<_> = sequences.iter().map(|_| model.new_cache()).collect();
+    for ((prefix, _), cache) in sequences.iter().zip(caches.iter_mut()) {
+        if !prefix.is_empty() {
+            let _ = model.forward(
+                &mut [Step { input: StepInput::Tokens(prefix.to_vec()), cache: Some(cache) }],
+                None,
+                Output::Last,
+            );
+        }
+    }
+    let mut steps: Vec<Step> = sequences
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|((_, new), cache)| Step { input: StepInput::Tokens(new.to_vec()), cache: Some(cache) })
+        .collect();
+    let together = model.forward(&mut steps, None, Output::Last);
+    for (i, (prefix, new)) in sequences.iter().enumerate() {
+        let error = relative_error(&together.get(i as i64), &alone(prefix, new).get(0));
+        assert!(error < 1e-5, "sequence {i}: {error:e}");
+    }
+    assert_eq!(caches.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![5, 7, 7]);
+
+    // Equal fresh sequences take the batched kernel; without caches (a PoC batch) too.
+    let mut fresh: Vec<Step> =
+        (0..3).map(|i| Step { input: StepInput::Tokens(vec![i + 1, 2, 3, 4]), cache: None }).collect();
+    let together = model.forward(&mut fresh, None, Output::Last);
+    for i in 0..3 {
+        let error = relative_error(&together.get(i), &alone(&[], &[i + 1, 2, 3, 4]).get(0));
+        assert!(error < 1e-5, "fresh sequence {i}: {error:e}");
+    }
+}
+
+#[test]
+fn broken_checkpoints_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    reference_json(json!({"arch": "qwen3", "dir": dir.path(), "prompt": [1]}));
+    let config_path = dir.path().join("config.json");
+    let config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    let with = |edit: &dyn Fn(&mut Value)| -> String {
+        let mut c = config.clone();
+        edit(&mut c);
+        std::fs::write(&config_path, c.to_string()).unwrap();
+        match load(dir.path(), &LoadOptions::default()) {
+            Ok(_) => "loaded".into(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(with(&|_| {}), "loaded");
+    let err = with(&|c| c["model_type"] = json!("deepseek_v3"));
+    assert!(err.contains("deepseek_v3") && err.contains("qwen3"), "{err}");
+    let err = with(&|c| c["num_key_value_heads"] = json!(3));
+    assert!(err.contains("num_key_value_heads"), "{err}");
+    let err = with(&|c| c["hidden_size"] = json!(96));
+    assert!(err.contains("embed_tokens.weight") && err.contains("96"), "{err}");
+    let err = with(&|c| c["num_hidden_layers"] = json!(4));
+    assert!(err.contains("model.layers.3."), "{err}");
+    with(&|_| {});
+
+    // A truncated shard.
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 10]).unwrap();
+    let err = load(dir.path(), &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("bytes"), "{err}");
+    std::fs::remove_file(&weights).unwrap();
+    let err = load(dir.path(), &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("no model.safetensors"), "{err}");
+    let err = load(Path::new("/nonexistent"), &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("/nonexistent/config.json"), "{err}");
+}

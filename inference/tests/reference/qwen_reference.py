@@ -1,0 +1,129 @@
+"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE checkpoints written with transformers, and what
+transformers computes with them: the reference the engine's forward is compared against.
+
+    python qwen_reference.py '{"arch": "qwen3", "dir": "/tmp/m", "dtype": "float32", "seed": 1,
+                               "prompt": [1, 2, 3], "max_new": 8}'
+
+Writes the checkpoint to `dir` (safetensors, sharded when `shard_size` is given) and prints
+JSON: `logits` for every prompt position (float32 lists) and `greedy`, the next `max_new`
+tokens by argmax, each step a full forward of the whole sequence (no cache: an independent
+check of ours); for a half-precision `dtype` also `logits_float32`, the same weights run in
+float32.
+"""
+
+import json
+import sys
+
+import torch
+import transformers
+
+
+def tiny_config(arch):
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+    )
+    if arch == "qwen2":
+        # Qwen2.5's long-context setting: YaRN.
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+        return transformers.Qwen2Config(**common, rope_parameters=rope, tie_word_embeddings=False)
+    if arch == "qwen3":
+        # As Qwen3-0.6B: tied embeddings, head_dim wider than hidden/heads.
+        return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+        )
+    raise SystemExit(f"unknown arch {arch}")
+
+
+def model_class(arch):
+    return {
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+    }[arch]
+
+
+def randomise(model, seed):
+    # Random everything, norms and biases included (their defaults, ones and zeros, would hide a
+    # weight loaded into the wrong place), large enough that argmax is decisive.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("embed_tokens.weight"):
+                # Small next to what the layers add, so tied checkpoints don't just echo the input.
+                p.copy_(0.1 * noise)
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 64
+                p.copy_(noise * (1.5 / fan_in**0.5))
+
+
+def main():
+    req = json.loads(sys.argv[1])
+    arch = req["arch"]
+    dtype = getattr(torch, req.get("dtype", "float32"))
+    config = tiny_config(arch)
+    model = model_class(arch)(config).eval()
+    randomise(model, req.get("seed", 0))
+    model = model.to(dtype)
+    save = {}
+    if req.get("shard_size"):
+        save["max_shard_size"] = req["shard_size"]
+    model.save_pretrained(req["dir"], **save)
+    if req.get("old_config_spelling"):
+        # Checkpoints written by transformers 4 (every released Qwen2.5/Qwen3) spell rope as
+        # rope_theta + rope_scaling {"type": ...}.
+        path = f"{req['dir']}/config.json"
+        with open(path) as f:
+            cfg = json.load(f)
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")
+        cfg["rope_scaling"] = None if params["type"] == "default" else params
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+
+    # The reference runs what transformers loads from that directory, as a user would.
+    model = model_class(arch).from_pretrained(req["dir"], dtype=dtype).eval()
+    prompt = req["prompt"]
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        logits = model(ids).logits[0].float()
+        greedy = []
+        seq = list(prompt)
+        for _ in range(req.get("max_new", 0)):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].float().argmax())
+            greedy.append(nxt)
+            seq.append(nxt)
+    out = {"logits": logits.tolist(), "greedy": greedy}
+    if dtype != torch.float32:
+        # The same (rounded) weights run in float32: the truth both low-precision forwards
+        # approximate.
+        truth = model_class(arch).from_pretrained(req["dir"], dtype=torch.float32).eval()
+        with torch.no_grad():
+            out["logits_float32"] = truth(ids).logits[0].tolist()
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
