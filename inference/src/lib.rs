@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod models;
+pub mod poc_v2;
 
 pub use batch::{Output, Step, StepInput};
 pub use error::LoadError;

@@ -3,21 +3,17 @@
 //! position must match transformers' forward of the same weights, and greedy decoding (ours
 //! through the KV cache, theirs recomputing the whole sequence) must match token for token.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::run_reference;
 use gonka_inference::generate::greedy;
 use gonka_inference::{LoadOptions, Output, Step, StepInput, Transformer, load};
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
 const PROMPT: [i64; 7] = [1, 5, 9, 200, 7, 64, 311];
-
-fn python() -> PathBuf {
-    std::env::var_os("GONKA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"))
-}
 
 fn to_tensor(rows: &Value) -> Tensor {
     let rows: Vec<Vec<f32>> = serde_json::from_value(rows.clone()).unwrap();
@@ -27,14 +23,7 @@ fn to_tensor(rows: &Value) -> Tensor {
 
 /// Writes a tiny checkpoint into `dir` and returns what transformers makes of it.
 fn reference_json(request: Value) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/qwen_reference.py");
-    let py = python();
-    let out =
-        Command::new(&py).arg(script).arg(request.to_string()).output().unwrap_or_else(|e| {
-            panic!("cannot run {} ({e}): `make pyenv` installs the project's Python", py.display())
-        });
-    assert!(out.status.success(), "qwen_reference.py: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    run_reference("qwen_reference.py", &request)
 }
 
 /// transformers' logits of the prompt and greedy tokens.

@@ -1,0 +1,299 @@
+//! PoC v2 on the served model, as upstream's vLLM fork computes it (`vllm/poc/gpu_random.py`,
+//! `layer_hooks.py`, `poc_model_runner.py` `execute_poc_forward`):
+//!
+//! 1. per nonce, input embeddings `[seq_len, hidden]` of seeded normals (murmur3 counter hash →
+//!    uniform → Box–Muller, float32, cast to the model dtype), seed
+//!    `"{block_hash}_{public_key}_nonce{nonce}"` (or, with `poc_stronger_rng`, 8 segments seeded
+//!    by the 8 words of that string's SHA-256);
+//! 2. a causal forward from position 0 with a Householder reflection `x - 2(v·x)v` of the
+//!    residual stream after every layer, `v` seeded `"{block_hash}_layer_{i}_householder"`;
+//! 3. the last position's final-norm hidden state in float32, NaN rows dropped, normalised;
+//! 4. `k` coordinates: the `k` smallest murmur3 scores of `0..hidden` under
+//!    `"…_nonce_{nonce}_pick_{k}"`, taken with libtorch's `topk(-scores, sorted=False)` on the
+//!    model's device (the order is that kernel's, and the artifact depends on it);
+//! 5. `k - 1` Householder reflections seeded `"…_nonce_{nonce}_haar_hh_{k}_{j}"`, normalised;
+//! 6. the vector as float16 little-endian, base64.
+//!
+//! The hashes are exact integer arithmetic and run on the host; every floating-point step runs
+//! as libtorch ops on the model's device, as upstream's do.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::batch::{Output, Step, StepInput};
+use crate::models::Transformer;
+
+/// Upstream's `k_dim` default.
+pub const DEFAULT_K_DIM: i64 = 12;
+
+/// The first 32 bits of `sha256(seed)`, big-endian (upstream's `int(hexdigest[:8], 16)`).
+pub fn seed_from_string(seed: &str) -> u32 {
+    let digest = Sha256::digest(seed.as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// Murmur3's 32-bit mix of one 4-byte key (upstream hashes counters `0..n` under a seed).
+pub fn murmur3_32(key: u32, seed: u32) -> u32 {
+    let mut k = key.wrapping_mul(0xCC9E_2D51);
+    k = k.rotate_left(15);
+    k = k.wrapping_mul(0x1B87_3593);
+    let mut h = seed ^ k;
+    h = h.rotate_left(13);
+    h = h.wrapping_mul(5).wrapping_add(0xE654_6B64);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// `murmur3(i, seed) / 2^32` for `i` in `0..n` as float32 (the int→float conversion rounds to
+/// nearest, as torch's does; the division by a power of two is exact).
+fn uniforms(seed: u32, n: usize) -> Vec<f32> {
+    (0..n as u32).map(|i| murmur3_32(i, seed) as f32 / 4_294_967_296.0).collect()
+}
+
+/// Box–Muller on rows of uniforms `[rows, 2 * pairs]`: the first half drives the radius, the
+/// second the angle; cosines then sines, cut to `n` columns.
+fn box_muller(u: &Tensor, n: i64) -> Tensor {
+    let pairs = u.size()[1] / 2;
+    let u1 = u.narrow(1, 0, pairs).clamp_min(1e-10);
+    let u2 = u.narrow(1, pairs, pairs);
+    let radius = (u1.log() * -2.0).sqrt();
+    let angle = u2 * (2.0 * std::f64::consts::PI);
+    Tensor::cat(&[&radius * angle.cos(), radius * angle.sin()], 1).narrow(1, 0, n)
+}
+
+/// Seeded normals, float32 `[seeds, n]`, one row per seed (upstream's `_normal` /
+/// `_batched_normal`).
+pub fn normals(seeds: &[u32], n: i64, device: Device) -> Tensor {
+    let pairs = (n + 1) / 2;
+    let flat: Vec<f32> = seeds.iter().flat_map(|&s| uniforms(s, 2 * pairs as usize)).collect();
+    let u = Tensor::from_slice(&flat).view([seeds.len() as i64, 2 * pairs]).to_device(device);
+    box_muller(&u, n)
+}
+
+/// The input embeddings of `nonces`, `[nonces, seq_len, hidden]` in `kind`.
+pub fn inputs(round: &Round<'_>, nonces: &[i64], hidden: i64, kind: Kind, device: Device) -> Tensor {
+    let n = round.seq_len * hidden;
+    let rows: Vec<Tensor> = nonces
+        .iter()
+        .map(|nonce| {
+            let seed = format!("{}_{}_nonce{nonce}", round.block_hash, round.public_key);
+            let flat = if round.stronger_rng {
+                // 8 segments of ceil(n/8), each seeded by one big-endian word of the SHA-256.
+                let digest = Sha256::digest(seed.as_bytes());
+                let segment = (n + 7) / 8;
+                let parts: Vec<Tensor> = digest
+                    .chunks(4)
+                    .enumerate()
+                    .filter(|(k, _)| (*k as i64) * segment < n)
+                    .map(|(k, word)| {
+                        let s = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+                        normals(&[s], segment.min(n - k as i64 * segment), device).squeeze_dim(0)
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
+            } else {
+                normals(&[seed_from_string(&seed)], n, device).squeeze_dim(0)
+            };
+            flat.view([round.seq_len, hidden]).to_kind(kind)
+        })
+        .collect();
+    Tensor::stack(&rows, 0)
+}
+
+/// Layer `i`'s reflection vector, unit float32 `[hidden]`.
+pub fn householder_vector(block_hash: &str, layer: usize, hidden: i64, device: Device) -> Tensor {
+    let v =
+        normals(&[seed_from_string(&format!("{block_hash}_layer_{layer}_householder"))], hidden, device).squeeze_dim(0);
+    &v / v.norm()
+}
+
+/// `x - 2 (v·x) v` over the last dimension, in `x`'s dtype.
+pub fn reflect(x: &Tensor, v: &Tensor) -> Tensor {
+    let v = v.to_kind(x.kind());
+    let dot = (x * &v).sum_dim_intlist(-1, true, x.kind());
+    x - dot * 2.0 * v
+}
+
+/// What a PoC v2 round fixes: the chain's block, the participant, the sequence length, `k`.
+#[derive(Debug, Clone)]
+pub struct Round<'a> {
+    pub block_hash: &'a str,
+    pub public_key: &'a str,
+    pub seq_len: i64,
+    pub k_dim: i64,
+    pub stronger_rng: bool,
+}
+
+/// One nonce's artifact: its `k`-vector (float32 before the float16 encoding, for
+/// comparisons) and upstream's encoding of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Artifact {
+    pub nonce: i64,
+    pub vector: Vec<f32>,
+    pub vector_b64: String,
+}
+
+/// The round's per-layer reflection vectors, made once per block hash (upstream caches its
+/// hooks the same way).
+pub struct Reflections {
+    block_hash: String,
+    /// Per layer, on that layer's device.
+    vectors: Vec<Tensor>,
+}
+
+impl Reflections {
+    pub fn new(model: &Transformer, block_hash: &str) -> Self {
+        let vectors = model
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| householder_vector(block_hash, i, model.spec.hidden_size, b.device))
+            .collect();
+        Self { block_hash: block_hash.to_string(), vectors }
+    }
+
+    pub fn block_hash(&self) -> &str {
+        &self.block_hash
+    }
+}
+
+/// Per-row murmur3 scores of `0..dim` under each seed, int64 `[rows, dim]`.
+fn scores(seeds: &[u32], dim: i64, device: Device) -> Tensor {
+    let flat: Vec<i64> =
+        seeds.iter().flat_map(|&s| (0..dim as u32).map(move |i| i64::from(murmur3_32(i, s)))).collect();
+    Tensor::from_slice(&flat).view([seeds.len() as i64, dim]).to_device(device)
+}
+
+/// Steps 3–6 from the last hidden states `[nonces, hidden]` (any dtype) of `nonces`.
+pub fn artifacts(round: &Round<'_>, nonces: &[i64], last_hidden: &Tensor) -> Vec<Artifact> {
+    let device = last_hidden.device();
+    let hidden = last_hidden.to_kind(Kind::Float);
+    // NaN rows (a GPU fault) are dropped, not reported.
+    let finite: Vec<bool> =
+        Vec::<bool>::try_from(hidden.isnan().any_dim(-1, false).logical_not().to_device(Device::Cpu))
+            .expect("bool rows");
+    let kept: Vec<i64> = nonces.iter().zip(&finite).filter(|(_, f)| **f).map(|(n, _)| *n).collect();
+    if kept.is_empty() {
+        return Vec::new();
+    }
+    let rows: Vec<i64> = finite.iter().enumerate().filter(|(_, f)| **f).map(|(i, _)| i as i64).collect();
+    let hidden = hidden.index_select(0, &Tensor::from_slice(&rows).to_device(device));
+    let hidden = &hidden / (hidden.norm_scalaropt_dim(2, [-1i64].as_slice(), true) + 1e-8);
+    let dim = hidden.size()[1];
+    let k = round.k_dim;
+    let prefix = |nonce: i64| format!("{}_{}_nonce_{nonce}", round.block_hash, round.public_key);
+    let pick_seeds: Vec<u32> = kept.iter().map(|n| seed_from_string(&format!("{}_pick_{k}", prefix(*n)))).collect();
+    let (_, picked) = scores(&pick_seeds, dim, device).neg().topk(k, 1, true, false);
+    let mut y = hidden.gather(1, &picked, false);
+    for j in 0..k - 1 {
+        let seeds: Vec<u32> =
+            kept.iter().map(|n| seed_from_string(&format!("{}_haar_hh_{k}_{j}", prefix(*n)))).collect();
+        let v = normals(&seeds, k, device);
+        let v = &v / (v.norm_scalaropt_dim(2, [-1i64].as_slice(), true) + 1e-30);
+        let dot = (&y * &v).sum_dim_intlist(-1, true, Kind::Float);
+        y = &y - dot * 2.0 * v;
+    }
+    let y = &y / (y.norm_scalaropt_dim(2, [-1i64].as_slice(), true) + 1e-8);
+    // float32 → float16 rounds to nearest even on every device, as `half::f16::from_f32` does.
+    let floats = Vec::<f32>::try_from(y.to_device(Device::Cpu).flatten(0, -1)).expect("float vectors");
+    let halves: Vec<half::f16> = floats.iter().map(|f| half::f16::from_f32(*f)).collect();
+    kept.iter()
+        .enumerate()
+        .filter_map(|(i, &nonce)| {
+            let row = &halves[i * k as usize..(i + 1) * k as usize];
+            // Upstream drops rows that turn NaN in float16 too.
+            if row.iter().any(|h| h.is_nan()) {
+                return None;
+            }
+            let bytes: Vec<u8> = row.iter().flat_map(|h| h.to_le_bytes()).collect();
+            Some(Artifact {
+                nonce,
+                vector: floats[i * k as usize..(i + 1) * k as usize].to_vec(),
+                vector_b64: STANDARD.encode(bytes),
+            })
+        })
+        .collect()
+}
+
+/// The artifacts of `nonces` on `model`: one batched forward (every nonce a fresh sequence of
+/// `seq_len` input embeddings, no KV cache kept) with the round's reflections after each layer.
+pub fn compute(model: &Transformer, reflections: &Reflections, round: &Round<'_>, nonces: &[i64]) -> Vec<Artifact> {
+    assert_eq!(reflections.block_hash, round.block_hash, "reflections of another block");
+    let _guard = tch::no_grad_guard();
+    let hidden = model.spec.hidden_size;
+    let device = model.blocks.first().map_or(Device::Cpu, |b| b.device);
+    let embeds = inputs(round, nonces, hidden, model.spec.kind, device);
+    let mut steps: Vec<Step<'_>> =
+        (0..nonces.len() as i64).map(|i| Step { input: StepInput::Embeddings(embeds.get(i)), cache: None }).collect();
+    let hook = |layer: usize, x: &Tensor| reflect(x, &reflections.vectors[layer]);
+    let last = model.forward(&mut steps, Some(&hook), Output::Last);
+    artifacts(round, nonces, &last)
+}
+
+/// Decodes an artifact's base64 float16 little-endian vector; `None` when it is not one.
+pub fn decode_vector(b64: &str) -> Option<Vec<f32>> {
+    let bytes = STANDARD.decode(b64).ok()?;
+    if bytes.len() % 2 != 0 {
+        return None;
+    }
+    Some(bytes.chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur3_is_upstreams_mix() {
+        // Upstream's `_murmur3_32` is Murmur3's block mix and finaliser without the length
+        // XOR, so the published test vectors don't apply; these are its int64 formulation
+        // evaluated with Python integers.
+        assert_eq!(murmur3_32(0, 0), 0xFF19_274A);
+        assert_eq!(murmur3_32(1, 0), 0x87BE_548A);
+        assert_eq!(murmur3_32(12345, 0xBA78_16BF), 0xFADC_7D73);
+        assert_eq!(murmur3_32(u32::MAX, u32::MAX), 0x27F3_175F);
+    }
+
+    #[test]
+    fn seeds_are_the_first_word_of_sha256() {
+        // sha256("abc") = ba7816bf…
+        assert_eq!(seed_from_string("abc"), 0xBA78_16BF);
+    }
+
+    #[test]
+    fn reflections_are_involutions_and_keep_norms() {
+        let v = householder_vector("hash", 3, 64, Device::Cpu);
+        assert!((v.norm().double_value(&[]) - 1.0).abs() < 1e-6);
+        let x = Tensor::randn([5, 64], (Kind::Float, Device::Cpu));
+        let twice = reflect(&reflect(&x, &v), &v);
+        assert!(twice.allclose(&x, 1e-5, 1e-5, false));
+        let norms = reflect(&x, &v).norm_scalaropt_dim(2, [-1i64].as_slice(), false);
+        assert!(norms.allclose(&x.norm_scalaropt_dim(2, [-1i64].as_slice(), false), 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn normals_look_normal_and_stronger_rng_differs() {
+        let z = normals(&[42], 200_000, Device::Cpu);
+        let (mean, std) = (z.mean(Kind::Float).double_value(&[]), z.std(true).double_value(&[]));
+        assert!(mean.abs() < 0.01 && (std - 1.0).abs() < 0.01, "{mean} {std}");
+        let round = Round { block_hash: "h", public_key: "pk", seq_len: 4, k_dim: 12, stronger_rng: false };
+        let plain = inputs(&round, &[7], 16, Kind::Float, Device::Cpu);
+        let strong = inputs(&Round { stronger_rng: true, ..round.clone() }, &[7], 16, Kind::Float, Device::Cpu);
+        assert_eq!(plain.size(), [1, 4, 16]);
+        assert!(!plain.allclose(&strong, 1e-3, 1e-3, false));
+    }
+
+    #[test]
+    fn vectors_round_trip_through_base64() {
+        let v: Vec<f32> = vec![0.5, -0.25, 1.0];
+        let bytes: Vec<u8> = v.iter().flat_map(|f| half::f16::from_f32(*f).to_le_bytes()).collect();
+        assert_eq!(decode_vector(&STANDARD.encode(bytes)).unwrap(), v);
+        assert_eq!(decode_vector("not base64!"), None);
+        assert_eq!(decode_vector(&STANDARD.encode([1u8, 2, 3])), None);
+    }
+}

@@ -1,0 +1,121 @@
+//! PoC v2 artifacts against `tests/reference/poc_v2_reference.py`, a Python restatement of
+//! upstream's algorithm on a transformers forward with per-layer hooks, for tiny Qwen3 and
+//! Qwen3-MoE checkpoints: far closer than upstream's `dist_threshold` in float32 (1e-5; the
+//! float16 encodings were identical bit for bit where this was written), within it in bfloat16,
+//! with both input generators.
+
+mod common;
+
+use common::run_reference;
+use gonka_inference::poc_v2::{self, Artifact, Reflections, Round, decode_vector};
+use gonka_inference::{LoadOptions, load};
+use serde_json::{Value, json};
+use tch::Kind;
+
+/// vLLM's fallback `dist_threshold` (the chain's is 0.4).
+const DIST_THRESHOLD: f32 = 0.02;
+const BLOCK_HASH: &str = "5b4f5e6a0f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f80912";
+const PUBLIC_KEY: &str = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v2";
+
+fn distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+}
+
+struct Compared {
+    worst: f32,
+    identical_encodings: usize,
+}
+
+fn compare(arch: &str, dtype: &str, stronger_rng: bool) -> Compared {
+    let dir = tempfile::tempdir().unwrap();
+    run_reference("qwen_reference.py", &json!({"arch": arch, "dir": dir.path(), "prompt": [1], "dtype": dtype}));
+    let nonces: Vec<i64> = vec![0, 1, 2, 7, 1000, 123_456_789];
+    let request = json!({"dir": dir.path(), "dtype": dtype, "block_hash": BLOCK_HASH, "public_key": PUBLIC_KEY,
+        "nonces": nonces, "seq_len": 16, "k_dim": 12, "stronger_rng": stronger_rng});
+    let theirs: Vec<Value> = serde_json::from_value(run_reference("poc_v2_reference.py", &request)).unwrap();
+
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    let round = Round { block_hash: BLOCK_HASH, public_key: PUBLIC_KEY, seq_len: 16, k_dim: 12, stronger_rng };
+    let reflections = Reflections::new(&model, BLOCK_HASH);
+    let ours: Vec<Artifact> = poc_v2::compute(&model, &reflections, &round, &nonces);
+    assert_eq!(ours.len(), theirs.len(), "{arch} {dtype}: one artifact per nonce");
+    let mut worst = 0f32;
+    let mut identical_encodings = 0;
+    for (a, t) in ours.iter().zip(&theirs) {
+        assert_eq!(a.nonce, t["nonce"].as_i64().unwrap());
+        let their_vector: Vec<f32> = serde_json::from_value(t["vector"].clone()).unwrap();
+        let their_b64 = t["vector_b64"].as_str().unwrap();
+        assert_eq!(a.vector.len(), 12);
+        // The float16 encodings, decoded, are as far apart as upstream's validator measures.
+        let d = distance(&decode_vector(&a.vector_b64).unwrap(), &decode_vector(their_b64).unwrap());
+        worst = worst.max(d).max(distance(&a.vector, &their_vector));
+        identical_encodings += usize::from(a.vector_b64 == their_b64);
+        let norm = a.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "unit vectors: {norm}");
+    }
+    Compared { worst, identical_encodings }
+}
+
+#[test]
+fn float32_artifacts_match_the_restatement_far_inside_the_threshold() {
+    for arch in ["qwen3", "qwen3_moe"] {
+        let c = compare(arch, "float32", false);
+        assert!(c.worst < 1e-5, "{arch}: worst distance {}", c.worst);
+        assert!(c.identical_encodings >= 4, "{arch}: {} of 6 encodings identical", c.identical_encodings);
+    }
+}
+
+#[test]
+fn stronger_rng_artifacts_match_the_restatement() {
+    let c = compare("qwen3", "float32", true);
+    assert!(c.worst < 1e-5, "worst distance {}", c.worst);
+}
+
+#[test]
+fn bfloat16_artifacts_are_within_upstreams_threshold() {
+    for arch in ["qwen3", "qwen3_moe"] {
+        let c = compare(arch, "bfloat16", false);
+        assert!(c.worst < DIST_THRESHOLD, "{arch}: worst distance {}", c.worst);
+    }
+}
+
+/// The artifacts depend on everything upstream's do: another block hash, public key or nonce,
+/// no reflections, or another model give other vectors (far beyond the threshold).
+#[test]
+fn artifacts_depend_on_the_round_the_nonce_and_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    run_reference("qwen_reference.py", &json!({"arch": "qwen3", "dir": dir.path(), "prompt": [1]}));
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(model.spec.kind, Kind::Float);
+    let round = Round { block_hash: BLOCK_HASH, public_key: PUBLIC_KEY, seq_len: 16, k_dim: 12, stronger_rng: false };
+    let reflections = Reflections::new(&model, BLOCK_HASH);
+    let base = poc_v2::compute(&model, &reflections, &round, &[5]);
+    let far = |other: &[Artifact]| distance(&base[0].vector, &other[0].vector) > 10.0 * DIST_THRESHOLD;
+
+    let other_hash = "ff".repeat(32);
+    let other_round = Round { block_hash: &other_hash, ..round.clone() };
+    assert!(far(&poc_v2::compute(&model, &Reflections::new(&model, &other_hash), &other_round, &[5])));
+    assert!(far(&poc_v2::compute(&model, &reflections, &Round { public_key: "someone else", ..round.clone() }, &[5])));
+    assert!(far(&poc_v2::compute(&model, &reflections, &round, &[6])));
+
+    // The same nonce alone or in a batch: the same artifact.
+    let batch = poc_v2::compute(&model, &reflections, &round, &[4, 5, 6]);
+    assert!(distance(&batch[1].vector, &base[0].vector) < 1e-5);
+
+    // Without the reflections (an identity hook stands in), the vector is another one.
+    let plain = {
+        let _guard = tch::no_grad_guard();
+        let embeds = poc_v2::inputs(&round, &[5], model.spec.hidden_size, Kind::Float, tch::Device::Cpu);
+        let mut steps =
+            [gonka_inference::Step { input: gonka_inference::StepInput::Embeddings(embeds.get(0)), cache: None }];
+        let last = model.forward(&mut steps, None, gonka_inference::Output::Last);
+        poc_v2::artifacts(&round, &[5], &last)
+    };
+    assert!(far(&plain));
+
+    // Other weights: a second random model.
+    let other = tempfile::tempdir().unwrap();
+    run_reference("qwen_reference.py", &json!({"arch": "qwen3", "dir": other.path(), "prompt": [1], "seed": 99}));
+    let other_model = load(other.path(), &LoadOptions::default()).unwrap();
+    assert!(far(&poc_v2::compute(&other_model, &Reflections::new(&other_model, BLOCK_HASH), &round, &[5])));
+}
