@@ -16,6 +16,7 @@ pub mod layers;
 pub mod model;
 pub mod models;
 pub mod poc_v2;
+pub mod tokenizer;
 
 pub use batch::{Output, Step, StepInput};
 pub use error::LoadError;

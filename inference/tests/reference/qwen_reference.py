@@ -52,6 +52,62 @@ def tiny_config(arch):
     raise SystemExit(f"unknown arch {arch}")
 
 
+# A ChatML template in the style of Qwen's (a default system turn, python-style string methods
+# that Jinja engines other than Python's must emulate), written for these tests.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- set content = message['content'].strip() %}"
+    "{%- if message['role'] == 'user' and content.startswith('/think') %}"
+    "{{- '<|im_start|>user\\n' + content[6:].lstrip() + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Proof of compute: every nonce is an artifact, and weight is throughput.",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "Kubernetes operators reconcile desired state into running pods.",
+    "Numbers like 12345 and 67890 split into digits: 3.14159.",
+    "Unicode: café, naïve, 東京, emoji 🚀 too.",
+]
+
+
+def write_tokenizer(directory, vocab_size):
+    """A byte-level BPE in Qwen's shape (Qwen2's split pattern, byte-level decoder, ChatML
+    special tokens), trained on a few sentences so its ids fit the tiny model's vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.add_special_tokens(specials)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
 def model_class(arch):
     return {
         "qwen2": transformers.Qwen2ForCausalLM,
@@ -89,6 +145,11 @@ def main():
     if req.get("shard_size"):
         save["max_shard_size"] = req["shard_size"]
     model.save_pretrained(req["dir"], **save)
+    if req.get("tokenizer"):
+        tokenizer = write_tokenizer(req["dir"], config.vocab_size)
+        with open(f"{req['dir']}/generation_config.json", "w") as f:
+            json.dump({"eos_token_id": [tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                        tokenizer.convert_tokens_to_ids("<|endoftext|>")]}, f)
     if req.get("old_config_spelling"):
         # Checkpoints written by transformers 4 (every released Qwen2.5/Qwen3) spell rope as
         # rope_theta + rope_scaling {"type": ...}.

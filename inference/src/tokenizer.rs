@@ -1,0 +1,231 @@
+//! A model directory's tokenizer (`tokenizer.json`, through the `tokenizers` crate) and chat
+//! template (`chat_template.jinja`, or `tokenizer_config.json`'s `chat_template` as released
+//! Qwen checkpoints carry it), rendered with minijinja the way transformers'
+//! `apply_chat_template` renders with Jinja2: blocks trimmed, Python string methods, a
+//! `raise_exception` function, `tojson` as Python's `json.dumps`.
+
+use std::path::Path;
+
+use minijinja::{Environment, Error as TemplateError, ErrorKind, Value as TemplateValue};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::LoadError;
+
+const TEMPLATE_NAME: &str = "chat";
+
+pub struct ChatTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    env: Option<Environment<'static>>,
+    /// Token ids that end a generation: `generation_config.json`'s `eos_token_id` (one or a
+    /// list), else the tokenizer's `eos_token`.
+    pub eos_token_ids: Vec<i64>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("this model has no chat template; use /v1/completions")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| LoadError::Json { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(LoadError::Io { path: path.to_path_buf(), source }),
+    }
+}
+
+impl ChatTokenizer {
+    pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| LoadError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+        let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let template_file = dir.join("chat_template.jinja");
+        let template = match std::fs::read_to_string(&template_file) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match config.get("chat_template") {
+                Some(Value::String(t)) => Some(t.clone()),
+                // Several named templates: the one called "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            },
+            Err(source) => return Err(LoadError::Io { path: template_file, source }),
+        };
+        let env = template
+            .map(|source| {
+                let mut env = Environment::new();
+                env.set_trim_blocks(true);
+                env.set_lstrip_blocks(true);
+                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+                env.add_function("raise_exception", |message: String| -> Result<TemplateValue, TemplateError> {
+                    Err(TemplateError::new(ErrorKind::InvalidOperation, message))
+                });
+                env.add_filter("tojson", python_json);
+                env.add_template_owned(TEMPLATE_NAME, source).map(|_| env).map_err(|e| LoadError::Checkpoint {
+                    path: dir.join("chat_template.jinja"),
+                    message: format!("chat template does not parse: {e}"),
+                })
+            })
+            .transpose()?;
+        let bos_token = token_text(config.get("bos_token"));
+        let eos_token = token_text(config.get("eos_token"));
+        let mut eos_token_ids: Vec<i64> =
+            match read_json(&dir.join("generation_config.json"))?.as_ref().and_then(|g| g.get("eos_token_id")) {
+                Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+                Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_i64).collect(),
+                _ => Vec::new(),
+            };
+        if eos_token_ids.is_empty()
+            && let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t))
+        {
+            eos_token_ids.push(i64::from(id));
+        }
+        Ok(Self { tokenizer, env, eos_token_ids, bos_token, eos_token })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>, TokenizeError> {
+        let encoding =
+            self.tokenizer.encode(text, add_special_tokens).map_err(|e| TokenizeError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String, TokenizeError> {
+        let ids: Vec<u32> = ids.iter().map(|&id| u32::try_from(id).unwrap_or(u32::MAX)).collect();
+        self.tokenizer.decode(&ids, skip_special_tokens).map_err(|e| TokenizeError::Tokenizer(e.to_string()))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.env.is_some()
+    }
+
+    /// The prompt text of `messages` (OpenAI-shaped objects), as transformers'
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` renders it.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+    ) -> Result<String, TokenizeError> {
+        let env = self.env.as_ref().ok_or(TokenizeError::NoChatTemplate)?;
+        let template = env.get_template(TEMPLATE_NAME).map_err(|e| TokenizeError::Template(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                tools => tools,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| TokenizeError::Template(e.to_string()))
+    }
+
+    /// A decoder that turns a growing list of generated ids into text pieces.
+    pub fn stream(&self, skip_special_tokens: bool) -> TextStream<'_> {
+        TextStream { tokenizer: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens }
+    }
+}
+
+/// Incremental detokenisation (as vLLM and text-generation-inference do it): a piece is emitted
+/// once the text of the newest ids, decoded with a little context before them, no longer ends
+/// in a partial UTF-8 sequence, so multi-byte characters split over tokens come out whole.
+pub struct TextStream<'a> {
+    tokenizer: &'a ChatTokenizer,
+    ids: Vec<i64>,
+    prefix_offset: usize,
+    read_offset: usize,
+    skip_special_tokens: bool,
+}
+
+impl TextStream<'_> {
+    /// Adds one id; returns the text it completes (often empty mid-character).
+    pub fn push(&mut self, id: i64) -> Result<String, TokenizeError> {
+        self.ids.push(id);
+        let skip = self.skip_special_tokens;
+        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], skip)?;
+        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], skip)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False)`: `", "` and `": "` separators (transformers
+/// renders `tojson` so), or `indent` spaces per level.
+fn python_json(value: TemplateValue, indent: Option<usize>) -> Result<TemplateValue, TemplateError> {
+    // Serialised straight from the template value, which keeps its maps' order (Python's).
+    let json = value;
+    let mut out = Vec::new();
+    let result = match indent {
+        Some(n) => {
+            let spaces = " ".repeat(n);
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(spaces.as_bytes()),
+            );
+            json.serialize(&mut ser)
+        }
+        None => json.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),
+    };
+    result.map_err(|e| TemplateError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(TemplateValue::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
+}
+
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tojson_writes_what_python_writes() {
+        let v = TemplateValue::from_serialize(serde_json::json!({"name": "get_weather", "args": [1, "東京"]}));
+        assert_eq!(python_json(v, None).unwrap().to_string(), r#"{"name": "get_weather", "args": [1, "東京"]}"#);
+    }
+}
