@@ -2,13 +2,16 @@
 //! family the Gonka network has served (Qwen2/Qwen2.5/QwQ, Qwen3 dense, Qwen3-MoE) and runs it
 //! over batches of sequences with a KV cache.
 //!
-//! Layout (candle-transformers and mistral.rs): `config` and `checkpoint` read the model
-//! directory; `layers` holds the shared modules; `models/` one file per architecture;
-//! `kv_cache` and `batch` stay apart from the model code; `generate` decodes.
+//! Layout (candle-transformers and mistral.rs): `config`, `checkpoint` and `tokenizer` read the
+//! model directory; `layers` holds the shared modules; `models/` one file per architecture;
+//! `kv_cache` and `batch` stay apart from the model code; `engine` is the continuous-batching
+//! scheduler on its own thread (with `sampling`), `generate` plain greedy decoding, `poc_v2`
+//! the PoC v2 computation on the loaded model.
 
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
@@ -16,6 +19,7 @@ pub mod layers;
 pub mod model;
 pub mod models;
 pub mod poc_v2;
+pub mod sampling;
 pub mod tokenizer;
 
 pub use batch::{Output, Step, StepInput};

@@ -146,31 +146,30 @@ impl ChatTokenizer {
             })
             .map_err(|e| TokenizeError::Template(e.to_string()))
     }
-
-    /// A decoder that turns a growing list of generated ids into text pieces.
-    pub fn stream(&self, skip_special_tokens: bool) -> TextStream<'_> {
-        TextStream { tokenizer: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0, skip_special_tokens }
-    }
 }
 
 /// Incremental detokenisation (as vLLM and text-generation-inference do it): a piece is emitted
 /// once the text of the newest ids, decoded with a little context before them, no longer ends
 /// in a partial UTF-8 sequence, so multi-byte characters split over tokens come out whole.
-pub struct TextStream<'a> {
-    tokenizer: &'a ChatTokenizer,
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
     ids: Vec<i64>,
     prefix_offset: usize,
     read_offset: usize,
     skip_special_tokens: bool,
 }
 
-impl TextStream<'_> {
+impl TextStream {
+    pub fn new(skip_special_tokens: bool) -> Self {
+        Self { skip_special_tokens, ..Self::default() }
+    }
+
     /// Adds one id; returns the text it completes (often empty mid-character).
-    pub fn push(&mut self, id: i64) -> Result<String, TokenizeError> {
+    pub fn push(&mut self, tokenizer: &ChatTokenizer, id: i64) -> Result<String, TokenizeError> {
         self.ids.push(id);
         let skip = self.skip_special_tokens;
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], skip)?;
-        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], skip)?;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], skip)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], skip)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;

@@ -7,7 +7,7 @@
 mod common;
 
 use common::run_reference;
-use gonka_inference::tokenizer::{ChatTokenizer, TokenizeError};
+use gonka_inference::tokenizer::{ChatTokenizer, TextStream, TokenizeError};
 use serde_json::{Value, json};
 
 const TEXTS: [&str; 6] = [
@@ -59,10 +59,10 @@ fn tokenizer_and_chat_template_match_transformers() {
 
     // Streaming: pieces concatenate to the whole text, each a whole character sequence.
     let ids = ours.encode(TEXTS[2], false).unwrap();
-    let mut stream = ours.stream(false);
+    let mut stream = TextStream::new(false);
     let mut pieces = Vec::new();
     for id in &ids {
-        pieces.push(stream.push(*id).unwrap());
+        pieces.push(stream.push(&ours, *id).unwrap());
     }
     assert_eq!(pieces.concat(), TEXTS[2]);
     assert!(pieces.iter().any(String::is_empty), "some ids end mid-character: {pieces:?}");

@@ -1,0 +1,186 @@
+//! The continuous-batching engine on a tiny Qwen3 with its tokenizer: concurrent requests with
+//! chunked prefill give what each gives alone (and greedy decoding gives, which matches
+//! transformers: tests/reference.rs), stop strings, max tokens and seeds behave as OpenAI's
+//! API says, an abandoned request leaves the rest alone, and PoC batches wait for chat.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::run_reference;
+use gonka_inference::engine::{Engine, EngineError, EngineOptions, Event, FinishReason, Generation, PocBatch};
+use gonka_inference::generate::greedy;
+use gonka_inference::poc_v2::{self, Reflections, Round};
+use gonka_inference::sampling::SamplingParams;
+use gonka_inference::tokenizer::ChatTokenizer;
+use gonka_inference::{LoadOptions, load};
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    run_reference("qwen_reference.py", &json!({"arch": "qwen3", "dir": dir.path(), "prompt": [1], "tokenizer": true}));
+    Fixture { dir: dir.path().to_path_buf(), _dir: dir }
+}
+
+fn start(f: &Fixture, options: EngineOptions) -> Engine {
+    let model = load(&f.dir, &LoadOptions::default()).unwrap();
+    Engine::start(model, Arc::new(ChatTokenizer::load(&f.dir).unwrap()), options)
+}
+
+/// Everything a request produced: its text, how it ended, and its token counts.
+async fn collect(mut events: UnboundedReceiver<Event>) -> (String, FinishReason, usize, usize) {
+    let mut text = String::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("engine answers")
+    {
+        match event {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                return (text, reason, prompt_tokens, completion_tokens);
+            }
+            Event::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    panic!("events ended without Finished")
+}
+
+fn greedy_params(max_tokens: usize) -> SamplingParams {
+    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_with_chunked_prefill_decode_as_they_would_alone() {
+    let f = fixture();
+    let tokenizer = ChatTokenizer::load(&f.dir).unwrap();
+    let model = load(&f.dir, &LoadOptions::default()).unwrap();
+    let prompts = ["Hello, world!", "The quick brown fox jumps over the lazy dog. Kubernetes operators", "café 🚀"];
+    let expected: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let ids = greedy(&model, &tokenizer.encode(p, false).unwrap(), 12, &[]);
+            tokenizer.decode(&ids, true).unwrap()
+        })
+        .collect();
+    // Prompt chunks of at most 5 tokens, all three in flight together.
+    let engine = start(&f, EngineOptions { max_step_tokens: 5, ..EngineOptions::default() });
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .generate(Generation { prompt: tokenizer.encode(p, false).unwrap(), params: greedy_params(12) })
+                .unwrap()
+        })
+        .collect();
+    for (i, events) in receivers.into_iter().enumerate() {
+        let (text, reason, prompt_tokens, completion_tokens) = collect(events).await;
+        assert_eq!(text, expected[i], "prompt {i}");
+        assert_eq!((reason, completion_tokens), (FinishReason::Length, 12));
+        assert_eq!(prompt_tokens, tokenizer.encode(prompts[i], false).unwrap().len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_strings_max_tokens_and_seeds() {
+    let f = fixture();
+    let engine = start(&f, EngineOptions::default());
+    let prompt = engine.tokenizer().encode("Proof of compute", false).unwrap();
+    let run = |params: SamplingParams| {
+        let events = engine.generate(Generation { prompt: prompt.clone(), params }).unwrap();
+        collect(events)
+    };
+    let (full, _, _, _) = run(greedy_params(16)).await;
+    assert!(full.chars().count() > 4, "{full:?}");
+    // Stop at a piece of the greedy text: the text before it, finish "stop", never the stop
+    // string itself (held back while it might be forming).
+    let cut = full.char_indices().nth(3).unwrap().0;
+    let stop: String = full[cut..].chars().take(2).collect();
+    let (text, reason, _, _) = run(SamplingParams { stop: vec![stop.clone()], ..greedy_params(16) }).await;
+    assert_eq!(reason, FinishReason::Stop);
+    assert_eq!(text, full[..full.find(&stop).unwrap()]);
+    // max_tokens.
+    let (_, reason, _, completion) = run(greedy_params(3)).await;
+    assert_eq!((reason, completion), (FinishReason::Length, 3));
+    // A seed repeats a sampled completion; another seed (almost surely) differs.
+    let sampled = |seed| SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..greedy_params(16) };
+    let (a, _, _, _) = run(sampled(42)).await;
+    let (b, _, _, _) = run(sampled(42)).await;
+    let (c, _, _, _) = run(sampled(43)).await;
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // A stop token id ends the generation where it is sampled, its text not sent: the third
+    // greedy token as the stop id gives the first two tokens' text.
+    let model = load(&f.dir, &LoadOptions::default()).unwrap();
+    let ids = greedy(&model, &prompt, 3, &[]);
+    let (text, reason, _, completion) = run(SamplingParams { stop_token_ids: vec![ids[2]], ..greedy_params(16) }).await;
+    let first_two = engine.tokenizer().decode(&ids[..2], true).unwrap();
+    assert!(!ids[..2].contains(&ids[2]), "the stop id first appears third: {ids:?}");
+    assert_eq!((text.as_str(), reason, completion), (first_two.as_str(), FinishReason::Stop, 3));
+
+    // Refusals name the problem.
+    assert_eq!(
+        engine.generate(Generation { prompt: vec![], params: greedy_params(1) }).unwrap_err(),
+        EngineError::EmptyPrompt
+    );
+    let long = vec![1; engine.max_model_len() as usize];
+    assert!(matches!(
+        engine.generate(Generation { prompt: long, params: greedy_params(1) }).unwrap_err(),
+        EngineError::PromptTooLong { .. }
+    ));
+    assert_eq!(
+        engine.generate(Generation { prompt: vec![1, 100_000], params: greedy_params(1) }).unwrap_err(),
+        EngineError::TokenOutOfRange(100_000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_request_leaves_the_others_alone() {
+    let f = fixture();
+    let engine = start(&f, EngineOptions::default());
+    let prompt = engine.tokenizer().encode("Hello", false).unwrap();
+    let abandoned = engine.generate(Generation { prompt: prompt.clone(), params: greedy_params(200) }).unwrap();
+    let kept = engine.generate(Generation { prompt: prompt.clone(), params: greedy_params(20) }).unwrap();
+    drop(abandoned);
+    let (_, reason, _, completion) = collect(kept).await;
+    assert_eq!((reason, completion), (FinishReason::Length, 20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poc_batches_wait_for_chat_and_match_the_direct_computation() {
+    let f = fixture();
+    let engine = start(&f, EngineOptions::default());
+    let prompt = engine.tokenizer().encode("Hello", false).unwrap();
+    let chat = engine.generate(Generation { prompt, params: greedy_params(60) }).unwrap();
+    let batch = PocBatch {
+        block_hash: "abc".into(),
+        public_key: "pk".into(),
+        seq_len: 8,
+        k_dim: 12,
+        stronger_rng: false,
+        nonces: vec![1, 2, 3],
+    };
+    let poc = engine.poc(batch).unwrap();
+    let (_, _, _, completion) = collect(chat).await;
+    assert_eq!(completion, 60);
+    let artifacts = poc.await.unwrap().unwrap();
+    // What the engine computed is what poc_v2 computes on the same model.
+    let model = load(&f.dir, &LoadOptions::default()).unwrap();
+    let round = Round { block_hash: "abc", public_key: "pk", seq_len: 8, k_dim: 12, stronger_rng: false };
+    let direct = poc_v2::compute(&model, &Reflections::new(&model, "abc"), &round, &[1, 2, 3]);
+    assert_eq!(artifacts, direct);
+    // Shapes the model cannot take are refused before queueing.
+    let too_long = PocBatch {
+        block_hash: "abc".into(),
+        public_key: "pk".into(),
+        seq_len: 100_000,
+        k_dim: 12,
+        stronger_rng: false,
+        nonces: vec![1],
+    };
+    assert!(matches!(engine.poc(too_long), Err(EngineError::PocShape { .. })));
+}
