@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds manifests images lint fmt demo bench bench-poc bench-fleet bench-scale clean-cache
+.PHONY: build test unit e2e controlplane pyenv crds manifests images lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -63,11 +63,16 @@ crds:
 	scripts/render-manifests.sh
 
 ## Benchmarks (not tests), appended to docs/benchmarks.md: PoC v1 nonces/s, Rust next to
-## PyTorch; and the operator over a kwok fleet (time to register, steady-state cost).
-bench: bench-poc bench-fleet bench-scale
+## PyTorch; inference and PoC v2 next to transformers; and the operator over a kwok fleet
+## (time to register, steady-state cost).
+bench: bench-poc bench-inference bench-fleet bench-scale
 
 bench-poc: pyenv
 	bench/run.sh
+
+## Prefill/decode tokens/s and PoC v2 nonces/s of the inference engine next to transformers.
+bench-inference: pyenv
+	bench/inference.sh
 
 ## The install at scale: the chart, the operator as its own process, 1000 kwok nodes, 50
 ## GonkaNodes, 5 minutes at rest (docs/benchmarks.md).

@@ -12,13 +12,15 @@
 //! Served: the admin API's node registration (`/admin/v1/nodes` list, register, batch, update,
 //! delete, enable, disable), with upstream's governance-model check; the ML callback server
 //! (`/v1/poc-batches/generated|validated`, upstream's :9100) that records PoC v1 batches and
-//! counts weights as the chain does (unique proofs per ML node); the public API's
-//! `/v1/epochs/latest` with a phase tests set; [`ml_node_client`], the ML-node client as
-//! upstream's network node writes its requests; and [`round`], which drives registered ML nodes
-//! through a PoC v1 round with the 2025 network node's call sequence.
+//! counts weights as the chain does (unique proofs per ML node), and PoC v2's
+//! `/v2/poc-batches/{model}/generated|validated`; the public API's `/v1/epochs/latest` with a
+//! phase tests set; [`ml_node_client`], the ML-node client as upstream's network node writes its
+//! requests; [`round`], which drives registered ML nodes through a PoC v1 round with the 2025
+//! network node's call sequence, and [`round_v2`], a PoC v2 round with the 2026 one's.
 
 pub mod ml_node_client;
 pub mod round;
+pub mod round_v2;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +37,7 @@ use gonka_protocol::admin::{
 };
 use gonka_protocol::network::{EpochPhase, EpochResponse, LatestEpoch};
 use gonka_protocol::pow::{ProofBatch, ValidatedBatch};
+use gonka_protocol::pow_v2::{GeneratedArtifactBatch, ValidatedResult};
 use serde_json::json;
 
 /// A refused admin call: the status and the words upstream answers with.
@@ -70,6 +73,10 @@ pub struct Devnet {
     pub generated: Vec<ProofBatch>,
     /// Validation verdicts ML nodes posted.
     pub validated: Vec<ValidatedBatch>,
+    /// PoC v2 artifact batches ML nodes posted, with the model their path named.
+    pub generated_v2: Vec<(String, GeneratedArtifactBatch)>,
+    /// PoC v2 validation verdicts, with the model their path named.
+    pub validated_v2: Vec<(String, ValidatedResult)>,
     /// The epoch `/v1/epochs/latest` reports; tests (and the round driver) move it along.
     pub epoch_state: EpochResponse,
     /// Admin API writes received (registrations, updates, deletes, enables, disables), accepted
@@ -97,6 +104,8 @@ impl Devnet {
             epoch: 1,
             generated: Vec::new(),
             validated: Vec::new(),
+            generated_v2: Vec::new(),
+            validated_v2: Vec::new(),
             epoch_state: EpochResponse {
                 block_height: 1,
                 latest_epoch: LatestEpoch { index: 1, poc_start_block_height: 0 },
@@ -332,7 +341,46 @@ pub fn callback_router(devnet: Shared) -> Router {
         .route("/v1/poc-batches/validated", post(validated))
         .route("/mlnode/v1/poc-batches/generated", post(generated))
         .route("/mlnode/v1/poc-batches/validated", post(validated))
+        .route("/v2/poc-batches/{model}/generated", post(generated_v2))
+        .route("/v2/poc-batches/{model}/validated", post(validated_v2))
         .with_state(devnet)
+}
+
+/// The model of a v2 callback path: upstream escapes the model id twice
+/// (`url.PathEscape(url.PathEscape(id))`), so after routing's one decoding it is decoded once
+/// more.
+fn callback_model(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
+}
+
+async fn generated_v2(
+    State(d): State<Shared>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Response {
+    match bind::<GeneratedArtifactBatch>(&headers, &raw) {
+        Ok(batch) => {
+            d.lock().expect("devnet").generated_v2.push((callback_model(&model), batch));
+            StatusCode::OK.into_response()
+        }
+        Err(r) => refused(r),
+    }
+}
+
+async fn validated_v2(
+    State(d): State<Shared>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Response {
+    match bind::<ValidatedResult>(&headers, &raw) {
+        Ok(result) => {
+            d.lock().expect("devnet").validated_v2.push((callback_model(&model), result));
+            StatusCode::OK.into_response()
+        }
+        Err(r) => refused(r),
+    }
 }
 
 async fn generated(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {

@@ -163,6 +163,32 @@ impl MlNodeClient {
         let dto = InferenceUpRequest { model: model.into(), dtype: "float16".into(), additional_args: args.to_vec() };
         self.post("/api/v1/inference/up", Some(&dto)).await
     }
+
+    /// `POST /api/v1/inference/up` as the 2026 network node sends it (`dtype: "auto"`).
+    pub async fn inference_up_auto(&self, model: &str, args: &[String]) -> Result<Answer, ClientError> {
+        let dto = InferenceUpRequest { model: model.into(), dtype: "auto".into(), additional_args: args.to_vec() };
+        self.post("/api/v1/inference/up", Some(&dto)).await
+    }
+
+    /// `GET /api/v1/inference/pow/status` (2026 `GetPowStatusV2`).
+    pub async fn pow_status_v2(&self) -> Result<gonka_protocol::pow_v2::StatusResponse, ClientError> {
+        self.get_json("/api/v1/inference/pow/status").await
+    }
+
+    /// `POST /api/v1/inference/pow/init/generate` (2026 `InitGenerateV2`).
+    pub async fn init_generate_v2(&self, dto: &serde_json::Value) -> Result<Answer, ClientError> {
+        self.post("/api/v1/inference/pow/init/generate", Some(dto)).await
+    }
+
+    /// `POST /api/v1/inference/pow/generate` (2026 `GenerateV2`: validation samples).
+    pub async fn generate_v2(&self, dto: &serde_json::Value) -> Result<Answer, ClientError> {
+        self.post("/api/v1/inference/pow/generate", Some(dto)).await
+    }
+
+    /// `POST /api/v1/inference/pow/stop` with `{}` (2026 `StopPowV2`).
+    pub async fn stop_pow_v2(&self) -> Result<Answer, ClientError> {
+        self.post("/api/v1/inference/pow/stop", Some(&serde_json::json!({}))).await
+    }
 }
 
 #[cfg(test)]

@@ -582,11 +582,33 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(free_ports::<1>()?[0])
 }
 
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+/// `N` different free TCP ports on 127.0.0.1.
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     // Hold all listeners until every port is picked so the N ports differ.
     let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     Ok(ports.try_into().expect("N ports"))
+}
+
+/// A child process, killed and reaped when dropped.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `url` answers at all (any status), up to `within`.
+pub async fn wait_http(url: &str, within: Duration) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + within;
+    while http.get(url).send().await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "{url} did not answer within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Installs the log subscriber once: `RUST_LOG` if set, else `default_filter`. Later calls

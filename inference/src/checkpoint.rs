@@ -84,6 +84,16 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
+    /// Each tensor's element count and stored size in bytes.
+    pub fn tensor_sizes(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.shards.iter().flat_map(|shard| {
+            shard.metadata.tensors().into_values().map(|info| {
+                let elements: u64 = info.shape.iter().map(|&d| d as u64).product();
+                (elements, (info.data_offsets.1 - info.data_offsets.0) as u64)
+            })
+        })
+    }
+
     /// Every tensor name, for error messages and checks.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)

@@ -188,6 +188,11 @@ impl Engine {
         &self.load
     }
 
+    /// Whether the engine thread still runs.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Queues a generation; its events arrive on the returned receiver (drop it to cancel).
     pub fn generate(&self, mut request: Generation) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError> {
         if request.prompt.is_empty() {
@@ -266,6 +271,15 @@ impl Sequence {
             prompt_tokens: self.prompt.len(),
             completion_tokens: self.completion_tokens,
         });
+    }
+
+    /// Sends everything, including text the stream held back mid-character (a whole decode
+    /// shows it as U+FFFD, and so does the final answer).
+    fn flush(&mut self, tokenizer: &ChatTokenizer) {
+        if let Ok(rest) = self.stream.flush(tokenizer) {
+            self.text.push_str(&rest);
+        }
+        self.send_until(self.text.len());
     }
 
     /// Sends text up to `end` (a char boundary past `sent`).
@@ -428,7 +442,7 @@ impl Scheduler {
         let eos = &self.tokenizer.eos_token_ids;
         let s = &mut self.running[i];
         if (!s.params.ignore_eos && eos.contains(&token)) || s.params.stop_token_ids.contains(&token) {
-            s.send_until(s.text.len());
+            s.flush(&self.tokenizer);
             return Some(FinishReason::Stop);
         }
         match s.stream.push(&self.tokenizer, token) {
@@ -454,7 +468,7 @@ impl Scheduler {
         let out_of_room = s.completion_tokens >= s.params.max_tokens
             || (s.prompt.len() + s.completion_tokens) as i64 >= self.max_model_len;
         if out_of_room {
-            s.send_until(s.text.len());
+            s.flush(&self.tokenizer);
             return Some(FinishReason::Length);
         }
         // Hold back a tail that could still grow into a stop string.

@@ -55,3 +55,16 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
         }
     }
 }
+
+/// Bytes the weights of the model in `dir` take in `dtype` (their stored dtypes when `None`),
+/// from the checkpoint's headers: what loading will allocate before any activation or cache.
+pub fn weight_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
+    let checkpoint = Checkpoint::open(dir)?;
+    Ok(checkpoint
+        .tensor_sizes()
+        .map(|(elements, stored_bytes)| match dtype {
+            Some(kind) => elements * kind.elt_size_in_bytes() as u64,
+            None => stored_bytes,
+        })
+        .sum())
+}

@@ -179,6 +179,20 @@ impl TextStream {
             Ok(String::new())
         }
     }
+
+    /// The text held back at the end (an unfinished character, as U+FFFD as a whole decode
+    /// renders it), when the generation ends.
+    pub fn flush(&mut self, tokenizer: &ChatTokenizer) -> Result<String, TokenizeError> {
+        let skip = self.skip_special_tokens;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], skip)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], skip)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(match full.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => String::new(),
+        })
+    }
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False)`: `", "` and `": "` separators (transformers

@@ -38,8 +38,22 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Longest a request may take (none should come near it).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `/inference/up` may take: it answers once the model is loaded (the network node
+/// waits up to 15 minutes).
+pub const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Longest a waited-for PoC v2 `generate` may take (a validation sample on a large model).
+pub const POC_GENERATE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// The kubelet's probes and the metrics scrape are answered whatever the load.
 const UNLIMITED_PATHS: [&str; 5] = ["/healthz", "/readyz", "/livez", "/health", "/metrics"];
+
+/// Where inference finds its models and serves, from `daemon.json` and the flags.
+#[derive(Clone, Debug, Default)]
+pub struct InferenceOptions {
+    /// The models volume (`--models-dir`).
+    pub models_dir: Option<std::path::PathBuf>,
+    /// The inference port (upstream 5000).
+    pub inference_port: u16,
+}
 
 /// What the API holds this ML node to, from `daemon.json` and the flags.
 #[derive(Clone, Debug, Default)]
@@ -68,6 +82,12 @@ pub struct AppState {
     /// PoC v1 jobs (upstream's `PowManager`).
     #[cfg(feature = "torch")]
     pub pow: crate::poc::engine::PowService,
+    /// The served model (upstream's `InferenceManager`).
+    #[cfg(feature = "torch")]
+    pub inference: Arc<crate::inference::manager::InferenceManager>,
+    /// PoC v2 on the served model.
+    #[cfg(feature = "torch")]
+    pub pow_v2: Arc<crate::inference::pow_v2::PocV2Service>,
     health: Mutex<Option<(Instant, HealthResponse)>>,
 }
 
@@ -79,14 +99,40 @@ impl AppState {
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
         reporting: crate::node_state::Reporting,
         policy: Policy,
+        #[cfg_attr(not(feature = "torch"), allow(unused_variables))] inference: InferenceOptions,
     ) -> anyhow::Result<Arc<Self>> {
+        #[cfg(feature = "torch")]
+        let (pow, inference, pow_v2) = {
+            use crate::inference::{manager, pow_v2};
+            let (allow_cpu, callback_base, batch_size) = (pow.allow_cpu, pow.callback_base.clone(), pow.batch_size);
+            let pow = crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?;
+            let manager = manager::InferenceManager::new(manager::InferenceSettings {
+                models_dir: inference.models_dir,
+                allow_cpu,
+                engine: Default::default(),
+            });
+            let pow_v2 = pow_v2::PocV2Service::new(
+                pow_v2::PocV2Settings {
+                    callback_base,
+                    batch_size,
+                    inference_port: inference.inference_port,
+                    http: pow.http(),
+                },
+                manager.clone(),
+            );
+            (pow, manager, pow_v2)
+        };
         Ok(Arc::new(Self {
             probe,
             api_token_sha256: policy.api_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).into()),
             policy,
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             #[cfg(feature = "torch")]
-            pow: crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?,
+            pow,
+            #[cfg(feature = "torch")]
+            inference,
+            #[cfg(feature = "torch")]
+            pow_v2,
             reporting,
             metrics,
             version: version.into(),
@@ -94,11 +140,16 @@ impl AppState {
         }))
     }
 
-    /// Which manager runs: POW while a PoC session exists.
+    /// Which manager runs: POW while a PoC v1 session exists, INFERENCE while a model is up
+    /// or coming up (PoC v2 runs inside it).
     pub(crate) fn service_state(&self) -> ServiceState {
         #[cfg(feature = "torch")]
         if self.pow.is_running() {
             return ServiceState::Pow;
+        }
+        #[cfg(feature = "torch")]
+        if self.inference.is_running() || self.inference.is_starting() {
+            return ServiceState::Inference;
         }
         ServiceState::Stopped
     }
@@ -156,7 +207,7 @@ pub fn service(state: Arc<AppState>) -> Service {
 pub fn router(state: Arc<AppState>) -> Router {
     let managers = crate::modes::inference_routes();
     #[cfg(feature = "torch")]
-    let managers = managers.merge(crate::poc::routes::routes());
+    let managers = managers.merge(crate::poc::routes::routes()).merge(crate::inference::pow_v2::routes());
     let managers =
         managers.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::modes::refuse_conflicts));
     Router::new()
@@ -210,9 +261,14 @@ async fn limits(State(state): State<Arc<AppState>>, request: Request, next: axum
             format!("{MAX_IN_FLIGHT} requests in flight already; try again"),
         );
     };
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+    let limit = match request.uri().path() {
+        "/api/v1/inference/up" => MODEL_LOAD_TIMEOUT,
+        "/api/v1/inference/pow/generate" => POC_GENERATE_TIMEOUT,
+        _ => REQUEST_TIMEOUT,
+    };
+    match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {REQUEST_TIMEOUT:?}")),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {limit:?}")),
     }
 }
 
@@ -248,28 +304,49 @@ async fn snapshot(state: &AppState) -> Vec<GpuStatus> {
     tokio::task::spawn_blocking(move || probe.snapshot()).await.unwrap_or_default()
 }
 
+/// `poc_status`, `inference_healthy` and `loaded_model` only in INFERENCE, as upstream.
 async fn get_state(State(state): State<Arc<AppState>>) -> Json<StateResponse> {
-    Json(StateResponse {
-        state: state.service_state(),
+    let service_state = state.service_state();
+    #[cfg_attr(not(feature = "torch"), allow(unused_mut))]
+    let mut answer = StateResponse {
+        state: service_state,
         version: state.version.clone(),
         poc_status: None,
         inference_healthy: None,
         loaded_model: None,
         poc_validation_inference: false,
-    })
+    };
+    #[cfg(feature = "torch")]
+    if service_state == ServiceState::Inference {
+        let served = state.inference.served();
+        answer.poc_status = Some(if state.pow_v2.is_generating().await { "GENERATING" } else { "IDLE" }.into());
+        answer.inference_healthy = Some(served.is_some());
+        answer.loaded_model = served.map(|s| s.name.clone());
+        answer.poc_validation_inference = true;
+    }
+    Json(answer)
 }
 
-/// Upstream's answer with no inference engine running: no engine version, no PoC validation
-/// during inference.
+/// With a model served, PoC validation runs alongside inference (the engine interleaves them);
+/// the engine reports no vLLM version, being none.
 async fn versions(State(state): State<Arc<AppState>>) -> Json<VersionsResponse> {
-    Json(VersionsResponse { version: state.version.clone(), vllm_version: None, poc_validation_inference: false })
+    #[cfg(feature = "torch")]
+    let serving = state.inference.is_running();
+    #[cfg(not(feature = "torch"))]
+    let serving = false;
+    Json(VersionsResponse { version: state.version.clone(), vllm_version: None, poc_validation_inference: serving })
 }
 
+/// Stops every manager: PoC v1, PoC v2 and the served model.
 async fn stop(
     #[cfg_attr(not(feature = "torch"), allow(unused_variables))] State(state): State<Arc<AppState>>,
 ) -> Json<StatusResponse> {
     #[cfg(feature = "torch")]
-    state.pow.stop();
+    {
+        state.pow.stop();
+        state.pow_v2.stop().await;
+        state.inference.down().await;
+    }
     Json(StatusResponse::ok())
 }
 
@@ -320,7 +397,13 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let available = snapshot(&state).await.iter().filter(|g| g.to_device().is_available).count();
     let wanted = state.policy.expected_gpus;
-    let reason = if state.service_state() == ServiceState::Inference {
+    // The served model's engine thread gone (a crash outside a step) is upstream's "vLLM not
+    // alive".
+    #[cfg(feature = "torch")]
+    let inference_unhealthy = state.inference.served().is_some_and(|s| !s.engine.is_alive());
+    #[cfg(not(feature = "torch"))]
+    let inference_unhealthy = state.service_state() == ServiceState::Inference;
+    let reason = if inference_unhealthy {
         Some("inference is not healthy".to_string())
     } else if available < wanted && !state.policy.allow_cpu_compute {
         Some(format!("{available} of the {wanted} GPUs this ML node needs are available"))

@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod gpu;
+#[cfg(feature = "torch")]
+pub mod inference;
 pub mod metrics;
 pub mod modes;
 pub mod node_state;
@@ -41,7 +43,15 @@ pub struct Settings {
     /// The bearer token API calls must carry (upstream node config's `auth_token`); `None`:
     /// none asked for.
     pub api_token: Option<String>,
+    /// Where models live (the GonkaNode's model volume).
+    pub models_dir: Option<PathBuf>,
+    /// Address of the inference port; `None`: the management API's address with
+    /// `daemon.json`'s `inferencePort` (upstream's 5000 without one).
+    pub inference_listen: Option<SocketAddr>,
 }
+
+/// Upstream's inference port.
+pub const DEFAULT_INFERENCE_PORT: u16 = 5000;
 
 /// The daemon's pod, from the downward API (`POD_NAME`, `NODE_NAME`, `POD_IP`).
 #[derive(Clone, Debug, Default)]
@@ -148,13 +158,37 @@ pub async fn run_with(
         tracing::info!(url = %target.url, "reporting to the operator");
         Some(tokio::spawn(report_client::run(reporter_settings, reporting.clone(), reporter_stop.clone())))
     });
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy)?;
+    let inference_addr = settings.inference_listen.unwrap_or_else(|| {
+        let port = settings.config.as_ref().map_or(DEFAULT_INFERENCE_PORT, |c| c.inference_port);
+        SocketAddr::new(settings.listen.ip(), port)
+    });
+    // Bound first, so a port of 0 (tests) is known before the API names it.
+    #[cfg(feature = "torch")]
+    let inference_listener = tokio::net::TcpListener::bind(inference_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the inference port {inference_addr}: {e}"))?;
+    #[cfg(feature = "torch")]
+    let inference_addr = inference_listener.local_addr()?;
+    let inference =
+        api::InferenceOptions { models_dir: settings.models_dir.clone(), inference_port: inference_addr.port() };
+    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
+    #[cfg(feature = "torch")]
+    let inference_server = {
+        tracing::info!(addr = %inference_addr, "inference port listening");
+        let app = inference::openai::router(state.inference.clone());
+        tokio::spawn(async move { axum::serve(inference_listener, app).await })
+    };
     // Shutting down takes no new work first (the server stops), then delivers what is pending.
     axum::serve(listener, api::service(state.clone())).with_graceful_shutdown(shutdown).await?;
     #[cfg(feature = "torch")]
-    state.pow.shutdown(settings.shutdown_grace).await;
+    {
+        state.pow.shutdown(settings.shutdown_grace).await;
+        inference_server.abort();
+        state.pow_v2.stop().await;
+        state.inference.down().await;
+    }
 
     reprobe.abort();
     reporter_stop.cancel();

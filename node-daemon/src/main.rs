@@ -43,6 +43,14 @@ struct Cli {
     /// `auth_token` for this ML node); unset, no token is asked for, as upstream.
     #[arg(long, env = "GONKA_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
+    /// Where models live: `<dir>/<org>/<name>` or a Hugging Face cache (`models--org--name`),
+    /// the GonkaNode's model volume.
+    #[arg(long, env = "GONKA_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Address of the inference port (OpenAI API); default: the listen address's IP with
+    /// daemon.json's inferencePort, else 5000.
+    #[arg(long, env = "GONKA_INFERENCE_LISTEN")]
+    inference_listen: Option<SocketAddr>,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -103,6 +111,8 @@ async fn main() -> anyhow::Result<()> {
             ),
             None => None,
         },
+        models_dir: cli.models_dir,
+        inference_listen: cli.inference_listen,
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
 }

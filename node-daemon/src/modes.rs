@@ -2,10 +2,11 @@
 //! endpoints (`/api/v1/pow/...`, `/api/v1/inference/...`) while another manager runs is refused
 //! with 409, naming both. `/state`, `/stop`, GPU and health endpoints are never refused.
 //!
-//! The inference manager's endpoints are here so that the network node gets upstream's answers:
-//! 409 while PoC runs, and otherwise what upstream answers when its engine cannot start (200,
-//! `{"status": "ERROR", "message": ...}`: this daemon proves compute with PoC v1 and runs no
-//! inference engine yet), never a 404 that reads as an old ML node.
+//! The inference manager's endpoints (`/inference/up`, `/up/async`, `/up/status`, `/down`) are
+//! here, guarded like the others. With the `torch` feature they bring a model up in the
+//! engine (upstream 2026's answers: 409 while starting or running, 500 naming why a start
+//! failed); without it they answer as an upstream ML node whose engine cannot start (200,
+//! `{"status": "ERROR", "message": ...}`), never a 404 that reads as an old ML node.
 
 use std::sync::Arc;
 
@@ -15,7 +16,9 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::post;
-use gonka_protocol::ml_node::{InferenceUpRequest, InferenceUpResponse, ServiceState, StatusResponse};
+#[cfg(not(feature = "torch"))]
+use gonka_protocol::ml_node::InferenceUpResponse;
+use gonka_protocol::ml_node::{InferenceUpRequest, ServiceState, StatusResponse};
 
 use crate::api::{AppState, JsonBody, error};
 
@@ -48,7 +51,76 @@ pub async fn refuse_conflicts(State(state): State<Arc<AppState>>, request: Reque
     }
 }
 
-/// Upstream's inference manager endpoints (`api/inference/routes.py`).
+/// Upstream's inference manager endpoints (`api/inference/routes.py`), on the engine.
+#[cfg(feature = "torch")]
+pub fn inference_routes() -> Router<Arc<AppState>> {
+    use axum::Json;
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+
+    async fn free_gpu_bytes(state: &AppState) -> Option<u64> {
+        let probe = state.probe.clone();
+        let gpus = tokio::task::spawn_blocking(move || probe.snapshot()).await.ok()?;
+        let free: u64 = gpus.iter().filter_map(|g| g.to_device().free_memory_mb).map(|mb| mb * 1024 * 1024).sum();
+        (!gpus.is_empty()).then_some(free)
+    }
+
+    async fn start(
+        state: &Arc<AppState>,
+        request: InferenceUpRequest,
+    ) -> Result<tokio::task::JoinHandle<Result<(), String>>, Response> {
+        let configured = &state.policy.models;
+        if !configured.is_empty() && !configured.contains(&request.model) {
+            return Err(error(
+                StatusCode::CONFLICT,
+                format!("{} is not a model this ML node is configured for ({})", request.model, configured.join(", ")),
+            ));
+        }
+        let free = free_gpu_bytes(state).await;
+        state.inference.start(request, free).map_err(|e| error(StatusCode::CONFLICT, e.to_string()))
+    }
+
+    async fn up(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<InferenceUpRequest>) -> Response {
+        let task = match start(&state, request).await {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        match task.await {
+            Ok(Ok(())) => Json(StatusResponse::ok()).into_response(),
+            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    async fn up_async(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<InferenceUpRequest>) -> Response {
+        match start(&state, request).await {
+            Ok(_) => {
+                Json(serde_json::json!({"status": "starting", "message": "Inference startup initiated in background"}))
+                    .into_response()
+            }
+            Err(r) => r,
+        }
+    }
+
+    async fn down(State(state): State<Arc<AppState>>) -> Json<StatusResponse> {
+        state.pow_v2.stop().await;
+        state.inference.down().await;
+        Json(StatusResponse::ok())
+    }
+
+    Router::new()
+        .route("/api/v1/inference/up", post(up))
+        .route("/api/v1/inference/up/async", post(up_async))
+        .route(
+            "/api/v1/inference/up/status",
+            get(|State(state): State<Arc<AppState>>| async move { Json(state.inference.startup_status()) }),
+        )
+        .route("/api/v1/inference/down", post(down))
+}
+
+/// Upstream's inference manager endpoints (`api/inference/routes.py`), as an ML node answers
+/// whose engine cannot start.
+#[cfg(not(feature = "torch"))]
 pub fn inference_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/inference/up", post(inference_up))
@@ -56,6 +128,7 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
         .route("/api/v1/inference/down", post(|| async { axum::Json(StatusResponse::ok()) }))
 }
 
+#[cfg(not(feature = "torch"))]
 async fn inference_up(
     State(state): State<Arc<AppState>>,
     JsonBody(request): JsonBody<InferenceUpRequest>,

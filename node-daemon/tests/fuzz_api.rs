@@ -35,8 +35,16 @@ fn state() -> Arc<AppState> {
     // No NVML and no CPU compute: nothing a request asks for gets allocated.
     let probe = GpuProbe::open(Some(Path::new("/nonexistent/libnvidia-ml.so.1")));
     let policy = Policy { expected_gpus: 1, ..Policy::default() };
-    AppState::new(probe, DaemonMetrics::default(), "0.0.0-test", PowSettings::default(), Reporting::default(), policy)
-        .unwrap()
+    AppState::new(
+        probe,
+        DaemonMetrics::default(),
+        "0.0.0-test",
+        PowSettings::default(),
+        Reporting::default(),
+        policy,
+        Default::default(),
+    )
+    .unwrap()
 }
 
 fn status(runtime: &tokio::runtime::Runtime, app: &axum::Router, path: &str, body: Vec<u8>, json: bool) -> StatusCode {

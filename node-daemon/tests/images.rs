@@ -225,13 +225,19 @@ async fn the_images_build_and_run_as_non_root_with_a_read_only_root() -> anyhow:
         ensure!(!written.success(), "the root file system is writable");
 
         let port = free_port()?;
-        let child = chroot(&["/usr/local/bin/gonka-node-daemon", "--listen", &format!("127.0.0.1:{port}")])
-            .env("GONKA_NVML_LIBRARY", "/opt/nvml/libnvidia-ml.so.1")
-            .env(fake_nvml::CONFIG_ENV, "/opt/nvml/gpus.json")
-            .env("GONKA_ALLOW_CPU_COMPUTE", "true")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        let child = chroot(&[
+            "/usr/local/bin/gonka-node-daemon",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--inference-listen",
+            "127.0.0.1:0",
+        ])
+        .env("GONKA_NVML_LIBRARY", "/opt/nvml/libnvidia-ml.so.1")
+        .env(fake_nvml::CONFIG_ENV, "/opt/nvml/gpus.json")
+        .env("GONKA_ALLOW_CPU_COMPUTE", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
         let mut daemon = Daemon(child);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let served = eventually("the daemon in its image serves /health", Duration::from_secs(60), || async {

@@ -73,8 +73,9 @@ fn two_ml_nodes_prove_cross_validate_and_earn_weight() {
         assert!(r.valid_nonces > 0, "{r:?}");
         assert_eq!((r.n_invalid, r.fraud_detected), (Some(0), Some(false)), "{r:?}");
         assert_eq!(r.weight, r.valid_nonces);
-        // No inference engine yet: the daemon says so as upstream says an engine failed.
-        assert_eq!(r.inference_up.as_deref(), Some("ERROR"), "{r:?}");
+        // No models directory here: the start fails, answered as upstream's ML node answers a
+        // failed start (500).
+        assert_eq!(r.inference_up.as_deref(), Some("HTTP 500"), "{r:?}");
     }
     assert_eq!(results[0].validated_by.as_deref(), Some("node-1"));
     assert_eq!(results[1].validated_by.as_deref(), Some("node-0"));

@@ -150,7 +150,8 @@ fn generation_survives_a_callback_outage_without_losing_a_proof() {
     });
     assert_eq!(d.json("POST", "/api/v1/pow/stop").1["status"], "OK");
     assert_eq!(d.json("GET", "/api/v1/pow/status").1, json!({"status": "NOT_LOADED"}));
-    assert_eq!(d.post_json("POST", "/api/v1/inference/up", &up).1["status"], "ERROR", "stopped: no conflict any more");
+    // Stopped: no conflict any more (the start fails for want of a models directory: 500).
+    assert_eq!(d.post_json("POST", "/api/v1/inference/up", &up).0, 500);
 
     let batches = callback.generated.lock().unwrap().clone();
     let mut delivered = BTreeSet::new();

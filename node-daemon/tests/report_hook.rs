@@ -21,6 +21,8 @@ fn settings() -> (Settings, SocketAddr) {
         allow_cpu_compute: true,
         shutdown_grace: std::time::Duration::from_secs(5),
         api_token: None,
+        models_dir: None,
+        inference_listen: Some("127.0.0.1:0".parse().unwrap()),
     };
     (settings, addr)
 }

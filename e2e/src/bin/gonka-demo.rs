@@ -2,7 +2,9 @@
 //! kube-controller-manager, kube-scheduler built from Go modules), GPU nodes simulated by kwok
 //! (which also runs their pods and gives them IPs), the operator installed
 //! from `manifests/` and running with its ServiceAccount's rights, and the sample GonkaNodes
-//! from `manifests/samples/` rolled out to ML-node pods. Prints progress, then the fleet.
+//! from `manifests/samples/` rolled out to ML-node pods. Prints progress, then the fleet, a PoC
+//! v1 round as a 2025 network node runs it, and — what a 2026 network node does — two ML nodes
+//! serving a tiny Qwen3 (chat on the inference port) through a PoC v2 round.
 //!
 //!   cargo run -p gonka-e2e --bin gonka-demo [-- --keep]
 //!
@@ -141,7 +143,10 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     match std::env::var_os("GONKA_DAEMON_BIN") {
-        Some(bin) => poc_round(&cp, &api, &devnet, &admin_url, Path::new(&bin), &step).await?,
+        Some(bin) => {
+            poc_round(&cp, &api, &devnet, &admin_url, Path::new(&bin), &step).await?;
+            poc_v2_round(Path::new(&bin), &step).await?;
+        }
         None => println!(
             "\nNo PoC round: set GONKA_DAEMON_BIN to a node-daemon built with `--features torch` \
              (`make demo` does) to run one."
@@ -285,4 +290,110 @@ async fn wait_for_fleet(
         anyhow::ensure!(Instant::now() < deadline, "{what}: not within 60s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The 2026 flow: a devnet playing a 2026 network node, two node-daemons (processes beside the
+/// cluster: the GonkaNode spec does not carry model volumes yet) with a tiny random Qwen3 in
+/// their models directory; the round brings the model up on both, they prove with PoC v2 and
+/// validate each other's artifacts; a chat answer streams from the inference port.
+async fn poc_v2_round(daemon: &Path, step: &dyn Fn(&str)) -> anyhow::Result<()> {
+    const MODEL: &str = "gonka-demo/tiny-qwen3";
+    let models = tempfile::tempdir()?;
+    let python = std::env::var("GONKA_PYTHON").context("GONKA_PYTHON (make demo sets it)")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
+    let request =
+        serde_json::json!({"arch": "qwen3", "dir": models.path().join(MODEL), "prompt": [1], "tokenizer": true});
+    let made = std::process::Command::new(&python).arg(script).arg(request.to_string()).output()?;
+    anyhow::ensure!(made.status.success(), "making the tiny model: {}", String::from_utf8_lossy(&made.stderr));
+    println!();
+    step(&format!("[PoC v2] a tiny random Qwen3 ({MODEL}: 3 layers, hidden 64) written with transformers"));
+
+    let (devnet, base) = gonka_e2e::start_devnet_on(gonka_devnet::Generation::Mainline2026, &[MODEL], 0).await?;
+    let mut children = Vec::new();
+    let mut inference_urls = Vec::new();
+    for i in 0..2 {
+        let [api_port, inference_port] = gonka_e2e::free_ports::<2>()?;
+        let config = tempfile::NamedTempFile::new()?;
+        std::fs::write(
+            config.path(),
+            serde_json::json!({"gonkaNode": "demo/v2", "mlCallbackUrl": base, "pocPort": api_port,
+                "inferencePort": inference_port, "gpus": null, "models": [{"id": MODEL, "args": []}],
+                "poc": {"batchSize": 8, "sendIntervalSeconds": 5, "maxPendingBatches": 1000}})
+            .to_string(),
+        )?;
+        let scenario = tempfile::NamedTempFile::new()?;
+        fake_nvml::Scenario::hgx_h100().write(scenario.path())?;
+        let child = gonka_e2e::ChildGuard(
+            std::process::Command::new(daemon)
+                .env("GONKA_LISTEN", format!("127.0.0.1:{api_port}"))
+                .env("GONKA_INFERENCE_LISTEN", format!("127.0.0.1:{inference_port}"))
+                .env("GONKA_DAEMON_CONFIG", config.path())
+                .env("GONKA_MODELS_DIR", models.path())
+                .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
+                .env(fake_nvml::CONFIG_ENV, scenario.path())
+                .env("GONKA_ALLOW_CPU_COMPUTE", "true")
+                .env("RUST_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+        children.push((child, config, scenario));
+        inference_urls.push(format!("http://127.0.0.1:{inference_port}"));
+        gonka_e2e::wait_http(&format!("http://127.0.0.1:{api_port}/healthz"), Duration::from_secs(30)).await?;
+        let registration = gonka_protocol::admin::InferenceNodeConfig {
+            host: "127.0.0.1".into(),
+            inference_segment: String::new(),
+            inference_port,
+            poc_segment: String::new(),
+            poc_port: api_port,
+            models: [(MODEL.to_string(), gonka_protocol::admin::ModelArgs::default())].into(),
+            id: format!("v2-node-{i}"),
+            max_concurrent: 500,
+            hardware: vec![],
+        };
+        devnet.lock().expect("devnet").register(registration).map_err(|r| anyhow::anyhow!("{r:?}"))?;
+    }
+    step("[PoC v2] two node-daemons registered with a 2026 network node (devnet)");
+    let cfg = gonka_devnet::round_v2::RoundConfig {
+        block_hash: "3f8a1c2b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8".into(),
+        block_height: 2000,
+        public_key: "demo-host".into(),
+        model: MODEL.into(),
+        seq_len: 32,
+        stronger_rng: true,
+        generate_for: Duration::from_secs(8),
+        settle_for: Duration::from_secs(2),
+        validation_sample: 200,
+        callback_base: base,
+        stat_test: serde_json::json!({"dist_threshold": 0.4, "p_mismatch": 0.1, "p_value_threshold": 0.05}),
+    };
+    let results = gonka_devnet::round_v2::run_round(&devnet, &cfg, |m| step(&format!("[PoC v2] {m}"))).await?;
+    println!("\nPoC v2 round at block {} on {MODEL} (devnet as a 2026 network node):", cfg.block_height);
+    println!("  {:<12} {:>10} {:>8}  validation", "ML NODE", "ARTIFACTS", "WEIGHT");
+    for r in &results {
+        let validation = match (&r.validated_by, r.fraud_detected, r.n_mismatch) {
+            (Some(by), Some(false), Some(n)) => format!("passed ({n} mismatches, by {by})"),
+            (Some(by), Some(true), Some(n)) => format!("FRAUD ({n} mismatches, by {by})"),
+            _ => "not validated".into(),
+        };
+        println!("  {:<12} {:>10} {:>8}  {validation}", r.id, r.artifacts, r.weight);
+    }
+
+    gonka_operator::network_node::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let answer =
+        http.post(format!("{}/v1/chat/completions", inference_urls[0])).json(&body).send().await?.text().await?;
+    let events: Vec<&str> = answer.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    println!(
+        "\n$ curl {}/v1/chat/completions -d '{{\"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], ...}}'",
+        inference_urls[0]
+    );
+    println!("  {} server-sent events (random weights: the words are noise), the last two:", events.len());
+    for e in events.iter().rev().take(2).rev() {
+        println!("  data: {e}");
+    }
+    drop(children);
+    Ok(())
 }

@@ -137,6 +137,11 @@ impl PowService {
         self.session.lock().expect("session").is_some()
     }
 
+    /// The callback client (timeouts, trusted CAs), shared with PoC v2.
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
     /// `/pow/init*`: (re)starts the session when the request differs, then enters `phase`.
     pub fn init(&self, request: InitRequest, phase: Phase) -> Result<PowStatus, PowError> {
         if phase == Phase::Generate && (request.node_id == -1 || request.node_count == -1) {

@@ -28,6 +28,13 @@ impl Daemon {
         Self::spawn(scenario, Some(Path::new(fake_nvml::LIBRARY)), Some(file))
     }
 
+    /// Under `daemon.json` with extra environment.
+    pub fn start_configured_with_env(scenario: &Scenario, config: &Value, env: &[(&str, &str)]) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), config.to_string()).unwrap();
+        Self::spawn_as(scenario, Some(Path::new(fake_nvml::LIBRARY)), Some(file), true, env)
+    }
+
     pub fn start_with(scenario: &Scenario, library: Option<&Path>) -> Self {
         Self::spawn(scenario, library, None)
     }
@@ -64,6 +71,8 @@ impl Daemon {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
         cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
+            // Any free port: daemons of parallel tests must not meet on upstream's 5000.
+            .env("GONKA_INFERENCE_LISTEN", "127.0.0.1:0")
             .env(fake_nvml::CONFIG_ENV, file.path())
             .env("RUST_LOG", "warn")
             .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())

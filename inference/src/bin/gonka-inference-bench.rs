@@ -1,0 +1,131 @@
+//! The engine's speed on a model directory: prefill tokens/s, decode tokens/s (one sequence and
+//! a batch), PoC v2 nonces/s; one JSON line. `bench/inference.sh` runs it next to transformers
+//! on the same model and writes both to docs/benchmarks.md. Not a test.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use gonka_inference::poc_v2::{self, Reflections, Round};
+use gonka_inference::{LoadOptions, Output, Step, StepInput, load};
+use serde_json::json;
+use tch::{Device, Kind};
+
+#[derive(Parser, Debug)]
+struct Cli {
+    model: PathBuf,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens decoded per sequence.
+    #[arg(long, default_value_t = 64)]
+    decode: usize,
+    /// Sequences decoded together in the batched measurement.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    poc_seq_len: i64,
+    #[arg(long, default_value_t = 8)]
+    poc_batch: usize,
+    #[arg(long, default_value_t = 32)]
+    poc_nonces: usize,
+    /// `cuda` to run on the first GPU.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Deterministic token ids below `vocab`.
+fn tokens(n: usize, vocab: i64, seed: u64) -> Vec<i64> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as i64
+        })
+        .collect()
+}
+
+/// Decodes `steps` tokens for each of `prompts` together (greedy), returns seconds.
+fn decode(model: &gonka_inference::Transformer, prompts: &[Vec<i64>], steps: usize) -> f64 {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut inputs: Vec<Vec<i64>> = prompts.to_vec();
+    // The prompts are read before the clock starts: this measures decoding only.
+    let mut first = true;
+    let mut started = Instant::now();
+    for _ in 0..=steps {
+        let mut batch: Vec<Step<'_>> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(i, c)| Step { input: StepInput::Tokens(i.clone()), cache: Some(c) })
+            .collect();
+        let hidden = model.forward(&mut batch, None, Output::Last);
+        let next = model.logits(&hidden).to_kind(Kind::Float).argmax(-1, false).to_device(Device::Cpu);
+        let next = Vec::<i64>::try_from(next).expect("ids");
+        inputs = next.into_iter().map(|t| vec![t]).collect();
+        if first {
+            started = Instant::now();
+            first = false;
+        }
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let device = if cli.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let _guard = tch::no_grad_guard();
+    let loading = Instant::now();
+    let model = load(&cli.model, &LoadOptions { dtype: None, devices: vec![device] })?;
+    let load_seconds = loading.elapsed().as_secs_f64();
+    let vocab = model.spec.vocab_size;
+
+    // Prefill: one warm-up, then the measured forward.
+    let prompt = tokens(cli.prompt, vocab, 1);
+    let prefill = |p: &[i64]| {
+        let started = Instant::now();
+        let mut steps = [Step { input: StepInput::Tokens(p.to_vec()), cache: None }];
+        let _ = model.forward(&mut steps, None, Output::Last);
+        started.elapsed().as_secs_f64()
+    };
+    prefill(&prompt[..prompt.len().min(16)]);
+    let prefill_seconds = prefill(&prompt);
+
+    let short = |seed| tokens(16, vocab, seed);
+    let decode_one = decode(&model, &[short(2)], cli.decode);
+    let batch_prompts: Vec<Vec<i64>> = (0..cli.batch as u64).map(|s| short(10 + s)).collect();
+    let decode_batch = decode(&model, &batch_prompts, cli.decode);
+
+    let block_hash = "bench-block";
+    let round = Round { block_hash, public_key: "bench-key", seq_len: cli.poc_seq_len, k_dim: 12, stronger_rng: false };
+    let reflections = Reflections::new(&model, block_hash);
+    let _ = poc_v2::compute(&model, &reflections, &round, &[0]);
+    let started = Instant::now();
+    let nonces: Vec<i64> = (0..cli.poc_nonces as i64).collect();
+    let mut artifacts = 0;
+    for chunk in nonces.chunks(cli.poc_batch) {
+        artifacts += poc_v2::compute(&model, &reflections, &round, chunk).len();
+    }
+    let poc_seconds = started.elapsed().as_secs_f64();
+
+    println!(
+        "{}",
+        json!({
+            "engine": "gonka-inference (tch)",
+            "device": cli.device,
+            "dtype": format!("{:?}", model.spec.kind),
+            "threads": tch::get_num_threads(),
+            "layers": model.spec.layers,
+            "hidden": model.spec.hidden_size,
+            "load_seconds": load_seconds,
+            "prefill_tokens": cli.prompt,
+            "prefill_tokens_per_second": cli.prompt as f64 / prefill_seconds,
+            "decode_tokens_per_second": cli.decode as f64 / decode_one,
+            "batch": cli.batch,
+            "batch_decode_tokens_per_second": (cli.decode * cli.batch) as f64 / decode_batch,
+            "poc_seq_len": cli.poc_seq_len,
+            "poc_batch": cli.poc_batch,
+            "poc_nonces_per_second": artifacts as f64 / poc_seconds,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! The inference manager (upstream's `InferenceManager`, `api/inference/manager.py`, 2026):
+//! `/inference/up` brings one model up on this ML node's GPUs and keeps it serving until
+//! `/inference/down` or `/stop`; `/inference/up/status` reports the start-up.
+//!
+//! Where upstream starts vLLM processes, this loads the model into the engine of
+//! `gonka-inference`: resolved from the model directory (a path, `<models-dir>/<org>/<name>`, or
+//! a Hugging Face cache `models--org--name/snapshots/<revision>`), checked against the GPUs'
+//! memory before anything is allocated, loaded on a blocking thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use gonka_inference::engine::{Engine, EngineOptions};
+use gonka_inference::tokenizer::ChatTokenizer;
+use gonka_inference::{LoadOptions, config::parse_dtype};
+use gonka_protocol::ml_node::InferenceUpRequest;
+use serde::Serialize;
+use tch::Device;
+
+#[derive(Clone, Debug, Default)]
+pub struct InferenceSettings {
+    /// Where models live (the GonkaNode's model volume); `None`: only absolute paths.
+    pub models_dir: Option<PathBuf>,
+    /// Development only: serve on the CPU when CUDA has no GPU.
+    pub allow_cpu: bool,
+    /// Engine limits before `additional_args` adjust them.
+    pub engine: EngineOptions,
+}
+
+/// A model being served.
+pub struct Served {
+    /// The name it answers to (`--served-model-name`, else the requested model).
+    pub name: String,
+    pub engine: Arc<Engine>,
+    pub directory: PathBuf,
+    /// Sampling defaults from the model's `generation_config.json` (vLLM applies them to
+    /// requests that leave the field out).
+    pub defaults: GenerationDefaults,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct GenerationDefaults {
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+}
+
+impl GenerationDefaults {
+    fn read(dir: &Path) -> Self {
+        std::fs::read(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+}
+
+enum Phase {
+    Stopped,
+    Starting,
+    Running(Arc<Served>),
+}
+
+/// `GET /inference/up/status` (upstream `StartupStatus`).
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct StartupStatus {
+    /// `not_started`, `in_progress`, `completed`, `failed`, `cancelled`.
+    pub status: String,
+    pub is_starting: bool,
+    pub is_running: bool,
+    pub elapsed_seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+struct Startup {
+    started: Instant,
+    finished: Option<Instant>,
+    outcome: Option<Result<(), String>>,
+}
+
+/// Upstream's words for a start-up that `down` overtook.
+const CANCELLED: &str = "Startup was cancelled";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum UpError {
+    #[error("VLLM is already running. Use /inference/down to stop it first.")]
+    AlreadyRunning,
+    #[error("VLLM startup is already in progress. Use /inference/up/status to check status.")]
+    AlreadyStarting,
+}
+
+pub struct InferenceManager {
+    settings: InferenceSettings,
+    phase: Mutex<Phase>,
+    startup: Mutex<Option<Startup>>,
+    /// Bumped by `down`: a start-up that finishes after it serves nothing.
+    generation: Mutex<u64>,
+}
+
+impl InferenceManager {
+    pub fn new(settings: InferenceSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            phase: Mutex::new(Phase::Stopped),
+            startup: Mutex::new(None),
+            generation: Mutex::new(0),
+        })
+    }
+
+    pub fn served(&self) -> Option<Arc<Served>> {
+        match &*self.phase.lock().expect("phase") {
+            Phase::Running(served) => Some(served.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.served().is_some()
+    }
+
+    pub fn is_starting(&self) -> bool {
+        matches!(*self.phase.lock().expect("phase"), Phase::Starting)
+    }
+
+    /// Starts bringing `request.model` up; the returned task ends with the outcome.
+    /// `free_gpu_bytes` is what the GPUs have free (NVML), to refuse a model that cannot fit.
+    pub fn start(
+        self: &Arc<Self>,
+        request: InferenceUpRequest,
+        free_gpu_bytes: Option<u64>,
+    ) -> Result<tokio::task::JoinHandle<Result<(), String>>, UpError> {
+        {
+            let mut phase = self.phase.lock().expect("phase");
+            match *phase {
+                Phase::Running(_) => return Err(UpError::AlreadyRunning),
+                Phase::Starting => return Err(UpError::AlreadyStarting),
+                Phase::Stopped => *phase = Phase::Starting,
+            }
+        }
+        *self.startup.lock().expect("startup") =
+            Some(Startup { started: Instant::now(), finished: None, outcome: None });
+        let generation = *self.generation.lock().expect("generation");
+        let manager = self.clone();
+        Ok(tokio::spawn(async move {
+            let settings = manager.settings.clone();
+            let model = request.model.clone();
+            let loaded = tokio::task::spawn_blocking(move || bring_up(&settings, &request, free_gpu_bytes))
+                .await
+                .unwrap_or_else(|e| Err(format!("loading {model} panicked: {e}")));
+            let outcome = {
+                let mut phase = manager.phase.lock().expect("phase");
+                let current = *manager.generation.lock().expect("generation");
+                match loaded {
+                    Ok(served) if current == generation => {
+                        tracing::info!(model = %served.name, dir = %served.directory.display(), "inference up");
+                        *phase = Phase::Running(Arc::new(served));
+                        Ok(())
+                    }
+                    Ok(_) => Err(CANCELLED.to_string()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "inference start-up failed");
+                        if current == generation {
+                            *phase = Phase::Stopped;
+                        }
+                        Err(e)
+                    }
+                }
+            };
+            if let Some(s) = manager.startup.lock().expect("startup").as_mut() {
+                s.finished = Some(Instant::now());
+                s.outcome = Some(outcome.clone());
+            }
+            outcome
+        }))
+    }
+
+    pub fn startup_status(&self) -> StartupStatus {
+        let is_running = self.is_running();
+        match &*self.startup.lock().expect("startup") {
+            None => StartupStatus {
+                status: "not_started".into(),
+                is_starting: false,
+                is_running,
+                elapsed_seconds: None,
+                error: None,
+            },
+            Some(Startup { started, finished: None, .. }) => StartupStatus {
+                status: "in_progress".into(),
+                is_starting: true,
+                is_running: false,
+                elapsed_seconds: Some(started.elapsed().as_secs_f64()),
+                error: None,
+            },
+            Some(Startup { started, finished: Some(at), outcome }) => {
+                let (status, error) = match outcome {
+                    Some(Ok(())) => ("completed", None),
+                    Some(Err(e)) if e == CANCELLED => ("cancelled", Some(e.clone())),
+                    Some(Err(e)) => ("failed", Some(e.clone())),
+                    None => ("failed", Some("start-up ended without an outcome".to_string())),
+                };
+                StartupStatus {
+                    status: status.into(),
+                    is_starting: false,
+                    is_running,
+                    elapsed_seconds: (status == "completed").then(|| (*at - *started).as_secs_f64()),
+                    error,
+                }
+            }
+        }
+    }
+
+    /// Stops serving; the engine's thread and memory go once in-flight requests let go of it.
+    pub async fn down(&self) {
+        *self.generation.lock().expect("generation") += 1;
+        let previous = std::mem::replace(&mut *self.phase.lock().expect("phase"), Phase::Stopped);
+        *self.startup.lock().expect("startup") = None;
+        if let Phase::Running(served) = previous {
+            tracing::info!(model = %served.name, "inference down");
+            // Dropping the engine joins its thread: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || drop(served)).await;
+        }
+    }
+}
+
+/// The model directory `model` names.
+pub fn resolve_model(models_dir: Option<&Path>, model: &str) -> Result<PathBuf, String> {
+    let direct = Path::new(model);
+    if direct.is_absolute() {
+        return if direct.join("config.json").is_file() {
+            Ok(direct.to_path_buf())
+        } else {
+            Err(format!("{model} has no config.json"))
+        };
+    }
+    let Some(root) = models_dir else {
+        return Err(format!("model {model} not found: this ML node has no models directory (--models-dir)"));
+    };
+    if model.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        return Err(format!("model {model:?} is not a Hugging Face repository name"));
+    }
+    let mut looked = Vec::new();
+    let plain = root.join(model);
+    looked.push(plain.clone());
+    if plain.join("config.json").is_file() {
+        return Ok(plain);
+    }
+    // Hugging Face's cache: <root>[/hub]/models--org--name/snapshots/<revision>, the revision
+    // refs/main names, else the only one there is.
+    let cache_name = format!("models--{}", model.replace('/', "--"));
+    for base in [root.to_path_buf(), root.join("hub")] {
+        let repo = base.join(&cache_name);
+        looked.push(repo.clone());
+        let snapshots = repo.join("snapshots");
+        let revision =
+            std::fs::read_to_string(repo.join("refs/main")).ok().map(|r| r.trim().to_string()).or_else(|| {
+                let mut entries: Vec<_> =
+                    std::fs::read_dir(&snapshots).ok()?.flatten().map(|e| e.file_name()).collect();
+                (entries.len() == 1).then(|| entries.remove(0).to_string_lossy().into_owned())
+            });
+        if let Some(revision) = revision {
+            let dir = snapshots.join(revision);
+            if dir.join("config.json").is_file() {
+                return Ok(dir);
+            }
+        }
+    }
+    Err(format!(
+        "model {model} not found under {} (looked at {})",
+        root.display(),
+        looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// What `additional_args` (the governance's `model_args` plus the node config's `args`, vLLM
+/// flags) can change here; the rest tunes vLLM and is logged and left alone.
+#[derive(Debug, Default, PartialEq)]
+struct EngineArgs {
+    served_model_name: Option<String>,
+    max_model_len: Option<i64>,
+    max_num_seqs: Option<usize>,
+    max_num_batched_tokens: Option<usize>,
+    ignored: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
+    let mut out = EngineArgs::default();
+    let mut i = 0;
+    while i < args.len() {
+        let (flag, inline) = match args[i].split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (args[i].clone(), None),
+        };
+        let takes_value = ["--served-model-name", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens"]
+            .contains(&flag.as_str());
+        let value = if takes_value {
+            match inline {
+                Some(v) => Some(v),
+                None => {
+                    i += 1;
+                    Some(args.get(i).cloned().ok_or_else(|| format!("{flag} needs a value"))?)
+                }
+            }
+        } else {
+            None
+        };
+        let number = |v: &Option<String>| -> Result<i64, String> {
+            v.as_deref().unwrap_or("").parse::<i64>().map_err(|_| format!("{flag} takes a number, not {v:?}"))
+        };
+        match flag.as_str() {
+            "--served-model-name" => out.served_model_name = value,
+            "--max-model-len" => out.max_model_len = Some(number(&value)?),
+            "--max-num-seqs" => out.max_num_seqs = Some(number(&value)?.max(1) as usize),
+            "--max-num-batched-tokens" => out.max_num_batched_tokens = Some(number(&value)?.max(1) as usize),
+            _ => out.ignored.push(args[i].clone()),
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn devices(allow_cpu: bool) -> Result<Vec<Device>, String> {
+    let count = tch::Cuda::device_count();
+    if count > 0 {
+        Ok((0..count as usize).map(Device::Cuda).collect())
+    } else if allow_cpu {
+        Ok(vec![Device::Cpu])
+    } else {
+        Err("no CUDA device is visible to this ML node (and CPU compute is off)".into())
+    }
+}
+
+fn bring_up(
+    settings: &InferenceSettings,
+    request: &InferenceUpRequest,
+    free_gpu_bytes: Option<u64>,
+) -> Result<Served, String> {
+    let directory = resolve_model(settings.models_dir.as_deref(), &request.model)?;
+    let dtype = match request.dtype.as_str() {
+        "auto" | "" => None,
+        name => Some(parse_dtype(name).map_err(|e| e.to_string())?),
+    };
+    let args = parse_args(&request.additional_args)?;
+    if !args.ignored.is_empty() {
+        tracing::info!(ignored = ?args.ignored, "vLLM arguments this engine does not use");
+    }
+    let devices = devices(settings.allow_cpu)?;
+    if devices.iter().all(|d| d.is_cuda())
+        && let Some(free) = free_gpu_bytes
+    {
+        let needed = gonka_inference::model::weight_bytes(&directory, dtype).map_err(|e| e.to_string())?;
+        if needed > free {
+            return Err(format!(
+                "{} needs {:.1} GiB for its weights alone; the GPUs have {:.1} GiB free",
+                request.model,
+                needed as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            ));
+        }
+    }
+    let model = gonka_inference::load(&directory, &LoadOptions { dtype, devices }).map_err(|e| e.to_string())?;
+    let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
+    if tokenizer.vocab_size() as i64 > model.spec.vocab_size {
+        return Err(format!(
+            "the tokenizer has {} tokens, the model's vocabulary {}",
+            tokenizer.vocab_size(),
+            model.spec.vocab_size
+        ));
+    }
+    let mut options = settings.engine.clone();
+    if let Some(len) = args.max_model_len {
+        options.max_model_len = Some(len);
+    }
+    if let Some(n) = args.max_num_seqs {
+        options.max_sequences = n;
+    }
+    if let Some(n) = args.max_num_batched_tokens {
+        options.max_step_tokens = n;
+    }
+    let engine = Engine::start(model, Arc::new(tokenizer), options);
+    Ok(Served {
+        name: args.served_model_name.unwrap_or_else(|| request.model.clone()),
+        engine: Arc::new(engine),
+        defaults: GenerationDefaults::read(&directory),
+        directory,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_resolve_in_both_layouts_and_nowhere_else() {
+        let root = tempfile::tempdir().unwrap();
+        let plain = root.path().join("Qwen/Qwen3-0.6B");
+        std::fs::create_dir_all(&plain).unwrap();
+        std::fs::write(plain.join("config.json"), "{}").unwrap();
+        assert_eq!(resolve_model(Some(root.path()), "Qwen/Qwen3-0.6B").unwrap(), plain);
+        let snap = root.path().join("hub/models--Qwen--QwQ-32B/snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        assert_eq!(resolve_model(Some(root.path()), "Qwen/QwQ-32B").unwrap(), snap);
+        std::fs::create_dir_all(root.path().join("hub/models--Qwen--QwQ-32B/refs")).unwrap();
+        std::fs::write(root.path().join("hub/models--Qwen--QwQ-32B/refs/main"), "nope\n").unwrap();
+        assert!(resolve_model(Some(root.path()), "Qwen/QwQ-32B").is_err());
+        let err = resolve_model(Some(root.path()), "Qwen/Missing").unwrap_err();
+        assert!(err.contains("Qwen/Missing") && err.contains("looked at"), "{err}");
+        assert!(resolve_model(Some(root.path()), "../etc").unwrap_err().contains("not a Hugging Face"));
+        assert!(resolve_model(None, "Qwen/Qwen3-0.6B").unwrap_err().contains("--models-dir"));
+        assert_eq!(resolve_model(None, plain.to_str().unwrap()).unwrap(), plain);
+    }
+
+    #[test]
+    fn vllm_arguments_that_apply_here_are_read() {
+        let args: Vec<String> =
+            ["--max-model-len", "4096", "--served-model-name=qwen", "--tensor-parallel-size", "4", "--enforce-eager"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let parsed = parse_args(&args).unwrap();
+        assert_eq!(parsed.max_model_len, Some(4096));
+        assert_eq!(parsed.served_model_name.as_deref(), Some("qwen"));
+        assert_eq!(parsed.ignored, vec!["--tensor-parallel-size", "4", "--enforce-eager"]);
+        assert!(parse_args(&["--max-model-len".to_string()]).unwrap_err().contains("needs a value"));
+        assert!(parse_args(&["--max-model-len=x".to_string()]).unwrap_err().contains("number"));
+    }
+}

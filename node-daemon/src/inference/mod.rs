@@ -1,0 +1,7 @@
+//! Inference on the served model (feature `torch`): the manager that brings a model up
+//! ([`manager`]), the inference port's OpenAI API ([`openai`]) and PoC v2 on that model
+//! ([`pow_v2`]), all over `gonka-inference`'s engine.
+
+pub mod manager;
+pub mod openai;
+pub mod pow_v2;

@@ -1,0 +1,391 @@
+//! The inference port (upstream 5000): what vLLM serves there and the network node uses —
+//! `/health` and `/v1/models` (its checks that an ML node really serves), OpenAI chat and text
+//! completions, whole or streamed as server-sent events, and `/tokenize`. Errors carry vLLM's
+//! body, `{"error": {"message", "type", "param", "code"}}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::{Stream, StreamExt};
+use gonka_inference::engine::{Event, FinishReason, Generation};
+use gonka_inference::sampling::SamplingParams;
+use gonka_protocol::openai::{
+    ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, Completion,
+    CompletionChoice, CompletionRequest, Delta, ErrorInfo, ErrorResponse, ModelCard, ModelList, Prompt, Sampling,
+    TokenizeRequest, TokenizeResponse, Usage,
+};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::manager::{InferenceManager, Served};
+
+/// Largest request body on the inference port (long prompts, many messages).
+const MAX_BODY_BYTES: usize = 16 << 20;
+/// OpenAI's default `max_tokens` for text completions.
+const COMPLETION_DEFAULT_MAX_TOKENS: u64 = 16;
+
+pub fn router(manager: Arc<InferenceManager>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .fallback(|| async { openai_error(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(manager)
+}
+
+/// A refusal in vLLM's shape; handlers return it with `?`.
+#[derive(Debug)]
+pub struct OpenAiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl OpenAiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        openai_error(self.status, self.message)
+    }
+}
+
+pub fn openai_error(status: StatusCode, message: impl Into<String>) -> Response {
+    let kind = match status {
+        StatusCode::BAD_REQUEST => "BadRequestError",
+        StatusCode::NOT_FOUND => "NotFoundError",
+        StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+        _ => "InternalServerError",
+    };
+    let body = ErrorResponse {
+        error: ErrorInfo { message: message.into(), kind: kind.into(), param: None, code: status.as_u16() },
+    };
+    (status, Json(body)).into_response()
+}
+
+/// A JSON body, or vLLM's 400 naming what is wrong with it.
+pub struct OpenAiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
+    type Rejection = OpenAiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, OpenAiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| OpenAiError::new(e.status(), e.body_text()))?;
+        serde_json::from_slice(&bytes)
+            .map(OpenAiJson)
+            .map_err(|e| OpenAiError::bad_request(format!("invalid request body: {e}")))
+    }
+}
+
+fn unavailable() -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no model is being served: the network node brings one up with /api/v1/inference/up",
+    )
+}
+
+/// The served model, if `requested` names it (or names nothing).
+fn serving(manager: &InferenceManager, requested: Option<&str>) -> Result<Arc<Served>, OpenAiError> {
+    let served = manager.served().ok_or_else(unavailable)?;
+    match requested {
+        Some(name) if name != served.name => {
+            Err(OpenAiError::new(StatusCode::NOT_FOUND, format!("The model `{name}` does not exist.")))
+        }
+        _ => Ok(served),
+    }
+}
+
+async fn health(State(manager): State<Arc<InferenceManager>>) -> Response {
+    if manager.is_running() { StatusCode::OK.into_response() } else { unavailable().into_response() }
+}
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+async fn models(State(manager): State<Arc<InferenceManager>>) -> Result<Json<ModelList>, OpenAiError> {
+    let served = manager.served().ok_or_else(unavailable)?;
+    Ok(Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: served.name.clone(),
+            object: "model".into(),
+            created: now(),
+            owned_by: "vllm".into(),
+            root: served.directory.display().to_string(),
+            max_model_len: served.engine.max_model_len(),
+        }],
+    }))
+}
+
+/// OpenAI's sampling fields over the model's own defaults (`generation_config.json`, as vLLM
+/// applies them).
+fn sampling(served: &Served, s: Sampling, max_tokens: Option<u64>) -> Result<SamplingParams, OpenAiError> {
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(OpenAiError::bad_request("n must be 1: one choice per request is served"));
+    }
+    let temperature = s.temperature.or(served.defaults.temperature).unwrap_or(1.0);
+    let top_p = s.top_p.or(served.defaults.top_p).unwrap_or(1.0);
+    let valid = (0.0..=2.0).contains(&temperature) && top_p > 0.0 && top_p <= 1.0;
+    if !valid {
+        return Err(OpenAiError::bad_request("temperature must be in [0, 2] and top_p in (0, 1]"));
+    }
+    if max_tokens == Some(0) {
+        return Err(OpenAiError::bad_request("max_tokens must be at least 1"));
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        seed: s.seed.map(|s| s as u64),
+        max_tokens: max_tokens.map_or(usize::MAX, |m| m as usize),
+        stop: s.stop.map(|s| s.into_vec()).unwrap_or_default(),
+        stop_token_ids: s.stop_token_ids.unwrap_or_default(),
+        ignore_eos: s.ignore_eos,
+    })
+}
+
+/// Message content as text: a string, or the text parts of a list (joined as vLLM's "string"
+/// content format joins them).
+fn flatten_content(messages: Vec<Value>) -> Result<Vec<Value>, OpenAiError> {
+    messages
+        .into_iter()
+        .map(|mut m| {
+            if let Some(Value::Array(parts)) = m.get("content") {
+                let texts: Vec<&str> = parts
+                    .iter()
+                    .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect();
+                if texts.len() != parts.len() {
+                    return Err(OpenAiError::bad_request("only text content parts are supported"));
+                }
+                m["content"] = Value::String(texts.join("\n"));
+            }
+            if m.get("content").is_none_or(Value::is_null) && m.is_object() {
+                m["content"] = Value::String(String::new());
+            }
+            Ok(m)
+        })
+        .collect()
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn start(served: &Served, prompt: Vec<i64>, params: SamplingParams) -> Result<UnboundedReceiver<Event>, OpenAiError> {
+    served.engine.generate(Generation { prompt, params }).map_err(|e| OpenAiError::bad_request(e.to_string()))
+}
+
+/// Reads a generation to its end: text, finish reason, usage; `Err` for an engine failure.
+async fn finish(mut events: UnboundedReceiver<Event>) -> Result<(String, FinishReason, Usage), String> {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                return Ok((text, reason, Usage::new(prompt_tokens, completion_tokens)));
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err("the engine stopped".into())
+}
+
+/// Server-sent events of a generation: one per text piece (`piece`), a final one (`last`), an
+/// optional usage event, then `[DONE]`.
+fn stream_events<F, L, U>(
+    events: UnboundedReceiver<Event>,
+    first: Option<String>,
+    piece: F,
+    last: L,
+    usage: Option<U>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>>
+where
+    F: Fn(String) -> String + Send + 'static,
+    L: Fn(FinishReason) -> String + Send + 'static,
+    U: Fn(Usage) -> String + Send + 'static,
+{
+    let body = UnboundedReceiverStream::new(events).flat_map(move |event| {
+        let out: Vec<String> = match event {
+            Event::Text(text) => vec![piece(text)],
+            Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                let mut out = vec![last(reason)];
+                if let Some(usage) = &usage {
+                    out.push(usage(Usage::new(prompt_tokens, completion_tokens)));
+                }
+                out.push("[DONE]".into());
+                out
+            }
+            Event::Failed(message) => {
+                let error = ErrorResponse {
+                    error: ErrorInfo { message, kind: "InternalServerError".into(), param: None, code: 500 },
+                };
+                vec![serde_json::to_string(&error).expect("serialisable"), "[DONE]".into()]
+            }
+        };
+        futures::stream::iter(out.into_iter().map(|data| Ok(SseEvent::default().data(data))))
+    });
+    let head = futures::stream::iter(first.into_iter().map(|data| Ok(SseEvent::default().data(data))));
+    Sse::new(head.chain(body))
+}
+
+async fn chat(
+    State(manager): State<Arc<InferenceManager>>,
+    OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    let served = serving(&manager, request.model.as_deref())?;
+    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
+    let params = sampling(&served, request.sampling, max_tokens)?;
+    let messages = flatten_content(request.messages)?;
+    let tokenizer = served.engine.tokenizer();
+    let prompt = tokenizer
+        .apply_chat_template(&messages, request.add_generation_prompt, request.tools.as_ref())
+        .and_then(|text| tokenizer.encode(&text, false))
+        .map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    let events = start(&served, prompt, params)?;
+    let (id, created, model) = (request_id("chatcmpl"), now(), served.name.clone());
+    if request.stream {
+        let chunk = {
+            let (id, model) = (id.clone(), model.clone());
+            move |delta: Delta, finish_reason: Option<&str>, usage: Option<Usage>, choices: bool| {
+                let choices = if choices {
+                    vec![ChunkChoice {
+                        index: 0,
+                        delta,
+                        logprobs: None,
+                        finish_reason: finish_reason.map(str::to_string),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                let chunk = ChatCompletionChunk {
+                    id: id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created,
+                    model: model.clone(),
+                    choices,
+                    usage,
+                };
+                serde_json::to_string(&chunk).expect("serialisable")
+            }
+        };
+        let first = chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None, true);
+        let (piece, last, usage) = (chunk.clone(), chunk.clone(), chunk);
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(stream_events(
+            events,
+            Some(first),
+            move |text| piece(Delta { role: None, content: Some(text) }, None, None, true),
+            move |reason| last(Delta::default(), Some(reason.as_str()), None, true),
+            include_usage.then_some(move |u| usage(Delta::default(), None, Some(u), false)),
+        )
+        .into_response());
+    }
+    let (text, reason, usage) =
+        finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: ChatMessage { role: "assistant".into(), content: text },
+            logprobs: None,
+            finish_reason: Some(reason.as_str().into()),
+        }],
+        usage,
+    })
+    .into_response())
+}
+
+async fn completions(
+    State(manager): State<Arc<InferenceManager>>,
+    OpenAiJson(request): OpenAiJson<CompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    let served = serving(&manager, request.model.as_deref())?;
+    let max_tokens = Some(request.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS));
+    let params = sampling(&served, request.sampling, max_tokens)?;
+    let tokenizer = served.engine.tokenizer();
+    let prompt = match request.prompt {
+        Prompt::Text(text) => tokenizer.encode(&text, true),
+        Prompt::Tokens(ids) => Ok(ids),
+        Prompt::Texts(mut texts) if texts.len() == 1 => tokenizer.encode(&texts.remove(0), true),
+        Prompt::TokenLists(mut lists) if lists.len() == 1 => Ok(lists.remove(0)),
+        _ => return Err(OpenAiError::bad_request("one prompt per request: lists of prompts are not served")),
+    }
+    .map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    let events = start(&served, prompt, params)?;
+    let (id, created, model) = (request_id("cmpl"), now(), served.name.clone());
+    let completion = move |text: String, finish_reason: Option<&str>, usage: Option<Usage>| Completion {
+        id: id.clone(),
+        object: "text_completion".into(),
+        created,
+        model: model.clone(),
+        choices: vec![CompletionChoice {
+            index: 0,
+            text,
+            logprobs: None,
+            finish_reason: finish_reason.map(str::to_string),
+        }],
+        usage,
+    };
+    if request.stream {
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        let (piece, last, usage) = (completion.clone(), completion.clone(), completion);
+        return Ok(stream_events(
+            events,
+            None,
+            move |text| serde_json::to_string(&piece(text, None, None)).expect("serialisable"),
+            move |reason| {
+                serde_json::to_string(&last(String::new(), Some(reason.as_str()), None)).expect("serialisable")
+            },
+            include_usage.then_some(move |u| {
+                let mut c = usage(String::new(), None, Some(u));
+                c.choices.clear();
+                serde_json::to_string(&c).expect("serialisable")
+            }),
+        )
+        .into_response());
+    }
+    let (text, reason, usage) =
+        finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(completion(text, Some(reason.as_str()), Some(usage))).into_response())
+}
+
+async fn tokenize(
+    State(manager): State<Arc<InferenceManager>>,
+    OpenAiJson(request): OpenAiJson<TokenizeRequest>,
+) -> Result<Json<TokenizeResponse>, OpenAiError> {
+    let served = serving(&manager, request.model.as_deref())?;
+    let tokenizer = served.engine.tokenizer();
+    let tokens = match (request.prompt, request.messages) {
+        (Some(prompt), None) => tokenizer.encode(&prompt, request.add_special_tokens),
+        (None, Some(messages)) => tokenizer
+            .apply_chat_template(&flatten_content(messages)?, request.add_generation_prompt, None)
+            .and_then(|text| tokenizer.encode(&text, false)),
+        _ => return Err(OpenAiError::bad_request("give either prompt or messages")),
+    }
+    .map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: served.engine.max_model_len(), tokens }))
+}

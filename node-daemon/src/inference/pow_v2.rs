@@ -1,0 +1,767 @@
+//! PoC v2 on the served model: `/api/v1/inference/pow/*` as upstream's ML node answers them,
+//! over one engine where upstream fans out to vLLM backends (so answers name one backend, at
+//! the port upstream gives its first instance: the inference port + 1).
+//!
+//! - `init/generate` starts the round's generation: this ML node's nonces (`node_id + x ·
+//!   node_count`), `batch_size` at a time through the engine (where chat goes first), the
+//!   artifacts buffered and posted to `{url}/generated` every 5 s until `stop`, retried with
+//!   backoff, what is left flushed at `stop` (upstream drops it);
+//! - `generate` computes given nonces: queued (`request_id` `<port>:<uuid>`, polled at
+//!   `generate/{id}`, result posted to `{url}/generated` or `{url}/validated`) or waited for;
+//!   with `validation` it recomputes another ML node's artifacts and runs upstream's
+//!   binomial test;
+//! - `status`, `stop`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use gonka_inference::engine::PocBatch;
+use gonka_inference::poc_v2::decode_vector;
+use gonka_protocol::pow_v2::{
+    Artifact, BackendResult, Encoding, GenerateRequest, GeneratedArtifactBatch, InitGenerateRequest,
+    InitGenerateResponse, PocParams, StatusResponse, StopResponse, ValidatedResult,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::manager::{InferenceManager, Served};
+use crate::api::{JsonBody, error};
+use crate::poc::validation::binomial_p_value_greater;
+
+/// How often buffered artifacts are posted (upstream `POC_CALLBACK_INTERVAL_SEC`).
+pub const CALLBACK_INTERVAL: Duration = Duration::from_secs(5);
+/// Artifacts buffered at most; the oldest go first beyond it (upstream
+/// `POC_CALLBACK_MAX_ARTIFACTS`).
+const MAX_BUFFERED_ARTIFACTS: usize = 1_000_000;
+/// Nonces queued for `generate` at most (upstream `POC_MAX_QUEUED_NONCES`).
+const MAX_QUEUED_NONCES: usize = 100_000;
+/// Nonces one batch may carry (one forward): bounds a request's activations.
+const MAX_BATCH_SIZE: usize = 1024;
+/// Nonces one `generate` may name.
+const MAX_GENERATE_NONCES: usize = 10_000;
+/// How long finished `generate` results stay to be polled (upstream 300 s).
+const RESULT_TTL: Duration = Duration::from_secs(300);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub struct PocV2Settings {
+    /// The network node's callback base (`daemon.json` `mlCallbackUrl`): a request's `url` must
+    /// be under it. `None` (development): any.
+    pub callback_base: Option<String>,
+    /// The host's batch size for its GPUs (`daemon.json` `poc.batchSize`); `None`: the
+    /// request's.
+    pub batch_size: Option<usize>,
+    /// The inference port: answers name backend `inference_port + 1`, upstream's first vLLM.
+    pub inference_port: u16,
+    pub http: reqwest::Client,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct RoundConfig {
+    block_hash: String,
+    block_height: i64,
+    public_key: String,
+    node_id: i64,
+    node_count: i64,
+    group_id: i64,
+    n_groups: i64,
+    seq_len: i64,
+    k_dim: i64,
+    #[serde(skip)]
+    batch_size: usize,
+    #[serde(skip)]
+    stronger_rng: bool,
+}
+
+struct Generation {
+    config: RoundConfig,
+    started: Instant,
+    processed: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Debug)]
+enum JobState {
+    Queued,
+    Running,
+    Completed(Value),
+    Failed(String),
+}
+
+struct JobRecord {
+    state: JobState,
+    finished: Option<Instant>,
+}
+
+pub struct PocV2Service {
+    settings: PocV2Settings,
+    manager: Arc<InferenceManager>,
+    generation: tokio::sync::Mutex<Option<Generation>>,
+    jobs: Mutex<HashMap<String, JobRecord>>,
+    queued_nonces: Mutex<usize>,
+    /// Cancels every queued and running `generate` job (`stop`).
+    jobs_stop: Mutex<CancellationToken>,
+    /// One `generate` job at a time, in order.
+    job_lane: tokio::sync::Mutex<()>,
+}
+
+impl PocV2Service {
+    pub fn new(settings: PocV2Settings, manager: Arc<InferenceManager>) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            manager,
+            generation: tokio::sync::Mutex::new(None),
+            jobs: Mutex::new(HashMap::new()),
+            queued_nonces: Mutex::new(0),
+            jobs_stop: Mutex::new(CancellationToken::new()),
+            job_lane: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn backend_port(&self) -> u16 {
+        self.settings.inference_port.wrapping_add(1)
+    }
+
+    /// Whether a round's generation runs (the state's `poc_status`).
+    pub async fn is_generating(&self) -> bool {
+        self.generation.lock().await.as_ref().is_some_and(|g| !g.task.is_finished())
+    }
+
+    /// Stops generation and drops queued jobs; pending artifacts get one last delivery.
+    pub async fn stop(&self) {
+        let generation = self.generation.lock().await.take();
+        if let Some(g) = generation {
+            g.stop.cancel();
+            let _ = g.task.await;
+        }
+        let jobs_stop = std::mem::replace(&mut *self.jobs_stop.lock().expect("jobs"), CancellationToken::new());
+        jobs_stop.cancel();
+        self.jobs.lock().expect("jobs").clear();
+        *self.queued_nonces.lock().expect("queued") = 0;
+    }
+
+    fn check_callback(&self, url: Option<&str>) -> Result<(), Refusal> {
+        if let (Some(url), Some(base)) = (url, &self.settings.callback_base)
+            && !crate::poc::callback_allowed(url, base)
+        {
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                format!("callback URL {url} is not under this ML node's mlCallbackUrl {base}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn batch_size(&self, requested: usize) -> Result<usize, Refusal> {
+        let size = self.settings.batch_size.unwrap_or(requested);
+        if !(1..=MAX_BATCH_SIZE).contains(&size) {
+            return Err(Refusal(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("batch_size must be between 1 and {MAX_BATCH_SIZE}, is {size}"),
+            ));
+        }
+        Ok(size)
+    }
+}
+
+/// A refusal of the ML node itself: FastAPI's `{"detail": ...}` with its status.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// A refusal of the backend, as upstream's ML node relays it: 502 with the backend's words
+/// (`{"detail": {"errors": [{"port", "error": "<backend body>"}]}}`) whatever the backend's own
+/// status (`status`, logged).
+fn backend_error(port: u16, status: StatusCode, detail: Value) -> Response {
+    tracing::debug!(backend_status = %status, %detail, "PoC v2 request refused");
+    let text = json!({"detail": detail}).to_string();
+    (StatusCode::BAD_GATEWAY, Json(json!({"detail": {"errors": [{"port": port, "error": text}]}}))).into_response()
+}
+
+fn no_backends() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "No vLLM backends available")
+}
+
+/// The model in `params` must be the one served (vLLM's `check_params_match`).
+fn check_params(served: &Served, params: &PocParams) -> Result<(), Value> {
+    if params.model != served.name && served.directory.to_str() != Some(params.model.as_str()) {
+        return Err(json!({
+            "error": "params mismatch",
+            "requested": {"model": params.model, "seq_len": params.seq_len, "k_dim": params.k_dim},
+            "deployed": {"model": [served.name], "seq_len": null, "k_dim": null},
+        }));
+    }
+    Ok(())
+}
+
+pub fn routes() -> Router<Arc<crate::api::AppState>> {
+    Router::new()
+        .route("/api/v1/inference/pow/init/generate", post(init_generate))
+        .route("/api/v1/inference/pow/generate", post(generate))
+        .route("/api/v1/inference/pow/generate/{*request_id}", get(generate_result))
+        .route("/api/v1/inference/pow/status", get(status))
+        .route("/api/v1/inference/pow/stop", post(stop))
+}
+
+type AppState = Arc<crate::api::AppState>;
+
+async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<InitGenerateRequest>) -> Response {
+    let service = &state.pow_v2;
+    let Some(served) = service.manager.served() else { return no_backends() };
+    let port = service.backend_port();
+    if let Err(detail) = check_params(&served, &body.params) {
+        return backend_error(port, StatusCode::CONFLICT, detail);
+    }
+    if let Err(r) = service.check_callback(body.url.as_deref()) {
+        return r.into_response();
+    }
+    let batch_size = match service.batch_size(body.batch_size) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    // Broker numbers run 1..=node_count: node_id may equal node_count (its nonces are then
+    // the multiples of node_count, which no other ML node of the host takes).
+    if body.node_count < 1 || body.node_id < 0 || body.n_groups < 1 || !(0..body.n_groups).contains(&body.group_id) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "node_count and n_groups must be at least 1, node_id at least 0, group_id below n_groups",
+        );
+    }
+    let mut generation = service.generation.lock().await;
+    if generation.as_ref().is_some_and(|g| !g.task.is_finished()) {
+        return backend_error(port, StatusCode::CONFLICT, json!("Already generating"));
+    }
+    let config = RoundConfig {
+        block_hash: body.block_hash,
+        block_height: body.block_height,
+        public_key: body.public_key,
+        node_id: body.node_id,
+        node_count: body.node_count,
+        group_id: body.group_id,
+        n_groups: body.n_groups,
+        seq_len: body.params.seq_len,
+        k_dim: body.params.k_dim,
+        batch_size,
+        stronger_rng: body.poc_stronger_rng,
+    };
+    let stop = CancellationToken::new();
+    let processed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sender = body.url.map(|url| {
+        CallbackSender::start(
+            service.settings.http.clone(),
+            format!("{}/generated", url.trim_end_matches('/')),
+            stop.clone(),
+        )
+    });
+    let task = tokio::spawn(generation_loop(served, config.clone(), sender, processed.clone(), stop.clone()));
+    tracing::info!(block_height = config.block_height, node_id = config.node_id, "PoC v2 generation started");
+    *generation = Some(Generation { config, started: Instant::now(), processed, stop, task });
+    Json(InitGenerateResponse {
+        status: "OK".into(),
+        backends: 1,
+        n_groups: 1,
+        results: vec![BackendResult { port, status: "OK".into() }],
+        errors: None,
+    })
+    .into_response()
+}
+
+/// This ML node's nonces: `node_id + group_id·node_count + x·(n_groups·node_count)`.
+fn nonce_sequence(c: &RoundConfig) -> impl Iterator<Item = i64> + use<> {
+    let offset = c.node_id + c.group_id * c.node_count;
+    let step = c.n_groups * c.node_count;
+    (0..).map(move |x: i64| offset + x * step)
+}
+
+async fn generation_loop(
+    served: Arc<Served>,
+    config: RoundConfig,
+    sender: Option<CallbackSender>,
+    processed: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut nonces = nonce_sequence(&config);
+    let mut failures = 0u32;
+    let mut pending: Option<Vec<i64>> = None;
+    while !stop.is_cancelled() {
+        let batch: Vec<i64> = pending.take().unwrap_or_else(|| nonces.by_ref().take(config.batch_size).collect());
+        let request = PocBatch {
+            block_hash: config.block_hash.clone(),
+            public_key: config.public_key.clone(),
+            seq_len: config.seq_len,
+            k_dim: config.k_dim,
+            stronger_rng: config.stronger_rng,
+            nonces: batch.clone(),
+        };
+        let outcome = match served.engine.poc(request) {
+            Ok(reply) => tokio::select! {
+                r = reply => r.map_err(|_| "the engine stopped".to_string()).and_then(|r| r),
+                _ = stop.cancelled() => break,
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(artifacts) => {
+                failures = 0;
+                processed.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if let Some(sender) = &sender {
+                    sender.add(
+                        artifacts.into_iter().map(|a| Artifact { nonce: a.nonce, vector_b64: a.vector_b64 }),
+                        &config,
+                    );
+                }
+            }
+            Err(e) => {
+                // A failed batch is retried, not skipped: its nonces are the round's.
+                failures += 1;
+                tracing::warn!(error = %e, failures, "PoC v2 batch failed");
+                pending = Some(batch);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(50)))) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+    }
+    if let Some(sender) = sender {
+        sender.finish().await;
+    }
+}
+
+/// Buffers artifacts and posts them to `{url}/generated` every [`CALLBACK_INTERVAL`], retrying
+/// a failed post with backoff (up to 30 s) until stopped; at stop, one last delivery.
+struct CallbackSender {
+    buffer: Arc<Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CallbackSender {
+    fn start(http: reqwest::Client, url: String, stop: CancellationToken) -> Self {
+        let buffer: Arc<Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>> = Arc::default();
+        let task = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_secs(1);
+                let mut pending: Option<GeneratedArtifactBatch> = None;
+                loop {
+                    let stopped = tokio::select! {
+                        _ = tokio::time::sleep(CALLBACK_INTERVAL) => false,
+                        _ = stop.cancelled() => true,
+                    };
+                    if pending.is_none() {
+                        pending = take_batch(&buffer);
+                    }
+                    if let Some(batch) = &pending {
+                        match post_json(&http, &url, batch).await {
+                            Ok(()) => {
+                                pending = None;
+                                backoff = Duration::from_secs(1);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, artifacts = batch.artifacts.len(), "PoC v2 callback failed; retrying");
+                                if !stopped {
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(backoff) => {}
+                                        _ = stop.cancelled() => {}
+                                    }
+                                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                                }
+                            }
+                        }
+                    }
+                    if stopped {
+                        // The last delivery: what is pending and what the final batch added.
+                        let rest = take_batch(&buffer);
+                        for batch in pending.iter().chain(rest.iter()) {
+                            if let Err(e) = post_json(&http, &url, batch).await {
+                                tracing::warn!(error = %e, artifacts = batch.artifacts.len(), "PoC v2 artifacts undelivered at stop");
+                            }
+                        }
+                        return;
+                    }
+                }
+            })
+        };
+        Self { buffer, task }
+    }
+
+    fn add(&self, artifacts: impl Iterator<Item = Artifact>, config: &RoundConfig) {
+        let mut guard = self.buffer.lock().expect("buffer");
+        guard.0.extend(artifacts);
+        let excess = guard.0.len().saturating_sub(MAX_BUFFERED_ARTIFACTS);
+        if excess > 0 {
+            tracing::warn!(dropped = excess, "PoC v2 callback buffer full; dropping the oldest artifacts");
+            guard.0.drain(..excess);
+        }
+        guard.1 = Some(config.clone());
+    }
+
+    async fn finish(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn take_batch(buffer: &Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>) -> Option<GeneratedArtifactBatch> {
+    let mut guard = buffer.lock().expect("buffer");
+    let config = guard.1.clone()?;
+    if guard.0.is_empty() {
+        return None;
+    }
+    let artifacts: Vec<Artifact> = guard.0.drain(..).collect();
+    Some(GeneratedArtifactBatch {
+        request_id: None,
+        block_hash: config.block_hash,
+        block_height: config.block_height,
+        public_key: config.public_key,
+        node_id: config.node_id,
+        artifacts,
+        encoding: Encoding::f16_le(config.k_dim),
+    })
+}
+
+async fn post_json<T: serde::Serialize>(http: &reqwest::Client, url: &str, body: &T) -> Result<(), String> {
+    let response = http.post(url).json(body).send().await.map_err(|e| e.to_string())?;
+    if response.status().as_u16() < 400 { Ok(()) } else { Err(format!("{url} answered {}", response.status())) }
+}
+
+/// Upstream's comparison: per computed artifact with a received one, a mismatch when the
+/// received vector is not `k_dim` finite numbers or lies further than `dist_threshold`.
+fn compare(computed: &[Artifact], received: &HashMap<i64, String>, threshold: f64, k_dim: i64) -> Vec<i64> {
+    computed
+        .iter()
+        .filter_map(|a| {
+            let theirs = decode_vector(received.get(&a.nonce)?);
+            let ours = decode_vector(&a.vector_b64)?;
+            let mismatch = match theirs {
+                Some(v) if v.len() as i64 == k_dim && v.iter().all(|x| x.is_finite()) => {
+                    let d: f64 = ours.iter().zip(&v).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
+                    d > threshold
+                }
+                _ => true,
+            };
+            mismatch.then_some(a.nonce)
+        })
+        .collect()
+}
+
+struct Job {
+    id: String,
+    body: GenerateRequest,
+    batch_size: usize,
+}
+
+/// Computes a job's artifacts (after any round generation, as upstream waits for it) and, for a
+/// validation, the verdict; the answer's fields.
+async fn run_job(
+    service: &PocV2Service,
+    served: &Served,
+    job: &Job,
+    cancel: &CancellationToken,
+) -> Result<Value, String> {
+    while service.is_generating().await {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = cancel.cancelled() => return Err("Job cancelled".into()),
+        }
+    }
+    let body = &job.body;
+    let mut computed = Vec::with_capacity(body.nonces.len());
+    for chunk in body.nonces.chunks(job.batch_size) {
+        let reply = served
+            .engine
+            .poc(PocBatch {
+                block_hash: body.block_hash.clone(),
+                public_key: body.public_key.clone(),
+                seq_len: body.params.seq_len,
+                k_dim: body.params.k_dim,
+                stronger_rng: body.poc_stronger_rng,
+                nonces: chunk.to_vec(),
+            })
+            .map_err(|e| e.to_string())?;
+        let artifacts = tokio::select! {
+            r = reply => r.map_err(|_| "the engine stopped".to_string())??,
+            _ = cancel.cancelled() => return Err("Job cancelled".into()),
+        };
+        computed.extend(artifacts.into_iter().map(|a| Artifact { nonce: a.nonce, vector_b64: a.vector_b64 }));
+    }
+    let Some(validation) = &body.validation else {
+        return Ok(json!({
+            "status": "completed",
+            "request_id": job.id,
+            "artifacts": computed,
+            "encoding": Encoding::f16_le(body.params.k_dim),
+        }));
+    };
+    let stat = body.stat_test.clone().unwrap_or_default();
+    let received: HashMap<i64, String> = validation.artifacts.iter().map(|a| (a.nonce, a.vector_b64.clone())).collect();
+    let mismatch_nonces = compare(&computed, &received, stat.dist_threshold, body.params.k_dim);
+    let n_total = body.nonces.len() as u64;
+    let p_value = if n_total == 0 {
+        1.0
+    } else {
+        binomial_p_value_greater(mismatch_nonces.len() as u64, n_total, stat.p_mismatch)
+    };
+    Ok(json!({
+        "status": "completed",
+        "request_id": job.id,
+        "n_total": n_total,
+        "n_mismatch": mismatch_nonces.len(),
+        "mismatch_nonces": mismatch_nonces,
+        "p_value": p_value,
+        "fraud_detected": p_value < stat.fraud_threshold,
+    }))
+}
+
+async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<GenerateRequest>) -> Response {
+    let service = state.pow_v2.clone();
+    let Some(served) = service.manager.served() else { return no_backends() };
+    let port = service.backend_port();
+    if let Err(detail) = check_params(&served, &body.params) {
+        return backend_error(port, StatusCode::CONFLICT, detail);
+    }
+    if let Err(r) = service.check_callback(body.url.as_deref()) {
+        return r.into_response();
+    }
+    let batch_size = match service.batch_size(body.batch_size) {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
+    if body.nonces.len() > MAX_GENERATE_NONCES {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{} nonces in one request; at most {MAX_GENERATE_NONCES}", body.nonces.len()),
+        );
+    }
+    if let Some(v) = &body.validation {
+        let theirs: std::collections::BTreeSet<i64> = v.artifacts.iter().map(|a| a.nonce).collect();
+        let ours: std::collections::BTreeSet<i64> = body.nonces.iter().copied().collect();
+        if theirs != ours {
+            return backend_error(
+                port,
+                StatusCode::BAD_REQUEST,
+                json!("validation.artifacts nonces must match nonces field"),
+            );
+        }
+    }
+    let job = Job { id: uuid::Uuid::new_v4().to_string(), body, batch_size };
+    let cancel = service.jobs_stop.lock().expect("jobs").clone();
+    if job.body.wait {
+        return match run_job(&service, &served, &job, &cancel).await {
+            Ok(result) => Json(result).into_response(),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        };
+    }
+    {
+        let mut queued = service.queued_nonces.lock().expect("queued");
+        if *queued + job.body.nonces.len() > MAX_QUEUED_NONCES {
+            return backend_error(
+                port,
+                StatusCode::TOO_MANY_REQUESTS,
+                json!(format!("Queue full: {} nonces queued, limit is {MAX_QUEUED_NONCES}", *queued)),
+            );
+        }
+        *queued += job.body.nonces.len();
+    }
+    let count = job.body.nonces.len();
+    let id = job.id.clone();
+    {
+        let mut jobs = service.jobs.lock().expect("jobs");
+        jobs.retain(|_, r| r.finished.is_none_or(|t| t.elapsed() < RESULT_TTL));
+        jobs.insert(id.clone(), JobRecord { state: JobState::Queued, finished: None });
+    }
+    tokio::spawn(async move {
+        let _lane = service.job_lane.lock().await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        let set = |s: JobState| {
+            if let Some(r) = service.jobs.lock().expect("jobs").get_mut(&job.id) {
+                if matches!(s, JobState::Completed(_) | JobState::Failed(_)) {
+                    r.finished = Some(Instant::now());
+                }
+                r.state = s;
+            }
+        };
+        set(JobState::Running);
+        let outcome = run_job(&service, &served, &job, &cancel).await;
+        {
+            let mut queued = service.queued_nonces.lock().expect("queued");
+            *queued = queued.saturating_sub(job.body.nonces.len());
+        }
+        match outcome {
+            Ok(result) => {
+                set(JobState::Completed(result.clone()));
+                if let Some(url) = &job.body.url {
+                    deliver(&service.settings.http, url, &job, result, &cancel).await;
+                }
+            }
+            Err(e) => set(JobState::Failed(e)),
+        }
+    });
+    Json(json!({"status": "queued", "request_id": format!("{port}:{id}"), "queued_count": count})).into_response()
+}
+
+/// Posts a finished job to `{url}/generated` or `{url}/validated`, retrying with backoff until
+/// delivered or stopped.
+async fn deliver(http: &reqwest::Client, url: &str, job: &Job, result: Value, cancel: &CancellationToken) {
+    let body = &job.body;
+    let (path, payload) = match &body.validation {
+        None => (
+            "generated",
+            serde_json::to_value(GeneratedArtifactBatch {
+                request_id: Some(job.id.clone()),
+                block_hash: body.block_hash.clone(),
+                block_height: body.block_height,
+                public_key: body.public_key.clone(),
+                node_id: body.node_id,
+                artifacts: serde_json::from_value(result["artifacts"].clone()).unwrap_or_default(),
+                encoding: Encoding::f16_le(body.params.k_dim),
+            }),
+        ),
+        Some(_) => (
+            "validated",
+            serde_json::to_value(ValidatedResult {
+                request_id: job.id.clone(),
+                block_hash: body.block_hash.clone(),
+                block_height: body.block_height,
+                public_key: body.public_key.clone(),
+                node_id: body.node_id,
+                n_total: result["n_total"].as_i64().unwrap_or(0),
+                n_mismatch: result["n_mismatch"].as_i64().unwrap_or(0),
+                mismatch_nonces: serde_json::from_value(result["mismatch_nonces"].clone()).unwrap_or_default(),
+                p_value: result["p_value"].as_f64().unwrap_or(1.0),
+                fraud_detected: result["fraud_detected"].as_bool().unwrap_or(false),
+            }),
+        ),
+    };
+    let Ok(payload) = payload else { return };
+    let target = format!("{}/{path}", url.trim_end_matches('/'));
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match post_json(http, &target, &payload).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "PoC v2 {path} callback failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+    }
+}
+
+async fn generate_result(State(state): State<AppState>, Path(request_id): Path<String>) -> Response {
+    let service = &state.pow_v2;
+    let Some((port, id)) = request_id.split_once(':') else {
+        return error(StatusCode::BAD_REQUEST, "Invalid request_id format (expected port:uuid)");
+    };
+    if port.parse::<u16>().is_err() {
+        return error(StatusCode::BAD_REQUEST, "Invalid port in request_id");
+    }
+    let jobs = service.jobs.lock().expect("jobs");
+    let Some(record) = jobs.get(id) else { return error(StatusCode::NOT_FOUND, "Request not found") };
+    let mut answer = match &record.state {
+        JobState::Queued => json!({"status": "queued"}),
+        JobState::Running => json!({"status": "running"}),
+        JobState::Completed(result) => result.clone(),
+        JobState::Failed(e) => json!({"status": "failed", "error": e}),
+    };
+    answer["request_id"] = json!(request_id);
+    Json(answer).into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Json<StatusResponse> {
+    let service = &state.pow_v2;
+    if !service.manager.is_running() {
+        return Json(StatusResponse { status: "NO_BACKENDS".into(), backends: Vec::new() });
+    }
+    let generation = service.generation.lock().await;
+    let backend = match generation.as_ref().filter(|g| !g.task.is_finished()) {
+        Some(g) => {
+            let processed = g.processed.load(std::sync::atomic::Ordering::Relaxed);
+            let elapsed = g.started.elapsed().as_secs_f64();
+            json!({
+                "port": service.backend_port(),
+                "status": "GENERATING",
+                "config": g.config,
+                "stats": {"total_processed": processed, "nonces_per_second": if elapsed > 0.0 { processed as f64 / elapsed } else { 0.0 }},
+            })
+        }
+        None => json!({"port": service.backend_port(), "status": "IDLE", "config": null, "stats": null}),
+    };
+    let status = backend["status"].as_str().unwrap_or("IDLE").to_string();
+    Json(StatusResponse { status, backends: vec![backend] })
+}
+
+async fn stop(State(state): State<AppState>) -> Response {
+    let service = &state.pow_v2;
+    if !service.manager.is_running() {
+        return Json(json!({"status": "OK", "message": "No backends to stop"})).into_response();
+    }
+    service.stop().await;
+    Json(StopResponse {
+        status: "OK".into(),
+        results: vec![BackendResult { port: service.backend_port(), status: "stopped".into() }],
+        errors: None,
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(node_id: i64, node_count: i64) -> RoundConfig {
+        RoundConfig {
+            block_hash: String::new(),
+            block_height: 0,
+            public_key: String::new(),
+            node_id,
+            node_count,
+            group_id: 0,
+            n_groups: 1,
+            seq_len: 1,
+            k_dim: 12,
+            batch_size: 1,
+            stronger_rng: false,
+        }
+    }
+
+    #[test]
+    fn nonces_are_disjoint_across_ml_nodes() {
+        let a: Vec<i64> = nonce_sequence(&config(0, 3)).take(4).collect();
+        let b: Vec<i64> = nonce_sequence(&config(2, 3)).take(4).collect();
+        assert_eq!(a, vec![0, 3, 6, 9]);
+        assert_eq!(b, vec![2, 5, 8, 11]);
+    }
+
+    #[test]
+    fn comparison_is_upstreams() {
+        use base64::Engine as _;
+        let encode = |v: &[f32]| {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        };
+        let ours = vec![
+            Artifact { nonce: 1, vector_b64: encode(&[1.0, 0.0]) },
+            Artifact { nonce: 2, vector_b64: encode(&[0.0, 1.0]) },
+        ];
+        let received: HashMap<i64, String> =
+            [(1, encode(&[0.99, 0.0])), (2, encode(&[1.0, 0.0]))].into_iter().collect();
+        assert_eq!(compare(&ours, &received, 0.02, 2), vec![2]);
+        // Not k_dim numbers, or not finite: a mismatch.
+        let bad: HashMap<i64, String> = [(1, encode(&[1.0])), (2, encode(&[f32::NAN, 1.0]))].into_iter().collect();
+        assert_eq!(compare(&ours, &bad, 0.02, 2), vec![1, 2]);
+    }
+}

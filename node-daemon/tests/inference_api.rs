@@ -1,0 +1,374 @@
+//! Inference through the daemon binary, as the network node and its users drive it: a tiny
+//! Qwen3 (random weights and a small tokenizer, written by the inference crate's reference
+//! script) brought up with `/api/v1/inference/up` from the models directory, served on the
+//! inference port (health, models, chat and text completions whole and streamed, tokenize,
+//! vLLM's errors), down again; and PoC v2 on it: generation with artifacts delivered to the
+//! callback while chat is answered, validation of an honest and a tampered sample, queued
+//! jobs with their callback.
+#![cfg(feature = "torch")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use common::{Daemon, eventually};
+use fake_nvml::Scenario;
+use gonka_inference::generate::greedy;
+use gonka_inference::poc_v2::{self, Reflections, Round};
+use gonka_inference::tokenizer::ChatTokenizer;
+use gonka_inference::{LoadOptions, load};
+use serde_json::{Value, json};
+
+const MODEL: &str = "Qwen/Tiny-Qwen3";
+const BLOCK_HASH: &str = "00ab7f3c9e1d2b4a5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d";
+const PUBLIC_KEY: &str = "gonka1testparticipantpublickey";
+
+/// A models directory holding [`MODEL`] in the `<org>/<name>` layout.
+fn models_dir() -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(MODEL);
+    let py = std::env::var_os("GONKA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
+    let request = json!({"arch": "qwen3", "dir": dir, "prompt": [1], "tokenizer": true, "seed": 3});
+    let out = std::process::Command::new(&py).arg(script).arg(request.to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (root, dir)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    daemon: Daemon,
+    inference: String,
+    http: reqwest::Client,
+}
+
+fn start(models: &Path) -> Node {
+    let port = free_port();
+    let daemon = Daemon::start_with_env(
+        &Scenario::hgx_h100(),
+        &[("GONKA_MODELS_DIR", models.to_str().unwrap()), ("GONKA_INFERENCE_LISTEN", &format!("127.0.0.1:{port}"))],
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Node { daemon, inference: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() }
+}
+
+impl Node {
+    fn up(&self, model: &str, args: &[&str]) -> (u16, Value) {
+        self.daemon.post_json(
+            "POST",
+            "/api/v1/inference/up",
+            &json!({"model": model, "dtype": "auto", "additional_args": args}),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.http.get(format!("{}{path}", self.inference)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, String) {
+        let r = self.http.post(format!("{}{path}", self.inference)).json(body).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.post(path, body).await;
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}")))
+    }
+}
+
+/// What the engine-free path gives: the chat template, then greedy decoding (which matches
+/// transformers: gonka-inference's reference tests).
+fn expected_chat(dir: &Path, messages: &Value, max_tokens: usize) -> (String, usize, usize) {
+    let tokenizer = ChatTokenizer::load(dir).unwrap();
+    let model = load(dir, &LoadOptions::default()).unwrap();
+    let text = tokenizer.apply_chat_template(messages.as_array().unwrap(), true, None).unwrap();
+    let prompt = tokenizer.encode(&text, false).unwrap();
+    let mut ids = greedy(&model, &prompt, max_tokens, &tokenizer.eos_token_ids);
+    let completion_tokens = ids.len();
+    ids.retain(|id| !tokenizer.eos_token_ids.contains(id));
+    (tokenizer.decode(&ids, true).unwrap(), prompt.len(), completion_tokens)
+}
+
+/// The `data:` payloads of a server-sent-events body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_comes_up_serves_the_openai_api_and_goes_down() {
+    let (_root, dir) = models_dir();
+    let node = start(dir.parent().unwrap().parent().unwrap());
+    let d = &node.daemon;
+    assert_eq!(d.json("GET", "/api/v1/inference/up/status").1["status"], "not_started");
+    assert_eq!(node.get("/health").await.0, 503);
+    let (status, body) = node.get("/v1/models").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("/api/v1/inference/up"), "{body}");
+
+    // vLLM arguments this engine applies (the context length) and ones it leaves alone.
+    let (status, body) = node.up(MODEL, &["--max-model-len", "128", "--tensor-parallel-size", "1"]);
+    assert_eq!((status, &body), (200, &json!({"status": "OK"})));
+    let (status, body) = node.up(MODEL, &[]);
+    assert_eq!(status, 409);
+    assert!(body["detail"].as_str().unwrap().contains("already running"), "{body}");
+    let state = d.json("GET", "/api/v1/state").1;
+    assert_eq!(state["state"], "INFERENCE");
+    assert_eq!(state["loaded_model"], MODEL);
+    assert_eq!(state["inference_healthy"], true);
+    assert_eq!(state["poc_status"], "IDLE");
+    let startup = d.json("GET", "/api/v1/inference/up/status").1;
+    assert_eq!((startup["status"].as_str(), startup["is_running"].as_bool()), (Some("completed"), Some(true)));
+    assert_eq!(node.get("/health").await.0, 200);
+    let models: Value = serde_json::from_str(&node.get("/v1/models").await.1).unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+    // While inference runs, a PoC v1 request is refused as upstream refuses it.
+    let (status, _) = d.post_json("POST", "/api/v1/pow/init/generate", &json!({}));
+    assert_eq!(status, 409);
+
+    // Chat: the greedy answer of the chat template's prompt, with usage.
+    let messages = json!([{"role": "user", "content": "Hello, world! How are you today?"}]);
+    let (text, prompt_tokens, completion_tokens) = expected_chat(&dir, &messages, 12);
+    let (status, chat) = node
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["object"], "chat.completion");
+    assert!(chat["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(chat["choices"][0]["message"], json!({"role": "assistant", "content": text}));
+    assert_eq!(chat["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(chat["usage"]["completion_tokens"], completion_tokens);
+    let finish = if completion_tokens == 12 { "length" } else { "stop" };
+    assert_eq!(chat["choices"][0]["finish_reason"], finish);
+
+    // The same, streamed: a role chunk, content chunks that add up to it, the finish, usage, [DONE].
+    let (status, body) = node
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 12, "temperature": 0, "stream": true,
+                    "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().concat();
+    assert_eq!(streamed, text);
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    let finished = chunks.iter().find(|c| !c["choices"][0]["finish_reason"].is_null()).expect("a finish chunk");
+    assert_eq!(finished["choices"][0]["finish_reason"], finish);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], completion_tokens);
+
+    // Text completion: exactly max_tokens when end-of-sequence is ignored; a seed repeats.
+    let body =
+        json!({"prompt": "The quick brown fox", "max_tokens": 5, "ignore_eos": true, "temperature": 0.8, "seed": 11});
+    let (status, first) = node.post_json("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["object"], "text_completion");
+    assert_eq!(first["usage"]["completion_tokens"], 5);
+    assert_eq!(first["choices"][0]["finish_reason"], "length");
+    let (_, again) = node.post_json("/v1/completions", &body).await;
+    assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
+    // Streamed completions end with [DONE] too.
+    let (_, body) = node.post("/v1/completions", &json!({"prompt": [5, 6, 7], "max_tokens": 3, "stream": true})).await;
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+
+    // Tokenize: the chat template's tokens.
+    let (status, tokens) = node.post_json("/tokenize", &json!({"messages": messages})).await;
+    assert_eq!((status, tokens["count"].as_u64()), (200, Some(prompt_tokens as u64)));
+
+    // vLLM's errors.
+    let (status, err) =
+        node.post_json("/v1/chat/completions", &json!({"model": "other/model", "messages": messages})).await;
+    assert_eq!((status, err["error"]["type"].as_str()), (404, Some("NotFoundError")));
+    assert!(err["error"]["message"].as_str().unwrap().contains("other/model"));
+    let (status, err) = node.post_json("/v1/chat/completions", &json!({"messages": "not a list"})).await;
+    assert_eq!((status, err["error"]["code"].as_u64()), (400, Some(400)));
+    let (status, _) = node.post_json("/v1/chat/completions", &json!({"messages": messages, "n": 2})).await;
+    assert_eq!(status, 400);
+    let long_prompt = vec![5; 200];
+    let (status, err) = node.post_json("/v1/completions", &json!({"prompt": long_prompt})).await;
+    assert_eq!(status, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("128"), "{err}");
+
+    // Down: nothing served, the state says so.
+    assert_eq!(d.post_json("POST", "/api/v1/inference/down", &Value::Null), (200, json!({"status": "OK"})));
+    assert_eq!(node.get("/health").await.0, 503);
+    assert_eq!(d.json("GET", "/api/v1/state").1["state"], "STOPPED");
+
+    // A model that is not there: 500 naming where it was looked for, and the status says failed.
+    let (status, body) = node.up("Qwen/Missing", &[]);
+    assert_eq!(status, 500);
+    assert!(body["detail"].as_str().unwrap().contains("not found under"), "{body}");
+    let startup = d.json("GET", "/api/v1/inference/up/status").1;
+    assert_eq!(startup["status"], "failed");
+    assert!(startup["error"].as_str().unwrap().contains("Qwen/Missing"));
+    // Async start: answered at once, then completed.
+    let (status, body) = d.post_json("POST", "/api/v1/inference/up/async", &json!({"model": MODEL, "dtype": "auto"}));
+    assert_eq!((status, body["status"].as_str()), (200, Some("starting")));
+    eventually("the async start completes", || d.json("GET", "/api/v1/inference/up/status").1["status"] == "completed");
+    // /stop stops inference too.
+    d.post_json("POST", "/api/v1/stop", &Value::Null);
+    assert_eq!(d.json("GET", "/api/v1/state").1["state"], "STOPPED");
+}
+
+/// The network node's callback server for PoC v2: what it was sent, by kind.
+#[derive(Default)]
+struct Callbacks {
+    generated: Mutex<Vec<Value>>,
+    validated: Mutex<Vec<Value>>,
+}
+
+async fn callback_server() -> (Arc<Callbacks>, String) {
+    let callbacks = Arc::new(Callbacks::default());
+    let record = |kind: &'static str| {
+        move |State(cb): State<Arc<Callbacks>>, axum::Json(body): axum::Json<Value>| async move {
+            let list = if kind == "generated" { &cb.generated } else { &cb.validated };
+            list.lock().unwrap().push(body);
+        }
+    };
+    // The network node's path: /v2/poc-batches/{url-escaped model}.
+    let app = Router::new()
+        .route("/v2/poc-batches/{model}/generated", post(record("generated")))
+        .route("/v2/poc-batches/{model}/validated", post(record("validated")))
+        .with_state(callbacks.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v2/poc-batches/Qwen%2FTiny-Qwen3", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (callbacks, url)
+}
+
+fn received_artifacts(callbacks: &Callbacks) -> BTreeMap<i64, String> {
+    let generated = callbacks.generated.lock().unwrap();
+    generated
+        .iter()
+        .flat_map(|batch| batch["artifacts"].as_array().unwrap().clone())
+        .map(|a| (a["nonce"].as_i64().unwrap(), a["vector_b64"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poc_v2_generates_while_chat_is_answered_and_validates() {
+    let (_root, dir) = models_dir();
+    let node = start(dir.parent().unwrap().parent().unwrap());
+    let d = &node.daemon;
+    // Without a model there is no backend, as upstream says.
+    assert_eq!(d.json("GET", "/api/v1/inference/pow/status").1, json!({"status": "NO_BACKENDS", "backends": []}));
+    assert_eq!(node.up(MODEL, &[]).0, 200);
+    let (callbacks, url) = callback_server().await;
+    let params = json!({"model": MODEL, "seq_len": 8});
+
+    // The 2026 network node's init request: no batch_size, no k_dim.
+    let init = json!({"block_hash": BLOCK_HASH, "block_height": 1200, "public_key": PUBLIC_KEY, "node_id": 1,
+        "node_count": 2, "params": params, "url": url, "batch_size": 4});
+    let (status, answer) = d.post_json("POST", "/api/v1/inference/pow/init/generate", &init);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["status"].as_str(), answer["backends"].as_u64(), answer["errors"].clone()),
+        (Some("OK"), Some(1), Value::Null)
+    );
+    let (status, again) = d.post_json("POST", "/api/v1/inference/pow/init/generate", &init);
+    assert_eq!(status, 502);
+    assert!(again["detail"]["errors"][0]["error"].as_str().unwrap().contains("Already generating"), "{again}");
+    assert_eq!(d.json("GET", "/api/v1/state").1["poc_status"], "GENERATING");
+    let status = d.json("GET", "/api/v1/inference/pow/status").1;
+    assert_eq!(status["status"], "GENERATING");
+    assert_eq!(status["backends"][0]["config"]["node_id"], 1);
+
+    // Chat is answered while PoC generates (the engine runs chat first).
+    let (status, chat) = node
+        .post_json("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}))
+        .await;
+    assert_eq!(status, 200, "{chat}");
+
+    // Artifacts reach the callback every 5 s.
+    eventually("artifacts reach the network node", || received_artifacts(&callbacks).len() >= 8);
+    let (status, stopped) = d.post_json("POST", "/api/v1/inference/pow/stop", &json!({}));
+    assert_eq!(
+        (status, stopped["status"].as_str(), stopped["results"][0]["status"].as_str()),
+        (200, Some("OK"), Some("stopped"))
+    );
+    assert_eq!(d.json("GET", "/api/v1/inference/pow/status").1["status"], "IDLE");
+    let batch = callbacks.generated.lock().unwrap()[0].clone();
+    assert_eq!(batch["block_height"], 1200);
+    assert_eq!(batch["node_id"], 1);
+    assert_eq!(batch["encoding"], json!({"dtype": "f16", "k_dim": 12, "endian": "le"}));
+    let received = received_artifacts(&callbacks);
+    // This ML node's nonces only (node 1 of 2: the odd ones), from the first on.
+    assert!(received.keys().all(|n| n % 2 == 1));
+    assert!(received.contains_key(&1) && received.contains_key(&3));
+
+    // They are the artifacts PoC v2 computes on this model.
+    let model = load(&dir, &LoadOptions::default()).unwrap();
+    let round = Round { block_hash: BLOCK_HASH, public_key: PUBLIC_KEY, seq_len: 8, k_dim: 12, stronger_rng: false };
+    let direct = poc_v2::compute(&model, &Reflections::new(&model, BLOCK_HASH), &round, &[1, 3]);
+    assert_eq!(received[&1], direct[0].vector_b64);
+    assert_eq!(received[&3], direct[1].vector_b64);
+
+    // Validation, as the validator's network node asks its own ML node (waiting for the answer).
+    let sample: Vec<(i64, String)> = received.iter().take(8).map(|(n, v)| (*n, v.clone())).collect();
+    let validate = |artifacts: Vec<(i64, String)>, wait: bool, url: Option<&str>| {
+        json!({"block_hash": BLOCK_HASH, "block_height": 1200, "public_key": PUBLIC_KEY, "node_id": 0, "node_count": 2,
+            "nonces": artifacts.iter().map(|(n, _)| n).collect::<Vec<_>>(), "params": params, "wait": wait, "url": url,
+            "validation": {"artifacts": artifacts.iter().map(|(n, v)| json!({"nonce": n, "vector_b64": v})).collect::<Vec<_>>()},
+            "stat_test": {"dist_threshold": 0.02, "p_mismatch": 0.001, "p_value_threshold": 0.05}})
+    };
+    let (status, honest) = d.post_json("POST", "/api/v1/inference/pow/generate", &validate(sample.clone(), true, None));
+    assert_eq!(status, 200, "{honest}");
+    assert_eq!(
+        (honest["n_total"].as_u64(), honest["n_mismatch"].as_u64(), honest["fraud_detected"].as_bool()),
+        (Some(8), Some(0), Some(false))
+    );
+    // Every vector replaced by another nonce's: all mismatch, fraud.
+    let tampered: Vec<(i64, String)> =
+        sample.iter().enumerate().map(|(i, (n, _))| (*n, sample[(i + 1) % sample.len()].1.clone())).collect();
+    let (_, fraud) = d.post_json("POST", "/api/v1/inference/pow/generate", &validate(tampered.clone(), true, None));
+    assert_eq!((fraud["n_mismatch"].as_u64(), fraud["fraud_detected"].as_bool()), (Some(8), Some(true)));
+    assert!(fraud["p_value"].as_f64().unwrap() < 1e-10);
+
+    // Queued: an id to poll, and the verdict posted to {url}/validated.
+    let (status, queued) =
+        d.post_json("POST", "/api/v1/inference/pow/generate", &validate(tampered, false, Some(&url)));
+    assert_eq!((status, queued["status"].as_str()), (200, Some("queued")));
+    let request_id = queued["request_id"].as_str().unwrap().to_string();
+    assert!(request_id.contains(':'));
+    eventually("the queued validation completes", || {
+        d.json("GET", &format!("/api/v1/inference/pow/generate/{request_id}")).1["status"] == "completed"
+    });
+    eventually("the verdict reaches the network node", || !callbacks.validated.lock().unwrap().is_empty());
+    let verdict = callbacks.validated.lock().unwrap()[0].clone();
+    assert_eq!((verdict["n_mismatch"].as_u64(), verdict["fraud_detected"].as_bool()), (Some(8), Some(true)));
+    assert_eq!(verdict["public_key"], PUBLIC_KEY);
+
+    // Another model's params are refused as upstream's ML node relays its backend's 409.
+    let (status, refused) = d.post_json(
+        "POST",
+        "/api/v1/inference/pow/generate",
+        &json!({"block_hash": BLOCK_HASH, "block_height": 1, "public_key": PUBLIC_KEY, "node_id": 0, "node_count": 1,
+            "nonces": [1], "params": {"model": "other/model", "seq_len": 8}, "wait": true}),
+    );
+    assert_eq!(status, 502);
+    assert!(refused["detail"]["errors"][0]["error"].as_str().unwrap().contains("params mismatch"));
+    let (status, _) = d.json("GET", "/api/v1/inference/pow/generate/not-a-composite-id");
+    assert_eq!(status, 400);
+}

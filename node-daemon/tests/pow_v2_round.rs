@@ -1,0 +1,123 @@
+//! A whole PoC v2 round as the 2026 network node runs it (its call sequence, the devnet as the
+//! network node) over two node-daemon processes serving a tiny Qwen3: both bring the model up,
+//! generate their share of nonces with artifacts posted to `/v2/poc-batches/{model}/generated`,
+//! each validates a sample of the other's through the queued `generate` with the chain's
+//! `stat_test`, and both earn weight.
+#![cfg(feature = "torch")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::Daemon;
+use fake_nvml::Scenario;
+use gonka_devnet::round_v2::{RoundConfig, run_round};
+use gonka_protocol::admin::{InferenceNodeConfig, ModelArgs};
+use serde_json::json;
+
+const MODEL: &str = "Qwen/Tiny-Qwen3";
+
+fn models_dir() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let py = std::env::var_os("GONKA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
+    let request = json!({"arch": "qwen3", "dir": root.path().join(MODEL), "prompt": [1], "tokenizer": true});
+    let out = std::process::Command::new(&py).arg(script).arg(request.to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    root
+}
+
+#[test]
+fn two_ml_nodes_serve_prove_cross_validate_and_earn_weight() {
+    let models = models_dir();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = json!({
+        "gonkaNode": "gpu/test", "mlCallbackUrl": base, "pocPort": 8080, "inferencePort": 5000,
+        "gpus": null, "models": [{"id": MODEL, "args": []}],
+        "poc": {"batchSize": 4, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
+    });
+    // Each ML node's inference port, as the registration names it (the 2026 network node
+    // refuses two nodes on one host+port).
+    let inference_ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let scenarios = [Scenario::hgx_h100(), Scenario::mixed()];
+    let nodes: Vec<Daemon> = scenarios
+        .iter()
+        .zip(&inference_ports)
+        .map(|(scenario, port)| {
+            let listen = format!("127.0.0.1:{port}");
+            let models = models.path().to_str().unwrap();
+            Daemon::start_configured_with_env(
+                scenario,
+                &config,
+                &[("GONKA_MODELS_DIR", models), ("GONKA_INFERENCE_LISTEN", listen.as_str())],
+            )
+        })
+        .collect();
+    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::of(
+        gonka_devnet::Generation::Mainline2026,
+        [MODEL.to_string()],
+    )));
+    for (i, d) in nodes.iter().enumerate() {
+        let registration = InferenceNodeConfig {
+            host: "127.0.0.1".into(),
+            inference_segment: String::new(),
+            inference_port: inference_ports[i],
+            poc_segment: String::new(),
+            poc_port: d.port,
+            models: [(MODEL.to_string(), ModelArgs { args: vec!["--max-model-len".into(), "256".into()] })].into(),
+            id: format!("node-{i}"),
+            max_concurrent: 500,
+            hardware: vec![],
+        };
+        devnet.lock().unwrap().register(registration).unwrap();
+    }
+    let app = gonka_devnet::callback_router(devnet.clone());
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let cfg = RoundConfig {
+        block_hash: "0b1c2d3e4f5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
+        block_height: 3600,
+        public_key: "gonka1hostkey".into(),
+        model: MODEL.into(),
+        seq_len: 8,
+        stronger_rng: true,
+        generate_for: Duration::from_secs(4),
+        settle_for: Duration::from_secs(2),
+        validation_sample: 20,
+        callback_base: base,
+        // The chain's PoCStatTestParams defaults, as the network node forwards them.
+        stat_test: json!({"dist_threshold": 0.4, "p_mismatch": 0.1, "p_value_threshold": 0.05}),
+    };
+    let results = runtime.block_on(run_round(&devnet, &cfg, |m| eprintln!("round: {m}"))).unwrap();
+
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.artifacts >= 8, "{r:?}");
+        assert_eq!((r.n_mismatch, r.fraud_detected), (Some(0), Some(false)), "{r:?}");
+        assert_eq!(r.weight, r.artifacts);
+    }
+    assert_eq!(results[0].validated_by.as_deref(), Some("node-1"));
+    assert_eq!(results[1].validated_by.as_deref(), Some("node-0"));
+    // Each ML node's nonces are its share (broker numbers 1 and 2 of 2: odd and even), and the
+    // callback path named the model (escaped twice, decoded by the devnet).
+    let d = devnet.lock().unwrap();
+    for (model, batch) in &d.generated_v2 {
+        assert_eq!(model, MODEL);
+        assert!(batch.artifacts.iter().all(|a| a.nonce % 2 == batch.node_id % 2), "{batch:?}");
+    }
+    // Both nodes served the model (the round brought it up) and still do.
+    for n in &nodes {
+        let state = n.json("GET", "/api/v1/state").1;
+        assert_eq!((state["state"].as_str(), state["loaded_model"].as_str()), (Some("INFERENCE"), Some(MODEL)));
+    }
+}

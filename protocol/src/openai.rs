@@ -1,0 +1,268 @@
+//! The inference port's OpenAI-compatible API, in the shapes vLLM serves (the network node
+//! proxies users' requests there and reads `/v1/models`): chat and text completions (whole or
+//! as server-sent events), the model list, tokenisation, and vLLM's error body.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `stop`: one string or several.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling fields chat and text completions share (OpenAI's, and vLLM's extras
+/// `stop_token_ids`, `ignore_eos`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Sampling {
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<i64>>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Choices per request; only 1 is served.
+    #[serde(default)]
+    pub n: Option<u32>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChatCompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// OpenAI's newer name for `max_tokens`; wins when both are given.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `prompt` of a text completion: text or token ids (one prompt; lists of prompts are refused).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<i64>),
+    Texts(Vec<String>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    /// OpenAI's default for completions is 16.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessage,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Delta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    /// Only on the last event, when `stream_options.include_usage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+}
+
+/// A text completion, whole or one streamed event (`usage` then only on the last, if asked).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub owned_by: String,
+    pub root: String,
+    pub max_model_len: i64,
+}
+
+/// `GET /v1/models` (the network node reads `data[].id`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+/// `POST /tokenize`: a prompt, or messages rendered with the chat template.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<Value>>,
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: i64,
+    pub tokens: Vec<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorInfo {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: u16,
+}
+
+/// vLLM's error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub error: ErrorInfo,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn requests_read_as_clients_send_them() {
+        let chat: ChatCompletionRequest = serde_json::from_value(json!({"model": "Qwen/Qwen3-0.6B",
+            "messages": [{"role": "user", "content": "Hi"}], "stream": true, "stop": "\n", "temperature": 0,
+            "seed": 7, "stream_options": {"include_usage": true}, "logit_bias": {}}))
+        .unwrap();
+        assert_eq!(chat.sampling.stop.clone().unwrap().into_vec(), vec!["\n"]);
+        assert_eq!(chat.sampling.temperature, Some(0.0));
+        assert!(chat.add_generation_prompt && chat.stream);
+        let completion: CompletionRequest =
+            serde_json::from_value(json!({"prompt": [1, 2, 3], "max_tokens": 4})).unwrap();
+        assert_eq!(completion.prompt, Prompt::Tokens(vec![1, 2, 3]));
+        let completion: CompletionRequest =
+            serde_json::from_value(json!({"prompt": "text", "stop": ["a", "b"]})).unwrap();
+        assert_eq!(completion.prompt, Prompt::Text("text".into()));
+        assert_eq!(completion.sampling.stop.unwrap().into_vec().len(), 2);
+    }
+}
