@@ -55,6 +55,7 @@ pub const CREDENTIALS_LABEL: &str = "gonka.ai/network-node-credentials";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.modelStorage) || !has(self.modelStorage.preload) || self.models.exists(m, m.id == self.modelStorage.preload)").message("modelStorage.preload must be one of models[].id"))]
 pub struct GonkaNodeSpec {
     /// The host's network node (Gonka "dapi") these ML nodes join: where the operator registers
     /// them and where they send PoC results.
@@ -79,6 +80,12 @@ pub struct GonkaNodeSpec {
     #[schemars(length(min = 1, max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub models: Vec<ModelSpec>,
+
+    /// Where the ML nodes find model weights, mounted read-only at `/models`, and which model
+    /// they load at start. Unset: no model volume (`/inference/up` then fails naming the
+    /// missing models directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_storage: Option<ModelStorage>,
 
     /// Proof-of-compute settings of the node-daemons.
     #[serde(default)]
@@ -262,6 +269,42 @@ pub struct ModelSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.all(a, size(a) > 0 && size(a) <= 512)").message("args entries must be non-empty and at most 512 characters"))]
     pub args: Vec<String>,
+}
+
+/// Model weights for the ML nodes: a volume in the Hugging Face layouts the node-daemon reads
+/// (`<org>/<name>/` directories, or a Hugging Face cache of `models--<org>--<name>/snapshots/`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.persistentVolumeClaim) != has(self.hostPath)").message("modelStorage needs exactly one of persistentVolumeClaim and hostPath"))]
+pub struct ModelStorage {
+    /// A PersistentVolumeClaim in this namespace holding the weights, mounted read-only by
+    /// every ML node: a ReadOnlyMany volume (NFS, a CSI driver) for a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub persistent_volume_claim: Option<String>,
+
+    /// A directory on every GPU node holding the weights (staged there beforehand). hostPath
+    /// volumes are refused where the namespace enforces the `restricted` Pod Security profile:
+    /// use a PersistentVolumeClaim there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.split('/').exists(p, p == '..')").message("hostPath must be an absolute path without '..'"))]
+    pub host_path: Option<String>,
+
+    /// The directory inside the volume that holds the models; default: the volume's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')").message("subPath must be a relative path without '..'"))]
+    pub sub_path: Option<String>,
+
+    /// A model (one of `models`) each ML node loads as it starts, so it serves before the
+    /// network node asks (the network node then finds it running and does not restart it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 256))]
+    pub preload: Option<String>,
 }
 
 /// Proof-of-compute settings of the node-daemons.

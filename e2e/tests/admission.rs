@@ -61,6 +61,36 @@ async fn apiserver_rejects_malformed_gonka_nodes_naming_the_field() -> anyhow::R
             &["spec.models[0].args", "args entries must be non-empty"],
         ),
         (
+            "model storage on two volumes",
+            |v| v["spec"]["modelStorage"] = json!({"persistentVolumeClaim": "weights", "hostPath": "/srv/models"}),
+            &["spec.modelStorage", "modelStorage needs exactly one of persistentVolumeClaim and hostPath"],
+        ),
+        (
+            "model storage on no volume",
+            |v| v["spec"]["modelStorage"] = json!({"subPath": "hub"}),
+            &["spec.modelStorage", "modelStorage needs exactly one of persistentVolumeClaim and hostPath"],
+        ),
+        (
+            "model storage host path is relative",
+            |v| v["spec"]["modelStorage"] = json!({"hostPath": "srv/models"}),
+            &["spec.modelStorage.hostPath", "hostPath must be an absolute path"],
+        ),
+        (
+            "model storage sub path climbs out",
+            |v| v["spec"]["modelStorage"] = json!({"persistentVolumeClaim": "weights", "subPath": "hub/../../etc"}),
+            &["spec.modelStorage.subPath", "subPath must be a relative path without '..'"],
+        ),
+        (
+            "model storage claim is not a name",
+            |v| v["spec"]["modelStorage"] = json!({"persistentVolumeClaim": "Qwen Weights"}),
+            &["spec.modelStorage.persistentVolumeClaim", "should match"],
+        ),
+        (
+            "preloaded model is not one of the models",
+            |v| v["spec"]["modelStorage"] = json!({"persistentVolumeClaim": "weights", "preload": "Qwen/QwQ-32B"}),
+            &["spec", "modelStorage.preload must be one of models[].id"],
+        ),
+        (
             "zero GPUs per ML node",
             |v| v["spec"]["gpusPerMlNode"] = json!(0),
             &["spec.gpusPerMlNode", "should be greater than or equal to 1"],

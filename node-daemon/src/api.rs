@@ -140,6 +140,16 @@ impl AppState {
         }))
     }
 
+    /// Memory the GPUs have free (NVML), for refusing a model that cannot fit; `None` without
+    /// GPUs.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    pub async fn free_gpu_bytes(&self) -> Option<u64> {
+        let probe = self.probe.clone();
+        let gpus = tokio::task::spawn_blocking(move || probe.snapshot()).await.ok()?;
+        let free: u64 = gpus.iter().filter_map(|g| g.to_device().free_memory_mb).map(|mb| mb * 1024 * 1024).sum();
+        (!gpus.is_empty()).then_some(free)
+    }
+
     /// Which manager runs: POW while a PoC v1 session exists, INFERENCE while a model is up
     /// or coming up (PoC v2 runs inside it).
     pub(crate) fn service_state(&self) -> ServiceState {

@@ -169,11 +169,39 @@ pub async fn run_with(
         .map_err(|e| anyhow::anyhow!("binding the inference port {inference_addr}: {e}"))?;
     #[cfg(feature = "torch")]
     let inference_addr = inference_listener.local_addr()?;
-    let inference =
-        api::InferenceOptions { models_dir: settings.models_dir.clone(), inference_port: inference_addr.port() };
+    // The flag wins over daemon.json's `modelsDir` (the GonkaNode's model volume).
+    let models_dir =
+        settings.models_dir.clone().or_else(|| settings.config.as_ref()?.models_dir.as_ref().map(PathBuf::from));
+    let inference = api::InferenceOptions { models_dir, inference_port: inference_addr.port() };
     let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
+    // `modelStorage.preload`: the model comes up as the daemon starts, as `/inference/up` would
+    // bring it (the network node then finds it serving).
+    #[cfg(feature = "torch")]
+    if let Some(config) = &settings.config
+        && let Some(model) = &config.preload_model
+    {
+        let args = config.models.iter().find(|m| &m.id == model).map(|m| m.args.clone()).unwrap_or_default();
+        let request = gonka_protocol::ml_node::InferenceUpRequest {
+            model: model.clone(),
+            dtype: "auto".into(),
+            additional_args: args,
+        };
+        match state.inference.start(request, state.free_gpu_bytes().await) {
+            Ok(task) => {
+                let model = model.clone();
+                tokio::spawn(async move {
+                    match task.await {
+                        Ok(Ok(())) => tracing::info!(%model, "preloaded"),
+                        Ok(Err(e)) => tracing::error!(%model, error = %e, "preloading failed"),
+                        Err(e) => tracing::error!(%model, error = %e, "preloading panicked"),
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%model, error = %e, "preloading refused"),
+        }
+    }
     #[cfg(feature = "torch")]
     let inference_server = {
         tracing::info!(addr = %inference_addr, "inference port listening");

@@ -58,13 +58,6 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
     use axum::response::IntoResponse;
     use axum::routing::get;
 
-    async fn free_gpu_bytes(state: &AppState) -> Option<u64> {
-        let probe = state.probe.clone();
-        let gpus = tokio::task::spawn_blocking(move || probe.snapshot()).await.ok()?;
-        let free: u64 = gpus.iter().filter_map(|g| g.to_device().free_memory_mb).map(|mb| mb * 1024 * 1024).sum();
-        (!gpus.is_empty()).then_some(free)
-    }
-
     async fn start(
         state: &Arc<AppState>,
         request: InferenceUpRequest,
@@ -76,7 +69,7 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
                 format!("{} is not a model this ML node is configured for ({})", request.model, configured.join(", ")),
             ));
         }
-        let free = free_gpu_bytes(state).await;
+        let free = state.free_gpu_bytes().await;
         state.inference.start(request, free).map_err(|e| error(StatusCode::CONFLICT, e.to_string()))
     }
 

@@ -372,3 +372,31 @@ async fn poc_v2_generates_while_chat_is_answered_and_validates() {
     let (status, _) = d.json("GET", "/api/v1/inference/pow/generate/not-a-composite-id");
     assert_eq!(status, 400);
 }
+
+/// A GonkaNode's `modelStorage` reaches the daemon as daemon.json `modelsDir` and
+/// `preloadModel`: the model comes up as the daemon starts, with its `models` args, and the
+/// network node finds it serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_preloaded_model_serves_from_the_configured_models_dir() {
+    let (_root, dir) = models_dir();
+    let models = dir.parent().unwrap().parent().unwrap();
+    let port = free_port();
+    let config = json!({
+        "gonkaNode": "gpu/h100", "mlCallbackUrl": "http://127.0.0.1:9", "pocPort": 8080, "inferencePort": port,
+        "gpus": 8, "models": [{"id": MODEL, "args": ["--max-model-len", "64"]}],
+        "modelsDir": models, "preloadModel": MODEL,
+        "poc": {"batchSize": 4, "sendIntervalSeconds": 5, "maxPendingBatches": 100}
+    });
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start_configured_with_env(&Scenario::hgx_h100(), &config, &[("GONKA_INFERENCE_LISTEN", &listen)]);
+    eventually("the preloaded model serves", || d.json("GET", "/api/v1/state").1["loaded_model"] == MODEL);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let models: Value = reqwest::get(format!("http://{listen}/v1/models")).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (models["data"][0]["id"].as_str(), models["data"][0]["max_model_len"].as_i64()),
+        (Some(MODEL), Some(64))
+    );
+    // The network node's own /inference/up finds it running (409, as upstream answers).
+    let (status, _) = d.post_json("POST", "/api/v1/inference/up", &json!({"model": MODEL, "dtype": "auto"}));
+    assert_eq!(status, 409);
+}

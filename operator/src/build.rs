@@ -10,9 +10,10 @@ use gonka_protocol::report;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
-    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -30,6 +31,8 @@ pub const DAEMON_UID: i64 = 65532;
 const DEFAULT_REQUESTS: [(&str, &str); 2] = [("cpu", "2"), ("memory", "8Gi")];
 /// `/dev/shm` unless `spec.shmSize` sets it.
 const DEFAULT_SHM_SIZE: &str = "16Gi";
+/// Where `modelStorage` is mounted in the ML-node pods (the daemon's models directory).
+pub const MODELS_MOUNT: &str = "/models";
 
 /// Field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
 pub const MANAGER: &str = "gonka-operator";
@@ -202,6 +205,8 @@ pub fn daemon_config(gn: &GonkaNode, report: Option<&ReportEndpoint>) -> DaemonC
         inference_port: DEFAULT_INFERENCE_PORT as u16,
         gpus: Some(spec.gpus_per_ml_node.max(1) as u32),
         models: spec.models.iter().map(|m| ModelConfig { id: m.id.clone(), args: m.args.clone() }).collect(),
+        models_dir: spec.model_storage.as_ref().map(|_| MODELS_MOUNT.into()),
+        preload_model: spec.model_storage.as_ref().and_then(|s| s.preload.clone()),
         poc: PocConfig {
             batch_size: spec.poc.batch_size as u32,
             send_interval_seconds: spec.poc.send_interval_seconds as u32,
@@ -382,6 +387,28 @@ fn pod_template(
             ..Volume::default()
         },
     ];
+    if let Some(storage) = &spec.model_storage {
+        // Weights are only read: read-only mounts keep one ML node from spoiling the fleet's.
+        volume_mounts.push(VolumeMount {
+            name: "models".into(),
+            mount_path: MODELS_MOUNT.into(),
+            sub_path: storage.sub_path.clone(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "models".into(),
+            persistent_volume_claim: storage
+                .persistent_volume_claim
+                .as_ref()
+                .map(|claim| PersistentVolumeClaimVolumeSource { claim_name: claim.clone(), read_only: Some(true) }),
+            host_path: storage
+                .host_path
+                .as_ref()
+                .map(|path| HostPathVolumeSource { path: path.clone(), type_: Some("Directory".into()) }),
+            ..Volume::default()
+        });
+    }
     if reports {
         // The daemon proves who it is to the operator with a token bound to its pod, for the
         // operator's audience only, rotated by the kubelet (no Secret, no apiserver access).
@@ -722,6 +749,61 @@ mod tests {
         assert_eq!(rule.from.as_ref().unwrap(), &peers);
         let ports: Vec<_> = rule.ports.as_ref().unwrap().iter().map(|p| p.port.clone().unwrap()).collect();
         assert_eq!(ports, [IntOrString::Int(8080), IntOrString::Int(5000)]);
+    }
+
+    #[test]
+    fn model_storage_is_mounted_read_only_and_named_in_daemon_json() {
+        use gonka_crds::ModelStorage;
+        let models = |o: &DesiredObjects| {
+            let pod = pod_spec(o);
+            let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "models").cloned();
+            let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "models").cloned();
+            let config = DaemonConfig::from_json(&o.config_map.data.as_ref().unwrap()["daemon.json"]).unwrap();
+            (volume, mount, config)
+        };
+        // None by default, and daemon.json says nothing (its bytes, and so the rollout hash,
+        // stay those of GonkaNodes made before the field existed).
+        let (volume, mount, config) = models(&build(|_| {}));
+        assert!(volume.is_none() && mount.is_none());
+        assert_eq!((config.models_dir, config.preload_model), (None, None));
+        assert!(!build(|_| {}).config_map.data.unwrap()["daemon.json"].contains("modelsDir"));
+
+        let claim = build(|s| {
+            s.model_storage = Some(ModelStorage {
+                persistent_volume_claim: Some("qwen-weights".into()),
+                host_path: None,
+                sub_path: Some("hub".into()),
+                preload: Some(s.models[0].id.clone()),
+            })
+        });
+        let (volume, mount, config) = models(&claim);
+        let pvc = volume.unwrap().persistent_volume_claim.unwrap();
+        assert_eq!((pvc.claim_name.as_str(), pvc.read_only), ("qwen-weights", Some(true)));
+        let mount = mount.unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.sub_path.as_deref(), mount.read_only),
+            ("/models", Some("hub"), Some(true))
+        );
+        assert_eq!(config.models_dir.as_deref(), Some("/models"));
+        assert_eq!(config.preload_model.as_deref(), Some("Qwen/Qwen2.5-7B-Instruct"));
+
+        let host = build(|s| {
+            s.model_storage = Some(ModelStorage {
+                persistent_volume_claim: None,
+                host_path: Some("/srv/models".into()),
+                sub_path: None,
+                preload: None,
+            })
+        });
+        let host_path = models(&host).0.unwrap().host_path.unwrap();
+        assert_eq!((host_path.path.as_str(), host_path.type_.as_deref()), ("/srv/models", Some("Directory")));
+        // A new storage is a new daemon.json: the pods roll.
+        let hash = |o: &DesiredObjects| {
+            o.daemon_set.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+                [ANNOTATION_CONFIG_HASH]
+                .clone()
+        };
+        assert_ne!(hash(&claim), hash(&host));
     }
 
     #[test]

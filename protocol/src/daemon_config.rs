@@ -28,6 +28,12 @@ pub struct DaemonConfig {
     pub gpus: Option<u32>,
     /// Models to serve, with engine arguments.
     pub models: Vec<ModelConfig>,
+    /// Where model weights are mounted (the GonkaNode's `modelStorage`); `None`: no models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models_dir: Option<String>,
+    /// The model to load at start (`modelStorage.preload`), with its `models` args.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preload_model: Option<String>,
     /// Proof-of-compute settings.
     pub poc: PocConfig,
     /// Where to stream reports to the operator; `None` = don't report.
@@ -93,6 +99,8 @@ mod tests {
                 id: "Qwen/QwQ-32B".into(),
                 args: vec!["--tensor-parallel-size".into(), "4".into()],
             }],
+            models_dir: Some("/models".into()),
+            preload_model: Some("Qwen/QwQ-32B".into()),
             poc: PocConfig { batch_size: 32, send_interval_seconds: 5, max_pending_batches: 100 },
             report: Some(ReportConfig {
                 url: "https://gonka-operator.gonka-system.svc:8082".into(),
