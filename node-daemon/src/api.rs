@@ -53,6 +53,8 @@ pub struct InferenceOptions {
     pub models_dir: Option<std::path::PathBuf>,
     /// The inference port (upstream 5000).
     pub inference_port: u16,
+    /// Where models are downloaded from (`--model-mirror`); `None`: offline.
+    pub model_mirror: Option<String>,
 }
 
 /// What the API holds this ML node to, from `daemon.json` and the flags.
@@ -88,6 +90,9 @@ pub struct AppState {
     /// PoC v2 on the served model.
     #[cfg(feature = "torch")]
     pub pow_v2: Arc<crate::inference::pow_v2::PocV2Service>,
+    /// The models directory as a cache (`/api/v1/models/*`).
+    #[cfg(feature = "torch")]
+    pub model_cache: Arc<crate::inference::model_cache::ModelCache>,
     health: Mutex<Option<(Instant, HealthResponse)>>,
 }
 
@@ -102,10 +107,11 @@ impl AppState {
         #[cfg_attr(not(feature = "torch"), allow(unused_variables))] inference: InferenceOptions,
     ) -> anyhow::Result<Arc<Self>> {
         #[cfg(feature = "torch")]
-        let (pow, inference, pow_v2) = {
-            use crate::inference::{manager, pow_v2};
+        let (pow, inference, pow_v2, model_cache) = {
+            use crate::inference::{manager, model_cache, pow_v2};
             let (allow_cpu, callback_base, batch_size) = (pow.allow_cpu, pow.callback_base.clone(), pow.batch_size);
             let pow = crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?;
+            let model_cache = model_cache::ModelCache::new(inference.models_dir.clone(), inference.model_mirror)?;
             let manager = manager::InferenceManager::new(manager::InferenceSettings {
                 models_dir: inference.models_dir,
                 allow_cpu,
@@ -120,7 +126,7 @@ impl AppState {
                 },
                 manager.clone(),
             );
-            (pow, manager, pow_v2)
+            (pow, manager, pow_v2, model_cache)
         };
         Ok(Arc::new(Self {
             probe,
@@ -133,6 +139,8 @@ impl AppState {
             inference,
             #[cfg(feature = "torch")]
             pow_v2,
+            #[cfg(feature = "torch")]
+            model_cache,
             reporting,
             metrics,
             version: version.into(),
@@ -220,6 +228,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let managers = managers.merge(crate::poc::routes::routes()).merge(crate::inference::pow_v2::routes());
     let managers =
         managers.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::modes::refuse_conflicts));
+    #[cfg(feature = "torch")]
+    let managers = managers.merge(crate::inference::model_cache::routes());
     Router::new()
         .merge(managers)
         .route("/api/v1/state", get(get_state))

@@ -45,6 +45,8 @@ pub struct Settings {
     pub api_token: Option<String>,
     /// Where models live (the GonkaNode's model volume).
     pub models_dir: Option<PathBuf>,
+    /// The hub mirror models are downloaded from (`/api/v1/models/download`); `None`: offline.
+    pub model_mirror: Option<String>,
     /// Address of the inference port; `None`: the management API's address with
     /// `daemon.json`'s `inferencePort` (upstream's 5000 without one).
     pub inference_listen: Option<SocketAddr>,
@@ -172,7 +174,11 @@ pub async fn run_with(
     // The flag wins over daemon.json's `modelsDir` (the GonkaNode's model volume).
     let models_dir =
         settings.models_dir.clone().or_else(|| settings.config.as_ref()?.models_dir.as_ref().map(PathBuf::from));
-    let inference = api::InferenceOptions { models_dir, inference_port: inference_addr.port() };
+    let inference = api::InferenceOptions {
+        models_dir,
+        inference_port: inference_addr.port(),
+        model_mirror: settings.model_mirror.clone(),
+    };
     let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");

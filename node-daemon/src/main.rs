@@ -47,6 +47,11 @@ struct Cli {
     /// the GonkaNode's model volume.
     #[arg(long, env = "GONKA_MODELS_DIR")]
     models_dir: Option<PathBuf>,
+    /// The Hugging Face hub, or a mirror of it, that `/api/v1/models/download` fetches from
+    /// (e.g. `https://huggingface.co`); unset: offline, downloads are ignored as upstream's
+    /// `HF_HUB_OFFLINE` ignores them.
+    #[arg(long, env = "GONKA_MODEL_MIRROR")]
+    model_mirror: Option<String>,
     /// Address of the inference port (OpenAI API); default: the listen address's IP with
     /// daemon.json's inferencePort, else 5000.
     #[arg(long, env = "GONKA_INFERENCE_LISTEN")]
@@ -112,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             None => None,
         },
         models_dir: cli.models_dir,
+        model_mirror: cli.model_mirror,
         inference_listen: cli.inference_listen,
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await

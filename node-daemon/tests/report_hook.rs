@@ -22,6 +22,7 @@ fn settings() -> (Settings, SocketAddr) {
         shutdown_grace: std::time::Duration::from_secs(5),
         api_token: None,
         models_dir: None,
+        model_mirror: None,
         inference_listen: Some("127.0.0.1:0".parse().unwrap()),
     };
     (settings, addr)

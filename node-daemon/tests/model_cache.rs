@@ -1,0 +1,162 @@
+//! The model cache through the daemon binary, as the network node drives it
+//! (`/api/v1/models/status|download|list|space`, `DELETE /api/v1/models`): a tiny Qwen3
+//! downloaded from a local hub mirror into a Hugging Face cache layout, with progress while it
+//! downloads, a duplicate refused, then served by `/inference/up` from there and deleted;
+//! offline nodes ignore downloads as upstream's do; a failing mirror is reported.
+#![cfg(feature = "torch")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use common::{Daemon, eventually};
+use fake_nvml::Scenario;
+use serde_json::{Value, json};
+
+const REPO: &str = "Qwen/Tiny-Qwen3";
+const COMMIT: &str = "0a1b2c3d4e5f";
+
+struct Mirror {
+    dir: PathBuf,
+    /// Closed until the test lets file downloads through.
+    gate: tokio::sync::Semaphore,
+}
+
+async fn revision(
+    State(m): State<Arc<Mirror>>,
+    UrlPath((org, name, _rev)): UrlPath<(String, String, String)>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if format!("{org}/{name}") != REPO {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let siblings: Vec<Value> = std::fs::read_dir(&m.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| json!({"rfilename": e.file_name().to_string_lossy()}))
+        .collect();
+    axum::Json(json!({"sha": COMMIT, "siblings": siblings})).into_response()
+}
+
+async fn resolve(
+    State(m): State<Arc<Mirror>>,
+    UrlPath((_org, _name, _sha, file)): UrlPath<(String, String, String, String)>,
+) -> Vec<u8> {
+    let _permit = m.gate.acquire().await.unwrap();
+    std::fs::read(m.dir.join(file)).unwrap()
+}
+
+fn tiny_model(dir: &Path) {
+    let py = std::env::var_os("GONKA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
+    let request = json!({"arch": "qwen3", "dir": dir, "prompt": [1], "tokenizer": true, "shard_size": "100KB"});
+    let out = std::process::Command::new(&py).arg(script).arg(request.to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn model(commit: Option<&str>) -> Value {
+    json!({"hf_repo": REPO, "hf_commit": commit})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_downloads_from_the_mirror_serves_and_is_deleted() {
+    let source = tempfile::tempdir().unwrap();
+    tiny_model(source.path());
+    let mirror = Arc::new(Mirror { dir: source.path().to_path_buf(), gate: tokio::sync::Semaphore::new(0) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
+        .route("/{org}/{name}/resolve/{sha}/{*file}", get(resolve))
+        .with_state(mirror.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let cache = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_env(
+        &Scenario::hgx_h100(),
+        &[("GONKA_MODELS_DIR", cache.path().to_str().unwrap()), ("GONKA_MODEL_MIRROR", &url)],
+    );
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(None)).1["status"], "NOT_FOUND");
+    assert_eq!(d.json("GET", "/api/v1/models/list").1, json!({"models": []}));
+
+    let (status, started) = d.post_json("POST", "/api/v1/models/download", &model(None));
+    assert_eq!(
+        (status, started["status"].as_str(), started["task_id"].as_str()),
+        (202, Some("DOWNLOADING"), Some("Qwen/Tiny-Qwen3:latest"))
+    );
+    let progress = d.post_json("POST", "/api/v1/models/status", &model(None)).1;
+    assert_eq!(progress["status"], "DOWNLOADING");
+    assert!(progress["progress"]["elapsed_seconds"].as_f64().unwrap() >= 0.0);
+    assert!(progress["progress"]["start_time"].as_f64().unwrap() > 1.7e9);
+    let (status, _) = d.post_json("POST", "/api/v1/models/download", &model(None));
+    assert_eq!(status, 409, "a second download of the same model");
+
+    mirror.gate.add_permits(1000);
+    eventually("the download completes", || {
+        d.post_json("POST", "/api/v1/models/status", &model(None)).1["status"] == "DOWNLOADED"
+    });
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(Some(COMMIT))).1["status"], "DOWNLOADED");
+    let snapshot = cache.path().join("models--Qwen--Tiny-Qwen3/snapshots").join(COMMIT);
+    assert!(snapshot.join("model.safetensors.index.json").is_file());
+    assert_eq!(std::fs::read_to_string(cache.path().join("models--Qwen--Tiny-Qwen3/refs/main")).unwrap(), COMMIT);
+    assert_eq!(
+        d.json("GET", "/api/v1/models/list").1,
+        json!({"models": [{"model": {"hf_repo": REPO, "hf_commit": COMMIT}, "status": "DOWNLOADED"}]})
+    );
+    let space = d.json("GET", "/api/v1/models/space").1;
+    assert_eq!(space["cache_path"], json!(cache.path()));
+    assert!(space["available_gb"].as_f64().unwrap() > 0.0);
+    // Downloading what is there is answered with its status.
+    assert_eq!(d.post_json("POST", "/api/v1/models/download", &model(None)).1["status"], "DOWNLOADED");
+
+    // Served from the cache layout.
+    let (status, body) = d.post_json("POST", "/api/v1/inference/up", &json!({"model": REPO, "dtype": "auto"}));
+    assert_eq!(status, 200, "{body}");
+    d.post_json("POST", "/api/v1/inference/down", &Value::Null);
+
+    // A half-deleted snapshot is PARTIAL; deleting it all leaves nothing.
+    let shard = std::fs::read_dir(&snapshot)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("model-0"))
+        .unwrap();
+    std::fs::remove_file(shard.path()).unwrap();
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(None)).1["status"], "PARTIAL");
+    assert_eq!(
+        d.post_json("DELETE", "/api/v1/models", &model(None)),
+        (200, json!({"status": "deleted", "model": model(None)}))
+    );
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(None)).1["status"], "NOT_FOUND");
+    assert_eq!(d.post_json("DELETE", "/api/v1/models", &model(None)).0, 404);
+
+    // A repository the mirror does not have: the failure is reported with the status.
+    let missing = json!({"hf_repo": "Qwen/Missing", "hf_commit": null});
+    assert_eq!(d.post_json("POST", "/api/v1/models/download", &missing).0, 202);
+    eventually("the failed download is reported", || {
+        d.post_json("POST", "/api/v1/models/status", &missing).1["error_message"]
+            .as_str()
+            .is_some_and(|e| e.contains("404"))
+    });
+    // Names that are not repositories are refused.
+    assert_eq!(d.post_json("POST", "/api/v1/models/download", &json!({"hf_repo": "../etc"})).0, 422);
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &json!({"hf_repo": REPO, "hf_commit": "../x"})).0, 422);
+}
+
+#[test]
+fn an_offline_node_ignores_downloads_as_upstream_does() {
+    let cache = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_env(&Scenario::hgx_h100(), &[("GONKA_MODELS_DIR", cache.path().to_str().unwrap())]);
+    let (status, answer) = d.post_json("POST", "/api/v1/models/download", &model(None));
+    assert_eq!(
+        (status, answer),
+        (202, json!({"task_id": "Qwen/Tiny-Qwen3:latest:offline", "status": "IGNORED", "model": model(None)}))
+    );
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(None)).1["status"], "NOT_FOUND");
+}
