@@ -112,11 +112,10 @@ impl AppState {
             let (allow_cpu, callback_base, batch_size) = (pow.allow_cpu, pow.callback_base.clone(), pow.batch_size);
             let pow = crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?;
             let model_cache = model_cache::ModelCache::new(inference.models_dir.clone(), inference.model_mirror)?;
-            let manager = manager::InferenceManager::new(manager::InferenceSettings {
-                models_dir: inference.models_dir,
-                allow_cpu,
-                engine: Default::default(),
-            });
+            let manager = manager::InferenceManager::new(
+                manager::InferenceSettings { models_dir: inference.models_dir, allow_cpu, engine: Default::default() },
+                reporting.clone(),
+            );
             let pow_v2 = pow_v2::PocV2Service::new(
                 pow_v2::PocV2Settings {
                     callback_base,

@@ -80,3 +80,89 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
     operator.stop().await?;
     Ok(())
 }
+
+/// A GonkaNode with `modelStorage` on a real control plane: the DaemonSet mounts the weights
+/// and the daemons load the preloaded model as they start (the stand-ins read the volume's
+/// contents where the kubelet would have mounted it), report INFERENCE to the operator, are
+/// registered with the model, and a 2026 network node's PoC v2 round weighs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_storage_brings_the_preloaded_model_up_and_poc_v2_weighs_it() -> anyhow::Result<()> {
+    const MODEL: &str = "Qwen/Tiny-Qwen3";
+    let models = tempfile::tempdir()?;
+    let py = std::env::var_os("GONKA_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
+    let request = json!({"arch": "qwen3", "dir": models.path().join(MODEL), "prompt": [1], "tokenizer": true});
+    let made = std::process::Command::new(&py).arg(script).arg(request.to_string()).output()?;
+    anyhow::ensure!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let (devnet, url) = start_devnet_on(gonka_devnet::Generation::Mainline2026, &[MODEL], 0).await?;
+    let operator = cp.start_reporting_operator("op-m", free_port()?).await?;
+
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
+    manifest["spec"]["models"] = json!([{"id": MODEL, "args": ["--max-model-len", "256"]}]);
+    manifest["spec"]["modelStorage"] = json!({"hostPath": "/srv/gonka-models", "preload": MODEL});
+    cp.roll_out(manifest, PODS, 2, WAIT).await?;
+
+    // The apiserver took the pod template with the weights volume, read-only at /models.
+    let ds = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), NS).get("h100-ml-node").await?;
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "models").expect("models volume");
+    assert_eq!(volume.host_path.unwrap().path, "/srv/gonka-models");
+    let mount = pod.containers[0].volume_mounts.clone().unwrap().into_iter().find(|m| m.name == "models").unwrap();
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/models", Some(true)));
+    let cm =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
+    let mut daemon_json: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["daemon.json"])?;
+    assert_eq!(
+        (daemon_json["modelsDir"].as_str(), daemon_json["preloadModel"].as_str()),
+        (Some("/models"), Some(MODEL))
+    );
+    // Where the kubelet would mount the volume, the stand-ins read the directory itself.
+    daemon_json["modelsDir"] = json!(models.path());
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+    let stand_ins =
+        cp.stand_in_for_pods(NS, PODS, daemon, &daemon_json.to_string(), |_| fake_nvml::Scenario::hgx_h100()).await?;
+    assert_eq!(stand_ins.len(), 2);
+
+    eventually("both ML nodes report serving the model", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.ml_nodes.len() == 2 && s.ml_nodes.iter().all(|n| n.state.as_deref() == Some("INFERENCE")))
+    })
+    .await?;
+    let registered = devnet.lock().unwrap().nodes();
+    assert_eq!(registered.len(), 2);
+    assert!(registered.iter().all(|n| n.node.config.models.contains_key(MODEL)));
+
+    let cfg = gonka_devnet::round_v2::RoundConfig {
+        block_hash: "77aa".repeat(16),
+        block_height: 4200,
+        public_key: "host".into(),
+        model: MODEL.into(),
+        seq_len: 8,
+        stronger_rng: false,
+        generate_for: Duration::from_secs(3),
+        settle_for: Duration::from_secs(2),
+        validation_sample: 20,
+        callback_base: url.clone(),
+        stat_test: json!({"dist_threshold": 0.4, "p_mismatch": 0.1, "p_value_threshold": 0.05}),
+    };
+    let results = gonka_devnet::round_v2::run_round(&devnet, &cfg, |_| {}).await?;
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.weight > 0 && r.fraud_detected == Some(false), "{r:?}");
+    }
+
+    api.delete("h100", &DeleteParams::default()).await?;
+    eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
+    drop(stand_ins);
+    operator.stop().await?;
+    Ok(())
+}

@@ -92,6 +92,8 @@ pub enum UpError {
 
 pub struct InferenceManager {
     settings: InferenceSettings,
+    /// Where the ML node's state goes (the operator's reports): INFERENCE while serving.
+    reporting: crate::node_state::Reporting,
     phase: Mutex<Phase>,
     startup: Mutex<Option<Startup>>,
     /// Bumped by `down`: a start-up that finishes after it serves nothing.
@@ -99,9 +101,10 @@ pub struct InferenceManager {
 }
 
 impl InferenceManager {
-    pub fn new(settings: InferenceSettings) -> Arc<Self> {
+    pub fn new(settings: InferenceSettings, reporting: crate::node_state::Reporting) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            reporting,
             phase: Mutex::new(Phase::Stopped),
             startup: Mutex::new(None),
             generation: Mutex::new(0),
@@ -155,6 +158,9 @@ impl InferenceManager {
                     Ok(served) if current == generation => {
                         tracing::info!(model = %served.name, dir = %served.directory.display(), "inference up");
                         *phase = Phase::Running(Arc::new(served));
+                        manager
+                            .reporting
+                            .update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Inference);
                         Ok(())
                     }
                     Ok(_) => Err(CANCELLED.to_string()),
@@ -217,6 +223,7 @@ impl InferenceManager {
         *self.startup.lock().expect("startup") = None;
         if let Phase::Running(served) = previous {
             tracing::info!(model = %served.name, "inference down");
+            self.reporting.update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Stopped);
             // Dropping the engine joins its thread: off the async workers.
             let _ = tokio::task::spawn_blocking(move || drop(served)).await;
         }
