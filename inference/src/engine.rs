@@ -207,8 +207,11 @@ impl Engine {
         let room = (self.max_model_len - request.prompt.len() as i64) as usize;
         request.params.max_tokens = request.params.max_tokens.min(room);
         let (events, receiver) = async_mpsc::unbounded_channel();
-        self.send(Command::Generate { request, events })?;
+        // Counted before the engine can see it (and take it off the count).
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        self.send(Command::Generate { request, events }).inspect_err(|_| {
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+        })?;
         Ok(receiver)
     }
 
@@ -224,8 +227,10 @@ impl Engine {
             });
         }
         let (reply, receiver) = oneshot::channel();
-        self.send(Command::Poc { batch, reply })?;
         self.load.poc_waiting.fetch_add(1, Ordering::Relaxed);
+        self.send(Command::Poc { batch, reply }).inspect_err(|_| {
+            self.load.poc_waiting.fetch_sub(1, Ordering::Relaxed);
+        })?;
         Ok(receiver)
     }
 

@@ -148,6 +148,12 @@ async fn an_abandoned_request_leaves_the_others_alone() {
     drop(abandoned);
     let (_, reason, _, completion) = collect(kept).await;
     assert_eq!((reason, completion), (FinishReason::Length, 20));
+    // Nothing is left counted: the load reads idle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.load().running() + engine.load().waiting() + engine.load().poc_waiting() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the engine's load never read idle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
