@@ -170,6 +170,8 @@ pub async fn run_round(
         let answer = t.client.stop_pow_v2().await.map_err(t.fail("/api/v1/inference/pow/stop"))?;
         t.refused(answer, "/api/v1/inference/pow/stop")?;
     }
+    // The last deliveries land within the window's wind-down, as on the chain.
+    tokio::time::sleep(cfg.settle_for).await;
     let artifacts = collect_artifacts(devnet, cfg);
     progress(&format!(
         "generation over: {} artifacts from {} ML nodes; validating samples",

@@ -220,7 +220,7 @@ pub async fn run_with(
     {
         state.pow.shutdown(settings.shutdown_grace).await;
         inference_server.abort();
-        state.pow_v2.stop().await;
+        state.pow_v2.shutdown(settings.shutdown_grace).await;
         state.inference.down().await;
     }
 

@@ -134,17 +134,30 @@ impl PocV2Service {
         self.generation.lock().await.as_ref().is_some_and(|g| !g.task.is_finished())
     }
 
-    /// Stops generation and drops queued jobs; pending artifacts get one last delivery.
+    /// Stops generation and drops queued jobs at once; pending artifacts get one last
+    /// delivery in the background (a slow callback server does not hold up the answer).
     pub async fn stop(&self) {
-        let generation = self.generation.lock().await.take();
-        if let Some(g) = generation {
-            g.stop.cancel();
-            let _ = g.task.await;
+        self.stop_generation().await;
+    }
+
+    /// As [`Self::stop`], then waits up to `grace` for that last delivery (SIGTERM).
+    pub async fn shutdown(&self, grace: Duration) {
+        if let Some(task) = self.stop_generation().await {
+            let _ = tokio::time::timeout(grace, task).await;
         }
+    }
+
+    async fn stop_generation(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let generation = self.generation.lock().await.take();
+        let task = generation.map(|g| {
+            g.stop.cancel();
+            g.task
+        });
         let jobs_stop = std::mem::replace(&mut *self.jobs_stop.lock().expect("jobs"), CancellationToken::new());
         jobs_stop.cancel();
         self.jobs.lock().expect("jobs").clear();
         *self.queued_nonces.lock().expect("queued") = 0;
+        task
     }
 
     fn check_callback(&self, url: Option<&str>) -> Result<(), Refusal> {
