@@ -18,13 +18,13 @@ use serde_json::json;
 
 const MODEL: &str = "Qwen/Tiny-Qwen3";
 
-fn models_dir() -> tempfile::TempDir {
+fn models_dir(arch: &str) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     let py = std::env::var_os("GONKA_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
-    let request = json!({"arch": "qwen3", "dir": root.path().join(MODEL), "prompt": [1], "tokenizer": true});
+    let request = json!({"arch": arch, "dir": root.path().join(MODEL), "prompt": [1], "tokenizer": true});
     let out = std::process::Command::new(&py).arg(script).arg(request.to_string()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     root
@@ -32,7 +32,18 @@ fn models_dir() -> tempfile::TempDir {
 
 #[test]
 fn two_ml_nodes_serve_prove_cross_validate_and_earn_weight() {
-    let models = models_dir();
+    round_over_two_daemons("qwen3");
+}
+
+/// The same with a mixture of experts (Qwen3-235B-A22B was the first PoC v2 model).
+#[test]
+fn a_qwen3_moe_round_too() {
+    round_over_two_daemons("qwen3_moe");
+}
+
+/// Two daemons serving a tiny `arch` model through a 2026 PoC v2 round, then a streamed chat.
+fn round_over_two_daemons(arch: &str) {
+    let models = models_dir(arch);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -120,4 +131,17 @@ fn two_ml_nodes_serve_prove_cross_validate_and_earn_weight() {
         let state = n.json("GET", "/api/v1/state").1;
         assert_eq!((state["state"].as_str(), state["loaded_model"].as_str()), (Some("INFERENCE"), Some(MODEL)));
     }
+    drop(d);
+    // And it chats, streamed, on the inference port.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let answer = runtime.block_on(async {
+        let url = format!("http://127.0.0.1:{}/v1/chat/completions", inference_ports[0]);
+        reqwest::Client::new().post(url).json(&body).send().await.unwrap().text().await.unwrap()
+    });
+    let events: Vec<&str> = answer.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{answer}");
+    let usage: serde_json::Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 6, "{answer}");
 }
