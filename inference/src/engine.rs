@@ -136,6 +136,44 @@ impl EngineLoad {
     }
 }
 
+/// What an ML node asks of an inference engine: generations, PoC v2 batches on the served
+/// model, its tokenizer and context length. [`Engine`] (libtorch, this crate) is one; an engine
+/// driving upstream's vLLM fork, for models too large for this one, plugs in behind the same
+/// calls.
+pub trait InferenceEngine: Send + Sync {
+    /// Queues a generation; its events arrive on the receiver (drop it to cancel).
+    fn generate(&self, request: Generation) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError>;
+    /// Queues a PoC v2 batch, run when no chat waits.
+    fn poc(&self, batch: PocBatch) -> Result<oneshot::Receiver<Result<Vec<Artifact>, String>>, EngineError>;
+    fn tokenizer(&self) -> &ChatTokenizer;
+    /// Prompt plus completion at most.
+    fn max_model_len(&self) -> i64;
+    /// Whether the engine still runs (else the ML node is unhealthy).
+    fn is_alive(&self) -> bool;
+}
+
+impl InferenceEngine for Engine {
+    fn generate(&self, request: Generation) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError> {
+        Engine::generate(self, request)
+    }
+
+    fn poc(&self, batch: PocBatch) -> Result<oneshot::Receiver<Result<Vec<Artifact>, String>>, EngineError> {
+        Engine::poc(self, batch)
+    }
+
+    fn tokenizer(&self) -> &ChatTokenizer {
+        Engine::tokenizer(self)
+    }
+
+    fn max_model_len(&self) -> i64 {
+        Engine::max_model_len(self)
+    }
+
+    fn is_alive(&self) -> bool {
+        Engine::is_alive(self)
+    }
+}
+
 /// A handle on the engine thread; dropping the last one stops it (after the current step).
 pub struct Engine {
     commands: Option<mpsc::Sender<Command>>,

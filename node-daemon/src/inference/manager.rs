@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use gonka_inference::engine::{Engine, EngineOptions};
+use gonka_inference::engine::{Engine, EngineOptions, InferenceEngine};
 use gonka_inference::tokenizer::ChatTokenizer;
 use gonka_inference::{LoadOptions, config::parse_dtype};
 use gonka_protocol::ml_node::InferenceUpRequest;
@@ -32,7 +32,7 @@ pub struct InferenceSettings {
 pub struct Served {
     /// The name it answers to (`--served-model-name`, else the requested model).
     pub name: String,
-    pub engine: Arc<Engine>,
+    pub engine: Arc<dyn InferenceEngine>,
     pub directory: PathBuf,
     /// Sampling defaults from the model's `generation_config.json` (vLLM applies them to
     /// requests that leave the field out).
