@@ -48,7 +48,6 @@ pub const KWOK_POD_PREFIX: &str = "127.100.";
 const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
 
 pub struct ControlPlane {
-    next_ip: std::sync::atomic::AtomicU32,
     dir: tempfile::TempDir,
     processes: Vec<(&'static str, Child)>,
     bin: PathBuf,
@@ -81,8 +80,7 @@ impl ControlPlane {
         let kubeconfig = d.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &url, &d.join("ca.crt"), &token)?;
 
-        let mut cp =
-            Self { next_ip: std::sync::atomic::AtomicU32::new(0), dir, processes: Vec::new(), bin, kubeconfig, url };
+        let mut cp = Self { dir, processes: Vec::new(), bin, kubeconfig, url };
         let d = cp.dir.path().to_path_buf();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -381,9 +379,12 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// A fresh loopback address for a pod: 127.0.1.1, 127.0.1.2, ...
+    /// A fresh loopback address for a pod: 127.0.1.1, 127.0.1.2, ... Counted across every
+    /// control plane of the process: tests running side by side put stand-in daemons on these
+    /// addresses, which must not meet.
     fn next_pod_ip(&self) -> String {
-        let n = self.next_ip.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT_IP.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         format!("127.0.{}.{}", 1 + n / 250, 1 + n % 250)
     }
 
