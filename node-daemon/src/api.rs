@@ -122,6 +122,7 @@ impl AppState {
                     batch_size,
                     inference_port: inference.inference_port,
                     http: pow.http(),
+                    reporting: reporting.clone(),
                 },
                 manager.clone(),
             );

@@ -33,7 +33,9 @@ impl Inventory {
     }
 }
 
-/// PoC v1 progress of the current (or last) session; a new session starts from zero.
+/// PoC progress of the current (or last) round; a new round starts from zero. In PoC v1 the
+/// valid nonces are proofs (`dist < r_target`); in PoC v2 every computed nonce is an
+/// artifact, so valid counts the artifacts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PocCounters {
     /// Block height of the PoC round the session is for.

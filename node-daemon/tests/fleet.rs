@@ -84,7 +84,8 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
 /// A GonkaNode with `modelStorage` on a real control plane: the DaemonSet mounts the weights
 /// and the daemons load the preloaded model as they start (the stand-ins read the volume's
 /// contents where the kubelet would have mounted it), report INFERENCE to the operator, are
-/// registered with the model, and a 2026 network node's PoC v2 round weighs them.
+/// registered with the model, and a 2026 network node's PoC v2 round weighs them, the weight
+/// reaching the GonkaNode's status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_storage_brings_the_preloaded_model_up_and_poc_v2_weighs_it() -> anyhow::Result<()> {
     const MODEL: &str = "Qwen/Tiny-Qwen3";
@@ -159,6 +160,13 @@ async fn model_storage_brings_the_preloaded_model_up_and_poc_v2_weighs_it() -> a
     for r in &results {
         assert!(r.weight > 0 && r.fraud_detected == Some(false), "{r:?}");
     }
+    // The daemons report the round (every v2 nonce an artifact) and status shows its weight.
+    let accepted: usize = results.iter().map(|r| r.weight).sum();
+    eventually("status shows the PoC v2 round's weight", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.poc_block_height == Some(4200) && s.weight.is_some_and(|w| w as usize >= accepted))
+    })
+    .await?;
 
     api.delete("h100", &DeleteParams::default()).await?;
     eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;

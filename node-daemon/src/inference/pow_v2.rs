@@ -60,6 +60,8 @@ pub struct PocV2Settings {
     /// The inference port: answers name backend `inference_port + 1`, upstream's first vLLM.
     pub inference_port: u16,
     pub http: reqwest::Client,
+    /// Round progress for the operator's reports (its status `weight`).
+    pub reporting: crate::node_state::Reporting,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -277,7 +279,12 @@ async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<I
             stop.clone(),
         )
     });
-    let task = tokio::spawn(generation_loop(served, config.clone(), sender, processed.clone(), stop.clone()));
+    let reporting = service.settings.reporting.clone();
+    reporting.update_state(|s| {
+        s.poc = crate::node_state::PocCounters { block_height: Some(config.block_height), ..Default::default() };
+    });
+    let task =
+        tokio::spawn(generation_loop(served, config.clone(), sender, processed.clone(), stop.clone(), reporting));
     tracing::info!(block_height = config.block_height, node_id = config.node_id, "PoC v2 generation started");
     *generation = Some(Generation { config, started: Instant::now(), processed, stop, task });
     Json(InitGenerateResponse {
@@ -303,6 +310,7 @@ async fn generation_loop(
     sender: Option<CallbackSender>,
     processed: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
+    reporting: crate::node_state::Reporting,
 ) {
     let mut nonces = nonce_sequence(&config);
     let mut failures = 0u32;
@@ -328,6 +336,10 @@ async fn generation_loop(
             Ok(artifacts) => {
                 failures = 0;
                 processed.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                reporting.update_state(|s| {
+                    s.poc.nonces_computed += batch.len() as u64;
+                    s.poc.nonces_valid += artifacts.len() as u64;
+                });
                 if let Some(sender) = &sender {
                     sender.add(
                         artifacts.into_iter().map(|a| Artifact { nonce: a.nonce, vector_b64: a.vector_b64 }),
