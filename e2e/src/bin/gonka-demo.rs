@@ -3,8 +3,8 @@
 //! (which also runs their pods and gives them IPs), the operator installed
 //! from `manifests/` and running with its ServiceAccount's rights, and the sample GonkaNodes
 //! from `manifests/samples/` rolled out to ML-node pods. Prints progress, then the fleet, a PoC
-//! v1 round as a 2025 network node runs it, and — what a 2026 network node does — two ML nodes
-//! serving a tiny Qwen3 (chat on the inference port) through a PoC v2 round.
+//! v1 round as a 2025 network node runs it, and — what a 2026 network node does — a GonkaNode
+//! whose ML nodes preload a tiny Qwen3 from their model volume, prove it with PoC v2 and chat.
 //!
 //!   cargo run -p gonka-e2e --bin gonka-demo [-- --keep]
 //!
@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     match std::env::var_os("GONKA_DAEMON_BIN") {
         Some(bin) => {
             poc_round(&cp, &api, &devnet, &admin_url, Path::new(&bin), &step).await?;
-            poc_v2_round(Path::new(&bin), &step).await?;
+            poc_v2_round(&cp, &api, Path::new(&bin), &step).await?;
         }
         None => println!(
             "\nNo PoC round: set GONKA_DAEMON_BIN to a node-daemon built with `--features torch` \
@@ -292,12 +292,20 @@ async fn wait_for_fleet(
     }
 }
 
-/// The 2026 flow: a devnet playing a 2026 network node, two node-daemons (processes beside the
-/// cluster: the GonkaNode spec does not carry model volumes yet) with a tiny random Qwen3 in
-/// their models directory; the round brings the model up on both, they prove with PoC v2 and
-/// validate each other's artifacts; a chat answer streams from the inference port.
-async fn poc_v2_round(daemon: &Path, step: &dyn Fn(&str)) -> anyhow::Result<()> {
+/// The 2026 flow, through the operator: two more kwok GPU nodes (H200), a tiny random Qwen3 in
+/// a models directory, a GonkaNode `tiny` whose `modelStorage` mounts it and preloads the model,
+/// registered with a devnet playing a 2026 network node; node-daemons stand in for its pods
+/// (reading the directory where the kubelet would mount the volume), the devnet runs a PoC v2
+/// round, the weight reaches the GonkaNode's status, and a chat answer streams from a pod's
+/// inference port.
+async fn poc_v2_round(
+    cp: &ControlPlane,
+    api: &Api<GonkaNode>,
+    daemon: &Path,
+    step: &dyn Fn(&str),
+) -> anyhow::Result<()> {
     const MODEL: &str = "gonka-demo/tiny-qwen3";
+    const PODS: &str = "app.kubernetes.io/instance=tiny,app.kubernetes.io/name=gonka-ml-node";
     let models = tempfile::tempdir()?;
     let python = std::env::var("GONKA_PYTHON").context("GONKA_PYTHON (make demo sets it)")?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
@@ -308,52 +316,64 @@ async fn poc_v2_round(daemon: &Path, step: &dyn Fn(&str)) -> anyhow::Result<()> 
     println!();
     step(&format!("[PoC v2] a tiny random Qwen3 ({MODEL}: 3 layers, hidden 64) written with transformers"));
 
-    let (devnet, base) = gonka_e2e::start_devnet_on(gonka_devnet::Generation::Mainline2026, &[MODEL], 0).await?;
-    let mut children = Vec::new();
-    let mut inference_urls = Vec::new();
-    for i in 0..2 {
-        let [api_port, inference_port] = gonka_e2e::free_ports::<2>()?;
-        let config = tempfile::NamedTempFile::new()?;
-        std::fs::write(
-            config.path(),
-            serde_json::json!({"gonkaNode": "demo/v2", "mlCallbackUrl": base, "pocPort": api_port,
-                "inferencePort": inference_port, "gpus": null, "models": [{"id": MODEL, "args": []}],
-                "poc": {"batchSize": 8, "sendIntervalSeconds": 5, "maxPendingBatches": 1000}})
-            .to_string(),
-        )?;
-        let scenario = tempfile::NamedTempFile::new()?;
-        fake_nvml::Scenario::hgx_h100().write(scenario.path())?;
-        let child = gonka_e2e::ChildGuard(
-            std::process::Command::new(daemon)
-                .env("GONKA_LISTEN", format!("127.0.0.1:{api_port}"))
-                .env("GONKA_INFERENCE_LISTEN", format!("127.0.0.1:{inference_port}"))
-                .env("GONKA_DAEMON_CONFIG", config.path())
-                .env("GONKA_MODELS_DIR", models.path())
-                .env("GONKA_NVML_LIBRARY", fake_nvml::LIBRARY)
-                .env(fake_nvml::CONFIG_ENV, scenario.path())
-                .env("GONKA_ALLOW_CPU_COMPUTE", "true")
-                .env("RUST_LOG", "warn")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .spawn()?,
-        );
-        children.push((child, config, scenario));
-        inference_urls.push(format!("http://127.0.0.1:{inference_port}"));
-        gonka_e2e::wait_http(&format!("http://127.0.0.1:{api_port}/healthz"), Duration::from_secs(30)).await?;
-        let registration = gonka_protocol::admin::InferenceNodeConfig {
-            host: "127.0.0.1".into(),
-            inference_segment: String::new(),
-            inference_port,
-            poc_segment: String::new(),
-            poc_port: api_port,
-            models: [(MODEL.to_string(), gonka_protocol::admin::ModelArgs::default())].into(),
-            id: format!("v2-node-{i}"),
-            max_concurrent: 500,
-            hardware: vec![],
-        };
-        devnet.lock().expect("devnet").register(registration).map_err(|r| anyhow::anyhow!("{r:?}"))?;
+    for name in ["gpu-h200-a", "gpu-h200-b"] {
+        cp.kwok_node(name, 8, "NVIDIA-H200").await?;
     }
-    step("[PoC v2] two node-daemons registered with a 2026 network node (devnet)");
+    let (devnet, base) = gonka_e2e::start_devnet_on(gonka_devnet::Generation::Mainline2026, &[MODEL], 0).await?;
+    let manifest = serde_json::json!({
+        "apiVersion": "gonka.ai/v1alpha1", "kind": "GonkaNode",
+        "metadata": {"name": "tiny", "namespace": NAMESPACE},
+        "spec": {
+            "networkNode": {"adminUrl": base, "mlCallbackUrl": base},
+            "placement": {"nodeSelector": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H200"}},
+            "gpusPerMlNode": 8,
+            "models": [{"id": MODEL, "args": ["--max-model-len", "256"]}],
+            "modelStorage": {"hostPath": "/srv/gonka-models", "preload": MODEL},
+        },
+    });
+    api.patch("tiny", &kube::api::PatchParams::apply("gonka-demo"), &kube::api::Patch::Apply(&manifest)).await?;
+    step(
+        "[PoC v2] 2 H200 nodes (kwok), a 2026 network node (devnet), GonkaNode tiny: modelStorage hostPath /srv/gonka-models, preload",
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = api.get("tiny").await?.status.unwrap_or_default();
+        if s.registered_ml_nodes == 2 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "GonkaNode tiny: not registered within 120s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let config_maps: Api<ConfigMap> = Api::namespaced(cp.client().await?, NAMESPACE);
+    let config = config_maps.get("tiny-daemon-config").await?;
+    let mut daemon_json: serde_json::Value =
+        serde_json::from_str(config.data.as_ref().and_then(|d| d.get("daemon.json")).context("daemon.json")?)?;
+    // Where the kubelet would mount the hostPath volume, the stand-ins read the directory.
+    daemon_json["modelsDir"] = serde_json::json!(models.path());
+    let h200s = |_: &str| {
+        let mut scenario = fake_nvml::Scenario::hgx_h100();
+        scenario.gpus = (0..8)
+            .map(|i| fake_nvml::FakeGpu {
+                name: "NVIDIA H200".into(),
+                uuid: format!("GPU-h200-{i:04}"),
+                total_mb: 143_771,
+                ..fake_nvml::FakeGpu::h100(i)
+            })
+            .collect();
+        scenario
+    };
+    let stand_ins = cp.stand_in_for_pods(NAMESPACE, PODS, daemon, &daemon_json.to_string(), h200s).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = api.get("tiny").await?.status.unwrap_or_default();
+        if s.ml_nodes.len() == 2 && s.ml_nodes.iter().all(|n| n.state.as_deref() == Some("INFERENCE")) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "GonkaNode tiny: ML nodes not serving within 120s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    step(&format!("[PoC v2] {} node-daemons preloaded {MODEL} and report INFERENCE", stand_ins.len()));
+
     let cfg = gonka_devnet::round_v2::RoundConfig {
         block_hash: "3f8a1c2b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8".into(),
         block_height: 2000,
@@ -369,31 +389,38 @@ async fn poc_v2_round(daemon: &Path, step: &dyn Fn(&str)) -> anyhow::Result<()> 
     };
     let results = gonka_devnet::round_v2::run_round(&devnet, &cfg, |m| step(&format!("[PoC v2] {m}"))).await?;
     println!("\nPoC v2 round at block {} on {MODEL} (devnet as a 2026 network node):", cfg.block_height);
-    println!("  {:<12} {:>10} {:>8}  validation", "ML NODE", "ARTIFACTS", "WEIGHT");
+    println!("  {:<28} {:>10} {:>8}  validation", "ML NODE", "ARTIFACTS", "WEIGHT");
     for r in &results {
         let validation = match (&r.validated_by, r.fraud_detected, r.n_mismatch) {
             (Some(by), Some(false), Some(n)) => format!("passed ({n} mismatches, by {by})"),
             (Some(by), Some(true), Some(n)) => format!("FRAUD ({n} mismatches, by {by})"),
             _ => "not validated".into(),
         };
-        println!("  {:<12} {:>10} {:>8}  {validation}", r.id, r.artifacts, r.weight);
+        println!("  {:<28} {:>10} {:>8}  {validation}", r.id, r.artifacts, r.weight);
     }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.get("tiny").await?.status.unwrap_or_default().poc_block_height != Some(cfg.block_height) {
+        anyhow::ensure!(Instant::now() < deadline, "status: the PoC v2 round not reported within 60s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("\n$ kubectl get gonkanodes -n {NAMESPACE}   # tiny: weight from the PoC v2 round");
+    print!("{}", cp.kubectl(&["get", "gonkanodes", "-n", NAMESPACE])?);
 
+    let pod_ip =
+        devnet.lock().expect("devnet").nodes().first().map(|n| n.node.config.host.clone()).context("a node")?;
     gonka_operator::network_node::install_crypto_provider();
-    let http = reqwest::Client::new();
     let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}],
         "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
-    let answer =
-        http.post(format!("{}/v1/chat/completions", inference_urls[0])).json(&body).send().await?.text().await?;
+    let url = format!("http://{pod_ip}:5000/v1/chat/completions");
+    let answer = reqwest::Client::new().post(&url).json(&body).send().await?.text().await?;
     let events: Vec<&str> = answer.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     println!(
-        "\n$ curl {}/v1/chat/completions -d '{{\"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], ...}}'",
-        inference_urls[0]
+        "\n$ curl {url} -d '{{\"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], ...}}'"
     );
     println!("  {} server-sent events (random weights: the words are noise), the last two:", events.len());
     for e in events.iter().rev().take(2).rev() {
         println!("  data: {e}");
     }
-    drop(children);
+    drop(stand_ins);
     Ok(())
 }
