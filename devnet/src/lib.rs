@@ -353,19 +353,30 @@ fn callback_model(segment: &str) -> String {
     percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
 
+/// A PoC v2 callback (`T` its body), recorded by `keep` with the model its path names.
+async fn record_v2<T: serde::de::DeserializeOwned>(
+    devnet: &Shared,
+    model: &str,
+    headers: &HeaderMap,
+    raw: &[u8],
+    keep: impl FnOnce(&mut Devnet, String, T),
+) -> Response {
+    match bind::<T>(headers, raw) {
+        Ok(body) => {
+            keep(&mut devnet.lock().expect("devnet"), callback_model(model), body);
+            StatusCode::OK.into_response()
+        }
+        Err(r) => refused(r),
+    }
+}
+
 async fn generated_v2(
     State(d): State<Shared>,
     Path(model): Path<String>,
     headers: HeaderMap,
     raw: axum::body::Bytes,
 ) -> Response {
-    match bind::<GeneratedArtifactBatch>(&headers, &raw) {
-        Ok(batch) => {
-            d.lock().expect("devnet").generated_v2.push((callback_model(&model), batch));
-            StatusCode::OK.into_response()
-        }
-        Err(r) => refused(r),
-    }
+    record_v2(&d, &model, &headers, &raw, |d, m, batch: GeneratedArtifactBatch| d.generated_v2.push((m, batch))).await
 }
 
 async fn validated_v2(
@@ -374,13 +385,7 @@ async fn validated_v2(
     headers: HeaderMap,
     raw: axum::body::Bytes,
 ) -> Response {
-    match bind::<ValidatedResult>(&headers, &raw) {
-        Ok(result) => {
-            d.lock().expect("devnet").validated_v2.push((callback_model(&model), result));
-            StatusCode::OK.into_response()
-        }
-        Err(r) => refused(r),
-    }
+    record_v2(&d, &model, &headers, &raw, |d, m, result: ValidatedResult| d.validated_v2.push((m, result))).await
 }
 
 async fn generated(State(d): State<Shared>, headers: HeaderMap, raw: axum::body::Bytes) -> Response {

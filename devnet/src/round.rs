@@ -16,6 +16,8 @@ use std::time::Duration;
 use gonka_protocol::ml_node::{InferenceUpResponse, ServiceState};
 use gonka_protocol::pow::{InitRequest, Params, PowState, ProofBatch};
 
+use gonka_protocol::admin::InferenceNodeConfig;
+
 use crate::Shared;
 use crate::ml_node_client::{Answer, ClientError, MlNodeClient};
 
@@ -75,17 +77,56 @@ impl std::fmt::Display for RoundError {
 
 impl std::error::Error for RoundError {}
 
-struct Target {
-    id: String,
-    node_num: u64,
-    model: Option<(String, Vec<String>)>,
-    client: MlNodeClient,
+/// A registered, enabled ML node a round drives (both rounds: [`crate::round_v2`] too).
+pub(crate) struct Target {
+    pub id: String,
+    pub node_num: u64,
+    /// Its registration (models and their args).
+    pub config: InferenceNodeConfig,
+    pub client: MlNodeClient,
+}
+
+/// Every registered, enabled ML node, with a client for its management API.
+pub(crate) fn enabled_targets(devnet: &Shared) -> Result<Vec<Target>, RoundError> {
+    let targets: Vec<Target> = devnet
+        .lock()
+        .expect("devnet")
+        .nodes()
+        .into_iter()
+        .filter(|n| n.state.admin_state.enabled)
+        .map(|n| {
+            let c = n.node.config;
+            let base = format!("http://{}:{}{}", c.host, c.poc_port, c.poc_segment);
+            let client = MlNodeClient::new(&base).map_err(|e| RoundError::Http {
+                node: c.id.clone(),
+                what: "its address".into(),
+                reason: e.to_string(),
+            })?;
+            Ok(Target { id: c.id.clone(), node_num: n.node.node_num, config: c, client })
+        })
+        .collect::<Result<_, RoundError>>()?;
+    if targets.is_empty() {
+        return Err(RoundError::NoNodes);
+    }
+    Ok(targets)
 }
 
 impl Target {
-    fn fail(&self, what: &str) -> impl Fn(ClientError) -> RoundError {
+    pub fn fail(&self, what: &str) -> impl Fn(ClientError) -> RoundError {
         let (node, what) = (self.id.clone(), what.to_string());
         move |e| RoundError::Http { node: node.clone(), what: what.clone(), reason: e.to_string() }
+    }
+
+    /// The answer, or the refusal as an error naming this node and the call.
+    pub fn refused(&self, answer: Answer, what: &str) -> Result<Answer, RoundError> {
+        if answer.is_success() {
+            return Ok(answer);
+        }
+        Err(RoundError::Http {
+            node: self.id.clone(),
+            what: what.to_string(),
+            reason: format!("HTTP {}: {}", answer.status, answer.text()),
+        })
     }
 
     /// `StartPoCNodeCommand` / `InitValidateNodeCommand`: skip if already in that PoC phase,
@@ -110,19 +151,8 @@ impl Target {
         };
         // The network node reads no status here, only whether the request went out; the
         // devnet reports refusals, which upstream would not notice.
-        refused(answer.map_err(self.fail("/api/v1/pow/init"))?, &self.id, "/api/v1/pow/init")
+        self.refused(answer.map_err(self.fail("/api/v1/pow/init"))?, "/api/v1/pow/init").map(drop)
     }
-}
-
-fn refused(answer: Answer, node: &str, what: &str) -> Result<(), RoundError> {
-    if answer.is_success() {
-        return Ok(());
-    }
-    Err(RoundError::Http {
-        node: node.to_string(),
-        what: what.to_string(),
-        reason: format!("HTTP {}: {}", answer.status, answer.text()),
-    })
 }
 
 /// Runs one round against the devnet's registered ML nodes; `progress` hears what happens.
@@ -131,27 +161,7 @@ pub async fn run_round(
     cfg: &RoundConfig,
     progress: impl Fn(&str),
 ) -> Result<Vec<NodeResult>, RoundError> {
-    let targets: Vec<Target> = devnet
-        .lock()
-        .expect("devnet")
-        .nodes()
-        .into_iter()
-        .filter(|n| n.state.admin_state.enabled)
-        .map(|n| {
-            let c = n.node.config;
-            let base = format!("http://{}:{}{}", c.host, c.poc_port, c.poc_segment);
-            let client = MlNodeClient::new(&base).map_err(|e| RoundError::Http {
-                node: c.id.clone(),
-                what: "its address".into(),
-                reason: e.to_string(),
-            })?;
-            let model = c.models.iter().next().map(|(m, a)| (m.clone(), a.args.clone()));
-            Ok(Target { id: c.id, node_num: n.node.node_num, model, client })
-        })
-        .collect::<Result<_, RoundError>>()?;
-    if targets.is_empty() {
-        return Err(RoundError::NoNodes);
-    }
+    let targets = enabled_targets(devnet)?;
     let init = |t: &Target| InitRequest {
         block_hash: cfg.block_hash.clone(),
         block_height: cfg.block_height,
@@ -213,7 +223,7 @@ pub async fn run_round(
             ..batch.clone()
         };
         let answer = validator.client.validate_batch(&sample).await.map_err(validator.fail("/api/v1/pow/validate"))?;
-        refused(answer, &validator.id, "/api/v1/pow/validate")?;
+        validator.refused(answer, "/api/v1/pow/validate")?;
         samples.insert(t.node_num, (validator.id.clone(), sample.nonces));
     }
     let verdict_of = |d: &crate::Devnet, nonces: &[i64]| {
@@ -235,8 +245,8 @@ pub async fn run_round(
     let mut inference_up = BTreeMap::new();
     for t in &targets {
         t.client.stop().await.map_err(t.fail("/api/v1/stop"))?;
-        if let Some((model, args)) = &t.model {
-            let answer = t.client.inference_up(model, args).await.map_err(t.fail("/api/v1/inference/up"))?;
+        if let Some((model, args)) = t.config.models.iter().next() {
+            let answer = t.client.inference_up(model, &args.args).await.map_err(t.fail("/api/v1/inference/up"))?;
             let status = answer.json::<InferenceUpResponse>().map(|r| r.status);
             inference_up.insert(t.node_num, status.unwrap_or_else(|_| format!("HTTP {}", answer.status)));
         }

@@ -16,7 +16,7 @@
 //! Simplified from upstream: the sample is the first artifacts, not MMR-proven leaves at seeded
 //! positions, and the validator is the next ML node in the list.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use gonka_protocol::ml_node::ServiceState;
@@ -25,7 +25,8 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde_json::json;
 
 use crate::Shared;
-use crate::ml_node_client::{Answer, ClientError, MlNodeClient};
+pub use crate::round::RoundError;
+use crate::round::enabled_targets;
 
 /// What Go's `url.PathEscape` escapes in a path segment (the bytes a model id can hold).
 const PATH_SEGMENT: &AsciiSet =
@@ -71,66 +72,13 @@ pub struct NodeResult {
     pub weight: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RoundError {
-    #[error("no enabled ML node is registered")]
-    NoNodes,
-    #[error("{what} on {node}: {reason}")]
-    Http { node: String, what: String, reason: String },
-}
-
-struct Target {
-    id: String,
-    node_num: u64,
-    args: Vec<String>,
-    client: MlNodeClient,
-}
-
-impl Target {
-    fn fail(&self, what: &str) -> impl Fn(ClientError) -> RoundError {
-        let (node, what) = (self.id.clone(), what.to_string());
-        move |e| RoundError::Http { node: node.clone(), what: what.clone(), reason: e.to_string() }
-    }
-
-    fn refused(&self, answer: Answer, what: &str) -> Result<Answer, RoundError> {
-        if answer.is_success() {
-            return Ok(answer);
-        }
-        Err(RoundError::Http {
-            node: self.id.clone(),
-            what: what.to_string(),
-            reason: format!("HTTP {}: {}", answer.status, answer.text()),
-        })
-    }
-}
-
 /// Runs one PoC v2 round against the devnet's registered ML nodes.
 pub async fn run_round(
     devnet: &Shared,
     cfg: &RoundConfig,
     progress: impl Fn(&str),
 ) -> Result<Vec<NodeResult>, RoundError> {
-    let targets: Vec<Target> = devnet
-        .lock()
-        .expect("devnet")
-        .nodes()
-        .into_iter()
-        .filter(|n| n.state.admin_state.enabled)
-        .map(|n| {
-            let c = n.node.config;
-            let base = format!("http://{}:{}{}", c.host, c.poc_port, c.poc_segment);
-            let client = MlNodeClient::new(&base).map_err(|e| RoundError::Http {
-                node: c.id.clone(),
-                what: "its address".into(),
-                reason: e.to_string(),
-            })?;
-            let args = c.models.get(&cfg.model).map(|a| a.args.clone()).unwrap_or_default();
-            Ok(Target { id: c.id, node_num: n.node.node_num, args, client })
-        })
-        .collect::<Result<_, RoundError>>()?;
-    if targets.is_empty() {
-        return Err(RoundError::NoNodes);
-    }
+    let targets = enabled_targets(devnet)?;
     let callback =
         format!("{}/v2/poc-batches/{}", cfg.callback_base.trim_end_matches('/'), callback_segment(&cfg.model));
 
@@ -140,8 +88,8 @@ pub async fn run_round(
         let serving = state.state == ServiceState::Inference && state.loaded_model.as_deref() == Some(&cfg.model);
         if !serving {
             t.client.stop().await.map_err(t.fail("/api/v1/stop"))?;
-            let answer =
-                t.client.inference_up_auto(&cfg.model, &t.args).await.map_err(t.fail("/api/v1/inference/up"))?;
+            let args = t.config.models.get(&cfg.model).map(|a| a.args.clone()).unwrap_or_default();
+            let answer = t.client.inference_up_auto(&cfg.model, &args).await.map_err(t.fail("/api/v1/inference/up"))?;
             t.refused(answer, "/api/v1/inference/up")?;
         }
     }
@@ -260,17 +208,6 @@ fn collect_artifacts(devnet: &Shared, cfg: &RoundConfig) -> BTreeMap<u64, BTreeM
         }
     }
     by_node
-}
-
-/// Unique nonces per ML node of a round, for weights outside [`run_round`].
-pub fn artifact_counts(devnet: &crate::Devnet, model: &str, block_height: i64) -> BTreeMap<i64, usize> {
-    let mut nonces: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
-    for (m, b) in &devnet.generated_v2 {
-        if m == model && b.block_height == block_height {
-            nonces.entry(b.node_id).or_default().extend(b.artifacts.iter().map(|a| a.nonce));
-        }
-    }
-    nonces.into_iter().map(|(k, v)| (k, v.len())).collect()
 }
 
 #[cfg(test)]

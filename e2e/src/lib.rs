@@ -583,33 +583,45 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(free_ports::<1>()?[0])
 }
 
-/// `N` different free TCP ports on 127.0.0.1.
-pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     // Hold all listeners until every port is picked so the N ports differ.
     let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     Ok(ports.try_into().expect("N ports"))
 }
 
-/// A child process, killed and reaped when dropped.
-pub struct ChildGuard(pub std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The project's Python (`GONKA_PYTHON`, as the Makefile exports it, else `.cache/pyenv`).
+pub fn python() -> PathBuf {
+    std::env::var_os("GONKA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"))
 }
 
-/// Waits until `url` answers at all (any status), up to `within`.
-pub async fn wait_http(url: &str, within: Duration) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + within;
-    while http.get(url).send().await.is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "{url} did not answer within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Writes a tiny random Qwen checkpoint (`arch`: `qwen2`, `qwen3`, `qwen3_moe`) and a small
+/// tokenizer into `dir` with transformers (the inference crate's reference script); `extra`
+/// adds request fields (`seed`, `shard_size`).
+pub fn write_tiny_qwen(dir: &Path, arch: &str, extra: serde_json::Value) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
+    let mut request = serde_json::json!({"arch": arch, "dir": dir, "prompt": [1], "tokenizer": true});
+    if let (Some(r), Some(e)) = (request.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
     }
+    let py = python();
+    let out = Command::new(&py)
+        .arg(script)
+        .arg(request.to_string())
+        .output()
+        .with_context(|| format!("running {} (`make pyenv` installs the project's Python)", py.display()))?;
+    anyhow::ensure!(out.status.success(), "writing a tiny {arch}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
+}
+
+/// Appends a benchmark's report to docs/benchmarks.md; returns the file's path.
+pub fn append_to_benchmarks(report: &str) -> anyhow::Result<PathBuf> {
+    use std::io::Write as _;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
+    std::fs::OpenOptions::new().append(true).open(&path)?.write_all(report.as_bytes())?;
+    Ok(path)
 }
 
 /// Installs the log subscriber once: `RUST_LOG` if set, else `default_filter`. Later calls

@@ -94,11 +94,6 @@ impl Checkpoint {
         })
     }
 
-    /// Every tensor name, for error messages and checks.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
-    }
-
     /// The tensor `name` as `kind` on `device`, checked against the shape the config implies.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor, LoadError> {
         let &shard_index = self.index.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;

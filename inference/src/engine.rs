@@ -210,10 +210,6 @@ impl Engine {
         Self { commands: Some(commands), thread: Some(thread), spec, tokenizer, max_model_len, load }
     }
 
-    pub fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
     pub fn tokenizer(&self) -> &ChatTokenizer {
         &self.tokenizer
     }

@@ -25,9 +25,6 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::{Output, Step, StepInput};
 use crate::models::Transformer;
 
-/// Upstream's `k_dim` default.
-pub const DEFAULT_K_DIM: i64 = 12;
-
 /// The first 32 bits of `sha256(seed)`, big-endian (upstream's `int(hexdigest[:8], 16)`).
 pub fn seed_from_string(seed: &str) -> u32 {
     let digest = Sha256::digest(seed.as_bytes());

@@ -122,10 +122,6 @@ impl ChatTokenizer {
         self.tokenizer.decode(&ids, skip_special_tokens).map_err(|e| TokenizeError::Tokenizer(e.to_string()))
     }
 
-    pub fn has_chat_template(&self) -> bool {
-        self.env.is_some()
-    }
-
     /// The prompt text of `messages` (OpenAI-shaped objects), as transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` renders it.
     pub fn apply_chat_template(

@@ -90,14 +90,7 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
 async fn model_storage_brings_the_preloaded_model_up_and_poc_v2_weighs_it() -> anyhow::Result<()> {
     const MODEL: &str = "Qwen/Tiny-Qwen3";
     let models = tempfile::tempdir()?;
-    let py = std::env::var_os("GONKA_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
-    let request = json!({"arch": "qwen3", "dir": models.path().join(MODEL), "prompt": [1], "tokenizer": true});
-    let made = std::process::Command::new(&py).arg(script).arg(request.to_string()).output()?;
-    anyhow::ensure!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    gonka_e2e::write_tiny_qwen(&models.path().join(MODEL), "qwen3", json!({}))?;
 
     let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
     let client = cp.client().await?;

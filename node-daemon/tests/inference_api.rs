@@ -33,13 +33,7 @@ const PUBLIC_KEY: &str = "gonka1testparticipantpublickey";
 fn models_dir() -> (tempfile::TempDir, PathBuf) {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join(MODEL);
-    let py = std::env::var_os("GONKA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
-    let request = json!({"arch": "qwen3", "dir": dir, "prompt": [1], "tokenizer": true, "seed": 3});
-    let out = std::process::Command::new(&py).arg(script).arg(request.to_string()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    gonka_e2e::write_tiny_qwen(&dir, "qwen3", json!({"seed": 3})).unwrap();
     (root, dir)
 }
 

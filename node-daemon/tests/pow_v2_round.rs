@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::Daemon;
@@ -20,13 +19,7 @@ const MODEL: &str = "Qwen/Tiny-Qwen3";
 
 fn models_dir(arch: &str) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    let py = std::env::var_os("GONKA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
-    let request = json!({"arch": arch, "dir": root.path().join(MODEL), "prompt": [1], "tokenizer": true});
-    let out = std::process::Command::new(&py).arg(script).arg(request.to_string()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    gonka_e2e::write_tiny_qwen(&root.path().join(MODEL), arch, json!({})).unwrap();
     root
 }
 

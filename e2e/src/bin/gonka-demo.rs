@@ -307,12 +307,7 @@ async fn poc_v2_round(
     const MODEL: &str = "gonka-demo/tiny-qwen3";
     const PODS: &str = "app.kubernetes.io/instance=tiny,app.kubernetes.io/name=gonka-ml-node";
     let models = tempfile::tempdir()?;
-    let python = std::env::var("GONKA_PYTHON").context("GONKA_PYTHON (make demo sets it)")?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
-    let request =
-        serde_json::json!({"arch": "qwen3", "dir": models.path().join(MODEL), "prompt": [1], "tokenizer": true});
-    let made = std::process::Command::new(&python).arg(script).arg(request.to_string()).output()?;
-    anyhow::ensure!(made.status.success(), "making the tiny model: {}", String::from_utf8_lossy(&made.stderr));
+    gonka_e2e::write_tiny_qwen(&models.path().join(MODEL), "qwen3", serde_json::json!({}))?;
     println!();
     step(&format!("[PoC v2] a tiny random Qwen3 ({MODEL}: 3 layers, hidden 64) written with transformers"));
 

@@ -8,8 +8,6 @@
 //!
 //! `--write` appends the figures to docs/benchmarks.md with the machine and date.
 
-use std::io::Write as _;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -149,8 +147,7 @@ async fn main() -> anyhow::Result<()> {
     );
     print!("{report}");
     if args.write {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-        std::fs::OpenOptions::new().append(true).open(&path)?.write_all(report.as_bytes())?;
+        let path = gonka_e2e::append_to_benchmarks(&report)?;
         step(&format!("appended to {}", path.display()));
     }
     Ok(())

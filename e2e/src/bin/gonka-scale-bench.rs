@@ -14,7 +14,6 @@
 //!   target/release/gonka-scale-bench [--nodes N] [--gonka-nodes G] [--rest-seconds S] [--write]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -352,8 +351,7 @@ async fn main() -> anyhow::Result<()> {
     );
     print!("{report}");
     if args.write {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-        std::fs::OpenOptions::new().append(true).open(&path)?.write_all(report.as_bytes())?;
+        let path = gonka_e2e::append_to_benchmarks(&report)?;
         step(&format!("appended to {}", path.display()));
     }
     Ok(())

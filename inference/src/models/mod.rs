@@ -65,12 +65,6 @@ impl Transformer {
         SequenceCache::new(self.blocks.len())
     }
 
-    pub fn devices(&self) -> Vec<Device> {
-        let mut devices: Vec<Device> = self.blocks.iter().map(|b| b.device).collect();
-        devices.dedup();
-        devices
-    }
-
     fn first_device(&self) -> Device {
         self.embed_tokens.device()
     }

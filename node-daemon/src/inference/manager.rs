@@ -8,6 +8,7 @@
 //! memory before anything is allocated, loaded on a blocking thread.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -65,7 +66,8 @@ enum Phase {
 /// `GET /inference/up/status` (upstream `StartupStatus`).
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct StartupStatus {
-    /// `not_started`, `in_progress`, `completed`, `failed`, `cancelled`.
+    /// `not_started`, `in_progress`, `completed`, `failed` (`down` forgets a start-up: then
+    /// `not_started`, as upstream).
     pub status: String,
     pub is_starting: bool,
     pub is_running: bool,
@@ -75,11 +77,12 @@ pub struct StartupStatus {
 
 struct Startup {
     started: Instant,
-    finished: Option<Instant>,
-    outcome: Option<Result<(), String>>,
+    /// When it ended, and how.
+    ended: Option<(Instant, Result<(), String>)>,
 }
 
-/// Upstream's words for a start-up that `down` overtook.
+/// Upstream's words for a start-up that `down` overtook (its status is forgotten with it, as
+/// upstream's is).
 const CANCELLED: &str = "Startup was cancelled";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -97,7 +100,7 @@ pub struct InferenceManager {
     phase: Mutex<Phase>,
     startup: Mutex<Option<Startup>>,
     /// Bumped by `down`: a start-up that finishes after it serves nothing.
-    generation: Mutex<u64>,
+    generation: AtomicU64,
 }
 
 impl InferenceManager {
@@ -107,7 +110,7 @@ impl InferenceManager {
             reporting,
             phase: Mutex::new(Phase::Stopped),
             startup: Mutex::new(None),
-            generation: Mutex::new(0),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -141,9 +144,8 @@ impl InferenceManager {
                 Phase::Stopped => *phase = Phase::Starting,
             }
         }
-        *self.startup.lock().expect("startup") =
-            Some(Startup { started: Instant::now(), finished: None, outcome: None });
-        let generation = *self.generation.lock().expect("generation");
+        *self.startup.lock().expect("startup") = Some(Startup { started: Instant::now(), ended: None });
+        let generation = self.generation.load(Ordering::SeqCst);
         let manager = self.clone();
         Ok(tokio::spawn(async move {
             let settings = manager.settings.clone();
@@ -151,31 +153,28 @@ impl InferenceManager {
             let loaded = tokio::task::spawn_blocking(move || bring_up(&settings, &request, free_gpu_bytes))
                 .await
                 .unwrap_or_else(|e| Err(format!("loading {model} panicked: {e}")));
-            let outcome = {
-                let mut phase = manager.phase.lock().expect("phase");
-                let current = *manager.generation.lock().expect("generation");
-                match loaded {
-                    Ok(served) if current == generation => {
-                        tracing::info!(model = %served.name, dir = %served.directory.display(), "inference up");
-                        *phase = Phase::Running(Arc::new(served));
-                        manager
-                            .reporting
-                            .update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Inference);
-                        Ok(())
+            let mut phase = manager.phase.lock().expect("phase");
+            let current = manager.generation.load(Ordering::SeqCst) == generation;
+            let outcome = match loaded {
+                Ok(served) if current => {
+                    tracing::info!(model = %served.name, dir = %served.directory.display(), "inference up");
+                    *phase = Phase::Running(Arc::new(served));
+                    manager.reporting.update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Inference);
+                    Ok(())
+                }
+                Ok(_) => Err(CANCELLED.to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, "inference start-up failed");
+                    if current {
+                        *phase = Phase::Stopped;
                     }
-                    Ok(_) => Err(CANCELLED.to_string()),
-                    Err(e) => {
-                        tracing::error!(error = %e, "inference start-up failed");
-                        if current == generation {
-                            *phase = Phase::Stopped;
-                        }
-                        Err(e)
-                    }
+                    Err(e)
                 }
             };
-            if let Some(s) = manager.startup.lock().expect("startup").as_mut() {
-                s.finished = Some(Instant::now());
-                s.outcome = Some(outcome.clone());
+            drop(phase);
+            // A start-up `down` overtook leaves no record (the one there is a newer start's).
+            if current && let Some(s) = manager.startup.lock().expect("startup").as_mut() {
+                s.ended = Some((Instant::now(), outcome.clone()));
             }
             outcome
         }))
@@ -191,34 +190,33 @@ impl InferenceManager {
                 elapsed_seconds: None,
                 error: None,
             },
-            Some(Startup { started, finished: None, .. }) => StartupStatus {
+            Some(Startup { started, ended: None }) => StartupStatus {
                 status: "in_progress".into(),
                 is_starting: true,
                 is_running: false,
                 elapsed_seconds: Some(started.elapsed().as_secs_f64()),
                 error: None,
             },
-            Some(Startup { started, finished: Some(at), outcome }) => {
-                let (status, error) = match outcome {
-                    Some(Ok(())) => ("completed", None),
-                    Some(Err(e)) if e == CANCELLED => ("cancelled", Some(e.clone())),
-                    Some(Err(e)) => ("failed", Some(e.clone())),
-                    None => ("failed", Some("start-up ended without an outcome".to_string())),
-                };
-                StartupStatus {
-                    status: status.into(),
-                    is_starting: false,
-                    is_running,
-                    elapsed_seconds: (status == "completed").then(|| (*at - *started).as_secs_f64()),
-                    error,
-                }
-            }
+            Some(Startup { started, ended: Some((at, Ok(()))) }) => StartupStatus {
+                status: "completed".into(),
+                is_starting: false,
+                is_running,
+                elapsed_seconds: Some((*at - *started).as_secs_f64()),
+                error: None,
+            },
+            Some(Startup { ended: Some((_, Err(e))), .. }) => StartupStatus {
+                status: "failed".into(),
+                is_starting: false,
+                is_running,
+                elapsed_seconds: None,
+                error: Some(e.clone()),
+            },
         }
     }
 
     /// Stops serving; the engine's thread and memory go once in-flight requests let go of it.
     pub async fn down(&self) {
-        *self.generation.lock().expect("generation") += 1;
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let previous = std::mem::replace(&mut *self.phase.lock().expect("phase"), Phase::Stopped);
         *self.startup.lock().expect("startup") = None;
         if let Phase::Running(served) = previous {

@@ -162,50 +162,58 @@ impl PocV2Service {
         task
     }
 
-    fn check_callback(&self, url: Option<&str>) -> Result<(), Refusal> {
+    /// What `init/generate` and `generate` check first: a model is served and is the one
+    /// `params` names, the callback is under `mlCallbackUrl`, the batch size is in bounds.
+    fn admit(&self, params: &PocParams, url: Option<&str>, batch_size: usize) -> Result<(Arc<Served>, usize), Refusal> {
+        let served = self
+            .manager
+            .served()
+            .ok_or_else(|| Refusal::Detail(StatusCode::SERVICE_UNAVAILABLE, "No vLLM backends available".into()))?;
+        check_params(&served, params).map_err(|detail| self.backend_refusal(StatusCode::CONFLICT, detail))?;
         if let (Some(url), Some(base)) = (url, &self.settings.callback_base)
             && !crate::poc::callback_allowed(url, base)
         {
-            return Err(Refusal(
+            return Err(Refusal::Detail(
                 StatusCode::BAD_REQUEST,
                 format!("callback URL {url} is not under this ML node's mlCallbackUrl {base}"),
             ));
         }
-        Ok(())
-    }
-
-    fn batch_size(&self, requested: usize) -> Result<usize, Refusal> {
-        let size = self.settings.batch_size.unwrap_or(requested);
+        let size = self.settings.batch_size.unwrap_or(batch_size);
         if !(1..=MAX_BATCH_SIZE).contains(&size) {
-            return Err(Refusal(
+            return Err(Refusal::Detail(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("batch_size must be between 1 and {MAX_BATCH_SIZE}, is {size}"),
             ));
         }
-        Ok(size)
+        Ok((served, size))
+    }
+
+    fn backend_refusal(&self, status: StatusCode, detail: Value) -> Refusal {
+        Refusal::Backend { port: self.backend_port(), status, detail }
     }
 }
 
-/// A refusal of the ML node itself: FastAPI's `{"detail": ...}` with its status.
-struct Refusal(StatusCode, String);
+enum Refusal {
+    /// The ML node's own: FastAPI's `{"detail": ...}` with its status.
+    Detail(StatusCode, String),
+    /// The backend's, as upstream's ML node relays it: 502 with the backend's words
+    /// (`{"detail": {"errors": [{"port", "error": "<backend body>"}]}}`) whatever the backend's
+    /// own status (`status`, logged).
+    Backend { port: u16, status: StatusCode, detail: Value },
+}
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        error(self.0, self.1)
+        match self {
+            Refusal::Detail(status, detail) => error(status, detail),
+            Refusal::Backend { port, status, detail } => {
+                tracing::debug!(backend_status = %status, %detail, "PoC v2 request refused");
+                let text = json!({"detail": detail}).to_string();
+                let body = json!({"detail": {"errors": [{"port": port, "error": text}]}});
+                (StatusCode::BAD_GATEWAY, Json(body)).into_response()
+            }
+        }
     }
-}
-
-/// A refusal of the backend, as upstream's ML node relays it: 502 with the backend's words
-/// (`{"detail": {"errors": [{"port", "error": "<backend body>"}]}}`) whatever the backend's own
-/// status (`status`, logged).
-fn backend_error(port: u16, status: StatusCode, detail: Value) -> Response {
-    tracing::debug!(backend_status = %status, %detail, "PoC v2 request refused");
-    let text = json!({"detail": detail}).to_string();
-    (StatusCode::BAD_GATEWAY, Json(json!({"detail": {"errors": [{"port": port, "error": text}]}}))).into_response()
-}
-
-fn no_backends() -> Response {
-    error(StatusCode::SERVICE_UNAVAILABLE, "No vLLM backends available")
 }
 
 /// The model in `params` must be the one served (vLLM's `check_params_match`).
@@ -233,17 +241,9 @@ type AppState = Arc<crate::api::AppState>;
 
 async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<InitGenerateRequest>) -> Response {
     let service = &state.pow_v2;
-    let Some(served) = service.manager.served() else { return no_backends() };
-    let port = service.backend_port();
-    if let Err(detail) = check_params(&served, &body.params) {
-        return backend_error(port, StatusCode::CONFLICT, detail);
-    }
-    if let Err(r) = service.check_callback(body.url.as_deref()) {
-        return r.into_response();
-    }
-    let batch_size = match service.batch_size(body.batch_size) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
+    let (served, batch_size) = match service.admit(&body.params, body.url.as_deref(), body.batch_size) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
     };
     // Broker numbers run 1..=node_count: node_id may equal node_count (its nonces are then
     // the multiples of node_count, which no other ML node of the host takes).
@@ -255,7 +255,7 @@ async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<I
     }
     let mut generation = service.generation.lock().await;
     if generation.as_ref().is_some_and(|g| !g.task.is_finished()) {
-        return backend_error(port, StatusCode::CONFLICT, json!("Already generating"));
+        return service.backend_refusal(StatusCode::CONFLICT, json!("Already generating")).into_response();
     }
     let config = RoundConfig {
         block_hash: body.block_hash,
@@ -291,7 +291,7 @@ async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<I
         status: "OK".into(),
         backends: 1,
         n_groups: 1,
-        results: vec![BackendResult { port, status: "OK".into() }],
+        results: vec![BackendResult { port: service.backend_port(), status: "OK".into() }],
         errors: None,
     })
     .into_response()
@@ -486,14 +486,49 @@ struct Job {
     batch_size: usize,
 }
 
+/// What a finished `generate` job found.
+enum Outcome {
+    Artifacts(Vec<Artifact>),
+    /// A validation's verdict.
+    Verdict {
+        n_total: i64,
+        mismatch_nonces: Vec<i64>,
+        p_value: f64,
+        fraud_detected: bool,
+    },
+}
+
+impl Outcome {
+    /// The completed answer (`wait: true`, and the poll of a queued job).
+    fn answer(&self, job: &Job) -> Value {
+        match self {
+            Outcome::Artifacts(artifacts) => json!({
+                "status": "completed",
+                "request_id": job.id,
+                "artifacts": artifacts,
+                "encoding": Encoding::f16_le(job.body.params.k_dim),
+            }),
+            Outcome::Verdict { n_total, mismatch_nonces, p_value, fraud_detected } => json!({
+                "status": "completed",
+                "request_id": job.id,
+                "n_total": n_total,
+                "n_mismatch": mismatch_nonces.len(),
+                "mismatch_nonces": mismatch_nonces,
+                "p_value": p_value,
+                "fraud_detected": fraud_detected,
+            }),
+        }
+    }
+}
+
 /// Computes a job's artifacts (after any round generation, as upstream waits for it) and, for a
-/// validation, the verdict; the answer's fields.
+/// validation, the verdict.
 async fn run_job(
     service: &PocV2Service,
     served: &Served,
     job: &Job,
     cancel: &CancellationToken,
-) -> Result<Value, String> {
+) -> Result<Outcome, String> {
     while service.is_generating().await {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -520,14 +555,7 @@ async fn run_job(
         };
         computed.extend(artifacts.into_iter().map(|a| Artifact { nonce: a.nonce, vector_b64: a.vector_b64 }));
     }
-    let Some(validation) = &body.validation else {
-        return Ok(json!({
-            "status": "completed",
-            "request_id": job.id,
-            "artifacts": computed,
-            "encoding": Encoding::f16_le(body.params.k_dim),
-        }));
-    };
+    let Some(validation) = &body.validation else { return Ok(Outcome::Artifacts(computed)) };
     let stat = body.stat_test.clone().unwrap_or_default();
     let received: HashMap<i64, String> = validation.artifacts.iter().map(|a| (a.nonce, a.vector_b64.clone())).collect();
     let mismatch_nonces = compare(&computed, &received, stat.dist_threshold, body.params.k_dim);
@@ -537,31 +565,21 @@ async fn run_job(
     } else {
         binomial_p_value_greater(mismatch_nonces.len() as u64, n_total, stat.p_mismatch)
     };
-    Ok(json!({
-        "status": "completed",
-        "request_id": job.id,
-        "n_total": n_total,
-        "n_mismatch": mismatch_nonces.len(),
-        "mismatch_nonces": mismatch_nonces,
-        "p_value": p_value,
-        "fraud_detected": p_value < stat.fraud_threshold,
-    }))
+    Ok(Outcome::Verdict {
+        n_total: n_total as i64,
+        mismatch_nonces,
+        p_value,
+        fraud_detected: p_value < stat.fraud_threshold,
+    })
 }
 
 async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<GenerateRequest>) -> Response {
     let service = state.pow_v2.clone();
-    let Some(served) = service.manager.served() else { return no_backends() };
-    let port = service.backend_port();
-    if let Err(detail) = check_params(&served, &body.params) {
-        return backend_error(port, StatusCode::CONFLICT, detail);
-    }
-    if let Err(r) = service.check_callback(body.url.as_deref()) {
-        return r.into_response();
-    }
-    let batch_size = match service.batch_size(body.batch_size) {
-        Ok(b) => b,
-        Err(r) => return r.into_response(),
+    let (served, batch_size) = match service.admit(&body.params, body.url.as_deref(), body.batch_size) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
     };
+    let port = service.backend_port();
     if body.nonces.len() > MAX_GENERATE_NONCES {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -572,29 +590,23 @@ async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Genera
         let theirs: std::collections::BTreeSet<i64> = v.artifacts.iter().map(|a| a.nonce).collect();
         let ours: std::collections::BTreeSet<i64> = body.nonces.iter().copied().collect();
         if theirs != ours {
-            return backend_error(
-                port,
-                StatusCode::BAD_REQUEST,
-                json!("validation.artifacts nonces must match nonces field"),
-            );
+            let detail = json!("validation.artifacts nonces must match nonces field");
+            return service.backend_refusal(StatusCode::BAD_REQUEST, detail).into_response();
         }
     }
     let job = Job { id: uuid::Uuid::new_v4().to_string(), body, batch_size };
     let cancel = service.jobs_stop.lock().expect("jobs").clone();
     if job.body.wait {
         return match run_job(&service, &served, &job, &cancel).await {
-            Ok(result) => Json(result).into_response(),
+            Ok(outcome) => Json(outcome.answer(&job)).into_response(),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         };
     }
     {
         let mut queued = service.queued_nonces.lock().expect("queued");
         if *queued + job.body.nonces.len() > MAX_QUEUED_NONCES {
-            return backend_error(
-                port,
-                StatusCode::TOO_MANY_REQUESTS,
-                json!(format!("Queue full: {} nonces queued, limit is {MAX_QUEUED_NONCES}", *queued)),
-            );
+            let detail = json!(format!("Queue full: {} nonces queued, limit is {MAX_QUEUED_NONCES}", *queued));
+            return service.backend_refusal(StatusCode::TOO_MANY_REQUESTS, detail).into_response();
         }
         *queued += job.body.nonces.len();
     }
@@ -625,10 +637,10 @@ async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Genera
             *queued = queued.saturating_sub(job.body.nonces.len());
         }
         match outcome {
-            Ok(result) => {
-                set(JobState::Completed(result.clone()));
+            Ok(outcome) => {
+                set(JobState::Completed(outcome.answer(&job)));
                 if let Some(url) = &job.body.url {
-                    deliver(&service.settings.http, url, &job, result, &cancel).await;
+                    deliver(&service.settings.http, url, &job, outcome, &cancel).await;
                 }
             }
             Err(e) => set(JobState::Failed(e)),
@@ -639,10 +651,10 @@ async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Genera
 
 /// Posts a finished job to `{url}/generated` or `{url}/validated`, retrying with backoff until
 /// delivered or stopped.
-async fn deliver(http: &reqwest::Client, url: &str, job: &Job, result: Value, cancel: &CancellationToken) {
+async fn deliver(http: &reqwest::Client, url: &str, job: &Job, outcome: Outcome, cancel: &CancellationToken) {
     let body = &job.body;
-    let (path, payload) = match &body.validation {
-        None => (
+    let (path, payload) = match outcome {
+        Outcome::Artifacts(artifacts) => (
             "generated",
             serde_json::to_value(GeneratedArtifactBatch {
                 request_id: Some(job.id.clone()),
@@ -650,11 +662,11 @@ async fn deliver(http: &reqwest::Client, url: &str, job: &Job, result: Value, ca
                 block_height: body.block_height,
                 public_key: body.public_key.clone(),
                 node_id: body.node_id,
-                artifacts: serde_json::from_value(result["artifacts"].clone()).unwrap_or_default(),
+                artifacts,
                 encoding: Encoding::f16_le(body.params.k_dim),
             }),
         ),
-        Some(_) => (
+        Outcome::Verdict { n_total, mismatch_nonces, p_value, fraud_detected } => (
             "validated",
             serde_json::to_value(ValidatedResult {
                 request_id: job.id.clone(),
@@ -662,11 +674,11 @@ async fn deliver(http: &reqwest::Client, url: &str, job: &Job, result: Value, ca
                 block_height: body.block_height,
                 public_key: body.public_key.clone(),
                 node_id: body.node_id,
-                n_total: result["n_total"].as_i64().unwrap_or(0),
-                n_mismatch: result["n_mismatch"].as_i64().unwrap_or(0),
-                mismatch_nonces: serde_json::from_value(result["mismatch_nonces"].clone()).unwrap_or_default(),
-                p_value: result["p_value"].as_f64().unwrap_or(1.0),
-                fraud_detected: result["fraud_detected"].as_bool().unwrap_or(false),
+                n_total,
+                n_mismatch: mismatch_nonces.len() as i64,
+                mismatch_nonces,
+                p_value,
+                fraud_detected,
             }),
         ),
     };
