@@ -9,7 +9,8 @@
 //! `/pow/validate` → `/stop` → `/inference/up`, and each answer is checked against what
 //! upstream's Python ML node (`mlnode/packages`, same commit) answers. The proofs and verdicts
 //! go to the devnet's callback server, which is as strict as upstream's (echo wants a JSON
-//! content type). The newest network node's extra calls follow.
+//! content type). The newest network node's extra calls follow, and then a 2026 network node's
+//! PoC v2 round from its own recorded bytes (`ml-node-requests-2026/`).
 #![cfg(feature = "torch")]
 
 mod common;
@@ -24,12 +25,19 @@ use serde_json::{Value, json};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../protocol/tests/fixtures/ml-node-requests-2025/");
 
+const FIXTURES_2026: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../protocol/tests/fixtures/ml-node-requests-2026/");
+
 /// A recorded request with `{host}` and `{callback}` filled in and its `Content-Length` fixed
 /// to the body it now has.
 fn recorded(name: &str, host: &str, callback: &str) -> Vec<u8> {
-    let raw = std::fs::read_to_string(format!("{FIXTURES}{name}")).unwrap();
+    recorded_in(FIXTURES, name, host, &[("{callback}", callback)])
+}
+
+/// A request recorded in `dir`, its placeholders replaced, its `Content-Length` fixed.
+fn recorded_in(dir: &str, name: &str, host: &str, fills: &[(&str, &str)]) -> Vec<u8> {
+    let raw = std::fs::read_to_string(format!("{dir}{name}")).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let body = body.replace("{callback}", callback);
+    let body = fills.iter().fold(body.to_string(), |b, (from, to)| b.replace(from, to));
     with_body(&head.replace("{host}", host), &body)
 }
 
@@ -192,4 +200,78 @@ fn upstreams_leniency_and_the_newest_network_nodes_calls() {
     assert_eq!(dapi.exchange(get("/api/v1/encrypted/identity", "").as_bytes()).0, 503);
     let authorized = get("/api/v1/state", "Authorization: Bearer node-config-auth-token\r\n");
     assert_eq!(dapi.exchange(authorized.as_bytes()).0, 200);
+}
+
+/// The 2026 network node's PoC v2 calls, as its Go client wrote them (`ml-node-requests-2026/`,
+/// recorded by testing/dapi-wire from upstream's request structs): state, inference up with
+/// `dtype: "auto"`, PoC v2 status, init/generate (no `batch_size`, no `k_dim`, the callback URL
+/// with the model escaped twice), stop with `{}`, and a queued validation of another ML node's
+/// artifacts with the chain's `stat_test` — each answered as upstream's ML node answers, the
+/// artifacts and the verdict reaching the callback server under the model's name.
+#[test]
+fn a_2026_network_node_drives_a_poc_v2_round_with_its_bytes() {
+    const MODEL: &str = "Qwen/Tiny-Qwen3";
+    let models = tempfile::tempdir().unwrap();
+    gonka_e2e::write_tiny_qwen(&models.path().join(MODEL), "qwen3", json!({})).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::new([MODEL.to_string()])));
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let callback = listener.local_addr().unwrap().to_string();
+    runtime.spawn(axum::serve(listener, gonka_devnet::callback_router(devnet.clone())).into_future());
+    let config = json!({
+        "gonkaNode": "gpu/test", "mlCallbackUrl": format!("http://{callback}"), "pocPort": 8080, "inferencePort": 5000,
+        "gpus": null, "models": [{"id": MODEL, "args": []}],
+        "poc": {"batchSize": 4, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
+    });
+    let daemon = Daemon::start_configured_with_env(
+        &Scenario::hgx_h100(),
+        &config,
+        &[("GONKA_MODELS_DIR", models.path().to_str().unwrap())],
+    );
+    let host = format!("127.0.0.1:{}", daemon.port);
+    let request = |name: &str, fills: &[(&str, &str)]| {
+        let mut all = vec![("{callback}", callback.as_str())];
+        all.extend_from_slice(fills);
+        recorded_in(FIXTURES_2026, name, &host, &all)
+    };
+    let mut dapi = GoConnection::open(daemon.port);
+
+    // InferenceUpNodeCommand: state, then the model up.
+    assert_eq!(dapi.exchange(&request("state.http", &[])).1["state"], "STOPPED");
+    assert_eq!(dapi.exchange(&request("inference_up.http", &[])), (200, json!({"status": "OK"})));
+    let state = dapi.exchange(&request("state.http", &[])).1;
+    assert_eq!((state["state"].as_str(), state["loaded_model"].as_str()), (Some("INFERENCE"), Some(MODEL)));
+    // StartPoCNodeCommandV2: status, then init/generate.
+    let (status, idle) = dapi.exchange(&request("pow_status_v2.http", &[]));
+    assert_eq!((status, idle["status"].as_str()), (200, Some("IDLE")));
+    let (status, started) = dapi.exchange(&request("init_generate_v2.http", &[]));
+    assert_eq!((status, started["status"].as_str(), started["backends"].as_u64()), (200, Some("OK"), Some(1)));
+    assert_eq!(dapi.exchange(&request("pow_status_v2.http", &[])).1["status"], "GENERATING");
+    // Artifacts of node 1 of 2 (odd nonces) reach /v2/poc-batches/{model}/generated, the model
+    // read back from its doubly escaped segment.
+    let artifact = |nonce: i64| {
+        let d = devnet.lock().unwrap();
+        d.generated_v2
+            .iter()
+            .filter(|(model, b)| model == MODEL && b.node_id == 1 && b.block_height == 3600)
+            .flat_map(|(_, b)| b.artifacts.clone())
+            .find(|a| a.nonce == nonce)
+            .map(|a| a.vector_b64)
+    };
+    eventually("artifacts of nonces 1 and 3 delivered", || artifact(1).is_some() && artifact(3).is_some());
+    // TransitionPoCToValidatingCommandV2: stop once.
+    let (status, stopped) = dapi.exchange(&request("stop_pow_v2.http", &[]));
+    assert_eq!((status, stopped["status"].as_str()), (200, Some("OK")));
+
+    // The validator's GenerateV2: the artifacts as the network node fetched them, queued, the
+    // verdict posted to /validated.
+    let (v1, v3) = (artifact(1).unwrap(), artifact(3).unwrap());
+    let (status, queued) =
+        dapi.exchange(&request("generate_v2_validation.http", &[("{vector_1}", &v1), ("{vector_3}", &v3)]));
+    assert_eq!((status, queued["status"].as_str()), (200, Some("queued")), "{queued}");
+    eventually("the verdict reaches the network node", || !devnet.lock().unwrap().validated_v2.is_empty());
+    let (model, verdict) = devnet.lock().unwrap().validated_v2[0].clone();
+    assert_eq!(model, MODEL);
+    assert_eq!((verdict.n_total, verdict.n_mismatch, verdict.fraud_detected), (2, 0, false));
+    assert_eq!((verdict.node_id, verdict.block_height), (2, 3600));
 }

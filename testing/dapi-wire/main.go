@@ -4,9 +4,17 @@
 // The structs below have the field order of upstream's mlnodeclient DTOs (poc.go InitDto, Params,
 // ProofBatch; client.go inferenceUpDto), which decides the JSON's byte order.
 //
+// With a second directory it also records the 2026 network node's PoC v2 calls
+// (redstartechno/gonka 8a35022b, decentralized-api/mlnodeclient/poc_v2_requests.go, client.go
+// InferenceUp with dtype "auto"; the same SendPostJsonRequest), with upstream's struct field
+// order and `omitempty`s, the callback URL built as broker/node_worker_commands.go builds it.
+//
 // Regenerate the fixtures the replay suite sends:
-//   cd testing/dapi-wire && go run . ../../protocol/tests/fixtures/ml-node-requests-2025
-// `{host}` and `{callback}` in them are filled in by the tests.
+//
+//	cd testing/dapi-wire && go run . ../../protocol/tests/fixtures/ml-node-requests-2025 \
+//	  ../../protocol/tests/fixtures/ml-node-requests-2026
+//
+// `{host}`, `{callback}` and `{vector_N}` in them are filled in by the tests.
 package main
 
 import (
@@ -17,6 +25,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -56,6 +65,52 @@ type proofBatch struct {
 	Nonces      []int64   `json:"nonces"`
 	Dist        []float64 `json:"dist"`
 	NodeNum     uint64    `json:"node_id"`
+}
+
+type pocParamsV2 struct {
+	Model  string `json:"model"`
+	SeqLen int64  `json:"seq_len"`
+}
+
+type initGenerateV2 struct {
+	BlockHash      string      `json:"block_hash"`
+	BlockHeight    int64       `json:"block_height"`
+	PublicKey      string      `json:"public_key"`
+	NodeId         int         `json:"node_id"`
+	NodeCount      int         `json:"node_count"`
+	Params         pocParamsV2 `json:"params"`
+	URL            string      `json:"url,omitempty"`
+	PocStrongerRng bool        `json:"poc_stronger_rng,omitempty"`
+}
+
+type artifactV2 struct {
+	Nonce     int64  `json:"nonce"`
+	VectorB64 string `json:"vector_b64"`
+}
+
+type validationV2 struct {
+	Artifacts []artifactV2 `json:"artifacts"`
+}
+
+type statTestV2 struct {
+	DistThreshold   float64 `json:"dist_threshold,omitempty"`
+	PMismatch       float64 `json:"p_mismatch,omitempty"`
+	PValueThreshold float64 `json:"p_value_threshold,omitempty"`
+}
+
+type generateV2 struct {
+	BlockHash      string        `json:"block_hash"`
+	BlockHeight    int64         `json:"block_height"`
+	PublicKey      string        `json:"public_key"`
+	NodeId         int           `json:"node_id"`
+	NodeCount      int           `json:"node_count"`
+	Nonces         []int64       `json:"nonces"`
+	Params         pocParamsV2   `json:"params"`
+	Wait           bool          `json:"wait,omitempty"`
+	URL            string        `json:"url,omitempty"`
+	Validation     *validationV2 `json:"validation,omitempty"`
+	StatTest       *statTestV2   `json:"stat_test,omitempty"`
+	PocStrongerRng bool          `json:"poc_stronger_rng,omitempty"`
 }
 
 type inferenceUp struct {
@@ -100,7 +155,11 @@ func main() {
 	}()
 	base := "http://" + ln.Addr().String()
 	client := &http.Client{}
-	send := func(name, method, path string, payload any) {
+	out2026 := ""
+	if len(os.Args) > 2 {
+		out2026 = os.Args[2]
+	}
+	sendTo := func(dir, name, method, path string, payload any) {
 		var req *http.Request
 		if payload == nil {
 			req, _ = http.NewRequest(method, base+path, nil)
@@ -114,8 +173,9 @@ func main() {
 		}
 		resp.Body.Close()
 		raw := bytes.ReplaceAll(<-captured, []byte(ln.Addr().String()), []byte("{host}"))
-		os.WriteFile(filepath.Join(out, name), raw, 0o644)
+		os.WriteFile(filepath.Join(dir, name), raw, 0o644)
 	}
+	send := func(name, method, path string, payload any) { sendTo(out, name, method, path, payload) }
 	small := &params{Dim: 64, NLayers: 2, NHeads: 4, NKVHeads: 4, VocabSize: 96, FFNDimMultiplier: 1.3,
 		MultipleOf: 32, NormEps: 1e-5, RopeTheta: 10000, UseScaledRope: false, SeqLen: 8}
 	dto := initDto{BlockHash: "0xblockhash", BlockHeight: 1000, PublicKey: "gonka-pubkey", BatchSize: 100,
@@ -131,4 +191,24 @@ func main() {
 	send("inference_up.http", "POST", "/api/v1/inference/up", inferenceUp{Model: "Qwen/Qwen2.5-7B-Instruct",
 		Dtype: "float16", Args: []string{"--quantization", "fp8"}})
 	send("health.http", "GET", "/health", nil)
+	if out2026 == "" {
+		return
+	}
+	send26 := func(name, method, path string, payload any) { sendTo(out2026, name, method, path, payload) }
+	model := "Qwen/Tiny-Qwen3"
+	callback := "http://{callback}/v2/poc-batches/" + url.PathEscape(url.PathEscape(model))
+	params := pocParamsV2{Model: model, SeqLen: 8}
+	send26("state.http", "GET", "/api/v1/state", nil)
+	send26("inference_up.http", "POST", "/api/v1/inference/up", inferenceUp{Model: model, Dtype: "auto",
+		Args: []string{"--max-model-len", "256"}})
+	send26("pow_status_v2.http", "GET", "/api/v1/inference/pow/status", nil)
+	send26("init_generate_v2.http", "POST", "/api/v1/inference/pow/init/generate", initGenerateV2{
+		BlockHash: "0xblockhash", BlockHeight: 3600, PublicKey: "gonka-pubkey", NodeId: 1, NodeCount: 2,
+		Params: params, URL: callback, PocStrongerRng: true})
+	send26("stop_pow_v2.http", "POST", "/api/v1/inference/pow/stop", struct{}{})
+	send26("generate_v2_validation.http", "POST", "/api/v1/inference/pow/generate", generateV2{
+		BlockHash: "0xblockhash", BlockHeight: 3600, PublicKey: "gonka-pubkey", NodeId: 2, NodeCount: 2,
+		Nonces: []int64{1, 3}, Params: params, URL: callback,
+		Validation: &validationV2{Artifacts: []artifactV2{{Nonce: 1, VectorB64: "{vector_1}"}, {Nonce: 3, VectorB64: "{vector_3}"}}},
+		StatTest:   &statTestV2{DistThreshold: 0.4, PMismatch: 0.1, PValueThreshold: 0.05}, PocStrongerRng: true})
 }
