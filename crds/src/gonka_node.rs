@@ -269,6 +269,33 @@ pub struct ModelSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.all(a, size(a) > 0 && size(a) <= 512)").message("args entries must be non-empty and at most 512 characters"))]
     pub args: Vec<String>,
+
+    /// Which engine serves the model on each ML node: `auto` (the default) is the node-daemon's
+    /// own libtorch engine when it runs the checkpoint's architecture (Qwen2, Qwen3, Qwen3-MoE
+    /// without quantisation) and vLLM otherwise; `native` and `vllm` force one. vLLM needs a
+    /// node-daemon image that carries it (`images/node-daemon-vllm`); `args` are vLLM's flags
+    /// either way (the native engine reads the few that apply to it).
+    #[serde(default, skip_serializing_if = "ModelEngine::is_auto")]
+    pub engine: ModelEngine,
+}
+
+/// The engine that serves a model.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelEngine {
+    /// Native when it runs the checkpoint, else vLLM.
+    #[default]
+    Auto,
+    /// The node-daemon's own libtorch engine.
+    Native,
+    /// vLLM servers run and fronted by the node-daemon, as upstream's ML node runs them.
+    Vllm,
+}
+
+impl ModelEngine {
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
 }
 
 /// Model weights for the ML nodes: a volume in the Hugging Face layouts the node-daemon reads

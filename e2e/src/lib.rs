@@ -597,9 +597,22 @@ pub fn python() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/pyenv/bin/python"))
 }
 
-/// Writes a tiny random Qwen checkpoint (`arch`: `qwen2`, `qwen3`, `qwen3_moe`) and a small
-/// tokenizer into `dir` with transformers (the inference crate's reference script); `extra`
-/// adds request fields (`seed`, `shard_size`).
+/// vLLM's CPU build in its own venv (`scripts/vllm-env.sh`, which installs it on first use):
+/// `GONKA_VLLM_PYTHON` when set (the Makefile sets it), else what the script prints.
+pub fn vllm_python() -> anyhow::Result<PathBuf> {
+    if let Some(python) = std::env::var_os("GONKA_VLLM_PYTHON") {
+        return Ok(PathBuf::from(python));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vllm-env.sh");
+    let out = Command::new(&script).stderr(std::process::Stdio::inherit()).output()?;
+    anyhow::ensure!(out.status.success(), "{} failed", script.display());
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// Writes a tiny random checkpoint (`arch`: `qwen2`, `qwen3`, `qwen3_moe`, or `llama`, which
+/// the native engine does not run) and a small tokenizer into `dir` with transformers (the
+/// inference crate's reference script); `extra` adds request fields (`seed`, `shard_size`,
+/// `config` overrides such as `{"head_dim": 64}`).
 pub fn write_tiny_qwen(dir: &Path, arch: &str, extra: serde_json::Value) -> anyhow::Result<()> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/qwen_reference.py");
     let mut request = serde_json::json!({"arch": arch, "dir": dir, "prompt": [1], "tokenizer": true});

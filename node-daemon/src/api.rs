@@ -11,7 +11,7 @@
 //! 2025 network node sends no `Content-Type`), unknown fields ignored; an `Authorization`
 //! header (the newest network node's `auth_token`) is accepted and not checked.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -21,21 +21,19 @@ use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use gonka_protocol::ml_node::{
-    ErrorResponse, GpuDevicesResponse, GpuInfo, HealthResponse, ManagerStatus, ManagersInfo, ReadinessResponse,
-    ServiceState, StateResponse, StatusResponse, VersionsResponse,
+    GpuDevicesResponse, GpuInfo, HealthResponse, ManagerStatus, ManagersInfo, ReadinessResponse, ServiceState,
+    StateResponse, StatusResponse, VersionsResponse,
 };
-
 use sha2::{Digest, Sha256};
 
-use crate::gpu::{GpuProbe, GpuStatus};
-use crate::metrics::DaemonMetrics;
+use crate::gpu::GpuStatus;
+use crate::http::error;
+use crate::state::{AppState, MAX_IN_FLIGHT};
 
 /// Upstream caches the health answer this long.
 const HEALTH_CACHE: Duration = Duration::from_secs(5);
 /// Largest request body (a validation sample of upstream's 200 nonces is a few KiB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Requests handled at once; more are refused with 503 instead of queueing without end.
-pub const MAX_IN_FLIGHT: usize = 64;
 /// Longest a request may take (none should come near it).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `/inference/up` may take: it answers once the model is loaded (the network node
@@ -45,169 +43,6 @@ pub const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 pub const POC_GENERATE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// The kubelet's probes and the metrics scrape are answered whatever the load.
 const UNLIMITED_PATHS: [&str; 5] = ["/healthz", "/readyz", "/livez", "/health", "/metrics"];
-
-/// Where inference finds its models and serves, from `daemon.json` and the flags.
-#[derive(Clone, Debug, Default)]
-pub struct InferenceOptions {
-    /// The models volume (`--models-dir`).
-    pub models_dir: Option<std::path::PathBuf>,
-    /// The inference port (upstream 5000).
-    pub inference_port: u16,
-    /// Where models are downloaded from (`--model-mirror`); `None`: offline.
-    pub model_mirror: Option<String>,
-}
-
-/// What the API holds this ML node to, from `daemon.json` and the flags.
-#[derive(Clone, Debug, Default)]
-pub struct Policy {
-    /// Available GPUs it needs to be ready (the GonkaNode's `gpusPerMlNode`, else one).
-    pub expected_gpus: usize,
-    /// Development only: ready without GPUs.
-    pub allow_cpu_compute: bool,
-    /// The models the GonkaNode gives this ML node; empty: any.
-    pub models: Vec<String>,
-    /// The bearer token every API call must carry (the network node's `auth_token`); `None`:
-    /// none asked for, as upstream's ML node.
-    pub api_token: Option<String>,
-}
-
-pub struct AppState {
-    pub probe: GpuProbe,
-    pub policy: Policy,
-    in_flight: tokio::sync::Semaphore,
-    /// SHA-256 of `policy.api_token`.
-    api_token_sha256: Option<[u8; 32]>,
-    pub metrics: DaemonMetrics,
-    pub version: String,
-    /// The report hook: inventory, state, events.
-    pub reporting: crate::node_state::Reporting,
-    /// PoC v1 jobs (upstream's `PowManager`).
-    #[cfg(feature = "torch")]
-    pub pow: crate::poc::engine::PowService,
-    /// The served model (upstream's `InferenceManager`).
-    #[cfg(feature = "torch")]
-    pub inference: Arc<crate::inference::manager::InferenceManager>,
-    /// PoC v2 on the served model.
-    #[cfg(feature = "torch")]
-    pub pow_v2: Arc<crate::inference::pow_v2::PocV2Service>,
-    /// The models directory as a cache (`/api/v1/models/*`).
-    #[cfg(feature = "torch")]
-    pub model_cache: Arc<crate::inference::model_cache::ModelCache>,
-    health: Mutex<Option<(Instant, HealthResponse)>>,
-}
-
-impl AppState {
-    pub fn new(
-        probe: GpuProbe,
-        metrics: DaemonMetrics,
-        version: impl Into<String>,
-        #[cfg_attr(not(feature = "torch"), allow(unused_variables))] pow: crate::poc::PowSettings,
-        reporting: crate::node_state::Reporting,
-        policy: Policy,
-        #[cfg_attr(not(feature = "torch"), allow(unused_variables))] inference: InferenceOptions,
-    ) -> anyhow::Result<Arc<Self>> {
-        #[cfg(feature = "torch")]
-        let (pow, inference, pow_v2, model_cache) = {
-            use crate::inference::{manager, model_cache, pow_v2};
-            let (allow_cpu, callback_base, batch_size) = (pow.allow_cpu, pow.callback_base.clone(), pow.batch_size);
-            let pow = crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?;
-            let model_cache = model_cache::ModelCache::new(inference.models_dir.clone(), inference.model_mirror)?;
-            let manager = manager::InferenceManager::new(
-                manager::InferenceSettings { models_dir: inference.models_dir, allow_cpu, engine: Default::default() },
-                reporting.clone(),
-            );
-            let pow_v2 = pow_v2::PocV2Service::new(
-                pow_v2::PocV2Settings {
-                    callback_base,
-                    batch_size,
-                    inference_port: inference.inference_port,
-                    http: pow.http(),
-                    reporting: reporting.clone(),
-                },
-                manager.clone(),
-            );
-            (pow, manager, pow_v2, model_cache)
-        };
-        Ok(Arc::new(Self {
-            probe,
-            api_token_sha256: policy.api_token.as_ref().map(|t| Sha256::digest(t.as_bytes()).into()),
-            policy,
-            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
-            #[cfg(feature = "torch")]
-            pow,
-            #[cfg(feature = "torch")]
-            inference,
-            #[cfg(feature = "torch")]
-            pow_v2,
-            #[cfg(feature = "torch")]
-            model_cache,
-            reporting,
-            metrics,
-            version: version.into(),
-            health: Mutex::new(None),
-        }))
-    }
-
-    /// Memory the GPUs have free (NVML), for refusing a model that cannot fit; `None` without
-    /// GPUs.
-    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
-    pub async fn free_gpu_bytes(&self) -> Option<u64> {
-        let probe = self.probe.clone();
-        let gpus = tokio::task::spawn_blocking(move || probe.snapshot()).await.ok()?;
-        let free: u64 = gpus.iter().filter_map(|g| g.to_device().free_memory_mb).map(|mb| mb * 1024 * 1024).sum();
-        (!gpus.is_empty()).then_some(free)
-    }
-
-    /// Which manager runs: POW while a PoC v1 session exists, INFERENCE while a model is up
-    /// or coming up (PoC v2 runs inside it).
-    pub(crate) fn service_state(&self) -> ServiceState {
-        #[cfg(feature = "torch")]
-        if self.pow.is_running() {
-            return ServiceState::Pow;
-        }
-        #[cfg(feature = "torch")]
-        if self.inference.is_running() || self.inference.is_starting() {
-            return ServiceState::Inference;
-        }
-        ServiceState::Stopped
-    }
-}
-
-/// A JSON request body read as FastAPI reads one: parsed as JSON when `Content-Type` is absent,
-/// `application/json` or `application/*+json`; anything else, an empty body or JSON that does
-/// not fit the schema is a 422 `{"detail": ...}` naming the problem.
-pub struct JsonBody<T>(pub T);
-
-impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = Response;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let unprocessable = |detail: String| error(StatusCode::UNPROCESSABLE_ENTITY, detail);
-        let json = req.headers().get(header::CONTENT_TYPE).map(|v| is_json_media_type(v.to_str().unwrap_or("")));
-        // A body over the limit is a 413 naming it.
-        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| error(e.status(), e.body_text()))?;
-        if body.is_empty() {
-            return Err(unprocessable("body: Field required".into()));
-        }
-        if json == Some(false) {
-            return Err(unprocessable("body: Input should be a valid JSON object (Content-Type is not JSON)".into()));
-        }
-        serde_json::from_slice(&body).map(Self).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => unprocessable(format!("body: {e}")),
-            _ => unprocessable(format!("body: JSON decode error: {e}")),
-        })
-    }
-}
-
-/// `application/json`, `application/*+json`, with any parameters (FastAPI's rule).
-fn is_json_media_type(value: &str) -> bool {
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence.strip_prefix("application/").is_some_and(|sub| sub == "json" || sub.ends_with("+json"))
-}
 
 /// The router behind the version-prefix rewrite, ready for `axum::serve`.
 pub type Service = axum::routing::IntoMakeService<tower::util::MapRequest<Router, RequestRewrite>>;
@@ -225,7 +60,10 @@ pub fn service(state: Arc<AppState>) -> Service {
 pub fn router(state: Arc<AppState>) -> Router {
     let managers = crate::modes::inference_routes();
     #[cfg(feature = "torch")]
-    let managers = managers.merge(crate::poc::routes::routes()).merge(crate::inference::pow_v2::routes());
+    let managers = managers.merge(crate::poc::routes::routes()).merge(
+        crate::inference::pow_v2::routes()
+            .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::inference::pow_v2::engine_seam)),
+    );
     let managers =
         managers.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::modes::refuse_conflicts));
     #[cfg(feature = "torch")]
@@ -315,16 +153,13 @@ fn strip_version_prefix(mut request: Request) -> Request {
     request
 }
 
-pub fn error(status: StatusCode, detail: impl Into<String>) -> Response {
-    (status, Json(ErrorResponse { detail: detail.into() })).into_response()
-}
-
 async fn snapshot(state: &AppState) -> Vec<GpuStatus> {
     let probe = state.probe.clone();
     tokio::task::spawn_blocking(move || probe.snapshot()).await.unwrap_or_default()
 }
 
-/// `poc_status`, `inference_healthy` and `loaded_model` only in INFERENCE, as upstream.
+/// `poc_status`, `inference_healthy` and `loaded_model` only in INFERENCE, as upstream: while
+/// nothing serves yet (start-up, or every vLLM instance down) `NO_BACKENDS` and unhealthy.
 async fn get_state(State(state): State<Arc<AppState>>) -> Json<StateResponse> {
     let service_state = state.service_state();
     #[cfg_attr(not(feature = "torch"), allow(unused_mut))]
@@ -338,13 +173,39 @@ async fn get_state(State(state): State<Arc<AppState>>) -> Json<StateResponse> {
     };
     #[cfg(feature = "torch")]
     if service_state == ServiceState::Inference {
-        let served = state.inference.served();
-        answer.poc_status = Some(if state.pow_v2.is_generating().await { "GENERATING" } else { "IDLE" }.into());
-        answer.inference_healthy = Some(served.is_some());
-        answer.loaded_model = served.map(|s| s.name.clone());
+        use crate::inference::manager::Backend;
+        let (poc_status, model) = match state.inference.backend() {
+            Some(Backend::Native(served)) => {
+                let generating = state.pow_v2.is_generating().await;
+                (if generating { "GENERATING" } else { "IDLE" }, Some(served.name.clone()))
+            }
+            Some(Backend::Vllm(server)) if !server.healthy().is_empty() => {
+                let reports: Vec<_> = server.healthy().iter().map(|i| i.report().poc_status).collect();
+                (vllm_poc_status(&reports), Some(server.model.clone()))
+            }
+            _ => ("NO_BACKENDS", None),
+        };
+        answer.inference_healthy = Some(model.is_some());
+        answer.poc_status = Some(poc_status.into());
+        answer.loaded_model = model;
         answer.poc_validation_inference = true;
     }
     Json(answer)
+}
+
+/// Upstream's `/state` aggregate of the healthy instances' PoC states.
+#[cfg(feature = "torch")]
+fn vllm_poc_status(statuses: &[String]) -> &'static str {
+    let active = |s: &String| s == "GENERATING" || s == "VALIDATING";
+    if statuses.iter().all(|s| s == "GENERATING") {
+        "GENERATING"
+    } else if statuses.iter().all(|s| s == "VALIDATING") {
+        "VALIDATING"
+    } else if statuses.iter().any(active) {
+        "MIXED"
+    } else {
+        "IDLE"
+    }
 }
 
 /// With a model served, PoC validation runs alongside inference (the engine interleaves them);
@@ -417,10 +278,10 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let available = snapshot(&state).await.iter().filter(|g| g.to_device().is_available).count();
     let wanted = state.policy.expected_gpus;
-    // The served model's engine thread gone (a crash outside a step) is upstream's "vLLM not
-    // alive".
+    // The native engine's thread gone (a crash outside a step), or every vLLM instance down,
+    // is upstream's "vLLM not alive"; one instance restarting still serves.
     #[cfg(feature = "torch")]
-    let inference_unhealthy = state.inference.served().is_some_and(|s| !s.engine.is_alive());
+    let inference_unhealthy = state.inference.is_running() && !state.inference.is_healthy();
     #[cfg(not(feature = "torch"))]
     let inference_unhealthy = state.service_state() == ServiceState::Inference;
     let reason = if inference_unhealthy {
@@ -436,6 +297,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.observe(&snapshot(&state).await);
+    #[cfg(feature = "torch")]
+    state.metrics.observe_vllm(&state.inference.vllm().map(|s| s.samples()).unwrap_or_default());
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
@@ -447,16 +310,6 @@ mod tests {
     fn path(p: &str) -> String {
         let req = Request::builder().uri(p).body(axum::body::Body::empty()).unwrap();
         strip_version_prefix(req).uri().to_string()
-    }
-
-    #[test]
-    fn json_media_types_are_fastapis() {
-        for yes in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/ld+json"] {
-            assert!(is_json_media_type(yes), "{yes}");
-        }
-        for no in ["text/plain", "application/x-www-form-urlencoded", "json", ""] {
-            assert!(!is_json_media_type(no), "{no}");
-        }
     }
 
     #[test]

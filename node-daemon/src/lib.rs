@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod gpu;
+pub mod http;
 #[cfg(feature = "torch")]
 pub mod inference;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod modes;
 pub mod node_state;
 pub mod poc;
 pub mod report_client;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +52,25 @@ pub struct Settings {
     /// Address of the inference port; `None`: the management API's address with
     /// `daemon.json`'s `inferencePort` (upstream's 5000 without one).
     pub inference_listen: Option<SocketAddr>,
+    /// How to run vLLM for the models it serves; `None`: this ML node has no vLLM.
+    pub vllm: Option<VllmOptions>,
+}
+
+/// How the daemon runs vLLM (flags; upstream's environment names in brackets).
+#[derive(Clone, Debug)]
+pub struct VllmOptions {
+    /// The Python with vLLM (`VLLM_PYTHON_PATH`).
+    pub python: PathBuf,
+    /// The module run with `-m` (`MLNODE_VLLM_MODULE`).
+    pub module: String,
+    /// Instances at most (`INFERENCE_MAX_INSTANCES`).
+    pub max_instances: usize,
+    /// A busy instance without a scheduler step this long is restarted (`MLNODE_HANG_GRACE_SEC`).
+    pub hang_grace: std::time::Duration,
+    /// Longest an instance may take to serve (`VLLM_RUNNER_TIMEOUT`).
+    pub startup_timeout: std::time::Duration,
+    /// Instance `i` starts this long times `i` after the first (upstream 5 s).
+    pub stagger: std::time::Duration,
 }
 
 /// Upstream's inference port.
@@ -67,6 +88,27 @@ pub struct PodInfo {
 pub fn read_config(path: &std::path::Path) -> anyhow::Result<DaemonConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     DaemonConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{} is not a valid daemon config: {e}", path.display()))
+}
+
+#[cfg(feature = "torch")]
+fn vllm_settings(o: &VllmOptions) -> inference::vllm::VllmSettings {
+    use inference::vllm::{VllmSettings, plan::VllmConfig, supervisor::Supervision};
+    VllmSettings {
+        config: VllmConfig {
+            python: o.python.clone(),
+            module: o.module.clone(),
+            max_instances: o.max_instances,
+            host: "127.0.0.1".into(),
+            worker_extension: None,
+            stagger: o.stagger,
+        },
+        supervision: Supervision {
+            hang_grace: o.hang_grace,
+            startup_timeout: o.startup_timeout,
+            ..Supervision::default()
+        },
+        detect_poc_plugin: true,
+    }
 }
 
 /// How often the GPU inventory is re-probed for the report hook.
@@ -136,7 +178,7 @@ pub async fn run_with(
         },
         None => poc::PowSettings { gpu_vram_gb, allow_cpu: settings.allow_cpu_compute, ..poc::PowSettings::default() },
     };
-    let policy = api::Policy {
+    let policy = state::Policy {
         // The GPUs the GonkaNode gives this ML node (`gpusPerMlNode`), else at least one.
         expected_gpus: settings.config.as_ref().and_then(|c| c.gpus).unwrap_or(1) as usize,
         allow_cpu_compute: settings.allow_cpu_compute,
@@ -174,12 +216,21 @@ pub async fn run_with(
     // The flag wins over daemon.json's `modelsDir` (the GonkaNode's model volume).
     let models_dir =
         settings.models_dir.clone().or_else(|| settings.config.as_ref()?.models_dir.as_ref().map(PathBuf::from));
-    let inference = api::InferenceOptions {
+    let inference = state::InferenceOptions {
         models_dir,
         inference_port: inference_addr.port(),
         model_mirror: settings.model_mirror.clone(),
+        engines: settings.config.iter().flat_map(|c| c.models.iter().map(|m| (m.id.clone(), m.engine))).collect(),
+        #[cfg(feature = "torch")]
+        vllm: match settings.vllm.as_ref().map(vllm_settings) {
+            Some(mut vllm) => {
+                inference::vllm::detect_poc_plugin(&mut vllm).await;
+                Some(vllm)
+            }
+            None => None,
+        },
     };
-    let state = api::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
+    let state = state::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     // `modelStorage.preload`: the model comes up as the daemon starts, as `/inference/up` would
@@ -194,7 +245,7 @@ pub async fn run_with(
             dtype: "auto".into(),
             additional_args: args,
         };
-        match state.inference.start(request, state.free_gpu_bytes().await) {
+        match state.inference.start(request, state.gpu_offer().await) {
             Ok(task) => {
                 let model = model.clone();
                 tokio::spawn(async move {
@@ -211,7 +262,7 @@ pub async fn run_with(
     #[cfg(feature = "torch")]
     let inference_server = {
         tracing::info!(addr = %inference_addr, "inference port listening");
-        let app = inference::openai::router(state.inference.clone());
+        let app = inference::inference_port(state.inference.clone());
         tokio::spawn(async move { axum::serve(inference_listener, app).await })
     };
     // Shutting down takes no new work first (the server stops), then delivers what is pending.

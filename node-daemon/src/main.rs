@@ -56,6 +56,28 @@ struct Cli {
     /// daemon.json's inferencePort, else 5000.
     #[arg(long, env = "GONKA_INFERENCE_LISTEN")]
     inference_listen: Option<SocketAddr>,
+    /// The Python with vLLM (upstream's `VLLM_PYTHON_PATH`): models the native engine does not
+    /// run, or that the GonkaNode gives `engine: vllm`, are served by vLLM servers this daemon
+    /// starts and fronts. Unset: no vLLM on this ML node.
+    #[arg(long, env = "VLLM_PYTHON_PATH")]
+    vllm_python: Option<PathBuf>,
+    /// The module vLLM is served with (`python -m`; upstream's `MLNODE_VLLM_MODULE`).
+    #[arg(long, env = "MLNODE_VLLM_MODULE", default_value = "vllm.entrypoints.openai.api_server")]
+    vllm_module: String,
+    /// vLLM instances at most (one per tensor × pipeline parallel block of GPUs; upstream's
+    /// `INFERENCE_MAX_INSTANCES`).
+    #[arg(long, env = "INFERENCE_MAX_INSTANCES", default_value_t = 128)]
+    vllm_max_instances: usize,
+    /// A vLLM instance with requests and no scheduler step for this long is killed and
+    /// restarted (upstream's `MLNODE_HANG_GRACE_SEC`; 0: never).
+    #[arg(long, env = "MLNODE_HANG_GRACE_SEC", default_value_t = 120)]
+    vllm_hang_grace_seconds: u64,
+    /// Longest a vLLM instance may take to serve (upstream's `VLLM_RUNNER_TIMEOUT`).
+    #[arg(long, env = "VLLM_RUNNER_TIMEOUT", default_value_t = 1200)]
+    vllm_startup_timeout_seconds: u64,
+    /// vLLM instance `i` starts this many seconds times `i` after the first (upstream 5).
+    #[arg(long, env = "GONKA_VLLM_STAGGER_SECONDS", default_value_t = 5)]
+    vllm_stagger_seconds: u64,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -119,6 +141,14 @@ async fn main() -> anyhow::Result<()> {
         models_dir: cli.models_dir,
         model_mirror: cli.model_mirror,
         inference_listen: cli.inference_listen,
+        vllm: cli.vllm_python.map(|python| gonka_node_daemon::VllmOptions {
+            python,
+            module: cli.vllm_module,
+            max_instances: cli.vllm_max_instances,
+            hang_grace: std::time::Duration::from_secs(cli.vllm_hang_grace_seconds),
+            startup_timeout: std::time::Duration::from_secs(cli.vllm_startup_timeout_seconds),
+            stagger: std::time::Duration::from_secs(cli.vllm_stagger_seconds),
+        }),
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await
 }

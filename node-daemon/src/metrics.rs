@@ -32,6 +32,30 @@ pub struct XidLabels {
     pub class: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+/// One vLLM instance as a scrape sees it.
+#[derive(Clone, Debug)]
+pub struct VllmInstanceSample {
+    pub index: usize,
+    /// `starting`, `healthy`, `unhealthy`, `restarting`, `failed`, `stopped`.
+    pub phase: &'static str,
+    pub restarts: u64,
+    pub requests_waiting: Option<f64>,
+    pub requests_running: Option<f64>,
+}
+
+/// Every phase a vLLM instance can be in (each gets a gauge, zero when none is there).
+pub const VLLM_PHASES: [&str; 6] = ["starting", "healthy", "unhealthy", "restarting", "failed", "stopped"];
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone)]
@@ -52,6 +76,10 @@ pub struct DaemonMetrics {
     batches_sent: Family<BatchLabels, Counter>,
     send_failures: Family<BatchLabels, Counter>,
     pending_batches: Gauge<i64, AtomicI64>,
+    vllm_instances: Family<PhaseLabels, Gauge<i64, AtomicI64>>,
+    vllm_restarts: Family<InstanceLabels, Gauge<i64, AtomicI64>>,
+    vllm_waiting: Family<InstanceLabels, FloatGauge>,
+    vllm_running: Family<InstanceLabels, FloatGauge>,
 }
 
 impl Default for DaemonMetrics {
@@ -95,6 +123,24 @@ impl Default for DaemonMetrics {
             "PoC batches waiting for the callback",
             Gauge::clone(&pending_batches),
         );
+        let (vllm_instances, vllm_restarts) = (Family::default(), Family::default());
+        let (vllm_waiting, vllm_running) = (Family::default(), Family::default());
+        registry.register("vllm_instances", "vLLM instances by phase", Family::clone(&vllm_instances));
+        registry.register(
+            "vllm_instance_restarts",
+            "Restarts of each vLLM instance since the model came up",
+            Family::clone(&vllm_restarts),
+        );
+        registry.register(
+            "vllm_requests_waiting",
+            "Requests queued in each vLLM instance (its scheduler)",
+            Family::clone(&vllm_waiting),
+        );
+        registry.register(
+            "vllm_requests_running",
+            "Requests running in each vLLM instance",
+            Family::clone(&vllm_running),
+        );
         Self {
             registry: Arc::new(registry),
             gpus,
@@ -112,6 +158,10 @@ impl Default for DaemonMetrics {
             batches_sent,
             send_failures,
             pending_batches,
+            vllm_instances,
+            vllm_restarts,
+            vllm_waiting,
+            vllm_running,
         }
     }
 }
@@ -140,6 +190,20 @@ impl DaemonMetrics {
 
     pub fn pow_pending(&self, n: i64) {
         self.pending_batches.set(n);
+    }
+
+    /// Sets the vLLM gauges (none served: every phase zero).
+    pub fn observe_vllm(&self, instances: &[VllmInstanceSample]) {
+        for phase in VLLM_PHASES {
+            let n = instances.iter().filter(|i| i.phase == phase).count();
+            self.vllm_instances.get_or_create(&PhaseLabels { phase: phase.into() }).set(n as i64);
+        }
+        for i in instances {
+            let l = InstanceLabels { instance: i.index.to_string() };
+            self.vllm_restarts.get_or_create(&l).set(i.restarts as i64);
+            self.vllm_waiting.get_or_create(&l).set(i.requests_waiting.unwrap_or(0.0));
+            self.vllm_running.get_or_create(&l).set(i.requests_running.unwrap_or(0.0));
+        }
     }
 
     /// Sets the GPU gauges from a probe snapshot.

@@ -20,7 +20,8 @@ use axum::routing::post;
 use gonka_protocol::ml_node::InferenceUpResponse;
 use gonka_protocol::ml_node::{InferenceUpRequest, ServiceState, StatusResponse};
 
-use crate::api::{AppState, JsonBody, error};
+use crate::http::{JsonBody, error};
+use crate::state::AppState;
 
 const API_PREFIX: &str = "/api/v1";
 
@@ -69,8 +70,8 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
                 format!("{} is not a model this ML node is configured for ({})", request.model, configured.join(", ")),
             ));
         }
-        let free = state.free_gpu_bytes().await;
-        state.inference.start(request, free).map_err(|e| error(StatusCode::CONFLICT, e.to_string()))
+        let gpus = state.gpu_offer().await;
+        state.inference.start(request, gpus).map_err(|e| error(StatusCode::CONFLICT, e.to_string()))
     }
 
     async fn up(State(state): State<Arc<AppState>>, JsonBody(request): JsonBody<InferenceUpRequest>) -> Response {
@@ -109,6 +110,20 @@ pub fn inference_routes() -> Router<Arc<AppState>> {
             get(|State(state): State<Arc<AppState>>| async move { Json(state.inference.startup_status()) }),
         )
         .route("/api/v1/inference/down", post(down))
+        .route("/api/v1/inference/instances", get(instances))
+}
+
+/// This daemon's own: which engine serves, and for vLLM each instance (port, GPUs, phase,
+/// process, restarts, last error, queue), for an SRE and the tests.
+#[cfg(feature = "torch")]
+async fn instances(State(state): State<Arc<AppState>>) -> axum::Json<serde_json::Value> {
+    use crate::inference::manager::Backend;
+    let (engine, model, instances) = match (state.inference.backend(), state.inference.vllm()) {
+        (Some(Backend::Native(served)), _) => ("native", Some(served.name.clone()), Vec::new()),
+        (_, Some(server)) => ("vllm", Some(server.model.clone()), server.reports()),
+        _ => ("none", None, Vec::new()),
+    };
+    axum::Json(serde_json::json!({"engine": engine, "model": model, "instances": instances}))
 }
 
 /// Upstream's inference manager endpoints (`api/inference/routes.py`), as an ML node answers

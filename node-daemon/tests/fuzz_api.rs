@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use gonka_node_daemon::api::{AppState, Policy, router};
+use gonka_node_daemon::api::router;
 use gonka_node_daemon::gpu::GpuProbe;
 use gonka_node_daemon::metrics::DaemonMetrics;
 use gonka_node_daemon::node_state::Reporting;
 use gonka_node_daemon::poc::PowSettings;
+use gonka_node_daemon::state::{AppState, Policy};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tower::ServiceExt;

@@ -24,6 +24,7 @@ fn settings() -> (Settings, SocketAddr) {
         models_dir: None,
         model_mirror: None,
         inference_listen: Some("127.0.0.1:0".parse().unwrap()),
+        vllm: None,
     };
     (settings, addr)
 }

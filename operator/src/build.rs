@@ -204,7 +204,11 @@ pub fn daemon_config(gn: &GonkaNode, report: Option<&ReportEndpoint>) -> DaemonC
         poc_port: DEFAULT_POC_PORT as u16,
         inference_port: DEFAULT_INFERENCE_PORT as u16,
         gpus: Some(spec.gpus_per_ml_node.max(1) as u32),
-        models: spec.models.iter().map(|m| ModelConfig { id: m.id.clone(), args: m.args.clone() }).collect(),
+        models: spec
+            .models
+            .iter()
+            .map(|m| ModelConfig { id: m.id.clone(), args: m.args.clone(), engine: model_engine(m.engine) })
+            .collect(),
         models_dir: spec.model_storage.as_ref().map(|_| MODELS_MOUNT.into()),
         preload_model: spec.model_storage.as_ref().and_then(|s| s.preload.clone()),
         poc: PocConfig {
@@ -492,6 +496,15 @@ fn pod_template(
             volumes: Some(volumes),
             ..PodSpec::default()
         }),
+    }
+}
+
+/// The GonkaNode's engine choice in `daemon.json`'s words.
+fn model_engine(engine: gonka_crds::ModelEngine) -> daemon_config::ModelEngine {
+    match engine {
+        gonka_crds::ModelEngine::Auto => daemon_config::ModelEngine::Auto,
+        gonka_crds::ModelEngine::Native => daemon_config::ModelEngine::Native,
+        gonka_crds::ModelEngine::Vllm => daemon_config::ModelEngine::Vllm,
     }
 }
 

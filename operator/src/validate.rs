@@ -194,7 +194,7 @@ mod tests {
         let gn = gonka_node("a", |s| {
             s.gpus_per_ml_node = 3;
             s.models[0].args = args(&["-tp", "2"]);
-            s.models.push(gonka_crds::ModelSpec { id: "x/y".into(), args: args(&["-tp"]) });
+            s.models.push(gonka_crds::ModelSpec { id: "x/y".into(), args: args(&["-tp"]), engine: Default::default() });
         });
         let err = validate(&gn, "").unwrap_err();
         let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();

@@ -62,6 +62,37 @@ pub struct ReportConfig {
 pub struct ModelConfig {
     pub id: String,
     pub args: Vec<String>,
+    /// Which engine serves it; absent (`auto`) keeps `daemon.json` as it was before engines
+    /// could be chosen, so existing fleets see no rollout.
+    #[serde(default, skip_serializing_if = "ModelEngine::is_auto")]
+    pub engine: ModelEngine,
+}
+
+/// The engine that serves a model (GonkaNode `spec.models[].engine`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelEngine {
+    /// The native engine when it runs the checkpoint's architecture (and dtype), else vLLM.
+    #[default]
+    Auto,
+    /// The daemon's own libtorch engine.
+    Native,
+    /// vLLM servers the daemon runs and fronts, as upstream's ML node runs them.
+    Vllm,
+}
+
+impl ModelEngine {
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Vllm => "vllm",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -98,6 +129,7 @@ mod tests {
             models: vec![ModelConfig {
                 id: "Qwen/QwQ-32B".into(),
                 args: vec!["--tensor-parallel-size".into(), "4".into()],
+                engine: ModelEngine::Vllm,
             }],
             models_dir: Some("/models".into()),
             preload_model: Some("Qwen/QwQ-32B".into()),
@@ -114,6 +146,17 @@ mod tests {
     fn round_trips() {
         let c = sample();
         assert_eq!(DaemonConfig::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn the_engine_is_written_only_when_chosen() {
+        let mut c = sample();
+        assert!(c.to_json().contains(r#""engine": "vllm""#), "{}", c.to_json());
+        c.models[0].engine = ModelEngine::Auto;
+        assert!(!c.to_json().contains("engine"), "auto leaves daemon.json as it was: {}", c.to_json());
+        let mut v: serde_json::Value = serde_json::from_str(&c.to_json()).unwrap();
+        v["models"][0]["engine"] = serde_json::json!("tensorrt");
+        assert!(DaemonConfig::from_json(&v.to_string()).unwrap_err().to_string().contains("unknown variant"));
     }
 
     #[test]

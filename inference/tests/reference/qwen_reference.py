@@ -1,10 +1,10 @@
-"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE checkpoints written with transformers, and what
+"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE (and Llama) checkpoints written with transformers, and what
 transformers computes with them: the reference the engine's forward is compared against.
 
     python qwen_reference.py '{"arch": "qwen3", "dir": "/tmp/m", "dtype": "float32", "seed": 1,
                                "prompt": [1, 2, 3], "max_new": 8}'
 
-Writes the checkpoint to `dir` (safetensors, sharded when `shard_size` is given) and prints
+`config` overrides fields of the tiny config (`{"head_dim": 64}`). Writes the checkpoint to `dir` (safetensors, sharded when `shard_size` is given) and prints
 JSON: `logits` for every prompt position (float32 lists) and `greedy`, the next `max_new`
 tokens by argmax, each step a full forward of the whole sequence (no cache: an independent
 check of ours); for a half-precision `dtype` also `logits_float32`, the same weights run in
@@ -49,6 +49,10 @@ def tiny_config(arch):
             mlp_only_layers=[1],
             tie_word_embeddings=False,
         )
+    if arch == "llama":
+        # An architecture the native engine does not run (the vLLM engine's tests serve it).
+        return transformers.LlamaConfig(**common, head_dim=64, tie_word_embeddings=False,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise SystemExit(f"unknown arch {arch}")
 
 
@@ -113,6 +117,7 @@ def model_class(arch):
         "qwen2": transformers.Qwen2ForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+        "llama": transformers.LlamaForCausalLM,
     }[arch]
 
 
@@ -138,6 +143,9 @@ def main():
     arch = req["arch"]
     dtype = getattr(torch, req.get("dtype", "float32"))
     config = tiny_config(arch)
+    # Overrides, e.g. {"head_dim": 64}: vLLM's CPU attention refuses heads narrower than 64.
+    for key, value in req.get("config", {}).items():
+        setattr(config, key, value)
     model = model_class(arch)(config).eval()
     randomise(model, req.get("seed", 0))
     model = model.to(dtype)

@@ -2,22 +2,30 @@
 //! `/inference/up` brings one model up on this ML node's GPUs and keeps it serving until
 //! `/inference/down` or `/stop`; `/inference/up/status` reports the start-up.
 //!
-//! Where upstream starts vLLM processes, this loads the model into the engine of
-//! `gonka-inference`: resolved from the model directory (a path, `<models-dir>/<org>/<name>`, or
-//! a Hugging Face cache `models--org--name/snapshots/<revision>`), checked against the GPUs'
-//! memory before anything is allocated, loaded on a blocking thread.
+//! The model is resolved from the model directory (a path, `<models-dir>/<org>/<name>`, or a
+//! Hugging Face cache `models--org--name/snapshots/<revision>`), then served by one of two
+//! engines ([`Backend`]), as the GonkaNode chose (`models[].engine`) or, by default, by what
+//! the checkpoint is ([`choose_engine`]): the native engine of `gonka-inference` (checked
+//! against the GPUs' memory before anything is allocated, loaded on a blocking thread), or
+//! vLLM servers run and fronted by the daemon as upstream runs them ([`super::vllm`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
+use gonka_inference::config::Architecture;
 use gonka_inference::engine::{Engine, EngineOptions, InferenceEngine};
 use gonka_inference::tokenizer::ChatTokenizer;
 use gonka_inference::{LoadOptions, config::parse_dtype};
+use gonka_protocol::daemon_config::ModelEngine;
 use gonka_protocol::ml_node::InferenceUpRequest;
 use serde::Serialize;
 use tch::Device;
+
+use super::vllm::{self, VllmSettings, supervisor::VllmServer};
 
 #[derive(Clone, Debug, Default)]
 pub struct InferenceSettings {
@@ -27,6 +35,87 @@ pub struct InferenceSettings {
     pub allow_cpu: bool,
     /// Engine limits before `additional_args` adjust them.
     pub engine: EngineOptions,
+    /// How vLLM runs here; `None`: this ML node has no vLLM.
+    pub vllm: Option<VllmSettings>,
+    /// The engine `daemon.json` names per model (absent: [`ModelEngine::Auto`]).
+    pub engines: BTreeMap<String, ModelEngine>,
+    /// The inference port (vLLM instance `i` listens on it `+ i + 1`, as upstream's).
+    pub inference_port: u16,
+}
+
+/// What the GPUs offer a start-up, from NVML.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOffer {
+    /// Memory free on them; `None` without GPUs.
+    pub free_bytes: Option<u64>,
+    /// The available GPUs' NVML indices (vLLM instances get blocks of them).
+    pub available: Vec<u32>,
+}
+
+/// The engine a model runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Native,
+    Vllm,
+}
+
+/// Why the native engine cannot serve the checkpoint in `dir`, if it cannot.
+fn native_refuses(dir: &Path) -> Option<String> {
+    let config = match gonka_inference::model::read_config(dir) {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    if let Err(e) = Architecture::from_config(&config) {
+        return Some(e.to_string());
+    }
+    config.get("quantization_config").map(|q| {
+        format!(
+            "its weights are quantised ({}), which the native engine does not load",
+            q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown method")
+        )
+    })
+}
+
+/// Which engine serves a model: the GonkaNode's choice, else native when it runs the
+/// checkpoint found in `dir`, else vLLM; an error when the engine needed is not here.
+pub fn choose_engine(
+    choice: ModelEngine,
+    dir: Option<&Path>,
+    has_vllm: bool,
+    model: &str,
+) -> Result<EngineKind, String> {
+    let no_vllm =
+        |why: &str| format!("{model}: {why}, and this ML node has no vLLM (an image with vLLM, --vllm-python)");
+    match choice {
+        ModelEngine::Native => Ok(EngineKind::Native),
+        ModelEngine::Vllm if has_vllm => Ok(EngineKind::Vllm),
+        ModelEngine::Vllm => Err(no_vllm("the GonkaNode asks for the vllm engine")),
+        ModelEngine::Auto => {
+            let refusal = match dir {
+                Some(dir) => native_refuses(dir),
+                None => Some("its weights are not in the models directory".into()),
+            };
+            match refusal {
+                None => Ok(EngineKind::Native),
+                Some(_) if has_vllm => Ok(EngineKind::Vllm),
+                Some(why) => Err(no_vllm(&format!("the native engine cannot serve it ({why})"))),
+            }
+        }
+    }
+}
+
+/// A start-up under way: what it will run.
+enum Prepared {
+    Native(Box<(InferenceSettings, InferenceUpRequest, Option<u64>)>),
+    Vllm(Arc<VllmServer>, std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>),
+}
+
+/// What serves the model.
+#[derive(Clone)]
+pub enum Backend {
+    Native(Arc<Served>),
+    Vllm(Arc<VllmServer>),
 }
 
 /// A model being served.
@@ -59,8 +148,9 @@ impl GenerationDefaults {
 
 enum Phase {
     Stopped,
-    Starting,
-    Running(Arc<Served>),
+    /// Coming up; vLLM's servers are known (and fronted) from their start.
+    Starting(Option<Arc<VllmServer>>),
+    Running(Backend),
 }
 
 /// `GET /inference/up/status` (upstream `StartupStatus`).
@@ -101,6 +191,8 @@ pub struct InferenceManager {
     startup: Mutex<Option<Startup>>,
     /// Bumped by `down`: a start-up that finishes after it serves nothing.
     generation: AtomicU64,
+    /// Towards vLLM's servers: the supervisor's checks.
+    http: reqwest::Client,
 }
 
 impl InferenceManager {
@@ -111,58 +203,120 @@ impl InferenceManager {
             phase: Mutex::new(Phase::Stopped),
             startup: Mutex::new(None),
             generation: AtomicU64::new(0),
+            http: vllm::proxy::client(),
         })
     }
 
+    pub fn settings(&self) -> &InferenceSettings {
+        &self.settings
+    }
+
+    /// The model on the native engine, once it serves.
     pub fn served(&self) -> Option<Arc<Served>> {
         match &*self.phase.lock().expect("phase") {
-            Phase::Running(served) => Some(served.clone()),
+            Phase::Running(Backend::Native(served)) => Some(served.clone()),
+            _ => None,
+        }
+    }
+
+    /// vLLM's servers, from their start (while they come up, the inference port and PoC v2
+    /// answer as upstream's ML node does then).
+    pub fn vllm(&self) -> Option<Arc<VllmServer>> {
+        match &*self.phase.lock().expect("phase") {
+            Phase::Running(Backend::Vllm(server)) | Phase::Starting(Some(server)) => Some(server.clone()),
+            _ => None,
+        }
+    }
+
+    /// What serves, once the start-up completed.
+    pub fn backend(&self) -> Option<Backend> {
+        match &*self.phase.lock().expect("phase") {
+            Phase::Running(backend) => Some(backend.clone()),
             _ => None,
         }
     }
 
     pub fn is_running(&self) -> bool {
-        self.served().is_some()
+        matches!(*self.phase.lock().expect("phase"), Phase::Running(_))
     }
 
     pub fn is_starting(&self) -> bool {
-        matches!(*self.phase.lock().expect("phase"), Phase::Starting)
+        matches!(*self.phase.lock().expect("phase"), Phase::Starting(_))
+    }
+
+    /// Whether the model serves: the native engine's thread lives, or a vLLM instance is
+    /// healthy (upstream's `inference_healthy`).
+    pub fn is_healthy(&self) -> bool {
+        match self.backend() {
+            Some(Backend::Native(served)) => served.engine.is_alive(),
+            Some(Backend::Vllm(server)) => !server.healthy().is_empty(),
+            None => false,
+        }
     }
 
     /// Starts bringing `request.model` up; the returned task ends with the outcome.
-    /// `free_gpu_bytes` is what the GPUs have free (NVML), to refuse a model that cannot fit.
+    /// `gpus` is what NVML shows: free memory (to refuse a model that cannot fit on the native
+    /// engine) and the available GPUs (for vLLM's instances). The engine is chosen, and vLLM's
+    /// servers started, before this returns: from then on the ports answer as that engine does
+    /// while it comes up.
     pub fn start(
         self: &Arc<Self>,
         request: InferenceUpRequest,
-        free_gpu_bytes: Option<u64>,
+        gpus: GpuOffer,
     ) -> Result<tokio::task::JoinHandle<Result<(), String>>, UpError> {
-        {
-            let mut phase = self.phase.lock().expect("phase");
-            match *phase {
-                Phase::Running(_) => return Err(UpError::AlreadyRunning),
-                Phase::Starting => return Err(UpError::AlreadyStarting),
-                Phase::Stopped => *phase = Phase::Starting,
-            }
+        let mut phase = self.phase.lock().expect("phase");
+        match *phase {
+            Phase::Running(_) => return Err(UpError::AlreadyRunning),
+            Phase::Starting(_) => return Err(UpError::AlreadyStarting),
+            Phase::Stopped => {}
         }
+        let prepared = self.prepare(request, gpus);
+        *phase = Phase::Starting(match &prepared {
+            Ok(Prepared::Vllm(server, _)) => Some(server.clone()),
+            _ => None,
+        });
+        drop(phase);
         *self.startup.lock().expect("startup") = Some(Startup { started: Instant::now(), ended: None });
         let generation = self.generation.load(Ordering::SeqCst);
         let manager = self.clone();
         Ok(tokio::spawn(async move {
-            let settings = manager.settings.clone();
-            let model = request.model.clone();
-            let loaded = tokio::task::spawn_blocking(move || bring_up(&settings, &request, free_gpu_bytes))
-                .await
-                .unwrap_or_else(|e| Err(format!("loading {model} panicked: {e}")));
+            let loaded = match prepared {
+                Err(e) => Err(e),
+                Ok(Prepared::Native(native)) => {
+                    let (settings, request, free_bytes) = *native;
+                    let model = request.model.clone();
+                    tokio::task::spawn_blocking(move || bring_up_native(&settings, &request, free_bytes))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("loading {model} panicked: {e}")))
+                        .map(|served| Backend::Native(Arc::new(served)))
+                }
+                Ok(Prepared::Vllm(server, started)) => match started.await {
+                    Ok(()) => Ok(Backend::Vllm(server)),
+                    Err(e) => {
+                        server.stop().await;
+                        Err(e)
+                    }
+                },
+            };
             let mut phase = manager.phase.lock().expect("phase");
             let current = manager.generation.load(Ordering::SeqCst) == generation;
             let outcome = match loaded {
-                Ok(served) if current => {
-                    tracing::info!(model = %served.name, dir = %served.directory.display(), "inference up");
-                    *phase = Phase::Running(Arc::new(served));
+                Ok(backend) if current => {
+                    let name = match &backend {
+                        Backend::Native(served) => served.name.clone(),
+                        Backend::Vllm(server) => server.served_name.clone(),
+                    };
+                    tracing::info!(model = %name, "inference up");
+                    *phase = Phase::Running(backend);
                     manager.reporting.update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Inference);
                     Ok(())
                 }
-                Ok(_) => Err(CANCELLED.to_string()),
+                Ok(backend) => {
+                    // `down` overtook the start-up: what came up goes again.
+                    drop(phase);
+                    stop_backend(backend).await;
+                    return Err(CANCELLED.to_string());
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "inference start-up failed");
                     if current {
@@ -178,6 +332,29 @@ impl InferenceManager {
             }
             outcome
         }))
+    }
+
+    /// Resolves the model and chooses its engine; for vLLM, starts its servers.
+    fn prepare(&self, request: InferenceUpRequest, gpus: GpuOffer) -> Result<Prepared, String> {
+        let settings = &self.settings;
+        let dir = resolve_model(settings.models_dir.as_deref(), &request.model);
+        let choice = settings.engines.get(&request.model).copied().unwrap_or_default();
+        let engine = choose_engine(choice, dir.as_deref().ok(), settings.vllm.is_some(), &request.model)?;
+        tracing::info!(model = %request.model, ?choice, ?engine, "engine chosen");
+        match (engine, &settings.vllm) {
+            (EngineKind::Vllm, Some(vllm)) => {
+                let (server, started) = vllm::start(
+                    vllm,
+                    settings.inference_port,
+                    &request,
+                    dir.as_deref().ok(),
+                    &gpus.available,
+                    self.http.clone(),
+                )?;
+                Ok(Prepared::Vllm(server, Box::pin(started)))
+            }
+            _ => Ok(Prepared::Native(Box::new((settings.clone(), request, gpus.free_bytes)))),
+        }
     }
 
     pub fn startup_status(&self) -> StartupStatus {
@@ -214,15 +391,29 @@ impl InferenceManager {
         }
     }
 
-    /// Stops serving; the engine's thread and memory go once in-flight requests let go of it.
+    /// Stops serving: vLLM's processes are gone when it returns; the native engine's thread
+    /// and memory go once in-flight requests let go of it.
     pub async fn down(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         let previous = std::mem::replace(&mut *self.phase.lock().expect("phase"), Phase::Stopped);
         *self.startup.lock().expect("startup") = None;
-        if let Phase::Running(served) = previous {
-            tracing::info!(model = %served.name, "inference down");
-            self.reporting.update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Stopped);
-            // Dropping the engine joins its thread: off the async workers.
+        match previous {
+            Phase::Running(backend) => {
+                tracing::info!("inference down");
+                self.reporting.update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Stopped);
+                stop_backend(backend).await;
+            }
+            Phase::Starting(Some(server)) => server.stop().await,
+            Phase::Starting(None) | Phase::Stopped => {}
+        }
+    }
+}
+
+async fn stop_backend(backend: Backend) {
+    match backend {
+        Backend::Vllm(server) => server.stop().await,
+        // Dropping the engine joins its thread: off the async workers.
+        Backend::Native(served) => {
             let _ = tokio::task::spawn_blocking(move || drop(served)).await;
         }
     }
@@ -335,7 +526,7 @@ fn devices(allow_cpu: bool) -> Result<Vec<Device>, String> {
     }
 }
 
-fn bring_up(
+fn bring_up_native(
     settings: &InferenceSettings,
     request: &InferenceUpRequest,
     free_gpu_bytes: Option<u64>,
@@ -414,6 +605,45 @@ mod tests {
         assert!(resolve_model(Some(root.path()), "../etc").unwrap_err().contains("not a Hugging Face"));
         assert!(resolve_model(None, "Qwen/Qwen3-0.6B").unwrap_err().contains("--models-dir"));
         assert_eq!(resolve_model(None, plain.to_str().unwrap()).unwrap(), plain);
+    }
+
+    #[test]
+    fn the_engine_is_the_gonka_nodes_choice_else_what_the_checkpoint_needs() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |name: &str, config: serde_json::Value| {
+            let dir = root.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            dir
+        };
+        let qwen3 = write("qwen3", serde_json::json!({"model_type": "qwen3"}));
+        let minimax = write(
+            "minimax",
+            serde_json::json!({"model_type": "minimax_m2", "architectures": ["MiniMaxM2ForCausalLM"]}),
+        );
+        let fp8 =
+            write("fp8", serde_json::json!({"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}}));
+        let auto = ModelEngine::Auto;
+        assert_eq!(choose_engine(auto, Some(&qwen3), true, "q").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Some(&minimax), true, "m").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(auto, Some(&fp8), true, "f").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(auto, None, true, "x").unwrap(), EngineKind::Vllm, "vLLM may find it in its cache");
+        // Forced either way.
+        assert_eq!(choose_engine(ModelEngine::Vllm, Some(&qwen3), true, "q").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(ModelEngine::Native, Some(&minimax), true, "m").unwrap(), EngineKind::Native);
+        // Without vLLM: what the native engine cannot run is refused, naming why.
+        let err = choose_engine(auto, Some(&minimax), false, "MiniMaxAI/MiniMax-M2.7").unwrap_err();
+        assert!(
+            err.contains("MiniMaxAI/MiniMax-M2.7") && err.contains("minimax_m2") && err.contains("no vLLM"),
+            "{err}"
+        );
+        assert!(choose_engine(auto, Some(&fp8), false, "f").unwrap_err().contains("quantised (fp8)"));
+        assert!(
+            choose_engine(ModelEngine::Vllm, Some(&qwen3), false, "q")
+                .unwrap_err()
+                .contains("asks for the vllm engine")
+        );
+        assert_eq!(choose_engine(auto, Some(&qwen3), false, "q").unwrap(), EngineKind::Native);
     }
 
     #[test]

@@ -1,9 +1,48 @@
-//! Inference on the served model (feature `torch`): the manager that brings a model up
-//! ([`manager`]), the model cache behind `/api/v1/models/*` ([`model_cache`]), the inference
-//! port's OpenAI API ([`openai`]) and PoC v2 on that model ([`pow_v2`]), all over
-//! `gonka-inference`'s engine.
+//! Inference on the served model (feature `torch`): the manager that brings a model up on one
+//! of two engines ([`manager`]), the model cache behind `/api/v1/models/*` ([`model_cache`]),
+//! and for each engine the inference port and PoC v2: the native engine of `gonka-inference`
+//! ([`openai`], [`pow_v2`]) or vLLM servers the daemon runs and fronts ([`vllm`]). Which one
+//! answers is decided in one place per port: [`inference_port`] here, the PoC v2 routes'
+//! seam in [`pow_v2::engine_seam`].
 
 pub mod manager;
 pub mod model_cache;
 pub mod openai;
 pub mod pow_v2;
+pub mod vllm;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use self::manager::InferenceManager;
+
+/// The inference port: the native engine's OpenAI API, or, while vLLM serves (or comes up),
+/// every request forwarded to its instances.
+pub fn inference_port(manager: Arc<InferenceManager>) -> Router {
+    let seam = VllmSeam {
+        manager: manager.clone(),
+        http: vllm::proxy::client(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(vllm::proxy::MAX_IN_FLIGHT)),
+    };
+    openai::router(manager).layer(axum::middleware::from_fn_with_state(seam, forward_to_vllm))
+}
+
+#[derive(Clone)]
+struct VllmSeam {
+    manager: Arc<InferenceManager>,
+    http: reqwest::Client,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+async fn forward_to_vllm(State(seam): State<VllmSeam>, request: Request, next: Next) -> Response {
+    match seam.manager.vllm() {
+        Some(server) => {
+            vllm::proxy::forward(&server, &seam.http, &seam.in_flight, openai::MAX_BODY_BYTES, request).await
+        }
+        None => next.run(request).await,
+    }
+}

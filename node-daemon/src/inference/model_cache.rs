@@ -23,7 +23,8 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AppState, JsonBody, error};
+use crate::http::{JsonBody, error};
+use crate::state::AppState;
 
 /// Upstream's limit on concurrent downloads.
 const MAX_DOWNLOADS: usize = 3;

@@ -28,7 +28,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::manager::{InferenceManager, Served};
 
 /// Largest request body on the inference port (long prompts, many messages).
-const MAX_BODY_BYTES: usize = 16 << 20;
+pub const MAX_BODY_BYTES: usize = 16 << 20;
 /// OpenAI's default `max_tokens` for text completions.
 const COMPLETION_DEFAULT_MAX_TOKENS: u64 = 16;
 

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::manager::{InferenceManager, Served};
-use crate::api::{JsonBody, error};
+use crate::http::{JsonBody, error};
 use crate::poc::validation::binomial_p_value_greater;
 
 /// How often buffered artifacts are posted (upstream `POC_CALLBACK_INTERVAL_SEC`).
@@ -228,7 +228,7 @@ fn check_params(served: &Served, params: &PocParams) -> Result<(), Value> {
     Ok(())
 }
 
-pub fn routes() -> Router<Arc<crate::api::AppState>> {
+pub fn routes() -> Router<Arc<crate::state::AppState>> {
     Router::new()
         .route("/api/v1/inference/pow/init/generate", post(init_generate))
         .route("/api/v1/inference/pow/generate", post(generate))
@@ -237,7 +237,27 @@ pub fn routes() -> Router<Arc<crate::api::AppState>> {
         .route("/api/v1/inference/pow/stop", post(stop))
 }
 
-type AppState = Arc<crate::api::AppState>;
+type AppState = Arc<crate::state::AppState>;
+
+/// The PoC v2 routes' engine seam: while vLLM serves (or comes up), its fan-out answers them
+/// (`super::vllm::pow_v2`), else these routes over the native engine.
+pub async fn engine_seam(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tower::ServiceExt;
+    match state.inference.vllm() {
+        Some(server) => {
+            let routes = super::vllm::pow_v2::routes(server, state.vllm_fanout.clone());
+            match routes.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+        None => next.run(request).await,
+    }
+}
 
 async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<InitGenerateRequest>) -> Response {
     let service = &state.pow_v2;

@@ -11,7 +11,8 @@ use gonka_protocol::pow::{InitRequest, PowResponse, ProofBatch};
 use serde_json::json;
 
 use super::engine::{Phase, PowError};
-use crate::api::{AppState, JsonBody, error};
+use crate::http::{JsonBody, error};
+use crate::state::AppState;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
