@@ -1,11 +1,12 @@
 # Everyday targets. `make test` is what CI runs (after `make lint`); it installs what it needs:
 # Rust crates via cargo, Go modules via the module proxy, the test control plane (kube-apiserver,
-# kube-controller-manager, kubectl, etcd) built once into ~/.cache/gonka-operator, and the
-# reference Python packages (numpy, torch, transformers) into .cache/pyenv.
+# kube-controller-manager, kubectl, etcd) built once into ~/.cache/gonka-operator, the
+# reference Python packages (numpy, torch, transformers) into .cache/pyenv, and vLLM's CPU build
+# into its own venv under ~/.cache/gonka-operator.
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv crds manifests images lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale clean-cache
+.PHONY: build test unit e2e controlplane pyenv vllm-env crds manifests images lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -22,9 +23,10 @@ demo: controlplane pyenv
 	GONKA_DAEMON_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/gonka-node-daemon \
 		$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
 
-test: controlplane pyenv
+test: controlplane pyenv vllm-env
 	$(CARGO) test --workspace --exclude gonka-inference --locked
-	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) test --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch
+	GONKA_VLLM_PYTHON=$$(scripts/vllm-env.sh) LIBTORCH=$(LIBTORCH_DIR) \
+		$(CARGO) test --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch
 
 ## manifests/ rendered from the Helm chart (helm is built with the control plane).
 manifests:
@@ -54,6 +56,10 @@ controlplane:
 ## The project's Python with the reference packages the tests compare against.
 pyenv:
 	@scripts/pyenv.sh >/dev/null
+
+## vLLM's CPU build in its own venv (under ~/.cache/gonka-operator), for the vLLM-engine tests.
+vllm-env:
+	@scripts/vllm-env.sh >/dev/null
 
 ## Regenerate the CRD YAML from the Rust types (crds/ and the chart's copy), then manifests/.
 crds:
