@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv vllm-env crds manifests images lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale clean-cache
+.PHONY: build test unit e2e controlplane pyenv vllm-env crds manifests images image-vllm lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -40,6 +40,14 @@ VERSION := $(shell awk -F'"' '/^version = /{print $$2; exit}' Cargo.toml)
 images:
 	$(CONTAINER) build -f images/operator/Dockerfile -t $(IMAGE_REPO)/gonka-operator:$(VERSION) .
 	$(CONTAINER) build -f images/node-daemon/Dockerfile -t $(IMAGE_REPO)/gonka-node-daemon:$(VERSION) .
+
+## The node-daemon on upstream's ML-node image (vLLM for the network's models), FROM the image
+## `make images` built; pulls upstream's image (MLNODE_IMAGE overrides its pinned tag).
+image-vllm:
+	$(CONTAINER) build -f images/node-daemon-vllm/Dockerfile \
+		--build-arg DAEMON_IMAGE=$(IMAGE_REPO)/gonka-node-daemon:$(VERSION) \
+		$(if $(MLNODE_IMAGE),--build-arg MLNODE_IMAGE=$(MLNODE_IMAGE)) \
+		-t $(IMAGE_REPO)/gonka-node-daemon-vllm:$(VERSION) .
 
 ## Pure and mocked-API tests only: no control plane, seconds.
 unit:

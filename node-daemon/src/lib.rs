@@ -71,6 +71,8 @@ pub struct VllmOptions {
     pub startup_timeout: std::time::Duration,
     /// Instance `i` starts this long times `i` after the first (upstream 5 s).
     pub stagger: std::time::Duration,
+    /// vLLM's `LD_LIBRARY_PATH`, where the daemon's own must not reach it.
+    pub ld_library_path: Option<String>,
 }
 
 /// Upstream's inference port.
@@ -101,6 +103,7 @@ fn vllm_settings(o: &VllmOptions) -> inference::vllm::VllmSettings {
             host: "127.0.0.1".into(),
             worker_extension: None,
             stagger: o.stagger,
+            ld_library_path: o.ld_library_path.clone(),
         },
         supervision: Supervision {
             hang_grace: o.hang_grace,

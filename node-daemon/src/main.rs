@@ -78,6 +78,10 @@ struct Cli {
     /// vLLM instance `i` starts this many seconds times `i` after the first (upstream 5).
     #[arg(long, env = "GONKA_VLLM_STAGGER_SECONDS", default_value_t = 5)]
     vllm_stagger_seconds: u64,
+    /// The `LD_LIBRARY_PATH` vLLM runs with, where the daemon's own (its libtorch first) must not
+    /// reach vLLM's torch; unset: vLLM inherits the daemon's.
+    #[arg(long, env = "GONKA_VLLM_LD_LIBRARY_PATH")]
+    vllm_ld_library_path: Option<String>,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -148,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             hang_grace: std::time::Duration::from_secs(cli.vllm_hang_grace_seconds),
             startup_timeout: std::time::Duration::from_secs(cli.vllm_startup_timeout_seconds),
             stagger: std::time::Duration::from_secs(cli.vllm_stagger_seconds),
+            ld_library_path: cli.vllm_ld_library_path,
         }),
     };
     gonka_node_daemon::run(settings, shutdown_signal()).await

@@ -37,7 +37,7 @@ use crate::registration;
 use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
-use crate::validate::validate;
+use crate::validate::{default_image_for, validate};
 use gonka_protocol::network::EpochResponse;
 
 /// Finalizer that holds a GonkaNode until its ML nodes are off the network node.
@@ -48,6 +48,9 @@ pub const FINALIZER: &str = "gonka.ai/network-registration";
 pub struct ControllerConfig {
     /// Node-daemon image for GonkaNodes that don't name one.
     pub daemon_image: String,
+    /// The same for GonkaNodes with a model on the vLLM engine (the image built on upstream's
+    /// ML-node image).
+    pub daemon_image_vllm: String,
     /// Watch only this namespace; `None` = all namespaces.
     pub namespace: Option<String>,
     /// Reconciles running at once.
@@ -71,6 +74,7 @@ impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
             daemon_image: String::new(),
+            daemon_image_vllm: String::new(),
             namespace: None,
             concurrency: 4,
             resync: Duration::from_secs(300),
@@ -196,7 +200,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         ..Observation::default()
     };
 
-    match validate(gn, &ctx.config.daemon_image) {
+    match validate(gn, default_image_for(gn, &ctx.config.daemon_image, &ctx.config.daemon_image_vllm)) {
         Err(errors) => {
             let message = errors.to_string();
             if status::find(previous, condition::DEGRADED)

@@ -43,6 +43,15 @@ struct RunArgs {
         default_value = "ghcr.io/gonka-operator/gonka-node-daemon:0.1.0"
     )]
     daemon_image: String,
+    /// Node-daemon image for GonkaNodes with a model on the vLLM engine (`images/node-daemon-vllm`,
+    /// built on upstream's ML-node image); empty: `--daemon-image` for those too.
+    #[arg(
+        global = true,
+        long,
+        env = "GONKA_DAEMON_IMAGE_VLLM",
+        default_value = "ghcr.io/gonka-operator/gonka-node-daemon-vllm:0.1.0"
+    )]
+    daemon_image_vllm: String,
     /// Watch GonkaNodes in this namespace only (default: all namespaces).
     #[arg(global = true, long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -139,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
     let options = Options {
         controller: ControllerConfig {
             daemon_image: args.daemon_image,
+            daemon_image_vllm: args.daemon_image_vllm,
             namespace: args.namespace,
             concurrency: args.concurrency,
             resync: Duration::from_secs(args.resync_seconds),

@@ -36,7 +36,16 @@ impl fmt::Display for ValidationErrors {
     }
 }
 
-/// Validates `gn` and resolves defaults. `default_image` is the operator's `--daemon-image`.
+/// The operator's default node-daemon image for `gn`: `vllm` (`--daemon-image-vllm`, the
+/// image built on upstream's ML-node image, with vLLM) when a model asks for the vLLM engine,
+/// else `native` (`--daemon-image`). `spec.image` overrides either.
+pub fn default_image_for<'a>(gn: &GonkaNode, native: &'a str, vllm: &'a str) -> &'a str {
+    let wants_vllm = gn.spec.models.iter().any(|m| m.engine == gonka_crds::ModelEngine::Vllm);
+    if wants_vllm && !vllm.trim().is_empty() { vllm } else { native }
+}
+
+/// Validates `gn` and resolves defaults. `default_image` is the operator's default image for it
+/// ([`default_image_for`]).
 pub fn validate(gn: &GonkaNode, default_image: &str) -> Result<ValidatedSpec, ValidationErrors> {
     let spec = &gn.spec;
     let mut errors = Vec::new();
@@ -151,6 +160,12 @@ mod tests {
     fn image_defaults_to_the_operators() {
         let gn = gonka_node("a", |_| {});
         assert_eq!(validate(&gn, "img:default").unwrap().image, "img:default");
+        // A model on the vLLM engine takes the vLLM image by default.
+        let mut vllm = gn.clone();
+        assert_eq!(default_image_for(&vllm, "img:native", "img:vllm"), "img:native");
+        vllm.spec.models[0].engine = gonka_crds::ModelEngine::Vllm;
+        assert_eq!(default_image_for(&vllm, "img:native", "img:vllm"), "img:vllm");
+        assert_eq!(default_image_for(&vllm, "img:native", ""), "img:native", "no vLLM image configured");
         let gn = gonka_node("a", |s| s.image = Some("img:mine".into()));
         assert_eq!(validate(&gn, "img:default").unwrap().image, "img:mine");
         let err = validate(&gonka_node("a", |_| {}), "").unwrap_err();
@@ -199,5 +214,40 @@ mod tests {
         let err = validate(&gn, "").unwrap_err();
         let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.image", "spec.models[0].args", "spec.models[1].args"]);
+    }
+
+    /// Every sample in manifests/samples/ (and samples/vllm/) is a GonkaNode the operator
+    /// accepts, the vLLM ones on the vLLM image.
+    #[test]
+    fn the_samples_are_valid_gonka_nodes() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/samples");
+        let mut seen = Vec::new();
+        for dir in [root.clone(), root.join("vllm")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                if !text.contains("kind: GonkaNode") {
+                    continue;
+                }
+                let gn: GonkaNode = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let image = default_image_for(&gn, "img:native", "img:vllm");
+                let validated = validate(&gn, image).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let on_vllm = dir.ends_with("vllm");
+                assert_eq!(validated.image, if on_vllm { "img:vllm" } else { "img:native" }, "{}", path.display());
+                seen.push(gn.metadata.name.clone().unwrap());
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "a100",
+                "deepseek-v4-flash-b200",
+                "deepseek-v4-flash-h200",
+                "h100",
+                "minimax-m27-b200",
+                "minimax-m27-h200"
+            ]
+        );
     }
 }

@@ -28,6 +28,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Values.daemonImage.repository }}:{{ .Values.daemonImage.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{- define "gonka-operator.daemonImageVllm" -}}
+{{ .Values.daemonImage.vllmRepository }}:{{ .Values.daemonImage.tag | default .Chart.AppVersion }}
+{{- end -}}
+
 {{/* The rules the controller needs wherever it watches GonkaNodes; each says which call needs it (the e2e tests run the operator with exactly these rights). */}}
 {{- define "gonka-operator.controllerRules" -}}
 # The controller's watch of GonkaNodes; the finalizer is added and removed with a JSON patch.

@@ -81,6 +81,10 @@ async fn main() -> anyhow::Result<()> {
     let rewritten = tempfile::tempdir()?;
     for entry in std::fs::read_dir(&samples)? {
         let path = entry?.path();
+        // The vLLM samples (samples/vllm/) need real H200/B200 nodes and their weights.
+        if !path.is_file() {
+            continue;
+        }
         let text = std::fs::read_to_string(&path)?
             .replace("http://gonka-api.gonka.svc:9200", &admin_url)
             .replace("http://gonka-api.gonka.svc:9100", &admin_url)

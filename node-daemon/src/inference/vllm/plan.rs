@@ -22,6 +22,9 @@ pub struct VllmConfig {
     pub worker_extension: Option<String>,
     /// Instance `i` starts `stagger · i` after the first (upstream 5 s).
     pub stagger: Duration,
+    /// vLLM's own `LD_LIBRARY_PATH` where the daemon's differs (`GONKA_VLLM_LD_LIBRARY_PATH`: the
+    /// vLLM image puts the daemon's libtorch first, which vLLM's torch must not load).
+    pub ld_library_path: Option<String>,
 }
 
 /// Upstream's worker extension of the `gonka_poc` plugin (PoC v2 inside vLLM).
@@ -135,6 +138,9 @@ pub fn plan(
             // No vendor telemetry (upstream's "metrics trust contract"); CUDA numbers GPUs by
             // PCI bus as NVML does, so NVML's indices name the same GPUs.
             let mut env = vec![("VLLM_NO_USAGE_STATS".to_string(), "1".to_string())];
+            if let Some(path) = &config.ld_library_path {
+                env.push(("LD_LIBRARY_PATH".into(), path.clone()));
+            }
             if !block.is_empty() {
                 env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
                 env.push((
@@ -167,6 +173,7 @@ mod tests {
             host: "127.0.0.1".into(),
             worker_extension: Some(GONKA_POC_WORKER_EXTENSION.into()),
             stagger: Duration::from_secs(5),
+            ld_library_path: None,
         }
     }
 
@@ -242,6 +249,15 @@ mod tests {
         let named = strings(&["--worker-extension-cls", "my.Ext"]);
         let p = plan(&config(), 5000, "m", "auto", &named, &[0]).unwrap();
         assert_eq!(p[0].args.iter().filter(|a| *a == "--worker-extension-cls").count(), 1);
+        c.ld_library_path = Some("/usr/local/cuda/lib64".into());
+        assert!(
+            plan(&c, 5000, "m", "auto", &[], &[0]).unwrap()[0]
+                .env
+                .contains(&("LD_LIBRARY_PATH".into(), "/usr/local/cuda/lib64".into()))
+        );
+        assert!(
+            plan(&config(), 5000, "m", "auto", &[], &[0]).unwrap()[0].env.iter().all(|(k, _)| k != "LD_LIBRARY_PATH")
+        );
         c.worker_extension = None;
         assert!(!plan(&c, 5000, "m", "auto", &[], &[0]).unwrap()[0].args.contains(&"--worker-extension-cls".into()));
     }
