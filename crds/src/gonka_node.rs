@@ -525,6 +525,33 @@ pub struct MlNodeStatus {
     /// Valid nonces (proofs) the ML node found in that round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poc_valid_nonces: Option<i64>,
+    /// What serves the model here, while one is up or coming up, or why it failed to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<MlNodeInference>,
+}
+
+/// The served model's engine and health, as the ML node reports them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MlNodeInference {
+    /// The model, as the network node asked for it.
+    #[schemars(length(max = 256))]
+    pub model: String,
+    /// `native` (the node-daemon's own engine) or `vllm`; `none` when the start failed before
+    /// an engine was chosen.
+    #[schemars(length(max = 16))]
+    pub engine: String,
+    /// vLLM servers (one for the native engine).
+    pub instances: i32,
+    /// Of those, the ones serving.
+    pub instances_healthy: i32,
+    /// vLLM servers restarted since the model came up (one died or hung).
+    pub restarts: i64,
+    /// Why the start-up or a vLLM server failed: the end of the message, with the server's
+    /// last lines of output (a crash loop says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub last_error: Option<String>,
 }
 
 /// A number of GPUs of one model.

@@ -47,16 +47,33 @@ pub struct PocCounters {
     pub pending_batches: u64,
 }
 
-/// The daemon's state: which manager runs, PoC progress.
+/// The served model's engine and health (the operator's status shows it per ML node).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InferenceState {
+    pub model: String,
+    /// `native` or `vllm`.
+    pub engine: String,
+    /// vLLM servers (one for the native engine), and the ones serving.
+    pub instances: u32,
+    pub instances_healthy: u32,
+    /// vLLM restarts since the model came up.
+    pub restarts: u64,
+    /// Why the start-up or the last vLLM server failed.
+    pub last_error: Option<String>,
+}
+
+/// The daemon's state: which manager runs, PoC progress, what serves the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DaemonState {
     pub service: ServiceState,
     pub poc: PocCounters,
+    /// `None` while no model is up or coming up (and none failed to).
+    pub inference: Option<InferenceState>,
 }
 
 impl Default for DaemonState {
     fn default() -> Self {
-        Self { service: ServiceState::Stopped, poc: PocCounters::default() }
+        Self { service: ServiceState::Stopped, poc: PocCounters::default(), inference: None }
     }
 }
 

@@ -376,6 +376,14 @@ pub fn snapshot(inventory: &Inventory, state: &DaemonState, events_dropped: u64)
             pending_batches: state.poc.pending_batches,
         }),
         events_dropped,
+        inference: state.inference.as_ref().map(|i| proto::Inference {
+            model: i.model.clone(),
+            engine: i.engine.clone(),
+            instances: i.instances,
+            instances_healthy: i.instances_healthy,
+            restarts: i.restarts,
+            last_error: i.last_error.clone().unwrap_or_default(),
+        }),
     }
 }
 
@@ -410,6 +418,18 @@ mod tests {
         assert_eq!((s.hardware[0].r#type.as_str(), s.hardware[0].count), ("NVIDIA H100 80GB HBM3 | 79GB", 8));
         let poc = s.poc.unwrap();
         assert_eq!((poc.block_height, poc.nonces_valid, s.events_dropped), (Some(42), 7, 3));
+        assert_eq!(s.inference, None);
+        state.inference = Some(crate::node_state::InferenceState {
+            model: "MiniMaxAI/MiniMax-M2.7".into(),
+            engine: "vllm".into(),
+            instances: 4,
+            instances_healthy: 3,
+            restarts: 2,
+            last_error: Some("hung: ...".into()),
+        });
+        let i = snapshot(&inventory, &state, 0).inference.unwrap();
+        assert_eq!((i.engine.as_str(), i.instances, i.instances_healthy, i.restarts), ("vllm", 4, 3, 2));
+        assert_eq!((i.model.as_str(), i.last_error.as_str()), ("MiniMaxAI/MiniMax-M2.7", "hung: ..."));
     }
 
     #[test]

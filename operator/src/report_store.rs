@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use gonka_crds::{GonkaNode, GpuCount, MlNodeStatus};
+use gonka_crds::{GonkaNode, GpuCount, MlNodeInference, MlNodeStatus};
 use gonka_protocol::admin::Hardware;
 use gonka_protocol::report::{self as proto, daemon_message::Body};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -32,6 +32,10 @@ pub mod limits {
     pub const NAME: usize = 128;
     /// An error text.
     pub const ERROR: usize = 256;
+    /// An inference error's end (the server's last lines are there).
+    pub const INFERENCE_ERROR: usize = 512;
+    /// A model id.
+    pub const MODEL: usize = 256;
     /// A state, version or identity string.
     pub const SHORT: usize = 64;
     /// ML nodes listed in `status.mlNodes` (the counts cover all of them).
@@ -47,8 +51,23 @@ fn cut(text: &mut String, max: usize) {
     }
 }
 
+/// `text` cut to its last `max` characters (an error's end says why).
+fn cut_front(text: &mut String, max: usize) {
+    let count = text.chars().count();
+    if count > max
+        && let Some((at, _)) = text.char_indices().nth(count - max)
+    {
+        text.replace_range(..at, "");
+    }
+}
+
 /// A snapshot within [`limits`].
 fn bounded(mut snapshot: proto::Snapshot) -> proto::Snapshot {
+    if let Some(inference) = &mut snapshot.inference {
+        cut(&mut inference.model, limits::MODEL);
+        cut(&mut inference.engine, limits::SHORT);
+        cut_front(&mut inference.last_error, limits::INFERENCE_ERROR);
+    }
     cut(&mut snapshot.state, limits::SHORT);
     cut(&mut snapshot.driver_version, limits::SHORT);
     cut(&mut snapshot.cuda_driver_version, limits::SHORT);
@@ -146,6 +165,7 @@ fn significant(before: Option<&proto::Snapshot>, after: &proto::Snapshot) -> boo
         || before.nvml_error != after.nvml_error
         || gpus(before) != gpus(after)
         || before.poc.as_ref().and_then(|p| p.block_height) != after.poc.as_ref().and_then(|p| p.block_height)
+        || before.inference != after.inference
 }
 
 impl ReportStore {
@@ -341,6 +361,14 @@ fn ml_node_status(pod: &PodRef, report: &MlNodeReport) -> MlNodeStatus {
         since: Time(report.since),
         poc_block_height: poc.and_then(|p| p.block_height),
         poc_valid_nonces: poc.and_then(|p| p.block_height.map(|_| p.nonces_valid as i64)),
+        inference: snapshot.and_then(|s| s.inference.as_ref()).map(|i| MlNodeInference {
+            model: i.model.clone(),
+            engine: i.engine.clone(),
+            instances: i.instances.min(i32::MAX as u32) as i32,
+            instances_healthy: i.instances_healthy.min(i32::MAX as u32) as i32,
+            restarts: i.restarts.min(i64::MAX as u64) as i64,
+            last_error: Some(i.last_error.clone()).filter(|e| !e.is_empty()),
+        }),
     }
 }
 
@@ -463,6 +491,45 @@ mod tests {
         assert_eq!(store.of(&key()).keys().collect::<Vec<_>>(), ["pa"]);
     }
 
+    #[tokio::test]
+    async fn the_engine_and_its_health_reach_status_and_a_change_reconciles_at_once() {
+        let store = ReportStore::default();
+        let mut changes = store.changes();
+        let c = store.connect(key(), hello("pa", "b"), 1);
+        let _ = changes.try_recv();
+        let mut report = snapshot("INFERENCE", 8, None, 0);
+        let serving = proto::Inference {
+            model: "MiniMaxAI/MiniMax-M2.7".into(),
+            engine: "vllm".into(),
+            instances: 4,
+            instances_healthy: 4,
+            ..Default::default()
+        };
+        report.inference = Some(serving.clone());
+        store.receive(&c, message(2, Body::Snapshot(report.clone())));
+        assert!(changes.try_recv().is_ok());
+        // An instance crash-looping: status shows it now, with the end of its error.
+        let tail = "ValueError: the checkpoint needs --trust-remote-code";
+        report.inference = Some(proto::Inference {
+            instances_healthy: 3,
+            restarts: 6,
+            last_error: format!("crash loop: 5 restarts within 600s; last: {}{tail}", "x".repeat(2000)),
+            ..serving
+        });
+        store.receive(&c, message(3, Body::Snapshot(report)));
+        assert!(changes.try_recv().is_ok(), "an instance down shows at once");
+        let pods = [PodRef { name: "pa".into(), kubernetes_node: "gpu-a".into() }];
+        let f = fleet(&pods, &store.of(&key()), &[]);
+        let inference = f.ml_nodes[0].inference.clone().unwrap();
+        assert_eq!(
+            (inference.engine.as_str(), inference.instances, inference.instances_healthy, inference.restarts),
+            ("vllm", 4, 3, 6)
+        );
+        let error = inference.last_error.unwrap();
+        assert_eq!(error.chars().count(), limits::INFERENCE_ERROR);
+        assert!(error.ends_with(tail), "the end, which says why, is kept: {error}");
+    }
+
     fn fleet_entry() -> MlNodeStatus {
         MlNodeStatus {
             node: String::new(),
@@ -476,6 +543,7 @@ mod tests {
             since: Time(jiff::Timestamp::UNIX_EPOCH),
             poc_block_height: None,
             poc_valid_nonces: None,
+            inference: None,
         }
     }
 

@@ -26,6 +26,7 @@ use serde::Serialize;
 use tch::Device;
 
 use super::vllm::{self, VllmSettings, supervisor::VllmServer};
+use crate::node_state::InferenceState;
 
 #[derive(Clone, Debug, Default)]
 pub struct InferenceSettings {
@@ -78,10 +79,11 @@ fn native_refuses(dir: &Path) -> Option<String> {
 }
 
 /// Which engine serves a model: the GonkaNode's choice, else native when it runs the
-/// checkpoint found in `dir`, else vLLM; an error when the engine needed is not here.
+/// checkpoint found in `dir`, else vLLM; an error when the engine needed is not here. `dir` is
+/// the checkpoint's directory, or why the models directory has none.
 pub fn choose_engine(
     choice: ModelEngine,
-    dir: Option<&Path>,
+    dir: Result<&Path, &str>,
     has_vllm: bool,
     model: &str,
 ) -> Result<EngineKind, String> {
@@ -91,17 +93,17 @@ pub fn choose_engine(
         ModelEngine::Native => Ok(EngineKind::Native),
         ModelEngine::Vllm if has_vllm => Ok(EngineKind::Vllm),
         ModelEngine::Vllm => Err(no_vllm("the GonkaNode asks for the vllm engine")),
-        ModelEngine::Auto => {
-            let refusal = match dir {
-                Some(dir) => native_refuses(dir),
-                None => Some("its weights are not in the models directory".into()),
-            };
-            match refusal {
+        ModelEngine::Auto => match dir {
+            // Not in the models directory: vLLM may find it in its own cache; without vLLM,
+            // where it was looked for is the answer.
+            Err(_) if has_vllm => Ok(EngineKind::Vllm),
+            Err(not_found) => Err(not_found.to_string()),
+            Ok(dir) => match native_refuses(dir) {
                 None => Ok(EngineKind::Native),
                 Some(_) if has_vllm => Ok(EngineKind::Vllm),
                 Some(why) => Err(no_vllm(&format!("the native engine cannot serve it ({why})"))),
-            }
-        }
+            },
+        },
     }
 }
 
@@ -270,12 +272,21 @@ impl InferenceManager {
             Phase::Starting(_) => return Err(UpError::AlreadyStarting),
             Phase::Stopped => {}
         }
+        let model = request.model.clone();
         let prepared = self.prepare(request, gpus);
         *phase = Phase::Starting(match &prepared {
             Ok(Prepared::Vllm(server, _)) => Some(server.clone()),
             _ => None,
         });
         drop(phase);
+        let engine = match &prepared {
+            Ok(Prepared::Vllm(server, _)) => {
+                self.watch_instances(server.clone());
+                "vllm"
+            }
+            Ok(Prepared::Native(_)) => "native",
+            Err(_) => "none",
+        };
         *self.startup.lock().expect("startup") = Some(Startup { started: Instant::now(), ended: None });
         let generation = self.generation.load(Ordering::SeqCst);
         let manager = self.clone();
@@ -307,6 +318,15 @@ impl InferenceManager {
                         Backend::Vllm(server) => server.served_name.clone(),
                     };
                     tracing::info!(model = %name, "inference up");
+                    if let Backend::Native(_) = &backend {
+                        manager.report_inference(Some(InferenceState {
+                            model: model.clone(),
+                            engine: engine.into(),
+                            instances: 1,
+                            instances_healthy: 1,
+                            ..Default::default()
+                        }));
+                    }
                     *phase = Phase::Running(backend);
                     manager.reporting.update_state(|s| s.service = gonka_protocol::ml_node::ServiceState::Inference);
                     Ok(())
@@ -321,6 +341,13 @@ impl InferenceManager {
                     tracing::error!(error = %e, "inference start-up failed");
                     if current {
                         *phase = Phase::Stopped;
+                        // Why it does not serve stays in the report until the next up or down.
+                        manager.report_inference(Some(InferenceState {
+                            model: model.clone(),
+                            engine: engine.into(),
+                            last_error: Some(e.clone()),
+                            ..Default::default()
+                        }));
                     }
                     Err(e)
                 }
@@ -334,12 +361,39 @@ impl InferenceManager {
         }))
     }
 
+    fn report_inference(&self, inference: Option<InferenceState>) {
+        self.reporting.update_state(|s| s.inference = inference);
+    }
+
+    /// Reports `server`'s health (instances serving, restarts, errors) while it is this
+    /// manager's: checked under the phase lock, so a summary never lands after `down` cleared it.
+    fn watch_instances(self: &Arc<Self>, server: Arc<VllmServer>) {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let Some(manager) = manager.upgrade() else { return };
+                let phase = manager.phase.lock().expect("phase");
+                let ours = match &*phase {
+                    Phase::Running(Backend::Vllm(s)) | Phase::Starting(Some(s)) => Arc::ptr_eq(s, &server),
+                    _ => false,
+                };
+                if !ours {
+                    return;
+                }
+                manager.report_inference(Some(server.summary()));
+            }
+        });
+    }
+
     /// Resolves the model and chooses its engine; for vLLM, starts its servers.
     fn prepare(&self, request: InferenceUpRequest, gpus: GpuOffer) -> Result<Prepared, String> {
         let settings = &self.settings;
         let dir = resolve_model(settings.models_dir.as_deref(), &request.model);
         let choice = settings.engines.get(&request.model).copied().unwrap_or_default();
-        let engine = choose_engine(choice, dir.as_deref().ok(), settings.vllm.is_some(), &request.model)?;
+        let engine =
+            choose_engine(choice, dir.as_deref().map_err(String::as_str), settings.vllm.is_some(), &request.model)?;
         tracing::info!(model = %request.model, ?choice, ?engine, "engine chosen");
         match (engine, &settings.vllm) {
             (EngineKind::Vllm, Some(vllm)) => {
@@ -397,6 +451,7 @@ impl InferenceManager {
         self.generation.fetch_add(1, Ordering::SeqCst);
         let previous = std::mem::replace(&mut *self.phase.lock().expect("phase"), Phase::Stopped);
         *self.startup.lock().expect("startup") = None;
+        self.report_inference(None);
         match previous {
             Phase::Running(backend) => {
                 tracing::info!("inference down");
@@ -624,26 +679,29 @@ mod tests {
         let fp8 =
             write("fp8", serde_json::json!({"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}}));
         let auto = ModelEngine::Auto;
-        assert_eq!(choose_engine(auto, Some(&qwen3), true, "q").unwrap(), EngineKind::Native);
-        assert_eq!(choose_engine(auto, Some(&minimax), true, "m").unwrap(), EngineKind::Vllm);
-        assert_eq!(choose_engine(auto, Some(&fp8), true, "f").unwrap(), EngineKind::Vllm);
-        assert_eq!(choose_engine(auto, None, true, "x").unwrap(), EngineKind::Vllm, "vLLM may find it in its cache");
+        assert_eq!(choose_engine(auto, Ok(&qwen3), true, "q").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(auto, Ok(&fp8), true, "f").unwrap(), EngineKind::Vllm);
+        assert_eq!(
+            choose_engine(auto, Err("x not found"), true, "x").unwrap(),
+            EngineKind::Vllm,
+            "vLLM may find it in its cache"
+        );
+        assert_eq!(choose_engine(auto, Err("x not found under /m"), false, "x").unwrap_err(), "x not found under /m");
         // Forced either way.
-        assert_eq!(choose_engine(ModelEngine::Vllm, Some(&qwen3), true, "q").unwrap(), EngineKind::Vllm);
-        assert_eq!(choose_engine(ModelEngine::Native, Some(&minimax), true, "m").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(ModelEngine::Vllm, Ok(&qwen3), true, "q").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(ModelEngine::Native, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
         // Without vLLM: what the native engine cannot run is refused, naming why.
-        let err = choose_engine(auto, Some(&minimax), false, "MiniMaxAI/MiniMax-M2.7").unwrap_err();
+        let err = choose_engine(auto, Ok(&minimax), false, "MiniMaxAI/MiniMax-M2.7").unwrap_err();
         assert!(
             err.contains("MiniMaxAI/MiniMax-M2.7") && err.contains("minimax_m2") && err.contains("no vLLM"),
             "{err}"
         );
-        assert!(choose_engine(auto, Some(&fp8), false, "f").unwrap_err().contains("quantised (fp8)"));
+        assert!(choose_engine(auto, Ok(&fp8), false, "f").unwrap_err().contains("quantised (fp8)"));
         assert!(
-            choose_engine(ModelEngine::Vllm, Some(&qwen3), false, "q")
-                .unwrap_err()
-                .contains("asks for the vllm engine")
+            choose_engine(ModelEngine::Vllm, Ok(&qwen3), false, "q").unwrap_err().contains("asks for the vllm engine")
         );
-        assert_eq!(choose_engine(auto, Some(&qwen3), false, "q").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&qwen3), false, "q").unwrap(), EngineKind::Native);
     }
 
     #[test]

@@ -284,6 +284,23 @@ impl VllmServer {
         self.instances.iter().map(|i| i.report()).collect()
     }
 
+    /// The instances' health in one value, for the operator's status: how many serve, how
+    /// often they restarted, and the error of one that is down (a failed one first).
+    pub fn summary(&self) -> crate::node_state::InferenceState {
+        let reports = self.reports();
+        let error_of = |wanted: &dyn Fn(Phase) -> bool| {
+            reports.iter().filter(|r| wanted(r.phase)).find_map(|r| r.last_error.clone())
+        };
+        crate::node_state::InferenceState {
+            model: self.model.clone(),
+            engine: "vllm".into(),
+            instances: reports.len() as u32,
+            instances_healthy: reports.iter().filter(|r| r.phase == Phase::Healthy).count() as u32,
+            restarts: reports.iter().map(|r| r.restarts).sum(),
+            last_error: error_of(&|p| p == Phase::Failed).or_else(|| error_of(&|p| p != Phase::Healthy)),
+        }
+    }
+
     /// The instances as the metrics show them.
     pub fn samples(&self) -> Vec<crate::metrics::VllmInstanceSample> {
         self.reports()
@@ -568,5 +585,70 @@ async fn forward_lines(instance: Arc<Instance>, stream: OutputStream) {
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(target: "vllm", instance = instance.plan.index, port = instance.plan.port, "{line}");
         instance.remember(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(index: usize, phase: Phase, restarts: u64, error: Option<&str>) -> Arc<Instance> {
+        let plan = InstancePlan {
+            index,
+            port: 5001 + index as u16,
+            gpus: vec![index as u32],
+            delay: Duration::ZERO,
+            program: "python3".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+        };
+        let instance = Instance::new(plan);
+        instance.set_phase(phase);
+        instance.update(|r| {
+            r.restarts = restarts;
+            r.last_error = error.map(str::to_string);
+        });
+        Arc::new(instance)
+    }
+
+    fn server(instances: Vec<Arc<Instance>>) -> VllmServer {
+        VllmServer {
+            model: "MiniMaxAI/MiniMax-M2.7".into(),
+            served_name: "MiniMaxAI/MiniMax-M2.7".into(),
+            instances,
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+            next_generate: AtomicUsize::new(0),
+        }
+    }
+
+    #[test]
+    fn the_summary_counts_serving_instances_and_names_a_failed_ones_error_first() {
+        let s = server(vec![
+            instance(0, Phase::Healthy, 1, Some("exited prematurely (signal: 9)")),
+            instance(1, Phase::Restarting, 2, Some("hung: no scheduler step")),
+            instance(2, Phase::Failed, 5, Some("crash loop: 5 restarts")),
+            instance(3, Phase::Healthy, 0, None),
+        ]);
+        let summary = s.summary();
+        assert_eq!((summary.instances, summary.instances_healthy, summary.restarts), (4, 2, 8));
+        assert_eq!(summary.last_error.as_deref(), Some("crash loop: 5 restarts"));
+        assert_eq!(summary.engine, "vllm");
+        // Nothing failed: the error of one that is down; all serving: the healthy ones' old
+        // errors say nothing now.
+        let s = server(vec![instance(0, Phase::Restarting, 1, Some("hung")), instance(1, Phase::Healthy, 0, None)]);
+        assert_eq!(s.summary().last_error.as_deref(), Some("hung"));
+        let s = server(vec![instance(0, Phase::Healthy, 1, Some("old")), instance(1, Phase::Healthy, 0, None)]);
+        assert_eq!(s.summary().last_error, None);
+        // Least-loaded and round-robin pick only healthy instances.
+        let s = server(vec![
+            instance(0, Phase::Failed, 0, None),
+            instance(1, Phase::Healthy, 0, None),
+            instance(2, Phase::Healthy, 0, None),
+        ]);
+        let _lease = s.instances[1].lease();
+        assert_eq!(s.least_loaded().unwrap().port(), 5003);
+        let turns: Vec<u16> = (0..4).map(|_| s.next_for_generate().unwrap().port()).collect();
+        assert_eq!(turns, [5002, 5003, 5002, 5003]);
     }
 }
