@@ -751,6 +751,19 @@ impl ControlPlane {
         daemon_config: &str,
         gpus_for: impl Fn(&str) -> fake_nvml::Scenario,
     ) -> anyhow::Result<PodStandIns> {
+        self.stand_in_for_pods_with_env(namespace, selector, daemon, daemon_config, gpus_for, &[]).await
+    }
+
+    /// As [`Self::stand_in_for_pods`], the daemons with `env` added (e.g. where vLLM is).
+    pub async fn stand_in_for_pods_with_env(
+        &self,
+        namespace: &str,
+        selector: &str,
+        daemon: &Path,
+        daemon_config: &str,
+        gpus_for: impl Fn(&str) -> fake_nvml::Scenario,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<PodStandIns> {
         // Built first, so processes started before a failure are stopped by its Drop.
         let mut stand_ins =
             PodStandIns { children: Vec::new(), gpu_files: Default::default(), _scratch: tempfile::tempdir()? };
@@ -783,6 +796,7 @@ impl ControlPlane {
                 .env("GONKA_ALLOW_CPU_COMPUTE", "true")
                 .env(fake_nvml::CONFIG_ENV, &gpus)
                 .env("RUST_LOG", "warn")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
@@ -854,6 +868,8 @@ pub struct Operator {
 
 /// Image the operator puts in DaemonSets when a GonkaNode names none.
 pub const TEST_DAEMON_IMAGE: &str = "registry.test/gonka-node-daemon:e2e";
+/// The operator's default image for GonkaNodes with a model on vLLM, in the e2e tests.
+pub const TEST_DAEMON_IMAGE_VLLM: &str = "registry.test/gonka-node-daemon-vllm:e2e";
 
 impl ControlPlane {
     /// Starts an operator replica with `identity`, with admin rights, leasing in `default`.
@@ -914,6 +930,7 @@ impl ControlPlane {
             controller: gonka_operator::ControllerConfig {
                 namespace: watch_namespace.map(str::to_string),
                 daemon_image: TEST_DAEMON_IMAGE.into(),
+                daemon_image_vllm: TEST_DAEMON_IMAGE_VLLM.into(),
                 instance: Some(identity.into()),
                 retry: Duration::from_secs(2),
                 rollout_recheck: Duration::from_secs(1),

@@ -92,15 +92,16 @@ pub fn read_config(path: &std::path::Path) -> anyhow::Result<DaemonConfig> {
     DaemonConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{} is not a valid daemon config: {e}", path.display()))
 }
 
+/// `host`: where vLLM's instances listen — loopback, only the daemon reaches them.
 #[cfg(feature = "torch")]
-fn vllm_settings(o: &VllmOptions) -> inference::vllm::VllmSettings {
+fn vllm_settings(o: &VllmOptions, host: std::net::IpAddr) -> inference::vllm::VllmSettings {
     use inference::vllm::{VllmSettings, plan::VllmConfig, supervisor::Supervision};
     VllmSettings {
         config: VllmConfig {
             python: o.python.clone(),
             module: o.module.clone(),
             max_instances: o.max_instances,
-            host: "127.0.0.1".into(),
+            host: host.to_string(),
             worker_extension: None,
             stagger: o.stagger,
             ld_library_path: o.ld_library_path.clone(),
@@ -225,7 +226,12 @@ pub async fn run_with(
         model_mirror: settings.model_mirror.clone(),
         engines: settings.config.iter().flat_map(|c| c.models.iter().map(|m| (m.id.clone(), m.engine))).collect(),
         #[cfg(feature = "torch")]
-        vllm: match settings.vllm.as_ref().map(vllm_settings) {
+        // The inference port's own address when that is a loopback one (development, several
+        // daemons on one host), else 127.0.0.1 (a pod has its own).
+        vllm: match settings.vllm.as_ref().map(|o| {
+            let ip = inference_addr.ip();
+            vllm_settings(o, if ip.is_loopback() { ip } else { std::net::Ipv4Addr::LOCALHOST.into() })
+        }) {
             Some(mut vllm) => {
                 inference::vllm::detect_poc_plugin(&mut vllm).await;
                 Some(vllm)

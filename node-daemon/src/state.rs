@@ -103,6 +103,7 @@ impl AppState {
                 callback_base: callback_base.clone(),
                 batch_size,
                 http: vllm::proxy::client(),
+                reporting: reporting.clone(),
             };
             let pow_v2 = pow_v2::PocV2Service::new(
                 pow_v2::PocV2Settings {

@@ -167,3 +167,98 @@ async fn model_storage_brings_the_preloaded_model_up_and_poc_v2_weighs_it() -> a
     operator.stop().await?;
     Ok(())
 }
+
+/// A GonkaNode whose model is served by vLLM (`engine: vllm`) on a real control plane: the
+/// operator picks the vLLM image and renders the engine into `daemon.json`; the stand-in
+/// daemons (given vLLM's CPU build and the stand-in of the `gonka_poc` plugin's routes) bring the
+/// preloaded model up in vLLM, report it — engine, instances serving — to the operator, are
+/// registered with it, and a 2026 network node's PoC v2 round fanned out to the plugin weighs
+/// them, the weight reaching the GonkaNode's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vllm_engined_gonka_node_serves_reports_and_is_weighed_by_a_poc_v2_round() -> anyhow::Result<()> {
+    const MODEL: &str = "Meta/Tiny-Llama";
+    const START: Duration = Duration::from_secs(600);
+    let models = tempfile::tempdir()?;
+    gonka_e2e::write_tiny_qwen(&models.path().join(MODEL), "llama", json!({}))?;
+    let python = gonka_e2e::vllm_python()?;
+    let standin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testing/vllm-poc-standin");
+
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let (devnet, url) = start_devnet_on(gonka_devnet::Generation::Mainline2026, &[MODEL], 0).await?;
+    let operator = cp.start_reporting_operator("op-v", free_port()?).await?;
+
+    let args = ["--enforce-eager", "--max-model-len=256", "--middleware", "gonka_poc_standin.PocRoutes"];
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
+    manifest["spec"]["models"] = json!([{"id": MODEL, "engine": "vllm", "args": args}]);
+    manifest["spec"]["modelStorage"] = json!({"hostPath": "/srv/gonka-models", "preload": MODEL});
+    cp.roll_out(manifest, PODS, 2, WAIT).await?;
+
+    let ds = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), NS).get("h100-ml-node").await?;
+    let image = ds.spec.unwrap().template.spec.unwrap().containers[0].image.clone().unwrap();
+    assert_eq!(image, gonka_e2e::TEST_DAEMON_IMAGE_VLLM, "a model on vLLM: the vLLM image");
+    let cm =
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
+    let mut daemon_json: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["daemon.json"])?;
+    assert_eq!(daemon_json["models"][0]["engine"], "vllm");
+    daemon_json["modelsDir"] = json!(models.path());
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+    let one_gpu = || fake_nvml::Scenario { gpus: vec![fake_nvml::FakeGpu::h100(0)], ..fake_nvml::Scenario::hgx_h100() };
+    let env = [
+        ("VLLM_PYTHON_PATH", python.to_str().unwrap()),
+        ("VLLM_CPU_KVCACHE_SPACE", "1"),
+        ("PYTHONPATH", standin.to_str().unwrap()),
+        ("GONKA_STANDIN_CALLBACK_INTERVAL", "1"),
+    ];
+    let stand_ins =
+        cp.stand_in_for_pods_with_env(NS, PODS, daemon, &daemon_json.to_string(), |_| one_gpu(), &env).await?;
+    assert_eq!(stand_ins.len(), 2);
+
+    eventually("both ML nodes report their model serving on vLLM", START, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.ml_nodes.len() == 2
+            && s.ml_nodes.iter().all(|n| {
+                n.state.as_deref() == Some("INFERENCE")
+                    && n.inference.as_ref().is_some_and(|i| {
+                        (i.engine.as_str(), i.model.as_str(), i.instances, i.instances_healthy) == ("vllm", MODEL, 1, 1)
+                    })
+            }))
+    })
+    .await?;
+    assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.node.config.models.contains_key(MODEL)));
+
+    let cfg = gonka_devnet::round_v2::RoundConfig {
+        block_hash: "5eed".repeat(16),
+        block_height: 5100,
+        public_key: "host".into(),
+        model: MODEL.into(),
+        seq_len: 8,
+        stronger_rng: false,
+        generate_for: Duration::from_secs(4),
+        settle_for: Duration::from_secs(3),
+        validation_sample: 20,
+        callback_base: url.clone(),
+        stat_test: json!({"dist_threshold": 0.4, "p_mismatch": 0.1, "p_value_threshold": 0.05}),
+    };
+    let results = gonka_devnet::round_v2::run_round(&devnet, &cfg, |_| {}).await?;
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.weight > 0 && r.fraud_detected == Some(false), "{r:?}");
+    }
+    // The plugin's count of the round reaches status (what the daemons saw the plugin compute).
+    eventually("status shows the vLLM round's weight", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.poc_block_height == Some(5100) && s.weight.is_some_and(|w| w > 0))
+    })
+    .await?;
+
+    api.delete("h100", &DeleteParams::default()).await?;
+    eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
+    assert!(devnet.lock().unwrap().nodes().is_empty(), "no registration left behind");
+    drop(stand_ins);
+    operator.stop().await?;
+    Ok(())
+}

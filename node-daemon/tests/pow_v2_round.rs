@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::Daemon;
 use fake_nvml::Scenario;
 use gonka_devnet::round_v2::{RoundConfig, run_round};
-use gonka_protocol::admin::{InferenceNodeConfig, ModelArgs};
 use serde_json::json;
 
 const MODEL: &str = "Qwen/Tiny-Qwen3";
@@ -72,18 +71,8 @@ fn round_over_two_daemons(arch: &str) {
         [MODEL.to_string()],
     )));
     for (i, d) in nodes.iter().enumerate() {
-        let registration = InferenceNodeConfig {
-            host: "127.0.0.1".into(),
-            inference_segment: String::new(),
-            inference_port: inference_ports[i],
-            poc_segment: String::new(),
-            poc_port: d.port,
-            models: [(MODEL.to_string(), ModelArgs { args: vec!["--max-model-len".into(), "256".into()] })].into(),
-            id: format!("node-{i}"),
-            max_concurrent: 500,
-            hardware: vec![],
-        };
-        devnet.lock().unwrap().register(registration).unwrap();
+        let args = ["--max-model-len".to_string(), "256".to_string()];
+        common::register(&devnet, &format!("node-{i}"), d.port, inference_ports[i], MODEL, &args);
     }
     let app = gonka_devnet::callback_router(devnet.clone());
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });

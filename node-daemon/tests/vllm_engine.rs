@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use common::Daemon;
 use fake_nvml::{FakeGpu, Scenario};
 use gonka_devnet::round_v2::{RoundConfig, run_round};
-use gonka_protocol::admin::{InferenceNodeConfig, ModelArgs};
 use serde_json::{Value, json};
 
 const MODEL: &str = "Meta/Tiny-Llama";
@@ -349,23 +348,9 @@ fn a_2026_poc_v2_round_runs_over_vllm_engined_ml_nodes() {
         gonka_devnet::Generation::Mainline2026,
         [MODEL.to_string()],
     )));
+    let args: Vec<String> = args_with_standin().iter().map(|a| a.to_string()).collect();
     for (i, (d, inference_port)) in nodes.iter().enumerate() {
-        let registration = InferenceNodeConfig {
-            host: "127.0.0.1".into(),
-            inference_segment: String::new(),
-            inference_port: *inference_port,
-            poc_segment: String::new(),
-            poc_port: d.port,
-            models: [(
-                MODEL.to_string(),
-                ModelArgs { args: args_with_standin().iter().map(|a| a.to_string()).collect() },
-            )]
-            .into(),
-            id: format!("node-{i}"),
-            max_concurrent: 500,
-            hardware: vec![],
-        };
-        devnet.lock().unwrap().register(registration).unwrap();
+        common::register(&devnet, &format!("node-{i}"), d.port, *inference_port, MODEL, &args);
     }
     let app = gonka_devnet::callback_router(devnet.clone());
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -382,7 +382,16 @@ impl InferenceManager {
                 if !ours {
                     return;
                 }
-                manager.report_inference(Some(server.summary()));
+                let (summary, nonces) = (server.summary(), server.poc_processed());
+                manager.reporting.update_state(|s| {
+                    s.inference = Some(summary);
+                    // A PoC v2 round the fan-out started: the plugin's count (every nonce an
+                    // artifact, so valid too).
+                    if s.poc.block_height.is_some() {
+                        s.poc.nonces_computed = nonces;
+                        s.poc.nonces_valid = nonces;
+                    }
+                });
             }
         });
     }

@@ -181,3 +181,27 @@ pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Registers an ML node with `devnet` as a 2026 network node's admin API takes it: on loopback,
+/// its ML-node API on `poc_port`, its inference port, `model` with `args`.
+pub fn register(
+    devnet: &gonka_devnet::Shared,
+    id: &str,
+    poc_port: u16,
+    inference_port: u16,
+    model: &str,
+    args: &[String],
+) {
+    let registration = gonka_protocol::admin::InferenceNodeConfig {
+        host: "127.0.0.1".into(),
+        inference_segment: String::new(),
+        inference_port,
+        poc_segment: String::new(),
+        poc_port,
+        models: [(model.to_string(), gonka_protocol::admin::ModelArgs { args: args.to_vec() })].into(),
+        id: id.into(),
+        max_concurrent: 500,
+        hardware: vec![],
+    };
+    devnet.lock().unwrap().register(registration).unwrap();
+}

@@ -45,6 +45,8 @@ pub const PARENT_DEATH_WRAPPER: &str = "import ctypes, os, signal, sys\n\
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstancePlan {
     pub index: usize,
+    /// Where it listens (the config's host).
+    pub host: String,
     pub port: u16,
     /// The GPUs it owns (NVML indices; `CUDA_VISIBLE_DEVICES`), empty without GPUs.
     pub gpus: Vec<u32>,
@@ -150,6 +152,7 @@ pub fn plan(
             }
             Ok(InstancePlan {
                 index: i,
+                host: config.host.clone(),
                 port,
                 gpus: block,
                 delay: config.stagger * i as u32,

@@ -38,6 +38,9 @@ pub struct FanoutSettings {
     /// The host's batch size (`daemon.json` `poc.batchSize`), replacing the request's.
     pub batch_size: Option<usize>,
     pub http: reqwest::Client,
+    /// The round's progress for the operator: its block height here, the nonces the plugin
+    /// computed from the instances' status (the inference manager's watch).
+    pub reporting: crate::node_state::Reporting,
 }
 
 #[derive(Clone)]
@@ -68,7 +71,7 @@ async fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), String> {
-    let url = format!("http://127.0.0.1:{}{path}", instance.port());
+    let url = format!("{}{path}", instance.base_url());
     let request = match body {
         Some(b) => http.post(url).json(b),
         None => http.get(url),
@@ -131,6 +134,12 @@ async fn init_generate(State(f): State<Fanout>, JsonBody(mut body): JsonBody<Ini
     if results.is_empty() {
         return (StatusCode::BAD_GATEWAY, Json(json!({"detail": {"errors": errors}}))).into_response();
     }
+    // A new round: its nonces count from zero (every PoC v2 nonce is an artifact).
+    f.server.reset_poc_counts();
+    let height = body.block_height;
+    f.settings.reporting.update_state(|s| {
+        s.poc = crate::node_state::PocCounters { block_height: Some(height), ..Default::default() };
+    });
     Json(json!({
         "status": "OK",
         "backends": results.len(),
@@ -146,6 +155,8 @@ async fn stop(State(f): State<Fanout>) -> Response {
     if instances.is_empty() {
         return Json(json!({"status": "OK", "message": "No backends to stop"})).into_response();
     }
+    // The round's final counts, before the plugin forgets them.
+    futures::future::join_all(instances.iter().map(|i| super::supervisor::poll_poc_status(i, &f.settings.http))).await;
     let calls = instances.iter().map(|instance| {
         let http = f.settings.http.clone();
         async move { (instance.port(), call(&http, instance, "/api/v1/pow/stop", Some(&json!({}))).await) }

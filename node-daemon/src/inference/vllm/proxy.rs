@@ -77,7 +77,7 @@ pub async fn forward(
         }
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let url = format!("http://127.0.0.1:{}{path}", instance.port());
+    let url = format!("{}{path}", instance.base_url());
     let mut outgoing = http.request(parts.method, url).body(body);
     for (name, value) in &parts.headers {
         if !hop_by_hop(name) {

@@ -155,6 +155,11 @@ impl Instance {
         self.plan.port
     }
 
+    /// `http://host:port`, where it serves.
+    pub fn base_url(&self) -> String {
+        format!("http://{}:{}", self.plan.host, self.plan.port)
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
     }
@@ -282,6 +287,18 @@ impl VllmServer {
 
     pub fn reports(&self) -> Vec<InstanceReport> {
         self.instances.iter().map(|i| i.report()).collect()
+    }
+
+    /// A new PoC round: the instances' nonce counts start from zero.
+    pub fn reset_poc_counts(&self) {
+        for i in &self.instances {
+            i.update(|r| r.poc_processed = 0);
+        }
+    }
+
+    /// Nonces the plugin computed in the current round, over the instances.
+    pub fn poc_processed(&self) -> u64 {
+        self.reports().iter().map(|r| r.poc_processed).sum()
     }
 
     /// The instances' health in one value, for the operator's status: how many serve, how
@@ -447,7 +464,7 @@ async fn run_once(
         tokio::spawn(forward_lines(instance.clone(), stream));
     }
     let group = pid.and_then(|p| Pid::from_raw(p as i32));
-    let base = format!("http://{}:{}", host_of(plan), plan.port);
+    let base = instance.base_url();
     let spawned = Instant::now();
     let mut watch = Watch::new(supervision.hang_grace);
     let mut tick = tokio::time::interval(supervision.health_interval);
@@ -512,14 +529,15 @@ async fn run_once(
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
-            poll_poc_status(instance, http, &base).await;
+            poll_poc_status(instance, http).await;
         }
     }
 }
 
-/// The PoC plugin's `/api/v1/pow/status` (upstream's proxy polls it with `/health`).
-async fn poll_poc_status(instance: &Instance, http: &reqwest::Client, base: &str) {
-    let answer = get(http, &format!("{base}/api/v1/pow/status"), HEALTH_TIMEOUT).await;
+/// The PoC plugin's `/api/v1/pow/status` (upstream's proxy polls it with `/health`): its state
+/// and the round's nonces (kept once the round ends).
+pub async fn poll_poc_status(instance: &Instance, http: &reqwest::Client) {
+    let answer = get(http, &format!("{}/api/v1/pow/status", instance.base_url()), HEALTH_TIMEOUT).await;
     let parsed =
         answer.filter(|(s, _)| *s == 200).and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
     instance.update(|r| match &parsed {
@@ -530,10 +548,6 @@ async fn poll_poc_status(instance: &Instance, http: &reqwest::Client, base: &str
         }
         None => r.poc_status.clear(),
     });
-}
-
-fn host_of(plan: &InstancePlan) -> &str {
-    plan.args.iter().position(|a| a == "--host").and_then(|i| plan.args.get(i + 1)).map_or("127.0.0.1", |h| h)
 }
 
 /// `GET url`: status and body, `None` when it failed or took longer than `timeout`.
@@ -595,6 +609,7 @@ mod tests {
     fn instance(index: usize, phase: Phase, restarts: u64, error: Option<&str>) -> Arc<Instance> {
         let plan = InstancePlan {
             index,
+            host: "127.0.0.1".into(),
             port: 5001 + index as u16,
             gpus: vec![index as u32],
             delay: Duration::ZERO,
