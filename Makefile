@@ -18,9 +18,10 @@ build: pyenv
 	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) build --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch
 
 ## The two newcomer commands (README): `make demo` and `make test`.
-demo: controlplane pyenv
+demo: controlplane pyenv vllm-env
 	LIBTORCH=$(LIBTORCH_DIR) $(CARGO) build --locked -q -p gonka-node-daemon --features torch
 	GONKA_DAEMON_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/gonka-node-daemon \
+		GONKA_VLLM_PYTHON=$$(scripts/vllm-env.sh) \
 		$(CARGO) run --locked -q -p gonka-e2e --bin gonka-demo
 
 test: controlplane pyenv vllm-env

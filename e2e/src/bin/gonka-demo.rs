@@ -4,7 +4,9 @@
 //! from `manifests/` and running with its ServiceAccount's rights, and the sample GonkaNodes
 //! from `manifests/samples/` rolled out to ML-node pods. Prints progress, then the fleet, a PoC
 //! v1 round as a 2025 network node runs it, and — what a 2026 network node does — a GonkaNode
-//! whose ML nodes preload a tiny Qwen3 from their model volume, prove it with PoC v2 and chat.
+//! whose ML nodes preload a tiny Qwen3 from their model volume, prove it with PoC v2 and chat;
+//! then, with vLLM's CPU build at hand (`GONKA_VLLM_PYTHON`, as `make demo` sets it), the same
+//! for a GonkaNode whose model runs on vLLM (`engine: vllm`).
 //!
 //!   cargo run -p gonka-e2e --bin gonka-demo [-- --keep]
 //!
@@ -149,7 +151,14 @@ async fn main() -> anyhow::Result<()> {
     match std::env::var_os("GONKA_DAEMON_BIN") {
         Some(bin) => {
             poc_round(&cp, &api, &devnet, &admin_url, Path::new(&bin), &step).await?;
-            poc_v2_round(&cp, &api, Path::new(&bin), &step).await?;
+            poc_v2_round(&cp, &api, Path::new(&bin), &step, &V2Fleet::native()).await?;
+            match std::env::var_os("GONKA_VLLM_PYTHON") {
+                Some(python) => poc_v2_round(&cp, &api, Path::new(&bin), &step, &V2Fleet::vllm(python)?).await?,
+                None => println!(
+                    "\nNo vLLM part: set GONKA_VLLM_PYTHON to vLLM's Python (`make demo` installs its CPU \
+                     build with scripts/vllm-env.sh and sets it)."
+                ),
+            }
         }
         None => println!(
             "\nNo PoC round: set GONKA_DAEMON_BIN to a node-daemon built with `--features torch` \
@@ -296,88 +305,182 @@ async fn wait_for_fleet(
     }
 }
 
-/// The 2026 flow, through the operator: two more kwok GPU nodes (H200), a tiny random Qwen3 in
-/// a models directory, a GonkaNode `tiny` whose `modelStorage` mounts it and preloads the model,
-/// registered with a devnet playing a 2026 network node; node-daemons stand in for its pods
-/// (reading the directory where the kubelet would mount the volume), the devnet runs a PoC v2
-/// round, the weight reaches the GonkaNode's status, and a chat answer streams from a pod's
-/// inference port.
+/// One GonkaNode of the 2026 part: which model on which engine, on which simulated nodes.
+struct V2Fleet {
+    /// The GonkaNode.
+    name: &'static str,
+    model: &'static str,
+    /// The tiny checkpoint's architecture (`write_tiny_qwen`).
+    arch: &'static str,
+    what: &'static str,
+    /// `models[].engine`, when not `auto`.
+    engine: Option<&'static str>,
+    args: Vec<&'static str>,
+    /// Two kwok nodes of this product, this many GPUs each (the ML node's `gpusPerMlNode`).
+    nodes: [&'static str; 2],
+    product: &'static str,
+    gpus: u32,
+    /// Each GPU's memory, as NVML shows it.
+    gpu_mb: u64,
+    /// What the stand-in daemons need besides the pod's (where vLLM is).
+    env: Vec<(&'static str, String)>,
+    /// How long the model may take to come up.
+    start_within: Duration,
+}
+
+impl V2Fleet {
+    fn native() -> Self {
+        Self {
+            name: "tiny",
+            model: "gonka-demo/tiny-qwen3",
+            arch: "qwen3",
+            what: "a tiny random Qwen3 (3 layers, hidden 64) on the node-daemon's own engine",
+            engine: None,
+            args: vec!["--max-model-len", "256"],
+            nodes: ["gpu-h200-a", "gpu-h200-b"],
+            product: "NVIDIA-H200",
+            gpus: 8,
+            gpu_mb: 143_771,
+            env: Vec::new(),
+            start_within: Duration::from_secs(120),
+        }
+    }
+
+    /// vLLM's CPU build serves a tiny Llama (an architecture the native engine does not run);
+    /// the `gonka_poc` plugin is not on PyPI, so a stand-in of its routes answers PoC v2 inside
+    /// vLLM (testing/vllm-poc-standin: upstream's shapes, hash vectors instead of PoC).
+    fn vllm(python: std::ffi::OsString) -> anyhow::Result<Self> {
+        let standin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testing/vllm-poc-standin");
+        let python = python.into_string().map_err(|p| anyhow::anyhow!("GONKA_VLLM_PYTHON is not UTF-8: {p:?}"))?;
+        Ok(Self {
+            name: "tiny-vllm",
+            model: "gonka-demo/tiny-llama",
+            arch: "llama",
+            what: "a tiny random Llama on vLLM (its CPU build; the gonka_poc plugin's routes by a stand-in)",
+            engine: Some("vllm"),
+            args: vec!["--enforce-eager", "--max-model-len", "256", "--middleware", "gonka_poc_standin.PocRoutes"],
+            nodes: ["gpu-b200-a", "gpu-b200-b"],
+            product: "NVIDIA-B200",
+            gpus: 1,
+            gpu_mb: 183_359,
+            env: vec![
+                ("VLLM_PYTHON_PATH", python),
+                ("VLLM_CPU_KVCACHE_SPACE", "1".into()),
+                ("PYTHONPATH", standin.display().to_string()),
+                ("GONKA_STANDIN_CALLBACK_INTERVAL", "1".into()),
+            ],
+            start_within: Duration::from_secs(600),
+        })
+    }
+}
+
+/// What a 2026 network node does with a GonkaNode whose ML nodes preload a model: a tiny
+/// checkpoint written with transformers into a models directory, the GonkaNode (`fleet`) whose
+/// `modelStorage` mounts it and preloads the model, registered with a devnet playing a 2026
+/// network node; node-daemons stand in for its pods (reading the directory where the kubelet
+/// would mount the volume), the devnet runs a PoC v2 round, the weight reaches the GonkaNode's
+/// status, and a chat answer streams from a pod's inference port.
 async fn poc_v2_round(
     cp: &ControlPlane,
     api: &Api<GonkaNode>,
     daemon: &Path,
     step: &dyn Fn(&str),
+    fleet: &V2Fleet,
 ) -> anyhow::Result<()> {
-    const MODEL: &str = "gonka-demo/tiny-qwen3";
-    const PODS: &str = "app.kubernetes.io/instance=tiny,app.kubernetes.io/name=gonka-ml-node";
+    let (name, model) = (fleet.name, fleet.model);
+    let pods = format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=gonka-ml-node");
     let models = tempfile::tempdir()?;
-    gonka_e2e::write_tiny_qwen(&models.path().join(MODEL), "qwen3", serde_json::json!({}))?;
+    gonka_e2e::write_tiny_qwen(&models.path().join(model), fleet.arch, serde_json::json!({}))?;
     println!();
-    step(&format!("[PoC v2] a tiny random Qwen3 ({MODEL}: 3 layers, hidden 64) written with transformers"));
+    step(&format!("[PoC v2] {model}: {}, written with transformers", fleet.what));
 
-    for name in ["gpu-h200-a", "gpu-h200-b"] {
-        cp.kwok_node(name, 8, "NVIDIA-H200").await?;
+    for node in fleet.nodes {
+        cp.kwok_node(node, fleet.gpus, fleet.product).await?;
     }
-    let (devnet, base) = gonka_e2e::start_devnet_on(gonka_devnet::Generation::Mainline2026, &[MODEL], 0).await?;
+    let (devnet, base) = gonka_e2e::start_devnet_on(gonka_devnet::Generation::Mainline2026, &[model], 0).await?;
+    let mut model_spec = serde_json::json!({"id": model, "args": fleet.args});
+    if let Some(engine) = fleet.engine {
+        model_spec["engine"] = engine.into();
+    }
     let manifest = serde_json::json!({
         "apiVersion": "gonka.ai/v1alpha1", "kind": "GonkaNode",
-        "metadata": {"name": "tiny", "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
             "networkNode": {"adminUrl": base, "mlCallbackUrl": base},
-            "placement": {"nodeSelector": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H200"}},
-            "gpusPerMlNode": 8,
-            "models": [{"id": MODEL, "args": ["--max-model-len", "256"]}],
-            "modelStorage": {"hostPath": "/srv/gonka-models", "preload": MODEL},
+            "placement": {"nodeSelector": {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": fleet.product}},
+            "gpusPerMlNode": fleet.gpus,
+            "models": [model_spec],
+            "modelStorage": {"hostPath": "/srv/gonka-models", "preload": model},
         },
     });
-    api.patch("tiny", &kube::api::PatchParams::apply("gonka-demo"), &kube::api::Patch::Apply(&manifest)).await?;
-    step(
-        "[PoC v2] 2 H200 nodes (kwok), a 2026 network node (devnet), GonkaNode tiny: modelStorage hostPath /srv/gonka-models, preload",
-    );
+    api.patch(name, &kube::api::PatchParams::apply("gonka-demo"), &kube::api::Patch::Apply(&manifest)).await?;
+    step(&format!(
+        "[PoC v2] 2 {} nodes (kwok), a 2026 network node (devnet), GonkaNode {name}{}: modelStorage hostPath /srv/gonka-models, preload",
+        fleet.product,
+        fleet.engine.map(|e| format!(" (engine: {e})")).unwrap_or_default(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s = api.get("tiny").await?.status.unwrap_or_default();
+        let s = api.get(name).await?.status.unwrap_or_default();
         if s.registered_ml_nodes == 2 {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "GonkaNode tiny: not registered within 120s");
+        anyhow::ensure!(Instant::now() < deadline, "GonkaNode {name}: not registered within 120s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let config_maps: Api<ConfigMap> = Api::namespaced(cp.client().await?, NAMESPACE);
-    let config = config_maps.get("tiny-daemon-config").await?;
+    let config = config_maps.get(&format!("{name}-daemon-config")).await?;
     let mut daemon_json: serde_json::Value =
         serde_json::from_str(config.data.as_ref().and_then(|d| d.get("daemon.json")).context("daemon.json")?)?;
     // Where the kubelet would mount the hostPath volume, the stand-ins read the directory.
     daemon_json["modelsDir"] = serde_json::json!(models.path());
-    let h200s = |_: &str| {
+    let gpus = |_: &str| {
         let mut scenario = fake_nvml::Scenario::hgx_h100();
-        scenario.gpus = (0..8)
+        let label = fleet.product.replace('-', " ");
+        scenario.gpus = (0..fleet.gpus)
             .map(|i| fake_nvml::FakeGpu {
-                name: "NVIDIA H200".into(),
-                uuid: format!("GPU-h200-{i:04}"),
-                total_mb: 143_771,
+                name: label.clone(),
+                uuid: format!("GPU-{}-{i:04}", fleet.product),
+                total_mb: fleet.gpu_mb,
                 ..fake_nvml::FakeGpu::h100(i)
             })
             .collect();
         scenario
     };
-    let stand_ins = cp.stand_in_for_pods(NAMESPACE, PODS, daemon, &daemon_json.to_string(), h200s).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = api.get("tiny").await?.status.unwrap_or_default();
-        if s.ml_nodes.len() == 2 && s.ml_nodes.iter().all(|n| n.state.as_deref() == Some("INFERENCE")) {
-            break;
+    let env: Vec<(&str, &str)> = fleet.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stand_ins =
+        cp.stand_in_for_pods_with_env(NAMESPACE, &pods, daemon, &daemon_json.to_string(), gpus, &env).await?;
+    let deadline = Instant::now() + fleet.start_within;
+    let serving = loop {
+        let s = api.get(name).await?.status.unwrap_or_default();
+        let up = |n: &gonka_crds::MlNodeStatus| {
+            n.state.as_deref() == Some("INFERENCE") && n.inference.as_ref().is_some_and(|i| i.instances_healthy > 0)
+        };
+        if s.ml_nodes.len() == 2 && s.ml_nodes.iter().all(up) {
+            break s.ml_nodes;
         }
-        anyhow::ensure!(Instant::now() < deadline, "GonkaNode tiny: ML nodes not serving within 120s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "GonkaNode {name}: ML nodes not serving within {:?}",
+            fleet.start_within
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    step(&format!("[PoC v2] {} node-daemons preloaded {model} and report INFERENCE", stand_ins.len()));
+    for n in &serving {
+        if let Some(i) = &n.inference {
+            println!(
+                "  {:<12} engine {:<6} instances serving {}/{}  restarts {}",
+                n.node, i.engine, i.instances_healthy, i.instances, i.restarts
+            );
+        }
     }
-    step(&format!("[PoC v2] {} node-daemons preloaded {MODEL} and report INFERENCE", stand_ins.len()));
 
     let cfg = gonka_devnet::round_v2::RoundConfig {
         block_hash: "3f8a1c2b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8".into(),
         block_height: 2000,
         public_key: "demo-host".into(),
-        model: MODEL.into(),
+        model: model.into(),
         seq_len: 32,
         stronger_rng: true,
         generate_for: Duration::from_secs(8),
@@ -387,7 +490,7 @@ async fn poc_v2_round(
         stat_test: serde_json::json!({"dist_threshold": 0.4, "p_mismatch": 0.1, "p_value_threshold": 0.05}),
     };
     let results = gonka_devnet::round_v2::run_round(&devnet, &cfg, |m| step(&format!("[PoC v2] {m}"))).await?;
-    println!("\nPoC v2 round at block {} on {MODEL} (devnet as a 2026 network node):", cfg.block_height);
+    println!("\nPoC v2 round at block {} on {model} (devnet as a 2026 network node):", cfg.block_height);
     println!("  {:<28} {:>10} {:>8}  validation", "ML NODE", "ARTIFACTS", "WEIGHT");
     for r in &results {
         let validation = match (&r.validated_by, r.fraud_detected, r.n_mismatch) {
@@ -397,18 +500,25 @@ async fn poc_v2_round(
         };
         println!("  {:<28} {:>10} {:>8}  {validation}", r.id, r.artifacts, r.weight);
     }
+    // The daemons' counts reach status within the operator's flush: wait for the round and at
+    // least the artifacts the network node took (on vLLM the plugin's count, read every 2 s).
+    let accepted: usize = results.iter().map(|r| r.artifacts).sum();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while api.get("tiny").await?.status.unwrap_or_default().poc_block_height != Some(cfg.block_height) {
+    loop {
+        let s = api.get(name).await?.status.unwrap_or_default();
+        if s.poc_block_height == Some(cfg.block_height) && s.weight.is_some_and(|w| w as usize >= accepted) {
+            break;
+        }
         anyhow::ensure!(Instant::now() < deadline, "status: the PoC v2 round not reported within 60s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!("\n$ kubectl get gonkanodes -n {NAMESPACE}   # tiny: weight from the PoC v2 round");
+    println!("\n$ kubectl get gonkanodes -n {NAMESPACE}   # {name}: weight from the PoC v2 round");
     print!("{}", cp.kubectl(&["get", "gonkanodes", "-n", NAMESPACE])?);
 
     let pod_ip =
         devnet.lock().expect("devnet").nodes().first().map(|n| n.node.config.host.clone()).context("a node")?;
     gonka_operator::network_node::install_crypto_provider();
-    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}],
+    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
         "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
     let url = format!("http://{pod_ip}:5000/v1/chat/completions");
     let answer = reqwest::Client::new().post(&url).json(&body).send().await?.text().await?;
