@@ -37,8 +37,7 @@ fn a_qwen3_moe_round_too() {
 fn round_over_two_daemons(arch: &str) {
     let models = models_dir(arch);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (devnet, base) = common::start_devnet_2026(&runtime, MODEL);
     let config = json!({
         "gonkaNode": "gpu/test", "mlCallbackUrl": base, "pocPort": 8080, "inferencePort": 5000,
         "gpus": null, "models": [{"id": MODEL, "args": []}],
@@ -66,16 +65,10 @@ fn round_over_two_daemons(arch: &str) {
             )
         })
         .collect();
-    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::of(
-        gonka_devnet::Generation::Mainline2026,
-        [MODEL.to_string()],
-    )));
     for (i, d) in nodes.iter().enumerate() {
         let args = ["--max-model-len".to_string(), "256".to_string()];
         common::register(&devnet, &format!("node-{i}"), d.port, inference_ports[i], MODEL, &args);
     }
-    let app = gonka_devnet::callback_router(devnet.clone());
-    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let cfg = RoundConfig {
         block_hash: "0b1c2d3e4f5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
@@ -93,28 +86,13 @@ fn round_over_two_daemons(arch: &str) {
     };
     let results = runtime.block_on(run_round(&devnet, &cfg, |m| eprintln!("round: {m}"))).unwrap();
 
-    assert_eq!(results.len(), 2);
-    for r in &results {
-        // Every ML node delivered (how many depends on the machine, so no count is asserted).
-        assert!(r.artifacts > 0, "{r:?}");
-        assert_eq!((r.n_mismatch, r.fraud_detected), (Some(0), Some(false)), "{r:?}");
-        assert_eq!(r.weight, r.artifacts);
-    }
-    assert_eq!(results[0].validated_by.as_deref(), Some("node-1"));
-    assert_eq!(results[1].validated_by.as_deref(), Some("node-0"));
-    // Each ML node's nonces are its share (broker numbers 1 and 2 of 2: odd and even), and the
-    // callback path named the model (escaped twice, decoded by the devnet).
-    let d = devnet.lock().unwrap();
-    for (model, batch) in &d.generated_v2 {
-        assert_eq!(model, MODEL);
-        assert!(batch.artifacts.iter().all(|a| a.nonce % 2 == batch.node_id % 2), "{batch:?}");
-    }
+    common::assert_honest_pair(&results, &devnet, MODEL);
+    assert!(results.iter().all(|r| r.weight == r.artifacts), "{results:?}");
     // Both nodes served the model (the round brought it up) and still do.
     for n in &nodes {
         let state = n.json("GET", "/api/v1/state").1;
         assert_eq!((state["state"].as_str(), state["loaded_model"].as_str()), (Some("INFERENCE"), Some(MODEL)));
     }
-    drop(d);
     // And it chats, streamed, on the inference port.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,

@@ -339,21 +339,14 @@ fn a_2026_poc_v2_round_runs_over_vllm_engined_ml_nodes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let models = models_dir();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (devnet, base) = common::start_devnet_2026(&runtime, MODEL);
     let mut cfg = config(&base, &args_with_standin());
     cfg["models"][0]["engine"] = json!("vllm");
     let nodes: Vec<(Daemon, u16)> = (0..2).map(|_| start_daemon(&gpus(1), models.path(), &cfg)).collect();
-    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::of(
-        gonka_devnet::Generation::Mainline2026,
-        [MODEL.to_string()],
-    )));
     let args: Vec<String> = args_with_standin().iter().map(|a| a.to_string()).collect();
     for (i, (d, inference_port)) in nodes.iter().enumerate() {
         common::register(&devnet, &format!("node-{i}"), d.port, *inference_port, MODEL, &args);
     }
-    let app = gonka_devnet::callback_router(devnet.clone());
-    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
     // The model up on both first, as the network node's inference-up command does (the round
     // skips ML nodes already serving it); vLLM takes longer than the round's calls may.
     let up = json!({"model": MODEL, "dtype": "auto", "additional_args": args_with_standin()});
@@ -381,19 +374,7 @@ fn a_2026_poc_v2_round_runs_over_vllm_engined_ml_nodes() {
         stat_test: json!({"dist_threshold": 0.4, "p_mismatch": 0.1, "p_value_threshold": 0.05}),
     };
     let results = runtime.block_on(run_round(&devnet, &round, |m| eprintln!("round: {m}"))).unwrap();
-    assert_eq!(results.len(), 2);
-    for r in &results {
-        assert!(r.artifacts > 0, "{r:?}");
-        assert_eq!((r.n_mismatch, r.fraud_detected), (Some(0), Some(false)), "{r:?}");
-    }
-    assert_eq!(results[0].validated_by.as_deref(), Some("node-1"));
-    assert_eq!(results[1].validated_by.as_deref(), Some("node-0"));
-    let d = devnet.lock().unwrap();
-    for (model, batch) in &d.generated_v2 {
-        assert_eq!(model, MODEL);
-        assert!(batch.artifacts.iter().all(|a| a.nonce % 2 == batch.node_id % 2), "{batch:?}");
-    }
-    drop(d);
+    common::assert_honest_pair(&results, &devnet, MODEL);
     let mut groups = BTreeSet::new();
     for (n, _) in &nodes {
         let state = n.json("GET", "/api/v1/state").1;

@@ -205,3 +205,37 @@ pub fn register(
     };
     devnet.lock().unwrap().register(registration).unwrap();
 }
+
+/// A devnet playing a 2026 network node that approves `model`, its callback server on a free
+/// loopback port served on `runtime`; returns it and the callback base (`mlCallbackUrl`).
+pub fn start_devnet_2026(runtime: &tokio::runtime::Runtime, model: &str) -> (gonka_devnet::Shared, String) {
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let devnet = std::sync::Arc::new(std::sync::Mutex::new(gonka_devnet::Devnet::of(
+        gonka_devnet::Generation::Mainline2026,
+        [model.to_string()],
+    )));
+    let app = gonka_devnet::callback_router(devnet.clone());
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (devnet, base)
+}
+
+/// What a PoC v2 round over two honest ML nodes (`node-0`, `node-1`) gives: both delivered
+/// artifacts, each validated by the other without a mismatch, each node's artifacts its own
+/// share of the nonces (broker numbers 1 and 2 of 2: odd and even) under `model`'s name (the
+/// callback path escaped twice, decoded by the devnet).
+pub fn assert_honest_pair(results: &[gonka_devnet::round_v2::NodeResult], devnet: &gonka_devnet::Shared, model: &str) {
+    assert_eq!(results.len(), 2);
+    for r in results {
+        // How many depends on the machine, so no count is asserted.
+        assert!(r.artifacts > 0, "{r:?}");
+        assert_eq!((r.n_mismatch, r.fraud_detected), (Some(0), Some(false)), "{r:?}");
+    }
+    assert_eq!(results[0].validated_by.as_deref(), Some("node-1"));
+    assert_eq!(results[1].validated_by.as_deref(), Some("node-0"));
+    let d = devnet.lock().unwrap();
+    for (m, batch) in &d.generated_v2 {
+        assert_eq!(m, model);
+        assert!(batch.artifacts.iter().all(|a| a.nonce % 2 == batch.node_id % 2), "{batch:?}");
+    }
+}
