@@ -228,13 +228,25 @@ fn check_params(served: &Served, params: &PocParams) -> Result<(), Value> {
     Ok(())
 }
 
+/// The PoC v2 routes' paths, one table for both engines (the seam hands a request matched here
+/// to the vLLM fan-out's router, which must know the same paths).
+pub mod paths {
+    pub const INIT_GENERATE: &str = "/api/v1/inference/pow/init/generate";
+    pub const GENERATE: &str = "/api/v1/inference/pow/generate";
+    /// `GENERATE` + `/` + the request id.
+    pub const GENERATE_RESULT_PREFIX: &str = "/api/v1/inference/pow/generate/";
+    pub const GENERATE_RESULT: &str = "/api/v1/inference/pow/generate/{*request_id}";
+    pub const STATUS: &str = "/api/v1/inference/pow/status";
+    pub const STOP: &str = "/api/v1/inference/pow/stop";
+}
+
 pub fn routes() -> Router<Arc<crate::state::AppState>> {
     Router::new()
-        .route("/api/v1/inference/pow/init/generate", post(init_generate))
-        .route("/api/v1/inference/pow/generate", post(generate))
-        .route("/api/v1/inference/pow/generate/{*request_id}", get(generate_result))
-        .route("/api/v1/inference/pow/status", get(status))
-        .route("/api/v1/inference/pow/stop", post(stop))
+        .route(paths::INIT_GENERATE, post(init_generate))
+        .route(paths::GENERATE, post(generate))
+        .route(paths::GENERATE_RESULT, get(generate_result))
+        .route(paths::STATUS, get(status))
+        .route(paths::STOP, post(stop))
 }
 
 type AppState = Arc<crate::state::AppState>;

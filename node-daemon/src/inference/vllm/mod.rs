@@ -40,13 +40,9 @@ async fn importable(python: &Path, module: &str) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(30), probe).await, Ok(Ok(s)) if s.success())
 }
 
-/// The first name `--served-model-name` gives (vLLM answers to each), if any.
+/// The first name the last `--served-model-name` gives (vLLM answers to each), if any.
 fn served_model_name(args: &[String]) -> Option<String> {
-    args.iter().enumerate().find_map(|(i, a)| match a.split_once('=') {
-        Some(("--served-model-name", v)) => Some(v.to_string()),
-        None if a == "--served-model-name" => args.get(i + 1).cloned(),
-        _ => None,
-    })
+    plan::occurrences(args, "--served-model-name").last().and_then(|(_, v)| v.map(str::to_string))
 }
 
 /// Adds upstream's `gonka_poc` worker extension to `settings` when vLLM's Python has the

@@ -61,31 +61,37 @@ pub struct InstancePlan {
 /// N`, `--name=N`, underscores for dashes, the short alias (`-tp`, `-pp`), the last one
 /// winning; unlike upstream a value that is no number is an error, not silently the default.
 pub fn numeric_arg(args: &[String], name: &str) -> Result<Option<i64>, String> {
-    let alias = match name {
-        "--tensor-parallel-size" => Some("-tp"),
-        "--pipeline-parallel-size" => Some("-pp"),
-        _ => None,
-    };
     let mut value = None;
-    for (i, arg) in args.iter().enumerate() {
-        let (key, inline) = match arg.split_once('=') {
-            Some((k, v)) => (k, Some(v)),
-            None => (arg.as_str(), None),
-        };
-        let key = if key.starts_with("--") { key.replace('_', "-") } else { key.to_string() };
-        if key != name && Some(key.as_str()) != alias {
-            continue;
-        }
-        let raw = inline.or_else(|| args.get(i + 1).map(String::as_str));
+    for (key, raw) in occurrences(args, name) {
         let parsed = raw.and_then(|r| r.parse::<i64>().ok()).filter(|n| *n >= 1);
         value = Some(parsed.ok_or_else(|| format!("{key} takes a positive whole number, not {raw:?}"))?);
     }
     Ok(value)
 }
 
+/// Each place `args` set option `name` (`--name v` or `--name=v`, underscores for dashes, the
+/// short alias `-tp`/`-pp`), in order: the spelling used and the value that follows.
+pub fn occurrences<'a>(args: &'a [String], name: &str) -> impl Iterator<Item = (String, Option<&'a str>)> {
+    let alias = match name {
+        "--tensor-parallel-size" => Some("-tp"),
+        "--pipeline-parallel-size" => Some("-pp"),
+        _ => None,
+    };
+    let name = name.to_string();
+    args.iter().enumerate().filter_map(move |(i, arg)| {
+        let (key, inline) = match arg.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (arg.as_str(), None),
+        };
+        let key = if key.starts_with("--") { key.replace('_', "-") } else { key.to_string() };
+        (key == name || Some(key.as_str()) == alias)
+            .then(|| (key, inline.or_else(|| args.get(i + 1).map(String::as_str))))
+    })
+}
+
 /// Whether `args` set `flag` (either spelling).
 fn has_flag(args: &[String], flag: &str) -> bool {
-    args.iter().any(|a| a.split('=').next().map(|k| k.replace('_', "-")).as_deref() == Some(flag))
+    occurrences(args, flag).next().is_some()
 }
 
 /// The instances for `model`: one per `tp · pp` of `gpus` (at least one, at most

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 
 use super::supervisor::{Instance, VllmServer};
 use crate::http::{JsonBody, error};
+use crate::inference::pow_v2::paths;
 
 /// Upstream's per-call timeout towards an instance.
 const BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -52,11 +53,11 @@ struct Fanout {
 /// The PoC v2 routes of the ML-node API over `server`'s instances.
 pub fn routes(server: Arc<VllmServer>, settings: FanoutSettings) -> Router {
     Router::new()
-        .route("/api/v1/inference/pow/init/generate", post(init_generate))
-        .route("/api/v1/inference/pow/generate", post(generate))
-        .route("/api/v1/inference/pow/generate/{*request_id}", get(generate_result))
-        .route("/api/v1/inference/pow/status", get(status))
-        .route("/api/v1/inference/pow/stop", post(stop))
+        .route(paths::INIT_GENERATE, post(init_generate))
+        .route(paths::GENERATE, post(generate))
+        .route(paths::GENERATE_RESULT, get(generate_result))
+        .route(paths::STATUS, get(status))
+        .route(paths::STOP, post(stop))
         .with_state(Fanout { server, settings })
 }
 
@@ -80,6 +81,30 @@ async fn call(
     let status = response.status().as_u16();
     let text = response.text().await.map_err(|e| e.to_string())?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+/// POSTs `payload(i)` to `path` on each of `instances` at once: `{port, status: ok_status}` for
+/// those that took it, `{port, error}` (their words) for the others, as upstream lists them.
+async fn fan_out(
+    http: &reqwest::Client,
+    instances: &[Arc<Instance>],
+    path: &str,
+    ok_status: &str,
+    payload: impl Fn(usize) -> Value,
+) -> (Vec<Value>, Vec<Value>) {
+    let calls = instances.iter().enumerate().map(|(i, instance)| {
+        let body = payload(i);
+        async move { (instance.port(), call(http, instance, path, Some(&body)).await) }
+    });
+    let (mut results, mut errors) = (Vec::new(), Vec::new());
+    for (port, outcome) in futures::future::join_all(calls).await {
+        match outcome {
+            Ok((200, _)) => results.push(json!({"port": port, "status": ok_status})),
+            Ok((_, body)) => errors.push(json!({"port": port, "error": as_text(&body)})),
+            Err(e) => errors.push(json!({"port": port, "error": e})),
+        }
+    }
+    (results, errors)
 }
 
 /// The text upstream relays for a failed call: the body as the instance sent it.
@@ -115,22 +140,13 @@ async fn init_generate(State(f): State<Fanout>, JsonBody(mut body): JsonBody<Ini
         return no_backends();
     }
     let n_groups = instances.len() as i64;
-    let calls = instances.iter().enumerate().map(|(group, instance)| {
+    let (results, errors) = fan_out(&f.settings.http, &instances, "/api/v1/pow/init/generate", "OK", |group| {
         let mut payload = body.clone();
         payload.group_id = group as i64;
         payload.n_groups = n_groups;
-        let payload = serde_json::to_value(payload).expect("serialisable");
-        let http = f.settings.http.clone();
-        async move { (instance.port(), call(&http, instance, "/api/v1/pow/init/generate", Some(&payload)).await) }
-    });
-    let (mut results, mut errors) = (Vec::new(), Vec::new());
-    for (port, outcome) in futures::future::join_all(calls).await {
-        match outcome {
-            Ok((200, _)) => results.push(json!({"port": port, "status": "OK"})),
-            Ok((_, body)) => errors.push(json!({"port": port, "error": as_text(&body)})),
-            Err(e) => errors.push(json!({"port": port, "error": e})),
-        }
-    }
+        serde_json::to_value(payload).expect("serialisable")
+    })
+    .await;
     if results.is_empty() {
         return (StatusCode::BAD_GATEWAY, Json(json!({"detail": {"errors": errors}}))).into_response();
     }
@@ -157,18 +173,7 @@ async fn stop(State(f): State<Fanout>) -> Response {
     }
     // The round's final counts, before the plugin forgets them.
     futures::future::join_all(instances.iter().map(|i| super::supervisor::poll_poc_status(i, &f.settings.http))).await;
-    let calls = instances.iter().map(|instance| {
-        let http = f.settings.http.clone();
-        async move { (instance.port(), call(&http, instance, "/api/v1/pow/stop", Some(&json!({}))).await) }
-    });
-    let (mut results, mut errors) = (Vec::new(), Vec::new());
-    for (port, outcome) in futures::future::join_all(calls).await {
-        match outcome {
-            Ok((200, _)) => results.push(json!({"port": port, "status": "stopped"})),
-            Ok((_, body)) => errors.push(json!({"port": port, "error": as_text(&body)})),
-            Err(e) => errors.push(json!({"port": port, "error": e})),
-        }
-    }
+    let (results, errors) = fan_out(&f.settings.http, &instances, "/api/v1/pow/stop", "stopped", |_| json!({})).await;
     Json(json!({
         "status": "OK",
         "results": results,
@@ -250,7 +255,7 @@ async fn generate(State(f): State<Fanout>, JsonBody(mut body): JsonBody<Generate
 async fn generate_result(State(f): State<Fanout>, uri: Uri) -> Response {
     // From the path itself: behind the native routes' seam, the outer route's parameters
     // travel with the request too.
-    let request_id = uri.path().strip_prefix("/api/v1/inference/pow/generate/").unwrap_or_default().to_string();
+    let request_id = uri.path().strip_prefix(paths::GENERATE_RESULT_PREFIX).unwrap_or_default().to_string();
     let Some((port, id)) = request_id.split_once(':') else {
         return error(StatusCode::BAD_REQUEST, "Invalid request_id format (expected port:uuid)");
     };

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,6 @@ pub struct InstanceReport {
 pub struct Instance {
     pub plan: InstancePlan,
     report: Mutex<InstanceReport>,
-    healthy: AtomicBool,
     /// Requests the proxy has in flight here (least-connections picking).
     in_flight: AtomicUsize,
     tail: Mutex<VecDeque<String>>,
@@ -142,13 +141,7 @@ impl Instance {
             poc_status: String::new(),
             poc_processed: 0,
         };
-        Self {
-            plan,
-            report: Mutex::new(report),
-            healthy: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            tail: Mutex::new(VecDeque::new()),
-        }
+        Self { plan, report: Mutex::new(report), in_flight: AtomicUsize::new(0), tail: Mutex::new(VecDeque::new()) }
     }
 
     pub fn port(&self) -> u16 {
@@ -161,7 +154,7 @@ impl Instance {
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        self.report.lock().expect("report").phase == Phase::Healthy
     }
 
     pub fn report(&self) -> InstanceReport {
@@ -173,7 +166,6 @@ impl Instance {
     }
 
     fn set_phase(&self, phase: Phase) {
-        self.healthy.store(phase == Phase::Healthy, Ordering::SeqCst);
         self.update(|r| r.phase = phase);
     }
 
@@ -459,8 +451,9 @@ async fn run_once(
     instance.set_phase(Phase::Starting);
     instance.update(|r| r.pid = pid);
     tracing::info!(instance = plan.index, port = plan.port, pid, gpus = ?plan.gpus, "vLLM instance started");
-    for stream in [child.stdout.take().map(either_stdout), child.stderr.take().map(either_stderr)].into_iter().flatten()
-    {
+    let stdout = child.stdout.take().map(|s| Box::new(s) as OutputStream);
+    let stderr = child.stderr.take().map(|s| Box::new(s) as OutputStream);
+    for stream in [stdout, stderr].into_iter().flatten() {
         tokio::spawn(forward_lines(instance.clone(), stream));
     }
     let group = pid.and_then(|p| Pid::from_raw(p as i32));
@@ -584,14 +577,6 @@ async fn terminate_group(group: Option<Pid>, child: &mut tokio::process::Child, 
 
 /// Either output stream of the child, as one reader type.
 type OutputStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
-
-fn either_stdout(s: tokio::process::ChildStdout) -> OutputStream {
-    Box::new(s)
-}
-
-fn either_stderr(s: tokio::process::ChildStderr) -> OutputStream {
-    Box::new(s)
-}
 
 /// The instance's output into the daemon's log, named, and into its tail.
 async fn forward_lines(instance: Arc<Instance>, stream: OutputStream) {
