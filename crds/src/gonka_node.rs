@@ -29,6 +29,20 @@ pub const MAX_NAME_LENGTH: usize = 40;
 /// credentials. Without it the operator reads nothing from the Secret a GonkaNode names.
 pub const CREDENTIALS_LABEL: &str = "gonka.ai/network-node-credentials";
 
+/// The rule every network-node base URL obeys: absolute `http`/`https` with a host, and nothing
+/// a path is appended to that could change where a request goes (a query or fragment swallows
+/// the path) or leak into status and events (user info is a credential: those go in
+/// `credentialsSecretRef`).
+fn base_url_rule(field: &str) -> kube::core::Rule {
+    kube::core::Rule::new(
+        "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != '' \
+         && !self.contains('?') && !self.contains('#') && !self.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/]*@')",
+    )
+    .message(kube::core::Message::Message(format!(
+        "{field} must be an absolute http:// or https:// URL with a host, and no query, fragment or user info"
+    )))
+}
+
 /// A fleet of ML nodes for the Gonka network: one ML node (a node-daemon pod owning the node's
 /// GPUs) on every Kubernetes node that matches the placement, registered with the host's
 /// network node, proving compute (PoC) and serving inference.
@@ -56,6 +70,8 @@ pub const CREDENTIALS_LABEL: &str = "gonka.ai/network-node-credentials";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.modelStorage) || !has(self.modelStorage.preload) || self.models.exists(m, m.id == self.modelStorage.preload)").message("modelStorage.preload must be one of models[].id"))]
+#[x_kube(validation = Rule::new("!has(self.networkNode.allowPlaintextCredentials) || !self.networkNode.allowPlaintextCredentials || has(self.networkNode.credentialsSecretRef)").message("networkNode.allowPlaintextCredentials is set but networkNode.credentialsSecretRef is not: there are no credentials to send"))]
+#[x_kube(validation = Rule::new("!has(self.networkNode.caBundle) || self.networkNode.adminUrl.startsWith('https://') || self.networkNode.mlCallbackUrl.startsWith('https://') || (has(self.networkNode.publicUrl) && self.networkNode.publicUrl.startsWith('https://'))").message("networkNode.caBundle is set but no network-node URL is https://: nothing would use it"))]
 pub struct GonkaNodeSpec {
     /// The host's network node (Gonka "dapi") these ML nodes join: where the operator registers
     /// them and where they send PoC results.
@@ -91,9 +107,17 @@ pub struct GonkaNodeSpec {
     #[serde(default)]
     pub poc: PocSpec,
 
-    /// The node-daemon container image. Defaults to the operator's `--daemon-image`.
+    /// The node-daemon container image, a reference as a container runtime reads it
+    /// (`[registry[:port]/]repository[:tag][@digest]`). Defaults to the operator's
+    /// `--daemon-image` (`--daemon-image-vllm` when a model is on the vLLM engine). The cluster
+    /// admin may allow only some registries (`--allowed-image-prefixes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(
+        length(min = 1, max = 512),
+        regex(
+            pattern = r"^(([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(:[0-9]+)?/)?[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+        )
+    )]
     pub image: Option<String>,
 
     /// When the kubelet pulls the image.
@@ -107,13 +131,21 @@ pub struct GonkaNodeSpec {
     /// CPU and memory for the node-daemon container. GPUs come from `gpusPerMlNode`; do not
     /// set `nvidia.com/gpu` here. Unset requests default to 2 CPUs and 8 GiB; no limit is set by
     /// default (loading a model needs host memory in proportion to the GPUs' memory, and a
-    /// memory limit would kill the pod mid-load): set `limits` to cap it.
+    /// memory limit would kill the pod mid-load): set `limits` to cap it. Values are
+    /// Kubernetes quantities, each request at most its limit; `claims` (dynamic resource
+    /// allocation) is not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "resources_schema")]
+    #[x_kube(validation = Rule::new("!has(self.claims)").message("resources.claims is not supported: GPUs come from gpusPerMlNode"))]
+    #[x_kube(validation = Rule::new("(!has(self.limits) || !('nvidia.com/gpu' in self.limits)) && (!has(self.requests) || !('nvidia.com/gpu' in self.requests))").message("resources must not set nvidia.com/gpu: set gpusPerMlNode instead"))]
+    #[x_kube(validation = Rule::new("(!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])))) && (!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k]))))").message("resources values must be Kubernetes quantities, e.g. 500m, 2, 8Gi"))]
+    #[x_kube(validation = Rule::new("!has(self.limits) || !has(self.requests) || self.requests.all(k, !(k in self.limits) || !isQuantity(string(self.requests[k])) || !isQuantity(string(self.limits[k])) || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)").message("resources: every request must be at most its limit"))]
     pub resources: Option<ResourceRequirements>,
 
     /// Size of the pod's `/dev/shm` (a memory-backed volume, counted against the pod's memory):
     /// inference engines exchange tensors through it. Default `16Gi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))").message("shmSize must be a positive Kubernetes quantity, e.g. 16Gi"))]
     pub shm_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 
     /// RuntimeClass of the ML-node pods, e.g. `nvidia` where the NVIDIA container runtime is
@@ -151,14 +183,14 @@ pub struct NetworkNodeSpec {
     /// Base URL of the network node's admin API (upstream port 9200), e.g.
     /// `http://gonka-api.gonka.svc:9200`. The operator registers ML nodes there through
     /// `/admin/v1/nodes`. The admin API has no authentication of its own: keep it private.
-    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("adminUrl must be an absolute http:// or https:// URL with a host"))]
+    #[x_kube(validation = base_url_rule("adminUrl"))]
     #[schemars(length(min = 1, max = 2048))]
     pub admin_url: String,
 
     /// Base URL of the network node's ML callback server (upstream `DAPI_API__POC_CALLBACK_URL`,
     /// port 9100), e.g. `http://gonka-api.gonka.svc:9100`. Every ML-node pod must reach it: PoC
     /// batches are posted there.
-    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("mlCallbackUrl must be an absolute http:// or https:// URL with a host"))]
+    #[x_kube(validation = base_url_rule("mlCallbackUrl"))]
     #[schemars(length(min = 1, max = 2048))]
     pub ml_callback_url: String,
 
@@ -166,7 +198,7 @@ pub struct NetworkNodeSpec {
     /// `http://gonka-api.gonka.svc:9000`. The operator reads the epoch phase there
     /// (`/v1/epochs/latest`) to hold rollouts out of PoC windows; unset, rollouts are not held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''").message("publicUrl must be an absolute http:// or https:// URL with a host"))]
+    #[x_kube(validation = base_url_rule("publicUrl"))]
     #[schemars(length(min = 1, max = 2048))]
     pub public_url: Option<String>,
 
@@ -215,21 +247,96 @@ pub struct SecretReference {
 }
 
 /// Which Kubernetes nodes run an ML node.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Placement {
-    /// Node labels a Kubernetes node must carry to run an ML node. An empty map selects every
-    /// node the tolerations allow.
+    /// Node labels a Kubernetes node must carry to run an ML node (label keys and values as
+    /// Kubernetes spells them). An empty map selects every node the tolerations allow.
     #[serde(default = "default_node_selector")]
+    #[schemars(schema_with = "node_selector_schema")]
+    #[x_kube(validation = Rule::new(LABEL_KEYS_RULE).message("nodeSelector keys must be label keys: [prefix/]name, the name at most 63 letters, digits, '-', '_' or '.'"))]
     pub node_selector: BTreeMap<String, String>,
 
     /// Scheduling constraints beyond labels (e.g. only some GPU products).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
 
-    /// Taints the ML-node pods tolerate.
+    /// Taints the ML-node pods tolerate, as in a Pod: `operator` `Exists` or `Equal` (the
+    /// default), `effect` `NoSchedule`, `PreferNoSchedule`, `NoExecute` or empty (all),
+    /// `tolerationSeconds` only with `NoExecute`, an empty key only with `Exists`.
     #[serde(default = "default_tolerations")]
+    #[schemars(schema_with = "tolerations_schema")]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.tolerationSeconds) || (has(t.effect) && t.effect == 'NoExecute'))").message("tolerations[].tolerationSeconds needs effect NoExecute"))]
+    #[x_kube(validation = Rule::new("self.all(t, (has(t.key) && t.key != '') || (has(t.operator) && t.operator == 'Exists'))").message("tolerations[] with an empty key must use operator Exists"))]
+    #[x_kube(validation = Rule::new("self.all(t, !has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '')").message("tolerations[] with operator Exists must not set a value"))]
     pub tolerations: Vec<Toleration>,
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name. (`[.]`, not
+/// a backslash: it is also used inside CEL string literals, where `\.` is no escape.)
+macro_rules! label_key_re {
+    () => {
+        r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    };
+}
+const LABEL_KEY_RE: &str = label_key_re!();
+/// A Kubernetes label value, the empty one included.
+const LABEL_VALUE_RE: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+/// Map keys can't carry a schema of their own (no `propertyNames` in a structural schema): a CEL
+/// rule checks them, with the length test first so the regex is costed on short keys.
+const LABEL_KEYS_RULE: &str = concat!("self.all(k, size(k) <= 317 && k.matches('", label_key_re!(), "'))");
+
+/// `nodeSelector`'s schema: at most 64 labels, values label values (pattern and length in the
+/// schema itself: cheaper than CEL and the apiserver names the offending key).
+fn node_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <BTreeMap<String, String>>::json_schema(generator);
+    schema.insert("maxProperties".into(), 64.into());
+    let values = schema.get_mut("additionalProperties").and_then(|v| v.as_object_mut()).expect("a map schema");
+    values.insert("maxLength".into(), 63.into());
+    values.insert("pattern".into(), LABEL_VALUE_RE.into());
+    schema
+}
+
+/// `tolerations`' schema: a Pod's `Toleration`, with what Pod validation checks and the
+/// OpenAPI schema of `Toleration` leaves to code: the operators and effects there are, label
+/// syntax of key and value, and bounds (which also keep the CEL rules' cost estimate low).
+fn tolerations_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Vec<Toleration>>::json_schema(generator);
+    schema.insert("maxItems".into(), 32.into());
+    let properties = schema
+        .get_mut("items")
+        .and_then(|items| items.get_mut("properties"))
+        .and_then(|p| p.as_object_mut())
+        .expect("Toleration's schema is inlined");
+    let mut set = |field: &str, key: &str, value: serde_json::Value| {
+        properties
+            .get_mut(field)
+            .and_then(|f| f.as_object_mut())
+            .expect("a Toleration field")
+            .insert(key.into(), value);
+    };
+    // "" is Equal, as in a Pod.
+    set("operator", "enum", serde_json::json!(["", "Exists", "Equal"]));
+    set("effect", "enum", serde_json::json!(["", "NoSchedule", "PreferNoSchedule", "NoExecute"]));
+    set("key", "maxLength", 317.into());
+    set("key", "pattern", format!("^$|{}", LABEL_KEY_RE).into());
+    set("value", "maxLength", 63.into());
+    set("value", "pattern", LABEL_VALUE_RE.into());
+    schema
+}
+
+/// `resources`' schema: a container's `ResourceRequirements` with its maps bounded (16 resources,
+/// 64-character values), which keeps the CEL rules that read every quantity cheap.
+fn resources_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = ResourceRequirements::json_schema(generator);
+    let properties = schema.get_mut("properties").and_then(|p| p.as_object_mut()).expect("an object schema");
+    for map in ["limits", "requests"] {
+        let map = properties.get_mut(map).and_then(|m| m.as_object_mut()).expect("a resource map");
+        map.insert("maxProperties".into(), 16.into());
+        let values = map.get_mut("additionalProperties").and_then(|v| v.as_object_mut()).expect("quantities");
+        values.insert("maxLength".into(), 64.into());
+    }
+    schema
 }
 
 impl Default for Placement {
@@ -313,18 +420,22 @@ pub struct ModelStorage {
     )]
     pub persistent_volume_claim: Option<String>,
 
-    /// A directory on every GPU node holding the weights (staged there beforehand). hostPath
-    /// volumes are refused where the namespace enforces the `restricted` Pod Security profile:
-    /// use a PersistentVolumeClaim there.
+    /// A directory on every GPU node holding the weights (staged there beforehand), mounted
+    /// read-only (recursively, where the kubelet supports it). Only under a directory the
+    /// cluster admin allows (the operator's `--allowed-host-paths`, chart value
+    /// `modelStorage.allowedHostPaths`; none by default, and then hostPath is refused): a
+    /// hostPath volume reads the node's own files. hostPath volumes are also refused where the
+    /// namespace enforces the `restricted` Pod Security profile: use a PersistentVolumeClaim
+    /// there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 4096))]
-    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.split('/').exists(p, p == '..')").message("hostPath must be an absolute path without '..'"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && self.substring(1).split('/').all(p, p != '' && p != '.' && p != '..')").message("hostPath must be an absolute, normalised path below '/': no '.' or '..' segments, no empty segment, no trailing '/'"))]
     pub host_path: Option<String>,
 
     /// The directory inside the volume that holds the models; default: the volume's root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
-    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')").message("subPath must be a relative path without '..'"))]
+    #[x_kube(validation = Rule::new("self.split('/').all(p, p != '' && p != '.' && p != '..')").message("subPath must be a relative, normalised path: no '.' or '..' segments, no empty segment, no leading or trailing '/'"))]
     pub sub_path: Option<String>,
 
     /// A model (one of `models`) each ML node loads as it starts, so it serves before the
@@ -340,9 +451,11 @@ pub struct ModelStorage {
 pub struct PocSpec {
     /// Nonces computed per forward pass, tuned to the GPUs (upstream's ML node tunes its own,
     /// `POC_BATCH_SIZE_DEFAULT`); it replaces the `batch_size` the network node sends. Larger
-    /// batches use more GPU memory: a batch that does not fit is refused with the reason.
+    /// batches use more GPU memory: a batch that does not fit is refused with the reason. At
+    /// most 1024, the largest batch PoC v2 (the live network's) takes: a larger one would be
+    /// refused by every v2 round and the fleet would prove nothing.
     #[serde(default = "default_batch_size")]
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = 1, max = 1024))]
     pub batch_size: i32,
 
     /// How often a daemon posts its pending PoC batches to the callback URL, in seconds

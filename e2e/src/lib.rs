@@ -868,6 +868,9 @@ pub struct Operator {
 
 /// Image the operator puts in DaemonSets when a GonkaNode names none.
 pub const TEST_DAEMON_IMAGE: &str = "registry.test/gonka-node-daemon:e2e";
+/// The host directory the e2e tests' operators allow for `modelStorage.hostPath`
+/// (`--allowed-host-paths`), where the demo stages its models.
+pub const TEST_ALLOWED_HOST_PATH: &str = "/srv/gonka-models";
 /// The operator's default image for GonkaNodes with a model on vLLM, in the e2e tests.
 pub const TEST_DAEMON_IMAGE_VLLM: &str = "registry.test/gonka-node-daemon-vllm:e2e";
 
@@ -940,6 +943,8 @@ impl ControlPlane {
                     ca_bundle: None,
                 }),
                 report_flush: Duration::from_secs(2),
+                policy: gonka_operator::validate::ClusterPolicy::new(vec![TEST_ALLOWED_HOST_PATH.into()], vec![])
+                    .expect("a valid policy"),
                 ..Default::default()
             },
             reports: gonka_operator::ReportOptions {

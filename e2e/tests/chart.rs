@@ -200,6 +200,45 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the cluster admin allows GonkaNode authors reaches the operator as its flags' variables,
+/// and by default nothing is allowed (no hostPath) and nothing restricted (any image); the
+/// chart's schema refuses a relative host path before anything is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admins_policy_reaches_the_operator() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::ApiServer).await?;
+    let env_of = |objects: &[serde_yaml::Value]| -> Vec<(String, String)> {
+        let deployment = objects.iter().find(|o| o["kind"] == "Deployment").expect("the Deployment");
+        deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with("GONKA_ALLOWED_")))
+            .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].as_str().unwrap_or("").to_string()))
+            .collect()
+    };
+    let (_, objects) = render(&cp, &[])?;
+    assert_eq!(env_of(&objects), vec![], "defaults: no host path allowed, any image");
+    let (_, objects) = render(
+        &cp,
+        &[
+            "--set",
+            "modelStorage.allowedHostPaths={/srv/gonka-models,/data/hf}",
+            "--set",
+            "daemonImage.allowedPrefixes={ghcr.io/gonka-operator}",
+        ],
+    )?;
+    assert_eq!(
+        env_of(&objects),
+        vec![
+            ("GONKA_ALLOWED_IMAGE_PREFIXES".to_string(), "ghcr.io/gonka-operator".to_string()),
+            ("GONKA_ALLOWED_HOST_PATHS".to_string(), "/srv/gonka-models,/data/hf".to_string()),
+        ]
+    );
+    let refused = render(&cp, &["--set", "modelStorage.allowedHostPaths={srv/models}"]).unwrap_err();
+    assert!(refused.to_string().contains("allowedHostPaths"), "{refused}");
+    Ok(())
+}
+
 /// The optional monitoring and NetworkPolicy objects: the apiserver accepts the NetworkPolicy,
 /// the metrics Service and the dashboard's ConfigMap, the ServiceMonitor selects that Service,
 /// and every metric the alerts and the dashboard read is one the operator really exports (a

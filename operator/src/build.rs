@@ -398,6 +398,9 @@ fn pod_template(
             mount_path: MODELS_MOUNT.into(),
             sub_path: storage.sub_path.clone(),
             read_only: Some(true),
+            // Read-only all the way down: a mount below the directory (a hostPath's submounts)
+            // stays read-only too, where the kubelet and kernel can do it (Linux 5.12+).
+            recursive_read_only: Some("IfPossible".into()),
             ..VolumeMount::default()
         });
         volumes.push(Volume {
@@ -568,7 +571,7 @@ mod tests {
 
     fn build(edit: impl FnOnce(&mut GonkaNodeSpec)) -> DesiredObjects {
         let gn = gonka_node("h100", edit);
-        let validated = validate(&gn, "ghcr.io/example/daemon:1").unwrap();
+        let validated = validate(&gn, "ghcr.io/example/daemon:1", &crate::test_fixtures::lenient_policy()).unwrap();
         desired_objects(&gn, &validated, None).unwrap()
     }
 
@@ -797,6 +800,7 @@ mod tests {
             (mount.mount_path.as_str(), mount.sub_path.as_deref(), mount.read_only),
             ("/models", Some("hub"), Some(true))
         );
+        assert_eq!(mount.recursive_read_only.as_deref(), Some("IfPossible"));
         assert_eq!(config.models_dir.as_deref(), Some("/models"));
         assert_eq!(config.preload_model.as_deref(), Some("Qwen/Qwen2.5-7B-Instruct"));
 
@@ -841,7 +845,7 @@ mod tests {
     #[test]
     fn reporting_daemons_get_the_endpoint_and_a_pod_bound_token_for_the_operator_only() {
         let gn = gonka_node("h100", |_| {});
-        let validated = validate(&gn, "ghcr.io/example/daemon:1").unwrap();
+        let validated = validate(&gn, "ghcr.io/example/daemon:1", &crate::test_fixtures::lenient_policy()).unwrap();
         let url = "https://gonka-operator.gonka-system.svc:8082";
         let endpoint = ReportEndpoint { url: url.into(), ca_bundle: Some("CA PEM".into()) };
         let o = desired_objects(&gn, &validated, Some(&endpoint)).unwrap();
@@ -900,7 +904,7 @@ mod tests {
     #[test]
     fn refuses_objects_without_identity() {
         let mut gn = gonka_node("x", |_| {});
-        let validated = validate(&gn, "img").unwrap();
+        let validated = validate(&gn, "img", &crate::test_fixtures::lenient_policy()).unwrap();
         gn.metadata.uid = None;
         assert_eq!(desired_objects(&gn, &validated, None), Err(BuildError::NoUid));
         gn.metadata.namespace = None;

@@ -68,6 +68,8 @@ pub struct ControllerConfig {
     pub report: Option<build::ReportEndpoint>,
     /// How often reports that only move counters (PoC nonces) are folded into status.
     pub report_flush: Duration,
+    /// What the cluster admin allows GonkaNode authors (host paths, image registries).
+    pub policy: crate::validate::ClusterPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -83,6 +85,7 @@ impl Default for ControllerConfig {
             rollout_recheck: Duration::from_secs(30),
             report: None,
             report_flush: Duration::from_secs(30),
+            policy: crate::validate::ClusterPolicy::default(),
         }
     }
 }
@@ -200,7 +203,11 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         ..Observation::default()
     };
 
-    match validate(gn, default_image_for(gn, &ctx.config.daemon_image, &ctx.config.daemon_image_vllm)) {
+    match validate(
+        gn,
+        default_image_for(gn, &ctx.config.daemon_image, &ctx.config.daemon_image_vllm),
+        &ctx.config.policy,
+    ) {
         Err(errors) => {
             let message = errors.to_string();
             if status::find(previous, condition::DEGRADED)

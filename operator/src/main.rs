@@ -52,6 +52,15 @@ struct RunArgs {
         default_value = "ghcr.io/gonka-operator/gonka-node-daemon-vllm:0.1.0"
     )]
     daemon_image_vllm: String,
+    /// Host directories `spec.modelStorage.hostPath` may name or lie under, comma-separated
+    /// (e.g. `/srv/gonka-models`). Empty (the default): no GonkaNode gets a hostPath volume: a
+    /// hostPath reads the GPU node's own files, in pods the operator creates with its rights.
+    #[arg(global = true, long, env = "GONKA_ALLOWED_HOST_PATHS", value_delimiter = ',')]
+    allowed_host_paths: Vec<String>,
+    /// Image prefixes `spec.image` must start with, comma-separated (a registry or a repository
+    /// path, e.g. `ghcr.io/gonka-operator`). Empty (the default): any image.
+    #[arg(global = true, long, env = "GONKA_ALLOWED_IMAGE_PREFIXES", value_delimiter = ',')]
+    allowed_image_prefixes: Vec<String>,
     /// Watch GonkaNodes in this namespace only (default: all namespaces).
     #[arg(global = true, long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -154,6 +163,11 @@ async fn main() -> anyhow::Result<()> {
             resync: Duration::from_secs(args.resync_seconds),
             instance: Some(identity.clone()),
             report: args.report_url.map(|url| gonka_operator::build::ReportEndpoint { url, ca_bundle: None }),
+            policy: gonka_operator::validate::ClusterPolicy::new(
+                args.allowed_host_paths.into_iter().filter(|p| !p.is_empty()).collect(),
+                args.allowed_image_prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
+            )
+            .map_err(anyhow::Error::msg)?,
             ..ControllerConfig::default()
         },
         reports: ReportOptions {

@@ -228,7 +228,12 @@ async fn a_steady_fleet_is_read_but_never_written() {
     let admin_url =
         network_node(vec![crate::registration::node_config(&template, "gpu-a", "10.244.0.12", Vec::new())]).await;
     let mut gn = with_finalizer(|s| s.network_node.admin_url = admin_url);
-    let desired = desired_objects(&gn, &validate(&gn, "registry.test/daemon:1").unwrap(), None).unwrap();
+    let desired = desired_objects(
+        &gn,
+        &validate(&gn, "registry.test/daemon:1", &crate::test_fixtures::lenient_policy()).unwrap(),
+        None,
+    )
+    .unwrap();
     let mut ds: DaemonSet = desired.daemon_set.clone();
     ds.metadata.generation = Some(1);
     ds.status = Some(DaemonSetStatus {

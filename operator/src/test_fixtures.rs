@@ -23,3 +23,9 @@ pub fn gonka_node(name: &str, edit: impl FnOnce(&mut GonkaNodeSpec)) -> GonkaNod
     gn.metadata.resource_version = Some("1".into());
     gn
 }
+
+/// A cluster policy that allows host paths under `/srv` (the fixtures' model directories) and
+/// any image.
+pub fn lenient_policy() -> crate::validate::ClusterPolicy {
+    crate::validate::ClusterPolicy::new(vec!["/srv".into()], vec![]).expect("a valid policy")
+}

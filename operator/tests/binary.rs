@@ -50,6 +50,27 @@ async fn without_the_crd_it_exits_with_the_fix_in_the_message() -> anyhow::Resul
     Ok(())
 }
 
+/// The admin's policy as the chart passes it (environment): a host path the operator could not
+/// check against is refused at start, naming the setting, before anything is reconciled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_admin_policy_stops_it_at_start() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Components::ApiServer).await?;
+    cp.install_crd().await?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gonka-operator"))
+        .args(["run", "--admin-addr", &format!("127.0.0.1:{}", free_port()?), "--report-addr", "off"])
+        .env("KUBECONFIG", cp.kubeconfig())
+        .env("GONKA_ALLOWED_HOST_PATHS", "/srv/gonka-models,srv/relative")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let status = wait_exit(&mut child, WAIT)?;
+    let stderr = String::from_utf8_lossy(&child.wait_with_output()?.stderr).to_string();
+    assert!(!status.success());
+    assert!(stderr.contains("--allowed-host-paths") && stderr.contains("\"srv/relative\""), "{stderr}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_reconciles_logs_json_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
     let cp = ControlPlane::start(Components::ApiServer).await?;
