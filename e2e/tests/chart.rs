@@ -272,6 +272,12 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
     std::fs::write(&file, core.join("---\n"))?;
     cp.kubectl(&["apply", "--dry-run=server", "-n", NS, "-f", &file.display().to_string()])?;
 
+    // The operator's egress reaches everything but link-local and metadata addresses.
+    let policy = of("NetworkPolicy");
+    let egress = serde_yaml::to_string(&policy["spec"]["egress"])?;
+    assert!(egress.contains("169.254.0.0/16") && egress.contains("fd00:ec2::254/128"), "{egress}");
+    assert_eq!(policy["spec"]["policyTypes"][1], "Egress");
+
     // The ServiceMonitor selects the metrics Service and scrapes its port.
     let (service, monitor) = (of("Service"), of("ServiceMonitor"));
     let wanted = monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap();

@@ -166,3 +166,83 @@ async fn an_unreachable_network_node_is_an_outage() {
     let err = client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap_err();
     assert!(matches!(err, NetworkNodeError::Unreachable { .. }) && err.is_outage(), "{err}");
 }
+
+/// A server that answers every request with `app`'s answer; returns its URL.
+async fn hostile(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// Whoever answers at the admin URL can't grow the operator's memory without bound: an answer
+/// of a gigabyte (streamed, no length given) is refused once it passes the bound, and so is one
+/// that announces its length; the refusal says why.
+#[tokio::test]
+async fn an_endless_answer_is_cut_at_the_bound() {
+    use futures::StreamExt;
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let endless = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            let chunk = bytes_of_json_array();
+            let stream = futures::stream::iter(0..16_384).map(move |_| {
+                counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, std::io::Error>(chunk.clone())
+            });
+            axum::body::Body::from_stream(stream)
+        }
+    });
+    let client = NetworkNode::new(&hostile(endless).await, None, None).unwrap();
+    let err = client.nodes().await.unwrap_err().to_string();
+    assert!(err.contains("an answer over 4194304 bytes"), "{err}");
+    let read = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(read < 64 << 20, "stopped reading near the bound, not at 1 GiB ({read} bytes produced)");
+
+    let announced = axum::Router::new().fallback(|| async { "[".to_string() + &" ".repeat(5 << 20) + "]" });
+    let client = NetworkNode::new(&hostile(announced).await, None, None).unwrap();
+    let err = client.nodes().await.unwrap_err().to_string();
+    assert!(err.contains("an answer over 4194304 bytes"), "{err}");
+
+    // Just under the bound is read: the bound is not a lower one.
+    let fits = axum::Router::new().fallback(|| async { "[".to_string() + &" ".repeat((4 << 20) - 2) + "]" });
+    let client = NetworkNode::new(&hostile(fits).await, None, None).unwrap();
+    assert_eq!(client.nodes().await.unwrap().len(), 0);
+}
+
+fn bytes_of_json_array() -> axum::body::Bytes {
+    axum::body::Bytes::from(" ".repeat(64 << 10))
+}
+
+/// A redirect is not followed: the request (its verb, body and token) never reaches where it
+/// points, and the refusal says so.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    let target = hostile(axum::Router::new().fallback(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async { "[]" }
+    }))
+    .await;
+    let location = format!("{target}/latest/meta-data");
+    let redirecting = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, location)]) }
+    });
+    let client = NetworkNode::new(&hostile(redirecting).await, Some("secret".into()), None).unwrap();
+    let err = client.nodes().await.unwrap_err();
+    assert!(matches!(err, NetworkNodeError::Rejected { status: 307, .. }), "{err}");
+    assert!(err.to_string().contains("redirects are not followed"), "{err}");
+    client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap_err();
+    assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing reached the redirect's target");
+}
+
+/// URLs a GonkaNode stored before the schema refused them are refused by the client too.
+#[tokio::test]
+async fn metadata_and_query_urls_are_refused_before_any_request() {
+    for url in ["http://169.254.169.254/latest/meta-data?", "http://127.0.0.1:9/?x=", "http://u:p@127.0.0.1:9"] {
+        assert!(matches!(NetworkNode::new(url, None, None), Err(NetworkNodeError::UnsupportedUrl { .. })), "{url}");
+    }
+}
