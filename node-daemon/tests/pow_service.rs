@@ -358,3 +358,35 @@ fn proofs_reach_the_network_node_and_count_as_weight() {
     assert!(nonces.iter().all(|n| n % 4 == 3), "{nonces:?}");
     assert_eq!(weights[&3], nonces.len());
 }
+
+/// Proofs go to the checked callback URL and nowhere else: a URL that climbs out of the
+/// configured base (`base/../x`, plain or percent-encoded) is refused at init, and a callback
+/// server answering with a redirect is not followed (the sends count as failures, the proofs
+/// wait, the redirect's target hears nothing).
+#[test]
+fn callbacks_stay_under_the_base_and_redirects_are_not_followed() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (elsewhere, app) = callback_app();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let target = format!("http://{}", listener.local_addr().unwrap());
+    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let redirect = Router::new().fallback(move |uri: axum::http::Uri| {
+        let location = format!("{target}{uri}");
+        async move { (StatusCode::PERMANENT_REDIRECT, [(axum::http::header::LOCATION, location)]) }
+    });
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let base = format!("http://{}/gonka", listener.local_addr().unwrap());
+    runtime.spawn(async move { axum::serve(listener, redirect).await.unwrap() });
+
+    let d = daemon(&base);
+    for escape in [format!("{base}/../v1/poc-batches"), format!("{base}/%2E%2e/v1/poc-batches")] {
+        let (status, body) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&escape, 0));
+        assert_eq!(status, 403, "{escape}: {body}");
+    }
+    let url = format!("{base}/v1/poc-batches");
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0)).0, 200);
+    eventually("sends fail on the redirect", || {
+        metric(&d, "gonka_ml_node_poc_send_failures_total{kind=\"generated\"}") >= 2.0
+    });
+    assert!(elsewhere.generated.lock().unwrap().is_empty(), "the redirect was followed");
+}

@@ -489,7 +489,9 @@ fn take_batch(buffer: &Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>) -> Opti
 
 async fn post_json<T: serde::Serialize>(http: &reqwest::Client, url: &str, body: &T) -> Result<(), String> {
     let response = http.post(url).json(body).send().await.map_err(|e| e.to_string())?;
-    if response.status().as_u16() < 400 { Ok(()) } else { Err(format!("{url} answered {}", response.status())) }
+    // Only a 2xx delivers: redirects are not followed (the URL was checked, where it points
+    // was not), so a 3xx is an undelivered batch, kept for the retry.
+    if response.status().is_success() { Ok(()) } else { Err(format!("{url} answered {}", response.status())) }
 }
 
 /// Upstream's comparison: per computed artifact with a received one, a mismatch when the

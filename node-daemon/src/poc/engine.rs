@@ -122,7 +122,9 @@ impl PowService {
     pub fn new(settings: PowSettings, metrics: DaemonMetrics, reporting: Reporting) -> anyhow::Result<Self> {
         // reqwest's rustls takes the process-wide crypto provider: ring (Err: installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        // No redirects: callbacks go to the checked URL under mlCallbackUrl and nowhere else.
+        let mut builder =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).redirect(reqwest::redirect::Policy::none());
         if let Some(pem) = &settings.ca_bundle {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
                 .map_err(|e| anyhow::anyhow!("caBundle: not PEM certificates: {e}"))?;
@@ -522,9 +524,15 @@ impl Sender {
                 failed.push(batch); // the callback is down; keep order and try next tick
                 continue;
             }
-            let result = self.http.post(&url).json(&batch).send().await.and_then(|r| r.error_for_status());
+            // Only a 2xx delivers: a redirect (not followed) is no delivery either, and the
+            // batch waits like one refused.
+            let result = match self.http.post(&url).json(&batch).send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("HTTP {}", r.status())),
+                Err(e) => Err(e.to_string()),
+            };
             match result {
-                Ok(_) => {
+                Ok(()) => {
                     sent += 1;
                     self.metrics.pow_sent(kind);
                 }

@@ -60,10 +60,32 @@ impl Default for PowSettings {
     }
 }
 
-/// Whether `url` is `base` or a path below it (same scheme, host and port).
+/// Whether `url` is `base` or a path below it: the same scheme, host and port, the base's path
+/// segments first, no user info. Both are parsed as an HTTP client parses them, and `url` must
+/// not need normalising to get there (no `.`/`..` segments, plain or percent-encoded, no
+/// backslash): a client that resolves them (or, for the vLLM engine, the plugin's) would
+/// otherwise post somewhere else than was checked (`base/../x`).
 pub fn callback_allowed(url: &str, base: &str) -> bool {
-    let base = base.trim_end_matches('/');
-    url.strip_prefix(base).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    let (Ok(parsed), Ok(base)) = (url::Url::parse(url), url::Url::parse(base)) else {
+        return false;
+    };
+    let raw_path = url.split(['?', '#']).next().unwrap_or_default();
+    let dot_segment = raw_path.split('/').any(|segment| {
+        let segment = segment.to_ascii_lowercase().replace("%2e", ".");
+        segment == "." || segment == ".."
+    });
+    if dot_segment || url.contains('\\') || !parsed.username().is_empty() || parsed.password().is_some() {
+        return false;
+    }
+    let segments = |u: &url::Url| -> Vec<String> {
+        u.path_segments().map(|s| s.filter(|p| !p.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+    };
+    let (theirs, ours) = (segments(&parsed), segments(&base));
+    parsed.scheme() == base.scheme()
+        && parsed.host_str() == base.host_str()
+        && parsed.port_or_known_default() == base.port_or_known_default()
+        && theirs.len() >= ours.len()
+        && theirs[..ours.len()] == ours[..]
 }
 
 mod ziggurat_tables;
@@ -81,5 +103,20 @@ mod tests {
         assert!(!callback_allowed("http://gonka-api.gonka.svc:9100.evil.example/v1", base));
         assert!(!callback_allowed("http://attacker:9100/v1/poc-batches", base));
         assert!(!callback_allowed("https://gonka-api.gonka.svc:9100/v1/poc-batches", base));
+        // Below a base with a path, and the paths a client would normalise away.
+        let base = "http://api:9100/gonka";
+        assert!(callback_allowed("http://api:9100/gonka/v2/poc-batches/Qwen%2FQwen3-8B", base));
+        assert!(callback_allowed("http://api:9100/gonka/", base));
+        assert!(!callback_allowed("http://api:9100/gonka2/x", base));
+        assert!(!callback_allowed("http://api:9100/gonka/../admin/v1/nodes", base));
+        assert!(!callback_allowed("http://api:9100/gonka/%2e%2e/admin", base));
+        assert!(!callback_allowed("http://api:9100/gonka/%2E%2e/admin", base));
+        assert!(!callback_allowed("http://api:9100/gonka/./x", base));
+        assert!(!callback_allowed("http://api:9100/gonka\\..\\admin", base));
+        assert!(!callback_allowed("http://user:pw@api:9100/gonka/x", base));
+        assert!(!callback_allowed("http://api:9100@evil:80/gonka/x", base));
+        assert!(!callback_allowed("not a url", base));
+        // The same port spelt out or left to the scheme's default.
+        assert!(callback_allowed("http://api:80/v1", "http://api/"));
     }
 }
