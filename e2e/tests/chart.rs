@@ -151,6 +151,9 @@ async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<
     std::fs::write(&rbac_file, rbac.join("---\n"))?;
     cp.kubectl(&["apply", "-f", &rbac_file.display().to_string()])?;
     let hook_rights = cp.client_as(NS, "gonka-operator-uninstall").await?;
+    let lease = "gonka-operator-leader";
+    let holder = gonka_operator::uninstall::ensure_operator_leads(hook_rights.clone(), NS, lease).await?;
+    assert_eq!(holder, "op-a");
     let poll = Duration::from_millis(200);
     let deleted = gonka_operator::uninstall::delete_gonka_nodes(hook_rights.clone(), None, WAIT, poll).await?;
     assert_eq!(deleted, 1);
@@ -163,6 +166,16 @@ async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<
     })
     .await?;
     operator.stop().await?;
+    // The hook checks the Lease first: with no operator leading it deletes nothing (deleting
+    // would leave the GonkaNode Terminating) and says what to do.
+    eventually("the hook sees no operator", WAIT, || async {
+        Ok(gonka_operator::uninstall::ensure_operator_leads(hook_rights.clone(), NS, lease).await.is_err())
+    })
+    .await?;
+    let refused = gonka_operator::uninstall::ensure_operator_leads(hook_rights.clone(), NS, lease).await.unwrap_err();
+    assert!(refused.to_string().contains("nothing was deleted"), "{refused}");
+    assert!(gonka_nodes.get("stuck").await?.metadata.deletion_timestamp.is_none());
+    // Past the Lease check, a GonkaNode that does not go is named and the hook fails.
     let left = gonka_operator::uninstall::delete_gonka_nodes(hook_rights, None, Duration::from_secs(2), poll)
         .await
         .unwrap_err();
@@ -175,14 +188,21 @@ async fn helm_installs_upgrades_and_uninstalls_the_operator() -> anyhow::Result<
         )
         .await?;
 
+    // `helm upgrade --set crds.install=false` drops the CRD from the release, but the CRD (and
+    // every GonkaNode with it) stays: crds.keep is on by default.
+    gonka_nodes.create(&PostParams::default(), &serde_json::from_value(gonka_node_manifest("kept", "gpu"))?).await?;
+    cp.helm(&["upgrade", "gonka-operator", &chart, "-n", NS, "--set", "crds.install=false"])?;
+    assert!(gonka_nodes.get_opt("kept").await?.is_some_and(|g| g.metadata.deletion_timestamp.is_none()));
+
     cp.helm(&["uninstall", "gonka-operator", "-n", NS, "--no-hooks", "--wait"])?;
     assert!(Api::<Deployment>::namespaced(admin.clone(), NS).get_opt("gonka-operator").await?.is_none());
     assert!(Api::<ServiceAccount>::namespaced(admin.clone(), NS).get_opt("gonka-operator").await?.is_none());
     assert!(Api::<Role>::namespaced(admin.clone(), NS).list(&Default::default()).await?.items.is_empty());
     assert!(Api::<ClusterRole>::all(admin.clone()).get_opt("gonka-operator").await?.is_none());
-    // crds.keep is off by default: the CRD goes too, and the cluster is as it was.
+    // The CRD stays after `--no-hooks` too (nothing left Terminating); the admin deletes it.
     let crds: Api<CustomResourceDefinition> = Api::all(admin);
-    eventually("the CRD is gone", WAIT, || async { Ok(crds.get_opt("gonkanodes.gonka.ai").await?.is_none()) }).await?;
+    assert!(crds.get_opt("gonkanodes.gonka.ai").await?.is_some_and(|c| c.metadata.deletion_timestamp.is_none()));
+    assert!(gonka_nodes.get_opt("kept").await?.is_some_and(|g| g.metadata.deletion_timestamp.is_none()));
     Ok(())
 }
 

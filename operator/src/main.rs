@@ -26,8 +26,9 @@ enum Command {
     /// Delete every GonkaNode in scope (`--namespace`, else all) and wait until their
     /// finalizers deregistered them (the Helm chart's pre-delete hook; the operator must run).
     Uninstall {
-        /// How long to wait for the GonkaNodes to go.
-        #[arg(long, default_value_t = 600)]
+        /// How long to wait for the GonkaNodes to go (the chart keeps it inside Helm's default
+        /// 5-minute timeout).
+        #[arg(long, default_value_t = 240)]
         timeout_seconds: u64,
     },
 }
@@ -138,6 +139,10 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(args.log_format, &args.log_filter)?;
     if let Some(Command::Uninstall { timeout_seconds }) = cli.command {
         let client = kube::Client::try_default().await?;
+        let holder =
+            gonka_operator::uninstall::ensure_operator_leads(client.clone(), &args.lease_namespace, &args.lease_name)
+                .await?;
+        tracing::info!(%holder, "an operator leads: it will deregister the GonkaNodes' ML nodes");
         let timeout = Duration::from_secs(timeout_seconds);
         let deleted = gonka_operator::uninstall::delete_gonka_nodes(
             client,
