@@ -29,6 +29,10 @@ pub enum ApplyError {
     Write { kind: String, name: String, source: kube::Error },
     #[error("writing GonkaNode status: {0}")]
     Status(#[source] kube::Error),
+    #[error(
+        "{kind} {name} exists and this GonkaNode does not own it: the operator takes over no object it did not create (garbage collection would delete it with the GonkaNode); rename or delete it"
+    )]
+    NotOwned { kind: String, name: String },
 }
 
 impl ApplyError {
@@ -43,6 +47,7 @@ impl ApplyError {
                 format!("{kind} {name}: {why}")
             }
             Self::Status(e) => e.to_string(),
+            Self::NotOwned { .. } => self.to_string(),
         }
     }
 }
@@ -171,6 +176,14 @@ impl Writer {
         want["apiVersion"] = json!(K::api_version(&()));
         want["kind"] = json!(K::kind(&()));
         if let Some(live) = &live {
+            // Ours only when our owner (the GonkaNode) is its controller, by UID: an object of
+            // the same name someone else made is not taken over (and so not deleted with us).
+            let owner = desired.owner_references().iter().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str());
+            let ours =
+                live.owner_references().iter().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == owner);
+            if !ours {
+                return Err(ApplyError::NotOwned { kind, name });
+            }
             let live_json = serde_json::to_value(live).expect("k8s objects serialize");
             if is_derivative(&want, &live_json) {
                 return Ok(live.clone());

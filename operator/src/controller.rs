@@ -287,7 +287,11 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     if obs.invalid_spec.is_none() {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
         match pods.list(&ListParams::default().labels(&pod_selector(gn))).await {
-            Ok(list) => {
+            Ok(mut list) => {
+                // Labels select, the DaemonSet's controller reference decides: a pod anyone
+                // made with the same labels is neither registered nor rolled.
+                let ds_uid = daemon_set.as_ref().and_then(|d| d.metadata.uid.clone());
+                list.items.retain(|p| controlled_by(p, ds_uid.as_deref()));
                 if let Some(ds) = &daemon_set {
                     rollout = drive_rollout(gn, ctx, ds, &list.items, epoch.as_ref()).await;
                 }
@@ -350,6 +354,12 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
 /// `base` doubled `failures` times, at most `cap`.
 fn retry_delay(base: Duration, cap: Duration, failures: u32) -> Duration {
     base.saturating_mul(1u32 << failures.min(16)).min(cap.max(base))
+}
+
+/// Whether the DaemonSet with `uid` is `pod`'s controller (no DaemonSet: no pod is ours).
+fn controlled_by(pod: &Pod, daemon_set_uid: Option<&str>) -> bool {
+    let Some(uid) = daemon_set_uid else { return false };
+    pod.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "DaemonSet" && o.uid == uid)
 }
 
 /// The label selector of a GonkaNode's pods.
@@ -812,6 +822,21 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pods_are_ours_only_under_the_daemon_sets_controller_reference() {
+        use serde_json::json;
+        let pod = |owner: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p", "ownerReferences": owner}})).unwrap()
+        };
+        let reference = |kind: &str, uid: &str, controller: bool| json!([{"apiVersion": "apps/v1", "kind": kind, "name": "h100-ml-node", "uid": uid, "controller": controller}]);
+        assert!(controlled_by(&pod(reference("DaemonSet", "ds-1", true)), Some("ds-1")));
+        assert!(!controlled_by(&pod(reference("DaemonSet", "ds-1", true)), None), "no DaemonSet, no pods");
+        assert!(!controlled_by(&pod(reference("DaemonSet", "ds-2", true)), Some("ds-1")), "another DaemonSet");
+        assert!(!controlled_by(&pod(reference("DaemonSet", "ds-1", false)), Some("ds-1")), "not its controller");
+        assert!(!controlled_by(&pod(reference("ReplicaSet", "ds-1", true)), Some("ds-1")));
+        assert!(!controlled_by(&pod(json!([])), Some("ds-1")), "a bare pod with the labels");
+    }
 
     #[test]
     fn unschedulable_pods_are_named_by_their_target_node_with_the_schedulers_reason() {

@@ -214,8 +214,13 @@ async fn network_node(nodes: Vec<gonka_protocol::admin::InferenceNodeConfig>) ->
     url
 }
 
+/// UID of the DaemonSet in these tests; its pods name it as their controller.
+const DS_UID: &str = "5d0c6a4e-ds";
+
 fn ready_pod(node: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": format!("h100-ml-node-{node}"), "namespace": "gpu"},
+    json!({"metadata": {"name": format!("h100-ml-node-{node}"), "namespace": "gpu",
+                        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "h100-ml-node",
+                                             "uid": DS_UID, "controller": true}]},
            "spec": {"nodeName": node, "containers": [{"name": "node-daemon"}]},
            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
 }
@@ -236,6 +241,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
     .unwrap();
     let mut ds: DaemonSet = desired.daemon_set.clone();
     ds.metadata.generation = Some(1);
+    ds.metadata.uid = Some(DS_UID.into());
     ds.status = Some(DaemonSetStatus {
         observed_generation: Some(1),
         desired_number_scheduled: 2,
