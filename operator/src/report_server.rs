@@ -67,11 +67,42 @@ pub const MAX_TOKEN_REVIEWS: usize = 16;
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Reviewed tokens remembered at once.
 const TOKEN_CACHE_ENTRIES: usize = 16_384;
+/// How long a refused token is refused without asking the apiserver again: a caller repeating
+/// one bad token costs one review, not one per attempt.
+pub const REFUSAL_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// What can be told from a token before the apiserver is asked: it must be a JWT for the
+/// operator's audience that has not expired (the apiserver checks the signature). Tokens for
+/// another audience, expired ones and garbage cost no TokenReview.
+pub fn precheck_token(token: &str, now_unix: i64) -> Result<(), &'static str> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err("not a JWT");
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| "not a JWT")?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| "not a JWT")?;
+    let audience_ok = match &claims["aud"] {
+        serde_json::Value::String(aud) => aud == proto::TOKEN_AUDIENCE,
+        serde_json::Value::Array(auds) => auds.iter().any(|a| a == proto::TOKEN_AUDIENCE),
+        _ => false,
+    };
+    if !audience_ok {
+        return Err("not for the operator's audience");
+    }
+    match claims["exp"].as_i64() {
+        Some(exp) if exp > now_unix => Ok(()),
+        _ => Err("expired"),
+    }
+}
 
 /// Tokens the apiserver vouched for lately, by SHA-256 (the tokens themselves are not kept).
 #[derive(Default)]
 pub struct TokenCache {
     entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Caller, std::time::Instant)>>,
+    refused: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::time::Instant>>,
 }
 
 impl TokenCache {
@@ -95,6 +126,23 @@ impl TokenCache {
             }
         }
         entries.insert(Self::digest(token), (caller, now));
+    }
+
+    /// Whether `token` was refused within [`REFUSAL_CACHE_TTL`].
+    pub fn is_refused(&self, token: &str, now: std::time::Instant) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        refused.get(&Self::digest(token)).is_some_and(|at| now.duration_since(*at) < REFUSAL_CACHE_TTL)
+    }
+
+    pub fn put_refusal(&self, token: &str, now: std::time::Instant) {
+        let mut refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if refused.len() >= TOKEN_CACHE_ENTRIES {
+            refused.retain(|_, at| now.duration_since(*at) < REFUSAL_CACHE_TTL);
+            if refused.len() >= TOKEN_CACHE_ENTRIES {
+                refused.clear();
+            }
+        }
+        refused.insert(Self::digest(token), now);
     }
 
     pub fn len(&self) -> usize {
@@ -132,15 +180,32 @@ impl ReportAuth {
     async fn authenticate(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
         let Self::ServiceAccount(reviewer) = self else { return Ok(None) };
         let token = token.ok_or_else(|| Status::unauthenticated("no bearer token: send the pod's report token"))?;
-        if let Some(caller) = reviewer.cache.get(token, std::time::Instant::now()) {
+        let now = std::time::Instant::now();
+        if let Some(caller) = reviewer.cache.get(token, now) {
             return Ok(Some(caller));
+        }
+        let refused = || Status::unauthenticated("the report token was refused: send the pod's projected report token");
+        if let Err(why) = precheck_token(token, jiff::Timestamp::now().as_second()) {
+            tracing::debug!(why, "report token refused before review");
+            return Err(refused());
+        }
+        if reviewer.cache.is_refused(token, now) {
+            return Err(refused());
         }
         let Ok(_permit) = reviewer.in_flight.try_acquire() else {
             return Err(Status::unavailable(format!("{MAX_TOKEN_REVIEWS} token checks under way; retry")));
         };
-        let caller = Self::review(&reviewer.client, token).await?;
-        reviewer.cache.put(token, caller.clone(), std::time::Instant::now());
-        Ok(Some(caller))
+        match Self::review(&reviewer.client, token).await {
+            Ok(caller) => {
+                reviewer.cache.put(token, caller.clone(), std::time::Instant::now());
+                Ok(Some(caller))
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                reviewer.cache.put_refusal(token, std::time::Instant::now());
+                Err(status)
+            }
+            Err(status) => Err(status),
+        }
     }
 
     async fn review(client: &kube::Client, token: &str) -> Result<Caller, Status> {
@@ -151,14 +216,18 @@ impl ReportAuth {
             },
             ..TokenReview::default()
         };
-        let reviewed = Api::<TokenReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| Status::unavailable(format!("checking the token with the apiserver: {e}")))?;
+        let reviewed =
+            Api::<TokenReview>::all(client.clone()).create(&PostParams::default(), &review).await.map_err(|e| {
+                // The apiserver's words stay in the operator's log: the caller is not yet known.
+                tracing::warn!(error = %e, "TokenReview failed");
+                Status::unavailable("the operator could not check the token now; retry")
+            })?;
         let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status.error.unwrap_or_else(|| "not authenticated".into());
-            return Err(Status::unauthenticated(format!("the report token was refused: {why}")));
+        let for_us = status.audiences.as_ref().is_some_and(|a| a.iter().any(|a| a == proto::TOKEN_AUDIENCE));
+        if status.authenticated != Some(true) || !for_us {
+            let why = status.error.unwrap_or_else(|| "not for the operator's audience".into());
+            tracing::debug!(%why, "report token refused by TokenReview");
+            return Err(Status::unauthenticated("the report token was refused: send the pod's projected report token"));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
@@ -423,6 +492,46 @@ mod tests {
             pod: pod.map(str::to_string),
             node: node.map(str::to_string),
         }
+    }
+
+    fn jwt(claims: serde_json::Value) -> String {
+        use base64::Engine as _;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!("{}.{}.{}", b64(br#"{"alg":"RS256"}"#), b64(claims.to_string().as_bytes()), b64(b"signature"))
+    }
+
+    /// Only a JWT for the operator's audience that has not expired is worth a TokenReview.
+    #[test]
+    fn tokens_for_another_audience_or_expired_cost_no_review() {
+        let now = 1_800_000_000;
+        let aud = proto::TOKEN_AUDIENCE;
+        assert_eq!(precheck_token(&jwt(serde_json::json!({"aud": [aud], "exp": now + 60})), now), Ok(()));
+        assert_eq!(precheck_token(&jwt(serde_json::json!({"aud": aud, "exp": now + 1})), now), Ok(()));
+        let refused = [
+            (jwt(serde_json::json!({"aud": ["https://kubernetes.default.svc"], "exp": now + 60})), "audience"),
+            (jwt(serde_json::json!({"exp": now + 60})), "audience"),
+            (jwt(serde_json::json!({"aud": [aud], "exp": now})), "expired"),
+            (jwt(serde_json::json!({"aud": [aud]})), "expired"),
+            ("x".repeat(4096), "not a JWT"),
+            ("a.b.c".into(), "not a JWT"),
+            (format!("{}.extra", jwt(serde_json::json!({"aud": [aud], "exp": now + 60}))), "not a JWT"),
+        ];
+        for (token, why) in refused {
+            let err = precheck_token(&token, now).unwrap_err();
+            assert!(err.contains(why), "{err} should say {why}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_remembered_briefly() {
+        let cache = TokenCache::default();
+        let t0 = std::time::Instant::now();
+        assert!(!cache.is_refused("bad", t0));
+        cache.put_refusal("bad", t0);
+        assert!(cache.is_refused("bad", t0 + REFUSAL_CACHE_TTL - Duration::from_millis(1)));
+        assert!(!cache.is_refused("bad", t0 + REFUSAL_CACHE_TTL), "asked again after the TTL");
+        assert!(!cache.is_refused("other", t0));
+        assert!(cache.get("bad", t0).is_none(), "a refusal is no caller");
     }
 
     #[test]
