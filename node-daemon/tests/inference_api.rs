@@ -365,6 +365,15 @@ async fn poc_v2_generates_while_chat_is_answered_and_validates() {
     assert!(refused["detail"]["errors"][0]["error"].as_str().unwrap().contains("params mismatch"));
     let (status, _) = d.json("GET", "/api/v1/inference/pow/generate/not-a-composite-id");
     assert_eq!(status, 400);
+    // A job of no nonces is refused: queued, it would be kept without counting against the
+    // queue's bound.
+    let (status, refused) = d.post_json(
+        "POST",
+        "/api/v1/inference/pow/generate",
+        &json!({"block_hash": BLOCK_HASH, "block_height": 1, "public_key": PUBLIC_KEY, "node_id": 0, "node_count": 1,
+            "nonces": [], "params": params, "wait": false}),
+    );
+    assert_eq!((status, refused["detail"].as_str()), (422, Some("nonces must not be empty")));
 }
 
 /// A GonkaNode's `modelStorage` reaches the daemon as daemon.json `modelsDir` and

@@ -40,6 +40,9 @@ pub const CALLBACK_INTERVAL: Duration = Duration::from_secs(5);
 /// Artifacts buffered at most; the oldest go first beyond it (upstream
 /// `POC_CALLBACK_MAX_ARTIFACTS`).
 const MAX_BUFFERED_ARTIFACTS: usize = 1_000_000;
+/// Bytes of buffered artifacts at most, whatever their count: the caller picks `k_dim` (up to
+/// the model's hidden size), so a million artifacts could be gigabytes.
+const MAX_BUFFERED_BYTES: usize = 256 << 20;
 /// Nonces queued for `generate` at most (upstream `POC_MAX_QUEUED_NONCES`).
 const MAX_QUEUED_NONCES: usize = 100_000;
 /// Nonces one batch may carry (one forward): bounds a request's activations.
@@ -399,13 +402,44 @@ async fn generation_loop(
 /// Buffers artifacts and posts them to `{url}/generated` every [`CALLBACK_INTERVAL`], retrying
 /// a failed post with backoff (up to 30 s) until stopped; at stop, one last delivery.
 struct CallbackSender {
-    buffer: Arc<Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>>,
+    buffer: Arc<Mutex<Buffered>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Artifacts waiting for the callback, their size, and the round they belong to.
+#[derive(Default)]
+struct Buffered {
+    artifacts: VecDeque<Artifact>,
+    bytes: usize,
+    config: Option<RoundConfig>,
+}
+
+/// What one buffered artifact costs.
+fn artifact_bytes(a: &Artifact) -> usize {
+    a.vector_b64.len() + std::mem::size_of::<Artifact>()
+}
+
+impl Buffered {
+    /// Adds `artifacts`, then drops the oldest beyond `max_count` or `max_bytes`; returns how
+    /// many were dropped.
+    fn add(&mut self, artifacts: impl Iterator<Item = Artifact>, max_count: usize, max_bytes: usize) -> usize {
+        for a in artifacts {
+            self.bytes += artifact_bytes(&a);
+            self.artifacts.push_back(a);
+        }
+        let mut dropped = 0;
+        while self.artifacts.len() > max_count || self.bytes > max_bytes {
+            let Some(oldest) = self.artifacts.pop_front() else { break };
+            self.bytes -= artifact_bytes(&oldest);
+            dropped += 1;
+        }
+        dropped
+    }
 }
 
 impl CallbackSender {
     fn start(http: reqwest::Client, url: String, stop: CancellationToken) -> Self {
-        let buffer: Arc<Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>> = Arc::default();
+        let buffer: Arc<Mutex<Buffered>> = Arc::default();
         let task = {
             let buffer = buffer.clone();
             tokio::spawn(async move {
@@ -455,13 +489,11 @@ impl CallbackSender {
 
     fn add(&self, artifacts: impl Iterator<Item = Artifact>, config: &RoundConfig) {
         let mut guard = self.buffer.lock().expect("buffer");
-        guard.0.extend(artifacts);
-        let excess = guard.0.len().saturating_sub(MAX_BUFFERED_ARTIFACTS);
-        if excess > 0 {
-            tracing::warn!(dropped = excess, "PoC v2 callback buffer full; dropping the oldest artifacts");
-            guard.0.drain(..excess);
+        let dropped = guard.add(artifacts, MAX_BUFFERED_ARTIFACTS, MAX_BUFFERED_BYTES);
+        if dropped > 0 {
+            tracing::warn!(dropped, "PoC v2 callback buffer full; dropping the oldest artifacts");
         }
-        guard.1 = Some(config.clone());
+        guard.config = Some(config.clone());
     }
 
     async fn finish(self) {
@@ -469,13 +501,14 @@ impl CallbackSender {
     }
 }
 
-fn take_batch(buffer: &Mutex<(VecDeque<Artifact>, Option<RoundConfig>)>) -> Option<GeneratedArtifactBatch> {
+fn take_batch(buffer: &Mutex<Buffered>) -> Option<GeneratedArtifactBatch> {
     let mut guard = buffer.lock().expect("buffer");
-    let config = guard.1.clone()?;
-    if guard.0.is_empty() {
+    let config = guard.config.clone()?;
+    if guard.artifacts.is_empty() {
         return None;
     }
-    let artifacts: Vec<Artifact> = guard.0.drain(..).collect();
+    let artifacts: Vec<Artifact> = guard.artifacts.drain(..).collect();
+    guard.bytes = 0;
     Some(GeneratedArtifactBatch {
         request_id: None,
         block_hash: config.block_hash,
@@ -614,6 +647,10 @@ async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Genera
         Err(refusal) => return refusal.into_response(),
     };
     let port = service.backend_port();
+    // An empty job would bypass the queue's bound (it counts nonces) yet still be kept.
+    if body.nonces.is_empty() {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "nonces must not be empty");
+    }
     if body.nonces.len() > MAX_GENERATE_NONCES {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -792,6 +829,26 @@ async fn stop(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_callback_buffer_is_bounded_by_count_and_by_bytes() {
+        let artifact = |nonce: i64, len: usize| Artifact { nonce, vector_b64: "A".repeat(len) };
+        let each = artifact_bytes(&artifact(0, 100));
+        // By bytes: room for three artifacts of this size; the oldest go first.
+        let mut buffered = Buffered::default();
+        assert_eq!(buffered.add((0..3).map(|n| artifact(n, 100)), 1_000, 3 * each), 0);
+        assert_eq!(buffered.add((3..5).map(|n| artifact(n, 100)), 1_000, 3 * each), 2);
+        let kept: Vec<i64> = buffered.artifacts.iter().map(|a| a.nonce).collect();
+        assert_eq!((kept, buffered.bytes), (vec![2, 3, 4], 3 * each));
+        // By count, with small artifacts.
+        let mut buffered = Buffered::default();
+        assert_eq!(buffered.add((0..10).map(|n| artifact(n, 1)), 4, usize::MAX), 6);
+        assert_eq!(buffered.artifacts.front().map(|a| a.nonce), Some(6));
+        // One artifact larger than the whole bound is not kept either.
+        let mut buffered = Buffered::default();
+        assert_eq!(buffered.add(std::iter::once(artifact(0, 10_000)), 10, 1_000), 1);
+        assert_eq!((buffered.artifacts.len(), buffered.bytes), (0, 0));
+    }
 
     fn config(node_id: i64, node_count: i64) -> RoundConfig {
         RoundConfig {
