@@ -141,6 +141,20 @@ async fn uninstall_deletes_gonka_nodes_and_fails_on_those_that_stay() -> anyhow:
             .stdin(Stdio::null())
             .output()
     };
+    // No operator holds the leader Lease: nothing is deleted, and it says what to do.
+    let refused = uninstall("30")?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("nothing was deleted") && stderr.contains("gonka-operator-leader"), "{stderr}");
+    assert_eq!(api.list(&Default::default()).await?.items.len(), 1);
+
+    // An operator leads (its Lease renewed just now).
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "gonka-operator-leader", "namespace": "default"},
+        "spec": {"holderIdentity": "op-x", "leaseDurationSeconds": 3600,
+                 "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    }))?;
+    Api::<Lease>::namespaced(cp.client().await?, "default").create(&PostParams::default(), &lease).await?;
     let done = uninstall("30")?;
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     assert!(api.list(&Default::default()).await?.items.is_empty());
