@@ -153,6 +153,7 @@ fn strip_version_prefix(mut request: Request) -> Request {
     request
 }
 
+/// A fresh reading, for the GPU routes (they are under the in-flight limit).
 async fn snapshot(state: &AppState) -> Vec<GpuStatus> {
     let probe = state.probe.clone();
     tokio::task::spawn_blocking(move || probe.snapshot()).await.unwrap_or_default()
@@ -276,7 +277,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 /// Ready once the GPUs the GonkaNode gives this ML node are there and fit to work (so a pod
 /// without them is never registered), and, as upstream, not while inference runs unhealthy.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let available = snapshot(&state).await.iter().filter(|g| g.to_device().is_available).count();
+    let available = state.gpu_snapshot().await.iter().filter(|g| g.to_device().is_available).count();
     let wanted = state.policy.expected_gpus;
     // The native engine's thread gone (a crash outside a step), or every vLLM instance down,
     // is upstream's "vLLM not alive"; one instance restarting still serves.
@@ -296,7 +297,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    state.metrics.observe(&snapshot(&state).await);
+    state.metrics.observe(&state.gpu_snapshot().await);
+    state.metrics.api_in_flight((MAX_IN_FLIGHT - state.in_flight.available_permits()) as i64);
     #[cfg(feature = "torch")]
     state.metrics.observe_vllm(&state.inference.vllm().map(|s| s.samples()).unwrap_or_default());
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())

@@ -3,7 +3,7 @@
 //! every route module (none of them imports the router).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gonka_protocol::ml_node::{HealthResponse, ServiceState};
 use sha2::{Digest, Sha256};
@@ -70,9 +70,31 @@ pub struct AppState {
     #[cfg(feature = "torch")]
     pub vllm_fanout: crate::inference::vllm::pow_v2::FanoutSettings,
     pub(crate) health: Mutex<Option<(Instant, HealthResponse)>>,
+    /// The last GPU readings and when they were taken ([`AppState::gpu_snapshot`]).
+    gpu_snapshot: tokio::sync::Mutex<Option<(Instant, Vec<crate::gpu::GpuStatus>)>>,
 }
 
+/// GPU readings are taken at most this often: `/metrics`, `/readyz` and the probes are outside
+/// the in-flight limit, and each NVML reading blocks a thread, so a flood of them must not
+/// become a flood of NVML calls.
+pub const GPU_SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+
 impl AppState {
+    /// Every GPU's reading, at most [`GPU_SNAPSHOT_TTL`] old. One caller reads NVML (off the
+    /// runtime's threads) while the others wait for its answer.
+    pub async fn gpu_snapshot(&self) -> Vec<crate::gpu::GpuStatus> {
+        let mut cached = self.gpu_snapshot.lock().await;
+        if let Some((at, gpus)) = cached.as_ref()
+            && at.elapsed() < GPU_SNAPSHOT_TTL
+        {
+            return gpus.clone();
+        }
+        let probe = self.probe.clone();
+        let gpus = tokio::task::spawn_blocking(move || probe.snapshot()).await.unwrap_or_default();
+        *cached = Some((Instant::now(), gpus.clone()));
+        gpus
+    }
+
     pub fn new(
         probe: GpuProbe,
         metrics: DaemonMetrics,
@@ -136,6 +158,7 @@ impl AppState {
             metrics,
             version: version.into(),
             health: Mutex::new(None),
+            gpu_snapshot: tokio::sync::Mutex::new(None),
         }))
     }
 

@@ -266,3 +266,38 @@ fn inference_is_asked_only_for_the_models_the_gonka_node_gives_it() {
         assert!(up("Qwen/QwQ-32B").1["message"].as_str().unwrap().starts_with("cannot serve Qwen/QwQ-32B"));
     }
 }
+
+/// `/metrics` and `/readyz` sit outside the in-flight limit, so a flood of them must not be a
+/// flood of NVML readings: the GPUs are read at most once a second, one reader at a time (each
+/// reading counts one `nvmlDeviceGetCount_v2` in the fake library).
+#[test]
+fn a_flood_of_probes_and_scrapes_reads_the_gpus_about_once_a_second() {
+    let counted = tempfile::NamedTempFile::new().unwrap();
+    let count_file = counted.path().to_str().unwrap().to_string();
+    let d = Daemon::start_with_env(&Scenario::hgx_h100(), &[("FAKE_NVML_COUNT_FILE", &count_file)]);
+    let calls = || std::fs::read_to_string(&count_file).ok().and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0);
+    assert_eq!(d.json("GET", "/readyz").0, 200);
+    let before = calls();
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..16 {
+            let d = &d;
+            scope.spawn(move || {
+                for _ in 0..8 {
+                    let path = if i % 2 == 0 { "/metrics" } else { "/readyz" };
+                    assert_eq!(d.try_request("GET", path).unwrap().0, 200);
+                }
+            });
+        }
+    });
+    let readings = calls() - before;
+    let allowed = started.elapsed().as_secs() + 2;
+    assert!(readings <= allowed, "128 requests read the GPUs {readings} times in {:?}", started.elapsed());
+    // And the readings are still current: a GPU lost shows in the metrics after the TTL.
+    let mut scenario = Scenario::hgx_h100();
+    scenario.gpus[3].state = GpuState::Lost;
+    d.change(&scenario);
+    eventually("the lost GPU shows in the metrics", || {
+        d.text("/metrics").lines().any(|l| l.starts_with("gonka_ml_node_gpu_available{gpu=\"3\"") && l.ends_with(" 0"))
+    });
+}

@@ -15,6 +15,9 @@
  *   xid <gpu index> <code>             an XID event, delivered once, in file order
  *   fail_init <nvml return code>       nvmlInit fails with this code
  *
+ * With FAKE_NVML_COUNT_FILE set, every nvmlDeviceGetCount_v2 call (one per GPU reading of the
+ * daemon) writes how many there were so far into that file, so a test can count readings.
+ *
  * Only what nvml-wrapper needs for the daemon's probe is implemented; any other symbol is
  * missing, which nvml-wrapper reports as a function-not-found error, as with an old driver.
  */
@@ -207,8 +210,19 @@ int nvmlSystemGetCudaDriverVersion_v2(int *version) {
     return nvmlSystemGetCudaDriverVersion(version);
 }
 
+static long count_calls;
+
 int nvmlDeviceGetCount_v2(unsigned int *count) {
     ENTER();
+    const char *count_file = getenv("FAKE_NVML_COUNT_FILE");
+    if (count_file) {
+        count_calls++;
+        FILE *f = fopen(count_file, "w");
+        if (f) {
+            fprintf(f, "%ld\n", count_calls);
+            fclose(f);
+        }
+    }
     if (!initialized) LEAVE(ERR_UNINITIALIZED);
     if (!count) LEAVE(ERR_INVALID_ARGUMENT);
     *count = (unsigned int)gpu_count;
