@@ -17,6 +17,7 @@ pub mod poc;
 pub mod report_client;
 pub mod state;
 
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -274,15 +275,41 @@ pub async fn run_with(
         let app = inference::inference_port(state.inference.clone());
         tokio::spawn(async move { axum::serve(inference_listener, app).await })
     };
-    // Shutting down takes no new work first (the server stops), then delivers what is pending.
-    axum::serve(listener, api::service(state.clone())).with_graceful_shutdown(shutdown).await?;
-    #[cfg(feature = "torch")]
-    {
-        state.pow.shutdown(settings.shutdown_grace).await;
-        inference_server.abort();
-        state.pow_v2.shutdown(settings.shutdown_grace).await;
-        state.inference.down().await;
+    // Shutting down takes no new work (the server stops accepting), and delivers what is pending
+    // while the requests in flight finish: side by side, both within the grace period. A held
+    // request (a waited `generate`, a slow `inference/up` body) must not keep the proofs from
+    // the network node until the kubelet's SIGKILL.
+    let stop_serving = tokio_util::sync::CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listener, api::service(state.clone()))
+            .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+            .into_future(),
+    );
+    tokio::select! {
+        _ = shutdown => {}
+        ended = &mut server => {
+            ended??;
+            anyhow::bail!("the ML-node API server stopped by itself");
+        }
     }
+    stop_serving.cancel();
+    let grace = settings.shutdown_grace;
+    let drain = async {
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            server.abort();
+            tracing::warn!(?grace, "requests still in flight at the end of the grace period were dropped");
+        }
+    };
+    let flush = async {
+        #[cfg(feature = "torch")]
+        {
+            state.pow.shutdown(grace).await;
+            inference_server.abort();
+            state.pow_v2.shutdown(grace).await;
+            state.inference.down().await;
+        }
+    };
+    tokio::join!(drain, flush);
 
     reprobe.abort();
     reporter_stop.cancel();

@@ -76,6 +76,7 @@ pub struct DaemonMetrics {
     batches_sent: Family<BatchLabels, Counter>,
     send_failures: Family<BatchLabels, Counter>,
     pending_batches: Gauge<i64, AtomicI64>,
+    api_in_flight: Gauge<i64, AtomicI64>,
     vllm_instances: Family<PhaseLabels, Gauge<i64, AtomicI64>>,
     vllm_restarts: Family<InstanceLabels, Gauge<i64, AtomicI64>>,
     vllm_waiting: Family<InstanceLabels, FloatGauge>,
@@ -123,6 +124,12 @@ impl Default for DaemonMetrics {
             "PoC batches waiting for the callback",
             Gauge::clone(&pending_batches),
         );
+        let api_in_flight = Gauge::default();
+        registry.register(
+            "api_requests_in_flight",
+            "ML-node API requests being served (probes and scrapes not counted)",
+            Gauge::clone(&api_in_flight),
+        );
         let (vllm_instances, vllm_restarts) = (Family::default(), Family::default());
         let (vllm_waiting, vllm_running) = (Family::default(), Family::default());
         registry.register("vllm_instances", "vLLM instances by phase", Family::clone(&vllm_instances));
@@ -158,6 +165,7 @@ impl Default for DaemonMetrics {
             batches_sent,
             send_failures,
             pending_batches,
+            api_in_flight,
             vllm_instances,
             vllm_restarts,
             vllm_waiting,
@@ -190,6 +198,10 @@ impl DaemonMetrics {
 
     pub fn pow_pending(&self, n: i64) {
         self.pending_batches.set(n);
+    }
+
+    pub fn api_in_flight(&self, n: i64) {
+        self.api_in_flight.set(n);
     }
 
     /// Sets the vLLM gauges (none served: every phase zero).

@@ -205,6 +205,35 @@ fn sigterm_mid_poc_delivers_every_pending_proof() {
     assert_eq!(delivered, expected, "proofs lost or invented");
 }
 
+/// A request held open (here a validation batch whose body never finishes arriving, held to the
+/// 30 s request timeout) does not keep the pending proofs from the network node: they go out
+/// while the server drains, and the daemon exits within its grace period (5 s here).
+#[test]
+fn sigterm_delivers_the_proofs_while_a_request_is_held_open() {
+    use std::io::Write as _;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (callback, url) = start_callback(&runtime);
+    let config = json!({
+        "gonkaNode": "gpu/test", "mlCallbackUrl": url, "pocPort": 8080, "inferencePort": 5000,
+        "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 300, "maxPendingBatches": 1000}
+    });
+    let mut d =
+        Daemon::start_configured_with_env(&Scenario::hgx_h100(), &config, &[("GONKA_SHUTDOWN_GRACE_SECONDS", "5")]);
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0)).0, 200);
+    eventually("proofs pending", || metric(&d, "gonka_ml_node_poc_nonces_valid_total") >= 8.0);
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let head = "POST /api/v1/pow/validate HTTP/1.1\r\nHost: ml-node\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":";
+    held.write_all(head.as_bytes()).unwrap();
+    eventually("the request in flight", || metric(&d, "gonka_ml_node_api_requests_in_flight") >= 1.0);
+
+    let started = std::time::Instant::now();
+    let exit = d.terminate(Duration::from_secs(25));
+    assert!(exit.success(), "{exit:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "exited after {:?}", started.elapsed());
+    assert!(!callback.generated.lock().unwrap().is_empty(), "the pending proofs were not delivered");
+    drop(held);
+}
+
 #[test]
 fn proofs_reach_an_https_callback_whose_ca_the_gonka_node_names() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
