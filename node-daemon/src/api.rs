@@ -2,8 +2,10 @@
 //! JSON shapes and status codes, an optional `/vX.Y.Z` path prefix (the network node addresses
 //! ML-node versions side by side that way), FastAPI-style `{"detail": ...}` errors.
 //!
-//! Served: state, stop, GPU devices and driver, health, readiness, metrics, versions, and (with
-//! the `torch` feature) PoC v1's `/pow/*`. The managers' endpoints are guarded as upstream's are:
+//! Served: state, stop, GPU devices and driver, health, readiness, versions, and (with the
+//! `torch` feature) PoC v1's `/pow/*`. `/metrics` and the kubelet's probes are also on the
+//! monitoring port ([`monitoring_router`]), which carries nothing else: a scraper or the kubelet
+//! needs no access to this API (which may want a client certificate or a token). The managers' endpoints are guarded as upstream's are:
 //! one manager at a time, 409 otherwise (`modes`). `/inference/up` answers that no inference is
 //! served here; `/encrypted/identity` answers 503, upstream's "encryption disabled".
 //!
@@ -41,8 +43,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Longest a waited-for PoC v2 `generate` may take (a validation sample on a large model).
 pub const POC_GENERATE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-/// The kubelet's probes and the metrics scrape are answered whatever the load.
-const UNLIMITED_PATHS: [&str; 5] = ["/healthz", "/readyz", "/livez", "/health", "/metrics"];
+/// The probes are answered whatever the load.
+const UNLIMITED_PATHS: [&str; 4] = ["/healthz", "/readyz", "/livez", "/health"];
 
 /// The router behind the version-prefix rewrite, ready for `axum::serve`.
 pub type Service = axum::routing::IntoMakeService<tower::util::MapRequest<Router, RequestRewrite>>;
@@ -86,7 +88,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/livez", get(health))
         .route("/readyz", get(readyz))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -94,9 +95,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The monitoring port: `/metrics` and the kubelet's probes (`/healthz`, `/livez`, `/readyz`),
+/// plain HTTP, no token, answered whatever the load (GPU readings cached, see
+/// [`AppState::gpu_snapshot`]). The ML-node API's own `/health`, `/livez` and `/readyz` stay
+/// where upstream's network node reads them.
+pub fn monitoring_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(health))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
+        .with_state(state)
+}
+
 /// The bearer token when one is configured, then at most [`MAX_IN_FLIGHT`] requests at once and
-/// [`REQUEST_TIMEOUT`] each, so no caller can tie the ML node up; the probes and metrics are
-/// exempt from all three.
+/// [`REQUEST_TIMEOUT`] each, so no caller can tie the ML node up; the probes are exempt from
+/// all three.
 async fn limits(State(state): State<Arc<AppState>>, request: Request, next: axum::middleware::Next) -> Response {
     if UNLIMITED_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;

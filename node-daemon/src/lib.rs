@@ -12,6 +12,7 @@ pub mod http;
 pub mod inference;
 pub mod metrics;
 pub mod modes;
+pub mod mtls;
 pub mod node_state;
 pub mod poc;
 pub mod report_client;
@@ -53,8 +54,14 @@ pub struct Settings {
     /// Address of the inference port; `None`: the management API's address with
     /// `daemon.json`'s `inferencePort` (upstream's 5000 without one).
     pub inference_listen: Option<SocketAddr>,
+    /// Address of the monitoring port (`/metrics`, the kubelet's probes); `None`: the management
+    /// API's address with `daemon.json`'s `metricsPort` ([`DEFAULT_METRICS_PORT`] without one).
+    pub metrics_listen: Option<SocketAddr>,
     /// How to run vLLM for the models it serves; `None`: this ML node has no vLLM.
     pub vllm: Option<VllmOptions>,
+    /// Mutual TLS with the network node (upstream's pinned pair); `None`: plain HTTP, as
+    /// upstream's ML node without it.
+    pub mtls: Option<mtls::MtlsFiles>,
 }
 
 /// How the daemon runs vLLM (flags; upstream's environment names in brackets).
@@ -78,6 +85,8 @@ pub struct VllmOptions {
 
 /// Upstream's inference port.
 pub const DEFAULT_INFERENCE_PORT: u16 = 5000;
+/// The monitoring port's default (upstream's ML node has none).
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
 
 /// The daemon's pod, from the downward API (`POD_NAME`, `NODE_NAME`, `POD_IP`).
 #[derive(Clone, Debug, Default)]
@@ -169,6 +178,24 @@ pub async fn run_with(
         })
     };
 
+    let mtls = match &settings.mtls {
+        Some(files) => {
+            // The addresses the network node may use: the pod IP it registers, the listen address.
+            let mut addresses: Vec<std::net::IpAddr> =
+                settings.pod.ip.iter().filter_map(|ip| ip.parse().ok()).collect();
+            let listen = settings.listen.ip();
+            if !listen.is_unspecified() && !addresses.contains(&listen) {
+                addresses.push(listen);
+            }
+            let loaded = mtls::Mtls::load(files, &addresses).map_err(|e| anyhow::anyhow!("mutual TLS: {e}"))?;
+            tracing::info!(
+                serving_chain = loaded.serving_chain().len(),
+                "mutual TLS: the ML-node API and inference port take only the network node's pinned certificate"
+            );
+            Some(Arc::new(loaded))
+        }
+        None => None,
+    };
     let gpu_vram_gb =
         reporting.inventory().borrow().devices.iter().map(|d| d.total_memory_mb.unwrap_or(0) as f64 / 1024.0).collect();
     let pow = match &settings.config {
@@ -180,8 +207,14 @@ pub async fn run_with(
             callback_base: Some(c.ml_callback_url.clone()),
             batch_size: Some(c.poc.batch_size.max(1) as usize),
             ca_bundle: c.ca_bundle.clone(),
+            mtls: mtls.clone(),
         },
-        None => poc::PowSettings { gpu_vram_gb, allow_cpu: settings.allow_cpu_compute, ..poc::PowSettings::default() },
+        None => poc::PowSettings {
+            gpu_vram_gb,
+            allow_cpu: settings.allow_cpu_compute,
+            mtls: mtls.clone(),
+            ..poc::PowSettings::default()
+        },
     };
     let policy = state::Policy {
         // The GPUs the GonkaNode gives this ML node (`gpusPerMlNode`), else at least one.
@@ -243,6 +276,14 @@ pub async fn run_with(
     let state = state::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
+    let metrics_addr = settings.metrics_listen.unwrap_or_else(|| {
+        let port = settings.config.as_ref().and_then(|c| c.metrics_port).unwrap_or(DEFAULT_METRICS_PORT);
+        SocketAddr::new(settings.listen.ip(), port)
+    });
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the monitoring port {metrics_addr}: {e}"))?;
+    tracing::info!(addr = %metrics_listener.local_addr()?, "monitoring port (/metrics, probes) listening");
     // `modelStorage.preload`: the model comes up as the daemon starts, as `/inference/up` would
     // bring it (the network node then finds it serving).
     #[cfg(feature = "torch")]
@@ -273,18 +314,36 @@ pub async fn run_with(
     let inference_server = {
         tracing::info!(addr = %inference_addr, "inference port listening");
         let app = inference::inference_port(state.inference.clone());
-        tokio::spawn(async move { axum::serve(inference_listener, app).await })
+        match &mtls {
+            Some(m) => {
+                let listener = mtls::TlsListener::new(inference_listener, m.server_config()?)?;
+                tokio::spawn(async move { axum::serve(listener, app).await })
+            }
+            None => tokio::spawn(async move { axum::serve(inference_listener, app).await }),
+        }
     };
     // Shutting down takes no new work (the server stops accepting), and delivers what is pending
     // while the requests in flight finish: side by side, both within the grace period. A held
     // request (a waited `generate`, a slow `inference/up` body) must not keep the proofs from
     // the network node until the kubelet's SIGKILL.
     let stop_serving = tokio_util::sync::CancellationToken::new();
-    let mut server = tokio::spawn(
-        axum::serve(listener, api::service(state.clone()))
+    let monitoring = tokio::spawn(
+        axum::serve(metrics_listener, api::monitoring_router(state.clone()))
             .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
             .into_future(),
     );
+    let mut server = match &mtls {
+        Some(m) => tokio::spawn(
+            axum::serve(mtls::TlsListener::new(listener, m.server_config()?)?, api::service(state.clone()))
+                .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+                .into_future(),
+        ),
+        None => tokio::spawn(
+            axum::serve(listener, api::service(state.clone()))
+                .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+                .into_future(),
+        ),
+    };
     tokio::select! {
         _ = shutdown => {}
         ended = &mut server => {
@@ -310,6 +369,7 @@ pub async fn run_with(
         }
     };
     tokio::join!(drain, flush);
+    monitoring.abort();
 
     reprobe.abort();
     reporter_stop.cancel();

@@ -56,6 +56,22 @@ struct Cli {
     /// daemon.json's inferencePort, else 5000.
     #[arg(long, env = "GONKA_INFERENCE_LISTEN")]
     inference_listen: Option<SocketAddr>,
+    /// Address of the monitoring port (`/metrics` and the kubelet's probes, plain HTTP, nothing
+    /// else); default: the listen address's IP with daemon.json's metricsPort, else 9090.
+    #[arg(long, env = "GONKA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Mutual TLS with the network node, upstream's pair (`gen-mlnode-certs.sh`): this ML node's
+    /// certificate, `mlnode.crt`. With `--mtls-key` and `--mtls-peer-cert`, the ML-node API and
+    /// the inference port take only a client presenting the pinned network-node certificate, and
+    /// callbacks present this one.
+    #[arg(long, env = "MLNODE_MTLS_CLIENT_CERT", requires_all = ["mtls_key", "mtls_peer_cert"])]
+    mtls_cert: Option<PathBuf>,
+    /// Its key, `mlnode.key`.
+    #[arg(long, env = "MLNODE_MTLS_CLIENT_KEY", requires_all = ["mtls_cert", "mtls_peer_cert"])]
+    mtls_key: Option<PathBuf>,
+    /// The network node's certificate, pinned: `dapi.crt`.
+    #[arg(long, env = "MLNODE_MTLS_SERVER_CA", requires_all = ["mtls_cert", "mtls_key"])]
+    mtls_peer_cert: Option<PathBuf>,
     /// The Python with vLLM (upstream's `VLLM_PYTHON_PATH`): models the native engine does not
     /// run, or that the GonkaNode gives `engine: vllm`, are served by vLLM servers this daemon
     /// starts and fronts. Unset: no vLLM on this ML node.
@@ -145,6 +161,13 @@ async fn main() -> anyhow::Result<()> {
         models_dir: cli.models_dir,
         model_mirror: cli.model_mirror,
         inference_listen: cli.inference_listen,
+        metrics_listen: cli.metrics_listen,
+        mtls: match (cli.mtls_cert, cli.mtls_key, cli.mtls_peer_cert) {
+            (Some(cert), Some(key), Some(peer_cert)) => {
+                Some(gonka_node_daemon::mtls::MtlsFiles { cert, key, peer_cert })
+            }
+            _ => None,
+        },
         vllm: cli.vllm_python.map(|python| gonka_node_daemon::VllmOptions {
             python,
             module: cli.vllm_module,

@@ -108,7 +108,16 @@ impl AppState {
         let (pow, inference, pow_v2, model_cache, vllm_fanout) = {
             use crate::inference::{manager, model_cache, pow_v2, vllm};
             let (allow_cpu, callback_base, batch_size) = (pow.allow_cpu, pow.callback_base.clone(), pow.batch_size);
+            let mtls = pow.mtls.is_some();
             let pow = crate::poc::engine::PowService::new(pow, metrics.clone(), reporting.clone())?;
+            // vLLM's plugin can't present the ML node's certificate: its callbacks go through
+            // the daemon (on loopback: only this pod's processes reach it).
+            let relay = match (mtls, &inference.vllm) {
+                (true, Some(_)) => {
+                    Some(vllm::callback_relay::CallbackRelay::start(std::net::Ipv4Addr::LOCALHOST.into(), pow.http())?)
+                }
+                _ => None,
+            };
             let model_cache = model_cache::ModelCache::new(inference.models_dir.clone(), inference.model_mirror)?;
             let manager = manager::InferenceManager::new(
                 manager::InferenceSettings {
@@ -126,6 +135,7 @@ impl AppState {
                 batch_size,
                 http: vllm::proxy::client(),
                 reporting: reporting.clone(),
+                relay,
             };
             let pow_v2 = pow_v2::PocV2Service::new(
                 pow_v2::PocV2Settings {

@@ -77,7 +77,7 @@ fn an_hgx_h100_box_answers_in_upstream_shapes() {
     assert_eq!(d.json("GET", "/api/v1/nothing-here"), (404, json!({"detail": "Not Found"})));
     assert_eq!(d.json("GET", "/api/v1/stop"), (405, json!({"detail": "Method Not Allowed"})));
 
-    let metrics = d.text("/metrics");
+    let metrics = d.metrics();
     for line in [
         "gonka_ml_node_gpus 8",
         "gonka_ml_node_gpu_power_watts{gpu=\"0\",uuid=\"GPU-h100-0000\",model=\"NVIDIA H100 80GB HBM3\"} 350.0",
@@ -98,7 +98,7 @@ fn a_mixed_box_reports_each_model_and_skips_ecc_where_unsupported() {
         ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4090"]
     );
     assert_eq!(devices["devices"][2]["total_memory_mb"], 24564);
-    let metrics = d.text("/metrics");
+    let metrics = d.metrics();
     assert!(metrics.contains(
         "gonka_ml_node_gpu_ecc_corrected_errors{gpu=\"0\",uuid=\"GPU-a100-0000\",model=\"NVIDIA A100-SXM4-40GB\"} 0"
     ));
@@ -108,7 +108,7 @@ fn a_mixed_box_reports_each_model_and_skips_ecc_where_unsupported() {
 #[test]
 fn ecc_errors_show_in_metrics() {
     let d = Daemon::start(&Scenario::ecc_errors());
-    let metrics = d.text("/metrics");
+    let metrics = d.metrics();
     assert!(metrics.contains("gonka_ml_node_gpu_ecc_uncorrected_errors{gpu=\"2\",uuid=\"GPU-h100-0002\",model=\"NVIDIA H100 80GB HBM3\"} 3"), "{metrics}");
     assert!(metrics.contains("gonka_ml_node_gpu_ecc_corrected_errors{gpu=\"2\",uuid=\"GPU-h100-0002\",model=\"NVIDIA H100 80GB HBM3\"} 1200"), "{metrics}");
 }
@@ -128,7 +128,7 @@ fn a_gpu_falling_off_the_bus_mid_run_is_reported_unavailable() {
     assert_eq!(lost["total_memory_mb"], Value::Null);
     assert!(lost["error_message"].as_str().is_some_and(|m| !m.is_empty()), "{lost}");
     assert_eq!(devices["devices"][4]["is_available"], true, "the others keep working");
-    assert!(d.text("/metrics").contains("gonka_ml_node_gpu_available{gpu=\"4\""));
+    assert!(d.metrics().contains("gonka_ml_node_gpu_available{gpu=\"4\""));
 }
 
 #[test]
@@ -138,8 +138,8 @@ fn xid_events_are_classified_and_take_broken_gpus_out() {
     scenario.xids = vec![(1, 13), (3, 48), (6, 79)];
     d.change(&scenario);
 
-    eventually("three XIDs counted", || d.text("/metrics").matches("gonka_ml_node_gpu_xid_errors_total{").count() == 3);
-    let metrics = d.text("/metrics");
+    eventually("three XIDs counted", || d.metrics().matches("gonka_ml_node_gpu_xid_errors_total{").count() == 3);
+    let metrics = d.metrics();
     for line in [
         "gonka_ml_node_gpu_xid_errors_total{gpu=\"1\",xid=\"13\",class=\"transient\"} 1",
         "gonka_ml_node_gpu_xid_errors_total{gpu=\"3\",xid=\"48\",class=\"needs_reset\"} 1",
@@ -284,8 +284,8 @@ fn a_flood_of_probes_and_scrapes_reads_the_gpus_about_once_a_second() {
             let d = &d;
             scope.spawn(move || {
                 for _ in 0..8 {
-                    let path = if i % 2 == 0 { "/metrics" } else { "/readyz" };
-                    assert_eq!(d.try_request("GET", path).unwrap().0, 200);
+                    let status = if i % 2 == 0 { d.monitoring("/metrics").0 } else { d.json("GET", "/readyz").0 };
+                    assert_eq!(status, 200);
                 }
             });
         }
@@ -298,6 +298,29 @@ fn a_flood_of_probes_and_scrapes_reads_the_gpus_about_once_a_second() {
     scenario.gpus[3].state = GpuState::Lost;
     d.change(&scenario);
     eventually("the lost GPU shows in the metrics", || {
-        d.text("/metrics").lines().any(|l| l.starts_with("gonka_ml_node_gpu_available{gpu=\"3\"") && l.ends_with(" 0"))
+        d.metrics().lines().any(|l| l.starts_with("gonka_ml_node_gpu_available{gpu=\"3\"") && l.ends_with(" 0"))
     });
+}
+
+/// The monitoring port carries `/metrics` and the kubelet's probes and nothing else, so a
+/// scraper needs no access to the ML-node API; the API no longer serves `/metrics`, and keeps
+/// the health routes upstream's network node reads.
+#[test]
+fn metrics_and_probes_are_on_their_own_port() {
+    let d = Daemon::start(&Scenario::hgx_h100());
+    let (status, metrics) = d.monitoring("/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("gonka_ml_node_gpus 8"), "{metrics}");
+    assert_eq!(d.monitoring("/healthz"), (200, "ok".to_string()));
+    assert_eq!(d.monitoring("/readyz").0, 200);
+    assert_eq!(d.monitoring("/livez").0, 200);
+    for path in ["/api/v1/state", "/api/v1/gpu/devices", "/health", "/v3.0.8/api/v1/state"] {
+        assert_eq!(d.monitoring(path).0, 404, "{path} on the monitoring port");
+    }
+    assert_eq!(d.json("GET", "/metrics"), (404, json!({"detail": "Not Found"})));
+    for path in ["/health", "/livez", "/readyz", "/healthz", "/api/v1/state"] {
+        assert_eq!(d.try_request("GET", path).unwrap().0, 200, "{path} on the ML-node API");
+    }
+    // A POST to the monitoring port changes nothing there.
+    assert_eq!(common::request_on(d.metrics_port, "POST", "/api/v1/stop", "").unwrap().0, 404);
 }

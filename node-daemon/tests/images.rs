@@ -231,6 +231,8 @@ async fn the_images_build_and_run_as_non_root_with_a_read_only_root() -> anyhow:
             &format!("127.0.0.1:{port}"),
             "--inference-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .env("GONKA_NVML_LIBRARY", "/opt/nvml/libnvidia-ml.so.1")
         .env(fake_nvml::CONFIG_ENV, "/opt/nvml/gpus.json")

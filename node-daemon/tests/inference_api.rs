@@ -3,7 +3,7 @@
 //! script) brought up with `/api/v1/inference/up` from the models directory, served on the
 //! inference port (health, models, chat and text completions whole and streamed, tokenize,
 //! vLLM's errors), down again; and PoC v2 on it: generation with artifacts delivered to the
-//! callback while chat is answered, validation of an honest and a tampered sample, queued
+//! callback while chat is held off (503), validation of an honest and a tampered sample, queued
 //! jobs with their callback.
 #![cfg(feature = "torch")]
 
@@ -262,7 +262,7 @@ fn received_artifacts(callbacks: &Callbacks) -> BTreeMap<i64, String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn poc_v2_generates_while_chat_is_answered_and_validates() {
+async fn poc_v2_generates_with_chat_held_off_and_validates() {
     let (_root, dir) = models_dir();
     let node = start(dir.parent().unwrap().parent().unwrap());
     let d = &node.daemon;
@@ -289,11 +289,14 @@ async fn poc_v2_generates_while_chat_is_answered_and_validates() {
     assert_eq!(status["status"], "GENERATING");
     assert_eq!(status["backends"][0]["config"]["node_id"], 1);
 
-    // Chat is answered while PoC generates (the engine runs chat first).
-    let (status, chat) = node
-        .post_json("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}))
-        .await;
-    assert_eq!(status, 200, "{chat}");
+    // While the round generates, chat and completions are refused as upstream's gonka_poc
+    // refuses them (the engine runs chat first: open chats would starve the round).
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let (status, refused) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("PoC round is generating"), "{refused}");
+    let (status, refused) = node.post_json("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2})).await;
+    assert_eq!(status, 503, "{refused}");
 
     // Artifacts reach the callback every 5 s.
     eventually("artifacts reach the network node", || received_artifacts(&callbacks).len() >= 8);
@@ -303,6 +306,9 @@ async fn poc_v2_generates_while_chat_is_answered_and_validates() {
         (200, Some("OK"), Some("stopped"))
     );
     assert_eq!(d.json("GET", "/api/v1/inference/pow/status").1["status"], "IDLE");
+    // Stopped, the ML node serves chat again at once.
+    let (status, answered) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answered}");
     let batch = callbacks.generated.lock().unwrap()[0].clone();
     assert_eq!(batch["block_height"], 1200);
     assert_eq!(batch["node_id"], 1);

@@ -103,7 +103,7 @@ fn distances(public_key: &str, nonces: &[u64]) -> Vec<f64> {
 }
 
 fn metric(d: &Daemon, name: &str) -> f64 {
-    d.text("/metrics")
+    d.metrics()
         .lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())

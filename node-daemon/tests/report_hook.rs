@@ -24,7 +24,9 @@ fn settings() -> (Settings, SocketAddr) {
         models_dir: None,
         model_mirror: None,
         inference_listen: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         vllm: None,
+        mtls: None,
     };
     (settings, addr)
 }

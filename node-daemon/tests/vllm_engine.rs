@@ -269,7 +269,7 @@ fn vllm_serves_fans_out_is_supervised_and_leaves_nothing() {
     });
     assert_eq!(d.json("GET", &format!("/api/v1/inference/pow/generate/{}:x", d.port)).0, 404);
     assert_eq!(d.json("GET", "/api/v1/inference/pow/generate/no-port").0, 400);
-    let metrics = d.text("/metrics");
+    let metrics = d.metrics();
     assert!(metrics.contains("gonka_ml_node_vllm_instances{phase=\"healthy\"} 2"), "{metrics}");
 
     // kill -9 one instance: the other keeps serving, the killed one comes back, counted.
@@ -287,7 +287,7 @@ fn vllm_serves_fans_out_is_supervised_and_leaves_nothing() {
     });
     let restarted = instance(&d, 0);
     assert!(restarted["last_error"].as_str().unwrap().contains("exited prematurely"), "{restarted}");
-    assert!(d.text("/metrics").contains("gonka_ml_node_vllm_instance_restarts{instance=\"0\"} 1"));
+    assert!(d.metrics().contains("gonka_ml_node_vllm_instance_restarts{instance=\"0\"} 1"));
     let mut groups = groups;
     groups.insert(restarted["pid"].as_i64().unwrap() as i32);
 

@@ -24,6 +24,10 @@ pub struct DaemonConfig {
     pub poc_port: u16,
     /// Port of the inference API (upstream 5000).
     pub inference_port: u16,
+    /// Port of `/metrics` and the kubelet's probes, apart from the ML-node API so that a
+    /// scraper or the kubelet needs no access to it; `None`: the daemon's default (9090).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
     /// GPUs this ML node owns; `None` = every GPU visible to the container.
     pub gpus: Option<u32>,
     /// Models to serve, with engine arguments.
@@ -125,6 +129,7 @@ mod tests {
             ca_bundle: None,
             poc_port: 8080,
             inference_port: 5000,
+            metrics_port: Some(9090),
             gpus: Some(8),
             models: vec![ModelConfig {
                 id: "Qwen/QwQ-32B".into(),

@@ -195,6 +195,19 @@ pub struct InferenceManager {
     generation: AtomicU64,
     /// Towards vLLM's servers: the supervisor's checks.
     http: reqwest::Client,
+    /// PoC v2 rounds generating on the native engine (a stopped round may still be finishing
+    /// while the next starts, hence a count).
+    poc_rounds: std::sync::atomic::AtomicUsize,
+}
+
+/// Held while a PoC v2 round generates on the native engine; see
+/// [`InferenceManager::poc_round_generating`].
+pub struct PocRoundGuard(Arc<InferenceManager>);
+
+impl Drop for PocRoundGuard {
+    fn drop(&mut self) {
+        self.0.poc_rounds.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl InferenceManager {
@@ -206,7 +219,22 @@ impl InferenceManager {
             startup: Mutex::new(None),
             generation: AtomicU64::new(0),
             http: vllm::proxy::client(),
+            poc_rounds: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Marks a PoC v2 round generating until the guard is dropped.
+    pub fn poc_round_started(self: &Arc<Self>) -> PocRoundGuard {
+        self.poc_rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        PocRoundGuard(self.clone())
+    }
+
+    /// Whether a PoC v2 round generates on the native engine. Chat and completions are then
+    /// refused (503), as upstream's gonka_poc refuses them while a round generates: the engine
+    /// runs chat first, so a caller holding chats open would otherwise starve the round for
+    /// the whole PoC window.
+    pub fn poc_round_generating(&self) -> bool {
+        self.poc_rounds.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
     pub fn settings(&self) -> &InferenceSettings {

@@ -104,6 +104,18 @@ fn unavailable() -> OpenAiError {
 }
 
 /// The served model, if `requested` names it (or names nothing).
+/// The served model for a chat or completion: refused while a PoC v2 round generates
+/// ([`InferenceManager::poc_round_generating`]).
+fn generating(manager: &InferenceManager, requested: Option<&str>) -> Result<Arc<Served>, OpenAiError> {
+    if manager.poc_round_generating() {
+        return Err(OpenAiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a PoC round is generating on this ML node; inference resumes when it stops",
+        ));
+    }
+    serving(manager, requested)
+}
+
 fn serving(manager: &InferenceManager, requested: Option<&str>) -> Result<Arc<Served>, OpenAiError> {
     let served = manager.served().ok_or_else(unavailable)?;
     match requested {
@@ -253,7 +265,7 @@ async fn chat(
     State(manager): State<Arc<InferenceManager>>,
     OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    let served = serving(&manager, request.model.as_deref())?;
+    let served = generating(&manager, request.model.as_deref())?;
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let params = sampling(&served, request.sampling, max_tokens)?;
     let messages = flatten_content(request.messages)?;
@@ -323,7 +335,7 @@ async fn completions(
     State(manager): State<Arc<InferenceManager>>,
     OpenAiJson(request): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    let served = serving(&manager, request.model.as_deref())?;
+    let served = generating(&manager, request.model.as_deref())?;
     let max_tokens = Some(request.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS));
     let params = sampling(&served, request.sampling, max_tokens)?;
     let tokenizer = served.engine.tokenizer();

@@ -3,7 +3,8 @@
 //! the port upstream gives its first instance: the inference port + 1).
 //!
 //! - `init/generate` starts the round's generation: this ML node's nonces (`node_id + x ·
-//!   node_count`), `batch_size` at a time through the engine (where chat goes first), the
+//!   node_count`), `batch_size` at a time through the engine (chat and completions answer 503
+//!   meanwhile, as upstream's gonka_poc does, so open chats cannot starve the round), the
 //!   artifacts buffered and posted to `{url}/generated` every 5 s until `stop`, retried with
 //!   backoff, what is left flushed at `stop` (upstream drops it);
 //! - `generate` computes given nonces: queued (`request_id` `<port>:<uuid>`, polled at
@@ -90,6 +91,9 @@ struct Generation {
     processed: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Chat and completions answer 503 while it is held: dropped with the generation at
+    /// `stop`, not when the last delivery ends (a slow callback server).
+    _round: super::manager::PocRoundGuard,
 }
 
 #[derive(Clone, Debug)]
@@ -321,7 +325,8 @@ async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<I
     let task =
         tokio::spawn(generation_loop(served, config.clone(), sender, processed.clone(), stop.clone(), reporting));
     tracing::info!(block_height = config.block_height, node_id = config.node_id, "PoC v2 generation started");
-    *generation = Some(Generation { config, started: Instant::now(), processed, stop, task });
+    let _round = service.manager.poc_round_started();
+    *generation = Some(Generation { config, started: Instant::now(), processed, stop, task, _round });
     Json(InitGenerateResponse {
         status: "OK".into(),
         backends: 1,

@@ -125,7 +125,9 @@ impl PowService {
         // No redirects: callbacks go to the checked URL under mlCallbackUrl and nowhere else.
         let mut builder =
             reqwest::Client::builder().timeout(Duration::from_secs(30)).redirect(reqwest::redirect::Policy::none());
-        if let Some(pem) = &settings.ca_bundle {
+        if let Some(mtls) = &settings.mtls {
+            builder = builder.tls_backend_preconfigured(mtls.client_config()?);
+        } else if let Some(pem) = &settings.ca_bundle {
             let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
                 .map_err(|e| anyhow::anyhow!("caBundle: not PEM certificates: {e}"))?;
             anyhow::ensure!(!certs.is_empty(), "caBundle: no certificate in it");

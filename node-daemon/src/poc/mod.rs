@@ -44,6 +44,9 @@ pub struct PowSettings {
     pub batch_size: Option<usize>,
     /// PEM certificates trusted, besides the system's, for an `https` callback URL.
     pub ca_bundle: Option<String>,
+    /// Mutual TLS with the network node: callbacks present this ML node's certificate and
+    /// trust only the network node's (`ca_bundle` then plays no part).
+    pub mtls: Option<std::sync::Arc<crate::mtls::Mtls>>,
 }
 
 impl Default for PowSettings {
@@ -56,6 +59,7 @@ impl Default for PowSettings {
             callback_base: None,
             batch_size: None,
             ca_bundle: None,
+            mtls: None,
         }
     }
 }

@@ -12,6 +12,8 @@ use serde_json::Value;
 pub struct Daemon {
     child: Child,
     pub port: u16,
+    /// The monitoring port (`/metrics`, the probes).
+    pub metrics_port: u16,
     scenario: tempfile::NamedTempFile,
     _config: Option<tempfile::NamedTempFile>,
 }
@@ -69,10 +71,12 @@ impl Daemon {
         let file = tempfile::NamedTempFile::new().unwrap();
         scenario.write(file.path()).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
         cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
             // Any free port: daemons of parallel tests must not meet on upstream's 5000.
             .env("GONKA_INFERENCE_LISTEN", "127.0.0.1:0")
+            .env("GONKA_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
             .env(fake_nvml::CONFIG_ENV, file.path())
             .env("RUST_LOG", "warn")
             .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())
@@ -88,9 +92,10 @@ impl Daemon {
             cmd.env("GONKA_DAEMON_CONFIG", config.path());
         }
         let child = cmd.spawn().unwrap();
-        let daemon = Self { child, port, scenario: file, _config: config };
+        let daemon = Self { child, port, metrics_port, scenario: file, _config: config };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while daemon.try_request("GET", "/healthz").is_err() {
+        // The monitoring port is plain HTTP whatever the API speaks (mutual TLS).
+        while request_on(daemon.metrics_port, "GET", "/healthz", "").is_err() {
             assert!(Instant::now() < deadline, "daemon did not start listening");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -108,20 +113,19 @@ impl Daemon {
         self.send(method, path, "")
     }
 
+    /// `GET path` on the monitoring port: status and body.
+    pub fn monitoring(&self, path: &str) -> (u16, String) {
+        request_on(self.metrics_port, "GET", path, "").unwrap()
+    }
+
+    /// `/metrics`, from the monitoring port.
+    pub fn metrics(&self) -> String {
+        self.monitoring("/metrics").1
+    }
+
     /// A request with a JSON body; returns status and body.
     pub fn send(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Ok((status, body.to_string()))
+        request_on(self.port, method, path, body)
     }
 
     pub fn json(&self, method: &str, path: &str) -> (u16, Value) {
@@ -172,6 +176,22 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 request to `127.0.0.1:port` with a JSON body; returns status and body.
+pub fn request_on(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_string()))
 }
 
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {

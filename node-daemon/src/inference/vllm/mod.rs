@@ -2,8 +2,10 @@
 //! network's MiniMax-M2.7, DeepSeek-V4-Flash, GLM-5.3-Flash): the daemon runs vLLM servers as
 //! upstream's ML node does ([`plan`], [`supervisor`]) and stays in front of them — the
 //! inference port forwards to them ([`proxy`]), PoC v2 fans out to the `gonka_poc` plugin on
-//! each ([`pow_v2`]), a hung or dead one is restarted ([`heartbeat`]).
+//! each ([`pow_v2`]), a hung or dead one is restarted ([`heartbeat`]); under mutual TLS the
+//! plugin's callbacks go through the daemon ([`callback_relay`]).
 
+pub mod callback_relay;
 pub mod heartbeat;
 pub mod plan;
 pub mod pow_v2;

@@ -10,7 +10,8 @@
 //!   instances: the id is no way to reach anything else).
 //!
 //! The daemon's own checks come first, as for the native engine: the callback URL must be under
-//! `mlCallbackUrl`, and the host's `poc.batchSize` replaces the request's.
+//! `mlCallbackUrl`, and the host's `poc.batchSize` replaces the request's. Under mutual TLS the
+//! plugin is given the daemon's relay instead of the callback URL.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,9 @@ pub struct FanoutSettings {
     /// The round's progress for the operator: its block height here, the nonces the plugin
     /// computed from the instances' status (the inference manager's watch).
     pub reporting: crate::node_state::Reporting,
+    /// Under mutual TLS, where the plugin posts its callbacks instead (the daemon relays them
+    /// with its certificate); `None`: straight to the network node.
+    pub relay: Option<Arc<super::callback_relay::CallbackRelay>>,
 }
 
 #[derive(Clone)]
@@ -116,6 +120,14 @@ fn as_text(body: &Value) -> Value {
 }
 
 impl Fanout {
+    /// The callback URL the plugin gets: the relay's under mutual TLS.
+    fn callback_for_plugin(&self, url: Option<String>) -> Option<String> {
+        match (&self.settings.relay, url) {
+            (Some(relay), Some(url)) => Some(relay.register(&url)),
+            (_, url) => url,
+        }
+    }
+
     /// The refusal of a callback URL outside `mlCallbackUrl`, if it is.
     fn callback_refusal(&self, url: Option<&str>) -> Option<Response> {
         let (url, base) = (url?, self.settings.callback_base.as_ref()?);
@@ -132,6 +144,7 @@ async fn init_generate(State(f): State<Fanout>, JsonBody(mut body): JsonBody<Ini
     if let Some(refusal) = f.callback_refusal(body.url.as_deref()) {
         return refusal;
     }
+    body.url = f.callback_for_plugin(body.url.take());
     if let Some(size) = f.settings.batch_size {
         body.batch_size = size;
     }
@@ -228,6 +241,7 @@ async fn generate(State(f): State<Fanout>, JsonBody(mut body): JsonBody<Generate
     if let Some(refusal) = f.callback_refusal(body.url.as_deref()) {
         return refusal;
     }
+    body.url = f.callback_for_plugin(body.url.take());
     if let Some(size) = f.settings.batch_size {
         body.batch_size = size;
     }
