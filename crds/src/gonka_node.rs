@@ -23,6 +23,8 @@ pub const NVIDIA_GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const DEFAULT_POC_PORT: i32 = 8080;
 /// Upstream ML-node inference port (the mlnode's vLLM proxy listens on 5000).
 pub const DEFAULT_INFERENCE_PORT: i32 = 5000;
+/// The node-daemon's monitoring port: `/metrics` and the kubelet's probes, nothing else.
+pub const DEFAULT_METRICS_PORT: i32 = 9090;
 /// Longest `GonkaNode` name: owned objects append suffixes and pod names append a hash.
 pub const MAX_NAME_LENGTH: usize = 40;
 /// The label a Secret's owner sets (to `"true"`) to let the operator use it as network-node
@@ -71,6 +73,7 @@ fn base_url_rule(field: &str) -> kube::core::Rule {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.modelStorage) || !has(self.modelStorage.preload) || self.models.exists(m, m.id == self.modelStorage.preload)").message("modelStorage.preload must be one of models[].id"))]
 #[x_kube(validation = Rule::new("!has(self.networkNode.allowPlaintextCredentials) || !self.networkNode.allowPlaintextCredentials || has(self.networkNode.credentialsSecretRef)").message("networkNode.allowPlaintextCredentials is set but networkNode.credentialsSecretRef is not: there are no credentials to send"))]
+#[x_kube(validation = Rule::new("!has(self.networkNode.mtlsSecretRef) || self.networkNode.mlCallbackUrl.startsWith('https://')").message("networkNode.mtlsSecretRef needs an https:// mlCallbackUrl: in mutual TLS mode the network node takes callbacks only over TLS"))]
 #[x_kube(validation = Rule::new("!has(self.networkNode.caBundle) || self.networkNode.adminUrl.startsWith('https://') || self.networkNode.mlCallbackUrl.startsWith('https://') || (has(self.networkNode.publicUrl) && self.networkNode.publicUrl.startsWith('https://'))").message("networkNode.caBundle is set but no network-node URL is https://: nothing would use it"))]
 pub struct GonkaNodeSpec {
     /// The host's network node (Gonka "dapi") these ML nodes join: where the operator registers
@@ -172,6 +175,7 @@ pub struct GonkaNodeSpec {
     /// Drain switch. While true the operator holds every change to the fleet's objects (no
     /// rollout starts) and disables its ML nodes on the network node, so they finish the
     /// current epoch and get no new PoC round. Pods keep running; set back to false to resume.
+    /// The disruption budget still follows the PoC windows (it guards the pods that run).
     #[serde(default)]
     pub paused: bool,
 }
@@ -207,7 +211,8 @@ pub struct NetworkNodeSpec {
     /// must carry the label `gonka.ai/network-node-credentials: "true"`, set by whoever owns
     /// it: naming a Secret here does not make the operator read one that did not opt in. The
     /// token is sent only to an `https` adminUrl, or over plain `http` when
-    /// `allowPlaintextCredentials` says so.
+    /// `allowPlaintextCredentials` says so. With the cluster-wide install the namespace must be
+    /// one the admin lists (chart `secretNamespaces`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretReference>,
 
@@ -223,15 +228,30 @@ pub struct NetworkNodeSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_plaintext_credentials: bool,
 
-    /// Who may call the ML nodes: NetworkPolicy peers (e.g. the network node's namespace and
-    /// pods, or its address as an ipBlock). Set, the operator owns a NetworkPolicy
-    /// `<name>-ml-nodes` that admits only these peers to the ML-node pods' ports (the ML-node
-    /// API 8080 and inference 5000; include your metrics scraper, it reads 8080 too). Unset, no
-    /// policy is made and every caller the cluster's network allows gets through. Enforced
-    /// only where the cluster's network plugin implements NetworkPolicy.
+    /// Who may call the ML nodes' API (8080) and inference port (5000): NetworkPolicy peers,
+    /// e.g. the network node's namespace and pods, or its address as an ipBlock. The operator
+    /// owns a NetworkPolicy `<name>-ml-nodes` on the ML-node pods that admits these peers to
+    /// those two ports and anyone to the monitoring port (9090: `/metrics` and the probes).
+    /// Unset, it admits no caller to the two ports (default-deny: name the network node here);
+    /// `[]` admits every caller, as an empty `from` does in a NetworkPolicy (the opt-out).
+    /// Enforced only where the cluster's network plugin implements NetworkPolicy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(max = 32))]
     pub ml_node_api_from: Option<Vec<NetworkPolicyPeer>>,
+
+    /// Mutual TLS with the network node, upstream's optional mode (gonka-ai/gonka
+    /// `deploy/join/MTLS.md`): a Secret in this namespace holding the files
+    /// `gen-mlnode-certs.sh` makes, `mlnode.crt`, `mlnode.key` and `dapi.crt`. The ML nodes then
+    /// serve their API and inference port over TLS to the holder of `dapi.crt` only, and post
+    /// callbacks with `mlnode.crt` (so `mlCallbackUrl` must be `https`, the network node's
+    /// `MTLS_POC_CALLBACK_URL`). Each ML node serves a certificate it issues itself under
+    /// `mlnode.crt` for its pod IP, so no pod address needs to be known in advance. The Secret
+    /// must carry the label `gonka.ai/network-node-credentials: "true"` (its owner's opt-in,
+    /// as for credentials), and with the cluster-wide install its namespace must be one the
+    /// admin lists (chart `secretNamespaces`). A new pair rolls the ML nodes at the next
+    /// reconcile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls_secret_ref: Option<SecretReference>,
 }
 
 /// A Secret in the GonkaNode's namespace.

@@ -945,6 +945,8 @@ impl ControlPlane {
                 report_flush: Duration::from_secs(2),
                 policy: gonka_operator::validate::ClusterPolicy::new(vec![TEST_ALLOWED_HOST_PATH.into()], vec![])
                     .expect("a valid policy"),
+                // An unreadable epoch phase holds evictions this long (30 minutes in a cluster).
+                unknown_window_hold: Duration::from_secs(5),
                 ..Default::default()
             },
             reports: gonka_operator::ReportOptions {

@@ -221,8 +221,8 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// What the cluster admin allows GonkaNode authors reaches the operator as its flags' variables,
-/// and by default nothing is allowed (no hostPath) and nothing restricted (any image); the
-/// chart's schema refuses a relative host path before anything is installed.
+/// and by default nothing is allowed (no hostPath, no tenant's Secret) and nothing restricted
+/// (any image); the chart's schema refuses a relative host path before anything is installed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admins_policy_reaches_the_operator() -> anyhow::Result<()> {
     let cp = ControlPlane::start(Components::ApiServer).await?;
@@ -256,6 +256,46 @@ async fn the_admins_policy_reaches_the_operator() -> anyhow::Result<()> {
     );
     let refused = render(&cp, &["--set", "modelStorage.allowedHostPaths={srv/models}"]).unwrap_err();
     assert!(refused.to_string().contains("allowedHostPaths"), "{refused}");
+
+    // Secrets: none by default (RBAC, not only the opt-in label, keeps tenants' Secrets out of
+    // reach), a Role in each namespace the admin lists, every namespace only when asked for.
+    let reads_secrets = |rules: &serde_yaml::Value| {
+        rules.as_sequence().unwrap().iter().any(|r| {
+            r["resources"].as_sequence().unwrap().iter().any(|x| x == "secrets")
+                && r["verbs"].as_sequence().unwrap().iter().any(|v| v == "get")
+                && r["resourceNames"].is_null()
+        })
+    };
+    let roles = |objects: &[serde_yaml::Value]| -> Vec<(String, String, bool)> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+            .filter(|o| reads_secrets(&o["rules"]))
+            .map(|o| {
+                let ns = o["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+                (o["kind"].as_str().unwrap().to_string(), ns, o["metadata"]["name"] == "gonka-operator-secrets")
+            })
+            .collect()
+    };
+    let (_, objects) = render(&cp, &[])?;
+    assert_eq!(roles(&objects), vec![], "no Secret of any tenant by default");
+    let (_, objects) = render(&cp, &["--set", "secretNamespaces={gpu,ml}"])?;
+    assert_eq!(roles(&objects), vec![("Role".into(), "gpu".into(), true), ("Role".into(), "ml".into(), true)]);
+    let bindings: Vec<&serde_yaml::Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "RoleBinding" && o["metadata"]["name"] == "gonka-operator-secrets")
+        .collect();
+    assert_eq!(bindings.len(), 2);
+    assert!(
+        bindings.iter().all(|b| b["subjects"][0]["name"] == "gonka-operator" && b["subjects"][0]["namespace"] == NS)
+    );
+    let (_, objects) = render(&cp, &["--set", "secretNamespaces={*}"])?;
+    assert_eq!(roles(&objects), vec![("ClusterRole".into(), String::new(), false)]);
+    // Namespaced scope reads its own namespace's Secrets, as before.
+    let (_, objects) = render(&cp, &["--set", "scope=namespace"])?;
+    assert_eq!(roles(&objects), vec![("Role".into(), NS.into(), false)]);
+    let refused = render(&cp, &["--set", "secretNamespaces={Not_A_Namespace}"]).unwrap_err();
+    assert!(refused.to_string().contains("secretNamespaces"), "{refused}");
     Ok(())
 }
 
@@ -276,6 +316,8 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
             "templates/dashboard.yaml",
             "--set",
             "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,networkPolicy.enabled=true",
+            "--set",
+            "metrics.podMonitor.enabled=true",
             "--set",
             "metrics.grafanaDashboard.enabled=true",
         ],
@@ -304,6 +346,26 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
     let labels = service["metadata"]["labels"].as_mapping().unwrap();
     assert!(wanted.iter().all(|(k, v)| labels.get(k) == Some(v)), "{wanted:?} vs {labels:?}");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
+
+    // The PodMonitor selects the ML-node pods the operator builds and scrapes their monitoring
+    // port by name.
+    let pod_monitor = of("PodMonitor");
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["metadata"]["uid"] = serde_json::json!("uid-h100");
+    let gn: GonkaNode = serde_json::from_value(manifest)?;
+    let validated = gonka_operator::validate::validate(&gn, "img", &Default::default()).unwrap();
+    let desired = gonka_operator::build::desired_objects(&gn, &validated, None)?;
+    let template = desired.daemon_set.spec.unwrap().template;
+    let pod_labels = template.metadata.unwrap().labels.unwrap();
+    let selector = pod_monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(pod_labels.get(k.as_str().unwrap()).map(String::as_str), v.as_str(), "{k:?}");
+    }
+    let endpoint = &pod_monitor["spec"]["podMetricsEndpoints"][0];
+    let ports = template.spec.unwrap().containers[0].ports.clone().unwrap();
+    assert!(ports.iter().any(|p| p.name.as_deref() == endpoint["port"].as_str() && p.container_port == 9090));
+    assert_eq!(pod_monitor["spec"]["namespaceSelector"]["any"], true);
 
     // Every metric an alert reads is exported by the operator.
     let metrics = gonka_operator::metrics::Metrics::default();

@@ -2,7 +2,8 @@
 //! epoch phase, the DaemonSet updates OnDelete and the operator replaces pods itself — never
 //! while the devnet network node reports a PoC phase, one at a time after, each ML node
 //! disabled on the network node before its pod goes and enabled again once it is back. The
-//! GonkaNode's PodDisruptionBudget follows the windows: no eviction during one.
+//! GonkaNode's PodDisruptionBudget follows the windows: no eviction during one, also while paused,
+//! and an unreadable phase holds evictions only up to a limit.
 
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ struct Held {
     api: Api<GonkaNode>,
     pods: Api<Pod>,
     devnet: gonka_devnet::Shared,
+    /// The devnet's URL (admin and public API).
+    url: String,
     operator: gonka_e2e::Operator,
 }
 
@@ -64,12 +67,12 @@ async fn held_fleet(nodes: &[&str]) -> anyhow::Result<Held> {
     manifest["spec"]["networkNode"]["publicUrl"] = json!(url);
     cp.roll_out(manifest, PODS, nodes.len() as i32, WAIT).await?;
     let (api, pods) = (Api::namespaced(client.clone(), NS), Api::namespaced(client.clone(), NS));
-    Ok(Held { cp, client, api, pods, devnet, operator })
+    Ok(Held { cp, client, api, pods, devnet, url, operator })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
-    let Held { cp, client, api, pods, devnet, operator } = held_fleet(&["gpu-a", "gpu-b"]).await?;
+    let Held { cp, client, api, pods, devnet, operator, .. } = held_fleet(&["gpu-a", "gpu-b"]).await?;
     let ds = Api::<DaemonSet>::namespaced(client.clone(), NS).get("h100-ml-node").await?;
     assert_eq!(ds.spec.unwrap().update_strategy.unwrap().type_.as_deref(), Some("OnDelete"));
     let node_nums = || {
@@ -172,6 +175,59 @@ async fn no_pod_is_replaced_unless_its_ml_node_was_disabled_first() -> anyhow::R
     cp.simulate_kubelet(NS, PODS).await?;
     assert_eq!(pod_images(&pods).await?, ["registry.test/gonka-node-daemon:e2e"], "no pod replaced");
     assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.state.admin_state.enabled));
+    operator.stop().await?;
+    Ok(())
+}
+
+/// Nothing freezes the disruption budget: paused, it still opens after a PoC window; a phase that
+/// stays unreadable holds evictions only up to the limit (5 s in the tests, 30 minutes by
+/// default), then the budget opens, `Degraded` says why and the gauge behind the alert counts it,
+/// until the phase can be read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disruption_budget_is_never_frozen() -> anyhow::Result<()> {
+    // `_cp` keeps the control plane up (a `..` would drop it here).
+    let Held { cp: _cp, client, api, devnet, url, operator, .. } = held_fleet(&["gpu-a", "gpu-b"]).await?;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+    let min_available = || async {
+        let pdb = budgets.get_opt("h100-ml-nodes").await?;
+        anyhow::Ok(pdb.and_then(|p| p.spec?.min_available))
+    };
+    let patch = |spec: serde_json::Value| {
+        let api = api.clone();
+        async move { api.patch("h100", &PatchParams::default(), &Patch::Merge(json!({"spec": spec}))).await }
+    };
+
+    devnet.lock().unwrap().set_phase(EpochPhase::PocGenerate);
+    eventually("closed for the window", WAIT, || async { Ok(min_available().await? == Some(IntOrString::Int(2))) })
+        .await?;
+    patch(json!({"paused": true})).await?;
+    devnet.lock().unwrap().set_phase(EpochPhase::Inference);
+    eventually("open after the window while paused", WAIT, || async {
+        Ok(min_available().await? == Some(IntOrString::Int(1)))
+    })
+    .await?;
+
+    // The public API stops answering (nothing listens there): counted as a window at first...
+    patch(json!({"paused": false, "networkNode": {"publicUrl": "http://127.0.0.1:9"}})).await?;
+    eventually("an unreadable phase counts as a window", WAIT, || async {
+        Ok(min_available().await? == Some(IntOrString::Int(2)))
+    })
+    .await?;
+    // ... for the limit only.
+    eventually("past the limit evictions are allowed, and Degraded says why", WAIT, || async {
+        let (status, reason, message) = condition(&api.get("h100").await?, "Degraded");
+        Ok(min_available().await? == Some(IntOrString::Int(1))
+            && (status.as_str(), reason.as_str()) == ("True", "PocWindowUnknown")
+            && message.contains("epoch phase has been unreadable")
+            && operator.metrics.poc_window_unknown.get() == 1)
+    })
+    .await?;
+    patch(json!({"networkNode": {"publicUrl": url}})).await?;
+    eventually("readable again: nothing degraded", WAIT, || async {
+        let (status, _, _) = condition(&api.get("h100").await?, "Degraded");
+        Ok(status == "False" && operator.metrics.poc_window_unknown.get() == 0)
+    })
+    .await?;
     operator.stop().await?;
     Ok(())
 }

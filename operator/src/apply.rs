@@ -10,7 +10,6 @@
 use gonka_crds::{GonkaNode, GonkaNodeStatus};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -59,8 +58,6 @@ pub struct Applied {
     pub created: Vec<String>,
     /// `Kind/name` of objects that existed and were changed.
     pub updated: Vec<String>,
-    /// `Kind/name` of owned objects the spec no longer asks for, deleted.
-    pub deleted: Vec<String>,
     /// The DaemonSet as the apiserver holds it after the pass.
     pub daemon_set: Option<DaemonSet>,
 }
@@ -92,17 +89,7 @@ impl Writer {
             self.apply_one(&desired.service_account, &mut applied).await?;
             self.apply_one(&desired.config_map, &mut applied).await?;
             self.apply_one(&desired.service, &mut applied).await?;
-            match &desired.network_policy {
-                Some(policy) => {
-                    self.apply_one(policy, &mut applied).await?;
-                }
-                None => {
-                    let namespace = desired.service.namespace().unwrap_or_default();
-                    let name = &desired.names.network_policy;
-                    let owner = desired.service.owner_references().first().map(|o| o.uid.as_str()).unwrap_or_default();
-                    self.delete_if_present::<NetworkPolicy>(&namespace, name, owner, &mut applied).await?;
-                }
-            }
+            self.apply_one(&desired.network_policy, &mut applied).await?;
             applied.daemon_set = Some(self.apply_one(&desired.daemon_set, &mut applied).await?);
         } else {
             let ds = &desired.daemon_set;
@@ -124,36 +111,6 @@ impl Writer {
         applied: &mut Applied,
     ) -> Result<(), ApplyError> {
         self.apply_one(desired, applied).await.map(|_| ())
-    }
-
-    /// Deletes an owned object the spec no longer asks for (read first: a steady fleet is not
-    /// written to).
-    async fn delete_if_present<K>(
-        &self,
-        namespace: &str,
-        name: &str,
-        owner_uid: &str,
-        applied: &mut Applied,
-    ) -> Result<(), ApplyError>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + DeserializeOwned + Clone + std::fmt::Debug,
-    {
-        let kind = K::kind(&()).to_string();
-        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
-        let read_error = |source| ApplyError::Read { kind: kind.clone(), name: name.into(), source };
-        let Some(live) = api.get_opt(name).await.map_err(read_error)? else { return Ok(()) };
-        // Only ours: an object of that name the GonkaNode does not control is left alone.
-        if !live.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == owner_uid) {
-            return Ok(());
-        }
-        match api.delete(name, &kube::api::DeleteParams::default()).await {
-            Ok(_) => {
-                applied.deleted.push(format!("{kind}/{name}"));
-                Ok(())
-            }
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(source) => Err(ApplyError::Write { kind, name: name.into(), source }),
-        }
     }
 
     async fn apply_one<K>(&self, desired: &K, applied: &mut Applied) -> Result<K, ApplyError>

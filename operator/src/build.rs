@@ -3,17 +3,18 @@
 //! step can tell "nothing changed" from "something changed".
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_POC_PORT, GonkaNode, NVIDIA_GPU_RESOURCE};
+use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_METRICS_PORT, DEFAULT_POC_PORT, GonkaNode, NVIDIA_GPU_RESOURCE};
 use gonka_protocol::daemon_config::{self, DaemonConfig, ModelConfig, PocConfig, ReportConfig};
 use gonka_protocol::report;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeProjection,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -23,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::validate::ValidatedSpec;
+use crate::validate::{MTLS_FILES, ValidatedSpec};
 
 /// The daemon's user and group (the images' non-root user; distroless's `nonroot`).
 pub const DAEMON_UID: i64 = 65532;
@@ -33,6 +34,8 @@ const DEFAULT_REQUESTS: [(&str, &str); 2] = [("cpu", "2"), ("memory", "8Gi")];
 const DEFAULT_SHM_SIZE: &str = "16Gi";
 /// Where `modelStorage` is mounted in the ML-node pods (the daemon's models directory).
 pub const MODELS_MOUNT: &str = "/models";
+/// Where the mutual-TLS files are mounted (`spec.networkNode.mtlsSecretRef`).
+pub const MTLS_MOUNT: &str = "/etc/gonka-mtls";
 
 /// Field manager and `app.kubernetes.io/managed-by` value of everything the operator writes.
 pub const MANAGER: &str = "gonka-operator";
@@ -62,9 +65,8 @@ pub struct DesiredObjects {
     pub service_account: ServiceAccount,
     pub config_map: ConfigMap,
     pub service: Service,
-    /// Who may call the ML nodes (`spec.networkNode.mlNodeApiFrom`); `None`: no policy, and one
-    /// left from before is deleted.
-    pub network_policy: Option<NetworkPolicy>,
+    /// Who may call the ML nodes (`spec.networkNode.mlNodeApiFrom`; nobody when unset).
+    pub network_policy: NetworkPolicy,
     pub daemon_set: DaemonSet,
 }
 
@@ -109,6 +111,32 @@ pub enum DisruptionGuard {
     /// A PoC window is on, or its phase is unknown while rollouts are held: none (an ML node
     /// evicted now loses the epoch's weight).
     PocWindow,
+}
+
+/// The budget's stance from the epoch check: `None` when it was not read (rollouts are not
+/// held), else whether a PoC window is on, or why the phase could not be read and for how long
+/// it has not been. An unknown phase counts as a window (an eviction now could cost the epoch's
+/// weight), but for at most `limit`: a network node that stays unreadable must not block node
+/// maintenance for good. Past it evictions are tolerated again, and the second value says why
+/// (for `Degraded`).
+pub fn disruption_guard(
+    epoch: Option<Result<bool, String>>,
+    unreadable_for: Duration,
+    limit: Duration,
+) -> (DisruptionGuard, Option<String>) {
+    match epoch {
+        None | Some(Ok(false)) => (DisruptionGuard::Tolerate, None),
+        Some(Ok(true)) => (DisruptionGuard::PocWindow, None),
+        Some(Err(_)) if unreadable_for < limit => (DisruptionGuard::PocWindow, None),
+        Some(Err(why)) => (
+            DisruptionGuard::Tolerate,
+            Some(format!(
+                "the network node's epoch phase has been unreadable for {} min ({why}): PoC windows can't be \
+                 told, so evictions are allowed again up to maxUnavailable",
+                unreadable_for.as_secs() / 60
+            )),
+        ),
+    }
 }
 
 /// The PodDisruptionBudget that guards PoC windows against eviction-API callers (the cluster
@@ -203,6 +231,7 @@ pub fn daemon_config(gn: &GonkaNode, report: Option<&ReportEndpoint>) -> DaemonC
         ca_bundle: spec.network_node.ca_bundle.clone(),
         poc_port: DEFAULT_POC_PORT as u16,
         inference_port: DEFAULT_INFERENCE_PORT as u16,
+        metrics_port: Some(DEFAULT_METRICS_PORT as u16),
         gpus: Some(spec.gpus_per_ml_node.max(1) as u32),
         models: spec
             .models
@@ -242,7 +271,14 @@ pub fn desired_objects(
     };
 
     let config_json = daemon_config(gn, report).to_json();
-    let config_hash = hex::encode(&Sha256::digest(config_json.as_bytes())[..8]);
+    let mut config_digest = Sha256::new();
+    config_digest.update(config_json.as_bytes());
+    // A new mutual-TLS pair rolls the ML nodes (they read it at start); without one, the hash
+    // is daemon.json's alone, as before the field existed.
+    if let Some(mtls) = &validated.mtls {
+        config_digest.update(mtls.digest.as_bytes());
+    }
+    let config_hash = hex::encode(&config_digest.finalize()[..8]);
 
     let service_account = ServiceAccount {
         metadata: meta(&names.service_account),
@@ -264,6 +300,7 @@ pub fn desired_objects(
             ports: Some(vec![
                 service_port("poc-api", DEFAULT_POC_PORT),
                 service_port("inference-api", DEFAULT_INFERENCE_PORT),
+                service_port("metrics", DEFAULT_METRICS_PORT),
             ]),
             ..ServiceSpec::default()
         }),
@@ -298,28 +335,35 @@ pub fn desired_objects(
         }),
         ..DaemonSet::default()
     };
-    let network_policy = gn.spec.network_node.ml_node_api_from.as_ref().map(|peers| NetworkPolicy {
-        metadata: meta(&names.network_policy),
+    let network_policy = ml_node_network_policy(gn, meta(&names.network_policy));
+    Ok(DesiredObjects { names, service_account, config_map, service, network_policy, daemon_set })
+}
+
+/// Default-deny for the ML-node API and inference port: only `mlNodeApiFrom` (nobody when
+/// unset; everybody for `[]`, as an empty `from` means in a NetworkPolicy). The monitoring port
+/// is open to all: it serves metrics and probes, no control.
+fn ml_node_network_policy(gn: &GonkaNode, metadata: ObjectMeta) -> NetworkPolicy {
+    let tcp = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    let mut ingress = vec![NetworkPolicyIngressRule { from: None, ports: Some(vec![tcp(DEFAULT_METRICS_PORT)]) }];
+    if let Some(peers) = &gn.spec.network_node.ml_node_api_from {
+        ingress.push(NetworkPolicyIngressRule {
+            from: (!peers.is_empty()).then(|| peers.clone()),
+            ports: Some(vec![tcp(DEFAULT_POC_PORT), tcp(DEFAULT_INFERENCE_PORT)]),
+        });
+    }
+    NetworkPolicy {
+        metadata,
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(LabelSelector { match_labels: Some(selector_labels(gn)), ..LabelSelector::default() }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(peers.clone()),
-                ports: Some(
-                    [DEFAULT_POC_PORT, DEFAULT_INFERENCE_PORT]
-                        .into_iter()
-                        .map(|port| NetworkPolicyPort {
-                            port: Some(IntOrString::Int(port)),
-                            protocol: Some("TCP".into()),
-                            ..NetworkPolicyPort::default()
-                        })
-                        .collect(),
-                ),
-            }]),
+            ingress: Some(ingress),
             ..NetworkPolicySpec::default()
         }),
-    });
-    Ok(DesiredObjects { names, service_account, config_map, service, network_policy, daemon_set })
+    }
 }
 
 fn pod_template(
@@ -333,7 +377,7 @@ fn pod_template(
     let placement = &spec.placement;
     let config_path = format!("{}/{}", daemon_config::MOUNT_DIR, daemon_config::FILE_NAME);
 
-    let env = vec![
+    let mut env = vec![
         env_value(ENV_CONFIG, &config_path),
         env_field("POD_NAME", "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -416,6 +460,40 @@ fn pod_template(
             ..Volume::default()
         });
     }
+    if let Some(mtls) = &validated.mtls {
+        // Upstream's files under upstream's ML-node variables; `dapi.key` is not mounted even
+        // when the Secret holds it.
+        volume_mounts.push(VolumeMount {
+            name: "mtls".into(),
+            mount_path: MTLS_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "mtls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(mtls.name.clone()),
+                items: Some(
+                    MTLS_FILES
+                        .iter()
+                        .map(|f| KeyToPath { key: f.to_string(), path: f.to_string(), mode: None })
+                        .collect(),
+                ),
+                // Readable by the daemon's user (not the files' owner); the container runs
+                // nothing else.
+                default_mode: Some(0o444),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        });
+        for (variable, file) in [
+            ("MLNODE_MTLS_CLIENT_CERT", "mlnode.crt"),
+            ("MLNODE_MTLS_CLIENT_KEY", "mlnode.key"),
+            ("MLNODE_MTLS_SERVER_CA", "dapi.crt"),
+        ] {
+            env.push(env_value(variable, &format!("{MTLS_MOUNT}/{file}")));
+        }
+    }
     if reports {
         // The daemon proves who it is to the operator with a token bound to its pod, for the
         // operator's audience only, rotated by the kubelet (no Secret, no apiserver access).
@@ -451,11 +529,14 @@ fn pod_template(
         ports: Some(vec![
             container_port("poc-api", DEFAULT_POC_PORT),
             container_port("inference-api", DEFAULT_INFERENCE_PORT),
+            container_port("metrics", DEFAULT_METRICS_PORT),
         ]),
         resources: non_empty_resources(resources),
         // `/healthz` is the daemon process itself. Upstream's `/livez` answers 503 when GPUs
         // are unavailable, which would make the kubelet restart a pod that a restart can't
-        // fix; GPU trouble shows in readiness, status and metrics instead.
+        // fix; GPU trouble shows in readiness, status and metrics instead. On the monitoring
+        // port: the kubelet needs no access to the ML-node API (which may want a client
+        // certificate) and the NetworkPolicy keeps that port open.
         startup_probe: Some(http_probe("/healthz", 5, 60)),
         liveness_probe: Some(http_probe("/healthz", 20, 6)),
         readiness_probe: Some(http_probe("/readyz", 10, 3)),
@@ -536,7 +617,7 @@ fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("poc-api".into()),
+            port: IntOrString::String("metrics".into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -735,7 +816,9 @@ mod tests {
                     assert_eq!(env(o, "CUDA_DEVICE_ORDER").as_deref(), Some("PCI_BUS_ID"));
                     let ports: Vec<i32> =
                         pod_spec(o).containers[0].ports.as_ref().unwrap().iter().map(|p| p.container_port).collect();
-                    assert_eq!(ports, [8080, 5000]);
+                    assert_eq!(ports, [8080, 5000, 9090]);
+                    let probe = pod_spec(o).containers[0].readiness_probe.clone().unwrap().http_get.unwrap();
+                    assert_eq!(probe.port, IntOrString::String("metrics".into()));
                 },
             },
         ];
@@ -747,24 +830,96 @@ mod tests {
     }
 
     #[test]
+    fn the_mtls_pair_is_mounted_under_upstream_s_variables_and_rolls_the_pods() {
+        use crate::validate::MtlsSecret;
+        let with = |digest: Option<&str>| {
+            let gn = gonka_node("h100", |_| {});
+            let mut validated =
+                validate(&gn, "ghcr.io/example/daemon:1", &crate::test_fixtures::lenient_policy()).unwrap();
+            validated.mtls = digest.map(|d| MtlsSecret { name: "gonka-mtls".into(), digest: d.into() });
+            desired_objects(&gn, &validated, None).unwrap()
+        };
+        let hash = |o: &DesiredObjects| {
+            o.daemon_set.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+                [ANNOTATION_CONFIG_HASH]
+                .clone()
+        };
+        let plain = with(None);
+        assert!(pod_spec(&plain).volumes.as_ref().unwrap().iter().all(|v| v.name != "mtls"));
+        assert_eq!(env(&plain, "MLNODE_MTLS_CLIENT_CERT"), None);
+
+        let o = with(Some("a1"));
+        let volume = pod_spec(&o).volumes.as_ref().unwrap().iter().find(|v| v.name == "mtls").unwrap().clone();
+        let secret = volume.secret.unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("gonka-mtls"));
+        let files: Vec<_> = secret.items.unwrap().into_iter().map(|i| (i.key, i.path)).collect();
+        // dapi.key (the network node's) is never mounted, even when the Secret holds it.
+        assert_eq!(
+            files,
+            [("mlnode.crt", "mlnode.crt"), ("mlnode.key", "mlnode.key"), ("dapi.crt", "dapi.crt")]
+                .map(|(k, p)| (k.to_string(), p.to_string()))
+        );
+        let mount =
+            pod_spec(&o).containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "mtls").cloned();
+        assert_eq!(mount.map(|m| (m.mount_path, m.read_only)), Some((MTLS_MOUNT.to_string(), Some(true))));
+        assert_eq!(env(&o, "MLNODE_MTLS_CLIENT_CERT").as_deref(), Some("/etc/gonka-mtls/mlnode.crt"));
+        assert_eq!(env(&o, "MLNODE_MTLS_CLIENT_KEY").as_deref(), Some("/etc/gonka-mtls/mlnode.key"));
+        assert_eq!(env(&o, "MLNODE_MTLS_SERVER_CA").as_deref(), Some("/etc/gonka-mtls/dapi.crt"));
+        // Another pair, another hash: the pods roll; no pair, the hash is daemon.json's as before.
+        assert_ne!(hash(&o), hash(&with(Some("b2"))));
+        assert_ne!(hash(&o), hash(&plain));
+        let config_json = &plain.config_map.data.as_ref().unwrap()["daemon.json"];
+        assert_eq!(hash(&plain), hex::encode(&Sha256::digest(config_json.as_bytes())[..8]));
+    }
+
+    #[test]
+    fn an_unreadable_epoch_holds_evictions_for_a_bounded_time() {
+        let limit = Duration::from_secs(1800);
+        let at = |secs: u64| Duration::from_secs(secs);
+        let unreadable = || Some(Err("connection refused".to_string()));
+        assert_eq!(disruption_guard(None, at(0), limit), (DisruptionGuard::Tolerate, None));
+        assert_eq!(disruption_guard(Some(Ok(false)), at(0), limit), (DisruptionGuard::Tolerate, None));
+        assert_eq!(disruption_guard(Some(Ok(true)), at(9999), limit), (DisruptionGuard::PocWindow, None));
+        assert_eq!(disruption_guard(unreadable(), at(0), limit), (DisruptionGuard::PocWindow, None));
+        assert_eq!(disruption_guard(unreadable(), at(1799), limit), (DisruptionGuard::PocWindow, None));
+        let (guard, why) = disruption_guard(unreadable(), at(1800), limit);
+        assert_eq!(guard, DisruptionGuard::Tolerate);
+        let why = why.unwrap();
+        assert!(why.contains("unreadable for 30 min") && why.contains("connection refused"), "{why}");
+    }
+
+    #[test]
     fn ml_node_api_callers_are_the_spec_s_peers_only() {
-        assert_eq!(build(|_| {}).network_policy, None, "no peers, no policy");
+        let rules = |o: DesiredObjects| {
+            let policy = o.network_policy;
+            assert_eq!(policy.metadata.name.as_deref(), Some("h100-ml-nodes"));
+            let spec = policy.spec.unwrap();
+            assert_eq!(spec.pod_selector.unwrap().match_labels, o.daemon_set.spec.unwrap().selector.match_labels);
+            assert_eq!(spec.policy_types.unwrap(), ["Ingress"]);
+            spec.ingress
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.from, r.ports.unwrap().into_iter().map(|p| p.port.unwrap()).collect::<Vec<_>>()))
+                .collect::<Vec<_>>()
+        };
+        let (api, monitoring) = ([IntOrString::Int(8080), IntOrString::Int(5000)], [IntOrString::Int(9090)]);
+        // Unset: default-deny for the API and inference ports; metrics and probes stay open.
+        assert_eq!(rules(build(|_| {})), [(None, monitoring.to_vec())]);
+        // `[]`: every caller, as an empty `from` admits all in a NetworkPolicy.
+        assert_eq!(
+            rules(build(|s| s.network_node.ml_node_api_from = Some(vec![]))),
+            [(None, monitoring.to_vec()), (None, api.to_vec())]
+        );
         let peers: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer> =
             serde_json::from_value(serde_json::json!([
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gonka"}}},
                 {"ipBlock": {"cidr": "10.0.0.7/32"}},
             ]))
             .unwrap();
-        let o = build(|s| s.network_node.ml_node_api_from = Some(peers.clone()));
-        let policy = o.network_policy.unwrap();
-        assert_eq!(policy.metadata.name.as_deref(), Some("h100-ml-nodes"));
-        let spec = policy.spec.unwrap();
-        assert_eq!(spec.pod_selector.unwrap().match_labels, o.daemon_set.spec.unwrap().selector.match_labels);
-        assert_eq!(spec.policy_types.unwrap(), ["Ingress"]);
-        let rule = &spec.ingress.unwrap()[0];
-        assert_eq!(rule.from.as_ref().unwrap(), &peers);
-        let ports: Vec<_> = rule.ports.as_ref().unwrap().iter().map(|p| p.port.clone().unwrap()).collect();
-        assert_eq!(ports, [IntOrString::Int(8080), IntOrString::Int(5000)]);
+        assert_eq!(
+            rules(build(|s| s.network_node.ml_node_api_from = Some(peers.clone()))),
+            [(None, monitoring.to_vec()), (Some(peers.clone()), api.to_vec())]
+        );
     }
 
     #[test]
@@ -897,7 +1052,7 @@ mod tests {
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         let ports: Vec<(&str, i32)> =
             spec.ports.as_ref().unwrap().iter().map(|p| (p.name.as_deref().unwrap(), p.port)).collect();
-        assert_eq!(ports, [("poc-api", 8080), ("inference-api", 5000)]);
+        assert_eq!(ports, [("poc-api", 8080), ("inference-api", 5000), ("metrics", 9090)]);
         assert_eq!(spec.selector.as_ref(), o.daemon_set.spec.as_ref().unwrap().selector.match_labels.as_ref());
     }
 

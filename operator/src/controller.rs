@@ -30,15 +30,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::apply::{ApplyError, Mode, Writer};
-use crate::build::{self, BuildError, DisruptionGuard, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
+use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
 use crate::registration;
 use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
-use crate::validate::{default_image_for, validate};
+use crate::validate::{MTLS_FILES, MtlsSecret, default_image_for, validate};
 use gonka_protocol::network::EpochResponse;
+use sha2::{Digest, Sha256};
 
 /// Finalizer that holds a GonkaNode until its ML nodes are off the network node.
 pub const FINALIZER: &str = "gonka.ai/network-registration";
@@ -70,6 +71,10 @@ pub struct ControllerConfig {
     pub report_flush: Duration,
     /// What the cluster admin allows GonkaNode authors (host paths, image registries).
     pub policy: crate::validate::ClusterPolicy,
+    /// How long evictions stay held while the epoch phase can't be read (a PoC window may be
+    /// on); after it the disruption budget tolerates `maxUnavailable` again and `Degraded`
+    /// says why.
+    pub unknown_window_hold: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -86,6 +91,7 @@ impl Default for ControllerConfig {
             report: None,
             report_flush: Duration::from_secs(30),
             policy: crate::validate::ClusterPolicy::default(),
+            unknown_window_hold: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -101,6 +107,9 @@ pub struct Context {
     pub reports: ReportStore,
     /// Consecutive registration passes that found the network node unreachable, per GonkaNode.
     unreachable: std::sync::Mutex<std::collections::HashMap<report_store::GonkaNodeKey, u32>>,
+    /// Since when each GonkaNode's epoch phase has been unreadable (in memory: a new leader
+    /// starts counting again, so a hold lasts at most one limit longer).
+    epoch_unreadable: std::sync::Mutex<std::collections::HashMap<report_store::GonkaNodeKey, std::time::Instant>>,
 }
 
 impl Context {
@@ -114,7 +123,24 @@ impl Context {
             client,
             reports: ReportStore::default(),
             unreachable: Default::default(),
+            epoch_unreadable: Default::default(),
         }
+    }
+
+    /// How long `gn`'s epoch phase has been unreadable (zero when it was read), and the gauge of
+    /// GonkaNodes past the hold limit brought up to date.
+    fn epoch_unreadable_for(&self, gn: &GonkaNode, unreadable: bool) -> Duration {
+        let key = (gn.namespace().unwrap_or_default(), gn.name_any());
+        let mut since = self.epoch_unreadable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elapsed = if unreadable {
+            since.entry(key).or_insert_with(std::time::Instant::now).elapsed()
+        } else {
+            since.remove(&key);
+            Duration::ZERO
+        };
+        let past = since.values().filter(|t| t.elapsed() >= self.config.unknown_window_hold).count();
+        self.metrics.poc_window_unknown.set(past as i64);
+        elapsed
     }
 
     /// When to try an unreachable network node again: `retry`, doubling with every consecutive
@@ -132,9 +158,13 @@ impl Context {
         delay
     }
 
-    /// Forgets a GonkaNode's retry count (it is being deleted).
+    /// Forgets a GonkaNode's retry count and epoch watch (it is being deleted).
     fn forget_network_retries(&self, key: &report_store::GonkaNodeKey) {
         self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        let mut since = self.epoch_unreadable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        since.remove(key);
+        let past = since.values().filter(|t| t.elapsed() >= self.config.unknown_window_hold).count();
+        self.metrics.poc_window_unknown.set(past as i64);
     }
 
     /// Reads reports from `reports` (the report server's store).
@@ -200,16 +230,33 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         generation: gn.metadata.generation,
         paused: spec.paused,
         hold_unchecked: spec.update_strategy.hold_during_poc && spec.network_node.public_url.is_none(),
+        ml_node_api_closed: spec.network_node.ml_node_api_from.is_none(),
         ..Observation::default()
     };
 
-    match validate(
+    // A Secret that is missing or not opted in gets better without an edit of the GonkaNode
+    // (no watch tells): looked at again, as an unreachable network node is.
+    let mut secret_refused = false;
+    let checked = match validate(
         gn,
         default_image_for(gn, &ctx.config.daemon_image, &ctx.config.daemon_image_vllm),
         &ctx.config.policy,
     ) {
-        Err(errors) => {
-            let message = errors.to_string();
+        Err(errors) => Err(errors.to_string()),
+        // The Secret it names is read now: it decides what the pods mount.
+        Ok(mut validated) => match mtls_secret(gn, ctx).await {
+            Ok(mtls) => {
+                validated.mtls = mtls;
+                Ok(validated)
+            }
+            Err(why) => {
+                secret_refused = true;
+                Err(why)
+            }
+        },
+    };
+    match checked {
+        Err(message) => {
             if status::find(previous, condition::DEGRADED)
                 .is_none_or(|c| c.reason != "InvalidSpec" || c.message != message)
             {
@@ -230,15 +277,9 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                         let note = format!("created {}", applied.created.join(", "));
                         ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Created", note).await;
                     }
-                    if !applied.updated.is_empty() || !applied.deleted.is_empty() {
-                        let mut changes = Vec::new();
-                        if !applied.updated.is_empty() {
-                            changes.push(format!("updated {}", applied.updated.join(", ")));
-                        }
-                        if !applied.deleted.is_empty() {
-                            changes.push(format!("deleted {} (no longer in the spec)", applied.deleted.join(", ")));
-                        }
-                        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Updated", changes.join("; ")).await;
+                    if !applied.updated.is_empty() {
+                        let note = format!("updated {}", applied.updated.join(", "));
+                        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Updated", note).await;
                     }
                     daemon_set = applied.daemon_set;
                 }
@@ -255,19 +296,20 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     obs.daemon_set = daemon_set.as_ref();
     obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
     // The epoch phase, read once: rollouts and the disruption budget both follow PoC windows.
-    // Not for an invalid spec: nothing is applied or rolled out then.
-    let valid = obs.invalid_spec.is_none();
-    let epoch = match (&spec.network_node.public_url, valid && build::holds_rollouts(gn)) {
+    // Also while paused or invalid: the ML nodes that run still prove in the windows, and a
+    // budget closed for a window must open again after it.
+    let epoch = match (&spec.network_node.public_url, build::holds_rollouts(gn)) {
         (Some(url), true) => Some(network_node::latest_epoch(url, spec.network_node.ca_bundle.as_deref()).await),
         _ => None,
     };
-    if let (Some(ds), None, false, true) = (&daemon_set, &failure, spec.paused, valid) {
-        let guard = match &epoch {
-            Some(Ok(e)) if !e.poc_window() => DisruptionGuard::Tolerate,
-            // In a window, or it can't be told: an eviction now could cost the epoch's weight.
-            Some(_) => DisruptionGuard::PocWindow,
-            None => DisruptionGuard::Tolerate,
-        };
+    let unreadable_for = ctx.epoch_unreadable_for(gn, matches!(epoch, Some(Err(_))));
+    let (guard, window_unknown) = build::disruption_guard(
+        epoch.as_ref().map(|e| e.as_ref().map(EpochResponse::poc_window).map_err(ToString::to_string)),
+        unreadable_for,
+        ctx.config.unknown_window_hold,
+    );
+    obs.poc_window_unknown = window_unknown;
+    if let (Some(ds), None) = (&daemon_set, &failure) {
         let expected = ds.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
         let pdb = build::disruption_budget(gn, expected, guard)?;
         let mut applied = crate::apply::Applied::default();
@@ -333,6 +375,10 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     }
     match failure {
         Some(e) => Err(e.into()),
+        None if secret_refused => Ok(Action::requeue(ctx.network_retry(gn, false))),
+        // The disruption budget follows the epoch phase, which no watch reports (also for an
+        // invalid spec: the ML nodes that run still prove in the windows).
+        None if obs.invalid_spec.is_some() && epoch.is_some() => Ok(Action::requeue(ctx.config.rollout_recheck)),
         // An invalid spec only gets better when the user edits it.
         None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
         // The network node is down, or refused (a model governance has not approved yet, a
@@ -367,6 +413,55 @@ fn pod_selector(gn: &GonkaNode) -> String {
     build::selector_labels(gn).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
+/// Why a Secret a GonkaNode names could not be read; RBAC's refusal says what the admin can do
+/// (the chart grants Secrets per namespace).
+fn secret_read_error(namespace: &str, name: &str, field: &str, error: kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "the operator may not read Secrets in namespace {namespace} (spec.networkNode.{field}: {name}): the \
+             cluster admin lists the namespace in the chart's secretNamespaces"
+        ),
+        e => format!("reading Secret {name} (spec.networkNode.{field}): {e}"),
+    }
+}
+
+/// The mutual-TLS Secret `spec.networkNode.mtlsSecretRef` names, if any: it must exist, carry its
+/// owner's opt-in label (naming a Secret must not get it mounted into pods whose image the
+/// GonkaNode's author picks) and hold upstream's three files. Its digest rolls the pods when
+/// the pair changes.
+async fn mtls_secret(gn: &GonkaNode, ctx: &Context) -> Result<Option<MtlsSecret>, String> {
+    let Some(secret_ref) = &gn.spec.network_node.mtls_secret_ref else { return Ok(None) };
+    let name = &secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+    let namespace = gn.namespace().unwrap_or_default();
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| secret_read_error(&namespace, name, "mtlsSecretRef", e))?
+        .ok_or_else(|| format!("Secret {name} (spec.networkNode.mtlsSecretRef) does not exist"))?;
+    if secret.labels().get(CREDENTIALS_LABEL).map(String::as_str) != Some("true") {
+        return Err(format!(
+            "Secret {name} (spec.networkNode.mtlsSecretRef) is not labelled {CREDENTIALS_LABEL}=true: its owner must \
+             opt in before the ML nodes mount it"
+        ));
+    }
+    let data = secret.data.unwrap_or_default();
+    let mut digest = Sha256::new();
+    for file in MTLS_FILES {
+        let value = data.get(file).filter(|v| !v.0.is_empty()).ok_or_else(|| {
+            format!(
+                "Secret {name} (spec.networkNode.mtlsSecretRef) has no `{file}`: it needs the files of upstream's \
+                 gen-mlnode-certs.sh, {}",
+                MTLS_FILES.join(", ")
+            )
+        })?;
+        digest.update(file.as_bytes());
+        digest.update((value.0.len() as u64).to_le_bytes());
+        digest.update(&value.0);
+    }
+    Ok(Some(MtlsSecret { name: name.clone(), digest: hex::encode(&digest.finalize()[..8]) }))
+}
+
 /// The bearer token for the admin API, from `spec.networkNode.credentialsSecretRef` (key
 /// `token`), if one is referenced. Refused, before anything is read or sent, when the token
 /// would cross plain http without `allowPlaintextCredentials`; refused when the Secret lacks
@@ -383,10 +478,11 @@ async fn admin_token(gn: &GonkaNode, ctx: &Context) -> Result<Option<String>, St
         ));
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+    let namespace = gn.namespace().unwrap_or_default();
     let secret = secrets
         .get_opt(&secret_ref.name)
         .await
-        .map_err(|e| format!("reading Secret {}: {e}", secret_ref.name))?
+        .map_err(|e| secret_read_error(&namespace, &secret_ref.name, "credentialsSecretRef", e))?
         .ok_or_else(|| format!("Secret {} (spec.networkNode.credentialsSecretRef) does not exist", secret_ref.name))?;
     if secret.labels().get(CREDENTIALS_LABEL).map(String::as_str) != Some("true") {
         return Err(format!(

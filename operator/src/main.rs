@@ -95,6 +95,11 @@ struct RunArgs {
     /// Seconds between drift checks of a steady GonkaNode.
     #[arg(global = true, long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Seconds the disruption budgets stay closed while a network node's epoch phase can't be
+    /// read (a PoC window may be on); after that evictions are allowed again and the GonkaNode
+    /// is Degraded (PocWindowUnknown).
+    #[arg(global = true, long, default_value_t = 1800)]
+    unknown_poc_window_hold_seconds: u64,
     /// Name of the leader-election Lease.
     #[arg(global = true, long, default_value = "gonka-operator-leader")]
     lease_name: String,
@@ -166,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
             namespace: args.namespace,
             concurrency: args.concurrency,
             resync: Duration::from_secs(args.resync_seconds),
+            unknown_window_hold: Duration::from_secs(args.unknown_poc_window_hold_seconds),
             instance: Some(identity.clone()),
             report: args.report_url.map(|url| gonka_operator::build::ReportEndpoint { url, ca_bundle: None }),
             policy: gonka_operator::validate::ClusterPolicy::new(

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub leader: Gauge<i64, AtomicI64>,
     pub report_streams: Gauge<i64, AtomicI64>,
     pub gpu_xids: Family<XidLabels, Counter>,
+    /// GonkaNodes whose epoch phase has been unreadable past the hold limit: evictions are
+    /// tolerated again without knowing whether a PoC window is on.
+    pub poc_window_unknown: Gauge<i64, AtomicI64>,
     /// Requests this replica sent to the apiserver, by verb (see [`ApiRequests`]).
     pub api_requests: ApiRequests,
 }
@@ -129,6 +132,12 @@ impl Metrics {
         registry.register("report_streams", "Node-daemon report streams open to this replica", report_streams.clone());
         let gpu_xids = Family::<XidLabels, Counter>::default();
         registry.register("gpu_xid_events", "XID errors the node-daemons reported, by class", gpu_xids.clone());
+        let poc_window_unknown = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "poc_window_unknown",
+            "GonkaNodes whose network node's epoch phase has been unreadable past the hold limit",
+            poc_window_unknown.clone(),
+        );
         registry.register(
             "apiserver_requests",
             "Requests sent to the kube-apiserver, by verb and resource",
@@ -142,6 +151,7 @@ impl Metrics {
             leader,
             report_streams,
             gpu_xids,
+            poc_window_unknown,
             api_requests,
         }
     }

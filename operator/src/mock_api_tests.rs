@@ -172,12 +172,10 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
             ("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", "ServiceAccount"),
             ("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", "ConfigMap"),
             ("/api/v1/namespaces/gpu/services/h100-ml-nodes", "Service"),
+            // Always, default-deny without mlNodeApiFrom.
+            (NETPOL_PATH, "NetworkPolicy"),
             ("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", "DaemonSet"),
         ] {
-            if kind == "DaemonSet" {
-                // No mlNodeApiFrom: no NetworkPolicy, and none is left from before.
-                api.expect_not_found(NETPOL_PATH).await;
-            }
             api.expect_not_found(path).await;
             let applied = api.expect_apply(path).await;
             assert_eq!(applied["kind"], kind);
@@ -256,6 +254,8 @@ async fn a_steady_fleet_is_read_but_never_written() {
         daemon_set: Some(&ds),
         max_unavailable: Some(&gn.spec.update_strategy.max_unavailable),
         hold_unchecked: true,
+        // No mlNodeApiFrom: Registered says the ML nodes' API admits no caller.
+        ml_node_api_closed: true,
         registration: Some(status::Registration::Synced { registered: 1, ready: 1, paused: false, cordoned: 0 }),
         ..Default::default()
     };
@@ -267,7 +267,7 @@ async fn a_steady_fleet_is_read_but_never_written() {
             .await;
         api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
         api.expect_get("/api/v1/namespaces/gpu/services/h100-ml-nodes", &with_kind(&desired.service)).await;
-        api.expect_not_found(NETPOL_PATH).await;
+        api.expect_get(NETPOL_PATH, &with_kind(&desired.network_policy)).await;
         api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
         api.expect_get(PDB_PATH, &with_kind(&pdb)).await;
         api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;

@@ -154,6 +154,47 @@ impl TokenCache {
     }
 }
 
+/// TokenReviews one peer address may cause: a burst, then one per [`PEER_REVIEW_EVERY`]. A
+/// daemon reconnects with a token already reviewed (remembered for a minute) or a new one now
+/// and then; a pod flooding the port with fresh tokens is held to this while the others get
+/// their share of the [`MAX_TOKEN_REVIEWS`] slots.
+pub const PEER_REVIEW_BURST: u32 = 8;
+pub const PEER_REVIEW_EVERY: Duration = Duration::from_secs(5);
+/// Peers remembered at most (as many as report streams).
+const PEER_ENTRIES: usize = 16_384;
+
+/// A token bucket per peer address.
+#[derive(Debug, Default)]
+pub struct PeerLimiter {
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl PeerLimiter {
+    /// Takes one review from `peer`'s bucket if it has one.
+    pub fn allow(&self, peer: std::net::IpAddr, now: std::time::Instant) -> bool {
+        let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let refilled = PEER_REVIEW_EVERY * PEER_REVIEW_BURST;
+        if peers.len() >= PEER_ENTRIES && !peers.contains_key(&peer) {
+            // A full bucket is as good as none: forget those.
+            peers.retain(|_, (_, at)| now.duration_since(*at) < refilled);
+            if peers.len() >= PEER_ENTRIES {
+                peers.clear();
+            }
+        }
+        let burst = f64::from(PEER_REVIEW_BURST);
+        let (tokens, at) = peers.entry(peer).or_insert((burst, now));
+        let earned = now.duration_since(*at).as_secs_f64() / PEER_REVIEW_EVERY.as_secs_f64();
+        *tokens = (*tokens + earned).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
@@ -163,11 +204,17 @@ pub struct TokenReviewer {
     client: kube::Client,
     cache: Arc<TokenCache>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    peers: Arc<PeerLimiter>,
 }
 
 impl TokenReviewer {
     pub fn new(client: kube::Client) -> Self {
-        Self { client, cache: Arc::default(), in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_TOKEN_REVIEWS)) }
+        Self {
+            client,
+            cache: Arc::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_TOKEN_REVIEWS)),
+            peers: Arc::default(),
+        }
     }
 }
 
@@ -177,7 +224,11 @@ impl ReportAuth {
         Self::ServiceAccount(TokenReviewer::new(client))
     }
 
-    async fn authenticate(&self, token: Option<&str>) -> Result<Option<Caller>, Status> {
+    async fn authenticate(
+        &self,
+        token: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Option<Caller>, Status> {
         let Self::ServiceAccount(reviewer) = self else { return Ok(None) };
         let token = token.ok_or_else(|| Status::unauthenticated("no bearer token: send the pod's report token"))?;
         let now = std::time::Instant::now();
@@ -191,6 +242,14 @@ impl ReportAuth {
         }
         if reviewer.cache.is_refused(token, now) {
             return Err(refused());
+        }
+        if let Some(peer) = peer
+            && !reviewer.peers.allow(peer, now)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "too many new report tokens from {peer}: one check per {}s after {PEER_REVIEW_BURST}; retry later",
+                PEER_REVIEW_EVERY.as_secs()
+            )));
         }
         let Ok(_permit) = reviewer.in_flight.try_acquire() else {
             return Err(Status::unavailable(format!("{MAX_TOKEN_REVIEWS} token checks under way; retry")));
@@ -320,7 +379,8 @@ impl FleetReports for ReportService {
             return Err(Status::resource_exhausted(format!("{MAX_STREAMS} report streams open already")));
         };
         let token = bearer(&request);
-        let caller = self.auth.authenticate(token.as_deref()).await?;
+        let peer = request.remote_addr().map(|a| a.ip());
+        let caller = self.auth.authenticate(token.as_deref(), peer).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -520,6 +580,27 @@ mod tests {
             let err = precheck_token(&token, now).unwrap_err();
             assert!(err.contains(why), "{err} should say {why}");
         }
+    }
+
+    #[test]
+    fn each_peer_gets_a_burst_of_reviews_then_one_per_interval() {
+        let limiter = PeerLimiter::default();
+        let start = std::time::Instant::now();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..PEER_REVIEW_BURST {
+            assert!(limiter.allow(a, start));
+        }
+        assert!(!limiter.allow(a, start), "the burst is spent");
+        assert!(limiter.allow(b, start), "another peer has its own");
+        assert!(!limiter.allow(a, start + PEER_REVIEW_EVERY / 2), "half an interval earns nothing whole");
+        assert!(limiter.allow(a, start + PEER_REVIEW_EVERY), "one per interval");
+        assert!(!limiter.allow(a, start + PEER_REVIEW_EVERY));
+        // A long silence refills the burst, not more.
+        let later = start + PEER_REVIEW_EVERY * 100;
+        for _ in 0..PEER_REVIEW_BURST {
+            assert!(limiter.allow(a, later));
+        }
+        assert!(!limiter.allow(a, later));
     }
 
     #[test]

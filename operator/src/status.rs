@@ -25,8 +25,15 @@ pub struct Observation<'a> {
     pub max_unavailable: Option<&'a IntOrString>,
     /// `holdDuringPoc` is asked for but cannot be checked (no `networkNode.publicUrl`).
     pub hold_unchecked: bool,
+    /// No `networkNode.mlNodeApiFrom`: the ML nodes' NetworkPolicy admits no caller to their
+    /// API, so a registered ML node is out of the network node's reach (where the policy is
+    /// enforced) and `Registered` says so.
+    pub ml_node_api_closed: bool,
     /// Why the operator holds the rollout now (a PoC window), if it does.
     pub rollout_held: Option<String>,
+    /// The epoch phase has been unreadable past the hold limit: why evictions are tolerated
+    /// without knowing the PoC window.
+    pub poc_window_unknown: Option<String>,
     /// How registration with the network node went this time; `None` = not attempted (the
     /// previous `Registered` condition and count stand).
     pub registration: Option<Registration>,
@@ -35,6 +42,10 @@ pub struct Observation<'a> {
     /// ML-node pods the scheduler could not place: `"<Kubernetes node>: <reason>"`.
     pub unschedulable: Vec<String>,
 }
+
+/// What `Registered` adds while the ML nodes' NetworkPolicy admits no caller.
+pub const CLOSED_API_NOTE: &str = "; their API admits no caller (default-deny NetworkPolicy): name the network node \
+     in spec.networkNode.mlNodeApiFrom, or [] for any caller";
 
 /// At most this many unschedulable ML nodes are named in a condition message.
 const NAMED_UNSCHEDULABLE: usize = 3;
@@ -199,6 +210,9 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
     let degraded = match (&obs.invalid_spec, &obs.apply_error, &rollout) {
         (Some(why), _, _) => cond(condition::DEGRADED, true, "InvalidSpec", why.clone()),
         (_, Some(why), _) => cond(condition::DEGRADED, true, "ApplyFailed", why.clone()),
+        (_, _, _) if obs.poc_window_unknown.is_some() => {
+            cond(condition::DEGRADED, true, "PocWindowUnknown", obs.poc_window_unknown.clone().unwrap_or_default())
+        }
         // Pods starting up (a rollout, a new node, model loading) are unavailable for a while;
         // only ML nodes missing for longer than the grace period are a problem.
         (_, _, Some(r))
@@ -243,11 +257,12 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
             if *ready == 0 && *registered == 0 {
                 cond(condition::REGISTERED, false, "NoReadyMlNodes", "no ML node is ready to register yet".into())
             } else if registered >= ready {
+                let closed = if obs.ml_node_api_closed { CLOSED_API_NOTE } else { "" };
                 cond(
                     condition::REGISTERED,
                     true,
                     "MlNodesRegistered",
-                    format!("{registered} ML nodes registered with the network node{held}"),
+                    format!("{registered} ML nodes registered with the network node{held}{closed}"),
                 )
             } else {
                 cond(
@@ -542,6 +557,34 @@ mod tests {
             let s = compute(Some(&previous), &obs, &at(0));
             assert_eq!((get(&s, "Registered"), s.registered_ml_nodes), (want, count), "{registration:?}");
         }
+    }
+
+    #[test]
+    fn an_unknown_poc_window_past_the_limit_is_degraded() {
+        let obs = Observation { poc_window_unknown: Some("unreadable for 30 min".into()), ..Default::default() };
+        let s = compute(None, &obs, &at(0));
+        let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str(), degraded.message.as_str()),
+            ("True", "PocWindowUnknown", "unreadable for 30 min")
+        );
+        // An invalid spec says more: it is what the user has to fix first.
+        let obs = Observation { invalid_spec: Some("bad".into()), ..obs };
+        assert_eq!(get(&compute(None, &obs, &at(0)), "Degraded"), ("True", "InvalidSpec"));
+    }
+
+    #[test]
+    fn registered_says_when_the_ml_node_api_admits_no_caller() {
+        let registration = Some(Registration::Synced { registered: 2, ready: 2, paused: false, cordoned: 0 });
+        let message = |closed: bool| {
+            let obs =
+                Observation { registration: registration.clone(), ml_node_api_closed: closed, ..Default::default() };
+            let s = compute(None, &obs, &at(0));
+            s.conditions.iter().find(|c| c.type_ == "Registered").unwrap().message.clone()
+        };
+        assert_eq!(message(false), "2 ML nodes registered with the network node");
+        assert_eq!(message(true), format!("2 ML nodes registered with the network node{CLOSED_API_NOTE}"));
+        assert!(CLOSED_API_NOTE.contains("spec.networkNode.mlNodeApiFrom"));
     }
 
     #[test]

@@ -17,7 +17,22 @@ pub struct ValidatedSpec {
     pub spec: GonkaNodeSpec,
     /// The node-daemon image: `spec.image`, else the operator's default.
     pub image: String,
+    /// The mutual-TLS Secret (`spec.networkNode.mtlsSecretRef`) once read and found opted in
+    /// and complete; filled by the reconciler after validation (the Secret is an observation).
+    pub mtls: Option<MtlsSecret>,
 }
+
+/// A Secret with upstream's mutual-TLS files, as the pods mount it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MtlsSecret {
+    pub name: String,
+    /// A digest of its files: part of the config hash, so a new pair rolls the ML nodes.
+    pub digest: String,
+}
+
+/// The files of upstream's `gen-mlnode-certs.sh` the ML nodes need (`dapi.key` stays with the
+/// network node).
+pub const MTLS_FILES: [&str; 3] = ["mlnode.crt", "mlnode.key", "dapi.crt"];
 
 /// What the cluster admin allows GonkaNode authors, from the operator's flags (chart values):
 /// the pods the operator creates run with its rights, so a GonkaNode author must not reach
@@ -197,7 +212,11 @@ pub fn validate(
         }
     }
 
-    if errors.is_empty() { Ok(ValidatedSpec { spec: spec.clone(), image }) } else { Err(ValidationErrors(errors)) }
+    if errors.is_empty() {
+        Ok(ValidatedSpec { spec: spec.clone(), image, mtls: None })
+    } else {
+        Err(ValidationErrors(errors))
+    }
 }
 
 /// GPUs one inference engine of a model needs: tensor-parallel x pipeline-parallel size, read

@@ -55,11 +55,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]
-# spec.networkNode.mlNodeApiFrom: the NetworkPolicy admitting only those callers, applied like
-# the other owned objects and deleted when the field goes.
+# The ML nodes' NetworkPolicy (spec.networkNode.mlNodeApiFrom; default-deny without it), applied
+# like the other owned objects.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, patch, delete]
+  verbs: [get, create, patch]
 # Events (kube's Recorder creates an event, then patches its series).
 - apiGroups: [events.k8s.io]
   resources: [events]
@@ -69,8 +69,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, delete]
-# spec.networkNode.credentialsSecretRef: read in the GonkaNode's own namespace, used only when
-# the Secret's owner labelled it gonka.ai/network-node-credentials=true.
+{{- end -}}
+
+{{/* spec.networkNode.credentialsSecretRef and .mtlsSecretRef: read in the GonkaNode's own
+namespace, used only when the Secret's owner labelled it gonka.ai/network-node-credentials=true.
+Granted per namespace (secretNamespaces), so RBAC and not only the operator's code decides whose
+Secrets it can read. */}}
+{{- define "gonka-operator.secretRules" -}}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
