@@ -52,6 +52,10 @@ const MAX_BATCH_SIZE: usize = 1024;
 const MAX_GENERATE_NONCES: usize = 10_000;
 /// How long finished `generate` results stay to be polled (upstream 300 s).
 const RESULT_TTL: Duration = Duration::from_secs(300);
+/// Bytes of finished `generate` results kept for polling at most, whatever their count: their
+/// size is the caller's `k_dim` times its nonces. Beyond it the oldest go first (their poll
+/// answers 404, as after the TTL; a callback still gets its result).
+const MAX_RESULT_BYTES: usize = 256 << 20;
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub struct PocV2Settings {
@@ -107,6 +111,27 @@ enum JobState {
 struct JobRecord {
     state: JobState,
     finished: Option<Instant>,
+    /// The result's size (JSON bytes) once finished.
+    bytes: usize,
+}
+
+/// Keeps finished results within `max` bytes, dropping the oldest finished first; queued and
+/// running jobs are never dropped here.
+fn keep_results_within(jobs: &mut HashMap<String, JobRecord>, max: usize) {
+    let mut total: usize = jobs.values().map(|r| r.bytes).sum();
+    if total <= max {
+        return;
+    }
+    let mut finished: Vec<(Instant, String, usize)> =
+        jobs.iter().filter_map(|(id, r)| r.finished.map(|at| (at, id.clone(), r.bytes))).collect();
+    finished.sort();
+    for (_, id, bytes) in finished {
+        if total <= max {
+            break;
+        }
+        jobs.remove(&id);
+        total -= bytes;
+    }
 }
 
 pub struct PocV2Service {
@@ -691,7 +716,7 @@ async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Genera
     {
         let mut jobs = service.jobs.lock().expect("jobs");
         jobs.retain(|_, r| r.finished.is_none_or(|t| t.elapsed() < RESULT_TTL));
-        jobs.insert(id.clone(), JobRecord { state: JobState::Queued, finished: None });
+        jobs.insert(id.clone(), JobRecord { state: JobState::Queued, finished: None, bytes: 0 });
     }
     tokio::spawn(async move {
         let _lane = service.job_lane.lock().await;
@@ -699,12 +724,19 @@ async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<Genera
             return;
         }
         let set = |s: JobState| {
-            if let Some(r) = service.jobs.lock().expect("jobs").get_mut(&job.id) {
+            let mut jobs = service.jobs.lock().expect("jobs");
+            if let Some(r) = jobs.get_mut(&job.id) {
                 if matches!(s, JobState::Completed(_) | JobState::Failed(_)) {
                     r.finished = Some(Instant::now());
                 }
+                r.bytes = match &s {
+                    JobState::Completed(result) => serde_json::to_vec(result).map_or(0, |b| b.len()),
+                    JobState::Failed(e) => e.len(),
+                    _ => 0,
+                };
                 r.state = s;
             }
+            keep_results_within(&mut jobs, MAX_RESULT_BYTES);
         };
         set(JobState::Running);
         let outcome = run_job(&service, &served, &job, &cancel).await;
@@ -834,6 +866,30 @@ async fn stop(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finished_results_are_bounded_in_bytes_oldest_first() {
+        let start = Instant::now();
+        let record = |state: JobState, finished: Option<u64>, bytes: usize| JobRecord {
+            state,
+            finished: finished.map(|s| start + Duration::from_secs(s)),
+            bytes,
+        };
+        let mut jobs = HashMap::from([
+            ("old".to_string(), record(JobState::Completed(json!({})), Some(1), 100)),
+            ("mid".to_string(), record(JobState::Failed("x".into()), Some(2), 100)),
+            ("new".to_string(), record(JobState::Completed(json!({})), Some(3), 100)),
+            ("running".to_string(), record(JobState::Running, None, 0)),
+        ]);
+        keep_results_within(&mut jobs, 300);
+        assert_eq!(jobs.len(), 4, "at the bound nothing goes");
+        keep_results_within(&mut jobs, 250);
+        let mut left: Vec<&str> = jobs.keys().map(String::as_str).collect();
+        left.sort();
+        assert_eq!(left, ["mid", "new", "running"], "the oldest finished went first");
+        keep_results_within(&mut jobs, 0);
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["running"], "a running job is never dropped");
+    }
 
     #[test]
     fn the_callback_buffer_is_bounded_by_count_and_by_bytes() {
