@@ -51,6 +51,8 @@ pub struct Settings {
     pub models_dir: Option<PathBuf>,
     /// The hub mirror models are downloaded from (`/api/v1/models/download`); `None`: offline.
     pub model_mirror: Option<String>,
+    /// Free space, in GiB, a download leaves on the models volume.
+    pub models_min_free_gb: u64,
     /// Address of the inference port; `None`: the management API's address with
     /// `daemon.json`'s `inferencePort` (upstream's 5000 without one).
     pub inference_listen: Option<SocketAddr>,
@@ -258,6 +260,7 @@ pub async fn run_with(
         models_dir,
         inference_port: inference_addr.port(),
         model_mirror: settings.model_mirror.clone(),
+        models_min_free_bytes: settings.models_min_free_gb.saturating_mul(1 << 30),
         engines: settings.config.iter().flat_map(|c| c.models.iter().map(|m| (m.id.clone(), m.engine))).collect(),
         #[cfg(feature = "torch")]
         // The inference port's own address when that is a loopback one (development, several

@@ -52,6 +52,10 @@ struct Cli {
     /// `HF_HUB_OFFLINE` ignores them.
     #[arg(long, env = "GONKA_MODEL_MIRROR")]
     model_mirror: Option<String>,
+    /// Free space, in GiB, a model download leaves on the models volume (it stops, and fails,
+    /// rather than fill it).
+    #[arg(long, env = "GONKA_MODELS_MIN_FREE_GB", default_value_t = 10)]
+    models_min_free_gb: u64,
     /// Address of the inference port (OpenAI API); default: the listen address's IP with
     /// daemon.json's inferencePort, else 5000.
     #[arg(long, env = "GONKA_INFERENCE_LISTEN")]
@@ -160,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         },
         models_dir: cli.models_dir,
         model_mirror: cli.model_mirror,
+        models_min_free_gb: cli.models_min_free_gb,
         inference_listen: cli.inference_listen,
         metrics_listen: cli.metrics_listen,
         mtls: match (cli.mtls_cert, cli.mtls_key, cli.mtls_peer_cert) {

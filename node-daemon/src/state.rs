@@ -23,6 +23,8 @@ pub struct InferenceOptions {
     pub inference_port: u16,
     /// Where models are downloaded from (`--model-mirror`); `None`: offline.
     pub model_mirror: Option<String>,
+    /// Free space a download leaves on the models volume (`--models-min-free-gb`).
+    pub models_min_free_bytes: u64,
     /// The engine `daemon.json` names per model.
     pub engines: std::collections::BTreeMap<String, gonka_protocol::daemon_config::ModelEngine>,
     /// How vLLM runs here; `None`: no vLLM on this ML node.
@@ -118,7 +120,11 @@ impl AppState {
                 }
                 _ => None,
             };
-            let model_cache = model_cache::ModelCache::new(inference.models_dir.clone(), inference.model_mirror)?;
+            let model_cache = model_cache::ModelCache::new(
+                inference.models_dir.clone(),
+                inference.model_mirror,
+                inference.models_min_free_bytes,
+            )?;
             let manager = manager::InferenceManager::new(
                 manager::InferenceSettings {
                     models_dir: inference.models_dir,

@@ -25,6 +25,8 @@ struct Mirror {
     dir: PathBuf,
     /// Closed until the test lets file downloads through.
     gate: tokio::sync::Semaphore,
+    /// Serves weights with a byte flipped (the listed sha256 stays the true one).
+    corrupt: bool,
 }
 
 async fn revision(
@@ -35,10 +37,21 @@ async fn revision(
     if format!("{org}/{name}") != REPO {
         return StatusCode::NOT_FOUND.into_response();
     }
+    // As the hub lists them with `?blobs=true`: sizes, and the weights' LFS digests.
     let siblings: Vec<Value> = std::fs::read_dir(&m.dir)
         .unwrap()
         .flatten()
-        .map(|e| json!({"rfilename": e.file_name().to_string_lossy()}))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(e.path()).unwrap();
+            let mut sibling = json!({"rfilename": name, "size": bytes.len()});
+            if name.ends_with(".safetensors") {
+                use sha2::Digest;
+                let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+                sibling["lfs"] = json!({"sha256": sha256, "size": bytes.len(), "pointerSize": 134});
+            }
+            sibling
+        })
         .collect();
     axum::Json(json!({"sha": COMMIT, "siblings": siblings})).into_response()
 }
@@ -48,7 +61,24 @@ async fn resolve(
     UrlPath((_org, _name, _sha, file)): UrlPath<(String, String, String, String)>,
 ) -> Vec<u8> {
     let _permit = m.gate.acquire().await.unwrap();
-    std::fs::read(m.dir.join(file)).unwrap()
+    let mut bytes = std::fs::read(m.dir.join(&file)).unwrap();
+    if m.corrupt && file.ends_with(".safetensors") {
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+    }
+    bytes
+}
+
+/// A mirror of the tiny model on a free port; its URL.
+async fn serve_mirror(mirror: Arc<Mirror>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
+        .route("/{org}/{name}/resolve/{sha}/{*file}", get(resolve))
+        .with_state(mirror);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
 }
 
 fn tiny_model(dir: &Path) {
@@ -63,14 +93,9 @@ fn model(commit: Option<&str>) -> Value {
 async fn a_model_downloads_from_the_mirror_serves_and_is_deleted() {
     let source = tempfile::tempdir().unwrap();
     tiny_model(source.path());
-    let mirror = Arc::new(Mirror { dir: source.path().to_path_buf(), gate: tokio::sync::Semaphore::new(0) });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = Router::new()
-        .route("/api/models/{org}/{name}/revision/{rev}", get(revision))
-        .route("/{org}/{name}/resolve/{sha}/{*file}", get(resolve))
-        .with_state(mirror.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mirror =
+        Arc::new(Mirror { dir: source.path().to_path_buf(), gate: tokio::sync::Semaphore::new(0), corrupt: false });
+    let url = serve_mirror(mirror.clone()).await;
 
     let cache = tempfile::tempdir().unwrap();
     let d = Daemon::start_with_env(
@@ -141,6 +166,81 @@ async fn a_model_downloads_from_the_mirror_serves_and_is_deleted() {
     // Names that are not repositories are refused.
     assert_eq!(d.post_json("POST", "/api/v1/models/download", &json!({"hf_repo": "../etc"})).0, 422);
     assert_eq!(d.post_json("POST", "/api/v1/models/status", &json!({"hf_repo": REPO, "hf_commit": "../x"})).0, 422);
+}
+
+/// What the hub lists is checked (a corrupt weight file is not kept), the models volume keeps
+/// its reserve, and failures name repository paths, never the mirror's URL with its
+/// credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_are_checked_bounded_and_never_echo_the_mirror() {
+    let source = tempfile::tempdir().unwrap();
+    tiny_model(source.path());
+    let gate = || tokio::sync::Semaphore::new(1000);
+    let corrupt = Arc::new(Mirror { dir: source.path().to_path_buf(), gate: gate(), corrupt: true });
+    let url = serve_mirror(corrupt).await.replace("http://", "http://mirror-user:s3cret-token@");
+    let cache = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_env(
+        &Scenario::hgx_h100(),
+        &[("GONKA_MODELS_DIR", cache.path().to_str().unwrap()), ("GONKA_MODEL_MIRROR", &url)],
+    );
+    assert_eq!(d.post_json("POST", "/api/v1/models/download", &model(None)).0, 202);
+    let mut failure = String::new();
+    eventually("the corrupt weights are refused", || {
+        failure = d.post_json("POST", "/api/v1/models/status", &model(None)).1["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        failure.contains("sha256")
+    });
+    assert!(failure.contains("Qwen/Tiny-Qwen3/resolve/"), "names the file by its repository path: {failure}");
+    assert!(!failure.contains("s3cret") && !failure.contains("127.0.0.1"), "the mirror is not echoed: {failure}");
+    assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(None)).1["status"], "PARTIAL");
+    let snapshot = cache.path().join("models--Qwen--Tiny-Qwen3/snapshots").join(COMMIT);
+    let weights: Vec<String> = std::fs::read_dir(&snapshot)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".json") && (n.contains("safetensors") || n.ends_with(".incomplete")))
+        .collect();
+    assert!(weights.is_empty(), "no corrupt or partial weights stay: {weights:?}");
+    // An unreachable mirror: reqwest's own error text is stripped of the URL.
+    let unreachable = "http://mirror-user:s3cret-token@127.0.0.1:9";
+    let d2 = Daemon::start_with_env(
+        &Scenario::hgx_h100(),
+        &[("GONKA_MODELS_DIR", cache.path().to_str().unwrap()), ("GONKA_MODEL_MIRROR", unreachable)],
+    );
+    let other = json!({"hf_repo": "Qwen/Other", "hf_commit": null});
+    assert_eq!(d2.post_json("POST", "/api/v1/models/download", &other).0, 202);
+    eventually("the unreachable mirror is reported", || {
+        failure = d2.post_json("POST", "/api/v1/models/status", &other).1["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        !failure.is_empty()
+    });
+    assert!(failure.starts_with("api/models/Qwen/Other/revision/main"), "{failure}");
+    assert!(!failure.contains("s3cret") && !failure.contains("127.0.0.1"), "{failure}");
+
+    // The models volume keeps its reserve: a download that would eat into it stops first.
+    let honest = Arc::new(Mirror { dir: source.path().to_path_buf(), gate: gate(), corrupt: false });
+    let url = serve_mirror(honest).await;
+    let full = tempfile::tempdir().unwrap();
+    let d3 = Daemon::start_with_env(
+        &Scenario::hgx_h100(),
+        &[
+            ("GONKA_MODELS_DIR", full.path().to_str().unwrap()),
+            ("GONKA_MODEL_MIRROR", &url),
+            // More than any disk here has.
+            ("GONKA_MODELS_MIN_FREE_GB", "1000000000"),
+        ],
+    );
+    assert_eq!(d3.post_json("POST", "/api/v1/models/download", &model(None)).0, 202);
+    eventually("refused for the reserve", || {
+        d3.post_json("POST", "/api/v1/models/status", &model(None)).1["error_message"]
+            .as_str()
+            .is_some_and(|e| e.contains("keeps") && e.contains("free"))
+    });
+    assert_ne!(d3.post_json("POST", "/api/v1/models/status", &model(None)).1["status"], "DOWNLOADED");
 }
 
 #[test]

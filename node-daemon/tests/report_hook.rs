@@ -23,6 +23,7 @@ fn settings() -> (Settings, SocketAddr) {
         api_token: None,
         models_dir: None,
         model_mirror: None,
+        models_min_free_gb: 10,
         inference_listen: Some("127.0.0.1:0".parse().unwrap()),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         vllm: None,

@@ -7,7 +7,10 @@
 //! server with its `api/models/{repo}/revision/{rev}` and `{repo}/resolve/{commit}/{file}`
 //! paths); without one the node is offline, and `download` answers `IGNORED` as upstream's
 //! does under `HF_HUB_OFFLINE`. Files are written beside their final name and renamed when
-//! complete, so a model is `DOWNLOADED` only once whole; at most three downloads at a time.
+//! complete and checked (the size and, for weights, the sha256 the hub lists), so a model is
+//! `DOWNLOADED` only once whole; at most three downloads at a time; a download stops rather
+//! than fill the models volume (a reserve of free space is kept); errors name files by their
+//! path in the repository, never the mirror's URL (it may carry credentials).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,12 @@ use crate::state::AppState;
 
 /// Upstream's limit on concurrent downloads.
 const MAX_DOWNLOADS: usize = 3;
+/// Failed downloads remembered (by task id, which callers choose).
+const MAX_FAILURES: usize = 256;
+/// Longest failure text kept.
+const MAX_FAILURE_CHARS: usize = 512;
+/// How often, in bytes written, the free space is looked at again.
+const FREE_SPACE_CHECK_EVERY: u64 = 64 << 20;
 
 /// `{hf_repo, hf_commit}`; no commit means the latest (`refs/main`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
@@ -84,6 +93,8 @@ struct Tasks {
 pub struct ModelCache {
     root: Option<PathBuf>,
     mirror: Option<String>,
+    /// Free space a download leaves on the models volume.
+    min_free_bytes: u64,
     http: reqwest::Client,
     tasks: Mutex<Tasks>,
 }
@@ -136,10 +147,28 @@ struct RevisionInfo {
 #[derive(Deserialize)]
 struct Sibling {
     rfilename: String,
+    /// With `?blobs=true`, the file's size.
+    #[serde(default)]
+    size: Option<u64>,
+    /// With `?blobs=true`, a Git LFS file's (the weights') digest and size.
+    #[serde(default)]
+    lfs: Option<Lfs>,
+}
+
+#[derive(Deserialize)]
+struct Lfs {
+    sha256: String,
+    size: u64,
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 impl ModelCache {
-    pub fn new(root: Option<PathBuf>, mirror: Option<String>) -> anyhow::Result<Arc<Self>> {
+    pub fn new(root: Option<PathBuf>, mirror: Option<String>, min_free_bytes: u64) -> anyhow::Result<Arc<Self>> {
         // Weights take minutes: no limit on the whole transfer, only on connecting and on
         // silence.
         let http = reqwest::Client::builder()
@@ -149,6 +178,7 @@ impl ModelCache {
         Ok(Arc::new(Self {
             root,
             mirror: mirror.map(|m| m.trim_end_matches('/').to_string()),
+            min_free_bytes,
             http,
             tasks: Mutex::default(),
         }))
@@ -234,7 +264,12 @@ impl ModelCache {
                 Ok(()) => tracing::info!(task = %id, "model downloaded"),
                 Err(e) => {
                     tracing::warn!(task = %id, error = %e, "model download failed");
-                    tasks.failed.insert(id, e);
+                    if tasks.failed.len() >= MAX_FAILURES
+                        && let Some(old) = tasks.failed.keys().next().cloned()
+                    {
+                        tasks.failed.remove(&old);
+                    }
+                    tasks.failed.insert(id, e.chars().take(MAX_FAILURE_CHARS).collect());
                 }
             }
         });
@@ -243,14 +278,18 @@ impl ModelCache {
 
     async fn fetch(&self, mirror: &str, root: &Path, model: &Model) -> Result<(), String> {
         let revision = model.hf_commit.as_deref().unwrap_or("main");
-        let info_url = format!("{mirror}/api/models/{}/revision/{revision}", model.hf_repo);
-        let response = self.http.get(&info_url).send().await.map_err(|e| format!("{info_url}: {e}"))?;
+        // What errors say: paths in the repository, not the mirror's URL (it may carry
+        // credentials) — reqwest's own errors are stripped of it too.
+        let info_path = format!("api/models/{}/revision/{revision}", model.hf_repo);
+        let info_url = format!("{mirror}/{info_path}?blobs=true");
+        let response =
+            self.http.get(&info_url).send().await.map_err(|e| format!("{info_path}: {}", e.without_url()))?;
         if !response.status().is_success() {
-            return Err(format!("{info_url} answered {}", response.status()));
+            return Err(format!("{info_path} answered {}", response.status()));
         }
-        let info: RevisionInfo = response.json().await.map_err(|e| format!("{info_url}: {e}"))?;
+        let info: RevisionInfo = response.json().await.map_err(|e| format!("{info_path}: {}", e.without_url()))?;
         if !valid_commit(&info.sha) {
-            return Err(format!("{info_url}: {:?} is not a commit", info.sha));
+            return Err(format!("{info_path}: {:?} is not a commit", info.sha));
         }
         let repo = repo_dir(root, &model.hf_repo);
         let snapshot = repo.join("snapshots").join(&info.sha);
@@ -258,28 +297,75 @@ impl ModelCache {
             let name = Path::new(&sibling.rfilename);
             // File names come from the mirror: keep them inside the snapshot.
             if name.is_absolute() || name.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                return Err(format!("{}: unsafe file name {:?}", info_url, sibling.rfilename));
+                return Err(format!("{info_path}: unsafe file name {:?}", sibling.rfilename));
             }
             let target = snapshot.join(name);
             if target.is_file() {
                 continue;
             }
-            let url = format!("{mirror}/{}/resolve/{}/{}", model.hf_repo, info.sha, sibling.rfilename);
-            let mut response = self.http.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+            let file_path = format!("{}/resolve/{}/{}", model.hf_repo, info.sha, sibling.rfilename);
+            let url = format!("{mirror}/{file_path}");
+            let mut response =
+                self.http.get(&url).send().await.map_err(|e| format!("{file_path}: {}", e.without_url()))?;
             if !response.status().is_success() {
-                return Err(format!("{url} answered {}", response.status()));
+                return Err(format!("{file_path} answered {}", response.status()));
             }
+            let expected_size = sibling.lfs.as_ref().map(|l| l.size).or(sibling.size);
             let parent = target.parent().expect("inside the snapshot");
             tokio::fs::create_dir_all(parent).await.map_err(|e| format!("{}: {e}", parent.display()))?;
+            let room = |needed: u64| match free_bytes(parent) {
+                Some(free) if free < needed.saturating_add(self.min_free_bytes) => Err(format!(
+                    "{file_path}: the models volume has {} MiB free and keeps {} MiB free: not downloaded",
+                    free >> 20,
+                    self.min_free_bytes >> 20
+                )),
+                _ => Ok(()),
+            };
+            room(expected_size.or(response.content_length()).unwrap_or(0))?;
             let partial = target.with_extension("incomplete");
             let mut file =
                 tokio::fs::File::create(&partial).await.map_err(|e| format!("{}: {e}", partial.display()))?;
-            while let Some(chunk) = response.chunk().await.map_err(|e| format!("{url}: {e}"))? {
-                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
-                    .await
-                    .map_err(|e| format!("{}: {e}", partial.display()))?;
+            let (mut written, mut checked, mut digest) = (0u64, 0u64, sha2::Sha256::default());
+            let outcome: Result<(), String> = async {
+                while let Some(chunk) =
+                    response.chunk().await.map_err(|e| format!("{file_path}: {}", e.without_url()))?
+                {
+                    sha2::Digest::update(&mut digest, &chunk);
+                    written += chunk.len() as u64;
+                    if expected_size.is_some_and(|size| written > size) {
+                        return Err(format!(
+                            "{file_path}: more than the {} bytes the hub lists",
+                            expected_size.unwrap_or(0)
+                        ));
+                    }
+                    if written - checked >= FREE_SPACE_CHECK_EVERY {
+                        checked = written;
+                        room(0)?;
+                    }
+                    tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                        .await
+                        .map_err(|e| format!("{}: {e}", partial.display()))?;
+                }
+                tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| e.to_string())?;
+                if let Some(size) = expected_size
+                    && written != size
+                {
+                    return Err(format!("{file_path}: {written} bytes, the hub lists {size}"));
+                }
+                if let Some(lfs) = &sibling.lfs {
+                    let got = hex::encode(sha2::Digest::finalize(digest));
+                    if !got.eq_ignore_ascii_case(&lfs.sha256) {
+                        return Err(format!("{file_path}: sha256 {got}, the hub lists {}", lfs.sha256));
+                    }
+                }
+                Ok(())
             }
-            tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| e.to_string())?;
+            .await;
+            if let Err(e) = outcome {
+                // Nothing half-written or wrong stays behind.
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e);
+            }
             tokio::fs::rename(&partial, &target).await.map_err(|e| format!("{}: {e}", target.display()))?;
         }
         if model.hf_commit.is_none() {
