@@ -198,6 +198,8 @@ pub async fn run_with(
         }
         None => None,
     };
+    // One server configuration for both ports.
+    let tls = mtls.as_ref().map(|m| m.server_config()).transpose()?;
     let gpu_vram_gb =
         reporting.inventory().borrow().devices.iter().map(|d| d.total_memory_mb.unwrap_or(0) as f64 / 1024.0).collect();
     let pow = match &settings.config {
@@ -317,13 +319,8 @@ pub async fn run_with(
     let inference_server = {
         tracing::info!(addr = %inference_addr, "inference port listening");
         let app = inference::inference_port(state.inference.clone());
-        match &mtls {
-            Some(m) => {
-                let listener = mtls::TlsListener::new(inference_listener, m.server_config()?)?;
-                tokio::spawn(async move { axum::serve(listener, app).await })
-            }
-            None => tokio::spawn(async move { axum::serve(inference_listener, app).await }),
-        }
+        let listener = mtls::ApiListener::new(inference_listener, tls.clone())?;
+        tokio::spawn(async move { axum::serve(listener, app).await })
     };
     // Shutting down takes no new work (the server stops accepting), and delivers what is pending
     // while the requests in flight finish: side by side, both within the grace period. A held
@@ -335,18 +332,11 @@ pub async fn run_with(
             .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
             .into_future(),
     );
-    let mut server = match &mtls {
-        Some(m) => tokio::spawn(
-            axum::serve(mtls::TlsListener::new(listener, m.server_config()?)?, api::service(state.clone()))
-                .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
-                .into_future(),
-        ),
-        None => tokio::spawn(
-            axum::serve(listener, api::service(state.clone()))
-                .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
-                .into_future(),
-        ),
-    };
+    let mut server = tokio::spawn(
+        axum::serve(mtls::ApiListener::new(listener, tls)?, api::service(state.clone()))
+            .with_graceful_shutdown(stop_serving.clone().cancelled_owned())
+            .into_future(),
+    );
     tokio::select! {
         _ = shutdown => {}
         ended = &mut server => {

@@ -4,7 +4,7 @@
 //! upstream's ML node is given (`MLNODE_MTLS_CLIENT_CERT`, `MLNODE_MTLS_CLIENT_KEY`,
 //! `MLNODE_MTLS_SERVER_CA`).
 //!
-//! - The ML-node API and the inference port take only a client that presents exactly the
+//! - The ML-node API and the inference port ([`ApiListener`]) take only a client that presents exactly the
 //!   pinned `dapi.crt` and proves its key in the handshake: no certificate, another one, or one
 //!   merely issued by it fails the handshake, before any request is read.
 //! - They serve a certificate the network node checks as upstream's client does (`mlnode.crt`
@@ -31,6 +31,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 /// Where the pair is (upstream's ML-node environment names in brackets).
 #[derive(Clone, Debug)]
@@ -202,7 +203,27 @@ struct Pinned {
     algorithms: WebPkiSupportedAlgorithms,
 }
 
+/// rustls' TLS 1.2 or 1.3 handshake-signature check.
+type SignatureCheck = fn(
+    &[u8],
+    &CertificateDer<'_>,
+    &DigitallySignedStruct,
+    &WebPkiSupportedAlgorithms,
+) -> Result<HandshakeSignatureValid, rustls::Error>;
+
 impl Pinned {
+    /// The handshake signature, checked with the presented certificate's key (the same for
+    /// either side: the certificate itself was compared with the pinned one).
+    fn signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+        check: SignatureCheck,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        check(message, cert, dss, &self.algorithms)
+    }
+
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         if presented.as_ref() == self.certificate.as_ref() {
             Ok(())
@@ -234,7 +255,7 @@ impl ClientCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.signature(message, cert, dss, rustls::crypto::verify_tls12_signature)
     }
 
     fn verify_tls13_signature(
@@ -243,7 +264,7 @@ impl ClientCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signature(message, cert, dss, rustls::crypto::verify_tls13_signature)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -269,7 +290,7 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.signature(message, cert, dss, rustls::crypto::verify_tls12_signature)
     }
 
     fn verify_tls13_signature(
@@ -278,7 +299,7 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signature(message, cert, dss, rustls::crypto::verify_tls13_signature)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -291,17 +312,26 @@ const MAX_HANDSHAKES: usize = 64;
 /// Longest a handshake may take (a client that connects and says nothing holds a slot no longer).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A TLS listener for `axum::serve`: handshakes run beside each other (bounded, with a timeout),
-/// so one stalled client does not hold up the others, and only finished handshakes are served.
-pub struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+/// A listener for `axum::serve` that speaks TLS when given a configuration, plain TCP otherwise:
+/// one serve path for both. Handshakes run beside each other (bounded, with a timeout), so one
+/// stalled client does not hold up the others, and only finished handshakes are served.
+pub struct ApiListener {
+    kind: ListenerKind,
     local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
 }
 
-impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+enum ListenerKind {
+    Plain(TcpListener),
+    Tls {
+        ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+        acceptor: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl ApiListener {
+    pub fn new(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
+        let Some(config) = tls else { return Ok(Self { kind: ListenerKind::Plain(listener), local }) };
         let (tx, ready) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
         let tls = tokio_rustls::TlsAcceptor::from(config);
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -330,25 +360,33 @@ impl TlsListener {
                 });
             }
         });
-        Ok(Self { ready, local, acceptor })
+        Ok(Self { kind: ListenerKind::Tls { ready, acceptor }, local })
     }
 }
 
-impl Drop for TlsListener {
+impl Drop for ApiListener {
     fn drop(&mut self) {
-        self.acceptor.abort();
+        if let ListenerKind::Tls { acceptor, .. } = &self.kind {
+            acceptor.abort();
+        }
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+impl axum::serve::Listener for ApiListener {
+    type Io = Either<TcpStream, TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The acceptor is gone only when the listener is dropped.
-            None => std::future::pending().await,
+        match &mut self.kind {
+            ListenerKind::Plain(listener) => {
+                let (stream, peer) = axum::serve::Listener::accept(listener).await;
+                (Either::Left(stream), peer)
+            }
+            ListenerKind::Tls { ready, .. } => match ready.recv().await {
+                Some((stream, peer)) => (Either::Right(stream), peer),
+                // The acceptor is gone only when the listener is dropped.
+                None => std::future::pending().await,
+            },
         }
     }
 

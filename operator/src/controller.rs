@@ -138,9 +138,14 @@ impl Context {
             since.remove(&key);
             Duration::ZERO
         };
+        self.count_unknown_windows(&since);
+        elapsed
+    }
+
+    /// The gauge of GonkaNodes whose epoch phase has been unreadable past the hold limit.
+    fn count_unknown_windows(&self, since: &std::collections::HashMap<report_store::GonkaNodeKey, std::time::Instant>) {
         let past = since.values().filter(|t| t.elapsed() >= self.config.unknown_window_hold).count();
         self.metrics.poc_window_unknown.set(past as i64);
-        elapsed
     }
 
     /// When to try an unreachable network node again: `retry`, doubling with every consecutive
@@ -163,8 +168,7 @@ impl Context {
         self.unreachable.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
         let mut since = self.epoch_unreadable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         since.remove(key);
-        let past = since.values().filter(|t| t.elapsed() >= self.config.unknown_window_hold).count();
-        self.metrics.poc_window_unknown.set(past as i64);
+        self.count_unknown_windows(&since);
     }
 
     /// Reads reports from `reports` (the report server's store).
@@ -425,6 +429,26 @@ fn secret_read_error(namespace: &str, name: &str, field: &str, error: kube::Erro
     }
 }
 
+/// The Secret `spec.networkNode.<field>` names, in the GonkaNode's namespace, once its owner
+/// opted in (the label): naming a Secret must not make the operator use one its author may not
+/// read.
+async fn opted_in_secret(gn: &GonkaNode, ctx: &Context, name: &str, field: &str) -> Result<Secret, String> {
+    let namespace = gn.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| secret_read_error(&namespace, name, field, e))?
+        .ok_or_else(|| format!("Secret {name} (spec.networkNode.{field}) does not exist"))?;
+    if secret.labels().get(CREDENTIALS_LABEL).map(String::as_str) != Some("true") {
+        return Err(format!(
+            "Secret {name} (spec.networkNode.{field}) is not labelled {CREDENTIALS_LABEL}=true: its owner must opt in \
+             before the operator uses it"
+        ));
+    }
+    Ok(secret)
+}
+
 /// The mutual-TLS Secret `spec.networkNode.mtlsSecretRef` names, if any: it must exist, carry its
 /// owner's opt-in label (naming a Secret must not get it mounted into pods whose image the
 /// GonkaNode's author picks) and hold upstream's three files. Its digest rolls the pods when
@@ -432,19 +456,7 @@ fn secret_read_error(namespace: &str, name: &str, field: &str, error: kube::Erro
 async fn mtls_secret(gn: &GonkaNode, ctx: &Context) -> Result<Option<MtlsSecret>, String> {
     let Some(secret_ref) = &gn.spec.network_node.mtls_secret_ref else { return Ok(None) };
     let name = &secret_ref.name;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-    let namespace = gn.namespace().unwrap_or_default();
-    let secret = secrets
-        .get_opt(name)
-        .await
-        .map_err(|e| secret_read_error(&namespace, name, "mtlsSecretRef", e))?
-        .ok_or_else(|| format!("Secret {name} (spec.networkNode.mtlsSecretRef) does not exist"))?;
-    if secret.labels().get(CREDENTIALS_LABEL).map(String::as_str) != Some("true") {
-        return Err(format!(
-            "Secret {name} (spec.networkNode.mtlsSecretRef) is not labelled {CREDENTIALS_LABEL}=true: its owner must \
-             opt in before the ML nodes mount it"
-        ));
-    }
+    let secret = opted_in_secret(gn, ctx, name, "mtlsSecretRef").await?;
     let data = secret.data.unwrap_or_default();
     let mut digest = Sha256::new();
     for file in MTLS_FILES {
@@ -477,19 +489,7 @@ async fn admin_token(gn: &GonkaNode, ctx: &Context) -> Result<Option<String>, St
             secret_ref.name, network.admin_url
         ));
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-    let namespace = gn.namespace().unwrap_or_default();
-    let secret = secrets
-        .get_opt(&secret_ref.name)
-        .await
-        .map_err(|e| secret_read_error(&namespace, &secret_ref.name, "credentialsSecretRef", e))?
-        .ok_or_else(|| format!("Secret {} (spec.networkNode.credentialsSecretRef) does not exist", secret_ref.name))?;
-    if secret.labels().get(CREDENTIALS_LABEL).map(String::as_str) != Some("true") {
-        return Err(format!(
-            "Secret {} is not labelled {CREDENTIALS_LABEL}=true: its owner must opt in before the operator uses it",
-            secret_ref.name
-        ));
-    }
+    let secret = opted_in_secret(gn, ctx, &secret_ref.name, "credentialsSecretRef").await?;
     let token = secret
         .data
         .and_then(|d| d.get("token").cloned())

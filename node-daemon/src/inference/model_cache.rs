@@ -162,9 +162,9 @@ struct Lfs {
 }
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
-    let stat = rustix::fs::statvfs(path).ok()?;
-    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+fn free_bytes(path: &Path) -> Result<u64, String> {
+    let stat = rustix::fs::statvfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 impl ModelCache {
@@ -314,7 +314,7 @@ impl ModelCache {
             let parent = target.parent().expect("inside the snapshot");
             tokio::fs::create_dir_all(parent).await.map_err(|e| format!("{}: {e}", parent.display()))?;
             let room = |needed: u64| match free_bytes(parent) {
-                Some(free) if free < needed.saturating_add(self.min_free_bytes) => Err(format!(
+                Ok(free) if free < needed.saturating_add(self.min_free_bytes) => Err(format!(
                     "{file_path}: the models volume has {} MiB free and keeps {} MiB free: not downloaded",
                     free >> 20,
                     self.min_free_bytes >> 20
@@ -427,8 +427,7 @@ impl ModelCache {
                 Err(_) => 0,
             }
         }
-        let stat = rustix::fs::statvfs(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        Ok((size(&root), stat.f_bavail * stat.f_frsize, root))
+        Ok((size(&root), free_bytes(&root)?, root))
     }
 }
 
