@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -36,11 +36,17 @@ pub struct EngineOptions {
     pub max_step_tokens: usize,
     /// Prompt plus completion at most; the model's `max_position_embeddings` when `None`.
     pub max_model_len: Option<i64>,
+    /// Bytes the running sequences' KV caches may take together; `None`: no limit (the CPU,
+    /// tests). A sequence is admitted only when the keys and values of its prompt and its
+    /// `max_tokens` fit beside those of the sequences running (vLLM's admission, without its
+    /// paging): a step never allocates past the budget, so one long request cannot make the
+    /// device run out of memory and fail every sequence in the step.
+    pub kv_cache_bytes: Option<u64>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_sequences: 32, max_step_tokens: 2048, max_model_len: None }
+        Self { max_sequences: 32, max_step_tokens: 2048, max_model_len: None, kv_cache_bytes: None }
     }
 }
 
@@ -100,6 +106,10 @@ pub enum EngineError {
     PromptTooLong { prompt: usize, max_model_len: i64 },
     #[error("token id {0} is outside the vocabulary")]
     TokenOutOfRange(i64),
+    #[error(
+        "the prompt and max_tokens take {tokens} tokens of KV cache ({needed} bytes); this engine's KV cache holds {budget} bytes"
+    )]
+    KvCacheTooSmall { tokens: i64, needed: u64, budget: u64 },
     #[error("PoC v2: seq_len {seq_len} must be 1..={max_model_len} and k_dim {k_dim} 1..={hidden}")]
     PocShape { seq_len: i64, k_dim: i64, max_model_len: i64, hidden: i64 },
     #[error("the engine has stopped")]
@@ -120,6 +130,7 @@ pub struct EngineLoad {
     running: AtomicUsize,
     waiting: AtomicUsize,
     poc_waiting: AtomicUsize,
+    kv_reserved: AtomicU64,
 }
 
 impl EngineLoad {
@@ -133,6 +144,11 @@ impl EngineLoad {
 
     pub fn poc_waiting(&self) -> usize {
         self.poc_waiting.load(Ordering::Relaxed)
+    }
+
+    /// KV-cache bytes the running sequences hold (as of the last admission).
+    pub fn kv_reserved(&self) -> u64 {
+        self.kv_reserved.load(Ordering::Relaxed)
     }
 }
 
@@ -148,6 +164,8 @@ pub trait InferenceEngine: Send + Sync {
     fn tokenizer(&self) -> &ChatTokenizer;
     /// Prompt plus completion at most.
     fn max_model_len(&self) -> i64;
+    /// The served model's shapes (for sizing work before it is queued).
+    fn spec(&self) -> &ModelSpec;
     /// Whether the engine still runs (else the ML node is unhealthy).
     fn is_alive(&self) -> bool;
 }
@@ -169,9 +187,18 @@ impl InferenceEngine for Engine {
         Engine::max_model_len(self)
     }
 
+    fn spec(&self) -> &ModelSpec {
+        Engine::spec(self)
+    }
+
     fn is_alive(&self) -> bool {
         Engine::is_alive(self)
     }
+}
+
+/// Prompt plus completion at most: `options.max_model_len`, never past the model's positions.
+pub fn context_length(spec: &ModelSpec, options: &EngineOptions) -> i64 {
+    options.max_model_len.unwrap_or(spec.max_position_embeddings).min(spec.max_position_embeddings)
 }
 
 /// A handle on the engine thread; dropping the last one stops it (after the current step).
@@ -181,16 +208,17 @@ pub struct Engine {
     spec: ModelSpec,
     tokenizer: Arc<ChatTokenizer>,
     max_model_len: i64,
+    kv_cache_bytes: Option<u64>,
     load: Arc<EngineLoad>,
 }
 
 impl Engine {
     pub fn start(model: Transformer, tokenizer: Arc<ChatTokenizer>, options: EngineOptions) -> Self {
         let spec = model.spec.clone();
-        let max_model_len =
-            options.max_model_len.unwrap_or(spec.max_position_embeddings).min(spec.max_position_embeddings);
+        let max_model_len = context_length(&spec, &options);
         let (commands, inbox) = mpsc::channel();
         let load = Arc::new(EngineLoad::default());
+        let kv_cache_bytes = options.kv_cache_bytes;
         let mut scheduler = Scheduler {
             model,
             tokenizer: tokenizer.clone(),
@@ -207,7 +235,7 @@ impl Engine {
             .name("inference-engine".into())
             .spawn(move || scheduler.run())
             .expect("spawning the engine thread");
-        Self { commands: Some(commands), thread: Some(thread), spec, tokenizer, max_model_len, load }
+        Self { commands: Some(commands), thread: Some(thread), spec, tokenizer, max_model_len, kv_cache_bytes, load }
     }
 
     pub fn tokenizer(&self) -> &ChatTokenizer {
@@ -220,6 +248,10 @@ impl Engine {
 
     pub fn load(&self) -> &EngineLoad {
         &self.load
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 
     /// Whether the engine thread still runs.
@@ -240,6 +272,13 @@ impl Engine {
         }
         let room = (self.max_model_len - request.prompt.len() as i64) as usize;
         request.params.max_tokens = request.params.max_tokens.min(room);
+        let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
+        let needed = tokens as u64 * self.spec.kv_bytes_per_token();
+        if let Some(budget) = self.kv_cache_bytes
+            && needed > budget
+        {
+            return Err(EngineError::KvCacheTooSmall { tokens, needed, budget });
+        }
         let (events, receiver) = async_mpsc::unbounded_channel();
         // Counted before the engine can see it (and take it off the count).
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +325,8 @@ impl Drop for Engine {
 
 struct Sequence {
     cache: SequenceCache,
+    /// KV-cache bytes held for it while it runs (prompt plus `max_tokens`).
+    reserved: u64,
     prompt: Vec<i64>,
     /// Prompt tokens already in the cache.
     prefilled: usize,
@@ -375,8 +416,11 @@ impl Scheduler {
         match command {
             Command::Generate { request, events } => {
                 let sampler = Sampler::new(&request.params);
+                // `generate` bounded max_tokens by the room the context leaves.
+                let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
                 self.waiting.push_back(Sequence {
-                    cache: self.model.new_cache(),
+                    cache: self.model.new_cache(tokens),
+                    reserved: tokens as u64 * self.model.spec.kv_bytes_per_token(),
                     prompt: request.prompt,
                     prefilled: 0,
                     last: None,
@@ -394,16 +438,25 @@ impl Scheduler {
         }
     }
 
-    /// Moves waiting sequences into the running set while there is room; drops abandoned ones.
+    /// Moves waiting sequences into the running set, first come first served, while there is
+    /// a slot and KV-cache budget for the next; drops abandoned ones.
     fn admit(&mut self) {
         self.running.retain(|s| !s.events.is_closed());
+        let mut reserved: u64 = self.running.iter().map(|s| s.reserved).sum();
         while self.running.len() < self.options.max_sequences {
-            let Some(sequence) = self.waiting.pop_front() else { break };
+            let Some(next) = self.waiting.front() else { break };
+            let abandoned = next.events.is_closed();
+            if !abandoned && self.options.kv_cache_bytes.is_some_and(|budget| reserved + next.reserved > budget) {
+                break;
+            }
+            let sequence = self.waiting.pop_front().expect("looked at above");
             self.load.waiting.fetch_sub(1, Ordering::Relaxed);
-            if !sequence.events.is_closed() {
+            if !abandoned {
+                reserved += sequence.reserved;
                 self.running.push(sequence);
             }
         }
+        self.load.kv_reserved.store(reserved, Ordering::Relaxed);
     }
 
     fn step(&mut self) {

@@ -9,7 +9,7 @@ use crate::models::Transformer;
 /// `stop` tokens (which is kept).
 pub fn greedy(model: &Transformer, prompt: &[i64], max_new: usize, stop: &[i64]) -> Vec<i64> {
     let _guard = tch::no_grad_guard();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache((prompt.len() + max_new) as i64);
     let mut input = prompt.to_vec();
     let mut out = Vec::with_capacity(max_new);
     while out.len() < max_new {

@@ -190,3 +190,72 @@ async fn poc_batches_wait_for_chat_and_match_the_direct_computation() {
     };
     assert!(matches!(engine.poc(too_long), Err(EngineError::PocShape { .. })));
 }
+
+/// With a KV-cache budget for one sequence's prompt and max_tokens, a second waits for the
+/// first to finish (and then decodes as it would alone); one that could never fit is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sequences_are_admitted_within_the_kv_cache_budget() {
+    let f = fixture();
+    let probe = start(&f, EngineOptions::default());
+    let per_token = probe.spec().kv_bytes_per_token();
+    let tokenizer = ChatTokenizer::load(&f.dir).unwrap();
+    let (a_prompt, b_prompt) =
+        (tokenizer.encode("Hello, world!", false).unwrap(), tokenizer.encode("café 🚀", false).unwrap());
+    let (a_tokens, b_tokens) = (a_prompt.len() + 30, b_prompt.len() + 10);
+    let alone =
+        collect(probe.generate(Generation { prompt: b_prompt.clone(), params: greedy_params(10) }).unwrap()).await;
+    drop(probe);
+
+    // Room for the larger of the two, not for both.
+    let budget = a_tokens.max(b_tokens) as u64 * per_token;
+    assert!(budget < (a_tokens + b_tokens) as u64 * per_token);
+    let engine = start(&f, EngineOptions { kv_cache_bytes: Some(budget), ..EngineOptions::default() });
+    let mut a = engine.generate(Generation { prompt: a_prompt.clone(), params: greedy_params(30) }).unwrap();
+    let b = engine.generate(Generation { prompt: b_prompt, params: greedy_params(10) }).unwrap();
+    // Whenever B has produced anything, A's Finished was sent before it (one engine thread):
+    // it is already in A's channel.
+    let mut a_finished = false;
+    while !a_finished {
+        let event = tokio::time::timeout(Duration::from_secs(60), a.recv()).await.unwrap().unwrap();
+        a_finished = matches!(event, Event::Finished { .. });
+        if !a_finished && !b.is_empty() {
+            let mut queued = Vec::new();
+            while let Ok(e) = a.try_recv() {
+                queued.push(e);
+            }
+            assert!(
+                queued.iter().any(|e| matches!(e, Event::Finished { .. })),
+                "B ran while A still decoded, beyond the KV-cache budget"
+            );
+            a_finished = true;
+        }
+    }
+    assert_eq!(collect(b).await, alone, "B, admitted late, decodes as it does alone");
+    assert!(engine.load().kv_reserved() <= budget);
+
+    // One sequence larger than the whole budget is refused, naming both sizes.
+    let refused = engine.generate(Generation { prompt: a_prompt.clone(), params: greedy_params(100) });
+    let tokens = (a_prompt.len() + 100) as i64;
+    assert_eq!(
+        refused.unwrap_err(),
+        EngineError::KvCacheTooSmall { tokens, needed: tokens as u64 * per_token, budget }
+    );
+}
+
+/// The per-token size admission counts is what a cache really holds: a sequence cache of five
+/// tokens, filled by a five-token prompt, takes five times it.
+#[test]
+fn the_kv_bytes_admission_counts_are_the_bytes_a_cache_holds() {
+    let f = fixture();
+    let model = load(&f.dir, &LoadOptions::default()).unwrap();
+    let _guard = tch::no_grad_guard();
+    let mut cache = model.new_cache(5);
+    let mut step = [gonka_inference::batch::Step {
+        input: gonka_inference::batch::StepInput::Tokens(vec![1, 2, 3, 4, 5]),
+        cache: Some(&mut cache),
+    }];
+    let _ = model.forward(&mut step, None, gonka_inference::batch::Output::Last);
+    assert_eq!(cache.len(), 5);
+    assert!(model.spec.kv_bytes_per_token() > 0);
+    assert_eq!(cache.bytes() as u64, 5 * model.spec.kv_bytes_per_token());
+}

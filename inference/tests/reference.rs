@@ -112,7 +112,7 @@ fn batched_steps_match_sequences_run_alone() {
     let model = load(dir.path(), &LoadOptions::default()).unwrap();
     let _guard = tch::no_grad_guard();
     let alone = |prefix: &[i64], new: &[i64]| -> Tensor {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache(64);
         if !prefix.is_empty() {
             let _ = model.forward(
                 &mut [Step { input: StepInput::Tokens(prefix.to_vec()), cache: Some(&mut cache) }],
@@ -128,7 +128,7 @@ fn batched_steps_match_sequences_run_alone() {
     };
     let sequences: [(&[i64], &[i64]); 3] =
         [(&[], &[3, 4, 5, 6, 7]), (&[10, 11, 12, 13], &[14, 15, 16]), (&[20; 6], &[21])];
-    let mut caches: Vec<_> = sequences.iter().map(|_| model.new_cache()).collect();
+    let mut caches: Vec<_> = sequences.iter().map(|_| model.new_cache(64)).collect();
     for ((prefix, _), cache) in sequences.iter().zip(caches.iter_mut()) {
         if !prefix.is_empty() {
             let _ = model.forward(

@@ -56,6 +56,10 @@ pub struct Settings {
     /// Address of the inference port; `None`: the management API's address with
     /// `daemon.json`'s `inferencePort` (upstream's 5000 without one).
     pub inference_listen: Option<SocketAddr>,
+    /// Requests in flight on the inference port at most (429 past it).
+    pub inference_max_in_flight: usize,
+    /// How long a request body on the inference port may take to arrive (408 past it).
+    pub inference_body_timeout: std::time::Duration,
     /// Address of the monitoring port (`/metrics`, the kubelet's probes); `None`: the management
     /// API's address with `daemon.json`'s `metricsPort` ([`DEFAULT_METRICS_PORT`] without one).
     pub metrics_listen: Option<SocketAddr>,
@@ -318,7 +322,12 @@ pub async fn run_with(
     #[cfg(feature = "torch")]
     let inference_server = {
         tracing::info!(addr = %inference_addr, "inference port listening");
-        let app = inference::inference_port(state.inference.clone());
+        let limits = inference::port_bounds::PortLimits {
+            max_in_flight: settings.inference_max_in_flight,
+            body_timeout: settings.inference_body_timeout,
+            ..Default::default()
+        };
+        let app = inference::inference_port(state.inference.clone(), limits);
         let listener = mtls::ApiListener::new(inference_listener, tls.clone())?;
         tokio::spawn(async move { axum::serve(listener, app).await })
     };

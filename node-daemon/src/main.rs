@@ -60,6 +60,13 @@ struct Cli {
     /// daemon.json's inferencePort, else 5000.
     #[arg(long, env = "GONKA_INFERENCE_LISTEN")]
     inference_listen: Option<SocketAddr>,
+    /// Requests in flight on the inference port at most, over both engines (a streamed answer
+    /// counts until it ends); more are answered 429.
+    #[arg(long, env = "GONKA_INFERENCE_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    inference_max_in_flight: u32,
+    /// Seconds a request body on the inference port may take to arrive after its headers (408).
+    #[arg(long, env = "GONKA_INFERENCE_BODY_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    inference_body_timeout_seconds: u64,
     /// Address of the monitoring port (`/metrics` and the kubelet's probes, plain HTTP, nothing
     /// else); default: the listen address's IP with daemon.json's metricsPort, else 9090.
     #[arg(long, env = "GONKA_METRICS_LISTEN")]
@@ -166,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
         model_mirror: cli.model_mirror,
         models_min_free_gb: cli.models_min_free_gb,
         inference_listen: cli.inference_listen,
+        inference_max_in_flight: cli.inference_max_in_flight as usize,
+        inference_body_timeout: std::time::Duration::from_secs(cli.inference_body_timeout_seconds),
         metrics_listen: cli.metrics_listen,
         mtls: match (cli.mtls_cert, cli.mtls_key, cli.mtls_peer_cert) {
             (Some(cert), Some(key), Some(peer_cert)) => {

@@ -409,3 +409,107 @@ async fn the_preloaded_model_serves_from_the_configured_models_dir() {
     let (status, _) = d.post_json("POST", "/api/v1/inference/up", &json!({"model": MODEL, "dtype": "auto"}));
     assert_eq!(status, 409);
 }
+
+/// Request headers for the inference port whose body never comes (a slow client).
+fn stalled_request(port: u16) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: ml-node\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+}
+
+/// The status line of what the server answered on `stream`.
+fn status_line(stream: &mut std::net::TcpStream) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(stream).read_line(&mut line).unwrap();
+    line
+}
+
+/// The native engine within its bounds: a KV cache that cannot hold one sequence of the model's
+/// length is refused at start-up (vLLM's rule, naming the flags), stop lists are bounded, and the
+/// inference port holds at most its requests in flight (429 past them, health still answered)
+/// and gives a slot back when a body does not arrive in time (408).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_inference_port_and_the_engine_stay_within_their_bounds() {
+    let (_root, dir) = models_dir();
+    let port = free_port();
+    let daemon = Daemon::start_with_env(
+        &Scenario::hgx_h100(),
+        &[
+            ("GONKA_MODELS_DIR", dir.parent().unwrap().parent().unwrap().to_str().unwrap()),
+            ("GONKA_INFERENCE_LISTEN", &format!("127.0.0.1:{port}")),
+            ("GONKA_INFERENCE_MAX_IN_FLIGHT", "2"),
+            ("GONKA_INFERENCE_BODY_TIMEOUT_SECONDS", "2"),
+        ],
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let node = Node { daemon, inference: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+
+    // The tiny model's keys and values: 2 × layers × kv_heads × head_dim × 4 bytes a token.
+    let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let per_token = 2
+        * config["num_hidden_layers"].as_u64().unwrap()
+        * config["num_key_value_heads"].as_u64().unwrap()
+        * config["head_dim"].as_u64().unwrap()
+        * 4;
+    let too_small = (128 * per_token - 1).to_string();
+    let (status, refused) = node.up(MODEL, &["--max-model-len", "128", "--kv-cache-memory-bytes", &too_small]);
+    assert_eq!(status, 500, "{refused}");
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("one sequence of the maximum model length (128 tokens) needs")
+            && detail.contains("lower --max-model-len, or raise --gpu-memory-utilization or --kv-cache-memory-bytes"),
+        "{detail}"
+    );
+    let exact = (128 * per_token).to_string();
+    let (status, body) = node.up(MODEL, &["--max-model-len", "128", "--kv-cache-memory-bytes", &exact]);
+    assert_eq!(status, 200, "{body}");
+
+    // Room for one sequence of 128 tokens: a request with a 128-token budget is served.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0});
+    let (status, answer) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Stop lists are scanned at every token: bounded, at the limit served.
+    let stops = |n: usize, len: usize| {
+        (0..n).map(|i| format!("{}{}", (b'a' + i as u8) as char, "s".repeat(len - 1))).collect::<Vec<_>>()
+    };
+    let (status, answer) = node
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"messages": chat["messages"], "max_tokens": 2, "stop": stops(16, 256)}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    for bad in [json!({"stop": stops(17, 8)}), json!({"stop": stops(1, 257)}), json!({"stop_token_ids": vec![1; 1025]})]
+    {
+        let mut request = json!({"messages": chat["messages"], "max_tokens": 2});
+        request.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let (status, answer) = node.post_json("/v1/chat/completions", &request).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("at most"), "{answer}");
+    }
+
+    // Two slow clients take both slots: the next request is refused, health still answers.
+    let mut slow = [stalled_request(port), stalled_request(port)];
+    // Waits until both hold their slots (each probe before that is served and gives its own back).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let (status, body) = node.post("/v1/chat/completions", &chat).await;
+        if status == 429 {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slow clients never held their slots: {status} {body}");
+    };
+    assert!(refused.contains("2 requests are in flight"), "{refused}");
+    assert_eq!(node.get("/health").await.0, 200);
+    // Their bodies never come: 408 within the timeout, and the slots are free again.
+    for stream in &mut slow {
+        let line = status_line(stream);
+        assert!(line.starts_with("HTTP/1.1 408"), "{line}");
+    }
+    let (status, answer) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answer}");
+}

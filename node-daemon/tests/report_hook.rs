@@ -25,6 +25,8 @@ fn settings() -> (Settings, SocketAddr) {
         model_mirror: None,
         models_min_free_gb: 10,
         inference_listen: Some("127.0.0.1:0".parse().unwrap()),
+        inference_max_in_flight: 1024,
+        inference_body_timeout: Duration::from_secs(30),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         vllm: None,
         mtls: None,

@@ -45,6 +45,39 @@ pub struct ModelSpec {
     pub max_position_embeddings: i64,
     /// The dtype the weights run in.
     pub kind: Kind,
+    pub attention_heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    /// The feed-forward's width per token (a dense MLP's, or one expert's times the experts
+    /// a token is routed to).
+    pub intermediate_size: i64,
+}
+
+impl ModelSpec {
+    fn element_bytes(&self) -> u64 {
+        self.kind.elt_size_in_bytes() as u64
+    }
+
+    /// Bytes one token's keys and values take in the caches of every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        2 * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.element_bytes()
+    }
+
+    /// An upper estimate of the memory one forward takes beyond the weights and the KV cache:
+    /// `tokens` rows through the widest layer (residual, norms, q/k/v, attention output, the
+    /// feed-forward's gate, up and activation, kept for one layer at a time), attention scores
+    /// in float32 for `attention_pairs` query-key pairs per head (the unfused path; fused
+    /// kernels take less), and float32 logits for `sampled` rows, copied once.
+    pub fn forward_bytes(&self, tokens: u64, attention_pairs: u64, sampled: u64) -> u64 {
+        let row = 6 * self.hidden_size as u64
+            + ((self.attention_heads + 2 * self.kv_heads) * self.head_dim) as u64
+            + 3 * self.intermediate_size as u64;
+        let scores = attention_pairs.saturating_mul(self.attention_heads as u64).saturating_mul(4);
+        tokens
+            .saturating_mul(row * self.element_bytes())
+            .saturating_add(scores)
+            .saturating_add(sampled.saturating_mul(self.vocab_size as u64 * 8))
+    }
 }
 
 /// Called with each layer's index and output (the residual stream, `[tokens, hidden]`); returns
@@ -61,8 +94,9 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache::new(self.blocks.len())
+    /// A KV cache for a sequence of at most `tokens` tokens.
+    pub fn new_cache(&self, tokens: i64) -> SequenceCache {
+        SequenceCache::new(self.blocks.len(), tokens)
     }
 
     fn first_device(&self) -> Device {

@@ -109,7 +109,10 @@ impl FeedForward for SparseMoe {
 pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
     config.validate()?;
     let base = &config.base.base;
-    let shape = base.stack_shape(Architecture::Qwen3Moe, w.kind())?;
+    let mut shape = base.stack_shape(Architecture::Qwen3Moe, w.kind())?;
+    // A routed token goes through top-k experts (plus a router row), a dense layer's MLP once.
+    shape.spec.intermediate_size =
+        base.intermediate_size.max(config.num_experts_per_tok * config.moe_intermediate_size + config.num_experts);
     assemble(shape, w, devices, |i, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(
             &layer.at("self_attn"),

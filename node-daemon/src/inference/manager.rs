@@ -129,6 +129,9 @@ pub struct Served {
     /// Sampling defaults from the model's `generation_config.json` (vLLM applies them to
     /// requests that leave the field out).
     pub defaults: GenerationDefaults,
+    /// GPU memory beside the weights that the KV cache and a forward's activations share (a PoC
+    /// v2 batch, which runs when no chat does, may take all of it); `None` on the CPU.
+    pub working_memory: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize)]
@@ -568,7 +571,46 @@ struct EngineArgs {
     max_model_len: Option<i64>,
     max_num_seqs: Option<usize>,
     max_num_batched_tokens: Option<usize>,
+    /// The share of the GPUs' memory the engine may use (vLLM's default, 0.92, when absent).
+    gpu_memory_utilization: Option<f64>,
+    /// The KV cache's size per GPU, in place of what the utilization leaves (vLLM's flag).
+    kv_cache_memory_bytes: Option<u64>,
     ignored: Vec<String>,
+}
+
+/// vLLM's default `--gpu-memory-utilization` (vLLM 0.32's `CacheConfig`).
+const GPU_MEMORY_UTILIZATION: f64 = 0.92;
+
+/// An integer as vLLM's `human_readable_int` reads one: a plain integer, or digits with a
+/// suffix — `k`/`m`/`g`/`t` decimal (1k = 1000; a fraction allowed, the product truncated),
+/// `K`/`M`/`G`/`T` binary (1K = 1024; whole numbers only).
+fn human_readable_int(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let Some(suffix) = text.chars().last().filter(|c| c.is_ascii_alphabetic()) else {
+        return text.parse().ok();
+    };
+    let number = &text[..text.len() - 1];
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let binary = |power: u32| digits(number).then(|| number.parse::<i64>().ok()?.checked_mul(1 << (10 * power)))?;
+    let decimal = |scale: f64| {
+        let valid = match number.split_once('.') {
+            Some((whole, fraction)) => digits(whole) && digits(fraction),
+            None => digits(number),
+        };
+        let value = number.parse::<f64>().ok().filter(|_| valid)? * scale;
+        (value < i64::MAX as f64).then_some(value as i64)
+    };
+    match suffix {
+        'k' => decimal(1e3),
+        'm' => decimal(1e6),
+        'g' => decimal(1e9),
+        't' => decimal(1e12),
+        'K' => binary(1),
+        'M' => binary(2),
+        'G' => binary(3),
+        'T' => binary(4),
+        _ => None,
+    }
 }
 
 fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
@@ -579,8 +621,15 @@ fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
             Some((f, v)) => (f.to_string(), Some(v.to_string())),
             None => (args[i].clone(), None),
         };
-        let takes_value = ["--served-model-name", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens"]
-            .contains(&flag.as_str());
+        let takes_value = [
+            "--served-model-name",
+            "--max-model-len",
+            "--max-num-seqs",
+            "--max-num-batched-tokens",
+            "--gpu-memory-utilization",
+            "--kv-cache-memory-bytes",
+        ]
+        .contains(&flag.as_str());
         let value = if takes_value {
             match inline {
                 Some(v) => Some(v),
@@ -593,13 +642,27 @@ fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
             None
         };
         let number = |v: &Option<String>| -> Result<i64, String> {
-            v.as_deref().unwrap_or("").parse::<i64>().map_err(|_| format!("{flag} takes a number, not {v:?}"))
+            human_readable_int(v.as_deref().unwrap_or("")).ok_or_else(|| format!("{flag} takes a number, not {v:?}"))
         };
         match flag.as_str() {
             "--served-model-name" => out.served_model_name = value,
+            // vLLM's `auto` and -1: the model's own length.
+            "--max-model-len" if matches!(value.as_deref(), Some("auto" | "-1")) => out.max_model_len = None,
             "--max-model-len" => out.max_model_len = Some(number(&value)?),
             "--max-num-seqs" => out.max_num_seqs = Some(number(&value)?.max(1) as usize),
             "--max-num-batched-tokens" => out.max_num_batched_tokens = Some(number(&value)?.max(1) as usize),
+            "--gpu-memory-utilization" => {
+                let share = value.as_deref().unwrap_or("").parse::<f64>().ok().filter(|u| *u > 0.0 && *u <= 1.0);
+                out.gpu_memory_utilization =
+                    Some(share.ok_or_else(|| format!("{flag} takes a share in (0, 1], not {value:?}"))?);
+            }
+            "--kv-cache-memory-bytes" => {
+                let bytes = number(&value)?;
+                if bytes <= 0 {
+                    return Err(format!("{flag} must be positive, is {bytes}"));
+                }
+                out.kv_cache_memory_bytes = Some(bytes as u64);
+            }
             _ => out.ignored.push(args[i].clone()),
         }
         i += 1;
@@ -646,6 +709,11 @@ fn bring_up_native(
             ));
         }
     }
+    let weights = match (devices.iter().all(|d| d.is_cuda()), free_gpu_bytes) {
+        (true, Some(_)) => gonka_inference::model::weight_bytes(&directory, dtype).map_err(|e| e.to_string())?,
+        _ => 0,
+    };
+    let device_count = devices.len() as u64;
     let model = gonka_inference::load(&directory, &LoadOptions { dtype, devices }).map_err(|e| e.to_string())?;
     let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
     if tokenizer.vocab_size() as i64 > model.spec.vocab_size {
@@ -665,12 +733,49 @@ fn bring_up_native(
     if let Some(n) = args.max_num_batched_tokens {
         options.max_step_tokens = n;
     }
+    // What the weights leave of the share of GPU memory the engine may use (NVML's free memory
+    // before loading); on the CPU, nothing is reserved unless --kv-cache-memory-bytes says so.
+    let working_memory = free_gpu_bytes.filter(|_| weights > 0).map(|free| {
+        let usable = free as f64 * args.gpu_memory_utilization.unwrap_or(GPU_MEMORY_UTILIZATION);
+        (usable as u64).saturating_sub(weights)
+    });
+    let max_model_len = gonka_inference::engine::context_length(&model.spec, &options);
+    let per_token = model.spec.kv_bytes_per_token();
+    options.kv_cache_bytes = match args.kv_cache_memory_bytes {
+        Some(per_gpu) => Some(per_gpu.saturating_mul(device_count)),
+        None => working_memory.map(|memory| {
+            // A step's activations are kept out of the KV cache's share: a prefill chunk of
+            // max_step_tokens and the logits of every running sequence.
+            let step = options.max_step_tokens as u64;
+            let activations = model.spec.forward_bytes(step, step * step, options.max_sequences as u64);
+            memory.saturating_sub(activations)
+        }),
+    };
+    if let Some(budget) = options.kv_cache_bytes {
+        let needed = max_model_len as u64 * per_token;
+        if needed > budget {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(format!(
+                "one sequence of the maximum model length ({max_model_len} tokens) needs {:.2} GiB of KV cache, \
+                 more than the {:.2} GiB this ML node has for it: lower --max-model-len, or raise \
+                 --gpu-memory-utilization or --kv-cache-memory-bytes",
+                gib(needed),
+                gib(budget)
+            ));
+        }
+        tracing::info!(
+            kv_cache_bytes = budget,
+            tokens = budget / per_token.max(1),
+            "KV cache budget for the running sequences"
+        );
+    }
     let engine = Engine::start(model, Arc::new(tokenizer), options);
     Ok(Served {
         name: args.served_model_name.unwrap_or_else(|| request.model.clone()),
         engine: Arc::new(engine),
         defaults: GenerationDefaults::read(&directory),
         directory,
+        working_memory,
     })
 }
 
@@ -754,5 +859,28 @@ mod tests {
         assert_eq!(parsed.ignored, vec!["--tensor-parallel-size", "4", "--enforce-eager"]);
         assert!(parse_args(&["--max-model-len".to_string()]).unwrap_err().contains("needs a value"));
         assert!(parse_args(&["--max-model-len=x".to_string()]).unwrap_err().contains("number"));
+    }
+
+    #[test]
+    fn memory_flags_read_as_vllm_reads_them() {
+        let parse = |args: &[&str]| parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let parsed =
+            parse(&["--kv-cache-memory-bytes", "2G", "--gpu-memory-utilization=0.5", "--max-model-len=1k"]).unwrap();
+        assert_eq!(parsed.kv_cache_memory_bytes, Some(2 << 30));
+        assert_eq!(parsed.gpu_memory_utilization, Some(0.5));
+        assert_eq!(parsed.max_model_len, Some(1000));
+        assert_eq!(parse(&["--max-model-len", "auto"]).unwrap().max_model_len, None);
+        assert!(parse(&["--gpu-memory-utilization", "1.5"]).unwrap_err().contains("(0, 1]"));
+        assert!(parse(&["--gpu-memory-utilization", "0"]).unwrap_err().contains("(0, 1]"));
+        assert!(parse(&["--kv-cache-memory-bytes", "0"]).unwrap_err().contains("positive"));
+        // vLLM's argparse_utils examples, and what it refuses.
+        for (text, value) in
+            [("1k", 1000), ("1K", 1024), ("25.6k", 25_600), ("1.0001k", 1000), ("2M", 2 << 20), ("123", 123)]
+        {
+            assert_eq!(human_readable_int(text), Some(value), "{text}");
+        }
+        for text in ["", "k", "1.5", "1.5K", "1x", "-k", "1.k", ".5k"] {
+            assert_eq!(human_readable_int(text), None, "{text}");
+        }
     }
 }

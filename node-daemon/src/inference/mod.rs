@@ -3,11 +3,12 @@
 //! and for each engine the inference port and PoC v2: the native engine of `gonka-inference`
 //! ([`openai`], [`pow_v2`]) or vLLM servers the daemon runs and fronts ([`vllm`]). Which one
 //! answers is decided in one place per port: [`inference_port`] here, the PoC v2 routes'
-//! seam in [`pow_v2::engine_seam`].
+//! seam in [`pow_v2::engine_seam`]. The port's bounds ([`port_bounds`]) stand in front of both.
 
 pub mod manager;
 pub mod model_cache;
 pub mod openai;
+pub mod port_bounds;
 pub mod pow_v2;
 pub mod vllm;
 
@@ -21,28 +22,23 @@ use axum::response::Response;
 use self::manager::InferenceManager;
 
 /// The inference port: the native engine's OpenAI API, or, while vLLM serves (or comes up),
-/// every request forwarded to its instances.
-pub fn inference_port(manager: Arc<InferenceManager>) -> Router {
-    let seam = VllmSeam {
-        manager: manager.clone(),
-        http: vllm::proxy::client(),
-        in_flight: Arc::new(tokio::sync::Semaphore::new(vllm::proxy::MAX_IN_FLIGHT)),
-    };
-    openai::router(manager).layer(axum::middleware::from_fn_with_state(seam, forward_to_vllm))
+/// every request forwarded to its instances; both within `limits`.
+pub fn inference_port(manager: Arc<InferenceManager>, limits: port_bounds::PortLimits) -> Router {
+    let seam = VllmSeam { manager: manager.clone(), http: vllm::proxy::client() };
+    openai::router(manager, limits.max_body_bytes)
+        .layer(axum::middleware::from_fn_with_state(seam, forward_to_vllm))
+        .layer(axum::middleware::from_fn_with_state(port_bounds::PortBounds::new(limits), port_bounds::bound))
 }
 
 #[derive(Clone)]
 struct VllmSeam {
     manager: Arc<InferenceManager>,
     http: reqwest::Client,
-    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 async fn forward_to_vllm(State(seam): State<VllmSeam>, request: Request, next: Next) -> Response {
     match seam.manager.vllm() {
-        Some(server) => {
-            vllm::proxy::forward(&server, &seam.http, &seam.in_flight, openai::MAX_BODY_BYTES, request).await
-        }
+        Some(server) => vllm::proxy::forward(&server, &seam.http, request).await,
         None => next.run(request).await,
     }
 }

@@ -2,9 +2,14 @@
 //! `/health` and `/v1/models` (its checks that an ML node really serves), OpenAI chat and text
 //! completions, whole or streamed as server-sent events, and `/tokenize`. Errors carry vLLM's
 //! body, `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Tokenising and rendering chat templates run on blocking threads, never on the runtime that
+//! answers health checks; stop lists are bounded (they are scanned at every token); a
+//! generation that produces nothing for [`IDLE_TIMEOUT`] is ended (and its sequence freed).
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -27,12 +32,20 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::manager::{InferenceManager, Served};
 
-/// Largest request body on the inference port (long prompts, many messages).
-pub const MAX_BODY_BYTES: usize = 16 << 20;
 /// OpenAI's default `max_tokens` for text completions.
 const COMPLETION_DEFAULT_MAX_TOKENS: u64 = 16;
+/// Stop strings per request at most, and bytes per stop string (each is looked for at every
+/// token); OpenAI takes 4.
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+/// Stop token ids per request at most.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// A generation silent this long is ended (upstream's proxy's read timeout towards vLLM).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(900);
 
-pub fn router(manager: Arc<InferenceManager>) -> Router {
+/// The native engine's routes; `max_body` is the port's body limit (the port's bounds read the
+/// body first).
+pub fn router(manager: Arc<InferenceManager>, max_body: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
@@ -40,7 +53,7 @@ pub fn router(manager: Arc<InferenceManager>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/tokenize", post(tokenize))
         .fallback(|| async { openai_error(StatusCode::NOT_FOUND, "Not Found") })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(manager)
 }
 
@@ -71,6 +84,9 @@ pub fn openai_error(status: StatusCode, message: impl Into<String>) -> Response 
     let kind = match status {
         StatusCode::BAD_REQUEST => "BadRequestError",
         StatusCode::NOT_FOUND => "NotFoundError",
+        StatusCode::PAYLOAD_TOO_LARGE => "BadRequestError",
+        StatusCode::REQUEST_TIMEOUT => "TimeoutError",
+        StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
         StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
         _ => "InternalServerError",
     };
@@ -164,13 +180,23 @@ fn sampling(served: &Served, s: Sampling, max_tokens: Option<u64>) -> Result<Sam
     if max_tokens == Some(0) {
         return Err(OpenAiError::bad_request("max_tokens must be at least 1"));
     }
+    let stop = s.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > MAX_STOP_STRINGS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(OpenAiError::bad_request(format!(
+            "stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_BYTES} bytes each"
+        )));
+    }
+    let stop_token_ids = s.stop_token_ids.unwrap_or_default();
+    if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(OpenAiError::bad_request(format!("stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")));
+    }
     Ok(SamplingParams {
         temperature,
         top_p,
         seed: s.seed.map(|s| s as u64),
         max_tokens: max_tokens.map_or(usize::MAX, |m| m as usize),
-        stop: s.stop.map(|s| s.into_vec()).unwrap_or_default(),
-        stop_token_ids: s.stop_token_ids.unwrap_or_default(),
+        stop,
+        stop_token_ids,
         ignore_eos: s.ignore_eos,
     })
 }
@@ -204,14 +230,48 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn start(served: &Served, prompt: Vec<i64>, params: SamplingParams) -> Result<UnboundedReceiver<Event>, OpenAiError> {
-    served.engine.generate(Generation { prompt, params }).map_err(|e| OpenAiError::bad_request(e.to_string()))
+/// Runs `work` (tokenising, rendering a chat template: CPU-bound, as long as the prompt) on a
+/// blocking thread.
+async fn off_the_runtime<T: Send + 'static>(
+    served: &Arc<Served>,
+    work: impl FnOnce(&Served) -> Result<T, String> + Send + 'static,
+) -> Result<T, OpenAiError> {
+    let served = served.clone();
+    tokio::task::spawn_blocking(move || work(&served))
+        .await
+        .map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("tokenizing failed: {e}")))?
+        .map_err(OpenAiError::bad_request)
+}
+
+/// A generation's events, ended by a failure when the engine sends nothing for
+/// [`IDLE_TIMEOUT`] (dropping the receiver then cancels the sequence).
+type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+fn start(served: &Served, prompt: Vec<i64>, params: SamplingParams) -> Result<Events, OpenAiError> {
+    let receiver =
+        served.engine.generate(Generation { prompt, params }).map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    Ok(with_idle_timeout(receiver, IDLE_TIMEOUT))
+}
+
+fn with_idle_timeout(receiver: UnboundedReceiver<Event>, idle: Duration) -> Events {
+    let events = tokio_stream::StreamExt::timeout(UnboundedReceiverStream::new(receiver), idle);
+    Box::pin(events.scan(false, move |ended, event| {
+        let next = match event {
+            _ if *ended => None,
+            Ok(event) => Some(event),
+            Err(_) => {
+                *ended = true;
+                Some(Event::Failed(format!("the engine produced nothing for {} s", idle.as_secs())))
+            }
+        };
+        futures::future::ready(next)
+    }))
 }
 
 /// Reads a generation to its end: text, finish reason, usage; `Err` for an engine failure.
-async fn finish(mut events: UnboundedReceiver<Event>) -> Result<(String, FinishReason, Usage), String> {
+async fn finish(mut events: Events) -> Result<(String, FinishReason, Usage), String> {
     let mut text = String::new();
-    while let Some(event) = events.recv().await {
+    while let Some(event) = events.next().await {
         match event {
             Event::Text(piece) => text.push_str(&piece),
             Event::Finished { reason, prompt_tokens, completion_tokens } => {
@@ -226,7 +286,7 @@ async fn finish(mut events: UnboundedReceiver<Event>) -> Result<(String, FinishR
 /// Server-sent events of a generation: one per text piece (`piece`), a final one (`last`), an
 /// optional usage event, then `[DONE]`.
 fn stream_events<F, L, U>(
-    events: UnboundedReceiver<Event>,
+    events: Events,
     first: Option<String>,
     piece: F,
     last: L,
@@ -237,7 +297,7 @@ where
     L: Fn(FinishReason) -> String + Send + 'static,
     U: Fn(Usage) -> String + Send + 'static,
 {
-    let body = UnboundedReceiverStream::new(events).flat_map(move |event| {
+    let body = events.flat_map(move |event| {
         let out: Vec<String> = match event {
             Event::Text(text) => vec![piece(text)],
             Event::Finished { reason, prompt_tokens, completion_tokens } => {
@@ -269,11 +329,15 @@ async fn chat(
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let params = sampling(&served, request.sampling, max_tokens)?;
     let messages = flatten_content(request.messages)?;
-    let tokenizer = served.engine.tokenizer();
-    let prompt = tokenizer
-        .apply_chat_template(&messages, request.add_generation_prompt, request.tools.as_ref())
-        .and_then(|text| tokenizer.encode(&text, false))
-        .map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    let (add_generation_prompt, tools) = (request.add_generation_prompt, request.tools);
+    let prompt = off_the_runtime(&served, move |served| {
+        let tokenizer = served.engine.tokenizer();
+        tokenizer
+            .apply_chat_template(&messages, add_generation_prompt, tools.as_ref())
+            .and_then(|text| tokenizer.encode(&text, false))
+            .map_err(|e| e.to_string())
+    })
+    .await?;
     let events = start(&served, prompt, params)?;
     let (id, created, model) = (request_id("chatcmpl"), now(), served.name.clone());
     if request.stream {
@@ -338,15 +402,22 @@ async fn completions(
     let served = generating(&manager, request.model.as_deref())?;
     let max_tokens = Some(request.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS));
     let params = sampling(&served, request.sampling, max_tokens)?;
-    let tokenizer = served.engine.tokenizer();
-    let prompt = match request.prompt {
-        Prompt::Text(text) => tokenizer.encode(&text, true),
-        Prompt::Tokens(ids) => Ok(ids),
-        Prompt::Texts(mut texts) if texts.len() == 1 => tokenizer.encode(&texts.remove(0), true),
-        Prompt::TokenLists(mut lists) if lists.len() == 1 => Ok(lists.remove(0)),
+    let text = match request.prompt {
+        Prompt::Text(text) => Ok(text),
+        Prompt::Tokens(ids) => Err(ids),
+        Prompt::Texts(mut texts) if texts.len() == 1 => Ok(texts.remove(0)),
+        Prompt::TokenLists(mut lists) if lists.len() == 1 => Err(lists.remove(0)),
         _ => return Err(OpenAiError::bad_request("one prompt per request: lists of prompts are not served")),
-    }
-    .map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    };
+    let prompt = match text {
+        Ok(text) => {
+            off_the_runtime(&served, move |served| {
+                served.engine.tokenizer().encode(&text, true).map_err(|e| e.to_string())
+            })
+            .await?
+        }
+        Err(ids) => ids,
+    };
     let events = start(&served, prompt, params)?;
     let (id, created, model) = (request_id("cmpl"), now(), served.name.clone());
     let completion = move |text: String, finish_reason: Option<&str>, usage: Option<Usage>| Completion {
@@ -390,14 +461,58 @@ async fn tokenize(
     OpenAiJson(request): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, OpenAiError> {
     let served = serving(&manager, request.model.as_deref())?;
-    let tokenizer = served.engine.tokenizer();
+    let (add_special_tokens, add_generation_prompt) = (request.add_special_tokens, request.add_generation_prompt);
     let tokens = match (request.prompt, request.messages) {
-        (Some(prompt), None) => tokenizer.encode(&prompt, request.add_special_tokens),
-        (None, Some(messages)) => tokenizer
-            .apply_chat_template(&flatten_content(messages)?, request.add_generation_prompt, None)
-            .and_then(|text| tokenizer.encode(&text, false)),
+        (Some(prompt), None) => {
+            off_the_runtime(&served, move |served| {
+                served.engine.tokenizer().encode(&prompt, add_special_tokens).map_err(|e| e.to_string())
+            })
+            .await?
+        }
+        (None, Some(messages)) => {
+            let messages = flatten_content(messages)?;
+            off_the_runtime(&served, move |served| {
+                let tokenizer = served.engine.tokenizer();
+                tokenizer
+                    .apply_chat_template(&messages, add_generation_prompt, None)
+                    .and_then(|text| tokenizer.encode(&text, false))
+                    .map_err(|e| e.to_string())
+            })
+            .await?
+        }
         _ => return Err(OpenAiError::bad_request("give either prompt or messages")),
-    }
-    .map_err(|e| OpenAiError::bad_request(e.to_string()))?;
+    };
     Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: served.engine.max_model_len(), tokens }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_generation_ends_with_a_failure_and_nothing_after() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut events = with_idle_timeout(rx, Duration::from_secs(5));
+        tx.send(Event::Text("a".into())).unwrap();
+        assert_eq!(events.next().await, Some(Event::Text("a".into())));
+        let started = tokio::time::Instant::now();
+        assert_eq!(events.next().await, Some(Event::Failed("the engine produced nothing for 5 s".into())));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // Ended: a late event is not read (the receiver goes, which cancels the sequence).
+        let _ = tx.send(Event::Text("late".into()));
+        assert_eq!(events.next().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_generation_that_keeps_producing_is_never_cut() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut events = with_idle_timeout(rx, Duration::from_secs(5));
+        for i in 0..10 {
+            tokio::time::advance(Duration::from_secs(4)).await;
+            tx.send(Event::Text(i.to_string())).unwrap();
+            assert_eq!(events.next().await, Some(Event::Text(i.to_string())));
+        }
+        drop(tx);
+        assert_eq!(events.next().await, None);
+    }
 }

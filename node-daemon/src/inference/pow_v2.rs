@@ -217,6 +217,7 @@ impl PocV2Service {
                 format!("batch_size must be between 1 and {MAX_BATCH_SIZE}, is {size}"),
             ));
         }
+        check_batch_memory(&served, params, size).map_err(|detail| Refusal::Detail(StatusCode::BAD_REQUEST, detail))?;
         Ok((served, size))
     }
 
@@ -249,6 +250,40 @@ impl IntoResponse for Refusal {
 }
 
 /// The model in `params` must be the one served (vLLM's `check_params_match`).
+/// A batch of `batch_size` nonces of `seq_len` tokens each is one forward: refused before
+/// anything is queued when its activations cannot fit what the weights leave of the GPUs (the
+/// engine's working memory: a PoC batch runs when no chat does, so the KV cache's share is
+/// free to it), or on the CPU the memory the system has available — as PoC v1 checks.
+fn check_batch_memory(served: &Served, params: &PocParams, batch_size: usize) -> Result<(), String> {
+    let memory = match served.working_memory {
+        Some(bytes) => (bytes, "GPU memory beside the weights"),
+        None => (crate::poc::engine::available_memory_bytes().unwrap_or(u64::MAX), "available system memory"),
+    };
+    batch_fits(served.engine.spec(), memory, params.seq_len, batch_size)
+}
+
+/// Whether a PoC v2 forward of `batch_size` nonces of `seq_len` tokens fits `budget` bytes of
+/// `memory` (named in the refusal).
+fn batch_fits(
+    spec: &gonka_inference::ModelSpec,
+    (budget, memory): (u64, &str),
+    seq_len: i64,
+    batch_size: usize,
+) -> Result<(), String> {
+    let (n, seq_len) = (batch_size as u64, seq_len.max(1) as u64);
+    let tokens = n.saturating_mul(seq_len);
+    let needed = spec.forward_bytes(tokens, tokens.saturating_mul(seq_len), n);
+    if needed > budget {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(format!(
+            "a PoC batch of {batch_size} nonces of seq_len {seq_len} needs {:.1} GiB; this ML node has {:.1} GiB of {memory}: lower poc.batchSize",
+            gib(needed),
+            gib(budget)
+        ));
+    }
+    Ok(())
+}
+
 fn check_params(served: &Served, params: &PocParams) -> Result<(), Value> {
     if params.model != served.name && served.directory.to_str() != Some(params.model.as_str()) {
         return Err(json!({
@@ -909,6 +944,49 @@ mod tests {
         let mut buffered = Buffered::default();
         assert_eq!(buffered.add(std::iter::once(artifact(0, 10_000)), 10, 1_000), 1);
         assert_eq!((buffered.artifacts.len(), buffered.bytes), (0, 0));
+    }
+
+    /// Qwen3-32B's shapes (its config.json).
+    fn qwen3_32b() -> gonka_inference::ModelSpec {
+        gonka_inference::ModelSpec {
+            architecture: gonka_inference::config::Architecture::Qwen3,
+            hidden_size: 5120,
+            vocab_size: 151_936,
+            layers: 64,
+            max_position_embeddings: 40_960,
+            kind: tch::Kind::BFloat16,
+            attention_heads: 64,
+            kv_heads: 8,
+            head_dim: 128,
+            intermediate_size: 25_600,
+        }
+    }
+
+    #[test]
+    fn a_poc_batch_is_sized_before_it_is_queued() {
+        let spec = qwen3_32b();
+        // By hand: a row is 6·5120 + (64 + 2·8)·128 + 3·25600 = 117,760 elements of 2 bytes;
+        // 4 nonces × 256 tokens = 1024 rows, 4·256·256 = 262,144 query-key pairs × 64 heads ×
+        // 4 bytes, and 4 rows of float32 logits copied once (151,936 × 8 bytes each).
+        let needed = 1024 * 117_760 * 2 + 262_144 * 64 * 4 + 4 * 151_936 * 8;
+        assert_eq!(spec.forward_bytes(1024, 262_144, 4), needed);
+        assert_eq!(batch_fits(&spec, (needed, "GPU memory"), 256, 4), Ok(()), "exactly at the budget");
+        let refused = batch_fits(&spec, (needed - 1, "GPU memory beside the weights"), 256, 4).unwrap_err();
+        assert!(
+            refused.starts_with("a PoC batch of 4 nonces of seq_len 256 needs")
+                && refused.ends_with("GiB of GPU memory beside the weights: lower poc.batchSize"),
+            "{refused}"
+        );
+        // Upstream's largest batch at a long seq_len on an H100's 80 GB: refused; a small one fits.
+        let h100 = (80u64 << 30, "GPU memory beside the weights");
+        assert!(batch_fits(&spec, h100, 1024, 1024).is_err());
+        assert!(batch_fits(&spec, h100, 1024, 8).is_ok());
+    }
+
+    #[test]
+    fn the_kv_cache_per_token_is_the_models_keys_and_values() {
+        // 2 (keys, values) × 64 layers × 8 heads × 128 dims × 2 bytes: vLLM's 256 KiB a token.
+        assert_eq!(qwen3_32b().kv_bytes_per_token(), 262_144);
     }
 
     fn config(node_id: i64, node_count: i64) -> RoundConfig {

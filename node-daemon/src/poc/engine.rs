@@ -78,7 +78,7 @@ fn memory_budget(settings: &PowSettings) -> (u64, &'static str) {
 }
 
 /// `MemAvailable` of `/proc/meminfo`.
-fn available_memory_bytes() -> Option<u64> {
+pub(crate) fn available_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

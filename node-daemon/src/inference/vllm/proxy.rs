@@ -1,10 +1,10 @@
 //! The inference port in front of vLLM (upstream's `api/proxy.py`): every request goes to the
 //! healthy instance with the fewest requests in flight, its answer comes back as it is made —
 //! status, headers and body, server-sent events passed through chunk by chunk, unbuffered.
-//! The daemon's bounds stay in front: the body limit of the inference port, a cap on requests
-//! in flight (429 past it), a connect timeout and an idle-read timeout towards vLLM.
+//! The inference port's bounds stand in front ([`crate::inference::port_bounds`]: requests in
+//! flight, bodies read whole within a size and a time); here, a connect timeout and an
+//! idle-read timeout towards vLLM.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -15,8 +15,6 @@ use futures::StreamExt;
 
 use super::supervisor::VllmServer;
 
-/// Requests forwarded at once, over all instances; more get 429.
-pub const MAX_IN_FLIGHT: usize = 1024;
 /// A response that sends nothing for this long is cut (upstream's read timeout, 900 s).
 pub const IDLE_READ_TIMEOUT: Duration = Duration::from_secs(900);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,27 +52,16 @@ pub fn client() -> reqwest::Client {
         .expect("an HTTP client without TLS settings builds")
 }
 
-/// Forwards `request` to the least-loaded healthy instance of `server`.
-pub async fn forward(
-    server: &VllmServer,
-    http: &reqwest::Client,
-    in_flight: &Arc<tokio::sync::Semaphore>,
-    max_body: usize,
-    request: Request,
-) -> Response {
-    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-        return (StatusCode::TOO_MANY_REQUESTS, format!("{MAX_IN_FLIGHT} requests in flight already; try again"))
-            .into_response();
-    };
+/// Forwards `request` (its body read whole by the port's bounds) to the least-loaded healthy
+/// instance of `server`.
+pub async fn forward(server: &VllmServer, http: &reqwest::Client, request: Request) -> Response {
     let Some(instance) = server.least_loaded() else { return no_backend() };
     let lease = instance.lease();
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, max_body).await {
+    // Already in memory: the port's bounds read it within their limits.
+    let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
-        Err(_) => {
-            return (StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are limited to {max_body} bytes"))
-                .into_response();
-        }
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("reading the request body: {e}")).into_response(),
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", instance.base_url());
@@ -97,9 +84,9 @@ pub async fn forward(
             response = response.header(name, value);
         }
     }
-    // The lease and the permit live as long as the body streams.
+    // The instance's lease lives as long as the body streams.
     let body = upstream.bytes_stream().map(move |chunk| {
-        let _held = (&lease, &permit);
+        let _held = &lease;
         chunk
     });
     response.body(Body::from_stream(body)).unwrap_or_else(|e| {
