@@ -929,6 +929,16 @@ impl ControlPlane {
         report_port: Option<u16>,
         watch_namespace: Option<&str>,
     ) -> anyhow::Result<Operator> {
+        // The replica's pod, when the test made one: while it leads, the report Service's
+        // endpoint (an address of its own; no kubelet gives it one here).
+        let pod = Api::<Pod>::namespaced(self.client().await?, lease_namespace).get_opt(identity).await?;
+        // (The apiserver refuses loopback endpoint addresses; nothing dials this one.)
+        static NEXT_OPERATOR_IP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+        let pod_ip = pod.as_ref().map(|p| {
+            p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_else(|| {
+                format!("10.250.0.{}", NEXT_OPERATOR_IP.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            })
+        });
         let options = gonka_operator::Options {
             controller: gonka_operator::ControllerConfig {
                 namespace: watch_namespace.map(str::to_string),
@@ -953,6 +963,8 @@ impl ControlPlane {
                 addr: report_port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))),
                 authenticate: true,
                 heartbeat: Duration::from_secs(1),
+                // The manifests' report Service, where they were applied.
+                service: Some("gonka-operator".into()),
                 ..Default::default()
             },
             lease: gonka_operator::LeaseOptions {
@@ -961,11 +973,8 @@ impl ControlPlane {
                 identity: identity.into(),
                 duration_seconds: 6,
                 grace_seconds: 2,
-                // The replica's pod, when the test made one (the leader labels it).
-                pod: Api::<Pod>::namespaced(self.client().await?, lease_namespace)
-                    .get_opt(identity)
-                    .await?
-                    .map(|_| identity.to_string()),
+                pod: pod.map(|_| identity.to_string()),
+                pod_ip,
             },
             admin_addr: "127.0.0.1:0".parse()?,
             api_requests: Default::default(),

@@ -1,8 +1,10 @@
 //! Two operator replicas on a real apiserver, installed from `manifests/` and running with
 //! exactly the ServiceAccount's RBAC: only the Lease holder reconciles; when it stops the other
-//! takes over; a replica whose lease is taken away stops writing. The leader labels its pod (the
-//! report Service selects it); both serve the report stream under one CA kept in a Secret, so a
-//! leader change leaves the daemons' trust (their daemon.json) as it was.
+//! takes over; a replica whose lease is taken away stops writing. The leader writes its address
+//! as the report Service's endpoint (the Service has no selector: a pod wearing the operator's
+//! labels draws nothing); both serve the report stream under one CA kept in a Secret of its own
+//! (its key never in the serving Secret, both owned by the Service), so a leader change leaves
+//! the daemons' trust (their daemon.json) as it was.
 
 use std::time::Duration;
 
@@ -12,7 +14,8 @@ use gonka_operator::RunError;
 use gonka_protocol::daemon_config::DaemonConfig;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -49,27 +52,54 @@ async fn only_the_leader_writes_and_a_follower_takes_over() -> anyhow::Result<()
                     "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]}});
         pods.create(&PostParams::default(), &serde_json::from_value(pod)?).await?;
     }
-    let leader_label = |name: &'static str| {
-        let pods = pods.clone();
+    // Who the report Service routes to: the pods its EndpointSlice names.
+    let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), SYSTEM);
+    let routed = || {
+        let slices = slices.clone();
         async move {
-            let pod = pods.get(name).await?;
-            anyhow::Ok(pod.labels().get(gonka_operator::runtime::LEADER_LABEL).cloned())
+            let Some(slice) = slices.get_opt("gonka-operator-leader").await? else { return anyhow::Ok(Vec::new()) };
+            anyhow::Ok(
+                slice.endpoints.iter().filter_map(|e| e.target_ref.as_ref()?.name.clone()).collect::<Vec<String>>(),
+            )
         }
     };
+    // A pod wearing the operator's labels, and the old leader label: the Service has no
+    // selector, so it draws nothing.
+    let impostor = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "impostor",
+            "labels": {"app.kubernetes.io/name": "gonka-operator", "app.kubernetes.io/instance": "gonka-operator",
+                "gonka.ai/operator-leader": "true"}},
+        "spec": {"serviceAccountName": "gonka-operator", "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "listener", "image": "registry.test/listener:1",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(impostor)?).await?;
+    let service = Api::<Service>::namespaced(admin.clone(), SYSTEM).get("gonka-operator").await?;
+    assert_eq!(service.spec.as_ref().unwrap().selector, None, "the report Service selects no pods");
 
     let rights = cp.client_as(SYSTEM, "gonka-operator").await?;
     let a = cp.start_operator_with(rights.clone(), "op-a", SYSTEM, Some(free_port()?)).await?;
     eventually("op-a leads", WAIT, || async { Ok(holder(&leases).await?.as_deref() == Some("op-a")) }).await?;
     let b = cp.start_operator_with(rights, "op-b", SYSTEM, Some(free_port()?)).await?;
-    eventually("op-a's pod carries the leader label, op-b's not", WAIT, || async {
-        Ok(leader_label("op-a").await?.as_deref() == Some("true") && leader_label("op-b").await?.is_none())
-    })
-    .await?;
-    // The report TLS Secret, made by the first replica with the ServiceAccount's rights.
+    eventually("the report Service routes to op-a alone", WAIT, || async { Ok(routed().await? == ["op-a"]) }).await?;
+    let slice = slices.get("gonka-operator-leader").await?;
+    assert_eq!(slice.labels()["kubernetes.io/service-name"], "gonka-operator");
+    assert_eq!(slice.endpoints[0].addresses.len(), 1);
+    assert_eq!(slice.owner_references()[0].uid, service.metadata.uid.clone().unwrap());
+    // The report TLS, made by the first replica with the ServiceAccount's rights: the CA's key
+    // in its own Secret, both owned by the Service (they go when it goes).
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), SYSTEM);
     let tls = secrets.get(gonka_operator::runtime::REPORT_TLS_SECRET).await?;
     let ca = String::from_utf8(tls.data.as_ref().unwrap()["ca.crt"].0.clone())?;
     assert_eq!(tls.annotations()[gonka_operator::report_tls::HOSTS_ANNOTATION], "127.0.0.1");
+    let mut keys: Vec<&String> = tls.data.as_ref().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"], "no CA key beside the serving certificate");
+    let ca_secret = secrets.get(gonka_operator::runtime::REPORT_CA_SECRET).await?;
+    assert!(ca_secret.data.as_ref().unwrap().contains_key("ca.key"));
+    assert_eq!(String::from_utf8(ca_secret.data.as_ref().unwrap()["ca.crt"].0.clone())?, ca);
+    for s in [&tls, &ca_secret] {
+        assert_eq!(s.owner_references()[0].uid, service.metadata.uid.clone().unwrap(), "{:?}", s.metadata.name);
+    }
 
     // Both replicas serve health; only the leader says so in its metrics.
     for op in [&a, &b] {
@@ -113,10 +143,7 @@ async fn only_the_leader_writes_and_a_follower_takes_over() -> anyhow::Result<()
     })
     .await?;
     assert!(b.reconciles() > 0);
-    eventually("the leader label moved to op-b's pod", WAIT, || async {
-        Ok(leader_label("op-a").await?.is_none() && leader_label("op-b").await?.as_deref() == Some("true"))
-    })
-    .await?;
+    eventually("the report Service routes to op-b alone", WAIT, || async { Ok(routed().await? == ["op-b"]) }).await?;
     // Same CA under the new leader: the daemons' config did not change.
     assert_eq!(report_ca().await?.as_deref(), Some(ca.as_str()));
 
@@ -136,7 +163,7 @@ async fn only_the_leader_writes_and_a_follower_takes_over() -> anyhow::Result<()
     let ended = b.finished(WAIT).await?;
     assert!(matches!(ended, Err(RunError::LostLeadership)), "{ended:?}");
     assert_eq!(holder(&leases).await?.as_deref(), Some("intruder"));
-    assert_eq!(leader_label("op-b").await?, None, "a replica that lost the lease takes its label off");
+    assert_eq!(routed().await?, Vec::<String>::new(), "a replica that lost the lease takes its address out");
     Ok(())
 }
 

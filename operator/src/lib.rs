@@ -16,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod network_node;
 pub mod registration;
+pub mod report_endpoint;
 pub mod report_server;
 pub mod report_store;
 pub mod report_tls;

@@ -73,15 +73,27 @@ struct RunArgs {
     report_addr: String,
     /// The report endpoint as daemons reach it, written into their `daemon.json`, e.g.
     /// `https://gonka-operator.gonka-system.svc:8082` (the operator's Service). `https://`
-    /// serves TLS under the operator's own CA (kept in `--report-tls-secret`, handed to the
+    /// serves TLS under the operator's own CA (kept in `--report-ca-secret`, handed to the
     /// daemons in `daemon.json`); `http://` is plain text (development only). Unset: daemons
     /// don't report (status shows no GPUs, weight or per-node reports).
     #[arg(global = true, long, env = "GONKA_REPORT_URL")]
     report_url: Option<String>,
-    /// The Secret, in the operator's namespace, holding the report server's CA and certificate
-    /// (created when missing).
+    /// The Secret, in the operator's namespace, holding the report server's certificate and the
+    /// CA bundle daemons trust (created when missing).
     #[arg(global = true, long, default_value = gonka_operator::runtime::REPORT_TLS_SECRET)]
     report_tls_secret: String,
+    /// The Secret, in the operator's namespace, holding the report CA's certificate and key
+    /// (created when missing; apart from the serving certificate).
+    #[arg(global = true, long, default_value = gonka_operator::runtime::REPORT_CA_SECRET)]
+    report_ca_secret: String,
+    /// The report Service, in the operator's namespace (without a selector): the leader writes
+    /// its own address as the Service's endpoint, and the report Secrets go with the Service.
+    #[arg(global = true, long, env = "GONKA_REPORT_SERVICE")]
+    report_service: Option<String>,
+    /// Seconds between checks that the report TLS was not rotated (a rotation restarts the
+    /// replica to serve the new certificate).
+    #[arg(global = true, long, default_value_t = 600)]
+    report_tls_check_seconds: u64,
     /// How daemons prove who they are: `service-account` (their pod's projected token, checked
     /// with a TokenReview) or `none` (development only).
     #[arg(global = true, long, value_enum, default_value_t = ReportAuth::ServiceAccount)]
@@ -109,10 +121,12 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: the pod name, else host name and pid).
     #[arg(global = true, long)]
     identity: Option<String>,
-    /// This replica's pod, labelled `gonka.ai/operator-leader=true` while it leads (the report
-    /// Service selects that label).
+    /// This replica's pod: while it leads, the report Service's endpoint (with `--pod-ip`).
     #[arg(global = true, long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// This replica's pod IP (the downward API's `status.podIP`).
+    #[arg(global = true, long, env = "POD_IP")]
+    pod_ip: Option<String>,
     /// Seconds the Lease stays valid without renewal.
     #[arg(global = true, long, default_value_t = 15)]
     lease_duration_seconds: u64,
@@ -189,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
             authenticate: args.report_auth == ReportAuth::ServiceAccount,
             heartbeat: Duration::from_secs(u64::from(args.report_heartbeat_seconds.max(1))),
             tls_secret: args.report_tls_secret,
+            ca_secret: args.report_ca_secret,
+            service: args.report_service,
+            tls_check: Duration::from_secs(args.report_tls_check_seconds.max(1)),
         },
         lease: LeaseOptions {
             name: args.lease_name,
@@ -197,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
             duration_seconds: args.lease_duration_seconds,
             grace_seconds: args.lease_grace_seconds,
             pod: args.pod_name,
+            pod_ip: args.pod_ip,
         },
         admin_addr: args.admin_addr,
         api_requests: gonka_operator::metrics::ApiRequests::default(),

@@ -2,7 +2,7 @@
 //! `protocol/proto/gonka/report/v1/report.proto`).
 //!
 //! Every replica listens, over TLS under the operator's own CA ([`crate::report_tls`]); the
-//! Service routes to the leader (it labels its pod, [`crate::runtime`]), and a follower reached
+//! Service routes to the leader (it writes its own endpoint, [`crate::report_endpoint`]), and a follower reached
 //! anyway (a stale endpoint during a leader change) answers `UNAVAILABLE` so the daemon retries:
 //! the replica that writes status is the one that holds the reports.
 //!

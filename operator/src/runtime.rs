@@ -4,15 +4,19 @@
 //! runs the controller, so two replicas never write at once. A replica that loses the lease
 //! stops its controller and returns [`RunError::LostLeadership`] (the binary exits and is
 //! restarted as a follower). On shutdown the lease is released so a follower takes over at once.
+//! The leader points the report Service at itself ([`crate::report_endpoint`]). Every replica
+//! checks the report TLS every [`ReportOptions::tls_check`] and, when it was rotated
+//! ([`crate::report_tls`]), stops with [`RunError::ReportTlsRotated`] to be restarted serving
+//! the new certificate.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use gonka_crds::GonkaNode;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::Service;
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -20,6 +24,7 @@ use tracing::{info, warn};
 use crate::controller::{self, Context, ControllerConfig};
 use crate::http::{self, AdminState};
 use crate::metrics::Metrics;
+use crate::report_endpoint::{self, Leader};
 use crate::report_server::{self, ReportAuth, ReportService};
 use crate::report_store::ReportStore;
 use crate::report_tls;
@@ -36,13 +41,11 @@ pub struct LeaseOptions {
     pub duration_seconds: u64,
     /// Seconds before expiry the holder renews.
     pub grace_seconds: u64,
-    /// This replica's pod (in `namespace`), labelled [`LEADER_LABEL`] while it leads so the
-    /// report Service routes to the leader alone; `None` outside a cluster.
+    /// This replica's pod (in `namespace`) and its IP: while it leads, the report Service's
+    /// endpoint; `None` outside a cluster.
     pub pod: Option<String>,
+    pub pod_ip: Option<String>,
 }
-
-/// On the leading replica's pod; the report Service selects it.
-pub const LEADER_LABEL: &str = "gonka.ai/operator-leader";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -65,13 +68,20 @@ pub struct ReportOptions {
     pub authenticate: bool,
     /// The heartbeat interval daemons are asked for.
     pub heartbeat: std::time::Duration,
-    /// The Secret (in the Lease's namespace) holding the report server's CA and certificate,
-    /// used when the report URL is `https://` (see [`crate::report_tls`]).
+    /// The Secrets (in the Lease's namespace) holding the report server's certificate and the
+    /// CA's, used when the report URL is `https://` (see [`crate::report_tls`]).
     pub tls_secret: String,
+    pub ca_secret: String,
+    /// The report Service (in the Lease's namespace), whose endpoint the leader writes and which
+    /// owns the report Secrets; `None`: no Service (development).
+    pub service: Option<String>,
+    /// How often every replica checks whether the report TLS was rotated.
+    pub tls_check: std::time::Duration,
 }
 
-/// The report TLS Secret's default name.
+/// The report TLS Secrets' default names.
 pub const REPORT_TLS_SECRET: &str = "gonka-operator-report-tls";
+pub const REPORT_CA_SECRET: &str = "gonka-operator-report-ca";
 
 impl Default for ReportOptions {
     fn default() -> Self {
@@ -80,6 +90,9 @@ impl Default for ReportOptions {
             authenticate: true,
             heartbeat: std::time::Duration::from_secs(u64::from(gonka_protocol::report::DEFAULT_HEARTBEAT_SECONDS)),
             tls_secret: REPORT_TLS_SECRET.into(),
+            ca_secret: REPORT_CA_SECRET.into(),
+            service: None,
+            tls_check: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -100,6 +113,8 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error("report server TLS: {0}")]
     ReportTls(#[from] crate::report_tls::TlsError),
+    #[error("the report server's certificate was rotated; stopping so this replica restarts serving the new one")]
+    ReportTlsRotated,
 }
 
 /// A running operator's handles, for callers that need the admin address or metrics.
@@ -129,19 +144,36 @@ pub async fn run(
     let leading = Arc::new(AtomicBool::new(false));
     let mut report_addr = None;
     let mut report_server = None;
+    let mut tls_watch = None;
+    let mut endpoint = None;
     let mut options = options;
     if let Some(addr) = options.reports.addr {
+        let service = match &options.reports.service {
+            Some(name) => {
+                let found = Api::<Service>::namespaced(client.clone(), &options.lease.namespace).get_opt(name).await?;
+                if found.is_none() {
+                    warn!(service = %name, "the report Service does not exist: no endpoint is written for it");
+                }
+                found
+            }
+            None => None,
+        };
         // The URL's scheme decides: https (the manifests' and chart's) serves TLS under the
         // operator's CA, which the daemons get in daemon.json; http is for development.
         let tls = match options.controller.report.as_ref().map(|r| r.url.clone()).as_deref() {
             Some(url) if url.starts_with("https://") => {
                 let hosts = vec![report_tls::host_of(url)?];
-                let tls =
-                    report_tls::ensure(client.clone(), &options.lease.namespace, &options.reports.tls_secret, &hosts)
-                        .await?;
+                let secrets = report_tls::TlsSecrets {
+                    namespace: options.lease.namespace.clone(),
+                    ca: options.reports.ca_secret.clone(),
+                    serving: options.reports.tls_secret.clone(),
+                    owner: service.as_ref().and_then(report_endpoint::owner),
+                };
+                let tls = report_tls::ensure(client.clone(), &secrets, &hosts).await?;
                 if let Some(report) = options.controller.report.as_mut() {
                     report.ca_bundle = Some(tls.ca_pem.clone());
                 }
+                tls_watch = Some((secrets, hosts, tls.clone()));
                 Some(tls)
             }
             Some(url) => {
@@ -158,7 +190,7 @@ pub async fn run(
         };
         let reporter =
             Reporter { controller: crate::build::MANAGER.into(), instance: options.controller.instance.clone() };
-        let service = ReportService {
+        let service_impl = ReportService {
             store: reports.clone(),
             auth,
             leading: leading.clone(),
@@ -168,8 +200,11 @@ pub async fn run(
             stop: server_stop.clone(),
             streams: Arc::new(tokio::sync::Semaphore::new(report_server::MAX_STREAMS)),
         };
-        let (addr, task) = report_server::serve(addr, service, tls.as_ref()).await?;
+        let (addr, task) = report_server::serve(addr, service_impl, tls.as_ref()).await?;
         info!(%addr, "report server listening");
+        if let (Some(service), Some(pod), Some(ip)) = (service, &options.lease.pod, &options.lease.pod_ip) {
+            endpoint = Some((service, Leader { pod: pod.clone(), ip: ip.clone(), port: addr.port() }));
+        }
         report_addr = Some(addr);
         report_server = Some(task);
     }
@@ -177,13 +212,52 @@ pub async fn run(
         let _ = started.send(Running { admin_addr, report_addr, metrics: metrics.clone() });
     }
 
-    let result = lead_and_reconcile(client, &options, &metrics, &ready, &stop, &reports, &leading).await;
+    // A rotation stops this replica: the leading part first (it releases the lease), then the
+    // servers; the binary exits and is restarted with the new certificate.
+    let leading_stop = stop.child_token();
+    let rotated = Arc::new(AtomicBool::new(false));
+    let watcher = tls_watch.map(|(secrets, hosts, served)| {
+        let (client, leading_stop, rotated, every) =
+            (client.clone(), leading_stop.clone(), rotated.clone(), options.reports.tls_check);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = leading_stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match report_tls::ensure(client.clone(), &secrets, &hosts).await {
+                    Ok(now) if now == served => {}
+                    Ok(_) => {
+                        info!("the report TLS was rotated: restarting to serve it");
+                        rotated.store(true, Ordering::SeqCst);
+                        leading_stop.cancel();
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "checking the report TLS"),
+                }
+            }
+        })
+    });
+    let signals = LeaderSignals { leading: &leading, endpoint: endpoint.as_ref() };
+    let result = lead_and_reconcile(client, &options, &metrics, &ready, &leading_stop, &reports, signals).await;
+    let result = if rotated.load(Ordering::SeqCst) { Err(RunError::ReportTlsRotated) } else { result };
+    leading_stop.cancel();
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     server_stop.cancel();
     let _ = server.await;
     if let Some(task) = report_server {
         let _ = task.await;
     }
     result
+}
+
+/// How this replica tells others it leads: the report server's flag, and the report Service's
+/// endpoint (the Service and this replica's address) when there is one.
+struct LeaderSignals<'a> {
+    leading: &'a AtomicBool,
+    endpoint: Option<&'a (Service, Leader)>,
 }
 
 async fn lead_and_reconcile(
@@ -193,12 +267,13 @@ async fn lead_and_reconcile(
     ready: &AtomicBool,
     stop: &CancellationToken,
     reports: &ReportStore,
-    leading_flag: &AtomicBool,
+    leader: LeaderSignals<'_>,
 ) -> Result<(), RunError> {
+    let LeaderSignals { leading: leading_flag, endpoint } = leader;
     check_crd(&client, options.controller.namespace.as_deref()).await?;
     ready.store(true, Ordering::Relaxed);
-    // A restarted container keeps its pod's labels: it is no leader until it wins again.
-    mark_leader(&client, &options.lease, false).await;
+    // A restarted replica may still be listed: it is no leader until it wins again.
+    point_report_service(&client, endpoint, false).await;
 
     let lease = &options.lease;
     let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
@@ -222,7 +297,7 @@ async fn lead_and_reconcile(
         info!(identity = %lease.identity, "leading: starting the controller");
         metrics.leader.set(1);
         leading_flag.store(true, Ordering::Relaxed);
-        mark_leader(&client, lease, true).await;
+        point_report_service(&client, endpoint, true).await;
         let ctx = Arc::new(
             Context::new(client.clone(), options.controller.clone(), metrics.clone()).with_reports(reports.clone()),
         );
@@ -242,7 +317,7 @@ async fn lead_and_reconcile(
         }
         metrics.leader.set(0);
         leading_flag.store(false, Ordering::Relaxed);
-        mark_leader(&client, lease, false).await;
+        point_report_service(&client, endpoint, false).await;
         result
     }
     .await;
@@ -257,18 +332,17 @@ async fn lead_and_reconcile(
     outcome
 }
 
-/// Labels this replica's pod as the leader, or takes the label off. A failure is logged, not
-/// fatal: the report Service then misses the leader (or keeps a follower, which answers
-/// `UNAVAILABLE`), and daemons retry until it is put right.
-async fn mark_leader(client: &Client, lease: &LeaseOptions, leading: bool) {
-    let Some(pod) = &lease.pod else { return };
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &lease.namespace);
-    let value = if leading { serde_json::json!("true") } else { serde_json::Value::Null };
-    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
-    match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
-        Ok(_) => info!(%pod, leading, "leader label set on this replica's pod"),
+/// Points the report Service at this replica (`leading`), or takes this replica's address out
+/// of it. A failure is logged, not fatal: the Service then misses the leader (or keeps a
+/// follower, which answers `UNAVAILABLE`), and daemons retry until it is put right.
+async fn point_report_service(client: &Client, endpoint: Option<&(Service, Leader)>, leading: bool) {
+    let Some((service, me)) = endpoint else { return };
+    let (leader, withdraw) = if leading { (Some(me), None) } else { (None, Some(me.ip.as_str())) };
+    match report_endpoint::write(client.clone(), service, leader, withdraw, me.port).await {
+        Ok(true) => info!(pod = %me.pod, ip = %me.ip, leading, "report Service endpoint written"),
+        Ok(false) => {}
         Err(e) => {
-            warn!(%pod, leading, error = %e, "could not label this replica's pod; the report Service may route to the wrong replica")
+            warn!(pod = %me.pod, leading, error = %e, "could not write the report Service's endpoint; reports may go to the wrong replica")
         }
     }
 }
