@@ -696,22 +696,23 @@ fn bring_up_native(
         tracing::info!(ignored = ?args.ignored, "vLLM arguments this engine does not use");
     }
     let devices = devices(settings.allow_cpu)?;
-    if devices.iter().all(|d| d.is_cuda())
-        && let Some(free) = free_gpu_bytes
-    {
-        let needed = gonka_inference::model::weight_bytes(&directory, dtype).map_err(|e| e.to_string())?;
-        if needed > free {
-            return Err(format!(
-                "{} needs {:.1} GiB for its weights alone; the GPUs have {:.1} GiB free",
-                request.model,
-                needed as f64 / (1u64 << 30) as f64,
-                free as f64 / (1u64 << 30) as f64
-            ));
+    // On GPUs, what NVML shows free: the weights must fit it (read from the checkpoint's
+    // headers before anything is allocated), and the KV cache's budget comes from it.
+    let gpu_free = free_gpu_bytes.filter(|_| devices.iter().all(|d| d.is_cuda()));
+    let weights = match gpu_free {
+        Some(free) => {
+            let needed = gonka_inference::model::weight_bytes(&directory, dtype).map_err(|e| e.to_string())?;
+            if needed > free {
+                return Err(format!(
+                    "{} needs {:.1} GiB for its weights alone; the GPUs have {:.1} GiB free",
+                    request.model,
+                    needed as f64 / (1u64 << 30) as f64,
+                    free as f64 / (1u64 << 30) as f64
+                ));
+            }
+            needed
         }
-    }
-    let weights = match (devices.iter().all(|d| d.is_cuda()), free_gpu_bytes) {
-        (true, Some(_)) => gonka_inference::model::weight_bytes(&directory, dtype).map_err(|e| e.to_string())?,
-        _ => 0,
+        None => 0,
     };
     let device_count = devices.len() as u64;
     let model = gonka_inference::load(&directory, &LoadOptions { dtype, devices }).map_err(|e| e.to_string())?;
@@ -735,7 +736,7 @@ fn bring_up_native(
     }
     // What the weights leave of the share of GPU memory the engine may use (NVML's free memory
     // before loading); on the CPU, nothing is reserved unless --kv-cache-memory-bytes says so.
-    let working_memory = free_gpu_bytes.filter(|_| weights > 0).map(|free| {
+    let working_memory = gpu_free.map(|free| {
         let usable = free as f64 * args.gpu_memory_utilization.unwrap_or(GPU_MEMORY_UTILIZATION);
         (usable as u64).saturating_sub(weights)
     });
