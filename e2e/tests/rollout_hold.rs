@@ -23,6 +23,19 @@ const NS: &str = "gpu";
 const WAIT: Duration = Duration::from_secs(90);
 const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
 
+/// The ML-node pods' UIDs, sorted (a replaced pod has a new one).
+async fn pod_uids(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
+    let mut uids: Vec<String> = pods
+        .list(&ListParams::default().labels(PODS))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.uid)
+        .collect();
+    uids.sort();
+    Ok(uids)
+}
+
 async fn pod_images(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
     let mut images: Vec<String> = pods
         .list(&ListParams::default().labels(PODS))
@@ -112,6 +125,7 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
             && matches!(dry_run_eviction().await, Err(kube::Error::Api(e)) if e.code == 429))
     })
     .await?;
+    let uids_before = pod_uids(&pods).await?;
     api.patch("h100", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "registry.test/daemon:v2"}})))
         .await?;
     eventually("the hold is reported", WAIT, || async {
@@ -119,10 +133,14 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
         Ok(status == "True" && reason == "HeldForPoC" && message.contains("PocGenerate"))
     })
     .await?;
-    for _ in 0..10 {
+    // Several more passes of the held rollout (it rechecks every second), then the same pods.
+    let seen = operator.reconciles();
+    eventually("three more reconciles while held", WAIT, || async {
         cp.simulate_kubelet(NS, PODS).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        Ok(operator.reconciles() >= seen + 3)
+    })
+    .await?;
+    assert_eq!(pod_uids(&pods).await?, uids_before, "no pod replaced during PoC");
     assert_eq!(pod_images(&pods).await?, ["registry.test/gonka-node-daemon:e2e"; 2], "no pod replaced during PoC");
     assert!(devnet.lock().unwrap().nodes().iter().all(|n| n.state.admin_state.enabled), "nothing disabled yet");
 

@@ -161,7 +161,7 @@ async fn poc_batches_wait_for_chat_and_match_the_direct_computation() {
     let f = fixture();
     let engine = start(&f, EngineOptions::default());
     let prompt = engine.tokenizer().encode("Hello", false).unwrap();
-    let chat = engine.generate(Generation { prompt, params: greedy_params(60) }).unwrap();
+    let mut chat = engine.generate(Generation { prompt, params: greedy_params(60) }).unwrap();
     let batch = PocBatch {
         block_hash: "abc".into(),
         public_key: "pk".into(),
@@ -170,10 +170,36 @@ async fn poc_batches_wait_for_chat_and_match_the_direct_computation() {
         stronger_rng: false,
         nonces: vec![1, 2, 3],
     };
-    let poc = engine.poc(batch).unwrap();
-    let (_, _, _, completion) = collect(chat).await;
+    let mut poc = engine.poc(batch).unwrap();
+    // While chat still decodes the batch is not done: whenever it is, chat's Finished was sent
+    // before it (one engine thread) and is already in chat's channel.
+    let mut early = None;
+    let completion = loop {
+        let event = tokio::time::timeout(Duration::from_secs(60), chat.recv()).await.unwrap().unwrap();
+        if let Event::Finished { completion_tokens, .. } = event {
+            break completion_tokens;
+        }
+        if let Ok(result) = poc.try_recv() {
+            let mut queued = Vec::new();
+            while let Ok(e) = chat.try_recv() {
+                queued.push(e);
+            }
+            early = Some(result);
+            break queued
+                .iter()
+                .find_map(|e| match e {
+                    Event::Finished { completion_tokens, .. } => Some(*completion_tokens),
+                    _ => None,
+                })
+                .expect("the PoC batch ran while chat still decoded");
+        }
+    };
     assert_eq!(completion, 60);
-    let artifacts = poc.await.unwrap().unwrap();
+    let artifacts = match early {
+        Some(result) => result,
+        None => poc.await.unwrap(),
+    }
+    .unwrap();
     // What the engine computed is what poc_v2 computes on the same model.
     let model = load(&f.dir, &LoadOptions::default()).unwrap();
     let round = Round { block_hash: "abc", public_key: "pk", seq_len: 8, k_dim: 12, stronger_rng: false };

@@ -47,15 +47,26 @@ fn relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
 }
 
 fn check(arch: &str, extra: Value, tolerance: f64) -> (tempfile::TempDir, Transformer) {
+    check_prompt(arch, &PROMPT, 10, extra, tolerance)
+}
+
+/// Ours against transformers on `prompt`: every position's logits, then `max_new` greedy tokens.
+fn check_prompt(
+    arch: &str,
+    prompt: &[i64],
+    max_new: usize,
+    extra: Value,
+    tolerance: f64,
+) -> (tempfile::TempDir, Transformer) {
     let dir = tempfile::tempdir().unwrap();
-    let mut request = json!({"arch": arch, "dir": dir.path(), "prompt": PROMPT, "max_new": 10, "seed": 7});
+    let mut request = json!({"arch": arch, "dir": dir.path(), "prompt": prompt, "max_new": max_new, "seed": 7});
     request.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     let (theirs, their_tokens) = reference(request);
     let model = load(dir.path(), &LoadOptions::default()).unwrap();
-    let ours = prompt_logits(&model, &PROMPT);
+    let ours = prompt_logits(&model, prompt);
     let error = relative_error(&ours, &theirs);
     assert!(error < tolerance, "{arch}: logits differ from transformers' by {error:e} (tolerance {tolerance:e})");
-    assert_eq!(greedy(&model, &PROMPT, 10, &[]), their_tokens, "{arch}: greedy tokens");
+    assert_eq!(greedy(&model, prompt, max_new, &[]), their_tokens, "{arch}: greedy tokens");
     (dir, model)
 }
 
@@ -65,6 +76,14 @@ fn qwen2_with_yarn_in_transformers_4_spelling_matches_transformers() {
     let (dir, model) = check("qwen2", json!({"shard_size": "100KB", "old_config_spelling": true}), 1e-5);
     assert!(dir.path().join("model.safetensors.index.json").is_file());
     assert_eq!(model.spec.layers, 3);
+}
+
+/// YaRN past the context it stretches (`original_max_position_embeddings` 64 in the tiny
+/// Qwen2): a 100-token prompt and 20 greedy tokens, positions up to 119.
+#[test]
+fn qwen2_yarn_past_the_original_context_matches_transformers() {
+    let prompt: Vec<i64> = (0..100).map(|i| (i * 37 + 11) % 320).collect();
+    check_prompt("qwen2", &prompt, 20, json!({}), 1e-5);
 }
 
 #[test]

@@ -221,8 +221,20 @@ async fn the_images_build_and_run_as_non_root_with_a_read_only_root() -> anyhow:
             c.args(["/usr/bin/env", "PATH=/usr/local/bin:/usr/bin:/bin", "LD_LIBRARY_PATH=/opt/gonka/lib"]).args(args);
             c
         };
-        let written = chroot(&["/bin/sh", "-c", "touch /written-at-run-time"]).stderr(Stdio::null()).status()?;
-        ensure!(!written.success(), "the root file system is writable");
+        // Read-only for root too (uid 65532 could not write a root-owned / anyway): the mount
+        // refuses with EROFS; /tmp, as in the pod, takes writes (the positive control).
+        let as_root = Command::new(&chroot_bin)
+            .arg(&root)
+            .env_clear()
+            .args(["/bin/sh", "-c", "touch /written-at-run-time"])
+            .output()?;
+        let refusal = String::from_utf8_lossy(&as_root.stderr);
+        ensure!(
+            !as_root.status.success() && refusal.contains("Read-only file system"),
+            "root wrote to the root file system, or failed otherwise: {refusal}"
+        );
+        let tmp = chroot(&["/bin/sh", "-c", "touch /tmp/written-at-run-time"]).status()?;
+        ensure!(tmp.success(), "/tmp is not writable for the daemon's user");
 
         let port = free_port()?;
         let child = chroot(&[

@@ -124,6 +124,26 @@ async fn a_model_downloads_from_the_mirror_serves_and_is_deleted() {
     assert_eq!(d.post_json("POST", "/api/v1/models/status", &model(Some(COMMIT))).1["status"], "DOWNLOADED");
     let snapshot = cache.path().join("models--Qwen--Tiny-Qwen3/snapshots").join(COMMIT);
     assert!(snapshot.join("model.safetensors.index.json").is_file());
+    // Every file of the source, byte for byte, and nothing else.
+    let files = |root: &Path| {
+        let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+            .collect();
+        out.sort();
+        out
+    };
+    let (downloaded, source_files) = (files(&snapshot), files(source.path()));
+    assert!(source_files.len() > 3, "shards, index, config, tokenizer");
+    assert_eq!(
+        downloaded.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        source_files.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    for ((name, ours), (_, theirs)) in downloaded.iter().zip(&source_files) {
+        assert!(ours == theirs, "{name}: the downloaded bytes differ from the mirror's");
+    }
     assert_eq!(std::fs::read_to_string(cache.path().join("models--Qwen--Tiny-Qwen3/refs/main")).unwrap(), COMMIT);
     assert_eq!(
         d.json("GET", "/api/v1/models/list").1,

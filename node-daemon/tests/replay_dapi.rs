@@ -80,7 +80,11 @@ impl GoConnection {
         }
         let mut body = vec![0; length];
         self.reader.read_exact(&mut body).unwrap();
-        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        // Every answer is JSON (upstream's `None` is the body `null`): anything else fails here.
+        let value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!("status {status}: a body that is not JSON ({e}): {:?}", String::from_utf8_lossy(&body))
+        });
+        (status, value)
     }
 }
 

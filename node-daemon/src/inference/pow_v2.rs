@@ -27,7 +27,7 @@ use gonka_inference::engine::PocBatch;
 use gonka_inference::poc_v2::decode_vector;
 use gonka_protocol::pow_v2::{
     Artifact, BackendResult, Encoding, GenerateRequest, GeneratedArtifactBatch, InitGenerateRequest,
-    InitGenerateResponse, PocParams, StatusResponse, StopResponse, ValidatedResult,
+    InitGenerateResponse, PocParams, StatTest, StatusResponse, StopResponse, ValidatedResult,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -689,20 +689,26 @@ async fn run_job(
     }
     let Some(validation) = &body.validation else { return Ok(Outcome::Artifacts(computed)) };
     let stat = body.stat_test.clone().unwrap_or_default();
-    let received: HashMap<i64, String> = validation.artifacts.iter().map(|a| (a.nonce, a.vector_b64.clone())).collect();
-    let mismatch_nonces = compare(&computed, &received, stat.dist_threshold, body.params.k_dim);
-    let n_total = body.nonces.len() as u64;
+    Ok(judge(&computed, &validation.artifacts, &stat, body.params.k_dim, body.nonces.len() as u64))
+}
+
+/// A validation's verdict (upstream's): the received artifacts that are no match for ours, and
+/// whether that many mismatches out of `n_total` is implausible for honest hardware (a
+/// one-sided binomial test against `p_mismatch`, fraud below `fraud_threshold`).
+fn judge(computed: &[Artifact], received: &[Artifact], stat: &StatTest, k_dim: i64, n_total: u64) -> Outcome {
+    let received: HashMap<i64, String> = received.iter().map(|a| (a.nonce, a.vector_b64.clone())).collect();
+    let mismatch_nonces = compare(computed, &received, stat.dist_threshold, k_dim);
     let p_value = if n_total == 0 {
         1.0
     } else {
         binomial_p_value_greater(mismatch_nonces.len() as u64, n_total, stat.p_mismatch)
     };
-    Ok(Outcome::Verdict {
+    Outcome::Verdict {
         n_total: n_total as i64,
         mismatch_nonces,
         p_value,
         fraud_detected: p_value < stat.fraud_threshold,
-    })
+    }
 }
 
 async fn generate(State(state): State<AppState>, JsonBody(body): JsonBody<GenerateRequest>) -> Response {
@@ -944,6 +950,72 @@ mod tests {
         let mut buffered = Buffered::default();
         assert_eq!(buffered.add(std::iter::once(artifact(0, 10_000)), 10, 1_000), 1);
         assert_eq!((buffered.artifacts.len(), buffered.bytes), (0, 0));
+    }
+
+    fn encode(v: &[f32]) -> String {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn verdict_of(outcome: Outcome) -> (Vec<i64>, f64, bool) {
+        match outcome {
+            Outcome::Verdict { mismatch_nonces, p_value, fraud_detected, .. } => {
+                (mismatch_nonces, p_value, fraud_detected)
+            }
+            Outcome::Artifacts(_) => panic!("not a verdict"),
+        }
+    }
+
+    /// At the edges of the statistics: a few of n artifacts off, and vectors just inside and
+    /// just outside `dist_threshold`.
+    #[test]
+    fn verdicts_at_the_thresholds() {
+        let k_dim = 4;
+        // Unit-length vectors on the axes, as f16 represents them exactly.
+        let ours: Vec<Artifact> = (0..8)
+            .map(|n| {
+                let mut v = vec![0.0f32; 4];
+                v[n as usize % 4] = 1.0;
+                Artifact { nonce: n, vector_b64: encode(&v) }
+            })
+            .collect();
+        // 3 of 8 replaced by another axis (distance √2): P(X ≥ 3; 8, 0.1) = 1 − 0.9⁸ − 8·0.1·0.9⁷
+        // − 28·0.01·0.9⁶ = 0.03809179 (exact, by hand).
+        let mut theirs = ours.clone();
+        for a in &mut theirs[..3] {
+            let mut v = decode_vector(&a.vector_b64).unwrap();
+            v.rotate_right(1);
+            a.vector_b64 = encode(&v);
+        }
+        let stat = |fraud_threshold: f64| StatTest { dist_threshold: 0.4, p_mismatch: 0.1, fraud_threshold };
+        let (mismatches, p, fraud) = verdict_of(judge(&ours, &theirs, &stat(0.01), k_dim, 8));
+        assert_eq!(mismatches, [0, 1, 2]);
+        assert!((p - 0.038_091_79).abs() < 1e-8, "{p}");
+        assert!(!fraud, "p ≈ 0.038 is not fraud at 0.01");
+        assert!(verdict_of(judge(&ours, &theirs, &stat(0.05), k_dim, 8)).2, "but is at 0.05");
+        // 2 of 8: P(X ≥ 2) = 0.18689527: not fraud even at 0.05.
+        let (mismatches, p, fraud) = verdict_of(judge(&ours, &theirs[1..], &stat(0.05), k_dim, 8));
+        assert_eq!((mismatches, fraud), (vec![1, 2], false));
+        assert!((p - 0.186_895_27).abs() < 1e-8, "{p}");
+
+        // One component moved by 0.375 (below 0.4) and by 0.4375 (above), both exact in f16.
+        for (shift, mismatch) in [(0.375f32, false), (0.4375, true)] {
+            let mut moved = ours.clone();
+            let mut v = decode_vector(&moved[5].vector_b64).unwrap();
+            v[0] += shift;
+            moved[5].vector_b64 = encode(&v);
+            let (mismatches, _, _) = verdict_of(judge(&ours, &moved, &stat(0.01), k_dim, 8));
+            assert_eq!(mismatches.contains(&5), mismatch, "shifted by {shift}");
+        }
+        // Not k_dim finite numbers: mismatches (a nonce not received is not judged, as
+        // upstream's; an extra one is ignored).
+        let mut broken = ours.clone();
+        broken[6].vector_b64 = encode(&[f32::NAN, 0.0, 0.0, 0.0]);
+        broken[7].vector_b64 = encode(&[1.0, 0.0]);
+        broken.push(Artifact { nonce: 99, vector_b64: encode(&[0.0; 4]) });
+        let (mismatches, _, _) = verdict_of(judge(&ours, &broken, &stat(0.01), k_dim, 8));
+        assert_eq!(mismatches, [6, 7]);
     }
 
     /// Qwen3-32B's shapes (its config.json).
