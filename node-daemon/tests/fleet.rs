@@ -72,6 +72,37 @@ async fn operator_registers_the_daemons_and_a_poc_round_weighs_them() -> anyhow:
         Ok(s.poc_block_height == Some(42) && s.weight.is_some_and(|w| w as usize >= accepted))
     })
     .await?;
+    // And exactly what the daemons counted: the sum of their own proof counters, read from each
+    // one's metrics port (their only round), once both agree.
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NS);
+    let ips: Vec<String> = pods
+        .list(&kube::api::ListParams::default().labels(PODS))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.status?.pod_ip)
+        .collect();
+    assert_eq!(ips.len(), 2);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let counted = || async {
+        let mut total = 0u64;
+        for ip in &ips {
+            let metrics = reqwest::get(format!("http://{ip}:9090/metrics")).await?.text().await?;
+            let valid = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("gonka_ml_node_poc_nonces_valid_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("no proof counter on {ip}:\n{metrics}"))?;
+            total += valid as u64;
+        }
+        anyhow::Ok(total)
+    };
+    eventually("status weight is the sum the daemons counted", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        let total = counted().await?;
+        Ok(total > 0 && s.weight == Some(total as i64))
+    })
+    .await?;
 
     api.delete("h100", &DeleteParams::default()).await?;
     eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
