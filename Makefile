@@ -6,7 +6,7 @@
 
 CARGO ?= cargo
 
-.PHONY: build test unit e2e controlplane pyenv vllm-env crds manifests images image-vllm lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale clean-cache
+.PHONY: build test unit e2e controlplane pyenv vllm-env crds manifests images image-vllm lint fmt demo bench bench-poc bench-inference bench-fleet bench-scale gpu-kit gpu-kit-check clean-cache
 
 # The tests compare against numpy through this interpreter.
 export GONKA_PYTHON := $(CURDIR)/.cache/pyenv/bin/python
@@ -81,6 +81,14 @@ crds:
 ## PyTorch; inference and PoC v2 next to transformers; and the operator over a kwok fleet
 ## (time to register, steady-state cost).
 bench: bench-poc bench-inference bench-fleet bench-scale
+
+## The GPU check as one folder under 64 MiB (target/gpu-kit/kit; docs/gpu-kit.md): binaries
+## built against libtorch 2.11, the Python peers, run.sh. `gpu-kit-check` runs its CPU part.
+gpu-kit: pyenv
+	scripts/gpu-kit.sh
+
+gpu-kit-check: pyenv
+	scripts/gpu-kit.sh --check
 
 bench-poc: pyenv
 	bench/run.sh

@@ -7,6 +7,9 @@ permutations, target and distances use numpy as upstream's pow.random and pow.co
 Only the nonce loop is timed. Prints one JSON line with the same keys as the Rust bench.
 
 Usage: python pytorch_poc.py '<params json>' <batch_size> <nonces> <r_target>
+
+On a GPU (`BENCH_DEVICE=cuda`, the GPU kit) the model runs in float16 there, as upstream's ML
+node runs it and as `gonka-node-daemon bench` does on CUDA; numpy's side stays on the CPU.
 """
 import json
 import math
@@ -23,9 +26,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from upstream_poc import get_rng, pool_weights  # noqa: E402
 
 
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+
+
 def init_weights(p, block_hash):
     weights, total = pool_weights(p, block_hash)
-    return {name: torch.from_numpy(w.copy()) for name, w in weights.items()}, total
+    return {name: torch.from_numpy(w.copy()).to(DEVICE, DTYPE) for name, w in weights.items()}, total
 
 
 def rms(x, weight, eps):
@@ -37,7 +44,7 @@ def forward(p, w, freqs, x):
     heads = p["n_heads"]
     kv = p.get("n_kv_heads") or heads
     hd = dim // heads
-    mask = torch.triu(torch.full((s, s), float("-inf")), diagonal=1).type_as(x)
+    mask = torch.triu(torch.full((s, s), float("-inf"), device=x.device), diagonal=1).type_as(x)
     f = freqs[:s].view(1, s, 1, hd // 2, 2)
 
     def rope(t):
@@ -76,7 +83,7 @@ def main():
     hd = p["dim"] // p["n_heads"]
     fr = 1.0 / (p["rope_theta"] ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
     ang = torch.outer(torch.arange(p["seq_len"], dtype=torch.float32), fr)
-    freqs = torch.view_as_real(torch.polar(torch.ones_like(ang), ang))
+    freqs = torch.view_as_real(torch.polar(torch.ones_like(ang), ang)).to(DEVICE)
     t = get_rng(f"{bh}_target", 1).standard_normal((1, p["vocab_size"]))
     target = (t / np.linalg.norm(t, axis=1, keepdims=True))[0]
     load = time.perf_counter() - t0
@@ -87,15 +94,16 @@ def main():
         for first in range(0, nonces, batch_size):
             batch = list(range(first, min(first + batch_size, nonces)))
             emb = np.concatenate([get_rng(f"{bh}_{pk}_nonce{n}", 4).standard_normal((1, p["seq_len"], p["dim"])) for n in batch])
-            x = torch.tensor(emb, dtype=torch.float16).float()
-            logits = forward(p, w, freqs, x).numpy()
+            x = torch.tensor(emb, dtype=torch.float16).to(DEVICE, DTYPE)
+            logits = forward(p, w, freqs, x).cpu().numpy()
             perms = np.array([get_rng(f"{bh}_{pk}_nonce_{n}_permutations", 1).permutation(p["vocab_size"]) for n in batch])
             out = logits[np.arange(len(batch))[:, None], perms]
             out = out / np.linalg.norm(out, axis=1, keepdims=True)
             proofs += int((np.linalg.norm(out - target, axis=1) < r_target).sum())
     seconds = time.perf_counter() - start
     print(json.dumps({
-        "engine": f"PyTorch {torch.__version__} + numpy {np.__version__}", "device": "Cpu", "dtype": "Float",
+        "engine": f"PyTorch {torch.__version__} + numpy {np.__version__}",
+        "device": "Cuda(0)" if DEVICE.type == "cuda" else "Cpu", "dtype": "Half" if DTYPE == torch.float16 else "Float",
         "threads": torch.get_num_threads(), "parameters": total, "batch_size": batch_size, "nonces": nonces,
         "model_load_seconds": load, "seconds": seconds, "nonces_per_second": nonces / seconds, "proofs": proofs,
     }))

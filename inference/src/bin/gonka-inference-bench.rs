@@ -32,6 +32,10 @@ struct Cli {
     /// `cuda` to run on the first GPU.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The weights' dtype by upstream's names (`bfloat16`, `float16`, `float32`); the
+    /// checkpoint's when absent.
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 /// Deterministic token ids below `vocab`.
@@ -75,7 +79,14 @@ fn main() -> anyhow::Result<()> {
     let device = if cli.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
     let _guard = tch::no_grad_guard();
     let loading = Instant::now();
-    let model = load(&cli.model, &LoadOptions { dtype: None, devices: vec![device] })?;
+    let dtype = cli.dtype.as_deref().map(gonka_inference::config::parse_dtype).transpose()?;
+    let model = load(&cli.model, &LoadOptions { dtype, devices: vec![device] })?;
+    // CUDA runs asynchronously: a measured region ends when the device has finished it.
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
     let load_seconds = loading.elapsed().as_secs_f64();
     let vocab = model.spec.vocab_size;
 
@@ -85,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let mut steps = [Step { input: StepInput::Tokens(p.to_vec()), cache: None }];
         let _ = model.forward(&mut steps, None, Output::Last);
+        sync();
         started.elapsed().as_secs_f64()
     };
     prefill(&prompt[..prompt.len().min(16)]);

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The GPU check, in one call (made by `make gpu-kit`; runs on the GPU machine: Python with CUDA
+# PyTorch 2.11, transformers, numpy, nvidia-smi; no Rust, no network). Every step has its own
+# time limit and the whole stays within 8 minutes; a failed step is reported and the next runs.
+# Writes $OUT/report.md (and each step's output beside it) and prints the report.
+#
+#   ./run.sh          on the GPU
+#   ./run.sh --cpu    the same steps on the CPU (what `scripts/gpu-kit.sh --check` runs here)
+#
+# Steps: 1. NVML as the daemon reads it (/api/v1/gpu/devices) against nvidia-smi (count,
+# indices, names, memory); 2. PoC v1,
+# `gonka-node-daemon bench` (float16 on CUDA) next to bench/pytorch_poc.py on the same device
+# (our restatement of upstream's compute, not upstream's ML node); 3. inference prefill and
+# decode tokens/s and PoC v2 nonces/s, `gonka-inference-bench` next to transformers, bfloat16 on
+# the GPU, on the same random Qwen3 (written here by transformers).
+set -uo pipefail
+kit=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mode=gpu
+[ "${1:-}" = "--cpu" ] && mode=cpu
+out=${OUT:-$kit/report}
+mkdir -p "$out"
+python=${GPU_KIT_PYTHON:-python3}
+torch_lib=${GPU_KIT_TORCH_LIB:-$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')}
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ "$mode" = gpu ]; then
+  # The binaries link libtorch_cpu only; this registers CUDA with the same libc10.
+  export LD_PRELOAD="$torch_lib/libtorch_cuda.so"
+  device=cuda dtype=bfloat16 poc_params=testnet
+else
+  device=cpu dtype=float32 poc_params=small
+fi
+report=$out/report.md
+started=$(date +%s)
+{
+  echo "# GPU kit report ($mode)"
+  echo
+  echo "Commit $(cat "$kit/COMMIT" 2>/dev/null || echo unknown), $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -srm)."
+  "$python" -c 'import torch, transformers, numpy; print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {numpy.__version__}, CUDA {torch.version.cuda}, device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}")' 2>&1
+  echo
+} >"$report"
+
+# One step: its name, its time limit in seconds, the function; output to $out/<name>.txt.
+# (`timeout` runs programs, so the function runs in a bash that inherits it and the settings.)
+export kit mode out python device dtype poc_params
+step() {
+  local name=$1 limit=$2 fn=$3
+  export -f "$fn"
+  local t0; t0=$(date +%s)
+  timeout "$limit" bash -c "$fn" >"$out/$name.txt" 2>"$out/$name.err"
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then
+    echo "- $name: ok (${took} s)" >>"$report"
+  else
+    echo "- $name: FAILED (exit $rc after ${took} s): $(tail -c 600 "$out/$name.err" | tr '\n' ' ')" >>"$report"
+  fi
+  return $rc
+}
+
+echo "## Steps" >>"$report"
+
+# 1. NVML: the daemon on this machine's libnvidia-ml against nvidia-smi.
+nvml() {
+  local port=18080
+  local args=(--listen "127.0.0.1:$port" --inference-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
+  [ "$mode" = cpu ] && args+=(--allow-cpu-compute)
+  "$kit/bin/gonka-node-daemon" "${args[@]}" >"$out/nvml-daemon.log" 2>&1 &
+  local pid=$!
+  local devices=""
+  for _ in $(seq 1 100); do
+    devices=$("$python" -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$port/api/v1/gpu/devices', timeout=2).read().decode())" 2>/dev/null) && break
+    sleep 0.2
+  done
+  kill "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  [ -n "$devices" ] || { echo "the daemon did not answer" >&2; return 1; }
+  local smi=""
+  if [ "$mode" = gpu ]; then
+    smi=$(nvidia-smi --query-gpu=index,name,memory.total,uuid --format=csv,noheader,nounits) || return 1
+  fi
+  "$python" - "$devices" "$smi" "$mode" <<'PY'
+import json, sys
+devices, smi, mode = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+print(json.dumps(devices))
+rows = [[c.strip() for c in l.split(",")] for l in smi.splitlines() if l.strip()]
+listed = devices.get("devices", devices) if isinstance(devices, dict) else devices
+if mode == "cpu":
+    print(f"{len(listed)} devices through NVML (no GPU here)")
+    sys.exit(0)
+assert len(listed) == len(rows), f"daemon: {len(listed)} GPUs, nvidia-smi: {len(rows)}"
+for d, (index, name, mib, uuid) in zip(listed, rows):
+    got = (d["index"], d["name"], d["total_memory_mb"])
+    assert got == (int(index), name, int(mib)), f"GPU {index} ({uuid}): nvidia-smi {name}, {mib} MiB; daemon {got}"
+print(f"{len(rows)} GPUs: indices, names and memory as nvidia-smi lists them")
+PY
+}
+step nvml 60 nvml
+
+# 2. PoC v1: the daemon's bench, then the PyTorch peer on the same device and params.
+poc_v1() {
+  local ours
+  ours=$("$kit/bin/gonka-node-daemon" bench --params "$poc_params" --batch-size 64 --nonces 512) || return 1
+  echo "$ours"
+  local params
+  params=$(printf '%s' "$ours" | "$python" -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["params"]))')
+  local theirs
+  theirs=$(BENCH_DEVICE=$device "$python" "$kit/python/pytorch_poc.py" "$params" 64 512 1.4013564660458173) || return 1
+  echo "$theirs"
+  # The same nonces under the same target: on the CPU (float32 both) the proofs must be the
+  # same; in float16 on a GPU, kernels may round a nonce at the boundary either way: reported.
+  "$python" - "$ours" "$theirs" "$mode" <<'PY'
+import json, sys
+ours, theirs, mode = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+print(f"proofs: ours {ours['proofs']}, PyTorch {theirs['proofs']}; nonces/s: ours {ours['nonces_per_second']:.1f}, PyTorch {theirs['nonces_per_second']:.1f}")
+assert mode != "cpu" or ours["proofs"] == theirs["proofs"], "the two sides disagree on proofs"
+PY
+}
+step poc-v1 180 poc_v1
+
+# 3. Inference and PoC v2 on a random Qwen3 written here.
+inference() {
+  local model=$out/qwen3-bench
+  [ -f "$model/config.json" ] || "$python" "$kit/python/inference_reference.py" "{\"make_model\": true, \"dir\": \"$model\"}" || return 1
+  local prompt=512 decode=64 batch=8
+  [ "$mode" = cpu ] && prompt=64 decode=8 batch=2
+  "$kit/bin/gonka-inference-bench" "$model" --device "$device" --dtype "$dtype" --prompt $prompt --decode $decode \
+    --batch $batch --poc-seq-len 128 --poc-batch 8 --poc-nonces 16 || return 1
+  "$python" "$kit/python/inference_reference.py" "{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}"
+}
+step inference 240 inference
+
+{
+  echo
+  echo "## Figures"
+  for name in nvml poc-v1 inference; do
+    echo
+    echo "### $name"
+    echo '```'
+    cat "$out/$name.txt" 2>/dev/null
+    echo '```'
+  done
+  echo
+  echo "Took $(( $(date +%s) - started )) s."
+} >>"$report"
+cat "$report"
+! grep -q FAILED "$report"
