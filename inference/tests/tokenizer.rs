@@ -105,3 +105,61 @@ fn template_errors_are_reported_not_panicked() {
     let err = ChatTokenizer::load(dir.path()).err().unwrap().to_string();
     assert!(err.contains("chat template does not parse"), "{err}");
 }
+
+/// Conversations that use what the released Qwen templates can do: a system turn and several
+/// turns, tools with a call and two tool responses, non-ASCII, and (Qwen3) reasoning.
+fn tool_chats() -> Value {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}]);
+    json!([
+        {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Weather in Paris?"}],
+         "add_generation_prompt": true},
+        {"messages": [{"role": "user", "content": "What's the weather in Paris?"},
+                      {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function":
+                          {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+                      {"role": "tool", "content": "{\"temperature\": 21}"},
+                      {"role": "tool", "content": "{\"sky\": \"clear\"}"},
+                      {"role": "assistant", "content": "It is 21 °C and clear."},
+                      {"role": "user", "content": "東京は?"}],
+         "tools": tools, "add_generation_prompt": true},
+        {"messages": [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Paris?"}],
+         "tools": tools, "add_generation_prompt": false},
+        {"messages": [{"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+                      {"role": "user", "content": "3+3?"}],
+         "add_generation_prompt": true},
+    ])
+}
+
+/// The chat templates released checkpoints ship — Qwen2.5-Instruct's and Qwen3's
+/// (`tests/reference/templates/`, from their tokenizer_config.json as public code quotes it) —
+/// render as transformers renders them.
+#[test]
+fn released_qwen_chat_templates_render_as_transformers_renders_them() {
+    for name in ["qwen2.5-instruct", "qwen3"] {
+        let dir = tempfile::tempdir().unwrap();
+        run_reference(
+            "qwen_reference.py",
+            &json!({"arch": "qwen3", "dir": dir.path(), "prompt": [1], "tokenizer": true}),
+        );
+        let template = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/reference/templates/{name}.jinja")),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), &template).unwrap();
+        let theirs = run_reference("tokenizer_reference.py", &json!({"dir": dir.path(), "chats": tool_chats()}));
+        let ours = ChatTokenizer::load(dir.path()).unwrap();
+        for (i, chat) in tool_chats().as_array().unwrap().iter().enumerate() {
+            let rendered = ours
+                .apply_chat_template(
+                    chat["messages"].as_array().unwrap(),
+                    chat["add_generation_prompt"].as_bool().unwrap(),
+                    chat.get("tools"),
+                )
+                .unwrap_or_else(|e| panic!("{name}, conversation {i}: {e}"));
+            assert_eq!(rendered, theirs["chats"][i].as_str().unwrap(), "{name}, conversation {i}");
+        }
+    }
+}
