@@ -1,9 +1,12 @@
 """PoC v1 nonces per second in PyTorch, the way upstream's ML node computes them, for comparison
 with `gonka-node-daemon bench` on the same machine (bench/run.sh runs both).
 
-The model is a compact PyTorch re-statement of upstream's nano-Llama forward from embeddings
-(pow/models/llama31.py), initialised from the block hash by upstream's pool scheme; inputs,
-permutations, target and distances use numpy as upstream's pow.random and pow.compute do.
+Our restatement, not upstream's ML node (docs/benchmarks.md records the upstream commit it was
+checked against and where the loop differs): a compact PyTorch re-statement of upstream's
+nano-Llama forward from embeddings (pow/models/llama31.py), initialised from the block hash by
+upstream's pool scheme; inputs, permutations, target and distances use numpy as upstream's
+pow.random and pow.compute do; each batch prepared in turn on one thread (upstream prepares the
+next in a thread pool while the GPU computes).
 Only the nonce loop is timed. Prints one JSON line with the same keys as the Rust bench.
 
 Usage: python pytorch_poc.py '<params json>' <batch_size> <nonces> <r_target>
