@@ -1,6 +1,9 @@
 """The inference benchmark's other side: transformers on the same model directory, the same
-measurements as `gonka-inference-bench` (prefill tokens/s, decode tokens/s for one sequence
-and a batch, PoC v2 nonces/s through a forward with per-layer reflection hooks). One JSON line.
+work as `gonka-inference-bench` measured the same way: prefill (no cache kept, the last
+position's logits only), decode tokens/s for one sequence and a batch, PoC v2 nonces/s through
+the whole pipeline (forward with per-layer reflections, normalise, pick, Haar, encode: the
+reference's). Also prints the last prefill logits and the warm-up nonce's artifact, which the
+bench compares with the engine's before it reports anything. One JSON line.
 
     python inference_reference.py '{"dir": "...", "prompt": 512, "decode": 64, "batch": 8,
                                     "poc_seq_len": 256, "poc_batch": 8, "poc_nonces": 32}'
@@ -31,8 +34,14 @@ def make_model(directory):
 
 
 def tokens(n, vocab, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g)
+    """The engine bench's token ids (its 64-bit LCG), so both sides read the same prompts."""
+    mask, a, c = (1 << 64) - 1, 6364136223846793005, 1442695040888963407
+    x = (seed * a + c) & mask
+    out = []
+    for _ in range(n):
+        x = (x * a + c) & mask
+        out.append((x >> 33) % vocab)
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def main():
@@ -50,13 +59,15 @@ def main():
     out = {"engine": f"transformers {transformers.__version__}", "device": str(device), "dtype": str(model.dtype),
            "threads": torch.get_num_threads(), "load_seconds": load_seconds}
     with torch.no_grad():
+        # Prefill as the engine does it: no cache kept, logits of the last position only.
         prompt = tokens(req["prompt"], vocab, 1).unsqueeze(0).to(device)
-        model(prompt[:, :16])
+        model(prompt[:, :16], use_cache=False, logits_to_keep=1)
         sync()
         t = time.perf_counter()
-        model(prompt)
+        logits = model(prompt, use_cache=False, logits_to_keep=1).logits
         sync()
         out["prefill_tokens_per_second"] = req["prompt"] / (time.perf_counter() - t)
+        out["prefill_last_logits"] = logits[0, -1, :8].float().cpu().tolist()
 
         def decode(batch):
             ids = torch.stack([tokens(16, vocab, 2 + s) for s in range(batch)]).to(device)
@@ -74,30 +85,20 @@ def main():
         out["decode_tokens_per_second"] = req["decode"] / decode(1)
         out["batch_decode_tokens_per_second"] = req["decode"] * req["batch"] / decode(req["batch"])
 
-    # PoC v2 through the restatement's hooked forward.
-    hidden = model.config.hidden_size
-    block_hash, public_key = "bench-block", "bench-key"
-    for i, layer in enumerate(model.model.layers):
-        v = poc.normal_rows([poc.seed_of(f"{block_hash}_layer_{i}_householder")], hidden)[0]
-        v = (v / v.norm()).to(device, model.dtype)
-
-        def hook(module, args, output, v=v):
-            x = output[0] if isinstance(output, tuple) else output
-            y = x - 2 * (x * v).sum(dim=-1, keepdim=True) * v
-            return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
-
-        layer.register_forward_hook(hook)
-    round_req = {"block_hash": block_hash, "public_key": public_key, "seq_len": req["poc_seq_len"]}
+    # PoC v2, the whole of it as the engine times it: forward with the reflections, then
+    # normalise, pick, Haar and encode (the reference's pipeline); one warm-up nonce first,
+    # whose artifact is printed so the two sides can be compared before their figures are.
+    poc.add_reflections(model, "bench-block")
+    round_req = {"block_hash": "bench-block", "public_key": "bench-key", "seq_len": req["poc_seq_len"], "k_dim": 12}
+    out["poc_warmup_artifact"] = poc.artifacts(model, round_req, [0])[0]["vector"]
     nonces = list(range(req["poc_nonces"]))
-    with torch.no_grad():
-        sync()
-        t = time.perf_counter()
-        for i in range(0, len(nonces), req["poc_batch"]):
-            chunk = nonces[i:i + req["poc_batch"]]
-            embeds = torch.stack([poc.nonce_inputs(round_req, n, hidden, torch.float32) for n in chunk])
-            model.model(inputs_embeds=embeds.to(device, model.dtype)).last_hidden_state[:, -1, :]
-        sync()
-        out["poc_nonces_per_second"] = len(nonces) / (time.perf_counter() - t)
+    sync()
+    t = time.perf_counter()
+    produced = 0
+    for i in range(0, len(nonces), req["poc_batch"]):
+        produced += len(poc.artifacts(model, round_req, nonces[i:i + req["poc_batch"]]))
+    sync()
+    out["poc_nonces_per_second"] = produced / (time.perf_counter() - t)
     print(json.dumps(out))
 
 

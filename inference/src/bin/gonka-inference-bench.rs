@@ -90,17 +90,20 @@ fn main() -> anyhow::Result<()> {
     let load_seconds = loading.elapsed().as_secs_f64();
     let vocab = model.spec.vocab_size;
 
-    // Prefill: one warm-up, then the measured forward.
+    // Prefill: one warm-up, then the measured forward — no cache kept, the last position's
+    // logits (what transformers computes with logits_to_keep=1, use_cache=False).
     let prompt = tokens(cli.prompt, vocab, 1);
     let prefill = |p: &[i64]| {
         let started = Instant::now();
         let mut steps = [Step { input: StepInput::Tokens(p.to_vec()), cache: None }];
-        let _ = model.forward(&mut steps, None, Output::Last);
+        let hidden = model.forward(&mut steps, None, Output::Last);
+        let logits = model.logits(&hidden);
         sync();
-        started.elapsed().as_secs_f64()
+        (started.elapsed().as_secs_f64(), logits)
     };
-    prefill(&prompt[..prompt.len().min(16)]);
-    let prefill_seconds = prefill(&prompt);
+    let _ = prefill(&prompt[..prompt.len().min(16)]);
+    let (prefill_seconds, logits) = prefill(&prompt);
+    let last_logits = Vec::<f32>::try_from(logits.get(0).narrow(0, 0, 8).to_kind(Kind::Float).to_device(Device::Cpu))?;
 
     let short = |seed| tokens(16, vocab, seed);
     let decode_one = decode(&model, &[short(2)], cli.decode);
@@ -110,7 +113,8 @@ fn main() -> anyhow::Result<()> {
     let block_hash = "bench-block";
     let round = Round { block_hash, public_key: "bench-key", seq_len: cli.poc_seq_len, k_dim: 12, stronger_rng: false };
     let reflections = Reflections::new(&model, block_hash);
-    let _ = poc_v2::compute(&model, &reflections, &round, &[0]);
+    let warmup = poc_v2::compute(&model, &reflections, &round, &[0]);
+    let warmup_artifact = warmup.first().and_then(|a| poc_v2::decode_vector(&a.vector_b64));
     let started = Instant::now();
     let nonces: Vec<i64> = (0..cli.poc_nonces as i64).collect();
     let mut artifacts = 0;
@@ -131,6 +135,8 @@ fn main() -> anyhow::Result<()> {
             "load_seconds": load_seconds,
             "prefill_tokens": cli.prompt,
             "prefill_tokens_per_second": cli.prompt as f64 / prefill_seconds,
+            "prefill_last_logits": last_logits,
+            "poc_warmup_artifact": warmup_artifact,
             "decode_tokens_per_second": cli.decode as f64 / decode_one,
             "batch": cli.batch,
             "batch_decode_tokens_per_second": (cli.decode * cli.batch) as f64 / decode_batch,

@@ -75,14 +75,10 @@ def nonce_inputs(req, nonce, hidden, dtype):
     return flat.view(req["seq_len"], hidden).to(dtype)
 
 
-def main():
-    req = json.loads(sys.argv[1])
-    dtype = getattr(torch, req.get("dtype", "float32"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype).eval()
+def add_reflections(model, block_hash):
+    """A Householder reflection of every decoder layer's output (forward hooks)."""
     hidden = model.config.hidden_size
-    block_hash, public_key, k = req["block_hash"], req["public_key"], req.get("k_dim", 12)
 
-    # A Householder reflection of every decoder layer's output.
     def reflection(i):
         v = normal_rows([seed_of(f"{block_hash}_layer_{i}_householder")], hidden)[0]
         v = v / v.norm()
@@ -98,11 +94,18 @@ def main():
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(reflection(i))
 
-    nonces = req["nonces"]
-    embeds = torch.stack([nonce_inputs(req, n, hidden, dtype) for n in nonces])
+
+def artifacts(model, req, nonces):
+    """The artifacts of `nonces` on `model` (reflections added): the forward, then normalise,
+    pick k_dim coordinates, the Haar chain and the float16 encoding. Returns the nonces kept,
+    their float32 vectors and their base64 encodings."""
+    hidden = model.config.hidden_size
+    block_hash, public_key, k = req["block_hash"], req["public_key"], req.get("k_dim", 12)
+    device = next(model.parameters()).device
+    embeds = torch.stack([nonce_inputs(req, n, hidden, model.dtype) for n in nonces]).to(device)
     with torch.no_grad():
         # The decoder stack's output is after the final norm; the last position per nonce.
-        last = model.model(inputs_embeds=embeds).last_hidden_state[:, -1, :].float()
+        last = model.model(inputs_embeds=embeds).last_hidden_state[:, -1, :].float().cpu()
 
     keep = ~torch.isnan(last).any(dim=-1)
     last = last[keep]
@@ -128,7 +131,15 @@ def main():
         if np.isnan(row).any():
             continue
         out.append({"nonce": n, "vector": f32, "vector_b64": base64.b64encode(row.astype("<f2").tobytes()).decode()})
-    json.dump(out, sys.stdout)
+    return out
+
+
+def main():
+    req = json.loads(sys.argv[1])
+    dtype = getattr(torch, req.get("dtype", "float32"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype).eval()
+    add_reflections(model, req["block_hash"])
+    json.dump(artifacts(model, req, req["nonces"]), sys.stdout)
 
 
 if __name__ == "__main__":
