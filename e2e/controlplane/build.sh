@@ -6,8 +6,10 @@
 #
 #   e2e/controlplane/build.sh [component ...]   # default: all of them
 #
-# Env: GONKA_CACHE_DIR (default ~/.cache/gonka-operator). The Go build and module caches are
-# the toolchain's own (GOCACHE, GOMODCACHE) and are reused across versions.
+# Env: GONKA_CACHE_DIR (default ~/.cache/gonka-operator). The Go build and module caches
+# (GOCACHE, GOMODCACHE; several GB) are temporary, removed once the binaries are built, unless
+# set in the environment: only the binaries are cached, keyed by version, so a CI machine does
+# not carry 6 GB of Go caches it never reads again.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -50,9 +52,27 @@ kube_ldflags="-s -w \
   -X k8s.io/component-base/version.gitTreeState=clean \
   -X k8s.io/client-go/pkg/version.gitVersion=${kube_version}"
 
+go_tmp=
+cleanup_go() {
+  if [ -n "$go_tmp" ]; then
+    # The module cache is read-only on disk; `go clean -modcache` knows how to remove it.
+    GOMODCACHE="$go_tmp/mod" go clean -modcache 2>/dev/null || true
+    rm -rf "$go_tmp"
+  fi
+}
+trap cleanup_go EXIT
+use_temporary_go_caches() {
+  [ -z "$go_tmp" ] || return 0
+  [ -z "${GOCACHE:-}" ] || [ -z "${GOMODCACHE:-}" ] || return 0
+  go_tmp=$(mktemp -d "${TMPDIR:-/tmp}/gonka-go.XXXXXX")
+  [ -n "${GOCACHE:-}" ] || export GOCACHE="$go_tmp/build"
+  [ -n "${GOMODCACHE:-}" ] || export GOMODCACHE="$go_tmp/mod"
+}
+
 for c in "${components[@]}"; do
   out="$cache/$c"
   if [ -x "$out" ]; then continue; fi
+  use_temporary_go_caches
   echo "build.sh: building $c (first run on this machine takes several minutes)" >&2
   case "$c" in
     etcd)

@@ -24,29 +24,27 @@ const WAIT: Duration = Duration::from_secs(90);
 const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
 
 /// The ML-node pods' UIDs, sorted (a replaced pod has a new one).
-async fn pod_uids(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
-    let mut uids: Vec<String> = pods
-        .list(&ListParams::default().labels(PODS))
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|p| p.metadata.uid)
-        .collect();
-    uids.sort();
-    Ok(uids)
-}
-
-async fn pod_images(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
-    let mut images: Vec<String> = pods
+/// One field of each of the fleet's pods that is not being deleted (a terminating pod is one
+/// being replaced), sorted.
+async fn live_pods<T: Ord>(pods: &Api<Pod>, field: impl Fn(Pod) -> Option<T>) -> anyhow::Result<Vec<T>> {
+    let mut fields: Vec<T> = pods
         .list(&ListParams::default().labels(PODS))
         .await?
         .items
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| p.spec?.containers.first()?.image.clone())
+        .filter_map(field)
         .collect();
-    images.sort();
-    Ok(images)
+    fields.sort();
+    Ok(fields)
+}
+
+async fn pod_uids(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
+    live_pods(pods, |p| p.metadata.uid).await
+}
+
+async fn pod_images(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
+    live_pods(pods, |p| p.spec?.containers.first()?.image.clone()).await
 }
 
 fn condition(gn: &GonkaNode, t: &str) -> (String, String, String) {

@@ -327,7 +327,7 @@ pub async fn run_with(
             body_timeout: settings.inference_body_timeout,
             ..Default::default()
         };
-        let app = inference::inference_port(state.inference.clone(), limits);
+        let app = inference::inference_port(state.inference.clone(), limits, state.metrics.clone());
         let listener = mtls::ApiListener::new(inference_listener, tls.clone())?;
         tokio::spawn(async move { axum::serve(listener, app).await })
     };

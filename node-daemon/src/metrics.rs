@@ -33,6 +33,12 @@ pub struct XidLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `in_flight`, `body_budget`, `body_too_large`, `body_timeout`, `body_unreadable`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InstanceLabels {
     pub instance: String,
 }
@@ -77,6 +83,8 @@ pub struct DaemonMetrics {
     send_failures: Family<BatchLabels, Counter>,
     pending_batches: Gauge<i64, AtomicI64>,
     api_in_flight: Gauge<i64, AtomicI64>,
+    inference_in_flight: Gauge<i64, AtomicI64>,
+    inference_refused: Family<RefusalLabels, Counter>,
     vllm_instances: Family<PhaseLabels, Gauge<i64, AtomicI64>>,
     vllm_restarts: Family<InstanceLabels, Gauge<i64, AtomicI64>>,
     vllm_waiting: Family<InstanceLabels, FloatGauge>,
@@ -130,6 +138,17 @@ impl Default for DaemonMetrics {
             "ML-node API requests being served (probes and scrapes not counted)",
             Gauge::clone(&api_in_flight),
         );
+        let (inference_in_flight, inference_refused) = (Gauge::default(), Family::default());
+        registry.register(
+            "inference_requests_in_flight",
+            "Requests on the inference port being served, over both engines (a streamed answer counts until its last byte)",
+            Gauge::clone(&inference_in_flight),
+        );
+        registry.register(
+            "inference_requests_refused",
+            "Requests the inference port refused, by reason: in_flight and body_budget (429), body_too_large (413), body_timeout (408), body_unreadable (400)",
+            Family::clone(&inference_refused),
+        );
         let (vllm_instances, vllm_restarts) = (Family::default(), Family::default());
         let (vllm_waiting, vllm_running) = (Family::default(), Family::default());
         registry.register("vllm_instances", "vLLM instances by phase", Family::clone(&vllm_instances));
@@ -166,6 +185,8 @@ impl Default for DaemonMetrics {
             send_failures,
             pending_batches,
             api_in_flight,
+            inference_in_flight,
+            inference_refused,
             vllm_instances,
             vllm_restarts,
             vllm_waiting,
@@ -202,6 +223,14 @@ impl DaemonMetrics {
 
     pub fn api_in_flight(&self, n: i64) {
         self.api_in_flight.set(n);
+    }
+
+    pub fn inference_in_flight(&self, n: i64) {
+        self.inference_in_flight.set(n);
+    }
+
+    pub fn inference_refused(&self, reason: &str) {
+        self.inference_refused.get_or_create(&RefusalLabels { reason: reason.into() }).inc();
     }
 
     /// Sets the vLLM gauges (none served: every phase zero).

@@ -24,6 +24,7 @@ use gonka_inference::poc_v2::{self, Reflections, Round};
 use gonka_inference::tokenizer::ChatTokenizer;
 use gonka_inference::{LoadOptions, load};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MODEL: &str = "Qwen/Tiny-Qwen3";
 const BLOCK_HASH: &str = "00ab7f3c9e1d2b4a5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d";
@@ -48,11 +49,16 @@ struct Node {
 }
 
 fn start(models: &Path) -> Node {
+    start_with_env(models, &[])
+}
+
+/// [`start`], with more of the daemon's environment (its flags' variables).
+fn start_with_env(models: &Path, extra: &[(&str, &str)]) -> Node {
     let port = free_port();
-    let daemon = Daemon::start_with_env(
-        &Scenario::hgx_h100(),
-        &[("GONKA_MODELS_DIR", models.to_str().unwrap()), ("GONKA_INFERENCE_LISTEN", &format!("127.0.0.1:{port}"))],
-    );
+    let listen = format!("127.0.0.1:{port}");
+    let mut env = vec![("GONKA_MODELS_DIR", models.to_str().unwrap()), ("GONKA_INFERENCE_LISTEN", listen.as_str())];
+    env.extend_from_slice(extra);
+    let daemon = Daemon::start_with_env(&Scenario::hgx_h100(), &env);
     let _ = rustls::crypto::ring::default_provider().install_default();
     Node { daemon, inference: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() }
 }
@@ -411,22 +417,13 @@ async fn the_preloaded_model_serves_from_the_configured_models_dir() {
 }
 
 /// The native engine within its bounds: a KV cache that cannot hold one sequence of the model's
-/// length is refused at start-up (vLLM's rule, naming the flags), and stop lists are bounded.
-/// (The port's in-flight cap and body timeout are tested on the middleware itself,
-/// `inference::port_bounds`.)
+/// length is refused at start-up (vLLM's rule, naming the flags), stop lists are bounded, and
+/// the port takes one request at a time when told so (`--inference-max-in-flight 1`). (The body
+/// timeout and budget are tested on the middleware itself, `inference::port_bounds`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_inference_port_and_the_engine_stay_within_their_bounds() {
     let (_root, dir) = models_dir();
-    let port = free_port();
-    let daemon = Daemon::start_with_env(
-        &Scenario::hgx_h100(),
-        &[
-            ("GONKA_MODELS_DIR", dir.parent().unwrap().parent().unwrap().to_str().unwrap()),
-            ("GONKA_INFERENCE_LISTEN", &format!("127.0.0.1:{port}")),
-        ],
-    );
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let node = Node { daemon, inference: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+    let node = start_with_env(dir.parent().unwrap().parent().unwrap(), &[("GONKA_INFERENCE_MAX_IN_FLIGHT", "1")]);
 
     // The tiny model's keys and values: 2 × layers × kv_heads × head_dim × 4 bytes a token.
     let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
@@ -473,6 +470,40 @@ async fn the_inference_port_and_the_engine_stay_within_their_bounds() {
         assert!(answer["error"]["message"].as_str().unwrap().contains("at most"), "{answer}");
     }
 
+    let (status, answer) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // One slot. A client that sent its headers and holds back its body holds it (the gauge
+    // says so); a request meanwhile is refused (429) and counted.
+    let metric = |name: &str| {
+        let metrics = node.daemon.metrics();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
+    };
+    assert_eq!(metric("gonka_ml_node_inference_requests_in_flight"), 0.0);
+    let body = serde_json::to_vec(&chat).unwrap();
+    let addr = node.inference.trim_start_matches("http://").to_string();
+    let mut held = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    held.write_all(head.as_bytes()).await.unwrap();
+    eventually("the held request takes the slot", || metric("gonka_ml_node_inference_requests_in_flight") == 1.0);
+    let (status, refused) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 429, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("1 requests are in flight"), "{refused}");
+    assert_eq!(metric("gonka_ml_node_inference_requests_refused_total{reason=\"in_flight\"}"), 1.0);
+    // The held request's body comes: it is answered, and its slot is free again.
+    held.write_all(&body).await.unwrap();
+    let mut response = Vec::new();
+    held.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    eventually("the slot is given back", || metric("gonka_ml_node_inference_requests_in_flight") == 0.0);
     let (status, answer) = node.post_json("/v1/chat/completions", &chat).await;
     assert_eq!(status, 200, "{answer}");
 }

@@ -71,6 +71,8 @@ pub enum TlsError {
     NoHost(String),
     #[error("issuing the report server's certificate: {0}")]
     Issue(#[from] rcgen::Error),
+    #[error("the CA just issued does not read back (an rcgen and x509-parser disagreement)")]
+    UnreadableCa,
     #[error("Secret {namespace}/{name}: {source}")]
     Secret { namespace: String, name: String, source: kube::Error },
     #[error("Secret {namespace}/{name} changed under us {attempts} times; giving up")]
@@ -134,6 +136,11 @@ enum Constraint {
 struct Ca {
     cert_pem: String,
     key_pem: String,
+    /// Read from the certificate once, when the CA is made or read.
+    not_after: i64,
+    /// The names its constraints permit (IPs as text, without `invalid`); `None`: no
+    /// constraints.
+    permitted: Option<Vec<String>>,
 }
 
 impl Ca {
@@ -166,50 +173,45 @@ impl Ca {
         params.name_constraints = Some(NameConstraints { permitted_subtrees: permitted, excluded_subtrees: excluded });
         let key = KeyPair::generate()?;
         let cert_pem = params.self_signed(&key)?.pem();
-        Ok(Self { cert_pem, key_pem: key.serialize_pem() })
+        Self::read(Some(cert_pem), Some(key.serialize_pem())).ok_or(TlsError::UnreadableCa)
     }
 
     /// A CA from the Secret's text, if the key and certificate read and belong together.
     fn read(cert_pem: Option<String>, key_pem: Option<String>) -> Option<Self> {
-        let ca = Self { cert_pem: cert_pem?, key_pem: key_pem? };
-        ca.issuer().ok()?;
-        ca.not_after()?;
-        Some(ca)
+        use x509_parser::extensions::GeneralName;
+        let (cert_pem, key_pem) = (cert_pem?, key_pem?);
+        Issuer::from_ca_cert_pem(&cert_pem, KeyPair::from_pem(&key_pem).ok()?).ok()?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let not_after = cert.validity().not_after.timestamp();
+        let permitted = cert.name_constraints().ok()?.map(|constraints| {
+            constraints
+                .value
+                .permitted_subtrees
+                .iter()
+                .flatten()
+                .filter_map(|s| match &s.base {
+                    GeneralName::DNSName(name) if *name == NO_NAME => None,
+                    GeneralName::DNSName(name) => Some(name.to_string()),
+                    GeneralName::IPAddress(bytes) => match bytes.len() {
+                        8 => Some(IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?).to_string()),
+                        32 => Some(IpAddr::from(<[u8; 16]>::try_from(&bytes[..16]).ok()?).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        });
+        Some(Self { cert_pem, key_pem, not_after, permitted })
     }
 
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>, rcgen::Error> {
         Issuer::from_ca_cert_pem(&self.cert_pem, KeyPair::from_pem(&self.key_pem)?)
     }
 
-    fn not_after(&self) -> Option<i64> {
-        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).ok()?;
-        let cert = pem.parse_x509().ok()?;
-        Some(cert.validity().not_after.timestamp())
-    }
-
     fn constraint(&self, hosts: &[String]) -> Constraint {
-        use x509_parser::extensions::GeneralName;
-        let Some((_, pem)) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).ok() else {
-            return Constraint::Other;
-        };
-        let Ok(cert) = pem.parse_x509() else { return Constraint::Other };
-        let Ok(Some(constraints)) = cert.name_constraints() else { return Constraint::Unconstrained };
-        let mut permitted: Vec<String> = constraints
-            .value
-            .permitted_subtrees
-            .iter()
-            .flatten()
-            .filter_map(|s| match &s.base {
-                GeneralName::DNSName(name) if *name == NO_NAME => None,
-                GeneralName::DNSName(name) => Some(name.to_string()),
-                GeneralName::IPAddress(bytes) => match bytes.len() {
-                    8 => Some(IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?).to_string()),
-                    32 => Some(IpAddr::from(<[u8; 16]>::try_from(&bytes[..16]).ok()?).to_string()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
+        let Some(permitted) = &self.permitted else { return Constraint::Unconstrained };
+        let mut permitted = permitted.clone();
         let mut wanted: Vec<String> =
             hosts.iter().map(|h| h.parse::<IpAddr>().map_or_else(|_| h.clone(), |ip| ip.to_string())).collect();
         permitted.sort();
@@ -224,7 +226,7 @@ impl Ca {
         let mut params = CertificateParams::new(hosts.to_vec())?;
         params.distinguished_name.push(DnType::CommonName, "gonka-operator report server");
         params.not_before = offset(now - 3600);
-        let not_after = (now + secs(LEAF_LIFETIME)).min(self.not_after().unwrap_or(now));
+        let not_after = (now + secs(LEAF_LIFETIME)).min(self.not_after);
         params.not_after = offset(not_after);
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Serving {
@@ -283,9 +285,7 @@ impl CaState {
 /// The CA Secret's content at `now` for `hosts`, from what it holds (`None`: nothing usable);
 /// `true` when it changed.
 pub fn plan_ca(existing: Option<CaState>, hosts: &[String], now: i64) -> Result<(CaState, bool), TlsError> {
-    let usable = existing.filter(|s| {
-        s.current.constraint(hosts) != Constraint::Other && s.current.not_after().is_some_and(|end| end > now)
-    });
+    let usable = existing.filter(|s| s.current.constraint(hosts) != Constraint::Other && s.current.not_after > now);
     let Some(before) = usable else {
         return Ok((CaState { current: Ca::issue(hosts, now)?, next: None }, true));
     };
@@ -293,13 +293,13 @@ pub fn plan_ca(existing: Option<CaState>, hosts: &[String], now: i64) -> Result<
     if state.next.as_ref().is_some_and(|(next, _)| next.constraint(hosts) != Constraint::Hosts) {
         state.next = None;
     }
-    let current_end = state.current.not_after().unwrap_or(now);
+    let current_end = state.current.not_after;
     if let Some((next, published)) = state.next.clone()
         && (now >= published + secs(PUBLISHED_BEFORE_USE) || current_end - now < secs(PUBLISHED_BEFORE_USE))
     {
         state = CaState { current: next, next: None };
     }
-    let current_end = state.current.not_after().unwrap_or(now);
+    let current_end = state.current.not_after;
     let due =
         current_end - now < secs(CA_ROTATE_BEFORE) || state.current.constraint(hosts) == Constraint::Unconstrained;
     if state.next.is_none() && due {
@@ -536,7 +536,7 @@ mod tests {
         let now = now_unix();
         let ca = Ca::issue(&hosts(), now - secs(CA_LIFETIME) + 10 * DAY).unwrap();
         let leaf = ca.sign(&hosts(), now).unwrap();
-        assert_eq!(Some(leaf.not_after), ca.not_after());
+        assert_eq!(leaf.not_after, ca.not_after);
         assert!(!leaf.serves(&hosts(), &ca, now), "ten days left: renew");
         let young = Ca::issue(&hosts(), now).unwrap();
         let leaf = young.sign(&hosts(), now).unwrap();
@@ -593,7 +593,7 @@ mod tests {
         params.distinguished_name.push(DnType::CommonName, "gonka-operator report CA");
         params.not_after = offset(now + 3000 * DAY);
         let key = KeyPair::generate().unwrap();
-        let legacy = Ca { cert_pem: params.self_signed(&key).unwrap().pem(), key_pem: key.serialize_pem() };
+        let legacy = Ca::read(Some(params.self_signed(&key).unwrap().pem()), Some(key.serialize_pem())).unwrap();
         assert_eq!(legacy.constraint(&hosts()), Constraint::Unconstrained);
         let (state, changed) = plan_ca(Some(CaState { current: legacy.clone(), next: None }), &hosts(), now).unwrap();
         assert!(changed);
@@ -610,8 +610,7 @@ mod tests {
         assert_ne!(fresh.current, state.current);
         assert_eq!(fresh.current.constraint(&moved), Constraint::Hosts);
         // An expired CA too.
-        let (renewed, changed) =
-            plan_ca(Some(state.clone()), &hosts(), state.current.not_after().unwrap() + 1).unwrap();
+        let (renewed, changed) = plan_ca(Some(state.clone()), &hosts(), state.current.not_after + 1).unwrap();
         assert!(changed);
         assert_ne!(renewed.current, state.current);
     }

@@ -23,11 +23,17 @@ use self::manager::InferenceManager;
 
 /// The inference port: the native engine's OpenAI API, or, while vLLM serves (or comes up),
 /// every request forwarded to its instances; both within `limits`.
-pub fn inference_port(manager: Arc<InferenceManager>, limits: port_bounds::PortLimits) -> Router {
+/// Requests in flight and refusals are counted in `metrics`.
+pub fn inference_port(
+    manager: Arc<InferenceManager>,
+    limits: port_bounds::PortLimits,
+    metrics: crate::metrics::DaemonMetrics,
+) -> Router {
     let seam = VllmSeam { manager: manager.clone(), http: vllm::proxy::client() };
+    let bounds = port_bounds::PortBounds::new(limits).with_metrics(metrics);
     openai::router(manager, limits.max_body_bytes)
         .layer(axum::middleware::from_fn_with_state(seam, forward_to_vllm))
-        .layer(axum::middleware::from_fn_with_state(port_bounds::PortBounds::new(limits), port_bounds::bound))
+        .layer(axum::middleware::from_fn_with_state(bounds, port_bounds::bound))
 }
 
 #[derive(Clone)]

@@ -19,6 +19,7 @@ use axum::response::Response;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::openai::openai_error;
+use crate::metrics::DaemonMetrics;
 
 /// How much the inference port takes at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +56,38 @@ pub struct PortBounds {
     in_flight: Arc<Semaphore>,
     /// In KiB.
     body_budget: Arc<Semaphore>,
+    /// Where requests in flight and refusals are counted (`/metrics`).
+    metrics: Option<DaemonMetrics>,
+}
+
+/// Why the port refused a request (the `reason` label of `inference_requests_refused`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every slot taken (429).
+    InFlight,
+    /// The bodies held at once at their budget (429).
+    BodyBudget,
+    /// Longer than a body may be (413).
+    BodyTooLarge,
+    /// Not arrived in time (408).
+    BodyTimeout,
+    /// Broken off or malformed (400).
+    BodyUnreadable,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] =
+        [Self::InFlight, Self::BodyBudget, Self::BodyTooLarge, Self::BodyTimeout, Self::BodyUnreadable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InFlight => "in_flight",
+            Self::BodyBudget => "body_budget",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyUnreadable => "body_unreadable",
+        }
+    }
 }
 
 fn kib(bytes: usize) -> u32 {
@@ -67,6 +100,27 @@ impl PortBounds {
             limits,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             body_budget: Arc::new(Semaphore::new(kib(limits.body_budget_bytes) as usize)),
+            metrics: None,
+        }
+    }
+
+    /// Counts requests in flight and refusals in `metrics`.
+    pub fn with_metrics(mut self, metrics: DaemonMetrics) -> Self {
+        metrics.inference_in_flight(0);
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn refused(&self, refusal: Refusal, response: Response) -> Response {
+        if let Some(m) = &self.metrics {
+            m.inference_refused(refusal.as_str());
+        }
+        response
+    }
+
+    fn count_in_flight(&self) {
+        if let Some(m) = &self.metrics {
+            m.inference_in_flight(self.in_flight() as i64);
         }
     }
 
@@ -87,36 +141,36 @@ pub async fn bound(State(bounds): State<PortBounds>, request: Request, next: Nex
         return next.run(request).await;
     }
     let limits = bounds.limits;
-    let Ok(slot) = bounds.in_flight.clone().try_acquire_owned() else {
-        return openai_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("{} requests are in flight on this ML node already; try again", limits.max_in_flight),
-        );
+    let Ok(permit) = bounds.in_flight.clone().try_acquire_owned() else {
+        let message = format!("{} requests are in flight on this ML node already; try again", limits.max_in_flight);
+        return bounds.refused(Refusal::InFlight, openai_error(StatusCode::TOO_MANY_REQUESTS, message));
     };
+    let slot = Slot { permit: Some(permit), bounds: bounds.clone() };
+    bounds.count_in_flight();
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if let Some(length) = declared.filter(|&l| l > limits.max_body_bytes) {
-        return too_large(length, limits.max_body_bytes);
+    if declared.is_some_and(|l| l > limits.max_body_bytes) {
+        return bounds.refused(Refusal::BodyTooLarge, body_refused(BodyRefusal::OverLimit(limits.max_body_bytes)));
     }
     let reserve = declared.unwrap_or(limits.max_body_bytes);
     let Ok(budget) = bounds.body_budget.clone().try_acquire_many_owned(kib(reserve)) else {
-        return openai_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("the request bodies this ML node holds take {} bytes already; try again", limits.body_budget_bytes),
-        );
+        let message =
+            format!("the request bodies this ML node holds take {} bytes already; try again", limits.body_budget_bytes);
+        return bounds.refused(Refusal::BodyBudget, openai_error(StatusCode::TOO_MANY_REQUESTS, message));
     };
     let (parts, body) = request.into_parts();
     let body = match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, reserve)).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return too_large(reserve + 1, reserve),
+        Ok(Err(error)) if over_limit(&error) => {
+            return bounds.refused(Refusal::BodyTooLarge, body_refused(BodyRefusal::OverLimit(reserve)));
+        }
+        Ok(Err(error)) => return bounds.refused(Refusal::BodyUnreadable, body_refused(BodyRefusal::Unreadable(error))),
         Err(_) => {
-            return openai_error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {} s", limits.body_timeout.as_secs()),
-            );
+            let message = format!("the request body did not arrive within {} s", limits.body_timeout.as_secs());
+            return bounds.refused(Refusal::BodyTimeout, openai_error(StatusCode::REQUEST_TIMEOUT, message));
         }
     };
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
@@ -125,19 +179,56 @@ pub async fn bound(State(bounds): State<PortBounds>, request: Request, next: Nex
     Response::from_parts(parts, Body::new(Held { body, _slot: slot }))
 }
 
-fn too_large(length: usize, limit: usize) -> Response {
-    let message = if length > limit {
-        format!("request bodies are limited to {limit} bytes")
-    } else {
-        "the request body was longer than its Content-Length".to_string()
-    };
-    openai_error(StatusCode::PAYLOAD_TOO_LARGE, message)
+/// Why a request's body was not taken.
+#[derive(Debug)]
+enum BodyRefusal {
+    /// Longer than the port takes (declared so, or found so while reading a body without a
+    /// length): 413.
+    OverLimit(usize),
+    /// The body broke off or was malformed (chunked encoding, a reset connection): 400.
+    Unreadable(axum::Error),
+}
+
+fn body_refused(refusal: BodyRefusal) -> Response {
+    match refusal {
+        BodyRefusal::OverLimit(limit) => {
+            openai_error(StatusCode::PAYLOAD_TOO_LARGE, format!("request bodies are limited to {limit} bytes"))
+        }
+        BodyRefusal::Unreadable(error) => {
+            openai_error(StatusCode::BAD_REQUEST, format!("the request body could not be read: {error}"))
+        }
+    }
+}
+
+/// Whether reading a body failed on its length limit (not on the body itself).
+fn over_limit(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A request's place among those in flight; given back (and counted) when dropped.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    bounds: PortBounds,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.bounds.count_in_flight();
+    }
 }
 
 /// An answer's body holding its request's slot until it is sent or dropped (a client gone).
 struct Held {
     body: Body,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl HttpBody for Held {
@@ -168,7 +259,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn app(limits: PortLimits) -> (Router, PortBounds) {
-        let bounds = PortBounds::new(limits);
+        let bounds = PortBounds::new(limits).with_metrics(DaemonMetrics::default());
         let router = Router::new()
             .route("/v1/completions", post(|body: Bytes| async move { format!("{} bytes", body.len()) }))
             .route("/health", get(|| async { "ok" }))
@@ -206,28 +297,55 @@ mod tests {
         let second = router.clone().oneshot(post_body(Body::from("bb"), Some(2))).await.unwrap();
         // Both answers are still unread: both slots are taken.
         assert_eq!(bounds.in_flight(), 2);
+        assert_eq!(metric(&bounds, "gonka_ml_node_inference_requests_in_flight"), Some(2.0));
         let (status, text) = answer(router.clone().oneshot(post_body(Body::from("c"), Some(1))).await.unwrap()).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert!(text.contains("2 requests are in flight"), "{text}");
+        assert_eq!(refusals(&bounds)[0], ("in_flight", 1.0));
         let health = router.clone().oneshot(Request::get("/health").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(health.status(), StatusCode::OK);
         assert_eq!(answer(first).await, (StatusCode::OK, "1 bytes".into()));
         drop(second);
         assert_eq!(bounds.in_flight(), 0, "a read answer and a dropped one both give their slot back");
+        assert_eq!(metric(&bounds, "gonka_ml_node_inference_requests_in_flight"), Some(0.0));
         let (status, _) = answer(router.oneshot(post_body(Body::from("c"), Some(1))).await.unwrap()).await;
         assert_eq!(status, StatusCode::OK);
     }
 
+    /// `metric` (a line's name and labels) in the metrics' text.
+    fn metric(bounds: &PortBounds, name: &str) -> Option<f64> {
+        let text = bounds.metrics.as_ref().unwrap().encode();
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn refusals(bounds: &PortBounds) -> Vec<(&'static str, f64)> {
+        Refusal::ALL
+            .iter()
+            .map(|r| {
+                let name = format!("gonka_ml_node_inference_requests_refused_total{{reason=\"{}\"}}", r.as_str());
+                (r.as_str(), metric(bounds, &name).unwrap_or(0.0))
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn bodies_are_bounded_in_size_in_total_and_in_time() {
-        let (router, _) = app(limits());
+        let (router, bounds) = app(limits());
         // Declared too large: refused before reading.
         let (status, text) = answer(router.clone().oneshot(post_body(Body::empty(), Some(4097))).await.unwrap()).await;
         assert_eq!((status, text.contains("limited to 4096 bytes")), (StatusCode::PAYLOAD_TOO_LARGE, true), "{text}");
         // Undeclared and too large: refused while reading.
         let big = Body::from_stream(futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 5000]))]));
-        let (status, _) = answer(router.clone().oneshot(post_body(big, None)).await.unwrap()).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        let (status, text) = answer(router.clone().oneshot(post_body(big, None)).await.unwrap()).await;
+        assert_eq!((status, text.contains("limited to 4096 bytes")), (StatusCode::PAYLOAD_TOO_LARGE, true), "{text}");
+        // A body that breaks off (the client's connection reset): a bad request, not "too large".
+        let broken = Body::from_stream(futures::stream::iter([
+            Ok(Bytes::from_static(b"{\"prompt\":")),
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")),
+        ]));
+        let (status, text) = answer(router.clone().oneshot(post_body(broken, None)).await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("could not be read") && text.contains("connection reset"), "{text}");
         // At the limit: served.
         let (status, text) =
             answer(router.clone().oneshot(post_body(Body::from(vec![b'x'; 4096]), Some(4096))).await.unwrap()).await;
@@ -262,5 +380,18 @@ mod tests {
         tx.send(Ok(Bytes::from(vec![b'x'; 4000]))).await.unwrap();
         drop(tx);
         assert_eq!(answer(held.await.unwrap().unwrap()).await, (StatusCode::OK, "4000 bytes".into()));
+
+        // Each refusal counted under its reason; nothing in flight once all is answered.
+        assert_eq!(
+            refusals(&bounds),
+            [
+                ("in_flight", 0.0),
+                ("body_budget", 1.0),
+                ("body_too_large", 2.0),
+                ("body_timeout", 1.0),
+                ("body_unreadable", 1.0)
+            ]
+        );
+        assert_eq!(metric(&bounds, "gonka_ml_node_inference_requests_in_flight"), Some(0.0));
     }
 }
