@@ -120,6 +120,17 @@ fn which(program: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{program} not found"))
 }
 
+/// Puts `from` at `to` without a second copy on disk where both are on one file system (the
+/// daemon and its libtorch are half a gigabyte).
+fn link_or_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    // The file itself, not a symbolic link to it (which `link` would link).
+    let from = &std::fs::canonicalize(from)?;
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).with_context(|| format!("copying {from:?} to {to:?}"))?;
+    }
+    Ok(())
+}
+
 fn fresh_dir(path: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(path);
     std::fs::create_dir_all(path)?;
@@ -175,9 +186,9 @@ async fn the_images_build_and_run_as_non_root_with_a_read_only_root() -> anyhow:
     let context = work.path().join("node-daemon");
     fresh_dir(&context.join("prebuilt/bin"))?;
     fresh_dir(&context.join("prebuilt/lib"))?;
-    std::fs::copy(daemon_bin, context.join("prebuilt/bin/gonka-node-daemon"))?;
+    link_or_copy(daemon_bin, &context.join("prebuilt/bin/gonka-node-daemon"))?;
     for (name, path) in venv_libraries(daemon_bin)? {
-        std::fs::copy(&path, context.join("prebuilt/lib").join(name))?;
+        link_or_copy(&path, &context.join("prebuilt/lib").join(name))?;
     }
     let daemon = buildah.build("images/node-daemon/Dockerfile", &context, "localhost/gonka-node-daemon:test")?;
     assert_eq!(buildah.config(&daemon, "User")?, RUN_AS);
