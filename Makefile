@@ -28,6 +28,8 @@ test: controlplane pyenv vllm-env
 	$(CARGO) test --workspace --exclude gonka-inference --locked
 	GONKA_VLLM_PYTHON=$$(scripts/vllm-env.sh) LIBTORCH=$(LIBTORCH_DIR) \
 		$(CARGO) test --locked -p gonka-inference -p gonka-node-daemon --features gonka-node-daemon/torch
+	# The GPU kit's CPU part on the binaries just built (docs/gpu-kit.md).
+	scripts/gpu-kit.sh --cpu-here
 
 ## manifests/ rendered from the Helm chart (helm is built with the control plane).
 manifests:

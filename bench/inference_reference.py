@@ -52,7 +52,7 @@ def main():
     device = torch.device(req.get("device", "cpu"))
     dtype = getattr(torch, req["dtype"]) if req.get("dtype") else None
     started = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa").to(device).eval()
     load_seconds = time.perf_counter() - started
     vocab = model.config.vocab_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -94,11 +94,12 @@ def main():
     nonces = list(range(req["poc_nonces"]))
     sync()
     t = time.perf_counter()
-    produced = 0
+    produced = []
     for i in range(0, len(nonces), req["poc_batch"]):
-        produced += len(poc.artifacts(model, round_req, nonces[i:i + req["poc_batch"]]))
+        produced += poc.artifacts(model, round_req, nonces[i:i + req["poc_batch"]])
     sync()
-    out["poc_nonces_per_second"] = produced / (time.perf_counter() - t)
+    out["poc_nonces_per_second"] = len(produced) / (time.perf_counter() - t)
+    out["poc_artifacts"] = [{"nonce": a["nonce"], "vector_b64": a["vector_b64"]} for a in produced]
     print(json.dumps(out))
 
 

@@ -13,9 +13,31 @@
 #
 #   scripts/gpu-kit.sh           build the kit
 #   scripts/gpu-kit.sh --check   also run its CPU part here (kit/run.sh --cpu)
+#   scripts/gpu-kit.sh --cpu-here
+#                                the kit's CPU part on the workspace's own debug binaries and
+#                                libtorch (no 2.11 build, no wheel): what `make test` runs, so
+#                                run.sh and its Python peers are exercised on every change
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+
+if [ "${1:-}" = "--cpu-here" ]; then
+  target=${CARGO_TARGET_DIR:-$root/target}
+  kit=$(mktemp -d "${TMPDIR:-/tmp}/gonka-gpu-kit.XXXXXX")
+  trap 'rm -rf "$kit"' EXIT
+  mkdir -p "$kit/bin" "$kit/python"
+  for b in gonka-node-daemon gonka-inference-bench; do
+    [ -x "$target/debug/$b" ] || { echo "gpu-kit: $target/debug/$b missing (make test builds it)" >&2; exit 1; }
+    ln -s "$target/debug/$b" "$kit/bin/$b"
+  done
+  cp bench/pytorch_poc.py bench/inference_reference.py node-daemon/tests/reference/upstream_poc.py \
+    inference/tests/reference/poc_v2_reference.py "$kit/python/"
+  cp scripts/gpu-kit/run.sh "$kit/run.sh"
+  git rev-parse HEAD >"$kit/COMMIT" 2>/dev/null || true
+  pyenv_torch=$(scripts/pyenv.sh --libtorch)
+  GPU_KIT_TORCH_LIB="$pyenv_torch/lib" GPU_KIT_PYTHON="$(scripts/pyenv.sh)" OUT="$kit/report" "$kit/run.sh" --cpu
+  exit
+fi
 torch_version=2.11.0
 tch_version=0.24.0
 cache=$root/.cache/gpu-kit

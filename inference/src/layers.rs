@@ -64,10 +64,22 @@ impl RmsNorm {
         Ok(Self { weight: w.tensor("weight", &[dim])?, eps })
     }
 
-    /// transformers' `Qwen2RMSNorm`: normalise in float32, back to the input dtype, then scale.
+    /// transformers' `Qwen2RMSNorm` (and vLLM's `rms_norm`): normalise in float32, back to the
+    /// input dtype, then scale.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.scale(x.to_kind(Kind::Float), x.kind())
+    }
+
+    /// vLLM's fused add-RMSNorm: `x + residual` summed in float32 becomes the new residual (in
+    /// the input dtype) and is normalised as it is, unrounded. Returns `(normed, residual)`.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> (Tensor, Tensor) {
         let kind = x.kind();
-        let x32 = x.to_kind(Kind::Float);
+        let sum = x.to_kind(Kind::Float) + residual.to_kind(Kind::Float);
+        let residual = sum.to_kind(kind);
+        (self.scale(sum, kind), residual)
+    }
+
+    fn scale(&self, x32: Tensor, kind: Kind) -> Tensor {
         let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = x32 * (variance + self.eps).rsqrt();
         &self.weight * normed.to_kind(kind)

@@ -5,12 +5,13 @@
 //!    uniform → Box–Muller, float32, cast to the model dtype), seed
 //!    `"{block_hash}_{public_key}_nonce{nonce}"` (or, with `poc_stronger_rng`, 8 segments seeded
 //!    by the 8 words of that string's SHA-256);
-//! 2. a causal forward from position 0 with a Householder reflection `x - 2(v·x)v` of the
-//!    residual stream after every layer, `v` seeded `"{block_hash}_layer_{i}_householder"`;
+//! 2. a causal forward from position 0 in vLLM's layout, with a Householder reflection
+//!    `x - 2(v·x)v` of both of each layer's outputs (the feed-forward's and the residual
+//!    stream), `v` seeded `"{block_hash}_layer_{i}_householder"`;
 //! 3. the last position's final-norm hidden state in float32, NaN rows dropped, normalised;
 //! 4. `k` coordinates: the `k` smallest murmur3 scores of `0..hidden` under
-//!    `"…_nonce_{nonce}_pick_{k}"`, taken with libtorch's `topk(-scores, sorted=False)` on the
-//!    model's device (the order is that kernel's, and the artifact depends on it);
+//!    `"…_nonce_{nonce}_pick_{k}"`, taken with libtorch's 1-D `topk(-scores, sorted=False)` per
+//!    nonce on the model's device (the order is that kernel's, and the artifact depends on it);
 //! 5. `k - 1` Householder reflections seeded `"…_nonce_{nonce}_haar_hh_{k}_{j}"`, normalised;
 //! 6. the vector as float16 little-endian, base64.
 //!
@@ -185,13 +186,19 @@ pub fn artifacts(round: &Round<'_>, nonces: &[i64], last_hidden: &Tensor) -> Vec
     let k = round.k_dim;
     let prefix = |nonce: i64| format!("{}_{}_nonce_{nonce}", round.block_hash, round.public_key);
     let pick_seeds: Vec<u32> = kept.iter().map(|n| seed_from_string(&format!("{}_pick_{k}", prefix(*n)))).collect();
-    let (_, picked) = scores(&pick_seeds, dim, device).neg().topk(k, 1, true, false);
+    // One 1-D `topk` per nonce, as upstream's `random_pick_indices` loops: an unsorted topk's
+    // order is the kernel's, and a batched one over rows may order its picks otherwise.
+    let scores = scores(&pick_seeds, dim, device).neg();
+    let picked = Tensor::stack(
+        &(0..kept.len() as i64).map(|i| scores.get(i).topk(k, 0, true, false).1).collect::<Vec<_>>(),
+        0,
+    );
     let mut y = hidden.gather(1, &picked, false);
     for j in 0..k - 1 {
         let seeds: Vec<u32> =
             kept.iter().map(|n| seed_from_string(&format!("{}_haar_hh_{k}_{j}", prefix(*n)))).collect();
         let v = normals(&seeds, k, device);
-        let v = &v / (v.norm_scalaropt_dim(2, [-1i64].as_slice(), true) + 1e-30);
+        let v = &v / v.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
         let dot = (&y * &v).sum_dim_intlist(-1, true, Kind::Float);
         y = &y - dot * 2.0 * v;
     }

@@ -1,7 +1,8 @@
-//! PoC v2 artifacts against `tests/reference/poc_v2_reference.py`, a Python restatement of
-//! upstream's algorithm on a transformers forward with per-layer hooks, for tiny Qwen3 and
-//! Qwen3-MoE checkpoints: far closer than upstream's `dist_threshold` in float32 (1e-5; the
-//! float16 encodings were identical bit for bit where this was written), within it in bfloat16,
+//! PoC v2 artifacts against `tests/reference/poc_v2_reference.py`, upstream's ML-node code
+//! (gonka-ai/vllm `vllm/poc/`) restated function by function, per nonce where it loops per
+//! nonce, with vLLM's decoder layout over a transformers checkpoint, for tiny Qwen3 and
+//! Qwen3-MoE checkpoints: far closer than upstream's `dist_threshold` in float32 and bfloat16
+//! (1e-5 and 1e-3; the float16 encodings were identical bit for bit where this was written),
 //! with both input generators.
 
 mod common;
@@ -72,10 +73,15 @@ fn stronger_rng_artifacts_match_the_restatement() {
 }
 
 #[test]
-fn bfloat16_artifacts_are_within_upstreams_threshold() {
+fn bfloat16_artifacts_match_upstreams_layout() {
     for arch in ["qwen3", "qwen3_moe"] {
         let c = compare(arch, "bfloat16", false);
-        assert!(c.worst < DIST_THRESHOLD, "{arch}: worst distance {}", c.worst);
+        eprintln!("{arch} bfloat16: worst distance {}, {} of 6 encodings identical", c.worst, c.identical_encodings);
+        // In vLLM's layout the two sides round alike (identical encodings where this was
+        // written); transformers' layout — reflecting the summed stream, bfloat16 additions —
+        // lands 0.021 away, past vLLM's fallback threshold.
+        assert!(c.worst < DIST_THRESHOLD / 20.0, "{arch}: worst distance {}", c.worst);
+        assert!(c.identical_encodings >= 4, "{arch}: {} of 6 encodings identical", c.identical_encodings);
     }
 }
 

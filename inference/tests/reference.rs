@@ -98,23 +98,27 @@ fn qwen3_moe_matches_transformers() {
 }
 
 /// In bfloat16 neither forward is exact; ours must be as close to the float32 truth (the same
-/// rounded weights in float32) as transformers' own bfloat16 forward is.
+/// rounded weights in float32) as transformers' own bfloat16 forward is, and round as vLLM's
+/// layout does.
 #[test]
 fn bfloat16_checkpoints_run_in_bfloat16_as_accurately_as_transformers() {
     for arch in ["qwen2", "qwen3", "qwen3_moe"] {
         let dir = tempfile::tempdir().unwrap();
         let v = reference_json(json!({"arch": arch, "dir": dir.path(), "prompt": PROMPT, "dtype": "bfloat16"}));
         let (theirs, truth) = (to_tensor(&v["logits"]), to_tensor(&v["logits_float32"]));
+        let vllm_layout = to_tensor(&v["logits_vllm_layout"]);
         // dtype "auto": the checkpoint's own.
         let model = load(dir.path(), &LoadOptions::default()).unwrap();
         assert_eq!(model.spec.kind, Kind::BFloat16);
         let ours = prompt_logits(&model, &PROMPT);
         let (our_error, their_error) = (relative_error(&ours, &truth), relative_error(&theirs, &truth));
         assert!(our_error <= 1.5 * their_error + 1e-3, "{arch}: ours {our_error:e}, transformers {their_error:e}");
-        // Same kernels on the same values: the two bfloat16 forwards agree far more closely
-        // than either does with float32 (bit for bit on the machine this was written on).
-        let apart = relative_error(&ours, &theirs);
-        assert!(apart < 1e-3, "{arch}: bf16 logits {apart:e} apart from transformers'");
+        // The engine rounds as vLLM's layers do (the residual stream apart, added in float32),
+        // not as transformers' do: the same layout on the same kernels agrees far more closely
+        // than either does with float32 (bit for bit on the machine this was written on), and
+        // transformers' layout does not (2e-2 apart for the tiny Qwen2).
+        let apart = relative_error(&ours, &vllm_layout);
+        assert!(apart < 1e-3, "{arch}: bf16 logits {apart:e} apart from vLLM's layout");
         // And float32 on request runs the rounded weights as transformers' float32 does.
         let model = load(dir.path(), &LoadOptions { dtype: Some(Kind::Float), ..LoadOptions::default() }).unwrap();
         let error = relative_error(&prompt_logits(&model, &PROMPT), &truth);

@@ -12,7 +12,9 @@
 # `gonka-node-daemon bench` (float16 on CUDA) next to bench/pytorch_poc.py on the same device
 # (our restatement of upstream's compute, not upstream's ML node); 3. inference prefill and
 # decode tokens/s and PoC v2 nonces/s, `gonka-inference-bench` next to transformers, bfloat16 on
-# the GPU, on the same random Qwen3 (written here by transformers).
+# the GPU, on the same random Qwen3 (written here by transformers); every timed PoC v2 artifact
+# compared with the reference's (upstream's ML-node code restated), and the device's unsorted
+# topk order (1-D per nonce, as upstream picks, against batched rows).
 set -uo pipefail
 kit=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mode=gpu
@@ -123,9 +125,40 @@ inference() {
   [ -f "$model/config.json" ] || "$python" "$kit/python/inference_reference.py" "{\"make_model\": true, \"dir\": \"$model\"}" || return 1
   local prompt=512 decode=64 batch=8
   [ "$mode" = cpu ] && prompt=64 decode=8 batch=2
-  "$kit/bin/gonka-inference-bench" "$model" --device "$device" --dtype "$dtype" --prompt $prompt --decode $decode \
-    --batch $batch --poc-seq-len 128 --poc-batch 8 --poc-nonces 16 || return 1
-  "$python" "$kit/python/inference_reference.py" "{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}"
+  local ours theirs
+  ours=$("$kit/bin/gonka-inference-bench" "$model" --device "$device" --dtype "$dtype" --prompt $prompt --decode $decode \
+    --batch $batch --poc-seq-len 128 --poc-batch 8 --poc-nonces 16) || return 1
+  theirs=$("$python" "$kit/python/inference_reference.py" "{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}") || return 1
+  printf '%s\n%s\n' "$ours" "$theirs" | "$python" -c 'import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k != "poc_artifacts"})) for l in sys.stdin]'
+  # PoC v2 correctness on this device: every timed nonce's artifact from both sides (the
+  # reference is upstream's ML-node code restated, vLLM's layout), as upstream's validator
+  # measures them (the decoded float16 vectors' distance); and which order the device's
+  # unsorted topk gives the picks in, 1-D per nonce (upstream's and ours) against batched rows.
+  "$python" - "$ours" "$theirs" "$mode" "$device" <<'PY'
+import base64, json, os, sys
+import numpy as np, torch
+sys.path.insert(0, os.path.join(os.environ["kit"], "python"))
+import poc_v2_reference as ref
+ours, theirs, mode, device = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+vec = lambda b: np.frombuffer(base64.b64decode(b), dtype="<f2").astype(np.float32)
+a = {x["nonce"]: x["vector_b64"] for x in ours["poc_artifacts"]}
+b = {x["nonce"]: x["vector_b64"] for x in theirs["poc_artifacts"]}
+assert a.keys() == b.keys() and a, f"nonces differ: ours {sorted(a)}, reference {sorted(b)}"
+dist = {n: float(np.linalg.norm(vec(a[n]) - vec(b[n]))) for n in a}
+same = sum(a[n] == b[n] for n in a)
+worst = max(dist.values())
+print(f"PoC v2 artifacts, {len(a)} nonces: worst distance {worst:.3g}, median {np.median(list(dist.values())):.3g}, {same} encodings identical (upstream's fallback dist_threshold 0.02)")
+dim, k = ours["hidden"], 12
+agree = 0
+for n in range(64):
+    scores = ref.murmur3_32(torch.arange(dim, dtype=torch.int32, device=device), ref.seed_from_string(f"bench-block_bench-key_nonce_{n}_pick_{k}"))
+    one = torch.topk(-scores, k=k, largest=True, sorted=False)[1]
+    rows = torch.topk(-scores.unsqueeze(0).expand(3, -1), k=k, dim=1, largest=True, sorted=False)[1][1]
+    agree += bool(torch.equal(one, rows))
+print(f"unsorted topk on {device}: batched rows order the picks as 1-D per nonce does for {agree} of 64 nonces")
+limit = 1e-5 if mode == "cpu" else 0.02
+assert worst < limit, f"PoC v2 artifacts {worst} apart (limit {limit})"
+PY
 }
 step inference 240 inference
 

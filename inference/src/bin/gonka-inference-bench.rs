@@ -117,11 +117,13 @@ fn main() -> anyhow::Result<()> {
     let warmup_artifact = warmup.first().and_then(|a| poc_v2::decode_vector(&a.vector_b64));
     let started = Instant::now();
     let nonces: Vec<i64> = (0..cli.poc_nonces as i64).collect();
-    let mut artifacts = 0;
+    let mut artifacts = Vec::with_capacity(nonces.len());
     for chunk in nonces.chunks(cli.poc_batch) {
-        artifacts += poc_v2::compute(&model, &reflections, &round, chunk).len();
+        artifacts.extend(poc_v2::compute(&model, &reflections, &round, chunk));
     }
     let poc_seconds = started.elapsed().as_secs_f64();
+    // Every timed nonce's encoding, for the peer's to be compared with (the GPU kit does).
+    let encodings: Vec<_> = artifacts.iter().map(|a| json!({"nonce": a.nonce, "vector_b64": a.vector_b64})).collect();
 
     println!(
         "{}",
@@ -142,7 +144,8 @@ fn main() -> anyhow::Result<()> {
             "batch_decode_tokens_per_second": (cli.decode * cli.batch) as f64 / decode_batch,
             "poc_seq_len": cli.poc_seq_len,
             "poc_batch": cli.poc_batch,
-            "poc_nonces_per_second": artifacts as f64 / poc_seconds,
+            "poc_nonces_per_second": artifacts.len() as f64 / poc_seconds,
+            "poc_artifacts": encodings,
         })
     );
     Ok(())

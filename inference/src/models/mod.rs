@@ -80,8 +80,10 @@ impl ModelSpec {
     }
 }
 
-/// Called with each layer's index and output (the residual stream, `[tokens, hidden]`); returns
-/// what the next layer takes. PoC v2's Householder reflections go here.
+/// Called with each layer's index and each of its two outputs (the feed-forward's output and the
+/// residual stream, `[tokens, hidden]` each, as vLLM's layers return them); returns what the next
+/// layer takes in its place. PoC v2's Householder reflections go here (upstream hooks vLLM's
+/// layers, reflecting both).
 pub type LayerHook<'a> = &'a dyn Fn(usize, &Tensor) -> Tensor;
 
 pub struct Transformer {
@@ -121,26 +123,41 @@ impl Transformer {
                 StepInput::Embeddings(e) => e.to_device(device).to_kind(kind),
             })
             .collect();
-        let mut x = Tensor::cat(&inputs, 0);
+        // vLLM's layout (its Qwen2/Qwen3 decoder layers): each layer hands on the feed-forward's
+        // output and the residual stream apart, and the next norm adds them in float32. In
+        // float32 this is transformers' arithmetic; in bfloat16 it is vLLM's rounding, which
+        // PoC v2's artifacts must follow to land where the network's validators' do.
+        let mut hidden = Tensor::cat(&inputs, 0);
         drop(inputs);
+        let mut residual: Option<Tensor> = None;
         let mut caches: Vec<StepCache<'_>> = steps.iter_mut().map(|s| s.cache.as_deref_mut()).collect();
         let mut rotation: Option<(Device, Tensor, Tensor)> = None;
         for (i, block) in self.blocks.iter().enumerate() {
-            if x.device() != block.device {
-                x = x.to_device(block.device);
+            if hidden.device() != block.device {
+                hidden = hidden.to_device(block.device);
+                residual = residual.map(|r| r.to_device(block.device));
             }
             if rotation.as_ref().is_none_or(|(d, _, _)| *d != block.device) {
                 let (cos, sin) = self.rotary.cos_sin(&batch.positions(block.device), kind);
                 rotation = Some((block.device, cos, sin));
             }
             let (_, cos, sin) = rotation.as_ref().expect("set above");
-            let attended = block.attention.forward(&block.input_norm.forward(&x), (cos, sin), i, &batch, &mut caches);
-            x += attended;
-            let fed = block.feed_forward.forward(&block.post_attention_norm.forward(&x));
-            x += fed;
-            if let Some(hook) = hook {
-                x = hook(i, &x);
-            }
+            let (normed, stream) = match residual.take() {
+                None => (block.input_norm.forward(&hidden), hidden),
+                Some(r) => block.input_norm.forward_add(&hidden, &r),
+            };
+            let attended = block.attention.forward(&normed, (cos, sin), i, &batch, &mut caches);
+            drop(normed);
+            let (normed, stream) = block.post_attention_norm.forward_add(&attended, &stream);
+            drop(attended);
+            hidden = block.feed_forward.forward(&normed);
+            residual = Some(match hook {
+                Some(hook) => {
+                    hidden = hook(i, &hidden);
+                    hook(i, &stream)
+                }
+                None => stream,
+            });
         }
         for (cache, span) in caches.iter_mut().zip(batch.spans()) {
             if let Some(cache) = cache {
@@ -148,12 +165,16 @@ impl Transformer {
             }
         }
         let last = self.lm_head.weight().device();
-        let x = x.to_device(last);
-        let x = match output {
-            Output::Last => x.index_select(0, &batch.last_rows(last)),
-            Output::All => x,
+        let residual = residual.expect("a model has layers").to_device(last);
+        let hidden = hidden.to_device(last);
+        let (hidden, residual) = match output {
+            Output::Last => {
+                let rows = batch.last_rows(last);
+                (hidden.index_select(0, &rows), residual.index_select(0, &rows))
+            }
+            Output::All => (hidden, residual),
         };
-        self.norm.forward(&x)
+        self.norm.forward_add(&hidden, &residual).0
     }
 
     /// Logits of final hidden states, `[rows, vocab]` in the model dtype.

@@ -1,7 +1,13 @@
-"""PoC v2 artifacts restated in Python from upstream's algorithm (gonka-ai/vllm `vllm/poc/`:
-`gpu_random.py`, `layer_hooks.py`, `poc_model_runner.py`), on a transformers forward of a model
-directory with a forward hook on every decoder layer: the reference the engine's PoC v2 is
-compared against.
+"""PoC v2 artifacts as upstream's ML node computes them (gonka-ai/vllm `vllm/poc/`:
+`gpu_random.py`, `layer_hooks.py`, `poc_model_runner.py`), restated function by function and
+per nonce where upstream loops per nonce, on a transformers checkpoint: the reference the
+engine's PoC v2 is compared against.
+
+Where upstream relies on vLLM's model code, this follows vLLM's layout rather than
+transformers': each decoder layer returns the MLP's output and the residual stream apart
+(`(hidden, residual)`, the next layer adding them in float32 in its fused add-RMSNorm), and the
+per-round Householder hook reflects both, as `LayerHouseholderHook` does. The attention, MLP
+(dense or MoE) and norms' weights are transformers' modules of the checkpoint.
 
     python poc_v2_reference.py '{"dir": "/tmp/m", "dtype": "float32", "block_hash": "…",
                                  "public_key": "…", "nonces": [0, 1], "seq_len": 16,
@@ -23,15 +29,17 @@ import transformers
 MASK = 0xFFFFFFFF
 
 
-def seed_of(text):
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+# --- gpu_random.py -------------------------------------------------------------------------
+
+def seed_from_string(text):
+    """The first 8 hex digits of the text's SHA-256."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16)
 
 
-def murmur(keys, seed):
-    """The 32-bit mix upstream applies to counters, on int64 tensors (values stay < 2^32 after
-    each mask; products wrap in int64, which keeps their low 32 bits)."""
+def murmur3_32(keys, seed):
+    """Murmur3's 32-bit mix of int32 counters under one seed, in int64 (values below 2^32)."""
+    h = torch.full_like(keys, seed & MASK, dtype=torch.int64)
     k = keys.to(torch.int64) & MASK
-    h = torch.full_like(k, seed & MASK) if isinstance(seed, int) else (seed & MASK).expand_as(k)
     k = (k * 0xCC9E2D51) & MASK
     k = ((k << 15) | (k >> 17)) & MASK
     k = (k * 0x1B873593) & MASK
@@ -45,89 +53,180 @@ def murmur(keys, seed):
     return h ^ (h >> 16)
 
 
-def normal_rows(seeds, n):
-    """Box–Muller over murmur uniforms: per seed, counters 0..2*pairs, the first half radii,
-    the second angles; cosines then sines."""
+def uniform(seed, n, device):
+    return murmur3_32(torch.arange(n, device=device, dtype=torch.int32), seed).to(torch.float32) / 4294967296.0
+
+
+def normal(seed, n, device):
+    """Box–Muller: the first half of the uniforms are radii, the second angles; cosines, then
+    sines."""
     pairs = (n + 1) // 2
-    counters = torch.arange(2 * pairs, dtype=torch.int32).unsqueeze(0).expand(len(seeds), -1)
-    u = murmur(counters, torch.tensor(seeds, dtype=torch.int64).unsqueeze(1)).to(torch.float32) / 4294967296.0
-    u1 = torch.clamp(u[:, :pairs], min=1e-10)
-    u2 = u[:, pairs:]
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    return torch.cat([radius * torch.cos(2.0 * math.pi * u2), radius * torch.sin(2.0 * math.pi * u2)], dim=1)[:, :n]
+    u = uniform(seed, pairs * 2, device)
+    u1, u2 = torch.clamp(u[:pairs], min=1e-10), u[pairs:]
+    z0 = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    z1 = torch.sqrt(-2.0 * torch.log(u1)) * torch.sin(2.0 * math.pi * u2)
+    return torch.cat([z0, z1])[:n]
 
 
-def nonce_inputs(req, nonce, hidden, dtype):
-    n = req["seq_len"] * hidden
-    text = f"{req['block_hash']}_{req['public_key']}_nonce{nonce}"
-    if req.get("stronger_rng"):
-        digest = hashlib.sha256(text.encode()).digest()
-        seg = (n + 7) // 8
-        parts = []
-        for k in range(8):
-            if k * seg >= n:
-                break
-            word = int.from_bytes(digest[4 * k:4 * k + 4], "big")
-            parts.append(normal_rows([word], min(seg, n - k * seg))[0])
-        flat = torch.cat(parts)[:n]
-    else:
-        flat = normal_rows([seed_of(text)], n)[0]
-    return flat.view(req["seq_len"], hidden).to(dtype)
+def generate_inputs(block_hash, public_key, nonces, dim, seq_len, device, dtype):
+    result = torch.empty(len(nonces), seq_len, dim, device=device, dtype=dtype)
+    for i, nonce in enumerate(nonces):
+        seed = seed_from_string(f"{block_hash}_{public_key}_nonce{nonce}")
+        result[i] = normal(seed, seq_len * dim, device).view(seq_len, dim).to(dtype)
+    return result
+
+
+def generate_inputs_concat_murmur(block_hash, public_key, nonces, dim, seq_len, device, dtype):
+    """The stronger generator: the SHA-256's eight 32-bit words seed eight segments."""
+    result = torch.empty(len(nonces), seq_len, dim, device=device, dtype=dtype)
+    n = seq_len * dim
+    seg = (n + 7) // 8
+    for i, nonce in enumerate(nonces):
+        digest = hashlib.sha256(f"{block_hash}_{public_key}_nonce{nonce}".encode()).digest()
+        words = [int.from_bytes(digest[j:j + 4], "big") for j in range(0, 32, 4)]
+        parts = [normal(w, min(seg, n - k * seg), device) for k, w in enumerate(words) if k * seg < n]
+        result[i] = torch.cat(parts)[:n].view(seq_len, dim).to(dtype)
+    return result
+
+
+def householder_vector(seed_text, dim, device):
+    v = normal(seed_from_string(seed_text), dim, device)
+    return v / v.norm()
+
+
+def apply_householder(x, v):
+    return x - 2 * (x * v).sum(dim=-1, keepdim=True) * v
+
+
+def random_pick_indices(block_hash, public_key, nonces, dim, k, device):
+    """Per nonce, the k coordinates with the smallest seeded scores, in the order a 1-D
+    `topk(sorted=False)` of the negated scores gives them (the order feeds the Haar chain)."""
+    out = torch.empty(len(nonces), k, device=device, dtype=torch.int64)
+    all_idx = torch.arange(dim, device=device, dtype=torch.int32)
+    for i, nonce in enumerate(nonces):
+        scores = murmur3_32(all_idx, seed_from_string(f"{block_hash}_{public_key}_nonce_{nonce}_pick_{k}"))
+        _, chosen = torch.topk(-scores, k=k, largest=True, sorted=False)
+        out[i] = chosen.to(torch.int64)
+    return out
+
+
+def apply_haar_rotation(block_hash, public_key, nonces, x, device):
+    """Per nonce, k-1 Householder reflections in a chain."""
+    k = x.shape[1]
+    y = x.clone()
+    for i, nonce in enumerate(nonces):
+        for j in range(k - 1):
+            v = householder_vector(f"{block_hash}_{public_key}_nonce_{nonce}_haar_hh_{k}_{j}", k, device)
+            y[i] = apply_householder(y[i], v.to(y.dtype))
+    return y
+
+
+# --- vLLM's decoder layout and norms (vllm/ir/ops/layernorm.py, models/qwen3.py) -----------
+
+def rms_norm(x, norm):
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.variance_epsilon)
+    return (x.to(norm.weight.dtype) * norm.weight).to(dtype)
+
+
+def fused_add_rms_norm(x, residual, norm):
+    """The sum in float32, kept as the new residual in the model's dtype; the norm of the
+    float32 sum."""
+    dtype = x.dtype
+    x = x.to(torch.float32) + residual.to(torch.float32)
+    residual = x.to(dtype)
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + norm.variance_epsilon)
+    return (x.to(norm.weight.dtype) * norm.weight).to(dtype), residual
+
+
+class VllmFormLayer(torch.nn.Module):
+    """A transformers decoder layer run as vLLM's Qwen3 layer runs: `(hidden, residual)` in
+    and out."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, residual, position_embeddings):
+        layer = self.layer
+        if residual is None:
+            residual = hidden
+            hidden = rms_norm(hidden, layer.input_layernorm)
+        else:
+            hidden, residual = fused_add_rms_norm(hidden, residual, layer.input_layernorm)
+        hidden = layer.self_attn(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)[0]
+        hidden, residual = fused_add_rms_norm(hidden, residual, layer.post_attention_layernorm)
+        hidden = layer.mlp(hidden)
+        if isinstance(hidden, tuple):  # MoE blocks that also return router logits
+            hidden = hidden[0]
+        return hidden, residual
+
+
+# --- layer_hooks.py ------------------------------------------------------------------------
+
+def vllm_layers(model):
+    """The model's decoder layers in vLLM's form."""
+    assert model.config._attn_implementation == "sdpa", "attention_mask=None must mean causal"
+    return torch.nn.ModuleList(VllmFormLayer(layer) for layer in model.model.layers)
 
 
 def add_reflections(model, block_hash):
-    """A Householder reflection of every decoder layer's output (forward hooks)."""
-    hidden = model.config.hidden_size
+    """The per-round hook of every decoder layer: the layer's `(hidden, residual)` each
+    reflected by the layer's Householder vector."""
+    layers = vllm_layers(model)
+    device = next(model.parameters()).device
+    for i, layer in enumerate(layers):
+        v = householder_vector(f"{block_hash}_layer_{i}_householder", model.config.hidden_size, device)
 
-    def reflection(i):
-        v = normal_rows([seed_of(f"{block_hash}_layer_{i}_householder")], hidden)[0]
-        v = v / v.norm()
+        def hook(module, args, output, v=v):
+            hidden, residual = output
+            return apply_householder(hidden, v.to(hidden.dtype)), apply_householder(residual, v.to(residual.dtype))
 
-        def hook(module, args, output):
-            x = output[0] if isinstance(output, tuple) else output
-            vv = v.to(x.dtype)
-            y = x - 2 * (x * vv).sum(dim=-1, keepdim=True) * vv
-            return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
+        layer.register_forward_hook(hook)
+    model.poc_layers = layers
 
-        return hook
 
-    for i, layer in enumerate(model.model.layers):
-        layer.register_forward_hook(reflection(i))
+# --- poc_model_runner.py -------------------------------------------------------------------
+
+def forward(model, inputs_embeds, layers=None):
+    """The decoder stack in vLLM's layout (`layers`, else the hooked ones of
+    `add_reflections`); the final norm adds the last residual."""
+    inner = model.model
+    batch, seq_len, _ = inputs_embeds.shape
+    positions = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0).expand(batch, -1)
+    position_embeddings = inner.rotary_emb(inputs_embeds, positions)
+    hidden, residual = inputs_embeds, None
+    for layer in model.poc_layers if layers is None else layers:
+        hidden, residual = layer(hidden, residual, position_embeddings)
+    hidden, _ = fused_add_rms_norm(hidden, residual, inner.norm)
+    return hidden
 
 
 def artifacts(model, req, nonces):
     """The artifacts of `nonces` on `model` (reflections added): the forward, then normalise,
     pick k_dim coordinates, the Haar chain and the float16 encoding. Returns the nonces kept,
     their float32 vectors and their base64 encodings."""
-    hidden = model.config.hidden_size
+    hidden_size = model.config.hidden_size
     block_hash, public_key, k = req["block_hash"], req["public_key"], req.get("k_dim", 12)
     device = next(model.parameters()).device
-    embeds = torch.stack([nonce_inputs(req, n, hidden, model.dtype) for n in nonces]).to(device)
-    with torch.no_grad():
-        # The decoder stack's output is after the final norm; the last position per nonce.
-        last = model.model(inputs_embeds=embeds).last_hidden_state[:, -1, :].float().cpu()
+    make = generate_inputs_concat_murmur if req.get("stronger_rng") else generate_inputs
+    with torch.inference_mode():
+        embeds = make(block_hash, public_key, nonces, hidden_size, req["seq_len"], device, model.dtype)
+        last = forward(model, embeds)[:, -1, :].float()
 
-    keep = ~torch.isnan(last).any(dim=-1)
-    last = last[keep]
-    nonces = [n for n, kept in zip(nonces, keep.tolist()) if kept]
-    last = last / (last.norm(dim=-1, keepdim=True) + 1e-8)
+        keep = ~torch.isnan(last).any(dim=-1)
+        last = last[keep]
+        nonces = [n for n, kept in zip(nonces, keep.tolist()) if kept]
+        last = last / (last.norm(dim=-1, keepdim=True) + 1e-8)
 
-    prefix = [f"{block_hash}_{public_key}_nonce_{n}" for n in nonces]
-    scores = murmur(
-        torch.arange(hidden, dtype=torch.int32).unsqueeze(0).expand(len(nonces), -1),
-        torch.tensor([seed_of(f"{p}_pick_{k}") for p in prefix], dtype=torch.int64).unsqueeze(1),
-    )
-    _, picked = torch.topk(-scores, k=k, largest=True, sorted=False, dim=1)
-    y = torch.gather(last, 1, picked)
-    for j in range(k - 1):
-        v = normal_rows([seed_of(f"{p}_haar_hh_{k}_{j}") for p in prefix], k)
-        v = v / (v.norm(dim=-1, keepdim=True) + 1e-30)
-        y = y - 2 * (y * v).sum(dim=-1, keepdim=True) * v
-    y = y / (y.norm(dim=-1, keepdim=True) + 1e-8)
+        indices = random_pick_indices(block_hash, public_key, nonces, hidden_size, k, device)
+        y = apply_haar_rotation(block_hash, public_key, nonces, torch.gather(last, 1, indices), device)
+        y = y / (y.norm(dim=-1, keepdim=True) + 1e-8)
 
-    halves = y.half().numpy()
+    halves = y.half().cpu().numpy()
     out = []
-    for n, row, f32 in zip(nonces, halves, y.tolist()):
+    for n, row, f32 in zip(nonces, halves, y.cpu().tolist()):
         if np.isnan(row).any():
             continue
         out.append({"nonce": n, "vector": f32, "vector_b64": base64.b64encode(row.astype("<f2").tobytes()).decode()})
@@ -137,7 +236,8 @@ def artifacts(model, req, nonces):
 def main():
     req = json.loads(sys.argv[1])
     dtype = getattr(torch, req.get("dtype", "float32"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa")
+    model.eval()
     add_reflections(model, req["block_hash"])
     json.dump(artifacts(model, req, req["nonces"]), sys.stdout)
 

@@ -8,7 +8,9 @@ transformers computes with them: the reference the engine's forward is compared 
 JSON: `logits` for every prompt position (float32 lists) and `greedy`, the next `max_new`
 tokens by argmax, each step a full forward of the whole sequence (no cache: an independent
 check of ours); for a half-precision `dtype` also `logits_float32`, the same weights run in
-float32.
+float32, and `logits_vllm_layout`, the same forward in vLLM's decoder layout (the feed-forward's
+output and the residual stream kept apart, added in float32 by the next norm:
+`poc_v2_reference.forward`), whose rounding the engine follows.
 """
 
 import json
@@ -16,6 +18,8 @@ import sys
 
 import torch
 import transformers
+
+import poc_v2_reference
 
 
 def tiny_config(arch):
@@ -173,7 +177,7 @@ def main():
             json.dump(cfg, f)
 
     # The reference runs what transformers loads from that directory, as a user would.
-    model = model_class(arch).from_pretrained(req["dir"], dtype=dtype).eval()
+    model = model_class(arch).from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa").eval()
     prompt = req["prompt"]
     with torch.no_grad():
         ids = torch.tensor([prompt])
@@ -191,6 +195,8 @@ def main():
         truth = model_class(arch).from_pretrained(req["dir"], dtype=torch.float32).eval()
         with torch.no_grad():
             out["logits_float32"] = truth(ids).logits[0].tolist()
+            hidden = poc_v2_reference.forward(model, model.model.embed_tokens(ids), poc_v2_reference.vllm_layers(model))
+            out["logits_vllm_layout"] = model.lm_head(hidden)[0].float().tolist()
     json.dump(out, sys.stdout)
 
 
