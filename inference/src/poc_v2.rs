@@ -189,10 +189,8 @@ pub fn artifacts(round: &Round<'_>, nonces: &[i64], last_hidden: &Tensor) -> Vec
     // One 1-D `topk` per nonce, as upstream's `random_pick_indices` loops: an unsorted topk's
     // order is the kernel's, and a batched one over rows may order its picks otherwise.
     let scores = scores(&pick_seeds, dim, device).neg();
-    let picked = Tensor::stack(
-        &(0..kept.len() as i64).map(|i| scores.get(i).topk(k, 0, true, false).1).collect::<Vec<_>>(),
-        0,
-    );
+    let picked =
+        Tensor::stack(&(0..kept.len() as i64).map(|i| scores.get(i).topk(k, 0, true, false).1).collect::<Vec<_>>(), 0);
     let mut y = hidden.gather(1, &picked, false);
     for j in 0..k - 1 {
         let seeds: Vec<u32> =

@@ -150,6 +150,7 @@ impl AppState {
                     inference_port: inference.inference_port,
                     http: pow.http(),
                     reporting: reporting.clone(),
+                    metrics: metrics.clone(),
                 },
                 manager.clone(),
             );

@@ -475,13 +475,7 @@ async fn the_inference_port_and_the_engine_stay_within_their_bounds() {
 
     // One slot. A client that sent its headers and holds back its body holds it (the gauge
     // says so); a request meanwhile is refused (429) and counted.
-    let metric = |name: &str| {
-        let metrics = node.daemon.metrics();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{metrics}"))
-    };
+    let metric = |name: &str| node.daemon.metric(name).unwrap_or_else(|| panic!("{name} not in /metrics"));
     assert_eq!(metric("gonka_ml_node_inference_requests_in_flight"), 0.0);
     let body = serde_json::to_vec(&chat).unwrap();
     let addr = node.inference.trim_start_matches("http://").to_string();

@@ -103,12 +103,7 @@ fn distances(public_key: &str, nonces: &[u64]) -> Vec<f64> {
 }
 
 fn metric(d: &Daemon, name: &str) -> f64 {
-    d.metrics()
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    d.metric(name).unwrap_or(0.0)
 }
 
 #[test]

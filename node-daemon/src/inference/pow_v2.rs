@@ -70,6 +70,8 @@ pub struct PocV2Settings {
     pub http: reqwest::Client,
     /// Round progress for the operator's reports (its status `weight`).
     pub reporting: crate::node_state::Reporting,
+    /// The PoC counters on `/metrics` (nonces computed, artifacts, callback posts).
+    pub metrics: crate::metrics::DaemonMetrics,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -376,14 +378,15 @@ async fn init_generate(State(state): State<AppState>, JsonBody(body): JsonBody<I
             service.settings.http.clone(),
             format!("{}/generated", url.trim_end_matches('/')),
             stop.clone(),
+            service.settings.metrics.clone(),
         )
     });
     let reporting = service.settings.reporting.clone();
     reporting.update_state(|s| {
         s.poc = crate::node_state::PocCounters { block_height: Some(config.block_height), ..Default::default() };
     });
-    let task =
-        tokio::spawn(generation_loop(served, config.clone(), sender, processed.clone(), stop.clone(), reporting));
+    let counters = Counters { processed: processed.clone(), reporting, metrics: service.settings.metrics.clone() };
+    let task = tokio::spawn(generation_loop(served, config.clone(), sender, counters, stop.clone()));
     tracing::info!(block_height = config.block_height, node_id = config.node_id, "PoC v2 generation started");
     let _round = service.manager.poc_round_started();
     *generation = Some(Generation { config, started: Instant::now(), processed, stop, task, _round });
@@ -404,13 +407,33 @@ fn nonce_sequence(c: &RoundConfig) -> impl Iterator<Item = i64> + use<> {
     (0..).map(move |x: i64| offset + x * step)
 }
 
+/// Where a generation's progress is counted: `/inference/pow/status`, the operator's reports,
+/// `/metrics`.
+struct Counters {
+    processed: Arc<std::sync::atomic::AtomicU64>,
+    reporting: crate::node_state::Reporting,
+    metrics: crate::metrics::DaemonMetrics,
+}
+
+impl Counters {
+    fn batch_done(&self, nonces: usize, artifacts: usize) {
+        self.processed.fetch_add(nonces as u64, std::sync::atomic::Ordering::Relaxed);
+        self.reporting.update_state(|s| {
+            s.poc.nonces_computed += nonces as u64;
+            s.poc.nonces_valid += artifacts as u64;
+        });
+        // Every PoC v2 nonce that gives an artifact counts (no r_target).
+        self.metrics.pow_computed(nonces as u64);
+        self.metrics.pow_valid(artifacts as u64);
+    }
+}
+
 async fn generation_loop(
     served: Arc<Served>,
     config: RoundConfig,
     sender: Option<CallbackSender>,
-    processed: Arc<std::sync::atomic::AtomicU64>,
+    counters: Counters,
     stop: CancellationToken,
-    reporting: crate::node_state::Reporting,
 ) {
     let mut nonces = nonce_sequence(&config);
     let mut failures = 0u32;
@@ -435,11 +458,7 @@ async fn generation_loop(
         match outcome {
             Ok(artifacts) => {
                 failures = 0;
-                processed.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                reporting.update_state(|s| {
-                    s.poc.nonces_computed += batch.len() as u64;
-                    s.poc.nonces_valid += artifacts.len() as u64;
-                });
+                counters.batch_done(batch.len(), artifacts.len());
                 if let Some(sender) = &sender {
                     sender.add(
                         artifacts.into_iter().map(|a| Artifact { nonce: a.nonce, vector_b64: a.vector_b64 }),
@@ -503,7 +522,12 @@ impl Buffered {
 }
 
 impl CallbackSender {
-    fn start(http: reqwest::Client, url: String, stop: CancellationToken) -> Self {
+    fn start(
+        http: reqwest::Client,
+        url: String,
+        stop: CancellationToken,
+        metrics: crate::metrics::DaemonMetrics,
+    ) -> Self {
         let buffer: Arc<Mutex<Buffered>> = Arc::default();
         let task = {
             let buffer = buffer.clone();
@@ -521,10 +545,12 @@ impl CallbackSender {
                     if let Some(batch) = &pending {
                         match post_json(&http, &url, batch).await {
                             Ok(()) => {
+                                metrics.pow_sent("generated");
                                 pending = None;
                                 backoff = Duration::from_secs(1);
                             }
                             Err(e) => {
+                                metrics.pow_send_failed("generated");
                                 tracing::warn!(error = %e, artifacts = batch.artifacts.len(), "PoC v2 callback failed; retrying");
                                 if !stopped {
                                     tokio::select! {
@@ -540,8 +566,12 @@ impl CallbackSender {
                         // The last delivery: what is pending and what the final batch added.
                         let rest = take_batch(&buffer);
                         for batch in pending.iter().chain(rest.iter()) {
-                            if let Err(e) = post_json(&http, &url, batch).await {
-                                tracing::warn!(error = %e, artifacts = batch.artifacts.len(), "PoC v2 artifacts undelivered at stop");
+                            match post_json(&http, &url, batch).await {
+                                Ok(()) => metrics.pow_sent("generated"),
+                                Err(e) => {
+                                    metrics.pow_send_failed("generated");
+                                    tracing::warn!(error = %e, artifacts = batch.artifacts.len(), "PoC v2 artifacts undelivered at stop");
+                                }
                             }
                         }
                         return;

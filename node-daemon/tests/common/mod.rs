@@ -123,6 +123,13 @@ impl Daemon {
         self.monitoring("/metrics").1
     }
 
+    /// One sample of `/metrics`: `name` with its labels as the text has them
+    /// (`gonka_ml_node_x_total{reason="y"}`); `None` when absent.
+    #[allow(dead_code)]
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// A request with a JSON body; returns status and body.
     pub fn send(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
         request_on(self.port, method, path, body)
