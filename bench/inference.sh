@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Inference benchmark: the engine (`gonka-inference-bench`) next to transformers on the same
-# random Qwen3 (hidden 512, 8 layers, vocab 32000; float32 on this CPU), the same work on both
-# sides (checked: equal last prefill logits and PoC v2 artifact), BENCH_RUNS (5) alternated
-# runs each, median and range, written to docs/benchmarks.md with the machine and date. Not a
-# test.
+# Inference benchmark: the engine (`gonka-inference-bench`) next to transformers and vLLM (its
+# CPU build, the serving engine hosts would pick instead) on the same random Qwen3 (hidden 512,
+# 8 layers, vocab 32000; float32 on this CPU), the same work on every side (checked: the same
+# next token after the prompt on all three; equal last prefill logits and PoC v2 artifact
+# with transformers), BENCH_RUNS (5) alternated runs each, median and range, the kernels each
+# side ran, written to docs/benchmarks.md with the machine and date. Not a test. vLLM has no
+# PoC v2 of ours to time (upstream's runs in its fork), so its PoC column is empty.
 #
 #   bench/inference.sh [prompt_tokens] [decode_tokens] [batch]     (default: 512 64 8)
 set -euo pipefail
@@ -13,6 +15,7 @@ prompt=${1:-512}
 decode=${2:-64}
 batch=${3:-8}
 py=$(scripts/pyenv.sh)
+vllm_py=$(scripts/vllm-env.sh)
 export LIBTORCH; LIBTORCH=$(scripts/pyenv.sh --libtorch)
 model=.cache/bench-models/qwen3-bench
 if [ ! -f "$model/config.json" ]; then
@@ -20,27 +23,45 @@ if [ ! -f "$model/config.json" ]; then
   "$py" bench/inference_reference.py "{\"make_model\": true, \"dir\": \"$model\"}"
 fi
 cargo build --release --locked -q -p gonka-inference --bin gonka-inference-bench
-# Both sides on the same threads; runs alternate (ours, theirs, ...) so drift hits both alike.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} MKL_NUM_THREADS=${MKL_NUM_THREADS:-$(nproc)}
+# Every side on the same threads (vLLM bound to the same cores, none reserved for its front
+# end); runs alternate (ours, transformers, vLLM, ...) so drift hits all alike.
+threads=${BENCH_THREADS:-$(nproc)}
+export BENCH_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 runs=${BENCH_RUNS:-5}
 request="{\"dir\": \"$model\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 256, \"poc_batch\": 8, \"poc_nonces\": 32}"
 results=$(mktemp)
+vllm_log=$(mktemp)
 for i in $(seq 1 "$runs"); do
   echo "bench: run $i/$runs: gonka-inference ..." >&2
   target/release/gonka-inference-bench "$model" --prompt "$prompt" --decode "$decode" --batch "$batch" \
     --poc-seq-len 256 --poc-batch 8 --poc-nonces 32 >>"$results"
   echo "bench: run $i/$runs: transformers ..." >&2
   "$py" bench/inference_reference.py "$request" >>"$results"
+  echo "bench: run $i/$runs: vLLM ..." >&2
+  # vLLM logs on stdout: only the result line goes to the results; its log is kept for the
+  # kernels it chose.
+  VLLM_LOGGING_LEVEL=DEBUG "$vllm_py" bench/vllm_reference.py "$request" >"$vllm_log.run" 2>&1 \
+    || { tail -30 "$vllm_log.run" >&2; exit 1; }
+  grep '^{' "$vllm_log.run" >>"$results"
+  cat "$vllm_log.run" >>"$vllm_log"
 done
+vllm_kernels=$(grep -oE 'CPU unquantized GEMM dispatch: [^"]*|core ids=\[[0-9, ]*\]|Using [A-Za-z_]+ (attention )?backend[^"]*' "$vllm_log" | sort -u | paste -sd ';' -)
+rm -f "$vllm_log" "$vllm_log.run"
 
-"$py" - "$results" <<'PY'
+"$py" - "$results" "$vllm_kernels" <<'PY'
 import datetime, json, os, platform, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+vllm_kernels = sys.argv[2]
 ours = [r for r in runs if r["engine"].startswith("gonka-inference")]
-theirs = [r for r in runs if not r["engine"].startswith("gonka-inference")]
-# Equal work, checked before any figure: the same last prefill logits and the same PoC v2
-# artifact for the warm-up nonce (float32 on this CPU; the artifact through float16).
-for a, b in zip(ours, theirs):
+theirs = [r for r in runs if r["engine"].startswith("transformers")]
+served = [r for r in runs if r["engine"].startswith("vLLM")]
+assert len(ours) == len(theirs) == len(served), "a side is missing runs"
+# Equal work, checked before any figure: the same next token after the prompt on all three,
+# the same last prefill logits and the same PoC v2 artifact for the warm-up nonce with
+# transformers (float32 on this CPU; the artifact through float16).
+for a, b, c in zip(ours, theirs, served):
+    assert a["prefill_next_token"] == b["prefill_next_token"] == c["prefill_next_token"], \
+        f"next tokens differ: ours {a['prefill_next_token']}, transformers {b['prefill_next_token']}, vLLM {c['prefill_next_token']}"
     dl = max(abs(x - y) for x, y in zip(a["prefill_last_logits"], b["prefill_last_logits"]))
     da = max(abs(x - y) for x, y in zip(a["poc_warmup_artifact"], b["poc_warmup_artifact"]))
     assert dl < 1e-3 * max(1.0, max(abs(x) for x in b["prefill_last_logits"])), f"prefill logits differ by {dl}"
@@ -49,32 +70,39 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 machine = f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.system()} {platform.release()}"
 keys = ["prefill_tokens_per_second", "decode_tokens_per_second", "batch_decode_tokens_per_second", "poc_nonces_per_second"]
 def stats(side, k):
-    v = [r[k] for r in side]
-    return statistics.median(v), min(v), max(v)
-cell = lambda s: f"{s[0]:.1f} ({s[1]:.1f}–{s[2]:.1f})"
+    v = [r[k] for r in side if k in r]
+    return (statistics.median(v), min(v), max(v)) if v else None
+cell = lambda s: f"{s[0]:.1f} ({s[1]:.1f}–{s[2]:.1f})" if s else "—"
 row = lambda side: f"| {side[0]['engine']} | {side[0]['device']} {side[0]['dtype']} | {side[0]['threads']} | " + " | ".join(cell(stats(side, k)) for k in keys) + " |"
-verdicts = []
-for k in keys:
-    (mo, lo, ho), (mt, lt, ht) = stats(ours, k), stats(theirs, k)
-    name = k.replace("_per_second", "").replace("_", " ")
-    # A ratio is reported with its spread (worst and best pairing of the ranges); ranges that
-    # overlap are parity.
-    if lo <= ht and lt <= ho:
-        verdicts.append(f"{name}: parity ({mo / mt:.2f}x, ranges overlap)")
-    else:
-        verdicts.append(f"{name} {mo / mt:.2f}x ({lo / ht:.2f}–{ho / lt:.2f}x)")
+def verdicts(other):
+    out = []
+    for k in keys:
+        if stats(other, k) is None:
+            continue
+        (mo, lo, ho), (mt, lt, ht) = stats(ours, k), stats(other, k)
+        name = k.replace("_per_second", "").replace("_", " ")
+        # A ratio is reported with its spread (worst and best pairing of the ranges); ranges
+        # that overlap are parity.
+        if lo <= ht and lt <= ho:
+            out.append(f"{name}: parity ({mo / mt:.2f}x, ranges overlap)")
+        else:
+            out.append(f"{name} {mo / mt:.2f}x ({lo / ht:.2f}–{ho / lt:.2f}x)")
+    return " · ".join(out)
+kernel_text = lambda r: ", ".join(k for k, on in r["kernels"].items() if on) or "none"
 o = ours[0]
 section = f"""
 ## Inference and PoC v2, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model: random Qwen3, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits, both sides); decode after a 16-token prompt, 1 sequence and {o['batch']}; PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed on both sides (forward with reflections, normalise, pick, Haar, encode). {len(ours)} runs per side, alternated, median (min–max); both sides agreed on the last prefill logits and the warm-up nonce's PoC v2 artifact before timing.
+Machine: {machine}. Model: random Qwen3, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers). {len(ours)} runs per side, alternated, median (min–max); all three gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. Threads: {o['threads']} on every side, vLLM's compute bound to cores {served[0]['cores']} (none reserved for its front end, which by default takes one). Kernels: ours libtorch ({kernel_text(o)}); transformers PyTorch ({kernel_text(theirs[0])}); vLLM PyTorch ({kernel_text(served[0])}) under its own CPU ops, its log: {vllm_kernels or "nothing on its kernels"}.
 
 | engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s |
 |---|---|---|---|---|---|---|
 {row(ours)}
 {row(theirs)}
+{row(served)}
 
-Ours / transformers: {" · ".join(verdicts)}.
+Ours / transformers: {verdicts(theirs)}.
+Ours / vLLM: {verdicts(served)}.
 """
 path = "docs/benchmarks.md"
 text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"

@@ -33,6 +33,12 @@ def make_model(directory):
     transformers.Qwen3ForCausalLM(config).save_pretrained(directory)
 
 
+def kernels():
+    """Which of PyTorch's CPU kernels this build has (GEMMs: MKL; oneDNN; OpenMP threads)."""
+    return {"mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available(),
+            "openmp": torch.backends.openmp.is_available()}
+
+
 def tokens(n, vocab, seed):
     """The engine bench's token ids (its 64-bit LCG), so both sides read the same prompts."""
     mask, a, c = (1 << 64) - 1, 6364136223846793005, 1442695040888963407
@@ -57,7 +63,7 @@ def main():
     vocab = model.config.vocab_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {"engine": f"transformers {transformers.__version__}", "device": str(device), "dtype": str(model.dtype),
-           "threads": torch.get_num_threads(), "load_seconds": load_seconds}
+           "threads": torch.get_num_threads(), "load_seconds": load_seconds, "kernels": kernels()}
     with torch.no_grad():
         # Prefill as the engine does it: no cache kept, logits of the last position only.
         prompt = tokens(req["prompt"], vocab, 1).unsqueeze(0).to(device)
@@ -68,6 +74,7 @@ def main():
         sync()
         out["prefill_tokens_per_second"] = req["prompt"] / (time.perf_counter() - t)
         out["prefill_last_logits"] = logits[0, -1, :8].float().cpu().tolist()
+        out["prefill_next_token"] = int(logits[0, -1].argmax())
 
         def decode(batch):
             ids = torch.stack([tokens(16, vocab, 2 + s) for s in range(batch)]).to(device)

@@ -107,7 +107,10 @@ def main():
     print(json.dumps({
         "engine": f"PyTorch {torch.__version__} + numpy {np.__version__}",
         "device": "Cuda(0)" if DEVICE.type == "cuda" else "Cpu", "dtype": "Half" if DTYPE == torch.float16 else "Float",
-        "threads": torch.get_num_threads(), "parameters": total, "batch_size": batch_size, "nonces": nonces,
+        "threads": torch.get_num_threads(),
+        "kernels": {"mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available(),
+                    "openmp": torch.backends.openmp.is_available()},
+        "parameters": total, "batch_size": batch_size, "nonces": nonces,
         "model_load_seconds": load, "seconds": seconds, "nonces_per_second": nonces / seconds, "proofs": proofs,
     }))
 

@@ -56,10 +56,11 @@ row = lambda side, s: f"| {side[0]['engine']} | {side[0]['device']} {side[0]['dt
 verdict = (f"parity ({mr / mp:.2f}x, ranges overlap)" if lr <= hp and lp <= hr
            else f"**{mr / mp:.2f}x** ({lr / hp:.2f}–{hr / lp:.2f}x)")
 r0 = rust[0]
+kernel_text = lambda r: ", ".join(k for k, on in r.get("kernels", {}).items() if on) or "none"
 section = f"""
 ## PoC v1 nonces per second, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model params: `{params}` ({r0['parameters']:,} parameters), batch size {r0['batch_size']}, {r0['nonces']} nonces, r_target 1.4013564660458173. {len(rust)} runs per side, alternated, median (min–max). The PyTorch side is our restatement of upstream's compute (see the top of this file).
+Machine: {machine}. Model params: `{params}` ({r0['parameters']:,} parameters), batch size {r0['batch_size']}, {r0['nonces']} nonces, r_target 1.4013564660458173. {len(rust)} runs per side, alternated, median (min–max), {r0['threads']} threads each; kernels: ours libtorch ({kernel_text(r0)}), PyTorch ({kernel_text(py[0])}). The PyTorch side is our restatement of upstream's compute (see the top of this file).
 
 | engine | device | threads | nonces/s | model build s | proofs |
 |---|---|---|---|---|---|

@@ -98,26 +98,53 @@ PY
 }
 step nvml 60 nvml
 
+# Repeated runs per side, alternated (ours, theirs, ...): medians and ranges, never one run.
+runs=${GPU_KIT_RUNS:-3}
+[ "$mode" = cpu ] && runs=${GPU_KIT_RUNS:-2}
+export runs
+# Prints, for each key, each side's median (min–max) over its runs and the ratio of medians;
+# the JSON lines on stdin name their side in "engine".
+summarise() {
+  "$python" -c '
+import json, statistics, sys
+keys = sys.argv[1:]
+runs = [json.loads(l) for l in sys.stdin if l.strip()]
+sides = {}
+for r in runs:
+    sides.setdefault(r["engine"], []).append(r)
+(ours, a), (theirs, b) = list(sides.items())[:2]
+for k in keys:
+    va, vb = [r[k] for r in a], [r[k] for r in b]
+    ma, mb = statistics.median(va), statistics.median(vb)
+    overlap = min(va) <= max(vb) and min(vb) <= max(va)
+    verdict = "parity, ranges overlap" if overlap else f"{min(va) / max(vb):.2f}-{max(va) / min(vb):.2f}x"
+    print(f"{k}: {ours} {ma:.1f} ({min(va):.1f}-{max(va):.1f}), {theirs} {mb:.1f} ({min(vb):.1f}-{max(vb):.1f}); {ma / mb:.2f}x ({verdict}); {len(va)} runs each")
+' "$@"
+}
+export -f summarise
+
 # 2. PoC v1: the daemon's bench, then the PyTorch peer on the same device and params.
 poc_v1() {
-  local ours
-  ours=$("$kit/bin/gonka-node-daemon" bench --params "$poc_params" --batch-size 64 --nonces 512) || return 1
-  echo "$ours"
-  local params
-  params=$(printf '%s' "$ours" | "$python" -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["params"]))')
-  local theirs
-  theirs=$(BENCH_DEVICE=$device "$python" "$kit/python/pytorch_poc.py" "$params" 64 512 1.4013564660458173) || return 1
-  echo "$theirs"
-  # The same nonces under the same target: on the CPU (float32 both) the proofs must be the
-  # same; in float16 on a GPU, kernels may round a nonce at the boundary either way: reported.
-  "$python" - "$ours" "$theirs" "$mode" <<'PY'
+  local lines="" ours theirs params
+  for i in $(seq 1 "$runs"); do
+    ours=$("$kit/bin/gonka-node-daemon" bench --params "$poc_params" --batch-size 64 --nonces 512) || return 1
+    params=$(printf '%s' "$ours" | "$python" -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["params"]))')
+    theirs=$(BENCH_DEVICE=$device "$python" "$kit/python/pytorch_poc.py" "$params" 64 512 1.4013564660458173) || return 1
+    echo "$ours"
+    echo "$theirs"
+    lines+="$ours"$'\n'"$theirs"$'\n'
+    # The same nonces under the same target: on the CPU (float32 both) the proofs must be the
+    # same; in float16 on a GPU, kernels may round a nonce at the boundary either way: reported.
+    "$python" - "$ours" "$theirs" "$mode" <<'PY' || return 1
 import json, sys
 ours, theirs, mode = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-print(f"proofs: ours {ours['proofs']}, PyTorch {theirs['proofs']}; nonces/s: ours {ours['nonces_per_second']:.1f}, PyTorch {theirs['nonces_per_second']:.1f}")
+print(f"proofs: ours {ours['proofs']}, PyTorch {theirs['proofs']}")
 assert mode != "cpu" or ours["proofs"] == theirs["proofs"], "the two sides disagree on proofs"
 PY
+  done
+  printf '%s' "$lines" | summarise nonces_per_second
 }
-step poc-v1 180 poc_v1
+step poc-v1 170 poc_v1
 
 # 3. Inference and PoC v2 on a random Qwen3 written here.
 inference() {
@@ -125,11 +152,17 @@ inference() {
   [ -f "$model/config.json" ] || "$python" "$kit/python/inference_reference.py" "{\"make_model\": true, \"dir\": \"$model\"}" || return 1
   local prompt=512 decode=64 batch=8
   [ "$mode" = cpu ] && prompt=64 decode=8 batch=2
-  local ours theirs
-  ours=$("$kit/bin/gonka-inference-bench" "$model" --device "$device" --dtype "$dtype" --prompt $prompt --decode $decode \
-    --batch $batch --poc-seq-len 128 --poc-batch 8 --poc-nonces 16) || return 1
-  theirs=$("$python" "$kit/python/inference_reference.py" "{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}") || return 1
-  printf '%s\n%s\n' "$ours" "$theirs" | "$python" -c 'import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k != "poc_artifacts"})) for l in sys.stdin]'
+  local ours theirs lines=""
+  local bench_args=(--device "$device" --dtype "$dtype" --prompt $prompt --decode $decode --batch $batch
+    --poc-seq-len 128 --poc-batch 8 --poc-nonces 16)
+  local request="{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}"
+  for i in $(seq 1 "$runs"); do
+    ours=$("$kit/bin/gonka-inference-bench" "$model" "${bench_args[@]}") || return 1
+    theirs=$("$python" "$kit/python/inference_reference.py" "$request") || return 1
+    lines+="$ours"$'\n'"$theirs"$'\n'
+  done
+  printf '%s' "$lines" | "$python" -c 'import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k != "poc_artifacts"})) for l in sys.stdin if l.strip()]'
+  printf '%s' "$lines" | summarise prefill_tokens_per_second decode_tokens_per_second batch_decode_tokens_per_second poc_nonces_per_second
   # PoC v2 correctness on this device: every timed nonce's artifact from both sides (the
   # reference is upstream's ML-node code restated, vLLM's layout), as upstream's validator
   # measures them (the decoded float16 vectors' distance); and which order the device's

@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
     let _ = prefill(&prompt[..prompt.len().min(16)]);
     let (prefill_seconds, logits) = prefill(&prompt);
     let last_logits = Vec::<f32>::try_from(logits.get(0).narrow(0, 0, 8).to_kind(Kind::Float).to_device(Device::Cpu))?;
+    let next_token = logits.get(0).argmax(-1, false).int64_value(&[]);
 
     let short = |seed| tokens(16, vocab, seed);
     let decode_one = decode(&model, &[short(2)], cli.decode);
@@ -132,12 +133,16 @@ fn main() -> anyhow::Result<()> {
             "device": cli.device,
             "dtype": format!("{:?}", model.spec.kind),
             "threads": tch::get_num_threads(),
+            // Which of libtorch's CPU kernels this build has (GEMMs: MKL; convolutions and
+            // some fused ops: oneDNN), as the Python sides print theirs.
+            "kernels": {"mkl": tch::utils::has_mkl(), "mkldnn": tch::utils::has_mkldnn(), "openmp": tch::utils::has_openmp()},
             "layers": model.spec.layers,
             "hidden": model.spec.hidden_size,
             "load_seconds": load_seconds,
             "prefill_tokens": cli.prompt,
             "prefill_tokens_per_second": cli.prompt as f64 / prefill_seconds,
             "prefill_last_logits": last_logits,
+            "prefill_next_token": next_token,
             "poc_warmup_artifact": warmup_artifact,
             "decode_tokens_per_second": cli.decode as f64 / decode_one,
             "batch": cli.batch,

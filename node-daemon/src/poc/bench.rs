@@ -15,6 +15,8 @@ pub struct BenchResult {
     pub device: String,
     pub dtype: String,
     pub threads: i32,
+    /// Which of libtorch's CPU kernels this build has.
+    pub kernels: Kernels,
     /// The model shape, so another engine can run the same model.
     pub params: Params,
     pub parameters: usize,
@@ -24,6 +26,14 @@ pub struct BenchResult {
     pub seconds: f64,
     pub nonces_per_second: f64,
     pub proofs: usize,
+}
+
+/// libtorch's CPU kernels: GEMMs through MKL, oneDNN (`mkldnn`), OpenMP threads.
+#[derive(Serialize, Debug)]
+pub struct Kernels {
+    pub mkl: bool,
+    pub mkldnn: bool,
+    pub openmp: bool,
 }
 
 /// Computes `nonces` nonces in batches of `batch_size` and times them (model build excluded).
@@ -58,6 +68,7 @@ pub fn run(params: &Params, batch_size: usize, nonces: usize, r_target: f64) -> 
         device: format!("{device:?}"),
         dtype: format!("{kind:?}"),
         threads: tch::get_num_threads(),
+        kernels: Kernels { mkl: tch::utils::has_mkl(), mkldnn: tch::utils::has_mkldnn(), openmp: tch::utils::has_openmp() },
         params: params.clone(),
         parameters: params.parameter_count(),
         batch_size,
