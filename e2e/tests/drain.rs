@@ -1,7 +1,9 @@
 //! Draining a GPU node: `kubectl cordon` (what `kubectl drain` starts with; DaemonSet pods stay
 //! on a drained node) disables the node's ML node on the network node, so it serves out the
 //! epoch and gets no new work before the maintenance; `kubectl uncordon` enables it again.
-//! The other ML nodes are not touched. A pod being deleted, whatever deletes it (eviction,
+//! The other ML nodes are not touched. So do the autoscalers' taints on a node they are removing
+//! (cluster-autoscaler's `ToBeDeletedByClusterAutoscaler`, Karpenter's `karpenter.sh/disrupted`),
+//! lifted when they change their mind; a soft candidate taint does nothing. A pod being deleted, whatever deletes it (eviction,
 //! preemption, a person), has its ML node disabled while it stops; its replacement serves again.
 
 use std::time::Duration;
@@ -56,6 +58,41 @@ async fn cordoning_a_node_disables_its_ml_node_and_uncordoning_enables_it() -> a
 
     cp.kubectl(&["uncordon", "gpu-a"])?;
     eventually("gpu-a's ML node enabled again", WAIT, || async { Ok(enabled() == both(true, true)) }).await?;
+
+    // The autoscalers' taints on a node they are removing: cluster-autoscaler's, then
+    // Karpenter's. The ML node is disabled before anything drains the node; when the
+    // autoscaler changes its mind (the taint goes), it is enabled again.
+    for (taint, key) in [
+        ("ToBeDeletedByClusterAutoscaler=1796300000:NoSchedule", "ToBeDeletedByClusterAutoscaler"),
+        ("karpenter.sh/disrupted:NoSchedule", "karpenter.sh/disrupted"),
+    ] {
+        cp.kubectl(&["taint", "nodes", "gpu-b", taint])?;
+        eventually(&format!("{key}: gpu-b's ML node disabled"), WAIT, || async { Ok(enabled() == both(true, false)) })
+            .await?;
+        eventually("the Registered condition names the autoscaler", WAIT, || async {
+            let s = api.get("h100").await?.status.unwrap_or_default();
+            let c = s.conditions.iter().find(|c| c.type_ == "Registered");
+            Ok(c.is_some_and(|c| c.message.contains("1 disabled on nodes an autoscaler is removing")))
+        })
+        .await?;
+        cp.kubectl(&["taint", "nodes", "gpu-b", &format!("{key}-")])?;
+        eventually(&format!("{key} lifted: enabled again"), WAIT, || async { Ok(enabled() == both(true, true)) })
+            .await?;
+    }
+    // A soft candidate taint is not a departure: with one on gpu-b first and then
+    // cluster-autoscaler's on gpu-a, the pass that disables gpu-a's ML node (the node watch
+    // delivers in order) has seen gpu-b's candidate taint and left it enabled.
+    cp.kubectl(&["taint", "nodes", "gpu-b", "DeletionCandidateOfClusterAutoscaler=1796300000:PreferNoSchedule"])?;
+    cp.kubectl(&["taint", "nodes", "gpu-a", "ToBeDeletedByClusterAutoscaler=1796300000:NoSchedule"])?;
+    eventually("gpu-a disabled, gpu-b (a mere candidate) not", WAIT, || async {
+        let now = enabled();
+        anyhow::ensure!(now[1].1, "gpu-b's ML node was disabled by a PreferNoSchedule candidate taint");
+        Ok(now == both(false, true))
+    })
+    .await?;
+    cp.kubectl(&["taint", "nodes", "gpu-a", "ToBeDeletedByClusterAutoscaler-"])?;
+    eventually("gpu-a enabled again", WAIT, || async { Ok(enabled() == both(true, true)) }).await?;
+    cp.kubectl(&["taint", "nodes", "gpu-b", "DeletionCandidateOfClusterAutoscaler-"])?;
 
     // gpu-b's pod is deleted; no kubelet confirms yet, so it stays terminating.
     let pods: Api<Pod> = Api::namespaced(cp.client().await?, NS);

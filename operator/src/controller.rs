@@ -33,6 +33,7 @@ use crate::apply::{ApplyError, Mode, Writer};
 use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
+use crate::node_departure;
 use crate::registration;
 use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
@@ -110,11 +111,15 @@ pub struct Context {
     /// Since when each GonkaNode's epoch phase has been unreadable (in memory: a new leader
     /// starts counting again, so a hold lasts at most one limit longer).
     epoch_unreadable: std::sync::Mutex<std::collections::HashMap<report_store::GonkaNodeKey, std::time::Instant>>,
+    /// The Kubernetes nodes (what tells whether they are going), from [`run`]'s watch.
+    nodes: reflector::Store<Node>,
+    node_writer: std::sync::Mutex<Option<reflector::store::Writer<Node>>>,
 }
 
 impl Context {
     pub fn new(client: Client, config: ControllerConfig, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: config.instance.clone() };
+        let (nodes, node_writer) = reflector::store();
         Self {
             writer: Writer::new(client.clone()),
             recorder: Recorder::new(client.clone(), reporter),
@@ -124,7 +129,33 @@ impl Context {
             reports: ReportStore::default(),
             unreachable: Default::default(),
             epoch_unreadable: Default::default(),
+            nodes,
+            node_writer: std::sync::Mutex::new(Some(node_writer)),
         }
+    }
+
+    /// The Kubernetes nodes as a watch that has just listed them would have them (tests that
+    /// call [`reconcile`] without [`run`]).
+    #[cfg(test)]
+    pub(crate) fn nodes_listed(&self, nodes: Vec<Node>) {
+        let mut writer = self.node_writer.lock().expect("node writer").take().expect("not yet watched");
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for node in nodes {
+            writer.apply_watcher_event(&watcher::Event::InitApply(node));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        // The store reads from the writer's state: keep it for the context's life.
+        *self.node_writer.lock().expect("node writer") = Some(writer);
+    }
+
+    /// The Kubernetes nodes, once the watch has listed them all (a reconcile before that would
+    /// see no node going and enable ML nodes a cordon holds). Waits at most 30 s; then what is
+    /// known (a watch that cannot list must not stop registration).
+    async fn kubernetes_nodes(&self) -> reflector::Store<Node> {
+        if tokio::time::timeout(Duration::from_secs(30), self.nodes.wait_until_ready()).await.is_err() {
+            warn!("the Kubernetes nodes are not listed yet; departures unknown");
+        }
+        self.nodes.clone()
     }
 
     /// How long `gn`'s epoch phase has been unreadable (zero when it was read), and the gauge of
@@ -345,14 +376,16 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                     obs.rollout_held = Some(why.clone());
                 }
                 let fleet = read_reports(gn, ctx, &list.items);
-                let cordoned = if list.items.is_empty() { BTreeSet::new() } else { cordoned_nodes(ctx).await };
+                let nodes = ctx.kubernetes_nodes().await;
                 let pods: Vec<_> = list
                     .items
                     .iter()
                     .filter_map(|p| {
                         let mut pod = ml_node_pod(p)?;
                         pod.hardware = fleet.1.get(&p.name_any()).cloned();
-                        pod.cordoned = cordoned.contains(&pod.kubernetes_node);
+                        pod.departing = nodes
+                            .get(&ObjectRef::new(&pod.kubernetes_node))
+                            .and_then(|n| node_departure::departure(&n));
                         Some(pod)
                     })
                     .collect();
@@ -623,7 +656,7 @@ async fn register(
                 registered: count as i32,
                 ready,
                 paused: gn.spec.paused,
-                cordoned: registration::cordoned_count(pods) as i32,
+                departing: registration::departing_counts(pods),
             }
         }
         Err(e) if e.is_outage() => Registration::Unreachable(e.to_string()),
@@ -676,23 +709,7 @@ fn read_reports(
     (report_store::fleet(&refs, &reports, previous), hardware)
 }
 
-/// Kubernetes nodes that are cordoned (`spec.unschedulable`), where ML nodes are held disabled.
-/// Unknown (the list failed) counts as none cordoned: a failed read must not take ML nodes out.
-async fn cordoned_nodes(ctx: &Context) -> BTreeSet<String> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    match nodes.list_metadata(&ListParams::default().fields(CORDONED)).await {
-        Ok(list) => list.items.iter().map(ResourceExt::name_any).collect(),
-        Err(e) => {
-            warn!(error = %e, "listing cordoned nodes");
-            BTreeSet::new()
-        }
-    }
-}
-
-/// Field selector of cordoned Kubernetes nodes.
-const CORDONED: &str = "spec.unschedulable=true";
-
-/// A pod as registration needs it, as Kubernetes shows it (no report, not cordoned).
+/// A pod as registration needs it, as Kubernetes shows it (no report, its node not looked at).
 fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
     let kubernetes_node = pod.spec.as_ref()?.node_name.clone()?;
     let status = pod.status.as_ref();
@@ -704,7 +721,7 @@ fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
         ready,
         kubernetes_node,
         hardware: None,
-        cordoned: false,
+        departing: None,
         terminating: pod.metadata.deletion_timestamp.is_some(),
     })
 }
@@ -880,12 +897,23 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         })
     };
     let every_gonka_node = reader.clone();
-    let cordons = watcher(
-        Api::<kube::core::PartialObjectMeta<Node>>::all(client.clone()),
-        watcher::Config::default().fields(CORDONED),
-    )
-    .default_backoff()
-    .touched_objects();
+    // The Kubernetes nodes, kept in memory with only what tells whether they are going; a
+    // change of that (a cordon, an autoscaler's taint, a deletion) reconciles every GonkaNode.
+    let node_writer = ctx.node_writer.lock().expect("node writer").take().expect("run once per context");
+    let departures = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(node_departure::keep_departure_only)
+        .reflect(node_writer)
+        .touched_objects()
+        .predicate_filter(
+            |node: &Node| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                node_departure::departure(node).hash(&mut h);
+                Some(h.finish())
+            },
+            Default::default(),
+        );
     Controller::for_stream(gonka_nodes, reader)
         .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
         .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
@@ -896,9 +924,9 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
             Some(ObjectRef::new(&name).within(&pod.namespace()?))
         })
-        // A node cordoned or uncordoned (the set of `spec.unschedulable=true` nodes changes):
-        // every GonkaNode looks again; cordons are rare, GonkaNodes few.
-        .watches_stream(cordons, move |_| {
+        // A node starting or ceasing to go: every GonkaNode looks again; departures are rare,
+        // GonkaNodes few.
+        .watches_stream(departures, move |_| {
             every_gonka_node.state().iter().map(|gn| ObjectRef::from_obj(gn.as_ref())).collect::<Vec<_>>()
         })
         // Reports that change what status says reconcile their GonkaNode at once.

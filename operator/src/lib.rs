@@ -15,6 +15,7 @@ pub mod controller;
 pub mod http;
 pub mod metrics;
 pub mod network_node;
+pub mod node_departure;
 pub mod registration;
 pub mod report_endpoint;
 pub mod report_server;

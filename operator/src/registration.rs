@@ -8,8 +8,9 @@
 //! pod is gone is removed — unless the DaemonSet still wants more pods than exist (a pod being
 //! replaced comes back on the same Kubernetes node, under the same registration); while
 //! `spec.paused` every registration is disabled (it serves out the epoch, then gets no new
-//! work), and so is the registration of a pod on a cordoned Kubernetes node (a drain is
-//! coming) and of a pod being deleted, whatever deletes it (eviction, preemption, a node going
+//! work), and so is the registration of a pod on a Kubernetes node that is going (cordoned for
+//! a drain, being removed by an autoscaler, deleted: [`crate::node_departure`]) and of a pod
+//! being deleted, whatever deletes it (eviction, preemption, a node going
 //! away, a rollout); a disabled registration is enabled again once none holds and its pod is
 //! ready. The
 //! hardware registered is what the pod's daemon reported; before it has, what is registered stays.
@@ -30,6 +31,7 @@ use gonka_protocol::admin::{Generation, Hardware, InferenceNodeConfig, ModelArgs
 use kube::ResourceExt;
 
 use crate::network_node::{NetworkNode, NetworkNodeError, ml_node_id};
+use crate::node_departure::Departure;
 
 /// Upstream's default cap of concurrent inference requests per ML node.
 pub const MAX_CONCURRENT: u32 = 500;
@@ -42,8 +44,8 @@ pub struct MlNodePod {
     pub ready: bool,
     /// GPUs its daemon reported, in upstream's hardware form; `None` = no report yet.
     pub hardware: Option<Vec<Hardware>>,
-    /// Its Kubernetes node is cordoned (`kubectl cordon`, the start of `kubectl drain`).
-    pub cordoned: bool,
+    /// Its Kubernetes node is going (cordoned, scaled down, deleted), and why.
+    pub departing: Option<Departure>,
     /// The pod is being deleted (`deletionTimestamp` set): its ML node is about to stop.
     pub terminating: bool,
 }
@@ -146,12 +148,12 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
     let serving: BTreeSet<String> = pods.iter().filter(|p| !p.terminating).map(id_of).collect();
     let stopping: BTreeSet<String> =
         pods.iter().filter(|p| p.terminating).map(id_of).filter(|id| !serving.contains(id)).collect();
-    let cordoned: BTreeSet<String> = pods.iter().filter(|p| p.cordoned).map(id_of).collect();
+    let departing: BTreeSet<String> = pods.iter().filter(|p| p.departing.is_some()).map(id_of).collect();
     let reregistered: BTreeSet<String> = plan.reregister.iter().map(|c| c.id.clone()).collect();
     for (id, r) in &ours {
         // Registering anew leaves a node enabled.
         let enabled = r.state.admin_state.enabled || reregistered.contains(*id);
-        let held = gn.spec.paused || cordoned.contains(*id) || stopping.contains(*id);
+        let held = gn.spec.paused || departing.contains(*id) || stopping.contains(*id);
         if !existing_pods.contains(*id) && !replacements_pending {
             plan.delete.push(id.to_string());
         } else if held && enabled {
@@ -199,9 +201,14 @@ async fn register_anew(network_node: &NetworkNode, config: &InferenceNodeConfig)
     network_node.register(config).await
 }
 
-/// How many ML nodes are held disabled because their Kubernetes node is cordoned.
-pub fn cordoned_count(pods: &[MlNodePod]) -> usize {
-    pods.iter().filter(|p| p.cordoned).count()
+/// How many ML nodes are held disabled because their Kubernetes node is going, by reason
+/// (strongest first).
+pub fn departing_counts(pods: &[MlNodePod]) -> Vec<(Departure, i32)> {
+    let mut counts: BTreeMap<Departure, i32> = BTreeMap::new();
+    for d in pods.iter().filter_map(|p| p.departing) {
+        *counts.entry(d).or_default() += 1;
+    }
+    counts.into_iter().collect()
 }
 
 /// How many of the GonkaNode's ML nodes the network node lists.
@@ -222,7 +229,7 @@ mod tests {
             pod_ip: ip.map(str::to_string),
             ready,
             hardware: None,
-            cordoned: false,
+            departing: None,
             terminating: false,
         }
     }
@@ -316,15 +323,19 @@ mod tests {
     }
 
     #[test]
-    fn a_cordoned_node_is_disabled_and_enabled_again_when_uncordoned() {
+    fn a_departing_node_is_disabled_and_enabled_again_when_it_stays() {
         let gn = gonka_node("h100", |_| {});
         let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
         let b = node_config(&gn, "gpu-b", "10.0.0.6", Vec::new());
-        let cordoned = MlNodePod { cordoned: true, ..pod("gpu-a", Some("10.0.0.5"), true) };
-        let pods = [cordoned.clone(), pod("gpu-b", Some("10.0.0.6"), true)];
-        let p = plan(&gn, &pods, 2, &[registered(a.clone(), true), registered(b.clone(), true)]);
-        assert_eq!((p.registered_ids().len(), p.disable, p.enable), (0, vec!["h100.gpu@gpu-a".to_string()], vec![]));
-        assert!(plan(&gn, &pods, 2, &[registered(a.clone(), false), registered(b.clone(), true)]).is_empty());
+        for departure in [Departure::Cordoned, Departure::ScaleDown, Departure::Deleting] {
+            let going = MlNodePod { departing: Some(departure), ..pod("gpu-a", Some("10.0.0.5"), true) };
+            let pods = [going, pod("gpu-b", Some("10.0.0.6"), true)];
+            let p = plan(&gn, &pods, 2, &[registered(a.clone(), true), registered(b.clone(), true)]);
+            let disabled = (p.registered_ids().len(), p.disable, p.enable);
+            assert_eq!(disabled, (0, vec!["h100.gpu@gpu-a".to_string()], vec![]), "{departure:?}");
+            assert!(plan(&gn, &pods, 2, &[registered(a.clone(), false), registered(b.clone(), true)]).is_empty());
+            assert_eq!(departing_counts(&pods), [(departure, 1)]);
+        }
         let uncordoned = [pod("gpu-a", Some("10.0.0.5"), true), pod("gpu-b", Some("10.0.0.6"), true)];
         let p = plan(&gn, &uncordoned, 2, &[registered(a.clone(), false), registered(b.clone(), true)]);
         assert_eq!(p.enable, ["h100.gpu@gpu-a"]);
@@ -362,7 +373,7 @@ mod tests {
         assert_eq!((p.reregister.len(), p.update.len(), p.register.len()), (1, 0, 0));
         assert_eq!(p.reregister[0].host, "10.0.0.9");
         // A held node registered anew comes back enabled: it is disabled again.
-        let cordoned = MlNodePod { cordoned: true, ..moved };
+        let cordoned = MlNodePod { departing: Some(Departure::Cordoned), ..moved };
         let p = plan(&gn, &[cordoned], 1, &[listed(bare, false, Generation::Launch2025)]);
         assert_eq!((p.reregister.len(), p.disable.clone()), (1, vec!["h100.gpu@gpu-a".to_string()]));
     }
@@ -421,7 +432,7 @@ mod tests {
             assert_eq!(reconcile(&ml_node).await, (1, "10.0.0.5".into(), true, writes));
             assert_eq!(reconcile(&ml_node).await.3, writes, "{generation:?}: steady again");
             // Cordoned, then replaced on a new address: still one registration, held.
-            ml_node.cordoned = true;
+            ml_node.departing = Some(Departure::Cordoned);
             reconcile(&ml_node).await;
             ml_node.pod_ip = Some("10.0.0.9".into());
             let (num, host, enabled, _) = reconcile(&ml_node).await;

@@ -8,6 +8,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::node_departure::Departure;
+
 /// What one reconcile observed, the input of [`compute`].
 #[derive(Debug, Default)]
 pub struct Observation<'a> {
@@ -54,7 +56,7 @@ const NAMED_UNSCHEDULABLE: usize = 3;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Registration {
     /// The network node lists `registered` of this GonkaNode's ML nodes; `ready` pods want to be.
-    Synced { registered: i32, ready: i32, paused: bool, cordoned: i32 },
+    Synced { registered: i32, ready: i32, paused: bool, departing: Vec<(Departure, i32)> },
     /// The network node did not answer; retried with backoff.
     Unreachable(String),
     /// The network node refused (e.g. a model governance did not approve).
@@ -248,11 +250,11 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
                 last_transition_time: now.clone(),
             }
         }),
-        Some(Registration::Synced { registered, ready, paused, cordoned }) => {
-            let held = match (*paused, *cordoned) {
-                (true, _) => " (disabled while spec.paused)".to_string(),
-                (false, 0) => String::new(),
-                (false, n) => format!("; {n} disabled on cordoned nodes"),
+        Some(Registration::Synced { registered, ready, paused, departing }) => {
+            let held = if *paused {
+                " (disabled while spec.paused)".to_string()
+            } else {
+                departing.iter().map(|(why, n)| format!("; {n} disabled on {}", why.nodes())).collect()
             };
             if *ready == 0 && *registered == 0 {
                 cond(condition::REGISTERED, false, "NoReadyMlNodes", "no ML node is ready to register yet".into())
@@ -528,22 +530,27 @@ mod tests {
     fn registered_follows_the_registration_pass() {
         let cases = [
             (
-                Registration::Synced { registered: 0, ready: 0, paused: false, cordoned: 0 },
+                Registration::Synced { registered: 0, ready: 0, paused: false, departing: vec![] },
                 ("False", "NoReadyMlNodes"),
                 0,
             ),
             (
-                Registration::Synced { registered: 1, ready: 3, paused: false, cordoned: 0 },
+                Registration::Synced { registered: 1, ready: 3, paused: false, departing: vec![] },
                 ("False", "RegistrationPending"),
                 1,
             ),
             (
-                Registration::Synced { registered: 3, ready: 3, paused: true, cordoned: 0 },
+                Registration::Synced { registered: 3, ready: 3, paused: true, departing: vec![] },
                 ("True", "MlNodesRegistered"),
                 3,
             ),
             (
-                Registration::Synced { registered: 3, ready: 3, paused: false, cordoned: 1 },
+                Registration::Synced {
+                    registered: 3,
+                    ready: 3,
+                    paused: false,
+                    departing: vec![(Departure::Cordoned, 1), (Departure::ScaleDown, 2)],
+                },
                 ("True", "MlNodesRegistered"),
                 3,
             ),
@@ -557,6 +564,18 @@ mod tests {
             let s = compute(Some(&previous), &obs, &at(0));
             assert_eq!((get(&s, "Registered"), s.registered_ml_nodes), (want, count), "{registration:?}");
         }
+        // Held ML nodes are counted by why their Kubernetes node is going.
+        let departing = vec![(Departure::ScaleDown, 2), (Departure::Cordoned, 1)];
+        let obs = Observation {
+            registration: Some(Registration::Synced { registered: 3, ready: 3, paused: false, departing }),
+            ..Default::default()
+        };
+        let s = compute(None, &obs, &at(0));
+        let message = &s.conditions.iter().find(|c| c.type_ == "Registered").unwrap().message;
+        assert!(
+            message.ends_with("; 2 disabled on nodes an autoscaler is removing; 1 disabled on cordoned nodes"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -575,7 +594,7 @@ mod tests {
 
     #[test]
     fn registered_says_when_the_ml_node_api_admits_no_caller() {
-        let registration = Some(Registration::Synced { registered: 2, ready: 2, paused: false, cordoned: 0 });
+        let registration = Some(Registration::Synced { registered: 2, ready: 2, paused: false, departing: vec![] });
         let message = |closed: bool| {
             let obs =
                 Observation { registration: registration.clone(), ml_node_api_closed: closed, ..Default::default() };

@@ -83,7 +83,8 @@ Secrets it can read. */}}
 
 {{/* Cluster-scoped by nature. */}}
 {{- define "gonka-operator.clusterScopedRules" -}}
-# Drains: a metadata watch of cordoned nodes; an ML node on one is disabled.
+# Drains and scale-downs: a watch of the nodes (cordons, autoscalers' taints, deletion); an ML
+# node on one that is going is disabled.
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch]

@@ -68,7 +68,11 @@ pub fn run(params: &Params, batch_size: usize, nonces: usize, r_target: f64) -> 
         device: format!("{device:?}"),
         dtype: format!("{kind:?}"),
         threads: tch::get_num_threads(),
-        kernels: Kernels { mkl: tch::utils::has_mkl(), mkldnn: tch::utils::has_mkldnn(), openmp: tch::utils::has_openmp() },
+        kernels: Kernels {
+            mkl: tch::utils::has_mkl(),
+            mkldnn: tch::utils::has_mkldnn(),
+            openmp: tch::utils::has_openmp(),
+        },
         params: params.clone(),
         parameters: params.parameter_count(),
         batch_size,
