@@ -324,3 +324,18 @@ fn metrics_and_probes_are_on_their_own_port() {
     // A POST to the monitoring port changes nothing there.
     assert_eq!(common::request_on(d.metrics_port, "POST", "/api/v1/stop", "").unwrap().0, 404);
 }
+
+/// The test helper's readiness check tells whose socket a port is: this process's listener is
+/// ours, not another process's (a daemon that lost its port to someone else is not ready).
+#[test]
+fn a_port_is_ours_only_when_our_process_listens_on_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert!(common::listens_on(std::process::id(), port));
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    assert!(!common::listens_on(other.id(), port), "another process does not hold our socket");
+    other.kill().unwrap();
+    other.wait().unwrap();
+    drop(listener);
+    assert!(!common::listens_on(std::process::id(), port), "a closed listener is not listening");
+}

@@ -70,36 +70,50 @@ impl Daemon {
     ) -> Self {
         let file = tempfile::NamedTempFile::new().unwrap();
         scenario.write(file.path()).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
-        cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
-            // Any free port: daemons of parallel tests must not meet on upstream's 5000.
-            .env("GONKA_INFERENCE_LISTEN", "127.0.0.1:0")
-            .env("GONKA_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-            .env(fake_nvml::CONFIG_ENV, file.path())
-            .env("RUST_LOG", "warn")
-            .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        match library {
-            Some(lib) => cmd.env("GONKA_NVML_LIBRARY", lib),
-            None => cmd.env_remove("GONKA_NVML_LIBRARY"),
-        };
-        if let Some(config) = &config {
-            cmd.env("GONKA_DAEMON_CONFIG", config.path());
+        // A port found free may be taken before the daemon binds it (another test's daemon, a
+        // client's outgoing connection): the daemon then exits, and is started again on others.
+        // Ready means this child listens on both ports, not merely that something answers there.
+        for attempt in 1..=5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+            cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
+                // Any free port: daemons of parallel tests must not meet on upstream's 5000.
+                .env("GONKA_INFERENCE_LISTEN", "127.0.0.1:0")
+                .env("GONKA_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+                .env(fake_nvml::CONFIG_ENV, file.path())
+                .env("RUST_LOG", "warn")
+                .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            match library {
+                Some(lib) => cmd.env("GONKA_NVML_LIBRARY", lib),
+                None => cmd.env_remove("GONKA_NVML_LIBRARY"),
+            };
+            if let Some(config) = &config {
+                cmd.env("GONKA_DAEMON_CONFIG", config.path());
+            }
+            let mut child = cmd.spawn().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let exited = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                // The monitoring port is plain HTTP whatever the API speaks (mutual TLS).
+                if listens_on(child.id(), port)
+                    && listens_on(child.id(), metrics_port)
+                    && request_on(metrics_port, "GET", "/healthz", "").is_ok()
+                {
+                    return Self { child, port, metrics_port, scenario: file, _config: config };
+                }
+                assert!(Instant::now() < deadline, "daemon did not start listening");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            eprintln!("daemon exited at start ({exited}), attempt {attempt} of 5; other ports");
         }
-        let child = cmd.spawn().unwrap();
-        let daemon = Self { child, port, metrics_port, scenario: file, _config: config };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // The monitoring port is plain HTTP whatever the API speaks (mutual TLS).
-        while request_on(daemon.metrics_port, "GET", "/healthz", "").is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        daemon
+        panic!("the daemon exited at start five times");
     }
 
     /// Replaces the simulated machine while the daemon runs.
@@ -186,6 +200,36 @@ impl Drop for Daemon {
 }
 
 /// One HTTP/1.1 request to `127.0.0.1:port` with a JSON body; returns status and body.
+/// Whether process `pid` holds a listening TCP socket on `port` of loopback: the sockets of
+/// `/proc/net/tcp{,6}` in state LISTEN on that port, by inode, among the process's descriptors.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let inodes: std::collections::HashSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+                    (local_port == port && *fields.get(3)? == "0A").then(|| fields.get(9).map(|i| i.to_string()))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).ok().is_some_and(|target| {
+            let target = target.to_string_lossy();
+            target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .is_some_and(|inode| inodes.contains(inode))
+        })
+    })
+}
+
 pub fn request_on(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
