@@ -11,7 +11,7 @@ use gonka_crds::GonkaNode;
 use gonka_e2e::{ControlPlane, eventually, gonka_node_manifest, start_devnet};
 use gonka_protocol::network::EpochPhase;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -123,6 +123,26 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
             && matches!(dry_run_eviction().await, Err(kube::Error::Api(e)) if e.code == 429))
     })
     .await?;
+    // Autoscalers are kept off both nodes for the window.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let protected = || async {
+        let mut out = Vec::new();
+        for name in ["gpu-a", "gpu-b"] {
+            let annotations = nodes.get(name).await?.metadata.annotations.unwrap_or_default();
+            let on = |k: &str| annotations.get(k).is_some_and(|v| v == "true");
+            out.push(on("cluster-autoscaler.kubernetes.io/scale-down-disabled") && on("karpenter.sh/do-not-disrupt"));
+        }
+        anyhow::Ok(out)
+    };
+    eventually("the nodes are protected from scale-down during the window", WAIT, || async {
+        Ok(protected().await? == [true, true])
+    })
+    .await?;
+    // The platform team's own do-not-disrupt on gpu-a (applied under its own manager) must
+    // survive the lifting.
+    let theirs = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "gpu-a", "annotations": {"karpenter.sh/do-not-disrupt": "true"}}});
+    nodes.patch("gpu-a", &PatchParams::apply("platform-team"), &Patch::Apply(&theirs)).await?;
     let uids_before = pod_uids(&pods).await?;
     api.patch("h100", &PatchParams::default(), &Patch::Merge(json!({"spec": {"image": "registry.test/daemon:v2"}})))
         .await?;
@@ -148,6 +168,15 @@ async fn rollouts_wait_for_the_poc_window_to_end() -> anyhow::Result<()> {
         Ok(min_available().await? == Some(IntOrString::Int(1)))
     })
     .await?;
+    eventually("the protection is lifted after the window", WAIT, || async {
+        let a = nodes.get("gpu-a").await?.metadata.annotations.unwrap_or_default();
+        let b = nodes.get("gpu-b").await?.metadata.annotations.unwrap_or_default();
+        let ca = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
+        Ok(!a.contains_key(ca) && !b.contains_key(ca) && !b.contains_key("karpenter.sh/do-not-disrupt"))
+    })
+    .await?;
+    let a = nodes.get("gpu-a").await?.metadata.annotations.unwrap_or_default();
+    assert_eq!(a.get("karpenter.sh/do-not-disrupt").map(String::as_str), Some("true"), "the team's annotation stays");
     eventually("rolled out after the window", WAIT, || async {
         cp.simulate_kubelet(NS, PODS).await?;
         let s = api.get("h100").await?.status.unwrap_or_default();

@@ -159,6 +159,19 @@ impl Writer {
         Ok(result)
     }
 
+    /// Writes one GonkaNode's PoC-window claim on a Kubernetes node
+    /// ([`crate::node_protection`]): both annotations when `protect`, none otherwise, by
+    /// server-side apply under the GonkaNode's own field manager `manager`. Not forced: an
+    /// annotation another manager holds with another value stays theirs (a conflict).
+    pub async fn protect_node(&self, node: &str, manager: &str, protect: bool) -> Result<(), ApplyError> {
+        let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let claim = crate::node_protection::claim(node, protect);
+        api.patch(node, &PatchParams::apply(manager), &Patch::Apply(&claim))
+            .await
+            .map(|_| ())
+            .map_err(|source| ApplyError::Write { kind: "Node".into(), name: node.into(), source })
+    }
+
     /// Writes `status` to the status subresource, unless it is already what the object has.
     /// Returns whether it wrote.
     pub async fn patch_status(&self, gn: &GonkaNode, status: &GonkaNodeStatus) -> Result<bool, ApplyError> {

@@ -34,6 +34,7 @@ use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
 use crate::node_departure;
+use crate::node_protection;
 use crate::registration;
 use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
@@ -389,6 +390,14 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                         Some(pod)
                     })
                     .collect();
+                // Autoscalers are kept off the nodes that prove while a window is on.
+                let hosting: BTreeSet<String> =
+                    pods.iter().filter(|p| !p.terminating).map(|p| p.kubernetes_node.clone()).collect();
+                let window = guard == build::DisruptionGuard::PocWindow;
+                let known = nodes.state();
+                let manager = node_protection::field_manager(gn);
+                let plan = node_protection::plan(window, &hosting, known.iter().map(AsRef::as_ref), &manager);
+                protect_nodes(gn, ctx, &manager, &plan).await;
                 obs.fleet = Some(fleet.0);
                 obs.unschedulable = unschedulable_ml_nodes(&list.items);
                 let expected = daemon_set
@@ -709,6 +718,43 @@ fn read_reports(
     (report_store::fleet(&refs, &reports, previous), hardware)
 }
 
+/// What the controller keeps of a Kubernetes node in memory: its name, what tells whether it
+/// is going (taints, `unschedulable`, deletion) and the PoC-window claims on it (the
+/// protections' annotations and field managers, without their field sets); no status, labels
+/// or other annotations (a GPU node's status alone is kilobytes).
+fn slim_node(node: &mut Node) {
+    node.status = None;
+    node.metadata.labels = None;
+    if let Some(annotations) = node.metadata.annotations.as_mut() {
+        annotations.retain(|k, _| node_protection::ANNOTATIONS.contains(&k.as_str()));
+    }
+    if let Some(managed) = node.metadata.managed_fields.as_mut() {
+        managed.retain(|m| m.manager.as_deref().is_some_and(|m| m.starts_with(node_protection::FIELD_MANAGER_PREFIX)));
+        for m in managed.iter_mut() {
+            m.fields_v1 = None;
+        }
+    }
+    if let Some(spec) = node.spec.as_mut() {
+        spec.pod_cidr = None;
+        spec.pod_cidrs = None;
+        spec.provider_id = None;
+        spec.config_source = None;
+    }
+}
+
+/// Writes a protection plan; a refused write is logged and tried again next pass (a window
+/// costs nothing while the node is not being removed).
+async fn protect_nodes(gn: &GonkaNode, ctx: &Context, manager: &str, plan: &node_protection::Plan) {
+    for (nodes, protect) in [(&plan.protect, true), (&plan.lift, false)] {
+        for node in nodes {
+            match ctx.writer.protect_node(node, manager, protect).await {
+                Ok(()) => info!(gonka_node = %gn.name_any(), node, protect, "PoC-window protection of a node"),
+                Err(e) => warn!(gonka_node = %gn.name_any(), node, protect, error = %e, "PoC-window protection"),
+            }
+        }
+    }
+}
+
 /// A pod as registration needs it, as Kubernetes shows it (no report, its node not looked at).
 fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
     let kubernetes_node = pod.spec.as_ref()?.node_name.clone()?;
@@ -801,6 +847,12 @@ async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
     // Nothing keyed by a GonkaNode outlives it.
     ctx.reports.prune(&key, &BTreeSet::new());
     ctx.forget_network_retries(&key);
+    // No PoC-window claim outlives it either.
+    let nodes = ctx.kubernetes_nodes().await;
+    let known = nodes.state();
+    let manager = node_protection::field_manager(gn);
+    let plan = node_protection::plan(false, &BTreeSet::new(), known.iter().map(AsRef::as_ref), &manager);
+    protect_nodes(gn, ctx, &manager, &plan).await;
     let skip = gn.annotations().get(SKIP_DEREGISTRATION).is_some_and(|v| v == "true");
     if !skip {
         let token = admin_token(gn, ctx).await.map_err(Error::Deregistration)?;
@@ -902,7 +954,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let node_writer = ctx.node_writer.lock().expect("node writer").take().expect("run once per context");
     let departures = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(node_departure::keep_departure_only)
+        .modify(slim_node)
         .reflect(node_writer)
         .touched_objects()
         .predicate_filter(
@@ -995,6 +1047,40 @@ mod tests {
             unschedulable_ml_nodes(&pods),
             ["gpu-small: 0/4 nodes are available: 1 Insufficient nvidia.com/gpu."]
         );
+    }
+
+    #[test]
+    fn a_slim_node_still_tells_its_departure_and_our_claims() {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "gpu-a",
+                "labels": {"a": "b"},
+                "annotations": {"c": "d", "karpenter.sh/do-not-disrupt": "true"},
+                "managedFields": [
+                    {"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {}}},
+                    {"manager": "gonka-operator/poc-window/uid-1", "operation": "Apply", "fieldsV1": {"f:metadata": {}}},
+                ],
+            },
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}],
+                     "podCIDR": "10.0.0.0/24", "providerID": "aws:///i-1"},
+            "status": {"capacity": {"nvidia.com/gpu": "8"}},
+        }))
+        .unwrap();
+        slim_node(&mut node);
+        assert!(node.status.is_none() && node.metadata.labels.is_none());
+        assert_eq!(
+            node.metadata.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            ["karpenter.sh/do-not-disrupt"]
+        );
+        let managed = node.metadata.managed_fields.as_ref().unwrap();
+        assert_eq!(managed.len(), 1);
+        assert_eq!(
+            (managed[0].manager.as_deref(), managed[0].fields_v1.is_none()),
+            (Some("gonka-operator/poc-window/uid-1"), true)
+        );
+        assert_eq!(node_departure::departure(&node), Some(node_departure::Departure::ScaleDown));
+        let claimed = node_protection::plan(false, &BTreeSet::new(), [&node], "gonka-operator/poc-window/uid-1");
+        assert_eq!(claimed.lift, ["gpu-a"], "our claim survives the slimming");
     }
 
     #[test]

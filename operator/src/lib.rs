@@ -16,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod network_node;
 pub mod node_departure;
+pub mod node_protection;
 pub mod registration;
 pub mod report_endpoint;
 pub mod report_server;

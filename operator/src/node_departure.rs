@@ -54,21 +54,6 @@ pub fn departure(node: &Node) -> Option<Departure> {
     spec.and_then(|s| s.unschedulable).unwrap_or(false).then_some(Departure::Cordoned)
 }
 
-/// A node with what is not about its departure removed (status, managed fields, annotations,
-/// labels): what the controller keeps of each node in memory.
-pub fn keep_departure_only(node: &mut Node) {
-    node.status = None;
-    node.metadata.managed_fields = None;
-    node.metadata.annotations = None;
-    node.metadata.labels = None;
-    if let Some(spec) = node.spec.as_mut() {
-        spec.pod_cidr = None;
-        spec.pod_cidrs = None;
-        spec.provider_id = None;
-        spec.config_source = None;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,19 +93,5 @@ mod tests {
         let gpu = taint("nvidia.com/gpu", Some("present"), "NoSchedule");
         let karpenter_other = taint(KARPENTER_DISRUPTION_TAINT_V0, Some("other"), "NoSchedule");
         assert_eq!(departure(&node(json!({"taints": [soft, gpu, karpenter_other]}), false)), None);
-    }
-
-    #[test]
-    fn what_is_kept_of_a_node_still_tells_its_departure() {
-        let ca = taint(CLUSTER_AUTOSCALER_SCALE_DOWN_TAINT, Some("1"), "NoSchedule");
-        let mut n: Node = serde_json::from_value(json!({
-            "metadata": {"name": "gpu-a", "labels": {"a": "b"}, "annotations": {"c": "d"}},
-            "spec": {"taints": [ca], "podCIDR": "10.0.0.0/24", "providerID": "aws:///i-1"},
-            "status": {"capacity": {"nvidia.com/gpu": "8"}},
-        }))
-        .unwrap();
-        keep_departure_only(&mut n);
-        assert!(n.status.is_none() && n.metadata.labels.is_none() && n.metadata.annotations.is_none());
-        assert_eq!(departure(&n), Some(Departure::ScaleDown));
     }
 }

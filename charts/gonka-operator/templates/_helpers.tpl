@@ -84,10 +84,12 @@ Secrets it can read. */}}
 {{/* Cluster-scoped by nature. */}}
 {{- define "gonka-operator.clusterScopedRules" -}}
 # Drains and scale-downs: a watch of the nodes (cordons, autoscalers' taints, deletion); an ML
-# node on one that is going is disabled.
+# node on one that is going is disabled. During PoC windows the nodes hosting ML nodes carry
+# cluster-autoscaler's scale-down-disabled and Karpenter's do-not-disrupt annotations, written
+# by server-side apply (patch), each GonkaNode under its own field manager, nothing else.
 - apiGroups: [""]
   resources: [nodes]
-  verbs: [list, watch]
+  verbs: [list, watch, patch]
 # The report stream: node-daemons authenticate with their pod's projected ServiceAccount token,
 # which the operator checks with a TokenReview.
 - apiGroups: [authentication.k8s.io]
