@@ -3,7 +3,8 @@
 //! while the devnet network node reports a PoC phase, one at a time after, each ML node
 //! disabled on the network node before its pod goes and enabled again once it is back. The
 //! GonkaNode's PodDisruptionBudget follows the windows: no eviction during one, also while paused,
-//! and an unreadable phase holds evictions only up to a limit.
+//! and an unreadable phase holds evictions only up to a limit. The nodes hosting ML nodes are
+//! kept from autoscalers during a window, and a GonkaNode deleted mid-window leaves no claim.
 
 use std::time::Duration;
 
@@ -16,14 +17,13 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
 const WAIT: Duration = Duration::from_secs(90);
 const PODS: &str = "app.kubernetes.io/instance=h100,app.kubernetes.io/name=gonka-ml-node";
 
-/// The ML-node pods' UIDs, sorted (a replaced pod has a new one).
 /// One field of each of the fleet's pods that is not being deleted (a terminating pod is one
 /// being replaced), sorted.
 async fn live_pods<T: Ord>(pods: &Api<Pod>, field: impl Fn(Pod) -> Option<T>) -> anyhow::Result<Vec<T>> {
@@ -39,6 +39,7 @@ async fn live_pods<T: Ord>(pods: &Api<Pod>, field: impl Fn(Pod) -> Option<T>) ->
     Ok(fields)
 }
 
+/// The ML-node pods' UIDs, sorted (a replaced pod has a new one).
 async fn pod_uids(pods: &Api<Pod>) -> anyhow::Result<Vec<String>> {
     live_pods(pods, |p| p.metadata.uid).await
 }
@@ -273,6 +274,36 @@ async fn the_disruption_budget_is_never_frozen() -> anyhow::Result<()> {
         Ok(status == "False" && operator.metrics.poc_window_unknown.get() == 0)
     })
     .await?;
+    operator.stop().await?;
+    Ok(())
+}
+
+/// A GonkaNode deleted during a window lifts its claims on the nodes (nothing of it stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gonka_node_deleted_mid_window_leaves_no_protection_behind() -> anyhow::Result<()> {
+    let Held { cp: _cp, client, api, devnet, operator, .. } = held_fleet(&["gpu-a"]).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let annotated = || async {
+        let annotations = nodes.get("gpu-a").await?.metadata.annotations.unwrap_or_default();
+        anyhow::Ok(annotations.get("cluster-autoscaler.kubernetes.io/scale-down-disabled").cloned())
+    };
+    devnet.lock().unwrap().set_phase(EpochPhase::PocGenerate);
+    eventually("gpu-a protected for the window", WAIT, || async { Ok(annotated().await?.as_deref() == Some("true")) })
+        .await?;
+    api.delete("h100", &DeleteParams::default()).await?;
+    eventually("GonkaNode gone", WAIT, || async { Ok(api.get_opt("h100").await?.is_none()) }).await?;
+    assert_eq!(annotated().await?, None, "the deleted GonkaNode's claim was lifted with it");
+    let managers: Vec<String> = nodes
+        .get("gpu-a")
+        .await?
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .filter(|m| m.starts_with("gonka-operator/poc-window/"))
+        .collect();
+    assert!(managers.is_empty(), "no claim left: {managers:?}");
     operator.stop().await?;
     Ok(())
 }
