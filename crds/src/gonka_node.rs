@@ -47,7 +47,8 @@ fn base_url_rule(field: &str) -> kube::core::Rule {
 
 /// A fleet of ML nodes for the Gonka network: one ML node (a node-daemon pod owning the node's
 /// GPUs) on every Kubernetes node that matches the placement, registered with the host's
-/// network node, proving compute (PoC) and serving inference.
+/// network node, proving compute (PoC) and serving inference. Its scale subresource is the cap
+/// in ML nodes (`spec.capacity.maxMlNodes`), so `kubectl scale`, an HPA or KEDA can size it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "gonka.ai",
@@ -61,12 +62,19 @@ fn base_url_rule(field: &str) -> kube::core::Rule {
     derive = "PartialEq",
     doc = "A fleet of GPU machines joining one Gonka network node as ML nodes.",
     validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters (owned objects and pods append suffixes)"),
+    scale(
+        spec_replicas_path = ".spec.capacity.maxMlNodes",
+        status_replicas_path = ".status.desiredMlNodes",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Every desired ML node is ready"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredMlNodes", description = "ML nodes wanted: Kubernetes nodes matching the placement"),
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.readyMlNodes", description = "ML nodes whose daemon is ready"),
     printcolumn(name = "Registered", type_ = "integer", json_path = ".status.registeredMlNodes", description = "ML nodes registered with the network node"),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.totalGpus", description = "GPUs reported by the ML nodes"),
     printcolumn(name = "Weight", type_ = "integer", json_path = ".status.weight", description = "Valid nonces the ML nodes reported for the latest PoC round"),
+    printcolumn(name = "Eligible", type_ = "integer", json_path = ".status.capacity.eligible", priority = 1, description = "Kubernetes nodes an ML node could join on (spec.capacity)"),
+    printcolumn(name = "Held Back", type_ = "integer", json_path = ".status.capacity.heldBack", priority = 1, description = "Eligible nodes spec.capacity keeps out"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1, description = "Why the fleet is or is not ready"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -93,6 +101,14 @@ pub struct GonkaNodeSpec {
     /// them all. Must be a multiple of every model's tensor-parallel x pipeline-parallel size.
     #[schemars(range(min = 1, max = 64))]
     pub gpus_per_ml_node: i32,
+
+    /// How much of the matching Kubernetes nodes the fleet may take, and which nodes join
+    /// first. Unset: every node the placement matches runs an ML node. Set: only the nodes the
+    /// operator picks (it labels them `joined.gonka.ai/<GonkaNode UID>`, which the DaemonSet
+    /// selects); setting or unsetting it rolls the ML nodes once, as any change of the pod
+    /// template does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
 
     /// The models these ML nodes serve, by Gonka (Hugging Face) model id. Each must be approved
     /// by the network's governance, or the network node rejects the registration.
@@ -378,6 +394,53 @@ fn default_tolerations() -> Vec<Toleration> {
     }]
 }
 
+/// Caps on the fleet and the order nodes join in. A node is eligible when an ML node could run
+/// there: it matches the placement (node selector, required node affinity, tolerated taints),
+/// is not going (cordoned, being removed by an autoscaler, deleted) and has `gpusPerMlNode`
+/// GPUs allocatable. Joined nodes stay while eligible and within the cap (a better node that
+/// arrives later does not push one out); when the cap shrinks, the lowest-ranked leave first,
+/// each ML node disabled on the network node before its pod goes, and none during a PoC window.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.maxMlNodes) || has(self.maxGpus)").message("capacity needs maxMlNodes or maxGpus: without a cap every matching node joins (leave capacity unset)"))]
+pub struct Capacity {
+    /// The most ML nodes (Kubernetes nodes: one ML node each) that may join. 0 joins none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_ml_nodes: Option<i32>,
+
+    /// The most GPUs the ML nodes may hold together. Each holds `gpusPerMlNode`, so at most
+    /// `maxGpus / gpusPerMlNode` ML nodes join (rounded down). With `maxMlNodes` too, the
+    /// smaller cap holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 6400000))]
+    pub max_gpus: Option<i32>,
+
+    /// Which eligible nodes join first: a node scores the sum of the weights of the
+    /// preferences whose labels it carries; higher scores join first and leave last, ties by
+    /// node name. Empty: by node name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub preferences: Vec<CapacityPreference>,
+}
+
+/// One weighted preference among eligible nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityPreference {
+    /// What matching this preference adds to a node's score, 1 to 100 (as in a Pod's preferred
+    /// node affinity).
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: i32,
+
+    /// Node labels a node must carry, all of them, to match (keys and values as Kubernetes
+    /// spells them; an empty value matches a label with an empty value).
+    #[schemars(schema_with = "node_selector_schema")]
+    #[x_kube(validation = Rule::new(LABEL_KEYS_RULE).message("matchLabels keys must be label keys: [prefix/]name, the name at most 63 letters, digits, '-', '_' or '.'"))]
+    #[x_kube(validation = Rule::new("size(self) >= 1").message("matchLabels needs at least one label"))]
+    pub match_labels: BTreeMap<String, String>,
+}
+
 /// One model the ML nodes serve.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -615,11 +678,43 @@ pub struct GonkaNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poc_block_height: Option<i64>,
 
+    /// The label selector of the ML-node pods, as the scale subresource reports it (HPA and
+    /// KEDA need one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub selector: Option<String>,
+
+    /// What `spec.capacity` lets join, and what it holds back; absent without `spec.capacity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<CapacityStatus>,
+
     /// Each ML node as its node-daemon last reported, by Kubernetes node; the first 1000
     /// (the counts above cover all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
     pub ml_nodes: Vec<MlNodeStatus>,
+}
+
+/// How `spec.capacity` applies to the cluster's nodes now.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityStatus {
+    /// Kubernetes nodes an ML node could run on: matching the placement, not going, with
+    /// `gpusPerMlNode` GPUs allocatable.
+    pub eligible: i32,
+    /// Nodes joined (labelled for the DaemonSet), leaving ones included until they have left.
+    pub joined: i32,
+    /// Eligible nodes the cap keeps out.
+    pub held_back: i32,
+    /// Joined nodes waiting to leave: over the cap or no longer eligible, held while a PoC
+    /// window is on or until their ML nodes are disabled on the network node.
+    pub leaving: i32,
+    /// The most ML nodes the caps allow.
+    pub limit: i32,
+    /// Why nodes are held back or wait to leave, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
 }
 
 /// One ML node (one pod) as its node-daemon reports it over the report stream.

@@ -103,7 +103,10 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(columns, ["Ready", "Desired", "Nodes", "Registered", "GPUs", "Weight", "Reason", "Age"]);
+        assert_eq!(
+            columns,
+            ["Ready", "Desired", "Nodes", "Registered", "GPUs", "Weight", "Eligible", "Held Back", "Reason", "Age"]
+        );
         let text = serde_json::to_string(&crd).unwrap();
         for needle in
             ["isURL(self)", "maxUnavailable must be", "size(self.metadata.name) <= 40", "x-kubernetes-list-map-keys"]
@@ -111,6 +114,12 @@ mod tests {
             assert!(text.contains(needle), "schema lacks {needle}");
         }
         assert_eq!(version["subresources"]["status"], serde_json::json!({}));
+        assert_eq!(
+            version["subresources"]["scale"],
+            serde_json::json!({"specReplicasPath": ".spec.capacity.maxMlNodes",
+                               "statusReplicasPath": ".status.desiredMlNodes",
+                               "labelSelectorPath": ".status.selector"})
+        );
         assert_eq!(crd["spec"]["names"]["shortNames"], serde_json::json!(["gn"]));
     }
 }

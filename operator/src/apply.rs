@@ -172,6 +172,17 @@ impl Writer {
             .map_err(|source| ApplyError::Write { kind: "Node".into(), name: node.into(), source })
     }
 
+    /// Puts `gn`'s capacity label on `node` (`join`) or takes it off, by server-side apply under
+    /// `manager` (unforced: another manager's label of the same key is not taken over).
+    pub async fn label_node(&self, node: &str, label: &str, manager: &str, join: bool) -> Result<(), ApplyError> {
+        let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        let claim = crate::capacity::claim(node, label, join);
+        api.patch(node, &PatchParams::apply(manager), &Patch::Apply(&claim))
+            .await
+            .map(|_| ())
+            .map_err(|source| ApplyError::Write { kind: "Node".into(), name: node.into(), source })
+    }
+
     /// Writes `status` to the status subresource, unless it is already what the object has.
     /// Returns whether it wrote.
     pub async fn patch_status(&self, gn: &GonkaNode, status: &GonkaNodeStatus) -> Result<bool, ApplyError> {

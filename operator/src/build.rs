@@ -562,7 +562,7 @@ fn pod_template(
         spec: Some(PodSpec {
             service_account_name: Some(names.service_account.clone()),
             automount_service_account_token: Some(false),
-            node_selector: (!placement.node_selector.is_empty()).then(|| placement.node_selector.clone()),
+            node_selector: node_selector(gn),
             affinity: placement.affinity.clone(),
             tolerations: (!placement.tolerations.is_empty()).then(|| placement.tolerations.clone()),
             priority_class_name: spec.priority_class_name.clone(),
@@ -581,6 +581,18 @@ fn pod_template(
             ..PodSpec::default()
         }),
     }
+}
+
+/// The pods' node selector: the placement's, and with a cap (`spec.capacity`) the label of
+/// the nodes the operator let join ([`crate::capacity`]).
+fn node_selector(gn: &GonkaNode) -> Option<BTreeMap<String, String>> {
+    let mut selector = gn.spec.placement.node_selector.clone();
+    if gn.spec.capacity.is_some()
+        && let Some(label) = crate::capacity::label_key(gn)
+    {
+        selector.insert(label, "true".into());
+    }
+    (!selector.is_empty()).then_some(selector)
 }
 
 /// The GonkaNode's engine choice in `daemon.json`'s words.
@@ -744,6 +756,16 @@ mod tests {
                     let shm = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "shm").unwrap();
                     assert_eq!(shm.empty_dir.as_ref().unwrap().size_limit, Some(Quantity("64Gi".into())));
                     assert_eq!(pod.runtime_class_name.as_deref(), Some("nvidia"));
+                },
+            },
+            Case {
+                name: "a cap selects the nodes the operator lets join, besides the placement's labels",
+                edit: |s| s.capacity = Some(gonka_crds::Capacity { max_ml_nodes: Some(2), ..Default::default() }),
+                check: |o| {
+                    let selector = pod_spec(o).node_selector.clone().unwrap();
+                    assert_eq!(selector.len(), 2);
+                    assert_eq!(selector["nvidia.com/gpu.present"], "true");
+                    assert_eq!(selector["joined.gonka.ai/uid-h100"], "true");
                 },
             },
             Case {

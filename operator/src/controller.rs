@@ -31,15 +31,16 @@ use tracing::{info, warn};
 
 use crate::apply::{ApplyError, Mode, Writer};
 use crate::build::{self, BuildError, LABEL_GONKA_NODE, LABEL_MANAGED_BY, MANAGER, Names};
+use crate::capacity;
 use crate::metrics::Metrics;
 use crate::network_node::{self, NetworkNode, NetworkNodeError};
-use crate::node_departure;
+use crate::node_departure::{self, Departure};
 use crate::node_protection;
 use crate::registration;
 use crate::report_store::{self, ReportStore};
 use crate::rollout::{self, RolloutPod};
 use crate::status::{self, Observation, Registration};
-use crate::validate::{MTLS_FILES, MtlsSecret, default_image_for, validate};
+use crate::validate::{MTLS_FILES, MtlsSecret, ValidatedSpec, default_image_for, validate};
 use gonka_protocol::network::EpochResponse;
 use sha2::{Digest, Sha256};
 
@@ -264,33 +265,44 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     let mut daemon_set = None;
     let mut obs = Observation {
         generation: gn.metadata.generation,
+        selector: Some(pod_selector(gn)),
         paused: spec.paused,
         hold_unchecked: spec.update_strategy.hold_during_poc && spec.network_node.public_url.is_none(),
         ml_node_api_closed: spec.network_node.ml_node_api_from.is_none(),
         ..Observation::default()
     };
 
-    // A Secret that is missing or not opted in gets better without an edit of the GonkaNode
-    // (no watch tells): looked at again, as an unreachable network node is.
-    let mut secret_refused = false;
-    let checked = match validate(
-        gn,
-        default_image_for(gn, &ctx.config.daemon_image, &ctx.config.daemon_image_vllm),
-        &ctx.config.policy,
-    ) {
-        Err(errors) => Err(errors.to_string()),
-        // The Secret it names is read now: it decides what the pods mount.
-        Ok(mut validated) => match mtls_secret(gn, ctx).await {
-            Ok(mtls) => {
-                validated.mtls = mtls;
-                Ok(validated)
-            }
-            Err(why) => {
-                secret_refused = true;
-                Err(why)
-            }
-        },
+    // Observe: the spec as the cluster's policy and the Secrets it names allow it, the epoch
+    // phase, the ML-node pods and the Kubernetes nodes.
+    let (checked, secret_refused) = check_spec(gn, ctx).await;
+    // The epoch phase, read once: rollouts, the disruption budget, autoscaler protection and
+    // capacity all follow PoC windows. Also while paused or invalid: the ML nodes that run
+    // still prove in the windows, and a budget closed for a window must open again after it.
+    let epoch = match (&spec.network_node.public_url, build::holds_rollouts(gn)) {
+        (Some(url), true) => Some(network_node::latest_epoch(url, spec.network_node.ca_bundle.as_deref()).await),
+        _ => None,
     };
+    let unreadable_for = ctx.epoch_unreadable_for(gn, matches!(epoch, Some(Err(_))));
+    let (guard, window_unknown) = build::disruption_guard(
+        epoch.as_ref().map(|e| e.as_ref().map(EpochResponse::poc_window).map_err(ToString::to_string)),
+        unreadable_for,
+        ctx.config.unknown_window_hold,
+    );
+    obs.poc_window_unknown = window_unknown;
+    let window = guard == build::DisruptionGuard::PocWindow;
+    // Listed before anything is applied: a cap labels the nodes they run on before the
+    // DaemonSet selects that label.
+    let listed = match &checked {
+        Ok(_) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+            Some(pods.list(&ListParams::default().labels(&pod_selector(gn))).await.map(|l| l.items))
+        }
+        Err(_) => None,
+    };
+    let nodes = ctx.kubernetes_nodes().await;
+
+    // Act: the owned objects (with a cap, the nodes that join labelled first).
+    let mut capacity = None;
     match checked {
         Err(message) => {
             if status::find(previous, condition::DEGRADED)
@@ -305,9 +317,25 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             daemon_set = api.get_opt(&name).await.ok().flatten();
         }
         Ok(validated) => {
+            let joined = match plan_capacity(gn, ctx, listed.as_ref(), &nodes, window).await {
+                Ok(plan) => {
+                    let joined = match &plan {
+                        Some(plan) if !spec.paused => join_nodes(gn, ctx, &plan.join).await,
+                        _ => Ok(()),
+                    };
+                    capacity = plan;
+                    joined
+                }
+                Err(e) => Err(e),
+            };
             let desired = build::desired_objects(gn, &validated, ctx.config.report.as_ref())?;
             let mode = if spec.paused { Mode::Hold } else { Mode::Apply };
-            match ctx.writer.apply_objects(&desired, mode).await {
+            // A selector must not get ahead of its labels: nothing is applied until they are on.
+            let applied = match joined {
+                Ok(()) => ctx.writer.apply_objects(&desired, mode).await,
+                Err(e) => Err(e),
+            };
+            match applied {
                 Ok(applied) => {
                     if !applied.created.is_empty() {
                         let note = format!("created {}", applied.created.join(", "));
@@ -331,20 +359,6 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     }
     obs.daemon_set = daemon_set.as_ref();
     obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
-    // The epoch phase, read once: rollouts and the disruption budget both follow PoC windows.
-    // Also while paused or invalid: the ML nodes that run still prove in the windows, and a
-    // budget closed for a window must open again after it.
-    let epoch = match (&spec.network_node.public_url, build::holds_rollouts(gn)) {
-        (Some(url), true) => Some(network_node::latest_epoch(url, spec.network_node.ca_bundle.as_deref()).await),
-        _ => None,
-    };
-    let unreadable_for = ctx.epoch_unreadable_for(gn, matches!(epoch, Some(Err(_))));
-    let (guard, window_unknown) = build::disruption_guard(
-        epoch.as_ref().map(|e| e.as_ref().map(EpochResponse::poc_window).map_err(ToString::to_string)),
-        unreadable_for,
-        ctx.config.unknown_window_hold,
-    );
-    obs.poc_window_unknown = window_unknown;
     if let (Some(ds), None) = (&daemon_set, &failure) {
         let expected = ds.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
         let pdb = build::disruption_budget(gn, expected, guard)?;
@@ -362,52 +376,68 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         }
     }
     let mut rollout = RolloutStep::Idle;
-    if obs.invalid_spec.is_none() {
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-        match pods.list(&ListParams::default().labels(&pod_selector(gn))).await {
-            Ok(mut list) => {
-                // Labels select, the DaemonSet's controller reference decides: a pod anyone
-                // made with the same labels is neither registered nor rolled.
-                let ds_uid = daemon_set.as_ref().and_then(|d| d.metadata.uid.clone());
-                list.items.retain(|p| controlled_by(p, ds_uid.as_deref()));
-                if let Some(ds) = &daemon_set {
-                    rollout = drive_rollout(gn, ctx, ds, &list.items, epoch.as_ref()).await;
-                }
-                if let RolloutStep::Held(why) = &rollout {
-                    obs.rollout_held = Some(why.clone());
-                }
-                let fleet = read_reports(gn, ctx, &list.items);
-                let nodes = ctx.kubernetes_nodes().await;
-                let pods: Vec<_> = list
-                    .items
-                    .iter()
-                    .filter_map(|p| {
-                        let mut pod = ml_node_pod(p)?;
-                        pod.hardware = fleet.1.get(&p.name_any()).cloned();
-                        pod.departing = nodes
-                            .get(&ObjectRef::new(&pod.kubernetes_node))
-                            .and_then(|n| node_departure::departure(&n));
-                        Some(pod)
-                    })
-                    .collect();
-                // Autoscalers are kept off the nodes that prove while a window is on.
-                let hosting: BTreeSet<String> =
-                    pods.iter().filter(|p| !p.terminating).map(|p| p.kubernetes_node.clone()).collect();
-                let window = guard == build::DisruptionGuard::PocWindow;
-                let known = nodes.state();
-                let manager = node_protection::field_manager(gn);
-                let plan = node_protection::plan(window, &hosting, known.iter().map(AsRef::as_ref), &manager);
-                protect_nodes(gn, ctx, &manager, &plan).await;
-                obs.fleet = Some(fleet.0);
-                obs.unschedulable = unschedulable_ml_nodes(&list.items);
-                let expected = daemon_set
-                    .as_ref()
-                    .and_then(|d| d.status.as_ref())
-                    .map_or(pods.len(), |s| s.desired_number_scheduled.max(0) as usize);
-                obs.registration = Some(register(gn, ctx, &pods, expected).await);
+    match listed {
+        Some(Ok(mut items)) => {
+            // Labels select, the DaemonSet's controller reference decides: a pod anyone made
+            // with the same labels is neither registered nor rolled.
+            let ds_uid = daemon_set.as_ref().and_then(|d| d.metadata.uid.clone());
+            items.retain(|p| controlled_by(p, ds_uid.as_deref()));
+            if let Some(ds) = &daemon_set {
+                rollout = drive_rollout(gn, ctx, ds, &items, epoch.as_ref()).await;
             }
-            Err(e) => obs.registration = Some(Registration::Unreachable(format!("listing the ML-node pods: {e}"))),
+            if let RolloutStep::Held(why) = &rollout {
+                obs.rollout_held = Some(why.clone());
+            }
+            let fleet = read_reports(gn, ctx, &items);
+            // A cap's leaving nodes are told apart like departing ones: disabled first, and
+            // kept disabled while the DaemonSet deletes their pods.
+            let leaving: BTreeSet<&str> = capacity
+                .as_ref()
+                .filter(|p| p.disable_first)
+                .map(|p| p.leave.iter().chain(&p.going).map(String::as_str).collect())
+                .unwrap_or_default();
+            let pods: Vec<_> = items
+                .iter()
+                .filter_map(|p| {
+                    let mut pod = ml_node_pod(p)?;
+                    pod.hardware = fleet.1.get(&p.name_any()).cloned();
+                    pod.departing = nodes
+                        .get(&ObjectRef::new(&pod.kubernetes_node))
+                        .and_then(|n| node_departure::departure(&n))
+                        .or_else(|| leaving.contains(pod.kubernetes_node.as_str()).then_some(Departure::OverCapacity));
+                    Some(pod)
+                })
+                .collect();
+            // Autoscalers are kept off the nodes that prove while a window is on.
+            let hosting: BTreeSet<String> =
+                pods.iter().filter(|p| !p.terminating).map(|p| p.kubernetes_node.clone()).collect();
+            let known = nodes.state();
+            let manager = node_protection::field_manager(gn);
+            let plan = node_protection::plan(window, &hosting, known.iter().map(AsRef::as_ref), &manager);
+            protect_nodes(gn, ctx, &manager, &plan).await;
+            obs.fleet = Some(fleet.0);
+            obs.unschedulable = unschedulable_ml_nodes(&items);
+            let expected = daemon_set
+                .as_ref()
+                .and_then(|d| d.status.as_ref())
+                .map_or(pods.len(), |s| s.desired_number_scheduled.max(0) as usize);
+            let registration = register(gn, ctx, &pods, expected).await;
+            // A leaving node's label comes off (and the DaemonSet deletes its pod) once its ML
+            // node is disabled; without a cap, once the DaemonSet no longer selects the label.
+            if let Some(plan) = &capacity
+                && !spec.paused
+                && failure.is_none()
+                && (!plan.disable_first || matches!(registration, Registration::Synced { .. }))
+            {
+                leave_nodes(gn, ctx, &plan.leave).await;
+            }
+            obs.registration = Some(registration);
         }
+        Some(Err(e)) => obs.registration = Some(Registration::Unreachable(format!("listing the ML-node pods: {e}"))),
+        None => {}
+    }
+    if obs.invalid_spec.is_none() {
+        obs.capacity = Some(capacity.and_then(|p| p.status));
     }
 
     let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
@@ -436,10 +466,107 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         {
             Ok(Action::requeue(ctx.network_retry(gn, false)))
         }
-        // A held or running rollout, and the disruption budget, follow the epoch phase, which
-        // no watch reports.
+        // A held or running rollout, the disruption budget and nodes waiting to leave follow the
+        // epoch phase, which no watch reports.
         None if rollout != RolloutStep::Idle || epoch.is_some() => Ok(Action::requeue(ctx.config.rollout_recheck)),
         None => Ok(Action::requeue(ctx.config.resync)),
+    }
+}
+
+/// The spec as the cluster's policy allows it, with the mutual-TLS Secret it names read (it
+/// decides what the pods mount), or why not; and whether a Secret was the reason (a Secret
+/// that is missing or not opted in gets better without an edit of the GonkaNode, and no watch
+/// tells: it is looked at again, as an unreachable network node is).
+async fn check_spec(gn: &GonkaNode, ctx: &Context) -> (Result<ValidatedSpec, String>, bool) {
+    let image = default_image_for(gn, &ctx.config.daemon_image, &ctx.config.daemon_image_vllm);
+    let mut validated = match validate(gn, image, &ctx.config.policy) {
+        Ok(v) => v,
+        Err(errors) => return (Err(errors.to_string()), false),
+    };
+    match mtls_secret(gn, ctx).await {
+        Ok(mtls) => {
+            validated.mtls = mtls;
+            (Ok(validated), false)
+        }
+        Err(why) => (Err(why), true),
+    }
+}
+
+/// The capacity plan of a valid GonkaNode (`None` before it has a UID). The nodes its pods run
+/// on count as joined, so a cap set on a running fleet takes no pod away unannounced: which
+/// those are is read from the pods its DaemonSet controls; failing to read them stops the pass
+/// before the DaemonSet is applied.
+async fn plan_capacity(
+    gn: &GonkaNode,
+    ctx: &Context,
+    listed: Option<&Result<Vec<Pod>, kube::Error>>,
+    nodes: &reflector::Store<Node>,
+    window: bool,
+) -> Result<Option<capacity::Plan>, ApplyError> {
+    let Some(label) = capacity::label_key(gn) else { return Ok(None) };
+    let (mut hosting, mut selecting) = (BTreeSet::new(), false);
+    if gn.spec.capacity.is_some() {
+        let read = |kind: &str, name: &str, source| ApplyError::Read { kind: kind.into(), name: name.into(), source };
+        let pods = match listed {
+            Some(Ok(pods)) => pods,
+            Some(Err(e)) => return Err(read("Pod", &pod_selector(gn), clone_error(e))),
+            None => return Ok(None),
+        };
+        let name = Names::of(&gn.name_any()).daemon_set;
+        let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
+        let ds = api.get_opt(&name).await.map_err(|e| read("DaemonSet", &name, e))?;
+        let uid = ds.as_ref().and_then(|d| d.metadata.uid.clone());
+        selecting = ds
+            .and_then(|d| d.spec?.template.spec?.node_selector)
+            .is_some_and(|s| s.get(&label).is_some_and(|v| v == "true"));
+        hosting = pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && controlled_by(p, uid.as_deref()))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+    }
+    let known = nodes.state();
+    Ok(Some(capacity::plan(&gn.spec, known.iter().map(AsRef::as_ref), &hosting, selecting, &label, window)))
+}
+
+/// Puts `gn`'s capacity label on `nodes` (they join); the first refused write stops the pass
+/// before the DaemonSet is applied.
+async fn join_nodes(gn: &GonkaNode, ctx: &Context, nodes: &[String]) -> Result<(), ApplyError> {
+    let Some(label) = capacity::label_key(gn) else { return Ok(()) };
+    let manager = capacity::field_manager(gn);
+    for node in nodes {
+        ctx.writer.label_node(node, &label, &manager, true).await?;
+    }
+    if !nodes.is_empty() {
+        let note = format!("nodes joined under spec.capacity: {}", nodes.join(", "));
+        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Joined", note).await;
+    }
+    Ok(())
+}
+
+/// A listing error again (kube's errors are not `Clone`): what a condition shows of it.
+fn clone_error(e: &kube::Error) -> kube::Error {
+    match e {
+        kube::Error::Api(status) => kube::Error::Api(status.clone()),
+        other => kube::Error::Service(other.to_string().into()),
+    }
+}
+
+/// Takes `gn`'s capacity label off `nodes` (they leave the fleet); a refused write is logged
+/// and tried again next pass.
+async fn leave_nodes(gn: &GonkaNode, ctx: &Context, nodes: &[String]) {
+    let Some(label) = capacity::label_key(gn) else { return };
+    let manager = capacity::field_manager(gn);
+    let mut left = Vec::new();
+    for node in nodes {
+        match ctx.writer.label_node(node, &label, &manager, false).await {
+            Ok(()) => left.push(node.clone()),
+            Err(e) => warn!(gonka_node = %gn.name_any(), node, error = %e, "taking a capacity label off"),
+        }
+    }
+    if !left.is_empty() && gn.spec.capacity.is_some() && gn.metadata.deletion_timestamp.is_none() {
+        let note = format!("nodes left under spec.capacity (their ML nodes disabled first): {}", left.join(", "));
+        ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Left", note).await;
     }
 }
 
@@ -455,7 +582,7 @@ fn controlled_by(pod: &Pod, daemon_set_uid: Option<&str>) -> bool {
 }
 
 /// The label selector of a GonkaNode's pods.
-fn pod_selector(gn: &GonkaNode) -> String {
+pub(crate) fn pod_selector(gn: &GonkaNode) -> String {
     build::selector_labels(gn).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
@@ -718,13 +845,18 @@ fn read_reports(
     (report_store::fleet(&refs, &reports, previous), hardware)
 }
 
-/// What the controller keeps of a Kubernetes node in memory: its name, what tells whether it
-/// is going (taints, `unschedulable`, deletion) and the PoC-window claims on it (the
-/// protections' annotations and field managers, without their field sets); no status, labels
-/// or other annotations (a GPU node's status alone is kilobytes).
+/// What the controller keeps of a Kubernetes node in memory: its name and labels, what tells
+/// whether it is going (taints, `unschedulable`, deletion), the GPUs it offers pods, and the
+/// PoC-window claims on it (the protections' annotations and field managers, without their
+/// field sets); no other status or annotations (a GPU node's status alone is kilobytes).
 fn slim_node(node: &mut Node) {
-    node.status = None;
-    node.metadata.labels = None;
+    if let Some(status) = node.status.take() {
+        let gpus = status.allocatable.and_then(|a| a.get(gonka_crds::NVIDIA_GPU_RESOURCE).cloned());
+        node.status = gpus.map(|g| k8s_openapi::api::core::v1::NodeStatus {
+            allocatable: Some([(gonka_crds::NVIDIA_GPU_RESOURCE.to_string(), g)].into()),
+            ..Default::default()
+        });
+    }
     if let Some(annotations) = node.metadata.annotations.as_mut() {
         annotations.retain(|k, _| node_protection::ANNOTATIONS.contains(&k.as_str()));
     }
@@ -740,6 +872,22 @@ fn slim_node(node: &mut Node) {
         spec.provider_id = None;
         spec.config_source = None;
     }
+}
+
+/// What of a (slim) node decides something for a GonkaNode: whether it is going, its labels
+/// and taints (placement and capacity preferences), its GPUs. A change of any reconciles
+/// every GonkaNode; heartbeats and status churn don't.
+fn node_fingerprint(node: &Node) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node_departure::departure(node).hash(&mut h);
+    node.metadata.labels.hash(&mut h);
+    for t in node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default() {
+        (&t.key, &t.value, &t.effect).hash(&mut h);
+    }
+    let gpus = node.status.as_ref().and_then(|s| s.allocatable.as_ref()?.get(gonka_crds::NVIDIA_GPU_RESOURCE));
+    gpus.map(|q| &q.0).hash(&mut h);
+    h.finish()
 }
 
 /// Writes a protection plan; a refused write is logged and tried again next pass (a window
@@ -887,6 +1035,12 @@ async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
+    // No capacity label outlives it either; taken off once the network node has let its ML
+    // nodes go (the DaemonSet, still there until garbage collection, deletes their pods).
+    if let Some(label) = capacity::label_key(gn) {
+        let known = nodes.state();
+        leave_nodes(gn, ctx, &capacity::labelled(known.iter().map(AsRef::as_ref), &label)).await;
+    }
     ctx.writer
         .event(
             &ctx.recorder,
@@ -949,23 +1103,16 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         })
     };
     let every_gonka_node = reader.clone();
-    // The Kubernetes nodes, kept in memory with only what tells whether they are going; a
-    // change of that (a cordon, an autoscaler's taint, a deletion) reconciles every GonkaNode.
+    // The Kubernetes nodes, kept in memory with only what a GonkaNode decides on; a change of
+    // that (a cordon, an autoscaler's taint, a deletion, a node joining, labels) reconciles
+    // every GonkaNode.
     let node_writer = ctx.node_writer.lock().expect("node writer").take().expect("run once per context");
     let departures = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(slim_node)
         .reflect(node_writer)
         .touched_objects()
-        .predicate_filter(
-            |node: &Node| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                node_departure::departure(node).hash(&mut h);
-                Some(h.finish())
-            },
-            Default::default(),
-        );
+        .predicate_filter(|node: &Node| Some(node_fingerprint(node)), Default::default());
     Controller::for_stream(gonka_nodes, reader)
         .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
         .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
@@ -976,8 +1123,8 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
             Some(ObjectRef::new(&name).within(&pod.namespace()?))
         })
-        // A node starting or ceasing to go: every GonkaNode looks again; departures are rare,
-        // GonkaNodes few.
+        // A node coming, going or changing what it offers: every GonkaNode looks again; such
+        // changes are rare, GonkaNodes few.
         .watches_stream(departures, move |_| {
             every_gonka_node.state().iter().map(|gn| ObjectRef::from_obj(gn.as_ref())).collect::<Vec<_>>()
         })
@@ -998,6 +1145,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     #[test]
     fn pods_are_ours_only_under_the_daemon_sets_controller_reference() {
@@ -1063,11 +1211,20 @@ mod tests {
             },
             "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}],
                      "podCIDR": "10.0.0.0/24", "providerID": "aws:///i-1"},
-            "status": {"capacity": {"nvidia.com/gpu": "8"}},
+            "status": {"capacity": {"nvidia.com/gpu": "8"}, "allocatable": {"nvidia.com/gpu": "8", "cpu": "64"},
+                       "images": [{"names": ["a"], "sizeBytes": 1}]},
         }))
         .unwrap();
+        let fingerprint = node_fingerprint(&node);
         slim_node(&mut node);
-        assert!(node.status.is_none() && node.metadata.labels.is_none());
+        assert_eq!(node_fingerprint(&node), fingerprint, "what decides survives the slimming");
+        let status = node.status.as_ref().unwrap();
+        assert_eq!(
+            serde_json::to_value(status).unwrap(),
+            serde_json::json!({"allocatable": {"nvidia.com/gpu": "8"}}),
+            "of the status, the GPUs pods may take"
+        );
+        assert_eq!(node.metadata.labels.as_ref().unwrap()["a"], "b", "labels decide placement and preference");
         assert_eq!(
             node.metadata.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(),
             ["karpenter.sh/do-not-disrupt"]
@@ -1081,6 +1238,24 @@ mod tests {
         assert_eq!(node_departure::departure(&node), Some(node_departure::Departure::ScaleDown));
         let claimed = node_protection::plan(false, &BTreeSet::new(), [&node], "gonka-operator/poc-window/uid-1");
         assert_eq!(claimed.lift, ["gpu-a"], "our claim survives the slimming");
+
+        // A heartbeat's kind of change does not reconcile; a new label or GPU count does.
+        let mut beat = node.clone();
+        beat.metadata.resource_version = Some("2".into());
+        assert_eq!(node_fingerprint(&beat), fingerprint);
+        let mut relabelled = node.clone();
+        relabelled.metadata.labels.as_mut().unwrap().insert("pool".into(), "owned".into());
+        assert_ne!(node_fingerprint(&relabelled), fingerprint);
+        let mut fewer = node.clone();
+        fewer
+            .status
+            .as_mut()
+            .unwrap()
+            .allocatable
+            .as_mut()
+            .unwrap()
+            .insert("nvidia.com/gpu".into(), Quantity("4".into()));
+        assert_ne!(node_fingerprint(&fewer), fingerprint);
     }
 
     #[test]

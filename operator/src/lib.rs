@@ -7,10 +7,13 @@
 //! Prometheus. [`report_server`] takes the node-daemons' report
 //! streams into [`report_store`], which reconciles read for status and registration hardware;
 //! [`registration`] plans and [`network_node`] carries out the ML nodes' registration;
-//! [`uninstall`] is what the Helm chart's pre-delete hook runs.
+//! [`node_departure`], [`node_protection`] and [`capacity`] (pure) decide what the Kubernetes
+//! nodes mean for a fleet: nodes going, nodes kept from autoscalers in a PoC window, nodes a
+//! cap lets join; [`uninstall`] is what the Helm chart's pre-delete hook runs.
 
 pub mod apply;
 pub mod build;
+pub mod capacity;
 pub mod controller;
 pub mod http;
 pub mod metrics;

@@ -48,6 +48,19 @@ impl ApiServer {
         (json, Request::from_parts(parts, ()), send)
     }
 
+    /// Takes the next request, whatever its path; checks its method.
+    async fn expect_any(&mut self, method: Method) -> (Value, Request<()>, SendResponse<Response<Body>>) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {method}"))
+            .unwrap_or_else(|| panic!("client gone before {method}"));
+        let (parts, body) = request.into_parts();
+        assert_eq!(parts.method, method, "unexpected call {} {}", parts.method, parts.uri);
+        let bytes = body.collect_bytes().await.unwrap();
+        let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        (json, Request::from_parts(parts, ()), send)
+    }
+
     async fn expect_not_found(&mut self, path: &str) {
         let (_, _, send) = self.expect(Method::GET, path).await;
         send.send_response(status_response(StatusCode::NOT_FOUND, "NotFound"));
@@ -120,13 +133,29 @@ where
     F: FnOnce(ApiServer) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ApiServer> + Send,
 {
+    run_on_nodes(gn, Vec::new(), script).await
+}
+
+/// [`run`], the nodes' watch holding `nodes`.
+async fn run_on_nodes<F, Fut>(
+    gn: GonkaNode,
+    nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    script: F,
+) -> Result<Action, crate::controller::Error>
+where
+    F: FnOnce(ApiServer) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ApiServer> + Send,
+{
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let config = ControllerConfig { daemon_image: "registry.test/daemon:1".into(), ..ControllerConfig::default() };
     let ctx = Arc::new(Context::new(client, config, Metrics::default()));
-    ctx.nodes_listed(Vec::new());
+    ctx.nodes_listed(nodes);
     let server = tokio::spawn(async move { script(ApiServer(handle)).await });
-    let result = reconcile(Arc::new(gn), ctx).await;
+    // A call the script does not answer would hold the reconcile forever.
+    let result = tokio::time::timeout(Duration::from_secs(60), reconcile(Arc::new(gn), ctx))
+        .await
+        .expect("the reconcile waited 60 s on a call the script never answered");
     let api = server.await.expect("scenario panicked");
     api.expect_silence().await;
     result
@@ -159,6 +188,8 @@ async fn a_new_gonka_node_first_gets_the_finalizer_and_nothing_else() {
 async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_status() {
     let gn = with_finalizer(|_| {});
     let action = run(gn.clone(), |mut api| async move {
+        // Pods first: what runs is observed before anything is applied.
+        api.expect_pod_list(json!([])).await;
         for (path, kind) in [
             ("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", "ServiceAccount"),
             ("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", "ConfigMap"),
@@ -180,7 +211,6 @@ async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_st
             (pdb["kind"].as_str(), pdb["spec"]["minAvailable"].as_i64()),
             (Some("PodDisruptionBudget"), Some(0))
         );
-        api.expect_pod_list(json!([])).await;
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["observedGeneration"], 1);
         let reasons: Vec<&str> =
@@ -248,12 +278,16 @@ async fn a_steady_fleet_is_read_but_never_written() {
         // No mlNodeApiFrom: Registered says the ML nodes' API admits no caller.
         ml_node_api_closed: true,
         registration: Some(status::Registration::Synced { registered: 1, ready: 1, paused: false, departing: vec![] }),
+        selector: Some(crate::controller::pod_selector(&gn)),
+        capacity: Some(None),
         ..Default::default()
     };
     gn.status = Some(status::compute(None, &obs, &Time(jiff::Timestamp::from_second(1_800_000_000).unwrap())));
     let pdb = crate::build::disruption_budget(&gn, 2, crate::build::DisruptionGuard::Tolerate).unwrap();
 
     let action = run(gn, move |mut api| async move {
+        // Whether gpu-a is going comes from the nodes' watch, not a request.
+        api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;
         api.expect_get("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", &with_kind(&desired.service_account))
             .await;
         api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
@@ -261,8 +295,6 @@ async fn a_steady_fleet_is_read_but_never_written() {
         api.expect_get(NETPOL_PATH, &with_kind(&desired.network_policy)).await;
         api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &with_kind(&ds)).await;
         api.expect_get(PDB_PATH, &with_kind(&pdb)).await;
-        // Whether gpu-a is going comes from the nodes' watch, not a request.
-        api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;
         api
     })
     .await
@@ -294,8 +326,8 @@ async fn an_invalid_spec_is_announced_and_reported_without_touching_the_fleet() 
 async fn paused_reads_the_fleet_and_announces_the_hold() {
     let gn = with_finalizer(|s| s.paused = true);
     let action = run(gn.clone(), |mut api| async move {
-        api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
         api.expect_pod_list(json!([])).await;
+        api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
         assert_eq!(api.expect_event().await, "Paused");
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["conditions"][1]["reason"], "Paused");
@@ -310,11 +342,11 @@ async fn paused_reads_the_fleet_and_announces_the_hold() {
 async fn apiserver_refusal_is_reported_and_retried() {
     let gn = with_finalizer(|_| {});
     let result = run(gn.clone(), |mut api| async move {
+        api.expect_pod_list(json!([])).await;
         api.expect_not_found("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
         let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
         send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
         assert_eq!(api.expect_event().await, "ApplyFailed");
-        api.expect_pod_list(json!([])).await;
         let status = api.expect_status(&gn).await;
         assert_eq!(status["status"]["conditions"][2]["reason"], "ApplyFailed");
         api
@@ -322,6 +354,88 @@ async fn apiserver_refusal_is_reported_and_retried() {
     .await;
     let err = result.unwrap_err();
     assert_eq!(err.metric_label(), "apply");
+}
+
+/// A capped GonkaNode over a running ML node: the node it runs on (and the best eligible one)
+/// is labelled before anything is applied, so the DaemonSet that starts selecting the label
+/// never finds a running ML node's node without it.
+#[tokio::test]
+async fn a_cap_labels_the_joining_nodes_before_the_daemon_set_selects_them() {
+    let gn =
+        with_finalizer(|s| s.capacity = Some(gonka_crds::Capacity { max_ml_nodes: Some(2), ..Default::default() }));
+    let node = |name: &str| -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"nvidia.com/gpu.present": "true"}},
+            "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]},
+            "status": {"allocatable": {"nvidia.com/gpu": "8"}},
+        }))
+        .unwrap()
+    };
+    let nodes = vec![node("gpu-a"), node("gpu-b"), node("gpu-c")];
+    let running: DaemonSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "h100-ml-node", "namespace": "gpu", "uid": DS_UID},
+        "spec": {"selector": {}, "template": {}},
+    }))
+    .unwrap();
+    let result = run_on_nodes(gn.clone(), nodes, move |mut api| async move {
+        api.expect_pod_list(json!([ready_pod("gpu-c", "10.244.0.12")])).await;
+        // Which nodes its pods run on is decided by the DaemonSet it owns.
+        api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &running).await;
+        let mut labelled = Vec::new();
+        for _ in 0..2 {
+            let (body, request, send) = api.expect_any(Method::PATCH).await;
+            let query = request.uri().query().unwrap_or_default().to_string();
+            assert!(query.contains("fieldManager=gonka-operator%2Fcapacity%2Fuid-h100"), "{query}");
+            assert!(!query.contains("force"), "another manager's label is never taken over: {query}");
+            assert_eq!(body["metadata"]["labels"], json!({"joined.gonka.ai/uid-h100": "true"}));
+            labelled.push(request.uri().path().to_string());
+            send.send_response(json_response(&body));
+        }
+        // gpu-c runs an ML node; gpu-a is the first of the others by name; gpu-b is held back.
+        assert_eq!(labelled, ["/api/v1/nodes/gpu-a", "/api/v1/nodes/gpu-c"]);
+        assert_eq!(api.expect_event().await, "Joined");
+        // Only now the owned objects; the first refused ends the pass.
+        api.expect_not_found("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
+        let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
+        send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
+        assert_eq!(api.expect_event().await, "ApplyFailed");
+        let status = api.expect_status(&gn).await;
+        assert_eq!(
+            status["status"]["capacity"],
+            json!({"eligible": 3, "joined": 2, "heldBack": 1, "leaving": 0, "limit": 2,
+                   "message": "1 eligible nodes held back by the cap of 2 ML nodes"})
+        );
+        api
+    })
+    .await;
+    assert_eq!(result.unwrap_err().metric_label(), "apply");
+}
+
+/// A capped GonkaNode whose node label can't be written applies nothing: a selector ahead of
+/// its labels would delete running pods unannounced.
+#[tokio::test]
+async fn a_refused_label_stops_the_pass_before_the_daemon_set() {
+    let gn =
+        with_finalizer(|s| s.capacity = Some(gonka_crds::Capacity { max_ml_nodes: Some(1), ..Default::default() }));
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": "gpu-a", "labels": {"nvidia.com/gpu.present": "true"}},
+        "status": {"allocatable": {"nvidia.com/gpu": "8"}},
+    }))
+    .unwrap();
+    let result = run_on_nodes(gn.clone(), vec![node], |mut api| async move {
+        api.expect_pod_list(json!([])).await;
+        api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
+        let (_, _, send) = api.expect(Method::PATCH, "/api/v1/nodes/gpu-a").await;
+        send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
+        assert_eq!(api.expect_event().await, "ApplyFailed");
+        let status = api.expect_status(&gn).await;
+        assert_eq!(status["status"]["conditions"][2]["reason"], "ApplyFailed");
+        assert_eq!(status["status"]["capacity"]["joined"], 1, "the plan is still told");
+        api
+    })
+    .await;
+    assert_eq!(result.unwrap_err().metric_label(), "apply");
 }
 
 #[tokio::test]

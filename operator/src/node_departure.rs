@@ -22,6 +22,9 @@ pub enum Departure {
     ScaleDown,
     /// Cordoned (`spec.unschedulable`).
     Cordoned,
+    /// `spec.capacity` takes it out of the fleet (over the cap, or no longer eligible): not the
+    /// node going, but its ML node's pod, as soon as the operator takes the node's label off.
+    OverCapacity,
 }
 
 impl Departure {
@@ -31,6 +34,7 @@ impl Departure {
             Self::Deleting => "nodes being deleted",
             Self::ScaleDown => "nodes an autoscaler is removing",
             Self::Cordoned => "cordoned nodes",
+            Self::OverCapacity => "nodes spec.capacity takes out",
         }
     }
 }

@@ -43,6 +43,11 @@ pub struct Observation<'a> {
     pub fleet: Option<crate::report_store::Fleet>,
     /// ML-node pods the scheduler could not place: `"<Kubernetes node>: <reason>"`.
     pub unschedulable: Vec<String>,
+    /// What `spec.capacity` lets join (`Some(None)`: no cap); `None` = not looked at this time
+    /// (an invalid spec: the previous stands).
+    pub capacity: Option<Option<gonka_crds::CapacityStatus>>,
+    /// The ML-node pods' label selector (the scale subresource's); `None` keeps the previous.
+    pub selector: Option<String>,
 }
 
 /// What `Registered` adds while the ML nodes' NetworkPolicy admits no caller.
@@ -311,6 +316,8 @@ pub fn compute(previous: Option<&GonkaNodeStatus>, obs: &Observation<'_>, now: &
         desired_ml_nodes: rollout.as_ref().map_or(0, |r| r.desired),
         updated_ml_nodes: rollout.as_ref().map_or(0, |r| r.updated),
         ready_ml_nodes: rollout.as_ref().map_or(0, |r| r.ready),
+        capacity: obs.capacity.clone().unwrap_or_else(|| previous.capacity.clone()),
+        selector: obs.selector.clone().or_else(|| previous.selector.clone()),
     }
 }
 
@@ -613,5 +620,18 @@ mod tests {
         let s = compute(Some(&previous), &Observation::default(), &at(0));
         assert_eq!((s.registered_ml_nodes, s.total_gpus, s.weight), (2, 16, Some(42)));
         assert_eq!(get(&s, "Registered"), ("Unknown", "RegistrationPending"));
+    }
+
+    #[test]
+    fn capacity_is_what_was_looked_at_else_what_was() {
+        let held = gonka_crds::CapacityStatus { eligible: 3, joined: 2, held_back: 1, limit: 2, ..Default::default() };
+        let previous = GonkaNodeStatus { capacity: Some(held.clone()), ..Default::default() };
+        let keep = compute(Some(&previous), &Observation::default(), &at(0));
+        assert_eq!(keep.capacity, Some(held.clone()), "not looked at (invalid spec): the previous stands");
+        let uncapped = Observation { capacity: Some(None), ..Observation::default() };
+        assert_eq!(compute(Some(&previous), &uncapped, &at(0)).capacity, None, "the cap was lifted");
+        let now = gonka_crds::CapacityStatus { joined: 3, held_back: 0, limit: 3, ..held };
+        let capped = Observation { capacity: Some(Some(now.clone())), ..Observation::default() };
+        assert_eq!(compute(Some(&previous), &capped, &at(0)).capacity, Some(now));
     }
 }

@@ -86,7 +86,8 @@ Secrets it can read. */}}
 # Drains and scale-downs: a watch of the nodes (cordons, autoscalers' taints, deletion); an ML
 # node on one that is going is disabled. During PoC windows the nodes hosting ML nodes carry
 # cluster-autoscaler's scale-down-disabled and Karpenter's do-not-disrupt annotations, written
-# by server-side apply (patch), each GonkaNode under its own field manager, nothing else.
+# by server-side apply (patch), each GonkaNode under its own field manager, nothing else; so
+# is the label joined.gonka.ai/<uid> of the nodes a capped GonkaNode (spec.capacity) lets join.
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch, patch]
