@@ -1,10 +1,12 @@
 //! Fleet at scale (a benchmark, not a test): one GonkaNode over N GPU nodes simulated by kwok,
 //! placed by the real kube-scheduler, registered with the devnet by the operator running in this
 //! process. Measures how long until every ML node is ready and registered, how many reconciles
-//! and network-node writes that took, and what a steady fleet costs afterwards (reconciles,
-//! network-node writes, GonkaNode writes: the last two should be zero).
+//! and network-node writes that took, what a steady fleet costs afterwards (reconciles,
+//! network-node writes, GonkaNode writes: the last two should be zero), and how long a node an
+//! autoscaler adds takes to serve: node Ready → its ML node registered, for `--join` nodes added
+//! to the steady fleet.
 //!
-//!   cargo run --release -p gonka-e2e --bin gonka-fleet-bench -- [--nodes N] [--steady-seconds S] [--write]
+//!   cargo run --release -p gonka-e2e --bin gonka-fleet-bench -- [--nodes N] [--steady-seconds S] [--join K] [--write]
 //!
 //! `--write` appends the figures to docs/benchmarks.md with the machine and date.
 
@@ -23,21 +25,26 @@ const NS: &str = "fleet";
 struct Args {
     nodes: usize,
     steady: Duration,
+    join: usize,
     write: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut args = Args { nodes: 100, steady: Duration::from_secs(30), write: false };
+    let mut args = Args { nodes: 100, steady: Duration::from_secs(30), join: 10, write: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--nodes" => args.nodes = it.next().context("--nodes N")?.parse()?,
             "--steady-seconds" => args.steady = Duration::from_secs(it.next().context("--steady-seconds S")?.parse()?),
+            "--join" => args.join = it.next().context("--join K")?.parse()?,
             "--write" => args.write = true,
-            other => anyhow::bail!("unknown argument {other}; usage: [--nodes N] [--steady-seconds S] [--write]"),
+            other => {
+                anyhow::bail!("unknown argument {other}; usage: [--nodes N] [--steady-seconds S] [--join K] [--write]")
+            }
         }
     }
     anyhow::ensure!((1..=5000).contains(&args.nodes), "--nodes must be 1..=5000");
+    anyhow::ensure!((1..=500).contains(&args.join), "--join must be 1..=500");
     Ok(args)
 }
 
@@ -116,6 +123,33 @@ async fn main() -> anyhow::Result<()> {
     let steady_reconciles = operator.reconciles() - reconciles_before;
     let steady_writes = devnet.lock().unwrap().admin_writes - writes_before;
     let gonka_node_written = version_before != version_after;
+
+    // Scale-up as an autoscaler does it: nodes join the steady fleet, each timed from the moment
+    // it is Ready (kwok reports it, its admission taint lifted as the node lifecycle controller
+    // would) until the network node lists its ML node.
+    step(&format!("{} nodes join the steady fleet", args.join));
+    let mut joins: Vec<f64> = futures::stream::iter(0..args.join)
+        .map(|i| {
+            let (cp, devnet) = (&cp, &devnet);
+            async move {
+                let node = format!("gpu-join-{i:03}");
+                cp.kwok_node(&node, 8, "NVIDIA-H100-80GB-HBM3").await?;
+                let ready = Instant::now();
+                let id = format!("fleet.{NS}@{node}");
+                let deadline = ready + Duration::from_secs(300);
+                while !devnet.lock().unwrap().nodes().iter().any(|n| n.node.config.id == id) {
+                    anyhow::ensure!(Instant::now() < deadline, "{node} was not registered within 5 minutes");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                anyhow::Ok(ready.elapsed().as_secs_f64())
+            }
+        })
+        .buffer_unordered(args.join)
+        .try_collect()
+        .await?;
+    joins.sort_by(f64::total_cmp);
+    let (join_median, join_max) = (joins[joins.len() / 2], joins[joins.len() - 1]);
+    step(&format!("joined: node Ready → registered median {join_median:.2} s, max {join_max:.2} s"));
     operator.stop().await?;
 
     let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
@@ -134,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
          | steady fleet, {steady}s: reconciles | {steady_reconciles} |\n\
          | steady fleet: network-node writes | {steady_writes} |\n\
          | steady fleet: GonkaNode written | {written} |\n\
+         | {join} nodes joining the steady fleet at once: node Ready → ML node registered, median (max) | {join_median:.2} s ({join_max:.2} s) |\n\
          | peak RSS of the process | {rss:.0} MiB |\n",
         machine = gonka_e2e::machine(),
         nodes = args.nodes,
@@ -143,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
         per_node = writes_up as f64 / args.nodes as f64,
         steady = args.steady.as_secs(),
         written = if gonka_node_written { "yes" } else { "no" },
+        join = args.join,
         rss = peak_rss_mib().unwrap_or(f64::NAN),
     );
     print!("{report}");
