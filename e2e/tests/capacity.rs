@@ -87,6 +87,16 @@ async fn a_cap_holds_while_nodes_come_and_go_and_nodes_leave_in_order() -> anyho
     .await?;
     let message = api.get("h100").await?.status.unwrap().capacity.unwrap().message;
     assert_eq!(message.as_deref(), Some("1 eligible nodes held back by the cap of 2 ML nodes"));
+    // What a platform team scales on, from the operator's /metrics: 3 eligible nodes of 8 GPUs,
+    // one held back.
+    let (_, metrics) = gonka_e2e::admin_get(operator.admin_addr, "/metrics").await?;
+    for line in [
+        r#"gonka_operator_fleet_eligible_gpus{gonka_node_namespace="gpu",gonka_node="h100"} 24"#,
+        r#"gonka_operator_fleet_idle_eligible_gpus{gonka_node_namespace="gpu",gonka_node="h100"} 8"#,
+        r#"gonka_operator_fleet_poc_window{gonka_node_namespace="gpu",gonka_node="h100"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
     let labelled = nodes.list(&ListParams::default().labels(&label)).await?;
     assert_eq!(labelled.iter().map(|n| n.name_any()).collect::<BTreeSet<_>>(), set(&["gpu-a", "gpu-c"]));
 

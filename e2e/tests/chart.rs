@@ -371,6 +371,8 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
     let metrics = gonka_operator::metrics::Metrics::default();
     metrics.reconcile_failed("apply");
     metrics.gpu_xid("fatal");
+    let fleet = gonka_operator::metrics::FleetLabels { gonka_node_namespace: "gpu".into(), gonka_node: "h100".into() };
+    metrics.fleet.observe(&fleet, &Default::default(), 8, false);
     let exported = metrics.encode();
     let dashboard: serde_json::Value =
         serde_json::from_str(of("ConfigMap")["data"]["gonka-operator.json"].as_str().unwrap())?;
@@ -381,7 +383,7 @@ async fn monitoring_and_network_policy_fit_the_operator() -> anyhow::Result<()> 
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("gonka_operator_"))
         .collect();
-    assert!(used.len() >= 6, "{used:?}");
+    assert!(used.len() >= 10, "{used:?}");
     for name in used {
         assert!(exported.lines().any(|l| l.starts_with(name)), "alert metric {name} is not exported:\n{exported}");
     }

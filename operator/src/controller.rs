@@ -441,6 +441,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     }
 
     let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
+    ctx.metrics.fleet.observe(&fleet_labels(gn), &new_status, spec.gpus_per_ml_node, window);
     announce_transitions(gn, ctx, &new_status).await;
     if ctx.writer.patch_status(gn, &new_status).await? {
         info!(gonka_node = %gn.name_any(), generation = ?gn.metadata.generation, "status updated");
@@ -542,6 +543,11 @@ async fn join_nodes(gn: &GonkaNode, ctx: &Context, nodes: &[String]) -> Result<(
         ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Joined", note).await;
     }
     Ok(())
+}
+
+/// The labels of `gn`'s fleet metrics.
+fn fleet_labels(gn: &GonkaNode) -> crate::metrics::FleetLabels {
+    crate::metrics::FleetLabels { gonka_node_namespace: gn.namespace().unwrap_or_default(), gonka_node: gn.name_any() }
 }
 
 /// A listing error again (kube's errors are not `Clone`): what a condition shows of it.
@@ -994,6 +1000,7 @@ async fn cleanup(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
     let key = (gn.namespace().unwrap_or_default(), gn.name_any());
     // Nothing keyed by a GonkaNode outlives it.
     ctx.reports.prune(&key, &BTreeSet::new());
+    ctx.metrics.fleet.forget(&fleet_labels(gn));
     ctx.forget_network_retries(&key);
     // No PoC-window claim outlives it either.
     let nodes = ctx.kubernetes_nodes().await;

@@ -32,6 +32,90 @@ pub struct Metrics {
     pub poc_window_unknown: Gauge<i64, AtomicI64>,
     /// Requests this replica sent to the apiserver, by verb (see [`ApiRequests`]).
     pub api_requests: ApiRequests,
+    /// Each GonkaNode's fleet, what a platform team scales on (see [`Fleet`]).
+    pub fleet: Fleet,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetLabels {
+    /// The GonkaNode's namespace (not `namespace`: scrapes put the operator pod's there).
+    pub gonka_node_namespace: String,
+    pub gonka_node: String,
+}
+
+/// Per GonkaNode, as its last reconcile saw it (the leader's): GPUs joined, GPUs that could
+/// join and that the cap keeps idle, the weight of the latest PoC round, whether a PoC window
+/// is on. Weight per GPU is `weight / gpus`; the share of time in windows
+/// `avg_over_time(poc_window[1d])`.
+#[derive(Clone, Debug, Default)]
+pub struct Fleet {
+    /// GPUs the ML nodes report (`status.totalGpus`).
+    pub gpus: Family<FleetLabels, Gauge<i64, AtomicI64>>,
+    /// GPUs on eligible nodes: with a cap, `status.capacity.eligible` × `gpusPerMlNode`;
+    /// without, the nodes the DaemonSet wants × `gpusPerMlNode` (every eligible node joins).
+    pub eligible_gpus: Family<FleetLabels, Gauge<i64, AtomicI64>>,
+    /// GPUs on eligible nodes the cap keeps out (`heldBack` × `gpusPerMlNode`): what more
+    /// could join.
+    pub idle_eligible_gpus: Family<FleetLabels, Gauge<i64, AtomicI64>>,
+    /// Valid nonces of the latest PoC round the ML nodes reported (`status.weight`).
+    pub weight: Family<FleetLabels, Gauge<i64, AtomicI64>>,
+    /// 1 while a PoC window is on (as rollouts and the disruption budget read it).
+    pub poc_window: Family<FleetLabels, Gauge<i64, AtomicI64>>,
+}
+
+impl Fleet {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("fleet_gpus", "GPUs a GonkaNode's ML nodes report", self.gpus.clone());
+        registry.register(
+            "fleet_eligible_gpus",
+            "GPUs on the Kubernetes nodes a GonkaNode's ML nodes could run on",
+            self.eligible_gpus.clone(),
+        );
+        registry.register(
+            "fleet_idle_eligible_gpus",
+            "GPUs on eligible nodes a GonkaNode's spec.capacity keeps out",
+            self.idle_eligible_gpus.clone(),
+        );
+        registry.register(
+            "fleet_weight",
+            "Valid nonces of the latest PoC round a GonkaNode's ML nodes reported",
+            self.weight.clone(),
+        );
+        registry.register(
+            "fleet_poc_window",
+            "1 while a GonkaNode's network node is in a PoC window",
+            self.poc_window.clone(),
+        );
+    }
+
+    /// Records what one reconcile of the GonkaNode `labels` names ended with.
+    pub fn observe(
+        &self,
+        labels: &FleetLabels,
+        status: &gonka_crds::GonkaNodeStatus,
+        gpus_per_ml_node: i32,
+        window: bool,
+    ) {
+        let per = i64::from(gpus_per_ml_node);
+        let (eligible, held_back) = match &status.capacity {
+            Some(c) => (i64::from(c.eligible), i64::from(c.held_back)),
+            None => (i64::from(status.desired_ml_nodes), 0),
+        };
+        self.gpus.get_or_create(labels).set(i64::from(status.total_gpus));
+        self.eligible_gpus.get_or_create(labels).set(eligible * per);
+        self.idle_eligible_gpus.get_or_create(labels).set(held_back * per);
+        self.weight.get_or_create(labels).set(status.weight.unwrap_or(0));
+        self.poc_window.get_or_create(labels).set(i64::from(window));
+    }
+
+    /// Drops a deleted GonkaNode's series.
+    pub fn forget(&self, labels: &FleetLabels) {
+        self.gpus.remove(labels);
+        self.eligible_gpus.remove(labels);
+        self.idle_eligible_gpus.remove(labels);
+        self.weight.remove(labels);
+        self.poc_window.remove(labels);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,7 +227,10 @@ impl Metrics {
             "Requests sent to the kube-apiserver, by verb and resource",
             api_requests.0.clone(),
         );
+        let fleet = Fleet::default();
+        fleet.register(&mut registry);
         Self {
+            fleet,
             registry: Arc::new(registry),
             reconciles,
             failures,
@@ -212,6 +299,50 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_fleet_is_exposed_per_gonka_node_and_forgotten_with_it() {
+        let m = Metrics::default();
+        let h100 = FleetLabels { gonka_node_namespace: "gpu".into(), gonka_node: "h100".into() };
+        let capped = gonka_crds::GonkaNodeStatus {
+            total_gpus: 16,
+            weight: Some(420),
+            desired_ml_nodes: 2,
+            capacity: Some(gonka_crds::CapacityStatus { eligible: 5, joined: 2, held_back: 3, ..Default::default() }),
+            ..Default::default()
+        };
+        m.fleet.observe(&h100, &capped, 8, true);
+        let text = m.encode();
+        for line in [
+            "gonka_operator_fleet_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 16",
+            "gonka_operator_fleet_eligible_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 40",
+            "gonka_operator_fleet_idle_eligible_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 24",
+            "gonka_operator_fleet_weight{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 420",
+            "gonka_operator_fleet_poc_window{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // Without a cap every eligible node joins: the DaemonSet's count is the eligible one.
+        let uncapped = gonka_crds::GonkaNodeStatus { desired_ml_nodes: 3, ..Default::default() };
+        m.fleet.observe(&h100, &uncapped, 8, false);
+        let text = m.encode();
+        assert!(
+            text.contains("gonka_operator_fleet_eligible_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 24"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gonka_operator_fleet_idle_eligible_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("gonka_operator_fleet_poc_window{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 0"),
+            "{text}"
+        );
+        m.fleet.forget(&h100);
+        assert!(!m.encode().contains("gonka_node=\"h100\""), "a deleted GonkaNode leaves no series");
+    }
 
     #[test]
     fn exposes_reconciles_errors_duration_and_leadership() {
