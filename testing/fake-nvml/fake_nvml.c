@@ -13,6 +13,8 @@
  *                                      state: ok | lost (NVML_ERROR_GPU_IS_LOST on every
  *                                      query) | noecc (ECC queries: NOT_SUPPORTED)
  *   xid <gpu index> <code>             an XID event, delivered once, in file order
+ *   process <gpu index> <pid> <used_mb>
+ *                                      a compute process on that GPU (host PID, as NVML gives)
  *   fail_init <nvml return code>       nvmlInit fails with this code
  *
  * With FAKE_NVML_COUNT_FILE set, every nvmlDeviceGetCount_v2 call (one per GPU reading of the
@@ -30,6 +32,7 @@
 
 #define MAX_GPUS 64
 #define MAX_XIDS 1024
+#define MAX_PROCESSES 256
 
 enum {
     OK = 0, ERR_UNINITIALIZED = 1, ERR_INVALID_ARGUMENT = 2, ERR_NOT_SUPPORTED = 3,
@@ -48,6 +51,16 @@ typedef struct {
 } gpu_t;
 
 typedef struct { int gpu; unsigned long long code; } xid_t;
+
+typedef struct { int gpu; unsigned int pid; unsigned long long used_mb; } process_t;
+
+/* nvmlProcessInfo_t (v2 layout, as the _v3 entry points fill it). */
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} process_info_t;
 
 typedef struct {
     void *device;
@@ -69,6 +82,8 @@ static gpu_t gpus[MAX_GPUS];
 static int gpu_count;
 static xid_t xids[MAX_XIDS];
 static int xid_count;
+static process_t processes[MAX_PROCESSES];
+static int process_count;
 static int xids_delivered;
 static char driver[80] = "550.54.15", nvml_version[80] = "12.550.54.15";
 static int cuda = 12040;
@@ -85,6 +100,7 @@ static void reload_locked(void) {
     if (!path || stat(path, &st) != 0) {
         gpu_count = 0;
         xid_count = 0;
+        process_count = 0;
         return;
     }
     if (st.st_mtim.tv_sec == loaded_mtime && st.st_mtim.tv_nsec == loaded_mtime_ns && st.st_size == loaded_size) {
@@ -97,6 +113,7 @@ static void reload_locked(void) {
     loaded_size = st.st_size;
     gpu_count = 0;
     xid_count = 0;
+    process_count = 0;
     fail_init = 0;
     char line[512];
     while (fgets(line, sizeof line, f)) {
@@ -113,6 +130,9 @@ static void reload_locked(void) {
         } else if (strncmp(line, "xid ", 4) == 0 && xid_count < MAX_XIDS) {
             xid_t *x = &xids[xid_count];
             if (sscanf(line + 4, "%d %llu", &x->gpu, &x->code) == 2) xid_count++;
+        } else if (strncmp(line, "process ", 8) == 0 && process_count < MAX_PROCESSES) {
+            process_t *p = &processes[process_count];
+            if (sscanf(line + 8, "%d %u %llu", &p->gpu, &p->pid, &p->used_mb) == 3) process_count++;
         } else if (strncmp(line, "gpu ", 4) == 0 && gpu_count < MAX_GPUS) {
             gpu_t *g = &gpus[gpu_count];
             int n = 0;
@@ -351,4 +371,34 @@ int nvmlEventSetWait_v2(void *set, event_data_t *data, unsigned int timeout_ms) 
 int nvmlEventSetFree(void *set) {
     (void)set;
     return OK;
+}
+
+/* As the driver: with too small a buffer (or none) the count is set and INSUFFICIENT_SIZE
+ * returned, unless there are no processes. */
+int nvmlDeviceGetComputeRunningProcesses_v3(void *handle, unsigned int *count, process_info_t *infos) {
+    DEVICE(handle, g);
+    if (!count) LEAVE(ERR_INVALID_ARGUMENT);
+    unsigned int n = 0;
+    for (int i = 0; i < process_count; i++) {
+        if (processes[i].gpu == g->index) n++;
+    }
+    if (n == 0) {
+        *count = 0;
+        LEAVE(OK);
+    }
+    if (!infos || *count < n) {
+        *count = n;
+        LEAVE(ERR_INSUFFICIENT_SIZE);
+    }
+    unsigned int k = 0;
+    for (int i = 0; i < process_count; i++) {
+        if (processes[i].gpu != g->index) continue;
+        infos[k].pid = processes[i].pid;
+        infos[k].usedGpuMemory = processes[i].used_mb * 1024ULL * 1024ULL;
+        infos[k].gpuInstanceId = 0xFFFFFFFFu;
+        infos[k].computeInstanceId = 0xFFFFFFFFu;
+        k++;
+    }
+    *count = k;
+    LEAVE(OK);
 }

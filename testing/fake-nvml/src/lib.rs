@@ -99,6 +99,16 @@ pub struct Scenario {
     pub xids: Vec<(u32, u64)>,
     /// Make `nvmlInit` fail with this NVML return code (e.g. 9, driver not loaded).
     pub fail_init: Option<u32>,
+    /// Compute processes on the GPUs (`nvmlDeviceGetComputeRunningProcesses_v3`).
+    pub processes: Vec<FakeProcess>,
+}
+
+/// A compute process on a GPU, as NVML lists it: the host's PID and the memory it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FakeProcess {
+    pub gpu: u32,
+    pub pid: u32,
+    pub used_mb: u64,
 }
 
 impl Scenario {
@@ -110,6 +120,7 @@ impl Scenario {
             gpus,
             xids: Vec::new(),
             fail_init: None,
+            processes: Vec::new(),
         }
     }
 
@@ -169,6 +180,9 @@ impl Scenario {
         for (gpu, code) in &self.xids {
             let _ = writeln!(out, "xid {gpu} {code}");
         }
+        for p in &self.processes {
+            let _ = writeln!(out, "process {} {} {}", p.gpu, p.pid, p.used_mb);
+        }
         out
     }
 
@@ -194,5 +208,8 @@ mod tests {
         let text = Scenario::mixed().render();
         assert!(text.contains("gpu 40960 512 5 33 90000 0 0 0 ok GPU-a100-0000 NVIDIA A100-SXM4-40GB\n"), "{text}");
         assert!(text.contains("noecc GPU-4090-0002 NVIDIA GeForce RTX 4090\n"), "{text}");
+        let mut busy = Scenario::mixed();
+        busy.processes.push(FakeProcess { gpu: 3, pid: 4242, used_mb: 20480 });
+        assert!(busy.render().ends_with("process 3 4242 20480\n"), "{}", busy.render());
     }
 }
