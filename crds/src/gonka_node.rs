@@ -79,6 +79,7 @@ fn base_url_rule(field: &str) -> kube::core::Rule {
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.opportunistic) || has(self.priorityClassName)").message("opportunistic needs priorityClassName: a PriorityClass below the in-house work's, so that work preempts the ML nodes"))]
 #[x_kube(validation = Rule::new("!has(self.modelStorage) || !has(self.modelStorage.preload) || self.models.exists(m, m.id == self.modelStorage.preload)").message("modelStorage.preload must be one of models[].id"))]
 #[x_kube(validation = Rule::new("!has(self.networkNode.allowPlaintextCredentials) || !self.networkNode.allowPlaintextCredentials || has(self.networkNode.credentialsSecretRef)").message("networkNode.allowPlaintextCredentials is set but networkNode.credentialsSecretRef is not: there are no credentials to send"))]
 #[x_kube(validation = Rule::new("!has(self.networkNode.mtlsSecretRef) || self.networkNode.mlCallbackUrl.startsWith('https://')").message("networkNode.mtlsSecretRef needs an https:// mlCallbackUrl: in mutual TLS mode the network node takes callbacks only over TLS"))]
@@ -109,6 +110,16 @@ pub struct GonkaNodeSpec {
     /// template does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
+
+    /// Opportunistic mode: lend GPUs that in-house work may take back. The pods run at
+    /// `priorityClassName` (required: a PriorityClass below the in-house work's, so the
+    /// scheduler preempts them, and with `preemptionPolicy: Never` so they never preempt), and
+    /// each daemon watches its GPUs: a process that is not its own, or utilisation while it runs
+    /// nothing, makes it yield (disabled on the network node first, pending PoC batches sent,
+    /// its model unloaded) until the GPUs have been idle for `rejoinAfterIdleSeconds`. Unset:
+    /// the GPUs are the fleet's alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opportunistic: Option<Opportunistic>,
 
     /// The models these ML nodes serve, by Gonka (Hugging Face) model id. Each must be approved
     /// by the network's governance, or the network node rejects the registration.
@@ -176,7 +187,8 @@ pub struct GonkaNodeSpec {
     )]
     pub runtime_class_name: Option<String>,
 
-    /// PriorityClass of the ML-node pods, so they are not preempted by less valuable work.
+    /// PriorityClass of the ML-node pods: a high one so less valuable work does not preempt
+    /// them, or, with `opportunistic`, a low one so in-house work does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 253),
@@ -422,6 +434,32 @@ pub struct Capacity {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub preferences: Vec<CapacityPreference>,
+}
+
+/// When an opportunistic ML node yields its GPUs and takes them again.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Opportunistic {
+    /// Seconds the GPUs must have been idle (no process but the ML node's own, utilisation at
+    /// most `busyUtilizationPercent`) before a yielded ML node rejoins. 30 to 86400, default
+    /// 600.
+    #[serde(default = "default_rejoin_after_idle")]
+    #[schemars(range(min = 30, max = 86400))]
+    pub rejoin_after_idle_seconds: i32,
+
+    /// GPU utilisation, in percent, that counts as other work on a GPU while the ML node runs
+    /// nothing on it. 1 to 100, default 10.
+    #[serde(default = "default_busy_utilization")]
+    #[schemars(range(min = 1, max = 100))]
+    pub busy_utilization_percent: i32,
+}
+
+fn default_rejoin_after_idle() -> i32 {
+    600
+}
+
+fn default_busy_utilization() -> i32 {
+    10
 }
 
 /// One weighted preference among eligible nodes.
@@ -756,6 +794,25 @@ pub struct MlNodeStatus {
     /// What serves the model here, while one is up or coming up, or why it failed to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference: Option<MlNodeInference>,
+    /// Set while this opportunistic ML node has yielded its GPUs to other work: disabled on
+    /// the network node, it takes work again once they have been idle for
+    /// `spec.opportunistic.rejoinAfterIdleSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yielded: Option<MlNodeYield>,
+}
+
+/// Why and since when an opportunistic ML node has handed its GPUs back.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MlNodeYield {
+    /// What the daemon saw, e.g. `GPU 1: process 4242 is not this ML node's`.
+    #[schemars(length(max = 256))]
+    pub reason: String,
+    /// When it yielded.
+    pub since: Time,
+    /// Since when the GPUs are idle; unset while other work holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Time>,
 }
 
 /// The served model's engine and health, as the ML node reports them.

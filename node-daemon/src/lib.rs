@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod http;
 #[cfg(feature = "torch")]
 pub mod inference;
+pub mod lending;
 pub mod metrics;
 pub mod modes;
 pub mod mtls;
@@ -68,6 +69,8 @@ pub struct Settings {
     /// Mutual TLS with the network node (upstream's pinned pair); `None`: plain HTTP, as
     /// upstream's ML node without it.
     pub mtls: Option<mtls::MtlsFiles>,
+    /// How often an opportunistic ML node (`daemon.json`'s `opportunistic`) samples its GPUs.
+    pub lending_sample: std::time::Duration,
 }
 
 /// How the daemon runs vLLM (flags; upstream's environment names in brackets).
@@ -282,7 +285,48 @@ pub async fn run_with(
             None => None,
         },
     };
-    let state = state::AppState::new(probe, metrics, env!("CARGO_PKG_VERSION"), pow, reporting, policy, inference)?;
+    let state = state::AppState::new(
+        probe.clone(),
+        metrics.clone(),
+        env!("CARGO_PKG_VERSION"),
+        pow,
+        reporting.clone(),
+        policy,
+        inference,
+    )?;
+    let lending = settings.config.as_ref().and_then(|c| c.opportunistic.as_ref()).map(|o| {
+        let policy = lending::Policy {
+            rejoin_after_idle: std::time::Duration::from_secs(u64::from(o.rejoin_after_idle_seconds)),
+            busy_utilization_percent: o.busy_utilization_percent,
+            adopt_window: lending::ADOPT_WINDOW,
+        };
+        tracing::info!(?policy, "opportunistic: yielding the GPUs to other work when it comes");
+        let hand_back: lending::HandBack = {
+            #[cfg_attr(not(feature = "torch"), allow(unused_variables))]
+            let (state, grace) = (state.clone(), settings.shutdown_grace);
+            Box::new(move || {
+                #[cfg_attr(not(feature = "torch"), allow(unused_variables))]
+                let state = state.clone();
+                Box::pin(async move {
+                    // What is pending reaches the network node; the model leaves the GPUs.
+                    #[cfg(feature = "torch")]
+                    {
+                        state.pow.shutdown(grace).await;
+                        state.pow_v2.shutdown(grace).await;
+                        state.inference.down().await;
+                    }
+                })
+            })
+        };
+        tokio::spawn(lending::run(
+            probe.clone(),
+            reporting.clone(),
+            metrics.clone(),
+            policy,
+            settings.lending_sample,
+            hand_back,
+        ))
+    });
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "ML-node API listening");
     let metrics_addr = settings.metrics_listen.unwrap_or_else(|| {
@@ -374,6 +418,9 @@ pub async fn run_with(
     monitoring.abort();
 
     reprobe.abort();
+    if let Some(lending) = lending {
+        lending.abort();
+    }
     reporter_stop.cancel();
     if let Some(reporter) = reporter {
         let _ = reporter.await;

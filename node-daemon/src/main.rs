@@ -109,6 +109,9 @@ struct Cli {
     /// reach vLLM's torch; unset: vLLM inherits the daemon's.
     #[arg(long, env = "GONKA_VLLM_LD_LIBRARY_PATH")]
     vllm_ld_library_path: Option<String>,
+    /// How often an opportunistic ML node samples its GPUs for other work, in seconds.
+    #[arg(long, env = "GONKA_LENDING_SAMPLE_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    lending_sample_seconds: u64,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -182,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
             }
             _ => None,
         },
+        lending_sample: std::time::Duration::from_secs(cli.lending_sample_seconds),
         vllm: cli.vllm_python.map(|python| gonka_node_daemon::VllmOptions {
             python,
             module: cli.vllm_module,

@@ -89,6 +89,8 @@ pub struct DaemonMetrics {
     vllm_restarts: Family<InstanceLabels, Gauge<i64, AtomicI64>>,
     vllm_waiting: Family<InstanceLabels, FloatGauge>,
     vllm_running: Family<InstanceLabels, FloatGauge>,
+    yielded: Gauge<i64, AtomicI64>,
+    yields: Counter,
 }
 
 impl Default for DaemonMetrics {
@@ -167,6 +169,13 @@ impl Default for DaemonMetrics {
             "Requests running in each vLLM instance",
             Family::clone(&vllm_running),
         );
+        let (yielded, yields) = (Gauge::default(), Counter::default());
+        registry.register(
+            "yielded",
+            "1 while an opportunistic ML node has handed its GPUs back to other work",
+            Gauge::clone(&yielded),
+        );
+        registry.register("yields", "Times an opportunistic ML node yielded its GPUs", Counter::clone(&yields));
         Self {
             registry: Arc::new(registry),
             gpus,
@@ -191,6 +200,8 @@ impl Default for DaemonMetrics {
             vllm_restarts,
             vllm_waiting,
             vllm_running,
+            yielded,
+            yields,
         }
     }
 }
@@ -199,6 +210,14 @@ impl DaemonMetrics {
     pub fn xid(&self, gpu: u32, code: u64, class: XidClass) {
         let labels = XidLabels { gpu: gpu.to_string(), xid: code.to_string(), class: class.as_str().into() };
         self.xids.get_or_create(&labels).inc();
+    }
+
+    /// An opportunistic ML node yielded its GPUs (`true`) or took them again.
+    pub fn lending(&self, yielded: bool) {
+        if yielded {
+            self.yields.inc();
+        }
+        self.yielded.set(i64::from(yielded));
     }
 
     pub fn pow_computed(&self, n: u64) {

@@ -1,6 +1,8 @@
 //! One manager at a time, as upstream's `check_service_conflicts`: a request to a manager's
 //! endpoints (`/api/v1/pow/...`, `/api/v1/inference/...`) while another manager runs is refused
 //! with 409, naming both. `/state`, `/stop`, GPU and health endpoints are never refused.
+//! While an opportunistic ML node has yielded its GPUs ([`crate::lending`]) every manager is
+//! refused with 503, naming why and when it rejoins.
 //!
 //! The inference manager's endpoints (`/inference/up`, `/up/async`, `/up/status`, `/down`) are
 //! here, guarded like the others. With the `torch` feature they bring a model up in the
@@ -45,11 +47,28 @@ pub fn conflict(current: ServiceState, requested: &str) -> Option<String> {
 /// Route layer for the managers' routers (it runs only for routes that matched, as FastAPI's
 /// router dependencies do: an unknown path stays a 404).
 pub async fn refuse_conflicts(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let yielded = state.reporting.state().borrow().yielded.clone();
+    if let Some(y) = yielded {
+        return error(StatusCode::SERVICE_UNAVAILABLE, yielded_detail(&y));
+    }
     let requested = requested_service(request.uri().path());
     match conflict(state.service_state(), &requested) {
         Some(detail) => error(StatusCode::CONFLICT, detail),
         None => next.run(request).await,
     }
+}
+
+/// Why an opportunistic ML node takes no work now.
+pub fn yielded_detail(y: &crate::node_state::Yielded) -> String {
+    let idle = match y.idle_since {
+        Some(_) => "they are idle now",
+        None => "they are busy now",
+    };
+    format!(
+        "this ML node has yielded its GPUs to other work ({}); it takes work again once they have been idle for {} s ({idle})",
+        y.reason,
+        y.rejoin_after_idle.as_secs()
+    )
 }
 
 /// Upstream's inference manager endpoints (`api/inference/routes.py`), on the engine.

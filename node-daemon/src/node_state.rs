@@ -62,6 +62,19 @@ pub struct InferenceState {
     pub last_error: Option<String>,
 }
 
+/// An opportunistic ML node that has handed its GPUs back to other work
+/// ([`crate::lending`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Yielded {
+    /// What the daemon saw, e.g. `GPU 1: process 4242 is not this ML node's`.
+    pub reason: String,
+    pub since: std::time::SystemTime,
+    /// Since when the GPUs are idle; `None` while other work holds them.
+    pub idle_since: Option<std::time::SystemTime>,
+    /// How long they must stay idle before the ML node rejoins.
+    pub rejoin_after_idle: std::time::Duration,
+}
+
 /// The daemon's state: which manager runs, PoC progress, what serves the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DaemonState {
@@ -69,11 +82,13 @@ pub struct DaemonState {
     pub poc: PocCounters,
     /// `None` while no model is up or coming up (and none failed to).
     pub inference: Option<InferenceState>,
+    /// Set while the GPUs are handed back (opportunistic mode): the ML node takes no work.
+    pub yielded: Option<Yielded>,
 }
 
 impl Default for DaemonState {
     fn default() -> Self {
-        Self { service: ServiceState::Stopped, poc: PocCounters::default(), inference: None }
+        Self { service: ServiceState::Stopped, poc: PocCounters::default(), inference: None, yielded: None }
     }
 }
 

@@ -384,7 +384,17 @@ pub fn snapshot(inventory: &Inventory, state: &DaemonState, events_dropped: u64)
             restarts: i.restarts,
             last_error: i.last_error.clone().unwrap_or_default(),
         }),
+        yielded: state.yielded.as_ref().map(|y| proto::Yield {
+            reason: y.reason.clone(),
+            since: unix_seconds(y.since),
+            idle_since: y.idle_since.map_or(0, unix_seconds),
+            rejoin_after_idle_seconds: y.rejoin_after_idle.as_secs().min(u64::from(u32::MAX)) as u32,
+        }),
     }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
@@ -430,6 +440,17 @@ mod tests {
         let i = snapshot(&inventory, &state, 0).inference.unwrap();
         assert_eq!((i.engine.as_str(), i.instances, i.instances_healthy, i.restarts), ("vllm", 4, 3, 2));
         assert_eq!((i.model.as_str(), i.last_error.as_str()), ("MiniMaxAI/MiniMax-M2.7", "hung: ..."));
+        assert_eq!(snapshot(&inventory, &state, 0).yielded, None);
+        let since = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        state.yielded = Some(crate::node_state::Yielded {
+            reason: "GPU 1: process 4242 is not this ML node's".into(),
+            since,
+            idle_since: None,
+            rejoin_after_idle: Duration::from_secs(600),
+        });
+        let y = snapshot(&inventory, &state, 0).yielded.unwrap();
+        assert_eq!((y.since, y.idle_since, y.rejoin_after_idle_seconds), (1_800_000_000, 0, 600));
+        assert_eq!(y.reason, "GPU 1: process 4242 is not this ML node's");
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn settings() -> (Settings, SocketAddr) {
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         vllm: None,
         mtls: None,
+        lending_sample: Duration::from_secs(5),
     };
     (settings, addr)
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use gonka_crds::{DEFAULT_INFERENCE_PORT, DEFAULT_METRICS_PORT, DEFAULT_POC_PORT, GonkaNode, NVIDIA_GPU_RESOURCE};
-use gonka_protocol::daemon_config::{self, DaemonConfig, ModelConfig, PocConfig, ReportConfig};
+use gonka_protocol::daemon_config::{self, DaemonConfig, ModelConfig, OpportunisticConfig, PocConfig, ReportConfig};
 use gonka_protocol::report;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
@@ -249,6 +249,10 @@ pub fn daemon_config(gn: &GonkaNode, report: Option<&ReportEndpoint>) -> DaemonC
             url: r.url.clone(),
             token_file: Some(report::TOKEN_PATH.into()),
             ca_bundle: r.ca_bundle.clone(),
+        }),
+        opportunistic: spec.opportunistic.as_ref().map(|o| OpportunisticConfig {
+            rejoin_after_idle_seconds: o.rejoin_after_idle_seconds.max(0) as u32,
+            busy_utilization_percent: o.busy_utilization_percent.clamp(0, 100) as u32,
         }),
     }
 }

@@ -388,7 +388,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             if let RolloutStep::Held(why) = &rollout {
                 obs.rollout_held = Some(why.clone());
             }
-            let fleet = read_reports(gn, ctx, &items);
+            let reports = read_reports(gn, ctx, &items);
             // A cap's leaving nodes are told apart like departing ones: disabled first, and
             // kept disabled while the DaemonSet deletes their pods.
             let leaving: BTreeSet<&str> = capacity
@@ -400,7 +400,8 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                 .iter()
                 .filter_map(|p| {
                     let mut pod = ml_node_pod(p)?;
-                    pod.hardware = fleet.1.get(&p.name_any()).cloned();
+                    pod.hardware = reports.hardware.get(&p.name_any()).cloned();
+                    pod.yielded = reports.yielded.contains(&p.name_any());
                     pod.departing = nodes
                         .get(&ObjectRef::new(&pod.kubernetes_node))
                         .and_then(|n| node_departure::departure(&n))
@@ -415,7 +416,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             let manager = node_protection::field_manager(gn);
             let plan = node_protection::plan(window, &hosting, known.iter().map(AsRef::as_ref), &manager);
             protect_nodes(gn, ctx, &manager, &plan).await;
-            obs.fleet = Some(fleet.0);
+            obs.fleet = Some(reports.fleet);
             obs.unschedulable = unschedulable_ml_nodes(&items);
             let expected = daemon_set
                 .as_ref()
@@ -824,13 +825,17 @@ async fn announce_registration(gn: &GonkaNode, ctx: &Context, plan: &registratio
     }
 }
 
-/// The reports of `gn`'s pods: the fleet for status and, by pod name, the hardware each ML
-/// node reported. Forgets reports of pods that are gone.
-fn read_reports(
-    gn: &GonkaNode,
-    ctx: &Context,
-    pods: &[Pod],
-) -> (report_store::Fleet, std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>) {
+/// What the reports of a GonkaNode's pods tell registration and status.
+struct PodReports {
+    fleet: report_store::Fleet,
+    /// By pod name, the hardware each ML node reported.
+    hardware: std::collections::BTreeMap<String, Vec<gonka_protocol::admin::Hardware>>,
+    /// Pods whose ML node has yielded its GPUs to other work (opportunistic mode).
+    yielded: BTreeSet<String>,
+}
+
+/// The reports of `gn`'s pods. Forgets reports of pods that are gone.
+fn read_reports(gn: &GonkaNode, ctx: &Context, pods: &[Pod]) -> PodReports {
     let key = (gn.namespace().unwrap_or_default(), gn.name_any());
     let existing = pods.iter().map(ResourceExt::name_any).collect();
     ctx.reports.prune(&key, &existing);
@@ -848,7 +853,12 @@ fn read_reports(
         .iter()
         .filter_map(|(pod, r)| Some((pod.clone(), report_store::hardware(r.snapshot.as_ref()?))))
         .collect();
-    (report_store::fleet(&refs, &reports, previous), hardware)
+    let yielded = reports
+        .iter()
+        .filter(|(_, r)| r.snapshot.as_ref().is_some_and(|s| s.yielded.is_some()))
+        .map(|(pod, _)| pod.clone())
+        .collect();
+    PodReports { fleet: report_store::fleet(&refs, &reports, previous), hardware, yielded }
 }
 
 /// What the controller keeps of a Kubernetes node in memory: its name and labels, what tells
@@ -923,6 +933,7 @@ fn ml_node_pod(pod: &Pod) -> Option<registration::MlNodePod> {
         hardware: None,
         departing: None,
         terminating: pod.metadata.deletion_timestamp.is_some(),
+        yielded: false,
     })
 }
 

@@ -11,8 +11,9 @@
 //! work), and so is the registration of a pod on a Kubernetes node that is going (cordoned for
 //! a drain, being removed by an autoscaler, deleted: [`crate::node_departure`]) and of a pod
 //! being deleted, whatever deletes it (eviction, preemption, a node going
-//! away, a rollout); a disabled registration is enabled again once none holds and its pod is
-//! ready. The
+//! away, a rollout), and of an opportunistic ML node that has yielded its GPUs to other work
+//! (one that yielded before it was ever registered is registered once it rejoins); a disabled
+//! registration is enabled again once none holds and its pod is ready. The
 //! hardware registered is what the pod's daemon reported; before it has, what is registered stays.
 //!
 //! How a changed registration is written depends on the network node's generation (told from
@@ -48,6 +49,8 @@ pub struct MlNodePod {
     pub departing: Option<Departure>,
     /// The pod is being deleted (`deletionTimestamp` set): its ML node is about to stop.
     pub terminating: bool,
+    /// Its daemon reported that it has yielded its GPUs to other work (opportunistic mode).
+    pub yielded: bool,
 }
 
 /// What to change on the network node, in this order.
@@ -125,6 +128,10 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
     for pod in pods.iter().filter(|p| p.ready && !p.terminating) {
         let Some(ip) = &pod.pod_ip else { continue };
         let current = ours.get(id_of(pod).as_str());
+        if pod.yielded && current.is_none() {
+            // Registered enabled, it would be given work it has handed back.
+            continue;
+        }
         // Not reported yet (e.g. the operator just restarted): keep what is registered.
         let hardware =
             pod.hardware.clone().or_else(|| current.map(|r| r.node.config.hardware.clone())).unwrap_or_default();
@@ -149,11 +156,12 @@ pub fn plan(gn: &GonkaNode, pods: &[MlNodePod], pods_expected: usize, registered
     let stopping: BTreeSet<String> =
         pods.iter().filter(|p| p.terminating).map(id_of).filter(|id| !serving.contains(id)).collect();
     let departing: BTreeSet<String> = pods.iter().filter(|p| p.departing.is_some()).map(id_of).collect();
+    let yielded: BTreeSet<String> = pods.iter().filter(|p| p.yielded && !p.terminating).map(id_of).collect();
     let reregistered: BTreeSet<String> = plan.reregister.iter().map(|c| c.id.clone()).collect();
     for (id, r) in &ours {
         // Registering anew leaves a node enabled.
         let enabled = r.state.admin_state.enabled || reregistered.contains(*id);
-        let held = gn.spec.paused || departing.contains(*id) || stopping.contains(*id);
+        let held = gn.spec.paused || departing.contains(*id) || stopping.contains(*id) || yielded.contains(*id);
         if !existing_pods.contains(*id) && !replacements_pending {
             plan.delete.push(id.to_string());
         } else if held && enabled {
@@ -231,6 +239,7 @@ mod tests {
             hardware: None,
             departing: None,
             terminating: false,
+            yielded: false,
         }
     }
 
@@ -389,6 +398,25 @@ mod tests {
         let replacement = pod("gpu-a", Some("10.0.0.5"), true);
         let p = plan(&gn, &[evicted, replacement], 1, &[registered(a.clone(), false)]);
         assert_eq!((p.enable, p.disable.len()), (vec![a.id.clone()], 0));
+    }
+
+    #[test]
+    fn a_yielded_ml_node_is_disabled_until_it_rejoins_and_not_registered_before() {
+        let gn = gonka_node("h100", |_| {});
+        let a = node_config(&gn, "gpu-a", "10.0.0.5", Vec::new());
+        let lent = pod("gpu-a", Some("10.0.0.5"), true);
+        let yielded = MlNodePod { yielded: true, ..lent.clone() };
+        // Registered and enabled: disabled, the registration (broker number) kept.
+        let p = plan(&gn, std::slice::from_ref(&yielded), 1, &[registered(a.clone(), true)]);
+        assert_eq!((p.disable.clone(), p.delete.len(), p.enable.len()), (vec![a.id.clone()], 0, 0));
+        // Still yielded, already disabled: nothing to do.
+        assert!(plan(&gn, std::slice::from_ref(&yielded), 1, &[registered(a.clone(), false)]).is_empty());
+        // Rejoined: enabled again.
+        let p = plan(&gn, std::slice::from_ref(&lent), 1, &[registered(a.clone(), false)]);
+        assert_eq!((p.enable, p.disable.len()), (vec![a.id.clone()], 0));
+        // Yielded before it was ever registered: registered once it rejoins, not before.
+        assert!(plan(&gn, std::slice::from_ref(&yielded), 1, &[]).is_empty());
+        assert_eq!(plan(&gn, &[lent], 1, &[]).registered_ids(), std::slice::from_ref(&a.id));
     }
 
     #[test]

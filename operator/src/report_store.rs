@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use gonka_crds::{GonkaNode, GpuCount, MlNodeInference, MlNodeStatus};
+use gonka_crds::{GonkaNode, GpuCount, MlNodeInference, MlNodeStatus, MlNodeYield};
 use gonka_protocol::admin::Hardware;
 use gonka_protocol::report::{self as proto, daemon_message::Body};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -67,6 +67,9 @@ fn bounded(mut snapshot: proto::Snapshot) -> proto::Snapshot {
         cut(&mut inference.model, limits::MODEL);
         cut(&mut inference.engine, limits::SHORT);
         cut_front(&mut inference.last_error, limits::INFERENCE_ERROR);
+    }
+    if let Some(yielded) = &mut snapshot.yielded {
+        cut(&mut yielded.reason, limits::ERROR);
     }
     cut(&mut snapshot.state, limits::SHORT);
     cut(&mut snapshot.driver_version, limits::SHORT);
@@ -369,7 +372,16 @@ fn ml_node_status(pod: &PodRef, report: &MlNodeReport) -> MlNodeStatus {
             restarts: i.restarts.min(i64::MAX as u64) as i64,
             last_error: Some(i.last_error.clone()).filter(|e| !e.is_empty()),
         }),
+        yielded: snapshot.and_then(|s| s.yielded.as_ref()).map(|y| MlNodeYield {
+            reason: y.reason.clone(),
+            since: unix_time(y.since),
+            idle_since: (y.idle_since > 0).then(|| unix_time(y.idle_since)),
+        }),
     }
+}
+
+fn unix_time(seconds: i64) -> Time {
+    Time(jiff::Timestamp::from_second(seconds).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
 }
 
 fn gpu_count(h: Hardware) -> GpuCount {
@@ -544,7 +556,37 @@ mod tests {
             poc_block_height: None,
             poc_valid_nonces: None,
             inference: None,
+            yielded: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_yield_reaches_status_at_once_bounded() {
+        let store = ReportStore::default();
+        let mut changes = store.changes();
+        let c = store.connect(key(), hello("pa", "b"), 1);
+        let _ = changes.try_recv();
+        store.receive(&c, message(2, Body::Snapshot(snapshot("INFERENCE", 8, None, 0))));
+        let _ = changes.try_recv();
+        let pods = [PodRef { name: "pa".into(), kubernetes_node: "gpu-a".into() }];
+        assert_eq!(fleet(&pods, &store.of(&key()), &[]).ml_nodes[0].yielded, None);
+        let mut report = snapshot("STOPPED", 8, None, 0);
+        report.yielded = Some(proto::Yield {
+            reason: format!("GPU 1: process 4242 is not this ML node's{}", "x".repeat(1000)),
+            since: 1_800_000_000,
+            idle_since: 0,
+            rejoin_after_idle_seconds: 600,
+        });
+        store.receive(&c, message(3, Body::Snapshot(report.clone())));
+        assert!(changes.try_recv().is_ok(), "a yield reconciles at once: the ML node is disabled");
+        let y = fleet(&pods, &store.of(&key()), &[]).ml_nodes[0].yielded.clone().unwrap();
+        assert!(y.reason.starts_with("GPU 1: process 4242 is not this ML node's"), "{}", y.reason);
+        assert_eq!(y.reason.chars().count(), limits::ERROR);
+        assert_eq!((y.since.0.as_second(), y.idle_since), (1_800_000_000, None));
+        report.yielded.as_mut().unwrap().idle_since = 1_800_000_100;
+        store.receive(&c, message(4, Body::Snapshot(report)));
+        let y = fleet(&pods, &store.of(&key()), &[]).ml_nodes[0].yielded.clone().unwrap();
+        assert_eq!(y.idle_since.map(|t| t.0.as_second()), Some(1_800_000_100));
     }
 
     #[tokio::test]

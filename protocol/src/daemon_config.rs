@@ -43,6 +43,21 @@ pub struct DaemonConfig {
     /// Where to stream reports to the operator; `None` = don't report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ReportConfig>,
+    /// Opportunistic mode (the GonkaNode's `spec.opportunistic`): yield the GPUs to other work
+    /// and rejoin when they are idle; `None`: the GPUs are the ML node's alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opportunistic: Option<OpportunisticConfig>,
+}
+
+/// When an opportunistic ML node yields its GPUs and when it takes them again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpportunisticConfig {
+    /// Seconds the GPUs must be idle before a yielded ML node rejoins.
+    pub rejoin_after_idle_seconds: u32,
+    /// Utilisation, in percent, above which a GPU counts as busy with other work while this
+    /// ML node runs nothing on it.
+    pub busy_utilization_percent: u32,
 }
 
 /// The operator's report endpoint (gRPC, `gonka.report.v1.FleetReports`).
@@ -144,6 +159,7 @@ mod tests {
                 token_file: Some("/var/run/secrets/gonka.ai/report/token".into()),
                 ca_bundle: Some("-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n".into()),
             }),
+            opportunistic: Some(OpportunisticConfig { rejoin_after_idle_seconds: 600, busy_utilization_percent: 10 }),
         }
     }
 

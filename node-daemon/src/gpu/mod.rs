@@ -90,6 +90,16 @@ impl GpuStatus {
     }
 }
 
+/// Who is using one GPU now: what opportunistic mode watches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpuActivity {
+    pub index: u32,
+    /// Host PIDs of the compute processes on it (NVML's view); `None` when the driver cannot
+    /// list them (an old driver), so only utilisation tells.
+    pub processes: Option<Vec<u32>>,
+    pub utilization_percent: Option<u32>,
+}
+
 /// Available GPUs grouped in upstream's hardware form, `("<name> | <N>GB", count)`, sorted.
 pub fn hardware(gpus: &[GpuStatus]) -> Vec<(String, u32)> {
     let mut groups: BTreeMap<String, u32> = BTreeMap::new();
@@ -156,6 +166,23 @@ impl GpuProbe {
         };
         let xids = self.xids.lock().expect("xid history").clone();
         (0..count).map(|i| query(nvml, i, xids.get(&i).cloned().unwrap_or_default())).collect()
+    }
+
+    /// Compute processes and utilisation of every GPU (blocking). A GPU that fails the
+    /// queries is listed with what it answered.
+    pub fn activity(&self) -> Vec<GpuActivity> {
+        let Ok(nvml) = self.nvml() else { return Vec::new() };
+        let count = nvml.device_count().unwrap_or(0);
+        (0..count)
+            .map(|index| match nvml.device_by_index(index) {
+                Ok(device) => GpuActivity {
+                    index,
+                    processes: device.running_compute_processes().ok().map(|ps| ps.iter().map(|p| p.pid).collect()),
+                    utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+                },
+                Err(_) => GpuActivity { index, ..GpuActivity::default() },
+            })
+            .collect()
     }
 
     /// Driver, CUDA driver and NVML versions (upstream `/gpu/driver`).
