@@ -71,6 +71,9 @@ pub struct Settings {
     pub mtls: Option<mtls::MtlsFiles>,
     /// How often an opportunistic ML node (`daemon.json`'s `opportunistic`) samples its GPUs.
     pub lending_sample: std::time::Duration,
+    /// How long after its own work starts new processes on its GPUs are taken for its own
+    /// ([`lending::ADOPT_WINDOW`] by default).
+    pub lending_adopt: std::time::Duration,
 }
 
 /// How the daemon runs vLLM (flags; upstream's environment names in brackets).
@@ -298,7 +301,7 @@ pub async fn run_with(
         let policy = lending::Policy {
             rejoin_after_idle: std::time::Duration::from_secs(u64::from(o.rejoin_after_idle_seconds)),
             busy_utilization_percent: o.busy_utilization_percent,
-            adopt_window: lending::ADOPT_WINDOW,
+            adopt_window: settings.lending_adopt,
         };
         tracing::info!(?policy, "opportunistic: yielding the GPUs to other work when it comes");
         let hand_back: lending::HandBack = {

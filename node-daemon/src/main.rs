@@ -112,6 +112,11 @@ struct Cli {
     /// How often an opportunistic ML node samples its GPUs for other work, in seconds.
     #[arg(long, env = "GONKA_LENDING_SAMPLE_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     lending_sample_seconds: u64,
+    /// How long after its own GPU work starts an opportunistic ML node takes new processes on its
+    /// GPUs for its own, in seconds (long enough for a vLLM server or PoC session to create its
+    /// CUDA contexts; every second of it is a second another job can start unnoticed).
+    #[arg(long, env = "GONKA_LENDING_ADOPT_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lending_adopt_seconds: u64,
     /// Log lines as JSON.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -186,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
             _ => None,
         },
         lending_sample: std::time::Duration::from_secs(cli.lending_sample_seconds),
+        lending_adopt: std::time::Duration::from_secs(cli.lending_adopt_seconds),
         vllm: cli.vllm_python.map(|python| gonka_node_daemon::VllmOptions {
             python,
             module: cli.vllm_module,

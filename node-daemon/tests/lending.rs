@@ -104,3 +104,45 @@ fn utilisation_it_did_not_cause_makes_it_yield_and_busy_gpus_keep_it_out() {
     lent.change(&idle_box());
     eventually("the lent ML node rejoined", || lent.metric("gonka_ml_node_yielded") == Some(0.0));
 }
+
+/// A yield mid-PoC hands back what it can: the pending proofs reach the network node (none lost,
+/// none invented), the session stops, and a new one is refused until the GPUs are idle again.
+/// Proofs would go out only every 300 s, so what arrives comes from the yield.
+#[cfg(feature = "torch")]
+#[test]
+fn a_yield_mid_poc_delivers_every_pending_proof_and_stops() {
+    use common::poc_v1::{init_request, start_callback};
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (callback, url) = start_callback(&runtime);
+    let mut config = config(Some(json!({"rejoinAfterIdleSeconds": 3600, "busyUtilizationPercent": 10})));
+    config["mlCallbackUrl"] = json!(url);
+    config["poc"] = json!({"batchSize": 8, "sendIntervalSeconds": 300, "maxPendingBatches": 1000});
+    // Processes appearing within 1 s of the session starting are its own.
+    let d = Daemon::start_configured_with_env(
+        &idle_box(),
+        &config,
+        &[("GONKA_LENDING_SAMPLE_SECONDS", "1"), ("GONKA_LENDING_ADOPT_SECONDS", "1")],
+    );
+    assert_eq!(d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0)).0, 200);
+    let started = std::time::Instant::now();
+    let valid = || d.metric("gonka_ml_node_poc_nonces_valid_total").unwrap_or(0.0);
+    // A process that appears sooner would be taken for the session's own (the window, then a
+    // sample to close it).
+    eventually("proofs pending, the adoption window over", || {
+        valid() >= 20.0 && started.elapsed() >= std::time::Duration::from_secs(3)
+    });
+    assert_eq!(d.json("GET", "/api/v1/state").1["state"], "POW");
+    assert!(callback.generated.lock().unwrap().is_empty(), "nothing sent yet");
+
+    let mut busy = idle_box();
+    busy.processes.push(FakeProcess { gpu: 0, pid: 777, used_mb: 70_000 });
+    d.change(&busy);
+    eventually("PoC stopped by the yield", || d.json("GET", "/api/v1/state").1["state"] == "STOPPED");
+    assert_eq!(d.metric("gonka_ml_node_yielded"), Some(1.0));
+    let delivered = callback.every_proof_delivered();
+    assert!(delivered.len() >= 20, "{} proofs delivered", delivered.len());
+    let (status, answer) = d.post_json("POST", "/api/v1/pow/init/generate", &init_request(&url, 0));
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["detail"].as_str().unwrap().contains("GPU 0: process 777"), "{answer}");
+}

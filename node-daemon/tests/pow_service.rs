@@ -6,76 +6,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
+use common::poc_v1::{R_TARGET, callback_app, distances, init_request, start_callback};
 use common::{Daemon, eventually};
 use fake_nvml::Scenario;
-use gonka_node_daemon::poc::model::ProofModel;
-use gonka_node_daemon::poc::params::Params;
-use gonka_node_daemon::poc::pipeline::{distance, nonce_inputs, nonce_permutation, target};
 use serde_json::{Value, json};
-
-// Near sqrt(2), the distance of a random unit vector: about half the nonces are proofs.
-const R_TARGET: f64 = 1.41;
-
-/// The network node's ML callback server: records what it is sent, or answers 503 while down.
-#[derive(Default)]
-struct Callback {
-    down: AtomicBool,
-    generated: Mutex<Vec<Value>>,
-    validated: Mutex<Vec<Value>>,
-}
-
-fn start_callback(runtime: &tokio::runtime::Runtime) -> (Arc<Callback>, String) {
-    let (callback, app) = callback_app();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let url = format!("http://{}/v1/poc-batches", listener.local_addr().unwrap());
-    runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (callback, url)
-}
-
-/// The callback server and what it records.
-fn callback_app() -> (Arc<Callback>, Router) {
-    let callback = Arc::new(Callback::default());
-    let record = |kind: &'static str| {
-        move |State(cb): State<Arc<Callback>>, axum::Json(body): axum::Json<Value>| async move {
-            if cb.down.load(Ordering::SeqCst) {
-                return StatusCode::SERVICE_UNAVAILABLE;
-            }
-            let list = if kind == "generated" { &cb.generated } else { &cb.validated };
-            list.lock().unwrap().push(body);
-            StatusCode::OK
-        }
-    };
-    let app = Router::new()
-        .route("/v1/poc-batches/generated", post(record("generated")))
-        .route("/v1/poc-batches/validated", post(record("validated")))
-        .with_state(callback.clone());
-    (callback, app)
-}
-
-fn params() -> Params {
-    serde_json::from_value(json!({
-        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 96,
-        "ffn_dim_multiplier": 1.3, "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 10000.0,
-        "use_scaled_rope": false, "seq_len": 8
-    }))
-    .unwrap()
-}
-
-fn init_request(url: &str, node_id: i64) -> Value {
-    json!({
-        "node_id": node_id, "node_count": 1, "block_hash": "0xblock", "block_height": 100,
-        "public_key": "prover", "batch_size": 8, "r_target": R_TARGET, "fraud_threshold": 1e-7,
-        "params": params(), "url": url
-    })
-}
 
 /// A daemon configured as the operator configures one, with `callback` as the network node's
 /// callback base (init requests may name only URLs under it).
@@ -85,21 +24,6 @@ fn daemon(callback: &str) -> Daemon {
         "gpus": null, "models": [], "poc": {"batchSize": 8, "sendIntervalSeconds": 1, "maxPendingBatches": 1000}
     });
     Daemon::start_configured(&Scenario::hgx_h100(), &config)
-}
-
-/// Distances as any honest ML node computes them, for checking what arrived.
-fn distances(public_key: &str, nonces: &[u64]) -> Vec<f64> {
-    let p = params();
-    let model = ProofModel::new(&p, "0xblock", tch::Device::Cpu, tch::Kind::Float).unwrap();
-    let inputs: Vec<Vec<f32>> =
-        nonces.iter().map(|&n| nonce_inputs("0xblock", public_key, n, p.seq_len, p.dim)).collect();
-    let target = target("0xblock", p.vocab_size);
-    model
-        .last_logits(&inputs)
-        .iter()
-        .zip(nonces)
-        .map(|(l, &n)| distance(l, &nonce_permutation("0xblock", public_key, n, p.vocab_size), &target))
-        .collect()
 }
 
 fn metric(d: &Daemon, name: &str) -> f64 {
@@ -185,19 +109,8 @@ fn sigterm_mid_poc_delivers_every_pending_proof() {
 
     let exit = d.terminate(Duration::from_secs(30));
     assert!(exit.success(), "{exit:?}");
-    let mut delivered = BTreeSet::new();
-    for b in callback.generated.lock().unwrap().iter() {
-        for n in b["nonces"].as_array().unwrap() {
-            assert!(delivered.insert(n.as_u64().unwrap()), "nonce {n} delivered twice");
-        }
-    }
+    let delivered = callback.every_proof_delivered();
     assert!(delivered.len() >= 20, "{} proofs delivered", delivered.len());
-    // Every proof among the nonces computed before the end, none lost.
-    let last = *delivered.iter().max().unwrap();
-    let computed: Vec<u64> = (0..(last / 8 + 1) * 8).collect();
-    let expected: BTreeSet<u64> =
-        computed.iter().zip(distances("prover", &computed)).filter(|(_, d)| *d < R_TARGET).map(|(n, _)| *n).collect();
-    assert_eq!(delivered, expected, "proofs lost or invented");
 }
 
 /// A request held open (here a validation batch whose body never finishes arriving, held to the

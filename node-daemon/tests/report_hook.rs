@@ -31,6 +31,7 @@ fn settings() -> (Settings, SocketAddr) {
         vllm: None,
         mtls: None,
         lending_sample: Duration::from_secs(5),
+        lending_adopt: gonka_node_daemon::lending::ADOPT_WINDOW,
     };
     (settings, addr)
 }

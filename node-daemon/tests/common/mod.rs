@@ -1,6 +1,9 @@
 //! The daemon binary under test: one process per scenario, GPUs from the fake NVML library.
 #![allow(dead_code)] // each test binary uses a different part
 
+#[cfg(feature = "torch")]
+pub mod poc_v1;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
