@@ -168,3 +168,103 @@ async fn reaches_the_report_service(endpoint: tonic::transport::Endpoint) -> boo
         Err(status) => matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied),
     }
 }
+
+/// Opportunistic mode on a real control plane: a GonkaNode lends its GPUs at a low
+/// PriorityClass; someone else's process on gpu-a's GPUs makes that daemon yield, the report
+/// reaches the operator, which disables only gpu-a's ML node on the network node and shows why
+/// in status; once the GPUs have been idle for the set time the ML node takes work again and is
+/// enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lent_ml_node_yields_to_someone_elses_process_and_rejoins_when_idle() -> anyhow::Result<()> {
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
+
+    let cp = ControlPlane::start_h100_fleet(NS, &["gpu-a", "gpu-b"]).await?;
+    let client = cp.client().await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    // The set-up the README asks for: below every in-house class, never preempting.
+    let class: PriorityClass = serde_json::from_value(json!({
+        "metadata": {"name": "gonka-lent"}, "value": -100, "preemptionPolicy": "Never",
+        "description": "Gonka ML nodes on lent GPUs"
+    }))?;
+    Api::<PriorityClass>::all(client.clone()).create(&Default::default(), &class).await?;
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_reporting_operator("op-a", free_port()?).await?;
+    let mut manifest = gonka_node_manifest("h100", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["networkNode"]["mlCallbackUrl"] = json!(url);
+    manifest["spec"]["priorityClassName"] = json!("gonka-lent");
+    manifest["spec"]["opportunistic"] = json!({"rejoinAfterIdleSeconds": 30});
+    cp.roll_out(manifest, PODS, 2, WAIT).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), NS).list(&ListParams::default().labels(PODS)).await?;
+    assert!(pods.items.iter().all(|p| p.spec.as_ref().unwrap().priority == Some(-100)), "pods at the lent priority");
+
+    // The operator hands the daemons the GonkaNode's policy (its defaults filled in); the test's
+    // daemons rejoin after 2 s rather than 30.
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS).get("h100-daemon-config").await?;
+    let mut config: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["daemon.json"])?;
+    assert_eq!(config["opportunistic"], json!({"rejoinAfterIdleSeconds": 30, "busyUtilizationPercent": 10}));
+    config["opportunistic"]["rejoinAfterIdleSeconds"] = json!(2);
+    let idle = || {
+        let mut s = fake_nvml::Scenario::hgx_h100();
+        s.gpus.iter_mut().for_each(|g| g.utilization = 0);
+        s
+    };
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
+    let stand_ins = cp
+        .stand_in_for_pods_with_env(
+            NS,
+            PODS,
+            daemon,
+            &config.to_string(),
+            |_| idle(),
+            &[("GONKA_LENDING_SAMPLE_SECONDS", "1")],
+        )
+        .await?;
+    let enabled = || {
+        let mut nodes: Vec<(String, bool)> = devnet
+            .lock()
+            .unwrap()
+            .nodes()
+            .iter()
+            .map(|n| (n.node.config.id.clone(), n.state.admin_state.enabled))
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let both = |a: bool, b: bool| vec![("h100.gpu@gpu-a".to_string(), a), ("h100.gpu@gpu-b".to_string(), b)];
+    let yielded_on = |s: &gonka_crds::GonkaNodeStatus, node: &str| {
+        s.ml_nodes.iter().find(|n| n.node == node).and_then(|n| n.yielded.clone())
+    };
+    eventually("both reporting, neither yielded", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(s.ml_nodes.iter().filter(|n| n.reporting && n.yielded.is_none()).count() == 2)
+    })
+    .await?;
+    assert_eq!(enabled(), both(true, true));
+
+    // The team's job starts on gpu-a.
+    let mut busy = idle();
+    busy.processes.push(fake_nvml::FakeProcess { gpu: 2, pid: 31337, used_mb: 60_000 });
+    stand_ins.change_gpus("gpu-a", &busy)?;
+    eventually("gpu-a yielded and disabled, gpu-b untouched", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(yielded_on(&s, "gpu-a").is_some() && yielded_on(&s, "gpu-b").is_none() && enabled() == both(false, true))
+    })
+    .await?;
+    let y = yielded_on(&api.get("h100").await?.status.unwrap(), "gpu-a").unwrap();
+    assert_eq!(y.reason, "GPU 2: process 31337 is not this ML node's");
+    assert!(y.idle_since.is_none(), "{y:?}");
+    // Still registered (it keeps its place), only disabled.
+    assert_eq!(devnet.lock().unwrap().nodes().len(), 2);
+
+    // The job ends: 2 s of idle GPUs later it rejoins and is enabled again.
+    stand_ins.change_gpus("gpu-a", &idle())?;
+    eventually("gpu-a rejoined and enabled", WAIT, || async {
+        let s = api.get("h100").await?.status.unwrap_or_default();
+        Ok(yielded_on(&s, "gpu-a").is_none() && enabled() == both(true, true))
+    })
+    .await?;
+    drop(stand_ins);
+    operator.stop().await?;
+    Ok(())
+}

@@ -169,6 +169,8 @@ fn significant(before: Option<&proto::Snapshot>, after: &proto::Snapshot) -> boo
         || gpus(before) != gpus(after)
         || before.poc.as_ref().and_then(|p| p.block_height) != after.poc.as_ref().and_then(|p| p.block_height)
         || before.inference != after.inference
+        // A yield disables the ML node on the network node; its idle time shows in status.
+        || before.yielded != after.yielded
 }
 
 impl ReportStore {
@@ -566,7 +568,8 @@ mod tests {
         let mut changes = store.changes();
         let c = store.connect(key(), hello("pa", "b"), 1);
         let _ = changes.try_recv();
-        store.receive(&c, message(2, Body::Snapshot(snapshot("INFERENCE", 8, None, 0))));
+        // Stopped, and still stopped when it yields: the yield alone must reconcile.
+        store.receive(&c, message(2, Body::Snapshot(snapshot("STOPPED", 8, None, 0))));
         let _ = changes.try_recv();
         let pods = [PodRef { name: "pa".into(), kubernetes_node: "gpu-a".into() }];
         assert_eq!(fleet(&pods, &store.of(&key()), &[]).ml_nodes[0].yielded, None);
@@ -584,9 +587,15 @@ mod tests {
         assert_eq!(y.reason.chars().count(), limits::ERROR);
         assert_eq!((y.since.0.as_second(), y.idle_since), (1_800_000_000, None));
         report.yielded.as_mut().unwrap().idle_since = 1_800_000_100;
-        store.receive(&c, message(4, Body::Snapshot(report)));
+        store.receive(&c, message(4, Body::Snapshot(report.clone())));
+        assert!(changes.try_recv().is_ok(), "the GPUs going idle shows at once");
         let y = fleet(&pods, &store.of(&key()), &[]).ml_nodes[0].yielded.clone().unwrap();
         assert_eq!(y.idle_since.map(|t| t.0.as_second()), Some(1_800_000_100));
+        // Rejoined: enabled again at once.
+        report.yielded = None;
+        store.receive(&c, message(5, Body::Snapshot(report)));
+        assert!(changes.try_recv().is_ok(), "a rejoin reconciles at once");
+        assert_eq!(fleet(&pods, &store.of(&key()), &[]).ml_nodes[0].yielded, None);
     }
 
     #[tokio::test]
