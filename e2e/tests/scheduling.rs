@@ -3,7 +3,9 @@
 //! nodes where their GPUs fit, are registered on the pod IPs Kubernetes gave them, and an ML node
 //! the scheduler cannot place is named in status with the scheduler's reason, until capacity
 //! appears and it starts by itself. A rollout replaces pods for real (terminated by kwok,
-//! re-created by the DaemonSet controller, placed again) and every ML node stays registered.
+//! re-created by the DaemonSet controller, placed again) and every ML node stays registered. An
+//! in-house pod of a higher PriorityClass preempts a lent ML node (`opportunistic`), which is
+//! disabled on the network node while its pod stops.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use gonka_crds::GonkaNode;
 use gonka_e2e::{Components, ControlPlane, KWOK_POD_PREFIX, Operator, eventually, gonka_node_manifest, start_devnet};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const NS: &str = "gpu";
@@ -192,6 +194,128 @@ async fn a_rollout_with_real_pod_lifecycles_keeps_every_ml_node_registered() -> 
     let after = registrations();
     let ids = |r: &[(String, u64, String)]| r.iter().map(|(id, num, _)| (id.clone(), *num)).collect::<Vec<_>>();
     assert_eq!(ids(&after), ids(&before), "each ML node keeps its registration and broker number");
+    operator.stop().await?;
+    Ok(())
+}
+
+/// Lent GPUs taken back by the real scheduler: the fleet runs at a low PriorityClass
+/// (`opportunistic`), an in-house pod of a higher class needs gpu-b's GPUs, and kube-scheduler
+/// preempts the ML node's pod there. While that pod terminates (a finalizer of the test's holds
+/// it, as a long grace period would) its ML node is disabled on the network node; gpu-a's is
+/// not touched. Once it is gone the in-house pod runs, the DaemonSet's new pod waits (it never
+/// preempts back) and status says why; when the in-house pod ends the ML node returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_house_pod_preempts_a_lent_ml_node_which_is_disabled_before_its_pod_goes() -> anyhow::Result<()> {
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
+
+    let cp = ControlPlane::start(Components::Scheduled).await?;
+    cp.install_crd().await?;
+    cp.namespace(NS).await?;
+    for node in ["gpu-a", "gpu-b"] {
+        cp.kwok_node(node, 8, "NVIDIA-H100-80GB-HBM3").await?;
+    }
+    let client = cp.client().await?;
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    for (name, value, policy) in [("gonka-lent", -100, "Never"), ("in-house", 1000, "PreemptLowerPriority")] {
+        let class = json!({"metadata": {"name": name}, "value": value, "preemptionPolicy": policy});
+        classes.create(&PostParams::default(), &serde_json::from_value(class)?).await?;
+    }
+    let (devnet, url) = start_devnet(&["Qwen/Qwen2.5-7B-Instruct"]).await?;
+    let operator = cp.start_operator("op").await?;
+    let api: Api<GonkaNode> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut manifest = gonka_node_manifest("fleet", NS);
+    manifest["spec"]["networkNode"]["adminUrl"] = json!(url);
+    manifest["spec"]["gpusPerMlNode"] = json!(8);
+    manifest["spec"]["priorityClassName"] = json!("gonka-lent");
+    manifest["spec"]["opportunistic"] = json!({});
+    api.create(&PostParams::default(), &serde_json::from_value(manifest)?).await?;
+    let enabled = || {
+        let mut nodes: Vec<(String, bool)> = devnet
+            .lock()
+            .unwrap()
+            .nodes()
+            .iter()
+            .map(|n| (n.node.config.id.clone(), n.state.admin_state.enabled))
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let registered = |a: Option<bool>, b: Option<bool>| {
+        [("fleet.gpu@gpu-a", a), ("fleet.gpu@gpu-b", b)]
+            .into_iter()
+            .filter_map(|(id, e)| Some((id.to_string(), e?)))
+            .collect::<Vec<_>>()
+    };
+    eventually("two ML nodes registered and enabled", WAIT, || async {
+        Ok(api.get("fleet").await?.status.is_some_and(|s| s.registered_ml_nodes == 2)
+            && enabled() == registered(Some(true), Some(true)))
+    })
+    .await?;
+    let on_b = |list: &[Pod]| {
+        list.iter().find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("gpu-b")).cloned()
+    };
+    let victim = on_b(&pods.list(&ListParams::default().labels(PODS)).await?.items).unwrap();
+    let victim_name = victim.metadata.name.clone().unwrap();
+    pods.patch(
+        &victim_name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": ["e2e.gonka.ai/hold"]}})),
+    )
+    .await?;
+
+    // The team's training job wants all of gpu-b (in a namespace's default ServiceAccount, which
+    // no controller makes here).
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), NS);
+    accounts.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "default"}}))?).await?;
+    let training: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "training", "namespace": NS},
+        "spec": {
+            "priorityClassName": "in-house",
+            "nodeSelector": {"kubernetes.io/hostname": "gpu-b"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "containers": [{"name": "train", "image": "registry.test/train:1",
+                            "resources": {"limits": {"nvidia.com/gpu": "8"}}}]
+        }
+    }))?;
+    pods.create(&PostParams::default(), &training).await?;
+    eventually("the scheduler preempts gpu-b's ML node, which is disabled while its pod stops", WAIT, || async {
+        let nominated = pods.get("training").await?.status.and_then(|s| s.nominated_node_name);
+        let terminating = pods.get_opt(&victim_name).await?.is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+        Ok(nominated.as_deref() == Some("gpu-b") && terminating && enabled() == registered(Some(true), Some(false)))
+    })
+    .await
+    .map_err(|e| {
+        let objects = cp.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default();
+        e.context(format!("{objects}\n{:?}\nkube-scheduler:\n{}", enabled(), cp.log_tail("kube-scheduler", 20)))
+    })?;
+
+    // The pod stops: the in-house pod runs on gpu-b; the ML node's new pod waits without
+    // preempting back, and status names it.
+    pods.patch(&victim_name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await?;
+    eventually("training runs on gpu-b, the ML node waits for its GPUs", WAIT, || async {
+        let bound = pods.get("training").await?.spec.and_then(|s| s.node_name);
+        let (status, reason, message) = ready_condition(&api.get("fleet").await?);
+        Ok(bound.as_deref() == Some("gpu-b")
+            && pods.get_opt(&victim_name).await?.is_none()
+            && (status.as_str(), reason.as_str()) == ("False", "MlNodesUnschedulable")
+            && message.contains("gpu-b"))
+    })
+    .await?;
+    assert!(
+        enabled().iter().all(|(id, on)| id != "fleet.gpu@gpu-b" || !on),
+        "gpu-b's ML node takes no work: {:?}",
+        enabled()
+    );
+
+    // The job ends: the ML node is placed again and serves.
+    pods.delete("training", &DeleteParams::default().grace_period(0)).await?;
+    eventually("both ML nodes registered and enabled again", WAIT, || async {
+        let (status, reason, _) = ready_condition(&api.get("fleet").await?);
+        Ok((status.as_str(), reason.as_str()) == ("True", "AllMlNodesReady")
+            && enabled() == registered(Some(true), Some(true)))
+    })
+    .await?;
     operator.stop().await?;
     Ok(())
 }
