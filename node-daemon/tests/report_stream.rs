@@ -251,6 +251,14 @@ async fn a_lent_ml_node_yields_to_someone_elses_process_and_rejoins_when_idle() 
         Ok(yielded_on(&s, "gpu-a").is_some() && yielded_on(&s, "gpu-b").is_none() && enabled() == both(false, true))
     })
     .await?;
+    // A platform team sees the lent GPUs in-house work holds (8: gpu-a's).
+    let yielded_gpus = |n: u32| {
+        let line =
+            format!("gonka_operator_fleet_yielded_gpus{{gonka_node_namespace=\"{NS}\",gonka_node=\"h100\"}} {n}");
+        let admin = operator.admin_addr;
+        async move { Ok::<_, anyhow::Error>(gonka_e2e::admin_get(admin, "/metrics").await?.1.contains(&line)) }
+    };
+    eventually("8 GPUs yielded in the operator's /metrics", WAIT, || yielded_gpus(8)).await?;
     let y = yielded_on(&api.get("h100").await?.status.unwrap(), "gpu-a").unwrap();
     assert_eq!(y.reason, "GPU 2: process 31337 is not this ML node's");
     assert!(y.idle_since.is_none(), "{y:?}");
@@ -261,7 +269,7 @@ async fn a_lent_ml_node_yields_to_someone_elses_process_and_rejoins_when_idle() 
     stand_ins.change_gpus("gpu-a", &idle())?;
     eventually("gpu-a rejoined and enabled", WAIT, || async {
         let s = api.get("h100").await?.status.unwrap_or_default();
-        Ok(yielded_on(&s, "gpu-a").is_none() && enabled() == both(true, true))
+        Ok(yielded_on(&s, "gpu-a").is_none() && enabled() == both(true, true) && yielded_gpus(0).await?)
     })
     .await?;
     drop(stand_ins);

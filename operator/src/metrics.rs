@@ -61,6 +61,9 @@ pub struct Fleet {
     pub weight: Family<FleetLabels, Gauge<i64, AtomicI64>>,
     /// 1 while a PoC window is on (as rollouts and the disruption budget read it).
     pub poc_window: Family<FleetLabels, Gauge<i64, AtomicI64>>,
+    /// GPUs of opportunistic ML nodes that have yielded to other work (`status.mlNodes[]`
+    /// with `yielded`): the lent GPUs in-house work holds now.
+    pub yielded_gpus: Family<FleetLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl Fleet {
@@ -86,6 +89,11 @@ impl Fleet {
             "1 while a GonkaNode's network node is in a PoC window",
             self.poc_window.clone(),
         );
+        registry.register(
+            "fleet_yielded_gpus",
+            "GPUs of a GonkaNode's opportunistic ML nodes yielded to other work",
+            self.yielded_gpus.clone(),
+        );
     }
 
     /// Records what one reconcile of the GonkaNode `labels` names ended with.
@@ -106,6 +114,8 @@ impl Fleet {
         self.idle_eligible_gpus.get_or_create(labels).set(held_back * per);
         self.weight.get_or_create(labels).set(status.weight.unwrap_or(0));
         self.poc_window.get_or_create(labels).set(i64::from(window));
+        let yielded = status.ml_nodes.iter().filter(|n| n.yielded.is_some()).map(|n| i64::from(n.gpus)).sum();
+        self.yielded_gpus.get_or_create(labels).set(yielded);
     }
 
     /// Drops a deleted GonkaNode's series.
@@ -115,6 +125,7 @@ impl Fleet {
         self.idle_eligible_gpus.remove(labels);
         self.weight.remove(labels);
         self.poc_window.remove(labels);
+        self.yielded_gpus.remove(labels);
     }
 }
 
@@ -309,6 +320,13 @@ mod tests {
             weight: Some(420),
             desired_ml_nodes: 2,
             capacity: Some(gonka_crds::CapacityStatus { eligible: 5, joined: 2, held_back: 3, ..Default::default() }),
+            // One of the two ML nodes has handed its 8 GPUs back to in-house work.
+            ml_nodes: serde_json::from_value(serde_json::json!([
+                {"node": "gpu-a", "pod": "a", "gpus": 8, "reporting": true, "since": "2026-12-04T10:00:00Z",
+                 "yielded": {"reason": "GPU 0: process 7 is not this ML node's", "since": "2026-12-04T11:00:00Z"}},
+                {"node": "gpu-b", "pod": "b", "gpus": 8, "reporting": true, "since": "2026-12-04T10:00:00Z"},
+            ]))
+            .unwrap(),
             ..Default::default()
         };
         m.fleet.observe(&h100, &capped, 8, true);
@@ -319,6 +337,7 @@ mod tests {
             "gonka_operator_fleet_idle_eligible_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 24",
             "gonka_operator_fleet_weight{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 420",
             "gonka_operator_fleet_poc_window{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 1",
+            "gonka_operator_fleet_yielded_gpus{gonka_node_namespace=\"gpu\",gonka_node=\"h100\"} 8",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
