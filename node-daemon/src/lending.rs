@@ -30,6 +30,11 @@ use crate::node_state::{DaemonState, Reporting, Yielded};
 /// for its own: a vLLM server or a PoC session creates its CUDA contexts within it.
 pub const ADOPT_WINDOW: Duration = Duration::from_secs(60);
 
+/// How long after its own work stops the ML node does not read utilisation as someone else's:
+/// NVML averages utilisation over the last sample period, so the tail of its own work still
+/// shows for a moment.
+pub const SETTLE: Duration = Duration::from_secs(10);
+
 /// When to yield and when to rejoin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -89,11 +94,20 @@ pub struct Lending {
     work_key: Option<u64>,
     /// When the own work last changed while running.
     work_started: Option<Instant>,
+    /// When the own work was last seen running.
+    last_running: Option<Instant>,
 }
 
 impl Lending {
     pub fn new(policy: Policy) -> Self {
-        Self { policy, state: State::Working, own: BTreeSet::new(), work_key: None, work_started: None }
+        Self {
+            policy,
+            state: State::Working,
+            own: BTreeSet::new(),
+            work_key: None,
+            work_started: None,
+            last_running: None,
+        }
     }
 
     /// The yield to publish, `None` while working.
@@ -126,7 +140,11 @@ impl Lending {
         }
         let adopting = work.running
             && (work.starting || self.work_started.is_some_and(|t| now.duration_since(t) <= self.policy.adopt_window));
-        let busy = self.busy(gpus, work, adopting);
+        if work.running {
+            self.last_running = Some(now);
+        }
+        let settled = !work.running && self.last_running.is_none_or(|t| now.duration_since(t) >= SETTLE);
+        let busy = self.busy(gpus, adopting, settled);
         match (&mut self.state, busy) {
             (State::Working, Some(reason)) => {
                 self.state = State::Yielded { reason: reason.clone(), since: wall, idle_since: None };
@@ -150,7 +168,9 @@ impl Lending {
     }
 
     /// Why the GPUs are someone else's now, if they are. Keeps the own PIDs current.
-    fn busy(&mut self, gpus: &[GpuActivity], work: OwnWork, adopting: bool) -> Option<String> {
+    /// `settled`: the ML node runs nothing and has not for [`SETTLE`], so utilisation is
+    /// someone else's.
+    fn busy(&mut self, gpus: &[GpuActivity], adopting: bool, settled: bool) -> Option<String> {
         let present: BTreeSet<u32> = gpus.iter().flat_map(|g| g.processes.iter().flatten().copied()).collect();
         self.own.retain(|pid| present.contains(pid));
         if adopting {
@@ -161,7 +181,7 @@ impl Lending {
                 return Some(format!("GPU {}: process {pid} is not this ML node's", g.index));
             }
             let utilization = g.utilization_percent.unwrap_or(0);
-            (!work.running && utilization > self.policy.busy_utilization_percent)
+            (settled && utilization > self.policy.busy_utilization_percent)
                 .then(|| format!("GPU {}: {utilization}% utilised while this ML node runs nothing on it", g.index))
         });
         reasons.next()
@@ -323,6 +343,23 @@ mod tests {
         let mut old = Lending::new(POLICY);
         let blind = GpuActivity { index: 0, processes: None, utilization_percent: Some(50) };
         assert!(matches!(observe(&mut old, &clock, 0, &[blind], IDLE), Some(Transition::Yield { .. })));
+    }
+
+    #[test]
+    fn the_tail_of_its_own_work_is_not_someone_elses_utilisation() {
+        let (clock, mut l) = (Clock::new(), Lending::new(POLICY));
+        observe(&mut l, &clock, 0, &[gpu(0, &[], 95)], SERVING);
+        // Its work stopped after 100 s; NVML still averages some of it in.
+        observe(&mut l, &clock, 100, &[gpu(0, &[], 95)], SERVING);
+        assert_eq!(observe(&mut l, &clock, 101, &[gpu(0, &[], 80)], IDLE), None);
+        assert_eq!(observe(&mut l, &clock, 109, &[gpu(0, &[], 40)], IDLE), None);
+        // Settled (10 s after it last ran): utilisation now is someone else's.
+        assert!(matches!(observe(&mut l, &clock, 110, &[gpu(0, &[], 40)], IDLE), Some(Transition::Yield { .. })));
+        // A process is someone else's at once, settled or not.
+        let mut l = Lending::new(POLICY);
+        observe(&mut l, &clock, 0, &[gpu(0, &[], 0)], SERVING);
+        observe(&mut l, &clock, 100, &[gpu(0, &[], 0)], SERVING);
+        assert!(matches!(observe(&mut l, &clock, 101, &[gpu(0, &[9], 0)], IDLE), Some(Transition::Yield { .. })));
     }
 
     #[test]
