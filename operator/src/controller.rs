@@ -17,8 +17,6 @@ use futures::StreamExt;
 use gonka_crds::{CREDENTIALS_LABEL, GonkaNode, condition};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
 use kube::runtime::Predicate;
@@ -118,17 +116,14 @@ pub struct Context {
     /// The Kubernetes nodes (what tells whether they are going), from [`run`]'s watch.
     nodes: reflector::Store<Node>,
     node_writer: std::sync::Mutex<Option<reflector::store::Writer<Node>>>,
-    /// What fills the writer's stores of owned objects: [`run`]'s watches.
-    owned_writers: std::sync::Mutex<Option<crate::apply::OwnedStoreWriters>>,
 }
 
 impl Context {
     pub fn new(client: Client, config: ControllerConfig, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: config.instance.clone() };
         let (nodes, node_writer) = reflector::store();
-        let (owned, owned_writers) = crate::apply::owned_stores();
         Self {
-            writer: Writer::new(client.clone(), owned),
+            writer: Writer::new(client.clone()),
             recorder: Recorder::new(client.clone(), reporter),
             metrics,
             config,
@@ -138,7 +133,6 @@ impl Context {
             epoch_unreadable: Default::default(),
             nodes,
             node_writer: std::sync::Mutex::new(Some(node_writer)),
-            owned_writers: std::sync::Mutex::new(Some(owned_writers)),
         }
     }
 
@@ -1137,32 +1131,11 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         .reflect(node_writer)
         .touched_objects()
         .predicate_filter(|node: &Node| Some(node_fingerprint(node)), Default::default());
-    // The owned objects, kept in the writer's stores (it compares with them rather than reading
-    // each object before applying); a change to one reconciles its GonkaNode.
-    let stores = ctx.owned_writers.lock().expect("owned writers").take().expect("run once per context");
-    fn reflected<K>(
-        api: Api<K>,
-        config: &watcher::Config,
-        writer: reflector::store::Writer<K>,
-    ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        watcher(api, config.clone()).default_backoff().reflect(writer).touched_objects()
-    }
     Controller::for_stream(gonka_nodes, reader)
-        .owns_stream(reflected(owned::<DaemonSet>(&client, &namespace), &ours, stores.daemon_sets))
-        .owns_stream(reflected(owned::<ConfigMap>(&client, &namespace), &ours, stores.config_maps))
-        .owns_stream(reflected(owned::<Service>(&client, &namespace), &ours, stores.services))
-        .owns_stream(reflected(owned::<ServiceAccount>(&client, &namespace), &ours, stores.service_accounts))
-        .owns_stream(reflected(owned::<NetworkPolicy>(&client, &namespace), &ours, stores.network_policies))
-        .owns_stream(reflected(owned::<PodDisruptionBudget>(&client, &namespace), &ours, stores.disruption_budgets))
+        .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
+        .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
+        .owns(owned::<Service>(&client, &namespace), ours.clone())
+        .owns(owned::<ServiceAccount>(&client, &namespace), ours.clone())
         // Pods belong to the DaemonSet, not to us; their label names the GonkaNode.
         .watches(owned::<Pod>(&client, &namespace), ours, |pod: Pod| {
             let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
