@@ -899,7 +899,7 @@ impl ControlPlane {
         identity: &str,
         namespace: &str,
     ) -> anyhow::Result<Operator> {
-        self.launch_operator(client, identity, namespace, None, Some(namespace)).await
+        self.launch_operator(client, identity, namespace, None, Some(namespace), Default::default()).await
     }
 
     /// Starts an operator replica with admin rights whose report server listens on
@@ -918,7 +918,17 @@ impl ControlPlane {
         lease_namespace: &str,
         report_port: Option<u16>,
     ) -> anyhow::Result<Operator> {
-        self.launch_operator(client, identity, lease_namespace, report_port, None).await
+        self.launch_operator(client, identity, lease_namespace, report_port, None, Default::default()).await
+    }
+
+    /// An operator replica whose apiserver requests are counted in its metrics
+    /// (`gonka_operator_apiserver_requests_total`), as the binary counts them.
+    pub async fn start_counting_operator(&self, identity: &str) -> anyhow::Result<Operator> {
+        let requests = gonka_operator::metrics::ApiRequests::default();
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        let client = requests.client(config)?;
+        self.launch_operator(client, identity, "default", None, None, requests).await
     }
 
     async fn launch_operator(
@@ -928,6 +938,7 @@ impl ControlPlane {
         lease_namespace: &str,
         report_port: Option<u16>,
         watch_namespace: Option<&str>,
+        api_requests: gonka_operator::metrics::ApiRequests,
     ) -> anyhow::Result<Operator> {
         // The replica's pod, when the test made one: while it leads, the report Service's
         // endpoint (an address of its own; no kubelet gives it one here).
@@ -977,7 +988,7 @@ impl ControlPlane {
                 pod_ip,
             },
             admin_addr: "127.0.0.1:0".parse()?,
-            api_requests: Default::default(),
+            api_requests,
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();

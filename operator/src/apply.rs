@@ -2,17 +2,25 @@
 //! status subresource, events, and pod deletions of an operator-driven rollout). The finalizer's own add/remove patches are made by kube's
 //! `finalizer` helper, called from the controller.
 //!
-//! Before applying an object it reads the live one and skips the write when the live object
-//! already carries every field we would set (a *derivative* of the desired object, as
-//! apimachinery's `equality.Semantic.DeepDerivative` puts it): a steady fleet costs reads, never
-//! writes, and a field someone else changed is put back on the next reconcile.
+//! Before applying an object it compares with the live one and skips the write when the live
+//! object already carries every field we would set (a *derivative* of the desired object, as
+//! apimachinery's `equality.Semantic.DeepDerivative` puts it): a steady fleet costs neither
+//! writes nor reads, and a field someone else changed is put back on the next reconcile (the
+//! change itself reconciles: the controller watches what it owns). The live object comes from
+//! the controller's watches ([`OwnedStores`]); only a miss — an object not made yet, one that is
+//! not ours (the watches see only objects labelled as ours), or a watch that has not listed yet —
+//! is read from the apiserver. A cached object a moment behind costs at most one idempotent
+//! write.
 
 use gonka_crds::{GonkaNode, GonkaNodeStatus};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,6 +40,8 @@ pub enum ApplyError {
         "{kind} {name} exists and this GonkaNode does not own it: the operator takes over no object it did not create (garbage collection would delete it with the GonkaNode); rename or delete it"
     )]
     NotOwned { kind: String, name: String },
+    #[error("the {kind}s are not listed yet: the operator's watch has not completed its first list")]
+    NotListed { kind: String },
 }
 
 impl ApplyError {
@@ -46,7 +56,7 @@ impl ApplyError {
                 format!("{kind} {name}: {why}")
             }
             Self::Status(e) => e.to_string(),
-            Self::NotOwned { .. } => self.to_string(),
+            Self::NotOwned { .. } | Self::NotListed { .. } => self.to_string(),
         }
     }
 }
@@ -71,15 +81,104 @@ pub enum Mode {
     Hold,
 }
 
+/// The objects the operator owns, as its watches hold them.
+#[derive(Clone)]
+pub struct OwnedStores {
+    pub daemon_sets: Store<DaemonSet>,
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub disruption_budgets: Store<PodDisruptionBudget>,
+}
+
+/// What fills [`OwnedStores`]: the controller's watches, once each ([`crate::controller::run`]).
+pub struct OwnedStoreWriters {
+    pub daemon_sets: reflector::store::Writer<DaemonSet>,
+    pub config_maps: reflector::store::Writer<ConfigMap>,
+    pub services: reflector::store::Writer<Service>,
+    pub service_accounts: reflector::store::Writer<ServiceAccount>,
+    pub network_policies: reflector::store::Writer<NetworkPolicy>,
+    pub disruption_budgets: reflector::store::Writer<PodDisruptionBudget>,
+}
+
+/// Empty stores and their writers; until a watch has listed, every lookup misses.
+pub fn owned_stores() -> (OwnedStores, OwnedStoreWriters) {
+    let (daemon_sets, ds) = reflector::store();
+    let (config_maps, cm) = reflector::store();
+    let (services, svc) = reflector::store();
+    let (service_accounts, sa) = reflector::store();
+    let (network_policies, np) = reflector::store();
+    let (disruption_budgets, pdb) = reflector::store();
+    (
+        OwnedStores { daemon_sets, config_maps, services, service_accounts, network_policies, disruption_budgets },
+        OwnedStoreWriters {
+            daemon_sets: ds,
+            config_maps: cm,
+            services: svc,
+            service_accounts: sa,
+            network_policies: np,
+            disruption_budgets: pdb,
+        },
+    )
+}
+
+/// An owned kind and where its watch keeps it.
+pub trait Owned:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Serialize
+    + DeserializeOwned
+    + Clone
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn store(stores: &OwnedStores) -> &Store<Self>;
+}
+
+macro_rules! owned {
+    ($($kind:ty => $field:ident),* $(,)?) => {
+        $(impl Owned for $kind {
+            fn store(stores: &OwnedStores) -> &Store<Self> {
+                &stores.$field
+            }
+        })*
+    };
+}
+
+owned!(
+    DaemonSet => daemon_sets,
+    ConfigMap => config_maps,
+    Service => services,
+    ServiceAccount => service_accounts,
+    NetworkPolicy => network_policies,
+    PodDisruptionBudget => disruption_budgets,
+);
+
 pub struct Writer {
     client: Client,
     params: PatchParams,
+    stores: OwnedStores,
 }
 
 impl Writer {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, stores: OwnedStores) -> Self {
         // force: the operator owns these fields; a conflicting manager (kubectl edit) loses.
-        Self { client, params: PatchParams::apply(MANAGER).force() }
+        Self { client, params: PatchParams::apply(MANAGER).force(), stores }
+    }
+
+    /// The live `name` in `namespace`: from the watch's store, or read on a miss.
+    pub async fn live<K: Owned>(&self, namespace: &str, name: &str) -> Result<Option<K>, ApplyError> {
+        if let Some(cached) = K::store(&self.stores).get(&ObjectRef::new(name).within(namespace)) {
+            return Ok(Some((*cached).clone()));
+        }
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        api.get_opt(name).await.map_err(|source| ApplyError::Read {
+            kind: K::kind(&()).to_string(),
+            name: name.to_string(),
+            source,
+        })
     }
 
     /// Brings the owned objects to `desired` (or only reads them, in [`Mode::Hold`]).
@@ -93,12 +192,7 @@ impl Writer {
             applied.daemon_set = Some(self.apply_one(&desired.daemon_set, &mut applied).await?);
         } else {
             let ds = &desired.daemon_set;
-            let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), &ds.namespace().unwrap_or_default());
-            applied.daemon_set = api.get_opt(&ds.name_any()).await.map_err(|source| ApplyError::Read {
-                kind: "DaemonSet".into(),
-                name: ds.name_any(),
-                source,
-            })?;
+            applied.daemon_set = self.live(&ds.namespace().unwrap_or_default(), &ds.name_any()).await?;
         }
         Ok(applied)
     }
@@ -113,22 +207,12 @@ impl Writer {
         self.apply_one(desired, applied).await.map(|_| ())
     }
 
-    async fn apply_one<K>(&self, desired: &K, applied: &mut Applied) -> Result<K, ApplyError>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Serialize
-            + DeserializeOwned
-            + Clone
-            + std::fmt::Debug,
-    {
+    async fn apply_one<K: Owned>(&self, desired: &K, applied: &mut Applied) -> Result<K, ApplyError> {
         let kind = K::kind(&()).to_string();
         let name = desired.name_any();
-        let api: Api<K> = Api::namespaced(self.client.clone(), &desired.namespace().unwrap_or_default());
-        let live = api.get_opt(&name).await.map_err(|source| ApplyError::Read {
-            kind: kind.clone(),
-            name: name.clone(),
-            source,
-        })?;
+        let namespace = desired.namespace().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &namespace);
+        let live: Option<K> = self.live(&namespace, &name).await?;
         let mut want = serde_json::to_value(desired).expect("k8s objects serialize");
         want["apiVersion"] = json!(K::api_version(&()));
         want["kind"] = json!(K::kind(&()));

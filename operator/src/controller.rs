@@ -17,8 +17,10 @@ use futures::StreamExt;
 use gonka_crds::{CREDENTIALS_LABEL, GonkaNode, condition};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::Predicate;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
@@ -116,14 +118,21 @@ pub struct Context {
     /// The Kubernetes nodes (what tells whether they are going), from [`run`]'s watch.
     nodes: reflector::Store<Node>,
     node_writer: std::sync::Mutex<Option<reflector::store::Writer<Node>>>,
+    /// What fills the writer's stores of owned objects: [`run`]'s watches.
+    owned_writers: std::sync::Mutex<Option<crate::apply::OwnedStoreWriters>>,
+    /// Every GonkaNode's ML-node pods (slim), from [`run`]'s pod watch.
+    pods: reflector::Store<Pod>,
+    pod_writer: std::sync::Mutex<Option<reflector::store::Writer<Pod>>>,
 }
 
 impl Context {
     pub fn new(client: Client, config: ControllerConfig, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: MANAGER.into(), instance: config.instance.clone() };
         let (nodes, node_writer) = reflector::store();
+        let (owned, owned_writers) = crate::apply::owned_stores();
+        let (pods, pod_writer) = reflector::store();
         Self {
-            writer: Writer::new(client.clone()),
+            writer: Writer::new(client.clone(), owned),
             recorder: Recorder::new(client.clone(), reporter),
             metrics,
             config,
@@ -133,7 +142,44 @@ impl Context {
             epoch_unreadable: Default::default(),
             nodes,
             node_writer: std::sync::Mutex::new(Some(node_writer)),
+            owned_writers: std::sync::Mutex::new(Some(owned_writers)),
+            pods,
+            pod_writer: std::sync::Mutex::new(Some(pod_writer)),
         }
+    }
+
+    /// The ML-node pods as a pod watch that has just listed `pods` would have them (tests that
+    /// call [`reconcile`] without [`run`]).
+    #[cfg(test)]
+    pub(crate) fn pods_listed(&self, pods: Vec<Pod>) {
+        let mut writer = self.pod_writer.lock().expect("pod writer").take().expect("not yet watched");
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for mut pod in pods {
+            slim_pod(&mut pod);
+            writer.apply_watcher_event(&watcher::Event::InitApply(pod));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        *self.pod_writer.lock().expect("pod writer") = Some(writer);
+    }
+
+    /// `gn`'s pods (selected by its labels; which of them its DaemonSet controls is decided
+    /// later), once the pod watch has listed them all: a pass that saw a half-listed fleet
+    /// would deregister the ML nodes it missed, so an unlisted watch fails the pass instead.
+    async fn pods_of(&self, gn: &GonkaNode) -> Option<Vec<Pod>> {
+        if tokio::time::timeout(Duration::from_secs(30), self.pods.wait_until_ready()).await.is_err() {
+            warn!(gonka_node = %gn.name_any(), "the ML-node pods are not listed yet");
+            return None;
+        }
+        let namespace = gn.namespace();
+        let selector = build::selector_labels(gn);
+        Some(
+            self.pods
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == namespace && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
+                .map(|p| (*p).clone())
+                .collect(),
+        )
     }
 
     /// The Kubernetes nodes as a watch that has just listed them would have them (tests that
@@ -293,10 +339,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
     // Listed before anything is applied: a cap labels the nodes they run on before the
     // DaemonSet selects that label.
     let listed = match &checked {
-        Ok(_) => {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-            Some(pods.list(&ListParams::default().labels(&pod_selector(gn))).await.map(|l| l.items))
-        }
+        Ok(_) => Some(ctx.pods_of(gn).await.ok_or(NOT_LISTED)),
         Err(_) => None,
     };
     let nodes = ctx.kubernetes_nodes().await;
@@ -313,8 +356,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             obs.invalid_spec = Some(message);
             // Nothing is applied; what runs keeps running on the last valid spec.
             let name = Names::of(&gn.name_any()).daemon_set;
-            let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-            daemon_set = api.get_opt(&name).await.ok().flatten();
+            daemon_set = ctx.writer.live::<DaemonSet>(&gn.namespace().unwrap_or_default(), &name).await.ok().flatten();
         }
         Ok(validated) => {
             let joined = match plan_capacity(gn, ctx, listed.as_ref(), &nodes, window).await {
@@ -434,7 +476,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
             }
             obs.registration = Some(registration);
         }
-        Some(Err(e)) => obs.registration = Some(Registration::Unreachable(format!("listing the ML-node pods: {e}"))),
+        Some(Err(why)) => obs.registration = Some(Registration::Unreachable(why.into())),
         None => {}
     }
     if obs.invalid_spec.is_none() {
@@ -501,22 +543,20 @@ async fn check_spec(gn: &GonkaNode, ctx: &Context) -> (Result<ValidatedSpec, Str
 async fn plan_capacity(
     gn: &GonkaNode,
     ctx: &Context,
-    listed: Option<&Result<Vec<Pod>, kube::Error>>,
+    listed: Option<&Result<Vec<Pod>, &'static str>>,
     nodes: &reflector::Store<Node>,
     window: bool,
 ) -> Result<Option<capacity::Plan>, ApplyError> {
     let Some(label) = capacity::label_key(gn) else { return Ok(None) };
     let (mut hosting, mut selecting) = (BTreeSet::new(), false);
     if gn.spec.capacity.is_some() {
-        let read = |kind: &str, name: &str, source| ApplyError::Read { kind: kind.into(), name: name.into(), source };
         let pods = match listed {
             Some(Ok(pods)) => pods,
-            Some(Err(e)) => return Err(read("Pod", &pod_selector(gn), clone_error(e))),
+            Some(Err(_)) => return Err(ApplyError::NotListed { kind: "Pod".into() }),
             None => return Ok(None),
         };
         let name = Names::of(&gn.name_any()).daemon_set;
-        let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &gn.namespace().unwrap_or_default());
-        let ds = api.get_opt(&name).await.map_err(|e| read("DaemonSet", &name, e))?;
+        let ds = ctx.writer.live::<DaemonSet>(&gn.namespace().unwrap_or_default(), &name).await?;
         let uid = ds.as_ref().and_then(|d| d.metadata.uid.clone());
         selecting = ds
             .and_then(|d| d.spec?.template.spec?.node_selector)
@@ -551,14 +591,6 @@ fn fleet_labels(gn: &GonkaNode) -> crate::metrics::FleetLabels {
     crate::metrics::FleetLabels { gonka_node_namespace: gn.namespace().unwrap_or_default(), gonka_node: gn.name_any() }
 }
 
-/// A listing error again (kube's errors are not `Clone`): what a condition shows of it.
-fn clone_error(e: &kube::Error) -> kube::Error {
-    match e {
-        kube::Error::Api(status) => kube::Error::Api(status.clone()),
-        other => kube::Error::Service(other.to_string().into()),
-    }
-}
-
 /// Takes `gn`'s capacity label off `nodes` (they leave the fleet); a refused write is logged
 /// and tried again next pass.
 async fn leave_nodes(gn: &GonkaNode, ctx: &Context, nodes: &[String]) {
@@ -580,6 +612,61 @@ async fn leave_nodes(gn: &GonkaNode, ctx: &Context, nodes: &[String]) {
 /// `base` doubled `failures` times, at most `cap`.
 fn retry_delay(base: Duration, cap: Duration, failures: u32) -> Duration {
     base.saturating_mul(1u32 << failures.min(16)).min(cap.max(base))
+}
+
+/// Why a pass saw no pods: the pod watch has not listed them yet (after a restart, or a watch
+/// the apiserver refuses).
+const NOT_LISTED: &str =
+    "the ML-node pods are not listed yet: the operator's pod watch has not completed its first list";
+
+/// What the pod store keeps of an ML-node pod: what registration, rollouts, capacity and status
+/// read (names, labels, annotations, controller, deletion, the node it is bound or pinned to,
+/// its conditions and IP); the containers, volumes and managed fields of 1,000 pods are not.
+fn slim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            affinity: spec.affinity,
+            ..Default::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            conditions: status.conditions,
+            pod_ip: status.pod_ip,
+            phase: status.phase,
+            ..Default::default()
+        });
+    }
+}
+
+/// The objects of an owned kind whose status changes often (a disruption budget's, with every
+/// pod that becomes healthy) that a pass must look at: new ones, spec changes (a new
+/// `generation` or `uid`), deletions. kube's generation predicate would also drop a deletion
+/// that leaves the generation as it was, and a deleted budget must be made again.
+fn spec_changes<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + 'static,
+{
+    let mut seen: std::collections::HashMap<ObjectRef<K>, (Option<String>, Option<i64>)> = Default::default();
+    events.filter_map(move |event| {
+        let changed = match event {
+            Err(e) => Some(Err(e)),
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                let version = (object.meta().uid.clone(), object.meta().generation);
+                (seen.insert(ObjectRef::from_obj(&object), version.clone()) != Some(version)).then_some(Ok(object))
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                seen.remove(&ObjectRef::from_obj(&object));
+                Some(Ok(object))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+        };
+        std::future::ready(changed)
+    })
 }
 
 /// Whether the DaemonSet with `uid` is `pod`'s controller (no DaemonSet: no pod is ours).
@@ -1131,16 +1218,59 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         .reflect(node_writer)
         .touched_objects()
         .predicate_filter(|node: &Node| Some(node_fingerprint(node)), Default::default());
+    // The owned objects, kept in the writer's stores (it compares with them rather than reading
+    // each object before applying); a change to one reconciles its GonkaNode.
+    let stores = ctx.owned_writers.lock().expect("owned writers").take().expect("run once per context");
+    fn reflected<K>(
+        api: Api<K>,
+        config: &watcher::Config,
+        writer: reflector::store::Writer<K>,
+    ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        watcher(api, config.clone()).default_backoff().reflect(writer)
+    }
+    let pod_writer = ctx.pod_writer.lock().expect("pod writer").take().expect("run once per context");
     Controller::for_stream(gonka_nodes, reader)
-        .owns(owned::<DaemonSet>(&client, &namespace), ours.clone())
-        .owns(owned::<ConfigMap>(&client, &namespace), ours.clone())
-        .owns(owned::<Service>(&client, &namespace), ours.clone())
-        .owns(owned::<ServiceAccount>(&client, &namespace), ours.clone())
-        // Pods belong to the DaemonSet, not to us; their label names the GonkaNode.
-        .watches(owned::<Pod>(&client, &namespace), ours, |pod: Pod| {
-            let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
-            Some(ObjectRef::new(&name).within(&pod.namespace()?))
-        })
+        // The DaemonSet's status (pods scheduled, ready) is what status reports: every change.
+        .owns_stream(reflected(owned::<DaemonSet>(&client, &namespace), &ours, stores.daemon_sets).touched_objects())
+        .owns_stream(reflected(owned::<ConfigMap>(&client, &namespace), &ours, stores.config_maps).touched_objects())
+        .owns_stream(reflected(owned::<Service>(&client, &namespace), &ours, stores.services).touched_objects())
+        .owns_stream(
+            reflected(owned::<ServiceAccount>(&client, &namespace), &ours, stores.service_accounts).touched_objects(),
+        )
+        // A budget's status changes with every pod that becomes healthy, which the pod watch
+        // already reports: only a new, edited or deleted policy or budget is a reason to look.
+        .owns_stream(spec_changes(reflected(
+            owned::<NetworkPolicy>(&client, &namespace),
+            &ours,
+            stores.network_policies,
+        )))
+        .owns_stream(spec_changes(reflected(
+            owned::<PodDisruptionBudget>(&client, &namespace),
+            &ours,
+            stores.disruption_budgets,
+        )))
+        // Pods belong to the DaemonSet, not to us; their label names the GonkaNode. Kept slim in
+        // the store every pass reads them from.
+        .watches_stream(
+            watcher(owned::<Pod>(&client, &namespace), ours)
+                .default_backoff()
+                .modify(slim_pod)
+                .reflect(pod_writer)
+                .touched_objects(),
+            |pod: Pod| {
+                let name = pod.labels().get(LABEL_GONKA_NODE)?.clone();
+                Some(ObjectRef::new(&name).within(&pod.namespace()?))
+            },
+        )
         // A node coming, going or changing what it offers: every GonkaNode looks again; such
         // changes are rare, GonkaNodes few.
         .watches_stream(departures, move |_| {
@@ -1164,6 +1294,99 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    #[tokio::test]
+    async fn a_budgets_status_changes_reconcile_nothing_its_spec_and_deletion_do() {
+        use serde_json::json;
+        let pdb = |uid: &str, generation: i64, healthy: i32| -> PodDisruptionBudget {
+            serde_json::from_value(json!({"metadata": {"name": "h100-ml-nodes", "namespace": "gpu", "uid": uid, "generation": generation},
+                                          "status": {"currentHealthy": healthy, "desiredHealthy": 0, "disruptionsAllowed": 0, "expectedPods": 2}}))
+            .unwrap()
+        };
+        let events = vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(pdb("u1", 1, 0)),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(pdb("u1", 1, 1)), // a pod became healthy
+            watcher::Event::Apply(pdb("u1", 1, 2)),
+            watcher::Event::Apply(pdb("u1", 2, 2)), // someone edited the spec
+            watcher::Event::Delete(pdb("u1", 2, 2)),
+            watcher::Event::Apply(pdb("u2", 1, 0)), // made again: same generation, new uid
+            watcher::Event::Init,                   // the watch restarted: nothing changed meanwhile
+            watcher::Event::InitApply(pdb("u2", 1, 1)),
+            watcher::Event::InitDone,
+        ];
+        let passed: Vec<(String, i64, i32)> = spec_changes(futures::stream::iter(events.into_iter().map(Ok)))
+            .map(|p| {
+                let p = p.unwrap();
+                (p.metadata.uid.unwrap(), p.metadata.generation.unwrap(), p.status.unwrap().current_healthy)
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            passed,
+            [("u1".into(), 1, 0), ("u1".into(), 2, 2), ("u1".into(), 2, 2), ("u2".into(), 1, 0)],
+            "new, edited, deleted, made again"
+        );
+    }
+
+    #[test]
+    fn a_slim_pod_tells_registration_rollouts_and_status_what_the_whole_one_does() {
+        use serde_json::json;
+        let whole: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "h100-ml-node-x1", "namespace": "gpu", "deletionTimestamp": "2026-12-04T10:00:00Z",
+                         "labels": {"app.kubernetes.io/instance": "h100"},
+                         "annotations": {build::ANNOTATION_TEMPLATE_HASH: "abc"},
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "h100-ml-node", "uid": "ds-1", "controller": true}]},
+            "spec": {"nodeName": "gpu-a",
+                     "containers": [{"name": "node-daemon", "image": "registry.test/daemon:1", "env": [{"name": "A", "value": "1"}]}],
+                     "volumes": [{"name": "models", "hostPath": {"path": "/srv/models"}}],
+                     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                         {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-a"]}]}]}}}},
+            "status": {"podIP": "10.244.0.12", "phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
+                       "containerStatuses": [{"name": "node-daemon", "image": "i", "imageID": "x", "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap();
+        let mut slim = whole.clone();
+        slim_pod(&mut slim);
+        assert_eq!(ml_node_pod(&slim), ml_node_pod(&whole));
+        assert!(
+            ml_node_pod(&slim).is_some_and(|p| p.ready && p.terminating && p.pod_ip.as_deref() == Some("10.244.0.12"))
+        );
+        assert_eq!(daemon_pod_target_node(&slim).as_deref(), Some("gpu-a"));
+        assert!(controlled_by(&slim, Some("ds-1")));
+        assert_eq!(slim.annotations(), whole.annotations());
+        assert_eq!(slim.labels(), whole.labels());
+        let spec = slim.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty() && spec.volumes.is_none() && slim.metadata.managed_fields.is_none());
+        assert!(slim.status.as_ref().unwrap().container_statuses.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pass_reads_only_its_own_gonka_nodes_pods_and_none_before_the_watch_has_listed() {
+        use serde_json::json;
+        let (service, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let ctx = Context::new(Client::new(service, "default"), ControllerConfig::default(), Metrics::default());
+        let pod = |name: &str, namespace: &str, instance: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": namespace,
+                "labels": {"app.kubernetes.io/name": "gonka-ml-node", "app.kubernetes.io/instance": instance}}}))
+            .unwrap()
+        };
+        let gn = crate::test_fixtures::gonka_node("h100", |_| {});
+        tokio::time::pause();
+        // Not listed: no answer rather than an empty fleet (30 s, skipped by the paused clock).
+        assert!(ctx.pods_of(&gn).await.is_none());
+        ctx.pods_listed(vec![
+            pod("h100-ml-node-a", "gpu", "h100"),
+            pod("h100-ml-node-b", "other", "h100"),
+            pod("h200-ml-node-a", "gpu", "h200"),
+        ]);
+        let names: Vec<String> = ctx.pods_of(&gn).await.unwrap().iter().map(ResourceExt::name_any).collect();
+        assert_eq!(names, ["h100-ml-node-a"]);
+    }
 
     #[test]
     fn pods_are_ours_only_under_the_daemon_sets_controller_reference() {

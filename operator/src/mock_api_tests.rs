@@ -91,15 +91,6 @@ impl ApiServer {
         body
     }
 
-    /// The registration pass lists the GonkaNode's pods; answers with `pods`.
-    async fn expect_pod_list(&mut self, pods: Value) {
-        let (_, request, send) = self.expect(Method::GET, "/api/v1/namespaces/gpu/pods").await;
-        let query = request.uri().query().unwrap_or_default();
-        assert!(query.contains("labelSelector=app.kubernetes.io%2Finstance%3Dh100"), "{query}");
-        let list = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods});
-        send.send_response(json_response(&list));
-    }
-
     /// An Event about the GonkaNode; returns its reason.
     async fn expect_event(&mut self) -> String {
         let (body, _, send) = self.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/gpu/events").await;
@@ -126,20 +117,21 @@ fn status_response(code: StatusCode, reason: &str) -> Response<Body> {
     Response::builder().status(code).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap()
 }
 
-/// Runs one reconcile of `gn` while `script` plays the apiserver; then checks that nothing
-/// else was called.
-async fn run<F, Fut>(gn: GonkaNode, script: F) -> Result<Action, crate::controller::Error>
+/// Runs one reconcile of `gn`, the pod watch holding `pods`, while `script` plays the
+/// apiserver; then checks that nothing else was called.
+async fn run<F, Fut>(gn: GonkaNode, pods: Value, script: F) -> Result<Action, crate::controller::Error>
 where
     F: FnOnce(ApiServer) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ApiServer> + Send,
 {
-    run_on_nodes(gn, Vec::new(), script).await
+    run_on_nodes(gn, Vec::new(), pods, script).await
 }
 
 /// [`run`], the nodes' watch holding `nodes`.
 async fn run_on_nodes<F, Fut>(
     gn: GonkaNode,
     nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    pods: Value,
     script: F,
 ) -> Result<Action, crate::controller::Error>
 where
@@ -151,6 +143,7 @@ where
     let config = ControllerConfig { daemon_image: "registry.test/daemon:1".into(), ..ControllerConfig::default() };
     let ctx = Arc::new(Context::new(client, config, Metrics::default()));
     ctx.nodes_listed(nodes);
+    ctx.pods_listed(serde_json::from_value(pods).expect("pods"));
     let server = tokio::spawn(async move { script(ApiServer(handle)).await });
     // A call the script does not answer would hold the reconcile forever.
     let result = tokio::time::timeout(Duration::from_secs(60), reconcile(Arc::new(gn), ctx))
@@ -170,7 +163,7 @@ fn with_finalizer(edit: impl FnOnce(&mut GonkaNodeSpec)) -> GonkaNode {
 #[tokio::test]
 async fn a_new_gonka_node_first_gets_the_finalizer_and_nothing_else() {
     let gn = gonka_node("h100", |_| {});
-    let action = run(gn.clone(), |mut api| async move {
+    let action = run(gn.clone(), json!([]), |mut api| async move {
         let (patch, request, send) = api.expect(Method::PATCH, GN_PATH).await;
         assert_eq!(request.headers()["content-type"], "application/json-patch+json");
         assert_eq!(patch[1], json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
@@ -187,9 +180,7 @@ async fn a_new_gonka_node_first_gets_the_finalizer_and_nothing_else() {
 #[tokio::test]
 async fn first_reconcile_applies_every_owned_object_then_announces_and_writes_status() {
     let gn = with_finalizer(|_| {});
-    let action = run(gn.clone(), |mut api| async move {
-        // Pods first: what runs is observed before anything is applied.
-        api.expect_pod_list(json!([])).await;
+    let action = run(gn.clone(), json!([]), |mut api| async move {
         for (path, kind) in [
             ("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", "ServiceAccount"),
             ("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", "ConfigMap"),
@@ -238,6 +229,7 @@ const DS_UID: &str = "5d0c6a4e-ds";
 
 fn ready_pod(node: &str, ip: &str) -> Value {
     json!({"metadata": {"name": format!("h100-ml-node-{node}"), "namespace": "gpu",
+                        "labels": {"app.kubernetes.io/name": "gonka-ml-node", "app.kubernetes.io/instance": "h100"},
                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "h100-ml-node",
                                              "uid": DS_UID, "controller": true}]},
            "spec": {"nodeName": node, "containers": [{"name": "node-daemon"}]},
@@ -285,9 +277,8 @@ async fn a_steady_fleet_is_read_but_never_written() {
     gn.status = Some(status::compute(None, &obs, &Time(jiff::Timestamp::from_second(1_800_000_000).unwrap())));
     let pdb = crate::build::disruption_budget(&gn, 2, crate::build::DisruptionGuard::Tolerate).unwrap();
 
-    let action = run(gn, move |mut api| async move {
+    let action = run(gn, json!([ready_pod("gpu-a", "10.244.0.12")]), move |mut api| async move {
         // Whether gpu-a is going comes from the nodes' watch, not a request.
-        api.expect_pod_list(json!([ready_pod("gpu-a", "10.244.0.12")])).await;
         api.expect_get("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node", &with_kind(&desired.service_account))
             .await;
         api.expect_get("/api/v1/namespaces/gpu/configmaps/h100-daemon-config", &with_kind(&desired.config_map)).await;
@@ -308,7 +299,7 @@ async fn an_invalid_spec_is_announced_and_reported_without_touching_the_fleet() 
         s.gpus_per_ml_node = 6;
         s.models[0].args = vec!["--tensor-parallel-size".into(), "4".into()];
     });
-    let action = run(gn.clone(), |mut api| async move {
+    let action = run(gn.clone(), json!([]), |mut api| async move {
         assert_eq!(api.expect_event().await, "InvalidSpec");
         api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
         let status = api.expect_status(&gn).await;
@@ -325,8 +316,7 @@ async fn an_invalid_spec_is_announced_and_reported_without_touching_the_fleet() 
 #[tokio::test]
 async fn paused_reads_the_fleet_and_announces_the_hold() {
     let gn = with_finalizer(|s| s.paused = true);
-    let action = run(gn.clone(), |mut api| async move {
-        api.expect_pod_list(json!([])).await;
+    let action = run(gn.clone(), json!([]), |mut api| async move {
         api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
         assert_eq!(api.expect_event().await, "Paused");
         let status = api.expect_status(&gn).await;
@@ -341,8 +331,7 @@ async fn paused_reads_the_fleet_and_announces_the_hold() {
 #[tokio::test]
 async fn apiserver_refusal_is_reported_and_retried() {
     let gn = with_finalizer(|_| {});
-    let result = run(gn.clone(), |mut api| async move {
-        api.expect_pod_list(json!([])).await;
+    let result = run(gn.clone(), json!([]), |mut api| async move {
         api.expect_not_found("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
         let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
         send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
@@ -378,37 +367,37 @@ async fn a_cap_labels_the_joining_nodes_before_the_daemon_set_selects_them() {
         "spec": {"selector": {}, "template": {}},
     }))
     .unwrap();
-    let result = run_on_nodes(gn.clone(), nodes, move |mut api| async move {
-        api.expect_pod_list(json!([ready_pod("gpu-c", "10.244.0.12")])).await;
-        // Which nodes its pods run on is decided by the DaemonSet it owns.
-        api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &running).await;
-        let mut labelled = Vec::new();
-        for _ in 0..2 {
-            let (body, request, send) = api.expect_any(Method::PATCH).await;
-            let query = request.uri().query().unwrap_or_default().to_string();
-            assert!(query.contains("fieldManager=gonka-operator%2Fcapacity%2Fuid-h100"), "{query}");
-            assert!(!query.contains("force"), "another manager's label is never taken over: {query}");
-            assert_eq!(body["metadata"]["labels"], json!({"joined.gonka.ai/uid-h100": "true"}));
-            labelled.push(request.uri().path().to_string());
-            send.send_response(json_response(&body));
-        }
-        // gpu-c runs an ML node; gpu-a is the first of the others by name; gpu-b is held back.
-        assert_eq!(labelled, ["/api/v1/nodes/gpu-a", "/api/v1/nodes/gpu-c"]);
-        assert_eq!(api.expect_event().await, "Joined");
-        // Only now the owned objects; the first refused ends the pass.
-        api.expect_not_found("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
-        let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
-        send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
-        assert_eq!(api.expect_event().await, "ApplyFailed");
-        let status = api.expect_status(&gn).await;
-        assert_eq!(
-            status["status"]["capacity"],
-            json!({"eligible": 3, "joined": 2, "heldBack": 1, "leaving": 0, "limit": 2,
+    let result =
+        run_on_nodes(gn.clone(), nodes, json!([ready_pod("gpu-c", "10.244.0.12")]), move |mut api| async move {
+            // Which nodes its pods run on is decided by the DaemonSet it owns.
+            api.expect_get("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node", &running).await;
+            let mut labelled = Vec::new();
+            for _ in 0..2 {
+                let (body, request, send) = api.expect_any(Method::PATCH).await;
+                let query = request.uri().query().unwrap_or_default().to_string();
+                assert!(query.contains("fieldManager=gonka-operator%2Fcapacity%2Fuid-h100"), "{query}");
+                assert!(!query.contains("force"), "another manager's label is never taken over: {query}");
+                assert_eq!(body["metadata"]["labels"], json!({"joined.gonka.ai/uid-h100": "true"}));
+                labelled.push(request.uri().path().to_string());
+                send.send_response(json_response(&body));
+            }
+            // gpu-c runs an ML node; gpu-a is the first of the others by name; gpu-b is held back.
+            assert_eq!(labelled, ["/api/v1/nodes/gpu-a", "/api/v1/nodes/gpu-c"]);
+            assert_eq!(api.expect_event().await, "Joined");
+            // Only now the owned objects; the first refused ends the pass.
+            api.expect_not_found("/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
+            let (_, _, send) = api.expect(Method::PATCH, "/api/v1/namespaces/gpu/serviceaccounts/h100-ml-node").await;
+            send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
+            assert_eq!(api.expect_event().await, "ApplyFailed");
+            let status = api.expect_status(&gn).await;
+            assert_eq!(
+                status["status"]["capacity"],
+                json!({"eligible": 3, "joined": 2, "heldBack": 1, "leaving": 0, "limit": 2,
                    "message": "1 eligible nodes held back by the cap of 2 ML nodes"})
-        );
-        api
-    })
-    .await;
+            );
+            api
+        })
+        .await;
     assert_eq!(result.unwrap_err().metric_label(), "apply");
 }
 
@@ -423,8 +412,7 @@ async fn a_refused_label_stops_the_pass_before_the_daemon_set() {
         "status": {"allocatable": {"nvidia.com/gpu": "8"}},
     }))
     .unwrap();
-    let result = run_on_nodes(gn.clone(), vec![node], |mut api| async move {
-        api.expect_pod_list(json!([])).await;
+    let result = run_on_nodes(gn.clone(), vec![node], json!([]), |mut api| async move {
         api.expect_not_found("/apis/apps/v1/namespaces/gpu/daemonsets/h100-ml-node").await;
         let (_, _, send) = api.expect(Method::PATCH, "/api/v1/nodes/gpu-a").await;
         send.send_response(status_response(StatusCode::FORBIDDEN, "Forbidden"));
@@ -446,7 +434,7 @@ async fn deletion_deregisters_then_releases_the_finalizer() {
     let mut gn = with_finalizer(|s| s.network_node.admin_url = admin_url.clone());
     gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
     let body = serde_json::to_value(&gn).unwrap();
-    let action = run(gn, move |mut api| async move {
+    let action = run(gn, json!([]), move |mut api| async move {
         assert_eq!(api.expect_event().await, "Deregistered");
         assert_eq!(api.expect_event().await, "Deleting");
         let (patch, request, send) = api.expect(Method::PATCH, GN_PATH).await;
@@ -466,7 +454,7 @@ async fn deletion_deregisters_then_releases_the_finalizer() {
 async fn deletion_waits_while_the_network_node_is_unreachable() {
     let mut gn = with_finalizer(|_| {});
     gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
-    let result = run(gn, |mut api| async move {
+    let result = run(gn, json!([]), |mut api| async move {
         assert_eq!(api.expect_event().await, "DeregistrationFailed");
         api
     })
@@ -477,7 +465,7 @@ async fn deletion_waits_while_the_network_node_is_unreachable() {
     gn.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000).unwrap()));
     gn.metadata.annotations = Some([("gonka.ai/skip-deregistration".to_string(), "true".to_string())].into());
     let body = serde_json::to_value(&gn).unwrap();
-    let action = run(gn, move |mut api| async move {
+    let action = run(gn, json!([]), move |mut api| async move {
         assert_eq!(api.expect_event().await, "Deleting");
         let (_, _, send) = api.expect(Method::PATCH, GN_PATH).await;
         send.send_response(json_response(&body));

@@ -42,24 +42,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [gonka.ai]
   resources: [gonkanodes/status]
   verbs: [patch]
-# Owned objects: watched (owns), read before applying (apply.rs skips writes when the live
-# object already matches), written with server-side apply (an apply that creates needs create).
+# Owned objects: watched (owns; apply.rs compares with the watch's copy and skips writes when
+# it already matches), read only on a miss, written with server-side apply (an apply that
+# creates needs create).
 - apiGroups: [apps]
   resources: [daemonsets]
   verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [configmaps, services, serviceaccounts]
   verbs: [get, list, watch, create, patch]
-# The PodDisruptionBudget that follows PoC windows, read before and written with server-side
-# apply (apply.rs apply_disruption_budget).
+# The PodDisruptionBudget that follows PoC windows, owned like the others (apply.rs
+# apply_disruption_budget).
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 # The ML nodes' NetworkPolicy (spec.networkNode.mlNodeApiFrom; default-deny without it), applied
 # like the other owned objects.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 # Events (kube's Recorder creates an event, then patches its series).
 - apiGroups: [events.k8s.io]
   resources: [events]
