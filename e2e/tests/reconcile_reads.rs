@@ -20,8 +20,7 @@ const READ: [&str; 7] =
 
 /// The operator's apiserver requests of `verb` on the owned kinds and pods, by resource.
 fn requests(metrics: &str, verb: &str) -> BTreeMap<String, u64> {
-    READ
-        .iter()
+    READ.iter()
         .map(|resource| {
             let series = format!("gonka_operator_apiserver_requests_total{{verb=\"{verb}\",resource=\"{resource}\"}} ");
             let n = metrics.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0);

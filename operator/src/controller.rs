@@ -304,26 +304,95 @@ pub async fn reconcile(gn: Arc<GonkaNode>, ctx: Arc<Context>) -> Result<Action, 
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
+/// One pass over a GonkaNode, in stages: [`observe`] (the watches' stores, the reports, the
+/// epoch, the Secrets the spec names; nothing written), [`apply_fleet`] (capacity labels, the
+/// owned objects, the disruption budget), [`drive_ml_nodes`] (rollouts, autoscaler protection,
+/// registration, nodes leaving a cap), then status and [`next_pass`]. The decisions are pure
+/// functions next to their writers (`capacity::plan`, `build::*`, `node_protection::plan`,
+/// `registration::plan`, `rollout::replacements`, [`ml_node_view`], `status::compute`); a new
+/// rule lands in one of them.
 async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error> {
     let spec = &gn.spec;
     let previous = gn.status.as_ref();
-    let mut failure = None;
-    let mut daemon_set = None;
+    let observed = observe(gn, ctx).await;
     let mut obs = Observation {
         generation: gn.metadata.generation,
         selector: Some(pod_selector(gn)),
         paused: spec.paused,
         hold_unchecked: spec.update_strategy.hold_during_poc && spec.network_node.public_url.is_none(),
         ml_node_api_closed: spec.network_node.ml_node_api_from.is_none(),
+        poc_window_unknown: observed.window_unknown.clone(),
+        max_unavailable: Some(&spec.update_strategy.max_unavailable),
         ..Observation::default()
     };
+    let fleet = apply_fleet(gn, ctx, &observed).await?;
+    obs.invalid_spec = fleet.invalid_spec.clone();
+    obs.apply_error = fleet.failure.as_ref().map(ApplyError::user_message);
+    obs.daemon_set = fleet.daemon_set.as_ref();
+    let rollout = drive_ml_nodes(gn, ctx, &observed, &fleet, &mut obs).await;
+    if obs.invalid_spec.is_none() {
+        obs.capacity = Some(fleet.capacity.as_ref().and_then(|p| p.status.clone()));
+    }
 
-    // Observe: the spec as the cluster's policy and the Secrets it names allow it, the epoch
-    // phase, the ML-node pods and the Kubernetes nodes.
+    let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
+    ctx.metrics.fleet.observe(&fleet_labels(gn), &new_status, spec.gpus_per_ml_node, observed.window());
+    announce_transitions(gn, ctx, &new_status).await;
+    if ctx.writer.patch_status(gn, &new_status).await? {
+        info!(gonka_node = %gn.name_any(), generation = ?gn.metadata.generation, "status updated");
+    }
+
+    let synced = matches!(obs.registration, Some(Registration::Synced { .. }));
+    if synced {
+        ctx.network_retry(gn, true);
+    }
+    let pass = Pass {
+        invalid_spec: obs.invalid_spec.is_some(),
+        secret_refused: observed.secret_refused,
+        epoch_followed: observed.epoch.is_some(),
+        network_node_failed: matches!(
+            obs.registration,
+            Some(Registration::Unreachable(_) | Registration::Refused(_) | Registration::CredentialsRefused(_))
+        ),
+        rollout_idle: rollout == RolloutStep::Idle,
+    };
+    match fleet.failure {
+        Some(e) => Err(e.into()),
+        None => Ok(next_pass(&pass, &ctx.config, || ctx.network_retry(gn, false))),
+    }
+}
+
+/// What a pass knows before it changes anything.
+struct Observed {
+    /// The spec as the cluster's policy and the Secrets it names allow it, or why not.
+    checked: Result<ValidatedSpec, String>,
+    /// A Secret was why the spec was refused (it gets better without an edit, and no watch tells).
+    secret_refused: bool,
+    /// The epoch phase, when rollouts or the budget follow it: read once, since rollouts, the
+    /// disruption budget, autoscaler protection and capacity all follow PoC windows. Also
+    /// while paused or invalid: the ML nodes that run still prove in the windows, and a budget
+    /// closed for a window must open again after it.
+    epoch: Option<Result<EpochResponse, NetworkNodeError>>,
+    guard: build::DisruptionGuard,
+    /// Why evictions are tolerated without knowing the window (read too long unsuccessfully).
+    window_unknown: Option<String>,
+    /// The pods the GonkaNode's labels select (a valid spec only), from the pod watch; read
+    /// before anything is applied: a cap labels the nodes they run on before the DaemonSet
+    /// selects that label.
+    pods: Option<Result<Vec<Pod>, &'static str>>,
+    /// The Kubernetes nodes, from the node watch.
+    nodes: reflector::Store<Node>,
+}
+
+impl Observed {
+    /// A PoC window is on (or assumed on while the epoch is unreadable, up to the limit).
+    fn window(&self) -> bool {
+        self.guard == build::DisruptionGuard::PocWindow
+    }
+}
+
+async fn observe(gn: &GonkaNode, ctx: &Context) -> Observed {
+    let spec = &gn.spec;
     let (checked, secret_refused) = check_spec(gn, ctx).await;
-    // The epoch phase, read once: rollouts, the disruption budget, autoscaler protection and
-    // capacity all follow PoC windows. Also while paused or invalid: the ML nodes that run
-    // still prove in the windows, and a budget closed for a window must open again after it.
     let epoch = match (&spec.network_node.public_url, build::holds_rollouts(gn)) {
         (Some(url), true) => Some(network_node::latest_epoch(url, spec.network_node.ca_bundle.as_deref()).await),
         _ => None,
@@ -334,43 +403,57 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         unreadable_for,
         ctx.config.unknown_window_hold,
     );
-    obs.poc_window_unknown = window_unknown;
-    let window = guard == build::DisruptionGuard::PocWindow;
-    // Listed before anything is applied: a cap labels the nodes they run on before the
-    // DaemonSet selects that label.
-    let listed = match &checked {
+    let pods = match &checked {
         Ok(_) => Some(ctx.pods_of(gn).await.ok_or(NOT_LISTED)),
         Err(_) => None,
     };
     let nodes = ctx.kubernetes_nodes().await;
+    Observed { checked, secret_refused, epoch, guard, window_unknown, pods, nodes }
+}
 
-    // Act: the owned objects (with a cap, the nodes that join labelled first).
-    let mut capacity = None;
-    match checked {
+/// What [`apply_fleet`] leaves for the rest of the pass.
+#[derive(Default)]
+struct FleetApplied {
+    /// The owned DaemonSet as the apiserver holds it (after the apply, or as it was).
+    daemon_set: Option<DaemonSet>,
+    /// What `spec.capacity` decided (a valid spec with a UID).
+    capacity: Option<capacity::Plan>,
+    invalid_spec: Option<String>,
+    /// The write that failed; the pass reports it and is retried.
+    failure: Option<ApplyError>,
+}
+
+/// Capacity labels, the owned objects, the disruption budget; for an invalid spec only the
+/// announcement (what runs keeps running on the last valid spec).
+async fn apply_fleet(gn: &GonkaNode, ctx: &Context, observed: &Observed) -> Result<FleetApplied, Error> {
+    let spec = &gn.spec;
+    let mut fleet = FleetApplied::default();
+    match &observed.checked {
         Err(message) => {
-            if status::find(previous, condition::DEGRADED)
-                .is_none_or(|c| c.reason != "InvalidSpec" || c.message != message)
+            if status::find(gn.status.as_ref(), condition::DEGRADED)
+                .is_none_or(|c| c.reason != "InvalidSpec" || c.message != *message)
             {
                 ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "InvalidSpec", message.clone()).await;
             }
-            obs.invalid_spec = Some(message);
-            // Nothing is applied; what runs keeps running on the last valid spec.
+            fleet.invalid_spec = Some(message.clone());
             let name = Names::of(&gn.name_any()).daemon_set;
-            daemon_set = ctx.writer.live::<DaemonSet>(&gn.namespace().unwrap_or_default(), &name).await.ok().flatten();
+            fleet.daemon_set =
+                ctx.writer.live::<DaemonSet>(&gn.namespace().unwrap_or_default(), &name).await.ok().flatten();
         }
         Ok(validated) => {
-            let joined = match plan_capacity(gn, ctx, listed.as_ref(), &nodes, window).await {
+            let joined = match plan_capacity(gn, ctx, observed.pods.as_ref(), &observed.nodes, observed.window()).await
+            {
                 Ok(plan) => {
                     let joined = match &plan {
                         Some(plan) if !spec.paused => join_nodes(gn, ctx, &plan.join).await,
                         _ => Ok(()),
                     };
-                    capacity = plan;
+                    fleet.capacity = plan;
                     joined
                 }
                 Err(e) => Err(e),
             };
-            let desired = build::desired_objects(gn, &validated, ctx.config.report.as_ref())?;
+            let desired = build::desired_objects(gn, validated, ctx.config.report.as_ref())?;
             let mode = if spec.paused { Mode::Hold } else { Mode::Apply };
             // A selector must not get ahead of its labels: nothing is applied until they are on.
             let applied = match joined {
@@ -387,133 +470,155 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
                         let note = format!("updated {}", applied.updated.join(", "));
                         ctx.writer.event(&ctx.recorder, gn, EventType::Normal, "Updated", note).await;
                     }
-                    daemon_set = applied.daemon_set;
+                    fleet.daemon_set = applied.daemon_set;
                 }
                 Err(e) => {
-                    let message = e.user_message();
                     warn!(gonka_node = %gn.name_any(), error = %e, "apply failed");
-                    ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "ApplyFailed", message.clone()).await;
-                    obs.apply_error = Some(message);
-                    failure = Some(e);
+                    ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "ApplyFailed", e.user_message()).await;
+                    fleet.failure = Some(e);
                 }
             }
         }
     }
-    obs.daemon_set = daemon_set.as_ref();
-    obs.max_unavailable = Some(&spec.update_strategy.max_unavailable);
-    if let (Some(ds), None) = (&daemon_set, &failure) {
+    if let (Some(ds), None) = (&fleet.daemon_set, &fleet.failure) {
         let expected = ds.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
-        let pdb = build::disruption_budget(gn, expected, guard)?;
+        let pdb = build::disruption_budget(gn, expected, observed.guard)?;
         let mut applied = crate::apply::Applied::default();
         match ctx.writer.apply_disruption_budget(&pdb, &mut applied).await {
             Ok(()) if !applied.updated.is_empty() => {
-                info!(gonka_node = %gn.name_any(), ?guard, expected, "disruption budget follows the PoC window")
+                info!(gonka_node = %gn.name_any(), guard = ?observed.guard, expected, "disruption budget follows the PoC window")
             }
             Ok(()) => {}
             Err(e) => {
                 warn!(gonka_node = %gn.name_any(), error = %e, "applying the disruption budget failed");
-                obs.apply_error = Some(e.user_message());
-                failure = Some(e);
+                fleet.failure = Some(e);
             }
         }
     }
-    let mut rollout = RolloutStep::Idle;
-    match listed {
-        Some(Ok(mut items)) => {
-            // Labels select, the DaemonSet's controller reference decides: a pod anyone made
-            // with the same labels is neither registered nor rolled.
-            let ds_uid = daemon_set.as_ref().and_then(|d| d.metadata.uid.clone());
-            items.retain(|p| controlled_by(p, ds_uid.as_deref()));
-            if let Some(ds) = &daemon_set {
-                rollout = drive_rollout(gn, ctx, ds, &items, epoch.as_ref()).await;
-            }
-            if let RolloutStep::Held(why) = &rollout {
-                obs.rollout_held = Some(why.clone());
-            }
-            let reports = read_reports(gn, ctx, &items);
-            // A cap's leaving nodes are told apart like departing ones: disabled first, and
-            // kept disabled while the DaemonSet deletes their pods.
-            let leaving: BTreeSet<&str> = capacity
-                .as_ref()
-                .filter(|p| p.disable_first)
-                .map(|p| p.leave.iter().chain(&p.going).map(String::as_str).collect())
-                .unwrap_or_default();
-            let pods: Vec<_> = items
-                .iter()
-                .filter_map(|p| {
-                    let mut pod = ml_node_pod(p)?;
-                    pod.hardware = reports.hardware.get(&p.name_any()).cloned();
-                    pod.yielded = reports.yielded.contains(&p.name_any());
-                    pod.departing = nodes
-                        .get(&ObjectRef::new(&pod.kubernetes_node))
-                        .and_then(|n| node_departure::departure(&n))
-                        .or_else(|| leaving.contains(pod.kubernetes_node.as_str()).then_some(Departure::OverCapacity));
-                    Some(pod)
-                })
-                .collect();
-            // Autoscalers are kept off the nodes that prove while a window is on.
-            let hosting: BTreeSet<String> =
-                pods.iter().filter(|p| !p.terminating).map(|p| p.kubernetes_node.clone()).collect();
-            let known = nodes.state();
-            let manager = node_protection::field_manager(gn);
-            let plan = node_protection::plan(window, &hosting, known.iter().map(AsRef::as_ref), &manager);
-            protect_nodes(gn, ctx, &manager, &plan).await;
-            obs.fleet = Some(reports.fleet);
-            obs.unschedulable = unschedulable_ml_nodes(&items);
-            let expected = daemon_set
-                .as_ref()
-                .and_then(|d| d.status.as_ref())
-                .map_or(pods.len(), |s| s.desired_number_scheduled.max(0) as usize);
-            let registration = register(gn, ctx, &pods, expected).await;
-            // A leaving node's label comes off (and the DaemonSet deletes its pod) once its ML
-            // node is disabled; without a cap, once the DaemonSet no longer selects the label.
-            if let Some(plan) = &capacity
-                && !spec.paused
-                && failure.is_none()
-                && (!plan.disable_first || matches!(registration, Registration::Synced { .. }))
-            {
-                leave_nodes(gn, ctx, &plan.leave).await;
-            }
-            obs.registration = Some(registration);
+    Ok(fleet)
+}
+
+/// The ML nodes: outdated pods replaced outside PoC windows, autoscalers kept off the hosting
+/// nodes during one, registration with the network node, then the nodes a cap lets go.
+async fn drive_ml_nodes<'a>(
+    gn: &GonkaNode,
+    ctx: &Context,
+    observed: &Observed,
+    fleet: &'a FleetApplied,
+    obs: &mut Observation<'a>,
+) -> RolloutStep {
+    let spec = &gn.spec;
+    let listed = match &observed.pods {
+        Some(Ok(listed)) => listed,
+        Some(Err(why)) => {
+            obs.registration = Some(Registration::Unreachable((*why).into()));
+            return RolloutStep::Idle;
         }
-        Some(Err(why)) => obs.registration = Some(Registration::Unreachable(why.into())),
-        None => {}
+        None => return RolloutStep::Idle,
+    };
+    // Labels select, the DaemonSet's controller reference decides: a pod anyone made with the
+    // same labels is neither registered nor rolled.
+    let daemon_set = fleet.daemon_set.as_ref();
+    let ds_uid = daemon_set.and_then(|d| d.metadata.uid.clone());
+    let items: Vec<Pod> = listed.iter().filter(|p| controlled_by(p, ds_uid.as_deref())).cloned().collect();
+    let rollout = match daemon_set {
+        Some(ds) => drive_rollout(gn, ctx, ds, &items, observed.epoch.as_ref()).await,
+        None => RolloutStep::Idle,
+    };
+    if let RolloutStep::Held(why) = &rollout {
+        obs.rollout_held = Some(why.clone());
     }
-    if obs.invalid_spec.is_none() {
-        obs.capacity = Some(capacity.and_then(|p| p.status));
+    let reports = read_reports(gn, ctx, &items);
+    // A cap's leaving nodes are told apart like departing ones: disabled first, and kept
+    // disabled while the DaemonSet deletes their pods.
+    let leaving: BTreeSet<&str> = fleet
+        .capacity
+        .as_ref()
+        .filter(|p| p.disable_first)
+        .map(|p| p.leave.iter().chain(&p.going).map(String::as_str).collect())
+        .unwrap_or_default();
+    let pods = ml_node_view(&items, &reports, &observed.nodes, &leaving);
+    // Autoscalers are kept off the nodes that prove while a window is on.
+    let hosting: BTreeSet<String> = pods.iter().filter(|p| !p.terminating).map(|p| p.kubernetes_node.clone()).collect();
+    let known = observed.nodes.state();
+    let manager = node_protection::field_manager(gn);
+    let plan = node_protection::plan(observed.window(), &hosting, known.iter().map(AsRef::as_ref), &manager);
+    protect_nodes(gn, ctx, &manager, &plan).await;
+    obs.fleet = Some(reports.fleet);
+    obs.unschedulable = unschedulable_ml_nodes(&items);
+    let expected =
+        daemon_set.and_then(|d| d.status.as_ref()).map_or(pods.len(), |s| s.desired_number_scheduled.max(0) as usize);
+    let registration = register(gn, ctx, &pods, expected).await;
+    // A leaving node's label comes off (and the DaemonSet deletes its pod) once its ML node is
+    // disabled; without a cap, once the DaemonSet no longer selects the label.
+    if let Some(plan) = &fleet.capacity
+        && !spec.paused
+        && fleet.failure.is_none()
+        && (!plan.disable_first || matches!(registration, Registration::Synced { .. }))
+    {
+        leave_nodes(gn, ctx, &plan.leave).await;
     }
+    obs.registration = Some(registration);
+    rollout
+}
 
-    let new_status = status::compute(previous, &obs, &Time(jiff::Timestamp::now()));
-    ctx.metrics.fleet.observe(&fleet_labels(gn), &new_status, spec.gpus_per_ml_node, window);
-    announce_transitions(gn, ctx, &new_status).await;
-    if ctx.writer.patch_status(gn, &new_status).await? {
-        info!(gonka_node = %gn.name_any(), generation = ?gn.metadata.generation, "status updated");
-    }
+/// The ML nodes as registration sees them: each pod (bound to a node) with what its daemon
+/// reported and whether its node is going (an autoscaler's taint, a cordon, a deletion) or
+/// leaving a cap.
+fn ml_node_view(
+    pods: &[Pod],
+    reports: &PodReports,
+    nodes: &reflector::Store<Node>,
+    leaving: &BTreeSet<&str>,
+) -> Vec<registration::MlNodePod> {
+    pods.iter()
+        .filter_map(|p| {
+            let mut pod = ml_node_pod(p)?;
+            pod.hardware = reports.hardware.get(&p.name_any()).cloned();
+            pod.yielded = reports.yielded.contains(&p.name_any());
+            pod.departing = nodes
+                .get(&ObjectRef::new(&pod.kubernetes_node))
+                .and_then(|n| node_departure::departure(&n))
+                .or_else(|| leaving.contains(pod.kubernetes_node.as_str()).then_some(Departure::OverCapacity));
+            Some(pod)
+        })
+        .collect()
+}
 
-    if matches!(obs.registration, Some(Registration::Synced { .. })) {
-        ctx.network_retry(gn, true);
-    }
-    match failure {
-        Some(e) => Err(e.into()),
-        None if secret_refused => Ok(Action::requeue(ctx.network_retry(gn, false))),
+/// What decides when a pass that wrote nothing wrong looks again.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pass {
+    invalid_spec: bool,
+    secret_refused: bool,
+    /// The epoch phase is followed (rollouts held in windows, the budget).
+    epoch_followed: bool,
+    /// The network node was unreachable or refused.
+    network_node_failed: bool,
+    rollout_idle: bool,
+}
+
+/// When to look again after a pass without a failed write; `backoff` is the network node's
+/// retry delay (it grows with each call).
+fn next_pass(pass: &Pass, config: &ControllerConfig, backoff: impl FnOnce() -> Duration) -> Action {
+    if pass.secret_refused {
+        Action::requeue(backoff())
+    } else if pass.invalid_spec && pass.epoch_followed {
         // The disruption budget follows the epoch phase, which no watch reports (also for an
         // invalid spec: the ML nodes that run still prove in the windows).
-        None if obs.invalid_spec.is_some() && epoch.is_some() => Ok(Action::requeue(ctx.config.rollout_recheck)),
+        Action::requeue(config.rollout_recheck)
+    } else if pass.invalid_spec {
         // An invalid spec only gets better when the user edits it.
-        None if obs.invalid_spec.is_some() => Ok(Action::await_change()),
+        Action::await_change()
+    } else if pass.network_node_failed {
         // The network node is down, or refused (a model governance has not approved yet, a
         // failure on its side): come back soon, then less and less often.
-        None if matches!(
-            obs.registration,
-            Some(Registration::Unreachable(_) | Registration::Refused(_) | Registration::CredentialsRefused(_))
-        ) =>
-        {
-            Ok(Action::requeue(ctx.network_retry(gn, false)))
-        }
-        // A held or running rollout, the disruption budget and nodes waiting to leave follow the
-        // epoch phase, which no watch reports.
-        None if rollout != RolloutStep::Idle || epoch.is_some() => Ok(Action::requeue(ctx.config.rollout_recheck)),
-        None => Ok(Action::requeue(ctx.config.resync)),
+        Action::requeue(backoff())
+    } else if !pass.rollout_idle || pass.epoch_followed {
+        // A held or running rollout, the disruption budget and nodes waiting to leave follow
+        // the epoch phase, which no watch reports.
+        Action::requeue(config.rollout_recheck)
+    } else {
+        Action::requeue(config.resync)
     }
 }
 
@@ -1294,6 +1399,64 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    #[test]
+    fn the_next_pass_comes_as_soon_as_something_no_watch_reports_can_change() {
+        let config = ControllerConfig::default();
+        let backoff = Duration::from_secs(7);
+        let next = |pass: Pass| next_pass(&pass, &config, || backoff);
+        let steady = Pass { rollout_idle: true, ..Pass::default() };
+        assert_eq!(next(steady), Action::requeue(config.resync), "a steady fleet: the resync");
+        assert_eq!(next(Pass { epoch_followed: true, ..steady }), Action::requeue(config.rollout_recheck));
+        assert_eq!(next(Pass { rollout_idle: false, ..steady }), Action::requeue(config.rollout_recheck));
+        assert_eq!(next(Pass { network_node_failed: true, epoch_followed: true, ..steady }), Action::requeue(backoff));
+        assert_eq!(next(Pass { invalid_spec: true, ..steady }), Action::await_change(), "only an edit helps");
+        assert_eq!(
+            next(Pass { invalid_spec: true, epoch_followed: true, ..steady }),
+            Action::requeue(config.rollout_recheck),
+            "the budget still follows the windows"
+        );
+        assert_eq!(
+            next(Pass { invalid_spec: true, secret_refused: true, ..steady }),
+            Action::requeue(backoff),
+            "a Secret gets better without an edit"
+        );
+        assert!(config.rollout_recheck < config.resync && backoff != config.rollout_recheck);
+    }
+
+    #[test]
+    fn the_ml_node_view_tells_going_and_leaving_nodes_and_what_the_daemons_reported() {
+        use serde_json::json;
+        let pod = |node: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": format!("h100-ml-node-{node}")},
+                                          "spec": {"nodeName": node},
+                                          "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}))
+            .unwrap()
+        };
+        let unbound: Pod = serde_json::from_value(json!({"metadata": {"name": "h100-ml-node-x"}})).unwrap();
+        let (nodes, mut writer) = reflector::store::<Node>();
+        let cordoned: Node =
+            serde_json::from_value(json!({"metadata": {"name": "gpu-b"}, "spec": {"unschedulable": true}})).unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(cordoned));
+        let reports = PodReports {
+            fleet: Default::default(),
+            hardware: [("h100-ml-node-gpu-a".to_string(), Vec::new())].into(),
+            yielded: ["h100-ml-node-gpu-c".to_string()].into(),
+        };
+        let leaving = BTreeSet::from(["gpu-c"]);
+        let view = ml_node_view(&[pod("gpu-a"), pod("gpu-b"), pod("gpu-c"), unbound], &reports, &nodes, &leaving);
+        let seen: Vec<_> =
+            view.iter().map(|p| (p.kubernetes_node.as_str(), p.hardware.is_some(), p.yielded, p.departing)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("gpu-a", true, false, None),
+                ("gpu-b", false, false, node_departure::departure(&nodes.get(&ObjectRef::new("gpu-b")).unwrap())),
+                ("gpu-c", false, true, Some(Departure::OverCapacity)),
+            ]
+        );
+        assert!(seen[1].3.is_some(), "a cordoned node is going");
+    }
 
     #[tokio::test]
     async fn a_budgets_status_changes_reconcile_nothing_its_spec_and_deletion_do() {
