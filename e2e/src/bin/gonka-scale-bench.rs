@@ -85,6 +85,16 @@ impl OperatorProcess {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// The reconcile passes it has started, from its /metrics.
+    async fn reconciles(&self) -> anyhow::Result<u64> {
+        let (_, metrics) = admin_get(self.admin, "/metrics").await?;
+        Ok(metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("gonka_operator_reconciles_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
     /// Its apiserver requests by `(verb, resource)`, from its /metrics.
     async fn requests(&self) -> anyhow::Result<BTreeMap<(String, String), u64>> {
         let (_, metrics) = admin_get(self.admin, "/metrics").await?;
@@ -293,7 +303,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     step("every GonkaNode converged: all ML nodes ready and registered");
-    let (up_requests, up_cpu) = (operator.requests().await?, operator.cpu_seconds());
+    let (up_requests, up_cpu, up_passes) =
+        (operator.requests().await?, operator.cpu_seconds(), operator.reconciles().await?);
 
     // Per ML node: pod Ready → registered.
     let mut latencies: Vec<Duration> = {
@@ -333,6 +344,7 @@ async fn main() -> anyhow::Result<()> {
          | pod Ready → registered, p99 | {p99} ms | < 1000 ms |\n\
          | operator peak RSS | {rss:.0} MiB | < 64 MiB |\n\
          | operator CPU until converged | {up_cpu:.1} s | |\n\
+         | operator reconcile passes until converged | {up_passes} | |\n\
          | operator apiserver requests until converged | {up} | |\n\
          | at rest {rest}s: operator writes to objects (all but its Lease) | {rest_writes} | 0 |\n\
          | at rest: Lease renewals / all requests | {rest_lease} / {rest_all} | |\n\
