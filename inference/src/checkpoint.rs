@@ -182,6 +182,11 @@ impl<'a> Loader<'a> {
         Self { device, ..self.clone() }
     }
 
+    /// The same prefix loading as `kind` (MiniMax-M2's router stays float32 in a bfloat16 model).
+    pub fn with_kind(&self, kind: Kind) -> Self {
+        Self { kind, ..self.clone() }
+    }
+
     pub fn device(&self) -> Device {
         self.device
     }

@@ -17,6 +17,8 @@ pub enum Architecture {
     Qwen3,
     /// Qwen3 mixture of experts (Qwen3-30B-A3B, Qwen3-235B-A22B).
     Qwen3Moe,
+    /// MiniMax-M2, M2.5, M2.7.
+    MiniMaxM2,
 }
 
 impl Architecture {
@@ -26,6 +28,7 @@ impl Architecture {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "qwen3_moe" => Ok(Self::Qwen3Moe),
+            "minimax_m2" => Ok(Self::MiniMaxM2),
             other => Err(LoadError::UnsupportedArchitecture {
                 model_type: other.to_string(),
                 architectures: config

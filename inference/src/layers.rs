@@ -161,9 +161,19 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[&x2.neg(), &x1], -1)
 }
 
-/// `x * cos + rotate_half(x) * sin` on `[tokens, heads, head_dim]`.
+/// `x * cos + rotate_half(x) * sin` on `[tokens, heads, head_dim]`. Where `cos` is narrower
+/// than a head (partial rotary: MiniMax-M2's `rotary_dim` 64 of `head_dim` 128), only the first
+/// dimensions of each head rotate and the rest pass as they are, as transformers'
+/// `apply_rotary_pos_emb` splits them.
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    x * cos + rotate_half(x) * sin
+    let rotary = cos.size()[cos.dim() - 1];
+    let head_dim = x.size()[x.dim() - 1];
+    if rotary == head_dim {
+        return x * cos + rotate_half(x) * sin;
+    }
+    let rotated = x.narrow(-1, 0, rotary);
+    let rotated = &rotated * cos + rotate_half(&rotated) * sin;
+    Tensor::cat(&[rotated, x.narrow(-1, rotary, head_dim - rotary)], -1)
 }
 
 /// SwiGLU: `down(silu(gate(x)) * up(x))`, gate and up as one matmul.
@@ -173,15 +183,25 @@ pub struct Mlp {
     intermediate: i64,
 }
 
+/// The names of an MLP's gate, up and down projections in a checkpoint.
+pub type MlpNames = [&'static str; 3];
+
+/// Qwen's (and Llama's) names.
+pub const QWEN_MLP: MlpNames = ["gate_proj", "up_proj", "down_proj"];
+
+/// Mixtral's experts' names, which MiniMax-M2's checkpoints keep: `w1` gate, `w3` up, `w2` down.
+pub const MIXTRAL_EXPERT: MlpNames = ["w1", "w3", "w2"];
+
 impl Mlp {
     pub fn load(w: &Loader, hidden: i64, intermediate: i64) -> Result<Self, LoadError> {
+        Self::load_named(w, hidden, intermediate, QWEN_MLP)
+    }
+
+    pub fn load_named(w: &Loader, hidden: i64, intermediate: i64, names: MlpNames) -> Result<Self, LoadError> {
+        let [gate, up, down] = names;
         Ok(Self {
-            gate_up: Linear::load_fused(
-                &[(w.at("gate_proj"), intermediate), (w.at("up_proj"), intermediate)],
-                hidden,
-                false,
-            )?,
-            down: Linear::load(&w.at("down_proj"), intermediate, hidden, false)?,
+            gate_up: Linear::load_fused(&[(w.at(gate), intermediate), (w.at(up), intermediate)], hidden, false)?,
+            down: Linear::load(&w.at(down), intermediate, hidden, false)?,
             intermediate,
         })
     }
@@ -202,14 +222,24 @@ pub struct AttentionShape {
     pub head_dim: i64,
 }
 
-/// Grouped-query self-attention with rotary positions: Qwen2's (biased q/k/v projections) and
-/// Qwen3's (RMSNorm over each head's queries and keys before the rotation).
+/// Grouped-query self-attention with rotary positions: Qwen2's (biased q/k/v projections),
+/// Qwen3's (RMSNorm over each head's queries and keys before the rotation) and MiniMax-M2's
+/// (RMSNorm over all heads' queries, and all heads' keys, at once).
 pub struct Attention {
     qkv: Linear,
     o: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+    qk_norm: Option<(QkNorm, RmsNorm, RmsNorm)>,
     shape: AttentionShape,
+}
+
+/// Where queries and keys are RMS-normalised before the rotation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QkNorm {
+    /// Each head's `head_dim` values apart, one weight of `head_dim` shared by the heads (Qwen3).
+    PerHead { eps: f64 },
+    /// A token's queries (`heads * head_dim`) as one vector, and its keys as another, each with
+    /// a weight as wide (MiniMax-M2's `qk_norm_type: per_layer`).
+    AllHeads { eps: f64 },
 }
 
 /// What distinguishes one architecture's attention from another's.
@@ -219,8 +249,8 @@ pub struct AttentionKind {
     pub qkv_bias: bool,
     /// Bias on the output projection (Qwen3 `attention_bias`).
     pub o_bias: bool,
-    /// Per-head RMSNorm of queries and keys with this epsilon (Qwen3).
-    pub qk_norm_eps: Option<f64>,
+    /// RMSNorm of queries and keys (Qwen3, MiniMax-M2).
+    pub qk_norm: Option<QkNorm>,
 }
 
 impl Attention {
@@ -236,14 +266,20 @@ impl Attention {
             kind.qkv_bias,
         )?;
         let o = Linear::load(&w.at("o_proj"), heads * head_dim, hidden, kind.o_bias)?;
-        let (q_norm, k_norm) = match kind.qk_norm_eps {
-            Some(eps) => (
-                Some(RmsNorm::load(&w.at("q_norm"), head_dim, eps)?),
-                Some(RmsNorm::load(&w.at("k_norm"), head_dim, eps)?),
-            ),
-            None => (None, None),
+        let qk_norm = match kind.qk_norm {
+            Some(scope @ QkNorm::PerHead { eps }) => Some((
+                scope,
+                RmsNorm::load(&w.at("q_norm"), head_dim, eps)?,
+                RmsNorm::load(&w.at("k_norm"), head_dim, eps)?,
+            )),
+            Some(scope @ QkNorm::AllHeads { eps }) => Some((
+                scope,
+                RmsNorm::load(&w.at("q_norm"), heads * head_dim, eps)?,
+                RmsNorm::load(&w.at("k_norm"), kv_heads * head_dim, eps)?,
+            )),
+            None => None,
         };
-        Ok(Self { qkv, o, q_norm, k_norm, shape })
+        Ok(Self { qkv, o, qk_norm, shape })
     }
 
     /// `x` `[tokens, hidden]` → `[tokens, hidden]`.
@@ -258,17 +294,19 @@ impl Attention {
         let AttentionShape { heads, kv_heads, head_dim } = self.shape;
         let tokens = x.size()[0];
         let qkv = self.qkv.forward(x);
-        let q = qkv.narrow(-1, 0, heads * head_dim).view([tokens, heads, head_dim]);
-        let k = qkv.narrow(-1, heads * head_dim, kv_heads * head_dim).view([tokens, kv_heads, head_dim]);
+        let q = qkv.narrow(-1, 0, heads * head_dim);
+        let k = qkv.narrow(-1, heads * head_dim, kv_heads * head_dim);
         let v = qkv.narrow(-1, (heads + kv_heads) * head_dim, kv_heads * head_dim).view([tokens, kv_heads, head_dim]);
-        let q = match &self.q_norm {
-            Some(norm) => norm.forward(&q),
-            None => q,
+        let (q, k) = match &self.qk_norm {
+            None => (q, k),
+            Some((QkNorm::AllHeads { .. }, q_norm, k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
+            Some((QkNorm::PerHead { .. }, q_norm, k_norm)) => (
+                q_norm.forward(&q.view([tokens, heads, head_dim])),
+                k_norm.forward(&k.view([tokens, kv_heads, head_dim])),
+            ),
         };
-        let k = match &self.k_norm {
-            Some(norm) => norm.forward(&k),
-            None => k,
-        };
+        let q = q.view([tokens, heads, head_dim]);
+        let k = k.view([tokens, kv_heads, head_dim]);
         let q = apply_rotary(&q, cos, sin);
         let k = apply_rotary(&k, cos, sin);
         let out = attention(&q, &k, &v, self.shape, layer, batch, caches);

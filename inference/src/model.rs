@@ -8,7 +8,7 @@ use tch::{Device, Kind};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Architecture, declared_kind};
 use crate::error::LoadError;
-use crate::models::{Transformer, qwen2, qwen3, qwen3_moe};
+use crate::models::{Transformer, minimax_m2, qwen2, qwen3, qwen3_moe};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -52,6 +52,9 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
         }
         Architecture::Qwen3Moe => {
             qwen3_moe::load(&serde_json::from_value::<qwen3_moe::Config>(config).map_err(parse)?, &root, &devices)
+        }
+        Architecture::MiniMaxM2 => {
+            minimax_m2::load(&serde_json::from_value::<minimax_m2::Config>(config).map_err(parse)?, &root, &devices)
         }
     }
 }

@@ -97,12 +97,45 @@ fn qwen3_moe_matches_transformers() {
     check("qwen3_moe", json!({"shard_size": "100KB"}), 1e-5);
 }
 
+/// MiniMax-M2 as transformers 5.23 writes and runs it: partial rotary, q/k norms over all
+/// heads, the sigmoid router whose correction bias (non-zero here) picks the experts, Mixtral's
+/// expert names under `block_sparse_moe`.
+#[test]
+fn minimax_m2_matches_transformers() {
+    let (_, model) = check("minimax_m2", json!({"shard_size": "100KB"}), 1e-5);
+    assert_eq!((model.spec.head_dim, model.spec.layers), (32, 3));
+}
+
+/// The released checkpoints' config.json: `rope_theta` and `rotary_dim` at the top level (no
+/// `rope_parameters`), and the router, q/k-norm and attention fields transformers ignores.
+#[test]
+fn minimax_m2_in_the_released_config_spelling_matches_transformers() {
+    check("minimax_m2", json!({"released_spelling": true}), 1e-5);
+}
+
+/// The test model is one where each MiniMax-M2 difference shows: the same checkpoint run with
+/// full rotary, or with the correction bias zeroed, or with each head's queries and keys
+/// normalised apart, gives logits far outside the tolerance (transformers' own forward, changed
+/// one way at a time).
+#[test]
+fn minimax_m2s_differences_each_change_the_test_models_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = reference_json(json!({"arch": "minimax_m2", "dir": dir.path(), "prompt": PROMPT, "ablations": true}));
+    let reference = to_tensor(&v["logits"]);
+    for ablation in ["full_rotary", "bias_zeroed", "qk_norm_per_head"] {
+        let error = relative_error(&to_tensor(&v[ablation]), &reference);
+        assert!(error > 1e-2, "{ablation}: only {error:e} from the reference");
+    }
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    assert!(relative_error(&prompt_logits(&model, &PROMPT), &reference) < 1e-5);
+}
+
 /// In bfloat16 neither forward is exact; ours must be as close to the float32 truth (the same
 /// rounded weights in float32) as transformers' own bfloat16 forward is, and round as vLLM's
 /// layout does.
 #[test]
 fn bfloat16_checkpoints_run_in_bfloat16_as_accurately_as_transformers() {
-    for arch in ["qwen2", "qwen3", "qwen3_moe"] {
+    for arch in ["qwen2", "qwen3", "qwen3_moe", "minimax_m2"] {
         let dir = tempfile::tempdir().unwrap();
         let v = reference_json(json!({"arch": arch, "dir": dir.path(), "prompt": PROMPT, "dtype": "bfloat16"}));
         let (theirs, truth) = (to_tensor(&v["logits"]), to_tensor(&v["logits_float32"]));
@@ -116,7 +149,10 @@ fn bfloat16_checkpoints_run_in_bfloat16_as_accurately_as_transformers() {
         // The engine rounds as vLLM's layers do (the residual stream apart, added in float32),
         // not as transformers' do: the same layout on the same kernels agrees far more closely
         // than either does with float32 (bit for bit on the machine this was written on), and
-        // transformers' layout does not (2e-2 apart for the tiny Qwen2).
+        // transformers' layout does not (2e-2 apart for the tiny Qwen2). For the mixtures of
+        // experts that includes vLLM's rounding of the experts' weighted outputs (the tiny
+        // MiniMax-M2 was 1e-2 apart while the reference summed them unrounded, as transformers'
+        // default grouped_mm does).
         let apart = relative_error(&ours, &vllm_layout);
         assert!(apart < 1e-3, "{arch}: bf16 logits {apart:e} apart from vLLM's layout");
         // And float32 on request runs the rounded weights as transformers' float32 does.

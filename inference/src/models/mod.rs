@@ -1,7 +1,10 @@
-//! The decoder stack the Qwen family shares (token embedding, pre-norm blocks of attention and a
-//! feed-forward, final norm, LM head), and one file per architecture that reads its config and
-//! says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`).
+//! The decoder stack the Qwen family and MiniMax-M2 share (token embedding, pre-norm blocks of
+//! attention and a feed-forward, final norm, LM head), one file per architecture that reads its
+//! config and says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`, `minimax_m2`),
+//! and what the mixtures of experts share once routed (`moe`).
 
+pub mod minimax_m2;
+pub mod moe;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;

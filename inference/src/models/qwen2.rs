@@ -117,7 +117,7 @@ impl Config {
 pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
     let shape = config.stack_shape(Architecture::Qwen2, w.kind())?;
     // Qwen2 always biases q/k/v and never the output projection.
-    let kind = AttentionKind { qkv_bias: true, o_bias: false, qk_norm_eps: None };
+    let kind = AttentionKind { qkv_bias: true, o_bias: false, qk_norm: None };
     assemble(shape, w, devices, |_, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(&layer.at("self_attn"), config.hidden_size, config.attention_shape(), kind)?;
         let mlp: Box<dyn FeedForward> =

@@ -9,7 +9,7 @@ use super::{BlockParts, FeedForward, Transformer, assemble, qwen2};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
-use crate::layers::{Attention, AttentionKind, Mlp};
+use crate::layers::{Attention, AttentionKind, Mlp, QkNorm};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -24,7 +24,7 @@ impl Config {
         AttentionKind {
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
-            qk_norm_eps: Some(self.base.rms_norm_eps),
+            qk_norm: Some(QkNorm::PerHead { eps: self.base.rms_norm_eps }),
         }
     }
 }

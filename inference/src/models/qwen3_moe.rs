@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use super::moe::mix_experts;
+
 use super::{BlockParts, FeedForward, Transformer, assemble, qwen3};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
@@ -82,27 +84,7 @@ impl FeedForward for SparseMoe {
         if self.norm_topk_prob {
             weights = &weights / weights.sum_dim_intlist(-1, true, Kind::Float);
         }
-        let weights = weights.to_kind(x.kind());
-        // Which (token, slot) pairs each expert serves, on the host: the experts run as dense
-        // matmuls over just their tokens.
-        let chosen_host = Vec::<i64>::try_from(chosen.to_device(Device::Cpu).flatten(0, -1)).expect("int64 indices");
-        let mut served: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
-        for (pair, &expert) in chosen_host.iter().enumerate() {
-            served[expert as usize].push(pair as i64);
-        }
-        let mut out = x.zeros_like();
-        let flat_weights = weights.flatten(0, -1);
-        for (expert, pairs) in self.experts.iter().zip(&served) {
-            if pairs.is_empty() {
-                continue;
-            }
-            let pairs = Tensor::from_slice(pairs).to_device(x.device());
-            let tokens = pairs.divide_scalar_mode(self.top_k, "floor");
-            let expert_out = expert.forward(&x.index_select(0, &tokens));
-            let scaled = expert_out * flat_weights.index_select(0, &pairs).unsqueeze(-1);
-            out = out.index_add(0, &tokens, &scaled);
-        }
-        out
+        mix_experts(x, &self.experts, &chosen, &weights.to_kind(x.kind()))
     }
 }
 

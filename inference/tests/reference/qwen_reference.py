@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE (and Llama) checkpoints written with transformers, and what
+"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE / MiniMax-M2 (and Llama) checkpoints written with transformers, and what
 transformers computes with them: the reference the engine's forward is compared against.
 
     python qwen_reference.py '{"arch": "qwen3", "dir": "/tmp/m", "dtype": "float32", "seed": 1,
@@ -52,6 +52,20 @@ def tiny_config(arch):
             decoder_sparse_step=1,
             mlp_only_layers=[1],
             tie_word_embeddings=False,
+        )
+    if arch == "minimax_m2":
+        # MiniMax-M2's shape in small: partial rotary (rotary_dim 16 of head_dim 32, as 64 of
+        # 128), every layer sparse, top-2 of 8 experts.
+        return transformers.MiniMaxM2Config(
+            **{**common, "intermediate_size": 32},
+            head_dim=32,
+            rotary_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
         )
     if arch == "llama":
         # An architecture the native engine does not run (the vLLM engine's tests serve it).
@@ -121,6 +135,7 @@ def model_class(arch):
         "qwen2": transformers.Qwen2ForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+        "minimax_m2": transformers.MiniMaxM2ForCausalLM,
         "llama": transformers.LlamaForCausalLM,
     }[arch]
 
@@ -140,6 +155,45 @@ def randomise(model, seed):
             else:
                 fan_in = p.shape[-1] if p.dim() > 1 else 64
                 p.copy_(noise * (1.5 / fan_in**0.5))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # MiniMax-M2's router bias (a buffer, zeros by default): as large as the sigmoid
+                # scores' spread, so it changes which experts are chosen.
+                b.copy_(0.5 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
+
+
+def minimax_m2_ablations(directory, dtype, ids):
+    """MiniMax-M2's logits with one of its differences from Qwen3-MoE undone at a time: a test
+    model in which each shows."""
+    out = {}
+    full = transformers.MiniMaxM2Config.from_pretrained(directory)
+    full.rotary_dim = full.head_dim
+    full.rope_parameters = {**full.rope_parameters, "partial_rotary_factor": 1.0}
+    model = transformers.MiniMaxM2ForCausalLM.from_pretrained(directory, config=full, dtype=dtype).eval()
+    with torch.no_grad():
+        out["full_rotary"] = model(ids).logits[0].float().tolist()
+    model = transformers.MiniMaxM2ForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.e_score_correction_bias.zero_()
+        out["bias_zeroed"] = model(ids).logits[0].float().tolist()
+    model = transformers.MiniMaxM2ForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    head_dim = model.config.head_dim
+
+    def per_head(norm):
+        # Each head's values normalised apart, with its slice of the layer-wide weight.
+        def forward(x):
+            heads = x.view(*x.shape[:-1], -1, head_dim).float()
+            heads = heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            return norm.weight * heads.view(x.shape).to(x.dtype)
+        return forward
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.forward = per_head(layer.self_attn.q_norm)
+            layer.self_attn.k_norm.forward = per_head(layer.self_attn.k_norm)
+        out["qk_norm_per_head"] = model(ids).logits[0].float().tolist()
+    return out
 
 
 def main():
@@ -176,6 +230,19 @@ def main():
         with open(path, "w") as f:
             json.dump(cfg, f)
 
+    if req.get("released_spelling"):
+        # MiniMax-M2's released config.json: rope_theta and rotary_dim at the top level, no
+        # rope_parameters.
+        path = f"{req['dir']}/config.json"
+        with open(path) as f:
+            cfg = json.load(f)
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params["rope_theta"]
+        cfg.update({"scoring_func": "sigmoid", "use_qk_norm": True, "qk_norm_type": "per_layer",
+                    "use_routing_bias": True, "attn_type_list": [1] * cfg["num_hidden_layers"]})
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+
     # The reference runs what transformers loads from that directory, as a user would.
     model = model_class(arch).from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa").eval()
     prompt = req["prompt"]
@@ -189,12 +256,25 @@ def main():
             greedy.append(nxt)
             seq.append(nxt)
     out = {"logits": logits.tolist(), "greedy": greedy}
+    if req.get("ablations"):
+        out.update(minimax_m2_ablations(req["dir"], dtype, ids))
     if dtype != torch.float32:
         # The same (rounded) weights run in float32: the truth both low-precision forwards
         # approximate.
         truth = model_class(arch).from_pretrained(req["dir"], dtype=torch.float32).eval()
         with torch.no_grad():
             out["logits_float32"] = truth(ids).logits[0].tolist()
+            # vLLM's fused MoE rounds each expert's weighted output to the model dtype and sums
+            # a token's in float32: transformers' eager experts (index_add in the model dtype)
+            # round the same for top-2; its default grouped_mm sums unrounded float32 products.
+            model.config._experts_implementation = "eager"
+            if arch == "minimax_m2":
+                # vLLM keeps MiniMax-M2's router weight and correction bias in float32
+                # (`GateLinear`, `ebias_weight_loader`); transformers' router then computes
+                # in float32 too.
+                for layer in model.model.layers:
+                    layer.mlp.gate.float()
+                    layer.mlp.e_score_correction_bias.data = layer.mlp.e_score_correction_bias.float()
             hidden = poc_v2_reference.forward(model, model.model.embed_tokens(ids), poc_v2_reference.vllm_layers(model))
             out["logits_vllm_layout"] = model.lm_head(hidden)[0].float().tolist()
     json.dump(out, sys.stdout)

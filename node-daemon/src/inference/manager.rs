@@ -815,15 +815,23 @@ mod tests {
             dir
         };
         let qwen3 = write("qwen3", serde_json::json!({"model_type": "qwen3"}));
-        let minimax = write(
-            "minimax",
-            serde_json::json!({"model_type": "minimax_m2", "architectures": ["MiniMaxM2ForCausalLM"]}),
+        let deepseek = write(
+            "deepseek",
+            serde_json::json!({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}),
+        );
+        // MiniMax-M2 runs natively unquantised; the released checkpoint is FP8.
+        let minimax = write("minimax", serde_json::json!({"model_type": "minimax_m2"}));
+        let minimax_fp8 = write(
+            "minimax-fp8",
+            serde_json::json!({"model_type": "minimax_m2", "quantization_config": {"quant_method": "fp8"}}),
         );
         let fp8 =
             write("fp8", serde_json::json!({"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}}));
         let auto = ModelEngine::Auto;
         assert_eq!(choose_engine(auto, Ok(&qwen3), true, "q").unwrap(), EngineKind::Native);
-        assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(auto, Ok(&deepseek), true, "d").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&minimax_fp8), true, "m").unwrap(), EngineKind::Vllm);
         assert_eq!(choose_engine(auto, Ok(&fp8), true, "f").unwrap(), EngineKind::Vllm);
         assert_eq!(
             choose_engine(auto, Err("x not found"), true, "x").unwrap(),
@@ -833,13 +841,17 @@ mod tests {
         assert_eq!(choose_engine(auto, Err("x not found under /m"), false, "x").unwrap_err(), "x not found under /m");
         // Forced either way.
         assert_eq!(choose_engine(ModelEngine::Vllm, Ok(&qwen3), true, "q").unwrap(), EngineKind::Vllm);
-        assert_eq!(choose_engine(ModelEngine::Native, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(ModelEngine::Native, Ok(&deepseek), true, "d").unwrap(), EngineKind::Native);
         // Without vLLM: what the native engine cannot run is refused, naming why.
-        let err = choose_engine(auto, Ok(&minimax), false, "MiniMaxAI/MiniMax-M2.7").unwrap_err();
+        let err = choose_engine(auto, Ok(&deepseek), false, "deepseek-ai/DeepSeek-V4-Flash-0731").unwrap_err();
         assert!(
-            err.contains("MiniMaxAI/MiniMax-M2.7") && err.contains("minimax_m2") && err.contains("no vLLM"),
+            err.contains("deepseek-ai/DeepSeek-V4-Flash-0731")
+                && err.contains("deepseek_v4")
+                && err.contains("no vLLM"),
             "{err}"
         );
+        let err = choose_engine(auto, Ok(&minimax_fp8), false, "MiniMaxAI/MiniMax-M2.7").unwrap_err();
+        assert!(err.contains("MiniMaxAI/MiniMax-M2.7") && err.contains("quantised (fp8)"), "{err}");
         assert!(choose_engine(auto, Ok(&fp8), false, "f").unwrap_err().contains("quantised (fp8)"));
         assert!(
             choose_engine(ModelEngine::Vllm, Ok(&qwen3), false, "q").unwrap_err().contains("asks for the vllm engine")
