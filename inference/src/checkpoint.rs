@@ -84,18 +84,37 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// Each tensor's element count and stored size in bytes.
-    pub fn tensor_sizes(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+    /// Each tensor's element count, stored size in bytes, and whether it is stored as FP8
+    /// (which the engine keeps as it is).
+    pub fn tensor_sizes(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
         self.shards.iter().flat_map(|shard| {
             shard.metadata.tensors().into_values().map(|info| {
                 let elements: u64 = info.shape.iter().map(|&d| d as u64).product();
-                (elements, (info.data_offsets.1 - info.data_offsets.0) as u64)
+                (elements, (info.data_offsets.1 - info.data_offsets.0) as u64, info.dtype == Dtype::F8_E4M3)
             })
         })
     }
 
     /// The tensor `name` as `kind` on `device`, checked against the shape the config implies.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor, LoadError> {
+        let tensor = self.read(name, shape)?;
+        let stored = tensor.kind();
+        // Narrow on the host (less to copy), widen on the device.
+        let tensor = if kind.elt_size_in_bytes() <= stored.elt_size_in_bytes() {
+            tensor.f_to_kind(kind)?.f_to_device(device)?
+        } else {
+            tensor.f_to_device(device)?.f_to_kind(kind)?
+        };
+        Ok(tensor)
+    }
+
+    /// The tensor `name` in the dtype it is stored in, on `device` (FP8 weights stay FP8).
+    pub fn load_stored(&self, name: &str, shape: &[i64], device: Device) -> Result<Tensor, LoadError> {
+        Ok(self.read(name, shape)?.f_to_device(device)?)
+    }
+
+    /// The tensor `name` on the host as stored, checked against `shape`.
+    fn read(&self, name: &str, shape: &[i64]) -> Result<Tensor, LoadError> {
         let &shard_index = self.index.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
         let shard = &self.shards[shard_index];
         let info = shard.metadata.info(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
@@ -108,6 +127,7 @@ impl Checkpoint {
             Dtype::F16 => Kind::Half,
             Dtype::BF16 => Kind::BFloat16,
             Dtype::F64 => Kind::Double,
+            Dtype::F8_E4M3 => Kind::Float8e4m3fn,
             other => return Err(LoadError::TensorDtype { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let (start, end) = info.data_offsets;
@@ -116,15 +136,7 @@ impl Checkpoint {
             .file
             .read_exact_at(&mut bytes, shard.data_start + start as u64)
             .map_err(|source| LoadError::Io { path: shard.path.clone(), source })?;
-        let tensor = Tensor::f_from_data_size(&bytes, &found, stored)?;
-        drop(bytes);
-        // Narrow on the host (less to copy), widen on the device.
-        let tensor = if kind.elt_size_in_bytes() <= stored.elt_size_in_bytes() {
-            tensor.f_to_kind(kind)?.f_to_device(device)?
-        } else {
-            tensor.f_to_device(device)?.f_to_kind(kind)?
-        };
-        Ok(tensor)
+        Ok(Tensor::f_from_data_size(&bytes, &found, stored)?)
     }
 }
 
@@ -164,11 +176,23 @@ pub struct Loader<'a> {
     prefix: String,
     kind: Kind,
     device: Device,
+    /// The FP8 weights' scaling blocks (`quantization_config.weight_block_size`), when the
+    /// checkpoint is block-quantised.
+    fp8_block: Option<[i64; 2]>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(checkpoint: &'a Checkpoint, kind: Kind, device: Device) -> Self {
-        Self { checkpoint, prefix: String::new(), kind, device }
+        Self { checkpoint, prefix: String::new(), kind, device, fp8_block: None }
+    }
+
+    /// The same loader for a checkpoint whose FP8 weights are scaled in `block`s.
+    pub fn with_fp8_block(self, block: Option<[i64; 2]>) -> Self {
+        Self { fp8_block: block, ..self }
+    }
+
+    pub fn fp8_block(&self) -> Option<[i64; 2]> {
+        self.fp8_block
     }
 
     /// The loader for `name` under this prefix (`model` → `model.layers`).
@@ -195,7 +219,8 @@ impl<'a> Loader<'a> {
         self.kind
     }
 
-    fn name(&self, name: &str) -> String {
+    /// `name` under this prefix, as the checkpoint spells it.
+    pub fn name(&self, name: &str) -> String {
         if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
     }
 
@@ -205,5 +230,10 @@ impl<'a> Loader<'a> {
 
     pub fn tensor(&self, name: &str, shape: &[i64]) -> Result<Tensor, LoadError> {
         self.checkpoint.load(&self.name(name), shape, self.kind, self.device)
+    }
+
+    /// The tensor `name` in the dtype it is stored in (an FP8 weight stays FP8).
+    pub fn stored(&self, name: &str, shape: &[i64]) -> Result<Tensor, LoadError> {
+        self.checkpoint.load_stored(&self.name(name), shape, self.device)
     }
 }

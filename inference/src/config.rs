@@ -60,6 +60,30 @@ pub fn parse_dtype(name: &str) -> Result<Kind, LoadError> {
     }
 }
 
+/// The scaling blocks of a checkpoint quantised to FP8 in blocks (`quantization_config`
+/// `{"quant_method": "fp8", "weight_block_size": [rows, columns]}`, as DeepSeek's and MiniMax's
+/// releases are), `None` for an unquantised one; any other quantisation is refused, named.
+pub fn fp8_block(config: &Value) -> Result<Option<[i64; 2]>, LoadError> {
+    let Some(q) = config.get("quantization_config").filter(|q| !q.is_null()) else { return Ok(None) };
+    let field = |name: &str| q.get(name).and_then(Value::as_str);
+    let method = field("quant_method").unwrap_or("unknown method");
+    let refuse = |why: String| Err(LoadError::Quantization(format!("quantised ({method}): {why}")));
+    if method != "fp8" {
+        return refuse("the native engine loads FP8 block-quantised weights only".into());
+    }
+    if let Some(fmt) = field("fmt").filter(|f| !matches!(*f, "e4m3" | "float8_e4m3fn")) {
+        return refuse(format!("FP8 format {fmt:?} (e4m3 is supported)"));
+    }
+    if let Some(scheme) = field("activation_scheme").filter(|s| *s != "dynamic") {
+        return refuse(format!("activation_scheme {scheme:?} (dynamic is supported)"));
+    }
+    let block: Option<Vec<i64>> = q.get("weight_block_size").and_then(|b| serde_json::from_value(b.clone()).ok());
+    match block.as_deref() {
+        Some(&[rows, columns]) if rows > 0 && columns > 0 => Ok(Some([rows, columns])),
+        _ => refuse("per-tensor scales (no weight_block_size [rows, columns]) are not supported".into()),
+    }
+}
+
 /// The rotary-embedding fields of a config, both spellings.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RopeFields {

@@ -14,13 +14,16 @@ pub enum LoadError {
     #[error("no model.safetensors or model.safetensors.index.json in {0}")]
     NoWeights(PathBuf),
     #[error(
-        "model_type {model_type:?} (architectures {architectures:?}) is not supported: this engine runs qwen2, qwen3 and qwen3_moe"
+        "model_type {model_type:?} (architectures {architectures:?}) is not supported: this engine runs qwen2, qwen3, qwen3_moe and minimax_m2"
     )]
     UnsupportedArchitecture { model_type: String, architectures: String },
     #[error("dtype {0:?} is not supported (float16, bfloat16, float32)")]
     UnsupportedDtype(String),
     #[error("config.json: {0}")]
     InvalidConfig(String),
+    /// The checkpoint's weights are quantised in a way the engine does not load.
+    #[error("its weights are {0}")]
+    Quantization(String),
     #[error("tensor {0} is not in the checkpoint")]
     MissingTensor(String),
     #[error("tensor {name} has shape {found:?}, the config implies {expected:?}")]

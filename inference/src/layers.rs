@@ -15,42 +15,125 @@ use crate::checkpoint::Loader;
 use crate::config::{Rope, RopeScaling};
 use crate::error::LoadError;
 
+/// A linear layer; its weight as the checkpoint stores it (see [`Weight`]).
 pub struct Linear {
-    weight: Tensor,
+    /// Output slices applied to the same input, their outputs concatenated: one weight (dense
+    /// projections loaded together are fused into one at load) or, for FP8 ones, one per
+    /// projection (their scaling blocks need not line up across the seam).
+    parts: Vec<Weight>,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight.
+pub enum Weight {
+    /// In the model dtype.
+    Dense(Tensor),
+    /// FP8 (e4m3) as stored, with a float32 factor per `block` of `[rows, columns]`
+    /// (`weight_scale_inv`, DeepSeek's and MiniMax's block format): the bytes on the device
+    /// stay FP8 and are widened to `kind` only for the matmul of one forward.
+    Fp8Block { weight: Tensor, scale_inv: Tensor, block: [i64; 2], kind: Kind },
+}
+
+impl Weight {
+    /// `weight` under `w`, `[out_dim, in_dim]`: FP8 where the checkpoint has its
+    /// `weight_scale_inv` beside it.
+    pub fn load(w: &Loader, out_dim: i64, in_dim: i64) -> Result<Self, LoadError> {
+        if !w.contains("weight_scale_inv") {
+            return Ok(Self::Dense(w.tensor("weight", &[out_dim, in_dim])?));
+        }
+        let name = w.name("weight");
+        let block = w.fp8_block().ok_or_else(|| {
+            LoadError::InvalidConfig(format!(
+                "{name} is scaled (weight_scale_inv) but config.json's quantization_config gives no weight_block_size"
+            ))
+        })?;
+        let weight = w.stored("weight", &[out_dim, in_dim])?;
+        if weight.kind() != Kind::Float8e4m3fn {
+            return Err(LoadError::TensorDtype {
+                name,
+                dtype: format!("{:?} beside a weight_scale_inv", weight.kind()),
+            });
+        }
+        let blocks = [(out_dim + block[0] - 1) / block[0], (in_dim + block[1] - 1) / block[1]];
+        let scale_inv = w.with_kind(Kind::Float).tensor("weight_scale_inv", &blocks)?;
+        Ok(Self::Fp8Block { weight, scale_inv, block, kind: w.kind() })
+    }
+
+    /// The weight in the model dtype: FP8 blocks times their factors (in float32, as the
+    /// checkpoint's writer scaled them), then rounded once.
+    pub fn widened(&self) -> Tensor {
+        match self {
+            Self::Dense(w) => w.shallow_clone(),
+            Self::Fp8Block { weight, scale_inv, block, kind } => {
+                let (rows, columns) = (weight.size()[0], weight.size()[1]);
+                let factors = scale_inv
+                    .repeat_interleave_self_int(block[0], 0, None::<i64>)
+                    .narrow(0, 0, rows)
+                    .repeat_interleave_self_int(block[1], 1, None::<i64>)
+                    .narrow(1, 0, columns);
+                (weight.to_kind(Kind::Float) * factors).to_kind(*kind)
+            }
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Dense(w) | Self::Fp8Block { weight: w, .. } => w.device(),
+        }
+    }
 }
 
 impl Linear {
     pub fn load(w: &Loader, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self, LoadError> {
-        let weight = w.tensor("weight", &[out_dim, in_dim])?;
+        let weight = Weight::load(w, out_dim, in_dim)?;
         let bias = if bias { Some(w.tensor("bias", &[out_dim])?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { parts: vec![weight], bias })
     }
 
-    /// Several projections of the same input as one matmul (q/k/v, an MLP's gate and up):
-    /// their weights (and biases) stacked along the output dimension.
+    /// Several projections of the same input as one layer (q/k/v, an MLP's gate and up): dense
+    /// weights (and biases) stacked along the output dimension into one matmul.
     pub fn load_fused(parts: &[(Loader, i64)], in_dim: i64, bias: bool) -> Result<Self, LoadError> {
-        let weights =
-            parts.iter().map(|(w, out)| w.tensor("weight", &[*out, in_dim])).collect::<Result<Vec<_>, _>>()?;
+        let weights = parts.iter().map(|(w, out)| Weight::load(w, *out, in_dim)).collect::<Result<Vec<_>, _>>()?;
         let bias = if bias {
             let biases = parts.iter().map(|(w, out)| w.tensor("bias", &[*out])).collect::<Result<Vec<_>, _>>()?;
             Some(Tensor::cat(&biases, 0))
         } else {
             None
         };
-        Ok(Self { weight: Tensor::cat(&weights, 0), bias })
+        let parts = if weights.iter().all(|w| matches!(w, Weight::Dense(_))) {
+            let dense: Vec<Tensor> = weights.iter().map(Weight::widened).collect();
+            vec![Weight::Dense(Tensor::cat(&dense, 0))]
+        } else {
+            weights
+        };
+        Ok(Self { parts, bias })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight, bias: None }
+        Self { parts: vec![Weight::Dense(weight)], bias: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match self.parts.as_slice() {
+            [one] => x.linear(&one.widened(), self.bias.as_ref()),
+            parts => {
+                let outputs: Vec<Tensor> = parts.iter().map(|p| x.linear(&p.widened(), None::<Tensor>)).collect();
+                let out = Tensor::cat(&outputs, -1);
+                match &self.bias {
+                    Some(bias) => out + bias,
+                    None => out,
+                }
+            }
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn device(&self) -> Device {
+        self.parts[0].device()
+    }
+
+    /// Whether any of its weights is FP8 on the device.
+    pub fn is_fp8(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Weight::Fp8Block { .. }))
     }
 }
 
@@ -280,6 +363,11 @@ impl Attention {
             None => None,
         };
         Ok(Self { qkv, o, qk_norm, shape })
+    }
+
+    /// Whether its projections' weights are FP8 on the device.
+    pub fn is_fp8(&self) -> bool {
+        self.qkv.is_fp8() && self.o.is_fp8()
     }
 
     /// `x` `[tokens, hidden]` → `[tokens, hidden]`.

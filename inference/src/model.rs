@@ -6,7 +6,7 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::checkpoint::{Checkpoint, Loader};
-use crate::config::{Architecture, declared_kind};
+use crate::config::{Architecture, declared_kind, fp8_block};
 use crate::error::LoadError;
 use crate::models::{Transformer, minimax_m2, qwen2, qwen3, qwen3_moe};
 
@@ -40,8 +40,9 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
         None => declared_kind(&config)?.unwrap_or(Kind::Float),
     };
     let devices = if options.devices.is_empty() { vec![Device::Cpu] } else { options.devices.clone() };
+    let block = fp8_block(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
-    let root = Loader::new(&checkpoint, kind, devices[0]);
+    let root = Loader::new(&checkpoint, kind, devices[0]).with_fp8_block(block);
     let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
     match architecture {
         Architecture::Qwen2 => {
@@ -61,13 +62,14 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
 
 /// Bytes the weights of the model in `dir` take in `dtype` (their stored dtypes when `None`),
 /// from the checkpoint's headers: what loading will allocate before any activation or cache.
+/// FP8 weights stay FP8 whatever the dtype.
 pub fn weight_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
     let checkpoint = Checkpoint::open(dir)?;
     Ok(checkpoint
         .tensor_sizes()
-        .map(|(elements, stored_bytes)| match dtype {
-            Some(kind) => elements * kind.elt_size_in_bytes() as u64,
-            None => stored_bytes,
+        .map(|(elements, stored_bytes, fp8)| match dtype {
+            Some(kind) if !fp8 => elements * kind.elt_size_in_bytes() as u64,
+            _ => stored_bytes,
         })
         .sum())
 }

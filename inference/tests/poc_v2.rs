@@ -59,7 +59,7 @@ fn compare(arch: &str, dtype: &str, stronger_rng: bool) -> Compared {
 
 #[test]
 fn float32_artifacts_match_the_restatement_far_inside_the_threshold() {
-    for arch in ["qwen3", "qwen3_moe"] {
+    for arch in ["qwen3", "qwen3_moe", "minimax_m2"] {
         let c = compare(arch, "float32", false);
         assert!(c.worst < 1e-5, "{arch}: worst distance {}", c.worst);
         assert!(c.identical_encodings >= 4, "{arch}: {} of 6 encodings identical", c.identical_encodings);
@@ -74,7 +74,7 @@ fn stronger_rng_artifacts_match_the_restatement() {
 
 #[test]
 fn bfloat16_artifacts_match_upstreams_layout() {
-    for arch in ["qwen3", "qwen3_moe"] {
+    for arch in ["qwen3", "qwen3_moe", "minimax_m2"] {
         let c = compare(arch, "bfloat16", false);
         eprintln!("{arch} bfloat16: worst distance {}, {} of 6 encodings identical", c.worst, c.identical_encodings);
         // In vLLM's layout the two sides round alike (identical encodings where this was

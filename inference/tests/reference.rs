@@ -9,6 +9,7 @@ use std::path::Path;
 
 use common::run_reference;
 use gonka_inference::generate::greedy;
+use gonka_inference::model::weight_bytes;
 use gonka_inference::{LoadOptions, Output, Step, StepInput, Transformer, load};
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
@@ -128,6 +129,41 @@ fn minimax_m2s_differences_each_change_the_test_models_logits() {
     }
     let model = load(dir.path(), &LoadOptions::default()).unwrap();
     assert!(relative_error(&prompt_logits(&model, &PROMPT), &reference) < 1e-5);
+}
+
+/// FP8 checkpoints quantised in blocks, as DeepSeek's and MiniMax's releases are (here by a test
+/// helper, in [16, 32] blocks so that several rows and columns of them, partial ones at the
+/// edges, scale each projection): the projections stay FP8 on the device, and the forward is
+/// transformers' on the dequantised weights.
+#[test]
+fn fp8_block_quantised_checkpoints_match_transformers_on_the_dequantised_weights() {
+    for arch in ["qwen2", "qwen3", "qwen3_moe", "minimax_m2"] {
+        let (dir, model) = check(arch, json!({"fp8_block": [16, 32]}), 1e-5);
+        assert!(model.blocks.iter().all(|b| b.attention.is_fp8()), "{arch}: attention widened at load");
+        // Counted as loaded: FP8 bytes for the projections, float32 (as stored) for the rest.
+        let stored = weight_bytes(dir.path(), None).unwrap();
+        assert_eq!(weight_bytes(dir.path(), Some(Kind::Float)).unwrap(), stored, "{arch}");
+        assert!(weight_bytes(dir.path(), Some(Kind::Double)).unwrap() < 2 * stored, "{arch}: FP8 counted widened");
+    }
+}
+
+/// Quantisations the engine does not load are refused at load, named.
+#[test]
+fn other_quantisations_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    reference_json(json!({"arch": "qwen3", "dir": dir.path(), "prompt": [1]}));
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (quantization, named) in [
+        (json!({"quant_method": "awq", "bits": 4}), "quantised (awq)"),
+        (json!({"quant_method": "fp8", "activation_scheme": "dynamic"}), "per-tensor scales"),
+        (json!({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}), "static"),
+    ] {
+        config["quantization_config"] = quantization;
+        std::fs::write(&path, config.to_string()).unwrap();
+        let err = load(dir.path(), &LoadOptions::default()).err().expect("refused").to_string();
+        assert!(err.contains(named), "{err}");
+    }
 }
 
 /// In bfloat16 neither forward is exact; ours must be as close to the float32 truth (the same

@@ -1,5 +1,6 @@
 //! A whole PoC v2 round as the 2026 network node runs it (its call sequence, the devnet as the
-//! network node) over two node-daemon processes serving a tiny Qwen3: both bring the model up,
+//! network node) over two node-daemon processes serving a tiny Qwen3 (and Qwen3-MoE, MiniMax-M2
+//! plain and FP8): both bring the model up,
 //! generate their share of nonces with artifacts posted to `/v2/poc-batches/{model}/generated`,
 //! each validates a sample of the other's through the queued `generate` with the chain's
 //! `stat_test`, and both earn weight.
@@ -16,26 +17,39 @@ use serde_json::json;
 
 const MODEL: &str = "Qwen/Tiny-Qwen3";
 
-fn models_dir(arch: &str) -> tempfile::TempDir {
+fn models_dir(arch: &str, extra: serde_json::Value) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
-    gonka_e2e::write_tiny_qwen(&root.path().join(MODEL), arch, json!({})).unwrap();
+    gonka_e2e::write_tiny_qwen(&root.path().join(MODEL), arch, extra).unwrap();
     root
 }
 
 #[test]
 fn two_ml_nodes_serve_prove_cross_validate_and_earn_weight() {
-    round_over_two_daemons("qwen3");
+    round_over_two_daemons("qwen3", json!({}));
 }
 
 /// The same with a mixture of experts (Qwen3-235B-A22B was the first PoC v2 model).
 #[test]
 fn a_qwen3_moe_round_too() {
-    round_over_two_daemons("qwen3_moe");
+    round_over_two_daemons("qwen3_moe", json!({}));
 }
 
-/// Two daemons serving a tiny `arch` model through a 2026 PoC v2 round, then a streamed chat.
-fn round_over_two_daemons(arch: &str) {
-    let models = models_dir(arch);
+/// MiniMax-M2's architecture on the native engine (no vLLM on these daemons).
+#[test]
+fn a_minimax_m2_round_too() {
+    round_over_two_daemons("minimax_m2", json!({}));
+}
+
+/// And quantised as MiniMax-M2.7 is released: FP8 in 128×128 blocks.
+#[test]
+fn an_fp8_minimax_m2_round_too() {
+    round_over_two_daemons("minimax_m2", json!({"fp8_block": [128, 128]}));
+}
+
+/// Two daemons serving a tiny `arch` model (written with `extra`) through a 2026 PoC v2
+/// round, then a streamed chat.
+fn round_over_two_daemons(arch: &str, extra: serde_json::Value) {
+    let models = models_dir(arch, extra);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (devnet, base) = common::start_devnet_2026(&runtime, MODEL);
     let config = json!({

@@ -167,7 +167,7 @@ impl Transformer {
                 cache.advance(span.len);
             }
         }
-        let last = self.lm_head.weight().device();
+        let last = self.lm_head.device();
         let residual = residual.expect("a model has layers").to_device(last);
         let hidden = hidden.to_device(last);
         let (hidden, residual) = match output {

@@ -233,11 +233,26 @@ def artifacts(model, req, nonces):
     return out
 
 
+def as_vllm_rounds(model):
+    """Where transformers' mixtures of experts round otherwise than vLLM's (which upstream's
+    PoC runs on), make them round as vLLM's: each expert's weighted output in the model dtype,
+    a token's summed then (transformers' eager experts; its default grouped_mm sums unrounded
+    float32 products), and MiniMax-M2's router weight and correction bias in float32 (vLLM's
+    `GateLinear`, `ebias_weight_loader`). No change in float32."""
+    model.config._experts_implementation = "eager"
+    if model.config.model_type == "minimax_m2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.gate.float()
+                layer.mlp.e_score_correction_bias.data = layer.mlp.e_score_correction_bias.float()
+
+
 def main():
     req = json.loads(sys.argv[1])
     dtype = getattr(torch, req.get("dtype", "float32"))
     model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa")
     model.eval()
+    as_vllm_rounds(model)
     add_reflections(model, req["block_hash"])
     json.dump(artifacts(model, req, req["nonces"]), sys.stdout)
 

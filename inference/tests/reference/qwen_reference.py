@@ -162,6 +162,57 @@ def randomise(model, seed):
                 b.copy_(0.5 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
 
 
+# The projections an FP8 release quantises; the router, norms, embeddings and lm_head stay.
+FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
+
+
+def fp8_quantise(directory, block):
+    """Quantises the checkpoint in `directory` as DeepSeek's and MiniMax's FP8 releases are: each
+    projection's weight in e4m3 with a float32 `weight_scale_inv` per `block` ([rows, columns];
+    edge blocks partial), scaled so its largest magnitude is e4m3's largest (448), and
+    `quantization_config` in config.json. Returns a directory holding the same model with the
+    dequantised weights (e4m3 × factor, in float32, then the checkpoint's dtype) in their
+    place, unquantised: what transformers runs as the reference."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    rows, columns = block
+    tensors = load_file(f"{directory}/model.safetensors")
+    quantised, dequantised = {}, {}
+    for name, w in tensors.items():
+        if w.dim() != 2 or not name.endswith(".weight") or not any(p in name for p in FP8_PROJECTIONS):
+            quantised[name] = dequantised[name] = w
+            continue
+        out_dim, in_dim = w.shape
+        nr, nc = -(-out_dim // rows), -(-in_dim // columns)
+        padded = torch.zeros(nr * rows, nc * columns, dtype=torch.float32)
+        padded[:out_dim, :in_dim] = w.float()
+        blocks = padded.view(nr, rows, nc, columns)
+        scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+        factors = scale.repeat_interleave(rows, 0).repeat_interleave(columns, 1)[:out_dim, :in_dim]
+        q = (w.float() / factors).to(torch.float8_e4m3fn)
+        quantised[name] = q
+        quantised[name.removesuffix(".weight") + ".weight_scale_inv"] = scale.contiguous()
+        dequantised[name] = (q.float() * factors).to(w.dtype)
+    # Inside the model directory (the engine reads only its top level): gone with it.
+    reference = f"{directory}/dequantised-reference"
+    os.makedirs(reference)
+    for f in os.listdir(directory):
+        if f != "model.safetensors" and os.path.isfile(f"{directory}/{f}"):
+            shutil.copy(f"{directory}/{f}", reference)
+    save_file(dequantised, f"{reference}/model.safetensors", metadata={"format": "pt"})
+    save_file(quantised, f"{directory}/model.safetensors", metadata={"format": "pt"})
+    with open(f"{directory}/config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                                  "weight_block_size": [rows, columns]}
+    with open(f"{directory}/config.json", "w") as f:
+        json.dump(cfg, f)
+    return reference
+
+
 def minimax_m2_ablations(directory, dtype, ids):
     """MiniMax-M2's logits with one of its differences from Qwen3-MoE undone at a time: a test
     model in which each shows."""
@@ -243,8 +294,12 @@ def main():
         with open(path, "w") as f:
             json.dump(cfg, f)
 
+    reference_dir = req["dir"]
+    if req.get("fp8_block"):
+        reference_dir = fp8_quantise(req["dir"], req["fp8_block"])
+
     # The reference runs what transformers loads from that directory, as a user would.
-    model = model_class(arch).from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa").eval()
+    model = model_class(arch).from_pretrained(reference_dir, dtype=dtype, attn_implementation="sdpa").eval()
     prompt = req["prompt"]
     with torch.no_grad():
         ids = torch.tensor([prompt])
@@ -261,20 +316,10 @@ def main():
     if dtype != torch.float32:
         # The same (rounded) weights run in float32: the truth both low-precision forwards
         # approximate.
-        truth = model_class(arch).from_pretrained(req["dir"], dtype=torch.float32).eval()
+        truth = model_class(arch).from_pretrained(reference_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             out["logits_float32"] = truth(ids).logits[0].tolist()
-            # vLLM's fused MoE rounds each expert's weighted output to the model dtype and sums
-            # a token's in float32: transformers' eager experts (index_add in the model dtype)
-            # round the same for top-2; its default grouped_mm sums unrounded float32 products.
-            model.config._experts_implementation = "eager"
-            if arch == "minimax_m2":
-                # vLLM keeps MiniMax-M2's router weight and correction bias in float32
-                # (`GateLinear`, `ebias_weight_loader`); transformers' router then computes
-                # in float32 too.
-                for layer in model.model.layers:
-                    layer.mlp.gate.float()
-                    layer.mlp.e_score_correction_bias.data = layer.mlp.e_score_correction_bias.float()
+            poc_v2_reference.as_vllm_rounds(model)
             hidden = poc_v2_reference.forward(model, model.model.embed_tokens(ids), poc_v2_reference.vllm_layers(model))
             out["logits_vllm_layout"] = model.lm_head(hidden)[0].float().tolist()
     json.dump(out, sys.stdout)

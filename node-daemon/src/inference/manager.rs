@@ -61,21 +61,30 @@ pub enum EngineKind {
     Vllm,
 }
 
-/// Why the native engine cannot serve the checkpoint in `dir`, if it cannot.
-fn native_refuses(dir: &Path) -> Option<String> {
+/// How the native engine fits the checkpoint in a directory.
+enum NativeFit {
+    Runs,
+    /// It runs it, but where vLLM is here too vLLM serves it: FP8 block-quantised weights,
+    /// whose native path is correct on the CPU but not yet measured on GPUs against vLLM's
+    /// kernels (a fleet that has vLLM keeps earning with it).
+    PrefersVllm,
+    /// It cannot (why).
+    Cannot(String),
+}
+
+fn native_fit(dir: &Path) -> NativeFit {
     let config = match gonka_inference::model::read_config(dir) {
         Ok(c) => c,
-        Err(e) => return Some(e.to_string()),
+        Err(e) => return NativeFit::Cannot(e.to_string()),
     };
     if let Err(e) = Architecture::from_config(&config) {
-        return Some(e.to_string());
+        return NativeFit::Cannot(e.to_string());
     }
-    config.get("quantization_config").map(|q| {
-        format!(
-            "its weights are quantised ({}), which the native engine does not load",
-            q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown method")
-        )
-    })
+    match gonka_inference::config::fp8_block(&config) {
+        Ok(None) => NativeFit::Runs,
+        Ok(Some(_)) => NativeFit::PrefersVllm,
+        Err(e) => NativeFit::Cannot(e.to_string()),
+    }
 }
 
 /// Which engine serves a model: the GonkaNode's choice, else native when it runs the
@@ -98,10 +107,11 @@ pub fn choose_engine(
             // where it was looked for is the answer.
             Err(_) if has_vllm => Ok(EngineKind::Vllm),
             Err(not_found) => Err(not_found.to_string()),
-            Ok(dir) => match native_refuses(dir) {
-                None => Ok(EngineKind::Native),
-                Some(_) if has_vllm => Ok(EngineKind::Vllm),
-                Some(why) => Err(no_vllm(&format!("the native engine cannot serve it ({why})"))),
+            Ok(dir) => match native_fit(dir) {
+                NativeFit::Runs => Ok(EngineKind::Native),
+                NativeFit::PrefersVllm | NativeFit::Cannot(_) if has_vllm => Ok(EngineKind::Vllm),
+                NativeFit::PrefersVllm => Ok(EngineKind::Native),
+                NativeFit::Cannot(why) => Err(no_vllm(&format!("the native engine cannot serve it ({why})"))),
             },
         },
     }
@@ -821,10 +831,14 @@ mod tests {
         );
         // MiniMax-M2 runs natively unquantised; the released checkpoint is FP8.
         let minimax = write("minimax", serde_json::json!({"model_type": "minimax_m2"}));
+        // As released: FP8 in 128×128 blocks.
         let minimax_fp8 = write(
             "minimax-fp8",
-            serde_json::json!({"model_type": "minimax_m2", "quantization_config": {"quant_method": "fp8"}}),
+            serde_json::json!({"model_type": "minimax_m2", "quantization_config":
+                {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}),
         );
+        let awq =
+            write("awq", serde_json::json!({"model_type": "qwen3", "quantization_config": {"quant_method": "awq"}}));
         let fp8 =
             write("fp8", serde_json::json!({"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}}));
         let auto = ModelEngine::Auto;
@@ -850,8 +864,12 @@ mod tests {
                 && err.contains("no vLLM"),
             "{err}"
         );
-        let err = choose_engine(auto, Ok(&minimax_fp8), false, "MiniMaxAI/MiniMax-M2.7").unwrap_err();
-        assert!(err.contains("MiniMaxAI/MiniMax-M2.7") && err.contains("quantised (fp8)"), "{err}");
+        // FP8 in blocks: vLLM where it is here, else the native engine; other quantisations
+        // (per-tensor FP8, AWQ) only vLLM.
+        assert_eq!(choose_engine(auto, Ok(&minimax_fp8), false, "m").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&awq), true, "a").unwrap(), EngineKind::Vllm);
+        let err = choose_engine(auto, Ok(&awq), false, "Qwen/Qwen3-32B-AWQ").unwrap_err();
+        assert!(err.contains("Qwen/Qwen3-32B-AWQ") && err.contains("quantised (awq)"), "{err}");
         assert!(choose_engine(auto, Ok(&fp8), false, "f").unwrap_err().contains("quantised (fp8)"));
         assert!(
             choose_engine(ModelEngine::Vllm, Ok(&qwen3), false, "q").unwrap_err().contains("asks for the vllm engine")
