@@ -61,6 +61,12 @@ pub struct ControllerConfig {
     pub namespace: Option<String>,
     /// Reconciles running at once.
     pub concurrency: u16,
+    /// How long a GonkaNode's triggers gather before its pass runs (trailing edge): a rollout
+    /// of many pods changes pods, the DaemonSet's status and reports in bursts, and a pass per
+    /// change writes a status per step. 30 ms keeps registration as quick and cuts passes and
+    /// writes back to what they were when every pass read the apiserver; 100 ms tripled the
+    /// median Ready → registered (docs/benchmarks.md).
+    pub debounce: Duration,
     /// How often a steady GonkaNode is re-checked for drift.
     pub resync: Duration,
     /// Wait before retrying a failed reconcile.
@@ -89,6 +95,7 @@ impl Default for ControllerConfig {
             daemon_image_vllm: String::new(),
             namespace: None,
             concurrency: 4,
+            debounce: Duration::from_millis(30),
             resync: Duration::from_secs(300),
             retry: Duration::from_secs(15),
             instance: None,
@@ -1383,7 +1390,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         })
         // Reports that change what status says reconcile their GonkaNode at once.
         .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(ctx.reports.changes()))
-        .with_config(controller::Config::default().concurrency(ctx.config.concurrency))
+        .with_config(controller::Config::default().concurrency(ctx.config.concurrency).debounce(ctx.config.debounce))
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
