@@ -181,9 +181,10 @@ impl Context {
         let selector = build::selector_labels(gn);
         Some(
             self.pods
-                .state()
+                .state_filter(|p| {
+                    p.namespace() == namespace && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+                })
                 .into_iter()
-                .filter(|p| p.namespace() == namespace && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
                 .map(|p| (*p).clone())
                 .collect(),
         )
@@ -333,7 +334,7 @@ async fn apply_gonka_node(gn: &GonkaNode, ctx: &Context) -> Result<Action, Error
         ..Observation::default()
     };
     let fleet = apply_fleet(gn, ctx, &observed).await?;
-    obs.invalid_spec = fleet.invalid_spec.clone();
+    obs.invalid_spec = observed.checked.as_ref().err().cloned();
     obs.apply_error = fleet.failure.as_ref().map(ApplyError::user_message);
     obs.daemon_set = fleet.daemon_set.as_ref();
     let rollout = drive_ml_nodes(gn, ctx, &observed, &fleet, &mut obs).await;
@@ -385,7 +386,8 @@ struct Observed {
     /// The pods the GonkaNode's labels select (a valid spec only), from the pod watch; read
     /// before anything is applied: a cap labels the nodes they run on before the DaemonSet
     /// selects that label.
-    pods: Option<Result<Vec<Pod>, &'static str>>,
+    /// `Err`: the pod watch has not listed yet.
+    pods: Option<Result<Vec<Pod>, ()>>,
     /// The Kubernetes nodes, from the node watch.
     nodes: reflector::Store<Node>,
 }
@@ -411,7 +413,7 @@ async fn observe(gn: &GonkaNode, ctx: &Context) -> Observed {
         ctx.config.unknown_window_hold,
     );
     let pods = match &checked {
-        Ok(_) => Some(ctx.pods_of(gn).await.ok_or(NOT_LISTED)),
+        Ok(_) => Some(ctx.pods_of(gn).await.ok_or(())),
         Err(_) => None,
     };
     let nodes = ctx.kubernetes_nodes().await;
@@ -425,7 +427,6 @@ struct FleetApplied {
     daemon_set: Option<DaemonSet>,
     /// What `spec.capacity` decided (a valid spec with a UID).
     capacity: Option<capacity::Plan>,
-    invalid_spec: Option<String>,
     /// The write that failed; the pass reports it and is retried.
     failure: Option<ApplyError>,
 }
@@ -442,7 +443,6 @@ async fn apply_fleet(gn: &GonkaNode, ctx: &Context, observed: &Observed) -> Resu
             {
                 ctx.writer.event(&ctx.recorder, gn, EventType::Warning, "InvalidSpec", message.clone()).await;
             }
-            fleet.invalid_spec = Some(message.clone());
             let name = Names::of(&gn.name_any()).daemon_set;
             fleet.daemon_set =
                 ctx.writer.live::<DaemonSet>(&gn.namespace().unwrap_or_default(), &name).await.ok().flatten();
@@ -517,8 +517,9 @@ async fn drive_ml_nodes<'a>(
     let spec = &gn.spec;
     let listed = match &observed.pods {
         Some(Ok(listed)) => listed,
-        Some(Err(why)) => {
-            obs.registration = Some(Registration::Unreachable((*why).into()));
+        Some(Err(())) => {
+            let why = ApplyError::NotListed { kind: "Pod".into() };
+            obs.registration = Some(Registration::Unreachable(why.to_string()));
             return RolloutStep::Idle;
         }
         None => return RolloutStep::Idle,
@@ -655,7 +656,7 @@ async fn check_spec(gn: &GonkaNode, ctx: &Context) -> (Result<ValidatedSpec, Str
 async fn plan_capacity(
     gn: &GonkaNode,
     ctx: &Context,
-    listed: Option<&Result<Vec<Pod>, &'static str>>,
+    listed: Option<&Result<Vec<Pod>, ()>>,
     nodes: &reflector::Store<Node>,
     window: bool,
 ) -> Result<Option<capacity::Plan>, ApplyError> {
@@ -725,11 +726,6 @@ async fn leave_nodes(gn: &GonkaNode, ctx: &Context, nodes: &[String]) {
 fn retry_delay(base: Duration, cap: Duration, failures: u32) -> Duration {
     base.saturating_mul(1u32 << failures.min(16)).min(cap.max(base))
 }
-
-/// Why a pass saw no pods: the pod watch has not listed them yet (after a restart, or a watch
-/// the apiserver refuses).
-const NOT_LISTED: &str =
-    "the ML-node pods are not listed yet: the operator's pod watch has not completed its first list";
 
 /// What the pod store keeps of an ML-node pod: what registration, rollouts, capacity and status
 /// read (names, labels, annotations, controller, deletion, the node it is bound or pinned to,
