@@ -256,8 +256,16 @@ async fn gonka_node_lifecycle() -> anyhow::Result<()> {
         Ok(image(&ds_now(&daemon_sets).await?) == "registry.test/daemon:v3")
     })
     .await?;
+    // The pass that applied v3 announces the resume only after registration: wait for it.
+    let resumed = eventually("the Resumed event", WAIT, || async {
+        Ok(event_reasons(&client).await?.contains(&"Resumed".to_string()))
+    })
+    .await;
     let reasons = event_reasons(&client).await?;
-    assert!(reasons.contains(&"Paused".to_string()) && reasons.contains(&"Resumed".to_string()), "{reasons:?}");
+    assert!(
+        resumed.is_ok() && reasons.contains(&"Paused".to_string()) && reasons.contains(&"Resumed".to_string()),
+        "{reasons:?}"
+    );
 
     // --- drift: someone edits the DaemonSet by hand; the operator puts it back ---
     daemon_sets
