@@ -583,11 +583,56 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(free_ports::<1>()?[0])
 }
 
+/// Where tests' ports come from: below Linux's ephemeral range (32768-60999 by default). A port
+/// picked by binding port 0 is free only until the listener closes, and the kernel hands the
+/// same range out again for every outgoing connection and every other `bind(0)`: a stop's CI
+/// lost a run when a test's own HTTP server took etcd's port between the pick and etcd's bind
+/// (kube-apiserver then spoke gRPC to it). Ports below the range are never handed out by the
+/// kernel, so only another explicit pick could take one, and within a process the picks walk
+/// the range without repeating.
+const TEST_PORTS: std::ops::Range<u16> = 15000..32000;
+
+/// `len` consecutive free ports, for a process that listens on a port and the ones above it
+/// (vLLM's instances); returns the first. The picks of this process skip all of them.
+pub fn free_port_block(len: u16) -> anyhow::Result<u16> {
+    let (first, _held) = take_block(len)?;
+    Ok(first)
+}
+
 fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    // Hold all listeners until every port is picked so the N ports differ.
-    let listeners: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
-    Ok(ports.try_into().expect("N ports"))
+    // Hold every listener until all N are picked so the N ports differ.
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let (first, listeners) = take_block(1)?;
+        *port = first;
+        held.extend(listeners);
+    }
+    Ok(ports)
+}
+
+/// The next `len` consecutive ports of [`TEST_PORTS`] that all bind, and their listeners.
+fn take_block(len: u16) -> anyhow::Result<(u16, Vec<TcpListener>)> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    // Processes start at different places (tests of several binaries may run at once).
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        AtomicU32::new(std::process::id().wrapping_mul(7919).wrapping_add(nanos) % span)
+    });
+    for _ in 0..span {
+        let offset = next.fetch_add(u32::from(len), Ordering::Relaxed) % span;
+        if offset + u32::from(len) > span {
+            continue;
+        }
+        let first = TEST_PORTS.start + offset as u16;
+        let listeners: Result<Vec<_>, _> = (first..first + len).map(|p| TcpListener::bind(("127.0.0.1", p))).collect();
+        if let Ok(listeners) = listeners {
+            return Ok((first, listeners));
+        }
+    }
+    bail!("no {len} free consecutive ports in {TEST_PORTS:?} on 127.0.0.1")
 }
 
 /// The project's Python (`GONKA_PYTHON`, as the Makefile exports it, else `.cache/pyenv`).
@@ -1033,5 +1078,30 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_ports_differ_and_lie_below_the_kernels_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("a Linux host");
+        let low: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).expect("the range's start");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let [a, b, c] = free_ports::<3>().expect("free ports");
+            for port in [a, b, c] {
+                assert!(port < low, "{port} is in the kernel's ephemeral range (from {low})");
+                assert!(TEST_PORTS.contains(&port));
+                assert!(seen.insert(port), "{port} was handed out twice");
+            }
+            let first = free_port_block(4).expect("a block");
+            for port in first..first + 4 {
+                assert!(port < low && TEST_PORTS.contains(&port));
+                assert!(seen.insert(port), "{port} was handed out twice");
+            }
+        }
     }
 }

@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +38,7 @@ fn models_dir() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    gonka_e2e::free_port().unwrap()
 }
 
 struct Node {

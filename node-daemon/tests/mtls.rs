@@ -99,7 +99,7 @@ fn the_ml_node_api_and_inference_port_take_only_the_pinned_network_node() {
     // with the certificate the daemon issues itself under it for its pod IP.
     let mlnode = upstream_pair(dir.path(), "mlnode", "DNS:inference");
     let stranger = upstream_pair(dir.path(), "stranger", "DNS:api,DNS:localhost,IP:127.0.0.1");
-    let inference_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let inference_port = gonka_e2e::free_port().unwrap();
     let inference_listen = format!("127.0.0.1:{inference_port}");
     let d = daemon_with(&dapi, &mlnode, None, &[("GONKA_INFERENCE_LISTEN", &inference_listen)]);
 

@@ -59,12 +59,7 @@ fn round_over_two_daemons(arch: &str, extra: serde_json::Value) {
     });
     // Each ML node's inference port, as the registration names it (the 2026 network node
     // refuses two nodes on one host+port).
-    let inference_ports: Vec<u16> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+    let inference_ports: Vec<u16> = (0..2).map(|_| gonka_e2e::free_port().unwrap()).collect();
     let scenarios = [Scenario::hgx_h100(), Scenario::mixed()];
     let nodes: Vec<Daemon> = scenarios
         .iter()

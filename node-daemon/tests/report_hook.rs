@@ -1,7 +1,7 @@
 //! The report hook, in process, as the operator's report stream will use it: the inventory is
 //! there as soon as the daemon probed, the state follows PoC sessions, counters grow.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use gonka_node_daemon::{Settings, run_with};
 use gonka_protocol::ml_node::ServiceState;
 
 fn settings() -> (Settings, SocketAddr) {
-    let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], gonka_e2e::free_port().unwrap()));
     // The fake library with no scenario file: NVML works, the node has no GPUs.
     let settings = Settings {
         config: None,

@@ -51,14 +51,7 @@ fn standin_dir() -> PathBuf {
 
 fn free_port() -> u16 {
     // Instances listen on the inference port + 1, + 2: keep a few free above it.
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let free =
-            (1..=3).all(|i| port.checked_add(i).is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()));
-        if free {
-            return port;
-        }
-    }
+    gonka_e2e::free_port_block(4).unwrap()
 }
 
 fn gpus(n: u32) -> Scenario {

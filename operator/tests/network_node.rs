@@ -161,7 +161,8 @@ async fn an_https_network_node_is_reached_with_its_ca_bundle() {
 
 #[tokio::test]
 async fn an_unreachable_network_node_is_an_outage() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Below the kernel's ephemeral range: no outgoing connection takes it meanwhile.
+    let port = gonka_e2e::free_port().unwrap();
     let client = NetworkNode::new(&format!("http://127.0.0.1:{port}"), None, None).unwrap();
     let err = client.register(&config("gpu-a", "Qwen/QwQ-32B", 8)).await.unwrap_err();
     assert!(matches!(err, NetworkNodeError::Unreachable { .. }) && err.is_outage(), "{err}");

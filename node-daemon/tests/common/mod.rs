@@ -4,7 +4,6 @@
 #[cfg(feature = "torch")]
 pub mod poc_v1;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -77,8 +76,8 @@ impl Daemon {
         // client's outgoing connection): the daemon then exits, and is started again on others.
         // Ready means this child listens on both ports, not merely that something answers there.
         for attempt in 1..=5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = gonka_e2e::free_port().unwrap();
+            let metrics_port = gonka_e2e::free_port().unwrap();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_gonka-node-daemon"));
             cmd.env("GONKA_LISTEN", format!("127.0.0.1:{port}"))
                 // Any free port: daemons of parallel tests must not meet on upstream's 5000.
