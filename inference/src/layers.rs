@@ -100,17 +100,22 @@ impl Linear {
         } else {
             None
         };
+        Ok(Self { bias, ..Self::from_weights(weights) })
+    }
+
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { parts: vec![Weight::Dense(weight)], bias: None }
+    }
+
+    /// Output slices of one input without a bias: fused into one matmul when all are dense.
+    pub fn from_weights(weights: Vec<Weight>) -> Self {
         let parts = if weights.iter().all(|w| matches!(w, Weight::Dense(_))) {
             let dense: Vec<Tensor> = weights.iter().map(Weight::widened).collect();
             vec![Weight::Dense(Tensor::cat(&dense, 0))]
         } else {
             weights
         };
-        Ok(Self { parts, bias })
-    }
-
-    pub fn from_weight(weight: Tensor) -> Self {
-        Self { parts: vec![Weight::Dense(weight)], bias: None }
+        Self { parts, bias: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -277,16 +282,26 @@ pub const MIXTRAL_EXPERT: MlpNames = ["w1", "w3", "w2"];
 
 impl Mlp {
     pub fn load(w: &Loader, hidden: i64, intermediate: i64) -> Result<Self, LoadError> {
-        Self::load_named(w, hidden, intermediate, QWEN_MLP)
-    }
-
-    pub fn load_named(w: &Loader, hidden: i64, intermediate: i64, names: MlpNames) -> Result<Self, LoadError> {
-        let [gate, up, down] = names;
+        let [gate, up, down] = QWEN_MLP;
         Ok(Self {
             gate_up: Linear::load_fused(&[(w.at(gate), intermediate), (w.at(up), intermediate)], hidden, false)?,
             down: Linear::load(&w.at(down), intermediate, hidden, false)?,
             intermediate,
         })
+    }
+
+    /// An MLP of these projections (`gate` and `up` `[intermediate, hidden]`, `down` the other
+    /// way round).
+    pub fn from_weights(gate: Weight, up: Weight, down: Weight) -> Self {
+        let intermediate = match &gate {
+            Weight::Dense(w) | Weight::Fp8Block { weight: w, .. } => w.size()[0],
+        };
+        Self { gate_up: Linear::from_weights(vec![gate, up]), down: Linear::from_weights(vec![down]), intermediate }
+    }
+
+    /// Whether any of its weights is FP8 on the device.
+    pub fn is_fp8(&self) -> bool {
+        self.gate_up.is_fp8() || self.down.is_fp8()
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

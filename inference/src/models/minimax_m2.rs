@@ -25,12 +25,12 @@
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::moe::mix_experts;
+use super::moe::Experts;
 use super::{BlockParts, FeedForward, Transformer, assemble, qwen2};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
-use crate::layers::{Attention, AttentionKind, Linear, MIXTRAL_EXPERT, Mlp, QkNorm, Rotary};
+use crate::layers::{Attention, AttentionKind, Linear, MIXTRAL_EXPERT, QkNorm, Rotary};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -122,7 +122,7 @@ pub struct SparseMoe {
     router: Linear,
     /// Added to the scores only to choose; float32, zeros where the checkpoint has none.
     correction_bias: Tensor,
-    experts: Vec<Mlp>,
+    experts: Experts,
     top_k: i64,
 }
 
@@ -137,9 +137,7 @@ impl SparseMoe {
         } else {
             Tensor::zeros([experts], (Kind::Float, w.device()))
         };
-        let experts = (0..experts)
-            .map(|e| Mlp::load_named(&w.at("experts").at(e), hidden, config.base.intermediate_size, MIXTRAL_EXPERT))
-            .collect::<Result<_, _>>()?;
+        let experts = Experts::load(&w.at("experts"), experts, hidden, config.base.intermediate_size, MIXTRAL_EXPERT)?;
         Ok(Self { router, correction_bias, experts, top_k: config.num_experts_per_tok })
     }
 }
@@ -150,7 +148,7 @@ impl FeedForward for SparseMoe {
         let (_, chosen) = (&scores + &self.correction_bias).topk(self.top_k, -1, true, true);
         let weights = scores.gather(-1, &chosen, false);
         let weights = &weights / weights.sum_dim_intlist(-1, true, Kind::Float);
-        mix_experts(x, &self.experts, &chosen, &weights)
+        self.experts.mix(x, &chosen, &weights)
     }
 }
 

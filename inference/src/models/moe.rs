@@ -2,20 +2,223 @@
 //! `top_k` experts run and their outputs are summed with the router's weights. Routers differ
 //! (Qwen3-MoE's softmax, MiniMax-M2's sigmoid with a correction bias) and live with their
 //! architectures.
+//!
+//! The experts of a layer are stacked (`[experts, out, in]`) and routed on the device: the
+//! (token, slot) assignments sorted by expert, the tokens gathered in that order, and each
+//! projection one grouped matmul (libtorch's `_grouped_mm`, whose group boundaries are a device
+//! tensor) — no copy to the host, so nothing waits for the GPU between layers. On CUDA (sm90 and
+//! later) bfloat16 groups run as one CUTLASS grouped GEMM; elsewhere libtorch loops over the
+//! groups in C++ with the same matmul as one expert at a time, which is why the two agree to
+//! the bit on the CPU. Shapes the grouped matmul refuses (rows not a multiple of 16 bytes) keep
+//! one [`Mlp`] per expert, routed through the host ([`mix_experts`]).
 
 use tch::{Device, Kind, Tensor};
 
-use crate::layers::Mlp;
+use crate::checkpoint::Loader;
+use crate::error::LoadError;
+use crate::layers::{Mlp, MlpNames, Weight};
 
-/// `Σ_k weights[t, k] · experts[chosen[t, k]](x[t])` for every token `t` of `x` (`[tokens,
-/// hidden]`); `chosen` int64 and `weights` are `[tokens, top_k]`. Rounded as vLLM's fused MoE
-/// rounds: each expert's output scaled in the wider of its dtype and the weights' (float32
-/// weights: in float32) and rounded to `x`'s dtype (its kernel's output cache), the `top_k` of
-/// a token summed in float32 and rounded once (its `moe_sum`).
+/// A layer's experts.
+pub enum Experts {
+    /// Stacked, routed on the device.
+    Stacked {
+        /// Gate and up, `[experts, 2 × intermediate, hidden]`: one part, or two (gate, up) for FP8
+        /// blocks that do not line up at the seam.
+        gate_up: Vec<Stacked>,
+        /// `[experts, hidden, intermediate]`.
+        down: Stacked,
+        intermediate: i64,
+        count: i64,
+    },
+    /// One MLP per expert, routed through the host.
+    Each(Vec<Mlp>),
+}
+
+/// One projection of every expert of a layer, as the checkpoint stores it (see [`Weight`]).
+pub enum Stacked {
+    Dense(Tensor),
+    /// FP8 `[experts, out, in]` with a float32 factor per block, `[experts, out/b0, in/b1]`.
+    Fp8Block {
+        weight: Tensor,
+        scale_inv: Tensor,
+        block: [i64; 2],
+        kind: Kind,
+    },
+}
+
+impl Stacked {
+    /// Every expert's weights of one projection stacked; `None` if dense and FP8 ones mix or
+    /// their blocks differ.
+    fn stack(weights: &[Weight]) -> Option<Self> {
+        match weights.first()? {
+            Weight::Dense(_) => {
+                let dense: Option<Vec<&Tensor>> =
+                    weights.iter().map(|w| if let Weight::Dense(t) = w { Some(t) } else { None }).collect();
+                Some(Self::Dense(Tensor::stack(&dense?, 0)))
+            }
+            Weight::Fp8Block { block, kind, .. } => {
+                let (mut fp8, mut scales) = (Vec::new(), Vec::new());
+                for w in weights {
+                    match w {
+                        Weight::Fp8Block { weight, scale_inv, block: b, kind: k } if b == block && k == kind => {
+                            fp8.push(weight.view_dtype(Kind::Uint8));
+                            scales.push(scale_inv.shallow_clone());
+                        }
+                        _ => return None,
+                    }
+                }
+                let weight = Tensor::stack(&fp8, 0).view_dtype(Kind::Float8e4m3fn);
+                Some(Self::Fp8Block { weight, scale_inv: Tensor::stack(&scales, 0), block: *block, kind: *kind })
+            }
+        }
+    }
+
+    /// Two projections of every expert as one, concatenated along their output rows: dense ones
+    /// always, FP8 ones when the first's rows end on a block boundary.
+    fn fuse(first: Self, second: Self) -> Vec<Self> {
+        match (first, second) {
+            (Self::Dense(a), Self::Dense(b)) => vec![Self::Dense(Tensor::cat(&[a, b], 1))],
+            (
+                Self::Fp8Block { weight: a, scale_inv: sa, block, kind },
+                Self::Fp8Block { weight: b, scale_inv: sb, .. },
+            ) if a.size()[1] % block[0] == 0 => {
+                let weight = Tensor::cat(&[a.view_dtype(Kind::Uint8), b.view_dtype(Kind::Uint8)], 1)
+                    .view_dtype(Kind::Float8e4m3fn);
+                vec![Self::Fp8Block { weight, scale_inv: Tensor::cat(&[sa, sb], 1), block, kind }]
+            }
+            (a, b) => vec![a, b],
+        }
+    }
+
+    /// The weights of the experts `ids` (all, if `None`) in the model dtype, `[ids, out, in]`;
+    /// FP8 blocks times their factors in float32, rounded once, as [`Weight::widened`] does.
+    fn widened(&self, ids: Option<&Tensor>) -> Tensor {
+        let pick = |t: &Tensor| match ids {
+            Some(ids) => t.index_select(0, ids),
+            None => t.shallow_clone(),
+        };
+        match self {
+            Self::Dense(w) => pick(w),
+            Self::Fp8Block { weight, scale_inv, block, kind } => {
+                let weight = pick(&weight.view_dtype(Kind::Uint8)).view_dtype(Kind::Float8e4m3fn);
+                let (rows, columns) = (weight.size()[1], weight.size()[2]);
+                let factors = pick(scale_inv)
+                    .repeat_interleave_self_int(block[0], 1, None::<i64>)
+                    .narrow(1, 0, rows)
+                    .repeat_interleave_self_int(block[1], 2, None::<i64>)
+                    .narrow(2, 0, columns);
+                (weight.to_kind(Kind::Float) * factors).to_kind(*kind)
+            }
+        }
+    }
+
+    fn is_fp8(&self) -> bool {
+        matches!(self, Self::Fp8Block { .. })
+    }
+}
+
+impl Experts {
+    /// `count` experts under `w` (`w.0`, `w.1`, …), each a SwiGLU of `intermediate` with
+    /// projections named `names`.
+    pub fn load(w: &Loader, count: i64, hidden: i64, intermediate: i64, names: MlpNames) -> Result<Self, LoadError> {
+        let [gate_name, up_name, down_name] = names;
+        let (mut gates, mut ups, mut downs) = (Vec::new(), Vec::new(), Vec::new());
+        for e in 0..count {
+            let expert = w.at(e);
+            gates.push(Weight::load(&expert.at(gate_name), intermediate, hidden)?);
+            ups.push(Weight::load(&expert.at(up_name), intermediate, hidden)?);
+            downs.push(Weight::load(&expert.at(down_name), hidden, intermediate)?);
+        }
+        Ok(Self::from_weights(gates, ups, downs, w.kind()))
+    }
+
+    /// Experts of these projections (one of each per expert) in a model of dtype `kind`.
+    pub fn from_weights(gates: Vec<Weight>, ups: Vec<Weight>, downs: Vec<Weight>, kind: Kind) -> Self {
+        let size = |w: &Weight| match w {
+            Weight::Dense(t) | Weight::Fp8Block { weight: t, .. } => t.size(),
+        };
+        let (count, [intermediate, hidden]) = match gates.first().map(size).as_deref() {
+            Some(&[rows, columns]) => (gates.len() as i64, [rows, columns]),
+            _ => return Self::Each(Vec::new()),
+        };
+        // The grouped matmul reads rows in steps of 16 bytes.
+        let row_bytes = |n: i64| n * kind.elt_size_in_bytes() as i64 % 16 == 0;
+        let stacked = if row_bytes(hidden) && row_bytes(intermediate) {
+            match (Stacked::stack(&gates), Stacked::stack(&ups), Stacked::stack(&downs)) {
+                (Some(gate), Some(up), Some(down)) => Some((Stacked::fuse(gate, up), down)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        match stacked {
+            Some((gate_up, down)) => Self::Stacked { gate_up, down, intermediate, count },
+            None => {
+                let mlps = gates.into_iter().zip(ups).zip(downs).map(|((g, u), d)| Mlp::from_weights(g, u, d));
+                Self::Each(mlps.collect())
+            }
+        }
+    }
+
+    /// Whether any projection stays FP8 on the device.
+    pub fn is_fp8(&self) -> bool {
+        match self {
+            Self::Stacked { gate_up, down, .. } => down.is_fp8() || gate_up.iter().any(Stacked::is_fp8),
+            Self::Each(mlps) => mlps.iter().any(Mlp::is_fp8),
+        }
+    }
+
+    /// `Σ_k weights[t, k] · experts[chosen[t, k]](x[t])` for every token `t` of `x` (`[tokens,
+    /// hidden]`); `chosen` int64 and `weights` are `[tokens, top_k]`. Rounded as vLLM's fused
+    /// MoE rounds: each expert's output scaled in the wider of its dtype and the weights'
+    /// (float32 weights: in float32) and rounded to `x`'s dtype (its kernel's output cache), the
+    /// `top_k` of a token summed in float32 and rounded once (its `moe_sum`).
+    pub fn mix(&self, x: &Tensor, chosen: &Tensor, weights: &Tensor) -> Tensor {
+        let (gate_up, down, intermediate, count) = match self {
+            Self::Each(mlps) => return mix_experts(x, mlps, chosen, weights),
+            Self::Stacked { gate_up, down, intermediate, count } => (gate_up, down, *intermediate, *count),
+        };
+        let top_k = chosen.size()[1];
+        let flat = chosen.flatten(0, -1);
+        // Assignments in expert order (stable: within an expert, in token order, the order the
+        // host loop adds them in), the token each one reads, and how many each expert serves.
+        let order = flat.argsort_stable(true, 0, false);
+        let tokens = order.divide_scalar_mode(top_k, "floor");
+        let served = Tensor::zeros([count], (Kind::Int64, x.device())).scatter_add(0, &flat, &flat.ones_like());
+        // FP8 experts are widened for the matmul: when the assignments are fewer than the
+        // experts (decoding), only the experts in use are, gathered first in ascending order
+        // (the order the assignments are sorted in) and padded to the assignments' count, a
+        // bound known without asking the device, with unused ones that serve no rows.
+        let assignments = flat.size()[0];
+        let fp8 = down.is_fp8() || gate_up.iter().any(Stacked::is_fp8);
+        let (ids, served) = if fp8 && assignments < count {
+            let ids = served.eq(0).to_kind(Kind::Uint8).argsort_stable(true, 0, false).narrow(0, 0, assignments);
+            let served = served.index_select(0, &ids);
+            (Some(ids), served)
+        } else {
+            (None, served)
+        };
+        let ends = served.cumsum(0, Kind::Int);
+        let grouped = |input: &Tensor, weight: &Stacked| {
+            input.internal_grouped_mm(&weight.widened(ids.as_ref()).transpose(1, 2), Some(&ends), None, None::<Kind>)
+        };
+        let xs = x.index_select(0, &tokens);
+        let gate_up: Vec<Tensor> = gate_up.iter().map(|part| grouped(&xs, part)).collect();
+        let gate_up = Tensor::cat(&gate_up, -1);
+        let gate = gate_up.narrow(-1, 0, intermediate);
+        let up = gate_up.narrow(-1, intermediate, intermediate);
+        let expert_out = grouped(&(gate.silu() * up), down);
+        let slot_weights = weights.flatten(0, -1).index_select(0, &order).unsqueeze(-1);
+        let scaled = (expert_out * slot_weights).to_kind(x.kind());
+        let out = Tensor::zeros(x.size(), (Kind::Float, x.device()));
+        out.index_add(0, &tokens, &scaled.to_kind(Kind::Float)).to_kind(x.kind())
+    }
+}
+
+/// [`Experts::mix`] one expert at a time: which (token, slot) pairs each expert serves is read
+/// on the host, and each expert runs as a dense matmul over just its tokens.
 pub fn mix_experts(x: &Tensor, experts: &[Mlp], chosen: &Tensor, weights: &Tensor) -> Tensor {
     let top_k = chosen.size()[1];
-    // Which (token, slot) pairs each expert serves, on the host: the experts run as dense
-    // matmuls over just their tokens.
     let chosen_host = Vec::<i64>::try_from(chosen.to_device(Device::Cpu).flatten(0, -1)).expect("int64 indices");
     let mut served: Vec<Vec<i64>> = vec![Vec::new(); experts.len()];
     for (pair, &expert) in chosen_host.iter().enumerate() {
@@ -34,4 +237,141 @@ pub fn mix_experts(x: &Tensor, experts: &[Mlp], chosen: &Tensor, weights: &Tenso
         out = out.index_add(0, &tokens, &scaled.to_kind(Kind::Float));
     }
     out.to_kind(x.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HIDDEN: i64 = 64;
+
+    /// Random projections of `count` experts: dense in `kind`, or FP8 in `block`s with random
+    /// factors.
+    fn projections(count: i64, out: i64, input: i64, kind: Kind, block: Option<[i64; 2]>) -> Vec<Weight> {
+        (0..count)
+            .map(|_| {
+                let dense = Tensor::randn([out, input], (Kind::Float, Device::Cpu)) * 0.2;
+                match block {
+                    None => Weight::Dense(dense.to_kind(kind)),
+                    Some(block) => {
+                        let blocks = [(out + block[0] - 1) / block[0], (input + block[1] - 1) / block[1]];
+                        Weight::Fp8Block {
+                            weight: (dense * 4.0).to_kind(Kind::Float8e4m3fn),
+                            scale_inv: Tensor::rand(blocks, (Kind::Float, Device::Cpu)) * 0.5 + 0.05,
+                            block,
+                            kind,
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn copy(weights: &[Weight]) -> Vec<Weight> {
+        weights
+            .iter()
+            .map(|w| match w {
+                Weight::Dense(t) => Weight::Dense(t.copy()),
+                Weight::Fp8Block { weight, scale_inv, block, kind } => {
+                    Weight::Fp8Block { weight: weight.copy(), scale_inv: scale_inv.copy(), block: *block, kind: *kind }
+                }
+            })
+            .collect()
+    }
+
+    /// The same experts stacked and one by one.
+    fn both(count: i64, intermediate: i64, kind: Kind, block: Option<[i64; 2]>) -> (Experts, Experts) {
+        let gates = projections(count, intermediate, HIDDEN, kind, block);
+        let ups = projections(count, intermediate, HIDDEN, kind, block);
+        let downs = projections(count, HIDDEN, intermediate, kind, block);
+        let each: Vec<Mlp> = gates
+            .iter()
+            .zip(&ups)
+            .zip(&downs)
+            .map(|((g, u), d)| {
+                let [g, u, d] = [g, u, d].map(|w| copy(std::slice::from_ref(w)).remove(0));
+                Mlp::from_weights(g, u, d)
+            })
+            .collect();
+        (Experts::from_weights(gates, ups, downs, kind), Experts::Each(each))
+    }
+
+    /// Routing as a router would give it: `top_k` distinct experts per token, out of `pool`.
+    fn routing(tokens: i64, top_k: i64, pool: &[i64], weights_kind: Kind) -> (Tensor, Tensor) {
+        let pool = Tensor::from_slice(pool);
+        let picks: Vec<Tensor> = (0..tokens)
+            .map(|_| {
+                pool.index_select(0, &Tensor::randperm(pool.size()[0], (Kind::Int64, Device::Cpu)).narrow(0, 0, top_k))
+            })
+            .collect();
+        let chosen = Tensor::stack(&picks, 0);
+        let weights = Tensor::rand([tokens, top_k], (Kind::Float, Device::Cpu)).to_kind(weights_kind);
+        (chosen, weights)
+    }
+
+    fn assert_same(stacked: &Experts, each: &Experts, kind: Kind, tokens: i64, pool: &[i64]) {
+        let x = (Tensor::randn([tokens, HIDDEN], (Kind::Float, Device::Cpu))).to_kind(kind);
+        for weights_kind in [kind, Kind::Float] {
+            let (chosen, weights) = routing(tokens, 2, pool, weights_kind);
+            let a = stacked.mix(&x, &chosen, &weights);
+            let b = each.mix(&x, &chosen, &weights);
+            assert_eq!(a.kind(), kind);
+            assert!(
+                a.equal(&b),
+                "{kind:?}, {tokens} tokens, weights {weights_kind:?}: max difference {}",
+                (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max()
+            );
+        }
+    }
+
+    #[test]
+    fn stacked_experts_routed_on_the_device_equal_the_host_loop_to_the_bit() {
+        tch::manual_seed(7);
+        let all: Vec<i64> = (0..8).collect();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (stacked, each) = both(8, 32, kind, None);
+            assert!(
+                matches!(&stacked, Experts::Stacked { gate_up, .. } if gate_up.len() == 1),
+                "dense: one fused part"
+            );
+            // Prefill-sized (every expert used), and with experts that no token chose.
+            assert_same(&stacked, &each, kind, 40, &all);
+            assert_same(&stacked, &each, kind, 40, &[1, 4, 6]);
+            assert_same(&stacked, &each, kind, 1, &all);
+        }
+    }
+
+    #[test]
+    fn fp8_experts_widen_only_the_chosen_ones_while_decoding_and_equal_the_host_loop() {
+        tch::manual_seed(11);
+        let all: Vec<i64> = (0..8).collect();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            // Blocks that line up at the gate/up seam (one part), and ones that do not (two).
+            for (block, parts) in [([16, 32], 1), ([24, 32], 2)] {
+                let (stacked, each) = both(8, 32, kind, Some(block));
+                assert!(stacked.is_fp8() && each.is_fp8());
+                assert!(
+                    matches!(&stacked, Experts::Stacked { gate_up, .. } if gate_up.len() == parts),
+                    "{block:?}: {parts} parts"
+                );
+                // Fewer assignments than experts (1 and 3 tokens of top-2 out of 8): the used
+                // experts are gathered; at 40 tokens all are widened.
+                for tokens in [1, 3, 40] {
+                    assert_same(&stacked, &each, kind, tokens, &all);
+                    assert_same(&stacked, &each, kind, tokens, &[0, 5, 7]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_the_grouped_matmul_cannot_read_keep_one_mlp_per_expert() {
+        // 34 float32 columns are 136 bytes, 20 bfloat16 ones 40: not steps of 16 bytes.
+        for (kind, intermediate) in [(Kind::Float, 34), (Kind::BFloat16, 20)] {
+            let (experts, _) = both(4, intermediate, kind, None);
+            assert!(matches!(experts, Experts::Each(ref mlps) if mlps.len() == 4), "{kind:?} × {intermediate}");
+        }
+        let (experts, _) = both(4, 40, Kind::Float, None);
+        assert!(matches!(experts, Experts::Stacked { count: 4, intermediate: 40, .. }));
+    }
 }

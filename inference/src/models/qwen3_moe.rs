@@ -5,13 +5,12 @@
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use super::moe::mix_experts;
-
+use super::moe::Experts;
 use super::{BlockParts, FeedForward, Transformer, assemble, qwen3};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
-use crate::layers::{Attention, Linear, Mlp};
+use crate::layers::{Attention, Linear, Mlp, QWEN_MLP};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -59,7 +58,7 @@ impl Config {
 
 pub struct SparseMoe {
     router: Linear,
-    experts: Vec<Mlp>,
+    experts: Experts,
     top_k: i64,
     norm_topk_prob: bool,
 }
@@ -68,9 +67,8 @@ impl SparseMoe {
     fn load(w: &Loader<'_>, config: &Config) -> Result<Self, LoadError> {
         let hidden = config.base.base.hidden_size;
         let router = Linear::load(&w.at("gate"), hidden, config.num_experts, false)?;
-        let experts = (0..config.num_experts)
-            .map(|e| Mlp::load(&w.at("experts").at(e), hidden, config.moe_intermediate_size))
-            .collect::<Result<_, _>>()?;
+        let experts =
+            Experts::load(&w.at("experts"), config.num_experts, hidden, config.moe_intermediate_size, QWEN_MLP)?;
         Ok(Self { router, experts, top_k: config.num_experts_per_tok, norm_topk_prob: config.norm_topk_prob })
     }
 }
@@ -84,7 +82,7 @@ impl FeedForward for SparseMoe {
         if self.norm_topk_prob {
             weights = &weights / weights.sum_dim_intlist(-1, true, Kind::Float);
         }
-        mix_experts(x, &self.experts, &chosen, &weights.to_kind(x.kind()))
+        self.experts.mix(x, &chosen, &weights.to_kind(x.kind()))
     }
 }
 
