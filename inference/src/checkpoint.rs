@@ -84,13 +84,13 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// Each tensor's element count, stored size in bytes, and whether it is stored as FP8
-    /// (which the engine keeps as it is).
-    pub fn tensor_sizes(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+    /// Each tensor's name, element count, stored size in bytes, and whether it is stored as
+    /// FP8 (which the engine keeps as it is).
+    pub fn tensor_sizes(&self) -> impl Iterator<Item = (String, u64, u64, bool)> + '_ {
         self.shards.iter().flat_map(|shard| {
-            shard.metadata.tensors().into_values().map(|info| {
+            shard.metadata.tensors().into_iter().map(|(name, info)| {
                 let elements: u64 = info.shape.iter().map(|&d| d as u64).product();
-                (elements, (info.data_offsets.1 - info.data_offsets.0) as u64, info.dtype == Dtype::F8_E4M3)
+                (name, elements, (info.data_offsets.1 - info.data_offsets.0) as u64, info.dtype == Dtype::F8_E4M3)
             })
         })
     }

@@ -62,14 +62,52 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
 
 /// Bytes the weights of the model in `dir` take in `dtype` (their stored dtypes when `None`),
 /// from the checkpoint's headers: what loading will allocate before any activation or cache.
-/// FP8 weights stay FP8 whatever the dtype.
+/// FP8 weights stay FP8 whatever the dtype. Layers past `num_hidden_layers` are not loaded
+/// (MiniMax-M2's and DeepSeek's multi-token-prediction modules, stored as `model.layers.N` after
+/// the last decoder layer, serve speculative decoding, which the engine does not do) and are not
+/// counted: three of MiniMax-M2.7's, about 11 GB.
 pub fn weight_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
+    let layers = read_config(dir)?.get("num_hidden_layers").and_then(Value::as_u64);
     let checkpoint = Checkpoint::open(dir)?;
     Ok(checkpoint
         .tensor_sizes()
-        .map(|(elements, stored_bytes, fp8)| match dtype {
+        .filter(|(name, ..)| layers.is_none_or(|layers| layer_index(name).is_none_or(|i| i < layers)))
+        .map(|(_, elements, stored_bytes, fp8)| match dtype {
             Some(kind) if !fp8 => elements * kind.elt_size_in_bytes() as u64,
             _ => stored_bytes,
         })
         .sum())
+}
+
+/// `N` of a tensor under `model.layers.N.`.
+fn layer_index(name: &str) -> Option<u64> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_past_the_configs_count_are_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4×4 float32 tensors (64 bytes each): two decoder layers, the embedding and an MTP
+        // layer after them.
+        let names = ["model.embed_tokens.weight", "model.layers.0.w", "model.layers.1.w", "model.layers.2.w"];
+        let tensors: Vec<(String, tch::Tensor)> =
+            names.iter().map(|n| (n.to_string(), tch::Tensor::ones([4, 4], (Kind::Float, tch::Device::Cpu)))).collect();
+        tch::Tensor::write_safetensors(&tensors, dir.path().join("model.safetensors")).unwrap();
+        let config = |layers: &str| std::fs::write(dir.path().join("config.json"), layers).unwrap();
+        config(r#"{"num_hidden_layers": 2}"#);
+        assert_eq!(weight_bytes(dir.path(), None).unwrap(), 3 * 64);
+        assert_eq!(weight_bytes(dir.path(), Some(Kind::BFloat16)).unwrap(), 3 * 32);
+        config(r#"{"num_hidden_layers": 3}"#);
+        assert_eq!(weight_bytes(dir.path(), None).unwrap(), 4 * 64);
+        // Without the count, everything.
+        config("{}");
+        assert_eq!(weight_bytes(dir.path(), None).unwrap(), 4 * 64);
+        assert_eq!(layer_index("model.layers.12.mlp.w"), Some(12));
+        assert_eq!(layer_index("model.layersX.1"), None);
+        assert_eq!(layer_index("lm_head.weight"), None);
+    }
 }
