@@ -95,9 +95,11 @@ gpu-kit-check: pyenv
 bench-poc: pyenv
 	bench/run.sh
 
-## Prefill/decode tokens/s and PoC v2 nonces/s of the inference engine next to transformers.
-bench-inference: pyenv
-	bench/inference.sh
+## Prefill/decode tokens/s and PoC v2 nonces/s of the inference engine next to transformers and
+## vLLM: the dense Qwen3, then the mixtures of experts (BENCH_ARCH picks one).
+BENCH_ARCHS ?= $(or $(BENCH_ARCH),qwen3 qwen3_moe minimax_m2)
+bench-inference: pyenv vllm-env
+	for arch in $(BENCH_ARCHS); do BENCH_ARCH=$$arch bench/inference.sh || exit 1; done
 
 ## The install at scale: the chart, the operator as its own process, 1000 kwok nodes, 50
 ## GonkaNodes, 5 minutes at rest (docs/benchmarks.md).

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Inference benchmark: the engine (`gonka-inference-bench`) next to transformers and vLLM (its
-# CPU build, the serving engine hosts would pick instead) on the same random Qwen3 (hidden 512,
-# 8 layers, vocab 32000; float32 on this CPU), the same work on every side (checked: the same
-# next token after the prompt on all three; equal last prefill logits and PoC v2 artifact
-# with transformers), BENCH_RUNS (5) alternated runs each, median and range, the kernels each
-# side ran, written to docs/benchmarks.md with the machine and date. Not a test. vLLM has no
-# PoC v2 of ours to time (upstream's runs in its fork), so its PoC column is empty.
+# CPU build, the serving engine hosts would pick instead) on the same random model (BENCH_ARCH:
+# qwen3, the default, hidden 512, 8 layers, vocab 32000; or qwen3_moe / minimax_m2, the same
+# attention with 32 experts of width 256, top 4; float32 on this CPU), the same work on every
+# side (checked: the same next token after the prompt on all; equal last prefill logits and
+# PoC v2 artifact with transformers), BENCH_RUNS (5) alternated runs each, median and range, the
+# kernels each side ran, written to docs/benchmarks.md with the machine and date. Not a test.
+# vLLM has no PoC v2 of ours to time (upstream's runs in its fork), so its PoC column is empty;
+# BENCH_VLLM=0 leaves it out. BENCH_BEFORE=<an earlier build of gonka-inference-bench> adds it
+# as a side of its own, alternated with the rest (a change measured against what it replaces).
 #
 #   bench/inference.sh [prompt_tokens] [decode_tokens] [batch]     (default: 512 64 8)
 set -euo pipefail
@@ -17,11 +20,14 @@ batch=${3:-8}
 py=$(scripts/pyenv.sh)
 vllm_py=$(scripts/vllm-env.sh)
 export LIBTORCH; LIBTORCH=$(scripts/pyenv.sh --libtorch)
-model=.cache/bench-models/qwen3-bench
+arch=${BENCH_ARCH:-qwen3}
+model=.cache/bench-models/$arch-bench
 if [ ! -f "$model/config.json" ]; then
   mkdir -p "$model"
-  "$py" bench/inference_reference.py "{\"make_model\": true, \"dir\": \"$model\"}"
+  "$py" bench/inference_reference.py "{\"make_model\": true, \"dir\": \"$model\", \"arch\": \"$arch\"}"
 fi
+with_vllm=${BENCH_VLLM:-1}
+before=${BENCH_BEFORE:-}
 cargo build --release --locked -q -p gonka-inference --bin gonka-inference-bench
 # Every side on the same threads (vLLM bound to the same cores, none reserved for its front
 # end); runs alternate (ours, transformers, vLLM, ...) so drift hits all alike.
@@ -35,8 +41,14 @@ for i in $(seq 1 "$runs"); do
   echo "bench: run $i/$runs: gonka-inference ..." >&2
   target/release/gonka-inference-bench "$model" --prompt "$prompt" --decode "$decode" --batch "$batch" \
     --poc-seq-len 256 --poc-batch 8 --poc-nonces 32 >>"$results"
+  if [ -n "$before" ]; then
+    echo "bench: run $i/$runs: gonka-inference before ($before) ..." >&2
+    "$before" "$model" --prompt "$prompt" --decode "$decode" --batch "$batch" \
+      --poc-seq-len 256 --poc-batch 8 --poc-nonces 32 | sed 's/"engine":"gonka-inference/"engine":"before: gonka-inference/' >>"$results"
+  fi
   echo "bench: run $i/$runs: transformers ..." >&2
   "$py" bench/inference_reference.py "$request" >>"$results"
+  [ "$with_vllm" = 1 ] || continue
   echo "bench: run $i/$runs: vLLM ..." >&2
   # vLLM logs on stdout: only the result line goes to the results; its log is kept for the
   # kernels it chose.
@@ -48,24 +60,29 @@ done
 vllm_kernels=$(grep -oE 'CPU unquantized GEMM dispatch: [^"]*|core ids=\[[0-9, ]*\]|Using [A-Za-z_]+ (attention )?backend[^"]*' "$vllm_log" | sort -u | paste -sd ';' -)
 rm -f "$vllm_log" "$vllm_log.run"
 
-"$py" - "$results" "$vllm_kernels" <<'PY'
+"$py" - "$results" "$vllm_kernels" "$model/config.json" "$before" <<'PY'
 import datetime, json, os, platform, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 vllm_kernels = sys.argv[2]
+config = json.load(open(sys.argv[3]))
+before_binary = sys.argv[4]
 ours = [r for r in runs if r["engine"].startswith("gonka-inference")]
+earlier = [r for r in runs if r["engine"].startswith("before: ")]
 theirs = [r for r in runs if r["engine"].startswith("transformers")]
 served = [r for r in runs if r["engine"].startswith("vLLM")]
-assert len(ours) == len(theirs) == len(served), "a side is missing runs"
-# Equal work, checked before any figure: the same next token after the prompt on all three,
+assert len(ours) == len(theirs) and len(served) in (0, len(ours)) and len(earlier) in (0, len(ours)), "a side is missing runs"
+# Equal work, checked before any figure: the same next token after the prompt on every side,
 # the same last prefill logits and the same PoC v2 artifact for the warm-up nonce with
 # transformers (float32 on this CPU; the artifact through float16).
-for a, b, c in zip(ours, theirs, served):
-    assert a["prefill_next_token"] == b["prefill_next_token"] == c["prefill_next_token"], \
-        f"next tokens differ: ours {a['prefill_next_token']}, transformers {b['prefill_next_token']}, vLLM {c['prefill_next_token']}"
-    dl = max(abs(x - y) for x, y in zip(a["prefill_last_logits"], b["prefill_last_logits"]))
-    da = max(abs(x - y) for x, y in zip(a["poc_warmup_artifact"], b["poc_warmup_artifact"]))
-    assert dl < 1e-3 * max(1.0, max(abs(x) for x in b["prefill_last_logits"])), f"prefill logits differ by {dl}"
-    assert da < 2e-3, f"PoC v2 artifacts differ by {da}"
+for i, (a, b) in enumerate(zip(ours, theirs)):
+    others = [side[i] for side in (earlier, served) if side]
+    tokens = {r["engine"]: r["prefill_next_token"] for r in [a, b, *others]}
+    assert len(set(tokens.values())) == 1, f"next tokens differ: {tokens}"
+    for c in [a, *earlier[i:i + 1]]:
+        dl = max(abs(x - y) for x, y in zip(c["prefill_last_logits"], b["prefill_last_logits"]))
+        da = max(abs(x - y) for x, y in zip(c["poc_warmup_artifact"], b["poc_warmup_artifact"]))
+        assert dl < 1e-3 * max(1.0, max(abs(x) for x in b["prefill_last_logits"])), f"{c['engine']}: prefill logits differ by {dl}"
+        assert da < 2e-3, f"{c['engine']}: PoC v2 artifacts differ by {da}"
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 machine = f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.system()} {platform.release()}"
 keys = ["prefill_tokens_per_second", "decode_tokens_per_second", "batch_decode_tokens_per_second", "poc_nonces_per_second"]
@@ -90,20 +107,33 @@ def verdicts(other):
     return " · ".join(out)
 kernel_text = lambda r: ", ".join(k for k, on in r["kernels"].items() if on) or "none"
 o = ours[0]
+arch = config["architectures"][0].removesuffix("ForCausalLM")
+experts = config.get("num_experts") or config.get("num_local_experts")
+if experts:
+    width = config.get("moe_intermediate_size") or config["intermediate_size"]
+    arch += f" (mixture of experts: {experts} of width {width}, top {config['num_experts_per_tok']})"
+threads_and_kernels = f"Threads: {o['threads']} on every side"
+if served:
+    threads_and_kernels += f", vLLM's compute bound to cores {served[0]['cores']} (none reserved for its front end, which by default takes one)"
+threads_and_kernels += f". Kernels: ours libtorch ({kernel_text(o)}); transformers PyTorch ({kernel_text(theirs[0])})"
+if served:
+    threads_and_kernels += f"; vLLM PyTorch ({kernel_text(served[0])}) under its own CPU ops, its log: {vllm_kernels or 'nothing on its kernels'}"
+threads_and_kernels += "."
+sides = f"{len(ours)} runs per side, alternated"
+if earlier:
+    sides += f"; the engine before the change (`{before_binary}`) a side of its own"
 section = f"""
 ## Inference and PoC v2, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model: random Qwen3, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers). {len(ours)} runs per side, alternated, median (min–max); all three gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. Threads: {o['threads']} on every side, vLLM's compute bound to cores {served[0]['cores']} (none reserved for its front end, which by default takes one). Kernels: ours libtorch ({kernel_text(o)}); transformers PyTorch ({kernel_text(theirs[0])}); vLLM PyTorch ({kernel_text(served[0])}) under its own CPU ops, its log: {vllm_kernels or "nothing on its kernels"}.
+Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
 
 | engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s |
 |---|---|---|---|---|---|---|
 {row(ours)}
-{row(theirs)}
-{row(served)}
-
+""" + (f"{row(earlier)}\n" if earlier else "") + f"""{row(theirs)}
+""" + (f"{row(served)}\n" if served else "") + (f"\nOurs / before: {verdicts(earlier)}." if earlier else "") + f"""
 Ours / transformers: {verdicts(theirs)}.
-Ours / vLLM: {verdicts(served)}.
-"""
+""" + (f"Ours / vLLM: {verdicts(served)}.\n" if served else "")
 path = "docs/benchmarks.md"
 text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
 open(path, "w").write(text + section)

@@ -8,7 +8,7 @@ bench compares with the engine's before it reports anything. One JSON line.
     python inference_reference.py '{"dir": "...", "prompt": 512, "decode": 64, "batch": 8,
                                     "poc_seq_len": 256, "poc_batch": 8, "poc_nonces": 32}'
 
-Also `make_model`: writes the benchmark's random Qwen3 checkpoint. `device` and `dtype` in the
+Also `make_model`: writes the benchmark's random checkpoint (`arch`: qwen3, qwen3_moe, minimax_m2). `device` and `dtype` in the
 request (the GPU kit: `"cuda"`, `"bfloat16"`) run it there and in that precision.
 """
 
@@ -24,13 +24,38 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "inference", "t
 import poc_v2_reference as poc  # noqa: E402
 
 
-def make_model(directory):
-    config = transformers.Qwen3Config(
-        vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+def make_model(directory, arch="qwen3"):
+    """The benchmark's random checkpoint: Qwen3 (hidden 512, 8 layers, head_dim 64), or a mixture
+    of experts of the same attention (32 experts of width 256, top 4 per token: the released
+    models' shape scaled down): Qwen3-MoE, or MiniMax-M2 (partial rotary, sigmoid router with a
+    correction bias)."""
+    common = dict(
+        vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(directory)
+    if arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(intermediate_size=1536, **common))
+    elif arch == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            intermediate_size=1536, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
+            norm_topk_prob=True, **common,
+        )
+        model = transformers.Qwen3MoeForCausalLM(config)
+    elif arch == "minimax_m2":
+        config = transformers.MiniMaxM2Config(
+            intermediate_size=256, num_local_experts=32, num_experts_per_tok=4, rotary_dim=32, bos_token_id=1,
+            eos_token_id=2, **common,
+        )
+        model = transformers.MiniMaxM2ForCausalLM(config)
+        with torch.no_grad():
+            # A correction bias that changes choices, as a trained one does (the default is zeros).
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith("e_score_correction_bias"):
+                    tensor.uniform_(-0.05, 0.05)
+    else:
+        raise SystemExit(f"unknown arch {arch!r} (qwen3, qwen3_moe, minimax_m2)")
+    model.save_pretrained(directory)
 
 
 def kernels():
@@ -53,7 +78,7 @@ def tokens(n, vocab, seed):
 def main():
     req = json.loads(sys.argv[1])
     if req.get("make_model"):
-        make_model(req["dir"])
+        make_model(req["dir"], req.get("arch", "qwen3"))
         return
     device = torch.device(req.get("device", "cpu"))
     dtype = getattr(torch, req["dtype"]) if req.get("dtype") else None
