@@ -56,6 +56,12 @@ def make_model(directory, arch="qwen3"):
     else:
         raise SystemExit(f"unknown arch {arch!r} (qwen3, qwen3_moe, minimax_m2)")
     model.save_pretrained(directory)
+    if arch == "minimax_m2":
+        # The released config's router spelling, which vLLM reads and transformers does not write.
+        path = os.path.join(directory, "config.json")
+        config = json.load(open(path))
+        config.update(scoring_func="sigmoid", use_routing_bias=True)
+        json.dump(config, open(path, "w"), indent=2)
 
 
 def kernels():

@@ -30,6 +30,8 @@ pub enum LoadError {
     Shape { name: String, expected: Vec<i64>, found: Vec<i64> },
     #[error("tensor {name} is stored as {dtype}, which this engine does not load")]
     TensorDtype { name: String, dtype: String },
+    #[error("placing the layers: {0}")]
+    Placement(#[from] crate::placement::PlacementError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

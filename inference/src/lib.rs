@@ -18,6 +18,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod models;
+pub mod placement;
 pub mod poc_v2;
 pub mod sampling;
 pub mod tokenizer;

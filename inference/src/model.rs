@@ -8,7 +8,8 @@ use tch::{Device, Kind};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Architecture, declared_kind, fp8_block};
 use crate::error::LoadError;
-use crate::models::{Transformer, minimax_m2, qwen2, qwen3, qwen3_moe};
+use crate::models::{ModelSpec, Transformer, minimax_m2, qwen2, qwen3, qwen3_moe};
+use crate::placement::{LayerBytes, layer_devices};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -17,11 +18,14 @@ pub struct LoadOptions {
     pub dtype: Option<Kind>,
     /// The devices the layers spread over, in order.
     pub devices: Vec<Device>,
+    /// How many layers each of `devices` takes (a [`crate::placement::Placement`]'s runs);
+    /// `None`: as even as they divide.
+    pub layers_per_device: Option<Vec<usize>>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, devices: vec![Device::Cpu] }
+        Self { dtype: None, devices: vec![Device::Cpu], layers_per_device: None }
     }
 }
 
@@ -32,30 +36,56 @@ pub fn read_config(dir: &Path) -> Result<Value, LoadError> {
     serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })
 }
 
+/// The dtype a model runs in: `dtype`, else the one its config declares, else float32.
+fn run_kind(config: &Value, dtype: Option<Kind>) -> Result<Kind, LoadError> {
+    Ok(match dtype {
+        Some(kind) => kind,
+        None => declared_kind(config)?.unwrap_or(Kind::Float),
+    })
+}
+
+/// The shapes of the model in `dir` run in `dtype`, from its config alone (what a placement
+/// needs before anything is loaded: a token's KV bytes, a forward's activations).
+pub fn spec(dir: &Path, dtype: Option<Kind>) -> Result<ModelSpec, LoadError> {
+    let config = read_config(dir)?;
+    let architecture = Architecture::from_config(&config)?;
+    let kind = run_kind(&config, dtype)?;
+    let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
+    let shape = match architecture {
+        Architecture::Qwen2 => qwen2::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
+        Architecture::Qwen3 => qwen3::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
+        Architecture::Qwen3Moe => qwen3_moe::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
+        Architecture::MiniMaxM2 => minimax_m2::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
+    };
+    Ok(shape.spec)
+}
+
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError> {
     let config = read_config(dir)?;
     let architecture = Architecture::from_config(&config)?;
-    let kind = match options.dtype {
-        Some(kind) => kind,
-        None => declared_kind(&config)?.unwrap_or(Kind::Float),
-    };
+    let kind = run_kind(&config, options.dtype)?;
     let devices = if options.devices.is_empty() { vec![Device::Cpu] } else { options.devices.clone() };
+    let layers = config
+        .get("num_hidden_layers")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| LoadError::InvalidConfig("num_hidden_layers is missing".into()))?;
+    let placed = layer_devices(layers as usize, &devices, options.layers_per_device.as_deref())?;
     let block = fp8_block(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
-    let root = Loader::new(&checkpoint, kind, devices[0]).with_fp8_block(block);
+    let root = Loader::new(&checkpoint, kind, placed.first().copied().unwrap_or(devices[0])).with_fp8_block(block);
     let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
     match architecture {
         Architecture::Qwen2 => {
-            qwen2::load(&serde_json::from_value::<qwen2::Config>(config).map_err(parse)?, &root, &devices)
+            qwen2::load(&serde_json::from_value::<qwen2::Config>(config).map_err(parse)?, &root, &placed)
         }
         Architecture::Qwen3 => {
-            qwen3::load(&serde_json::from_value::<qwen3::Config>(config).map_err(parse)?, &root, &devices)
+            qwen3::load(&serde_json::from_value::<qwen3::Config>(config).map_err(parse)?, &root, &placed)
         }
         Architecture::Qwen3Moe => {
-            qwen3_moe::load(&serde_json::from_value::<qwen3_moe::Config>(config).map_err(parse)?, &root, &devices)
+            qwen3_moe::load(&serde_json::from_value::<qwen3_moe::Config>(config).map_err(parse)?, &root, &placed)
         }
         Architecture::MiniMaxM2 => {
-            minimax_m2::load(&serde_json::from_value::<minimax_m2::Config>(config).map_err(parse)?, &root, &devices)
+            minimax_m2::load(&serde_json::from_value::<minimax_m2::Config>(config).map_err(parse)?, &root, &placed)
         }
     }
 }
@@ -67,16 +97,38 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
 /// the last decoder layer, serve speculative decoding, which the engine does not do) and are not
 /// counted: three of MiniMax-M2.7's, about 11 GB.
 pub fn weight_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
-    let layers = read_config(dir)?.get("num_hidden_layers").and_then(Value::as_u64);
+    Ok(layer_bytes(dir, dtype)?.total())
+}
+
+/// [`weight_bytes`] by where loading puts them: each decoder layer's, the embedding's (and
+/// anything else outside the layers), and the head's (`lm_head`, the final norm), for a
+/// [`crate::placement::plan`].
+pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadError> {
+    let config = read_config(dir)?;
+    let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
     let checkpoint = Checkpoint::open(dir)?;
-    Ok(checkpoint
-        .tensor_sizes()
-        .filter(|(name, ..)| layers.is_none_or(|layers| layer_index(name).is_none_or(|i| i < layers)))
-        .map(|(_, elements, stored_bytes, fp8)| match dtype {
+    let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false)
+        && !checkpoint.contains("lm_head.weight");
+    let mut bytes = LayerBytes { embedding: 0, layers: vec![0; counted.unwrap_or(0) as usize], head: 0, tied };
+    for (name, elements, stored_bytes, fp8) in checkpoint.tensor_sizes() {
+        let size = match dtype {
             Some(kind) if !fp8 => elements * kind.elt_size_in_bytes() as u64,
             _ => stored_bytes,
-        })
-        .sum())
+        };
+        match layer_index(&name) {
+            Some(i) if counted.is_some_and(|layers| i >= layers) => {}
+            Some(i) => {
+                let i = i as usize;
+                if bytes.layers.len() <= i {
+                    bytes.layers.resize(i + 1, 0);
+                }
+                bytes.layers[i] += size;
+            }
+            None if name.starts_with("lm_head.") || name.starts_with("model.norm.") => bytes.head += size,
+            None => bytes.embedding += size,
+        }
+    }
+    Ok(bytes)
 }
 
 /// `N` of a tensor under `model.layers.N.`.
@@ -109,5 +161,38 @@ mod tests {
         assert_eq!(layer_index("model.layers.12.mlp.w"), Some(12));
         assert_eq!(layer_index("model.layersX.1"), None);
         assert_eq!(layer_index("lm_head.weight"), None);
+    }
+
+    #[test]
+    fn layer_bytes_sort_tensors_where_loading_puts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensor = |n: i64| tch::Tensor::ones([n], (Kind::Float, tch::Device::Cpu));
+        let write = |tensors: &[(&str, i64)]| {
+            let tensors: Vec<(String, tch::Tensor)> =
+                tensors.iter().map(|(n, len)| (n.to_string(), tensor(*len))).collect();
+            tch::Tensor::write_safetensors(&tensors, dir.path().join("model.safetensors")).unwrap();
+        };
+        std::fs::write(dir.path().join("config.json"), r#"{"num_hidden_layers": 2, "tie_word_embeddings": true}"#)
+            .unwrap();
+        write(&[
+            ("model.embed_tokens.weight", 10),
+            ("model.layers.0.a", 3),
+            ("model.layers.0.b", 4),
+            ("model.layers.1.a", 5),
+            ("model.layers.2.mtp", 100),
+            ("model.norm.weight", 2),
+        ]);
+        let bytes = layer_bytes(dir.path(), None).unwrap();
+        assert_eq!(bytes, LayerBytes { embedding: 40, layers: vec![28, 20], head: 8, tied: true });
+        assert_eq!(weight_bytes(dir.path(), None).unwrap(), 96);
+        // A stored lm_head is the head, tied or not, and is no copy of the embedding.
+        write(&[
+            ("model.embed_tokens.weight", 10),
+            ("model.layers.0.a", 3),
+            ("model.layers.1.a", 5),
+            ("lm_head.weight", 10),
+        ]);
+        let bytes = layer_bytes(dir.path(), Some(Kind::BFloat16)).unwrap();
+        assert_eq!(bytes, LayerBytes { embedding: 20, layers: vec![6, 10], head: 20, tied: false });
     }
 }

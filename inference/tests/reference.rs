@@ -9,7 +9,8 @@ use std::path::Path;
 
 use common::run_reference;
 use gonka_inference::generate::greedy;
-use gonka_inference::model::weight_bytes;
+use gonka_inference::model::{layer_bytes, weight_bytes};
+use gonka_inference::placement;
 use gonka_inference::{LoadOptions, Output, Step, StepInput, Transformer, load};
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
@@ -103,8 +104,27 @@ fn qwen3_moe_matches_transformers() {
 /// expert names under `block_sparse_moe`.
 #[test]
 fn minimax_m2_matches_transformers() {
-    let (_, model) = check("minimax_m2", json!({"shard_size": "100KB"}), 1e-5);
+    let (dir, model) = check("minimax_m2", json!({"shard_size": "100KB"}), 1e-5);
     assert_eq!((model.spec.head_dim, model.spec.layers), (32, 3));
+    // Placed by a plan over two CPU "devices" with room for a little over half the weights
+    // each (the arithmetic a GPU placement runs): split, and the same logits.
+    let bytes = layer_bytes(dir.path(), None).unwrap();
+    let room = bytes.total() / 2 + bytes.layers[0];
+    let runs = placement::plan(&bytes, 0, &[room, room]).unwrap().layers_per_device();
+    assert!(runs.len() == 2 && runs.iter().all(|&n| n > 0) && runs.iter().sum::<usize>() == 3, "{runs:?}");
+    let options = |runs: Vec<usize>| LoadOptions {
+        devices: vec![tch::Device::Cpu, tch::Device::Cpu],
+        layers_per_device: Some(runs),
+        ..LoadOptions::default()
+    };
+    let placed = load(dir.path(), &options(runs)).unwrap();
+    assert!(prompt_logits(&placed, &PROMPT).equal(&prompt_logits(&model, &PROMPT)));
+    // Runs that do not cover the layers are refused, not guessed at.
+    let refused = load(dir.path(), &options(vec![1, 1])).err().expect("two of three layers placed");
+    assert!(
+        refused.to_string().contains("a placement of 2 layers over 2 devices for a model of 3 layers"),
+        "{refused}"
+    );
 }
 
 /// The released checkpoints' config.json: `rope_theta` and `rotary_dim` at the top level (no

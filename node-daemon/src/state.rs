@@ -186,9 +186,8 @@ impl AppState {
         let probe = self.probe.clone();
         let gpus = tokio::task::spawn_blocking(move || probe.snapshot()).await.unwrap_or_default();
         let devices: Vec<_> = gpus.iter().map(|g| g.to_device()).collect();
-        let free: u64 = devices.iter().filter_map(|d| d.free_memory_mb).map(|mb| mb * 1024 * 1024).sum();
         crate::inference::manager::GpuOffer {
-            free_bytes: (!devices.is_empty()).then_some(free),
+            free_per_gpu: devices.iter().filter_map(|d| d.free_memory_mb).map(|mb| mb * 1024 * 1024).collect(),
             available: devices.iter().filter(|d| d.is_available).map(|d| d.index).collect(),
         }
     }

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use super::moe::Experts;
-use super::{BlockParts, FeedForward, Transformer, assemble, qwen2};
+use super::{BlockParts, FeedForward, StackShape, Transformer, assemble, qwen2};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
@@ -152,17 +152,24 @@ impl FeedForward for SparseMoe {
     }
 }
 
-pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
+/// The stack's shape in `kind`, from the config alone.
+pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
     config.validate()?;
     let base = &config.base;
-    let mut shape = base.stack_shape(Architecture::MiniMaxM2, w.kind())?;
+    let mut shape = base.stack_shape(Architecture::MiniMaxM2, kind)?;
     let rope = base.rope.resolve(base.max_position_embeddings as usize)?;
     shape.rotary = Rotary::new(&rope, config.rotary_dim()?);
     // A routed token goes through top-k experts plus a router row.
     shape.spec.intermediate_size = config.num_experts_per_tok * base.intermediate_size + config.num_local_experts;
+    Ok(shape)
+}
+
+pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transformer, LoadError> {
+    let base = &config.base;
+    let shape = shape(config, w.kind())?;
     let kind =
         AttentionKind { qkv_bias: false, o_bias: false, qk_norm: Some(QkNorm::AllHeads { eps: base.rms_norm_eps }) };
-    assemble(shape, w, devices, |_, layer| -> Result<BlockParts, LoadError> {
+    assemble(shape, w, placed, |_, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(&layer.at("self_attn"), base.hidden_size, base.attention_shape(), kind)?;
         let moe: Box<dyn FeedForward> = Box::new(SparseMoe::load(&layer.at("block_sparse_moe"), config)?);
         Ok((attention, moe))

@@ -197,16 +197,23 @@ pub struct StackShape {
 /// A block's attention and feed-forward, as one architecture builds them.
 pub type BlockParts = (Attention, Box<dyn FeedForward>);
 
-/// Loads the shared stack from `w` (the checkpoint's root) with the layers spread over
-/// `devices`; `block` builds layer `i`'s attention and feed-forward from its loader.
+/// Loads the shared stack from `w` (the checkpoint's root), layer `i` on `placed[i]` (the
+/// embedding with the first, the final norm and LM head with the last); `block` builds layer
+/// `i`'s attention and feed-forward from its loader.
 pub fn assemble(
     shape: StackShape,
     w: &Loader<'_>,
-    devices: &[Device],
+    placed: &[Device],
     block: impl Fn(usize, &Loader<'_>) -> Result<BlockParts, LoadError>,
 ) -> Result<Transformer, LoadError> {
     let StackShape { spec, rms_norm_eps, tie_word_embeddings, rotary } = shape;
-    let placed = layer_devices(spec.layers, devices);
+    if placed.len() != spec.layers {
+        return Err(LoadError::InvalidConfig(format!(
+            "{} layers placed on devices for a model of {}",
+            placed.len(),
+            spec.layers
+        )));
+    }
     let first = placed.first().copied().unwrap_or(w.device());
     let last = placed.last().copied().unwrap_or(w.device());
     let model = w.at("model");
@@ -231,30 +238,4 @@ pub fn assemble(
         Linear::load(&w.at("lm_head").on(last), spec.hidden_size, spec.vocab_size, false)?
     };
     Ok(Transformer { spec, embed_tokens, blocks, norm, lm_head, rotary })
-}
-
-/// Which device each of `layers` layers runs on: contiguous runs, as even as they divide
-/// (the embedding goes with the first layer, the final norm and LM head with the last).
-pub fn layer_devices(layers: usize, devices: &[Device]) -> Vec<Device> {
-    let n = devices.len().max(1);
-    (0..layers).map(|i| devices.get(i * n / layers.max(1)).copied().unwrap_or(Device::Cpu)).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layers_split_in_contiguous_runs() {
-        let gpus = [Device::Cuda(0), Device::Cuda(1), Device::Cuda(2)];
-        let placed = layer_devices(8, &gpus);
-        assert_eq!(placed.iter().filter(|d| **d == Device::Cuda(0)).count(), 3);
-        assert_eq!(placed.iter().filter(|d| **d == Device::Cuda(2)).count(), 2);
-        assert!(
-            placed
-                .windows(2)
-                .all(|w| w[0] == w[1] || gpus.iter().position(|g| *g == w[0]) < gpus.iter().position(|g| *g == w[1]))
-        );
-        assert_eq!(layer_devices(4, &[Device::Cpu]), vec![Device::Cpu; 4]);
-    }
 }

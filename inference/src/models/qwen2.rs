@@ -114,11 +114,16 @@ impl Config {
     }
 }
 
-pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
-    let shape = config.stack_shape(Architecture::Qwen2, w.kind())?;
+/// The stack's shape in `kind`, from the config alone.
+pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
+    config.stack_shape(Architecture::Qwen2, kind)
+}
+
+pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transformer, LoadError> {
+    let shape = shape(config, w.kind())?;
     // Qwen2 always biases q/k/v and never the output projection.
     let kind = AttentionKind { qkv_bias: true, o_bias: false, qk_norm: None };
-    assemble(shape, w, devices, |_, layer| -> Result<BlockParts, LoadError> {
+    assemble(shape, w, placed, |_, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(&layer.at("self_attn"), config.hidden_size, config.attention_shape(), kind)?;
         let mlp: Box<dyn FeedForward> =
             Box::new(Mlp::load(&layer.at("mlp"), config.hidden_size, config.intermediate_size)?);

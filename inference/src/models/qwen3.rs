@@ -3,9 +3,9 @@
 //! (transformers' `modeling_qwen3.py`).
 
 use serde::Deserialize;
-use tch::Device;
+use tch::{Device, Kind};
 
-use super::{BlockParts, FeedForward, Transformer, assemble, qwen2};
+use super::{BlockParts, FeedForward, StackShape, Transformer, assemble, qwen2};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
@@ -29,10 +29,15 @@ impl Config {
     }
 }
 
-pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
+/// The stack's shape in `kind`, from the config alone.
+pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
+    config.base.stack_shape(Architecture::Qwen3, kind)
+}
+
+pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transformer, LoadError> {
     let base = &config.base;
-    let shape = base.stack_shape(Architecture::Qwen3, w.kind())?;
-    assemble(shape, w, devices, |_, layer| -> Result<BlockParts, LoadError> {
+    let shape = shape(config, w.kind())?;
+    assemble(shape, w, placed, |_, layer| -> Result<BlockParts, LoadError> {
         let attention =
             Attention::load(&layer.at("self_attn"), base.hidden_size, base.attention_shape(), config.attention_kind())?;
         let mlp: Box<dyn FeedForward> =

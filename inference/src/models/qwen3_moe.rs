@@ -6,7 +6,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use super::moe::Experts;
-use super::{BlockParts, FeedForward, Transformer, assemble, qwen3};
+use super::{BlockParts, FeedForward, StackShape, Transformer, assemble, qwen3};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
@@ -86,14 +86,21 @@ impl FeedForward for SparseMoe {
     }
 }
 
-pub fn load(config: &Config, w: &Loader<'_>, devices: &[Device]) -> Result<Transformer, LoadError> {
+/// The stack's shape in `kind`, from the config alone.
+pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
     config.validate()?;
     let base = &config.base.base;
-    let mut shape = base.stack_shape(Architecture::Qwen3Moe, w.kind())?;
+    let mut shape = base.stack_shape(Architecture::Qwen3Moe, kind)?;
     // A routed token goes through top-k experts (plus a router row), a dense layer's MLP once.
     shape.spec.intermediate_size =
         base.intermediate_size.max(config.num_experts_per_tok * config.moe_intermediate_size + config.num_experts);
-    assemble(shape, w, devices, |i, layer| -> Result<BlockParts, LoadError> {
+    Ok(shape)
+}
+
+pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transformer, LoadError> {
+    let base = &config.base.base;
+    let shape = shape(config, w.kind())?;
+    assemble(shape, w, placed, |i, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(
             &layer.at("self_attn"),
             base.hidden_size,

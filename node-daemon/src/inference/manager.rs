@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 
 use gonka_inference::config::Architecture;
 use gonka_inference::engine::{Engine, EngineOptions, InferenceEngine};
+use gonka_inference::placement::{self, LayerBytes, Placement};
 use gonka_inference::tokenizer::ChatTokenizer;
-use gonka_inference::{LoadOptions, config::parse_dtype};
+use gonka_inference::{LoadOptions, ModelSpec, config::parse_dtype};
 use gonka_protocol::daemon_config::ModelEngine;
 use gonka_protocol::ml_node::InferenceUpRequest;
 use serde::Serialize;
@@ -47,8 +48,9 @@ pub struct InferenceSettings {
 /// What the GPUs offer a start-up, from NVML.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOffer {
-    /// Memory free on them; `None` without GPUs.
-    pub free_bytes: Option<u64>,
+    /// Memory free on each, in NVML's order (the native engine plans its layers with it; empty
+    /// without GPUs).
+    pub free_per_gpu: Vec<u64>,
     /// The available GPUs' NVML indices (vLLM instances get blocks of them).
     pub available: Vec<u32>,
 }
@@ -119,7 +121,7 @@ pub fn choose_engine(
 
 /// A start-up under way: what it will run.
 enum Prepared {
-    Native(Box<(InferenceSettings, InferenceUpRequest, Option<u64>)>),
+    Native(Box<(InferenceSettings, InferenceUpRequest, Vec<u64>)>),
     Vllm(Arc<VllmServer>, std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>),
 }
 
@@ -335,9 +337,9 @@ impl InferenceManager {
             let loaded = match prepared {
                 Err(e) => Err(e),
                 Ok(Prepared::Native(native)) => {
-                    let (settings, request, free_bytes) = *native;
+                    let (settings, request, free_per_gpu) = *native;
                     let model = request.model.clone();
-                    tokio::task::spawn_blocking(move || bring_up_native(&settings, &request, free_bytes))
+                    tokio::task::spawn_blocking(move || bring_up_native(&settings, &request, &free_per_gpu))
                         .await
                         .unwrap_or_else(|e| Err(format!("loading {model} panicked: {e}")))
                         .map(|served| Backend::Native(Arc::new(served)))
@@ -457,7 +459,7 @@ impl InferenceManager {
                 )?;
                 Ok(Prepared::Vllm(server, Box::pin(started)))
             }
-            _ => Ok(Prepared::Native(Box::new((settings.clone(), request, gpus.free_bytes)))),
+            _ => Ok(Prepared::Native(Box::new((settings.clone(), request, gpus.free_per_gpu)))),
         }
     }
 
@@ -691,10 +693,54 @@ fn devices(allow_cpu: bool) -> Result<Vec<Device>, String> {
     }
 }
 
+/// How the native engine lays a model over the ML node's GPUs.
+#[derive(Debug)]
+struct GpuPlan {
+    placement: Placement,
+    /// The KV cache's budget, all GPUs together: the tokens the placement fits on every layer.
+    kv_cache_bytes: u64,
+    /// What the weights leave on the tightest GPU holding layers (a forward's activations pass
+    /// through every one of them).
+    working_memory: u64,
+}
+
+/// Plans `bytes` over GPUs with `free_per_gpu` free: each may use `utilization` of it, less
+/// `activations` (one forward's, on whichever GPU runs it), for its run of layers and their
+/// KV cache. Pure, for tests on the released models' shapes.
+fn plan_on_gpus(
+    model: &str,
+    bytes: &LayerBytes,
+    spec: &ModelSpec,
+    free_per_gpu: &[u64],
+    utilization: f64,
+    activations: u64,
+) -> Result<GpuPlan, String> {
+    let share = |free: u64| (free as f64 * utilization) as u64;
+    let usable: Vec<u64> = free_per_gpu.iter().map(|&free| share(free).saturating_sub(activations)).collect();
+    let kv_per_layer = spec.kv_bytes_per_token() / spec.layers.max(1) as u64;
+    let placement = placement::plan(bytes, kv_per_layer, &usable).map_err(|e| {
+        format!(
+            "{model} does not fit this ML node's GPUs: {e}; each GPU offers {utilization} of its free memory \
+             (--gpu-memory-utilization) less {:.1} GiB for a forward's activations",
+            activations as f64 / (1u64 << 30) as f64
+        )
+    })?;
+    let working_memory = placement
+        .shares
+        .iter()
+        .zip(free_per_gpu)
+        .filter(|(s, _)| !s.layers.is_empty())
+        .map(|(s, &free)| share(free).saturating_sub(s.weight_bytes))
+        .min()
+        .unwrap_or(0);
+    let kv_cache_bytes = placement.kv_tokens.saturating_mul(spec.kv_bytes_per_token());
+    Ok(GpuPlan { placement, kv_cache_bytes, working_memory })
+}
+
 fn bring_up_native(
     settings: &InferenceSettings,
     request: &InferenceUpRequest,
-    free_gpu_bytes: Option<u64>,
+    free_per_gpu: &[u64],
 ) -> Result<Served, String> {
     let directory = resolve_model(settings.models_dir.as_deref(), &request.model)?;
     let dtype = match request.dtype.as_str() {
@@ -704,35 +750,6 @@ fn bring_up_native(
     let args = parse_args(&request.additional_args)?;
     if !args.ignored.is_empty() {
         tracing::info!(ignored = ?args.ignored, "vLLM arguments this engine does not use");
-    }
-    let devices = devices(settings.allow_cpu)?;
-    // On GPUs, what NVML shows free: the weights must fit it (read from the checkpoint's
-    // headers before anything is allocated), and the KV cache's budget comes from it.
-    let gpu_free = free_gpu_bytes.filter(|_| devices.iter().all(|d| d.is_cuda()));
-    let weights = match gpu_free {
-        Some(free) => {
-            let needed = gonka_inference::model::weight_bytes(&directory, dtype).map_err(|e| e.to_string())?;
-            if needed > free {
-                return Err(format!(
-                    "{} needs {:.1} GiB for its weights alone; the GPUs have {:.1} GiB free",
-                    request.model,
-                    needed as f64 / (1u64 << 30) as f64,
-                    free as f64 / (1u64 << 30) as f64
-                ));
-            }
-            needed
-        }
-        None => 0,
-    };
-    let device_count = devices.len() as u64;
-    let model = gonka_inference::load(&directory, &LoadOptions { dtype, devices }).map_err(|e| e.to_string())?;
-    let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
-    if tokenizer.vocab_size() as i64 > model.spec.vocab_size {
-        return Err(format!(
-            "the tokenizer has {} tokens, the model's vocabulary {}",
-            tokenizer.vocab_size(),
-            model.spec.vocab_size
-        ));
     }
     let mut options = settings.engine.clone();
     if let Some(len) = args.max_model_len {
@@ -744,23 +761,48 @@ fn bring_up_native(
     if let Some(n) = args.max_num_batched_tokens {
         options.max_step_tokens = n;
     }
-    // What the weights leave of the share of GPU memory the engine may use (NVML's free memory
-    // before loading); on the CPU, nothing is reserved unless --kv-cache-memory-bytes says so.
-    let working_memory = gpu_free.map(|free| {
-        let usable = free as f64 * args.gpu_memory_utilization.unwrap_or(GPU_MEMORY_UTILIZATION);
-        (usable as u64).saturating_sub(weights)
-    });
+    let devices = devices(settings.allow_cpu)?;
+    let device_count = devices.len() as u64;
+    // On GPUs, the layers are placed with what NVML shows free on each (read from the
+    // checkpoint's headers before anything is allocated): every GPU's run of layers, and the
+    // KV cache's budget, fit it. NVML's GPUs are CUDA's here; should the counts differ, each is
+    // taken to have an equal part of the total.
+    let gpu_plan = if !free_per_gpu.is_empty() && devices.iter().all(|d| d.is_cuda()) {
+        let free = if free_per_gpu.len() == devices.len() {
+            free_per_gpu.to_vec()
+        } else {
+            vec![free_per_gpu.iter().sum::<u64>() / device_count.max(1); devices.len()]
+        };
+        let spec = gonka_inference::model::spec(&directory, dtype).map_err(|e| e.to_string())?;
+        let bytes = gonka_inference::model::layer_bytes(&directory, dtype).map_err(|e| e.to_string())?;
+        // A step's activations: a prefill chunk of max_step_tokens and the logits of every
+        // running sequence.
+        let step = options.max_step_tokens as u64;
+        let activations = spec.forward_bytes(step, step * step, options.max_sequences as u64);
+        let utilization = args.gpu_memory_utilization.unwrap_or(GPU_MEMORY_UTILIZATION);
+        let plan = plan_on_gpus(&request.model, &bytes, &spec, &free, utilization, activations)?;
+        tracing::info!(model = %request.model, "layers placed on the GPUs:\n{}", plan.placement);
+        Some(plan)
+    } else {
+        None
+    };
+    let layers_per_device = gpu_plan.as_ref().map(|plan| plan.placement.layers_per_device());
+    let model = gonka_inference::load(&directory, &LoadOptions { dtype, devices, layers_per_device })
+        .map_err(|e| e.to_string())?;
+    let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
+    if tokenizer.vocab_size() as i64 > model.spec.vocab_size {
+        return Err(format!(
+            "the tokenizer has {} tokens, the model's vocabulary {}",
+            tokenizer.vocab_size(),
+            model.spec.vocab_size
+        ));
+    }
     let max_model_len = gonka_inference::engine::context_length(&model.spec, &options);
     let per_token = model.spec.kv_bytes_per_token();
     options.kv_cache_bytes = match args.kv_cache_memory_bytes {
         Some(per_gpu) => Some(per_gpu.saturating_mul(device_count)),
-        None => working_memory.map(|memory| {
-            // A step's activations are kept out of the KV cache's share: a prefill chunk of
-            // max_step_tokens and the logits of every running sequence.
-            let step = options.max_step_tokens as u64;
-            let activations = model.spec.forward_bytes(step, step * step, options.max_sequences as u64);
-            memory.saturating_sub(activations)
-        }),
+        // On the CPU, nothing is reserved unless --kv-cache-memory-bytes says so.
+        None => gpu_plan.as_ref().map(|plan| plan.kv_cache_bytes),
     };
     if let Some(budget) = options.kv_cache_bytes {
         let needed = max_model_len as u64 * per_token;
@@ -786,13 +828,52 @@ fn bring_up_native(
         engine: Arc::new(engine),
         defaults: GenerationDefaults::read(&directory),
         directory,
-        working_memory,
+        working_memory: gpu_plan.map(|plan| plan.working_memory),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_native_engine_plans_its_layers_with_each_gpus_free_memory() {
+        const GIB: u64 = 1 << 30;
+        let bytes = LayerBytes { embedding: GIB, layers: vec![10 * GIB; 4], head: GIB, tied: false };
+        // 4 layers of 8 key/value heads of 128 in bfloat16: 4 KiB a token on each layer.
+        let spec = ModelSpec {
+            architecture: Architecture::Qwen3,
+            hidden_size: 4096,
+            vocab_size: 32000,
+            layers: 4,
+            max_position_embeddings: 32768,
+            kind: tch::Kind::BFloat16,
+            attention_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            intermediate_size: 12288,
+        };
+        // 30 GiB free on each at 0.9 is 27 GiB; 1 GiB of activations leaves 26 for two layers
+        // (21 GiB with the embedding or the head) and 5 GiB of cache at 8 KiB a token.
+        let plan = plan_on_gpus("m", &bytes, &spec, &[30 * GIB, 30 * GIB], 0.9, GIB).unwrap();
+        assert_eq!(plan.placement.layers_per_device(), vec![2, 2]);
+        assert_eq!(plan.placement.kv_tokens, 5 * GIB / 8192);
+        assert_eq!(plan.kv_cache_bytes, 5 * GIB / 8192 * 16384);
+        // What the weights leave of 27 GiB, activations not taken out: PoC v2 sizes its batches
+        // with it.
+        assert_eq!(plan.working_memory, 6 * GIB);
+        // A GPU someone else holds 10 GiB of: 17 GiB usable, too few for two layers and the head,
+        // and the other cannot take three.
+        let error = plan_on_gpus("m", &bytes, &spec, &[30 * GIB, 20 * GIB], 0.9, GIB).unwrap_err();
+        assert!(error.starts_with("m does not fit this ML node's GPUs: the weights (42.0 GiB)"), "{error}");
+        assert!(error.contains("(26.0 GiB + 17.0 GiB)") && error.contains("--gpu-memory-utilization"), "{error}");
+        // A larger first GPU takes three layers where the second cannot hold two: 1 GiB left
+        // for three layers' cache there (12 KiB a token) sets the cache, and the working memory.
+        let plan = plan_on_gpus("m", &bytes, &spec, &[32 * GIB, 20 * GIB], 1.0, 0).unwrap();
+        assert_eq!(plan.placement.layers_per_device(), vec![3, 1]);
+        assert_eq!(plan.placement.kv_tokens, GIB / 12288);
+        assert_eq!(plan.working_memory, GIB);
+    }
 
     #[test]
     fn models_resolve_in_both_layouts_and_nowhere_else() {
