@@ -5,8 +5,13 @@
 //! the layer's device, grown by doubling, so decoding a token copies only that token — but never
 //! past the tokens the sequence was admitted for, so what it holds stays within what the
 //! scheduler reserved for it.
+//!
+//! The cache may keep keys and values in FP8 (vLLM's `--kv-cache-dtype fp8`, e4m3, or `fp8_e5m2`)
+//! at half a bfloat16 cache's bytes: written saturated to the format's largest finite value with
+//! scale 1 (vLLM's default without calibrated scales) and widened back to the model's dtype when
+//! read.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 struct LayerKv {
     keys: Tensor,
@@ -20,12 +25,20 @@ pub struct SequenceCache {
     len: i64,
     /// Tokens it will ever hold (capacity grows up to this, no further).
     limit: i64,
+    /// The dtype it keeps keys and values in, when not theirs.
+    storage: Option<Kind>,
 }
 
 impl SequenceCache {
     /// A cache for at most `limit` tokens.
     pub fn new(layers: usize, limit: i64) -> Self {
-        Self { layers: (0..layers).map(|_| None).collect(), len: 0, limit }
+        Self { layers: (0..layers).map(|_| None).collect(), len: 0, limit, storage: None }
+    }
+
+    /// The same, keeping keys and values in `kind` (FP8) and widening them when read.
+    pub fn storing(mut self, kind: Kind) -> Self {
+        self.storage = Some(kind);
+        self
     }
 
     /// Tokens cached (the position the next token takes).
@@ -61,8 +74,9 @@ impl SequenceCache {
             let capacity = needed.max(doubled.min(self.limit));
             let mut size = keys.size();
             size[2] = capacity;
-            let new_keys = Tensor::zeros(&size, (keys.kind(), keys.device()));
-            let new_values = Tensor::zeros(&size, (values.kind(), values.device()));
+            let kind = self.storage.unwrap_or(keys.kind());
+            let new_keys = Tensor::zeros(&size, (kind, keys.device()));
+            let new_values = Tensor::zeros(&size, (kind, values.device()));
             if let Some(old) = slot.as_ref() {
                 new_keys.narrow(2, 0, self.len).copy_(&old.keys.narrow(2, 0, self.len));
                 new_values.narrow(2, 0, self.len).copy_(&old.values.narrow(2, 0, self.len));
@@ -70,14 +84,28 @@ impl SequenceCache {
             *slot = Some(LayerKv { keys: new_keys, values: new_values, capacity });
         }
         let l = slot.as_mut().expect("allocated above");
-        l.keys.narrow(2, self.len, n).copy_(keys);
-        l.values.narrow(2, self.len, n).copy_(values);
-        (l.keys.narrow(2, 0, needed), l.values.narrow(2, 0, needed))
+        l.keys.narrow(2, self.len, n).copy_(&stored(keys, l.keys.kind()));
+        l.values.narrow(2, self.len, n).copy_(&stored(values, l.values.kind()));
+        let (all_keys, all_values) = (l.keys.narrow(2, 0, needed), l.values.narrow(2, 0, needed));
+        match self.storage {
+            Some(kind) if kind != keys.kind() => (all_keys.to_kind(keys.kind()), all_values.to_kind(values.kind())),
+            _ => (all_keys, all_values),
+        }
     }
 
     /// Counts `n` appended tokens, after every layer took them.
     pub fn advance(&mut self, n: i64) {
         self.len += n;
+    }
+}
+
+/// `x` as the cache keeps it in `kind`: FP8 saturates at the format's largest finite value (as
+/// vLLM's cache writes do) rather than turning NaN.
+fn stored(x: &Tensor, kind: Kind) -> Tensor {
+    match kind {
+        Kind::Float8e4m3fn => x.clamp(-448.0, 448.0).to_kind(kind),
+        Kind::Float8e5m2 => x.clamp(-57344.0, 57344.0).to_kind(kind),
+        _ => x.to_kind(kind),
     }
 }
 
@@ -106,6 +134,25 @@ mod tests {
         assert_eq!(cache.len(), 44);
         // Two layers, keys and values, capacity 64 (16 → 32 → 64), 2×4 floats per position.
         assert_eq!(cache.bytes(), 2 * 2 * 64 * 8 * 4);
+    }
+
+    #[test]
+    fn an_fp8_cache_keeps_half_the_bytes_and_gives_back_the_rounded_values() {
+        let mut cache = SequenceCache::new(1, 32).storing(Kind::Float8e4m3fn);
+        // Exact in e4m3: 0.5, 448; rounded: 0.3 (to 0.3125), 1000 (saturated to 448, not NaN).
+        let k = Tensor::from_slice(&[0.5f32, 0.3, 1000.0, -1000.0]).view([1, 1, 1, 4]).to_kind(Kind::BFloat16);
+        let (keys, values) = cache.append(0, &k, &(&k * 2.0));
+        assert_eq!(keys.kind(), Kind::BFloat16);
+        let read: Vec<f32> = keys.to_kind(Kind::Float).flatten(0, -1).try_into().unwrap();
+        assert_eq!(read, vec![0.5, 0.3125, 448.0, -448.0]);
+        let read: Vec<f32> = values.to_kind(Kind::Float).flatten(0, -1).try_into().unwrap();
+        assert_eq!(read, vec![1.0, 0.625, 448.0, -448.0]);
+        cache.advance(1);
+        // Capacity 16, one head of 4, keys and values, a byte each: half a bfloat16 cache's.
+        assert_eq!(cache.bytes(), 2 * 16 * 4);
+        let mut plain = SequenceCache::new(1, 32);
+        let _ = plain.append(0, &k, &k);
+        assert_eq!(plain.bytes(), 2 * 2 * 16 * 4);
     }
 
     #[test]

@@ -453,8 +453,14 @@ pub fn attention(
     for (span, cache) in batch.spans().iter().zip(caches.iter_mut()) {
         let to_heads = |x: &Tensor| x.narrow(0, span.start, span.len).transpose(0, 1).unsqueeze(0);
         let (qs, ks, vs) = (to_heads(q), to_heads(k), to_heads(v));
+        // A prompt with no past attends its keys as computed, as the batched path does; with a
+        // past, whatever the cache holds (FP8-rounded where it keeps FP8), its own new keys too.
         let (keys, values) = match cache {
-            Some(cache) => cache.append(layer, &ks, &vs),
+            Some(cache) if span.past > 0 => cache.append(layer, &ks, &vs),
+            Some(cache) => {
+                let _ = cache.append(layer, &ks, &vs);
+                (ks, vs)
+            }
             None => (ks, vs),
         };
         let out = if span.past == 0 || span.len == 1 {

@@ -21,11 +21,14 @@ pub struct LoadOptions {
     /// How many layers each of `devices` takes (a [`crate::placement::Placement`]'s runs);
     /// `None`: as even as they divide.
     pub layers_per_device: Option<Vec<usize>>,
+    /// The dtype the KV cache keeps (FP8 e4m3 or e5m2: vLLM's `--kv-cache-dtype`); `None`: the
+    /// model's.
+    pub kv_cache_dtype: Option<Kind>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, devices: vec![Device::Cpu], layers_per_device: None }
+        Self { dtype: None, devices: vec![Device::Cpu], layers_per_device: None, kv_cache_dtype: None }
     }
 }
 
@@ -44,12 +47,12 @@ fn run_kind(config: &Value, dtype: Option<Kind>) -> Result<Kind, LoadError> {
     })
 }
 
-/// The shapes of the model in `dir` run in `dtype`, from its config alone (what a placement
-/// needs before anything is loaded: a token's KV bytes, a forward's activations).
-pub fn spec(dir: &Path, dtype: Option<Kind>) -> Result<ModelSpec, LoadError> {
+/// The shapes of the model in `dir` loaded with `options`, from its config alone (what a
+/// placement needs before anything is loaded: a token's KV bytes, a forward's activations).
+pub fn spec(dir: &Path, options: &LoadOptions) -> Result<ModelSpec, LoadError> {
     let config = read_config(dir)?;
     let architecture = Architecture::from_config(&config)?;
-    let kind = run_kind(&config, dtype)?;
+    let kind = run_kind(&config, options.dtype)?;
     let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
     let shape = match architecture {
         Architecture::Qwen2 => qwen2::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
@@ -57,7 +60,18 @@ pub fn spec(dir: &Path, dtype: Option<Kind>) -> Result<ModelSpec, LoadError> {
         Architecture::Qwen3Moe => qwen3_moe::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
         Architecture::MiniMaxM2 => minimax_m2::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
     };
-    Ok(shape.spec)
+    Ok(ModelSpec { kv_kind: kv_kind(kind, options.kv_cache_dtype)?, ..shape.spec })
+}
+
+/// The KV cache's dtype for a model running in `kind`.
+fn kv_kind(kind: Kind, requested: Option<Kind>) -> Result<Kind, LoadError> {
+    match requested {
+        None => Ok(kind),
+        Some(k) if k == kind || matches!(k, Kind::Float8e4m3fn | Kind::Float8e5m2) => Ok(k),
+        Some(k) => Err(LoadError::InvalidConfig(format!(
+            "a KV cache in {k:?} for a model running in {kind:?}: the cache keeps the model's dtype or FP8"
+        ))),
+    }
 }
 
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError> {
@@ -74,7 +88,8 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
     let checkpoint = Checkpoint::open(dir)?;
     let root = Loader::new(&checkpoint, kind, placed.first().copied().unwrap_or(devices[0])).with_fp8_block(block);
     let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
-    match architecture {
+    let kv_kind = kv_kind(kind, options.kv_cache_dtype)?;
+    let mut model = match architecture {
         Architecture::Qwen2 => {
             qwen2::load(&serde_json::from_value::<qwen2::Config>(config).map_err(parse)?, &root, &placed)
         }
@@ -87,7 +102,9 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
         Architecture::MiniMaxM2 => {
             minimax_m2::load(&serde_json::from_value::<minimax_m2::Config>(config).map_err(parse)?, &root, &placed)
         }
-    }
+    }?;
+    model.spec.kv_kind = kv_kind;
+    Ok(model)
 }
 
 /// Bytes the weights of the model in `dir` take in `dtype` (their stored dtypes when `None`),

@@ -236,9 +236,12 @@ mod tests {
         let tokens = |weights: u64| (H200 - weights) / (31 * kv);
         let expected = tokens(placement.shares[0].weight_bytes).min(tokens(placement.shares[1].weight_bytes));
         assert_eq!(placement.kv_tokens, expected);
-        // About 131,000 tokens: less than one sequence at the model's full 196,608-token context
-        // (in bfloat16; serving it whole takes a third GPU or a shorter --max-model-len).
+        // About 131,000 tokens in bfloat16: less than one sequence of governance's 180,000.
         assert!((130_000..132_000).contains(&placement.kv_tokens), "{}", placement.kv_tokens);
+        // In FP8 (governance's --kv-cache-dtype fp8) twice as many: its --max-model-len 180000 fits.
+        let fp8 = plan(&bytes, kv / 2, &[H200, H200]).unwrap();
+        assert_eq!(fp8.kv_tokens, tokens(placement.shares[0].weight_bytes.max(placement.shares[1].weight_bytes)) * 2);
+        assert!(fp8.kv_tokens >= 180_000);
         // One token more does not fit either split of the layers.
         assert!(pack(&bytes, kv, &[H200, H200], expected + 1).is_none());
         assert!(pack(&bytes, kv, &[H200, H200], expected).is_some());

@@ -218,6 +218,60 @@ fn bfloat16_checkpoints_run_in_bfloat16_as_accurately_as_transformers() {
     }
 }
 
+/// Each step's last logits decoding `prompt` through the cache, fed `tokens` one by one (theirs:
+/// the steps line up however ours would pick), and the tokens ours would pick.
+fn decode_logits(model: &Transformer, prompt: &[i64], tokens: &[i64]) -> (Tensor, Vec<i64>) {
+    let _guard = tch::no_grad_guard();
+    let mut cache = model.new_cache((prompt.len() + tokens.len()) as i64);
+    let mut input = prompt.to_vec();
+    let (mut logits, mut picked) = (Vec::new(), Vec::new());
+    for step in 0..=tokens.len() {
+        let hidden =
+            model.forward(&mut [Step { input: StepInput::Tokens(input), cache: Some(&mut cache) }], None, Output::Last);
+        let last = model.logits(&hidden).to_kind(Kind::Float);
+        picked.push(last.argmax(-1, false).int64_value(&[0]));
+        logits.push(last);
+        input = tokens.get(step).map(|&t| vec![t]).unwrap_or_default();
+    }
+    picked.pop();
+    (Tensor::cat(&logits, 0), picked)
+}
+
+/// `--kv-cache-dtype fp8`: the cache keeps keys and values in FP8 e4m3 (a quarter of a float32
+/// cache's bytes), and decoding through it gives what transformers gives through a cache rounded
+/// as vLLM writes one (saturated, scale 1); the model's own cache is measurably apart from that,
+/// so the rounding is really applied.
+#[test]
+fn an_fp8_kv_cache_decodes_as_transformers_through_the_same_rounding() {
+    for arch in ["qwen3", "minimax_m2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = reference_json(
+            json!({"arch": arch, "dir": dir.path(), "prompt": PROMPT, "max_new": 6, "seed": 7, "kv_cache_dtype": "fp8"}),
+        );
+        let theirs = to_tensor(&reference["fp8_kv_logits"]);
+        let their_tokens: Vec<i64> = serde_json::from_value(reference["fp8_kv_greedy"].clone()).unwrap();
+        let fp8 = LoadOptions { kv_cache_dtype: Some(Kind::Float8e4m3fn), ..LoadOptions::default() };
+        let model = load(dir.path(), &fp8).unwrap();
+        let plain = load(dir.path(), &LoadOptions::default()).unwrap();
+        assert_eq!(4 * model.spec.kv_bytes_per_token(), plain.spec.kv_bytes_per_token(), "{arch}");
+        let (ours, our_tokens) = decode_logits(&model, &PROMPT, &their_tokens);
+        assert_eq!(our_tokens, their_tokens, "{arch}: greedy tokens through the FP8 cache");
+        let error = relative_error(&ours, &theirs);
+        assert!(error < 1e-5, "{arch}: logits through the FP8 cache {error:e} from transformers'");
+        let (unrounded, _) = decode_logits(&plain, &PROMPT, &their_tokens);
+        let apart = relative_error(&unrounded, &theirs);
+        assert!(apart > 1e-4, "{arch}: the model's own cache only {apart:e} from the FP8 one");
+        // The prompt attends its keys as computed: its last logits are the unrounded ones.
+        assert!(unrounded.get(0).allclose(&ours.get(0), 1e-6, 1e-6, false), "{arch}");
+    }
+    // A cache in neither the model's dtype nor FP8 is refused at load.
+    let dir = tempfile::tempdir().unwrap();
+    reference_json(json!({"arch": "qwen3", "dir": dir.path(), "prompt": [1]}));
+    let half = LoadOptions { kv_cache_dtype: Some(Kind::Half), ..LoadOptions::default() };
+    let refused = load(dir.path(), &half).err().expect("a float16 cache for a float32 model");
+    assert!(refused.to_string().contains("the cache keeps the model's dtype or FP8"), "{refused}");
+}
+
 /// A step over several sequences (fresh, with a past, one token) gives each the hidden state
 /// it gets alone, through both attention paths.
 #[test]

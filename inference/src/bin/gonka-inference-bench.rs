@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     let _guard = tch::no_grad_guard();
     let loading = Instant::now();
     let dtype = cli.dtype.as_deref().map(gonka_inference::config::parse_dtype).transpose()?;
-    let model = load(&cli.model, &LoadOptions { dtype, devices: vec![device], layers_per_device: None })?;
+    let model = load(&cli.model, &LoadOptions { dtype, devices: vec![device], ..LoadOptions::default() })?;
     // CUDA runs asynchronously: a measured region ends when the device has finished it.
     let sync = || {
         if let Device::Cuda(i) = device {

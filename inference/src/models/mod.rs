@@ -48,6 +48,8 @@ pub struct ModelSpec {
     pub max_position_embeddings: i64,
     /// The dtype the weights run in.
     pub kind: Kind,
+    /// The dtype the KV cache keeps keys and values in: `kind`, or FP8 (`--kv-cache-dtype`).
+    pub kv_kind: Kind,
     pub attention_heads: i64,
     pub kv_heads: i64,
     pub head_dim: i64,
@@ -63,7 +65,7 @@ impl ModelSpec {
 
     /// Bytes one token's keys and values take in the caches of every layer.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        2 * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.element_bytes()
+        2 * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.kv_kind.elt_size_in_bytes() as u64
     }
 
     /// An upper estimate of the memory one forward takes beyond the weights and the KV cache:
@@ -101,7 +103,8 @@ pub struct Transformer {
 impl Transformer {
     /// A KV cache for a sequence of at most `tokens` tokens.
     pub fn new_cache(&self, tokens: i64) -> SequenceCache {
-        SequenceCache::new(self.blocks.len(), tokens)
+        let cache = SequenceCache::new(self.blocks.len(), tokens);
+        if self.spec.kv_kind == self.spec.kind { cache } else { cache.storing(self.spec.kv_kind) }
     }
 
     fn first_device(&self) -> Device {

@@ -102,6 +102,7 @@ impl Config {
                 layers: self.num_hidden_layers,
                 max_position_embeddings: self.max_position_embeddings,
                 kind,
+                kv_kind: kind,
                 attention_heads: self.num_attention_heads,
                 kv_heads: self.kv_heads(),
                 head_dim: self.head_dim(),

@@ -4,6 +4,9 @@ transformers computes with them: the reference the engine's forward is compared 
     python qwen_reference.py '{"arch": "qwen3", "dir": "/tmp/m", "dtype": "float32", "seed": 1,
                                "prompt": [1, 2, 3], "max_new": 8}'
 
+`kv_cache_dtype: "fp8"` adds `fp8_kv_logits` and `fp8_kv_greedy`: greedy decoding through a KV
+cache rounded to FP8 as vLLM's `--kv-cache-dtype fp8` writes it (`fp8_kv_decode`).
+
 `config` overrides fields of the tiny config (`{"head_dim": 64}`). Writes the checkpoint to `dir` (safetensors, sharded when `shard_size` is given) and prints
 JSON: `logits` for every prompt position (float32 lists) and `greedy`, the next `max_new`
 tokens by argmax, each step a full forward of the whole sequence (no cache: an independent
@@ -247,6 +250,37 @@ def minimax_m2_ablations(directory, dtype, ids):
     return out
 
 
+def fp8_kv_decode(model, prompt, steps):
+    """Greedy decoding through a KV cache that keeps keys and values in FP8 e4m3, saturated at
+    ±448 with scale 1 (what vLLM's `--kv-cache-dtype fp8` writes without calibrated scales): the
+    prompt attends its keys as computed, every later step what the cache holds, its own new keys
+    too. Each step's last logits and the tokens."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    def rounded(x):
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
+
+    original = DynamicLayer.update
+
+    def update(self, keys, values, *args, **kwargs):
+        fresh = not self.is_initialized
+        all_keys, all_values = original(self, rounded(keys), rounded(values), *args, **kwargs)
+        return (keys, values) if fresh else (all_keys, all_values)
+
+    DynamicLayer.update = update
+    try:
+        cache = DynamicCache()
+        out = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        logits, tokens = [out.logits[0, -1].float().tolist()], []
+        for _ in range(steps):
+            tokens.append(int(out.logits[0, -1].float().argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1].float().tolist())
+    finally:
+        DynamicLayer.update = original
+    return {"fp8_kv_logits": logits, "fp8_kv_greedy": tokens}
+
+
 def main():
     req = json.loads(sys.argv[1])
     arch = req["arch"]
@@ -313,6 +347,9 @@ def main():
     out = {"logits": logits.tolist(), "greedy": greedy}
     if req.get("ablations"):
         out.update(minimax_m2_ablations(req["dir"], dtype, ids))
+    if req.get("kv_cache_dtype") == "fp8":
+        with torch.no_grad():
+            out.update(fp8_kv_decode(model, prompt, req.get("max_new", 0)))
     if dtype != torch.float32:
         # The same (rounded) weights run in float32: the truth both low-precision forwards
         # approximate.

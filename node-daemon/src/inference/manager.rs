@@ -587,6 +587,9 @@ struct EngineArgs {
     gpu_memory_utilization: Option<f64>,
     /// The KV cache's size per GPU, in place of what the utilization leaves (vLLM's flag).
     kv_cache_memory_bytes: Option<u64>,
+    /// The dtype the KV cache keeps (`--kv-cache-dtype`; governance runs MiniMax-M2.7 with
+    /// `fp8`); `None`: the model's.
+    kv_cache_dtype: Option<tch::Kind>,
     ignored: Vec<String>,
 }
 
@@ -640,6 +643,7 @@ fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
             "--max-num-batched-tokens",
             "--gpu-memory-utilization",
             "--kv-cache-memory-bytes",
+            "--kv-cache-dtype",
         ]
         .contains(&flag.as_str());
         let value = if takes_value {
@@ -674,6 +678,20 @@ fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
                     return Err(format!("{flag} must be positive, is {bytes}"));
                 }
                 out.kv_cache_memory_bytes = Some(bytes as u64);
+            }
+            "--kv-cache-dtype" => {
+                out.kv_cache_dtype = match value.as_deref().unwrap_or("") {
+                    "auto" => None,
+                    // vLLM's `fp8` is e4m3.
+                    "fp8" | "fp8_e4m3" => Some(tch::Kind::Float8e4m3fn),
+                    "fp8_e5m2" => Some(tch::Kind::Float8e5m2),
+                    "bfloat16" => Some(tch::Kind::BFloat16),
+                    other => {
+                        return Err(format!(
+                            "{flag} {other:?} is not one the native engine keeps (auto, bfloat16, fp8, fp8_e4m3, fp8_e5m2)"
+                        ));
+                    }
+                }
             }
             _ => out.ignored.push(args[i].clone()),
         }
@@ -763,6 +781,8 @@ fn bring_up_native(
     }
     let devices = devices(settings.allow_cpu)?;
     let device_count = devices.len() as u64;
+    let mut load_options =
+        LoadOptions { dtype, devices: devices.clone(), layers_per_device: None, kv_cache_dtype: args.kv_cache_dtype };
     // On GPUs, the layers are placed with what NVML shows free on each (read from the
     // checkpoint's headers before anything is allocated): every GPU's run of layers, and the
     // KV cache's budget, fit it. NVML's GPUs are CUDA's here; should the counts differ, each is
@@ -773,7 +793,7 @@ fn bring_up_native(
         } else {
             vec![free_per_gpu.iter().sum::<u64>() / device_count.max(1); devices.len()]
         };
-        let spec = gonka_inference::model::spec(&directory, dtype).map_err(|e| e.to_string())?;
+        let spec = gonka_inference::model::spec(&directory, &load_options).map_err(|e| e.to_string())?;
         let bytes = gonka_inference::model::layer_bytes(&directory, dtype).map_err(|e| e.to_string())?;
         // A step's activations: a prefill chunk of max_step_tokens and the logits of every
         // running sequence.
@@ -786,9 +806,8 @@ fn bring_up_native(
     } else {
         None
     };
-    let layers_per_device = gpu_plan.as_ref().map(|plan| plan.placement.layers_per_device());
-    let model = gonka_inference::load(&directory, &LoadOptions { dtype, devices, layers_per_device })
-        .map_err(|e| e.to_string())?;
+    load_options.layers_per_device = gpu_plan.as_ref().map(|plan| plan.placement.layers_per_device());
+    let model = gonka_inference::load(&directory, &load_options).map_err(|e| e.to_string())?;
     let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
     if tokenizer.vocab_size() as i64 > model.spec.vocab_size {
         return Err(format!(
@@ -848,6 +867,7 @@ mod tests {
             layers: 4,
             max_position_embeddings: 32768,
             kind: tch::Kind::BFloat16,
+            kv_kind: tch::Kind::BFloat16,
             attention_heads: 32,
             kv_heads: 8,
             head_dim: 128,
@@ -985,6 +1005,14 @@ mod tests {
         assert!(parse(&["--gpu-memory-utilization", "1.5"]).unwrap_err().contains("(0, 1]"));
         assert!(parse(&["--gpu-memory-utilization", "0"]).unwrap_err().contains("(0, 1]"));
         assert!(parse(&["--kv-cache-memory-bytes", "0"]).unwrap_err().contains("positive"));
+        // Governance's MiniMax-M2.7 args keep the cache in FP8 (e4m3, as vLLM's `fp8`).
+        let kv = |value: &str| parse(&["--kv-cache-dtype", value]).map(|a| a.kv_cache_dtype);
+        assert_eq!(kv("fp8"), Ok(Some(tch::Kind::Float8e4m3fn)));
+        assert_eq!(kv("fp8_e4m3"), Ok(Some(tch::Kind::Float8e4m3fn)));
+        assert_eq!(kv("fp8_e5m2"), Ok(Some(tch::Kind::Float8e5m2)));
+        assert_eq!(kv("auto"), Ok(None));
+        assert!(kv("fp8_ds_mla").unwrap_err().contains("not one the native engine keeps"));
+        assert!(parse(&["--kv-cache-dtype=fp8"]).unwrap().ignored.is_empty());
         // vLLM's argparse_utils examples, and what it refuses.
         for (text, value) in
             [("1k", 1000), ("1K", 1024), ("25.6k", 25_600), ("1.0001k", 1000), ("2M", 2 << 20), ("123", 123)]

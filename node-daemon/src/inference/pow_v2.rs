@@ -1057,6 +1057,7 @@ mod tests {
             layers: 64,
             max_position_embeddings: 40_960,
             kind: tch::Kind::BFloat16,
+            kv_kind: tch::Kind::BFloat16,
             attention_heads: 64,
             kv_heads: 8,
             head_dim: 128,
