@@ -148,6 +148,25 @@ pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadEr
     Ok(bytes)
 }
 
+/// The most a forward holds at once of one decoder layer's FP8 weights widened to the dtype the
+/// model runs in (`dtype`, else its config's): a mixture of experts widens a layer's experts
+/// together for its grouped matmuls (all of them in a prefill), so this is working memory beside
+/// the activations — MiniMax-M2.7's in bfloat16, about 7.3 GB. Zero for unquantised checkpoints.
+pub fn fp8_widened_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
+    let config = read_config(dir)?;
+    let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
+    let kind = run_kind(&config, dtype)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let mut per_layer: std::collections::BTreeMap<u64, u64> = Default::default();
+    for (name, elements, _, fp8) in checkpoint.tensor_sizes() {
+        match layer_index(&name) {
+            Some(i) if fp8 && counted.is_none_or(|layers| i < layers) => *per_layer.entry(i).or_default() += elements,
+            _ => {}
+        }
+    }
+    Ok(per_layer.values().max().copied().unwrap_or(0) * kind.elt_size_in_bytes() as u64)
+}
+
 /// `N` of a tensor under `model.layers.N.`.
 fn layer_index(name: &str) -> Option<u64> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::run_reference;
 use gonka_inference::generate::greedy;
-use gonka_inference::model::{layer_bytes, weight_bytes};
+use gonka_inference::model::{fp8_widened_bytes, layer_bytes, weight_bytes};
 use gonka_inference::placement;
 use gonka_inference::{LoadOptions, Output, Step, StepInput, Transformer, load};
 use serde_json::{Value, json};
@@ -106,6 +106,7 @@ fn qwen3_moe_matches_transformers() {
 fn minimax_m2_matches_transformers() {
     let (dir, model) = check("minimax_m2", json!({"shard_size": "100KB"}), 1e-5);
     assert_eq!((model.spec.head_dim, model.spec.layers), (32, 3));
+    assert_eq!(fp8_widened_bytes(dir.path(), None).unwrap(), 0, "nothing to widen unquantised");
     // Placed by a plan over two CPU "devices" with room for a little over half the weights
     // each (the arithmetic a GPU placement runs): split, and the same logits.
     let bytes = layer_bytes(dir.path(), None).unwrap();
@@ -162,6 +163,9 @@ fn fp8_block_quantised_checkpoints_match_transformers_on_the_dequantised_weights
         assert!(model.blocks.iter().all(|b| b.attention.is_fp8()), "{arch}: attention widened at load");
         // Counted as loaded: FP8 bytes for the projections, float32 (as stored) for the rest.
         let stored = weight_bytes(dir.path(), None).unwrap();
+        // A layer's FP8 weights widened: twice the bytes in float32 as in bfloat16.
+        let widened = fp8_widened_bytes(dir.path(), Some(Kind::Float)).unwrap();
+        assert!(widened > 0 && widened == 2 * fp8_widened_bytes(dir.path(), Some(Kind::BFloat16)).unwrap(), "{arch}");
         assert_eq!(weight_bytes(dir.path(), Some(Kind::Float)).unwrap(), stored, "{arch}");
         assert!(weight_bytes(dir.path(), Some(Kind::Double)).unwrap() < 2 * stored, "{arch}: FP8 counted widened");
     }

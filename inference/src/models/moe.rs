@@ -91,8 +91,11 @@ impl Stacked {
     }
 
     /// The weights of the experts `ids` (all, if `None`) in the model dtype, `[ids, out, in]`;
-    /// FP8 blocks times their factors in float32, rounded once, as [`Weight::widened`] does.
-    fn widened(&self, ids: Option<&Tensor>) -> Tensor {
+    /// FP8 blocks times their factors in float32, rounded once, as [`Weight::widened`] does,
+    /// `chunk_elements` weights at a time (whole experts, at least one) into the result: a
+    /// whole layer's float32 product and factors would take eight times its FP8 bytes at once
+    /// (MiniMax-M2.7: ~30 GB for one layer's experts, where their bfloat16 result takes 7).
+    fn widened(&self, ids: Option<&Tensor>, chunk_elements: i64) -> Tensor {
         let pick = |t: &Tensor| match ids {
             Some(ids) => t.index_select(0, ids),
             None => t.shallow_clone(),
@@ -101,13 +104,22 @@ impl Stacked {
             Self::Dense(w) => pick(w),
             Self::Fp8Block { weight, scale_inv, block, kind } => {
                 let weight = pick(&weight.view_dtype(Kind::Uint8)).view_dtype(Kind::Float8e4m3fn);
-                let (rows, columns) = (weight.size()[1], weight.size()[2]);
-                let factors = pick(scale_inv)
-                    .repeat_interleave_self_int(block[0], 1, None::<i64>)
-                    .narrow(1, 0, rows)
-                    .repeat_interleave_self_int(block[1], 2, None::<i64>)
-                    .narrow(2, 0, columns);
-                (weight.to_kind(Kind::Float) * factors).to_kind(*kind)
+                let scale_inv = pick(scale_inv);
+                let (experts, rows, columns) = (weight.size()[0], weight.size()[1], weight.size()[2]);
+                let out = Tensor::empty([experts, rows, columns], (*kind, weight.device()));
+                let step = (chunk_elements / (rows * columns).max(1)).max(1);
+                for start in (0..experts).step_by(step as usize) {
+                    let n = step.min(experts - start);
+                    let factors = scale_inv
+                        .narrow(0, start, n)
+                        .repeat_interleave_self_int(block[0], 1, None::<i64>)
+                        .narrow(1, 0, rows)
+                        .repeat_interleave_self_int(block[1], 2, None::<i64>)
+                        .narrow(2, 0, columns);
+                    out.narrow(0, start, n)
+                        .copy_(&(weight.narrow(0, start, n).to_kind(Kind::Float) * factors).to_kind(*kind));
+                }
+                out
             }
         }
     }
@@ -200,7 +212,8 @@ impl Experts {
         };
         let ends = served.cumsum(0, Kind::Int);
         let grouped = |input: &Tensor, weight: &Stacked| {
-            input.internal_grouped_mm(&weight.widened(ids.as_ref()).transpose(1, 2), Some(&ends), None, None::<Kind>)
+            let widened = weight.widened(ids.as_ref(), WIDEN_CHUNK_ELEMENTS);
+            input.internal_grouped_mm(&widened.transpose(1, 2), Some(&ends), None, None::<Kind>)
         };
         let xs = x.index_select(0, &tokens);
         let gate_up: Vec<Tensor> = gate_up.iter().map(|part| grouped(&xs, part)).collect();
@@ -214,6 +227,10 @@ impl Experts {
         out.index_add(0, &tokens, &scaled.to_kind(Kind::Float)).to_kind(x.kind())
     }
 }
+
+/// FP8 experts widened per step at most this many weights at a time (64M: 0.5 GB of float32
+/// product and factors in flight).
+const WIDEN_CHUNK_ELEMENTS: i64 = 1 << 26;
 
 /// [`Experts::mix`] one expert at a time: which (token, slot) pairs each expert serves is read
 /// on the host, and each expert runs as a dense matmul over just its tokens.
@@ -360,6 +377,29 @@ mod tests {
                     assert_same(&stacked, &each, kind, tokens, &all);
                     assert_same(&stacked, &each, kind, tokens, &[0, 5, 7]);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_experts_widen_in_chunks_to_the_same_bits() {
+        tch::manual_seed(13);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            // Seven experts (an odd count), blocks with a partial edge.
+            let (stacked, _) = both(7, 32, kind, Some([24, 32]));
+            let Experts::Stacked { gate_up, down, .. } = &stacked else { panic!("stacked") };
+            for part in gate_up.iter().chain([down]) {
+                let whole = part.widened(None, i64::MAX);
+                assert_eq!(whole.size()[0], 7);
+                let [_, rows, columns] = whole.size()[..] else { panic!("3-d") };
+                // One expert at a time, two, three (a short last chunk), and a gathered few.
+                for experts_per_chunk in [1, 2, 3] {
+                    let chunked = part.widened(None, experts_per_chunk * rows * columns);
+                    assert!(chunked.equal(&whole), "{kind:?}, {experts_per_chunk} per chunk");
+                }
+                let ids = Tensor::from_slice(&[6i64, 0, 3]);
+                let gathered = part.widened(Some(&ids), rows * columns);
+                assert!(gathered.equal(&whole.index_select(0, &ids)), "{kind:?}: gathered");
             }
         }
     }

@@ -795,10 +795,11 @@ fn bring_up_native(
         };
         let spec = gonka_inference::model::spec(&directory, &load_options).map_err(|e| e.to_string())?;
         let bytes = gonka_inference::model::layer_bytes(&directory, dtype).map_err(|e| e.to_string())?;
-        // A step's activations: a prefill chunk of max_step_tokens and the logits of every
-        // running sequence.
+        // A step's activations (a prefill chunk of max_step_tokens and the logits of every
+        // running sequence) and a layer's FP8 weights widened for its matmuls.
         let step = options.max_step_tokens as u64;
-        let activations = spec.forward_bytes(step, step * step, options.max_sequences as u64);
+        let widened = gonka_inference::model::fp8_widened_bytes(&directory, dtype).map_err(|e| e.to_string())?;
+        let activations = spec.forward_bytes(step, step * step, options.max_sequences as u64) + widened;
         let utilization = args.gpu_memory_utilization.unwrap_or(GPU_MEMORY_UTILIZATION);
         let plan = plan_on_gpus(&request.model, &bytes, &spec, &free, utilization, activations)?;
         tracing::info!(model = %request.model, "layers placed on the GPUs:\n{}", plan.placement);
