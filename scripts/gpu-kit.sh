@@ -31,7 +31,7 @@ if [ "${1:-}" = "--cpu-here" ]; then
     ln -s "$target/debug/$b" "$kit/bin/$b"
   done
   cp bench/pytorch_poc.py bench/inference_reference.py node-daemon/tests/reference/upstream_poc.py \
-    inference/tests/reference/poc_v2_reference.py "$kit/python/"
+    inference/tests/reference/poc_v2_reference.py inference/tests/reference/qwen_reference.py "$kit/python/"
   cp scripts/gpu-kit/run.sh "$kit/run.sh"
   git rev-parse HEAD >"$kit/COMMIT" 2>/dev/null || true
   pyenv_torch=$(scripts/pyenv.sh --libtorch)
@@ -85,7 +85,8 @@ for b in gonka-node-daemon gonka-inference-bench; do
   strip "$kit/bin/$b"
 done
 cp bench/pytorch_poc.py bench/inference_reference.py "$kit/python/"
-cp node-daemon/tests/reference/upstream_poc.py inference/tests/reference/poc_v2_reference.py "$kit/python/"
+cp node-daemon/tests/reference/upstream_poc.py inference/tests/reference/poc_v2_reference.py \
+  inference/tests/reference/qwen_reference.py "$kit/python/"
 cp scripts/gpu-kit/run.sh "$kit/run.sh"
 chmod +x "$kit/run.sh"
 git rev-parse HEAD >"$kit/COMMIT" 2>/dev/null || true

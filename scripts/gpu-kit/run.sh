@@ -195,10 +195,40 @@ PY
 }
 step inference 240 inference
 
+# 4. The mixture of experts on the device (#20): a random MiniMax-M2 (32 experts of width 256,
+#    top 4; routed with grouped matmuls), ours next to transformers; then the same model in FP8
+#    128x128 blocks, ours only, against ours on the plain weights: what widening FP8 per matmul
+#    costs on this device.
+moe() {
+  local model=$out/minimax_m2-bench fp8=$out/minimax_m2-fp8
+  local make='{"make_model": true, "arch": "minimax_m2", "dir": "%s"%s}'
+  # shellcheck disable=SC2059
+  [ -f "$model/config.json" ] || "$python" "$kit/python/inference_reference.py" "$(printf "$make" "$model" "")" || return 1
+  # shellcheck disable=SC2059
+  [ -f "$fp8/config.json" ] || "$python" "$kit/python/inference_reference.py" "$(printf "$make" "$fp8" ', "fp8_block": [128, 128]')" || return 1
+  local prompt=512 decode=64 batch=8
+  [ "$mode" = cpu ] && prompt=64 decode=8 batch=2
+  local args=(--device "$device" --dtype "$dtype" --prompt $prompt --decode $decode --batch $batch
+    --poc-seq-len 128 --poc-batch 8 --poc-nonces 16)
+  local request="{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}"
+  local ours theirs quantised with_transformers="" with_fp8=""
+  for i in $(seq 1 "$runs"); do
+    ours=$("$kit/bin/gonka-inference-bench" "$model" "${args[@]}") || return 1
+    theirs=$("$python" "$kit/python/inference_reference.py" "$request") || return 1
+    quantised=$("$kit/bin/gonka-inference-bench" "$fp8" "${args[@]}" | sed 's/"engine":"gonka-inference/"engine":"fp8: gonka-inference/') || return 1
+    with_transformers+="$ours"$'\n'"$theirs"$'\n'
+    with_fp8+="$ours"$'\n'"$quantised"$'\n'
+  done
+  local keys=(prefill_tokens_per_second decode_tokens_per_second batch_decode_tokens_per_second poc_nonces_per_second)
+  printf '%s' "$with_transformers" | summarise "${keys[@]}"
+  printf '%s' "$with_fp8" | summarise "${keys[@]}"
+}
+step moe 110 moe
+
 {
   echo
   echo "## Figures"
-  for name in nvml poc-v1 inference; do
+  for name in nvml poc-v1 inference moe; do
     echo
     echo "### $name"
     echo '```'
