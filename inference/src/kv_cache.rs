@@ -60,10 +60,24 @@ impl SequenceCache {
     }
 
     /// Appends `keys`/`values` (`[1, kv_heads, n, head_dim]`) at position `len()` of `layer` and
-    /// returns views of everything that layer holds, `[1, kv_heads, len() + n, head_dim]`.
+    /// returns views of everything that layer holds, `[1, kv_heads, len() + n, head_dim]`, in
+    /// the dtype of `keys` (widened from FP8 where the cache keeps FP8).
     /// The new length counts once every layer has appended: see [`Self::advance`]. Appending
     /// past the limit is a caller's bug (the scheduler stops a sequence at its limit).
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
+        self.keep(layer, keys, values);
+        let needed = self.len + keys.size()[2];
+        let l = self.layers[layer].as_ref().expect("kept above");
+        let (all_keys, all_values) = (l.keys.narrow(2, 0, needed), l.values.narrow(2, 0, needed));
+        match self.storage {
+            Some(kind) if kind != keys.kind() => (all_keys.to_kind(keys.kind()), all_values.to_kind(values.kind())),
+            _ => (all_keys, all_values),
+        }
+    }
+
+    /// [`Self::append`] without reading anything back: for attention that reads the new keys as
+    /// computed (a prompt with no past), which need not widen the layer's cache.
+    pub fn keep(&mut self, layer: usize, keys: &Tensor, values: &Tensor) {
         let n = keys.size()[2];
         let needed = self.len + n;
         assert!(needed <= self.limit, "a sequence cache of {} tokens was asked for {needed}", self.limit);
@@ -86,11 +100,6 @@ impl SequenceCache {
         let l = slot.as_mut().expect("allocated above");
         l.keys.narrow(2, self.len, n).copy_(&stored(keys, l.keys.kind()));
         l.values.narrow(2, self.len, n).copy_(&stored(values, l.values.kind()));
-        let (all_keys, all_values) = (l.keys.narrow(2, 0, needed), l.values.narrow(2, 0, needed));
-        match self.storage {
-            Some(kind) if kind != keys.kind() => (all_keys.to_kind(keys.kind()), all_values.to_kind(values.kind())),
-            _ => (all_keys, all_values),
-        }
     }
 
     /// Counts `n` appended tokens, after every layer took them.

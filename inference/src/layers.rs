@@ -443,7 +443,7 @@ pub fn attention(
             if let Some(cache) = cache {
                 let i = i as i64;
                 // Batched attention reads the fresh keys directly; the cache only keeps them.
-                let _ = cache.append(layer, &kb.narrow(0, i, 1), &vb.narrow(0, i, 1));
+                cache.keep(layer, &kb.narrow(0, i, 1), &vb.narrow(0, i, 1));
             }
         }
         let out = Tensor::scaled_dot_product_attention(&qb, &kb, &vb, None::<Tensor>, 0.0, len > 1, scale, gqa);
@@ -458,7 +458,7 @@ pub fn attention(
         let (keys, values) = match cache {
             Some(cache) if span.past > 0 => cache.append(layer, &ks, &vs),
             Some(cache) => {
-                let _ = cache.append(layer, &ks, &vs);
+                cache.keep(layer, &ks, &vs);
                 (ks, vs)
             }
             None => (ks, vs),

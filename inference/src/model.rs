@@ -109,10 +109,8 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
 
 /// Bytes the weights of the model in `dir` take in `dtype` (their stored dtypes when `None`),
 /// from the checkpoint's headers: what loading will allocate before any activation or cache.
-/// FP8 weights stay FP8 whatever the dtype. Layers past `num_hidden_layers` are not loaded
-/// (MiniMax-M2's and DeepSeek's multi-token-prediction modules, stored as `model.layers.N` after
-/// the last decoder layer, serve speculative decoding, which the engine does not do) and are not
-/// counted: three of MiniMax-M2.7's, about 11 GB.
+/// FP8 weights stay FP8 whatever the dtype. Layers loading leaves out ([`loaded_tensors`]) are
+/// not counted: three of MiniMax-M2.7's, about 11 GB.
 pub fn weight_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
     Ok(layer_bytes(dir, dtype)?.total())
 }
@@ -127,13 +125,12 @@ pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadEr
     let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false)
         && !checkpoint.contains("lm_head.weight");
     let mut bytes = LayerBytes { embedding: 0, layers: vec![0; counted.unwrap_or(0) as usize], head: 0, tied };
-    for (name, elements, stored_bytes, fp8) in checkpoint.tensor_sizes() {
+    for (name, layer, elements, stored_bytes, fp8) in loaded_tensors(&config, &checkpoint) {
         let size = match dtype {
             Some(kind) if !fp8 => elements * kind.elt_size_in_bytes() as u64,
             _ => stored_bytes,
         };
-        match layer_index(&name) {
-            Some(i) if counted.is_some_and(|layers| i >= layers) => {}
+        match layer {
             Some(i) => {
                 let i = i as usize;
                 if bytes.layers.len() <= i {
@@ -154,17 +151,30 @@ pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadEr
 /// the activations — MiniMax-M2.7's in bfloat16, about 7.3 GB. Zero for unquantised checkpoints.
 pub fn fp8_widened_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadError> {
     let config = read_config(dir)?;
-    let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
     let kind = run_kind(&config, dtype)?;
     let checkpoint = Checkpoint::open(dir)?;
     let mut per_layer: std::collections::BTreeMap<u64, u64> = Default::default();
-    for (name, elements, _, fp8) in checkpoint.tensor_sizes() {
-        match layer_index(&name) {
-            Some(i) if fp8 && counted.is_none_or(|layers| i < layers) => *per_layer.entry(i).or_default() += elements,
-            _ => {}
+    for (_, layer, elements, _, fp8) in loaded_tensors(&config, &checkpoint) {
+        if let (Some(i), true) = (layer, fp8) {
+            *per_layer.entry(i).or_default() += elements;
         }
     }
     Ok(per_layer.values().max().copied().unwrap_or(0) * kind.elt_size_in_bytes() as u64)
+}
+
+/// The tensors loading reads from `checkpoint`: name, decoder layer (`None` outside the layers),
+/// element count, stored bytes, FP8. Layers past the config's `num_hidden_layers` are not loaded
+/// (MiniMax-M2's and DeepSeek's multi-token-prediction modules, stored as `model.layers.N` after
+/// the last decoder layer, serve speculative decoding, which the engine does not do).
+fn loaded_tensors<'a>(
+    config: &Value,
+    checkpoint: &'a Checkpoint,
+) -> impl Iterator<Item = (String, Option<u64>, u64, u64, bool)> + 'a {
+    let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
+    checkpoint.tensor_sizes().filter_map(move |(name, elements, bytes, fp8)| {
+        let layer = layer_index(&name);
+        layer.is_none_or(|i| counted.is_none_or(|n| i < n)).then_some((name, layer, elements, bytes, fp8))
+    })
 }
 
 /// `N` of a tensor under `model.layers.N.`.
