@@ -8,8 +8,8 @@
 //! projection one grouped matmul (libtorch's `_grouped_mm`, whose group boundaries are a device
 //! tensor) — no copy to the host, so nothing waits for the GPU between layers. On CUDA (sm90 and
 //! later) bfloat16 groups run as one CUTLASS grouped GEMM; elsewhere libtorch loops over the
-//! groups in C++ with the same matmul as one expert at a time, which is why the two agree to
-//! the bit on the CPU. Shapes the grouped matmul refuses (rows not a multiple of 16 bytes) keep
+//! groups in C++ with the same matmul as one expert at a time (MKL's, in float32 on the CPU,
+//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Shapes the grouped matmul refuses (rows not a multiple of 16 bytes) keep
 //! one [`Mlp`] per expert, routed through the host ([`mix_experts`]).
 
 use tch::{Device, Kind, Tensor};
@@ -333,8 +333,16 @@ mod tests {
             let a = stacked.mix(&x, &chosen, &weights);
             let b = each.mix(&x, &chosen, &weights);
             assert_eq!(a.kind(), kind);
+            // In float32 the host loop's experts multiply through `layers::linear`, which sends
+            // a few rows to oneDNN, where the grouped matmul runs MKL: the same within float32
+            // rounding (a token given another expert's output or weight is off by ~1). In
+            // bfloat16 both run the same kernel: to the bit.
+            let same = match kind {
+                Kind::Float => a.allclose(&b, 1e-5, 1e-5, false),
+                _ => a.equal(&b),
+            };
             assert!(
-                a.equal(&b),
+                same,
                 "{kind:?}, {tokens} tokens, weights {weights_kind:?}: max difference {}",
                 (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max()
             );
@@ -342,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn stacked_experts_routed_on_the_device_equal_the_host_loop_to_the_bit() {
+    fn stacked_experts_routed_on_the_device_equal_the_host_loop() {
         tch::manual_seed(7);
         let all: Vec<i64> = (0..8).collect();
         for kind in [Kind::Float, Kind::BFloat16] {
