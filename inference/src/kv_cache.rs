@@ -112,6 +112,7 @@ impl SequenceCache {
 /// vLLM's cache writes do) rather than turning NaN.
 fn stored(x: &Tensor, kind: Kind) -> Tensor {
     match kind {
+        _ if x.kind() == kind => x.shallow_clone(),
         Kind::Float8e4m3fn => x.clamp(-448.0, 448.0).to_kind(kind),
         Kind::Float8e5m2 => x.clamp(-57344.0, 57344.0).to_kind(kind),
         _ => x.to_kind(kind),
