@@ -64,15 +64,7 @@ impl Weight {
     pub fn widened(&self) -> Tensor {
         match self {
             Self::Dense(w) => w.shallow_clone(),
-            Self::Fp8Block { weight, scale_inv, block, kind } => {
-                let (rows, columns) = (weight.size()[0], weight.size()[1]);
-                let factors = scale_inv
-                    .repeat_interleave_self_int(block[0], 0, None::<i64>)
-                    .narrow(0, 0, rows)
-                    .repeat_interleave_self_int(block[1], 1, None::<i64>)
-                    .narrow(1, 0, columns);
-                (weight.to_kind(Kind::Float) * factors).to_kind(*kind)
-            }
+            Self::Fp8Block { weight, scale_inv, block, kind } => widen_blocks(weight, scale_inv, *block, *kind),
         }
     }
 
@@ -81,6 +73,34 @@ impl Weight {
             Self::Dense(w) | Self::Fp8Block { weight: w, .. } => w.device(),
         }
     }
+}
+
+/// FP8 weights `[..., rows, columns]` times their float32 factors `[..., rows/b0, columns/b1]`
+/// (one per `block` of `[b0, b1]`, partial at the edges), in float32, rounded once to `kind`.
+/// Where the blocks tile the weight, each factor multiplies its block by broadcasting, in place
+/// on the widened copy: nothing as large as the weight is made but that float32 copy (and the
+/// result, in a narrower `kind`). Partial edge blocks take the factors expanded to the weight's
+/// shape first. Either way each weight is `f32(w) * factor`, rounded once: the same bits.
+pub fn widen_blocks(weight: &Tensor, scale_inv: &Tensor, block: [i64; 2], kind: Kind) -> Tensor {
+    let size = weight.size();
+    let d = size.len();
+    let (rows, columns) = (size[d - 2], size[d - 1]);
+    let lead = &size[..d - 2];
+    let mut wide = weight.to_kind(Kind::Float);
+    if rows % block[0] == 0 && columns % block[1] == 0 {
+        let blocks = [rows / block[0], block[0], columns / block[1], block[1]];
+        let factors = [rows / block[0], 1, columns / block[1], 1];
+        let _ =
+            wide.view(&[lead, &blocks[..]].concat()[..]).g_mul_(&scale_inv.view(&[lead, &factors[..]].concat()[..]));
+    } else {
+        let factors = scale_inv
+            .repeat_interleave_self_int(block[0], d as i64 - 2, None::<i64>)
+            .narrow(d as i64 - 2, 0, rows)
+            .repeat_interleave_self_int(block[1], d as i64 - 1, None::<i64>)
+            .narrow(d as i64 - 1, 0, columns);
+        let _ = wide.g_mul_(&factors);
+    }
+    if kind == Kind::Float { wide } else { wide.to_kind(kind) }
 }
 
 impl Linear {
@@ -541,6 +561,37 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Widening FP8 blocks against each weight times the factor of the block it falls in, picked
+    /// by index (`factor[i / b0, j / b1]`): blocks that tile the weight (the broadcast path),
+    /// partial edge blocks, a leading experts dimension, into float32 and bfloat16.
+    #[test]
+    fn fp8_blocks_widen_to_each_weight_times_its_blocks_factor() {
+        tch::manual_seed(5);
+        let cpu = (Kind::Float, Device::Cpu);
+        for (lead, rows, columns, block) in [
+            (vec![], 256, 384, [128, 128]),
+            (vec![], 200, 300, [128, 128]),
+            (vec![3], 64, 96, [32, 48]),
+            (vec![2], 40, 50, [16, 32]),
+        ] {
+            let size = [lead.clone(), vec![rows, columns]].concat();
+            let weight = (Tensor::randn(&size, cpu) * 100.0).to_kind(Kind::Float8e4m3fn);
+            let blocks = [(rows + block[0] - 1) / block[0], (columns + block[1] - 1) / block[1]];
+            let scale_inv = Tensor::rand([lead.clone(), blocks.to_vec()].concat(), cpu) + 0.01;
+            let d = size.len() as i64;
+            let row_block = Tensor::arange(rows, (Kind::Int64, Device::Cpu)).divide_scalar_mode(block[0], "floor");
+            let column_block =
+                Tensor::arange(columns, (Kind::Int64, Device::Cpu)).divide_scalar_mode(block[1], "floor");
+            let factors = scale_inv.index_select(d - 2, &row_block).index_select(d - 1, &column_block);
+            let expected = weight.to_kind(Kind::Float) * factors;
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let got = widen_blocks(&weight, &scale_inv, block, kind);
+                assert_eq!(got.kind(), kind);
+                assert!(got.equal(&expected.to_kind(kind)), "{size:?} in {block:?} blocks, {kind:?}");
+            }
+        }
+    }
 
     /// `linear` against the same product in float64, on both sides of the rows it sends to
     /// oneDNN, with and without a bias, and on an input that is a transposed view.

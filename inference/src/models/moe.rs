@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::Loader;
 use crate::error::LoadError;
-use crate::layers::{Mlp, MlpNames, Weight};
+use crate::layers::{Mlp, MlpNames, Weight, widen_blocks};
 
 /// A layer's experts.
 pub enum Experts {
@@ -93,8 +93,8 @@ impl Stacked {
     /// The weights of the experts `ids` (all, if `None`) in the model dtype, `[ids, out, in]`;
     /// FP8 blocks times their factors in float32, rounded once, as [`Weight::widened`] does,
     /// `chunk_elements` weights at a time (whole experts, at least one) into the result: a
-    /// whole layer's float32 product and factors would take eight times its FP8 bytes at once
-    /// (MiniMax-M2.7: ~30 GB for one layer's experts, where their bfloat16 result takes 7).
+    /// whole layer's float32 copy would take four times its FP8 bytes at once (MiniMax-M2.7:
+    /// ~15 GB for one layer's experts, where their bfloat16 result takes 7).
     fn widened(&self, ids: Option<&Tensor>, chunk_elements: i64) -> Tensor {
         let pick = |t: &Tensor| match ids {
             Some(ids) => t.index_select(0, ids),
@@ -110,14 +110,9 @@ impl Stacked {
                 let step = (chunk_elements / (rows * columns).max(1)).max(1);
                 for start in (0..experts).step_by(step as usize) {
                     let n = step.min(experts - start);
-                    let factors = scale_inv
-                        .narrow(0, start, n)
-                        .repeat_interleave_self_int(block[0], 1, None::<i64>)
-                        .narrow(1, 0, rows)
-                        .repeat_interleave_self_int(block[1], 2, None::<i64>)
-                        .narrow(2, 0, columns);
-                    out.narrow(0, start, n)
-                        .copy_(&(weight.narrow(0, start, n).to_kind(Kind::Float) * factors).to_kind(*kind));
+                    let widened =
+                        widen_blocks(&weight.narrow(0, start, n), &scale_inv.narrow(0, start, n), *block, *kind);
+                    out.narrow(0, start, n).copy_(&widened);
                 }
                 out
             }
@@ -228,8 +223,8 @@ impl Experts {
     }
 }
 
-/// FP8 experts widened per step at most this many weights at a time (64M: 0.5 GB of float32
-/// product and factors in flight).
+/// FP8 experts widened per step at most this many weights at a time (64M: 0.25 GB of float32
+/// in flight where the blocks tile the weights, twice that with partial edge blocks).
 const WIDEN_CHUNK_ELEMENTS: i64 = 1 << 26;
 
 /// [`Experts::mix`] one expert at a time: which (token, slot) pairs each expert serves is read
