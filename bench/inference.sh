@@ -54,15 +54,15 @@ for i in $(seq 1 "$runs"); do
   "$py" bench/inference_reference.py "$request" >>"$results"
   [ "$with_vllm" = 1 ] || continue
   echo "bench: run $i/$runs: vLLM ..." >&2
-  # vLLM logs on stdout: only the result line goes to the results; its log is kept for the
-  # kernels it chose.
-  VLLM_LOGGING_LEVEL=DEBUG "$vllm_py" bench/vllm_reference.py "$request" >"$vllm_log.run" 2>&1 \
-    || { tail -30 "$vllm_log.run" >&2; exit 1; }
-  grep '^{' "$vllm_log.run" >>"$results"
+  # vLLM logs on stdout (its engine process too, which can write inside a line of ours): the
+  # result goes to a file of its own; the log is kept for the kernels it chose.
+  VLLM_LOGGING_LEVEL=DEBUG "$vllm_py" bench/vllm_reference.py "${request%\}}, \"result_file\": \"$vllm_log.json\"}" \
+    >"$vllm_log.run" 2>&1 || { tail -30 "$vllm_log.run" >&2; exit 1; }
+  cat "$vllm_log.json" >>"$results"
   cat "$vllm_log.run" >>"$vllm_log"
 done
 vllm_kernels=$(grep -oE 'CPU unquantized GEMM dispatch: [^"]*|core ids=\[[0-9, ]*\]|Using [A-Za-z_]+ (attention )?backend[^"]*' "$vllm_log" | sort -u | paste -sd ";" - || true)
-rm -f "$vllm_log" "$vllm_log.run"
+rm -f "$vllm_log" "$vllm_log.run" "$vllm_log.json"
 
 "$py" - "$results" "$vllm_kernels" "$model/config.json" "$before" <<'PY'
 import datetime, json, os, platform, statistics, sys

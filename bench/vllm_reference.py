@@ -88,7 +88,13 @@ def main():
         "decode_tokens_per_second": req["decode"] / decode(1),
         "batch_decode_tokens_per_second": req["decode"] * req["batch"] / decode(req["batch"]),
     }
-    print(json.dumps(out))
+    # Into a file of its own where asked: stdout is shared with vLLM's engine process, whose log
+    # lines can land inside ours (a buffer flushed in two writes).
+    if req.get("result_file"):
+        with open(req["result_file"], "w") as f:
+            f.write(json.dumps(out) + "\n")
+    else:
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":
