@@ -994,6 +994,64 @@ mod tests {
         assert!(parse_args(&["--max-model-len=x".to_string()]).unwrap_err().contains("number"));
     }
 
+    /// The arguments a network node hands an ML node for MiniMax-M2.7 today: governance's model
+    /// args, then the H200 node args of upstream's deploy/join config (docs: gonka-network.md
+    /// §9). The native engine reads the context length, the FP8 cache and the sequence limit,
+    /// and passes over the rest (tool and reasoning parsers, tensor parallelism, vLLM's MoE and
+    /// attention backends, its scheduling policy), values included.
+    #[test]
+    fn minimax_m2_7s_network_arguments_are_read() {
+        let args: Vec<String> = [
+            "--enable-auto-tool-choice",
+            "--max-model-len",
+            "180000",
+            "--kv-cache-dtype",
+            "fp8",
+            "--tool-call-parser",
+            "minimax_m2",
+            "--reasoning-parser",
+            "minimax_m2_append_think",
+            "-tp",
+            "2",
+            "--kv-cache-dtype",
+            "fp8",
+            "--moe-backend",
+            "triton",
+            "--attention-backend",
+            "FLASHINFER",
+            "--max-num-seqs",
+            "608",
+            "--scheduling-policy",
+            "priority",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let parsed = parse_args(&args).unwrap();
+        assert_eq!(parsed.max_model_len, Some(180_000));
+        assert_eq!(parsed.kv_cache_dtype, Some(tch::Kind::Float8e4m3fn));
+        assert_eq!(parsed.max_num_seqs, Some(608));
+        assert_eq!(parsed.served_model_name, None);
+        assert_eq!(
+            parsed.ignored,
+            vec![
+                "--enable-auto-tool-choice",
+                "--tool-call-parser",
+                "minimax_m2",
+                "--reasoning-parser",
+                "minimax_m2_append_think",
+                "-tp",
+                "2",
+                "--moe-backend",
+                "triton",
+                "--attention-backend",
+                "FLASHINFER",
+                "--scheduling-policy",
+                "priority",
+            ]
+        );
+    }
+
     #[test]
     fn memory_flags_read_as_vllm_reads_them() {
         let parse = |args: &[&str]| parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
