@@ -56,7 +56,7 @@ for i in $(seq 1 "$runs"); do
   echo "bench: run $i/$runs: vLLM ..." >&2
   # vLLM logs on stdout (its engine process too, which can write inside a line of ours): the
   # result goes to a file of its own; the log is kept for the kernels it chose.
-  VLLM_LOGGING_LEVEL=DEBUG "$vllm_py" bench/vllm_reference.py "${request%\}}, \"result_file\": \"$vllm_log.json\"}" \
+  VLLM_LOGGING_LEVEL=DEBUG "$vllm_py" bench/vllm_reference.py "$request" "$vllm_log.json" \
     >"$vllm_log.run" 2>&1 || { tail -30 "$vllm_log.run" >&2; exit 1; }
   cat "$vllm_log.json" >>"$results"
   cat "$vllm_log.run" >>"$vllm_log"

@@ -2,7 +2,7 @@
 the venv `scripts/vllm-env.sh` makes) on the same model directory, the same token ids and the
 same shapes as `gonka-inference-bench` and `inference_reference.py`. One JSON line.
 
-    python vllm_reference.py '{"dir": "...", "prompt": 512, "decode": 64, "batch": 8}'
+    python vllm_reference.py '{"dir": "...", "prompt": 512, "decode": 64, "batch": 8}'   [result_file]
 
 vLLM is timed as its users drive it (`LLM.generate` on token ids, greedy, `ignore_eos`), with
 its scheduler, chunked prefill and prefix caching off (each measurement is fresh work):
@@ -88,10 +88,11 @@ def main():
         "decode_tokens_per_second": req["decode"] / decode(1),
         "batch_decode_tokens_per_second": req["decode"] * req["batch"] / decode(req["batch"]),
     }
-    # Into a file of its own where asked: stdout is shared with vLLM's engine process, whose log
-    # lines can land inside ours (a buffer flushed in two writes).
-    if req.get("result_file"):
-        with open(req["result_file"], "w") as f:
+    # Into a file of its own where one is named (a second argument): stdout is shared with
+    # vLLM's engine process, whose log lines can land inside ours (a buffer flushed in two
+    # writes).
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
             f.write(json.dumps(out) + "\n")
     else:
         print(json.dumps(out))

@@ -111,11 +111,11 @@ impl SequenceCache {
 /// `x` as the cache keeps it in `kind`: FP8 saturates at the format's largest finite value (as
 /// vLLM's cache writes do) rather than turning NaN.
 fn stored(x: &Tensor, kind: Kind) -> Tensor {
+    // The write (`copy_`) converts to the cache's dtype itself; FP8 only needs clamping first.
     match kind {
-        _ if x.kind() == kind => x.shallow_clone(),
-        Kind::Float8e4m3fn => x.clamp(-448.0, 448.0).to_kind(kind),
-        Kind::Float8e5m2 => x.clamp(-57344.0, 57344.0).to_kind(kind),
-        _ => x.to_kind(kind),
+        Kind::Float8e4m3fn if x.kind() != kind => x.clamp(-448.0, 448.0),
+        Kind::Float8e5m2 if x.kind() != kind => x.clamp(-57344.0, 57344.0),
+        _ => x.shallow_clone(),
     }
 }
 

@@ -100,7 +100,7 @@ pub fn widen_blocks(weight: &Tensor, scale_inv: &Tensor, block: [i64; 2], kind: 
             .narrow(d as i64 - 1, 0, columns);
         let _ = wide.g_mul_(&factors);
     }
-    if kind == Kind::Float { wide } else { wide.to_kind(kind) }
+    wide.to_kind(kind)
 }
 
 impl Linear {
@@ -471,20 +471,18 @@ impl Attention {
         // Queries and keys sit side by side in `qkv`: where their norms allow, they are
         // normalised and rotated as one `[tokens, heads + kv_heads, head_dim]` tensor (the
         // same values as apart, in half the ops; a decode step's ops are much of its time).
+        let qk = || qkv.narrow(-1, 0, (heads + kv_heads) * head_dim).view([tokens, heads + kv_heads, head_dim]);
+        let rotate_apart = |qk: Tensor| {
+            let qk = apply_rotary(&qk, cos, sin);
+            (qk.narrow(1, 0, heads), qk.narrow(1, heads, kv_heads))
+        };
         let (q, k) = match &self.qk_norm {
+            QkNorms::None => rotate_apart(qk()),
+            QkNorms::PerHead(qk_norm) => rotate_apart(qk_norm.forward(&qk())),
             QkNorms::AllHeads(q_norm, k_norm) => {
                 let q = q_norm.forward(&qkv.narrow(-1, 0, heads * head_dim)).view([tokens, heads, head_dim]);
                 let k = k_norm.forward(&qkv.narrow(-1, heads * head_dim, kv_heads * head_dim));
                 (apply_rotary(&q, cos, sin), apply_rotary(&k.view([tokens, kv_heads, head_dim]), cos, sin))
-            }
-            norm => {
-                let qk = qkv.narrow(-1, 0, (heads + kv_heads) * head_dim).view([tokens, heads + kv_heads, head_dim]);
-                let qk = match norm {
-                    QkNorms::PerHead(qk_norm) => qk_norm.forward(&qk),
-                    _ => qk,
-                };
-                let qk = apply_rotary(&qk, cos, sin);
-                (qk.narrow(1, 0, heads), qk.narrow(1, heads, kv_heads))
             }
         };
         let out = attention(&q, &k, &v, self.shape, layer, batch, caches);

@@ -9,8 +9,9 @@
 //! tensor) — no copy to the host, so nothing waits for the GPU between layers. On CUDA (sm90 and
 //! later) bfloat16 groups run as one CUTLASS grouped GEMM; elsewhere libtorch loops over the
 //! groups in C++ with the same matmul as one expert at a time (MKL's, in float32 on the CPU,
-//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Shapes the grouped matmul refuses (rows not a multiple of 16 bytes) keep
-//! one [`Mlp`] per expert, routed through the host ([`mix_experts`]).
+//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Shapes the
+//! grouped matmul refuses (rows not a multiple of 16 bytes) keep one [`Mlp`] per expert, routed
+//! through the host ([`mix_experts`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -110,8 +111,9 @@ impl Stacked {
                 let step = (chunk_elements / (rows * columns).max(1)).max(1);
                 for start in (0..experts).step_by(step as usize) {
                     let n = step.min(experts - start);
+                    // Widened in float32; the copy into `out` rounds it to the model's dtype.
                     let widened =
-                        widen_blocks(&weight.narrow(0, start, n), &scale_inv.narrow(0, start, n), *block, *kind);
+                        widen_blocks(&weight.narrow(0, start, n), &scale_inv.narrow(0, start, n), *block, Kind::Float);
                     out.narrow(0, start, n).copy_(&widened);
                 }
                 out
