@@ -5,7 +5,6 @@
 
 pub mod minimax_m2;
 pub mod moe;
-mod moe_cpu_kernel;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;

@@ -9,14 +9,12 @@
 //! tensor) — no copy to the host, so nothing waits for the GPU between layers. On CUDA (sm90 and
 //! later) bfloat16 groups run as one CUTLASS grouped GEMM; elsewhere libtorch loops over the
 //! groups in C++ with the same matmul as one expert at a time (MKL's, in float32 on the CPU,
-//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). A few float32
-//! tokens on the CPU (decoding) go to a kernel of our own instead, which reads each chosen
-//! expert's weights once (`moe_cpu_kernel`). Shapes the grouped matmul refuses (rows not a
-//! multiple of 16 bytes) keep one [`Mlp`] per expert, routed through the host ([`mix_experts`]).
+//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Shapes the
+//! grouped matmul refuses (rows not a multiple of 16 bytes) keep one [`Mlp`] per expert, routed
+//! through the host ([`mix_experts`]).
 
 use tch::{Device, Kind, Tensor};
 
-use super::moe_cpu_kernel;
 use crate::checkpoint::Loader;
 use crate::error::LoadError;
 use crate::layers::{Mlp, MlpNames, Weight, widen_blocks};
@@ -189,11 +187,6 @@ impl Experts {
             Self::Each(mlps) => return mix_experts(x, mlps, chosen, weights),
             Self::Stacked { gate_up, down, intermediate, count } => (gate_up, down, *intermediate, *count),
         };
-        if let ([Stacked::Dense(fused)], Stacked::Dense(down)) = (gate_up.as_slice(), down)
-            && moe_cpu_kernel::takes(x, fused, down)
-        {
-            return moe_cpu_kernel::mix(x, fused, down, chosen, weights);
-        }
         let top_k = chosen.size()[1];
         let flat = chosen.flatten(0, -1);
         // Assignments in expert order (stable: within an expert, in token order, the order the
