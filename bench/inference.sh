@@ -6,8 +6,9 @@
 # side (checked: the same next token after the prompt on all; equal last prefill logits and
 # PoC v2 artifact with transformers), BENCH_RUNS (5) alternated runs each, median and range, the
 # kernels each side ran, written to docs/benchmarks.md with the machine and date. Not a test.
-# vLLM has no PoC v2 of ours to time (upstream's runs in its fork), so its PoC column is empty;
-# BENCH_VLLM=0 leaves it out. BENCH_BEFORE=<an earlier build of gonka-inference-bench> adds it
+# vLLM's PoC v2 runs in upstream's fork, not in this build: its PoC column is the same forward
+# alone (PoC's batches of seq_len-token sequences, one token generated), a bound on what its
+# nonces cost, against the whole pipeline on the other sides. BENCH_VLLM=0 leaves vLLM out. BENCH_BEFORE=<an earlier build of gonka-inference-bench> adds it
 # as a side of its own, alternated with the rest (a change measured against what it replaces).
 #
 #   bench/inference.sh [prompt_tokens] [decode_tokens] [batch]     (default: 512 64 8)
@@ -91,7 +92,8 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 machine = f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.system()} {platform.release()}"
 keys = ["prefill_tokens_per_second", "decode_tokens_per_second", "batch_decode_tokens_per_second", "poc_nonces_per_second"]
 def stats(side, k):
-    v = [r[k] for r in side if k in r]
+    # vLLM's PoC column: its forward alone (see vllm_reference.py).
+    v = [r[k] if k in r else r[k.replace("poc_", "poc_forward_")] for r in side if k in r or k.replace("poc_", "poc_forward_") in r]
     return (statistics.median(v), min(v), max(v)) if v else None
 cell = lambda s: f"{s[0]:.1f} ({s[1]:.1f}–{s[2]:.1f})" if s else "—"
 row = lambda side: f"| {side[0]['engine']} | {side[0]['device']} {side[0]['dtype']} | {side[0]['threads']} | " + " | ".join(cell(stats(side, k)) for k in keys) + " |"
@@ -129,7 +131,7 @@ if earlier:
 section = f"""
 ## Inference and PoC v2, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
+Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers; vLLM, whose PoC v2 is in upstream's fork: the forward alone, batches of {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
 
 | engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s |
 |---|---|---|---|---|---|---|

@@ -8,7 +8,13 @@ vLLM is timed as its users drive it (`LLM.generate` on token ids, greedy, `ignor
 its scheduler, chunked prefill and prefix caching off (each measurement is fresh work):
 - prefill: a `prompt`-token request that generates 1 token;
 - decode: `batch` requests of 16 prompt tokens generating `decode + 1` tokens, less the same
-  requests generating 1 token (their prefill and first token), per decoded token.
+  requests generating 1 token (their prefill and first token), per decoded token;
+- PoC v2's forward: `poc_batch` requests of `poc_seq_len` tokens, each generating 1 token, in
+  one scheduler step, `poc_nonces` sequences in all. vLLM's PoC v2 runs in upstream's fork
+  (not this build), and the forward is the bulk of it: the same causal forward over
+  `poc_batch x poc_seq_len` positions, so this is what its nonces would cost at least (without
+  the seeded embeddings, the layers' reflections and the artifact that the other sides also
+  time, and with the LM head and a sampled token that they do not compute).
 Each shape runs once untimed first (vLLM warms its kernels per shape).
 """
 
@@ -37,16 +43,17 @@ from inference_reference import kernels, tokens  # noqa: E402
 
 def main():
     req = json.loads(sys.argv[1])
+    poc_seq_len, poc_batch, poc_nonces = req.get("poc_seq_len", 0), req.get("poc_batch", 0), req.get("poc_nonces", 0)
     started = time.perf_counter()
     llm = LLM(
         model=req["dir"],
         skip_tokenizer_init=True,
         dtype="float32",
-        max_model_len=max(req["prompt"], 16 + req["decode"]) + 8,
-        max_num_seqs=max(req["batch"], 1),
+        max_model_len=max(req["prompt"], 16 + req["decode"], poc_seq_len) + 8,
+        max_num_seqs=max(req["batch"], poc_batch, 1),
         enable_prefix_caching=False,
         enable_chunked_prefill=False,
-        max_num_batched_tokens=max(req["prompt"], 16 * req["batch"]) + 8,
+        max_num_batched_tokens=max(req["prompt"], 16 * req["batch"], poc_batch * poc_seq_len) + 8,
         enforce_eager=True,
         seed=0,
     )
@@ -73,6 +80,16 @@ def main():
         whole, _ = run(prompts, req["decode"] + 1)
         return max(whole - first, 1e-9)
 
+    def poc_forward():
+        # Sequences of their own (seeds past the decode's), so nothing is shared between them.
+        prompts = [tokens(poc_seq_len, vocab, 100 + n).tolist() for n in range(poc_nonces)]
+        run(prompts[:poc_batch], 1)
+        seconds = 0.0
+        for i in range(0, poc_nonces, poc_batch):
+            batch_seconds, _ = run(prompts[i:i + poc_batch], 1)
+            seconds += batch_seconds
+        return poc_nonces / seconds
+
     out = {
         "engine": f"vLLM {vllm.__version__} (CPU)",
         "device": "cpu",
@@ -88,6 +105,8 @@ def main():
         "decode_tokens_per_second": req["decode"] / decode(1),
         "batch_decode_tokens_per_second": req["decode"] * req["batch"] / decode(req["batch"]),
     }
+    if poc_nonces and poc_batch and poc_seq_len:
+        out["poc_forward_nonces_per_second"] = poc_forward()
     # Into a file of its own where one is named (a second argument): stdout is shared with
     # vLLM's engine process, whose log lines can land inside ours (a buffer flushed in two
     # writes).
