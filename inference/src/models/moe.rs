@@ -213,8 +213,13 @@ impl Experts {
             input.internal_grouped_mm(&widened.transpose(1, 2), Some(&ends), None, None::<Kind>)
         };
         let xs = x.index_select(0, &tokens);
-        let gate_up: Vec<Tensor> = gate_up.iter().map(|part| grouped(&xs, part)).collect();
-        let gate_up = Tensor::cat(&gate_up, -1);
+        // One part (dense, or FP8 whose blocks line up at the seam) is used as it comes: `cat`
+        // of a single tensor would still copy it (16 MB per layer for a PoC v2 batch of 2048
+        // rows on the bench model).
+        let gate_up = match gate_up.as_slice() {
+            [part] => grouped(&xs, part),
+            parts => Tensor::cat(&parts.iter().map(|part| grouped(&xs, part)).collect::<Vec<_>>(), -1),
+        };
         let gate = gate_up.narrow(-1, 0, intermediate);
         let up = gate_up.narrow(-1, intermediate, intermediate);
         let expert_out = grouped(&(gate.silu() * up), down);
