@@ -15,8 +15,9 @@
 //! 5. `k - 1` Householder reflections seeded `"…_nonce_{nonce}_haar_hh_{k}_{j}"`, normalised;
 //! 6. the vector as float16 little-endian, base64.
 //!
-//! The hashes are exact integer arithmetic and run on the host; every floating-point step runs
-//! as libtorch ops on the model's device, as upstream's do.
+//! The hashes are exact integer arithmetic: the inputs' counters are hashed where [`Hashing`]
+//! says (on a GPU, on the device, as upstream does; on the CPU, in a host loop), the rest on the
+//! host; every floating-point step runs as libtorch ops on the model's device, as upstream's do.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -47,10 +48,66 @@ pub fn murmur3_32(key: u32, seed: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// `murmur3(i, seed) / 2^32` for `i` in `0..n` as float32 (the int→float conversion rounds to
-/// nearest, as torch's does; the division by a power of two is exact).
-fn uniforms(seed: u32, n: usize) -> Vec<f32> {
-    (0..n as u32).map(|i| murmur3_32(i, seed) as f32 / 4_294_967_296.0).collect()
+/// Where the seeded normals' murmur3 counters are hashed. Both give the same bits: the hash is
+/// integer arithmetic and the int→float32 conversion rounds to nearest on every device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashing {
+    /// A tight loop on the host, then a copy to the device: on the CPU, faster than two dozen
+    /// passes of int64 tensor ops over the counters.
+    Host,
+    /// int64 tensor ops on the device (upstream's `_murmur3_32` formulation). On a GPU the host
+    /// loop would be serial work before every PoC v2 batch (a batch of 8 nonces at MiniMax-M2's
+    /// shapes, 1024 × 3072, is 25M counters, ~30 ms on one core) and 100 MB over the bus.
+    Device,
+}
+
+impl Hashing {
+    /// The faster for `device`.
+    pub fn for_device(device: Device) -> Self {
+        if device == Device::Cpu { Self::Host } else { Self::Device }
+    }
+}
+
+const LOW_32_BITS: i64 = 0xFFFF_FFFF;
+
+/// [`murmur3_32`] of int64 `keys` (values below 2^32) under `seed`, as tensor ops on the keys'
+/// device, int64 below 2^32. A product of two 32-bit values wraps in 64 bits and its low 32 bits
+/// are what 32-bit wrapping multiplication keeps: each step masks to them.
+pub fn murmur3_32_tensor(keys: &Tensor, seed: u32) -> Tensor {
+    let rotate_left = |x: &Tensor, r: i64| {
+        x.bitwise_left_shift_tensor_scalar(r)
+            .bitwise_or_tensor(&x.bitwise_right_shift_tensor_scalar(32 - r))
+            .bitwise_and(LOW_32_BITS)
+    };
+    let k = (keys * 0xCC9E_2D51i64).bitwise_and(LOW_32_BITS);
+    let k = (rotate_left(&k, 15) * 0x1B87_3593i64).bitwise_and(LOW_32_BITS);
+    let h = rotate_left(&k.bitwise_xor(i64::from(seed)), 13);
+    let h = (h * 5i64 + 0xE654_6B64i64).bitwise_and(LOW_32_BITS);
+    let h = h.bitwise_xor_tensor(&h.bitwise_right_shift_tensor_scalar(16));
+    let h = (h * 0x85EB_CA6Bi64).bitwise_and(LOW_32_BITS);
+    let h = h.bitwise_xor_tensor(&h.bitwise_right_shift_tensor_scalar(13));
+    let h = (h * 0xC2B2_AE35i64).bitwise_and(LOW_32_BITS);
+    h.bitwise_xor_tensor(&h.bitwise_right_shift_tensor_scalar(16))
+}
+
+/// `murmur3(i, seed) / 2^32` for `i` in `0..n`, one row per seed, float32 `[seeds, n]` on
+/// `device` (the int→float conversion rounds to nearest, as torch's does; the division by a power
+/// of two is exact).
+fn uniforms(seeds: &[u32], n: i64, device: Device, hashing: Hashing) -> Tensor {
+    match hashing {
+        Hashing::Host => {
+            let flat: Vec<f32> = seeds
+                .iter()
+                .flat_map(|&s| (0..n as u32).map(move |i| murmur3_32(i, s) as f32 / 4_294_967_296.0))
+                .collect();
+            Tensor::from_slice(&flat).view([seeds.len() as i64, n]).to_device(device)
+        }
+        Hashing::Device => {
+            let keys = Tensor::arange(n, (Kind::Int64, device));
+            let rows: Vec<Tensor> = seeds.iter().map(|&s| murmur3_32_tensor(&keys, s)).collect();
+            Tensor::stack(&rows, 0).to_kind(Kind::Float) / 4_294_967_296.0
+        }
+    }
 }
 
 /// Box–Muller on rows of uniforms `[rows, 2 * pairs]`: the first half drives the radius, the
@@ -67,14 +124,29 @@ fn box_muller(u: &Tensor, n: i64) -> Tensor {
 /// Seeded normals, float32 `[seeds, n]`, one row per seed (upstream's `_normal` /
 /// `_batched_normal`).
 pub fn normals(seeds: &[u32], n: i64, device: Device) -> Tensor {
+    normals_with(seeds, n, device, Hashing::for_device(device))
+}
+
+fn normals_with(seeds: &[u32], n: i64, device: Device, hashing: Hashing) -> Tensor {
     let pairs = (n + 1) / 2;
-    let flat: Vec<f32> = seeds.iter().flat_map(|&s| uniforms(s, 2 * pairs as usize)).collect();
-    let u = Tensor::from_slice(&flat).view([seeds.len() as i64, 2 * pairs]).to_device(device);
-    box_muller(&u, n)
+    box_muller(&uniforms(seeds, 2 * pairs, device, hashing), n)
 }
 
 /// The input embeddings of `nonces`, `[nonces, seq_len, hidden]` in `kind`.
 pub fn inputs(round: &Round<'_>, nonces: &[i64], hidden: i64, kind: Kind, device: Device) -> Tensor {
+    inputs_with(round, nonces, hidden, kind, device, Hashing::for_device(device))
+}
+
+/// [`inputs`] with the counters hashed where `hashing` says (for tests and the bench: the
+/// result is the same bits either way).
+pub fn inputs_with(
+    round: &Round<'_>,
+    nonces: &[i64],
+    hidden: i64,
+    kind: Kind,
+    device: Device,
+    hashing: Hashing,
+) -> Tensor {
     let n = round.seq_len * hidden;
     let rows: Vec<Tensor> = nonces
         .iter()
@@ -90,12 +162,12 @@ pub fn inputs(round: &Round<'_>, nonces: &[i64], hidden: i64, kind: Kind, device
                     .filter(|(k, _)| (*k as i64) * segment < n)
                     .map(|(k, word)| {
                         let s = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-                        normals(&[s], segment.min(n - k as i64 * segment), device).squeeze_dim(0)
+                        normals_with(&[s], segment.min(n - k as i64 * segment), device, hashing).squeeze_dim(0)
                     })
                     .collect();
                 Tensor::cat(&parts, 0)
             } else {
-                normals(&[seed_from_string(&seed)], n, device).squeeze_dim(0)
+                normals_with(&[seed_from_string(&seed)], n, device, hashing).squeeze_dim(0)
             };
             flat.view([round.seq_len, hidden]).to_kind(kind)
         })
@@ -259,6 +331,41 @@ mod tests {
         assert_eq!(murmur3_32(1, 0), 0x87BE_548A);
         assert_eq!(murmur3_32(12345, 0xBA78_16BF), 0xFADC_7D73);
         assert_eq!(murmur3_32(u32::MAX, u32::MAX), 0x27F3_175F);
+    }
+
+    #[test]
+    fn the_tensor_mix_is_the_host_mix_bit_for_bit() {
+        // Keys where the masks and wrapping matter: 0, the top bit, the largest, and a spread.
+        let mut keys: Vec<u32> = vec![0, 1, 12345, 0x7FFF_FFFF, 0x8000_0000, u32::MAX - 1, u32::MAX];
+        keys.extend((0..4096u32).map(|i| i.wrapping_mul(0x9E37_79B9)));
+        let tensor = Tensor::from_slice(&keys.iter().map(|&k| i64::from(k)).collect::<Vec<_>>());
+        for seed in [0, 1, 0xBA78_16BF, 0x8000_0000, u32::MAX] {
+            let hashed = Vec::<i64>::try_from(murmur3_32_tensor(&tensor, seed)).unwrap();
+            let expected: Vec<i64> = keys.iter().map(|&k| i64::from(murmur3_32(k, seed))).collect();
+            assert_eq!(hashed, expected, "seed {seed:#x}");
+        }
+        let vectors = Tensor::from_slice(&[0i64, 1, i64::from(u32::MAX)]);
+        assert_eq!(Vec::<i64>::try_from(murmur3_32_tensor(&vectors, 0)).unwrap()[..2], [0xFF19_274A, 0x87BE_548A]);
+        assert_eq!(Vec::<i64>::try_from(murmur3_32_tensor(&vectors, u32::MAX)).unwrap()[2], 0x27F3_175F);
+    }
+
+    #[test]
+    fn inputs_hashed_on_the_device_are_the_host_inputs_bit_for_bit() {
+        // The device path run on the CPU: its int64 ops and int→float rounding are the CUDA
+        // kernels' too. Odd sizes, both RNG layouts (the stronger one's last segment is short).
+        for stronger_rng in [false, true] {
+            let round = Round { block_hash: "blk", public_key: "pk", seq_len: 37, k_dim: 12, stronger_rng };
+            let host = inputs_with(&round, &[0, 9, 1 << 40], 91, Kind::Float, Device::Cpu, Hashing::Host);
+            let device = inputs_with(&round, &[0, 9, 1 << 40], 91, Kind::Float, Device::Cpu, Hashing::Device);
+            assert_eq!(host.size(), [3, 37, 91]);
+            let (host, device) = (
+                Vec::<f32>::try_from(host.flatten(0, -1)).unwrap(),
+                Vec::<f32>::try_from(device.flatten(0, -1)).unwrap(),
+            );
+            assert!(host.iter().zip(&device).all(|(a, b)| a.to_bits() == b.to_bits()), "stronger_rng {stronger_rng}");
+        }
+        assert_eq!(Hashing::for_device(Device::Cpu), Hashing::Host);
+        assert_eq!(Hashing::for_device(Device::Cuda(0)), Hashing::Device);
     }
 
     #[test]

@@ -155,6 +155,8 @@ inference() {
   local ours theirs lines=""
   local bench_args=(--device "$device" --dtype "$dtype" --prompt $prompt --decode $decode --batch $batch
     --poc-seq-len 128 --poc-batch 8 --poc-nonces 16)
+  # PoC v2's inputs timed alone at MiniMax-M2's shapes on the GPU (host against device hashing).
+  [ "$mode" = gpu ] && bench_args+=(--poc-inputs-seq-len 1024 --poc-inputs-hidden 3072)
   local request="{\"dir\": \"$model\", \"device\": \"$device\", \"dtype\": \"$dtype\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 128, \"poc_batch\": 8, \"poc_nonces\": 16}"
   for i in $(seq 1 "$runs"); do
     ours=$("$kit/bin/gonka-inference-bench" "$model" "${bench_args[@]}") || return 1
@@ -189,6 +191,10 @@ for n in range(64):
     rows = torch.topk(-scores.unsqueeze(0).expand(3, -1), k=k, dim=1, largest=True, sorted=False)[1][1]
     agree += bool(torch.equal(one, rows))
 print(f"unsorted topk on {device}: batched rows order the picks as 1-D per nonce does for {agree} of 64 nonces")
+i = ours["poc_inputs"]
+ms = lambda v: f"{sorted(v)[len(v) // 2]:.1f} ms ({min(v):.1f}-{max(v):.1f})"
+print(f"PoC v2 inputs, {i['batch']} x {i['seq_len']} x {i['hidden']}: counters hashed on the host {ms(i['host_ms'])}, on the device {ms(i['device_ms'])}; the engine's default here: {i['default']}; same bits: {i['identical']}")
+assert i["identical"], "the two hashings gave different inputs on this device"
 limit = 1e-5 if mode == "cpu" else 0.02
 assert worst < limit, f"PoC v2 artifacts {worst} apart (limit {limit})"
 PY

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use gonka_inference::poc_v2::{self, Reflections, Round};
+use gonka_inference::poc_v2::{self, Hashing, Reflections, Round};
 use gonka_inference::{LoadOptions, Output, Step, StepInput, load};
 use serde_json::json;
 use tch::{Device, Kind};
@@ -29,6 +29,13 @@ struct Cli {
     poc_batch: usize,
     #[arg(long, default_value_t = 32)]
     poc_nonces: usize,
+    /// The sequence length of the PoC v2 inputs timed alone (host against device hashing);
+    /// `--poc-seq-len` when absent.
+    #[arg(long)]
+    poc_inputs_seq_len: Option<i64>,
+    /// Their hidden size (e.g. MiniMax-M2's 3072); the model's when absent.
+    #[arg(long)]
+    poc_inputs_hidden: Option<i64>,
     /// `cuda` to run on the first GPU.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -123,6 +130,28 @@ fn main() -> anyhow::Result<()> {
         artifacts.extend(poc_v2::compute(&model, &reflections, &round, chunk));
     }
     let poc_seconds = started.elapsed().as_secs_f64();
+
+    // One PoC v2 batch's input embeddings alone, their counters hashed on the host and on the
+    // device, alternated: what the device's default saves per batch, and that both give the
+    // same bits on this device.
+    let inputs_round = Round { seq_len: cli.poc_inputs_seq_len.unwrap_or(cli.poc_seq_len), ..round.clone() };
+    let inputs_hidden = cli.poc_inputs_hidden.unwrap_or(model.spec.hidden_size);
+    let batch_nonces: Vec<i64> = (0..cli.poc_batch as i64).collect();
+    let make_inputs = |hashing| {
+        let started = Instant::now();
+        let x = poc_v2::inputs_with(&inputs_round, &batch_nonces, inputs_hidden, model.spec.kind, device, hashing);
+        sync();
+        (started.elapsed().as_secs_f64() * 1e3, x)
+    };
+    let _ = (make_inputs(Hashing::Host), make_inputs(Hashing::Device));
+    let (mut host_ms, mut device_ms, mut identical) = (Vec::new(), Vec::new(), true);
+    for _ in 0..3 {
+        let (ms, on_host) = make_inputs(Hashing::Host);
+        host_ms.push(ms);
+        let (ms, on_device) = make_inputs(Hashing::Device);
+        device_ms.push(ms);
+        identical &= on_host.equal(&on_device);
+    }
     // Every timed nonce's encoding, for the peer's to be compared with (the GPU kit does).
     let encodings: Vec<_> = artifacts.iter().map(|a| json!({"nonce": a.nonce, "vector_b64": a.vector_b64})).collect();
 
@@ -151,6 +180,15 @@ fn main() -> anyhow::Result<()> {
             "poc_batch": cli.poc_batch,
             "poc_nonces_per_second": artifacts.len() as f64 / poc_seconds,
             "poc_artifacts": encodings,
+            "poc_inputs": {
+                "seq_len": inputs_round.seq_len,
+                "hidden": inputs_hidden,
+                "batch": cli.poc_batch,
+                "default": format!("{:?}", Hashing::for_device(device)),
+                "host_ms": host_ms,
+                "device_ms": device_ms,
+                "identical": identical,
+            },
         })
     );
     Ok(())
