@@ -30,7 +30,7 @@ if [ "${1:-}" = "--cpu-here" ]; then
     [ -x "$target/debug/$b" ] || { echo "gpu-kit: $target/debug/$b missing (make test builds it)" >&2; exit 1; }
     ln -s "$target/debug/$b" "$kit/bin/$b"
   done
-  cp bench/pytorch_poc.py bench/inference_reference.py node-daemon/tests/reference/upstream_poc.py \
+  cp bench/pytorch_poc.py bench/inference_reference.py bench/fp8_matmul.py node-daemon/tests/reference/upstream_poc.py \
     inference/tests/reference/poc_v2_reference.py inference/tests/reference/qwen_reference.py "$kit/python/"
   cp scripts/gpu-kit/run.sh "$kit/run.sh"
   git rev-parse HEAD >"$kit/COMMIT" 2>/dev/null || true
@@ -84,7 +84,7 @@ for b in gonka-node-daemon gonka-inference-bench; do
   cp "$build_target/release/$b" "$kit/bin/$b"
   strip "$kit/bin/$b"
 done
-cp bench/pytorch_poc.py bench/inference_reference.py "$kit/python/"
+cp bench/pytorch_poc.py bench/inference_reference.py bench/fp8_matmul.py "$kit/python/"
 cp node-daemon/tests/reference/upstream_poc.py inference/tests/reference/poc_v2_reference.py \
   inference/tests/reference/qwen_reference.py "$kit/python/"
 cp scripts/gpu-kit/run.sh "$kit/run.sh"

@@ -144,7 +144,7 @@ PY
   done
   printf '%s' "$lines" | summarise nonces_per_second
 }
-step poc-v1 170 poc_v1
+step poc-v1 150 poc_v1
 
 # 3. Inference and PoC v2 on a random Qwen3 written here.
 inference() {
@@ -231,10 +231,20 @@ moe() {
 }
 step moe 110 moe
 
+# 5. FP8 block-quantised projections (#20 item 2): widened per call (the engine's way today),
+#    libtorch's block-scaled FP8 matmul (Hopper), and dense weights widened ahead of time, at
+#    MiniMax-M2.7's shapes; each with its error against float32. A refused way is reported.
+fp8_matmul() {
+  local small=false
+  [ "$mode" = cpu ] && small=true
+  "$python" "$kit/python/fp8_matmul.py" "{\"device\": \"$device\", \"dtype\": \"$dtype\", \"runs\": $runs, \"small\": $small}"
+}
+step fp8-matmul 40 fp8_matmul
+
 {
   echo
   echo "## Figures"
-  for name in nvml poc-v1 inference moe; do
+  for name in nvml poc-v1 inference moe fp8-matmul; do
     echo
     echo "### $name"
     echo '```'
