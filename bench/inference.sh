@@ -8,7 +8,8 @@
 # kernels each side ran, written to docs/benchmarks.md with the machine and date. Not a test.
 # vLLM's PoC v2 runs in upstream's fork, not in this build: its PoC column is the same forward
 # alone (PoC's batches of seq_len-token sequences, one token generated), a bound on what its
-# nonces cost, against the whole pipeline on the other sides. BENCH_VLLM=0 leaves vLLM out. BENCH_BEFORE=<an earlier build of gonka-inference-bench> adds it
+# nonces cost, against the whole pipeline on the other sides. Every side runs under the same
+# glibc allocator settings (BENCH_GLIBC_TUNABLES). BENCH_VLLM=0 leaves vLLM out. BENCH_BEFORE=<an earlier build of gonka-inference-bench> adds it
 # as a side of its own, alternated with the rest (a change measured against what it replaces).
 #
 #   bench/inference.sh [prompt_tokens] [decode_tokens] [batch]     (default: 512 64 8)
@@ -38,6 +39,11 @@ cargo build --release --locked -q -p gonka-inference --bin gonka-inference-bench
 # end); runs alternate (ours, transformers, vLLM, ...) so drift hits all alike.
 threads=${BENCH_THREADS:-$(nproc)}
 export BENCH_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+# Every side under the same glibc allocator settings (docs/cpu-compute.md: libtorch's CPU
+# buffers otherwise go back to the kernel and fault in again every layer); BENCH_GLIBC_TUNABLES=
+# (empty) runs them all on glibc's defaults.
+tunables=${BENCH_GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456:glibc.malloc.hugetlb=1}
+if [ -n "$tunables" ]; then export GLIBC_TUNABLES=$tunables; else unset GLIBC_TUNABLES; fi
 runs=${BENCH_RUNS:-5}
 request="{\"dir\": \"$model\", \"prompt\": $prompt, \"decode\": $decode, \"batch\": $batch, \"poc_seq_len\": 256, \"poc_batch\": 8, \"poc_nonces\": 32}"
 results=$(mktemp)
@@ -65,12 +71,13 @@ done
 vllm_kernels=$(grep -oE 'CPU unquantized GEMM dispatch: [^"]*|core ids=\[[0-9, ]*\]|Using [A-Za-z_]+ (attention )?backend[^"]*' "$vllm_log" | sort -u | paste -sd ";" - || true)
 rm -f "$vllm_log" "$vllm_log.run" "$vllm_log.json"
 
-"$py" - "$results" "$vllm_kernels" "$model/config.json" "$before" <<'PY'
+"$py" - "$results" "$vllm_kernels" "$model/config.json" "$before" "$tunables" <<'PY'
 import datetime, json, os, platform, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 vllm_kernels = sys.argv[2]
 config = json.load(open(sys.argv[3]))
 before_binary = sys.argv[4]
+allocator = f"glibc with GLIBC_TUNABLES={sys.argv[5]}" if sys.argv[5] else "glibc's defaults"
 ours = [r for r in runs if r["engine"].startswith("gonka-inference")]
 earlier = [r for r in runs if r["engine"].startswith("before: ")]
 theirs = [r for r in runs if r["engine"].startswith("transformers")]
@@ -124,14 +131,14 @@ if served:
 threads_and_kernels += f". Kernels: ours libtorch ({kernel_text(o)}); transformers PyTorch ({kernel_text(theirs[0])})"
 if served:
     threads_and_kernels += f"; vLLM PyTorch ({kernel_text(served[0])}) under its own CPU ops, its log: {vllm_kernels or 'nothing on its kernels'}"
-threads_and_kernels += "."
+threads_and_kernels += f". Allocator: {allocator}, every side."
 sides = f"{len(ours)} runs per side, alternated"
 if earlier:
     sides += f"; the engine before the change (`{before_binary}`) a side of its own"
 section = f"""
 ## Inference and PoC v2, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers; vLLM, whose PoC v2 is in upstream's fork: the forward alone, batches of {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
+Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (warmed on the same shape first on every side; no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers; vLLM, whose PoC v2 is in upstream's fork: the forward alone, batches of {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
 
 | engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s |
 |---|---|---|---|---|---|---|

@@ -33,6 +33,7 @@ struct Cli {
     pod_ip: Option<String>,
     /// Development only: compute PoC on the CPU when there is no GPU, and report ready without
     /// GPUs. Never set it on a GPU fleet: a pod whose GPUs are missing would be registered.
+    /// For speed on a CPU, see docs/cpu-compute.md (glibc's allocator settings).
     #[arg(long, env = "GONKA_ALLOW_CPU_COMPUTE")]
     allow_cpu_compute: bool,
     /// After SIGTERM, how long pending PoC batches may take to reach the network node (keep it
