@@ -28,12 +28,17 @@ shape of each kind at a few rows.
 """
 
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+# The tests' FP8 quantiser (beside this file in the GPU kit, under inference/ in the repository).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "inference", "tests", "reference"))
+from qwen_reference import fp8_quantise_weight  # noqa: E402
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -48,16 +53,6 @@ SHAPES = [
     ("expert_down", 256, 3072, 1536),
 ]
 SMALL = [("qkv", 4, 512, 256), ("expert_down", 16, 256, 384)]
-
-
-def quantise(w):
-    """e4m3 weights and float32 factors `[out/128, in/128]`, each block's largest magnitude at
-    e4m3's largest (the tests' `fp8_quantise`, for shapes the blocks tile)."""
-    out_dim, in_dim = w.shape
-    blocks = w.float().view(out_dim // BLOCK, BLOCK, in_dim // BLOCK, BLOCK)
-    scale = (blocks.abs().amax(dim=(1, 3)) / E4M3_MAX).clamp(min=1e-12)
-    q = (blocks / scale[:, None, :, None]).view(out_dim, in_dim).to(torch.float8_e4m3fn)
-    return q, scale.contiguous()
 
 
 def widen(q, scale, dtype):
@@ -112,7 +107,7 @@ def main():
     lines = []
     for name, rows, out_dim, in_dim in SMALL if request.get("small") else SHAPES:
         w = torch.randn(out_dim, in_dim, generator=gen) * in_dim**-0.5
-        q, scale = quantise(w)
+        q, scale, _ = fp8_quantise_weight(w, (BLOCK, BLOCK))
         x = torch.randn(rows, in_dim, generator=gen)
         reference = x @ widen(q, scale, torch.float32).t()
         q, scale, x = q.to(device), scale.to(device), x.to(device=device, dtype=dtype)

@@ -169,6 +169,21 @@ def randomise(model, seed):
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
 
 
+def fp8_quantise_weight(w, block):
+    """One weight `[out, in]` in e4m3 with a float32 factor per `block` ([rows, columns]; edge
+    blocks partial), each block's largest magnitude at e4m3's largest (448): the e4m3 weight,
+    the factors `[ceil(out/rows), ceil(in/columns)]` and the factors expanded to the weight."""
+    rows, columns = block
+    out_dim, in_dim = w.shape
+    nr, nc = -(-out_dim // rows), -(-in_dim // columns)
+    padded = torch.zeros(nr * rows, nc * columns, dtype=torch.float32)
+    padded[:out_dim, :in_dim] = w.float()
+    blocks = padded.view(nr, rows, nc, columns)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+    factors = scale.repeat_interleave(rows, 0).repeat_interleave(columns, 1)[:out_dim, :in_dim]
+    return (w.float() / factors).to(torch.float8_e4m3fn), scale.contiguous(), factors
+
+
 def fp8_quantise(directory, block):
     """Quantises the checkpoint in `directory` as DeepSeek's and MiniMax's FP8 releases are: each
     projection's weight in e4m3 with a float32 `weight_scale_inv` per `block` ([rows, columns];
@@ -188,16 +203,9 @@ def fp8_quantise(directory, block):
         if w.dim() != 2 or not name.endswith(".weight") or not any(p in name for p in FP8_PROJECTIONS):
             quantised[name] = dequantised[name] = w
             continue
-        out_dim, in_dim = w.shape
-        nr, nc = -(-out_dim // rows), -(-in_dim // columns)
-        padded = torch.zeros(nr * rows, nc * columns, dtype=torch.float32)
-        padded[:out_dim, :in_dim] = w.float()
-        blocks = padded.view(nr, rows, nc, columns)
-        scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
-        factors = scale.repeat_interleave(rows, 0).repeat_interleave(columns, 1)[:out_dim, :in_dim]
-        q = (w.float() / factors).to(torch.float8_e4m3fn)
+        q, scale, factors = fp8_quantise_weight(w, block)
         quantised[name] = q
-        quantised[name.removesuffix(".weight") + ".weight_scale_inv"] = scale.contiguous()
+        quantised[name.removesuffix(".weight") + ".weight_scale_inv"] = scale
         dequantised[name] = (q.float() * factors).to(w.dtype)
     # Inside the model directory (the engine reads only its top level): gone with it.
     reference = f"{directory}/dequantised-reference"
