@@ -146,8 +146,14 @@ fn live_groups(groups: &BTreeSet<i32>) -> Vec<(i32, String)> {
 }
 
 fn chat(max_tokens: u32, stream: bool) -> Value {
-    json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello, world!"}], "max_tokens": max_tokens,
-        "temperature": 0.0, "ignore_eos": true, "stream": stream})
+    let mut request = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello, world!"}],
+        "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": true, "stream": stream});
+    if stream {
+        // The tokens are counted from the usage vLLM reports: its output loop may put several
+        // tokens into one event when it falls behind (it did under CI's load), so events are not tokens.
+        request["stream_options"] = json!({"include_usage": true});
+    }
+    request
 }
 
 /// The text and finish of a server-sent-events chat answer.
@@ -212,7 +218,13 @@ fn vllm_serves_fans_out_is_supervised_and_leaves_nothing() {
     let (direct_status, direct) = http("POST", ports[1], "/v1/chat/completions", Some(&chat(12, true)));
     assert_eq!(direct_status, 200);
     let ((text, events), (direct_text, _)) = (streamed_text(&proxied), streamed_text(&direct));
-    assert!(events.len() >= 12 && events.last().map(String::as_str) == Some("[DONE]"), "{proxied}");
+    // Streamed: the answer came in several events, ends as OpenAI's streams do, and holds every
+    // token asked for.
+    let deltas = events.iter().filter(|e| e.contains("\"delta\"")).count();
+    let usage =
+        events.iter().rev().find_map(|e| serde_json::from_str::<Value>(e).ok().filter(|v| v["usage"].is_object()));
+    assert!(deltas >= 3 && events.last().map(String::as_str) == Some("[DONE]"), "{proxied}");
+    assert_eq!(usage.map(|u| u["usage"]["completion_tokens"].clone()), Some(json!(12)), "{proxied}");
     assert_eq!(text, direct_text);
     let (status, models_answer) = http("GET", port, "/v1/models", None);
     assert_eq!(status, 200);
