@@ -97,17 +97,18 @@ for i, (a, b) in enumerate(zip(ours, theirs)):
         assert da < 2e-3, f"{c['engine']}: PoC v2 artifacts differ by {da}"
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 machine = f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, {platform.system()} {platform.release()}"
-keys = ["prefill_tokens_per_second", "decode_tokens_per_second", "batch_decode_tokens_per_second", "poc_nonces_per_second"]
+# PoC v2 twice: the whole pipeline (ours and transformers) and the forward alone (ours and vLLM,
+# whose CPU build has no PoC v2: see vllm_reference.py), each compared only with its like.
+keys = ["prefill_tokens_per_second", "decode_tokens_per_second", "batch_decode_tokens_per_second", "poc_nonces_per_second", "poc_forward_nonces_per_second"]
 def stats(side, k):
-    # vLLM's PoC column: its forward alone (see vllm_reference.py).
-    v = [r[k] if k in r else r[k.replace("poc_", "poc_forward_")] for r in side if k in r or k.replace("poc_", "poc_forward_") in r]
+    v = [r[k] for r in side if k in r]
     return (statistics.median(v), min(v), max(v)) if v else None
 cell = lambda s: f"{s[0]:.1f} ({s[1]:.1f}–{s[2]:.1f})" if s else "—"
 row = lambda side: f"| {side[0]['engine']} | {side[0]['device']} {side[0]['dtype']} | {side[0]['threads']} | " + " | ".join(cell(stats(side, k)) for k in keys) + " |"
 def verdicts(other):
     out = []
     for k in keys:
-        if stats(other, k) is None:
+        if stats(other, k) is None or stats(ours, k) is None:
             continue
         (mo, lo, ho), (mt, lt, ht) = stats(ours, k), stats(other, k)
         name = k.replace("_per_second", "").replace("_", " ")
@@ -138,10 +139,10 @@ if earlier:
 section = f"""
 ## Inference and PoC v2, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (warmed on the same shape first on every side; no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}, the whole pipeline timed (forward with reflections, normalise, pick, Haar, encode; ours and transformers; vLLM, whose PoC v2 is in upstream's fork: the forward alone, batches of {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
+Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (warmed on the same shape first on every side; no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}: the whole pipeline (forward with reflections, normalise, pick, Haar, encode; ours and transformers), and the forward alone (ours: {o['poc_batch']} sequences of {o['poc_seq_len']} tokens, the last position's logits; vLLM, whose PoC v2 is in upstream's fork, not its CPU build: {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
 
-| engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s |
-|---|---|---|---|---|---|---|
+| engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s | PoC v2 forward nonces/s |
+|---|---|---|---|---|---|---|---|
 {row(ours)}
 """ + (f"{row(earlier)}\n" if earlier else "") + f"""{row(theirs)}
 """ + (f"{row(served)}\n" if served else "") + (f"\nOurs / before: {verdicts(earlier)}." if earlier else "") + f"""

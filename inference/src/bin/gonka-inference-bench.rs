@@ -133,6 +133,26 @@ fn main() -> anyhow::Result<()> {
     }
     let poc_seconds = started.elapsed().as_secs_f64();
 
+    // The forward alone, as the vLLM side's PoC v2 column runs it (vLLM's own PoC v2 is in
+    // upstream's fork, not in its CPU build): batches of `poc_batch` sequences of `poc_seq_len`
+    // tokens, the last position's logits; no inputs made, no reflections, no artifacts. The
+    // pipeline above against vLLM's forward would charge ours for work vLLM's column leaves out.
+    let poc_prompts: Vec<Vec<i64>> =
+        (0..cli.poc_nonces as u64).map(|n| tokens(cli.poc_seq_len as usize, vocab, 100 + n)).collect();
+    let poc_forward = |batch: &[Vec<i64>]| {
+        let mut steps: Vec<Step<'_>> =
+            batch.iter().map(|p| Step { input: StepInput::Tokens(p.clone()), cache: None }).collect();
+        let logits = model.logits(&model.forward(&mut steps, None, Output::Last));
+        sync();
+        logits
+    };
+    let _ = poc_forward(&poc_prompts[..cli.poc_batch.min(poc_prompts.len())]);
+    let started = Instant::now();
+    for chunk in poc_prompts.chunks(cli.poc_batch) {
+        let _ = poc_forward(chunk);
+    }
+    let poc_forward_seconds = started.elapsed().as_secs_f64();
+
     // One PoC v2 batch's input embeddings alone, their counters hashed on the host and on the
     // device, alternated: what the device's default saves per batch, and that both give the
     // same bits on this device.
@@ -181,6 +201,7 @@ fn main() -> anyhow::Result<()> {
             "poc_seq_len": cli.poc_seq_len,
             "poc_batch": cli.poc_batch,
             "poc_nonces_per_second": artifacts.len() as f64 / poc_seconds,
+            "poc_forward_nonces_per_second": poc_prompts.len() as f64 / poc_forward_seconds,
             "poc_artifacts": encodings,
             "poc_inputs": {
                 "seq_len": inputs_round.seq_len,
