@@ -6,7 +6,8 @@
 //! model directory; `layers` holds the shared modules; `models/` one file per architecture;
 //! `kv_cache` and `batch` stay apart from the model code; `engine` is the continuous-batching
 //! scheduler on its own thread (with `sampling`), `generate` plain greedy decoding, `poc_v2`
-//! the PoC v2 computation on the loaded model.
+//! the PoC v2 computation on the loaded model, `packed_matmul` the CPU kernel for a MoE's
+//! float32 experts over weights packed at load.
 
 pub mod batch;
 pub mod checkpoint;
@@ -18,6 +19,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod models;
+pub mod packed_matmul;
 pub mod placement;
 pub mod poc_v2;
 pub mod sampling;
