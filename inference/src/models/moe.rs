@@ -9,9 +9,10 @@
 //! tensor) — no copy to the host, so nothing waits for the GPU between layers. On CUDA (sm90 and
 //! later) bfloat16 groups run as one CUTLASS grouped GEMM; elsewhere libtorch loops over the
 //! groups in C++ with the same matmul as one expert at a time (MKL's, in float32 on the CPU,
-//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Shapes the
-//! grouped matmul refuses (rows not a multiple of 16 bytes) keep one [`Mlp`] per expert, routed
-//! through the host ([`mix_experts`]).
+//! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Float32
+//! experts on the CPU are also packed at load for `packed_matmul`'s kernel, which multiplies
+//! decode-sized steps. Shapes the grouped matmul refuses (rows not a multiple of 16 bytes) keep
+//! one [`Mlp`] per expert, routed through the host ([`mix_experts`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -256,11 +257,11 @@ impl Experts {
 /// multiply with the packed kernel on one thread; above it, libtorch's grouped matmul on every
 /// thread is faster. Measured on the bench's random Qwen3-MoE (32 experts, top 4; two Zen 4
 /// cores, 2026-12-06): prefill of 64 tokens (8 an expert) 1.35x as fast on the kernel, 128 (16)
-/// 1.15x, 256 (32) 0.93x; decoding one sequence 1.6x, eight 2x.
+/// 1.15x, 256 (32) 0.93x; decoding one sequence 1.45x, eight 2.0x (docs/benchmarks.md).
 const PACKED_MAX_ROWS_PER_EXPERT: i64 = 16;
 
 /// [`Experts::mix`] with packed float32 experts on the CPU: routed as the grouped path routes,
-/// each projection one call of the packed kernel over libtorch's intra-op thread count.
+/// each projection one call of the packed kernel on the calling thread.
 fn mix_packed(packed: &[PackedExperts; 2], x: &Tensor, chosen: &Tensor, weights: &Tensor, intermediate: i64) -> Tensor {
     let [gate_up, down] = packed;
     let top_k = chosen.size()[1];
