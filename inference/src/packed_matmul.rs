@@ -4,7 +4,8 @@
 //! an expert that copy is most of the work (~83 GFLOP/s for a layer's experts on two Zen 4 cores,
 //! docs/cpu-compute.md). Packed here once, each expert's weight is streamed once per call by a
 //! register-tiled kernel: rows × two SIMD vectors of output columns, accumulated over the input
-//! with fused multiply-adds, the same products summed in input order.
+//! with fused multiply-adds, the same products summed in input order. It runs on the calling
+//! thread (`models::moe` says why and for which steps).
 //!
 //! SIMD through `pulp`, which picks AVX-512, AVX2+FMA or plain code at run time behind a safe
 //! interface (the workspace forbids `unsafe`).
@@ -20,6 +21,8 @@ const TILE_ROWS: usize = 6;
 /// expert, panels of `width` output columns (the last padded with zeros), each panel input-major
 /// (`[in, width]`), so a tile reads the weight in order.
 pub struct PackedExperts {
+    /// The SIMD level the panels were packed for (their width is two of its vectors).
+    arch: Arch,
     panels: Vec<f32>,
     experts: usize,
     out: usize,
@@ -33,7 +36,8 @@ impl PackedExperts {
         let [experts, out, input] = weights.size()[..] else { panic!("[experts, out, in] weights") };
         assert!(weights.kind() == Kind::Float && weights.device() == Device::Cpu, "float32 on the CPU");
         let (experts, out, input) = (experts as usize, out as usize, input as usize);
-        let width = 2 * Arch::new().dispatch(Lanes);
+        let arch = Arch::new();
+        let width = 2 * arch.dispatch(Lanes);
         let per_expert = out.div_ceil(width) * width * input;
         let dense = Vec::<f32>::try_from(weights.contiguous().view([-1])).expect("float32 weights");
         let mut panels = vec![0f32; experts * per_expert];
@@ -46,51 +50,30 @@ impl PackedExperts {
                 }
             }
         }
-        Self { panels, experts, out, input, width }
-    }
-
-    pub fn experts(&self) -> usize {
-        self.experts
+        Self { arch, panels, experts, out, input, width }
     }
 
     /// `x` `[rows, in]` float32, its rows sorted by expert (`served[e]` rows for expert `e`),
-    /// times each expert's weight transposed: `[rows, out]`, experts shared among `threads`.
-    pub fn grouped_matmul(&self, x: &Tensor, served: &[i64], threads: usize) -> Tensor {
+    /// times each expert's weight transposed: `[rows, out]`, on the calling thread.
+    pub fn grouped_matmul(&self, x: &Tensor, served: &[i64]) -> Tensor {
         assert_eq!(served.len(), self.experts, "a count per expert");
         let rows: usize = served.iter().map(|&n| n as usize).sum();
         assert_eq!(x.size(), [rows as i64, self.input as i64], "rows sorted by expert");
         let padded = self.out.div_ceil(self.width) * self.width;
         let input = Vec::<f32>::try_from(x.to_kind(Kind::Float).contiguous().view([-1])).expect("float32 rows");
         let mut output = vec![0f32; rows * padded];
-        // Each expert's rows of the input and of the output, handed out whole.
-        let mut pieces = Vec::new();
-        let (mut rest_in, mut rest_out) = (input.as_slice(), output.as_mut_slice());
+        let shape = Shape { input: self.input, padded, width: self.width };
         let per_expert = padded * self.input;
-        for (expert, &n) in served.iter().enumerate() {
+        // Each expert's rows of the input and of the output, in order.
+        let (mut rest_in, mut rest_out) = (input.as_slice(), output.as_mut_slice());
+        for (weights, &n) in self.panels.chunks_exact(per_expert).zip(served) {
             let n = n as usize;
             let (x, more_in) = rest_in.split_at(n * self.input);
             let (out, more_out) = std::mem::take(&mut rest_out).split_at_mut(n * padded);
             (rest_in, rest_out) = (more_in, more_out);
             if n > 0 {
-                pieces.push(Piece { x, out, weights: &self.panels[expert * per_expert..][..per_expert], rows: n });
+                self.arch.dispatch(Kernel { piece: Piece { x, out, weights }, shape });
             }
-        }
-        let shape = Shape { input: self.input, padded, width: self.width };
-        let shares = balance(pieces, threads.max(1));
-        if shares.len() <= 1 {
-            for piece in shares.into_iter().flatten() {
-                Arch::new().dispatch(Kernel { piece, shape });
-            }
-        } else {
-            std::thread::scope(|scope| {
-                for share in shares {
-                    scope.spawn(move || {
-                        for piece in share {
-                            Arch::new().dispatch(Kernel { piece, shape });
-                        }
-                    });
-                }
-            });
         }
         let out = Tensor::from_slice(&output).view([rows as i64, padded as i64]);
         if padded == self.out { out } else { out.narrow(1, 0, self.out as i64) }
@@ -102,7 +85,6 @@ struct Piece<'a> {
     x: &'a [f32],
     out: &'a mut [f32],
     weights: &'a [f32],
-    rows: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -110,19 +92,6 @@ struct Shape {
     input: usize,
     padded: usize,
     width: usize,
-}
-
-/// Pieces shared among at most `threads` so the largest share is small: largest first, each to
-/// the share with the fewest rows. Empty shares are dropped.
-fn balance(mut pieces: Vec<Piece<'_>>, threads: usize) -> Vec<Vec<Piece<'_>>> {
-    pieces.sort_by_key(|p| std::cmp::Reverse(p.rows));
-    let mut shares: Vec<(usize, Vec<Piece<'_>>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-    for piece in pieces {
-        let lightest = shares.iter_mut().min_by_key(|(rows, _)| *rows).expect("at least one share");
-        lightest.0 += piece.rows;
-        lightest.1.push(piece);
-    }
-    shares.into_iter().map(|(_, share)| share).filter(|share| !share.is_empty()).collect()
 }
 
 /// Float32 lanes of one SIMD vector on this CPU.
@@ -148,18 +117,19 @@ impl WithSimd for Kernel<'_> {
         assert_eq!(shape.width, 2 * size_of::<S::f32s>() / size_of::<f32>(), "packed for this CPU's vectors");
         let (weights, _) = S::as_simd_f32s(piece.weights);
         let panel_vectors = 2 * shape.input;
+        let rows = piece.x.len() / shape.input;
         for (panel, weights) in weights.chunks_exact(panel_vectors).enumerate() {
             let column = panel * shape.width;
             let mut row = 0;
-            while row + TILE_ROWS <= piece.rows {
+            while row + TILE_ROWS <= rows {
                 tile::<TILE_ROWS, S>(simd, piece.x, piece.out, weights, row, column, shape);
                 row += TILE_ROWS;
             }
-            while row + 2 <= piece.rows {
+            while row + 2 <= rows {
                 tile::<2, S>(simd, piece.x, piece.out, weights, row, column, shape);
                 row += 2;
             }
-            if row < piece.rows {
+            if row < rows {
                 tile::<1, S>(simd, piece.x, piece.out, weights, row, column, shape);
             }
         }
@@ -226,16 +196,14 @@ mod tests {
                 let rows: i64 = served.iter().sum();
                 let x = Tensor::randn([rows, input], (Kind::Float, Device::Cpu));
                 let expected = reference(&x, &weights, &served);
-                for threads in [1, 2, 3] {
-                    let ours = packed.grouped_matmul(&x, &served, threads);
-                    assert_eq!(ours.size(), [rows, out]);
-                    let error = if rows == 0 {
-                        0.0
-                    } else {
-                        (ours.to_kind(Kind::Double) - &expected).abs().max().double_value(&[])
-                    };
-                    assert!(error < 1e-4, "{out}×{input}, {served:?}, {threads} threads: {error}");
-                }
+                let ours = packed.grouped_matmul(&x, &served);
+                assert_eq!(ours.size(), [rows, out]);
+                let error = if rows == 0 {
+                    0.0
+                } else {
+                    (ours.to_kind(Kind::Double) - &expected).abs().max().double_value(&[])
+                };
+                assert!(error < 1e-4, "{out}×{input}, {served:?}: {error}");
             }
         }
     }
@@ -248,7 +216,7 @@ mod tests {
         let served = [4, 5];
         // The experts swapped: the kernel reads each expert's own panels.
         let swapped = PackedExperts::pack(&Tensor::stack(&[weights.get(1), weights.get(0)], 0));
-        let error = (swapped.grouped_matmul(&x, &served, 2).to_kind(Kind::Double) - reference(&x, &weights, &served))
+        let error = (swapped.grouped_matmul(&x, &served).to_kind(Kind::Double) - reference(&x, &weights, &served))
             .abs()
             .max()
             .double_value(&[]);

@@ -199,15 +199,10 @@ impl Experts {
     /// (float32 weights: in float32) and rounded to `x`'s dtype (its kernel's output cache), the
     /// `top_k` of a token summed in float32 and rounded once (its `moe_sum`).
     pub fn mix(&self, x: &Tensor, chosen: &Tensor, weights: &Tensor) -> Tensor {
-        let (gate_up, down, intermediate, count) = match self {
+        let (gate_up, down, intermediate, count, packed) = match self {
             Self::Each(mlps) => return mix_experts(x, mlps, chosen, weights),
             Self::Stacked { gate_up, down, intermediate, count, packed } => {
-                if let Some(packed) = packed
-                    && chosen.numel() as i64 <= PACKED_MAX_ROWS_PER_EXPERT * *count
-                {
-                    return mix_packed(packed, x, chosen, weights, *intermediate);
-                }
-                (gate_up, down, *intermediate, *count)
+                (gate_up, down, *intermediate, *count, packed.as_deref())
             }
         };
         let top_k = chosen.size()[1];
@@ -217,35 +212,18 @@ impl Experts {
         let order = flat.argsort_stable(true, 0, false);
         let tokens = order.divide_scalar_mode(top_k, "floor");
         let served = Tensor::zeros([count], (Kind::Int64, x.device())).scatter_add(0, &flat, &flat.ones_like());
-        // FP8 experts are widened for the matmul: when the assignments are fewer than the
-        // experts (decoding), only the experts in use are, gathered first in ascending order
-        // (the order the assignments are sorted in) and padded to the assignments' count, a
-        // bound known without asking the device, with unused ones that serve no rows.
         let assignments = flat.size()[0];
-        let fp8 = down.is_fp8() || gate_up.iter().any(Stacked::is_fp8);
-        let (ids, served) = if fp8 && assignments < count {
-            let ids = served.eq(0).to_kind(Kind::Uint8).argsort_stable(true, 0, false).narrow(0, 0, assignments);
-            let served = served.index_select(0, &ids);
-            (Some(ids), served)
-        } else {
-            (None, served)
-        };
-        let ends = served.cumsum(0, Kind::Int);
-        let grouped = |input: &Tensor, weight: &Stacked| {
-            let widened = weight.widened(ids.as_ref(), WIDEN_CHUNK_ELEMENTS);
-            input.internal_grouped_mm(&widened.transpose(1, 2), Some(&ends), None, None::<Kind>)
-        };
         let xs = x.index_select(0, &tokens);
-        // One part (dense, or FP8 whose blocks line up at the seam) is used as it comes: `cat`
-        // of a single tensor would still copy it (16 MB per layer for a PoC v2 batch of 2048
-        // rows on the bench model).
-        let gate_up = match gate_up.as_slice() {
-            [part] => grouped(&xs, part),
-            parts => Tensor::cat(&parts.iter().map(|part| grouped(&xs, part)).collect::<Vec<_>>(), -1),
+        let expert_out = match packed {
+            Some([gate_up, down]) if assignments <= PACKED_MAX_ROWS_PER_EXPERT * count => {
+                let served = Vec::<i64>::try_from(&served).expect("int64 counts");
+                let projected = gate_up.grouped_matmul(&xs, &served);
+                let hidden =
+                    projected.narrow(-1, 0, intermediate).silu() * projected.narrow(-1, intermediate, intermediate);
+                down.grouped_matmul(&hidden, &served)
+            }
+            _ => grouped_experts(gate_up, down, intermediate, count, &xs, served),
         };
-        let gate = gate_up.narrow(-1, 0, intermediate);
-        let up = gate_up.narrow(-1, intermediate, intermediate);
-        let expert_out = grouped(&(gate.silu() * up), down);
         let slot_weights = weights.flatten(0, -1).index_select(0, &order).unsqueeze(-1);
         let scaled = (expert_out * slot_weights).to_kind(x.kind());
         let out = Tensor::zeros(x.size(), (Kind::Float, x.device()));
@@ -253,33 +231,55 @@ impl Experts {
     }
 }
 
-/// The most (token, expert) assignments per expert, on average, that float32 experts on the CPU
-/// multiply with the packed kernel on one thread; above it, libtorch's grouped matmul on every
-/// thread is faster. Measured on the bench's random Qwen3-MoE (32 experts, top 4; two Zen 4
-/// cores, 2026-12-06): prefill of 64 tokens (8 an expert) 1.35x as fast on the kernel, 128 (16)
-/// 1.15x, 256 (32) 0.93x; decoding one sequence 1.45x, eight 2.0x (docs/benchmarks.md).
-const PACKED_MAX_ROWS_PER_EXPERT: i64 = 16;
-
-/// [`Experts::mix`] with packed float32 experts on the CPU: routed as the grouped path routes,
-/// each projection one call of the packed kernel on the calling thread.
-fn mix_packed(packed: &[PackedExperts; 2], x: &Tensor, chosen: &Tensor, weights: &Tensor, intermediate: i64) -> Tensor {
-    let [gate_up, down] = packed;
-    let top_k = chosen.size()[1];
-    let flat = chosen.flatten(0, -1);
-    let order = flat.argsort_stable(true, 0, false);
-    let tokens = order.divide_scalar_mode(top_k, "floor");
-    let served = Vec::<i64>::try_from(flat.bincount(None::<Tensor>, gate_up.experts() as i64)).expect("int64 counts");
-    // On the calling thread: libtorch's OpenMP workers spin for milliseconds after each of its
-    // ops before they sleep, so threads of ours would share the cores with them (measured: a
-    // single sequence decoded at 38 tokens/s with two threads, 121 with one).
-    let projected = gate_up.grouped_matmul(&x.index_select(0, &tokens), &served, 1);
-    let hidden = projected.narrow(-1, 0, intermediate).silu() * projected.narrow(-1, intermediate, intermediate);
-    let expert_out = down.grouped_matmul(&hidden, &served, 1);
-    let slot_weights = weights.flatten(0, -1).index_select(0, &order).unsqueeze(-1);
-    let scaled = (expert_out * slot_weights).to_kind(x.kind());
-    let out = Tensor::zeros(x.size(), (Kind::Float, x.device()));
-    out.index_add(0, &tokens, &scaled.to_kind(Kind::Float)).to_kind(x.kind())
+/// Each expert's SwiGLU over its rows of `xs` (sorted by expert, `served[e]` rows for expert
+/// `e`) as libtorch's grouped matmuls.
+fn grouped_experts(
+    gate_up: &[Stacked],
+    down: &Stacked,
+    intermediate: i64,
+    count: i64,
+    xs: &Tensor,
+    served: Tensor,
+) -> Tensor {
+    // FP8 experts are widened for the matmul: when the assignments are fewer than the
+    // experts (decoding), only the experts in use are, gathered first in ascending order
+    // (the order the assignments are sorted in) and padded to the assignments' count, a
+    // bound known without asking the device, with unused ones that serve no rows.
+    let assignments = xs.size()[0];
+    let fp8 = down.is_fp8() || gate_up.iter().any(Stacked::is_fp8);
+    let (ids, served) = if fp8 && assignments < count {
+        let ids = served.eq(0).to_kind(Kind::Uint8).argsort_stable(true, 0, false).narrow(0, 0, assignments);
+        let served = served.index_select(0, &ids);
+        (Some(ids), served)
+    } else {
+        (None, served)
+    };
+    let ends = served.cumsum(0, Kind::Int);
+    let grouped = |input: &Tensor, weight: &Stacked| {
+        let widened = weight.widened(ids.as_ref(), WIDEN_CHUNK_ELEMENTS);
+        input.internal_grouped_mm(&widened.transpose(1, 2), Some(&ends), None, None::<Kind>)
+    };
+    // One part (dense, or FP8 whose blocks line up at the seam) is used as it comes: `cat`
+    // of a single tensor would still copy it (16 MB per layer for a PoC v2 batch of 2048
+    // rows on the bench model).
+    let gate_up = match gate_up {
+        [part] => grouped(xs, part),
+        parts => Tensor::cat(&parts.iter().map(|part| grouped(xs, part)).collect::<Vec<_>>(), -1),
+    };
+    let gate = gate_up.narrow(-1, 0, intermediate);
+    let up = gate_up.narrow(-1, intermediate, intermediate);
+    grouped(&(gate.silu() * up), down)
 }
+
+/// The most (token, expert) assignments per expert, on average, that float32 experts on the CPU
+/// multiply with the packed kernel (on the calling thread: libtorch's OpenMP workers spin for
+/// milliseconds after each of its ops before they sleep, so threads of ours would share the
+/// cores with them; one sequence decoded at 38 tokens/s with two kernel threads, 121 with one);
+/// above it, libtorch's grouped matmul on every thread is faster. Measured on the bench's random
+/// Qwen3-MoE (32 experts, top 4; two Zen 4 cores, 2026-12-06): prefill of 64 tokens (8 an
+/// expert) 1.35x as fast on the kernel, 128 (16) 1.15x, 256 (32) 0.93x; decoding one sequence
+/// 1.45x, eight 2.0x (docs/benchmarks.md).
+const PACKED_MAX_ROWS_PER_EXPERT: i64 = 16;
 
 /// FP8 experts widened per step at most this many weights at a time (64M: 0.25 GB of float32
 /// in flight where the blocks tile the weights, twice that with partial edge blocks).
