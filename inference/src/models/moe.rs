@@ -11,15 +11,18 @@
 //! groups in C++ with the same matmul as one expert at a time (MKL's, in float32 on the CPU,
 //! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Float32
 //! experts on the CPU are also packed at load for `packed_matmul`'s kernel, which multiplies
-//! decode-sized steps. Shapes the grouped matmul refuses (rows not a multiple of 16 bytes) keep
-//! one [`Mlp`] per expert, routed through the host ([`mix_experts`]).
+//! decode-sized steps (every step, where threads of ours may share the cores: `cpu_threads`),
+//! routed, activated and mixed on the host ([`mix_packed`]). Shapes the grouped matmul refuses
+//! (rows not a multiple of 16 bytes) keep one [`Mlp`] per expert, routed through the host
+//! ([`mix_experts`]).
 
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::Loader;
+use crate::cpu_threads;
 use crate::error::LoadError;
 use crate::layers::{Mlp, MlpNames, Weight, widen_blocks};
-use crate::packed_matmul::PackedExperts;
+use crate::packed_matmul::{Epilogue, PackedExperts};
 
 /// A layer's experts.
 pub enum Experts {
@@ -205,6 +208,16 @@ impl Experts {
                 (gate_up, down, *intermediate, *count, packed.as_deref())
             }
         };
+        if let Some(packed) = packed
+            && x.kind() == Kind::Float
+            && x.device() == Device::Cpu
+        {
+            let assignments = chosen.numel();
+            let threads = cpu_threads::threads_for(assignments);
+            if threads > 1 || assignments as i64 <= PACKED_MAX_ROWS_PER_EXPERT * count {
+                return mix_packed(packed, intermediate, x, chosen, weights, threads);
+            }
+        }
         let top_k = chosen.size()[1];
         let flat = chosen.flatten(0, -1);
         // Assignments in expert order (stable: within an expert, in token order, the order the
@@ -212,18 +225,8 @@ impl Experts {
         let order = flat.argsort_stable(true, 0, false);
         let tokens = order.divide_scalar_mode(top_k, "floor");
         let served = Tensor::zeros([count], (Kind::Int64, x.device())).scatter_add(0, &flat, &flat.ones_like());
-        let assignments = flat.size()[0];
         let xs = x.index_select(0, &tokens);
-        let expert_out = match packed {
-            Some([gate_up, down]) if assignments <= PACKED_MAX_ROWS_PER_EXPERT * count => {
-                let served = Vec::<i64>::try_from(&served).expect("int64 counts");
-                let projected = gate_up.grouped_matmul(&xs, &served);
-                let hidden =
-                    projected.narrow(-1, 0, intermediate).silu() * projected.narrow(-1, intermediate, intermediate);
-                down.grouped_matmul(&hidden, &served)
-            }
-            _ => grouped_experts(gate_up, down, intermediate, count, &xs, served),
-        };
+        let expert_out = grouped_experts(gate_up, down, intermediate, count, &xs, served);
         let slot_weights = weights.flatten(0, -1).index_select(0, &order).unsqueeze(-1);
         let scaled = (expert_out * slot_weights).to_kind(x.kind());
         let out = Tensor::zeros(x.size(), (Kind::Float, x.device()));
@@ -271,11 +274,75 @@ fn grouped_experts(
     grouped(&(gate.silu() * up), down)
 }
 
+/// [`Experts::mix`] for float32 on the CPU with the experts packed ([`PackedExperts`]): the
+/// same routing, matmuls and weighted sum, on the host in Rust, so a layer's tokens are copied
+/// out of libtorch once and their mix back once (libtorch's gather, the kernel's input and
+/// output and the weighted scatter each copied ~16 MB per layer for a PoC v2 batch of 2048
+/// tokens on the bench's model). Each expert's output times its weight is rounded to float32
+/// and a token's are added to zero in expert order, as `mix`'s `index_add` does.
+fn mix_packed(
+    packed: &[PackedExperts; 2],
+    intermediate: i64,
+    x: &Tensor,
+    chosen: &Tensor,
+    weights: &Tensor,
+    threads: usize,
+) -> Tensor {
+    let [gate_up, down] = packed;
+    let (tokens, hidden) = (x.size()[0] as usize, x.size()[1] as usize);
+    let top_k = chosen.size()[1] as usize;
+    let host = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1])).expect("float32");
+    let xs = host(x);
+    let slot_weights = host(weights);
+    let chosen = Vec::<i64>::try_from(chosen.contiguous().view([-1])).expect("int64 experts");
+    // Assignments (token × top_k + slot) in expert order, stable: a counting sort.
+    let mut served = vec![0usize; gate_up.experts()];
+    for &e in &chosen {
+        served[e as usize] += 1;
+    }
+    let mut next: Vec<usize> = served.iter().scan(0, |start, &n| Some(std::mem::replace(start, *start + n))).collect();
+    let mut sorted = vec![0usize; chosen.len()];
+    let mut position = vec![0usize; chosen.len()];
+    for (assignment, &e) in chosen.iter().enumerate() {
+        sorted[next[e as usize]] = assignment;
+        position[assignment] = next[e as usize];
+        next[e as usize] += 1;
+    }
+    let rows: Vec<usize> = sorted.iter().map(|a| a / top_k).collect();
+    // SiLU(gate) × up over each piece of rows as it is multiplied, in the gate's columns.
+    let epilogue = Epilogue::SwiGlu { intermediate: intermediate as usize };
+    let activated = gate_up.grouped_matmul(&xs, hidden, &rows, &served, threads, epilogue);
+    let in_order: Vec<usize> = (0..rows.len()).collect();
+    let expert_out = down.grouped_matmul(&activated, gate_up.padded(), &in_order, &served, threads, Epilogue::None);
+    let padded = down.padded();
+    let mut out = vec![0f32; tokens * hidden];
+    let per_piece = MIX_TOKENS_PER_PIECE * hidden;
+    let pieces: Vec<_> = out.chunks_mut(per_piece).enumerate().collect();
+    cpu_threads::share(pieces, threads, |(piece, out)| {
+        let mut slots = vec![0usize; top_k];
+        for (i, mixed) in out.chunks_exact_mut(hidden).enumerate() {
+            let token = piece * MIX_TOKENS_PER_PIECE + i;
+            slots.copy_from_slice(&position[token * top_k..][..top_k]);
+            slots.sort_unstable();
+            for &p in &slots {
+                let weight = slot_weights[sorted[p]];
+                for (sum, &value) in mixed.iter_mut().zip(&expert_out[p * padded..][..hidden]) {
+                    *sum += value * weight;
+                }
+            }
+        }
+    });
+    Tensor::from_slice(&out).view([tokens as i64, hidden as i64]).to_kind(x.kind())
+}
+
+/// Tokens whose mix one thread adds up at a time.
+const MIX_TOKENS_PER_PIECE: usize = 64;
+
 /// The most (token, expert) assignments per expert, on average, that float32 experts on the CPU
-/// multiply with the packed kernel (on the calling thread: libtorch's OpenMP workers spin for
-/// milliseconds after each of its ops before they sleep, so threads of ours would share the
-/// cores with them; one sequence decoded at 38 tokens/s with two kernel threads, 121 with one);
-/// above it, libtorch's grouped matmul on every thread is faster. Measured on the bench's random
+/// multiply with the packed kernel on the calling thread alone, which is where it runs while
+/// libtorch's OpenMP workers spin for milliseconds after each op (`cpu_threads`); above it,
+/// libtorch's grouped matmul on every thread is faster. Where libgomp was told to sleep soon the
+/// kernel runs on libtorch's thread count at every size instead. Measured on the bench's random
 /// Qwen3-MoE (32 experts, top 4; two Zen 4 cores, 2026-12-06): prefill of 64 tokens (8 an
 /// expert) 1.35x as fast on the kernel, 128 (16) 1.15x, 256 (32) 0.93x; decoding one sequence
 /// 1.45x, eight 2.0x (docs/benchmarks.md).
@@ -420,6 +487,35 @@ mod tests {
             assert_same(&stacked, &each, kind, 40, &all);
             assert_same(&stacked, &each, kind, 40, &[1, 4, 6]);
             assert_same(&stacked, &each, kind, 1, &all);
+        }
+    }
+
+    #[test]
+    fn packed_experts_on_any_thread_count_equal_the_host_loop() {
+        tch::manual_seed(9);
+        let all: Vec<i64> = (0..8).collect();
+        // Intermediate 40: the SwiGLU's gate ends inside a SIMD vector.
+        let (stacked, each) = both(8, 40, Kind::Float, None);
+        let Experts::Stacked { packed: Some(packed), intermediate, .. } = &stacked else { panic!("packed") };
+        // 300 tokens of top-2 out of 8: 75 rows an expert, more than a piece of rows
+        // (`packed_matmul`) and above PACKED_MAX_ROWS_PER_EXPERT; one token; experts unused.
+        for (tokens, pool) in [(300, &all[..]), (1, &all[..]), (40, &[1, 4, 6][..])] {
+            let x = Tensor::randn([tokens, HIDDEN], (Kind::Float, Device::Cpu));
+            let (chosen, weights) = routing(tokens, 2, pool, Kind::Float);
+            let expected = each.mix(&x, &chosen, &weights);
+            let alone = mix_packed(packed, *intermediate, &x, &chosen, &weights, 1);
+            let error = (&alone - &expected).abs().max().double_value(&[]);
+            assert!(error < 1e-5, "{tokens} tokens: {error}");
+            // Shared among threads: the same bits.
+            for threads in [2, 3] {
+                assert!(mix_packed(packed, *intermediate, &x, &chosen, &weights, threads).equal(&alone));
+            }
+            // A negative control: another token's routing gives another mix.
+            if tokens > 1 {
+                let shuffled = chosen.roll([1], [0]);
+                let other = mix_packed(packed, *intermediate, &x, &shuffled, &weights, 2);
+                assert!((&other - &expected).abs().max().double_value(&[]) > 1e-2);
+            }
         }
     }
 
