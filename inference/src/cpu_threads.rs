@@ -9,7 +9,7 @@
 //! two threads of ours with the spin bounded (docs/cpu-compute.md). So our threads run only where
 //! the environment bounds libgomp's spinning: `OMP_WAIT_POLICY=passive`, or `GOMP_SPINCOUNT` at
 //! most [`SPIN_BOUND`]. libgomp reads both once, when it loads, so they belong in the process's
-//! environment (an ML node's pod). Neither is the default: a bounded spin slows libtorch's own
+//! environment (the daemon's, as it starts). Neither is the default: a bounded spin slows libtorch's own
 //! ops (one sequence of the dense bench model decoded ~10% slower at 10,000 rounds, ~30% at
 //! 1,000), which a MoE's experts gain back only at prefill and PoC v2 sizes.
 
