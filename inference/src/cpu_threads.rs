@@ -1,5 +1,5 @@
 //! Threads of ours for CPU work that runs outside libtorch (the packed kernel of a MoE's float32
-//! experts, `packed_matmul`), and whether they may run at all.
+//! experts, `packed_matmul`), whether they may run at all, and the libgomp setting that lets them.
 //!
 //! libtorch parallelises its CPU ops with OpenMP (GNU libgomp in the torch wheel). After each
 //! parallel op libgomp's workers keep spinning for the next one: by default 300,000 rounds,
@@ -8,15 +8,50 @@
 //! took 22.6 ms on two threads of ours, 16.4–17.0 on libtorch's grouped matmul, and 13.4–14.5 on
 //! two threads of ours with the spin bounded (docs/cpu-compute.md). So our threads run only where
 //! the environment bounds libgomp's spinning: `OMP_WAIT_POLICY=passive`, or `GOMP_SPINCOUNT` at
-//! most [`SPIN_BOUND`]. libgomp reads both once, when it loads, so they belong in the process's
-//! environment (the daemon's, as it starts). Neither is the default: a bounded spin slows libtorch's own
-//! ops (one sequence of the dense bench model decoded ~10% slower at 10,000 rounds, ~30% at
-//! 1,000), which a MoE's experts gain back only at prefill and PoC v2 sizes.
+//! most [`SPIN_BOUND`]. libgomp reads both once, when it loads, before `main`; so a program that
+//! computes on the CPU and finds neither set starts itself again with [`SPIN_COUNT`] rounds
+//! ([`restart_with_bounded_spin`]: the daemon with `--allow-cpu-compute`, the inference bench on
+//! the CPU). On two Zen 4 cores that bound cost the dense bench model nothing measurable (four
+//! alternated rounds) and took the Qwen3-MoE's prefill of 512 tokens from ~2,400 to ~3,300
+//! tokens/s and its PoC v2 forward from ~12 to ~15 nonces/s (docs/benchmarks.md, 2026-12-06);
+//! on Zen 3 one sequence of the dense model decoded ~10% slower (~80 to ~72 tokens/s).
 
 use std::sync::{Mutex, OnceLock};
 
 /// The most rounds libgomp's idle workers may spin for threads of ours to share the cores.
 pub const SPIN_BOUND: u64 = 100_000;
+
+/// The rounds a program of ours that computes on the CPU gives libgomp's idle workers where its
+/// environment says nothing of how they wait (docs/cpu-compute.md has the measurements).
+pub const SPIN_COUNT: u64 = 10_000;
+
+/// Where the environment leaves libgomp's spinning at its default, the variable and value that
+/// bound it to [`SPIN_COUNT`]; `None` where `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` is set (an
+/// operator's setting stands, whatever it is).
+pub fn spin_bound_missing(wait_policy: Option<&str>, spin_count: Option<&str>) -> Option<(&'static str, String)> {
+    let set = |v: Option<&str>| v.is_some_and(|v| !v.trim().is_empty());
+    (!set(wait_policy) && !set(spin_count)).then(|| ("GOMP_SPINCOUNT", SPIN_COUNT.to_string()))
+}
+
+/// Starts this program again, same arguments and environment, with libgomp's spinning bounded
+/// ([`spin_bound_missing`]), replacing the process (same PID, so supervisors and tests that hold
+/// it see no change). Returns where nothing was to be done (`Ok`) or the restart failed (`Err`:
+/// the program goes on as it was, slower where a MoE runs on the CPU).
+pub fn restart_with_bounded_spin() -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let env = |name| std::env::var(name).ok();
+    let Some((name, value)) = spin_bound_missing(env("OMP_WAIT_POLICY").as_deref(), env("GOMP_SPINCOUNT").as_deref())
+    else {
+        return Ok(());
+    };
+    tracing::info!(
+        "starting again with {name}={value}: libgomp's workers then sleep soon enough for the engine's own CPU threads"
+    );
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    // `exec` returns only on failure.
+    Err(std::process::Command::new(std::env::current_exe()?).arg0(arg0).args(args).env(name, value).exec())
+}
 
 /// Whether libgomp's idle workers, as this process's environment configured them, sleep soon
 /// enough for threads of ours.
@@ -108,6 +143,19 @@ mod tests {
         assert!(!sleeps_soon(Some("passive"), Some("300000")));
         assert!(sleeps_soon(Some("active"), Some("0")));
         assert!(!sleeps_soon(None, Some("ten")));
+    }
+
+    #[test]
+    fn only_an_unset_spin_is_bounded_and_the_bound_lets_threads_of_ours_run() {
+        let bound = spin_bound_missing(None, None).expect("unset: bounded");
+        assert_eq!(bound, ("GOMP_SPINCOUNT", "10000".to_string()));
+        // What the restarted process then reads lets our threads share the cores.
+        assert!(sleeps_soon(None, Some(&bound.1)));
+        assert_eq!(spin_bound_missing(Some(""), Some(" ")), Some(bound));
+        // An operator's setting stands, even one that keeps our threads off.
+        assert_eq!(spin_bound_missing(None, Some("300000")), None);
+        assert_eq!(spin_bound_missing(Some("active"), None), None);
+        assert_eq!(spin_bound_missing(Some("passive"), None), None);
     }
 
     #[test]

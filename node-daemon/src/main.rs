@@ -33,7 +33,8 @@ struct Cli {
     pod_ip: Option<String>,
     /// Development only: compute PoC on the CPU when there is no GPU, and report ready without
     /// GPUs. Never set it on a GPU fleet: a pod whose GPUs are missing would be registered.
-    /// For speed on a CPU, see docs/cpu-compute.md (glibc's allocator settings).
+    /// For speed on a CPU, see docs/cpu-compute.md (glibc's allocator settings; the daemon starts
+    /// itself again with `GOMP_SPINCOUNT=10000` where neither it nor `OMP_WAIT_POLICY` is set).
     #[arg(long, env = "GONKA_ALLOW_CPU_COMPUTE")]
     allow_cpu_compute: bool,
     /// After SIGTERM, how long pending PoC batches may take to reach the network node (keep it
@@ -158,6 +159,14 @@ async fn main() -> anyhow::Result<()> {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
+    }
+    // On the CPU, libgomp's spinning bounded for the engine's own threads (gonka_inference::
+    // cpu_threads): libgomp reads it as it loads, so the daemon starts itself again with it set.
+    #[cfg(feature = "torch")]
+    if cli.allow_cpu_compute
+        && let Err(e) = gonka_inference::cpu_threads::restart_with_bounded_spin()
+    {
+        tracing::warn!("could not start again with libgomp's spinning bounded ({e}); a MoE on the CPU runs slower");
     }
 
     let config = cli.config.as_deref().map(gonka_node_daemon::read_config).transpose()?;

@@ -84,6 +84,10 @@ fn decode(model: &gonka_inference::Transformer, prompts: &[Vec<i64>], steps: usi
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let device = if cli.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    // Timed as the daemon computes on the CPU: with libgomp's spinning bounded (cpu_threads).
+    if device == Device::Cpu {
+        gonka_inference::cpu_threads::restart_with_bounded_spin()?;
+    }
     let _guard = tch::no_grad_guard();
     let loading = Instant::now();
     let dtype = cli.dtype.as_deref().map(gonka_inference::config::parse_dtype).transpose()?;

@@ -11,7 +11,8 @@
 //! groups in C++ with the same matmul as one expert at a time (MKL's, in float32 on the CPU,
 //! where the host loop's few rows per expert go to oneDNN: see `layers::linear`). Float32
 //! experts on the CPU are also packed at load for `packed_matmul`'s kernel, which multiplies
-//! decode-sized steps (every step, where threads of ours may share the cores: `cpu_threads`),
+//! every step on libtorch's thread count where libgomp's idle workers sleep soon (what our
+//! programs set up when they compute on the CPU: `cpu_threads`), else decode-sized steps alone,
 //! routed, activated and mixed on the host ([`mix_packed`]). Shapes the grouped matmul refuses
 //! (rows not a multiple of 16 bytes) keep one [`Mlp`] per expert, routed through the host
 //! ([`mix_experts`]).
@@ -339,10 +340,11 @@ fn mix_packed(
 const MIX_TOKENS_PER_PIECE: usize = 64;
 
 /// The most (token, expert) assignments per expert, on average, that float32 experts on the CPU
-/// multiply with the packed kernel on the calling thread alone, which is where it runs while
-/// libtorch's OpenMP workers spin for milliseconds after each op (`cpu_threads`); above it,
-/// libtorch's grouped matmul on every thread is faster. Where libgomp was told to sleep soon the
-/// kernel runs on libtorch's thread count at every size instead. Measured on the bench's random
+/// multiply with the packed kernel on the calling thread alone where libtorch's OpenMP workers
+/// spin for milliseconds after each op (an operator's `GOMP_SPINCOUNT` above
+/// `cpu_threads::SPIN_BOUND`, or a program that did not bound it); above it, libtorch's grouped
+/// matmul on every thread is faster. Where libgomp's workers sleep soon (the daemon and the bench
+/// bound them on the CPU: `cpu_threads`) the kernel runs on libtorch's thread count at every size. Measured on the bench's random
 /// Qwen3-MoE (32 experts, top 4; two Zen 4 cores, 2026-12-06): prefill of 64 tokens (8 an
 /// expert) 1.35x as fast on the kernel, 128 (16) 1.15x, 256 (32) 0.93x; decoding one sequence
 /// 1.45x, eight 2.0x (docs/benchmarks.md).

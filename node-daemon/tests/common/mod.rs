@@ -86,6 +86,9 @@ impl Daemon {
                 .env(fake_nvml::CONFIG_ENV, file.path())
                 .env("RUST_LOG", "warn")
                 .env("GONKA_ALLOW_CPU_COMPUTE", allow_cpu_compute.to_string())
+                // libgomp's waiting as the daemon decides it, whatever the tests' environment says.
+                .env_remove("GOMP_SPINCOUNT")
+                .env_remove("OMP_WAIT_POLICY")
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -165,6 +168,12 @@ impl Daemon {
 
     pub fn text(&self, path: &str) -> String {
         self.try_request("GET", path).unwrap().1
+    }
+
+    /// The environment the running daemon was started with (its last `exec`), from `/proc`.
+    pub fn environment(&self) -> Vec<String> {
+        let raw = std::fs::read(format!("/proc/{}/environ", self.child.id())).unwrap();
+        raw.split(|&b| b == 0).filter(|v| !v.is_empty()).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
     }
 
     /// The daemon's resident memory, from `/proc`.
