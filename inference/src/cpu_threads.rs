@@ -39,9 +39,8 @@ pub fn spin_bound_missing(wait_policy: Option<&str>, spin_count: Option<&str>) -
 /// the program goes on as it was, slower where a MoE runs on the CPU).
 pub fn restart_with_bounded_spin() -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
-    let env = |name| std::env::var(name).ok();
-    let Some((name, value)) = spin_bound_missing(env("OMP_WAIT_POLICY").as_deref(), env("GOMP_SPINCOUNT").as_deref())
-    else {
+    let (wait_policy, spin_count) = openmp_wait_settings();
+    let Some((name, value)) = spin_bound_missing(wait_policy.as_deref(), spin_count.as_deref()) else {
         return Ok(());
     };
     tracing::info!(
@@ -58,8 +57,14 @@ pub fn restart_with_bounded_spin() -> std::io::Result<()> {
 pub fn openmp_sleeps_soon() -> bool {
     static SOON: OnceLock<bool> = OnceLock::new();
     *SOON.get_or_init(|| {
-        sleeps_soon(std::env::var("OMP_WAIT_POLICY").ok().as_deref(), std::env::var("GOMP_SPINCOUNT").ok().as_deref())
+        let (wait_policy, spin_count) = openmp_wait_settings();
+        sleeps_soon(wait_policy.as_deref(), spin_count.as_deref())
     })
+}
+
+/// This process's `OMP_WAIT_POLICY` and `GOMP_SPINCOUNT`, the two settings libgomp waits by.
+fn openmp_wait_settings() -> (Option<String>, Option<String>) {
+    (std::env::var("OMP_WAIT_POLICY").ok(), std::env::var("GOMP_SPINCOUNT").ok())
 }
 
 /// libgomp's rules: `GOMP_SPINCOUNT` (a count, optionally with a k/M/G/T suffix, or

@@ -19,7 +19,7 @@ fn spin_settings(d: &Daemon) -> Vec<String> {
 
 #[test]
 fn on_the_cpu_the_daemon_runs_with_libgomp_spinning_bounded_unless_told_otherwise() {
-    let bounded = Daemon::start_with_env(&Scenario::hgx_h100(), &[]);
+    let bounded = Daemon::start(&Scenario::hgx_h100());
     assert_eq!(spin_settings(&bounded), [format!("GOMP_SPINCOUNT={SPIN_COUNT}")]);
     // Restarted in place: the API answers from the process the test started.
     assert_eq!(bounded.json("GET", "/api/v1/state").0, 200);

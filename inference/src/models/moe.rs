@@ -343,11 +343,11 @@ const MIX_TOKENS_PER_PIECE: usize = 64;
 /// multiply with the packed kernel on the calling thread alone where libtorch's OpenMP workers
 /// spin for milliseconds after each op (an operator's `GOMP_SPINCOUNT` above
 /// `cpu_threads::SPIN_BOUND`, or a program that did not bound it); above it, libtorch's grouped
-/// matmul on every thread is faster. Where libgomp's workers sleep soon (the daemon and the bench
-/// bound them on the CPU: `cpu_threads`) the kernel runs on libtorch's thread count at every size. Measured on the bench's random
-/// Qwen3-MoE (32 experts, top 4; two Zen 4 cores, 2026-12-06): prefill of 64 tokens (8 an
-/// expert) 1.35x as fast on the kernel, 128 (16) 1.15x, 256 (32) 0.93x; decoding one sequence
-/// 1.45x, eight 2.0x (docs/benchmarks.md).
+/// matmul on every thread is faster. Where libgomp's workers sleep soon (the daemon and the
+/// bench bound them on the CPU: `cpu_threads`) the kernel runs on libtorch's thread count at
+/// every size. Measured on the bench's random Qwen3-MoE (32 experts, top 4; two Zen 4 cores,
+/// 2026-12-06): prefill of 64 tokens (8 an expert) 1.35x as fast on the kernel, 128 (16) 1.15x,
+/// 256 (32) 0.93x; decoding one sequence 1.45x, eight 2.0x (docs/benchmarks.md).
 const PACKED_MAX_ROWS_PER_EXPERT: i64 = 16;
 
 /// FP8 experts widened per step at most this many weights at a time (64M: 0.25 GB of float32
