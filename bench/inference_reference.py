@@ -143,7 +143,7 @@ def main():
         produced += poc.artifacts(model, round_req, nonces[i:i + req["poc_batch"]])
     sync()
     out["poc_nonces_per_second"] = len(produced) / (time.perf_counter() - t)
-    out["poc_artifacts"] = [{"nonce": a["nonce"], "vector_b64": a["vector_b64"]} for a in produced]
+    out["poc_artifacts"] = [{"nonce": a["nonce"], "vector": a["vector"], "vector_b64": a["vector_b64"]} for a in produced]
     print(json.dumps(out))
 
 

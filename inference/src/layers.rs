@@ -173,13 +173,14 @@ impl Linear {
 /// faster (see the limit). GPUs, bfloat16 and a libtorch without oneDNN keep `linear`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let rows = if x.dim() == 2 { x.size()[0] } else { 0 };
-    if !(1..=ONEDNN_MAX_ROWS).contains(&rows) || weight.kind() != Kind::Float || !on_onednn(x) {
+    if !(1..=onednn_max_rows()).contains(&rows) || weight.kind() != Kind::Float || !on_onednn(x) {
         return x.linear(weight, bias);
     }
     x.contiguous().to_mkldnn().mkldnn_linear(&weight.contiguous(), bias).to_dense(None, false)
 }
 
-/// The most rows [`linear`] sends to oneDNN. Measured in the engine on the benchmark's random
+/// The most rows [`linear`] sends to oneDNN where MKL runs its own AVX-512 kernels (Intel) or
+/// the CPU has none (AVX2: Zen 3 and older). Measured in the engine on the benchmark's random
 /// Qwen3 (hidden 512, 8 layers, vocab 32000; 2 cores, 2026-12-05), each matmul on oneDNN
 /// against MKL: one sequence decodes 1.6x as fast, 8 together 1.45x, 32 together 1.35x, a
 /// 128-token prompt and a PoC v2 batch of 128 rows 1.2x; at 256 rows it is mixed (a prompt 1.1x,
@@ -187,6 +188,39 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 /// libtorch's grouped matmul: their weights are small, and oneDNN one expert at a time gained
 /// nothing in decoding and lost ~7% in a prefill.
 pub const ONEDNN_MAX_ROWS: i64 = 128;
+
+/// The most rows [`linear`] sends to oneDNN on this CPU ([`onednn_max_rows_for`], asked once).
+fn onednn_max_rows() -> i64 {
+    static MAX: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let vendor = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| cpu_vendor(&info));
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
+        onednn_max_rows_for(vendor.as_deref(), avx512)
+    })
+}
+
+/// Every row goes to oneDNN on a CPU with AVX-512 that is not Intel's: MKL runs its generic
+/// kernels there (`mkl_blas_def_sgemm_*` in a profile on AMD EPYC, `mkl_blas_avx512_sgemm_*` on
+/// an Intel Xeon), while oneDNN uses AVX-512. On two Zen 4 cores (2026-12-06, the dense bench
+/// model, four alternated rounds) a 512-token prefill ran ~1.25x as fast and a PoC v2 forward
+/// of 2048 rows ~1.08x with every matmul on oneDNN. Elsewhere [`ONEDNN_MAX_ROWS`].
+pub fn onednn_max_rows_for(vendor: Option<&str>, avx512: bool) -> i64 {
+    match vendor {
+        Some(vendor) if avx512 && vendor != "GenuineIntel" => i64::MAX,
+        _ => ONEDNN_MAX_ROWS,
+    }
+}
+
+/// The CPU's vendor (`GenuineIntel`, `AuthenticAMD`, ...) from `/proc/cpuinfo`'s text.
+fn cpu_vendor(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "vendor_id").then(|| value.trim().to_string())
+    })
+}
 
 /// Whether `x` is where [`linear`] may use oneDNN: float32 on the CPU, and this libtorch has it
 /// (asked once).
@@ -222,8 +256,11 @@ impl RmsNorm {
 
     fn scale(&self, x32: Tensor, kind: Kind) -> Tensor {
         let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = x32 * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(kind)
+        // `normed` is this call's own tensor, so the weight multiplies it in place (the same
+        // products as `weight * normed`; one activation-sized buffer less per norm).
+        let mut normed = (x32 * (variance + self.eps).rsqrt()).to_kind(kind);
+        normed *= &self.weight;
+        normed
     }
 }
 
@@ -359,9 +396,14 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let gate_up = self.gate_up.forward(x);
-        let gate = gate_up.narrow(-1, 0, self.intermediate);
+        let mut gate = gate_up.narrow(-1, 0, self.intermediate);
         let up = gate_up.narrow(-1, self.intermediate, self.intermediate);
-        self.down.forward(&(gate.silu() * up))
+        // SiLU in place on the gate's half of this call's own `gate_up` (the same values as
+        // `gate.silu()`, without a buffer as large as the half: at a PoC v2 batch of 2048 rows
+        // that is 12 MiB written and read once less per layer); the product is contiguous, as
+        // the down projection takes it.
+        let _ = gate.silu_();
+        self.down.forward(&(gate * up))
     }
 }
 
@@ -589,6 +631,17 @@ mod tests {
                 assert!(got.equal(&expected.to_kind(kind)), "{size:?} in {block:?} blocks, {kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn every_row_goes_to_onednn_only_on_a_non_intel_cpu_with_avx512() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n";
+        assert_eq!(cpu_vendor(info).as_deref(), Some("AuthenticAMD"));
+        assert_eq!(cpu_vendor("processor\t: 0\n"), None);
+        assert_eq!(onednn_max_rows_for(Some("AuthenticAMD"), true), i64::MAX);
+        assert_eq!(onednn_max_rows_for(Some("AuthenticAMD"), false), ONEDNN_MAX_ROWS);
+        assert_eq!(onednn_max_rows_for(Some("GenuineIntel"), true), ONEDNN_MAX_ROWS);
+        assert_eq!(onednn_max_rows_for(None, true), ONEDNN_MAX_ROWS);
     }
 
     /// `linear` against the same product in float64, on both sides of the rows it sends to

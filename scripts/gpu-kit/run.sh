@@ -175,14 +175,24 @@ import numpy as np, torch
 sys.path.insert(0, os.path.join(os.environ["kit"], "python"))
 import poc_v2_reference as ref
 ours, theirs, mode, device = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-vec = lambda b: np.frombuffer(base64.b64decode(b), dtype="<f2").astype(np.float32)
-a = {x["nonce"]: x["vector_b64"] for x in ours["poc_artifacts"]}
-b = {x["nonce"]: x["vector_b64"] for x in theirs["poc_artifacts"]}
+vec = lambda b: np.frombuffer(base64.b64decode(b), dtype="<f2")
+a = {x["nonce"]: x for x in ours["poc_artifacts"]}
+b = {x["nonce"]: x for x in theirs["poc_artifacts"]}
 assert a.keys() == b.keys() and a, f"nonces differ: ours {sorted(a)}, reference {sorted(b)}"
-dist = {n: float(np.linalg.norm(vec(a[n]) - vec(b[n]))) for n in a}
-same = sum(a[n] == b[n] for n in a)
+dist = {n: float(np.linalg.norm(vec(a[n]["vector_b64"]).astype(np.float32) - vec(b[n]["vector_b64"]).astype(np.float32))) for n in a}
+same = sum(a[n]["vector_b64"] == b[n]["vector_b64"] for n in a)
 worst = max(dist.values())
 print(f"PoC v2 artifacts, {len(a)} nonces: worst distance {worst:.3g}, median {np.median(list(dist.values())):.3g}, {same} encodings identical (upstream's fallback dist_threshold 0.02)")
+# The float32 unit vectors before their float16 encoding, and how many float16 steps apart
+# each encoded coordinate is: two sums of the same products in another order (oneDNN's and
+# MKL's) differ in the last float32 bits, and a coordinate that lies near the midpoint of two
+# float16 values then rounds to either (one step, 1.2e-4 to 2.4e-4 at these magnitudes).
+f32 = max(float(np.linalg.norm(np.array(a[n]["vector"], np.float64) - np.array(b[n]["vector"], np.float64))) for n in a)
+def steps(x, y):
+    gap = np.abs(x.astype(np.float64) - y.astype(np.float64))
+    return np.max(gap / np.maximum(np.spacing(np.abs(x)), np.spacing(np.abs(y))).astype(np.float64))
+most_steps = max(float(steps(vec(a[n]["vector_b64"]), vec(b[n]["vector_b64"]))) for n in a)
+print(f"PoC v2 float32 vectors: worst distance {f32:.3g}; encoded coordinates at most {most_steps:.0f} float16 step(s) apart")
 dim, k = ours["hidden"], 12
 agree = 0
 for n in range(64):
@@ -195,8 +205,13 @@ i = ours["poc_inputs"]
 ms = lambda v: f"{sorted(v)[len(v) // 2]:.1f} ms ({min(v):.1f}-{max(v):.1f})"
 print(f"PoC v2 inputs, {i['batch']} x {i['seq_len']} x {i['hidden']}: counters hashed on the host {ms(i['host_ms'])}, on the device {ms(i['device_ms'])}; the engine's default here: {i['default']}; same bits: {i['identical']}")
 assert i["identical"], "the two hashings gave different inputs on this device"
-limit = 1e-5 if mode == "cpu" else 0.02
-assert worst < limit, f"PoC v2 artifacts {worst} apart (limit {limit})"
+if mode == "cpu":
+    # On the CPU both sides compute in float32 on the same libtorch: their vectors agree to
+    # 1e-5, as the engine's tests hold them, and their encodings to one float16 rounding step.
+    assert f32 < 1e-5, f"PoC v2 float32 vectors {f32} apart (limit 1e-5)"
+    assert most_steps <= 1, f"PoC v2 encodings {most_steps} float16 steps apart (limit 1)"
+else:
+    assert worst < 0.02, f"PoC v2 artifacts {worst} apart (limit: upstream's fallback dist_threshold 0.02)"
 PY
 }
 step inference 240 inference

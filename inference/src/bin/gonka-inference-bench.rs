@@ -178,8 +178,10 @@ fn main() -> anyhow::Result<()> {
         device_ms.push(ms);
         identical &= on_host.equal(&on_device);
     }
-    // Every timed nonce's encoding, for the peer's to be compared with (the GPU kit does).
-    let encodings: Vec<_> = artifacts.iter().map(|a| json!({"nonce": a.nonce, "vector_b64": a.vector_b64})).collect();
+    // Every timed nonce's unit vector in float32 and its float16 encoding, for the peer's to be
+    // compared with (the GPU kit does).
+    let encodings: Vec<_> =
+        artifacts.iter().map(|a| json!({"nonce": a.nonce, "vector": a.vector, "vector_b64": a.vector_b64})).collect();
 
     println!(
         "{}",

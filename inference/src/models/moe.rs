@@ -270,9 +270,11 @@ fn grouped_experts(
         [part] => grouped(xs, part),
         parts => Tensor::cat(&parts.iter().map(|part| grouped(xs, part)).collect::<Vec<_>>(), -1),
     };
-    let gate = gate_up.narrow(-1, 0, intermediate);
+    let mut gate = gate_up.narrow(-1, 0, intermediate);
     let up = gate_up.narrow(-1, intermediate, intermediate);
-    grouped(&(gate.silu() * up), down)
+    // In place on this call's own `gate_up`, as the dense MLP does (`layers::Mlp::forward`).
+    let _ = gate.silu_();
+    grouped(&(gate * up), down)
 }
 
 /// [`Experts::mix`] for float32 on the CPU with the experts packed ([`PackedExperts`]): the
