@@ -3,7 +3,10 @@
 //!
 //! Every op follows transformers' in order and dtype (RMSNorm and rotary frequencies in float32,
 //! cast back to the model dtype; softmax inside libtorch's scaled-dot-product attention), so a
-//! forward here and one there run the same kernels on the same values.
+//! forward here and one there run the same kernels on the same values. On the CPU in float32 two
+//! places sum in another order, within float32's rounding of transformers' values: matmuls on
+//! oneDNN (see [`linear`]) and the attention of fresh sequences on a kernel of ours
+//! (`cpu_attention`).
 //!
 //! Tokens are flattened: a step over several sequences is one `[tokens, hidden]` matrix for every
 //! projection and MLP (batched matmuls), and only attention looks at sequence boundaries.
@@ -13,6 +16,8 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::{Batch, StepCache};
 use crate::checkpoint::Loader;
 use crate::config::{Rope, RopeScaling};
+use crate::cpu_attention::{self, Heads};
+use crate::cpu_threads;
 use crate::error::LoadError;
 
 /// A linear layer; its weight as the checkpoint stores it (see [`Weight`]).
@@ -509,6 +514,11 @@ impl Attention {
         let AttentionShape { heads, kv_heads, head_dim } = self.shape;
         let tokens = x.size()[0];
         let qkv = self.qkv.forward(x);
+        if caches.iter().all(Option::is_none)
+            && let Some(attended) = self.forward_on_cpu_kernel(&qkv, (cos, sin), batch)
+        {
+            return self.o.forward(&attended);
+        }
         let v = qkv.narrow(-1, (heads + kv_heads) * head_dim, kv_heads * head_dim).view([tokens, kv_heads, head_dim]);
         // Queries and keys sit side by side in `qkv`: where their norms allow, they are
         // normalised and rotated as one `[tokens, heads + kv_heads, head_dim]` tensor (the
@@ -529,6 +539,49 @@ impl Attention {
         };
         let out = attention(&q, &k, &v, self.shape, layer, batch, caches);
         self.o.forward(&out)
+    }
+}
+
+impl Attention {
+    /// A PoC v2 batch (fresh sequences of one length that keep no cache) in float32 on the CPU,
+    /// where [`cpu_attention`] applies and the queries and keys take Qwen3's per-head norms or
+    /// none, rotated over the whole head: the projections are copied out of libtorch once, and
+    /// normalised, rotated and attended there (`cpu_attention::transform_queries_and_keys`, the
+    /// same arithmetic as the ops of [`Self::forward`] but the norms' sums) before the output
+    /// comes back once. `[tokens, heads × head_dim]`; `None` where it does not apply.
+    fn forward_on_cpu_kernel(&self, qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), batch: &Batch) -> Option<Tensor> {
+        let AttentionShape { heads, kv_heads, head_dim } = self.shape;
+        let (sequences, len) = batch.uniform_fresh()?;
+        let norm = match &self.qk_norm {
+            QkNorms::None => None,
+            QkNorms::PerHead(norm) => Some(norm),
+            QkNorms::AllHeads(..) => return None,
+        };
+        if cos.size().last() != Some(&head_dim) || cos.kind() != Kind::Float {
+            return None;
+        }
+        let threads = cpu_attention_threads(qkv, head_dim, sequences, len)?;
+        let mut projected = host(qkv);
+        let (cos, sin) = (host(cos), host(sin));
+        let weight = norm.map(|n| host(&n.weight));
+        let transform = cpu_attention::QkTransform {
+            norm: weight.as_deref().zip(norm.map(|n| n.eps as f32)),
+            cos: &cos,
+            sin: &sin,
+        };
+        let (d, stride) = (head_dim as usize, ((heads + 2 * kv_heads) * head_dim) as usize);
+        let qk_heads = (heads + kv_heads) as usize;
+        cpu_attention::transform_queries_and_keys(&mut projected, stride, qk_heads, d, &transform, threads);
+        let at = |offset: i64| Heads { data: &projected, stride, offset: (offset * head_dim) as usize };
+        let out = cpu_attention::causal_attention(
+            at(0),
+            at(heads),
+            at(heads + kv_heads),
+            kernel_shape(self.shape, sequences, len),
+            (head_dim as f64).powf(-0.5) as f32,
+            threads,
+        );
+        Some(Tensor::from_slice(&out).view([sequences * len, heads * head_dim]))
     }
 }
 
@@ -560,6 +613,9 @@ pub fn attention(
                 // Batched attention reads the fresh keys directly; the cache only keeps them.
                 cache.keep(layer, &kb.narrow(0, i, 1), &vb.narrow(0, i, 1));
             }
+        }
+        if let Some(out) = attention_on_cpu_kernel(q, k, v, shape, sequences, len, scale) {
+            return out;
         }
         let out = Tensor::scaled_dot_product_attention(&qb, &kb, &vb, None::<Tensor>, 0.0, len > 1, scale, gqa);
         return out.transpose(1, 2).reshape([sequences * len, heads * head_dim]);
@@ -596,6 +652,61 @@ pub fn attention(
         outputs.push(out);
     }
     Tensor::cat(&outputs, 2).squeeze_dim(0).transpose(0, 1).reshape([batch.tokens(), heads * head_dim])
+}
+
+/// The threads [`cpu_attention`] runs on for `sequences` fresh sequences of `len` tokens of
+/// `x`'s device and dtype, where it applies: float32 on the CPU, heads of whole pairs of the
+/// CPU's vectors, sequences up to its length, and as many threads of ours as libtorch would use
+/// (where libgomp's workers spin unbounded, threads of ours would share the cores with them:
+/// libtorch's kernel runs instead, `None`).
+fn cpu_attention_threads(x: &Tensor, head_dim: i64, sequences: i64, len: i64) -> Option<usize> {
+    let applies = x.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && len as usize <= cpu_attention::MAX_LEN
+        && cpu_attention::supports(head_dim as usize);
+    let threads = cpu_threads::threads_for((sequences * len) as usize);
+    (applies && threads >= tch::get_num_threads().max(1) as usize).then_some(threads)
+}
+
+fn host(x: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(x.contiguous().view([-1])).expect("float32 on the CPU")
+}
+
+fn kernel_shape(shape: AttentionShape, sequences: i64, len: i64) -> cpu_attention::Shape {
+    cpu_attention::Shape {
+        sequences: sequences as usize,
+        len: len as usize,
+        heads: shape.heads as usize,
+        kv_heads: shape.kv_heads as usize,
+        head_dim: shape.head_dim as usize,
+    }
+}
+
+/// The causal attention of `sequences` fresh sequences of `len` tokens by [`cpu_attention`]
+/// where it applies ([`cpu_attention_threads`]), `[sequences × len, heads × head_dim]` as the
+/// batched path returns it.
+fn attention_on_cpu_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: AttentionShape,
+    sequences: i64,
+    len: i64,
+    scale: f64,
+) -> Option<Tensor> {
+    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let threads = cpu_attention_threads(q, head_dim, sequences, len)?;
+    let (q, k, v) = (host(q), host(k), host(v));
+    let d = head_dim as usize;
+    let out = cpu_attention::causal_attention(
+        Heads::token_major(&q, heads as usize, d),
+        Heads::token_major(&k, kv_heads as usize, d),
+        Heads::token_major(&v, kv_heads as usize, d),
+        kernel_shape(shape, sequences, len),
+        scale as f32,
+        threads,
+    );
+    Some(Tensor::from_slice(&out).view([sequences * len, heads * head_dim]))
 }
 
 #[cfg(test)]

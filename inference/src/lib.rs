@@ -7,12 +7,14 @@
 //! `kv_cache` and `batch` stay apart from the model code; `engine` is the continuous-batching
 //! scheduler on its own thread (with `sampling`), `generate` plain greedy decoding, `poc_v2`
 //! the PoC v2 computation on the loaded model, `packed_matmul` the CPU kernel for a MoE's
-//! float32 experts over weights packed at load, `cpu_threads` when and how its work is shared
+//! float32 experts over weights packed at load, `cpu_attention` the CPU kernel for the causal
+//! attention of fresh sequences of one length, `cpu_threads` when and how their work is shared
 //! among threads of ours.
 
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu_attention;
 pub mod cpu_threads;
 pub mod engine;
 pub mod error;

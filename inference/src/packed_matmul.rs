@@ -142,7 +142,7 @@ struct Shape {
 }
 
 /// Float32 lanes of one SIMD vector on this CPU.
-struct Lanes;
+pub(crate) struct Lanes;
 
 impl WithSimd for Lanes {
     type Output = usize;
@@ -218,7 +218,7 @@ fn silu_times<S: Simd>(simd: S, g: S::f32s, u: S::f32s) -> S::f32s {
 /// n ln 2 + r` with `n` an integer and |r| ≤ ln 2 / 2, `e^r` by its Taylor series to r⁷ (the
 /// next term is below 6e-9 of it), times `2^n` built in the exponent bits.
 #[inline(always)]
-fn exp<S: Simd>(simd: S, y: S::f32s) -> S::f32s {
+pub(crate) fn exp<S: Simd>(simd: S, y: S::f32s) -> S::f32s {
     // 1.5 × 2^23: added to a float below 2^22 in magnitude, it rounds that float to an integer
     // `n` and leaves `0x4B40_0000 + n` in the sum's bits.
     const ROUND: f32 = 12_582_912.0;

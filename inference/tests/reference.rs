@@ -99,6 +99,22 @@ fn qwen3_moe_matches_transformers() {
     check("qwen3_moe", json!({"shard_size": "100KB"}), 1e-5);
 }
 
+/// Where libgomp's spinning is bounded (the daemon and the bench on the CPU) the engine's own
+/// CPU kernels run on several threads: a fresh prompt's causal attention (`cpu_attention`, heads
+/// of 32 values here) and a MoE's packed experts. The same comparisons with transformers there.
+#[test]
+fn with_libgomp_spin_bounded_the_cpu_kernels_match_transformers() {
+    if !common::with_spin_bounded("with_libgomp_spin_bounded_the_cpu_kernels_match_transformers") {
+        return;
+    }
+    assert!(gonka_inference::cpu_attention::supports(32), "the attention kernel takes these heads");
+    // Long enough for threads of ours (`cpu_threads::threads_for`), and past a tile and a block.
+    let prompt: Vec<i64> = (0..40).map(|i| (i * 37 + 3) % 300).collect();
+    for arch in ["qwen3", "minimax_m2"] {
+        check_prompt(arch, &prompt, 4, json!({}), 1e-5);
+    }
+}
+
 /// MiniMax-M2 as transformers 5.23 writes and runs it: partial rotary, q/k norms over all
 /// heads, the sigmoid router whose correction bias (non-zero here) picks the experts, Mixtral's
 /// expert names under `block_sparse_moe`.

@@ -22,3 +22,24 @@ pub fn run_reference(script: &str, request: &Value) -> Value {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Whether this test process runs with libgomp's spinning bounded, as the daemon and the bench
+/// run on the CPU (`gonka_inference::cpu_threads`), where the engine's own CPU kernels take
+/// their work on several threads. libgomp reads the setting as it loads, so where it is not set
+/// the test `name` is run again in a child process of this test binary with it, and must pass
+/// there; the caller then returns (`false`). In the child, `true`: go on.
+#[allow(dead_code)] // Not every test binary that includes this module has such a test.
+pub fn with_spin_bounded(name: &str) -> bool {
+    if gonka_inference::cpu_threads::openmp_sleeps_soon() {
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("GOMP_SPINCOUNT", gonka_inference::cpu_threads::SPIN_COUNT.to_string())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{name} with GOMP_SPINCOUNT set: {log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(log.contains("1 passed"), "{name} did not run in the child: {log}");
+    false
+}
