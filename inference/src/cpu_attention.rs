@@ -15,7 +15,7 @@
 use pulp::{Arch, Simd, WithSimd};
 
 use crate::cpu_threads;
-use crate::packed_matmul::{Lanes, exp};
+use crate::packed_matmul::{Lanes, exp, rows_times_panel};
 
 /// Query rows of one tile: twice that many vector accumulators, as in `packed_matmul`.
 const TILE_ROWS: usize = 6;
@@ -292,20 +292,10 @@ impl Tile<'_, '_> {
         let queries: [&[f32]; R] = std::array::from_fn(|i| self.q.row(base + first + i, self.head, head_dim));
         let (keys, _) = S::as_simd_f32s(self.keys);
         for (p, panel) in keys.chunks_exact(2 * head_dim).take(used).enumerate() {
-            let mut low = [zero; R];
-            let mut high = [zero; R];
-            for c in 0..head_dim {
-                let (k_low, k_high) = (panel[2 * c], panel[2 * c + 1]);
-                for i in 0..R {
-                    let x = simd.splat_f32s(queries[i][c]);
-                    low[i] = simd.mul_add_f32s(x, k_low, low[i]);
-                    high[i] = simd.mul_add_f32s(x, k_high, high[i]);
-                }
-            }
-            for i in 0..R {
+            for (i, [low, high]) in rows_times_panel::<R, S>(simd, queries, panel).into_iter().enumerate() {
                 let (out, _) = S::as_mut_simd_f32s(&mut self.scores[i * stride + p * width..][..width]);
-                out[0] = low[i];
-                out[1] = high[i];
+                out[0] = low;
+                out[1] = high;
             }
         }
 

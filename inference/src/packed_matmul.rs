@@ -251,11 +251,28 @@ fn tile<const R: usize, S: Simd>(
     shape: Shape,
 ) {
     let input = shape.input;
-    let panel = &panel[..2 * input];
     let rows: [&[f32]; R] = std::array::from_fn(|i| &piece.x[piece.rows[row + i] * shape.x_stride..][..input]);
+    let products = rows_times_panel::<R, S>(simd, rows, &panel[..2 * input]);
+    for (i, [low, high]) in products.into_iter().enumerate() {
+        let (vectors, _) = S::as_mut_simd_f32s(&mut piece.out[(row + i) * shape.padded + column..][..shape.width]);
+        vectors[0] = low;
+        vectors[1] = high;
+    }
+}
+
+/// `R` rows times one panel of two vectors of columns, input-major (input `k`'s two vectors at
+/// `panel[2k]` and `panel[2k + 1]`): each row's products summed in input order with fused
+/// multiply-adds, in `R × 2` vector accumulators (the register tile of this kernel and of
+/// `cpu_attention`'s scores).
+#[inline(always)]
+pub(crate) fn rows_times_panel<const R: usize, S: Simd>(
+    simd: S,
+    rows: [&[f32]; R],
+    panel: &[S::f32s],
+) -> [[S::f32s; 2]; R] {
     let mut low = [simd.splat_f32s(0.0); R];
     let mut high = [simd.splat_f32s(0.0); R];
-    for k in 0..input {
+    for k in 0..panel.len() / 2 {
         let (w_low, w_high) = (panel[2 * k], panel[2 * k + 1]);
         for i in 0..R {
             let a = simd.splat_f32s(rows[i][k]);
@@ -263,11 +280,7 @@ fn tile<const R: usize, S: Simd>(
             high[i] = simd.mul_add_f32s(a, w_high, high[i]);
         }
     }
-    for i in 0..R {
-        let (vectors, _) = S::as_mut_simd_f32s(&mut piece.out[(row + i) * shape.padded + column..][..shape.width]);
-        vectors[0] = low[i];
-        vectors[1] = high[i];
-    }
+    std::array::from_fn(|i| [low[i], high[i]])
 }
 
 #[cfg(test)]
