@@ -58,33 +58,43 @@ impl<'a> Heads<'a> {
     }
 }
 
-/// Float32 lanes of one SIMD vector on this CPU.
-fn lanes() -> usize {
-    Arch::new().dispatch(Lanes)
-}
-
 /// Whether the kernel takes heads of `head_dim` values on this CPU: whole pairs of its vectors
 /// (64 and 128 on AVX-512 and AVX2 alike).
 pub fn supports(head_dim: usize) -> bool {
-    head_dim > 0 && head_dim.is_multiple_of(2 * lanes())
+    supports_on(Arch::new(), head_dim)
 }
 
-/// `softmax(q kᵀ × scale) v` of every sequence and query head, each query seeing the keys of its
-/// own sequence up to its own position: row-major `[sequences × len, heads × head_dim]` (each
-/// token's heads side by side). `threads` of ours share the work ([`cpu_threads::share`]).
-pub fn causal_attention(
-    q: Heads<'_>,
-    k: Heads<'_>,
-    v: Heads<'_>,
-    shape: Shape,
-    scale: f32,
-    threads: usize,
-) -> Vec<f32> {
+fn supports_on(arch: Arch, head_dim: usize) -> bool {
+    head_dim > 0 && head_dim.is_multiple_of(2 * arch.dispatch(Lanes))
+}
+
+/// A causal attention's queries, keys and values, its shape and the scores' scale.
+#[derive(Clone, Copy, Debug)]
+pub struct Causal<'a> {
+    pub q: Heads<'a>,
+    pub k: Heads<'a>,
+    pub v: Heads<'a>,
+    pub shape: Shape,
+    pub scale: f32,
+}
+
+impl Causal<'_> {
+    /// `softmax(q kᵀ × scale) v` of every sequence and query head, each query seeing the keys of
+    /// its own sequence up to its own position: row-major `[sequences × len, heads × head_dim]`
+    /// (each token's heads side by side). `threads` of ours share the work
+    /// ([`cpu_threads::share`]).
+    pub fn attend(&self, threads: usize) -> Vec<f32> {
+        causal_attention_on(Arch::new(), self, threads)
+    }
+}
+
+/// [`Causal::attend`] on the instruction set `arch` (the tests run every one the CPU has).
+fn causal_attention_on(arch: Arch, attention: &Causal<'_>, threads: usize) -> Vec<f32> {
+    let Causal { q, k, v, shape, scale } = *attention;
     let Shape { sequences, len, heads, kv_heads, head_dim } = shape;
-    assert!(supports(head_dim), "head_dim {head_dim} is not whole pairs of this CPU's vectors");
+    assert!(supports_on(arch, head_dim), "head_dim {head_dim} is not whole pairs of this CPU's vectors");
     assert!(len <= MAX_LEN && kv_heads > 0 && heads % kv_heads == 0, "{shape:?}");
-    let arch = Arch::new();
-    let width = 2 * lanes();
+    let width = 2 * arch.dispatch(Lanes);
     let panels = len.div_ceil(width);
     let per_head = panels * width * head_dim;
 
@@ -130,28 +140,37 @@ pub struct QkTransform<'a> {
     pub sin: &'a [f32],
 }
 
-/// [`QkTransform`] in place on the first `qk_heads` heads (queries then keys) of each token's
-/// row of `stride` values in `qkv`, as `layers` computes it with libtorch: each head normalised
-/// by the root of its mean square plus epsilon (`x × rsqrt(mean(x²) + eps)`, rounded, then times
-/// the weight), then `x × cos + rotate_half(x) × sin`, each product and the sum rounded in
-/// float32. Only the mean square's sum runs in another order (lane by lane, then across the
-/// lanes). `threads` of ours share the tokens. The heads are whole pairs of SIMD vectors
-/// ([`supports`]).
-pub fn transform_queries_and_keys(
-    qkv: &mut [f32],
-    stride: usize,
-    qk_heads: usize,
-    head_dim: usize,
-    transform: &QkTransform<'_>,
-    threads: usize,
-) {
+/// How a buffer holds each token's projections: rows of `stride` values, the first `qk_heads`
+/// heads of `head_dim` values (queries then keys) to transform.
+#[derive(Clone, Copy, Debug)]
+pub struct QkvRows {
+    pub stride: usize,
+    pub qk_heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkTransform<'_> {
+    /// This transform in place on the first `qk_heads` heads (queries then keys) of each token's
+    /// row of `stride` values in `qkv`, as `layers` computes it with libtorch: each head normalised
+    /// by the root of its mean square plus epsilon (`x × rsqrt(mean(x²) + eps)`, rounded, then
+    /// times the weight), then `x × cos + rotate_half(x) × sin`, each product and the sum rounded
+    /// in float32. Only the mean square's sum runs in another order (lane by lane, then across the
+    /// lanes). `threads` of ours share the tokens. The heads are whole pairs of SIMD vectors
+    /// ([`supports`]).
+    pub fn apply(&self, qkv: &mut [f32], rows: QkvRows, threads: usize) {
+        transform_on(Arch::new(), self, qkv, rows, threads);
+    }
+}
+
+/// [`QkTransform::apply`] on the instruction set `arch`.
+fn transform_on(arch: Arch, transform: &QkTransform<'_>, qkv: &mut [f32], rows: QkvRows, threads: usize) {
+    let QkvRows { stride, qk_heads, head_dim } = rows;
     let tokens = qkv.len() / stride;
-    assert!(supports(head_dim), "head_dim {head_dim} is not whole pairs of this CPU's vectors");
+    assert!(supports_on(arch, head_dim), "head_dim {head_dim} is not whole pairs of this CPU's vectors");
     assert!(transform.cos.len() == tokens * head_dim && transform.sin.len() == tokens * head_dim, "a rotation a token");
     if let Some((weight, _)) = transform.norm {
         assert_eq!(weight.len(), qk_heads * head_dim, "a norm weight a head");
     }
-    let arch = Arch::new();
     let pieces: Vec<(usize, &mut [f32])> =
         qkv.chunks_mut(TOKENS_A_PIECE * stride).enumerate().map(|(i, rows)| (i * TOKENS_A_PIECE, rows)).collect();
     cpu_threads::share(pieces, threads, |(first, rows)| {
@@ -206,7 +225,7 @@ impl WithSimd for Transform<'_> {
     }
 }
 
-/// Tokens handed to a thread at a time by [`transform_queries_and_keys`].
+/// Tokens handed to a thread at a time by [`QkTransform::apply`].
 const TOKENS_A_PIECE: usize = 64;
 
 #[derive(Clone, Copy)]
@@ -355,6 +374,7 @@ impl Tile<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed_matmul::arches;
     use tch::{Device, Kind, Tensor};
 
     /// libtorch's causal attention of the same sequences in float64, `[tokens, heads × head_dim]`.
@@ -374,17 +394,21 @@ mod tests {
     }
 
     fn ours(q: &Tensor, k: &Tensor, v: &Tensor, shape: Shape, scale: f64, threads: usize) -> Tensor {
+        ours_on(Arch::new(), q, k, v, shape, scale, threads)
+    }
+
+    fn ours_on(arch: Arch, q: &Tensor, k: &Tensor, v: &Tensor, shape: Shape, scale: f64, threads: usize) -> Tensor {
         let host = |x: &Tensor| Vec::<f32>::try_from(x.contiguous().view([-1])).unwrap();
         let (qh, kh, vh) = (host(q), host(k), host(v));
         let d = shape.head_dim;
-        let out = causal_attention(
-            Heads::token_major(&qh, shape.heads, d),
-            Heads::token_major(&kh, shape.kv_heads, d),
-            Heads::token_major(&vh, shape.kv_heads, d),
+        let attention = Causal {
+            q: Heads::token_major(&qh, shape.heads, d),
+            k: Heads::token_major(&kh, shape.kv_heads, d),
+            v: Heads::token_major(&vh, shape.kv_heads, d),
             shape,
-            scale as f32,
-            threads,
-        );
+            scale: scale as f32,
+        };
+        let out = causal_attention_on(arch, &attention, threads);
         Tensor::from_slice(&out).view([(shape.sequences * shape.len) as i64, (shape.heads * shape.head_dim) as i64])
     }
 
@@ -400,8 +424,8 @@ mod tests {
     }
 
     /// Against float64 for lengths around the tile, block and key-panel sizes, one and several
-    /// sequences, heads sharing key heads or not, 64 and 128 values a head; the same bits on
-    /// one thread and three.
+    /// sequences, heads sharing key heads or not, 64 and 128 values a head, on every instruction
+    /// set the CPU runs; the same bits on one thread and three.
     #[test]
     fn causal_attention_is_libtorchs_softmax_of_scaled_scores_times_values() {
         tch::manual_seed(11);
@@ -419,10 +443,13 @@ mod tests {
             let (q, k, v) = inputs(shape);
             let scale = (head_dim as f64).powf(-0.5);
             let expected = reference(&q, &k, &v, shape, scale);
-            let got = ours(&q, &k, &v, shape, scale, 1);
-            let error = (got.to_kind(Kind::Double) - &expected).abs().max().double_value(&[]);
-            assert!(error < 2e-6, "{shape:?}: off by {error}");
-            assert!(ours(&q, &k, &v, shape, scale, 3).equal(&got), "{shape:?}: threads changed the bits");
+            for arch in arches() {
+                let got = ours_on(arch, &q, &k, &v, shape, scale, 1);
+                let error = (got.to_kind(Kind::Double) - &expected).abs().max().double_value(&[]);
+                assert!(error < 2e-6, "{shape:?} on {arch:?}: off by {error}");
+                let shared = ours_on(arch, &q, &k, &v, shape, scale, 3);
+                assert!(shared.equal(&got), "{shape:?} on {arch:?}: threads changed the bits");
+            }
         }
     }
 
@@ -474,8 +501,16 @@ mod tests {
             let (w, c, s) = (host(&weight), host(&cos), host(&sin));
             let transform = QkTransform { norm: normalised.then_some((&w[..], eps as f32)), cos: &c, sin: &s };
             let stride = ((heads + 2 * kv_heads) * d) as usize;
-            transform_queries_and_keys(&mut ours, stride, (heads + kv_heads) as usize, d as usize, &transform, 2);
+            let rows = QkvRows { stride, qk_heads: (heads + kv_heads) as usize, head_dim: d as usize };
+            transform.apply(&mut ours, rows, 2);
             let ours = Tensor::from_slice(&ours).view([tokens, heads + 2 * kv_heads, d]);
+            // Every instruction set, against the widest's: the same arithmetic but the sums.
+            for arch in arches() {
+                let mut other = host(&qkv);
+                transform_on(arch, &transform, &mut other, rows, 1);
+                let error = (Tensor::from_slice(&other).view_as(&ours) - &ours).abs().max().double_value(&[]);
+                assert!(error < 1e-5, "normalised {normalised} on {arch:?}: {error} from the default's");
+            }
 
             let x = qkv.to_kind(Kind::Double).view([tokens, heads + 2 * kv_heads, d]);
             let qk = x.narrow(1, 0, heads + kv_heads);

@@ -546,7 +546,7 @@ impl Attention {
     /// A PoC v2 batch (fresh sequences of one length that keep no cache) in float32 on the CPU,
     /// where [`cpu_attention`] applies and the queries and keys take Qwen3's per-head norms or
     /// none, rotated over the whole head: the projections are copied out of libtorch once, and
-    /// normalised, rotated and attended there (`cpu_attention::transform_queries_and_keys`, the
+    /// normalised, rotated and attended there (`cpu_attention::QkTransform::apply`, the
     /// same arithmetic as the ops of [`Self::forward`] but the norms' sums) before the output
     /// comes back once. `[tokens, heads × head_dim]`; `None` where it does not apply.
     fn forward_on_cpu_kernel(&self, qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), batch: &Batch) -> Option<Tensor> {
@@ -571,16 +571,16 @@ impl Attention {
         };
         let (d, stride) = (head_dim as usize, ((heads + 2 * kv_heads) * head_dim) as usize);
         let qk_heads = (heads + kv_heads) as usize;
-        cpu_attention::transform_queries_and_keys(&mut projected, stride, qk_heads, d, &transform, threads);
+        transform.apply(&mut projected, cpu_attention::QkvRows { stride, qk_heads, head_dim: d }, threads);
         let at = |offset: i64| Heads { data: &projected, stride, offset: (offset * head_dim) as usize };
-        let out = cpu_attention::causal_attention(
-            at(0),
-            at(heads),
-            at(heads + kv_heads),
-            kernel_shape(self.shape, sequences, len),
-            (head_dim as f64).powf(-0.5) as f32,
-            threads,
-        );
+        let attention = cpu_attention::Causal {
+            q: at(0),
+            k: at(heads),
+            v: at(heads + kv_heads),
+            shape: kernel_shape(self.shape, sequences, len),
+            scale: (head_dim as f64).powf(-0.5) as f32,
+        };
+        let out = attention.attend(threads);
         Some(Tensor::from_slice(&out).view([sequences * len, heads * head_dim]))
     }
 }
@@ -698,14 +698,14 @@ fn attention_on_cpu_kernel(
     let threads = cpu_attention_threads(q, head_dim, sequences, len)?;
     let (q, k, v) = (host(q), host(k), host(v));
     let d = head_dim as usize;
-    let out = cpu_attention::causal_attention(
-        Heads::token_major(&q, heads as usize, d),
-        Heads::token_major(&k, kv_heads as usize, d),
-        Heads::token_major(&v, kv_heads as usize, d),
-        kernel_shape(shape, sequences, len),
-        scale as f32,
-        threads,
-    );
+    let attention = cpu_attention::Causal {
+        q: Heads::token_major(&q, heads as usize, d),
+        k: Heads::token_major(&k, kv_heads as usize, d),
+        v: Heads::token_major(&v, kv_heads as usize, d),
+        shape: kernel_shape(shape, sequences, len),
+        scale: scale as f32,
+    };
+    let out = attention.attend(threads);
     Some(Tensor::from_slice(&out).view([sequences * len, heads * head_dim]))
 }
 

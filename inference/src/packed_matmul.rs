@@ -37,10 +37,14 @@ pub struct PackedExperts {
 impl PackedExperts {
     /// `weights` `[experts, out, in]` float32 on the CPU.
     pub fn pack(weights: &Tensor) -> Self {
+        Self::pack_on(Arch::new(), weights)
+    }
+
+    /// [`Self::pack`] for the instruction set `arch` (the tests run every one the CPU has).
+    fn pack_on(arch: Arch, weights: &Tensor) -> Self {
         let [experts, out, input] = weights.size()[..] else { panic!("[experts, out, in] weights") };
         assert!(weights.kind() == Kind::Float && weights.device() == Device::Cpu, "float32 on the CPU");
         let (experts, out, input) = (experts as usize, out as usize, input as usize);
-        let arch = Arch::new();
         let width = 2 * arch.dispatch(Lanes);
         let per_expert = out.div_ceil(width) * width * input;
         let dense = Vec::<f32>::try_from(weights.contiguous().view([-1])).expect("float32 weights");
@@ -283,6 +287,21 @@ pub(crate) fn rows_times_panel<const R: usize, S: Simd>(
     std::array::from_fn(|i| [low[i], high[i]])
 }
 
+/// Every instruction set this CPU runs (AVX-512, AVX2+FMA, plain code): each has its own vector
+/// width, so its own tiles and panels, and the kernels' tests run them all.
+#[cfg(test)]
+pub(crate) fn arches() -> Vec<Arch> {
+    let mut arches = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use pulp::x86::{V3, V4};
+        arches.extend(V4::try_new().map(Arch::V4));
+        arches.extend(V3::try_new().map(Arch::V3));
+    }
+    arches.push(Arch::Scalar);
+    arches
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,9 +337,11 @@ mod tests {
         // Outputs that fill panels and ones that leave the last panel part empty (40, 72);
         // experts with no rows, one row, an odd count, more than a tile and more than a piece
         // (PIECE_ROWS) of rows.
-        for (out, input) in [(64, 48), (40, 36), (72, 8)] {
+        for ((out, input), arch) in
+            [(64, 48), (40, 36), (72, 8)].into_iter().flat_map(|s| arches().into_iter().map(move |a| (s, a)))
+        {
             let weights = Tensor::randn([5, out, input], (Kind::Float, Device::Cpu));
-            let packed = PackedExperts::pack(&weights);
+            let packed = PackedExperts::pack_on(arch, &weights);
             assert_eq!(packed.padded() % packed.width, 0);
             for served in [[0usize, 1, 7, 13, 0], [2, 0, 0, 31, 1], [0, 0, 0, 0, 0]] {
                 let rows: usize = served.iter().sum();
