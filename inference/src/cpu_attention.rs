@@ -374,7 +374,7 @@ impl Tile<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed_matmul::arches;
+    use crate::packed_matmul::{arches, to_host as host};
     use tch::{Device, Kind, Tensor};
 
     /// libtorch's causal attention of the same sequences in float64, `[tokens, heads × head_dim]`.
@@ -398,7 +398,6 @@ mod tests {
     }
 
     fn ours_on(arch: Arch, q: &Tensor, k: &Tensor, v: &Tensor, shape: Shape, scale: f64, threads: usize) -> Tensor {
-        let host = |x: &Tensor| Vec::<f32>::try_from(x.contiguous().view([-1])).unwrap();
         let (qh, kh, vh) = (host(q), host(k), host(v));
         let d = shape.head_dim;
         let attention = Causal {
@@ -494,7 +493,6 @@ mod tests {
         let angles = Tensor::rand([tokens, d / 2], cpu) * 6.0;
         let angles = Tensor::cat(&[&angles, &angles], 1);
         let (cos, sin) = (angles.cos(), angles.sin());
-        let host = |x: &Tensor| Vec::<f32>::try_from(x.contiguous().view([-1])).unwrap();
         let eps = 1e-6;
         for normalised in [true, false] {
             let mut ours = host(&qkv);

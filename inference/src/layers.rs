@@ -19,6 +19,7 @@ use crate::config::{Rope, RopeScaling};
 use crate::cpu_attention::{self, Heads};
 use crate::cpu_threads;
 use crate::error::LoadError;
+use crate::packed_matmul::to_host as host;
 
 /// A linear layer; its weight as the checkpoint stores it (see [`Weight`]).
 pub struct Linear {
@@ -540,9 +541,7 @@ impl Attention {
         let out = attention(&q, &k, &v, self.shape, layer, batch, caches);
         self.o.forward(&out)
     }
-}
 
-impl Attention {
     /// A PoC v2 batch (fresh sequences of one length that keep no cache) in float32 on the CPU,
     /// where [`cpu_attention`] applies and the queries and keys take Qwen3's per-head norms or
     /// none, rotated over the whole head: the projections are copied out of libtorch once, and
@@ -666,10 +665,6 @@ fn cpu_attention_threads(x: &Tensor, head_dim: i64, sequences: i64, len: i64) ->
         && cpu_attention::supports(head_dim as usize);
     let threads = cpu_threads::threads_for((sequences * len) as usize);
     (applies && threads >= tch::get_num_threads().max(1) as usize).then_some(threads)
-}
-
-fn host(x: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(x.contiguous().view([-1])).expect("float32 on the CPU")
 }
 
 fn kernel_shape(shape: AttentionShape, sequences: i64, len: i64) -> cpu_attention::Shape {

@@ -47,7 +47,7 @@ impl PackedExperts {
         let (experts, out, input) = (experts as usize, out as usize, input as usize);
         let width = 2 * arch.dispatch(Lanes);
         let per_expert = out.div_ceil(width) * width * input;
-        let dense = Vec::<f32>::try_from(weights.contiguous().view([-1])).expect("float32 weights");
+        let dense = to_host(weights);
         let mut panels = vec![0f32; experts * per_expert];
         for (expert, packed) in dense.chunks_exact(out * input).zip(panels.chunks_exact_mut(per_expert)) {
             for (row, weights) in expert.chunks_exact(input).enumerate() {
@@ -109,6 +109,12 @@ impl PackedExperts {
         cpu_threads::share(pieces, threads, |piece| self.arch.dispatch(Kernel { piece, shape, epilogue }));
         output
     }
+}
+
+/// `x`'s values in float32, row-major, on the host: the one copy out of libtorch that the CPU
+/// work of ours (this kernel's packing, a MoE's packed path, `cpu_attention`) reads.
+pub(crate) fn to_host(x: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(x.to_kind(Kind::Float).contiguous().view([-1])).expect("a tensor on the CPU")
 }
 
 /// What becomes of each output row once multiplied, while it is still in cache.

@@ -23,7 +23,7 @@ use crate::checkpoint::Loader;
 use crate::cpu_threads;
 use crate::error::LoadError;
 use crate::layers::{Mlp, MlpNames, Weight, widen_blocks};
-use crate::packed_matmul::{Epilogue, PackedExperts};
+use crate::packed_matmul::{Epilogue, PackedExperts, to_host};
 
 /// A layer's experts.
 pub enum Experts {
@@ -294,9 +294,8 @@ fn mix_packed(
     let [gate_up, down] = packed;
     let (tokens, hidden) = (x.size()[0] as usize, x.size()[1] as usize);
     let top_k = chosen.size()[1] as usize;
-    let host = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1])).expect("float32");
-    let xs = host(x);
-    let slot_weights = host(weights);
+    let xs = to_host(x);
+    let slot_weights = to_host(weights);
     let chosen = Vec::<i64>::try_from(chosen.contiguous().view([-1])).expect("int64 experts");
     // Assignments (token × top_k + slot) in expert order, stable: a counting sort.
     let mut served = vec![0usize; gate_up.experts()];
