@@ -128,6 +128,9 @@ impl Checkpoint {
             Dtype::BF16 => Kind::BFloat16,
             Dtype::F64 => Kind::Double,
             Dtype::F8_E4M3 => Kind::Float8e4m3fn,
+            // Index tables (DeepSeek-V4's token → experts).
+            Dtype::I64 => Kind::Int64,
+            Dtype::I32 => Kind::Int,
             other => return Err(LoadError::TensorDtype { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let (start, end) = info.data_offsets;

@@ -19,6 +19,8 @@ pub enum Architecture {
     Qwen3Moe,
     /// MiniMax-M2, M2.5, M2.7.
     MiniMaxM2,
+    /// DeepSeek-V4 with sliding-window layers only (its compressed layers are refused at load).
+    DeepseekV4,
 }
 
 impl Architecture {
@@ -29,6 +31,7 @@ impl Architecture {
             "qwen3" => Ok(Self::Qwen3),
             "qwen3_moe" => Ok(Self::Qwen3Moe),
             "minimax_m2" => Ok(Self::MiniMaxM2),
+            "deepseek_v4" => Ok(Self::DeepseekV4),
             other => Err(LoadError::UnsupportedArchitecture {
                 model_type: other.to_string(),
                 architectures: config

@@ -275,6 +275,9 @@ pub struct Rotary {
     inv_freq: Tensor,
     /// YaRN's scale on cos/sin (1 otherwise).
     attention_scaling: f64,
+    /// Each frequency on a pair of neighbouring dimensions (DeepSeek-V4's interleaved rotary)
+    /// rather than on dimensions `i` and `i + half` (the Qwen family's, MiniMax-M2's).
+    interleaved: bool,
 }
 
 impl Rotary {
@@ -321,14 +324,24 @@ impl Rotary {
                 (inv, attention)
             }
         };
-        Self { inv_freq: inv_freq.to_kind(Kind::Float), attention_scaling }
+        Self { inv_freq: inv_freq.to_kind(Kind::Float), attention_scaling, interleaved: false }
+    }
+
+    /// The same frequencies laid out for an interleaved rotation: `cos_sin` then gives
+    /// frequency `i` at dimensions `2i` and `2i + 1`.
+    pub fn interleaved(self) -> Self {
+        Self { interleaved: true, ..self }
     }
 
     /// `(cos, sin)` for `positions` (int64 `[tokens]`), `[tokens, 1, head_dim]` in `kind`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let device = positions.device();
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.to_device(device);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let emb = if self.interleaved {
+            freqs.repeat_interleave_self_int(2, -1, None::<i64>)
+        } else {
+            Tensor::cat(&[&freqs, &freqs], -1)
+        };
         let (mut cos, mut sin) = (emb.cos(), emb.sin());
         if self.attention_scaling != 1.0 {
             cos *= self.attention_scaling;
@@ -365,6 +378,9 @@ pub struct Mlp {
     gate_up: Linear,
     down: Linear,
     intermediate: i64,
+    /// DeepSeek-V4's `swiglu_limit`: the gate clamped above, the up projection on both sides,
+    /// before they meet.
+    limit: Option<f64>,
 }
 
 /// The names of an MLP's gate, up and down projections in a checkpoint.
@@ -383,7 +399,14 @@ impl Mlp {
             gate_up: Linear::load_fused(&[(w.at(gate), intermediate), (w.at(up), intermediate)], hidden, false)?,
             down: Linear::load(&w.at(down), intermediate, hidden, false)?,
             intermediate,
+            limit: None,
         })
+    }
+
+    /// The same MLP with its gate clamped to at most `limit` and its up projection to
+    /// `[-limit, limit]` (DeepSeek-V4's `swiglu_limit`).
+    pub fn with_swiglu_limit(self, limit: f64) -> Self {
+        Self { limit: Some(limit), ..self }
     }
 
     /// An MLP of these projections (`gate` and `up` `[intermediate, hidden]`, `down` the other
@@ -392,7 +415,12 @@ impl Mlp {
         let intermediate = match &gate {
             Weight::Dense(w) | Weight::Fp8Block { weight: w, .. } => w.size()[0],
         };
-        Self { gate_up: Linear::from_weights(vec![gate, up]), down: Linear::from_weights(vec![down]), intermediate }
+        Self {
+            gate_up: Linear::from_weights(vec![gate, up]),
+            down: Linear::from_weights(vec![down]),
+            intermediate,
+            limit: None,
+        }
     }
 
     /// Whether any of its weights is FP8 on the device.
@@ -402,6 +430,9 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let gate_up = self.gate_up.forward(x);
+        if let Some(limit) = self.limit {
+            clamp_swiglu(&gate_up, self.intermediate, limit);
+        }
         let mut gate = gate_up.narrow(-1, 0, self.intermediate);
         let up = gate_up.narrow(-1, self.intermediate, self.intermediate);
         // SiLU in place on the gate's half of this call's own `gate_up` (the same values as
@@ -411,6 +442,13 @@ impl Mlp {
         let _ = gate.silu_();
         self.down.forward(&(gate * up))
     }
+}
+
+/// DeepSeek-V4's `swiglu_limit` on a gate/up product `[rows, 2 × intermediate]` (gate first), in
+/// place: the gate clamped to at most `limit`, the up half to `[-limit, limit]`.
+pub fn clamp_swiglu(gate_up: &Tensor, intermediate: i64, limit: f64) {
+    let _ = gate_up.narrow(-1, 0, intermediate).clamp_max_(limit);
+    let _ = gate_up.narrow(-1, intermediate, intermediate).clamp_(-limit, limit);
 }
 
 /// Shapes of one attention layer.

@@ -8,7 +8,7 @@ use tch::{Device, Kind};
 use crate::checkpoint::{Checkpoint, Loader};
 use crate::config::{Architecture, declared_kind, fp8_block};
 use crate::error::LoadError;
-use crate::models::{ModelSpec, Transformer, minimax_m2, qwen2, qwen3, qwen3_moe};
+use crate::models::{ModelSpec, Transformer, deepseek_v4, minimax_m2, qwen2, qwen3, qwen3_moe};
 use crate::placement::{LayerBytes, layer_devices};
 
 #[derive(Debug, Clone)]
@@ -39,6 +39,17 @@ pub fn read_config(dir: &Path) -> Result<Value, LoadError> {
     serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })
 }
 
+/// The architecture of `config` where this engine runs it: one it knows, and of DeepSeek-V4 only
+/// the sliding-window layers (its compressed ones are not built); else why not. Read from the
+/// config alone, before anything is loaded (the ML node picks an engine by it).
+pub fn native_support(config: &Value) -> Result<Architecture, LoadError> {
+    let architecture = Architecture::from_config(config)?;
+    if architecture == Architecture::DeepseekV4 {
+        deepseek_v4::check_layers(config)?;
+    }
+    Ok(architecture)
+}
+
 /// The dtype a model runs in: `dtype`, else the one its config declares, else float32.
 fn run_kind(config: &Value, dtype: Option<Kind>) -> Result<Kind, LoadError> {
     Ok(match dtype {
@@ -59,6 +70,7 @@ pub fn spec(dir: &Path, options: &LoadOptions) -> Result<ModelSpec, LoadError> {
         Architecture::Qwen3 => qwen3::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
         Architecture::Qwen3Moe => qwen3_moe::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
         Architecture::MiniMaxM2 => minimax_m2::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
+        Architecture::DeepseekV4 => deepseek_v4::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
     };
     Ok(ModelSpec { kv_kind: kv_kind(kind, options.kv_cache_dtype)?, ..shape.spec })
 }
@@ -102,6 +114,9 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
         Architecture::MiniMaxM2 => {
             minimax_m2::load(&serde_json::from_value::<minimax_m2::Config>(config).map_err(parse)?, &root, &placed)
         }
+        Architecture::DeepseekV4 => {
+            deepseek_v4::load(&serde_json::from_value::<deepseek_v4::Config>(config).map_err(parse)?, &root, &placed)
+        }
     }?;
     model.spec.kv_kind = kv_kind;
     Ok(model)
@@ -138,7 +153,10 @@ pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadEr
                 }
                 bytes.layers[i] += size;
             }
-            None if name.starts_with("lm_head.") || name.starts_with("model.norm.") => bytes.head += size,
+            // DeepSeek-V4's LM head is `head`, and its streams' final collapse goes with the norm.
+            None if ["lm_head.", "head.", "model.norm.", "model.hc_head."].iter().any(|p| name.starts_with(p)) => {
+                bytes.head += size
+            }
             None => bytes.embedding += size,
         }
     }

@@ -144,6 +144,34 @@ fn minimax_m2_matches_transformers() {
     );
 }
 
+/// DeepSeek-V4 on its sliding-window layers as transformers 5.23 writes and runs it (eager
+/// attention: its sinks): hyper-connected streams, shared-KV attention with sinks, a window of 4
+/// that the 7-token prompt and the 10 greedy tokens pass, the grouped output projection, the
+/// hash-routed first layer and clamped SwiGLUs; decoding through the cache against
+/// transformers' recompute of the whole sequence.
+#[test]
+fn deepseek_v4_sliding_layers_match_transformers() {
+    let (_dir, model) = check("deepseek_v4", json!({"shard_size": "100KB"}), 1e-5);
+    assert_eq!((model.spec.head_dim, model.spec.kv_heads, model.spec.layers), (64, 1, 3));
+    assert!(!model.takes_layer_hooks(), "PoC v2's reflections are not placed in hyper-connected streams");
+    // Two sequences in one step, one of them with a past in its cache (as the scheduler batches
+    // a prompt with a decode): each token's ids reach its own hash-routed experts, each
+    // sequence attends its own keys, and the logits are those of each alone.
+    let _guard = tch::no_grad_guard();
+    let other: Vec<i64> = (0..9).map(|i| (i * 53 + 17) % 320).collect();
+    let mut cache = model.new_cache(32);
+    let mut first = [Step { input: StepInput::Tokens(PROMPT[..5].to_vec()), cache: Some(&mut cache) }];
+    let cached = model.logits(&model.forward(&mut first, None, Output::All));
+    assert!(relative_error(&cached, &prompt_logits(&model, &PROMPT[..5])) < 1e-5, "a prompt kept in the cache");
+    let mut both = [
+        Step { input: StepInput::Tokens(other.clone()), cache: None },
+        Step { input: StepInput::Tokens(PROMPT[5..].to_vec()), cache: Some(&mut cache) },
+    ];
+    let together = model.logits(&model.forward(&mut both, None, Output::All));
+    let alone = Tensor::cat(&[prompt_logits(&model, &other), prompt_logits(&model, &PROMPT).narrow(0, 5, 2)], 0);
+    assert!(relative_error(&together, &alone) < 1e-5, "batched with a cached sequence");
+}
+
 /// The released checkpoints' config.json: `rope_theta` and `rotary_dim` at the top level (no
 /// `rope_parameters`), and the router, q/k-norm and attention fields transformers ignores.
 #[test]

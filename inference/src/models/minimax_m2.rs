@@ -143,7 +143,7 @@ impl SparseMoe {
 }
 
 impl FeedForward for SparseMoe {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, _: Option<&Tensor>) -> Tensor {
         let scores = self.router.forward(&x.to_kind(Kind::Float)).sigmoid();
         let (_, chosen) = (&scores + &self.correction_bias).topk(self.top_k, -1, true, true);
         let weights = scores.gather(-1, &chosen, false);
@@ -171,7 +171,6 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
         AttentionKind { qkv_bias: false, o_bias: false, qk_norm: Some(QkNorm::AllHeads { eps: base.rms_norm_eps }) };
     assemble(shape, w, placed, |_, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(&layer.at("self_attn"), base.hidden_size, base.attention_shape(), kind)?;
-        let moe: Box<dyn FeedForward> = Box::new(SparseMoe::load(&layer.at("block_sparse_moe"), config)?);
-        Ok((attention, moe))
+        Ok(BlockParts::new(attention, SparseMoe::load(&layer.at("block_sparse_moe"), config)?))
     })
 }

@@ -1,8 +1,11 @@
-//! The decoder stack the Qwen family and MiniMax-M2 share (token embedding, pre-norm blocks of
+//! The decoder stack every architecture here shares (token embedding, pre-norm blocks of
 //! attention and a feed-forward, final norm, LM head), one file per architecture that reads its
-//! config and says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`, `minimax_m2`),
-//! and what the mixtures of experts share once routed (`moe`).
+//! config and says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`, `minimax_m2`,
+//! `deepseek_v4`), what the mixtures of experts share once routed (`moe`), and the residual
+//! DeepSeek-V4 keeps instead of one stream (`hyper_connections`).
 
+pub mod deepseek_v4;
+pub mod hyper_connections;
 pub mod minimax_m2;
 pub mod moe;
 pub mod qwen2;
@@ -17,25 +20,67 @@ use crate::config::Architecture;
 use crate::error::LoadError;
 use crate::kv_cache::SequenceCache;
 use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
+use hyper_connections::{BlockHyperConnections, HyperHead};
 
 /// A block's feed-forward: a dense SwiGLU MLP or a mixture of experts.
 pub trait FeedForward: Send {
-    /// `[tokens, hidden]` → `[tokens, hidden]`.
-    fn forward(&self, x: &Tensor) -> Tensor;
+    /// `[tokens, hidden]` → `[tokens, hidden]`. `tokens` holds the step's token ids (int64
+    /// `[tokens]`, on `x`'s device) where every sequence brought ids rather than embeddings:
+    /// DeepSeek-V4's hash-routed layers choose experts by them.
+    fn forward(&self, x: &Tensor, tokens: Option<&Tensor>) -> Tensor;
 }
 
 impl FeedForward for Mlp {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, _: Option<&Tensor>) -> Tensor {
         Mlp::forward(self, x)
+    }
+}
+
+/// A block's self-attention: the grouped-query attention of the Qwen family and MiniMax-M2
+/// ([`Attention`]), or DeepSeek-V4's.
+pub trait SelfAttention: Send {
+    /// `x` `[tokens, hidden]` → `[tokens, hidden]`, keys (and values) appended to the caches
+    /// the steps bring; `cos`/`sin` as the model's [`Rotary`] makes them for the step's
+    /// positions.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos_sin: (&Tensor, &Tensor),
+        layer: usize,
+        batch: &Batch,
+        caches: &mut [StepCache<'_>],
+    ) -> Tensor;
+
+    /// Whether its projections' weights are FP8 on the device.
+    fn is_fp8(&self) -> bool;
+}
+
+impl SelfAttention for Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos_sin: (&Tensor, &Tensor),
+        layer: usize,
+        batch: &Batch,
+        caches: &mut [StepCache<'_>],
+    ) -> Tensor {
+        Attention::forward(self, x, cos_sin, layer, batch, caches)
+    }
+
+    fn is_fp8(&self) -> bool {
+        Attention::is_fp8(self)
     }
 }
 
 pub struct Block {
     pub device: Device,
     pub input_norm: RmsNorm,
-    pub attention: Attention,
+    pub attention: Box<dyn SelfAttention>,
     pub post_attention_norm: RmsNorm,
     pub feed_forward: Box<dyn FeedForward>,
+    /// DeepSeek-V4's streams around the attention and the feed-forward; `None`: one residual
+    /// stream.
+    pub hyper: Option<BlockHyperConnections>,
 }
 
 /// Shapes a caller needs (the server, the PoC runner, tests).
@@ -98,6 +143,8 @@ pub struct Transformer {
     pub norm: RmsNorm,
     pub lm_head: Linear,
     pub rotary: Rotary,
+    /// Where the blocks keep hyper-connected streams: their final collapse.
+    pub hyper_head: Option<HyperHead>,
 }
 
 impl Transformer {
@@ -115,9 +162,12 @@ impl Transformer {
     /// appended to the caches they bring), and the final-norm hidden states come back in the
     /// model dtype on the last device — `[sequences, hidden]` for [`Output::Last`],
     /// `[tokens, hidden]` (in step order) for [`Output::All`].
+    ///
+    /// A model whose blocks keep hyper-connected streams (DeepSeek-V4) takes no hook: where
+    /// upstream reflects PoC v2's hidden states in such a model is not known here (PoC v2
+    /// refuses it first, [`Self::takes_layer_hooks`]).
     pub fn forward(&self, steps: &mut [Step<'_>], hook: Option<LayerHook<'_>>, output: Output) -> Tensor {
         assert!(!steps.is_empty() && steps.iter().all(|s| !s.input.is_empty()), "a step needs input");
-        let kind = self.spec.kind;
         let device = self.first_device();
         let batch = Batch::new(steps);
         let inputs: Vec<Tensor> = steps
@@ -126,37 +176,97 @@ impl Transformer {
                 StepInput::Tokens(ids) => {
                     Tensor::embedding(&self.embed_tokens, &Tensor::from_slice(ids).to_device(device), -1, false, false)
                 }
-                StepInput::Embeddings(e) => e.to_device(device).to_kind(kind),
+                StepInput::Embeddings(e) => e.to_device(device).to_kind(self.spec.kind),
             })
             .collect();
+        let hidden = Tensor::cat(&inputs, 0);
+        drop(inputs);
+        // The step's token ids, in step order, where every sequence brought ids (only the
+        // hyper-connected stack's feed-forwards read them).
+        let ids: Option<Vec<i64>> = self.hyper_head.as_ref().and_then(|_| {
+            let ids: Option<Vec<&[i64]>> = steps
+                .iter()
+                .map(|s| match &s.input {
+                    StepInput::Tokens(ids) => Some(ids.as_slice()),
+                    StepInput::Embeddings(_) => None,
+                })
+                .collect();
+            ids.map(|ids| ids.concat())
+        });
+        let mut caches: Vec<StepCache<'_>> = steps.iter_mut().map(|s| s.cache.as_deref_mut()).collect();
+        let hidden = match &self.hyper_head {
+            None => self.forward_one_stream(hidden, &batch, &mut caches, hook, output),
+            Some(head) => {
+                assert!(hook.is_none(), "a model of hyper-connected streams takes no layer hook");
+                let streams = self.forward_streams(hidden, ids.as_deref(), &batch, &mut caches);
+                let last = self.lm_head.device();
+                let streams = streams.to_device(last);
+                let streams = match output {
+                    Output::Last => streams.index_select(0, &batch.last_rows(last)),
+                    Output::All => streams,
+                };
+                self.norm.forward(&head.forward(&streams))
+            }
+        };
+        for (cache, span) in caches.iter_mut().zip(batch.spans()) {
+            if let Some(cache) = cache {
+                cache.advance(span.len);
+            }
+        }
+        hidden
+    }
+
+    /// Whether [`Self::forward`] takes a layer hook (PoC v2's reflections): not where the
+    /// blocks keep hyper-connected streams.
+    pub fn takes_layer_hooks(&self) -> bool {
+        self.hyper_head.is_none()
+    }
+
+    /// The step's rotation for `block`'s device, made again only where the device changes.
+    fn rotation_for<'r>(
+        &self,
+        rotation: &'r mut Option<(Device, Tensor, Tensor)>,
+        batch: &Batch,
+        device: Device,
+    ) -> (&'r Tensor, &'r Tensor) {
+        if rotation.as_ref().is_none_or(|(d, _, _)| *d != device) {
+            let (cos, sin) = self.rotary.cos_sin(&batch.positions(device), self.spec.kind);
+            *rotation = Some((device, cos, sin));
+        }
+        let (_, cos, sin) = rotation.as_ref().expect("set above");
+        (cos, sin)
+    }
+
+    /// The blocks over one residual stream, then the final norm.
+    fn forward_one_stream(
+        &self,
+        mut hidden: Tensor,
+        batch: &Batch,
+        caches: &mut [StepCache<'_>],
+        hook: Option<LayerHook<'_>>,
+        output: Output,
+    ) -> Tensor {
         // vLLM's layout (its Qwen2/Qwen3 decoder layers): each layer hands on the feed-forward's
         // output and the residual stream apart, and the next norm adds them in float32. In
         // float32 this is transformers' arithmetic; in bfloat16 it is vLLM's rounding, which
         // PoC v2's artifacts must follow to land where the network's validators' do.
-        let mut hidden = Tensor::cat(&inputs, 0);
-        drop(inputs);
         let mut residual: Option<Tensor> = None;
-        let mut caches: Vec<StepCache<'_>> = steps.iter_mut().map(|s| s.cache.as_deref_mut()).collect();
         let mut rotation: Option<(Device, Tensor, Tensor)> = None;
         for (i, block) in self.blocks.iter().enumerate() {
             if hidden.device() != block.device {
                 hidden = hidden.to_device(block.device);
                 residual = residual.map(|r| r.to_device(block.device));
             }
-            if rotation.as_ref().is_none_or(|(d, _, _)| *d != block.device) {
-                let (cos, sin) = self.rotary.cos_sin(&batch.positions(block.device), kind);
-                rotation = Some((block.device, cos, sin));
-            }
-            let (_, cos, sin) = rotation.as_ref().expect("set above");
+            let (cos, sin) = self.rotation_for(&mut rotation, batch, block.device);
             let (normed, stream) = match residual.take() {
                 None => (block.input_norm.forward(&hidden), hidden),
                 Some(r) => block.input_norm.forward_add(&hidden, &r),
             };
-            let attended = block.attention.forward(&normed, (cos, sin), i, &batch, &mut caches);
+            let attended = block.attention.forward(&normed, (cos, sin), i, batch, caches);
             drop(normed);
             let (normed, stream) = block.post_attention_norm.forward_add(&attended, &stream);
             drop(attended);
-            hidden = block.feed_forward.forward(&normed);
+            hidden = block.feed_forward.forward(&normed, None);
             residual = Some(match hook {
                 Some(hook) => {
                     hidden = hook(i, &hidden);
@@ -164,11 +274,6 @@ impl Transformer {
                 }
                 None => stream,
             });
-        }
-        for (cache, span) in caches.iter_mut().zip(batch.spans()) {
-            if let Some(cache) = cache {
-                cache.advance(span.len);
-            }
         }
         let last = self.lm_head.device();
         let residual = residual.expect("a model has layers").to_device(last);
@@ -183,6 +288,39 @@ impl Transformer {
         self.norm.forward_add(&hidden, &residual).0
     }
 
+    /// The blocks over hyper-connected streams (transformers' `DeepseekV4DecoderLayer`): the
+    /// embedding copied into every stream, each attention and feed-forward fed the streams
+    /// collapsed and its output spread back over them. `[tokens, streams, hidden]`.
+    fn forward_streams(
+        &self,
+        hidden: Tensor,
+        ids: Option<&[i64]>,
+        batch: &Batch,
+        caches: &mut [StepCache<'_>],
+    ) -> Tensor {
+        let streams_count = self.blocks.first().and_then(|b| b.hyper.as_ref()).map_or(1, |h| h.streams());
+        let mut streams = hidden.unsqueeze(1).expand([-1, streams_count, -1], false).contiguous();
+        let mut rotation: Option<(Device, Tensor, Tensor)> = None;
+        let mut tokens: Option<Tensor> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let hyper = block.hyper.as_ref().expect("every block of a hyper-connected model has its connections");
+            streams = streams.to_device(block.device);
+            if tokens.as_ref().is_none_or(|t| t.device() != block.device) {
+                tokens = ids.map(|ids| Tensor::from_slice(ids).to_device(block.device));
+            }
+            let (cos, sin) = self.rotation_for(&mut rotation, batch, block.device);
+            let collapsed = hyper.attention.collapse(&streams);
+            let attended =
+                block.attention.forward(&block.input_norm.forward(&collapsed.input), (cos, sin), i, batch, caches);
+            streams = collapsed.expand(&attended, &streams);
+            let collapsed = hyper.feed_forward.collapse(&streams);
+            let normed = block.post_attention_norm.forward(&collapsed.input);
+            let fed = block.feed_forward.forward(&normed, tokens.as_ref());
+            streams = collapsed.expand(&fed, &streams);
+        }
+        streams
+    }
+
     /// Logits of final hidden states, `[rows, vocab]` in the model dtype.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         self.lm_head.forward(hidden)
@@ -195,10 +333,35 @@ pub struct StackShape {
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub rotary: Rotary,
+    pub names: StackNames,
 }
 
+/// What a checkpoint calls the stack's own tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct StackNames {
+    /// A layer's norms before its attention and before its feed-forward.
+    pub norms: [&'static str; 2],
+    /// The LM head, at the checkpoint's root.
+    pub lm_head: &'static str,
+}
+
+/// Hugging Face's names (Qwen, Llama, MiniMax-M2).
+pub const HF_STACK: StackNames =
+    StackNames { norms: ["input_layernorm", "post_attention_layernorm"], lm_head: "lm_head" };
+
 /// A block's attention and feed-forward, as one architecture builds them.
-pub type BlockParts = (Attention, Box<dyn FeedForward>);
+pub struct BlockParts {
+    pub attention: Box<dyn SelfAttention>,
+    pub feed_forward: Box<dyn FeedForward>,
+    pub hyper: Option<BlockHyperConnections>,
+}
+
+impl BlockParts {
+    /// An attention and a feed-forward on one residual stream.
+    pub fn new(attention: impl SelfAttention + 'static, feed_forward: impl FeedForward + 'static) -> Self {
+        Self { attention: Box::new(attention), feed_forward: Box::new(feed_forward), hyper: None }
+    }
+}
 
 /// Loads the shared stack from `w` (the checkpoint's root), layer `i` on `placed[i]` (the
 /// embedding with the first, the final norm and LM head with the last); `block` builds layer
@@ -209,7 +372,7 @@ pub fn assemble(
     placed: &[Device],
     block: impl Fn(usize, &Loader<'_>) -> Result<BlockParts, LoadError>,
 ) -> Result<Transformer, LoadError> {
-    let StackShape { spec, rms_norm_eps, tie_word_embeddings, rotary } = shape;
+    let StackShape { spec, rms_norm_eps, tie_word_embeddings, rotary, names } = shape;
     if placed.len() != spec.layers {
         return Err(LoadError::InvalidConfig(format!(
             "{} layers placed on devices for a model of {}",
@@ -222,23 +385,25 @@ pub fn assemble(
     let model = w.at("model");
     let embed_tokens = model.on(first).tensor("embed_tokens.weight", &[spec.vocab_size, spec.hidden_size])?;
     let mut blocks = Vec::with_capacity(spec.layers);
+    let [input_norm, post_attention_norm] = names.norms;
     for (i, device) in placed.iter().enumerate() {
         let layer = model.at("layers").at(i).on(*device);
-        let (attention, feed_forward) = block(i, &layer)?;
+        let BlockParts { attention, feed_forward, hyper } = block(i, &layer)?;
         blocks.push(Block {
             device: *device,
-            input_norm: RmsNorm::load(&layer.at("input_layernorm"), spec.hidden_size, rms_norm_eps)?,
+            input_norm: RmsNorm::load(&layer.at(input_norm), spec.hidden_size, rms_norm_eps)?,
             attention,
-            post_attention_norm: RmsNorm::load(&layer.at("post_attention_layernorm"), spec.hidden_size, rms_norm_eps)?,
+            post_attention_norm: RmsNorm::load(&layer.at(post_attention_norm), spec.hidden_size, rms_norm_eps)?,
             feed_forward,
+            hyper,
         });
     }
     let norm = RmsNorm::load(&model.at("norm").on(last), spec.hidden_size, rms_norm_eps)?;
     // Tied checkpoints (Qwen3-0.6B) store no lm_head; some still carry one, which then wins.
-    let lm_head = if tie_word_embeddings && !w.contains("lm_head.weight") {
+    let lm_head = if tie_word_embeddings && !w.contains(&format!("{}.weight", names.lm_head)) {
         Linear::from_weight(embed_tokens.to_device(last))
     } else {
-        Linear::load(&w.at("lm_head").on(last), spec.hidden_size, spec.vocab_size, false)?
+        Linear::load(&w.at(names.lm_head).on(last), spec.hidden_size, spec.vocab_size, false)?
     };
-    Ok(Transformer { spec, embed_tokens, blocks, norm, lm_head, rotary })
+    Ok(Transformer { spec, embed_tokens, blocks, norm, lm_head, rotary, hyper_head: None })
 }

@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::Loader;
 use crate::cpu_threads;
 use crate::error::LoadError;
-use crate::layers::{Mlp, MlpNames, Weight, widen_blocks};
+use crate::layers::{Mlp, MlpNames, Weight, clamp_swiglu, widen_blocks};
 use crate::packed_matmul::{Epilogue, PackedExperts, to_host};
 
 /// A layer's experts.
@@ -40,6 +40,8 @@ pub enum Experts {
         /// which multiplies decode-sized steps instead of the grouped matmul (see
         /// [`PACKED_MAX_ROWS_PER_EXPERT`]; a second copy of the experts' weights, in host memory).
         packed: Option<Box<[PackedExperts; 2]>>,
+        /// DeepSeek-V4's `swiglu_limit` (see [`Mlp::with_swiglu_limit`]).
+        limit: Option<f64>,
     },
     /// One MLP per expert, routed through the host.
     Each(Vec<Mlp>),
@@ -180,12 +182,24 @@ impl Experts {
                     }
                     _ => None,
                 };
-                Self::Stacked { gate_up, down, intermediate, count, packed }
+                Self::Stacked { gate_up, down, intermediate, count, packed, limit: None }
             }
             None => {
                 let mlps = gates.into_iter().zip(ups).zip(downs).map(|((g, u), d)| Mlp::from_weights(g, u, d));
                 Self::Each(mlps.collect())
             }
+        }
+    }
+
+    /// The same experts with their gates clamped to at most `limit` and their up projections to
+    /// `[-limit, limit]` (DeepSeek-V4's `swiglu_limit`). The packed kernel's SwiGLU does not
+    /// clamp, so stacked experts leave it for the grouped matmul.
+    pub fn with_swiglu_limit(self, limit: f64) -> Self {
+        match self {
+            Self::Stacked { gate_up, down, intermediate, count, .. } => {
+                Self::Stacked { gate_up, down, intermediate, count, packed: None, limit: Some(limit) }
+            }
+            Self::Each(mlps) => Self::Each(mlps.into_iter().map(|m| m.with_swiglu_limit(limit)).collect()),
         }
     }
 
@@ -203,10 +217,10 @@ impl Experts {
     /// (float32 weights: in float32) and rounded to `x`'s dtype (its kernel's output cache), the
     /// `top_k` of a token summed in float32 and rounded once (its `moe_sum`).
     pub fn mix(&self, x: &Tensor, chosen: &Tensor, weights: &Tensor) -> Tensor {
-        let (gate_up, down, intermediate, count, packed) = match self {
+        let (gate_up, down, intermediate, count, packed, limit) = match self {
             Self::Each(mlps) => return mix_experts(x, mlps, chosen, weights),
-            Self::Stacked { gate_up, down, intermediate, count, packed } => {
-                (gate_up, down, *intermediate, *count, packed.as_deref())
+            Self::Stacked { gate_up, down, intermediate, count, packed, limit } => {
+                (gate_up, down, *intermediate, *count, packed.as_deref(), *limit)
             }
         };
         if let Some(packed) = packed
@@ -227,7 +241,7 @@ impl Experts {
         let tokens = order.divide_scalar_mode(top_k, "floor");
         let served = Tensor::zeros([count], (Kind::Int64, x.device())).scatter_add(0, &flat, &flat.ones_like());
         let xs = x.index_select(0, &tokens);
-        let expert_out = grouped_experts(gate_up, down, intermediate, count, &xs, served);
+        let expert_out = grouped_experts(gate_up, down, intermediate, count, limit, &xs, served);
         let slot_weights = weights.flatten(0, -1).index_select(0, &order).unsqueeze(-1);
         let scaled = (expert_out * slot_weights).to_kind(x.kind());
         let out = Tensor::zeros(x.size(), (Kind::Float, x.device()));
@@ -236,12 +250,13 @@ impl Experts {
 }
 
 /// Each expert's SwiGLU over its rows of `xs` (sorted by expert, `served[e]` rows for expert
-/// `e`) as libtorch's grouped matmuls.
+/// `e`) as libtorch's grouped matmuls, clamped by `limit` where given.
 fn grouped_experts(
     gate_up: &[Stacked],
     down: &Stacked,
     intermediate: i64,
     count: i64,
+    limit: Option<f64>,
     xs: &Tensor,
     served: Tensor,
 ) -> Tensor {
@@ -270,6 +285,9 @@ fn grouped_experts(
         [part] => grouped(xs, part),
         parts => Tensor::cat(&parts.iter().map(|part| grouped(xs, part)).collect::<Vec<_>>(), -1),
     };
+    if let Some(limit) = limit {
+        clamp_swiglu(&gate_up, intermediate, limit);
+    }
     let mut gate = gate_up.narrow(-1, 0, intermediate);
     let up = gate_up.narrow(-1, intermediate, intermediate);
     // In place on this call's own `gate_up`, as the dense MLP does (`layers::Mlp::forward`).

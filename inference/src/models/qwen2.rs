@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use tch::{Device, Kind};
 
-use super::{BlockParts, FeedForward, StackShape, Transformer, assemble};
+use super::{BlockParts, HF_STACK, StackShape, Transformer, assemble};
 use crate::checkpoint::Loader;
 use crate::config::{Architecture, RopeFields};
 use crate::error::LoadError;
@@ -111,6 +111,7 @@ impl Config {
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
             rotary: Rotary::new(&rope, self.head_dim()),
+            names: HF_STACK,
         })
     }
 }
@@ -126,8 +127,7 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
     let kind = AttentionKind { qkv_bias: true, o_bias: false, qk_norm: None };
     assemble(shape, w, placed, |_, layer| -> Result<BlockParts, LoadError> {
         let attention = Attention::load(&layer.at("self_attn"), config.hidden_size, config.attention_shape(), kind)?;
-        let mlp: Box<dyn FeedForward> =
-            Box::new(Mlp::load(&layer.at("mlp"), config.hidden_size, config.intermediate_size)?);
-        Ok((attention, mlp))
+        let mlp = Mlp::load(&layer.at("mlp"), config.hidden_size, config.intermediate_size)?;
+        Ok(BlockParts::new(attention, mlp))
     })
 }

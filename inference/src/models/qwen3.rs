@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use tch::{Device, Kind};
 
-use super::{BlockParts, FeedForward, StackShape, Transformer, assemble, qwen2};
+use super::{BlockParts, StackShape, Transformer, assemble, qwen2};
 use crate::checkpoint::Loader;
 use crate::config::Architecture;
 use crate::error::LoadError;
@@ -40,8 +40,7 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
     assemble(shape, w, placed, |_, layer| -> Result<BlockParts, LoadError> {
         let attention =
             Attention::load(&layer.at("self_attn"), base.hidden_size, base.attention_shape(), config.attention_kind())?;
-        let mlp: Box<dyn FeedForward> =
-            Box::new(Mlp::load(&layer.at("mlp"), base.hidden_size, base.intermediate_size)?);
-        Ok((attention, mlp))
+        let mlp = Mlp::load(&layer.at("mlp"), base.hidden_size, base.intermediate_size)?;
+        Ok(BlockParts::new(attention, mlp))
     })
 }

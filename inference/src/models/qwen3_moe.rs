@@ -74,7 +74,7 @@ impl SparseMoe {
 }
 
 impl FeedForward for SparseMoe {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, _: Option<&Tensor>) -> Tensor {
         // Router scores softmaxed in float32, top-k, optionally renormalised, back to the model
         // dtype — transformers' `Qwen3MoeTopKRouter`.
         let probs = self.router.forward(x).softmax(-1, Kind::Float);
@@ -112,6 +112,6 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
         } else {
             Box::new(Mlp::load(&layer.at("mlp"), base.hidden_size, base.intermediate_size)?)
         };
-        Ok((attention, feed_forward))
+        Ok(BlockParts { attention: Box::new(attention), feed_forward, hyper: None })
     })
 }

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE / MiniMax-M2 (and Llama) checkpoints written with transformers, and what
+"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE / MiniMax-M2 / DeepSeek-V4 (and Llama) checkpoints written with transformers, and what
 transformers computes with them: the reference the engine's forward is compared against.
 
     python qwen_reference.py '{"arch": "qwen3", "dir": "/tmp/m", "dtype": "float32", "seed": 1,
@@ -70,6 +70,20 @@ def tiny_config(arch):
             tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
         )
+    if arch == "deepseek_v4":
+        # DeepSeek-V4's shape in small, its sliding-window layers only: one key-and-value head of
+        # 64 (16 of them rotated, as 64 of 512), queries through a rank-48 pair, two output
+        # groups, four residual streams, a window of 4 (shorter than the prompts), top-2 of 8
+        # experts plus a shared one, the first layer hash-routed.
+        return transformers.DeepseekV4Config(
+            vocab_size=320, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=64, q_lora_rank=48,
+            partial_rotary_factor=0.25, o_groups=2, o_lora_rank=16, sliding_window=4,
+            hc_mult=4, hc_sinkhorn_iters=20, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, layer_types=["sliding_attention"] * 3,
+            mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5, max_position_embeddings=256,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        )
     if arch == "llama":
         # An architecture the native engine does not run (the vLLM engine's tests serve it).
         return transformers.LlamaConfig(**common, head_dim=64, tie_word_embeddings=False,
@@ -139,6 +153,7 @@ def model_class(arch):
         "qwen3": transformers.Qwen3ForCausalLM,
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
         "minimax_m2": transformers.MiniMaxM2ForCausalLM,
+        "deepseek_v4": transformers.DeepseekV4ForCausalLM,
         "llama": transformers.LlamaForCausalLM,
     }[arch]
 
@@ -152,6 +167,10 @@ def randomise(model, seed):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("_hc.scale") or name.endswith("hc_head.hc_scale"):
+                # DeepSeek-V4's hyper-connection scales (ones by default): near one, so the
+                # streams' weights vary with the tokens.
+                p.copy_(1.0 + 0.2 * noise)
             elif name.endswith("embed_tokens.weight"):
                 # Small next to what the layers add, so tied checkpoints don't just echo the input.
                 p.copy_(0.1 * noise)
@@ -163,6 +182,12 @@ def randomise(model, seed):
                 # MiniMax-M2's router bias (a buffer, zeros by default): as large as the sigmoid
                 # scores' spread, so it changes which experts are chosen.
                 b.copy_(0.5 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
+            elif name.endswith("tid2eid"):
+                # DeepSeek-V4's token → experts table (zeros by default): distinct experts per
+                # token, at random.
+                experts = model.config.n_routed_experts
+                picks = torch.rand(b.shape[0], experts, generator=gen).argsort(-1)[:, : b.shape[1]]
+                b.copy_(picks)
 
 
 # The projections an FP8 release quantises; the router, norms, embeddings and lm_head stay.
@@ -341,7 +366,9 @@ def main():
         reference_dir = fp8_quantise(req["dir"], req["fp8_block"])
 
     # The reference runs what transformers loads from that directory, as a user would.
-    model = model_class(arch).from_pretrained(reference_dir, dtype=dtype, attn_implementation="sdpa").eval()
+    # (DeepSeek-V4 has eager attention only: SDPA takes no sinks.)
+    attention = "eager" if arch == "deepseek_v4" else "sdpa"
+    model = model_class(arch).from_pretrained(reference_dir, dtype=dtype, attn_implementation=attention).eval()
     prompt = req["prompt"]
     with torch.no_grad():
         ids = torch.tensor([prompt])

@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use std::collections::BTreeMap;
 
-use gonka_inference::config::Architecture;
 use gonka_inference::engine::{Engine, EngineOptions, InferenceEngine};
 use gonka_inference::placement::{self, LayerBytes, Placement};
 use gonka_inference::tokenizer::ChatTokenizer;
@@ -79,7 +78,7 @@ fn native_fit(dir: &Path) -> NativeFit {
         Ok(c) => c,
         Err(e) => return NativeFit::Cannot(e.to_string()),
     };
-    if let Err(e) = Architecture::from_config(&config) {
+    if let Err(e) = gonka_inference::model::native_support(&config) {
         return NativeFit::Cannot(e.to_string());
     }
     match gonka_inference::config::fp8_block(&config) {
@@ -862,7 +861,7 @@ mod tests {
         let bytes = LayerBytes { embedding: GIB, layers: vec![10 * GIB; 4], head: GIB, tied: false };
         // 4 layers of 8 key/value heads of 128 in bfloat16: 4 KiB a token on each layer.
         let spec = ModelSpec {
-            architecture: Architecture::Qwen3,
+            architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 4096,
             vocab_size: 32000,
             layers: 4,
@@ -931,6 +930,17 @@ mod tests {
             "deepseek",
             serde_json::json!({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}),
         );
+        // DeepSeek-V4 of sliding-window layers alone runs natively; its compressed layers (every
+        // released checkpoint's, transformers' default) do not.
+        let deepseek_sliding = write(
+            "deepseek-sliding",
+            serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 2,
+                "layer_types": ["sliding_attention", "sliding_attention"]}),
+        );
+        let deepseek_released = write(
+            "deepseek-released",
+            serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 3, "compress_ratios": [0, 4, 128]}),
+        );
         // MiniMax-M2 runs natively unquantised; the released checkpoint is FP8.
         let minimax = write("minimax", serde_json::json!({"model_type": "minimax_m2"}));
         // As released: FP8 in 128×128 blocks.
@@ -946,6 +956,10 @@ mod tests {
         let auto = ModelEngine::Auto;
         assert_eq!(choose_engine(auto, Ok(&qwen3), true, "q").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&deepseek), true, "d").unwrap(), EngineKind::Vllm);
+        assert_eq!(choose_engine(auto, Ok(&deepseek_sliding), true, "d").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&deepseek_released), true, "d").unwrap(), EngineKind::Vllm);
+        let err = choose_engine(auto, Ok(&deepseek_released), false, "d").unwrap_err();
+        assert!(err.contains("layers 1 (compressed_sparse_attention), 2 (heavily_compressed_attention)"), "{err}");
         assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&minimax_fp8), true, "m").unwrap(), EngineKind::Vllm);
         assert_eq!(choose_engine(auto, Ok(&fp8), true, "f").unwrap(), EngineKind::Vllm);
