@@ -153,10 +153,9 @@ pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadEr
                 }
                 bytes.layers[i] += size;
             }
-            // DeepSeek-V4's LM head is `head`, and its streams' final collapse goes with the norm.
-            None if ["lm_head.", "head.", "model.norm.", "model.hc_head."].iter().any(|p| name.starts_with(p)) => {
-                bytes.head += size
-            }
+            // DeepSeek-V4's LM head is `head`, and its streams' final collapse goes with the norm
+            // (`hc_head_*` where released, `model.hc_head.*` where transformers wrote it).
+            None if HEAD_TENSORS.iter().any(|p| name.starts_with(p)) => bytes.head += size,
             None => bytes.embedding += size,
         }
     }
@@ -190,14 +189,23 @@ fn loaded_tensors<'a>(
 ) -> impl Iterator<Item = (String, Option<u64>, u64, u64, bool)> + 'a {
     let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
     checkpoint.tensor_sizes().filter_map(move |(name, elements, bytes, fp8)| {
+        // DeepSeek-V4's multi-token-prediction modules sit apart, under `mtp.` (transformers
+        // skips `(^|\.)mtp\.` at load).
+        if name.starts_with("mtp.") || name.contains(".mtp.") {
+            return None;
+        }
         let layer = layer_index(&name);
         layer.is_none_or(|i| counted.is_none_or(|n| i < n)).then_some((name, layer, elements, bytes, fp8))
     })
 }
 
-/// `N` of a tensor under `model.layers.N.`.
+/// What loading puts with the LM head: the final norm, and DeepSeek-V4's final collapse of its
+/// streams, in each spelling.
+const HEAD_TENSORS: [&str; 6] = ["lm_head.", "head.", "model.norm.", "norm.", "model.hc_head.", "hc_head_"];
+
+/// `N` of a tensor under `model.layers.N.` (or `layers.N.`, DeepSeek-V4's released spelling).
 fn layer_index(name: &str) -> Option<u64> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    name.strip_prefix("model.layers.").or_else(|| name.strip_prefix("layers."))?.split('.').next()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -172,6 +172,26 @@ fn deepseek_v4_sliding_layers_match_transformers() {
     assert!(relative_error(&together, &alone) < 1e-5, "batched with a cached sequence");
 }
 
+/// DeepSeek-V4 in its released tensor names (no `model.` prefix, `embed`, `hc_head_fn`…, an
+/// `mtp.` module after the layers), which transformers reads through its conversion mapping:
+/// the same logits, and the bytes sorted where loading puts them.
+#[test]
+fn deepseek_v4_in_the_released_tensor_names_matches_transformers() {
+    let (dir, _) = check("deepseek_v4", json!({"released_spelling": true}), 1e-5);
+    let released = layer_bytes(dir.path(), None).unwrap();
+    let (theirs, _) = check("deepseek_v4", json!({}), 1e-5);
+    let written = layer_bytes(theirs.path(), None).unwrap();
+    assert!(released.layers.len() == 3 && released.layers.iter().all(|&b| b > 0), "{:?}", released.layers);
+    // The same tensors whichever the spelling; the multi-token-prediction module left out.
+    assert_eq!(
+        (released.embedding, &released.layers, released.head),
+        (written.embedding, &written.layers, written.head)
+    );
+    // Embedding: 320 × 64 float32; head: the LM head, the final norm and the streams' collapse.
+    assert_eq!(released.embedding, 320 * 64 * 4);
+    assert_eq!(released.head, (320 * 64 + 64 + 4 * 4 * 64 + 4 + 1) * 4);
+}
+
 /// The released checkpoints' config.json: `rope_theta` and `rotary_dim` at the top level (no
 /// `rope_parameters`), and the router, q/k-norm and attention fields transformers ignores.
 #[test]

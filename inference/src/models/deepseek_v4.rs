@@ -26,8 +26,10 @@
 //!   table (`tid2eid`, hence the token ids reaching the feed-forward), weights renormalised and
 //!   scaled by `routed_scaling_factor`, a shared expert beside them, and every SwiGLU's gate and
 //!   up clamped by `swiglu_limit`;
-//! - the released names (`attn.wq_a`, `ffn.experts.N.w1`, `hc_attn_fn`, `head.weight`…), which
-//!   transformers 5.23 also writes.
+//! - the released names (`layers.N.attn.wq_a`, `layers.N.ffn.experts.E.w1`, `layers.N.hc_attn_fn`,
+//!   `embed.weight`, `hc_head_fn`, `head.weight`…, the names transformers' conversion mapping
+//!   reads), and the spelling transformers 5.23 writes, which keeps `model.embed_tokens` and
+//!   `model.hc_head.hc_fn` under a `model.` prefix and the layers' released names.
 //!
 //! The KV cache keeps the one key head as both keys and values (twice the bytes it needs) and
 //! every past token (the window is a mask): both are for a later slice, with the compressed
@@ -560,12 +562,24 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         rms_norm_eps: config.rms_norm_eps,
         tie_word_embeddings: config.tie_word_embeddings,
         rotary: Rotary::new(&config.rope()?, config.rope_dim()?).interleaved(),
-        names: StackNames { norms: ["attn_norm", "ffn_norm"], lm_head: "head" },
+        names: TRANSFORMERS_STACK,
     })
 }
 
+/// The names transformers 5.23 writes a DeepSeek-V4 checkpoint in.
+const TRANSFORMERS_STACK: StackNames =
+    StackNames { base: "model", embed: "embed_tokens", norms: ["attn_norm", "ffn_norm"], lm_head: "head" };
+
+/// The names of the released checkpoints: no `model.` prefix, `embed` for the embedding.
+const RELEASED_STACK: StackNames = StackNames { base: "", embed: "embed", ..TRANSFORMERS_STACK };
+
 pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transformer, LoadError> {
-    let shape = shape(config, w.kind())?;
+    let mut shape = shape(config, w.kind())?;
+    let released = w.contains("embed.weight");
+    if released {
+        shape.names = RELEASED_STACK;
+    }
+    let names = shape.names;
     let hyper = config.hyper_shape();
     let mut model = assemble(shape, w, placed, |i, layer| -> Result<BlockParts, LoadError> {
         Ok(BlockParts {
@@ -578,7 +592,12 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
         })
     })?;
     let last = placed.last().copied().unwrap_or(w.device());
-    model.hyper_head = Some(HyperHead::load(&w.at("model").at("hc_head").on(last), hyper)?);
+    let head = if released {
+        HyperHead::load(&w.on(last), "hc_head_", hyper)?
+    } else {
+        HyperHead::load(&names.base(w).at("hc_head").on(last), "hc_", hyper)?
+    };
+    model.hyper_head = Some(head);
     Ok(model)
 }
 

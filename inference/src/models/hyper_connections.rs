@@ -131,14 +131,15 @@ pub struct HyperHead {
 }
 
 impl HyperHead {
-    /// `hc_fn`, `hc_base`, `hc_scale` under `w`, float32.
-    pub fn load(w: &Loader, shape: HyperShape) -> Result<Self, LoadError> {
+    /// `{stem}fn`, `{stem}base`, `{stem}scale` under `w` (the released `hc_head_fn`… at the
+    /// root, or `hc_fn`… under `model.hc_head` as transformers 5.23 writes them), float32.
+    pub fn load(w: &Loader, stem: &str, shape: HyperShape) -> Result<Self, LoadError> {
         let w = w.with_kind(Kind::Float);
         let n = shape.streams;
         Ok(Self {
-            projection: w.tensor("hc_fn", &[n, n * shape.hidden])?,
-            base: w.tensor("hc_base", &[n])?,
-            scale: w.tensor("hc_scale", &[1])?,
+            projection: w.tensor(&format!("{stem}fn"), &[n, n * shape.hidden])?,
+            base: w.tensor(&format!("{stem}base"), &[n])?,
+            scale: w.tensor(&format!("{stem}scale"), &[1])?,
             shape,
         })
     }

@@ -339,6 +339,11 @@ pub struct StackShape {
 /// What a checkpoint calls the stack's own tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct StackNames {
+    /// Where the embedding, the layers (`{base}.layers.N`) and the final norm sit: `model`, or
+    /// the checkpoint's root where empty.
+    pub base: &'static str,
+    /// The token embedding, under `base`.
+    pub embed: &'static str,
     /// A layer's norms before its attention and before its feed-forward.
     pub norms: [&'static str; 2],
     /// The LM head, at the checkpoint's root.
@@ -346,8 +351,19 @@ pub struct StackNames {
 }
 
 /// Hugging Face's names (Qwen, Llama, MiniMax-M2).
-pub const HF_STACK: StackNames =
-    StackNames { norms: ["input_layernorm", "post_attention_layernorm"], lm_head: "lm_head" };
+pub const HF_STACK: StackNames = StackNames {
+    base: "model",
+    embed: "embed_tokens",
+    norms: ["input_layernorm", "post_attention_layernorm"],
+    lm_head: "lm_head",
+};
+
+impl StackNames {
+    /// The loader of the stack's base under `w`, the checkpoint's root.
+    pub fn base<'a>(&self, w: &Loader<'a>) -> Loader<'a> {
+        if self.base.is_empty() { w.clone() } else { w.at(self.base) }
+    }
+}
 
 /// A block's attention and feed-forward, as one architecture builds them.
 pub struct BlockParts {
@@ -382,8 +398,9 @@ pub fn assemble(
     }
     let first = placed.first().copied().unwrap_or(w.device());
     let last = placed.last().copied().unwrap_or(w.device());
-    let model = w.at("model");
-    let embed_tokens = model.on(first).tensor("embed_tokens.weight", &[spec.vocab_size, spec.hidden_size])?;
+    let model = names.base(w);
+    let embed_tokens =
+        model.on(first).tensor(&format!("{}.weight", names.embed), &[spec.vocab_size, spec.hidden_size])?;
     let mut blocks = Vec::with_capacity(spec.layers);
     let [input_norm, post_attention_norm] = names.norms;
     for (i, device) in placed.iter().enumerate() {

@@ -348,7 +348,24 @@ def main():
         with open(path, "w") as f:
             json.dump(cfg, f)
 
-    if req.get("released_spelling"):
+    if req.get("released_spelling") and arch == "deepseek_v4":
+        # DeepSeek-V4's released tensor names (what transformers' conversion mapping reads):
+        # no `model.` prefix, `embed.weight`, `hc_head_fn`/`_base`/`_scale` at the root; the
+        # layers' names are the released ones already. And an `mtp.` module, which loading
+        # leaves out.
+        from safetensors.torch import load_file, save_file
+
+        path = f"{req['dir']}/model.safetensors"
+        tensors = load_file(path)
+        renamed = {}
+        for name, t in tensors.items():
+            name = name.removeprefix("model.")
+            name = {"embed_tokens.weight": "embed.weight"}.get(name, name)
+            name = name.replace("hc_head.hc_", "hc_head_")
+            renamed[name] = t
+        renamed["mtp.0.norm.weight"] = torch.ones(config.hidden_size)
+        save_file(renamed, path, metadata={"format": "pt"})
+    elif req.get("released_spelling"):
         # MiniMax-M2's released config.json: rope_theta and rotary_dim at the top level, no
         # rope_parameters.
         path = f"{req['dir']}/config.json"
