@@ -19,7 +19,7 @@ pub enum Architecture {
     Qwen3Moe,
     /// MiniMax-M2, M2.5, M2.7.
     MiniMaxM2,
-    /// DeepSeek-V4 with sliding-window layers only (its compressed layers are refused at load).
+    /// DeepSeek-V4, DeepSeek-V4-Flash (unquantised).
     DeepseekV4,
 }
 

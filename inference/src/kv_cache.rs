@@ -10,8 +10,20 @@
 //! at half a bfloat16 cache's bytes: written saturated to the format's largest finite value with
 //! scale 1 (vLLM's default without calibrated scales) and widened back to the model's dtype when
 //! read.
+//!
+//! A layer may also keep state of its own per sequence ([`LayerState`]: DeepSeek-V4's
+//! compressors keep the tokens of a window not yet closed and the entries emitted so far); the
+//! model defines it, the cache holds it and counts its bytes.
+
+use std::any::Any;
 
 use tch::{Kind, Tensor};
+
+/// What a layer keeps per sequence beside its keys and values.
+pub trait LayerState: Any + Send {
+    /// Bytes it holds on devices.
+    fn bytes(&self) -> i64;
+}
 
 struct LayerKv {
     keys: Tensor,
@@ -27,12 +39,20 @@ pub struct SequenceCache {
     limit: i64,
     /// The dtype it keeps keys and values in, when not theirs.
     storage: Option<Kind>,
+    /// Each layer's own state, where it keeps one.
+    states: Vec<Option<Box<dyn LayerState>>>,
 }
 
 impl SequenceCache {
     /// A cache for at most `limit` tokens.
     pub fn new(layers: usize, limit: i64) -> Self {
-        Self { layers: (0..layers).map(|_| None).collect(), len: 0, limit, storage: None }
+        Self {
+            layers: (0..layers).map(|_| None).collect(),
+            len: 0,
+            limit,
+            storage: None,
+            states: (0..layers).map(|_| None).collect(),
+        }
     }
 
     /// The same, keeping keys and values in `kind` (FP8) and widening them when read.
@@ -56,7 +76,16 @@ impl SequenceCache {
             .iter()
             .flatten()
             .map(|l| (l.keys.numel() + l.values.numel()) as i64 * l.keys.kind().elt_size_in_bytes() as i64)
-            .sum()
+            .sum::<i64>()
+            + self.states.iter().flatten().map(|s| s.bytes()).sum::<i64>()
+    }
+
+    /// The state `layer` keeps for this sequence, made by `init` the first time it is asked for.
+    /// A layer keeps one type of state (asking for another is a bug).
+    pub fn state<T: LayerState>(&mut self, layer: usize, init: impl FnOnce() -> T) -> &mut T {
+        let slot = self.states[layer].get_or_insert_with(|| Box::new(init()));
+        let any: &mut dyn Any = slot.as_mut();
+        any.downcast_mut::<T>().expect("a layer keeps one type of state")
     }
 
     /// Appends `keys`/`values` (`[1, kv_heads, n, head_dim]`) at position `len()` of `layer` and
@@ -163,6 +192,28 @@ mod tests {
         let mut plain = SequenceCache::new(1, 32);
         let _ = plain.append(0, &k, &k);
         assert_eq!(plain.bytes(), 2 * 2 * 16 * 4);
+    }
+
+    /// A layer's own state: made once, the same one given back, its bytes counted.
+    #[test]
+    fn a_layers_own_state_is_kept_and_counted() {
+        struct Held(Tensor, usize);
+        impl LayerState for Held {
+            fn bytes(&self) -> i64 {
+                self.0.numel() as i64 * 4
+            }
+        }
+        let mut cache = SequenceCache::new(2, 8);
+        let mut made = 0;
+        for _ in 0..2 {
+            let held = cache.state(1, || {
+                made += 1;
+                Held(Tensor::zeros([3, 5], (Kind::Float, Device::Cpu)), 0)
+            });
+            held.1 += 1;
+        }
+        assert_eq!((made, cache.state(1, || Held(Tensor::zeros([1], (Kind::Float, Device::Cpu)), 0)).1), (1, 2));
+        assert_eq!(cache.bytes(), 3 * 5 * 4);
     }
 
     #[test]

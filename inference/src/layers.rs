@@ -245,6 +245,10 @@ impl RmsNorm {
         Ok(Self { weight: w.tensor("weight", &[dim])?, eps })
     }
 
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
     /// transformers' `Qwen2RMSNorm` (and vLLM's `rms_norm`): normalise in float32, back to the
     /// input dtype, then scale.
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -39,13 +39,13 @@ pub fn read_config(dir: &Path) -> Result<Value, LoadError> {
     serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })
 }
 
-/// The architecture of `config` where this engine runs it: one it knows, and of DeepSeek-V4 only
-/// the sliding-window layers (its compressed ones are not built); else why not. Read from the
-/// config alone, before anything is loaded (the ML node picks an engine by it).
+/// The architecture of `config` where this engine runs it: one it knows, and DeepSeek-V4 only
+/// unquantised (its released FP8 and MXFP4 weights are not loaded yet); else why not. Read from
+/// the config alone, before anything is loaded (the ML node picks an engine by it).
 pub fn native_support(config: &Value) -> Result<Architecture, LoadError> {
     let architecture = Architecture::from_config(config)?;
     if architecture == Architecture::DeepseekV4 {
-        deepseek_v4::check_layers(config)?;
+        deepseek_v4::check_native(config)?;
     }
     Ok(architecture)
 }
@@ -62,7 +62,7 @@ fn run_kind(config: &Value, dtype: Option<Kind>) -> Result<Kind, LoadError> {
 /// placement needs before anything is loaded: a token's KV bytes, a forward's activations).
 pub fn spec(dir: &Path, options: &LoadOptions) -> Result<ModelSpec, LoadError> {
     let config = read_config(dir)?;
-    let architecture = Architecture::from_config(&config)?;
+    let architecture = native_support(&config)?;
     let kind = run_kind(&config, options.dtype)?;
     let parse = |e: serde_json::Error| LoadError::InvalidConfig(e.to_string());
     let shape = match architecture {
@@ -88,7 +88,7 @@ fn kv_kind(kind: Kind, requested: Option<Kind>) -> Result<Kind, LoadError> {
 
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError> {
     let config = read_config(dir)?;
-    let architecture = Architecture::from_config(&config)?;
+    let architecture = native_support(&config)?;
     let kind = run_kind(&config, options.dtype)?;
     let devices = if options.devices.is_empty() { vec![Device::Cpu] } else { options.devices.clone() };
     let layers = config

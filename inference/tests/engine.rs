@@ -85,15 +85,16 @@ async fn concurrent_requests_with_chunked_prefill_decode_as_they_would_alone() {
     }
 }
 
-/// DeepSeek-V4 (its sliding-window layers) through the scheduler: concurrent chats with chunked
-/// prefill, each sequence's token ids reaching its hash-routed experts, decode as each would
-/// alone; PoC v2, whose reflections are not placed in its streams yet, is refused by name.
+/// DeepSeek-V4 (a sliding, a CSA and an HCA layer) through the scheduler: concurrent chats with
+/// chunked prefill, each sequence's token ids reaching its hash-routed experts and its
+/// compressors' state kept across chunks and steps, decode as each would alone; PoC v2, whose
+/// reflections are not placed in its streams yet, is refused by name.
 #[tokio::test(flavor = "multi_thread")]
 async fn deepseek_v4_chats_concurrently_and_refuses_poc_v2() {
     let dir = tempfile::tempdir().unwrap();
     run_reference(
         "qwen_reference.py",
-        &json!({"arch": "deepseek_v4", "dir": dir.path(), "prompt": [1], "tokenizer": true}),
+        &json!({"arch": "deepseek_v4", "dir": dir.path(), "prompt": [1], "tokenizer": true, "compressed": true}),
     );
     let tokenizer = ChatTokenizer::load(dir.path()).unwrap();
     let model = load(dir.path(), &LoadOptions::default()).unwrap();

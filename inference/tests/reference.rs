@@ -172,6 +172,27 @@ fn deepseek_v4_sliding_layers_match_transformers() {
     assert!(relative_error(&together, &alone) < 1e-5, "batched with a cached sequence");
 }
 
+/// DeepSeek-V4's compressed layers as transformers 5.23 runs them: a sliding, a CSA (an entry
+/// per 4 tokens, the indexer keeping 2 of up to 13) and an HCA layer (an entry per 8), rotating
+/// with YaRN; a 40-token prompt, then 12 greedy tokens through the cache (windows closing while
+/// decoding), and the prompt fed in three chunks that leave windows open between them.
+#[test]
+fn deepseek_v4_compressed_layers_match_transformers() {
+    let prompt: Vec<i64> = (0..40).map(|i| (i * 37 + 11) % 320).collect();
+    let (_dir, model) = check_prompt("deepseek_v4", &prompt, 12, json!({"compressed": true}), 1e-5);
+    let _guard = tch::no_grad_guard();
+    let mut cache = model.new_cache(64);
+    let chunked: Vec<Tensor> = [&prompt[..13], &prompt[13..30], &prompt[30..]]
+        .iter()
+        .map(|chunk| {
+            let mut step = [Step { input: StepInput::Tokens(chunk.to_vec()), cache: Some(&mut cache) }];
+            model.logits(&model.forward(&mut step, None, Output::All))
+        })
+        .collect();
+    let error = relative_error(&Tensor::cat(&chunked, 0), &prompt_logits(&model, &prompt));
+    assert!(error < 1e-5, "chunked prefill off by {error:e}");
+}
+
 /// DeepSeek-V4 in its released tensor names (no `model.` prefix, `embed`, `hc_head_fn`…, an
 /// `mtp.` module after the layers), which transformers reads through its conversion mapping:
 /// the same logits, and the bytes sorted where loading puts them.

@@ -1,9 +1,9 @@
 //! DeepSeek-V4 (DeepSeek-V4-Flash, one of the network's models), read from transformers 5.23's
-//! `modeling_deepseek_v4.py` and `configuration_deepseek_v4.py`. **A first slice**: the layers
-//! whose attention is a sliding window alone (`sliding_attention`); the compressed layers
-//! (`compressed_sparse_attention`, `heavily_compressed_attention`), which the released
-//! checkpoints interleave with those, are refused at load by name, so the vLLM engine serves
-//! DeepSeek-V4-Flash (docs/native-architectures.md says what remains).
+//! `modeling_deepseek_v4.py` and `configuration_deepseek_v4.py`, unquantised: every layer type
+//! (`sliding_attention`, and the compressed `compressed_sparse_attention` and
+//! `heavily_compressed_attention`, [`super::compressed_attention`]). The released checkpoints'
+//! FP8 and MXFP4 weights are not loaded yet, so the vLLM engine serves DeepSeek-V4-Flash
+//! (docs/native-architectures.md says what remains).
 //!
 //! What differs from the other architectures here:
 //! - **hyper-connected residual streams** (`hc_mult` of them, [`super::hyper_connections`]),
@@ -18,7 +18,10 @@
 //! - **a learned sink per head**: one more logit in each query's softmax, whose share is
 //!   dropped;
 //! - **a sliding window** on every layer: a query sees its own and the `sliding_window - 1`
-//!   keys before it;
+//!   keys before it; on compressed layers also entries that each pool a window of past tokens
+//!   (all of those closed under HCA, the lightning indexer's `index_topk` under CSA), in the
+//!   same softmax, and the layer rotates with the "compress" rotary (YaRN, its own theta)
+//!   rather than the sliding layers' plain one;
 //! - **a grouped low-rank output projection**: the heads in `o_groups` groups, each projected
 //!   apart to `o_lora_rank` (`wo_a`, one matmul per group), then mixed (`wo_b`);
 //! - **experts** scored by `sqrt(softplus(logits))` (or softmax, sigmoid), chosen by score plus
@@ -32,28 +35,30 @@
 //!   `model.hc_head.hc_fn` under a `model.` prefix and the layers' released names.
 //!
 //! The KV cache keeps the one key head as both keys and values (twice the bytes it needs) and
-//! every past token (the window is a mask): both are for a later slice, with the compressed
-//! layers' caches. Float32 follows transformers exactly; bfloat16 rounds as the other
-//! architectures here do, which for this model is not yet compared with a reference.
+//! every past token (the window is a mask); a compressed layer's compressors keep their own
+//! state per sequence beside it. Float32 follows transformers exactly; bfloat16 rounds as the
+//! other architectures here do, which for this model is not yet compared with a reference.
 
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
+use super::compressed_attention::{CompressedLayerState, Compressor, Indexer, IndexerShape, closed_windows};
 use super::hyper_connections::{BlockHyperConnections, HyperConnection, HyperHead, HyperShape, unweighted_rms_norm};
 use super::moe::Experts;
 use super::{BlockParts, FeedForward, ModelSpec, SelfAttention, StackNames, StackShape, Transformer, assemble};
 use crate::batch::{Batch, StepCache};
 use crate::checkpoint::Loader;
-use crate::config::{Architecture, Rope, RopeScaling};
+use crate::config::{Architecture, Rope, RopeFields, RopeScaling};
 use crate::error::LoadError;
 use crate::layers::{Linear, MIXTRAL_EXPERT, Mlp, RmsNorm, Rotary, Weight};
 
-/// The attention layers this slice runs.
+/// The attention layer types.
 const SLIDING: &str = "sliding_attention";
+const CSA: &str = "compressed_sparse_attention";
+const HCA: &str = "heavily_compressed_attention";
 /// transformers' mapping of the released `compress_ratios` to layer types.
-const COMPRESS_RATIO_TYPES: [(i64, &str); 3] =
-    [(0, SLIDING), (4, "compressed_sparse_attention"), (128, "heavily_compressed_attention")];
+const COMPRESS_RATIO_TYPES: [(i64, &str); 3] = [(0, SLIDING), (4, CSA), (128, HCA)];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -104,6 +109,27 @@ pub struct Config {
     /// The released spelling of `mlp_layer_types`: this many hash-routed layers first.
     #[serde(default)]
     pub num_hash_layers: Option<usize>,
+    /// Tokens per compressed entry by layer type (transformers' spelling).
+    #[serde(default)]
+    pub compress_rates: Option<std::collections::HashMap<String, i64>>,
+    /// The released spellings of `compress_rates`.
+    #[serde(default)]
+    pub compress_rate_csa: Option<i64>,
+    #[serde(default)]
+    pub compress_rate_hca: Option<i64>,
+    /// The compressed layers' rotary base.
+    #[serde(default = "default_compress_rope_theta")]
+    pub compress_rope_theta: f64,
+    /// The released spelling of the compressed layers' YaRN (transformers 5 folds it into
+    /// `rope_parameters.compress`).
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default = "default_index_heads")]
+    pub index_n_heads: i64,
+    #[serde(default = "default_index_head_dim")]
+    pub index_head_dim: i64,
+    #[serde(default = "default_index_topk")]
+    pub index_topk: i64,
     pub rms_norm_eps: f64,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -137,6 +163,18 @@ fn default_scaling() -> f64 {
 fn default_swiglu_limit() -> f64 {
     10.0
 }
+fn default_compress_rope_theta() -> f64 {
+    160_000.0
+}
+fn default_index_heads() -> i64 {
+    64
+}
+fn default_index_head_dim() -> i64 {
+    128
+}
+fn default_index_topk() -> i64 {
+    512
+}
 
 /// How a router turns logits into scores.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -163,26 +201,20 @@ fn default_layers() -> usize {
     43
 }
 
-/// `Ok` where every layer of the DeepSeek-V4 `config` is one this engine runs (sliding-window
-/// attention alone); else which are not, named.
-pub fn check_layers(config: &Value) -> Result<(), LoadError> {
+/// `Ok` where this engine runs the DeepSeek-V4 `config`: its layers of known types, its
+/// weights unquantised (the released FP8 and MXFP4 weights are not loaded yet); else why not.
+pub fn check_native(config: &Value) -> Result<(), LoadError> {
     let schedule: LayerSchedule =
         serde_json::from_value(config.clone()).map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
-    refuse_compressed(&schedule.resolve()?)
-}
-
-fn refuse_compressed(types: &[String]) -> Result<(), LoadError> {
-    let compressed: Vec<String> =
-        types.iter().enumerate().filter(|(_, t)| *t != SLIDING).map(|(i, t)| format!("{i} ({t})")).collect();
-    if compressed.is_empty() {
-        return Ok(());
+    schedule.resolve()?;
+    if config.get("quantization_config").is_some_and(|q| !q.is_null()) {
+        return Err(LoadError::Quantization(
+            "deepseek_v4: quantised checkpoints (the released FP8 and MXFP4 weights) are not loaded by the native \
+             engine yet; the vllm engine serves them"
+                .into(),
+        ));
     }
-    let shown = compressed.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
-    let more = if compressed.len() > 4 { format!(" and {} more", compressed.len() - 4) } else { String::new() };
-    Err(LoadError::InvalidConfig(format!(
-        "deepseek_v4: compressed attention layers are not built in the native engine yet (layers {shown}{more}); \
-         the vllm engine serves this model"
-    )))
+    Ok(())
 }
 
 impl LayerSchedule {
@@ -216,6 +248,11 @@ impl LayerSchedule {
         };
         if types.len() < n {
             return Err(LoadError::InvalidConfig(format!("{} layer types for {n} layers", types.len())));
+        }
+        if let Some((i, t)) = types[..n].iter().enumerate().find(|(_, t)| ![SLIDING, CSA, HCA].contains(&t.as_str())) {
+            return Err(LoadError::InvalidConfig(format!(
+                "layer {i}'s type {t:?} is none of {SLIDING}, {CSA} and {HCA}"
+            )));
         }
         Ok(types[..n].to_vec())
     }
@@ -262,6 +299,39 @@ impl Config {
         self.rope_parameters.as_ref().and_then(|p| p.get("main"))
     }
 
+    /// Tokens per entry of a compressed layer type: `compress_rates`, the released
+    /// `compress_rate_*`, or transformers' defaults (4 and 128).
+    fn compress_rate(&self, layer_type: &str) -> i64 {
+        let legacy = if layer_type == CSA { self.compress_rate_csa } else { self.compress_rate_hca };
+        self.compress_rates
+            .as_ref()
+            .and_then(|r| r.get(layer_type).copied())
+            .or(legacy)
+            .unwrap_or(if layer_type == CSA { 4 } else { 128 })
+    }
+
+    /// The compressed layers' rotary, as transformers 5.23 resolves it: `rope_parameters.compress`
+    /// where the config has it, else the top-level rope settings (`rope_scaling` in the released
+    /// spelling) with `compress_rope_theta` and, under YaRN, no scaling of cos/sin
+    /// (`attention_factor` 1: the reference implementation applies none).
+    fn compress_rope(&self) -> Result<Rope, LoadError> {
+        let max = self.max_position_embeddings as usize;
+        if let Some(compress) = self.rope_parameters.as_ref().and_then(|p| p.get("compress")) {
+            let fields = RopeFields { rope_theta: None, rope_scaling: None, rope_parameters: Some(compress.clone()) };
+            return fields.resolve(max);
+        }
+        let mut params = match self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()) {
+            Some(Value::Object(p)) => p.clone(),
+            _ => Default::default(),
+        };
+        params.insert("rope_theta".into(), self.compress_rope_theta.into());
+        let yarn = ["rope_type", "type"].iter().any(|k| params.get(*k).and_then(Value::as_str) == Some("yarn"));
+        if yarn && !params.contains_key("attention_factor") {
+            params.insert("attention_factor".into(), 1.0.into());
+        }
+        RopeFields { rope_theta: None, rope_scaling: None, rope_parameters: Some(Value::Object(params)) }.resolve(max)
+    }
+
     /// The sliding layers' rotary: plain (transformers gives YaRN to the compressed layers only).
     fn rope(&self) -> Result<Rope, LoadError> {
         let main = self.main_rope();
@@ -285,10 +355,29 @@ impl Config {
         }
     }
 
-    /// What transformers leaves to a shape error, and what this slice does not run, named.
+    /// What transformers leaves to a shape error, named.
     fn validate(&self) -> Result<(), LoadError> {
         let invalid = |m: String| Err(LoadError::InvalidConfig(m));
-        refuse_compressed(&self.layer_types()?)?;
+        let types = self.layer_types()?;
+        for kind in [CSA, HCA].iter().filter(|k| types.iter().any(|t| t == *k)) {
+            if self.compress_rate(kind) < 1 {
+                return invalid(format!("{kind}'s compress rate must be at least 1"));
+            }
+        }
+        if types.iter().any(|t| t == CSA) && (self.index_n_heads < 1 || self.index_topk < 1 || self.index_head_dim < 2)
+        {
+            return invalid("index_n_heads, index_topk and index_head_dim must be positive".into());
+        }
+        if types.iter().any(|t| t == CSA) && self.index_head_dim < self.rope_dim()? {
+            return invalid(format!(
+                "index_head_dim {} is narrower than the rotated width {}",
+                self.index_head_dim,
+                self.rope_dim()?
+            ));
+        }
+        if types.iter().any(|t| t != SLIDING) {
+            self.compress_rope()?;
+        }
         if self.num_key_value_heads != 1 {
             return invalid(format!(
                 "num_key_value_heads {}: DeepSeek-V4's attention has one key-and-value head",
@@ -334,7 +423,42 @@ impl Config {
     }
 }
 
-/// DeepSeek-V4's attention on a sliding-window layer.
+/// A compressed layer's long-range part: its rotary (the "compress" one, which its queries and
+/// keys take too), its compressor and, under CSA, its indexer.
+struct Compression {
+    rotary: Rotary,
+    compressor: Compressor,
+    indexer: Option<Indexer>,
+    rate: i64,
+}
+
+impl Compression {
+    /// One sequence's entries after its new rows, and which of them each row's query sees
+    /// (`[tokens, entries]`).
+    fn long_range(
+        &self,
+        x: &Tensor,
+        q_residual: &Tensor,
+        positions: &Tensor,
+        state: Option<&mut CompressedLayerState>,
+    ) -> (Tensor, Tensor) {
+        let (compressor, indexer) = match state {
+            Some(s) => (Some(&mut s.compressor), Some(&mut s.indexer)),
+            None => (None, None),
+        };
+        let entries = self.compressor.entries(x, compressor, &self.rotary);
+        let visible = match &self.indexer {
+            Some(index) => index.visible(x, q_residual, positions, indexer, &self.rotary),
+            None => {
+                let entry = Tensor::arange(entries.size()[0], (Kind::Int64, x.device())).unsqueeze(0);
+                entry.lt_tensor(&closed_windows(positions, self.rate).unsqueeze(1))
+            }
+        };
+        (entries, visible)
+    }
+}
+
+/// DeepSeek-V4's attention.
 pub struct Attention {
     q_a: Linear,
     q_a_norm: RmsNorm,
@@ -353,12 +477,39 @@ pub struct Attention {
     o_lora_rank: i64,
     window: i64,
     eps: f64,
+    /// Compressed layers' long-range part; `None` on sliding-window layers.
+    compression: Option<Compression>,
 }
 
 impl Attention {
-    fn load(w: &Loader, c: &Config) -> Result<Self, LoadError> {
+    fn load(w: &Loader, c: &Config, layer_type: &str) -> Result<Self, LoadError> {
         let (heads, head_dim, hidden) = (c.num_attention_heads, c.head_dim, c.hidden_size);
         let per_group = heads * head_dim / c.o_groups;
+        let compression = if layer_type == SLIDING {
+            None
+        } else {
+            let rate = c.compress_rate(layer_type);
+            let eps = c.rms_norm_eps;
+            let indexer = if layer_type == CSA {
+                let shape = IndexerShape {
+                    hidden,
+                    q_lora_rank: c.q_lora_rank,
+                    heads: c.index_n_heads,
+                    head_dim: c.index_head_dim,
+                    rate,
+                    top_k: c.index_topk,
+                };
+                Some(Indexer::load(&w.at("indexer"), shape, eps)?)
+            } else {
+                None
+            };
+            Some(Compression {
+                rotary: Rotary::new(&c.compress_rope()?, c.rope_dim()?).interleaved(),
+                compressor: Compressor::load(&w.at("compressor"), hidden, head_dim, rate, layer_type == CSA, eps)?,
+                indexer,
+                rate,
+            })
+        };
         Ok(Self {
             q_a: Linear::load(&w.at("wq_a"), hidden, c.q_lora_rank, false)?,
             q_a_norm: RmsNorm::load(&w.at("q_norm"), c.q_lora_rank, c.rms_norm_eps)?,
@@ -374,25 +525,38 @@ impl Attention {
             o_lora_rank: c.o_lora_rank,
             window: c.sliding_window,
             eps: c.rms_norm_eps,
+            compression,
         })
     }
 
     /// One sequence's new queries `[1, heads, n, head_dim]` over its keys (= values)
-    /// `[1, 1, past + n, head_dim]`: each query sees the keys at its position and the
-    /// `window - 1` before it, and its head's sink takes a share of the softmax that is dropped.
-    fn attend(&self, q: &Tensor, keys: &Tensor, past: i64) -> Tensor {
-        let (n, total) = (q.size()[2], keys.size()[2]);
+    /// `[1, 1, past + n, head_dim]` and, on a compressed layer, its long-range entries
+    /// (`[entries, head_dim]`, and which each query sees, `[n, entries]`): each query sees the
+    /// keys at its position and the `window - 1` before it, the entries it is shown, and its
+    /// head's sink takes a share of the softmax that is dropped.
+    fn attend(&self, q: &Tensor, keys: &Tensor, past: i64, long_range: Option<(Tensor, Tensor)>) -> Tensor {
+        let n = q.size()[2];
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q.matmul(&keys.transpose(-1, -2)) * scale;
         let device = q.device();
         let positions = Tensor::arange(n, (Kind::Int64, device)).unsqueeze(1) + past;
-        let keys_at = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+        let keys_at = Tensor::arange(keys.size()[2], (Kind::Int64, device)).unsqueeze(0);
         let behind = &positions - &keys_at;
         let hidden = behind.lt(0).logical_or(&behind.ge(self.window));
         let scores = scores.masked_fill(&hidden, f64::NEG_INFINITY);
+        let (scores, values) = match long_range {
+            None => (scores, keys.shallow_clone()),
+            Some((entries, visible)) => {
+                let entries = entries.view([1, 1, -1, self.head_dim]);
+                let far = q.matmul(&entries.transpose(-1, -2)) * scale;
+                let far = far.masked_fill(&visible.logical_not(), f64::NEG_INFINITY);
+                (Tensor::cat(&[scores, far], -1), Tensor::cat(&[keys, &entries], 2))
+            }
+        };
+        let total = values.size()[2];
         let sinks = self.sinks.to_kind(scores.kind()).view([1, self.heads, 1, 1]).expand([1, self.heads, n, 1], false);
         let probabilities = Tensor::cat(&[scores, sinks], -1).softmax(-1, q.kind());
-        probabilities.narrow(-1, 0, total).matmul(keys)
+        probabilities.narrow(-1, 0, total).matmul(&values)
     }
 }
 
@@ -421,7 +585,11 @@ impl SelfAttention for Attention {
     ) -> Tensor {
         let (heads, head_dim) = (self.heads, self.head_dim);
         let tokens = x.size()[0];
-        let q = self.q_b.forward(&self.q_a_norm.forward(&self.q_a.forward(x))).view([tokens, heads, head_dim]);
+        // A compressed layer rotates with its own ("compress") rotary.
+        let own = self.compression.as_ref().map(|c| c.rotary.cos_sin(&batch.positions(x.device()), x.kind()));
+        let (cos, sin) = own.as_ref().map_or((cos, sin), |(c, s)| (c, s));
+        let q_residual = self.q_a_norm.forward(&self.q_a.forward(x));
+        let q = self.q_b.forward(&q_residual).view([tokens, heads, head_dim]);
         let q = rotate_tail(&unweighted_rms_norm(&q, self.eps), cos, sin);
         let kv = rotate_tail(&self.kv_norm.forward(&self.kv.forward(x)).view([tokens, 1, head_dim]), cos, sin);
         // `[1, heads, tokens, head_dim]`, each sequence a narrow of its tokens.
@@ -438,7 +606,13 @@ impl SelfAttention for Attention {
                 }
                 None => kvs,
             };
-            outputs.push(self.attend(&qs, &keys, span.past));
+            let long_range = self.compression.as_ref().map(|c| {
+                let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
+                let positions = Tensor::arange(span.len, (Kind::Int64, x.device())) + span.past;
+                let state = cache.as_deref_mut().map(|c| c.state(layer, CompressedLayerState::default));
+                c.long_range(&rows(x), &rows(&q_residual), &positions, state)
+            });
+            outputs.push(self.attend(&qs, &keys, span.past, long_range));
         }
         let out = Tensor::cat(&outputs, 2).squeeze_dim(0).transpose(0, 1);
         // The values are the rotated keys: rotating the output back by its query's angle leaves
@@ -451,6 +625,7 @@ impl SelfAttention for Attention {
     }
 
     fn is_fp8(&self) -> bool {
+        // (Compressors and indexers are not counted: the release keeps them in bfloat16.)
         self.q_a.is_fp8()
             && self.q_b.is_fp8()
             && self.kv.is_fp8()
@@ -581,9 +756,10 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
     }
     let names = shape.names;
     let hyper = config.hyper_shape();
+    let layer_types = config.layer_types()?;
     let mut model = assemble(shape, w, placed, |i, layer| -> Result<BlockParts, LoadError> {
         Ok(BlockParts {
-            attention: Box::new(Attention::load(&layer.at("attn"), config)?),
+            attention: Box::new(Attention::load(&layer.at("attn"), config, &layer_types[i])?),
             feed_forward: Box::new(SparseMoe::load(&layer.at("ffn"), config, i)?),
             hyper: Some(BlockHyperConnections {
                 attention: HyperConnection::load(layer, "hc_attn", hyper)?,
@@ -608,39 +784,26 @@ mod tests {
     use super::*;
 
     /// Layer types as transformers resolves them: given, from the released `compress_ratios`,
-    /// or its default; every one but `sliding_attention` refused, named with its layer.
+    /// or its default; unknown types and quantised checkpoints refused, named.
     #[test]
-    fn only_sliding_window_layers_are_taken_and_the_others_are_named() {
-        let sliding = json!({"num_hidden_layers": 2, "layer_types": ["sliding_attention", "sliding_attention"]});
-        assert!(check_layers(&sliding).is_ok());
-        let released = json!({"num_hidden_layers": 3, "compress_ratios": [0, 4, 128]});
-        let err = check_layers(&released).unwrap_err().to_string();
-        assert!(
-            err.contains("(layers 1 (compressed_sparse_attention), 2 (heavily_compressed_attention));")
-                && err.contains("vllm engine"),
-            "{err}"
-        );
+    fn layer_schedules_resolve_as_transformers_does_and_quantised_checkpoints_are_refused() {
         let schedule = |v: Value| serde_json::from_value::<LayerSchedule>(v).unwrap().resolve().unwrap();
+        assert_eq!(schedule(json!({"num_hidden_layers": 3, "compress_ratios": [0, 4, 128]})), [SLIDING, CSA, HCA]);
+        assert!(check_native(&json!({"num_hidden_layers": 3, "compress_ratios": [0, 4, 128]})).is_ok());
         // transformers' default for 5 layers: HCA, HCA, then HCA and CSA in turn.
-        assert_eq!(
-            schedule(json!({"num_hidden_layers": 5})),
-            [
-                "heavily_compressed_attention",
-                "heavily_compressed_attention",
-                "heavily_compressed_attention",
-                "compressed_sparse_attention",
-                "heavily_compressed_attention"
-            ]
-        );
+        assert_eq!(schedule(json!({"num_hidden_layers": 5})), [HCA, HCA, HCA, CSA, HCA]);
         // More types than layers: the first ones (transformers truncates); fewer: refused.
-        assert_eq!(schedule(json!({"num_hidden_layers": 1, "compress_ratios": [0, 4]})), ["sliding_attention"]);
+        assert_eq!(schedule(json!({"num_hidden_layers": 1, "compress_ratios": [0, 4]})), [SLIDING]);
         let short = serde_json::from_value::<LayerSchedule>(json!({"num_hidden_layers": 3, "compress_ratios": [0]}));
         assert!(short.unwrap().resolve().is_err());
-        let odd = check_layers(&json!({"num_hidden_layers": 1, "compress_ratios": [8]})).unwrap_err();
+        let odd = check_native(&json!({"num_hidden_layers": 1, "compress_ratios": [8]})).unwrap_err();
         assert!(odd.to_string().contains("compress_ratios: 8 is none of 0, 4 and 128"), "{odd}");
-        // The full default (43 layers) names four and counts the rest.
-        let err = check_layers(&json!({})).unwrap_err().to_string();
-        assert!(err.contains("and 39 more"), "{err}");
+        let unknown = check_native(&json!({"num_hidden_layers": 2, "layer_types": [SLIDING, "full_attention"]}));
+        assert!(unknown.unwrap_err().to_string().contains("layer 1's type \"full_attention\""));
+        let released = json!({"num_hidden_layers": 1, "compress_ratios": [4],
+            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}});
+        let err = check_native(&released).unwrap_err().to_string();
+        assert!(err.contains("deepseek_v4: quantised checkpoints") && err.contains("vllm engine"), "{err}");
     }
 
     /// The rotation on each head's last dimensions, in neighbouring pairs, against the pairs

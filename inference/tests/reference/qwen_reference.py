@@ -25,7 +25,8 @@ import transformers
 import poc_v2_reference
 
 
-def tiny_config(arch):
+def tiny_config(arch, req=None):
+    req = req or {}
     common = dict(
         vocab_size=320,
         hidden_size=64,
@@ -71,16 +72,28 @@ def tiny_config(arch):
             rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
         )
     if arch == "deepseek_v4":
-        # DeepSeek-V4's shape in small, its sliding-window layers only: one key-and-value head of
-        # 64 (16 of them rotated, as 64 of 512), queries through a rank-48 pair, two output
-        # groups, four residual streams, a window of 4 (shorter than the prompts), top-2 of 8
-        # experts plus a shared one, the first layer hash-routed.
+        # DeepSeek-V4's shape in small: one key-and-value head of 64 (16 of them rotated, as 64
+        # of 512), queries through a rank-48 pair, two output groups, four residual streams, a
+        # window of 4 (shorter than the prompts), top-2 of 8 experts plus a shared one, the first
+        # layer hash-routed; sliding-window layers, or with `"compressed": true` a sliding, a CSA
+        # (an entry per 4 tokens, its indexer's 8 heads of 32 keeping the best 2: with few heads,
+        # entries often score exactly 0 and top-k's choice among ties is arbitrary) and an HCA
+        # layer (an entry per 8 tokens), rotating with YaRN.
+        compressed = {}
+        if req.get("compressed"):
+            compressed = dict(
+                layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+                compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                index_n_heads=8, index_head_dim=32, index_topk=2,
+                rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+            )
         return transformers.DeepseekV4Config(
+            **{"layer_types": ["sliding_attention"] * 3, **compressed},
             vocab_size=320, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=1, head_dim=64, q_lora_rank=48,
             partial_rotary_factor=0.25, o_groups=2, o_lora_rank=16, sliding_window=4,
             hc_mult=4, hc_sinkhorn_iters=20, n_routed_experts=8, n_shared_experts=1,
-            num_experts_per_tok=2, layer_types=["sliding_attention"] * 3,
+            num_experts_per_tok=2,
             mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5, max_position_embeddings=256,
             rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         )
@@ -318,7 +331,7 @@ def main():
     req = json.loads(sys.argv[1])
     arch = req["arch"]
     dtype = getattr(torch, req.get("dtype", "float32"))
-    config = tiny_config(arch)
+    config = tiny_config(arch, req)
     # Overrides, e.g. {"head_dim": 64}: vLLM's CPU attention refuses heads narrower than 64.
     for key, value in req.get("config", {}).items():
         setattr(config, key, value)

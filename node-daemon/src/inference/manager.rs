@@ -926,20 +926,21 @@ mod tests {
             dir
         };
         let qwen3 = write("qwen3", serde_json::json!({"model_type": "qwen3"}));
+        // DeepSeek-V4 as released: quantised, which the native engine does not load yet.
         let deepseek = write(
             "deepseek",
-            serde_json::json!({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"]}),
+            serde_json::json!({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
+                "compress_ratios": [0, 4, 128], "num_hidden_layers": 3, "quantization_config":
+                {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}),
         );
-        // DeepSeek-V4 of sliding-window layers alone runs natively; its compressed layers (every
-        // released checkpoint's, transformers' default) do not.
-        let deepseek_sliding = write(
-            "deepseek-sliding",
-            serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 2,
-                "layer_types": ["sliding_attention", "sliding_attention"]}),
-        );
-        let deepseek_released = write(
-            "deepseek-released",
+        // Unquantised, every layer type runs natively; a layer type it does not know does not.
+        let deepseek_plain = write(
+            "deepseek-plain",
             serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 3, "compress_ratios": [0, 4, 128]}),
+        );
+        let deepseek_unknown = write(
+            "deepseek-unknown",
+            serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 2, "compress_ratios": [0, 16]}),
         );
         // MiniMax-M2 runs natively unquantised; the released checkpoint is FP8.
         let minimax = write("minimax", serde_json::json!({"model_type": "minimax_m2"}));
@@ -956,10 +957,10 @@ mod tests {
         let auto = ModelEngine::Auto;
         assert_eq!(choose_engine(auto, Ok(&qwen3), true, "q").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&deepseek), true, "d").unwrap(), EngineKind::Vllm);
-        assert_eq!(choose_engine(auto, Ok(&deepseek_sliding), true, "d").unwrap(), EngineKind::Native);
-        assert_eq!(choose_engine(auto, Ok(&deepseek_released), true, "d").unwrap(), EngineKind::Vllm);
-        let err = choose_engine(auto, Ok(&deepseek_released), false, "d").unwrap_err();
-        assert!(err.contains("layers 1 (compressed_sparse_attention), 2 (heavily_compressed_attention)"), "{err}");
+        assert_eq!(choose_engine(auto, Ok(&deepseek_plain), true, "d").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&deepseek_unknown), true, "d").unwrap(), EngineKind::Vllm);
+        let err = choose_engine(auto, Ok(&deepseek_unknown), false, "d").unwrap_err();
+        assert!(err.contains("compress_ratios: 16 is none of 0, 4 and 128"), "{err}");
         assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&minimax_fp8), true, "m").unwrap(), EngineKind::Vllm);
         assert_eq!(choose_engine(auto, Ok(&fp8), true, "f").unwrap(), EngineKind::Vllm);
@@ -976,7 +977,7 @@ mod tests {
         let err = choose_engine(auto, Ok(&deepseek), false, "deepseek-ai/DeepSeek-V4-Flash-0731").unwrap_err();
         assert!(
             err.contains("deepseek-ai/DeepSeek-V4-Flash-0731")
-                && err.contains("deepseek_v4")
+                && err.contains("deepseek_v4: quantised checkpoints")
                 && err.contains("no vLLM"),
             "{err}"
         );
