@@ -290,7 +290,7 @@ impl Engine {
         let room = (self.max_model_len - request.prompt.len() as i64) as usize;
         request.params.max_tokens = request.params.max_tokens.min(room);
         let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
-        let needed = tokens as u64 * self.spec.kv_bytes_per_token();
+        let needed = self.spec.kv_bytes_for(tokens as u64);
         if let Some(budget) = self.kv_cache_bytes
             && needed > budget
         {
@@ -440,7 +440,7 @@ impl Scheduler {
                 let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
                 self.waiting.push_back(Sequence {
                     cache: self.model.new_cache(tokens),
-                    reserved: tokens as u64 * self.model.spec.kv_bytes_per_token(),
+                    reserved: self.model.spec.kv_bytes_for(tokens as u64),
                     prompt: request.prompt,
                     prefilled: 0,
                     last: None,

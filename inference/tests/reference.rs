@@ -191,6 +191,27 @@ fn deepseek_v4_compressed_layers_match_transformers() {
         .collect();
     let error = relative_error(&Tensor::cat(&chunked, 0), &prompt_logits(&model, &prompt));
     assert!(error < 1e-5, "chunked prefill off by {error:e}");
+    // What a sequence's cache holds, against what admission reserves for it: within the
+    // reservation with windows left open (37 tokens), and for every 40 tokens more, exactly 40
+    // tokens' keys and values and 10 CSA and 5 HCA entries (40 and 80 tokens close every window).
+    let held = |n: usize| {
+        let long: Vec<i64> = (0..n as i64).map(|i| (i * 53 + 7) % 320).collect();
+        let mut cache = model.new_cache(n as i64);
+        let mut step = [Step { input: StepInput::Tokens(long), cache: Some(&mut cache) }];
+        let _ = model.forward(&mut step, None, Output::Last);
+        cache.bytes() as u64
+    };
+    let spec = &model.spec;
+    for n in [37, 40, 80] {
+        assert!(
+            held(n) <= spec.kv_bytes_for(n as u64),
+            "{n} tokens: {} held, {} reserved",
+            held(n),
+            spec.kv_bytes_for(n as u64)
+        );
+    }
+    assert_eq!(held(80) - held(40), spec.kv_bytes_for(80) - spec.kv_bytes_for(40));
+    assert_eq!(spec.kv_bytes_for(80) - spec.kv_bytes_for(40), 40 * 3 * 2 * 64 * 4 + (10 * (64 + 32) + 5 * 64) * 4);
 }
 
 /// DeepSeek-V4 in its released tensor names (no `model.` prefix, `embed`, `hc_head_fn`…, an

@@ -46,7 +46,9 @@ use tch::{Device, Kind, Tensor};
 use super::compressed_attention::{CompressedLayerState, Compressor, Indexer, IndexerShape, closed_windows};
 use super::hyper_connections::{BlockHyperConnections, HyperConnection, HyperHead, HyperShape, unweighted_rms_norm};
 use super::moe::Experts;
-use super::{BlockParts, FeedForward, ModelSpec, SelfAttention, StackNames, StackShape, Transformer, assemble};
+use super::{
+    BlockParts, CompressedKv, FeedForward, ModelSpec, SelfAttention, StackNames, StackShape, Transformer, assemble,
+};
 use crate::batch::{Batch, StepCache};
 use crate::checkpoint::Loader;
 use crate::config::{Architecture, Rope, RopeFields, RopeScaling};
@@ -412,6 +414,28 @@ impl Config {
         self.rope_dim().map(|_| ())
     }
 
+    /// What each compressed layer keeps per sequence (see `compressed_attention`): entries of
+    /// `head_dim` (and under CSA the indexer's of `index_head_dim`) per window; the open window's
+    /// projections and gates (two series each under CSA) and CSA's last window's first series
+    /// with its gates.
+    fn compressed_kv(&self) -> Result<Vec<CompressedKv>, LoadError> {
+        let (d, index) = (self.head_dim, self.index_head_dim);
+        Ok(self
+            .layer_types()?
+            .iter()
+            .filter(|t| *t != SLIDING)
+            .map(|t| {
+                let rate = self.compress_rate(t);
+                if t == CSA {
+                    let held = |d: i64| (rate - 1) * 4 * d + rate * 2 * d;
+                    CompressedKv { width: d + index, rate, held: held(d) + held(index) }
+                } else {
+                    CompressedKv { width: d, rate, held: (rate - 1) * 2 * d }
+                }
+            })
+            .collect())
+    }
+
     fn hyper_shape(&self) -> HyperShape {
         HyperShape {
             streams: self.hc_mult,
@@ -731,6 +755,7 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         head_dim: config.head_dim,
         // A routed token goes through top-k experts, the shared one and a router row.
         intermediate_size: (config.num_experts_per_tok + 1) * config.moe_intermediate_size + config.n_routed_experts,
+        compressed: config.compressed_kv()?,
     };
     Ok(StackShape {
         spec,

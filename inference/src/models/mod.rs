@@ -103,6 +103,19 @@ pub struct ModelSpec {
     /// The feed-forward's width per token (a dense MLP's, or one expert's times the experts
     /// a token is routed to).
     pub intermediate_size: i64,
+    /// What compressed layers keep per sequence beside keys and values (DeepSeek-V4's), one
+    /// per such layer.
+    pub compressed: Vec<CompressedKv>,
+}
+
+/// A compressed layer's state per sequence: an entry of `width` elements (in the model's dtype)
+/// per `rate` tokens, and at most `held` elements more (the window still open and what the next
+/// window needs of the last one), counted at four bytes each (their gates are float32).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompressedKv {
+    pub width: i64,
+    pub rate: i64,
+    pub held: i64,
 }
 
 impl ModelSpec {
@@ -110,9 +123,26 @@ impl ModelSpec {
         self.kind.elt_size_in_bytes() as u64
     }
 
-    /// Bytes one token's keys and values take in the caches of every layer.
-    pub fn kv_bytes_per_token(&self) -> u64 {
+    fn keys_and_values_per_token(&self) -> u64 {
         2 * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.kv_kind.elt_size_in_bytes() as u64
+    }
+
+    /// Bytes one token takes in the caches of every layer: its keys and values, and a share of
+    /// each compressed layer's entries (rounded up).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let entries: i64 = self.compressed.iter().map(|c| (c.width + c.rate - 1) / c.rate).sum();
+        self.keys_and_values_per_token() + entries as u64 * self.element_bytes()
+    }
+
+    /// The most bytes a sequence of `tokens` holds in its cache: keys and values, the entries of
+    /// its closed windows, and what compressed layers hold besides.
+    pub fn kv_bytes_for(&self, tokens: u64) -> u64 {
+        let compressed: u64 = self
+            .compressed
+            .iter()
+            .map(|c| tokens / c.rate as u64 * c.width as u64 * self.element_bytes() + c.held as u64 * 4)
+            .sum();
+        tokens * self.keys_and_values_per_token() + compressed
     }
 
     /// An upper estimate of the memory one forward takes beyond the weights and the KV cache:
