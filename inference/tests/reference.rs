@@ -328,6 +328,27 @@ fn bfloat16_checkpoints_run_in_bfloat16_as_accurately_as_transformers() {
     }
 }
 
+/// DeepSeek-V4 (a sliding, a CSA and an HCA layer) in bfloat16: as close to the float32 truth as
+/// transformers' own bfloat16 forward (which keeps its norms, hyper-connections and position
+/// biases in float32; the engine's norms round as the other architectures' do).
+#[test]
+fn deepseek_v4_in_bfloat16_is_as_accurate_as_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<i64> = (0..24).map(|i| (i * 37 + 11) % 320).collect();
+    let v = reference_json(
+        json!({"arch": "deepseek_v4", "dir": dir.path(), "prompt": prompt, "dtype": "bfloat16", "compressed": true}),
+    );
+    let (theirs, truth) = (to_tensor(&v["logits"]), to_tensor(&v["logits_float32"]));
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(model.spec.kind, Kind::BFloat16);
+    let ours = prompt_logits(&model, &prompt);
+    let (our_error, their_error) = (relative_error(&ours, &truth), relative_error(&theirs, &truth));
+    assert!(our_error <= 1.5 * their_error + 1e-3, "ours {our_error:e}, transformers {their_error:e}");
+    let model = load(dir.path(), &LoadOptions { dtype: Some(Kind::Float), ..LoadOptions::default() }).unwrap();
+    let error = relative_error(&prompt_logits(&model, &prompt), &truth);
+    assert!(error < 1e-5, "float32 of bf16 weights {error:e}");
+}
+
 /// Each step's last logits decoding `prompt` through the cache, fed `tokens` one by one (theirs:
 /// the steps line up however ours would pick), and the tokens ours would pick.
 fn decode_logits(model: &Transformer, prompt: &[i64], tokens: &[i64]) -> (Tensor, Vec<i64>) {
