@@ -27,7 +27,8 @@ pub trait LayerState: Any + Send {
 
 struct LayerKv {
     keys: Tensor,
-    values: Tensor,
+    /// `None` where the keys are the values (DeepSeek-V4's shared-KV attention): one tensor kept.
+    values: Option<Tensor>,
     capacity: i64,
 }
 
@@ -75,7 +76,10 @@ impl SequenceCache {
         self.layers
             .iter()
             .flatten()
-            .map(|l| (l.keys.numel() + l.values.numel()) as i64 * l.keys.kind().elt_size_in_bytes() as i64)
+            .map(|l| {
+                let values = l.values.as_ref().map_or(0, Tensor::numel);
+                (l.keys.numel() + values) as i64 * l.keys.kind().elt_size_in_bytes() as i64
+            })
             .sum::<i64>()
             + self.states.iter().flatten().map(|s| s.bytes()).sum::<i64>()
     }
@@ -95,18 +99,37 @@ impl SequenceCache {
     /// past the limit is a caller's bug (the scheduler stops a sequence at its limit).
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
         self.keep(layer, keys, values);
-        let needed = self.len + keys.size()[2];
-        let l = self.layers[layer].as_ref().expect("kept above");
-        let (all_keys, all_values) = (l.keys.narrow(2, 0, needed), l.values.narrow(2, 0, needed));
-        match self.storage {
-            Some(kind) if kind != keys.kind() => (all_keys.to_kind(keys.kind()), all_values.to_kind(values.kind())),
-            _ => (all_keys, all_values),
-        }
+        let (all_keys, all_values) = self.held(layer, keys.size()[2], keys.kind());
+        (all_keys, all_values.expect("kept with values"))
     }
 
     /// [`Self::append`] without reading anything back: for attention that reads the new keys as
     /// computed (a prompt with no past), which need not widen the layer's cache.
     pub fn keep(&mut self, layer: usize, keys: &Tensor, values: &Tensor) {
+        self.store(layer, keys, Some(values));
+    }
+
+    /// [`Self::append`] for a layer whose keys are its values (one tensor kept, half the bytes):
+    /// everything it holds, `[1, kv_heads, len() + n, head_dim]`.
+    pub fn append_shared(&mut self, layer: usize, keys: &Tensor) -> Tensor {
+        self.keep_shared(layer, keys);
+        self.held(layer, keys.size()[2], keys.kind()).0
+    }
+
+    /// [`Self::keep`] for a layer whose keys are its values.
+    pub fn keep_shared(&mut self, layer: usize, keys: &Tensor) {
+        self.store(layer, keys, None);
+    }
+
+    /// What `layer` holds after `n` new tokens, in `kind`.
+    fn held(&self, layer: usize, n: i64, kind: Kind) -> (Tensor, Option<Tensor>) {
+        let needed = self.len + n;
+        let l = self.layers[layer].as_ref().expect("kept above");
+        let widen = |t: Tensor| if self.storage.is_some_and(|s| s != kind) { t.to_kind(kind) } else { t };
+        (widen(l.keys.narrow(2, 0, needed)), l.values.as_ref().map(|v| widen(v.narrow(2, 0, needed))))
+    }
+
+    fn store(&mut self, layer: usize, keys: &Tensor, values: Option<&Tensor>) {
         let n = keys.size()[2];
         let needed = self.len + n;
         assert!(needed <= self.limit, "a sequence cache of {} tokens was asked for {needed}", self.limit);
@@ -118,17 +141,24 @@ impl SequenceCache {
             let mut size = keys.size();
             size[2] = capacity;
             let kind = self.storage.unwrap_or(keys.kind());
-            let new_keys = Tensor::zeros(&size, (kind, keys.device()));
-            let new_values = Tensor::zeros(&size, (kind, values.device()));
-            if let Some(old) = slot.as_ref() {
-                new_keys.narrow(2, 0, self.len).copy_(&old.keys.narrow(2, 0, self.len));
-                new_values.narrow(2, 0, self.len).copy_(&old.values.narrow(2, 0, self.len));
-            }
+            let len = self.len;
+            let grown = |old: Option<&Tensor>| {
+                let new = Tensor::zeros(&size, (kind, keys.device()));
+                if let Some(old) = old {
+                    new.narrow(2, 0, len).copy_(&old.narrow(2, 0, len));
+                }
+                new
+            };
+            let old = slot.as_ref();
+            let new_keys = grown(old.map(|l| &l.keys));
+            let new_values = values.map(|_| grown(old.and_then(|l| l.values.as_ref())));
             *slot = Some(LayerKv { keys: new_keys, values: new_values, capacity });
         }
         let l = slot.as_mut().expect("allocated above");
         l.keys.narrow(2, self.len, n).copy_(&stored(keys, l.keys.kind()));
-        l.values.narrow(2, self.len, n).copy_(&stored(values, l.values.kind()));
+        if let (Some(all), Some(new)) = (&l.values, values) {
+            all.narrow(2, self.len, n).copy_(&stored(new, all.kind()));
+        }
     }
 
     /// Counts `n` appended tokens, after every layer took them.
@@ -192,6 +222,24 @@ mod tests {
         let mut plain = SequenceCache::new(1, 32);
         let _ = plain.append(0, &k, &k);
         assert_eq!(plain.bytes(), 2 * 2 * 16 * 4);
+    }
+
+    /// A layer whose keys are its values keeps one tensor: what it gives back, and half the
+    /// bytes; an FP8 cache widens it as it does keys.
+    #[test]
+    fn shared_keys_and_values_are_kept_once() {
+        let k = Tensor::randn([1, 1, 3, 4], (Kind::Float, Device::Cpu));
+        let mut shared = SequenceCache::new(1, 16);
+        shared.keep_shared(0, &k);
+        shared.advance(3);
+        let more = Tensor::randn([1, 1, 2, 4], (Kind::Float, Device::Cpu));
+        assert!(shared.append_shared(0, &more).equal(&Tensor::cat(&[&k, &more], 2)));
+        let mut both = SequenceCache::new(1, 16);
+        both.keep(0, &k, &k);
+        assert_eq!(2 * shared.bytes(), both.bytes());
+        let mut fp8 = SequenceCache::new(1, 16).storing(Kind::Float8e4m3fn);
+        let read = fp8.append_shared(0, &Tensor::from_slice(&[0.3f32, 1000.0]).view([1, 1, 1, 2]));
+        assert_eq!(Vec::<f32>::try_from(read.flatten(0, -1)).unwrap(), vec![0.3125, 448.0]);
     }
 
     /// A layer's own state: made once, the same one given back, its bytes counted.

@@ -34,9 +34,9 @@
 //!   reads), and the spelling transformers 5.23 writes, which keeps `model.embed_tokens` and
 //!   `model.hc_head.hc_fn` under a `model.` prefix and the layers' released names.
 //!
-//! The KV cache keeps the one key head as both keys and values (twice the bytes it needs) and
-//! every past token (the window is a mask); a compressed layer's compressors keep their own
-//! state per sequence beside it. Float32 follows transformers exactly; bfloat16 rounds as the
+//! The KV cache keeps the one key head once (it is the values too) and every past token (the
+//! window is a mask); a compressed layer's compressors keep their own state per sequence beside
+//! it. Float32 follows transformers exactly; bfloat16 rounds as the
 //! other architectures here do, which for this model is not yet compared with a reference.
 
 use serde::Deserialize;
@@ -623,9 +623,9 @@ impl SelfAttention for Attention {
         for (span, cache) in batch.spans().iter().zip(caches.iter_mut()) {
             let (qs, kvs) = (q_all.narrow(2, span.start, span.len), kv_all.narrow(2, span.start, span.len));
             let keys = match cache {
-                Some(cache) if span.past > 0 => cache.append(layer, &kvs, &kvs).0,
+                Some(cache) if span.past > 0 => cache.append_shared(layer, &kvs),
                 Some(cache) => {
-                    cache.keep(layer, &kvs, &kvs);
+                    cache.keep_shared(layer, &kvs);
                     kvs
                 }
                 None => kvs,
@@ -750,8 +750,9 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         kind,
         kv_kind: kind,
         attention_heads: config.num_attention_heads,
-        // The one key head is kept twice, as keys and as values (see the module's doc).
+        // One key head, which is the value head too: kept once.
         kv_heads: 1,
+        kv_shared: true,
         head_dim: config.head_dim,
         // A routed token goes through top-k experts, the shared one and a router row.
         intermediate_size: (config.num_experts_per_tok + 1) * config.moe_intermediate_size + config.n_routed_experts,

@@ -103,6 +103,9 @@ pub struct ModelSpec {
     /// The feed-forward's width per token (a dense MLP's, or one expert's times the experts
     /// a token is routed to).
     pub intermediate_size: i64,
+    /// Whether the keys are the values (DeepSeek-V4's shared-KV attention): the cache keeps one
+    /// tensor per layer, not two.
+    pub kv_shared: bool,
     /// What compressed layers keep per sequence beside keys and values (DeepSeek-V4's), one
     /// per such layer.
     pub compressed: Vec<CompressedKv>,
@@ -124,7 +127,8 @@ impl ModelSpec {
     }
 
     fn keys_and_values_per_token(&self) -> u64 {
-        2 * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.kv_kind.elt_size_in_bytes() as u64
+        let tensors = if self.kv_shared { 1 } else { 2 };
+        tensors * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.kv_kind.elt_size_in_bytes() as u64
     }
 
     /// Bytes one token takes in the caches of every layer: its keys and values, and a share of

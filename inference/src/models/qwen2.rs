@@ -107,6 +107,7 @@ impl Config {
                 kv_heads: self.kv_heads(),
                 head_dim: self.head_dim(),
                 intermediate_size: self.intermediate_size,
+                kv_shared: false,
                 compressed: Vec::new(),
             },
             rms_norm_eps: self.rms_norm_eps,

@@ -861,6 +861,7 @@ mod tests {
         let bytes = LayerBytes { embedding: GIB, layers: vec![10 * GIB; 4], head: GIB, tied: false };
         // 4 layers of 8 key/value heads of 128 in bfloat16: 4 KiB a token on each layer.
         let spec = ModelSpec {
+            kv_shared: false,
             compressed: Vec::new(),
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 4096,

@@ -1051,6 +1051,7 @@ mod tests {
     /// Qwen3-32B's shapes (its config.json).
     fn qwen3_32b() -> gonka_inference::ModelSpec {
         gonka_inference::ModelSpec {
+            kv_shared: false,
             compressed: Vec::new(),
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 5120,
