@@ -117,8 +117,9 @@ impl Compressor {
             let (cos, sin) = rotary.cos_sin(&positions, x.kind());
             (rotate_tail(&pooled.unsqueeze(1), &cos, &sin).squeeze_dim(1), last)
         });
+        let none = || Tensor::zeros([0, d], (x.kind(), x.device()));
         let Some(state) = state else {
-            return new_entries.map_or_else(|| Tensor::zeros([0, d], (x.kind(), x.device())), |(e, _)| e);
+            return new_entries.map_or_else(none, |(e, _)| e);
         };
         state.open_kv = Some(kv.narrow(0, closed, rows - closed));
         state.open_gate = Some(gate.narrow(0, closed, rows - closed));
@@ -132,7 +133,7 @@ impl Compressor {
                 None => entries,
             });
         }
-        state.entries.as_ref().map_or_else(|| Tensor::zeros([0, d], (x.kind(), x.device())), |e| e.shallow_clone())
+        state.entries.as_ref().map_or_else(none, Tensor::shallow_clone)
     }
 }
 

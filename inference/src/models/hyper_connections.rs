@@ -76,8 +76,7 @@ impl HyperConnection {
     pub fn collapse(&self, streams: &Tensor) -> Collapsed {
         let HyperShape { streams: n, sinkhorn_iters, eps, norm_eps, .. } = self.shape;
         let tokens = streams.size()[0];
-        let flat = unweighted_rms_norm(&streams.view([tokens, -1]).to_kind(Kind::Float), norm_eps);
-        let mixes = flat.linear(&self.projection, None::<Tensor>);
+        let mixes = mixes(streams, &self.projection, norm_eps);
         let part = |t: &Tensor, i: i64, len: i64| t.narrow(-1, i, len);
         let scale = |i: i64| self.scale.get(i);
         let pre = (part(&mixes, 0, n) * scale(0) + part(&self.base, 0, n)).sigmoid() + eps;
@@ -92,8 +91,7 @@ impl HyperConnection {
             comb = &comb / (comb.sum_dim_intlist(-1, true, Kind::Float) + eps);
             comb = &comb / (comb.sum_dim_intlist(-2, true, Kind::Float) + eps);
         }
-        let input = (pre.unsqueeze(-1) * streams).sum_dim_intlist(1, false, Kind::Float).to_kind(streams.kind());
-        Collapsed { input, post, comb }
+        Collapsed { input: weighted_sum(&pre, streams), post, comb }
     }
 }
 
@@ -146,10 +144,20 @@ impl HyperHead {
 
     /// `[tokens, streams, hidden]` → `[tokens, hidden]` in the streams' dtype.
     pub fn forward(&self, streams: &Tensor) -> Tensor {
-        let tokens = streams.size()[0];
-        let flat = unweighted_rms_norm(&streams.view([tokens, -1]).to_kind(Kind::Float), self.shape.norm_eps);
-        let mixes = flat.linear(&self.projection, None::<Tensor>);
+        let mixes = mixes(streams, &self.projection, self.shape.norm_eps);
         let pre = (mixes * &self.scale + &self.base).sigmoid() + self.shape.eps;
-        (pre.unsqueeze(-1) * streams).sum_dim_intlist(1, false, Kind::Float).to_kind(streams.kind())
+        weighted_sum(&pre, streams)
     }
+}
+
+/// The streams (`[tokens, streams, hidden]`) flattened per token, RMS-normalised without a
+/// weight and projected (`[rows, streams × hidden]`), in float32: the weights' logits.
+fn mixes(streams: &Tensor, projection: &Tensor, norm_eps: f64) -> Tensor {
+    let flat = streams.view([streams.size()[0], -1]).to_kind(Kind::Float);
+    unweighted_rms_norm(&flat, norm_eps).linear(projection, None::<Tensor>)
+}
+
+/// `Σ_s weights[t, s] · streams[t, s]`, summed in float32, in the streams' dtype.
+fn weighted_sum(weights: &Tensor, streams: &Tensor) -> Tensor {
+    (weights.unsqueeze(-1) * streams).sum_dim_intlist(1, false, Kind::Float).to_kind(streams.kind())
 }
