@@ -11,14 +11,19 @@ pub enum StepInput {
     Tokens(Vec<i64>),
     /// Input embeddings `[tokens, hidden]` in the model dtype, bypassing the token embedding
     /// (PoC v2 feeds seeded normals this way).
-    Embeddings(Tensor),
+    Embeddings {
+        embeddings: Tensor,
+        /// A token id per row for the layers that choose experts by token id (DeepSeek-V4's
+        /// hash-routed ones), which embeddings alone do not give them: PoC v2's pseudo ids.
+        routing_ids: Option<Vec<i64>>,
+    },
 }
 
 impl StepInput {
     pub fn len(&self) -> i64 {
         match self {
             StepInput::Tokens(t) => t.len() as i64,
-            StepInput::Embeddings(e) => e.size()[0],
+            StepInput::Embeddings { embeddings, .. } => embeddings.size()[0],
         }
     }
 

@@ -21,7 +21,6 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::batch::{Output, Step, StepInput};
-use crate::config::Architecture;
 use crate::kv_cache::SequenceCache;
 use crate::models::{ModelSpec, Transformer};
 use crate::poc_v2::{self, Artifact, Reflections, Round};
@@ -113,10 +112,6 @@ pub enum EngineError {
     KvCacheTooSmall { tokens: i64, needed: u64, budget: u64 },
     #[error("PoC v2: seq_len {seq_len} must be 1..={max_model_len} and k_dim {k_dim} 1..={hidden}")]
     PocShape { seq_len: i64, k_dim: i64, max_model_len: i64, hidden: i64 },
-    #[error(
-        "PoC v2 on {0:?} is not built in the native engine (where upstream reflects the hidden states of hyper-connected streams is not read yet); the vllm engine runs it"
-    )]
-    PocUnsupported(Architecture),
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -215,14 +210,11 @@ pub struct Engine {
     max_model_len: i64,
     kv_cache_bytes: Option<u64>,
     load: Arc<EngineLoad>,
-    /// Whether the model takes PoC v2's per-layer reflections.
-    takes_poc: bool,
 }
 
 impl Engine {
     pub fn start(model: Transformer, tokenizer: Arc<ChatTokenizer>, options: EngineOptions) -> Self {
         let spec = model.spec.clone();
-        let takes_poc = model.takes_layer_hooks();
         let max_model_len = context_length(&spec, &options);
         let (commands, inbox) = mpsc::channel();
         let load = Arc::new(EngineLoad::default());
@@ -243,16 +235,7 @@ impl Engine {
             .name("inference-engine".into())
             .spawn(move || scheduler.run())
             .expect("spawning the engine thread");
-        Self {
-            commands: Some(commands),
-            thread: Some(thread),
-            spec,
-            tokenizer,
-            max_model_len,
-            kv_cache_bytes,
-            load,
-            takes_poc,
-        }
+        Self { commands: Some(commands), thread: Some(thread), spec, tokenizer, max_model_len, kv_cache_bytes, load }
     }
 
     pub fn tokenizer(&self) -> &ChatTokenizer {
@@ -307,9 +290,6 @@ impl Engine {
 
     /// Queues a PoC v2 batch; it runs when no chat sequence is waiting or running.
     pub fn poc(&self, batch: PocBatch) -> Result<oneshot::Receiver<Result<Vec<Artifact>, String>>, EngineError> {
-        if !self.takes_poc {
-            return Err(EngineError::PocUnsupported(self.spec.architecture));
-        }
         let hidden = self.spec.hidden_size;
         if !(1..=self.max_model_len).contains(&batch.seq_len) || !(1..=hidden).contains(&batch.k_dim) {
             return Err(EngineError::PocShape {

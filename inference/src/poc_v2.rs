@@ -7,7 +7,11 @@
 //!    by the 8 words of that string's SHA-256);
 //! 2. a causal forward from position 0 in vLLM's layout, with a Householder reflection
 //!    `x - 2(v·x)v` of both of each layer's outputs (the feed-forward's and the residual
-//!    stream), `v` seeded `"{block_hash}_layer_{i}_householder"`;
+//!    stream; DeepSeek-V4's hyper-connected streams each), `v` seeded
+//!    `"{block_hash}_layer_{i}_householder"`. DeepSeek-V4 alone also takes token ids, which its
+//!    hash-routed layers choose experts by: per nonce, the counters `0..seq_len` hashed under
+//!    `"…_nonce{nonce}_input_ids"`, modulo the vocabulary (upstream's
+//!    `derive_pseudo_input_ids`);
 //! 3. the last position's final-norm hidden state in float32, NaN rows dropped, normalised;
 //! 4. `k` coordinates: the `k` smallest murmur3 scores of `0..hidden` under
 //!    `"…_nonce_{nonce}_pick_{k}"`, taken with libtorch's 1-D `topk(-scores, sorted=False)` per
@@ -25,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{Output, Step, StepInput};
+use crate::config::Architecture;
 use crate::models::Transformer;
 
 /// The first 32 bits of `sha256(seed)`, big-endian (upstream's `int(hexdigest[:8], 16)`).
@@ -175,6 +180,15 @@ pub fn inputs_with(
     Tensor::stack(&rows, 0)
 }
 
+/// PoC v2's token ids for `nonce` on a model whose layers route by token id (upstream's
+/// `derive_pseudo_input_ids`, which its runner calls for `deepseek_v4` only): counter `t` of
+/// `0..seq_len` hashed under `"{block_hash}_{public_key}_nonce{nonce}_input_ids"`, modulo
+/// `vocab`.
+pub fn pseudo_input_ids(round: &Round<'_>, nonce: i64, vocab: i64) -> Vec<i64> {
+    let seed = seed_from_string(&format!("{}_{}_nonce{nonce}_input_ids", round.block_hash, round.public_key));
+    (0..round.seq_len as u32).map(|t| i64::from(murmur3_32(t, seed)) % vocab).collect()
+}
+
 /// Layer `i`'s reflection vector, unit float32 `[hidden]`.
 pub fn householder_vector(block_hash: &str, layer: usize, hidden: i64, device: Device) -> Tensor {
     let v =
@@ -191,8 +205,10 @@ pub fn householder_vector(block_hash: &str, layer: usize, hidden: i64, device: D
 /// elementwise passes take 2.6 (two reflections per layer: ~6% of the bench's PoC v2 on 2 cores).
 pub fn reflect(x: &Tensor, v: &Tensor) -> Tensor {
     let v = v.to_kind(x.kind());
-    if x.kind() == Kind::Float && x.dim() == 2 {
-        return x.addr(&(x.mv(&v) * -2.0), &v);
+    if x.kind() == Kind::Float {
+        // Rows of any leading shape (DeepSeek-V4's `[tokens, streams, hidden]`) as one matrix.
+        let rows = x.reshape([-1, v.size()[0]]);
+        return rows.addr(&(rows.mv(&v) * -2.0), &v).view(x.size().as_slice());
     }
     let dot = (x * &v).sum_dim_intlist(-1, true, x.kind());
     x - dot * 2.0 * v
@@ -238,6 +254,11 @@ impl Reflections {
 
     pub fn block_hash(&self) -> &str {
         &self.block_hash
+    }
+
+    /// Each layer's vector, on that layer's device.
+    pub fn vectors(&self) -> &[Tensor] {
+        &self.vectors
     }
 }
 
@@ -311,8 +332,20 @@ pub fn compute(model: &Transformer, reflections: &Reflections, round: &Round<'_>
     let hidden = model.spec.hidden_size;
     let device = model.blocks.first().map_or(Device::Cpu, |b| b.device);
     let embeds = inputs(round, nonces, hidden, model.spec.kind, device);
-    let mut steps: Vec<Step<'_>> =
-        (0..nonces.len() as i64).map(|i| Step { input: StepInput::Embeddings(embeds.get(i)), cache: None }).collect();
+    // Gated by architecture as upstream's runner gates by `model_type`: every other model runs
+    // on the embeddings alone.
+    let routes_by_token = model.spec.architecture == Architecture::DeepseekV4;
+    let mut steps: Vec<Step<'_>> = nonces
+        .iter()
+        .enumerate()
+        .map(|(i, &nonce)| Step {
+            input: StepInput::Embeddings {
+                embeddings: embeds.get(i as i64),
+                routing_ids: routes_by_token.then(|| pseudo_input_ids(round, nonce, model.spec.vocab_size)),
+            },
+            cache: None,
+        })
+        .collect();
     let hook = |layer: usize, x: &Tensor| reflect(x, &reflections.vectors[layer]);
     let last = model.forward(&mut steps, Some(&hook), Output::Last);
     artifacts(round, nonces, &last)
@@ -378,6 +411,41 @@ mod tests {
     }
 
     #[test]
+    fn pseudo_input_ids_are_upstreams_frozen_vectors() {
+        // gonka-vllm-plugins' `test_pseudo_ids_reference_vectors`, which "an independent
+        // implementation must reproduce before DeepSeek-V4 network activation".
+        let round = Round {
+            block_hash: "poc_ids_convention_v1_block",
+            public_key: "poc_ids_convention_v1_pubkey",
+            seq_len: 16,
+            k_dim: 12,
+            stronger_rng: false,
+        };
+        let vocab = 163_840;
+        assert_eq!(
+            seed_from_string("poc_ids_convention_v1_block_poc_ids_convention_v1_pubkey_nonce0_input_ids"),
+            2_980_507_924
+        );
+        assert_eq!(
+            pseudo_input_ids(&round, 0, vocab),
+            [
+                119046, 160019, 98337, 39450, 94909, 163782, 59011, 57361, 156377, 36469, 139643, 43988, 50299, 147011,
+                12130, 86013
+            ]
+        );
+        assert_eq!(
+            pseudo_input_ids(&round, 1, vocab),
+            [
+                137719, 146475, 40370, 95731, 105609, 72910, 88608, 153625, 112488, 156080, 83284, 17839, 70977, 48769,
+                15417, 65900
+            ]
+        );
+        let ids = pseudo_input_ids(&Round { seq_len: 256, ..round }, 0, vocab);
+        let (sum, min, max) = (ids.iter().sum::<i64>(), *ids.iter().min().unwrap(), *ids.iter().max().unwrap());
+        assert_eq!((sum, min, max), (20_594_062, 181, 163_834));
+    }
+
+    #[test]
     fn seeds_are_the_first_word_of_sha256() {
         // sha256("abc") = ba7816bf…
         assert_eq!(seed_from_string("abc"), 0xBA78_16BF);
@@ -399,6 +467,9 @@ mod tests {
         // A wrong sign or factor is far off.
         let wrong = x.addr(&(x.mv(&v) * -1.0), &v);
         assert!((wrong.to_kind(Kind::Double) - &exact).abs().max().double_value(&[]) > 0.1);
+        // Rows under more leading dimensions (hyper-connected streams) each reflected alike.
+        let streams = x.view([75, 4, 512]);
+        assert!(reflect(&streams, &v).view([300, 512]).equal(&ours));
         // Bfloat16 rounds as upstream's elementwise ops do, to the bit.
         for kind in [Kind::BFloat16, Kind::Half] {
             let (x, v16) = (x.to_kind(kind), v.to_kind(kind));

@@ -90,7 +90,7 @@ async fn concurrent_requests_with_chunked_prefill_decode_as_they_would_alone() {
 /// compressors' state kept across chunks and steps, decode as each would alone; PoC v2, whose
 /// reflections are not placed in its streams yet, is refused by name.
 #[tokio::test(flavor = "multi_thread")]
-async fn deepseek_v4_chats_concurrently_and_refuses_poc_v2() {
+async fn deepseek_v4_chats_concurrently_and_runs_poc_v2() {
     let dir = tempfile::tempdir().unwrap();
     run_reference(
         "qwen_reference.py",
@@ -101,30 +101,32 @@ async fn deepseek_v4_chats_concurrently_and_refuses_poc_v2() {
     let prompts = ["Hello, world!", "The quick brown fox jumps over the lazy dog."];
     let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| tokenizer.encode(p, false).unwrap()).collect();
     let expected: Vec<Vec<i64>> = encoded.iter().map(|ids| greedy(&model, ids, 10, &[])).collect();
+    let round = Round { block_hash: "abc", public_key: "pk", seq_len: 12, k_dim: 12, stronger_rng: false };
+    let direct = poc_v2::compute(&model, &Reflections::new(&model, "abc"), &round, &[1, 2]);
     let engine =
         Engine::start(model, Arc::new(tokenizer), EngineOptions { max_step_tokens: 5, ..EngineOptions::default() });
     let receivers: Vec<_> = encoded
         .iter()
         .map(|ids| engine.generate(Generation { prompt: ids.clone(), params: greedy_params(10) }).unwrap())
         .collect();
+    // A PoC v2 batch queued behind the chats (its artifacts against tests/poc_v2.rs' reference).
+    let batch = PocBatch {
+        block_hash: "abc".into(),
+        public_key: "pk".into(),
+        seq_len: 12,
+        k_dim: 12,
+        stronger_rng: false,
+        nonces: vec![1, 2],
+    };
+    let poc = engine.poc(batch).unwrap();
     for (i, events) in receivers.into_iter().enumerate() {
         let (text, reason, _, completion_tokens) = collect(events).await;
         assert_eq!(text, engine.tokenizer().decode(&expected[i], true).unwrap(), "prompt {i}");
         assert_eq!((reason, completion_tokens), (FinishReason::Length, 10));
     }
-    let batch = PocBatch {
-        block_hash: "abc".into(),
-        public_key: "pk".into(),
-        seq_len: 8,
-        k_dim: 12,
-        stronger_rng: false,
-        nonces: vec![1],
-    };
-    let refused = engine.poc(batch).expect_err("PoC v2 refused");
-    assert!(
-        matches!(refused, EngineError::PocUnsupported(_)) && refused.to_string().contains("vllm engine"),
-        "{refused}"
-    );
+    let artifacts = tokio::time::timeout(Duration::from_secs(60), poc).await.unwrap().unwrap().unwrap();
+    assert_eq!(artifacts.len(), 2);
+    assert_eq!(artifacts, direct);
 }
 
 #[tokio::test(flavor = "multi_thread")]

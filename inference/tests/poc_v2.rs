@@ -1,9 +1,9 @@
 //! PoC v2 artifacts against `tests/reference/poc_v2_reference.py`, upstream's ML-node code
 //! (gonka-ai/vllm `vllm/poc/`) restated function by function, per nonce where it loops per
-//! nonce, with vLLM's decoder layout over a transformers checkpoint, for tiny Qwen3 and
-//! Qwen3-MoE checkpoints: far closer than upstream's `dist_threshold` in float32 and bfloat16
-//! (1e-5 and 1e-3; the float16 encodings were identical bit for bit where this was written),
-//! with both input generators.
+//! nonce, with vLLM's decoder layout over a transformers checkpoint, for tiny Qwen3, Qwen3-MoE
+//! and MiniMax-M2 checkpoints: far closer than upstream's `dist_threshold` in float32 and
+//! bfloat16 (1e-5 and 1e-3; the float16 encodings were identical bit for bit where this was
+//! written), with both input generators; and DeepSeek-V4 in float32, with its pseudo token ids.
 
 mod common;
 
@@ -27,22 +27,34 @@ struct Compared {
     identical_encodings: usize,
 }
 
-fn compare(arch: &str, dtype: &str, stronger_rng: bool) -> Compared {
-    let dir = tempfile::tempdir().unwrap();
-    run_reference("qwen_reference.py", &json!({"arch": arch, "dir": dir.path(), "prompt": [1], "dtype": dtype}));
-    let nonces: Vec<i64> = vec![0, 1, 2, 7, 1000, 123_456_789];
-    let request = json!({"dir": dir.path(), "dtype": dtype, "block_hash": BLOCK_HASH, "public_key": PUBLIC_KEY,
-        "nonces": nonces, "seq_len": 16, "k_dim": 12, "stronger_rng": stronger_rng});
-    let theirs: Vec<Value> = serde_json::from_value(run_reference("poc_v2_reference.py", &request)).unwrap();
+const NONCES: [i64; 6] = [0, 1, 2, 7, 1000, 123_456_789];
 
+fn compare(arch: &str, dtype: &str, stronger_rng: bool) -> Compared {
+    let (dir, theirs) = reference_artifacts(json!({"arch": arch}), dtype, stronger_rng);
     let model = load(dir.path(), &LoadOptions::default()).unwrap();
     let round = Round { block_hash: BLOCK_HASH, public_key: PUBLIC_KEY, seq_len: 16, k_dim: 12, stronger_rng };
     let reflections = Reflections::new(&model, BLOCK_HASH);
-    let ours: Vec<Artifact> = poc_v2::compute(&model, &reflections, &round, &nonces);
-    assert_eq!(ours.len(), theirs.len(), "{arch} {dtype}: one artifact per nonce");
+    compare_artifacts(&poc_v2::compute(&model, &reflections, &round, &NONCES), &theirs, &format!("{arch} {dtype}"))
+}
+
+/// A tiny checkpoint written by `qwen_reference.py` (`model` names the architecture and its
+/// options) and the reference's artifacts of [`NONCES`] on it.
+fn reference_artifacts(model: Value, dtype: &str, stronger_rng: bool) -> (tempfile::TempDir, Vec<Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut written = json!({"dir": dir.path(), "prompt": [1], "dtype": dtype});
+    written.as_object_mut().unwrap().extend(model.as_object().unwrap().clone());
+    run_reference("qwen_reference.py", &written);
+    let request = json!({"dir": dir.path(), "dtype": dtype, "block_hash": BLOCK_HASH, "public_key": PUBLIC_KEY,
+        "nonces": NONCES, "seq_len": 16, "k_dim": 12, "stronger_rng": stronger_rng});
+    let theirs: Vec<Value> = serde_json::from_value(run_reference("poc_v2_reference.py", &request)).unwrap();
+    (dir, theirs)
+}
+
+fn compare_artifacts(ours: &[Artifact], theirs: &[Value], what: &str) -> Compared {
+    assert_eq!(ours.len(), theirs.len(), "{what}: one artifact per nonce");
     let mut worst = 0f32;
     let mut identical_encodings = 0;
-    for (a, t) in ours.iter().zip(&theirs) {
+    for (a, t) in ours.iter().zip(theirs) {
         assert_eq!(a.nonce, t["nonce"].as_i64().unwrap());
         let their_vector: Vec<f32> = serde_json::from_value(t["vector"].clone()).unwrap();
         let their_b64 = t["vector_b64"].as_str().unwrap();
@@ -85,6 +97,41 @@ fn bfloat16_artifacts_match_upstreams_layout() {
     }
 }
 
+/// DeepSeek-V4 (a sliding, a CSA and an HCA layer; the first hash-routed) against the
+/// restatement of vLLM's layer, which hands on the feed-forward's output and the streams before
+/// it is spread over them, both reflected: the engine reflects the spread streams instead (the
+/// same map). The pseudo token ids reach the hash router; without them, or without the
+/// reflections, the vectors are far off.
+#[test]
+fn deepseek_v4_artifacts_match_the_restatement_of_vllms_layer() {
+    let (dir, theirs) = reference_artifacts(json!({"arch": "deepseek_v4", "compressed": true}), "float32", false);
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    let round = Round { block_hash: BLOCK_HASH, public_key: PUBLIC_KEY, seq_len: 16, k_dim: 12, stronger_rng: false };
+    let reflections = Reflections::new(&model, BLOCK_HASH);
+    let c = compare_artifacts(&poc_v2::compute(&model, &reflections, &round, &NONCES), &theirs, "deepseek_v4");
+    assert!(c.worst < 1e-5, "worst distance {}", c.worst);
+    assert!(c.identical_encodings >= 4, "{} of 6 encodings identical", c.identical_encodings);
+
+    // Negative controls, one nonce each: other token ids for the hash router, or no reflections.
+    let their_first: Vec<f32> = serde_json::from_value(theirs[0]["vector"].clone()).unwrap();
+    let _guard = tch::no_grad_guard();
+    let run = |routing_ids: Vec<i64>, reflected: bool| {
+        let embeds = poc_v2::inputs(&round, &NONCES[..1], model.spec.hidden_size, Kind::Float, tch::Device::Cpu);
+        let input =
+            gonka_inference::StepInput::Embeddings { embeddings: embeds.get(0), routing_ids: Some(routing_ids) };
+        let mut steps = [gonka_inference::Step { input, cache: None }];
+        let hook = |layer: usize, x: &tch::Tensor| poc_v2::reflect(x, &reflections.vectors()[layer]);
+        let hook: Option<gonka_inference::LayerHook<'_>> = if reflected { Some(&hook) } else { None };
+        let last = model.forward(&mut steps, hook, gonka_inference::Output::Last);
+        poc_v2::artifacts(&round, &NONCES[..1], &last).remove(0).vector
+    };
+    let ids = poc_v2::pseudo_input_ids(&round, NONCES[0], model.spec.vocab_size);
+    assert!(distance(&run(ids.clone(), true), &their_first) < 1e-5, "the controls' own path agrees");
+    let shifted: Vec<i64> = ids.iter().map(|t| (t + 1) % model.spec.vocab_size).collect();
+    assert!(distance(&run(shifted, true), &their_first) > 10.0 * DIST_THRESHOLD, "other routing ids");
+    assert!(distance(&run(ids, false), &their_first) > 10.0 * DIST_THRESHOLD, "no reflections");
+}
+
 /// The artifacts depend on everything upstream's do: another block hash, public key or nonce,
 /// no reflections, or another model give other vectors (far beyond the threshold).
 #[test]
@@ -112,8 +159,8 @@ fn artifacts_depend_on_the_round_the_nonce_and_the_weights() {
     let plain = {
         let _guard = tch::no_grad_guard();
         let embeds = poc_v2::inputs(&round, &[5], model.spec.hidden_size, Kind::Float, tch::Device::Cpu);
-        let mut steps =
-            [gonka_inference::Step { input: gonka_inference::StepInput::Embeddings(embeds.get(0)), cache: None }];
+        let input = gonka_inference::StepInput::Embeddings { embeddings: embeds.get(0), routing_ids: None };
+        let mut steps = [gonka_inference::Step { input, cache: None }];
         let last = model.forward(&mut steps, None, gonka_inference::Output::Last);
         poc_v2::artifacts(&round, &[5], &last)
     };

@@ -153,7 +153,6 @@ fn minimax_m2_matches_transformers() {
 fn deepseek_v4_sliding_layers_match_transformers() {
     let (_dir, model) = check("deepseek_v4", json!({"shard_size": "100KB"}), 1e-5);
     assert_eq!((model.spec.head_dim, model.spec.kv_heads, model.spec.layers), (64, 1, 3));
-    assert!(!model.takes_layer_hooks(), "PoC v2's reflections are not placed in hyper-connected streams");
     // Two sequences in one step, one of them with a past in its cache (as the scheduler batches
     // a prompt with a decode): each token's ids reach its own hash-routed experts, each
     // sequence attends its own keys, and the logits are those of each alone.

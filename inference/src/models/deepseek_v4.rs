@@ -757,6 +757,7 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         // A routed token goes through top-k experts, the shared one and a router row.
         intermediate_size: (config.num_experts_per_tok + 1) * config.moe_intermediate_size + config.n_routed_experts,
         compressed: config.compressed_kv()?,
+        residual_streams: config.hc_mult,
     };
     Ok(StackShape {
         spec,
@@ -830,6 +831,29 @@ mod tests {
             "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}});
         let err = check_native(&released).unwrap_err().to_string();
         assert!(err.contains("deepseek_v4: quantised checkpoints") && err.contains("vllm engine"), "{err}");
+    }
+
+    /// A forward's memory estimate counts the hyper-connected streams: by hand for a small
+    /// bfloat16 config (hidden 64, 4 streams, 4 heads of 64 and one key head, 2 of 8 experts of
+    /// 32 plus a shared one), 16 rows of one PoC nonce.
+    #[test]
+    fn forward_bytes_count_the_streams() {
+        let config: Config = serde_json::from_value(json!({
+            "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "head_dim": 64, "q_lora_rank": 48, "o_groups": 2, "o_lora_rank": 16, "sliding_window": 4,
+            "hc_mult": 4, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 256, "compress_ratios": [0]}))
+        .unwrap();
+        let spec = shape(&config, Kind::BFloat16).unwrap().spec;
+        assert_eq!(spec.residual_streams, 4);
+        // A row: 6·64 + (4 + 2·1)·64 + 3·((2 + 1)·32 + 8) = 1080 elements of 2 bytes, and the
+        // streams 4·64 four times in bfloat16 and once in float32: 256·(8 + 4) = 3072 bytes.
+        let row = 1080 * 2 + 3072;
+        // 16·16 query-key pairs × 4 heads × 4 bytes; one row of float32 logits, 320 × 8 bytes.
+        assert_eq!(spec.forward_bytes(16, 256, 1), 16 * row + 256 * 4 * 4 + 320 * 8);
+        // One stream adds nothing.
+        let one = ModelSpec { residual_streams: 1, ..spec.clone() };
+        assert_eq!(one.forward_bytes(16, 256, 1), 16 * 1080 * 2 + 256 * 4 * 4 + 320 * 8);
     }
 
     /// The rotation on each head's last dimensions, in neighbouring pairs, against the pairs

@@ -109,6 +109,8 @@ pub struct ModelSpec {
     /// What compressed layers keep per sequence beside keys and values (DeepSeek-V4's), one
     /// per such layer.
     pub compressed: Vec<CompressedKv>,
+    /// Residual streams per token: 1, or DeepSeek-V4's hyper-connected `hc_mult`.
+    pub residual_streams: i64,
 }
 
 /// A compressed layer's state per sequence: an entry of `width` elements (in the model's dtype)
@@ -154,22 +156,31 @@ impl ModelSpec {
     /// feed-forward's gate, up and activation, kept for one layer at a time), attention scores
     /// in float32 for `attention_pairs` query-key pairs per head (the unfused path; fused
     /// kernels take less), and float32 logits for `sampled` rows, copied once.
+    ///
+    /// Hyper-connected streams add, per row, four copies of the streams while a block's output
+    /// is spread over them (the streams in, the spread output, the mixed streams, their sum)
+    /// and their float32 normed flattening that computes the mixing weights.
     pub fn forward_bytes(&self, tokens: u64, attention_pairs: u64, sampled: u64) -> u64 {
         let row = 6 * self.hidden_size as u64
             + ((self.attention_heads + 2 * self.kv_heads) * self.head_dim) as u64
             + 3 * self.intermediate_size as u64;
+        let streams = if self.residual_streams > 1 {
+            (self.residual_streams * self.hidden_size) as u64 * (4 * self.element_bytes() + 4)
+        } else {
+            0
+        };
         let scores = attention_pairs.saturating_mul(self.attention_heads as u64).saturating_mul(4);
         tokens
-            .saturating_mul(row * self.element_bytes())
+            .saturating_mul(row * self.element_bytes() + streams)
             .saturating_add(scores)
             .saturating_add(sampled.saturating_mul(self.vocab_size as u64 * 8))
     }
 }
 
 /// Called with each layer's index and each of its two outputs (the feed-forward's output and the
-/// residual stream, `[tokens, hidden]` each, as vLLM's layers return them); returns what the next
-/// layer takes in its place. PoC v2's Householder reflections go here (upstream hooks vLLM's
-/// layers, reflecting both).
+/// residual stream, `[tokens, hidden]` each, as vLLM's layers return them), or its hyper-connected
+/// streams once (`[tokens, streams, hidden]`); returns what the next layer takes in its place.
+/// PoC v2's Householder reflections go here (upstream hooks vLLM's layers, reflecting both).
 pub type LayerHook<'a> = &'a dyn Fn(usize, &Tensor) -> Tensor;
 
 pub struct Transformer {
@@ -199,9 +210,8 @@ impl Transformer {
     /// model dtype on the last device — `[sequences, hidden]` for [`Output::Last`],
     /// `[tokens, hidden]` (in step order) for [`Output::All`].
     ///
-    /// A model whose blocks keep hyper-connected streams (DeepSeek-V4) takes no hook: where
-    /// upstream reflects PoC v2's hidden states in such a model is not known here (PoC v2
-    /// refuses it first, [`Self::takes_layer_hooks`]).
+    /// Where the blocks keep hyper-connected streams (DeepSeek-V4) the hook takes each layer's
+    /// streams, `[tokens, streams, hidden]`, once (see [`Self::forward_streams`]).
     pub fn forward(&self, steps: &mut [Step<'_>], hook: Option<LayerHook<'_>>, output: Output) -> Tensor {
         assert!(!steps.is_empty() && steps.iter().all(|s| !s.input.is_empty()), "a step needs input");
         let device = self.first_device();
@@ -212,19 +222,19 @@ impl Transformer {
                 StepInput::Tokens(ids) => {
                     Tensor::embedding(&self.embed_tokens, &Tensor::from_slice(ids).to_device(device), -1, false, false)
                 }
-                StepInput::Embeddings(e) => e.to_device(device).to_kind(self.spec.kind),
+                StepInput::Embeddings { embeddings, .. } => embeddings.to_device(device).to_kind(self.spec.kind),
             })
             .collect();
         let hidden = Tensor::cat(&inputs, 0);
         drop(inputs);
-        // The step's token ids, in step order, where every sequence brought ids (only the
-        // hyper-connected stack's feed-forwards read them).
+        // The step's token ids, in step order, where every sequence brought ids or routing ids
+        // with its embeddings (only the hyper-connected stack's feed-forwards read them).
         let ids: Option<Vec<i64>> = self.hyper_head.as_ref().and_then(|_| {
             let ids: Option<Vec<&[i64]>> = steps
                 .iter()
                 .map(|s| match &s.input {
                     StepInput::Tokens(ids) => Some(ids.as_slice()),
-                    StepInput::Embeddings(_) => None,
+                    StepInput::Embeddings { routing_ids, .. } => routing_ids.as_deref(),
                 })
                 .collect();
             ids.map(|ids| ids.concat())
@@ -233,8 +243,7 @@ impl Transformer {
         let hidden = match &self.hyper_head {
             None => self.forward_one_stream(hidden, &batch, &mut caches, hook, output),
             Some(head) => {
-                assert!(hook.is_none(), "a model of hyper-connected streams takes no layer hook");
-                let streams = self.forward_streams(hidden, ids.as_deref(), &batch, &mut caches);
+                let streams = self.forward_streams(hidden, ids.as_deref(), &batch, &mut caches, hook);
                 let last = self.lm_head.device();
                 let streams = streams.to_device(last);
                 let streams = match output {
@@ -250,12 +259,6 @@ impl Transformer {
             }
         }
         hidden
-    }
-
-    /// Whether [`Self::forward`] takes a layer hook (PoC v2's reflections): not where the
-    /// blocks keep hyper-connected streams.
-    pub fn takes_layer_hooks(&self) -> bool {
-        self.hyper_head.is_none()
     }
 
     /// The step's rotation for `block`'s device, made again only where the device changes.
@@ -327,12 +330,20 @@ impl Transformer {
     /// The blocks over hyper-connected streams (transformers' `DeepseekV4DecoderLayer`): the
     /// embedding copied into every stream, each attention and feed-forward fed the streams
     /// collapsed and its output spread back over them. `[tokens, streams, hidden]`.
+    ///
+    /// The hook takes each layer's output streams. vLLM's layer hands on the feed-forward's
+    /// output and the streams before that output is spread over them (the next layer spreads
+    /// and mixes), and upstream's PoC v2 hook reflects both; spreading and mixing combine the
+    /// streams linearly, each stream whole, and a reflection acts within each stream, so
+    /// reflecting the spread streams is the same map (tested against a restatement of vLLM's
+    /// order).
     fn forward_streams(
         &self,
         hidden: Tensor,
         ids: Option<&[i64]>,
         batch: &Batch,
         caches: &mut [StepCache<'_>],
+        hook: Option<LayerHook<'_>>,
     ) -> Tensor {
         let streams_count = self.blocks.first().and_then(|b| b.hyper.as_ref()).map_or(1, |h| h.streams());
         let mut streams = hidden.unsqueeze(1).expand([-1, streams_count, -1], false).contiguous();
@@ -353,6 +364,9 @@ impl Transformer {
             let normed = block.post_attention_norm.forward(&collapsed.input);
             let fed = block.feed_forward.forward(&normed, tokens.as_ref());
             streams = collapsed.expand(&fed, &streams);
+            if let Some(hook) = hook {
+                streams = hook(i, &streams);
+            }
         }
         streams
     }

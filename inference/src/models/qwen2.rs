@@ -109,6 +109,7 @@ impl Config {
                 intermediate_size: self.intermediate_size,
                 kv_shared: false,
                 compressed: Vec::new(),
+                residual_streams: 1,
             },
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,

@@ -89,6 +89,18 @@ def generate_inputs_concat_murmur(block_hash, public_key, nonces, dim, seq_len, 
     return result
 
 
+def derive_pseudo_input_ids(block_hash, public_key, nonces, seq_len, vocab, device):
+    """DeepSeek-V4's token ids for PoC v2 (its hash-routed layers choose experts by token id,
+    and a PoC sequence has none): per nonce, the counters `0..seq_len` hashed under
+    `"{block_hash}_{public_key}_nonce{nonce}_input_ids"`, modulo the vocabulary, int32,
+    nonce-major."""
+    rows = []
+    for nonce in nonces:
+        seed = seed_from_string(f"{block_hash}_{public_key}_nonce{nonce}_input_ids")
+        rows.append(murmur3_32(torch.arange(seq_len, dtype=torch.int32, device=device), seed) % vocab)
+    return torch.stack(rows).to(torch.int32).flatten()
+
+
 def householder_vector(seed_text, dim, device):
     v = normal(seed_from_string(seed_text), dim, device)
     return v / v.norm()
@@ -163,10 +175,41 @@ class VllmFormLayer(torch.nn.Module):
         return hidden, residual
 
 
+def hyper_post(output, residual, post, comb):
+    """vLLM's `mhc_post`: the block's output spread over the streams by `post`, plus the
+    streams mixed by `comb` (transposed: transformers' `DeepseekV4DecoderLayer` reads it so)."""
+    dtype = residual.dtype
+    return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), residual)
+
+
+class V4VllmFormLayer(torch.nn.Module):
+    """A transformers DeepSeek-V4 layer run as vLLM's `DeepseekV4DecoderLayer._forward_cuda`
+    runs: it returns the feed-forward's output, the streams before that output is spread over
+    them, and the feed-forward's `post` and `comb`; the next layer (or the model, after the
+    last) spreads and mixes them first. A hook on the layer therefore sees `(output, streams,
+    post, comb)`, as upstream's `LayerHouseholderHook` does on vLLM's layer."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, residual, post, comb, input_ids, attention):
+        layer = self.layer
+        streams = hidden if residual is None else hyper_post(hidden, residual, post, comb)
+        post, comb, collapsed = layer.attn_hc(streams)
+        attended, _ = layer.self_attn(layer.input_layernorm(collapsed), **attention)
+        streams = hyper_post(attended, streams, post, comb)
+        post, comb, collapsed = layer.ffn_hc(streams)
+        fed = layer.mlp(layer.post_attention_layernorm(collapsed), input_ids=input_ids)
+        return fed, streams, post, comb
+
+
 # --- layer_hooks.py ------------------------------------------------------------------------
 
 def vllm_layers(model):
     """The model's decoder layers in vLLM's form."""
+    if model.config.model_type == "deepseek_v4":
+        return torch.nn.ModuleList(V4VllmFormLayer(layer) for layer in model.model.layers)
     assert model.config._attn_implementation == "sdpa", "attention_mask=None must mean causal"
     return torch.nn.ModuleList(VllmFormLayer(layer) for layer in model.model.layers)
 
@@ -180,8 +223,10 @@ def add_reflections(model, block_hash):
         v = householder_vector(f"{block_hash}_layer_{i}_householder", model.config.hidden_size, device)
 
         def hook(module, args, output, v=v):
-            hidden, residual = output
-            return apply_householder(hidden, v.to(hidden.dtype)), apply_householder(residual, v.to(residual.dtype))
+            # The first two outputs reflected, the rest (DeepSeek-V4's post and comb) passed on.
+            hidden, residual, *rest = output
+            reflected = apply_householder(hidden, v.to(hidden.dtype)), apply_householder(residual, v.to(residual.dtype))
+            return (*reflected, *rest)
 
         layer.register_forward_hook(hook)
     model.poc_layers = layers
@@ -189,9 +234,32 @@ def add_reflections(model, block_hash):
 
 # --- poc_model_runner.py -------------------------------------------------------------------
 
-def forward(model, inputs_embeds, layers=None):
+def forward_v4(model, inputs_embeds, input_ids, layers):
+    """vLLM's `DeepseekV4Model.forward`: the embeddings copied into every stream, the layers,
+    the last layer's output spread over the streams, the hyper-head's collapse, the norm."""
+    inner = model.model
+    batch, seq_len, _ = inputs_embeds.shape
+    positions = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0).expand(batch, -1)
+    mask = transformers.masking_utils.create_sliding_window_causal_mask(
+        config=model.config, inputs_embeds=inputs_embeds, attention_mask=None, past_key_values=None,
+        position_ids=positions)
+    attention = dict(
+        position_embeddings={kind: inner.rotary_emb(inputs_embeds, position_ids=positions, layer_type=kind)
+                             for kind in ("main", "compress")},
+        position_ids=positions, attention_mask=mask, past_key_values=None)
+    hidden = inputs_embeds.unsqueeze(2).repeat(1, 1, model.config.hc_mult, 1)
+    ids = input_ids.view(batch, seq_len).long()
+    residual = post = comb = None
+    for layer in layers:
+        hidden, residual, post, comb = layer(hidden, residual, post, comb, ids, attention)
+    return inner.norm(inner.hc_head(hyper_post(hidden, residual, post, comb)))
+
+
+def forward(model, inputs_embeds, layers=None, input_ids=None):
     """The decoder stack in vLLM's layout (`layers`, else the hooked ones of
     `add_reflections`); the final norm adds the last residual."""
+    if model.config.model_type == "deepseek_v4":
+        return forward_v4(model, inputs_embeds, input_ids, model.poc_layers if layers is None else layers)
     inner = model.model
     batch, seq_len, _ = inputs_embeds.shape
     positions = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0).expand(batch, -1)
@@ -213,7 +281,13 @@ def artifacts(model, req, nonces):
     make = generate_inputs_concat_murmur if req.get("stronger_rng") else generate_inputs
     with torch.inference_mode():
         embeds = make(block_hash, public_key, nonces, hidden_size, req["seq_len"], device, model.dtype)
-        last = forward(model, embeds)[:, -1, :].float()
+        # `_generate_poc_input_ids`: pseudo token ids for DeepSeek-V4 only (the model takes the
+        # embeddings above; its hash routers read the ids).
+        ids = None
+        if model.config.model_type == "deepseek_v4":
+            ids = derive_pseudo_input_ids(block_hash, public_key, nonces, req["seq_len"], model.config.vocab_size,
+                                          device)
+        last = forward(model, embeds, input_ids=ids)[:, -1, :].float()
 
         keep = ~torch.isnan(last).any(dim=-1)
         last = last[keep]
@@ -250,7 +324,9 @@ def as_vllm_rounds(model):
 def main():
     req = json.loads(sys.argv[1])
     dtype = getattr(torch, req.get("dtype", "float32"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa")
+    # DeepSeek-V4 has eager attention only (SDPA takes no sinks).
+    attention = "eager" if json.load(open(f"{req['dir']}/config.json"))["model_type"] == "deepseek_v4" else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation=attention)
     model.eval()
     as_vllm_rounds(model)
     add_reflections(model, req["block_hash"])

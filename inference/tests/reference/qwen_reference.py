@@ -422,8 +422,8 @@ def main():
         with torch.no_grad():
             out["logits_float32"] = truth(ids).logits[0].tolist()
         if arch == "deepseek_v4":
-            # Its layout in vLLM is not restated here (poc_v2_reference knows the Qwen family's
-            # and MiniMax-M2's decoder layers).
+            # How vLLM rounds its layer in bfloat16 is not restated (poc_v2_reference has its
+            # layer's order, compared in float32 only).
             json.dump(out, sys.stdout)
             return
         with torch.no_grad():

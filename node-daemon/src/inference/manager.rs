@@ -863,6 +863,7 @@ mod tests {
         let spec = ModelSpec {
             kv_shared: false,
             compressed: Vec::new(),
+            residual_streams: 1,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 4096,
             vocab_size: 32000,

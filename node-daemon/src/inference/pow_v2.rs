@@ -1053,6 +1053,7 @@ mod tests {
         gonka_inference::ModelSpec {
             kv_shared: false,
             compressed: Vec::new(),
+            residual_streams: 1,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 5120,
             vocab_size: 151_936,
