@@ -14,7 +14,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{Batch, StepCache};
-use crate::checkpoint::Loader;
+use crate::checkpoint::{Dtype, Loader};
 use crate::config::{Rope, RopeScaling};
 use crate::cpu_attention::{self, Heads};
 use crate::cpu_threads;
@@ -35,50 +35,108 @@ pub enum Weight {
     /// In the model dtype.
     Dense(Tensor),
     /// FP8 (e4m3) as stored, with a float32 factor per `block` of `[rows, columns]`
-    /// (`weight_scale_inv`, DeepSeek's and MiniMax's block format): the bytes on the device
-    /// stay FP8 and are widened to `kind` only for the matmul of one forward.
+    /// (`weight_scale_inv`, DeepSeek's and MiniMax's block format; DeepSeek-V4's `scale`, a
+    /// power of two stored as its UE8M0 exponent): the bytes on the device stay FP8 and are
+    /// widened to `kind` only for the matmul of one forward.
     Fp8Block { weight: Tensor, scale_inv: Tensor, block: [i64; 2], kind: Kind },
+    /// MXFP4 (DeepSeek-V4's routed experts): e2m1 codes two a byte, uint8 `[rows, columns /
+    /// 2]` (the even column's code in the low nibble), and a power of two per 32 columns, its
+    /// UE8M0 exponent, uint8 `[rows, columns / 32]`; kept so, widened like FP8 blocks.
+    Mxfp4 { codes: Tensor, exponents: Tensor, kind: Kind },
 }
 
+/// Columns per MXFP4 factor.
+pub const MXFP4_GROUP: i64 = 32;
+
 impl Weight {
-    /// `weight` under `w`, `[out_dim, in_dim]`: FP8 where the checkpoint has its
-    /// `weight_scale_inv` beside it.
+    /// `weight` under `w`, `[out_dim, in_dim]`, as stored: dense, FP8 where its block factors
+    /// (`weight_scale_inv`, or `scale`) sit beside it, MXFP4 where FP4 codes do.
     pub fn load(w: &Loader, out_dim: i64, in_dim: i64) -> Result<Self, LoadError> {
-        if !w.contains("weight_scale_inv") {
-            return Ok(Self::Dense(w.tensor("weight", &[out_dim, in_dim])?));
-        }
         let name = w.name("weight");
+        let Some(factors) = ["weight_scale_inv", "scale"].into_iter().find(|f| w.contains(f)) else {
+            return Ok(Self::Dense(w.tensor("weight", &[out_dim, in_dim])?));
+        };
+        if matches!(w.dtype("weight"), Some(Dtype::I8 | Dtype::U8 | Dtype::F4)) {
+            if in_dim % MXFP4_GROUP != 0 || in_dim % 2 != 0 {
+                return Err(LoadError::InvalidConfig(format!(
+                    "{name}: MXFP4 takes a factor per {MXFP4_GROUP} columns, and it has {in_dim}"
+                )));
+            }
+            if w.dtype(factors) != Some(Dtype::F8_E8M0) {
+                return Err(LoadError::TensorDtype {
+                    name: w.name(factors),
+                    dtype: format!("{:?} for MXFP4 factors (UE8M0 expected)", w.dtype(factors)),
+                });
+            }
+            let codes = w.fp4("weight", out_dim, in_dim)?;
+            let exponents = w.stored(factors, &[out_dim, in_dim / MXFP4_GROUP])?;
+            return Ok(Self::Mxfp4 { codes, exponents, kind: w.kind() });
+        }
         let block = w.fp8_block().ok_or_else(|| {
             LoadError::InvalidConfig(format!(
-                "{name} is scaled (weight_scale_inv) but config.json's quantization_config gives no weight_block_size"
+                "{name} is scaled ({factors}) but config.json's quantization_config gives no weight_block_size"
             ))
         })?;
         let weight = w.stored("weight", &[out_dim, in_dim])?;
         if weight.kind() != Kind::Float8e4m3fn {
-            return Err(LoadError::TensorDtype {
-                name,
-                dtype: format!("{:?} beside a weight_scale_inv", weight.kind()),
-            });
+            return Err(LoadError::TensorDtype { name, dtype: format!("{:?} beside a {factors}", weight.kind()) });
         }
         let blocks = [(out_dim + block[0] - 1) / block[0], (in_dim + block[1] - 1) / block[1]];
-        let scale_inv = w.with_kind(Kind::Float).tensor("weight_scale_inv", &blocks)?;
+        // UE8M0 factors become their powers of two here (small: one per block).
+        let scale_inv = w.with_kind(Kind::Float).tensor(factors, &blocks)?;
         Ok(Self::Fp8Block { weight, scale_inv, block, kind: w.kind() })
     }
 
-    /// The weight in the model dtype: FP8 blocks times their factors (in float32, as the
-    /// checkpoint's writer scaled them), then rounded once.
+    /// The weight in the model dtype: FP8 blocks or MXFP4 codes times their factors (in
+    /// float32, as the checkpoint's writer scaled them), then rounded once.
     pub fn widened(&self) -> Tensor {
         match self {
             Self::Dense(w) => w.shallow_clone(),
             Self::Fp8Block { weight, scale_inv, block, kind } => widen_blocks(weight, scale_inv, *block, *kind),
+            Self::Mxfp4 { codes, exponents, kind } => widen_mxfp4(codes, exponents, *kind),
         }
     }
 
     pub fn device(&self) -> Device {
         match self {
-            Self::Dense(w) | Self::Fp8Block { weight: w, .. } => w.device(),
+            Self::Dense(w) | Self::Fp8Block { weight: w, .. } | Self::Mxfp4 { codes: w, .. } => w.device(),
         }
     }
+
+    /// `[out_dim, in_dim]`.
+    pub fn shape(&self) -> [i64; 2] {
+        match self {
+            Self::Dense(w) | Self::Fp8Block { weight: w, .. } => [w.size()[0], w.size()[1]],
+            Self::Mxfp4 { codes, .. } => [codes.size()[0], 2 * codes.size()[1]],
+        }
+    }
+
+    /// Whether it stays quantised (FP8, MXFP4) on the device.
+    pub fn is_quantised(&self) -> bool {
+        !matches!(self, Self::Dense(_))
+    }
+}
+
+/// E2M1's values by code: sign in the top bit, then two exponent bits and one of mantissa.
+const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+/// MXFP4 weights `[..., rows, columns]` from their codes `[..., rows, columns / 2]` and UE8M0
+/// exponents `[..., rows, columns / 32]`, in float32 (each code's value times its group's
+/// power of two: exact), rounded once to `kind`.
+pub fn widen_mxfp4(codes: &Tensor, exponents: &Tensor, kind: Kind) -> Tensor {
+    let size = codes.size();
+    let d = size.len();
+    let columns = 2 * size[d - 1];
+    let table = Tensor::from_slice(&E2M1).to_device(codes.device());
+    let codes = codes.to_kind(Kind::Int64);
+    let low = table.index_select(0, &codes.bitwise_and(0xF).flatten(0, -1));
+    let high = table.index_select(0, &codes.bitwise_right_shift_tensor_scalar(4).bitwise_and(0xF).flatten(0, -1));
+    let mut grouped = [&size[..d - 1], &[columns / MXFP4_GROUP, MXFP4_GROUP][..]].concat();
+    let values = Tensor::stack(&[low, high], -1).view(grouped.as_slice());
+    let factors = crate::checkpoint::e8m0_factors(exponents).unsqueeze(-1);
+    grouped.truncate(d - 1);
+    grouped.push(columns);
+    (values * factors).view(grouped.as_slice()).to_kind(kind)
 }
 
 /// FP8 weights `[..., rows, columns]` times their float32 factors `[..., rows/b0, columns/b1]`
@@ -162,9 +220,9 @@ impl Linear {
         self.parts[0].device()
     }
 
-    /// Whether any of its weights is FP8 on the device.
-    pub fn is_fp8(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Weight::Fp8Block { .. }))
+    /// Whether any of its weights stays quantised (FP8, MXFP4) on the device.
+    pub fn is_quantised(&self) -> bool {
+        self.parts.iter().any(Weight::is_quantised)
     }
 }
 
@@ -416,9 +474,7 @@ impl Mlp {
     /// An MLP of these projections (`gate` and `up` `[intermediate, hidden]`, `down` the other
     /// way round).
     pub fn from_weights(gate: Weight, up: Weight, down: Weight) -> Self {
-        let intermediate = match &gate {
-            Weight::Dense(w) | Weight::Fp8Block { weight: w, .. } => w.size()[0],
-        };
+        let intermediate = gate.shape()[0];
         Self {
             gate_up: Linear::from_weights(vec![gate, up]),
             down: Linear::from_weights(vec![down]),
@@ -427,9 +483,9 @@ impl Mlp {
         }
     }
 
-    /// Whether any of its weights is FP8 on the device.
-    pub fn is_fp8(&self) -> bool {
-        self.gate_up.is_fp8() || self.down.is_fp8()
+    /// Whether any of its weights stays quantised on the device.
+    pub fn is_quantised(&self) -> bool {
+        self.gate_up.is_quantised() || self.down.is_quantised()
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -541,8 +597,8 @@ impl Attention {
     }
 
     /// Whether its projections' weights are FP8 on the device.
-    pub fn is_fp8(&self) -> bool {
-        self.qkv.is_fp8() && self.o.is_fp8()
+    pub fn is_quantised(&self) -> bool {
+        self.qkv.is_quantised() && self.o.is_quantised()
     }
 
     /// `x` `[tokens, hidden]` → `[tokens, hidden]`.
@@ -753,6 +809,37 @@ mod tests {
     /// Widening FP8 blocks against each weight times the factor of the block it falls in, picked
     /// by index (`factor[i / b0, j / b1]`): blocks that tile the weight (the broadcast path),
     /// partial edge blocks, a leading experts dimension, into float32 and bfloat16.
+    /// MXFP4 codes widen to each code's e2m1 value times its group's power of two, the even
+    /// column from the low nibble; over stacked experts too.
+    #[test]
+    fn mxfp4_codes_widen_to_their_values_times_their_groups_factor() {
+        // Row 0: codes 0..16 then 15..0 repeated over 64 columns; row 1: all 0x3 (1.5) / 0xB (-1.5).
+        let row0: Vec<u8> = (0..32u8).map(|i| (i % 16) | ((15 - i % 16) << 4)).collect();
+        let row1 = vec![0x3 | (0xB << 4); 32];
+        let codes = Tensor::from_slice(&[row0.clone(), row1].concat()).view([2, 32]);
+        // Factors 2^(e - 127): row 0 ×1 then ×4, row 1 ×0.5 then ×2^-3.
+        let exponents = Tensor::from_slice(&[127u8, 129, 126, 124]).view([2, 2]);
+        let wide = widen_mxfp4(&codes, &exponents, Kind::Float);
+        assert_eq!(wide.size(), [2, 64]);
+        let values = Vec::<f32>::try_from(wide.flatten(0, -1)).unwrap();
+        for (column, &value) in values[..64].iter().enumerate() {
+            let byte = row0[column / 2];
+            let code = if column % 2 == 0 { byte & 0xF } else { byte >> 4 };
+            let factor = if column < 32 { 1.0 } else { 4.0 };
+            assert_eq!(value, E2M1[code as usize] * factor, "row 0 column {column}");
+        }
+        assert!(values[64..96].iter().enumerate().all(|(c, &v)| v == if c % 2 == 0 { 0.75 } else { -0.75 }));
+        assert!(values[96..].iter().enumerate().all(|(c, &v)| v == if c % 2 == 0 { 0.1875 } else { -0.1875 }));
+        // Stacked: each expert as alone; and rounded once to the dtype asked for.
+        let stacked = widen_mxfp4(
+            &Tensor::stack(&[&codes, &codes.flip([0])], 0),
+            &Tensor::stack(&[&exponents, &exponents.flip([0])], 0),
+            Kind::Float,
+        );
+        assert!(stacked.get(0).equal(&wide) && stacked.get(1).equal(&wide.flip([0])));
+        assert!(widen_mxfp4(&codes, &exponents, Kind::BFloat16).equal(&wide.to_kind(Kind::BFloat16)));
+    }
+
     #[test]
     fn fp8_blocks_widen_to_each_weight_times_its_blocks_factor() {
         tch::manual_seed(5);

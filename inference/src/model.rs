@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 use tch::{Device, Kind};
 
-use crate::checkpoint::{Checkpoint, Loader};
+use crate::checkpoint::{Checkpoint, Kept, Loader, TensorSize};
 use crate::config::{Architecture, declared_kind, fp8_block};
 use crate::error::LoadError;
 use crate::models::{ModelSpec, Transformer, deepseek_v4, minimax_m2, qwen2, qwen3, qwen3_moe};
@@ -39,9 +39,9 @@ pub fn read_config(dir: &Path) -> Result<Value, LoadError> {
     serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })
 }
 
-/// The architecture of `config` where this engine runs it: one it knows, and DeepSeek-V4 only
-/// unquantised (its released FP8 and MXFP4 weights are not loaded yet); else why not. Read from
-/// the config alone, before anything is loaded (the ML node picks an engine by it).
+/// The architecture of `config` where this engine runs it: one it knows, DeepSeek-V4 with its
+/// layer types and quantisation checked; else why not. Read from the config alone, before
+/// anything is loaded (the ML node picks an engine by it).
 pub fn native_support(config: &Value) -> Result<Architecture, LoadError> {
     let architecture = Architecture::from_config(config)?;
     if architecture == Architecture::DeepseekV4 {
@@ -140,9 +140,10 @@ pub fn layer_bytes(dir: &Path, dtype: Option<Kind>) -> Result<LayerBytes, LoadEr
     let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false)
         && !checkpoint.contains("lm_head.weight");
     let mut bytes = LayerBytes { embedding: 0, layers: vec![0; counted.unwrap_or(0) as usize], head: 0, tied };
-    for (name, layer, elements, stored_bytes, fp8) in loaded_tensors(&config, &checkpoint) {
-        let size = match dtype {
-            Some(kind) if !fp8 => elements * kind.elt_size_in_bytes() as u64,
+    for (TensorSize { name, elements, bytes: stored_bytes, kept }, layer) in loaded_tensors(&config, &checkpoint) {
+        let size = match (dtype, kept) {
+            (Some(kind), Kept::Widened) => elements * kind.elt_size_in_bytes() as u64,
+            (_, Kept::Index) => elements * 8,
             _ => stored_bytes,
         };
         match layer {
@@ -171,31 +172,31 @@ pub fn fp8_widened_bytes(dir: &Path, dtype: Option<Kind>) -> Result<u64, LoadErr
     let kind = run_kind(&config, dtype)?;
     let checkpoint = Checkpoint::open(dir)?;
     let mut per_layer: std::collections::BTreeMap<u64, u64> = Default::default();
-    for (_, layer, elements, _, fp8) in loaded_tensors(&config, &checkpoint) {
-        if let (Some(i), true) = (layer, fp8) {
-            *per_layer.entry(i).or_default() += elements;
+    for (size, layer) in loaded_tensors(&config, &checkpoint) {
+        if let (Some(i), Kept::Quantised { weights }) = (layer, size.kept) {
+            *per_layer.entry(i).or_default() += weights;
         }
     }
     Ok(per_layer.values().max().copied().unwrap_or(0) * kind.elt_size_in_bytes() as u64)
 }
 
-/// The tensors loading reads from `checkpoint`: name, decoder layer (`None` outside the layers),
-/// element count, stored bytes, FP8. Layers past the config's `num_hidden_layers` are not loaded
+/// The tensors loading reads from `checkpoint`, each with its decoder layer (`None` outside the
+/// layers). Layers past the config's `num_hidden_layers` are not loaded
 /// (MiniMax-M2's and DeepSeek's multi-token-prediction modules, stored as `model.layers.N` after
 /// the last decoder layer, serve speculative decoding, which the engine does not do).
 fn loaded_tensors<'a>(
     config: &Value,
     checkpoint: &'a Checkpoint,
-) -> impl Iterator<Item = (String, Option<u64>, u64, u64, bool)> + 'a {
+) -> impl Iterator<Item = (TensorSize, Option<u64>)> + 'a {
     let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
-    checkpoint.tensor_sizes().filter_map(move |(name, elements, bytes, fp8)| {
+    checkpoint.tensor_sizes().filter_map(move |size| {
         // DeepSeek-V4's multi-token-prediction modules sit apart, under `mtp.` (transformers
         // skips `(^|\.)mtp\.` at load).
-        if name.starts_with("mtp.") || name.contains(".mtp.") {
+        if size.name.starts_with("mtp.") || size.name.contains(".mtp.") {
             return None;
         }
-        let layer = layer_index(&name);
-        layer.is_none_or(|i| counted.is_none_or(|n| i < n)).then_some((name, layer, elements, bytes, fp8))
+        let layer = layer_index(&size.name);
+        layer.is_none_or(|i| counted.is_none_or(|n| i < n)).then_some((size, layer))
     })
 }
 

@@ -266,7 +266,7 @@ fn minimax_m2s_differences_each_change_the_test_models_logits() {
 fn fp8_block_quantised_checkpoints_match_transformers_on_the_dequantised_weights() {
     for arch in ["qwen2", "qwen3", "qwen3_moe", "minimax_m2"] {
         let (dir, model) = check(arch, json!({"fp8_block": [16, 32]}), 1e-5);
-        assert!(model.blocks.iter().all(|b| b.attention.is_fp8()), "{arch}: attention widened at load");
+        assert!(model.blocks.iter().all(|b| b.attention.is_quantised()), "{arch}: attention widened at load");
         // Counted as loaded: FP8 bytes for the projections, float32 (as stored) for the rest.
         let stored = weight_bytes(dir.path(), None).unwrap();
         // A layer's FP8 weights widened: twice the bytes in float32 as in bfloat16.
@@ -275,6 +275,29 @@ fn fp8_block_quantised_checkpoints_match_transformers_on_the_dequantised_weights
         assert_eq!(weight_bytes(dir.path(), Some(Kind::Float)).unwrap(), stored, "{arch}");
         assert!(weight_bytes(dir.path(), Some(Kind::Double)).unwrap() < 2 * stored, "{arch}: FP8 counted widened");
     }
+}
+
+/// DeepSeek-V4 as it is released, by a test helper in its format: the routed experts MXFP4 (two
+/// e2m1 codes a byte, a UE8M0 exponent per 32 columns), the other projections FP8 in [16, 16]
+/// blocks with UE8M0 factors, every factor under `<name>.scale`, `expert_dtype: fp4`. The
+/// weights stay quantised on the device, and the forward is transformers' on the weights that
+/// transformers' own reader of the format (`Fp8Dequantize`) widens them to.
+#[test]
+fn deepseek_v4_as_released_matches_transformers_on_the_widened_weights() {
+    let extra =
+        json!({"compressed": true, "released_spelling": true, "release_quantised": true, "fp8_block": [16, 16]});
+    let (dir, model) = check("deepseek_v4", extra, 1e-5);
+    assert!(model.blocks.iter().all(|b| b.attention.is_quantised()), "attention widened at load");
+    // Everything else is stored in float32, so counted as stored or as float32 the bytes agree.
+    let stored = weight_bytes(dir.path(), None).unwrap();
+    assert_eq!(weight_bytes(dir.path(), Some(Kind::Float)).unwrap(), stored);
+    // The widest layer's quantised weights widened, by hand: the CSA layer's 8 experts of
+    // 3 × 32 × 64 (MXFP4, stored as 3072 bytes each), and FP8 wq_a 48×64, wq_b 256×48, wkv and
+    // the indexer's compressor's wkv and wgate 64×64 each, wo_a 32×128, wo_b 64×32, the shared
+    // expert 3 × 32×64, the compressor's wkv and wgate 128×64 each, the indexer's wq_b 256×48.
+    let weights = 8 * 6144 + 3072 + 12288 + 3 * 4096 + 4096 + 2048 + 6144 + 2 * 8192 + 12288;
+    assert_eq!(fp8_widened_bytes(dir.path(), Some(Kind::Float)).unwrap(), weights * 4);
+    assert_eq!(fp8_widened_bytes(dir.path(), Some(Kind::BFloat16)).unwrap(), weights * 2);
 }
 
 /// Quantisations the engine does not load are refused at load, named.

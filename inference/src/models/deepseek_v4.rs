@@ -204,17 +204,24 @@ fn default_layers() -> usize {
 }
 
 /// `Ok` where this engine runs the DeepSeek-V4 `config`: its layers of known types, its
-/// weights unquantised (the released FP8 and MXFP4 weights are not loaded yet); else why not.
+/// weights unquantised or quantised as the releases are (FP8 blocks, the routed experts in
+/// FP8 or MXFP4 by `expert_dtype`); else why not.
 pub fn check_native(config: &Value) -> Result<(), LoadError> {
     let schedule: LayerSchedule =
         serde_json::from_value(config.clone()).map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
     schedule.resolve()?;
-    if config.get("quantization_config").is_some_and(|q| !q.is_null()) {
-        return Err(LoadError::Quantization(
-            "deepseek_v4: quantised checkpoints (the released FP8 and MXFP4 weights) are not loaded by the native \
-             engine yet; the vllm engine serves them"
-                .into(),
-        ));
+    crate::config::fp8_block(config)?;
+    // Where the release puts it (the top level), or where transformers moves it to.
+    let expert_dtype = config
+        .get("expert_dtype")
+        .or_else(|| config.get("quantization_config").and_then(|q| q.get("expert_dtype")))
+        .filter(|d| !d.is_null());
+    if let Some(dtype) = expert_dtype
+        && !matches!(dtype.as_str(), Some("fp4" | "fp8"))
+    {
+        return Err(LoadError::Quantization(format!(
+            "deepseek_v4: expert_dtype {dtype} (the native engine loads fp4 and fp8 experts)"
+        )));
     }
     Ok(())
 }
@@ -648,12 +655,12 @@ impl SelfAttention for Attention {
         self.o_b.forward(&projected)
     }
 
-    fn is_fp8(&self) -> bool {
+    fn is_quantised(&self) -> bool {
         // (Compressors and indexers are not counted: the release keeps them in bfloat16.)
-        self.q_a.is_fp8()
-            && self.q_b.is_fp8()
-            && self.kv.is_fp8()
-            && self.o_b.is_fp8()
+        self.q_a.is_quantised()
+            && self.q_b.is_quantised()
+            && self.kv.is_quantised()
+            && self.o_b.is_quantised()
             && matches!(self.o_a, Weight::Fp8Block { .. })
     }
 }
@@ -827,10 +834,20 @@ mod tests {
         assert!(odd.to_string().contains("compress_ratios: 8 is none of 0, 4 and 128"), "{odd}");
         let unknown = check_native(&json!({"num_hidden_layers": 2, "layer_types": [SLIDING, "full_attention"]}));
         assert!(unknown.unwrap_err().to_string().contains("layer 1's type \"full_attention\""));
-        let released = json!({"num_hidden_layers": 1, "compress_ratios": [4],
-            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}});
-        let err = check_native(&released).unwrap_err().to_string();
-        assert!(err.contains("deepseek_v4: quantised checkpoints") && err.contains("vllm engine"), "{err}");
+        // The release's quantisation loads; others are refused, named.
+        let released = json!({"num_hidden_layers": 1, "compress_ratios": [4], "expert_dtype": "fp4",
+            "quantization_config": {"quant_method": "fp8", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}});
+        assert!(check_native(&released).is_ok());
+        let base = json!({"num_hidden_layers": 1, "compress_ratios": [4],
+            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "expert_dtype": "fp8"}});
+        assert!(check_native(&base).is_ok());
+        let mut odd_experts = released.clone();
+        odd_experts["expert_dtype"] = json!("int4");
+        let err = check_native(&odd_experts).unwrap_err().to_string();
+        assert!(err.contains("expert_dtype \"int4\""), "{err}");
+        let awq =
+            json!({"num_hidden_layers": 1, "compress_ratios": [4], "quantization_config": {"quant_method": "awq"}});
+        assert!(check_native(&awq).unwrap_err().to_string().contains("quantised (awq)"));
     }
 
     /// A forward's memory estimate counts the hyper-connected streams: by hand for a small

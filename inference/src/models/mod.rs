@@ -54,7 +54,7 @@ pub trait SelfAttention: Send {
     ) -> Tensor;
 
     /// Whether its projections' weights are FP8 on the device.
-    fn is_fp8(&self) -> bool;
+    fn is_quantised(&self) -> bool;
 }
 
 impl SelfAttention for Attention {
@@ -69,8 +69,8 @@ impl SelfAttention for Attention {
         Attention::forward(self, x, cos_sin, layer, batch, caches)
     }
 
-    fn is_fp8(&self) -> bool {
-        Attention::is_fp8(self)
+    fn is_quantised(&self) -> bool {
+        Attention::is_quantised(self)
     }
 }
 

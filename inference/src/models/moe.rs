@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::Loader;
 use crate::cpu_threads;
 use crate::error::LoadError;
-use crate::layers::{Mlp, MlpNames, Weight, clamp_swiglu, widen_blocks};
+use crate::layers::{Mlp, MlpNames, Weight, clamp_swiglu, widen_blocks, widen_mxfp4};
 use crate::packed_matmul::{Epilogue, PackedExperts, to_host};
 
 /// A layer's experts.
@@ -57,10 +57,17 @@ pub enum Stacked {
         block: [i64; 2],
         kind: Kind,
     },
+    /// MXFP4 codes `[experts, out, in/2]` and UE8M0 exponents `[experts, out, in/32]` (see
+    /// [`Weight::Mxfp4`]).
+    Mxfp4 {
+        codes: Tensor,
+        exponents: Tensor,
+        kind: Kind,
+    },
 }
 
 impl Stacked {
-    /// Every expert's weights of one projection stacked; `None` if dense and FP8 ones mix or
+    /// Every expert's weights of one projection stacked; `None` if kinds of weight mix or
     /// their blocks differ.
     fn stack(weights: &[Weight]) -> Option<Self> {
         match weights.first()? {
@@ -83,11 +90,29 @@ impl Stacked {
                 let weight = Tensor::stack(&fp8, 0).view_dtype(Kind::Float8e4m3fn);
                 Some(Self::Fp8Block { weight, scale_inv: Tensor::stack(&scales, 0), block: *block, kind: *kind })
             }
+            Weight::Mxfp4 { kind, .. } => {
+                let (mut codes, mut exponents) = (Vec::new(), Vec::new());
+                for w in weights {
+                    match w {
+                        Weight::Mxfp4 { codes: c, exponents: e, kind: k } if k == kind => {
+                            codes.push(c.shallow_clone());
+                            exponents.push(e.shallow_clone());
+                        }
+                        _ => return None,
+                    }
+                }
+                Some(Self::Mxfp4 {
+                    codes: Tensor::stack(&codes, 0),
+                    exponents: Tensor::stack(&exponents, 0),
+                    kind: *kind,
+                })
+            }
         }
     }
 
-    /// Two projections of every expert as one, concatenated along their output rows: dense ones
-    /// always, FP8 ones when the first's rows end on a block boundary.
+    /// Two projections of every expert as one, concatenated along their output rows: dense and
+    /// MXFP4 ones (factored by rows) always, FP8 ones when the first's rows end on a block
+    /// boundary.
     fn fuse(first: Self, second: Self) -> Vec<Self> {
         match (first, second) {
             (Self::Dense(a), Self::Dense(b)) => vec![Self::Dense(Tensor::cat(&[a, b], 1))],
@@ -98,6 +123,9 @@ impl Stacked {
                 let weight = Tensor::cat(&[a.view_dtype(Kind::Uint8), b.view_dtype(Kind::Uint8)], 1)
                     .view_dtype(Kind::Float8e4m3fn);
                 vec![Self::Fp8Block { weight, scale_inv: Tensor::cat(&[sa, sb], 1), block, kind }]
+            }
+            (Self::Mxfp4 { codes: a, exponents: ea, kind }, Self::Mxfp4 { codes: b, exponents: eb, .. }) => {
+                vec![Self::Mxfp4 { codes: Tensor::cat(&[a, b], 1), exponents: Tensor::cat(&[ea, eb], 1), kind }]
             }
             (a, b) => vec![a, b],
         }
@@ -130,11 +158,23 @@ impl Stacked {
                 }
                 out
             }
+            Self::Mxfp4 { codes, exponents, kind } => {
+                let (codes, exponents) = (pick(codes), pick(exponents));
+                let (experts, rows, columns) = (codes.size()[0], codes.size()[1], 2 * codes.size()[2]);
+                let out = Tensor::empty([experts, rows, columns], (*kind, codes.device()));
+                let step = (chunk_elements / (rows * columns).max(1)).max(1);
+                for start in (0..experts).step_by(step as usize) {
+                    let n = step.min(experts - start);
+                    let widened = widen_mxfp4(&codes.narrow(0, start, n), &exponents.narrow(0, start, n), Kind::Float);
+                    out.narrow(0, start, n).copy_(&widened);
+                }
+                out
+            }
         }
     }
 
-    fn is_fp8(&self) -> bool {
-        matches!(self, Self::Fp8Block { .. })
+    fn is_quantised(&self) -> bool {
+        !matches!(self, Self::Dense(_))
     }
 }
 
@@ -155,12 +195,9 @@ impl Experts {
 
     /// Experts of these projections (one of each per expert) in a model of dtype `kind`.
     pub fn from_weights(gates: Vec<Weight>, ups: Vec<Weight>, downs: Vec<Weight>, kind: Kind) -> Self {
-        let size = |w: &Weight| match w {
-            Weight::Dense(t) | Weight::Fp8Block { weight: t, .. } => t.size(),
-        };
-        let (count, [intermediate, hidden]) = match gates.first().map(size).as_deref() {
-            Some(&[rows, columns]) => (gates.len() as i64, [rows, columns]),
-            _ => return Self::Each(Vec::new()),
+        let (count, [intermediate, hidden]) = match gates.first() {
+            Some(gate) => (gates.len() as i64, gate.shape()),
+            None => return Self::Each(Vec::new()),
         };
         // The grouped matmul reads rows in steps of 16 bytes.
         let row_bytes = |n: i64| n * kind.elt_size_in_bytes() as i64 % 16 == 0;
@@ -204,10 +241,10 @@ impl Experts {
     }
 
     /// Whether any projection stays FP8 on the device.
-    pub fn is_fp8(&self) -> bool {
+    pub fn is_quantised(&self) -> bool {
         match self {
-            Self::Stacked { gate_up, down, .. } => down.is_fp8() || gate_up.iter().any(Stacked::is_fp8),
-            Self::Each(mlps) => mlps.iter().any(Mlp::is_fp8),
+            Self::Stacked { gate_up, down, .. } => down.is_quantised() || gate_up.iter().any(Stacked::is_quantised),
+            Self::Each(mlps) => mlps.iter().any(Mlp::is_quantised),
         }
     }
 
@@ -260,13 +297,13 @@ fn grouped_experts(
     xs: &Tensor,
     served: Tensor,
 ) -> Tensor {
-    // FP8 experts are widened for the matmul: when the assignments are fewer than the
-    // experts (decoding), only the experts in use are, gathered first in ascending order
-    // (the order the assignments are sorted in) and padded to the assignments' count, a
-    // bound known without asking the device, with unused ones that serve no rows.
+    // Quantised experts (FP8, MXFP4) are widened for the matmul: when the assignments are
+    // fewer than the experts (decoding), only the experts in use are, gathered first in
+    // ascending order (the order the assignments are sorted in) and padded to the assignments'
+    // count, a bound known without asking the device, with unused ones that serve no rows.
     let assignments = xs.size()[0];
-    let fp8 = down.is_fp8() || gate_up.iter().any(Stacked::is_fp8);
-    let (ids, served) = if fp8 && assignments < count {
+    let quantised = down.is_quantised() || gate_up.iter().any(Stacked::is_quantised);
+    let (ids, served) = if quantised && assignments < count {
         let ids = served.eq(0).to_kind(Kind::Uint8).argsort_stable(true, 0, false).narrow(0, 0, assignments);
         let served = served.index_select(0, &ids);
         (Some(ids), served)
@@ -403,15 +440,31 @@ mod tests {
 
     const HIDDEN: i64 = 64;
 
-    /// Random projections of `count` experts: dense in `kind`, or FP8 in `block`s with random
-    /// factors.
-    fn projections(count: i64, out: i64, input: i64, kind: Kind, block: Option<[i64; 2]>) -> Vec<Weight> {
+    /// How test experts are stored.
+    #[derive(Clone, Copy)]
+    enum Format {
+        Dense,
+        Fp8([i64; 2]),
+        Mxfp4,
+    }
+
+    /// Random projections of `count` experts: dense in `kind`, FP8 in `block`s with random
+    /// factors, or MXFP4 with random codes and exponents.
+    fn projections(count: i64, out: i64, input: i64, kind: Kind, format: Format) -> Vec<Weight> {
         (0..count)
             .map(|_| {
                 let dense = Tensor::randn([out, input], (Kind::Float, Device::Cpu)) * 0.2;
-                match block {
-                    None => Weight::Dense(dense.to_kind(kind)),
-                    Some(block) => {
+                match format {
+                    Format::Dense => Weight::Dense(dense.to_kind(kind)),
+                    // Factors of 2^-9 to 2^-6: weights of the dense ones' magnitude (e2m1's
+                    // largest, 6, times 2^-6 is about 0.1).
+                    Format::Mxfp4 => Weight::Mxfp4 {
+                        codes: Tensor::randint(256, [out, input / 2], (Kind::Int64, Device::Cpu)).to_kind(Kind::Uint8),
+                        exponents: Tensor::randint_low(118, 122, [out, input / 32], (Kind::Int64, Device::Cpu))
+                            .to_kind(Kind::Uint8),
+                        kind,
+                    },
+                    Format::Fp8(block) => {
                         let blocks = [(out + block[0] - 1) / block[0], (input + block[1] - 1) / block[1]];
                         Weight::Fp8Block {
                             weight: (dense * 4.0).to_kind(Kind::Float8e4m3fn),
@@ -433,15 +486,18 @@ mod tests {
                 Weight::Fp8Block { weight, scale_inv, block, kind } => {
                     Weight::Fp8Block { weight: weight.copy(), scale_inv: scale_inv.copy(), block: *block, kind: *kind }
                 }
+                Weight::Mxfp4 { codes, exponents, kind } => {
+                    Weight::Mxfp4 { codes: codes.copy(), exponents: exponents.copy(), kind: *kind }
+                }
             })
             .collect()
     }
 
     /// The same experts stacked and one by one.
-    fn both(count: i64, intermediate: i64, kind: Kind, block: Option<[i64; 2]>) -> (Experts, Experts) {
-        let gates = projections(count, intermediate, HIDDEN, kind, block);
-        let ups = projections(count, intermediate, HIDDEN, kind, block);
-        let downs = projections(count, HIDDEN, intermediate, kind, block);
+    fn both(count: i64, intermediate: i64, kind: Kind, format: Format) -> (Experts, Experts) {
+        let gates = projections(count, intermediate, HIDDEN, kind, format);
+        let ups = projections(count, intermediate, HIDDEN, kind, format);
+        let downs = projections(count, HIDDEN, intermediate, kind, format);
         let each: Vec<Mlp> = gates
             .iter()
             .zip(&ups)
@@ -495,7 +551,7 @@ mod tests {
         tch::manual_seed(7);
         let all: Vec<i64> = (0..8).collect();
         for kind in [Kind::Float, Kind::BFloat16] {
-            let (stacked, each) = both(8, 32, kind, None);
+            let (stacked, each) = both(8, 32, kind, Format::Dense);
             assert!(
                 matches!(&stacked, Experts::Stacked { gate_up, .. } if gate_up.len() == 1),
                 "dense: one fused part"
@@ -516,7 +572,7 @@ mod tests {
         tch::manual_seed(9);
         let all: Vec<i64> = (0..8).collect();
         // Intermediate 40: the SwiGLU's gate ends inside a SIMD vector.
-        let (stacked, each) = both(8, 40, Kind::Float, None);
+        let (stacked, each) = both(8, 40, Kind::Float, Format::Dense);
         let Experts::Stacked { packed: Some(packed), intermediate, .. } = &stacked else { panic!("packed") };
         // 300 tokens of top-2 out of 8: 75 rows an expert, more than a piece of rows
         // (`packed_matmul`) and above PACKED_MAX_ROWS_PER_EXPERT; one token; experts unused.
@@ -547,8 +603,8 @@ mod tests {
         for kind in [Kind::Float, Kind::BFloat16] {
             // Blocks that line up at the gate/up seam (one part), and ones that do not (two).
             for (block, parts) in [([16, 32], 1), ([24, 32], 2)] {
-                let (stacked, each) = both(8, 32, kind, Some(block));
-                assert!(stacked.is_fp8() && each.is_fp8());
+                let (stacked, each) = both(8, 32, kind, Format::Fp8(block));
+                assert!(stacked.is_quantised() && each.is_quantised());
                 assert!(
                     matches!(&stacked, Experts::Stacked { gate_up, .. } if gate_up.len() == parts),
                     "{block:?}: {parts} parts"
@@ -563,12 +619,35 @@ mod tests {
         }
     }
 
+    /// MXFP4 experts (DeepSeek-V4's) stack into one gate/up part, widen only the chosen ones
+    /// while decoding, in chunks to the same bits, and mix as the host loop over each expert
+    /// widened alone does.
+    #[test]
+    fn mxfp4_experts_stack_widen_and_equal_the_host_loop() {
+        tch::manual_seed(17);
+        let all: Vec<i64> = (0..8).collect();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (stacked, each) = both(8, 32, kind, Format::Mxfp4);
+            assert!(stacked.is_quantised() && each.is_quantised());
+            let Experts::Stacked { gate_up, down, .. } = &stacked else { panic!("stacked") };
+            assert!(matches!(gate_up.as_slice(), [Stacked::Mxfp4 { .. }]), "gate and up fused");
+            for tokens in [1, 3, 40] {
+                assert_same(&stacked, &each, kind, tokens, &all);
+                assert_same(&stacked, &each, kind, tokens, &[0, 5, 7]);
+            }
+            let whole = down.widened(None, i64::MAX);
+            assert!(down.widened(None, HIDDEN * 32).equal(&whole), "one expert a chunk");
+            let ids = Tensor::from_slice(&[6i64, 0, 3]);
+            assert!(down.widened(Some(&ids), HIDDEN * 32).equal(&whole.index_select(0, &ids)));
+        }
+    }
+
     #[test]
     fn fp8_experts_widen_in_chunks_to_the_same_bits() {
         tch::manual_seed(13);
         for kind in [Kind::Float, Kind::BFloat16] {
             // Seven experts (an odd count), blocks with a partial edge.
-            let (stacked, _) = both(7, 32, kind, Some([24, 32]));
+            let (stacked, _) = both(7, 32, kind, Format::Fp8([24, 32]));
             let Experts::Stacked { gate_up, down, .. } = &stacked else { panic!("stacked") };
             for part in gate_up.iter().chain([down]) {
                 let whole = part.widened(None, i64::MAX);
@@ -590,10 +669,10 @@ mod tests {
     fn rows_the_grouped_matmul_cannot_read_keep_one_mlp_per_expert() {
         // 34 float32 columns are 136 bytes, 20 bfloat16 ones 40: not steps of 16 bytes.
         for (kind, intermediate) in [(Kind::Float, 34), (Kind::BFloat16, 20)] {
-            let (experts, _) = both(4, intermediate, kind, None);
+            let (experts, _) = both(4, intermediate, kind, Format::Dense);
             assert!(matches!(experts, Experts::Each(ref mlps) if mlps.len() == 4), "{kind:?} × {intermediate}");
         }
-        let (experts, _) = both(4, 40, Kind::Float, None);
+        let (experts, _) = both(4, 40, Kind::Float, Format::Dense);
         assert!(matches!(experts, Experts::Stacked { count: 4, intermediate: 40, .. }));
     }
 }

@@ -262,6 +262,85 @@ def fp8_quantise(directory, block):
     return reference
 
 
+# E2M1's sixteen values by code (sign in the top bit), as transformers unpacks them.
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4_quantise_weight(w):
+    """One weight `[out, in]` as MXFP4 (the OCP microscaling format DeepSeek-V4's routed experts
+    ship in): per 32 columns a power-of-two scale, its exponent as a UE8M0 byte, the largest
+    magnitude's exponent less e2m1's largest (2); each value the nearest e2m1 code, two codes a
+    byte, the even column in the low nibble. Returns the bytes `[out, in/2]` (int8), the
+    exponents `[out, in/32]` (float8_e8m0fnu) and the weight they encode (float32)."""
+    out_dim, in_dim = w.shape
+    groups = w.float().reshape(out_dim, in_dim // 32, 32)
+    amax = groups.abs().amax(dim=-1, keepdim=True).clamp(min=2.0 ** -100)
+    exponent = torch.floor(torch.log2(amax)) - 2
+    scaled = groups / torch.exp2(exponent)
+    codes = (scaled.unsqueeze(-1) - E2M1).abs().argmin(dim=-1).reshape(out_dim, in_dim)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    scales = torch.exp2(exponent).reshape(out_dim, in_dim // 32).to(torch.float8_e8m0fnu)
+    encoded = (E2M1[codes].reshape(out_dim, in_dim // 32, 32) * torch.exp2(exponent)).reshape(out_dim, in_dim)
+    return packed.contiguous(), scales.contiguous(), encoded
+
+
+def v4_release_quantise(directory, block):
+    """Quantises a DeepSeek-V4 checkpoint (in its released tensor names) as DeepSeek-V4-Flash
+    ships: the routed experts' w1/w2/w3 MXFP4 (`expert_dtype: fp4`), the other projections FP8
+    in `block`s with power-of-two (UE8M0) factors, every factor under `<name>.scale` as
+    float8_e8m0fnu; the router, norms, embedding, head, hyper-connections and sinks as they are.
+    Returns a directory holding the weights these encode, unquantised, as transformers' own
+    reader of the format (`Fp8Dequantize`, which derives each block from the factors' grid, so
+    `block` must divide every projection) widens them: the reference."""
+    import os
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    def widened(q, scale, w, encoded):
+        wide = Fp8Dequantize(None)._dequantize_one(q, scale, output_dtype=torch.float32)
+        assert torch.equal(wide, encoded), "transformers reads the quantised weight as written"
+        return wide.to(w.dtype)
+
+    tensors = load_file(f"{directory}/model.safetensors")
+    fp8 = re.compile(r"\.(wq_a|wq_b|wkv|wo_a|wo_b|wgate|shared_experts\.w[123])\.weight$")
+    expert = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
+    quantised, dequantised = {}, {}
+    for name, w in tensors.items():
+        stem = name.removesuffix(".weight")
+        if expert.search(name):
+            packed, scales, encoded = mxfp4_quantise_weight(w)
+            quantised[name], quantised[f"{stem}.scale"] = packed, scales
+            dequantised[name] = widened(packed, scales, w, encoded)
+        elif fp8.search(name):
+            _, scale, _ = fp8_quantise_weight(w, block)
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))  # UE8M0: a power of two, rounded up
+            rows, columns = block
+            factors = scale.repeat_interleave(rows, 0).repeat_interleave(columns, 1)[:w.shape[0], :w.shape[1]]
+            q = (w.float() / factors).to(torch.float8_e4m3fn)
+            quantised[name], quantised[f"{stem}.scale"] = q, scale.to(torch.float8_e8m0fnu)
+            dequantised[name] = widened(q, quantised[f"{stem}.scale"], w, q.float() * factors)
+        else:
+            quantised[name] = dequantised[name] = w
+    reference = f"{directory}/dequantised-reference"
+    os.makedirs(reference)
+    for f in os.listdir(directory):
+        if f != "model.safetensors" and os.path.isfile(f"{directory}/{f}"):
+            shutil.copy(f"{directory}/{f}", reference)
+    save_file(dequantised, f"{reference}/model.safetensors", metadata={"format": "pt"})
+    save_file(quantised, f"{directory}/model.safetensors", metadata={"format": "pt"})
+    with open(f"{directory}/config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                  "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    cfg["expert_dtype"] = "fp4"
+    with open(f"{directory}/config.json", "w") as f:
+        json.dump(cfg, f)
+    return reference
+
+
 def minimax_m2_ablations(directory, dtype, ids):
     """MiniMax-M2's logits with one of its differences from Qwen3-MoE undone at a time: a test
     model in which each shows."""
@@ -392,7 +471,9 @@ def main():
             json.dump(cfg, f)
 
     reference_dir = req["dir"]
-    if req.get("fp8_block"):
+    if req.get("release_quantised") and arch == "deepseek_v4":
+        reference_dir = v4_release_quantise(req["dir"], req.get("fp8_block", [128, 128]))
+    elif req.get("fp8_block"):
         reference_dir = fp8_quantise(req["dir"], req["fp8_block"])
 
     # The reference runs what transformers loads from that directory, as a user would.

@@ -929,7 +929,8 @@ mod tests {
             dir
         };
         let qwen3 = write("qwen3", serde_json::json!({"model_type": "qwen3"}));
-        // DeepSeek-V4 as released: quantised, which the native engine does not load yet.
+        // DeepSeek-V4 as released: FP8 blocks (and MXFP4 experts), which the native engine loads
+        // but leaves to vLLM where it is here, as it does every block-quantised checkpoint.
         let deepseek = write(
             "deepseek",
             serde_json::json!({"model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"],
@@ -976,14 +977,11 @@ mod tests {
         // Forced either way.
         assert_eq!(choose_engine(ModelEngine::Vllm, Ok(&qwen3), true, "q").unwrap(), EngineKind::Vllm);
         assert_eq!(choose_engine(ModelEngine::Native, Ok(&deepseek), true, "d").unwrap(), EngineKind::Native);
-        // Without vLLM: what the native engine cannot run is refused, naming why.
-        let err = choose_engine(auto, Ok(&deepseek), false, "deepseek-ai/DeepSeek-V4-Flash-0731").unwrap_err();
-        assert!(
-            err.contains("deepseek-ai/DeepSeek-V4-Flash-0731")
-                && err.contains("deepseek_v4: quantised checkpoints")
-                && err.contains("no vLLM"),
-            "{err}"
-        );
+        // Without vLLM: the released DeepSeek-V4 runs natively; what the native engine cannot
+        // run is refused, naming why.
+        assert_eq!(choose_engine(auto, Ok(&deepseek), false, "d").unwrap(), EngineKind::Native);
+        let err = choose_engine(auto, Ok(&deepseek_unknown), false, "deepseek-ai/DeepSeek-V4-Flash-0731").unwrap_err();
+        assert!(err.contains("deepseek-ai/DeepSeek-V4-Flash-0731") && err.contains("no vLLM"), "{err}");
         // FP8 in blocks: vLLM where it is here, else the native engine; other quantisations
         // (per-tensor FP8, AWQ) only vLLM.
         assert_eq!(choose_engine(auto, Ok(&minimax_fp8), false, "m").unwrap(), EngineKind::Native);
