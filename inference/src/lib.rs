@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu_attention;
 pub mod cpu_threads;
+pub mod deepseek_v4_chat;
 pub mod engine;
 pub mod error;
 pub mod generate;

@@ -2,7 +2,8 @@
 //! template (`chat_template.jinja`, or `tokenizer_config.json`'s `chat_template` as released
 //! Qwen checkpoints carry it), rendered with minijinja the way transformers'
 //! `apply_chat_template` renders with Jinja2: blocks trimmed, Python string methods, a
-//! `raise_exception` function, `tojson` as Python's `json.dumps`.
+//! `raise_exception` function, `tojson` as Python's `json.dumps`. DeepSeek-V4 checkpoints take
+//! their own encoding instead (`deepseek_v4_chat`), as vLLM's `--tokenizer-mode deepseek_v4`.
 
 use std::path::Path;
 
@@ -16,12 +17,24 @@ const TEMPLATE_NAME: &str = "chat";
 
 pub struct ChatTokenizer {
     tokenizer: tokenizers::Tokenizer,
-    env: Option<Environment<'static>>,
+    chat: ChatFormat,
     /// Token ids that end a generation: `generation_config.json`'s `eos_token_id` (one or a
     /// list), else the tokenizer's `eos_token`.
     pub eos_token_ids: Vec<i64>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+}
+
+/// How a model's chat messages become its prompt.
+enum ChatFormat {
+    /// Its Jinja template (boxed: the environment is large, and one is made per model).
+    Template(Box<Environment<'static>>),
+    /// DeepSeek-V4's encoding (`config.json`'s `model_type` is `deepseek_v4`): what vLLM renders
+    /// under `--tokenizer-mode deepseek_v4`, governance's setting for it, whatever template the
+    /// checkpoint carries.
+    DeepseekV4,
+    /// None: chat is refused.
+    None,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +45,8 @@ pub enum TokenizeError {
     NoChatTemplate,
     #[error("chat template: {0}")]
     Template(String),
+    #[error("chat encoding (deepseek_v4): {0}")]
+    Encoding(String),
 }
 
 /// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
@@ -91,6 +106,13 @@ impl ChatTokenizer {
                 })
             })
             .transpose()?;
+        let model_type = read_json(&dir.join("config.json"))?
+            .and_then(|c| c.get("model_type").and_then(Value::as_str).map(str::to_string));
+        let chat = match (model_type.as_deref(), env) {
+            (Some("deepseek_v4"), _) => ChatFormat::DeepseekV4,
+            (_, Some(env)) => ChatFormat::Template(Box::new(env)),
+            (_, None) => ChatFormat::None,
+        };
         let bos_token = token_text(config.get("bos_token"));
         let eos_token = token_text(config.get("eos_token"));
         let mut eos_token_ids: Vec<i64> =
@@ -104,7 +126,7 @@ impl ChatTokenizer {
         {
             eos_token_ids.push(i64::from(id));
         }
-        Ok(Self { tokenizer, env, eos_token_ids, bos_token, eos_token })
+        Ok(Self { tokenizer, chat, eos_token_ids, bos_token, eos_token })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -130,7 +152,27 @@ impl ChatTokenizer {
         add_generation_prompt: bool,
         tools: Option<&Value>,
     ) -> Result<String, TokenizeError> {
-        let env = self.env.as_ref().ok_or(TokenizeError::NoChatTemplate)?;
+        self.apply_chat_template_with(messages, add_generation_prompt, tools, None)
+    }
+
+    /// [`Self::apply_chat_template`] with a request's `chat_template_kwargs`, which vLLM hands
+    /// to the template as variables (Qwen3's `enable_thinking`) or to DeepSeek-V4's encoding
+    /// (`thinking`, `reasoning_effort`, `drop_thinking`). They do not replace the messages,
+    /// tools or special tokens. DeepSeek-V4's encoding always opens the assistant's turn.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<String, TokenizeError> {
+        let env = match &self.chat {
+            ChatFormat::Template(env) => env,
+            ChatFormat::DeepseekV4 => {
+                return crate::deepseek_v4_chat::encode(messages, tools, kwargs).map_err(TokenizeError::Encoding);
+            }
+            ChatFormat::None => return Err(TokenizeError::NoChatTemplate),
+        };
         let template = env.get_template(TEMPLATE_NAME).map_err(|e| TokenizeError::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
@@ -139,6 +181,7 @@ impl ChatTokenizer {
                 tools => tools,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                ..TemplateValue::from_serialize(kwargs.cloned().unwrap_or_default())
             })
             .map_err(|e| TokenizeError::Template(e.to_string()))
     }
@@ -210,6 +253,15 @@ fn python_json(value: TemplateValue, indent: Option<usize>) -> Result<TemplateVa
     };
     result.map_err(|e| TemplateError::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(TemplateValue::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
+}
+
+/// `json.dumps(value, ensure_ascii=False)` of a JSON value, as Python writes it.
+pub(crate) fn python_json_string(value: &Value) -> String {
+    let mut out = Vec::new();
+    value
+        .serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter))
+        .expect("a JSON value serialises");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 struct PythonFormatter;

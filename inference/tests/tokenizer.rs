@@ -130,12 +130,16 @@ fn tool_chats() -> Value {
                       {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
                       {"role": "user", "content": "3+3?"}],
          "add_generation_prompt": true},
+        // A request's chat_template_kwargs reach the template (Qwen3's `enable_thinking`).
+        {"messages": [{"role": "user", "content": "2+2?"}], "add_generation_prompt": true,
+         "kwargs": {"enable_thinking": false}},
     ])
 }
 
 /// The chat templates released checkpoints ship — Qwen2.5-Instruct's and Qwen3's
 /// (`tests/reference/templates/`, from their tokenizer_config.json as public code quotes it) —
-/// render as transformers renders them.
+/// render as transformers renders them, with a request's `chat_template_kwargs` too (Qwen3's
+/// `enable_thinking: false` writes an empty reasoning block; Qwen2.5's template ignores it).
 #[test]
 fn released_qwen_chat_templates_render_as_transformers_renders_them() {
     for name in ["qwen2.5-instruct", "qwen3"] {
@@ -153,10 +157,11 @@ fn released_qwen_chat_templates_render_as_transformers_renders_them() {
         let ours = ChatTokenizer::load(dir.path()).unwrap();
         for (i, chat) in tool_chats().as_array().unwrap().iter().enumerate() {
             let rendered = ours
-                .apply_chat_template(
+                .apply_chat_template_with(
                     chat["messages"].as_array().unwrap(),
                     chat["add_generation_prompt"].as_bool().unwrap(),
                     chat.get("tools"),
+                    chat.get("kwargs").and_then(Value::as_object),
                 )
                 .unwrap_or_else(|e| panic!("{name}, conversation {i}: {e}"));
             assert_eq!(rendered, theirs["chats"][i].as_str().unwrap(), "{name}, conversation {i}");

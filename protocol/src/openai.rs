@@ -68,6 +68,10 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
+    /// vLLM's: variables for the chat template (Qwen3's `enable_thinking`), or DeepSeek-V4's
+    /// encoding settings (`thinking`, `reasoning_effort`, `drop_thinking`).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -219,6 +223,12 @@ pub struct TokenizeRequest {
     pub add_special_tokens: bool,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
+    /// With `messages`, as a chat request's.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// With `messages`, as a chat request's.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -2,7 +2,8 @@
 reference the engine's tokenizer and chat-template rendering are compared against.
 
     python tokenizer_reference.py '{"dir": "/tmp/m", "texts": ["…"],
-                                    "chats": [{"messages": […], "add_generation_prompt": true}]}'
+                                    "chats": [{"messages": […], "add_generation_prompt": true,
+                                               "kwargs": {"enable_thinking": false}}]}'
 
 Prints JSON `{"encoded": [[id…]…], "decoded": ["…"…], "chats": ["…"…]}`.
 """
@@ -23,7 +24,7 @@ def main():
         "chats": [
             tok.apply_chat_template(c["messages"], tokenize=False,
                                     add_generation_prompt=c.get("add_generation_prompt", False),
-                                    tools=c.get("tools"))
+                                    tools=c.get("tools"), **c.get("kwargs", {}))
             for c in req.get("chats", [])
         ],
     }

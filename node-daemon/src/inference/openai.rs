@@ -329,11 +329,12 @@ async fn chat(
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let params = sampling(&served, request.sampling, max_tokens)?;
     let messages = flatten_content(request.messages)?;
-    let (add_generation_prompt, tools) = (request.add_generation_prompt, request.tools);
+    let (add_generation_prompt, tools, kwargs) =
+        (request.add_generation_prompt, request.tools, request.chat_template_kwargs);
     let prompt = off_the_runtime(&served, move |served| {
         let tokenizer = served.engine.tokenizer();
         tokenizer
-            .apply_chat_template(&messages, add_generation_prompt, tools.as_ref())
+            .apply_chat_template_with(&messages, add_generation_prompt, tools.as_ref(), kwargs.as_ref())
             .and_then(|text| tokenizer.encode(&text, false))
             .map_err(|e| e.to_string())
     })
@@ -471,10 +472,11 @@ async fn tokenize(
         }
         (None, Some(messages)) => {
             let messages = flatten_content(messages)?;
+            let (tools, kwargs) = (request.tools, request.chat_template_kwargs);
             off_the_runtime(&served, move |served| {
                 let tokenizer = served.engine.tokenizer();
                 tokenizer
-                    .apply_chat_template(&messages, add_generation_prompt, None)
+                    .apply_chat_template_with(&messages, add_generation_prompt, tools.as_ref(), kwargs.as_ref())
                     .and_then(|text| tokenizer.encode(&text, false))
                     .map_err(|e| e.to_string())
             })
