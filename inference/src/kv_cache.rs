@@ -11,6 +11,10 @@
 //! scale 1 (vLLM's default without calibrated scales) and widened back to the model's dtype when
 //! read.
 //!
+//! A layer whose queries see only a sliding window of keys keeps only that window
+//! ([`SequenceCache::append_window`], DeepSeek-V4's, whose keys are its values too): a fixed
+//! number of keys per sequence, not one per token.
+//!
 //! A layer may also keep state of its own per sequence ([`LayerState`]: DeepSeek-V4's
 //! compressors keep the tokens of a window not yet closed and the entries emitted so far); the
 //! model defines it, the cache holds it and counts its bytes.
@@ -27,7 +31,8 @@ pub trait LayerState: Any + Send {
 
 struct LayerKv {
     keys: Tensor,
-    /// `None` where the keys are the values (DeepSeek-V4's shared-KV attention): one tensor kept.
+    /// `None` where the keys are the values (DeepSeek-V4's shared-KV attention, kept by
+    /// [`SequenceCache::append_window`]): one tensor kept.
     values: Option<Tensor>,
     capacity: i64,
 }
@@ -106,19 +111,36 @@ impl SequenceCache {
     /// [`Self::append`] without reading anything back: for attention that reads the new keys as
     /// computed (a prompt with no past), which need not widen the layer's cache.
     pub fn keep(&mut self, layer: usize, keys: &Tensor, values: &Tensor) {
-        self.store(layer, keys, Some(values));
+        self.store(layer, keys, values);
     }
 
-    /// [`Self::append`] for a layer whose keys are its values (one tensor kept, half the bytes):
-    /// everything it holds, `[1, kv_heads, len() + n, head_dim]`.
-    pub fn append_shared(&mut self, layer: usize, keys: &Tensor) -> Tensor {
-        self.keep_shared(layer, keys);
-        self.held(layer, keys.size()[2], keys.kind()).0
-    }
-
-    /// [`Self::keep`] for a layer whose keys are its values.
-    pub fn keep_shared(&mut self, layer: usize, keys: &Tensor) {
-        self.store(layer, keys, None);
+    /// For a layer whose keys are its values and whose queries see only the `window - 1` keys
+    /// before their own (DeepSeek-V4's sliding window): the keys this step's queries may see
+    /// (those held, then the new `[1, kv_heads, n, head_dim]`) and the position of the first;
+    /// of these only the last `window - 1` are kept for the steps after, so a sequence holds a
+    /// window of keys however long it grows. As [`Self::append`], a sequence with a past reads
+    /// its new keys back through the cache's dtype (rounded where it keeps FP8); a prompt with
+    /// none attends its keys as computed.
+    pub fn append_window(&mut self, layer: usize, keys: &Tensor, window: i64) -> (Tensor, i64) {
+        let n = keys.size()[2];
+        assert!(self.len + n <= self.limit, "a sequence cache of {} tokens was asked for {}", self.limit, self.len + n);
+        let kind = self.storage.unwrap_or(keys.kind());
+        let held = self.layers[layer].as_ref().map(|l| l.keys.shallow_clone());
+        let held_len = held.as_ref().map_or(0, |h| h.size()[2]);
+        let all = match held {
+            Some(held) if self.len > 0 => {
+                let read = |t: &Tensor| if kind == keys.kind() { t.shallow_clone() } else { t.to_kind(keys.kind()) };
+                let new = read(&stored(keys, kind).to_kind(kind));
+                Tensor::cat(&[read(&held), new], 2)
+            }
+            _ => keys.shallow_clone(),
+        };
+        let total = all.size()[2];
+        let kept = (window - 1).clamp(0, total);
+        // A copy of its own: the step's tensors are not held on to.
+        let tail = stored(&all.narrow(2, total - kept, kept), kind).to_kind(kind).copy();
+        self.layers[layer] = Some(LayerKv { keys: tail, values: None, capacity: kept });
+        (all, self.len - held_len)
     }
 
     /// What `layer` holds after `n` new tokens, in `kind`.
@@ -129,7 +151,7 @@ impl SequenceCache {
         (widen(l.keys.narrow(2, 0, needed)), l.values.as_ref().map(|v| widen(v.narrow(2, 0, needed))))
     }
 
-    fn store(&mut self, layer: usize, keys: &Tensor, values: Option<&Tensor>) {
+    fn store(&mut self, layer: usize, keys: &Tensor, values: &Tensor) {
         let n = keys.size()[2];
         let needed = self.len + n;
         assert!(needed <= self.limit, "a sequence cache of {} tokens was asked for {needed}", self.limit);
@@ -151,13 +173,13 @@ impl SequenceCache {
             };
             let old = slot.as_ref();
             let new_keys = grown(old.map(|l| &l.keys));
-            let new_values = values.map(|_| grown(old.and_then(|l| l.values.as_ref())));
-            *slot = Some(LayerKv { keys: new_keys, values: new_values, capacity });
+            let new_values = grown(old.and_then(|l| l.values.as_ref()));
+            *slot = Some(LayerKv { keys: new_keys, values: Some(new_values), capacity });
         }
         let l = slot.as_mut().expect("allocated above");
         l.keys.narrow(2, self.len, n).copy_(&stored(keys, l.keys.kind()));
-        if let (Some(all), Some(new)) = (&l.values, values) {
-            all.narrow(2, self.len, n).copy_(&stored(new, all.kind()));
+        if let Some(all) = &l.values {
+            all.narrow(2, self.len, n).copy_(&stored(values, all.kind()));
         }
     }
 
@@ -224,22 +246,41 @@ mod tests {
         assert_eq!(plain.bytes(), 2 * 2 * 16 * 4);
     }
 
-    /// A layer whose keys are its values keeps one tensor: what it gives back, and half the
-    /// bytes; an FP8 cache widens it as it does keys.
+    /// A sliding window's keys: each step sees the last `window - 1` keys before it and its own,
+    /// with the position of the first; the cache keeps no more than that between steps; an FP8
+    /// cache rounds what a sequence with a past reads, and a prompt's own keys stay as computed.
     #[test]
-    fn shared_keys_and_values_are_kept_once() {
-        let k = Tensor::randn([1, 1, 3, 4], (Kind::Float, Device::Cpu));
-        let mut shared = SequenceCache::new(1, 16);
-        shared.keep_shared(0, &k);
-        shared.advance(3);
-        let more = Tensor::randn([1, 1, 2, 4], (Kind::Float, Device::Cpu));
-        assert!(shared.append_shared(0, &more).equal(&Tensor::cat(&[&k, &more], 2)));
-        let mut both = SequenceCache::new(1, 16);
-        both.keep(0, &k, &k);
-        assert_eq!(2 * shared.bytes(), both.bytes());
-        let mut fp8 = SequenceCache::new(1, 16).storing(Kind::Float8e4m3fn);
-        let read = fp8.append_shared(0, &Tensor::from_slice(&[0.3f32, 1000.0]).view([1, 1, 1, 2]));
-        assert_eq!(Vec::<f32>::try_from(read.flatten(0, -1)).unwrap(), vec![0.3125, 448.0]);
+    fn a_window_of_keys_is_kept_and_read_with_its_position() {
+        let window = 4;
+        let mut cache = SequenceCache::new(1, 100);
+        let mut all = Vec::new();
+        // A prompt of 6, then a chunk of 2, then tokens one at a time.
+        for n in [6i64, 2, 1, 1, 1] {
+            let k = Tensor::randn([1, 1, n, 4], (Kind::Float, Device::Cpu));
+            all.push(k.shallow_clone());
+            let every = Tensor::cat(&all, 2);
+            let (keys, first) = cache.append_window(0, &k, window);
+            let past = cache.len();
+            // The window before the step's first token, and the step's own.
+            let expected_first = if past == 0 { 0 } else { (past - (window - 1)).max(0) };
+            assert_eq!(first, expected_first, "after {past} tokens");
+            let total = every.size()[2];
+            assert!(keys.equal(&every.narrow(2, first, total - first)), "after {past} tokens");
+            cache.advance(n);
+            assert_eq!(cache.bytes(), (window - 1).min(total) * 4 * 4, "after {past} tokens");
+        }
+        assert_eq!(cache.len(), 11);
+
+        let mut fp8 = SequenceCache::new(1, 8).storing(Kind::Float8e4m3fn);
+        let prompt = Tensor::from_slice(&[0.3f32, 1000.0]).view([1, 1, 2, 1]);
+        let (keys, _) = fp8.append_window(0, &prompt, window);
+        assert!(keys.equal(&prompt), "a prompt's own keys as computed");
+        fp8.advance(2);
+        let next = Tensor::from_slice(&[0.3f32]).view([1, 1, 1, 1]);
+        let (keys, first) = fp8.append_window(0, &next, window);
+        let read: Vec<f32> = keys.flatten(0, -1).try_into().unwrap();
+        assert_eq!((read, first), (vec![0.3125, 448.0, 0.3125], 0));
+        assert_eq!(fp8.bytes(), 3, "three e4m3 keys of one element");
     }
 
     /// A layer's own state: made once, the same one given back, its bytes counted.

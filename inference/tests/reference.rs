@@ -191,8 +191,9 @@ fn deepseek_v4_compressed_layers_match_transformers() {
     let error = relative_error(&Tensor::cat(&chunked, 0), &prompt_logits(&model, &prompt));
     assert!(error < 1e-5, "chunked prefill off by {error:e}");
     // What a sequence's cache holds, against what admission reserves for it: within the
-    // reservation with windows left open (37 tokens), and for every 40 tokens more, exactly 40
-    // tokens' keys and values and 10 CSA and 5 HCA entries (40 and 80 tokens close every window).
+    // reservation with windows left open (37 tokens), and for every 40 tokens more, exactly 10
+    // CSA and 5 HCA entries (40 and 80 tokens close every window): the keys held stay the
+    // window's 3 per layer, however long the sequence.
     let held = |n: usize| {
         let long: Vec<i64> = (0..n as i64).map(|i| (i * 53 + 7) % 320).collect();
         let mut cache = model.new_cache(n as i64);
@@ -210,8 +211,12 @@ fn deepseek_v4_compressed_layers_match_transformers() {
         );
     }
     assert_eq!(held(80) - held(40), spec.kv_bytes_for(80) - spec.kv_bytes_for(40));
-    // (The one key head kept once: it is the values too.)
-    assert_eq!(spec.kv_bytes_for(80) - spec.kv_bytes_for(40), 40 * 3 * 64 * 4 + (10 * (64 + 32) + 5 * 64) * 4);
+    assert_eq!(spec.kv_bytes_for(80) - spec.kv_bytes_for(40), (10 * (64 + 32) + 5 * 64) * 4);
+    // The window's keys: 3 a layer (the one key head kept once: it is the values too), 2 for a
+    // sequence of 2 tokens.
+    assert_eq!(spec.kv_bytes_for(2), 2 * 3 * 64 * 4 + spec.kv_bytes_for(0));
+    assert_eq!(spec.kv_bytes_for(3), 3 * 3 * 64 * 4 + spec.kv_bytes_for(0));
+    assert_eq!(spec.kv_bytes_for(4), spec.kv_bytes_for(3) + (64 + 32) * 4, "a CSA entry, no more keys");
 }
 
 /// DeepSeek-V4 in its released tensor names (no `model.` prefix, `embed`, `hc_head_fn`…, an

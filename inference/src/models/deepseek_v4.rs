@@ -560,18 +560,25 @@ impl Attention {
         })
     }
 
-    /// One sequence's new queries `[1, heads, n, head_dim]` over its keys (= values)
-    /// `[1, 1, past + n, head_dim]` and, on a compressed layer, its long-range entries
-    /// (`[entries, head_dim]`, and which each query sees, `[n, entries]`): each query sees the
-    /// keys at its position and the `window - 1` before it, the entries it is shown, and its
-    /// head's sink takes a share of the softmax that is dropped.
-    fn attend(&self, q: &Tensor, keys: &Tensor, past: i64, long_range: Option<(Tensor, Tensor)>) -> Tensor {
+    /// One sequence's new queries `[1, heads, n, head_dim]` (the first at position `past`) over
+    /// its keys (= values) `[1, 1, k, head_dim]` (the first at position `first_key`) and, on a
+    /// compressed layer, its long-range entries (`[entries, head_dim]`, and which each query
+    /// sees, `[n, entries]`): each query sees the keys at its position and the `window - 1`
+    /// before it, the entries it is shown, and its head's sink takes a share of the softmax that
+    /// is dropped.
+    fn attend(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        (past, first_key): (i64, i64),
+        long_range: Option<(Tensor, Tensor)>,
+    ) -> Tensor {
         let n = q.size()[2];
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q.matmul(&keys.transpose(-1, -2)) * scale;
         let device = q.device();
         let positions = Tensor::arange(n, (Kind::Int64, device)).unsqueeze(1) + past;
-        let keys_at = Tensor::arange(keys.size()[2], (Kind::Int64, device)).unsqueeze(0);
+        let keys_at = Tensor::arange(keys.size()[2], (Kind::Int64, device)).unsqueeze(0) + first_key;
         let behind = &positions - &keys_at;
         let hidden = behind.lt(0).logical_or(&behind.ge(self.window));
         let scores = scores.masked_fill(&hidden, f64::NEG_INFINITY);
@@ -629,13 +636,10 @@ impl SelfAttention for Attention {
         let mut outputs = Vec::with_capacity(caches.len());
         for (span, cache) in batch.spans().iter().zip(caches.iter_mut()) {
             let (qs, kvs) = (q_all.narrow(2, span.start, span.len), kv_all.narrow(2, span.start, span.len));
-            let keys = match cache {
-                Some(cache) if span.past > 0 => cache.append_shared(layer, &kvs),
-                Some(cache) => {
-                    cache.keep_shared(layer, &kvs);
-                    kvs
-                }
-                None => kvs,
+            // The cache keeps only the window's keys: the ones before it are never seen again.
+            let (keys, first_key) = match cache {
+                Some(cache) => cache.append_window(layer, &kvs, self.window),
+                None => (kvs, span.past),
             };
             let long_range = self.compression.as_ref().map(|c| {
                 let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
@@ -643,7 +647,7 @@ impl SelfAttention for Attention {
                 let state = cache.as_deref_mut().map(|c| c.state(layer, CompressedLayerState::default));
                 c.long_range(&rows(x), &rows(&q_residual), &positions, state)
             });
-            outputs.push(self.attend(&qs, &keys, span.past, long_range));
+            outputs.push(self.attend(&qs, &keys, (span.past, first_key), long_range));
         }
         let out = Tensor::cat(&outputs, 2).squeeze_dim(0).transpose(0, 1);
         // The values are the rotated keys: rotating the output back by its query's angle leaves
@@ -764,6 +768,7 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         // A routed token goes through top-k experts, the shared one and a router row.
         intermediate_size: (config.num_experts_per_tok + 1) * config.moe_intermediate_size + config.n_routed_experts,
         compressed: config.compressed_kv()?,
+        kv_window: Some(config.sliding_window),
         residual_streams: config.hc_mult,
     };
     Ok(StackShape {

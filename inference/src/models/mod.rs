@@ -111,6 +111,10 @@ pub struct ModelSpec {
     pub compressed: Vec<CompressedKv>,
     /// Residual streams per token: 1, or DeepSeek-V4's hyper-connected `hc_mult`.
     pub residual_streams: i64,
+    /// Where every layer's queries see only the `window - 1` keys before their own
+    /// (DeepSeek-V4's sliding window): a sequence's cache keeps that many keys per layer, not
+    /// one per token.
+    pub kv_window: Option<i64>,
 }
 
 /// A compressed layer's state per sequence: an entry of `width` elements (in the model's dtype)
@@ -134,21 +138,28 @@ impl ModelSpec {
     }
 
     /// Bytes one token takes in the caches of every layer: its keys and values, and a share of
-    /// each compressed layer's entries (rounded up).
+    /// each compressed layer's entries (rounded up). The KV cache's budget is counted in these;
+    /// a sliding window's keys count as though every token's were kept (the budget is then an
+    /// upper bound), while [`Self::kv_bytes_for`] counts what a sequence holds.
     pub fn kv_bytes_per_token(&self) -> u64 {
         let entries: i64 = self.compressed.iter().map(|c| (c.width + c.rate - 1) / c.rate).sum();
         self.keys_and_values_per_token() + entries as u64 * self.element_bytes()
     }
 
-    /// The most bytes a sequence of `tokens` holds in its cache: keys and values, the entries of
-    /// its closed windows, and what compressed layers hold besides.
+    /// The most bytes a sequence of `tokens` holds in its cache between steps: keys and values
+    /// (at most a sliding window's), the entries of its closed windows, and what compressed
+    /// layers hold besides.
     pub fn kv_bytes_for(&self, tokens: u64) -> u64 {
+        let kept = match self.kv_window {
+            Some(window) => tokens.min(window.saturating_sub(1) as u64),
+            None => tokens,
+        };
         let compressed: u64 = self
             .compressed
             .iter()
             .map(|c| tokens / c.rate as u64 * c.width as u64 * self.element_bytes() + c.held as u64 * 4)
             .sum();
-        tokens * self.keys_and_values_per_token() + compressed
+        kept * self.keys_and_values_per_token() + compressed
     }
 
     /// An upper estimate of the memory one forward takes beyond the weights and the KV cache:

@@ -110,6 +110,7 @@ impl Config {
                 kv_shared: false,
                 compressed: Vec::new(),
                 residual_streams: 1,
+                kv_window: None,
             },
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,

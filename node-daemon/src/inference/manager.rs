@@ -824,7 +824,7 @@ fn bring_up_native(
         None => gpu_plan.as_ref().map(|plan| plan.kv_cache_bytes),
     };
     if let Some(budget) = options.kv_cache_bytes {
-        let needed = max_model_len as u64 * per_token;
+        let needed = model.spec.kv_bytes_for(max_model_len as u64);
         if needed > budget {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(format!(
@@ -864,6 +864,7 @@ mod tests {
             kv_shared: false,
             compressed: Vec::new(),
             residual_streams: 1,
+            kv_window: None,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 4096,
             vocab_size: 32000,

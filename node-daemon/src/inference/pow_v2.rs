@@ -1054,6 +1054,7 @@ mod tests {
             kv_shared: false,
             compressed: Vec::new(),
             residual_streams: 1,
+            kv_window: None,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 5120,
             vocab_size: 151_936,
