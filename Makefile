@@ -97,7 +97,7 @@ bench-poc: pyenv
 
 ## Prefill/decode tokens/s and PoC v2 nonces/s of the inference engine next to transformers and
 ## vLLM: the dense Qwen3, then the mixtures of experts (BENCH_ARCH picks one).
-BENCH_ARCHS ?= $(or $(BENCH_ARCH),qwen3 qwen3_moe minimax_m2)
+BENCH_ARCHS ?= $(or $(BENCH_ARCH),qwen3 qwen3_moe minimax_m2 deepseek_v4)
 bench-inference: pyenv vllm-env
 	for arch in $(BENCH_ARCHS); do BENCH_ARCH=$$arch bench/inference.sh || exit 1; done
 

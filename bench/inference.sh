@@ -2,7 +2,8 @@
 # Inference benchmark: the engine (`gonka-inference-bench`) next to transformers and vLLM (its
 # CPU build, the serving engine hosts would pick instead) on the same random model (BENCH_ARCH:
 # qwen3, the default, hidden 512, 8 layers, vocab 32000; or qwen3_moe / minimax_m2, the same
-# attention with 32 experts of width 256, top 4; float32 on this CPU), the same work on every
+# attention with 32 experts of width 256, top 4; or deepseek_v4, DeepSeek-V4-Flash's layout in
+# that size; float32 on this CPU), the same work on every
 # side (checked: the same next token after the prompt on all; equal last prefill logits and
 # PoC v2 artifact with transformers), BENCH_RUNS (5) alternated runs each, median and range, the
 # kernels each side ran, written to docs/benchmarks.md with the machine and date. Not a test.
@@ -29,9 +30,10 @@ if [ ! -f "$model/config.json" ]; then
   "$py" bench/inference_reference.py "{\"make_model\": true, \"dir\": \"$model\", \"arch\": \"$arch\"}"
 fi
 # vLLM 0.32's CPU build routes experts with softmax only (its CPU MoE asserts on MiniMax-M2's
-# sigmoid router with a correction bias), so it is no peer for minimax_m2 here.
+# sigmoid router with a correction bias), and runs DeepSeek-V4 on CUDA kernels only, so it is
+# no peer for minimax_m2 or deepseek_v4 here.
 default_vllm=1
-[ "$arch" = minimax_m2 ] && default_vllm=0
+case "$arch" in minimax_m2|deepseek_v4) default_vllm=0 ;; esac
 with_vllm=${BENCH_VLLM:-$default_vllm}
 before=${BENCH_BEFORE:-}
 cargo build --release --locked -q -p gonka-inference --bin gonka-inference-bench

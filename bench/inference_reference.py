@@ -8,7 +8,7 @@ bench compares with the engine's before it reports anything. One JSON line.
     python inference_reference.py '{"dir": "...", "prompt": 512, "decode": 64, "batch": 8,
                                     "poc_seq_len": 256, "poc_batch": 8, "poc_nonces": 32}'
 
-Also `make_model`: writes the benchmark's random checkpoint (`arch`: qwen3, qwen3_moe, minimax_m2). `device` and `dtype` in the
+Also `make_model`: writes the benchmark's random checkpoint (`arch`: qwen3, qwen3_moe, minimax_m2, deepseek_v4). `device` and `dtype` in the
 request (the GPU kit: `"cuda"`, `"bfloat16"`) run it there and in that precision.
 """
 
@@ -42,6 +42,27 @@ def make_model(directory, arch="qwen3"):
             norm_topk_prob=True, **common,
         )
         model = transformers.Qwen3MoeForCausalLM(config)
+    elif arch == "deepseek_v4":
+        # DeepSeek-V4-Flash's layout in small: its first two layers sliding-window only, then CSA
+        # and HCA in turn (compressing 4 and 128 tokens an entry), a window of 128, the first two
+        # layers' experts hash-routed, one key head (here 64 wide, of which 16 rotate, for 512
+        # of which 64), four residual streams, top 4 of 32 experts of 256 plus a shared one.
+        layer_types = ["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 3
+        config = transformers.DeepseekV4Config(
+            vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=1,
+            head_dim=64, partial_rotary_factor=0.25, q_lora_rank=128, o_groups=2, o_lora_rank=64,
+            sliding_window=128, hc_mult=4, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
+            moe_intermediate_size=256, layer_types=layer_types,
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+            index_n_heads=8, index_head_dim=64, index_topk=64, mlp_layer_types=["hash_moe"] * 2 + ["moe"] * 6,
+            max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        )
+        model = transformers.DeepseekV4ForCausalLM(config)
+        with torch.no_grad():
+            # Hash routes spread over the experts, as a release's table does (the default is zeros).
+            for name, tensor in model.named_buffers():
+                if name.endswith("tid2eid"):
+                    tensor.copy_(torch.stack([torch.randperm(32)[:4] for _ in range(tensor.shape[0])]))
     elif arch == "minimax_m2":
         config = transformers.MiniMaxM2Config(
             intermediate_size=256, num_local_experts=32, num_experts_per_tok=4, rotary_dim=32, bos_token_id=1,
@@ -54,7 +75,7 @@ def make_model(directory, arch="qwen3"):
                 if name.endswith("e_score_correction_bias"):
                     tensor.uniform_(-0.05, 0.05)
     else:
-        raise SystemExit(f"unknown arch {arch!r} (qwen3, qwen3_moe, minimax_m2)")
+        raise SystemExit(f"unknown arch {arch!r} (qwen3, qwen3_moe, minimax_m2, deepseek_v4)")
     model.save_pretrained(directory)
     if arch == "minimax_m2":
         # The released config's router spelling, which vLLM reads and transformers does not write.
@@ -95,7 +116,9 @@ def main():
     device = torch.device(req.get("device", "cpu"))
     dtype = getattr(torch, req["dtype"]) if req.get("dtype") else None
     started = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    # DeepSeek-V4 has eager attention only (SDPA takes no sinks).
+    attention = "eager" if json.load(open(os.path.join(req["dir"], "config.json")))["model_type"] == "deepseek_v4" else "sdpa"
+    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation=attention).to(device).eval()
     load_seconds = time.perf_counter() - started
     vocab = model.config.vocab_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -207,10 +207,11 @@ def randomise(model, seed):
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
 
 
-def fp8_quantise_weight(w, block):
+def fp8_quantise_weight(w, block, power_of_two=False):
     """One weight `[out, in]` in e4m3 with a float32 factor per `block` ([rows, columns]; edge
-    blocks partial), each block's largest magnitude at e4m3's largest (448): the e4m3 weight,
-    the factors `[ceil(out/rows), ceil(in/columns)]` and the factors expanded to the weight."""
+    blocks partial), each block's largest magnitude at e4m3's largest (448), or with
+    `power_of_two` the power of two above that (UE8M0 factors): the e4m3 weight, the factors
+    `[ceil(out/rows), ceil(in/columns)]` and the factors expanded to the weight."""
     rows, columns = block
     out_dim, in_dim = w.shape
     nr, nc = -(-out_dim // rows), -(-in_dim // columns)
@@ -218,6 +219,8 @@ def fp8_quantise_weight(w, block):
     padded[:out_dim, :in_dim] = w.float()
     blocks = padded.view(nr, rows, nc, columns)
     scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+    if power_of_two:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     factors = scale.repeat_interleave(rows, 0).repeat_interleave(columns, 1)[:out_dim, :in_dim]
     return (w.float() / factors).to(torch.float8_e4m3fn), scale.contiguous(), factors
 
@@ -229,10 +232,7 @@ def fp8_quantise(directory, block):
     `quantization_config` in config.json. Returns a directory holding the same model with the
     dequantised weights (e4m3 × factor, in float32, then the checkpoint's dtype) in their
     place, unquantised: what transformers runs as the reference."""
-    import os
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     rows, columns = block
     tensors = load_file(f"{directory}/model.safetensors")
@@ -245,7 +245,21 @@ def fp8_quantise(directory, block):
         quantised[name] = q
         quantised[name.removesuffix(".weight") + ".weight_scale_inv"] = scale
         dequantised[name] = (q.float() * factors).to(w.dtype)
-    # Inside the model directory (the engine reads only its top level): gone with it.
+    quantization = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                    "weight_block_size": [rows, columns]}
+    return write_quantised(directory, quantised, dequantised, {"quantization_config": quantization})
+
+
+def write_quantised(directory, quantised, dequantised, config_fields):
+    """Writes the `quantised` tensors as the checkpoint in `directory`, `config_fields` added to
+    its config.json, and the `dequantised` ones unquantised in a directory of their own, which
+    it returns: what transformers runs as the reference. That directory sits inside the model's
+    (the engine reads only its top level), gone with it."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
     reference = f"{directory}/dequantised-reference"
     os.makedirs(reference)
     for f in os.listdir(directory):
@@ -255,8 +269,7 @@ def fp8_quantise(directory, block):
     save_file(quantised, f"{directory}/model.safetensors", metadata={"format": "pt"})
     with open(f"{directory}/config.json") as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
-                                  "weight_block_size": [rows, columns]}
+    cfg.update(config_fields)
     with open(f"{directory}/config.json", "w") as f:
         json.dump(cfg, f)
     return reference
@@ -292,11 +305,9 @@ def v4_release_quantise(directory, block):
     Returns a directory holding the weights these encode, unquantised, as transformers' own
     reader of the format (`Fp8Dequantize`, which derives each block from the factors' grid, so
     `block` must divide every projection) widens them: the reference."""
-    import os
     import re
-    import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     def widened(q, scale, w, encoded):
@@ -315,30 +326,15 @@ def v4_release_quantise(directory, block):
             quantised[name], quantised[f"{stem}.scale"] = packed, scales
             dequantised[name] = widened(packed, scales, w, encoded)
         elif fp8.search(name):
-            _, scale, _ = fp8_quantise_weight(w, block)
-            scale = torch.exp2(torch.ceil(torch.log2(scale)))  # UE8M0: a power of two, rounded up
-            rows, columns = block
-            factors = scale.repeat_interleave(rows, 0).repeat_interleave(columns, 1)[:w.shape[0], :w.shape[1]]
-            q = (w.float() / factors).to(torch.float8_e4m3fn)
+            q, scale, factors = fp8_quantise_weight(w, block, power_of_two=True)
             quantised[name], quantised[f"{stem}.scale"] = q, scale.to(torch.float8_e8m0fnu)
             dequantised[name] = widened(q, quantised[f"{stem}.scale"], w, q.float() * factors)
         else:
             quantised[name] = dequantised[name] = w
-    reference = f"{directory}/dequantised-reference"
-    os.makedirs(reference)
-    for f in os.listdir(directory):
-        if f != "model.safetensors" and os.path.isfile(f"{directory}/{f}"):
-            shutil.copy(f"{directory}/{f}", reference)
-    save_file(dequantised, f"{reference}/model.safetensors", metadata={"format": "pt"})
-    save_file(quantised, f"{directory}/model.safetensors", metadata={"format": "pt"})
-    with open(f"{directory}/config.json") as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
-                                  "activation_scheme": "dynamic", "weight_block_size": list(block)}
-    cfg["expert_dtype"] = "fp4"
-    with open(f"{directory}/config.json", "w") as f:
-        json.dump(cfg, f)
-    return reference
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
+                    "weight_block_size": list(block)}
+    return write_quantised(directory, quantised, dequantised,
+                           {"quantization_config": quantization, "expert_dtype": "fp4"})
 
 
 def minimax_m2_ablations(directory, dtype, ids):
