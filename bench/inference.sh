@@ -124,10 +124,15 @@ def verdicts(other):
 kernel_text = lambda r: ", ".join(k for k, on in r["kernels"].items() if on) or "none"
 o = ours[0]
 arch = config["architectures"][0].removesuffix("ForCausalLM")
-experts = config.get("num_experts") or config.get("num_local_experts")
+experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
 if experts:
     width = config.get("moe_intermediate_size") or config["intermediate_size"]
     arch += f" (mixture of experts: {experts} of width {width}, top {config['num_experts_per_tok']})"
+if config.get("hc_mult"):
+    kinds = ", ".join(config.get("layer_types") or [])
+    arch += (f" ({config['hc_mult']} residual streams; layers: {kinds}; a window of {config['sliding_window']},"
+             f" {config['num_key_value_heads']} key head of {config['head_dim']})")
+embeddings = "tied embeddings" if config.get("tie_word_embeddings") else "untied embeddings"
 threads_and_kernels = f"Threads: {o['threads']} on every side"
 if served:
     threads_and_kernels += f", vLLM's compute bound to cores {served[0]['cores']} (none reserved for its front end, which by default takes one)"
@@ -141,7 +146,7 @@ if earlier:
 section = f"""
 ## Inference and PoC v2, {datetime.date.today().isoformat()}
 
-Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, tied embeddings (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (warmed on the same shape first on every side; no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}: the whole pipeline (forward with reflections, normalise, pick, Haar, encode; ours and transformers), and the forward alone (ours: {o['poc_batch']} sequences of {o['poc_seq_len']} tokens, the last position's logits; vLLM, whose PoC v2 is in upstream's fork, not its CPU build: {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
+Machine: {machine}. Model: random {arch}, hidden {o['hidden']}, {o['layers']} layers, vocab 32000, {embeddings} (`bench/inference_reference.py`); prefill {o['prefill_tokens']} tokens (warmed on the same shape first on every side; no cache kept, the last position's logits: ours and transformers; vLLM: a request generating one token, prefix caching and chunked prefill off); decode after a 16-token prompt, 1 sequence and {o['batch']} (vLLM: the same requests generating one token more than the decode length, less their prefill); PoC v2 seq_len {o['poc_seq_len']}, batches of {o['poc_batch']}: the whole pipeline (forward with reflections, normalise, pick, Haar, encode; ours and transformers), and the forward alone (ours: {o['poc_batch']} sequences of {o['poc_seq_len']} tokens, the last position's logits; vLLM, whose PoC v2 is in upstream's fork, not its CPU build: {o['poc_batch']} requests of {o['poc_seq_len']} tokens generating one). {sides}, median (min–max); every side gave the same next token after the prompt, and ours and transformers the same last prefill logits and warm-up PoC v2 artifact, before timing. {threads_and_kernels}
 
 | engine | device | threads | prefill tok/s | decode tok/s | batch decode tok/s | PoC v2 nonces/s | PoC v2 forward nonces/s |
 |---|---|---|---|---|---|---|---|
