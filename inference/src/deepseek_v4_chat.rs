@@ -12,6 +12,8 @@
 //! so they do not here either. Validators re-encode a chat's prompt with vLLM, so every byte
 //! matters: tests compare with vLLM's own functions.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 
 use crate::tokenizer::python_json_string;
@@ -116,7 +118,7 @@ impl Reasoning {
 }
 
 /// A message as the encoding sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Message {
     role: String,
     /// `None` where the request gave none (or null).
@@ -193,20 +195,13 @@ fn merge_tool_messages(messages: Vec<Message>) -> Result<Vec<Message>, String> {
                 };
                 match open_user {
                     Some(user) => user.blocks.as_mut().expect("filtered").push(block),
-                    None => merged.push(Message {
-                        role: "user".into(),
-                        content: None,
-                        reasoning: None,
-                        tool_calls: Vec::new(),
-                        tool_call_id: String::new(),
-                        tools: Vec::new(),
-                        blocks: Some(vec![block]),
-                    }),
+                    None => {
+                        merged.push(Message { role: "user".into(), blocks: Some(vec![block]), ..Message::default() })
+                    }
                 }
             }
             "user" => {
-                let text = flatten_content(Some(message.content.as_ref().unwrap_or(&Value::String(String::new()))))?
-                    .unwrap_or_default();
+                let text = flatten_content(message.content.as_ref())?.unwrap_or_default();
                 match open_user {
                     Some(user) => user.blocks.as_mut().expect("filtered").push(Block::Text(text)),
                     None => {
@@ -230,7 +225,8 @@ fn call_id(call: &Value) -> String {
 
 /// Each user turn's tool results in the order the assistant before it called them.
 fn sort_tool_results(messages: &mut [Message]) {
-    let mut order: Vec<(String, usize)> = Vec::new();
+    // Each call's position by id; as Python's dict, a repeated id keeps its last.
+    let mut order: HashMap<String, usize> = HashMap::new();
     for message in messages {
         if message.role == "assistant" && !message.tool_calls.is_empty() {
             order = message
@@ -240,13 +236,10 @@ fn sort_tool_results(messages: &mut [Message]) {
                 .map(|(i, call)| (call_id(call), i))
                 .filter(|(id, _)| !id.is_empty())
                 .collect();
-            // Python's dict: a repeated id keeps its last position.
-            let last: std::collections::HashMap<String, usize> = order.iter().cloned().collect();
-            order = last.into_iter().collect();
         } else if message.role == "user"
             && let Some(blocks) = message.blocks.as_mut()
         {
-            let position = |id: &str| order.iter().find(|(o, _)| o == id).map_or(0, |(_, i)| *i);
+            let position = |id: &str| order.get(id).copied().unwrap_or(0);
             let mut results: Vec<Block> =
                 blocks.iter().filter(|b| matches!(b, Block::ToolResult { .. })).cloned().collect();
             if results.len() > 1 && !order.is_empty() {

@@ -117,22 +117,34 @@ impl Weight {
     }
 }
 
-/// E2M1's values by code: sign in the top bit, then two exponent bits and one of mantissa.
-const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+/// E2M1's value of each code (`[codes]`, integers 0–15): the top bit the sign, then two
+/// exponent bits and one of mantissa, exponent 0 subnormal (0 or 0.5), else
+/// `2^(exponent - 1) · (1 + mantissa / 2)`: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives.
+fn e2m1_values(codes: &Tensor) -> Tensor {
+    let bits =
+        |shift: i64, mask: i64| codes.bitwise_right_shift_tensor_scalar(shift).bitwise_and(mask).to_kind(Kind::Float);
+    let (sign, exponent, mantissa) = (bits(3, 1), bits(1, 3), bits(0, 1));
+    let normal = (&exponent - 1.0).exp2() * (&mantissa * 0.5 + 1.0);
+    let magnitude = normal.where_self(&exponent.gt(0), &(mantissa * 0.5));
+    magnitude * (sign * -2.0 + 1.0)
+}
 
 /// MXFP4 weights `[..., rows, columns]` from their codes `[..., rows, columns / 2]` and UE8M0
 /// exponents `[..., rows, columns / 32]`, in float32 (each code's value times its group's
-/// power of two: exact), rounded once to `kind`.
+/// power of two: exact), rounded once to `kind`. Each byte is looked up once in a table of the
+/// 256 bytes' two values, made on the codes' device (nothing is copied in from the host).
 pub fn widen_mxfp4(codes: &Tensor, exponents: &Tensor, kind: Kind) -> Tensor {
     let size = codes.size();
     let d = size.len();
     let columns = 2 * size[d - 1];
-    let table = Tensor::from_slice(&E2M1).to_device(codes.device());
-    let codes = codes.to_kind(Kind::Int64);
-    let low = table.index_select(0, &codes.bitwise_and(0xF).flatten(0, -1));
-    let high = table.index_select(0, &codes.bitwise_right_shift_tensor_scalar(4).bitwise_and(0xF).flatten(0, -1));
+    let bytes = Tensor::arange(256, (Kind::Int, codes.device()));
+    // The even column's code is the low nibble.
+    let pairs = Tensor::stack(
+        &[e2m1_values(&bytes.bitwise_and(0xF)), e2m1_values(&bytes.bitwise_right_shift_tensor_scalar(4))],
+        -1,
+    );
     let mut grouped = [&size[..d - 1], &[columns / MXFP4_GROUP, MXFP4_GROUP][..]].concat();
-    let values = Tensor::stack(&[low, high], -1).view(grouped.as_slice());
+    let values = pairs.index_select(0, &codes.flatten(0, -1).to_kind(Kind::Int)).view(grouped.as_slice());
     let factors = crate::checkpoint::e8m0_factors(exponents).unsqueeze(-1);
     grouped.truncate(d - 1);
     grouped.push(columns);
@@ -809,6 +821,10 @@ mod tests {
     /// Widening FP8 blocks against each weight times the factor of the block it falls in, picked
     /// by index (`factor[i / b0, j / b1]`): blocks that tile the weight (the broadcast path),
     /// partial edge blocks, a leading experts dimension, into float32 and bfloat16.
+    /// E2M1's values by code, as the OCP microscaling spec tabulates them (and transformers'
+    /// `_FP4_E2M1_LUT`).
+    const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
     /// MXFP4 codes widen to each code's e2m1 value times its group's power of two, the even
     /// column from the low nibble; over stacked experts too.
     #[test]

@@ -238,30 +238,32 @@ impl TextStream {
 /// renders `tojson` so), or `indent` spaces per level.
 fn python_json(value: TemplateValue, indent: Option<usize>) -> Result<TemplateValue, TemplateError> {
     // Serialised straight from the template value, which keeps its maps' order (Python's).
-    let json = value;
-    let mut out = Vec::new();
-    let result = match indent {
+    let text = match indent {
         Some(n) => {
             let spaces = " ".repeat(n);
+            let mut out = Vec::new();
             let mut ser = serde_json::Serializer::with_formatter(
                 &mut out,
                 serde_json::ser::PrettyFormatter::with_indent(spaces.as_bytes()),
             );
-            json.serialize(&mut ser)
+            value.serialize(&mut ser).map(|()| String::from_utf8(out).expect("serde_json writes UTF-8"))
         }
-        None => json.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),
+        None => python_json_text(&value),
     };
-    result.map_err(|e| TemplateError::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    Ok(TemplateValue::from_safe_string(String::from_utf8(out).expect("serde_json writes UTF-8")))
+    let text = text.map_err(|e| TemplateError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(TemplateValue::from_safe_string(text))
 }
 
-/// `json.dumps(value, ensure_ascii=False)` of a JSON value, as Python writes it.
-pub(crate) fn python_json_string(value: &Value) -> String {
+/// `json.dumps(value, ensure_ascii=False)` as Python writes it.
+fn python_json_text(value: &impl Serialize) -> Result<String, serde_json::Error> {
     let mut out = Vec::new();
-    value
-        .serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter))
-        .expect("a JSON value serialises");
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter))?;
+    Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
+}
+
+/// [`python_json_text`] of a JSON value, which always serialises.
+pub(crate) fn python_json_string(value: &Value) -> String {
+    python_json_text(value).expect("a JSON value serialises")
 }
 
 struct PythonFormatter;

@@ -34,9 +34,9 @@
 //!   reads), and the spelling transformers 5.23 writes, which keeps `model.embed_tokens` and
 //!   `model.hc_head.hc_fn` under a `model.` prefix and the layers' released names.
 //!
-//! The KV cache keeps the one key head once (it is the values too) and every past token (the
-//! window is a mask); a compressed layer's compressors keep their own state per sequence beside
-//! it. Float32 follows transformers exactly; bfloat16 rounds as the
+//! The KV cache keeps the one key head once (it is the values too), and only the window's
+//! `sliding_window - 1` past keys ([`crate::kv_cache::SequenceCache::append_window`]); a
+//! compressed layer's compressors keep their own state per sequence beside it. Float32 follows transformers exactly; bfloat16 rounds as the
 //! other architectures here do, which for this model is not yet compared with a reference.
 
 use serde::Deserialize;

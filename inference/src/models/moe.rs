@@ -146,29 +146,17 @@ impl Stacked {
             Self::Fp8Block { weight, scale_inv, block, kind } => {
                 let weight = pick(&weight.view_dtype(Kind::Uint8)).view_dtype(Kind::Float8e4m3fn);
                 let scale_inv = pick(scale_inv);
-                let (experts, rows, columns) = (weight.size()[0], weight.size()[1], weight.size()[2]);
-                let out = Tensor::empty([experts, rows, columns], (*kind, weight.device()));
-                let step = (chunk_elements / (rows * columns).max(1)).max(1);
-                for start in (0..experts).step_by(step as usize) {
-                    let n = step.min(experts - start);
-                    // Widened in float32; the copy into `out` rounds it to the model's dtype.
-                    let widened =
-                        widen_blocks(&weight.narrow(0, start, n), &scale_inv.narrow(0, start, n), *block, Kind::Float);
-                    out.narrow(0, start, n).copy_(&widened);
-                }
-                out
+                let shape = [weight.size()[0], weight.size()[1], weight.size()[2]];
+                widen_in_chunks(shape, *kind, weight.device(), chunk_elements, |start, n| {
+                    widen_blocks(&weight.narrow(0, start, n), &scale_inv.narrow(0, start, n), *block, Kind::Float)
+                })
             }
             Self::Mxfp4 { codes, exponents, kind } => {
                 let (codes, exponents) = (pick(codes), pick(exponents));
-                let (experts, rows, columns) = (codes.size()[0], codes.size()[1], 2 * codes.size()[2]);
-                let out = Tensor::empty([experts, rows, columns], (*kind, codes.device()));
-                let step = (chunk_elements / (rows * columns).max(1)).max(1);
-                for start in (0..experts).step_by(step as usize) {
-                    let n = step.min(experts - start);
-                    let widened = widen_mxfp4(&codes.narrow(0, start, n), &exponents.narrow(0, start, n), Kind::Float);
-                    out.narrow(0, start, n).copy_(&widened);
-                }
-                out
+                let shape = [codes.size()[0], codes.size()[1], 2 * codes.size()[2]];
+                widen_in_chunks(shape, *kind, codes.device(), chunk_elements, |start, n| {
+                    widen_mxfp4(&codes.narrow(0, start, n), &exponents.narrow(0, start, n), Kind::Float)
+                })
             }
         }
     }
@@ -176,6 +164,25 @@ impl Stacked {
     fn is_quantised(&self) -> bool {
         !matches!(self, Self::Dense(_))
     }
+}
+
+/// `[experts, rows, columns]` in `kind`, whole experts `widen(start, n)`-ed at a time (in
+/// float32, at most `chunk_elements` weights, at least one expert), each chunk rounded to `kind`
+/// as it is copied into the result.
+fn widen_in_chunks(
+    [experts, rows, columns]: [i64; 3],
+    kind: Kind,
+    device: Device,
+    chunk_elements: i64,
+    widen: impl Fn(i64, i64) -> Tensor,
+) -> Tensor {
+    let out = Tensor::empty([experts, rows, columns], (kind, device));
+    let step = (chunk_elements / (rows * columns).max(1)).max(1);
+    for start in (0..experts).step_by(step as usize) {
+        let n = step.min(experts - start);
+        out.narrow(0, start, n).copy_(&widen(start, n));
+    }
+    out
 }
 
 impl Experts {
