@@ -1,6 +1,8 @@
 //! One forward step over several sequences: what each brings (tokens or input embeddings), its
 //! cache, and where its tokens sit in the flattened `[tokens, hidden]` matrix.
 
+use std::cell::RefCell;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::kv_cache::SequenceCache;
@@ -62,6 +64,10 @@ pub struct Span {
 
 pub struct Batch {
     spans: Vec<Span>,
+    /// What a layer hands on to later layers of the same step (GLM-5.3-Flash's full indexer
+    /// layers' choice of keys, per sequence, which its shared layers reuse): the step's own, so
+    /// nothing of it outlives the step or reaches another.
+    handed_on: RefCell<Option<Vec<Tensor>>>,
 }
 
 impl Batch {
@@ -76,7 +82,17 @@ impl Batch {
                 span
             })
             .collect();
-        Self { spans }
+        Self { spans, handed_on: RefCell::new(None) }
+    }
+
+    /// Leaves `value` for the layers after this one in the step (replacing what was left).
+    pub fn hand_on(&self, value: Vec<Tensor>) {
+        *self.handed_on.borrow_mut() = Some(value);
+    }
+
+    /// What an earlier layer of the step left, if any (taken: hand it on again to pass it further).
+    pub fn take_handed_on(&self) -> Option<Vec<Tensor>> {
+        self.handed_on.borrow_mut().take()
     }
 
     pub fn spans(&self) -> &[Span] {

@@ -19,8 +19,10 @@ pub enum Architecture {
     Qwen3Moe,
     /// MiniMax-M2, M2.5, M2.7.
     MiniMaxM2,
-    /// DeepSeek-V4, DeepSeek-V4-Flash (unquantised).
+    /// DeepSeek-V4, DeepSeek-V4-Flash.
     DeepseekV4,
+    /// GLM-5.3-Flash's language model (its indexed attention layers only, so far).
+    Glm5Next,
 }
 
 impl Architecture {
@@ -32,6 +34,7 @@ impl Architecture {
             "qwen3_moe" => Ok(Self::Qwen3Moe),
             "minimax_m2" => Ok(Self::MiniMaxM2),
             "deepseek_v4" => Ok(Self::DeepseekV4),
+            "glm5_next" => Ok(Self::Glm5Next),
             other => Err(LoadError::UnsupportedArchitecture {
                 model_type: other.to_string(),
                 architectures: config
@@ -42,6 +45,27 @@ impl Architecture {
             }),
         }
     }
+}
+
+/// The language model's config: where a multimodal checkpoint (GLM-5.3-Flash's) nests it under
+/// `text_config`, that, with the outer fields it lacks (the dtype, the quantisation) and the
+/// outer model type; else the whole config (a text-only checkpoint keeps the fields at the top
+/// level).
+pub fn text_config(config: &Value) -> Value {
+    let Some(Value::Object(text)) = config.get("text_config") else { return config.clone() };
+    let mut merged = text.clone();
+    if let Value::Object(outer) = config {
+        for (key, value) in outer {
+            if !matches!(key.as_str(), "text_config" | "vision_config") && !merged.contains_key(key) {
+                merged.insert(key.clone(), value.clone());
+            }
+        }
+        // The architecture is the checkpoint's (`glm5_next`), not the text model's class.
+        if let Some(model_type) = outer.get("model_type") {
+            merged.insert("model_type".into(), model_type.clone());
+        }
+    }
+    Value::Object(merged)
 }
 
 /// The weights' dtype as the checkpoint declares it (`torch_dtype`, or `dtype` since
@@ -165,6 +189,23 @@ impl RopeFields {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The text config of a multimodal checkpoint takes the outer dtype and model type; a flat
+    /// one is itself.
+    #[test]
+    fn the_text_config_takes_what_it_lacks_from_the_checkpoints() {
+        let nested = json!({"model_type": "glm5_next", "dtype": "bfloat16", "tie_word_embeddings": false,
+            "vision_config": {"depth": 1}, "text_config": {"model_type": "glm5_next_text", "hidden_size": 64,
+            "tie_word_embeddings": true}});
+        let text = text_config(&nested);
+        assert_eq!(text["model_type"], "glm5_next");
+        assert_eq!(text["dtype"], "bfloat16");
+        assert_eq!(text["hidden_size"], 64);
+        assert_eq!(text["tie_word_embeddings"], true, "the text model's own field wins");
+        assert!(text.get("vision_config").is_none() && text.get("text_config").is_none());
+        let flat = json!({"model_type": "glm5_next", "hidden_size": 64});
+        assert_eq!(text_config(&flat), flat);
+    }
 
     fn rope(v: Value) -> Result<Rope, LoadError> {
         serde_json::from_value::<RopeFields>(v).unwrap().resolve(4096)

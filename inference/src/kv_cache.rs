@@ -32,7 +32,8 @@ pub trait LayerState: Any + Send {
 struct LayerKv {
     keys: Tensor,
     /// `None` where the keys are the values (DeepSeek-V4's shared-KV attention, kept by
-    /// [`SequenceCache::append_window`]): one tensor kept.
+    /// [`SequenceCache::append_window`]) or where one row per token makes both
+    /// ([`SequenceCache::append_rows`]): one tensor kept.
     values: Option<Tensor>,
     capacity: i64,
 }
@@ -103,7 +104,7 @@ impl SequenceCache {
     /// The new length counts once every layer has appended: see [`Self::advance`]. Appending
     /// past the limit is a caller's bug (the scheduler stops a sequence at its limit).
     pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> (Tensor, Tensor) {
-        self.keep(layer, keys, values);
+        self.store(layer, keys, Some(values));
         let (all_keys, all_values) = self.held(layer, keys.size()[2], keys.kind());
         (all_keys, all_values.expect("kept with values"))
     }
@@ -111,7 +112,16 @@ impl SequenceCache {
     /// [`Self::append`] without reading anything back: for attention that reads the new keys as
     /// computed (a prompt with no past), which need not widen the layer's cache.
     pub fn keep(&mut self, layer: usize, keys: &Tensor, values: &Tensor) {
-        self.store(layer, keys, values);
+        self.store(layer, keys, Some(values));
+    }
+
+    /// For a layer that keeps one row per token from which it makes its keys and values
+    /// (GLM-5.3-Flash's multi-head latent attention keeps the latent, and its indexer's keys
+    /// beside it): appends `rows` (`[1, 1, n, width]`) as [`Self::append`] appends keys, and
+    /// returns every row the layer holds, `[1, 1, len() + n, width]`.
+    pub fn append_rows(&mut self, layer: usize, rows: &Tensor) -> Tensor {
+        self.store(layer, rows, None);
+        self.held(layer, rows.size()[2], rows.kind()).0
     }
 
     /// For a layer whose keys are its values and whose queries see only the `window - 1` keys
@@ -151,7 +161,7 @@ impl SequenceCache {
         (widen(l.keys.narrow(2, 0, needed)), l.values.as_ref().map(|v| widen(v.narrow(2, 0, needed))))
     }
 
-    fn store(&mut self, layer: usize, keys: &Tensor, values: &Tensor) {
+    fn store(&mut self, layer: usize, keys: &Tensor, values: Option<&Tensor>) {
         let n = keys.size()[2];
         let needed = self.len + n;
         assert!(needed <= self.limit, "a sequence cache of {} tokens was asked for {needed}", self.limit);
@@ -173,12 +183,12 @@ impl SequenceCache {
             };
             let old = slot.as_ref();
             let new_keys = grown(old.map(|l| &l.keys));
-            let new_values = grown(old.and_then(|l| l.values.as_ref()));
-            *slot = Some(LayerKv { keys: new_keys, values: Some(new_values), capacity });
+            let new_values = values.map(|_| grown(old.and_then(|l| l.values.as_ref())));
+            *slot = Some(LayerKv { keys: new_keys, values: new_values, capacity });
         }
         let l = slot.as_mut().expect("allocated above");
         l.keys.narrow(2, self.len, n).copy_(&stored(keys, l.keys.kind()));
-        if let Some(all) = &l.values {
+        if let (Some(all), Some(values)) = (&l.values, values) {
             all.narrow(2, self.len, n).copy_(&stored(values, all.kind()));
         }
     }
@@ -303,6 +313,21 @@ mod tests {
         }
         assert_eq!((made, cache.state(1, || Held(Tensor::zeros([1], (Kind::Float, Device::Cpu)), 0)).1), (1, 2));
         assert_eq!(cache.bytes(), 3 * 5 * 4);
+    }
+
+    /// One row per token (a latent): grown by doubling like keys, no values kept beside it.
+    #[test]
+    fn rows_alone_are_kept_and_read_back() {
+        let mut cache = SequenceCache::new(1, 100);
+        let mut all = Vec::new();
+        for n in [5i64, 1, 1, 12] {
+            let rows = Tensor::randn([1, 1, n, 6], (Kind::Float, Device::Cpu));
+            all.push(rows.shallow_clone());
+            assert!(cache.append_rows(0, &rows).equal(&Tensor::cat(&all, 2)));
+            cache.advance(n);
+        }
+        // 19 rows in a capacity of 32 (16 → 32), 6 floats each, and nothing for values.
+        assert_eq!(cache.bytes(), 32 * 6 * 4);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::checkpoint::{Checkpoint, Kept, Loader, TensorSize};
-use crate::config::{Architecture, declared_kind, fp8_block};
+use crate::config::{Architecture, declared_kind, fp8_block, text_config};
 use crate::error::LoadError;
-use crate::models::{ModelSpec, Transformer, deepseek_v4, minimax_m2, qwen2, qwen3, qwen3_moe};
+use crate::models::{ModelSpec, Transformer, deepseek_v4, glm5_next, minimax_m2, qwen2, qwen3, qwen3_moe};
 use crate::placement::{LayerBytes, layer_devices};
 
 #[derive(Debug, Clone)]
@@ -32,20 +32,24 @@ impl Default for LoadOptions {
     }
 }
 
-/// Reads `config.json` in `dir`.
+/// Reads `config.json` in `dir`: the language model's fields ([`text_config`]; a multimodal
+/// checkpoint nests them).
 pub fn read_config(dir: &Path) -> Result<Value, LoadError> {
     let path = dir.join("config.json");
     let bytes = std::fs::read(&path).map_err(|source| LoadError::Io { path: path.clone(), source })?;
-    serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })
+    let config: Value = serde_json::from_slice(&bytes).map_err(|source| LoadError::Json { path, source })?;
+    Ok(text_config(&config))
 }
 
-/// The architecture of `config` where this engine runs it: one it knows, DeepSeek-V4 with its
-/// layer types and quantisation checked; else why not. Read from the config alone, before
+/// The architecture of `config` where this engine runs it: one it knows, DeepSeek-V4 and
+/// GLM-5.3-Flash with their layer types and quantisation checked; else why not. Read from the config alone, before
 /// anything is loaded (the ML node picks an engine by it).
 pub fn native_support(config: &Value) -> Result<Architecture, LoadError> {
     let architecture = Architecture::from_config(config)?;
-    if architecture == Architecture::DeepseekV4 {
-        deepseek_v4::check_native(config)?;
+    match architecture {
+        Architecture::DeepseekV4 => deepseek_v4::check_native(config)?,
+        Architecture::Glm5Next => glm5_next::check_native(config)?,
+        _ => {}
     }
     Ok(architecture)
 }
@@ -71,6 +75,7 @@ pub fn spec(dir: &Path, options: &LoadOptions) -> Result<ModelSpec, LoadError> {
         Architecture::Qwen3Moe => qwen3_moe::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
         Architecture::MiniMaxM2 => minimax_m2::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
         Architecture::DeepseekV4 => deepseek_v4::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
+        Architecture::Glm5Next => glm5_next::shape(&serde_json::from_value(config).map_err(parse)?, kind)?,
     };
     Ok(ModelSpec { kv_kind: kv_kind(kind, options.kv_cache_dtype)?, ..shape.spec })
 }
@@ -116,6 +121,9 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<Transformer, LoadError>
         }
         Architecture::DeepseekV4 => {
             deepseek_v4::load(&serde_json::from_value::<deepseek_v4::Config>(config).map_err(parse)?, &root, &placed)
+        }
+        Architecture::Glm5Next => {
+            glm5_next::load(&serde_json::from_value::<glm5_next::Config>(config).map_err(parse)?, &root, &placed)
         }
     }?;
     model.spec.kv_kind = kv_kind;
@@ -191,8 +199,8 @@ fn loaded_tensors<'a>(
     let counted = config.get("num_hidden_layers").and_then(Value::as_u64);
     checkpoint.tensor_sizes().filter_map(move |size| {
         // DeepSeek-V4's multi-token-prediction modules sit apart, under `mtp.` (transformers
-        // skips `(^|\.)mtp\.` at load).
-        if size.name.starts_with("mtp.") || size.name.contains(".mtp.") {
+        // skips `(^|\.)mtp\.` at load); a multimodal checkpoint's vision tower is not loaded.
+        if size.name.starts_with("mtp.") || size.name.contains(".mtp.") || size.name.starts_with("model.visual.") {
             return None;
         }
         let layer = layer_index(&size.name);
@@ -202,11 +210,19 @@ fn loaded_tensors<'a>(
 
 /// What loading puts with the LM head: the final norm, and DeepSeek-V4's final collapse of its
 /// streams, in each spelling.
-const HEAD_TENSORS: [&str; 6] = ["lm_head.", "head.", "model.norm.", "norm.", "model.hc_head.", "hc_head_"];
+const HEAD_TENSORS: [&str; 7] =
+    ["lm_head.", "head.", "model.norm.", "norm.", "model.hc_head.", "hc_head_", "model.language_model.norm."];
 
-/// `N` of a tensor under `model.layers.N.` (or `layers.N.`, DeepSeek-V4's released spelling).
+/// `N` of a tensor under `model.layers.N.` (or `layers.N.`, DeepSeek-V4's released spelling, or
+/// `model.language_model.layers.N.`, a multimodal checkpoint's).
 fn layer_index(name: &str) -> Option<u64> {
-    name.strip_prefix("model.layers.").or_else(|| name.strip_prefix("layers."))?.split('.').next()?.parse().ok()
+    ["model.layers.", "layers.", "model.language_model.layers."]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -219,6 +219,57 @@ fn deepseek_v4_compressed_layers_match_transformers() {
     assert_eq!(spec.kv_bytes_for(4), spec.kv_bytes_for(3) + (64 + 32) * 4, "a CSA entry, no more keys");
 }
 
+/// GLM-5.3-Flash's language model as transformers 5.23 runs it, its indexed attention layers
+/// (MLA without rotary, sparse over pools of 4 tokens, layers 1 and 3 reusing the choice before
+/// them; a dense layer, then group-limited experts) in a multimodal checkpoint whose vision
+/// tower is not loaded: a 30-token prompt (up to 7 complete pools, 2 picked per query), 10 greedy
+/// tokens through the cache (pools closing while decoding), the prompt fed in chunks that split
+/// pools, and batched beside a sequence with a past.
+#[test]
+fn glm5_next_indexed_layers_match_transformers() {
+    let prompt: Vec<i64> = (0..30).map(|i| (i * 37 + 11) % 320).collect();
+    let (dir, model) = check_prompt("glm5_next", &prompt, 10, json!({}), 1e-5);
+    let _guard = tch::no_grad_guard();
+    let whole = prompt_logits(&model, &prompt);
+    let mut cache = model.new_cache(64);
+    let chunked: Vec<Tensor> = [&prompt[..6], &prompt[6..17], &prompt[17..]]
+        .iter()
+        .map(|chunk| {
+            let mut step = [Step { input: StepInput::Tokens(chunk.to_vec()), cache: Some(&mut cache) }];
+            model.logits(&model.forward(&mut step, None, Output::All))
+        })
+        .collect();
+    let error = relative_error(&Tensor::cat(&chunked, 0), &whole);
+    assert!(error < 1e-5, "chunked prefill off by {error:e}");
+    // A fresh sequence beside one with a past: each chooses among its own pools.
+    let other: Vec<i64> = (0..19).map(|i| (i * 53 + 17) % 320).collect();
+    let mut cache = model.new_cache(64);
+    let mut first = [Step { input: StepInput::Tokens(prompt[..21].to_vec()), cache: Some(&mut cache) }];
+    let _ = model.forward(&mut first, None, Output::Last);
+    let mut both = [
+        Step { input: StepInput::Tokens(other.clone()), cache: None },
+        Step { input: StepInput::Tokens(prompt[21..].to_vec()), cache: Some(&mut cache) },
+    ];
+    let together = model.logits(&model.forward(&mut both, None, Output::All));
+    let alone = Tensor::cat(&[prompt_logits(&model, &other), whole.narrow(0, 21, 9)], 0);
+    assert!(relative_error(&together, &alone) < 1e-5, "batched with a cached sequence");
+    // The cache: a latent of 32 a token on every layer, the indexer's 2 × 32 beside it on the
+    // two full layers; the budget counts the widest row on all four (an upper bound).
+    let spec = &model.spec;
+    assert_eq!(spec.kv_bytes_for(30), 30 * 4 * (32 + 64) * 4);
+    let mut exact = model.new_cache(30);
+    let _ = model.forward(
+        &mut [Step { input: StepInput::Tokens(prompt.clone()), cache: Some(&mut exact) }],
+        None,
+        Output::Last,
+    );
+    assert_eq!(exact.bytes(), 30 * (4 * 32 + 2 * 64) * 4);
+    // The vision tower's weights are not counted: the embedding alone outside the layers, and
+    // the LM head with the final norm.
+    let bytes = layer_bytes(dir.path(), None).unwrap();
+    assert_eq!((bytes.embedding, bytes.head, bytes.layers.len()), (320 * 64 * 4, (320 * 64 + 64) * 4, 4));
+}
+
 /// DeepSeek-V4 in its released tensor names (no `model.` prefix, `embed`, `hc_head_fn`…, an
 /// `mtp.` module after the layers), which transformers reads through its conversion mapping:
 /// the same logits, and the bytes sorted where loading puts them.

@@ -1,9 +1,9 @@
 //! DeepSeek-V4 (DeepSeek-V4-Flash, one of the network's models), read from transformers 5.23's
-//! `modeling_deepseek_v4.py` and `configuration_deepseek_v4.py`, unquantised: every layer type
+//! `modeling_deepseek_v4.py` and `configuration_deepseek_v4.py`: every layer type
 //! (`sliding_attention`, and the compressed `compressed_sparse_attention` and
-//! `heavily_compressed_attention`, [`super::compressed_attention`]). The released checkpoints'
-//! FP8 and MXFP4 weights are not loaded yet, so the vLLM engine serves DeepSeek-V4-Flash
-//! (docs/native-architectures.md says what remains).
+//! `heavily_compressed_attention`, [`super::compressed_attention`]), unquantised or as released
+//! (FP8 blocks, MXFP4 routed experts). Under `engine: auto` a released checkpoint still goes to
+//! vLLM where the ML node has it (docs/native-architectures.md says what remains).
 //!
 //! What differs from the other architectures here:
 //! - **hyper-connected residual streams** (`hc_mult` of them, [`super::hyper_connections`]),

@@ -1,5 +1,6 @@
-//! Manifold-constrained hyper-connections (mHC), DeepSeek-V4's residual (and GLM-5.3's), read
-//! from transformers 5.23's `DeepseekV4HyperConnection` and `DeepseekV4HyperHead`.
+//! Manifold-constrained hyper-connections (mHC), DeepSeek-V4's residual and GLM-5.3-Flash's, read
+//! from transformers 5.23's `DeepseekV4HyperConnection` and `DeepseekV4HyperHead` (GLM's
+//! connections are the same; its head is the streams' mean).
 //!
 //! The residual is `streams` parallel copies of the hidden state (`[tokens, streams, hidden]`).
 //! Before each attention and each feed-forward the streams are collapsed into the block's input
@@ -120,12 +121,17 @@ impl BlockHyperConnections {
 }
 
 /// The final collapse of the streams into one hidden state, before the final norm.
-pub struct HyperHead {
-    /// `[streams, streams × hidden]`.
-    projection: Tensor,
-    base: Tensor,
-    scale: Tensor,
-    shape: HyperShape,
+pub enum HyperHead {
+    /// DeepSeek-V4's: weighted per token, as a block's input is collapsed (`pre` alone).
+    Weighted {
+        /// `[streams, streams × hidden]`.
+        projection: Tensor,
+        base: Tensor,
+        scale: Tensor,
+        shape: HyperShape,
+    },
+    /// GLM-5.3-Flash's: the streams' plain mean (transformers' `Glm5NextTextHyperHead`).
+    Mean,
 }
 
 impl HyperHead {
@@ -134,7 +140,7 @@ impl HyperHead {
     pub fn load(w: &Loader, stem: &str, shape: HyperShape) -> Result<Self, LoadError> {
         let w = w.with_kind(Kind::Float);
         let n = shape.streams;
-        Ok(Self {
+        Ok(Self::Weighted {
             projection: w.tensor(&format!("{stem}fn"), &[n, n * shape.hidden])?,
             base: w.tensor(&format!("{stem}base"), &[n])?,
             scale: w.tensor(&format!("{stem}scale"), &[1])?,
@@ -144,9 +150,14 @@ impl HyperHead {
 
     /// `[tokens, streams, hidden]` → `[tokens, hidden]` in the streams' dtype.
     pub fn forward(&self, streams: &Tensor) -> Tensor {
-        let mixes = mixes(streams, &self.projection, self.shape.norm_eps);
-        let pre = (mixes * &self.scale + &self.base).sigmoid() + self.shape.eps;
-        weighted_sum(&pre, streams)
+        match self {
+            Self::Weighted { projection, base, scale, shape } => {
+                let mixes = mixes(streams, projection, shape.norm_eps);
+                let pre = (mixes * scale + base).sigmoid() + shape.eps;
+                weighted_sum(&pre, streams)
+            }
+            Self::Mean => streams.mean_dim(1, false, streams.kind()),
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! The decoder stack every architecture here shares (token embedding, pre-norm blocks of
 //! attention and a feed-forward, final norm, LM head), one file per architecture that reads its
 //! config and says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`, `minimax_m2`,
-//! `deepseek_v4`), what the mixtures of experts share once routed (`moe`), the residual
-//! DeepSeek-V4 keeps instead of one stream (`hyper_connections`) and its compressed layers'
-//! long-range entries (`compressed_attention`).
+//! `deepseek_v4`, `glm5_next`), what the mixtures of experts share once routed (`moe`), the
+//! residual DeepSeek-V4 and GLM-5.3-Flash keep instead of one stream (`hyper_connections`) and
+//! DeepSeek-V4's compressed layers' long-range entries (`compressed_attention`).
 
 pub mod compressed_attention;
 pub mod deepseek_v4;
+pub mod glm5_next;
 pub mod hyper_connections;
 pub mod minimax_m2;
 pub mod moe;

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE / MiniMax-M2 / DeepSeek-V4 (and Llama) checkpoints written with transformers, and what
+"""Tiny random Qwen2 / Qwen3 / Qwen3-MoE / MiniMax-M2 / DeepSeek-V4 / GLM-5.3-Flash (and Llama) checkpoints written with transformers, and what
 transformers computes with them: the reference the engine's forward is compared against.
 
     python qwen_reference.py '{"arch": "qwen3", "dir": "/tmp/m", "dtype": "float32", "seed": 1,
@@ -97,6 +97,28 @@ def tiny_config(arch, req=None):
             mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=0.5, max_position_embeddings=256,
             rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         )
+    if arch == "glm5_next":
+        # GLM-5.3-Flash's language model in small, its indexed attention layers only (the native
+        # engine does not run its linear ones yet): MLA without rotary (4 heads, a 32-wide
+        # latent, keys of 32 and values of 24 per head, queries through a rank-48 pair), four
+        # residual streams, pools of 4 tokens with the indexer's 8 heads of 32 keeping the best
+        # 2 pools (8 tokens) and each query's own pool's tail, layers 1 and 3 reusing the choice
+        # of the layer before; a dense first layer, then top-2 of 8 experts in 4 groups of which
+        # the best 2 are eligible, a shared expert, clamped SwiGLUs. A one-layer vision tower,
+        # which the engine does not load.
+        text = dict(
+            vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48,
+            kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=0, v_head_dim=24,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+            routed_scaling_factor=2.5, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+            layer_types=["indexed_attention"] * 4, index_topk=8, index_kpool=4, index_n_heads=8,
+            index_head_dim=32, index_topk_pattern="FSFS", hc_mult=4, swiglu_limit=0.5,
+            max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+        vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64,
+                      projection_intermediate_size=32, patch_size=4, image_size=16)
+        return transformers.Glm5NextConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if arch == "llama":
         # An architecture the native engine does not run (the vLLM engine's tests serve it).
         return transformers.LlamaConfig(**common, head_dim=64, tie_word_embeddings=False,
@@ -167,6 +189,7 @@ def model_class(arch):
         "qwen3_moe": transformers.Qwen3MoeForCausalLM,
         "minimax_m2": transformers.MiniMaxM2ForCausalLM,
         "deepseek_v4": transformers.DeepseekV4ForCausalLM,
+        "glm5_next": transformers.Glm5NextForConditionalGeneration,
         "llama": transformers.LlamaForCausalLM,
     }[arch]
 
@@ -473,8 +496,9 @@ def main():
         reference_dir = fp8_quantise(req["dir"], req["fp8_block"])
 
     # The reference runs what transformers loads from that directory, as a user would.
-    # (DeepSeek-V4 has eager attention only: SDPA takes no sinks.)
-    attention = "eager" if arch == "deepseek_v4" else "sdpa"
+    # (DeepSeek-V4 has eager attention only: SDPA takes no sinks. GLM-5.3-Flash's sparse mask
+    # is written for either; eager is its additive form.)
+    attention = "eager" if arch in ("deepseek_v4", "glm5_next") else "sdpa"
     model = model_class(arch).from_pretrained(reference_dir, dtype=dtype, attn_implementation=attention).eval()
     prompt = req["prompt"]
     with torch.no_grad():
@@ -498,7 +522,7 @@ def main():
         truth = model_class(arch).from_pretrained(reference_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             out["logits_float32"] = truth(ids).logits[0].tolist()
-        if arch == "deepseek_v4":
+        if arch in ("deepseek_v4", "glm5_next"):
             # How vLLM rounds its layer in bfloat16 is not restated (poc_v2_reference has its
             # layer's order, compared in float32 only).
             json.dump(out, sys.stdout)

@@ -947,6 +947,19 @@ mod tests {
             "deepseek-unknown",
             serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 2, "compress_ratios": [0, 16]}),
         );
+        // GLM-5.3-Flash: its language model nested under text_config, and in transformers'
+        // default schedule three linear (Kimi Delta Attention) layers in four, which the native
+        // engine does not run yet; with indexed attention layers alone, it does.
+        let glm = write(
+            "glm",
+            serde_json::json!({"model_type": "glm5_next", "architectures": ["Glm5NextForConditionalGeneration"],
+                "text_config": {"num_hidden_layers": 8}}),
+        );
+        let glm_indexed = write(
+            "glm-indexed",
+            serde_json::json!({"model_type": "glm5_next", "text_config": {"num_hidden_layers": 2,
+                "layer_types": ["indexed_attention", "indexed_attention"]}}),
+        );
         // MiniMax-M2 runs natively unquantised; the released checkpoint is FP8.
         let minimax = write("minimax", serde_json::json!({"model_type": "minimax_m2"}));
         // As released: FP8 in 128×128 blocks.
@@ -966,6 +979,10 @@ mod tests {
         assert_eq!(choose_engine(auto, Ok(&deepseek_unknown), true, "d").unwrap(), EngineKind::Vllm);
         let err = choose_engine(auto, Ok(&deepseek_unknown), false, "d").unwrap_err();
         assert!(err.contains("compress_ratios: 16 is none of 0, 4 and 128"), "{err}");
+        assert_eq!(choose_engine(auto, Ok(&glm), true, "g").unwrap(), EngineKind::Vllm);
+        let err = choose_engine(auto, Ok(&glm), false, "zai-org/GLM-5.3-Flash").unwrap_err();
+        assert!(err.contains("6 of 8 layers are linear_attention") && err.contains("no vLLM"), "{err}");
+        assert_eq!(choose_engine(auto, Ok(&glm_indexed), true, "g").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&minimax_fp8), true, "m").unwrap(), EngineKind::Vllm);
         assert_eq!(choose_engine(auto, Ok(&fp8), true, "f").unwrap(), EngineKind::Vllm);
