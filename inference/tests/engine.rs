@@ -87,8 +87,8 @@ async fn concurrent_requests_with_chunked_prefill_decode_as_they_would_alone() {
 
 /// DeepSeek-V4 (a sliding, a CSA and an HCA layer) through the scheduler: concurrent chats with
 /// chunked prefill, each sequence's token ids reaching its hash-routed experts and its
-/// compressors' state kept across chunks and steps, decode as each would alone; PoC v2, whose
-/// reflections are not placed in its streams yet, is refused by name.
+/// compressors' state kept across chunks and steps, decode as each would alone; a PoC v2 batch
+/// queued behind them gives what the direct computation gives.
 #[tokio::test(flavor = "multi_thread")]
 async fn deepseek_v4_chats_concurrently_and_runs_poc_v2() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,6 +127,35 @@ async fn deepseek_v4_chats_concurrently_and_runs_poc_v2() {
     let artifacts = tokio::time::timeout(Duration::from_secs(60), poc).await.unwrap().unwrap().unwrap();
     assert_eq!(artifacts.len(), 2);
     assert_eq!(artifacts, direct);
+}
+
+/// GLM-5.3-Flash's indexed layers through the scheduler: three chats with prompt chunks of at
+/// most 5 tokens in flight together (pools of 4 split across chunks, the shared layers taking
+/// each step's choice from the full layer before them, sequences of different pasts in one
+/// step) decode as each would alone (which tests/reference.rs matches with transformers).
+#[tokio::test(flavor = "multi_thread")]
+async fn glm5_next_chats_concurrently_with_chunked_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    run_reference(
+        "qwen_reference.py",
+        &json!({"arch": "glm5_next", "dir": dir.path(), "prompt": [1], "tokenizer": true}),
+    );
+    let tokenizer = ChatTokenizer::load(dir.path()).unwrap();
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    let prompts = ["Hello, world!", "The quick brown fox jumps over the lazy dog. Kubernetes operators", "café 🚀"];
+    let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| tokenizer.encode(p, false).unwrap()).collect();
+    let expected: Vec<Vec<i64>> = encoded.iter().map(|ids| greedy(&model, ids, 12, &[])).collect();
+    let engine =
+        Engine::start(model, Arc::new(tokenizer), EngineOptions { max_step_tokens: 5, ..EngineOptions::default() });
+    let receivers: Vec<_> = encoded
+        .iter()
+        .map(|ids| engine.generate(Generation { prompt: ids.clone(), params: greedy_params(12) }).unwrap())
+        .collect();
+    for (i, events) in receivers.into_iter().enumerate() {
+        let (text, reason, _, completion_tokens) = collect(events).await;
+        assert_eq!(text, engine.tokenizer().decode(&expected[i], true).unwrap(), "prompt {i}");
+        assert_eq!((reason, completion_tokens), (FinishReason::Length, 12));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -441,7 +441,7 @@ def main():
         save["max_shard_size"] = req["shard_size"]
     model.save_pretrained(req["dir"], **save)
     if req.get("tokenizer"):
-        tokenizer = write_tokenizer(req["dir"], config.vocab_size)
+        tokenizer = write_tokenizer(req["dir"], config.get_text_config().vocab_size)
         with open(f"{req['dir']}/generation_config.json", "w") as f:
             json.dump({"eos_token_id": [tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                         tokenizer.convert_tokens_to_ids("<|endoftext|>")]}, f)
