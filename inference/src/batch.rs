@@ -64,8 +64,8 @@ pub struct Span {
 
 pub struct Batch {
     spans: Vec<Span>,
-    /// What a layer hands on to later layers of the same step (GLM-5.3-Flash's full indexer
-    /// layers' choice of keys, per sequence, which its shared layers reuse): the step's own, so
+    /// What a layer hands on to later layers of the same step (a GLM-5.3-Flash indexer's choice
+    /// of keys, per sequence, which the shared layer after it reuses): the step's own, so
     /// nothing of it outlives the step or reaches another.
     handed_on: RefCell<Option<Vec<Tensor>>>,
 }

@@ -21,7 +21,7 @@ pub enum Architecture {
     MiniMaxM2,
     /// DeepSeek-V4, DeepSeek-V4-Flash.
     DeepseekV4,
-    /// GLM-5.3-Flash's language model (its indexed attention layers only, so far).
+    /// GLM-5.3-Flash's language model.
     Glm5Next,
 }
 

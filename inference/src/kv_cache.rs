@@ -16,8 +16,9 @@
 //! number of keys per sequence, not one per token.
 //!
 //! A layer may also keep state of its own per sequence ([`LayerState`]: DeepSeek-V4's
-//! compressors keep the tokens of a window not yet closed and the entries emitted so far); the
-//! model defines it, the cache holds it and counts its bytes.
+//! compressors keep the tokens of a window not yet closed and the entries emitted so far,
+//! GLM-5.3-Flash's linear layers their recurrent state); the model defines it, the cache holds
+//! it and counts its bytes.
 
 use std::any::Any;
 

@@ -129,16 +129,17 @@ async fn deepseek_v4_chats_concurrently_and_runs_poc_v2() {
     assert_eq!(artifacts, direct);
 }
 
-/// GLM-5.3-Flash's indexed layers through the scheduler: three chats with prompt chunks of at
-/// most 5 tokens in flight together (pools of 4 split across chunks, the shared layers taking
-/// each step's choice from the full layer before them, sequences of different pasts in one
-/// step) decode as each would alone (which tests/reference.rs matches with transformers).
+/// GLM-5.3-Flash's linear and indexed layers through the scheduler: three chats with prompt
+/// chunks of at most 5 tokens in flight together (pools of 4 split across chunks, the shared
+/// layer taking each step's choice from the full layer before it, each linear layer's state
+/// carried per sequence from chunk to chunk, sequences of different pasts in one step) decode
+/// as each would alone (which tests/reference.rs matches with transformers).
 #[tokio::test(flavor = "multi_thread")]
 async fn glm5_next_chats_concurrently_with_chunked_prefill() {
     let dir = tempfile::tempdir().unwrap();
     run_reference(
         "qwen_reference.py",
-        &json!({"arch": "glm5_next", "dir": dir.path(), "prompt": [1], "tokenizer": true}),
+        &json!({"arch": "glm5_next", "dir": dir.path(), "prompt": [1], "tokenizer": true, "linear_layers": true}),
     );
     let tokenizer = ChatTokenizer::load(dir.path()).unwrap();
     let model = load(dir.path(), &LoadOptions::default()).unwrap();

@@ -270,6 +270,58 @@ fn glm5_next_indexed_layers_match_transformers() {
     assert_eq!((bytes.embedding, bytes.head, bytes.layers.len()), (320 * 64 * 4, (320 * 64 + 64) * 4, 4));
 }
 
+/// GLM-5.3-Flash's linear layers (Kimi Delta Attention) among its indexed ones, as transformers
+/// 5.23 runs them (prefilling with its chunked form, decoding with its recurrent one): six layers,
+/// linear, indexed, linear, linear, indexed and a last indexed one reusing the choice of the one
+/// before, with the released model's bounded forget gate and, second, the softplus one. A
+/// 30-token prompt and 10 greedy tokens through the cache; the prompt fed in chunks (the
+/// convolution's and the recurrence's state carried between them); batched beside a sequence
+/// with a past; and the cache's bytes, a fixed state per linear layer and sequence.
+#[test]
+fn glm5_next_linear_layers_match_transformers() {
+    let prompt: Vec<i64> = (0..30).map(|i| (i * 41 + 7) % 320).collect();
+    for extra in [json!({"linear_layers": true}), json!({"linear_layers": true, "lower_bound": null})] {
+        let (_dir, model) = check_prompt("glm5_next", &prompt, 10, extra.clone(), 1e-5);
+        let _guard = tch::no_grad_guard();
+        let whole = prompt_logits(&model, &prompt);
+        let mut cache = model.new_cache(64);
+        let chunked: Vec<Tensor> = [&prompt[..1], &prompt[1..3], &prompt[3..17], &prompt[17..]]
+            .iter()
+            .map(|chunk| {
+                let mut step = [Step { input: StepInput::Tokens(chunk.to_vec()), cache: Some(&mut cache) }];
+                model.logits(&model.forward(&mut step, None, Output::All))
+            })
+            .collect();
+        let error = relative_error(&Tensor::cat(&chunked, 0), &whole);
+        assert!(error < 1e-5, "{extra}: chunked prefill off by {error:e}");
+        let other: Vec<i64> = (0..19).map(|i| (i * 53 + 17) % 320).collect();
+        let mut cache = model.new_cache(64);
+        let mut first = [Step { input: StepInput::Tokens(prompt[..21].to_vec()), cache: Some(&mut cache) }];
+        let _ = model.forward(&mut first, None, Output::Last);
+        let mut both = [
+            Step { input: StepInput::Tokens(other.clone()), cache: None },
+            Step { input: StepInput::Tokens(prompt[21..].to_vec()), cache: Some(&mut cache) },
+        ];
+        let together = model.logits(&model.forward(&mut both, None, Output::All));
+        let alone = Tensor::cat(&[prompt_logits(&model, &other), whole.narrow(0, 21, 9)], 0);
+        assert!(relative_error(&together, &alone) < 1e-5, "{extra}: batched with a cached sequence");
+        // The three indexed layers keep a latent of 32 a token, and the indexer's 2 × 32 on
+        // their two full ones (the budget counts the widest on all three); each of the three
+        // linear layers keeps, whatever the length, 2 heads' 32 × 32 float32 state and the
+        // convolution's last 3 inputs of q, k and v (3 × 64 channels).
+        let state = 3 * (2 * 32 * 32 + 3 * 3 * 64) * 4;
+        let spec = &model.spec;
+        assert_eq!(spec.kv_bytes_for(30), 30 * 3 * (32 + 64) * 4 + state);
+        let mut exact = model.new_cache(30);
+        let _ = model.forward(
+            &mut [Step { input: StepInput::Tokens(prompt.clone()), cache: Some(&mut exact) }],
+            None,
+            Output::Last,
+        );
+        assert_eq!(exact.bytes() as u64, 30 * (3 * 32 + 2 * 64) * 4 + state);
+    }
+}
+
 /// DeepSeek-V4 in its released tensor names (no `model.` prefix, `embed`, `hc_head_fn`…, an
 /// `mtp.` module after the layers), which transformers reads through its conversion mapping:
 /// the same logits, and the bytes sorted where loading puts them.

@@ -770,6 +770,8 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         compressed: config.compressed_kv()?,
         kv_window: Some(config.sliding_window),
         residual_streams: config.hc_mult,
+        kv_layers: config.num_hidden_layers,
+        sequence_state_bytes: 0,
     };
     Ok(StackShape {
         spec,

@@ -1,9 +1,8 @@
 //! GLM-5.3-Flash's language model (`glm5_next`, one of the network's models), read from
 //! transformers 5.23's `modeling_glm5_next.py` and `configuration_glm5_next.py`: its indexed
-//! attention layers (`indexed_attention`), not yet its linear ones (`linear_attention`, Kimi
-//! Delta Attention, three of every four layers in the released model), so the vLLM engine serves
-//! GLM-5.3-Flash and a config with linear layers is refused by name ([`check_native`];
-//! docs/native-architectures.md says what remains).
+//! attention layers (`indexed_attention`) here, its linear ones (`linear_attention`, three of
+//! every four in the released model) in [`super::kimi_delta_attention`]
+//! (docs/native-architectures.md says what remains).
 //!
 //! What differs from the other architectures here:
 //! - **multi-head latent attention without rotary** (DeepSeek-V3.2's MLA with `qk_rope_head_dim`
@@ -14,8 +13,10 @@
 //!   `index_kpool` consecutive tokens (each pool's key a learned softmax-weighted average of its
 //!   tokens' keys) and each query attends the tokens of its best `index_topk / index_kpool`
 //!   complete pools it can see, and those of its own pool not yet complete (the "tail");
-//!   layers marked `shared` attend what the last full indexer layer chose, without an indexer of
-//!   their own;
+//!   layers marked `shared` attend what the indexed layer just before them chose, without an
+//!   indexer of their own;
+//! - **linear attention** (Kimi Delta Attention) in the other layers: a recurrent state per
+//!   sequence instead of keys per token;
 //! - the hyper-connected residual streams of DeepSeek-V4 ([`super::hyper_connections`]), whose
 //!   final collapse here is their plain mean;
 //! - **experts** scored by a sigmoid, chosen by score plus a correction bias within the best
@@ -25,8 +26,10 @@
 //! - a multimodal checkpoint: the language model under `model.language_model.` and its config
 //!   under `text_config` ([`crate::config::text_config`]); the vision tower is not loaded.
 //!
-//! The KV cache keeps, per token and layer, the latent and, on full indexer layers, the
-//! indexer's key and pool-gate scores beside it (one row, [`crate::kv_cache::SequenceCache::append_rows`]).
+//! The KV cache keeps, per token and indexed layer, the latent and, on full indexer layers, the
+//! indexer's key and pool-gate scores beside it (one row,
+//! [`crate::kv_cache::SequenceCache::append_rows`]), and per sequence and linear layer its
+//! state ([`super::kimi_delta_attention::KdaState`]).
 //! Float32 follows transformers; bfloat16 rounds as the other architectures here do, which for
 //! this model is not compared with a reference.
 
@@ -35,6 +38,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::hyper_connections::{BlockHyperConnections, HyperConnection, HyperHead, HyperShape};
+use super::kimi_delta_attention::{KdaShape, KimiDeltaAttention};
 use super::moe::Experts;
 use super::{BlockParts, FeedForward, ModelSpec, SelfAttention, StackNames, StackShape, Transformer, assemble};
 use crate::batch::{Batch, StepCache};
@@ -107,6 +111,41 @@ pub struct Config {
     pub index_kpool: i64,
     #[serde(default = "yes")]
     pub index_kpool_always_select_tail: bool,
+    #[serde(default = "default_linear_head_dim")]
+    pub linear_head_dim: i64,
+    #[serde(default = "default_linear_heads")]
+    pub linear_num_heads: i64,
+    #[serde(default = "default_conv_kernel")]
+    pub linear_conv_kernel_dim: i64,
+    /// `null` for the softplus forget gate; absent, transformers' default bound.
+    #[serde(default = "default_lower_bound")]
+    pub linear_lower_bound: Option<f64>,
+    /// The released config's spelling of the four fields above, which transformers reads over
+    /// them.
+    #[serde(default)]
+    pub linear_attn_config: Option<LinearAttnConfig>,
+}
+
+/// `linear_attn_config`: each field present replaces the flat one.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LinearAttnConfig {
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    #[serde(default)]
+    pub num_heads: Option<i64>,
+    #[serde(default)]
+    pub short_conv_kernel_size: Option<i64>,
+    /// Absent: the flat field; `null`: unbounded, unless `safe_gate` (the default) asks for
+    /// transformers' bound of -5.
+    #[serde(default, deserialize_with = "present")]
+    pub gate_lower_bound: Option<Option<f64>>,
+    #[serde(default)]
+    pub safe_gate: Option<bool>,
+}
+
+/// A field that is present, `null` or not, as `Some` (serde reads a present `null` as `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 /// Which indexed layers run their own indexer (`full`) and which reuse the last full layer's
@@ -157,6 +196,18 @@ fn default_sinkhorn_iters() -> i64 {
 fn default_kpool() -> i64 {
     16
 }
+fn default_linear_head_dim() -> i64 {
+    128
+}
+fn default_linear_heads() -> i64 {
+    64
+}
+fn default_conv_kernel() -> i64 {
+    4
+}
+fn default_lower_bound() -> Option<f64> {
+    Some(-5.0)
+}
 
 /// The fields that say which attention each layer has, read alone (a config the engine cannot
 /// run is told apart before anything else is parsed).
@@ -195,20 +246,13 @@ impl LayerSchedule {
 }
 
 /// `Ok` where this engine runs the `glm5_next` `config` (the checkpoint's, whose
-/// [`crate::config::text_config`] is taken here): indexed attention layers only, unquantised or in FP8 blocks; else why not.
+/// [`crate::config::text_config`] is taken here): layer types it knows, unquantised or in FP8
+/// blocks; else why not.
 pub fn check_native(config: &Value) -> Result<(), LoadError> {
     let text = crate::config::text_config(config);
     let schedule: LayerSchedule =
         serde_json::from_value(text.clone()).map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
-    let types = schedule.resolve()?;
-    let linear = types.iter().filter(|t| *t == LINEAR).count();
-    if linear > 0 {
-        return Err(LoadError::InvalidConfig(format!(
-            "glm5_next: {linear} of {} layers are {LINEAR} (Kimi Delta Attention), which the native engine does not \
-             run yet (docs/native-architectures.md); the vLLM engine serves this model",
-            types.len()
-        )));
-    }
+    schedule.resolve()?;
     crate::config::fp8_block(&text).map(|_| ())
 }
 
@@ -280,12 +324,25 @@ impl Config {
     fn validate(&self) -> Result<(), LoadError> {
         let invalid = |m: String| Err(LoadError::InvalidConfig(m));
         let types = self.layer_types()?;
-        if let Some(i) = types.iter().position(|t| t == LINEAR) {
-            return invalid(format!("layer {i} is {LINEAR}, which the native engine does not run yet"));
-        }
         let full = self.full_indexers()?;
-        if !full.first().copied().unwrap_or(true) {
-            return invalid("layer 0 shares the top-k of an earlier full indexer layer, and there is none".into());
+        // transformers hands a shared layer the choice of the layer just before it, and only an
+        // indexed layer with its own indexer hands one on (a linear or shared layer hands on
+        // nothing, and transformers fails there).
+        let hands_on = |i: usize| types[i] == INDEXED && full[i];
+        if let Some(i) = (0..types.len()).find(|&i| types[i] == INDEXED && !full[i] && (i == 0 || !hands_on(i - 1))) {
+            return invalid(format!(
+                "layer {i} shares the top-k of the layer before it, which is not an {INDEXED} layer with its own \
+                 indexer"
+            ));
+        }
+        if types.iter().any(|t| t == LINEAR) {
+            let kda = self.kda_shape();
+            if kda.heads < 1 || kda.head_dim < 1 || kda.conv_kernel < 1 {
+                return invalid(format!(
+                    "linear_num_heads {}, linear_head_dim {} and linear_conv_kernel_dim {} must be positive",
+                    kda.heads, kda.head_dim, kda.conv_kernel
+                ));
+            }
         }
         if self.num_key_value_heads.is_some_and(|kv| kv != self.num_attention_heads) {
             return invalid(format!(
@@ -343,6 +400,24 @@ impl Config {
             hidden: self.hidden_size,
             sinkhorn_iters: self.hc_sinkhorn_iters,
             eps: self.hc_eps,
+            norm_eps: self.rms_norm_eps,
+        }
+    }
+
+    /// The linear layers' shape, `linear_attn_config` read over the flat fields as
+    /// transformers reads it.
+    fn kda_shape(&self) -> KdaShape {
+        let nested = self.linear_attn_config.clone().unwrap_or_default();
+        let mut lower_bound = nested.gate_lower_bound.unwrap_or(self.linear_lower_bound);
+        if self.linear_attn_config.is_some() && nested.safe_gate.unwrap_or(true) && lower_bound.is_none() {
+            lower_bound = Some(-5.0);
+        }
+        KdaShape {
+            hidden: self.hidden_size,
+            heads: nested.num_heads.unwrap_or(self.linear_num_heads),
+            head_dim: nested.head_dim.unwrap_or(self.linear_head_dim),
+            conv_kernel: nested.short_conv_kernel_size.unwrap_or(self.linear_conv_kernel_dim),
+            lower_bound,
             norm_eps: self.rms_norm_eps,
         }
     }
@@ -448,13 +523,12 @@ impl Indexer {
     }
 }
 
-/// How an indexed layer knows which keys its queries attend. Either way it hands its choice on
-/// to the layers after it in the step ([`Batch::hand_on`]): per sequence, which of its keys each
-/// new token attends (bool `[new tokens, keys]`).
+/// How an indexed layer knows which keys its queries attend: per sequence, which of its keys
+/// each new token attends (bool `[new tokens, keys]`).
 enum Selection {
     /// Its own indexer.
     Full(Indexer),
-    /// The choice the last full layer handed on.
+    /// The choice the layer before handed on ([`Batch::hand_on`]).
     Shared,
 }
 
@@ -473,10 +547,12 @@ pub struct Attention {
     v_dim: i64,
     latent: i64,
     selection: Selection,
+    /// Whether the next layer is a shared one, which takes this one's choice.
+    hands_on: bool,
 }
 
 impl Attention {
-    fn load(w: &Loader, c: &Config, full_indexer: bool) -> Result<Self, LoadError> {
+    fn load(w: &Loader, c: &Config, full_indexer: bool, hands_on: bool) -> Result<Self, LoadError> {
         let (heads, hidden) = (c.num_attention_heads, c.hidden_size);
         let selection =
             if full_indexer { Selection::Full(Indexer::load(&w.at("indexer"), c)?) } else { Selection::Shared };
@@ -493,6 +569,7 @@ impl Attention {
             v_dim: c.v_head_dim,
             latent: c.kv_lora_rank,
             selection,
+            hands_on,
         })
     }
 
@@ -527,7 +604,7 @@ impl SelfAttention for Attention {
             Selection::Shared => (latent, None),
         };
         let shared_choice = match &self.selection {
-            Selection::Shared => Some(batch.take_handed_on().expect("a full indexer layer came first (validated)")),
+            Selection::Shared => Some(batch.take_handed_on().expect("the layer before hands on (validated)")),
             Selection::Full(_) => None,
         };
         let mut choices = Vec::with_capacity(caches.len());
@@ -557,8 +634,9 @@ impl SelfAttention for Attention {
             outputs.push(self.attend(&q.narrow(1, span.start, span.len), &latents, &chosen));
             choices.push(chosen);
         }
-        // For the shared layers after this one (a shared layer hands on what it took).
-        batch.hand_on(choices);
+        if self.hands_on {
+            batch.hand_on(choices);
+        }
         let out = Tensor::cat(&outputs, 1).transpose(0, 1).reshape([tokens, self.heads * self.v_dim]);
         self.o.forward(&out)
     }
@@ -649,7 +727,10 @@ impl FeedForward for SparseMoe {
 pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
     config.validate()?;
     let full = config.full_indexers()?;
-    let widest = full.iter().map(|f| config.cache_row(*f)).max().unwrap_or(config.kv_lora_rank);
+    let types = config.layer_types()?;
+    let indexed: Vec<usize> = (0..types.len()).filter(|&i| types[i] == INDEXED).collect();
+    let widest = indexed.iter().map(|&i| config.cache_row(full[i])).max().unwrap_or(config.kv_lora_rank);
+    let linear = (types.len() - indexed.len()) as u64;
     let spec = ModelSpec {
         architecture: Architecture::Glm5Next,
         hidden_size: config.hidden_size,
@@ -659,8 +740,8 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         kind,
         kv_kind: kind,
         attention_heads: config.num_attention_heads,
-        // One row per token and layer (the latent, and the indexer's keys on full layers),
-        // counted at its widest: the budget is an upper bound where some layers share.
+        // One row per token and indexed layer (the latent, and the indexer's keys on full
+        // layers), counted at its widest: the budget is an upper bound where some layers share.
         kv_heads: 1,
         kv_shared: true,
         head_dim: widest,
@@ -673,6 +754,8 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         compressed: Vec::new(),
         kv_window: None,
         residual_streams: config.hc_mult,
+        kv_layers: indexed.len(),
+        sequence_state_bytes: linear * config.kda_shape().state_bytes(kind),
     };
     Ok(StackShape {
         spec,
@@ -702,8 +785,15 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
     }
     let hyper = config.hyper_shape();
     let full = config.full_indexers()?;
+    let types = config.layer_types()?;
     let mut model = assemble(shape, w, placed, |i, layer| -> Result<BlockParts, LoadError> {
-        let attention = layer.at("self_attn");
+        let at = layer.at("self_attn");
+        let attention: Box<dyn SelfAttention> = if types[i] == LINEAR {
+            Box::new(KimiDeltaAttention::load(&at, config.kda_shape())?)
+        } else {
+            let hands_on = full[i] && types.get(i + 1) == Some(&INDEXED.to_string()) && !full[i + 1];
+            Box::new(Attention::load(&at, config, full[i], hands_on)?)
+        };
         let feed_forward: Box<dyn FeedForward> = if config.sparse(i) {
             Box::new(SparseMoe::load(&layer.at("mlp"), config)?)
         } else {
@@ -713,7 +803,7 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
             )
         };
         Ok(BlockParts {
-            attention: Box::new(Attention::load(&attention, config, full[i])?),
+            attention,
             feed_forward,
             hyper: Some(BlockHyperConnections {
                 attention: HyperConnection::load(layer, "hc_attn", hyper)?,
@@ -731,9 +821,10 @@ mod tests {
 
     use super::*;
 
-    /// Layer and indexer schedules as transformers resolves them; linear layers refused, named.
+    /// Layer and indexer schedules as transformers resolves them; a layer type neither of ours
+    /// and quantisations the engine does not load refused, named.
     #[test]
-    fn schedules_resolve_as_transformers_does_and_linear_layers_are_refused() {
+    fn schedules_resolve_as_transformers_does() {
         let layers = |v: Value| serde_json::from_value::<LayerSchedule>(v).unwrap().resolve().unwrap();
         // transformers' default: every fourth layer indexed.
         assert_eq!(layers(json!({"num_hidden_layers": 5})), [LINEAR, LINEAR, LINEAR, INDEXED, LINEAR]);
@@ -747,13 +838,14 @@ mod tests {
         let bad = serde_json::from_value::<IndexerSchedule>(json!({"index_topk_pattern": "FX"})).unwrap().resolve(2);
         assert!(bad.unwrap_err().to_string().contains("'X' is neither F nor S"));
 
-        // GLM-5.3-Flash's own schedule has linear layers: refused, named, under text_config too.
+        // GLM-5.3-Flash's own schedule (linear layers and indexed ones) runs, read under
+        // text_config; a type of neither kind does not.
         let released = json!({"model_type": "glm5_next", "text_config": {"num_hidden_layers": 4}});
-        let err = check_native(&released).unwrap_err().to_string();
-        assert!(err.contains("3 of 4 layers are linear_attention"), "{err}");
-        let indexed = json!({"model_type": "glm5_next", "text_config": {"num_hidden_layers": 2,
-            "layer_types": [INDEXED, INDEXED]}});
-        assert!(check_native(&indexed).is_ok());
+        assert!(check_native(&released).is_ok());
+        let sliding = json!({"model_type": "glm5_next", "text_config": {"num_hidden_layers": 2,
+            "layer_types": [INDEXED, "sliding_attention"]}});
+        let err = check_native(&sliding).unwrap_err().to_string();
+        assert!(err.contains("layer 1's type \"sliding_attention\" is none of"), "{err}");
         let awq = json!({"model_type": "glm5_next", "quantization_config": {"quant_method": "awq"},
             "text_config": {"num_hidden_layers": 1, "layer_types": [INDEXED]}});
         assert!(check_native(&awq).unwrap_err().to_string().contains("quantised (awq)"));
@@ -777,6 +869,16 @@ mod tests {
             assert!(err.contains(says), "{change}: {err}");
         };
         refused(json!({"index_topk_pattern": "SF"}), "layer 0 shares");
+        // transformers hands a shared layer the choice of the layer just before it only.
+        refused(
+            json!({"num_hidden_layers": 3, "layer_types": [INDEXED, INDEXED, INDEXED], "index_topk_pattern": "FSS"}),
+            "layer 2 shares",
+        );
+        refused(json!({"layer_types": [LINEAR, INDEXED], "index_topk_pattern": "FS"}), "layer 1 shares");
+        refused(
+            json!({"num_hidden_layers": 3, "layer_types": [INDEXED, LINEAR, INDEXED], "index_topk_pattern": "FFS"}),
+            "layer 2 shares",
+        );
         refused(json!({"index_topk": 6}), "a positive multiple of index_kpool 4");
         refused(json!({"index_topk": 2}), "a positive multiple of index_kpool 4");
         refused(json!({"n_group": 8}), "groups of at least two");
@@ -784,7 +886,37 @@ mod tests {
         refused(json!({"topk_group": 1, "num_experts_per_tok": 3}), "experts of topk_group groups (2)");
         refused(json!({"qk_rope_head_dim": 16}), "no rotary");
         refused(json!({"num_key_value_heads": 1}), "must equal num_attention_heads 4");
-        refused(json!({"layer_types": [INDEXED, LINEAR]}), "layer 1 is linear_attention");
+        refused(json!({"layer_types": [INDEXED, LINEAR], "linear_num_heads": 0}), "must be positive");
+        refused(
+            json!({"layer_types": [INDEXED, LINEAR], "linear_attn_config": {"short_conv_kernel_size": 0}}),
+            "linear_conv_kernel_dim 0",
+        );
+    }
+
+    /// The linear layers' shape from the flat fields, or from the released spelling
+    /// (`linear_attn_config`) over them, as transformers reads it.
+    #[test]
+    fn the_linear_layers_shape_reads_either_spelling() {
+        let read = |change: Value| {
+            let mut v = tiny_json();
+            for (k, val) in change.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            serde_json::from_value::<Config>(v).unwrap().kda_shape()
+        };
+        let defaults = read(json!({}));
+        assert_eq!((defaults.heads, defaults.head_dim, defaults.conv_kernel), (64, 128, 4));
+        assert_eq!(defaults.lower_bound, Some(-5.0));
+        assert_eq!(read(json!({"linear_lower_bound": null})).lower_bound, None);
+        let nested = read(json!({"linear_num_heads": 8, "linear_attn_config": {"head_dim": 16, "num_heads": 2,
+            "short_conv_kernel_size": 3, "gate_lower_bound": -3.0}}));
+        assert_eq!((nested.heads, nested.head_dim, nested.conv_kernel, nested.lower_bound), (2, 16, 3, Some(-3.0)));
+        // Unbounded only where safe_gate is off; otherwise transformers' bound of -5.
+        let nested = |inner: Value| read(json!({"linear_attn_config": inner})).lower_bound;
+        assert_eq!(nested(json!({"gate_lower_bound": null, "safe_gate": false})), None);
+        assert_eq!(nested(json!({"gate_lower_bound": null})), Some(-5.0));
+        assert_eq!(nested(json!({})), Some(-5.0));
+        assert_eq!(read(json!({"linear_lower_bound": -2.0, "linear_attn_config": {}})).lower_bound, Some(-2.0));
     }
 
     fn tiny_json() -> Value {
@@ -887,12 +1019,24 @@ mod tests {
         assert_eq!(r.iter().enumerate().filter(|(_, b)| **b).map(|(j, _)| j).collect::<Vec<_>>(), [4, 5, 6, 7]);
     }
 
-    /// The cache budget counts the widest row (a full indexer layer's) for every layer.
+    /// The cache budget counts the widest row (a full indexer layer's) for every indexed layer,
+    /// and a linear layer's state once per sequence.
     #[test]
     fn a_tokens_cache_row_is_the_latent_and_the_indexers_keys() {
         let spec = shape(&tiny(), Kind::BFloat16).unwrap().spec;
         // 32 latent + 2 × 8 indexer elements, 2 layers, 2 bytes.
         assert_eq!(spec.kv_bytes_per_token(), (32 + 16) * 2 * 2);
         assert_eq!(spec.residual_streams, 4);
+        assert_eq!(spec.kv_bytes_for(10), 10 * (32 + 16) * 2 * 2);
+
+        let mut v = tiny_json();
+        v["layer_types"] = json!([LINEAR, INDEXED]);
+        v["index_topk_pattern"] = json!("FF");
+        v["linear_attn_config"] = json!({"num_heads": 2, "head_dim": 16, "short_conv_kernel_size": 4});
+        let spec = shape(&serde_json::from_value(v).unwrap(), Kind::BFloat16).unwrap().spec;
+        assert_eq!(spec.kv_bytes_per_token(), (32 + 16) * 2);
+        // 2 heads of a 16 × 16 float32 state, 3 inputs of q, k and v (3 × 32 channels) in bfloat16.
+        assert_eq!(spec.sequence_state_bytes, 2 * 16 * 16 * 4 + 3 * 96 * 2);
+        assert_eq!(spec.kv_bytes_for(10), 10 * (32 + 16) * 2 + spec.sequence_state_bytes);
     }
 }

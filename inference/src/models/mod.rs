@@ -2,13 +2,15 @@
 //! attention and a feed-forward, final norm, LM head), one file per architecture that reads its
 //! config and says which modules its blocks hold (`qwen2`, `qwen3`, `qwen3_moe`, `minimax_m2`,
 //! `deepseek_v4`, `glm5_next`), what the mixtures of experts share once routed (`moe`), the
-//! residual DeepSeek-V4 and GLM-5.3-Flash keep instead of one stream (`hyper_connections`) and
-//! DeepSeek-V4's compressed layers' long-range entries (`compressed_attention`).
+//! residual DeepSeek-V4 and GLM-5.3-Flash keep instead of one stream (`hyper_connections`),
+//! DeepSeek-V4's compressed layers' long-range entries (`compressed_attention`) and
+//! GLM-5.3-Flash's linear attention (`kimi_delta_attention`).
 
 pub mod compressed_attention;
 pub mod deepseek_v4;
 pub mod glm5_next;
 pub mod hyper_connections;
+pub mod kimi_delta_attention;
 pub mod minimax_m2;
 pub mod moe;
 pub mod qwen2;
@@ -110,6 +112,12 @@ pub struct ModelSpec {
     /// What compressed layers keep per sequence beside keys and values (DeepSeek-V4's), one
     /// per such layer.
     pub compressed: Vec<CompressedKv>,
+    /// The layers that keep keys (and values) per token: all of them but GLM-5.3-Flash's
+    /// linear ones.
+    pub kv_layers: usize,
+    /// Bytes a sequence's layers keep whatever its length (GLM-5.3-Flash's linear layers'
+    /// recurrent and convolution state), counted once per sequence.
+    pub sequence_state_bytes: u64,
     /// Residual streams per token: 1, or DeepSeek-V4's hyper-connected `hc_mult`.
     pub residual_streams: i64,
     /// Where every layer's queries see only the `window - 1` keys before their own
@@ -135,7 +143,10 @@ impl ModelSpec {
 
     fn keys_and_values_per_token(&self) -> u64 {
         let tensors = if self.kv_shared { 1 } else { 2 };
-        tensors * self.layers as u64 * (self.kv_heads * self.head_dim) as u64 * self.kv_kind.elt_size_in_bytes() as u64
+        tensors
+            * self.kv_layers as u64
+            * (self.kv_heads * self.head_dim) as u64
+            * self.kv_kind.elt_size_in_bytes() as u64
     }
 
     /// Bytes one token takes in the caches of every layer: its keys and values, and a share of
@@ -148,8 +159,8 @@ impl ModelSpec {
     }
 
     /// The most bytes a sequence of `tokens` holds in its cache between steps: keys and values
-    /// (at most a sliding window's), the entries of its closed windows, and what compressed
-    /// layers hold besides.
+    /// (at most a sliding window's), the entries of its closed windows, what compressed layers
+    /// hold besides, and the state linear layers keep.
     pub fn kv_bytes_for(&self, tokens: u64) -> u64 {
         let kept = match self.kv_window {
             Some(window) => tokens.min(window.saturating_sub(1) as u64),
@@ -160,7 +171,7 @@ impl ModelSpec {
             .iter()
             .map(|c| tokens / c.rate as u64 * c.width as u64 * self.element_bytes() + c.held as u64 * 4)
             .sum();
-        kept * self.keys_and_values_per_token() + compressed
+        kept * self.keys_and_values_per_token() + compressed + self.sequence_state_bytes
     }
 
     /// An upper estimate of the memory one forward takes beyond the weights and the KV cache:

@@ -111,6 +111,8 @@ impl Config {
                 compressed: Vec::new(),
                 residual_streams: 1,
                 kv_window: None,
+                kv_layers: self.num_hidden_layers,
+                sequence_state_bytes: 0,
             },
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,

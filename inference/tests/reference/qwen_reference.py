@@ -116,6 +116,19 @@ def tiny_config(arch, req=None):
             index_head_dim=32, index_topk_pattern="FSFS", hc_mult=4, swiglu_limit=0.5,
             max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         )
+        if req.get("linear_layers"):
+            # Its linear layers too (Kimi Delta Attention, three in four in the released model):
+            # six layers, linear, indexed, linear, linear, indexed, indexed (the last reusing the
+            # choice of the one before), 2 heads of 32 with a short convolution of 4, the
+            # forget gate bounded below (`linear_lower_bound`, the released model's) or, with
+            # `"lower_bound": null`, its softplus form.
+            text.update(
+                num_hidden_layers=6, mlp_layer_types=["dense"] + ["sparse"] * 5,
+                layer_types=["linear_attention", "indexed_attention", "linear_attention", "linear_attention",
+                             "indexed_attention", "indexed_attention"],
+                index_topk_pattern="FFFFFS", linear_num_heads=2, linear_head_dim=32,
+                linear_conv_kernel_dim=4, linear_lower_bound=req.get("lower_bound", -5.0),
+            )
         vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=64,
                       projection_intermediate_size=32, patch_size=4, image_size=16)
         return transformers.Glm5NextConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
@@ -207,6 +220,10 @@ def randomise(model, seed):
                 # DeepSeek-V4's hyper-connection scales (ones by default): near one, so the
                 # streams' weights vary with the tokens.
                 p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("forget_gate.dt_bias"):
+                # KDA's forget gate: near -4 (as its inverse-softplus init is, about), so the
+                # recurrent state keeps most of what it held each token and the past shows.
+                p.copy_(noise * 0.5 - 4.0)
             elif name.endswith("embed_tokens.weight"):
                 # Small next to what the layers add, so tied checkpoints don't just echo the input.
                 p.copy_(0.1 * noise)

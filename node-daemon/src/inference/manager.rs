@@ -865,6 +865,8 @@ mod tests {
             compressed: Vec::new(),
             residual_streams: 1,
             kv_window: None,
+            kv_layers: 4,
+            sequence_state_bytes: 0,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 4096,
             vocab_size: 32000,
@@ -947,18 +949,18 @@ mod tests {
             "deepseek-unknown",
             serde_json::json!({"model_type": "deepseek_v4", "num_hidden_layers": 2, "compress_ratios": [0, 16]}),
         );
-        // GLM-5.3-Flash: its language model nested under text_config, and in transformers'
-        // default schedule three linear (Kimi Delta Attention) layers in four, which the native
-        // engine does not run yet; with indexed attention layers alone, it does.
+        // GLM-5.3-Flash: its language model nested under text_config, in transformers' default
+        // schedule (three linear layers in four, then an indexed one), runs natively
+        // unquantised; a layer type the engine does not know goes to vLLM.
         let glm = write(
             "glm",
             serde_json::json!({"model_type": "glm5_next", "architectures": ["Glm5NextForConditionalGeneration"],
                 "text_config": {"num_hidden_layers": 8}}),
         );
-        let glm_indexed = write(
-            "glm-indexed",
+        let glm_unknown = write(
+            "glm-unknown",
             serde_json::json!({"model_type": "glm5_next", "text_config": {"num_hidden_layers": 2,
-                "layer_types": ["indexed_attention", "indexed_attention"]}}),
+                "layer_types": ["indexed_attention", "sliding_attention"]}}),
         );
         // MiniMax-M2 runs natively unquantised; the released checkpoint is FP8.
         let minimax = write("minimax", serde_json::json!({"model_type": "minimax_m2"}));
@@ -979,10 +981,10 @@ mod tests {
         assert_eq!(choose_engine(auto, Ok(&deepseek_unknown), true, "d").unwrap(), EngineKind::Vllm);
         let err = choose_engine(auto, Ok(&deepseek_unknown), false, "d").unwrap_err();
         assert!(err.contains("compress_ratios: 16 is none of 0, 4 and 128"), "{err}");
-        assert_eq!(choose_engine(auto, Ok(&glm), true, "g").unwrap(), EngineKind::Vllm);
-        let err = choose_engine(auto, Ok(&glm), false, "zai-org/GLM-5.3-Flash").unwrap_err();
-        assert!(err.contains("6 of 8 layers are linear_attention") && err.contains("no vLLM"), "{err}");
-        assert_eq!(choose_engine(auto, Ok(&glm_indexed), true, "g").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&glm), true, "g").unwrap(), EngineKind::Native);
+        assert_eq!(choose_engine(auto, Ok(&glm_unknown), true, "g").unwrap(), EngineKind::Vllm);
+        let err = choose_engine(auto, Ok(&glm_unknown), false, "zai-org/GLM-5.3-Flash").unwrap_err();
+        assert!(err.contains("layer 1's type \"sliding_attention\"") && err.contains("no vLLM"), "{err}");
         assert_eq!(choose_engine(auto, Ok(&minimax), true, "m").unwrap(), EngineKind::Native);
         assert_eq!(choose_engine(auto, Ok(&minimax_fp8), true, "m").unwrap(), EngineKind::Vllm);
         assert_eq!(choose_engine(auto, Ok(&fp8), true, "f").unwrap(), EngineKind::Vllm);

@@ -1055,6 +1055,8 @@ mod tests {
             compressed: Vec::new(),
             residual_streams: 1,
             kv_window: None,
+            kv_layers: 64,
+            sequence_state_bytes: 0,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 5120,
             vocab_size: 151_936,
