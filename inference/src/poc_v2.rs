@@ -8,7 +8,8 @@
 //! 2. a causal forward from position 0 in vLLM's layout, with a Householder reflection
 //!    `x - 2(v·x)v` of both of each layer's outputs (the feed-forward's and the residual
 //!    stream; DeepSeek-V4's hyper-connected streams each), `v` seeded
-//!    `"{block_hash}_layer_{i}_householder"`. DeepSeek-V4 alone also takes token ids, which its
+//!    `"{block_hash}_layer_{i}_householder"` (none on GLM-5.3-Flash, whose layers upstream's
+//!    hooks do not find: [`reflects_layers`]). DeepSeek-V4 alone also takes token ids, which its
 //!    hash-routed layers choose experts by: per nonce, the counters `0..seq_len` hashed under
 //!    `"…_nonce{nonce}_input_ids"`, modulo the vocabulary (upstream's
 //!    `derive_pseudo_input_ids`);
@@ -30,7 +31,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::batch::{Output, Step, StepInput};
 use crate::config::Architecture;
-use crate::models::Transformer;
+use crate::models::{LayerHook, Transformer};
 
 /// The first 32 bits of `sha256(seed)`, big-endian (upstream's `int(hexdigest[:8], 16)`).
 pub fn seed_from_string(seed: &str) -> u32 {
@@ -325,7 +326,8 @@ pub fn artifacts(round: &Round<'_>, nonces: &[i64], last_hidden: &Tensor) -> Vec
 }
 
 /// The artifacts of `nonces` on `model`: one batched forward (every nonce a fresh sequence of
-/// `seq_len` input embeddings, no KV cache kept) with the round's reflections after each layer.
+/// `seq_len` input embeddings, no KV cache kept) with the round's reflections after each layer
+/// where upstream's hooks find the layers ([`reflects_layers`]).
 pub fn compute(model: &Transformer, reflections: &Reflections, round: &Round<'_>, nonces: &[i64]) -> Vec<Artifact> {
     assert_eq!(reflections.block_hash, round.block_hash, "reflections of another block");
     let _guard = tch::no_grad_guard();
@@ -347,8 +349,19 @@ pub fn compute(model: &Transformer, reflections: &Reflections, round: &Round<'_>
         })
         .collect();
     let hook = |layer: usize, x: &Tensor| reflect(x, &reflections.vectors[layer]);
-    let last = model.forward(&mut steps, Some(&hook), Output::Last);
+    let hook: Option<LayerHook<'_>> = reflects_layers(model.spec.architecture).then_some(&hook);
+    let last = model.forward(&mut steps, hook, Output::Last);
     artifacts(round, nonces, &last)
+}
+
+/// Whether upstream's per-round reflections reach `architecture`'s layers. Its
+/// `LayerHouseholderHook._find_layers` looks for the decoder layers at `model.model.layers`,
+/// `model.transformer.h` or `model.layers` of vLLM's model; vLLM's GLM-5.3-Flash
+/// (`Glm5NextForConditionalGeneration`, 0.32) keeps them at `language_model.model.layers`, so
+/// none is found and its PoC forward runs unreflected. Every other architecture here is found
+/// at `model.model.layers`.
+pub fn reflects_layers(architecture: Architecture) -> bool {
+    architecture != Architecture::Glm5Next
 }
 
 /// Decodes an artifact's base64 float16 little-endian vector; `None` when it is not one.

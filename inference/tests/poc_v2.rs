@@ -3,7 +3,8 @@
 //! nonce, with vLLM's decoder layout over a transformers checkpoint, for tiny Qwen3, Qwen3-MoE
 //! and MiniMax-M2 checkpoints: far closer than upstream's `dist_threshold` in float32 and
 //! bfloat16 (1e-5 and 1e-3; the float16 encodings were identical bit for bit where this was
-//! written), with both input generators; and DeepSeek-V4 in float32, with its pseudo token ids.
+//! written), with both input generators; DeepSeek-V4 in float32, with its pseudo token ids; and
+//! GLM-5.3-Flash in float32, whose layers upstream's hooks do not reflect.
 
 mod common;
 
@@ -130,6 +131,34 @@ fn deepseek_v4_artifacts_match_the_restatement_of_vllms_layer() {
     let shifted: Vec<i64> = ids.iter().map(|t| (t + 1) % model.spec.vocab_size).collect();
     assert!(distance(&run(shifted, true), &their_first) > 10.0 * DIST_THRESHOLD, "other routing ids");
     assert!(distance(&run(ids, false), &their_first) > 10.0 * DIST_THRESHOLD, "no reflections");
+}
+
+/// GLM-5.3-Flash (linear and indexed layers, a shared one among them) against the restatement,
+/// in which no layer is reflected: upstream's hooks look for the decoder layers where vLLM's
+/// GLM-5.3-Flash does not keep them, and find none. The engine's forward runs six fresh
+/// sequences side by side without a cache (each linear layer's state its own); reflecting the
+/// layers as on every other architecture lands far off.
+#[test]
+fn glm5_next_artifacts_match_upstreams_unreflected_forward() {
+    let (dir, theirs) = reference_artifacts(json!({"arch": "glm5_next", "linear_layers": true}), "float32", false);
+    let model = load(dir.path(), &LoadOptions::default()).unwrap();
+    assert!(!poc_v2::reflects_layers(model.spec.architecture));
+    let round = Round { block_hash: BLOCK_HASH, public_key: PUBLIC_KEY, seq_len: 16, k_dim: 12, stronger_rng: false };
+    let reflections = Reflections::new(&model, BLOCK_HASH);
+    let ours = poc_v2::compute(&model, &reflections, &round, &NONCES);
+    let c = compare_artifacts(&ours, &theirs, "glm5_next");
+    assert!(c.worst < 1e-5, "worst distance {}", c.worst);
+    assert!(c.identical_encodings >= 4, "{} of 6 encodings identical", c.identical_encodings);
+
+    // The control: the same forward with every layer reflected.
+    let _guard = tch::no_grad_guard();
+    let embeds = poc_v2::inputs(&round, &NONCES[..1], model.spec.hidden_size, Kind::Float, tch::Device::Cpu);
+    let input = gonka_inference::StepInput::Embeddings { embeddings: embeds.get(0), routing_ids: None };
+    let mut steps = [gonka_inference::Step { input, cache: None }];
+    let hook = |layer: usize, x: &tch::Tensor| poc_v2::reflect(x, &reflections.vectors()[layer]);
+    let last = model.forward(&mut steps, Some(&hook), gonka_inference::Output::Last);
+    let reflected = poc_v2::artifacts(&round, &NONCES[..1], &last).remove(0).vector;
+    assert!(distance(&reflected, &ours[0].vector) > 10.0 * DIST_THRESHOLD, "reflected layers");
 }
 
 /// The artifacts depend on everything upstream's do: another block hash, public key or nonce,

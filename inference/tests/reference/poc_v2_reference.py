@@ -217,6 +217,13 @@ def vllm_layers(model):
 def add_reflections(model, block_hash):
     """The per-round hook of every decoder layer: the layer's `(hidden, residual)` each
     reflected by the layer's Householder vector."""
+    if model.config.model_type == "glm5_next":
+        # `LayerHouseholderHook._find_layers` looks for `model.model.layers`,
+        # `model.transformer.h` and `model.layers`; vLLM's `Glm5NextForConditionalGeneration`
+        # (0.32) keeps its decoder layers at `language_model.model.layers` and has none of
+        # those, so no layer is hooked.
+        model.poc_layers = None
+        return
     layers = vllm_layers(model)
     device = next(model.parameters()).device
     for i, layer in enumerate(layers):
@@ -260,6 +267,10 @@ def forward(model, inputs_embeds, layers=None, input_ids=None):
     `add_reflections`); the final norm adds the last residual."""
     if model.config.model_type == "deepseek_v4":
         return forward_v4(model, inputs_embeds, input_ids, model.poc_layers if layers is None else layers)
+    if model.config.model_type == "glm5_next":
+        # The language model alone (the runner passes embeddings), its final norm included.
+        assert layers is None and model.poc_layers is None, "nothing hooks GLM-5.3-Flash's layers"
+        return model.model.language_model(inputs_embeds=inputs_embeds).last_hidden_state
     inner = model.model
     batch, seq_len, _ = inputs_embeds.shape
     positions = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0).expand(batch, -1)
@@ -275,7 +286,7 @@ def artifacts(model, req, nonces):
     """The artifacts of `nonces` on `model` (reflections added): the forward, then normalise,
     pick k_dim coordinates, the Haar chain and the float16 encoding. Returns the nonces kept,
     their float32 vectors and their base64 encodings."""
-    hidden_size = model.config.hidden_size
+    hidden_size = model.config.get_text_config().hidden_size
     block_hash, public_key, k = req["block_hash"], req["public_key"], req.get("k_dim", 12)
     device = next(model.parameters()).device
     make = generate_inputs_concat_murmur if req.get("stronger_rng") else generate_inputs
@@ -324,9 +335,12 @@ def as_vllm_rounds(model):
 def main():
     req = json.loads(sys.argv[1])
     dtype = getattr(torch, req.get("dtype", "float32"))
-    # DeepSeek-V4 has eager attention only (SDPA takes no sinks).
-    attention = "eager" if json.load(open(f"{req['dir']}/config.json"))["model_type"] == "deepseek_v4" else "sdpa"
-    model = transformers.AutoModelForCausalLM.from_pretrained(req["dir"], dtype=dtype, attn_implementation=attention)
+    # DeepSeek-V4 has eager attention only (SDPA takes no sinks); GLM-5.3-Flash's sparse mask is
+    # written for either (eager, its additive form), and its checkpoint is multimodal.
+    model_type = json.load(open(f"{req['dir']}/config.json"))["model_type"]
+    attention = "eager" if model_type in ("deepseek_v4", "glm5_next") else "sdpa"
+    auto = transformers.AutoModelForImageTextToText if model_type == "glm5_next" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(req["dir"], dtype=dtype, attn_implementation=attention)
     model.eval()
     as_vllm_rounds(model)
     add_reflections(model, req["block_hash"])
