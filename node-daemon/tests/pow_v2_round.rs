@@ -1,6 +1,6 @@
 //! A whole PoC v2 round as the 2026 network node runs it (its call sequence, the devnet as the
 //! network node) over two node-daemon processes serving a tiny Qwen3 (and Qwen3-MoE, MiniMax-M2
-//! plain and FP8, DeepSeek-V4 as released): both bring the model up,
+//! plain and FP8, DeepSeek-V4 as released, GLM-5.3-Flash): both bring the model up,
 //! generate their share of nonces with artifacts posted to `/v2/poc-batches/{model}/generated`,
 //! each validates a sample of the other's through the queued `generate` with the chain's
 //! `stat_test`, and both earn weight.
@@ -54,6 +54,13 @@ fn a_released_deepseek_v4_round_too() {
     let release =
         json!({"compressed": true, "released_spelling": true, "release_quantised": true, "fp8_block": [16, 16]});
     round_over_two_daemons("deepseek_v4", release);
+}
+
+/// GLM-5.3-Flash's language model (linear and indexed layers, a shared one among them, in a
+/// multimodal checkpoint) on the native engine: PoC v2 unreflected, as upstream's hooks leave it.
+#[test]
+fn a_glm5_next_round_too() {
+    round_over_two_daemons("glm5_next", json!({"linear_layers": true}));
 }
 
 /// Two daemons serving a tiny `arch` model (written with `extra`) through a 2026 PoC v2
