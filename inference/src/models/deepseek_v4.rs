@@ -772,6 +772,7 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         residual_streams: config.hc_mult,
         kv_layers: config.num_hidden_layers,
         sequence_state_bytes: 0,
+        linear_attention: None,
     };
     Ok(StackShape {
         spec,

@@ -756,6 +756,7 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         residual_streams: config.hc_mult,
         kv_layers: indexed.len(),
         sequence_state_bytes: linear * config.kda_shape().state_bytes(kind),
+        linear_attention: (linear > 0).then(|| config.kda_shape()),
     };
     Ok(StackShape {
         spec,
@@ -1038,5 +1039,16 @@ mod tests {
         // 2 heads of a 16 × 16 float32 state, 3 inputs of q, k and v (3 × 32 channels) in bfloat16.
         assert_eq!(spec.sequence_state_bytes, 2 * 16 * 16 * 4 + 3 * 96 * 2);
         assert_eq!(spec.kv_bytes_for(10), 10 * (32 + 16) * 2 + spec.sequence_state_bytes);
+
+        // A forward's activations gain the linear layers' rows and one chunk's temporaries: per
+        // token (width 32, bfloat16) the projection's 3 × 32 + 2 + 2 × 16 = 130 elements of 2
+        // bytes, 3 × 32 convolved in 2 + 4 bytes, 32 float32 decays, a 32-wide gate of 2 bytes
+        // and 2 × 32 float32 outputs: 260 + 576 + 128 + 64 + 256 = 1284 bytes; once, three
+        // 2 × 16 × 16 × 16 float32 chunk tensors and two states of 2 × 16 × 16.
+        let without = ModelSpec { linear_attention: None, ..spec.clone() };
+        assert_eq!(
+            spec.forward_bytes(10, 100, 1) - without.forward_bytes(10, 100, 1),
+            10 * 1284 + 3 * 8192 * 4 + 2 * 512 * 4
+        );
     }
 }

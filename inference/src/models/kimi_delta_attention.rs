@@ -57,6 +57,21 @@ impl KdaShape {
         3 * self.heads * self.head_dim
     }
 
+    /// What a forward through one such layer holds beyond the stack's rows, `(per token, once)`:
+    /// per token the fused projection's output (q, k, v, β and the two gates' low-rank inputs),
+    /// the convolution's output and its float32 copy, the float32 log-decays, the output gate
+    /// and the float32 output and its norm; once, as the sequences take turns, a chunk's
+    /// float32 decays per key (their exponent, then the keys as each token sees them) and the
+    /// state with its update.
+    pub fn forward_bytes(&self, kind: Kind) -> (u64, u64) {
+        let (width, element) = (self.heads * self.head_dim, kind.elt_size_in_bytes() as i64);
+        let projected = (3 * width + self.heads + 2 * self.head_dim) * element;
+        let per_token = projected + 3 * width * (element + 4) + width * 4 + width * element + 2 * width * 4;
+        let chunk = 3 * self.heads * CHUNK * CHUNK * self.head_dim * 4;
+        let state = 2 * self.heads * self.head_dim * self.head_dim * 4;
+        (per_token as u64, (chunk + state) as u64)
+    }
+
     /// The bytes a sequence's state takes in one such layer: the recurrent state in float32 and
     /// the convolution's last `kernel - 1` inputs in the model's dtype.
     pub fn state_bytes(&self, kind: Kind) -> u64 {

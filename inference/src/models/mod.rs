@@ -26,6 +26,7 @@ use crate::error::LoadError;
 use crate::kv_cache::SequenceCache;
 use crate::layers::{Attention, Linear, Mlp, RmsNorm, Rotary};
 use hyper_connections::{BlockHyperConnections, HyperHead};
+use kimi_delta_attention::KdaShape;
 
 /// A block's feed-forward: a dense SwiGLU MLP or a mixture of experts.
 pub trait FeedForward: Send {
@@ -118,6 +119,8 @@ pub struct ModelSpec {
     /// Bytes a sequence's layers keep whatever its length (GLM-5.3-Flash's linear layers'
     /// recurrent and convolution state), counted once per sequence.
     pub sequence_state_bytes: u64,
+    /// GLM-5.3-Flash's linear layers' shape, for what their forward holds besides.
+    pub linear_attention: Option<KdaShape>,
     /// Residual streams per token: 1, or DeepSeek-V4's hyper-connected `hc_mult`.
     pub residual_streams: i64,
     /// Where every layer's queries see only the `window - 1` keys before their own
@@ -182,8 +185,10 @@ impl ModelSpec {
     ///
     /// Hyper-connected streams add, per row, four copies of the streams while a block's output
     /// is spread over them (the streams in, the spread output, the mixed streams, their sum)
-    /// and their float32 normed flattening that computes the mixing weights.
+    /// and their float32 normed flattening that computes the mixing weights. Linear layers add
+    /// their own rows and a chunk's temporaries ([`KdaShape::forward_bytes`]).
     pub fn forward_bytes(&self, tokens: u64, attention_pairs: u64, sampled: u64) -> u64 {
+        let (linear_row, linear_chunk) = self.linear_attention.map_or((0, 0), |s| s.forward_bytes(self.kind));
         let row = 6 * self.hidden_size as u64
             + ((self.attention_heads + 2 * self.kv_heads) * self.head_dim) as u64
             + 3 * self.intermediate_size as u64;
@@ -194,7 +199,8 @@ impl ModelSpec {
         };
         let scores = attention_pairs.saturating_mul(self.attention_heads as u64).saturating_mul(4);
         tokens
-            .saturating_mul(row * self.element_bytes() + streams)
+            .saturating_mul(row * self.element_bytes() + streams + linear_row)
+            .saturating_add(linear_chunk)
             .saturating_add(scores)
             .saturating_add(sampled.saturating_mul(self.vocab_size as u64 * 8))
     }

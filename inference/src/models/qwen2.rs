@@ -113,6 +113,7 @@ impl Config {
                 kv_window: None,
                 kv_layers: self.num_hidden_layers,
                 sequence_state_bytes: 0,
+                linear_attention: None,
             },
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,

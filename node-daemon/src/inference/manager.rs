@@ -867,6 +867,7 @@ mod tests {
             kv_window: None,
             kv_layers: 4,
             sequence_state_bytes: 0,
+            linear_attention: None,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 4096,
             vocab_size: 32000,

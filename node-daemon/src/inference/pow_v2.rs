@@ -1057,6 +1057,7 @@ mod tests {
             kv_window: None,
             kv_layers: 64,
             sequence_state_bytes: 0,
+            linear_attention: None,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 5120,
             vocab_size: 151_936,
