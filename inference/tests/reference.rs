@@ -305,6 +305,24 @@ fn glm5_next_linear_layers_match_transformers() {
         let together = model.logits(&model.forward(&mut both, None, Output::All));
         let alone = Tensor::cat(&[prompt_logits(&model, &other), whole.narrow(0, 21, 9)], 0);
         assert!(relative_error(&together, &alone) < 1e-5, "{extra}: batched with a cached sequence");
+        // Two fresh prompts of one length in one step (the linear layers run them side by side
+        // as heads of one), each keeping its state, then a token each: as each alone.
+        let mut first_cache = model.new_cache(16);
+        let mut second_cache = model.new_cache(16);
+        let mut fresh = [
+            Step { input: StepInput::Tokens(prompt[..12].to_vec()), cache: Some(&mut first_cache) },
+            Step { input: StepInput::Tokens(other[..12].to_vec()), cache: Some(&mut second_cache) },
+        ];
+        let prompts = model.logits(&model.forward(&mut fresh, None, Output::All));
+        let mut next = [
+            Step { input: StepInput::Tokens(vec![prompt[12]]), cache: Some(&mut first_cache) },
+            Step { input: StepInput::Tokens(vec![other[12]]), cache: Some(&mut second_cache) },
+        ];
+        let decoded = model.logits(&model.forward(&mut next, None, Output::All));
+        let (a, b) = (prompt_logits(&model, &prompt[..13]), prompt_logits(&model, &other[..13]));
+        let alone = Tensor::cat(&[a.narrow(0, 0, 12), b.narrow(0, 0, 12), a.narrow(0, 12, 1), b.narrow(0, 12, 1)], 0);
+        let error = relative_error(&Tensor::cat(&[prompts, decoded], 0), &alone);
+        assert!(error < 1e-5, "{extra}: fresh prompts side by side, then decoded, off by {error:e}");
         // The three indexed layers keep a latent of 32 a token, and the indexer's 2 × 32 on
         // their two full ones (the budget counts the widest on all three); each of the three
         // linear layers keeps, whatever the length, 2 heads' 32 × 32 float32 state and the

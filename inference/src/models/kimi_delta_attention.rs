@@ -257,6 +257,16 @@ fn chunked(
     Tensor::cat(&outputs, 1).transpose(0, 1)
 }
 
+/// The delta rule over one sequence's new tokens (or sequences side by side as heads): one
+/// token (decoding) steps the recurrence, more go through it in chunks.
+fn recurrence(q: &Tensor, k: &Tensor, v: &Tensor, decay: &Tensor, beta: &Tensor, state: &mut Tensor) -> Tensor {
+    if q.size()[0] == 1 {
+        KimiDeltaAttention::step_by_step(q, k, v, decay, beta, state)
+    } else {
+        chunked(q, k, v, decay, beta, state, CHUNK)
+    }
+}
+
 /// `x / sqrt(Σx² + 1e-6)` over the last dimension (FLA's, not `F.normalize`'s max).
 fn l2_normalised(x: &Tensor) -> Tensor {
     x / (x.pow_tensor_scalar(2).sum_dim_intlist(-1, true, Kind::Float) + 1e-6).sqrt()
@@ -281,31 +291,58 @@ impl SelfAttention for KimiDeltaAttention {
         let gate = self.gate_b.forward(&part(3 * width + heads + head_dim, head_dim));
         let scale = (head_dim as f64).powf(-0.5);
 
-        let mut outputs = Vec::with_capacity(caches.len());
-        for (span, cache) in batch.spans().iter().zip(caches.iter_mut()) {
-            let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
-            let mut fresh;
-            let state = match cache {
-                Some(cache) => cache.state(layer, || KdaState::empty(&self.shape, x)),
-                None => {
-                    // A one-shot forward (a PoC nonce): nothing before it, nothing kept.
-                    fresh = KdaState::empty(&self.shape, x);
-                    &mut fresh
+        let qkv_of = |convolved: Tensor| {
+            let qkv = convolved.to_kind(Kind::Float).view([-1, 3, heads, head_dim]);
+            (l2_normalised(&qkv.select(1, 0)) * scale, l2_normalised(&qkv.select(1, 1)), qkv.select(1, 2))
+        };
+        let out = match batch.uniform_fresh() {
+            // Sequences of one length and no past (a PoC v2 batch, prompts admitted together):
+            // side by side as the heads of one, through one convolution and one recurrence.
+            Some((sequences, len)) if sequences > 1 => {
+                let inputs = mixed.view([sequences, len, -1]).transpose(1, 2);
+                let padded = inputs.constant_pad_nd([self.shape.conv_kernel - 1, 0]);
+                let convolved = padded.conv1d(&self.conv, None::<Tensor>, [1], [0], [1], self.shape.channels());
+                let (q, k, v) = qkv_of(convolved.silu().transpose(1, 2).reshape([tokens, -1]));
+                let wide = |t: &Tensor| {
+                    t.view([sequences, len, heads, -1]).transpose(0, 1).reshape([len, sequences * heads, -1])
+                };
+                let beta = wide(&beta).squeeze_dim(-1);
+                let mut state = Tensor::zeros([sequences * heads, head_dim, head_dim], (Kind::Float, x.device()));
+                let out = recurrence(&wide(&q), &wide(&k), &wide(&v), &wide(&decay), &beta, &mut state);
+                for (s, cache) in caches.iter_mut().enumerate() {
+                    if let Some(cache) = cache {
+                        let held = self.shape.conv_kernel - 1;
+                        let kept = cache.state(layer, || KdaState::empty(&self.shape, x));
+                        kept.recurrent = state.narrow(0, s as i64 * heads, heads).copy();
+                        kept.conv = padded.get(s as i64).narrow(1, len, held).copy();
+                    }
                 }
-            };
-            let qkv = self.convolve(&rows(&mixed), state).to_kind(Kind::Float).view([span.len, 3, heads, head_dim]);
-            let q = l2_normalised(&qkv.select(1, 0)) * scale;
-            let k = l2_normalised(&qkv.select(1, 1));
-            let (v, decay, beta) = (qkv.select(1, 2), rows(&decay), rows(&beta));
-            // One token (decoding) steps the recurrence; more go through it in chunks.
-            let out = if span.len == 1 {
-                Self::step_by_step(&q, &k, &v, &decay, &beta, &mut state.recurrent)
-            } else {
-                chunked(&q, &k, &v, &decay, &beta, &mut state.recurrent, CHUNK)
-            };
-            outputs.push(out.to_kind(kind));
-        }
-        let out = Tensor::cat(&outputs, 0).to_kind(Kind::Float);
+                out.view([len, sequences, heads, head_dim])
+                    .transpose(0, 1)
+                    .reshape([tokens, heads, head_dim])
+                    .to_kind(kind)
+            }
+            _ => {
+                let mut outputs = Vec::with_capacity(caches.len());
+                for (span, cache) in batch.spans().iter().zip(caches.iter_mut()) {
+                    let rows = |t: &Tensor| t.narrow(0, span.start, span.len);
+                    let mut fresh;
+                    let state = match cache {
+                        Some(cache) => cache.state(layer, || KdaState::empty(&self.shape, x)),
+                        None => {
+                            // A one-shot forward (a PoC nonce): nothing before it, nothing kept.
+                            fresh = KdaState::empty(&self.shape, x);
+                            &mut fresh
+                        }
+                    };
+                    let (q, k, v) = qkv_of(self.convolve(&rows(&mixed), state));
+                    let out = recurrence(&q, &k, &v, &rows(&decay), &rows(&beta), &mut state.recurrent);
+                    outputs.push(out.to_kind(kind));
+                }
+                Tensor::cat(&outputs, 0)
+            }
+        };
+        let out = out.to_kind(Kind::Float);
         // Per head: RMS-normalised in float32, scaled, gated by a sigmoid.
         let variance = out.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = out * (variance + self.shape.norm_eps).rsqrt() * &self.output_norm;
