@@ -86,9 +86,9 @@ pub struct Config {
     pub rope_parameters: Option<Value>,
     pub sliding_window: i64,
     pub hc_mult: i64,
-    #[serde(default = "default_sinkhorn_iters")]
+    #[serde(default = "HyperShape::default_sinkhorn_iters")]
     pub hc_sinkhorn_iters: i64,
-    #[serde(default = "default_hc_eps")]
+    #[serde(default = "HyperShape::default_eps")]
     pub hc_eps: f64,
     pub n_routed_experts: i64,
     #[serde(default = "one")]
@@ -149,12 +149,6 @@ fn one() -> i64 {
 }
 fn default_rope_theta() -> f64 {
     10000.0
-}
-fn default_sinkhorn_iters() -> i64 {
-    20
-}
-fn default_hc_eps() -> f64 {
-    1e-6
 }
 fn default_scoring() -> String {
     "sqrtsoftplus".into()

@@ -103,9 +103,9 @@ pub struct Config {
     pub swiglu_limit: f64,
     #[serde(default = "default_hc_mult")]
     pub hc_mult: i64,
-    #[serde(default = "default_hc_eps")]
+    #[serde(default = "HyperShape::default_eps")]
     pub hc_eps: f64,
-    #[serde(default = "default_sinkhorn_iters")]
+    #[serde(default = "HyperShape::default_sinkhorn_iters")]
     pub hc_sinkhorn_iters: i64,
     #[serde(default = "default_kpool")]
     pub index_kpool: i64,
@@ -186,12 +186,6 @@ fn default_swiglu_limit() -> f64 {
 }
 fn default_hc_mult() -> i64 {
     4
-}
-fn default_hc_eps() -> f64 {
-    1e-6
-}
-fn default_sinkhorn_iters() -> i64 {
-    20
 }
 fn default_kpool() -> i64 {
     16
@@ -792,7 +786,8 @@ pub fn load(config: &Config, w: &Loader<'_>, placed: &[Device]) -> Result<Transf
         let attention: Box<dyn SelfAttention> = if types[i] == LINEAR {
             Box::new(KimiDeltaAttention::load(&at, config.kda_shape())?)
         } else {
-            let hands_on = full[i] && types.get(i + 1) == Some(&INDEXED.to_string()) && !full[i + 1];
+            // The next layer shares this one's choice (validated: only after a full layer).
+            let hands_on = types.get(i + 1).is_some_and(|t| t == INDEXED) && !full[i + 1];
             Box::new(Attention::load(&at, config, full[i], hands_on)?)
         };
         let feed_forward: Box<dyn FeedForward> = if config.sparse(i) {

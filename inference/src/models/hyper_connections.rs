@@ -29,6 +29,19 @@ pub struct HyperShape {
     pub norm_eps: f64,
 }
 
+impl HyperShape {
+    /// transformers' `hc_sinkhorn_iters` where a config has none (DeepSeek-V4's and
+    /// GLM-5.3-Flash's alike).
+    pub fn default_sinkhorn_iters() -> i64 {
+        20
+    }
+
+    /// transformers' `hc_eps` where a config has none (both models').
+    pub fn default_eps() -> f64 {
+        1e-6
+    }
+}
+
 /// `x / rms(x)` over the last dimension, with no weight (transformers'
 /// `DeepseekV4UnweightedRMSNorm`: the factor computed in float32, applied in `x`'s dtype).
 pub fn unweighted_rms_norm(x: &Tensor, eps: f64) -> Tensor {

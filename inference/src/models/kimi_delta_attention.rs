@@ -182,29 +182,29 @@ impl KimiDeltaAttention {
         let out = inputs.unsqueeze(0).conv1d(&self.conv, None::<Tensor>, [1], [0], [1], self.shape.channels());
         out.squeeze_dim(0).transpose(0, 1).silu()
     }
-
-    /// The delta rule over one sequence's new tokens, each after the last: q, k, v `[n, heads,
-    /// head_dim]` (q and k normalised, q scaled), `decay` the log-decays, `beta` `[n, heads]`,
-    /// all float32; `state` is updated in place (it is this layer's own: the cache's, or a
-    /// one-shot forward's). Returns the outputs, float32 `[n, heads, head_dim]`.
-    fn step_by_step(q: &Tensor, k: &Tensor, v: &Tensor, decay: &Tensor, beta: &Tensor, state: &mut Tensor) -> Tensor {
-        let n = q.size()[0];
-        let mut outputs = Vec::with_capacity(n as usize);
-        for t in 0..n {
-            let (k_t, v_t) = (k.get(t), v.get(t));
-            // Forget per key channel, then replace what the state recalls for this key by the
-            // value, at the rate β.
-            *state *= decay.get(t).exp().unsqueeze(-1);
-            let recalled = k_t.unsqueeze(1).bmm(state).squeeze_dim(1);
-            let delta = (v_t - recalled) * beta.get(t).unsqueeze(-1);
-            *state += k_t.unsqueeze(-1) * delta.unsqueeze(1);
-            outputs.push(q.get(t).unsqueeze(1).bmm(state).squeeze_dim(1));
-        }
-        Tensor::stack(&outputs, 0)
-    }
 }
 
-/// The delta rule over one sequence's new tokens `chunk` at a time, as [`KimiDeltaAttention::step_by_step`]
+/// The delta rule over one sequence's new tokens, each after the last: q, k, v `[n, heads,
+/// head_dim]` (q and k normalised, q scaled), `decay` the log-decays, `beta` `[n, heads]`,
+/// all float32; `state` is updated in place (it is this layer's own: the cache's, or a
+/// one-shot forward's). Returns the outputs, float32 `[n, heads, head_dim]`.
+fn step_by_step(q: &Tensor, k: &Tensor, v: &Tensor, decay: &Tensor, beta: &Tensor, state: &mut Tensor) -> Tensor {
+    let n = q.size()[0];
+    let mut outputs = Vec::with_capacity(n as usize);
+    for t in 0..n {
+        let (k_t, v_t) = (k.get(t), v.get(t));
+        // Forget per key channel, then replace what the state recalls for this key by the
+        // value, at the rate β.
+        *state *= decay.get(t).exp().unsqueeze(-1);
+        let recalled = k_t.unsqueeze(1).bmm(state).squeeze_dim(1);
+        let delta = (v_t - recalled) * beta.get(t).unsqueeze(-1);
+        *state += k_t.unsqueeze(-1) * delta.unsqueeze(1);
+        outputs.push(q.get(t).unsqueeze(1).bmm(state).squeeze_dim(1));
+    }
+    Tensor::stack(&outputs, 0)
+}
+
+/// The delta rule over one sequence's new tokens `chunk` at a time, as [`step_by_step`]
 /// takes and gives them: transformers' `chunk_kimi_delta_attention` (FLA's chunked form). Within
 /// a chunk, with `G` the log-decays summed from its start and `T` the inverse of the unit lower
 /// triangle of β-weighted, decayed key products (the delta rule's corrections among the chunk's
@@ -261,7 +261,7 @@ fn chunked(
 /// token (decoding) steps the recurrence, more go through it in chunks.
 fn recurrence(q: &Tensor, k: &Tensor, v: &Tensor, decay: &Tensor, beta: &Tensor, state: &mut Tensor) -> Tensor {
     if q.size()[0] == 1 {
-        KimiDeltaAttention::step_by_step(q, k, v, decay, beta, state)
+        step_by_step(q, k, v, decay, beta, state)
     } else {
         chunked(q, k, v, decay, beta, state, CHUNK)
     }
@@ -378,7 +378,7 @@ mod tests {
             let beta = Tensor::rand([n, heads], cpu);
             let start = Tensor::randn([heads, d, d], cpu);
             let mut stepped = start.copy();
-            let expected = KimiDeltaAttention::step_by_step(&q, &k, &v, &decay, &beta, &mut stepped);
+            let expected = step_by_step(&q, &k, &v, &decay, &beta, &mut stepped);
             for chunk in [4, CHUNK, 64] {
                 let mut state = start.copy();
                 let out = chunked(&q, &k, &v, &decay, &beta, &mut state, chunk);
