@@ -219,6 +219,39 @@ fn deepseek_v4_compressed_layers_match_transformers() {
     assert_eq!(spec.kv_bytes_for(4), spec.kv_bytes_for(3) + (64 + 32) * 4, "a CSA entry, no more keys");
 }
 
+/// Steps through the cache against `prompt` run whole (`model`'s logits at every position):
+/// the prompt fed in chunks ending at `chunk_ends`, and, after its first `split` tokens were
+/// cached, its rest batched beside a fresh sequence of 19 tokens run without a cache.
+fn check_cached_steps(model: &Transformer, prompt: &[i64], chunk_ends: &[usize], split: usize, what: &str) {
+    let whole = prompt_logits(model, prompt);
+    let mut cache = model.new_cache(64);
+    let mut start = 0;
+    let chunked: Vec<Tensor> = chunk_ends
+        .iter()
+        .chain([&prompt.len()])
+        .map(|&end| {
+            let chunk = prompt[std::mem::replace(&mut start, end)..end].to_vec();
+            let mut step = [Step { input: StepInput::Tokens(chunk), cache: Some(&mut cache) }];
+            model.logits(&model.forward(&mut step, None, Output::All))
+        })
+        .collect();
+    let error = relative_error(&Tensor::cat(&chunked, 0), &whole);
+    assert!(error < 1e-5, "{what}: chunked prefill off by {error:e}");
+    let other: Vec<i64> = (0..19).map(|i| (i * 53 + 17) % 320).collect();
+    let mut cache = model.new_cache(64);
+    let mut first = [Step { input: StepInput::Tokens(prompt[..split].to_vec()), cache: Some(&mut cache) }];
+    let _ = model.forward(&mut first, None, Output::Last);
+    let mut both = [
+        Step { input: StepInput::Tokens(other.clone()), cache: None },
+        Step { input: StepInput::Tokens(prompt[split..].to_vec()), cache: Some(&mut cache) },
+    ];
+    let together = model.logits(&model.forward(&mut both, None, Output::All));
+    let rest = (prompt.len() - split) as i64;
+    let alone = Tensor::cat(&[prompt_logits(model, &other), whole.narrow(0, split as i64, rest)], 0);
+    let error = relative_error(&together, &alone);
+    assert!(error < 1e-5, "{what}: batched with a cached sequence, off by {error:e}");
+}
+
 /// GLM-5.3-Flash's language model as transformers 5.23 runs it, its indexed attention layers
 /// (MLA without rotary, sparse over pools of 4 tokens, layers 1 and 3 reusing the choice before
 /// them; a dense layer, then group-limited experts) in a multimodal checkpoint whose vision
@@ -230,29 +263,9 @@ fn glm5_next_indexed_layers_match_transformers() {
     let prompt: Vec<i64> = (0..30).map(|i| (i * 37 + 11) % 320).collect();
     let (dir, model) = check_prompt("glm5_next", &prompt, 10, json!({}), 1e-5);
     let _guard = tch::no_grad_guard();
-    let whole = prompt_logits(&model, &prompt);
-    let mut cache = model.new_cache(64);
-    let chunked: Vec<Tensor> = [&prompt[..6], &prompt[6..17], &prompt[17..]]
-        .iter()
-        .map(|chunk| {
-            let mut step = [Step { input: StepInput::Tokens(chunk.to_vec()), cache: Some(&mut cache) }];
-            model.logits(&model.forward(&mut step, None, Output::All))
-        })
-        .collect();
-    let error = relative_error(&Tensor::cat(&chunked, 0), &whole);
-    assert!(error < 1e-5, "chunked prefill off by {error:e}");
-    // A fresh sequence beside one with a past: each chooses among its own pools.
-    let other: Vec<i64> = (0..19).map(|i| (i * 53 + 17) % 320).collect();
-    let mut cache = model.new_cache(64);
-    let mut first = [Step { input: StepInput::Tokens(prompt[..21].to_vec()), cache: Some(&mut cache) }];
-    let _ = model.forward(&mut first, None, Output::Last);
-    let mut both = [
-        Step { input: StepInput::Tokens(other.clone()), cache: None },
-        Step { input: StepInput::Tokens(prompt[21..].to_vec()), cache: Some(&mut cache) },
-    ];
-    let together = model.logits(&model.forward(&mut both, None, Output::All));
-    let alone = Tensor::cat(&[prompt_logits(&model, &other), whole.narrow(0, 21, 9)], 0);
-    assert!(relative_error(&together, &alone) < 1e-5, "batched with a cached sequence");
+    // Chunks that split pools; a fresh sequence beside one with a past, each choosing among its
+    // own pools.
+    check_cached_steps(&model, &prompt, &[6, 17], 21, "glm5_next");
     // The cache: a latent of 32 a token on every layer, the indexer's 2 × 32 beside it on the
     // two full layers; the budget counts the widest row on all four (an upper bound).
     let spec = &model.spec;
@@ -283,28 +296,8 @@ fn glm5_next_linear_layers_match_transformers() {
     for extra in [json!({"linear_layers": true}), json!({"linear_layers": true, "lower_bound": null})] {
         let (_dir, model) = check_prompt("glm5_next", &prompt, 10, extra.clone(), 1e-5);
         let _guard = tch::no_grad_guard();
-        let whole = prompt_logits(&model, &prompt);
-        let mut cache = model.new_cache(64);
-        let chunked: Vec<Tensor> = [&prompt[..1], &prompt[1..3], &prompt[3..17], &prompt[17..]]
-            .iter()
-            .map(|chunk| {
-                let mut step = [Step { input: StepInput::Tokens(chunk.to_vec()), cache: Some(&mut cache) }];
-                model.logits(&model.forward(&mut step, None, Output::All))
-            })
-            .collect();
-        let error = relative_error(&Tensor::cat(&chunked, 0), &whole);
-        assert!(error < 1e-5, "{extra}: chunked prefill off by {error:e}");
+        check_cached_steps(&model, &prompt, &[1, 3, 17], 21, &extra.to_string());
         let other: Vec<i64> = (0..19).map(|i| (i * 53 + 17) % 320).collect();
-        let mut cache = model.new_cache(64);
-        let mut first = [Step { input: StepInput::Tokens(prompt[..21].to_vec()), cache: Some(&mut cache) }];
-        let _ = model.forward(&mut first, None, Output::Last);
-        let mut both = [
-            Step { input: StepInput::Tokens(other.clone()), cache: None },
-            Step { input: StepInput::Tokens(prompt[21..].to_vec()), cache: Some(&mut cache) },
-        ];
-        let together = model.logits(&model.forward(&mut both, None, Output::All));
-        let alone = Tensor::cat(&[prompt_logits(&model, &other), whole.narrow(0, 21, 9)], 0);
-        assert!(relative_error(&together, &alone) < 1e-5, "{extra}: batched with a cached sequence");
         // Two fresh prompts of one length in one step (the linear layers run them side by side
         // as heads of one), each keeping its state, then a token each: as each alone.
         let mut first_cache = model.new_cache(16);
