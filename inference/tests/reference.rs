@@ -396,6 +396,20 @@ fn fp8_block_quantised_checkpoints_match_transformers_on_the_dequantised_weights
     }
 }
 
+/// GLM-5.3-Flash quantised as vLLM 0.32 reads its FP8 release: the MLPs (dense, shared and routed
+/// experts) and the indexer's `wk` in e4m3 blocks, the linear layers' and MLA's projections
+/// unquantised beside them in the same checkpoint. The same logits as transformers on the
+/// dequantised weights; the attention kept as stored, the FP8 weights counted as FP8.
+#[test]
+fn glm5_next_quantised_as_released_matches_transformers_on_the_dequantised_weights() {
+    let release = json!({"linear_layers": true, "release_quantised": true, "fp8_block": [16, 16]});
+    let (dir, model) = check("glm5_next", release, 1e-5);
+    assert!(model.blocks.iter().all(|b| !b.attention.is_quantised()), "the attention's projections as stored");
+    let stored = weight_bytes(dir.path(), None).unwrap();
+    assert!(fp8_widened_bytes(dir.path(), Some(Kind::Float)).unwrap() > 0, "no FP8 weight read");
+    assert!(weight_bytes(dir.path(), Some(Kind::Double)).unwrap() < 2 * stored, "FP8 counted widened");
+}
+
 /// DeepSeek-V4 as it is released, by a test helper in its format: the routed experts MXFP4 (two
 /// e2m1 codes a byte, a UE8M0 exponent per 32 columns), the other projections FP8 in [16, 16]
 /// blocks with UE8M0 factors, every factor under `<name>.scale`, `expert_dtype: fp4`. The

@@ -246,6 +246,12 @@ def randomise(model, seed):
 # The projections an FP8 release quantises; the router, norms, embeddings and lm_head stay.
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
 
+# What GLM-5.3-Flash's FP8 release quantises, as vLLM 0.32 reads it: the MLPs (dense, shared and
+# routed experts) and the indexer's `wk`; the linear layers' and MLA's projections carry no
+# scales there and stay unquantised, as do the routers.
+GLM_FP8_PROJECTIONS = ("mlp.experts.", "mlp.shared_experts.", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                       "indexer.wk.")
+
 
 def fp8_quantise_weight(w, block, power_of_two=False):
     """One weight `[out, in]` in e4m3 with a float32 factor per `block` ([rows, columns]; edge
@@ -265,9 +271,9 @@ def fp8_quantise_weight(w, block, power_of_two=False):
     return (w.float() / factors).to(torch.float8_e4m3fn), scale.contiguous(), factors
 
 
-def fp8_quantise(directory, block):
+def fp8_quantise(directory, block, projections=FP8_PROJECTIONS):
     """Quantises the checkpoint in `directory` as DeepSeek's and MiniMax's FP8 releases are: each
-    projection's weight in e4m3 with a float32 `weight_scale_inv` per `block` ([rows, columns];
+    projection's weight (a name holding one of `projections`) in e4m3 with a float32 `weight_scale_inv` per `block` ([rows, columns];
     edge blocks partial), scaled so its largest magnitude is e4m3's largest (448), and
     `quantization_config` in config.json. Returns a directory holding the same model with the
     dequantised weights (e4m3 × factor, in float32, then the checkpoint's dtype) in their
@@ -278,7 +284,7 @@ def fp8_quantise(directory, block):
     tensors = load_file(f"{directory}/model.safetensors")
     quantised, dequantised = {}, {}
     for name, w in tensors.items():
-        if w.dim() != 2 or not name.endswith(".weight") or not any(p in name for p in FP8_PROJECTIONS):
+        if w.dim() != 2 or not name.endswith(".weight") or not any(p in name for p in projections):
             quantised[name] = dequantised[name] = w
             continue
         q, scale, factors = fp8_quantise_weight(w, block)
@@ -509,6 +515,8 @@ def main():
     reference_dir = req["dir"]
     if req.get("release_quantised") and arch == "deepseek_v4":
         reference_dir = v4_release_quantise(req["dir"], req.get("fp8_block", [128, 128]))
+    elif req.get("release_quantised") and arch == "glm5_next":
+        reference_dir = fp8_quantise(req["dir"], req["fp8_block"], GLM_FP8_PROJECTIONS)
     elif req.get("fp8_block"):
         reference_dir = fp8_quantise(req["dir"], req["fp8_block"])
 
