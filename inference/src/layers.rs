@@ -232,6 +232,15 @@ impl Linear {
         self.parts[0].device()
     }
 
+    /// Its whole weight `[out, in]` in the model dtype (FP8 and MXFP4 parts widened), for a
+    /// caller that multiplies by it otherwise than `x · weightᵀ`.
+    pub fn widened_weight(&self) -> Tensor {
+        match self.parts.as_slice() {
+            [one] => one.widened(),
+            parts => Tensor::cat(&parts.iter().map(Weight::widened).collect::<Vec<_>>(), 0),
+        }
+    }
+
     /// Whether any of its weights stays quantised (FP8, MXFP4) on the device.
     pub fn is_quantised(&self) -> bool {
         self.parts.iter().any(Weight::is_quantised)

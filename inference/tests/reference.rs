@@ -220,8 +220,9 @@ fn deepseek_v4_compressed_layers_match_transformers() {
 }
 
 /// Steps through the cache against `prompt` run whole (`model`'s logits at every position):
-/// the prompt fed in chunks ending at `chunk_ends`, and, after its first `split` tokens were
-/// cached, its rest batched beside a fresh sequence of 19 tokens run without a cache.
+/// the prompt fed in chunks ending at `chunk_ends`; after its first `split` tokens were cached,
+/// its rest one token a step (as decoding feeds it); and its rest batched beside a fresh
+/// sequence of 19 tokens run without a cache.
 fn check_cached_steps(model: &Transformer, prompt: &[i64], chunk_ends: &[usize], split: usize, what: &str) {
     let whole = prompt_logits(model, prompt);
     let mut cache = model.new_cache(64);
@@ -237,6 +238,19 @@ fn check_cached_steps(model: &Transformer, prompt: &[i64], chunk_ends: &[usize],
         .collect();
     let error = relative_error(&Tensor::cat(&chunked, 0), &whole);
     assert!(error < 1e-5, "{what}: chunked prefill off by {error:e}");
+    let rest = (prompt.len() - split) as i64;
+    let mut cache = model.new_cache(64);
+    let mut first = [Step { input: StepInput::Tokens(prompt[..split].to_vec()), cache: Some(&mut cache) }];
+    let _ = model.forward(&mut first, None, Output::Last);
+    let stepped: Vec<Tensor> = prompt[split..]
+        .iter()
+        .map(|&token| {
+            let mut step = [Step { input: StepInput::Tokens(vec![token]), cache: Some(&mut cache) }];
+            model.logits(&model.forward(&mut step, None, Output::All))
+        })
+        .collect();
+    let error = relative_error(&Tensor::cat(&stepped, 0), &whole.narrow(0, split as i64, rest));
+    assert!(error < 1e-5, "{what}: a token a step off by {error:e}");
     let other: Vec<i64> = (0..19).map(|i| (i * 53 + 17) % 320).collect();
     let mut cache = model.new_cache(64);
     let mut first = [Step { input: StepInput::Tokens(prompt[..split].to_vec()), cache: Some(&mut cache) }];
@@ -246,7 +260,6 @@ fn check_cached_steps(model: &Transformer, prompt: &[i64], chunk_ends: &[usize],
         Step { input: StepInput::Tokens(prompt[split..].to_vec()), cache: Some(&mut cache) },
     ];
     let together = model.logits(&model.forward(&mut both, None, Output::All));
-    let rest = (prompt.len() - split) as i64;
     let alone = Tensor::cat(&[prompt_logits(model, &other), whole.narrow(0, split as i64, rest)], 0);
     let error = relative_error(&together, &alone);
     assert!(error < 1e-5, "{what}: batched with a cached sequence, off by {error:e}");

@@ -569,13 +569,28 @@ impl Attention {
 
     /// One sequence's new queries `[heads, n, qk_dim]` over the keys and values its latents make
     /// (`[keys, latent]`), each query only on the keys `chosen` for it (`[n, keys]`).
+    ///
+    /// A few queries over many keys (decoding) take the keys' projection into the queries and
+    /// the values' into the output instead (MLA's absorption, as vLLM decodes): the latents are
+    /// attended as they are, not expanded to every head's key and value each step. More queries
+    /// (a prompt) expand the latents, which is then the cheaper.
     fn attend(&self, q: &Tensor, latents: &Tensor, chosen: &Tensor) -> Tensor {
-        let keys_count = latents.size()[0];
+        let (n, keys_count) = (q.size()[1], latents.size()[0]);
+        let scale = (self.qk_dim as f64).powf(-0.5);
+        let attended = |scores: Tensor, values: &Tensor| {
+            let scores = scores.masked_fill(&chosen.logical_not().unsqueeze(0), f64::NEG_INFINITY);
+            scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(values)
+        };
+        if 4 * n < keys_count {
+            let w = self.kv_b.widened_weight().view([self.heads, self.qk_dim + self.v_dim, self.latent]);
+            let (to_key, to_value) = (w.narrow(1, 0, self.qk_dim), w.narrow(1, self.qk_dim, self.v_dim));
+            let q_latent = q.matmul(&to_key);
+            let context = attended(q_latent.matmul(&latents.transpose(0, 1)) * scale, latents);
+            return context.matmul(&to_value.transpose(1, 2));
+        }
         let kv = self.kv_b.forward(latents).view([keys_count, self.heads, self.qk_dim + self.v_dim]).transpose(0, 1);
         let (k, v) = (kv.narrow(-1, 0, self.qk_dim), kv.narrow(-1, self.qk_dim, self.v_dim));
-        let scores = q.matmul(&k.transpose(-1, -2)) * (self.qk_dim as f64).powf(-0.5);
-        let scores = scores.masked_fill(&chosen.logical_not().unsqueeze(0), f64::NEG_INFINITY);
-        scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+        attended(q.matmul(&k.transpose(-1, -2)) * scale, &v)
     }
 }
 
