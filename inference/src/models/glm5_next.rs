@@ -543,6 +543,9 @@ pub struct Attention {
     selection: Selection,
     /// Whether the next layer is a shared one, which takes this one's choice.
     hands_on: bool,
+    /// The most keys a query is given: its pools' tokens (`index_topk`) and its own pool's
+    /// tail (up to `index_kpool - 1` before it, itself included).
+    most_chosen: i64,
 }
 
 impl Attention {
@@ -564,6 +567,7 @@ impl Attention {
             latent: c.kv_lora_rank,
             selection,
             hands_on,
+            most_chosen: c.index_topk + if c.index_kpool_always_select_tail { c.index_kpool - 1 } else { 0 },
         })
     }
 
@@ -571,9 +575,11 @@ impl Attention {
     /// (`[keys, latent]`), each query only on the keys `chosen` for it (`[n, keys]`).
     ///
     /// A few queries over many keys (decoding) take the keys' projection into the queries and
-    /// the values' into the output instead (MLA's absorption, as vLLM decodes): the latents are
-    /// attended as they are, not expanded to every head's key and value each step. More queries
-    /// (a prompt) expand the latents, which is then the cheaper.
+    /// the values' into the output instead (MLA's absorption, as vLLM decodes), and attend only
+    /// the latents chosen for them, gathered (at most [`Self::most_chosen`] a query, picked
+    /// without reading the choice back to the host): a step's attention then costs the same
+    /// however long the sequence. More queries (a prompt) expand the latents, which is then the
+    /// cheaper.
     fn attend(&self, q: &Tensor, latents: &Tensor, chosen: &Tensor) -> Tensor {
         let (n, keys_count) = (q.size()[1], latents.size()[0]);
         let scale = (self.qk_dim as f64).powf(-0.5);
@@ -584,8 +590,15 @@ impl Attention {
         if 4 * n < keys_count {
             let w = self.kv_b.widened_weight().view([self.heads, self.qk_dim + self.v_dim, self.latent]);
             let (to_key, to_value) = (w.narrow(1, 0, self.qk_dim), w.narrow(1, self.qk_dim, self.v_dim));
-            let q_latent = q.matmul(&to_key);
-            let context = attended(q_latent.matmul(&latents.transpose(0, 1)) * scale, latents);
+            // Each query's chosen keys first (ones before zeros), `[n, width]`, and their latents.
+            let width = self.most_chosen.min(keys_count);
+            let (flags, picked) = chosen.to_kind(Kind::Float).topk(width, -1, true, false);
+            let gathered = latents.index_select(0, &picked.flatten(0, -1)).view([n, width, self.latent]);
+            // `[n, heads, …]`: each query against its own gathered latents.
+            let q_latent = q.matmul(&to_key).transpose(0, 1);
+            let scores = q_latent.matmul(&gathered.transpose(1, 2)) * scale;
+            let scores = scores.masked_fill(&flags.eq(0.0).unsqueeze(1), f64::NEG_INFINITY);
+            let context = scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&gathered).transpose(0, 1);
             return context.matmul(&to_value.transpose(1, 2));
         }
         let kv = self.kv_b.forward(latents).view([keys_count, self.heads, self.qk_dim + self.v_dim]).transpose(0, 1);
