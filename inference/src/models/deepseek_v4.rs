@@ -765,7 +765,6 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         kv_window: Some(config.sliding_window),
         residual_streams: config.hc_mult,
         kv_layers: config.num_hidden_layers,
-        sequence_state_bytes: 0,
         linear_attention: None,
     };
     Ok(StackShape {

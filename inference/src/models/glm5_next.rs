@@ -477,7 +477,6 @@ impl Indexer {
         let (n, total, d, kpool) = (x.size()[0], keys.size()[0], self.head_dim, self.kpool);
         let device = x.device();
         let positions = Tensor::arange(n, (Kind::Int64, device)) + past;
-        let key_at = Tensor::arange(total, (Kind::Int64, device));
         let mut chosen = Tensor::zeros([n, total], (Kind::Bool, device));
         // Only complete pools are candidates; the pool still filling is the tail's.
         let pools = total / kpool;
@@ -508,7 +507,7 @@ impl Indexer {
         if self.tail {
             // The query's own pool, not yet complete: its tokens up to the query's.
             let tail_start = (&positions + 1) - (&positions + 1).remainder(kpool);
-            let key_at = key_at.unsqueeze(0);
+            let key_at = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
             let tail =
                 key_at.ge_tensor(&tail_start.unsqueeze(1)).logical_and(&key_at.le_tensor(&positions.unsqueeze(1)));
             chosen = chosen.logical_or(&tail);
@@ -625,9 +624,9 @@ impl SelfAttention for Attention {
             Selection::Full(indexer) => (Tensor::cat(&[&latent, &indexer.keys(x)], -1), Some(indexer)),
             Selection::Shared => (latent, None),
         };
-        let shared_choice = match &self.selection {
-            Selection::Shared => Some(batch.take_handed_on().expect("the layer before hands on (validated)")),
-            Selection::Full(_) => None,
+        let handed_on = match indexer {
+            Some(_) => Vec::new(),
+            None => batch.take_handed_on().expect("the layer before hands on (validated)"),
         };
         let mut choices = Vec::with_capacity(caches.len());
         let mut outputs = Vec::with_capacity(caches.len());
@@ -639,8 +638,8 @@ impl SelfAttention for Attention {
                 }
                 None => new_rows,
             };
-            let chosen = match (indexer, &shared_choice) {
-                (Some(indexer), _) => {
+            let chosen = match indexer {
+                Some(indexer) => {
                     let part = |t: &Tensor| t.narrow(0, span.start, span.len);
                     indexer.choose(
                         &part(x),
@@ -649,12 +648,14 @@ impl SelfAttention for Attention {
                         span.past,
                     )
                 }
-                (None, Some(shared)) => shared[s].to_device(x.device()),
-                (None, None) => unreachable!("a shared layer took the choice above"),
+                // From the layer before, which may sit on another GPU.
+                None => handed_on[s].to_device(x.device()),
             };
             let latents = all_rows.narrow(-1, 0, self.latent);
             outputs.push(self.attend(&q.narrow(1, span.start, span.len), &latents, &chosen));
-            choices.push(chosen);
+            if self.hands_on {
+                choices.push(chosen);
+            }
         }
         if self.hands_on {
             batch.hand_on(choices);
@@ -752,7 +753,6 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
     let types = config.layer_types()?;
     let indexed: Vec<usize> = (0..types.len()).filter(|&i| types[i] == INDEXED).collect();
     let widest = indexed.iter().map(|&i| config.cache_row(full[i])).max().unwrap_or(config.kv_lora_rank);
-    let linear = (types.len() - indexed.len()) as u64;
     let spec = ModelSpec {
         architecture: Architecture::Glm5Next,
         hidden_size: config.hidden_size,
@@ -777,8 +777,7 @@ pub fn shape(config: &Config, kind: Kind) -> Result<StackShape, LoadError> {
         kv_window: None,
         residual_streams: config.hc_mult,
         kv_layers: indexed.len(),
-        sequence_state_bytes: linear * config.kda_shape().state_bytes(kind),
-        linear_attention: (linear > 0).then(|| config.kda_shape()),
+        linear_attention: (indexed.len() < types.len()).then(|| config.kda_shape()),
     };
     Ok(StackShape {
         spec,
@@ -1060,8 +1059,8 @@ mod tests {
         let spec = shape(&serde_json::from_value(v).unwrap(), Kind::BFloat16).unwrap().spec;
         assert_eq!(spec.kv_bytes_per_token(), (32 + 16) * 2);
         // 2 heads of a 16 × 16 float32 state, 3 inputs of q, k and v (3 × 32 channels) in bfloat16.
-        assert_eq!(spec.sequence_state_bytes, 2 * 16 * 16 * 4 + 3 * 96 * 2);
-        assert_eq!(spec.kv_bytes_for(10), 10 * (32 + 16) * 2 + spec.sequence_state_bytes);
+        assert_eq!(spec.sequence_state_bytes(), 2 * 16 * 16 * 4 + 3 * 96 * 2);
+        assert_eq!(spec.kv_bytes_for(10), 10 * (32 + 16) * 2 + spec.sequence_state_bytes());
 
         // A forward's activations gain the linear layers' rows and one chunk's temporaries: per
         // token (width 32, bfloat16) the projection's 3 × 32 + 2 + 2 × 16 = 130 elements of 2

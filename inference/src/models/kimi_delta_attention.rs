@@ -83,7 +83,7 @@ impl KdaShape {
 
 /// One sequence's state in one KDA layer, kept by its cache between steps.
 pub struct KdaState {
-    /// The convolution's last `kernel - 1` inputs, `[channels, kernel - 1]` (zeros before the
+    /// The convolution's last `kernel - 1` inputs, `[1, channels, kernel - 1]` (zeros before the
     /// first token, as the convolution pads).
     conv: Tensor,
     /// `[heads, head_dim (keys), head_dim (values)]`, float32.
@@ -94,7 +94,7 @@ impl KdaState {
     fn empty(shape: &KdaShape, like: &Tensor) -> Self {
         let d = shape.head_dim;
         Self {
-            conv: Tensor::zeros([shape.channels(), shape.conv_kernel - 1], (like.kind(), like.device())),
+            conv: Tensor::zeros([1, shape.channels(), shape.conv_kernel - 1], (like.kind(), like.device())),
             recurrent: Tensor::zeros([shape.heads, d, d], (Kind::Float, like.device())),
         }
     }
@@ -172,15 +172,35 @@ impl KimiDeltaAttention {
         }
     }
 
-    /// One sequence's new tokens through the convolution: `mixed` `[n, channels]` in, the
-    /// convolved and activated `[n, channels]` out; `state` moves on past them.
-    fn convolve(&self, mixed: &Tensor, state: &mut KdaState) -> Tensor {
-        let n = mixed.size()[0];
-        let held = self.shape.conv_kernel - 1;
-        let inputs = Tensor::cat(&[&state.conv, &mixed.transpose(0, 1)], 1);
-        state.conv = inputs.narrow(1, n, held).copy();
-        let out = inputs.unsqueeze(0).conv1d(&self.conv, None::<Tensor>, [1], [0], [1], self.shape.channels());
-        out.squeeze_dim(0).transpose(0, 1).silu()
+    /// `sequences` sequences of `len` new tokens each (`mixed` `[sequences × len, channels]`,
+    /// `decay` and `beta` as [`Self::log_decay`] and β give them, rows sequence by sequence)
+    /// through the convolution and the recurrence together, side by side as the heads of one.
+    /// `conv` (`[sequences, channels, kernel - 1]`) holds the convolution's inputs before them;
+    /// `state` (`[sequences × heads, head_dim, head_dim]`) the recurrent state, updated in
+    /// place. Returns the outputs, `[sequences × len, heads, head_dim]` in `kind`, and the
+    /// convolution's inputs to keep.
+    fn run(
+        &self,
+        (mixed, decay, beta): (&Tensor, &Tensor, &Tensor),
+        (sequences, len): (i64, i64),
+        conv: &Tensor,
+        state: &mut Tensor,
+        kind: Kind,
+    ) -> (Tensor, Tensor) {
+        let KdaShape { heads, head_dim, conv_kernel, .. } = self.shape;
+        let inputs = Tensor::cat(&[conv, &mixed.view([sequences, len, -1]).transpose(1, 2)], 2);
+        let kept = inputs.narrow(2, len, conv_kernel - 1).copy();
+        let convolved = inputs.conv1d(&self.conv, None::<Tensor>, [1], [0], [1], self.shape.channels()).silu();
+        let qkv = convolved.transpose(1, 2).to_kind(Kind::Float).reshape([-1, 3, heads, head_dim]);
+        // `[len, sequences × heads, …]`: the sequences' heads side by side, token by token.
+        let wide =
+            |t: &Tensor| t.view([sequences, len, heads, -1]).transpose(0, 1).reshape([len, sequences * heads, -1]);
+        let q = l2_normalised(&qkv.select(1, 0)) * (head_dim as f64).powf(-0.5);
+        let k = l2_normalised(&qkv.select(1, 1));
+        let (q, k, v) = (wide(&q), wide(&k), wide(&qkv.select(1, 2)));
+        let out = recurrence(&q, &k, &v, &wide(decay), &wide(beta).squeeze_dim(-1), state);
+        let out = out.view([len, sequences, heads, head_dim]).transpose(0, 1).reshape([-1, heads, head_dim]);
+        (out.to_kind(kind), kept)
     }
 }
 
@@ -289,38 +309,24 @@ impl SelfAttention for KimiDeltaAttention {
         let beta = part(3 * width, heads).sigmoid().to_kind(Kind::Float);
         let decay = self.log_decay(&self.forget_b.forward(&part(3 * width + heads, head_dim)));
         let gate = self.gate_b.forward(&part(3 * width + heads + head_dim, head_dim));
-        let scale = (head_dim as f64).powf(-0.5);
-
-        let qkv_of = |convolved: Tensor| {
-            let qkv = convolved.to_kind(Kind::Float).view([-1, 3, heads, head_dim]);
-            (l2_normalised(&qkv.select(1, 0)) * scale, l2_normalised(&qkv.select(1, 1)), qkv.select(1, 2))
-        };
+        let parts = (&mixed, &decay, &beta);
         let out = match batch.uniform_fresh() {
             // Sequences of one length and no past (a PoC v2 batch, prompts admitted together):
-            // side by side as the heads of one, through one convolution and one recurrence.
+            // through one convolution and one recurrence, from zeros.
             Some((sequences, len)) if sequences > 1 => {
-                let inputs = mixed.view([sequences, len, -1]).transpose(1, 2);
-                let padded = inputs.constant_pad_nd([self.shape.conv_kernel - 1, 0]);
-                let convolved = padded.conv1d(&self.conv, None::<Tensor>, [1], [0], [1], self.shape.channels());
-                let (q, k, v) = qkv_of(convolved.silu().transpose(1, 2).reshape([tokens, -1]));
-                let wide = |t: &Tensor| {
-                    t.view([sequences, len, heads, -1]).transpose(0, 1).reshape([len, sequences * heads, -1])
-                };
-                let beta = wide(&beta).squeeze_dim(-1);
+                let held = self.shape.conv_kernel - 1;
+                let conv = Tensor::zeros([sequences, self.shape.channels(), held], (kind, x.device()));
                 let mut state = Tensor::zeros([sequences * heads, head_dim, head_dim], (Kind::Float, x.device()));
-                let out = recurrence(&wide(&q), &wide(&k), &wide(&v), &wide(&decay), &beta, &mut state);
+                let (out, kept) = self.run(parts, (sequences, len), &conv, &mut state, kind);
                 for (s, cache) in caches.iter_mut().enumerate() {
                     if let Some(cache) = cache {
-                        let held = self.shape.conv_kernel - 1;
-                        let kept = cache.state(layer, || KdaState::empty(&self.shape, x));
-                        kept.recurrent = state.narrow(0, s as i64 * heads, heads).copy();
-                        kept.conv = padded.get(s as i64).narrow(1, len, held).copy();
+                        // Each its own copy: the batch's tensors are not held on to.
+                        let own = cache.state(layer, || KdaState::empty(&self.shape, x));
+                        own.recurrent = state.narrow(0, s as i64 * heads, heads).copy();
+                        own.conv = kept.narrow(0, s as i64, 1).copy();
                     }
                 }
-                out.view([len, sequences, heads, head_dim])
-                    .transpose(0, 1)
-                    .reshape([tokens, heads, head_dim])
-                    .to_kind(kind)
+                out
             }
             _ => {
                 let mut outputs = Vec::with_capacity(caches.len());
@@ -335,9 +341,10 @@ impl SelfAttention for KimiDeltaAttention {
                             &mut fresh
                         }
                     };
-                    let (q, k, v) = qkv_of(self.convolve(&rows(&mixed), state));
-                    let out = recurrence(&q, &k, &v, &rows(&decay), &rows(&beta), &mut state.recurrent);
-                    outputs.push(out.to_kind(kind));
+                    let span_parts = (&rows(&mixed), &rows(&decay), &rows(&beta));
+                    let (out, kept) = self.run(span_parts, (1, span.len), &state.conv, &mut state.recurrent, kind);
+                    state.conv = kept;
+                    outputs.push(out);
                 }
                 Tensor::cat(&outputs, 0)
             }

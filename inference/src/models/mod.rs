@@ -116,10 +116,8 @@ pub struct ModelSpec {
     /// The layers that keep keys (and values) per token: all of them but GLM-5.3-Flash's
     /// linear ones.
     pub kv_layers: usize,
-    /// Bytes a sequence's layers keep whatever its length (GLM-5.3-Flash's linear layers'
-    /// recurrent and convolution state), counted once per sequence.
-    pub sequence_state_bytes: u64,
-    /// GLM-5.3-Flash's linear layers' shape, for what their forward holds besides.
+    /// GLM-5.3-Flash's linear layers' shape (the layers past `kv_layers`), for the state a
+    /// sequence keeps in them and what their forward holds besides.
     pub linear_attention: Option<KdaShape>,
     /// Residual streams per token: 1, or DeepSeek-V4's hyper-connected `hc_mult`.
     pub residual_streams: i64,
@@ -174,7 +172,14 @@ impl ModelSpec {
             .iter()
             .map(|c| tokens / c.rate as u64 * c.width as u64 * self.element_bytes() + c.held as u64 * 4)
             .sum();
-        kept * self.keys_and_values_per_token() + compressed + self.sequence_state_bytes
+        kept * self.keys_and_values_per_token() + compressed + self.sequence_state_bytes()
+    }
+
+    /// Bytes a sequence's layers keep whatever its length: each linear layer's recurrent and
+    /// convolution state (GLM-5.3-Flash's), counted once per sequence.
+    pub fn sequence_state_bytes(&self) -> u64 {
+        let linear = (self.layers - self.kv_layers) as u64;
+        self.linear_attention.map_or(0, |shape| linear * shape.state_bytes(self.kind))
     }
 
     /// An upper estimate of the memory one forward takes beyond the weights and the KV cache:

@@ -112,7 +112,6 @@ impl Config {
                 residual_streams: 1,
                 kv_window: None,
                 kv_layers: self.num_hidden_layers,
-                sequence_state_bytes: 0,
                 linear_attention: None,
             },
             rms_norm_eps: self.rms_norm_eps,

@@ -1056,7 +1056,6 @@ mod tests {
             residual_streams: 1,
             kv_window: None,
             kv_layers: 64,
-            sequence_state_bytes: 0,
             linear_attention: None,
             architecture: gonka_inference::config::Architecture::Qwen3,
             hidden_size: 5120,
