@@ -24,7 +24,7 @@ use crate::batch::{Output, Step, StepInput};
 use crate::kv_cache::SequenceCache;
 use crate::models::{ModelSpec, Transformer};
 use crate::poc_v2::{self, Artifact, Reflections, Round};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Choice, Sampler, SamplingParams};
 use crate::tokenizer::{ChatTokenizer, TextStream};
 
 #[derive(Debug, Clone)]
@@ -70,6 +70,9 @@ impl FinishReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A token generated (every one, the one that ends the generation too), with its logprobs
+    /// when they were asked for; it comes before any text it completes.
+    Token(Choice),
     /// Text the newest tokens complete (text that might begin a stop string is held back).
     Text(String),
     Finished {
@@ -267,7 +270,9 @@ impl Engine {
         if request.prompt.len() as i64 >= self.max_model_len {
             return Err(EngineError::PromptTooLong { prompt: request.prompt.len(), max_model_len: self.max_model_len });
         }
-        if let Some(&bad) = request.prompt.iter().find(|&&t| t < 0 || t >= self.spec.vocab_size) {
+        if let Some(&bad) =
+            request.prompt.iter().chain(&request.params.enforced).find(|&&t| t < 0 || t >= self.spec.vocab_size)
+        {
             return Err(EngineError::TokenOutOfRange(bad));
         }
         let room = (self.max_model_len - request.prompt.len() as i64) as usize;
@@ -416,6 +421,7 @@ impl Scheduler {
         match command {
             Command::Generate { request, events } => {
                 let sampler = Sampler::new(&request.params);
+                let stream = TextStream::new(request.params.skip_special_tokens);
                 // `generate` bounded max_tokens by the room the context leaves.
                 let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
                 self.waiting.push_back(Sequence {
@@ -427,7 +433,7 @@ impl Scheduler {
                     completion_tokens: 0,
                     params: request.params,
                     sampler,
-                    stream: TextStream::new(true),
+                    stream,
                     text: String::new(),
                     sent: 0,
                     events,
@@ -516,7 +522,13 @@ impl Scheduler {
         let mut finished = Vec::new();
         for (row, &i) in samples.iter().enumerate() {
             let s = &mut self.running[i];
-            let token = s.sampler.sample(&flat[row * width..(row + 1) * width]);
+            let mut stops = s.params.stop_token_ids.clone();
+            if !s.params.ignore_eos {
+                stops.extend_from_slice(&self.tokenizer.eos_token_ids);
+            }
+            let choice = s.sampler.choose(&flat[row * width..(row + 1) * width], s.completion_tokens, &stops);
+            let token = choice.token;
+            let _ = s.events.send(Event::Token(choice));
             s.last = Some(token);
             s.completion_tokens += 1;
             if let Some(reason) = self.after_token(i, token) {
@@ -533,7 +545,10 @@ impl Scheduler {
     fn after_token(&mut self, i: usize, token: i64) -> Option<FinishReason> {
         let eos = &self.tokenizer.eos_token_ids;
         let s = &mut self.running[i];
-        if (!s.params.ignore_eos && eos.contains(&token)) || s.params.stop_token_ids.contains(&token) {
+        // Before min_tokens nothing but the length ends it (a replay may enforce a stop id).
+        let may_stop = s.completion_tokens >= s.params.min_tokens;
+        let stop_id = (!s.params.ignore_eos && eos.contains(&token)) || s.params.stop_token_ids.contains(&token);
+        if may_stop && stop_id {
             s.flush(&self.tokenizer);
             return Some(FinishReason::Stop);
         }
@@ -550,8 +565,13 @@ impl Scheduler {
         while !s.text.is_char_boundary(from) {
             from -= 1;
         }
-        if let Some(at) =
-            s.params.stop.iter().filter_map(|stop| s.text[from..].find(stop.as_str()).map(|p| from + p)).min()
+        if let Some(at) = s
+            .params
+            .stop
+            .iter()
+            .filter(|_| may_stop)
+            .filter_map(|stop| s.text[from..].find(stop.as_str()).map(|p| from + p))
+            .min()
         {
             s.text.truncate(at);
             s.send_until(at);

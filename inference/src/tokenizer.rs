@@ -129,6 +129,13 @@ impl ChatTokenizer {
         Ok(Self { tokenizer, chat, eos_token_ids, bos_token, eos_token })
     }
 
+    /// The tokenizer's own end-of-sequence id (its config's `eos_token`, transformers'
+    /// `eos_token_id`), else the first of the generation config's.
+    pub fn eos_token_id(&self) -> Option<i64> {
+        let own = self.eos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t)).map(i64::from);
+        own.or_else(|| self.eos_token_ids.first().copied())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

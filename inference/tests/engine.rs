@@ -12,7 +12,7 @@ use common::run_reference;
 use gonka_inference::engine::{Engine, EngineError, EngineOptions, Event, FinishReason, Generation, PocBatch};
 use gonka_inference::generate::greedy;
 use gonka_inference::poc_v2::{self, Reflections, Round};
-use gonka_inference::sampling::SamplingParams;
+use gonka_inference::sampling::{Choice, SamplingParams};
 use gonka_inference::tokenizer::ChatTokenizer;
 use gonka_inference::{LoadOptions, load};
 use serde_json::json;
@@ -40,6 +40,7 @@ async fn collect(mut events: UnboundedReceiver<Event>) -> (String, FinishReason,
     while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("engine answers")
     {
         match event {
+            Event::Token(_) => {}
             Event::Text(piece) => text.push_str(&piece),
             Event::Finished { reason, prompt_tokens, completion_tokens } => {
                 return (text, reason, prompt_tokens, completion_tokens);
@@ -210,6 +211,97 @@ async fn stop_strings_max_tokens_and_seeds() {
         engine.generate(Generation { prompt: vec![1, 100_000], params: greedy_params(1) }).unwrap_err(),
         EngineError::TokenOutOfRange(100_000)
     );
+}
+
+/// Every token a request chose, with its logprobs, and how it ended.
+async fn collect_choices(mut events: UnboundedReceiver<Event>) -> (Vec<Choice>, FinishReason) {
+    let mut choices = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("engine answers")
+    {
+        match event {
+            Event::Token(choice) => choices.push(choice),
+            Event::Finished { reason, .. } => return (choices, reason),
+            Event::Failed(e) => panic!("failed: {e}"),
+            Event::Text(_) => {}
+        }
+    }
+    panic!("events ended without Finished")
+}
+
+/// log_softmax of a row of transformers' logits, in float64.
+fn log_softmax(row: &[f64]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let norm = max + row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+    row.iter().map(|l| l - norm).collect()
+}
+
+/// The logprobs a sampled answer reports are transformers' log_softmax at each position of the
+/// sequence it made (the token's and the five most likely), and a replay of those tokens
+/// (a validator's, at another temperature and seed) chooses them again and reports the same;
+/// a replayed token the model would not have chosen is still emitted, at its own logprob.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_are_transformers_and_a_replay_reports_them_again() {
+    let f = fixture();
+    let tokenizer = ChatTokenizer::load(&f.dir).unwrap();
+    let prompt = tokenizer.encode("Hello, world! How are you today?", false).unwrap();
+    let engine = start(&f, EngineOptions::default());
+    let sampled = SamplingParams {
+        temperature: 1.0,
+        seed: Some(3),
+        max_tokens: 8,
+        ignore_eos: true,
+        logprobs: Some(5),
+        ..SamplingParams::default()
+    };
+    let generate = |params: SamplingParams| engine.generate(Generation { prompt: prompt.clone(), params }).unwrap();
+    let (executed, reason) = collect_choices(generate(sampled.clone())).await;
+    assert_eq!((executed.len(), reason), (8, FinishReason::Length));
+    let tokens: Vec<i64> = executed.iter().map(|c| c.token).collect();
+
+    // transformers on the whole sequence: the logits before each generated token.
+    let other = tempfile::tempdir().unwrap();
+    let sequence = [prompt.clone(), tokens.clone()].concat();
+    let reference = run_reference(
+        "qwen_reference.py",
+        &json!({"arch": "qwen3", "dir": other.path(), "prompt": sequence, "tokenizer": true}),
+    );
+    let logits: Vec<Vec<f64>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    let mut drawn_below_the_top = 0;
+    for (i, choice) in executed.iter().enumerate() {
+        let expected = log_softmax(&logits[prompt.len() - 1 + i]);
+        let lp = choice.logprobs.as_ref().unwrap();
+        assert!((f64::from(lp.logprob) - expected[choice.token as usize]).abs() < 1e-4, "position {i}");
+        let mut order: Vec<usize> = (0..expected.len()).collect();
+        order.sort_by(|&a, &b| expected[b].total_cmp(&expected[a]));
+        let top: Vec<i64> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(top, order[..5].iter().map(|&t| t as i64).collect::<Vec<_>>(), "position {i}");
+        for &(id, logprob) in &lp.top {
+            assert!((f64::from(logprob) - expected[id as usize]).abs() < 1e-4, "position {i}, token {id}");
+        }
+        drawn_below_the_top += usize::from(top[0] != choice.token);
+    }
+    // Sampling at temperature 1 drew something other than the argmax at least once, so the
+    // token's own logprob was read where it is not the largest.
+    assert!(drawn_below_the_top > 0, "{tokens:?}");
+
+    // The validator's replay: the same tokens and logprobs, whatever its temperature and seed.
+    let replay = SamplingParams { temperature: 0.3, seed: Some(99), enforced: tokens.clone(), ..sampled.clone() };
+    let (replayed, _) = collect_choices(generate(replay)).await;
+    assert_eq!(replayed, executed);
+
+    // A replayed token the model ranks low is emitted all the same, at its own logprob; the
+    // positions after it see it in their past.
+    let mut corrupted = tokens.clone();
+    let least =
+        (0..logits[0].len()).min_by(|&a, &b| logits[prompt.len() + 1][a].total_cmp(&logits[prompt.len() + 1][b]));
+    corrupted[2] = least.unwrap() as i64;
+    let (replayed, _) = collect_choices(generate(SamplingParams { enforced: corrupted.clone(), ..sampled })).await;
+    assert_eq!(replayed.iter().map(|c| c.token).collect::<Vec<_>>(), corrupted);
+    let at = |i: usize| f64::from(replayed[i].logprobs.as_ref().unwrap().logprob);
+    let expected = log_softmax(&logits[prompt.len() + 1]);
+    assert!((at(2) - expected[corrupted[2] as usize]).abs() < 1e-4);
+    assert_eq!(replayed[..2], executed[..2]);
+    assert_ne!(replayed[3].logprobs, executed[3].logprobs);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -47,6 +47,18 @@ pub struct Sampling {
     /// Choices per request; only 1 is served.
     #[serde(default)]
     pub n: Option<u32>,
+    /// vLLM's: tokens generated before end-of-sequence, stop token ids or stop strings may end
+    /// the answer (the network node asks for some).
+    #[serde(default)]
+    pub min_tokens: Option<u64>,
+    /// vLLM's: whether special tokens' text is left out (default true; the network node
+    /// sends false).
+    #[serde(default)]
+    pub skip_special_tokens: Option<bool>,
+    /// gonka's vLLM fork: which distribution logprobs are read from, `raw_logprobs` (default)
+    /// or `processed_logprobs` (the network node sets it from the chain's parameters).
+    #[serde(default)]
+    pub logprobs_mode: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -72,8 +84,39 @@ pub struct ChatCompletionRequest {
     /// encoding settings (`thinking`, `reasoning_effort`, `drop_thinking`).
     #[serde(default)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Whether each generated token's logprob is returned (OpenAI's).
+    #[serde(default)]
+    pub logprobs: bool,
+    /// How many of the most likely tokens' logprobs each position also returns (0–20; needs
+    /// `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    /// vLLM's: the prompt's and the answer's token ids in the response.
+    #[serde(default)]
+    pub return_token_ids: bool,
+    /// gonka's vLLM fork: a validator's replay of an executor's answer, the tokens it reported
+    /// (token ids as decimal strings), forced in turn while the logprobs are the model's.
+    #[serde(default)]
+    pub enforced_tokens: Option<EnforcedTokens>,
+    /// gonka's vLLM fork: the same, as text to tokenise.
+    #[serde(default)]
+    pub enforced_str: Option<String>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+/// gonka's `enforced_tokens`: each position's token and the top tokens the executor reported
+/// (`EnforcedTokens.from_content` of its logprobs), ids as decimal strings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EnforcedTokens {
+    pub tokens: Vec<EnforcedToken>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EnforcedToken {
+    pub token: String,
+    #[serde(default)]
+    pub top_tokens: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -103,6 +146,10 @@ pub struct CompletionRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// OpenAI's top logprobs count for text completions; refused by the native engine, which
+    /// returns logprobs on chat completions only.
+    #[serde(default)]
+    pub logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -126,12 +173,39 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// A chat answer's logprobs (vLLM's `ChatCompletionLogProbs`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
+/// One generated token's logprob and the most likely tokens' at its position. As gonka's vLLM
+/// fork writes them: `token` is the token id in decimal, `bytes` the UTF-8 of the token's text
+/// (of the id's decimal in `top_logprobs`), and minus infinity is written -9999.0.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Option<Vec<u8>>,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessage,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
+    /// The answer's token ids (`return_token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<i64>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -142,6 +216,9 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// The prompt's token ids (`return_token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<i64>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
@@ -156,8 +233,12 @@ pub struct Delta {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    pub logprobs: Option<Value>,
+    /// The logprobs of the tokens this event's text comes from.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
+    /// This event's token ids (`return_token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<i64>>,
 }
 
 /// One server-sent event of a streamed chat completion.
@@ -171,6 +252,9 @@ pub struct ChatCompletionChunk {
     /// Only on the last event, when `stream_options.include_usage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The prompt's token ids, on the first event only (`return_token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<i64>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

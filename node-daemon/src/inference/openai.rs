@@ -20,16 +20,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
 use gonka_inference::engine::{Event, FinishReason, Generation};
-use gonka_inference::sampling::SamplingParams;
+use gonka_inference::sampling::{Choice, SamplingParams};
 use gonka_protocol::openai::{
-    ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChunkChoice, Completion,
-    CompletionChoice, CompletionRequest, Delta, ErrorInfo, ErrorResponse, ModelCard, ModelList, Prompt, Sampling,
-    TokenizeRequest, TokenizeResponse, Usage,
+    ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs, ChatMessage, ChunkChoice,
+    Completion, CompletionChoice, CompletionRequest, Delta, ErrorInfo, ErrorResponse, ModelCard, ModelList, Prompt,
+    Sampling, TokenizeRequest, TokenizeResponse, Usage,
 };
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::logprobs;
 use super::manager::{InferenceManager, Served};
 
 /// OpenAI's default `max_tokens` for text completions.
@@ -190,14 +191,22 @@ fn sampling(served: &Served, s: Sampling, max_tokens: Option<u64>) -> Result<Sam
     if stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
         return Err(OpenAiError::bad_request(format!("stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")));
     }
+    let logprobs_mode = s.logprobs_mode.as_deref().map(logprobs::mode).transpose().map_err(OpenAiError::bad_request)?;
+    let max_tokens = max_tokens.map_or(usize::MAX, |m| m as usize);
     Ok(SamplingParams {
         temperature,
         top_p,
         seed: s.seed.map(|s| s as u64),
-        max_tokens: max_tokens.map_or(usize::MAX, |m| m as usize),
+        max_tokens,
+        // vLLM refuses min_tokens above max_tokens; the network node clamps it first.
+        min_tokens: s.min_tokens.map_or(0, |m| m as usize).min(max_tokens),
         stop,
         stop_token_ids,
         ignore_eos: s.ignore_eos,
+        skip_special_tokens: s.skip_special_tokens.unwrap_or(true),
+        logprobs: None,
+        logprobs_mode: logprobs_mode.unwrap_or_default(),
+        enforced: Vec::new(),
     })
 }
 
@@ -268,14 +277,23 @@ fn with_idle_timeout(receiver: UnboundedReceiver<Event>, idle: Duration) -> Even
     }))
 }
 
-/// Reads a generation to its end: text, finish reason, usage; `Err` for an engine failure.
-async fn finish(mut events: Events) -> Result<(String, FinishReason, Usage), String> {
-    let mut text = String::new();
+/// A whole generation: its text, the tokens it chose, how it ended, its usage.
+struct Answer {
+    text: String,
+    tokens: Vec<Choice>,
+    reason: FinishReason,
+    usage: Usage,
+}
+
+/// Reads a generation to its end; `Err` for an engine failure.
+async fn finish(mut events: Events) -> Result<Answer, String> {
+    let (mut text, mut tokens) = (String::new(), Vec::new());
     while let Some(event) = events.next().await {
         match event {
+            Event::Token(choice) => tokens.push(choice),
             Event::Text(piece) => text.push_str(&piece),
             Event::Finished { reason, prompt_tokens, completion_tokens } => {
-                return Ok((text, reason, Usage::new(prompt_tokens, completion_tokens)));
+                return Ok(Answer { text, tokens, reason, usage: Usage::new(prompt_tokens, completion_tokens) });
             }
             Event::Failed(e) => return Err(e),
         }
@@ -283,37 +301,26 @@ async fn finish(mut events: Events) -> Result<(String, FinishReason, Usage), Str
     Err("the engine stopped".into())
 }
 
-/// Server-sent events of a generation: one per text piece (`piece`), a final one (`last`), an
-/// optional usage event, then `[DONE]`.
-fn stream_events<F, L, U>(
+/// Server-sent events of a generation: `first` if any, what `render` makes of each event (its
+/// tokens, text and end: the last of them `[DONE]`), or an error event and `[DONE]` when the
+/// engine fails.
+fn stream_events<R>(
     events: Events,
     first: Option<String>,
-    piece: F,
-    last: L,
-    usage: Option<U>,
+    mut render: R,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>>
 where
-    F: Fn(String) -> String + Send + 'static,
-    L: Fn(FinishReason) -> String + Send + 'static,
-    U: Fn(Usage) -> String + Send + 'static,
+    R: FnMut(Event) -> Vec<String> + Send + 'static,
 {
     let body = events.flat_map(move |event| {
         let out: Vec<String> = match event {
-            Event::Text(text) => vec![piece(text)],
-            Event::Finished { reason, prompt_tokens, completion_tokens } => {
-                let mut out = vec![last(reason)];
-                if let Some(usage) = &usage {
-                    out.push(usage(Usage::new(prompt_tokens, completion_tokens)));
-                }
-                out.push("[DONE]".into());
-                out
-            }
             Event::Failed(message) => {
                 let error = ErrorResponse {
                     error: ErrorInfo { message, kind: "InternalServerError".into(), param: None, code: 500 },
                 };
                 vec![serde_json::to_string(&error).expect("serialisable"), "[DONE]".into()]
             }
+            event => render(event),
         };
         futures::stream::iter(out.into_iter().map(|data| Ok(SseEvent::default().data(data))))
     });
@@ -327,59 +334,105 @@ async fn chat(
 ) -> Result<Response, OpenAiError> {
     let served = generating(&manager, request.model.as_deref())?;
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
-    let params = sampling(&served, request.sampling, max_tokens)?;
+    let mode_named = request.sampling.logprobs_mode.is_some();
+    let mut params = sampling(&served, request.sampling, max_tokens)?;
+    let top = logprobs::top_count(request.logprobs, request.top_logprobs).map_err(OpenAiError::bad_request)?;
+    params.logprobs = top;
     let messages = flatten_content(request.messages)?;
     let (add_generation_prompt, tools, kwargs) =
         (request.add_generation_prompt, request.tools, request.chat_template_kwargs);
-    let prompt = off_the_runtime(&served, move |served| {
+    let (enforced_tokens, enforced_str) = (request.enforced_tokens, request.enforced_str);
+    // A replay naming no logprobs mode reads the executor's from its top lists, as the fork does.
+    if !mode_named && let Some(mode) = enforced_tokens.as_ref().and_then(logprobs::detected_mode) {
+        params.logprobs_mode = mode;
+    }
+    let vocab_size = served.engine.spec().vocab_size;
+    let (prompt, enforced) = off_the_runtime(&served, move |served| {
         let tokenizer = served.engine.tokenizer();
-        tokenizer
+        let prompt = tokenizer
             .apply_chat_template_with(&messages, add_generation_prompt, tools.as_ref(), kwargs.as_ref())
             .and_then(|text| tokenizer.encode(&text, false))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let enforced =
+            logprobs::enforced_ids(enforced_tokens.as_ref(), enforced_str.as_deref(), tokenizer, vocab_size)?;
+        Ok((prompt, enforced))
     })
     .await?;
+    params.enforced = enforced.unwrap_or_default();
+    let prompt_token_ids = request.return_token_ids.then(|| prompt.clone());
     let events = start(&served, prompt, params)?;
     let (id, created, model) = (request_id("chatcmpl"), now(), served.name.clone());
+    let return_token_ids = request.return_token_ids;
+    // The logprobs of a run of tokens, when asked for.
+    let logprobs_of = {
+        let served = served.clone();
+        move |tokens: &[Choice]| {
+            let top = top?;
+            let tokenizer = served.engine.tokenizer();
+            Some(ChatLogprobs { content: tokens.iter().map(|c| logprobs::entry(c, top, tokenizer)).collect() })
+        }
+    };
+    let ids_of = move |tokens: &[Choice]| return_token_ids.then(|| tokens.iter().map(|c| c.token).collect::<Vec<_>>());
     if request.stream {
         let chunk = {
             let (id, model) = (id.clone(), model.clone());
-            move |delta: Delta, finish_reason: Option<&str>, usage: Option<Usage>, choices: bool| {
-                let choices = if choices {
+            move |delta: Delta, tokens: &[Choice], finish_reason: Option<&str>, usage: Option<Usage>| {
+                let choices = if usage.is_none() {
                     vec![ChunkChoice {
                         index: 0,
                         delta,
-                        logprobs: None,
+                        logprobs: if tokens.is_empty() { None } else { logprobs_of(tokens) },
                         finish_reason: finish_reason.map(str::to_string),
+                        token_ids: ids_of(tokens),
                     }]
                 } else {
                     Vec::new()
                 };
-                let chunk = ChatCompletionChunk {
+                ChatCompletionChunk {
                     id: id.clone(),
                     object: "chat.completion.chunk".into(),
                     created,
                     model: model.clone(),
                     choices,
                     usage,
-                };
-                serde_json::to_string(&chunk).expect("serialisable")
+                    prompt_token_ids: None,
+                }
             }
         };
-        let first = chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None, true);
-        let (piece, last, usage) = (chunk.clone(), chunk.clone(), chunk);
+        let mut first = chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, &[], None, None);
+        first.prompt_token_ids = prompt_token_ids;
+        let first = serde_json::to_string(&first).expect("serialisable");
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream_events(
-            events,
-            Some(first),
-            move |text| piece(Delta { role: None, content: Some(text) }, None, None, true),
-            move |reason| last(Delta::default(), Some(reason.as_str()), None, true),
-            include_usage.then_some(move |u| usage(Delta::default(), None, Some(u), false)),
-        )
-        .into_response());
+        // Tokens wait for the text they make (a stop string may hold it back) and go out with it,
+        // or with the finish.
+        let mut pending: Vec<Choice> = Vec::new();
+        let render = move |event: Event| {
+            let json = |c: &ChatCompletionChunk| serde_json::to_string(c).expect("serialisable");
+            match event {
+                Event::Token(choice) => {
+                    pending.push(choice);
+                    Vec::new()
+                }
+                Event::Text(text) => {
+                    let tokens = std::mem::take(&mut pending);
+                    vec![json(&chunk(Delta { role: None, content: Some(text) }, &tokens, None, None))]
+                }
+                Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                    let tokens = std::mem::take(&mut pending);
+                    let mut out = vec![json(&chunk(Delta::default(), &tokens, Some(reason.as_str()), None))];
+                    if include_usage {
+                        let usage = Usage::new(prompt_tokens, completion_tokens);
+                        out.push(json(&chunk(Delta::default(), &[], None, Some(usage))));
+                    }
+                    out.push("[DONE]".into());
+                    out
+                }
+                Event::Failed(_) => Vec::new(),
+            }
+        };
+        return Ok(stream_events(events, Some(first), render).into_response());
     }
-    let (text, reason, usage) =
-        finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let answer = finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -387,11 +440,13 @@ async fn chat(
         model,
         choices: vec![ChatChoice {
             index: 0,
-            message: ChatMessage { role: "assistant".into(), content: text },
-            logprobs: None,
-            finish_reason: Some(reason.as_str().into()),
+            message: ChatMessage { role: "assistant".into(), content: answer.text },
+            logprobs: logprobs_of(&answer.tokens),
+            finish_reason: Some(answer.reason.as_str().into()),
+            token_ids: ids_of(&answer.tokens),
         }],
-        usage,
+        usage: answer.usage,
+        prompt_token_ids,
     })
     .into_response())
 }
@@ -401,6 +456,11 @@ async fn completions(
     OpenAiJson(request): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
     let served = generating(&manager, request.model.as_deref())?;
+    if request.logprobs.is_some() {
+        return Err(OpenAiError::bad_request(
+            "logprobs are served on /v1/chat/completions only by the native engine, not on /v1/completions",
+        ));
+    }
     let max_tokens = Some(request.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS));
     let params = sampling(&served, request.sampling, max_tokens)?;
     let text = match request.prompt {
@@ -436,25 +496,28 @@ async fn completions(
     };
     if request.stream {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        let (piece, last, usage) = (completion.clone(), completion.clone(), completion);
-        return Ok(stream_events(
-            events,
-            None,
-            move |text| serde_json::to_string(&piece(text, None, None)).expect("serialisable"),
-            move |reason| {
-                serde_json::to_string(&last(String::new(), Some(reason.as_str()), None)).expect("serialisable")
-            },
-            include_usage.then_some(move |u| {
-                let mut c = usage(String::new(), None, Some(u));
-                c.choices.clear();
-                serde_json::to_string(&c).expect("serialisable")
-            }),
-        )
-        .into_response());
+        let render = move |event: Event| {
+            let json = |c: &Completion| serde_json::to_string(c).expect("serialisable");
+            match event {
+                Event::Text(text) => vec![json(&completion(text, None, None))],
+                Event::Finished { reason, prompt_tokens, completion_tokens } => {
+                    let mut out = vec![json(&completion(String::new(), Some(reason.as_str()), None))];
+                    if include_usage {
+                        let mut usage =
+                            completion(String::new(), None, Some(Usage::new(prompt_tokens, completion_tokens)));
+                        usage.choices.clear();
+                        out.push(json(&usage));
+                    }
+                    out.push("[DONE]".into());
+                    out
+                }
+                Event::Token(_) | Event::Failed(_) => Vec::new(),
+            }
+        };
+        return Ok(stream_events(events, None, render).into_response());
     }
-    let (text, reason, usage) =
-        finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    Ok(Json(completion(text, Some(reason.as_str()), Some(usage))).into_response())
+    let answer = finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok(Json(completion(answer.text, Some(answer.reason.as_str()), Some(answer.usage))).into_response())
 }
 
 async fn tokenize(
