@@ -118,6 +118,22 @@ pub fn choose_engine(
     }
 }
 
+/// The vLLM flags that shape answers: tool calls and reasoning parsed out of the text
+/// (governance runs the network's models with them).
+const ANSWER_PARSER_FLAGS: [&str; 2] = ["--tool-call-parser", "--reasoning-parser"];
+
+/// The engine for a model whose arguments ask vLLM to parse answers: the native engine returns
+/// the model's text as it is (no tool or reasoning parsers), so under `auto` vLLM serves it
+/// where this ML node has vLLM, answering as the network's other hosts do; `engine`, the choice
+/// made from the checkpoint, otherwise.
+pub fn engine_for_answers(engine: EngineKind, choice: ModelEngine, has_vllm: bool, args: &[String]) -> EngineKind {
+    let parses = args.iter().any(|a| ANSWER_PARSER_FLAGS.contains(&a.split('=').next().unwrap_or(a)));
+    match engine {
+        EngineKind::Native if parses && has_vllm && choice == ModelEngine::Auto => EngineKind::Vllm,
+        engine => engine,
+    }
+}
+
 /// A start-up under way: what it will run.
 enum Prepared {
     Native(Box<(InferenceSettings, InferenceUpRequest, Vec<u64>)>),
@@ -443,8 +459,9 @@ impl InferenceManager {
         let settings = &self.settings;
         let dir = resolve_model(settings.models_dir.as_deref(), &request.model);
         let choice = settings.engines.get(&request.model).copied().unwrap_or_default();
-        let engine =
-            choose_engine(choice, dir.as_deref().map_err(String::as_str), settings.vllm.is_some(), &request.model)?;
+        let has_vllm = settings.vllm.is_some();
+        let engine = choose_engine(choice, dir.as_deref().map_err(String::as_str), has_vllm, &request.model)?;
+        let engine = engine_for_answers(engine, choice, has_vllm, &request.additional_args);
         tracing::info!(model = %request.model, ?choice, ?engine, "engine chosen");
         match (engine, &settings.vllm) {
             (EngineKind::Vllm, Some(vllm)) => {
@@ -768,6 +785,12 @@ fn bring_up_native(
     if !args.ignored.is_empty() {
         tracing::info!(ignored = ?args.ignored, "vLLM arguments this engine does not use");
     }
+    if args.ignored.iter().any(|a| ANSWER_PARSER_FLAGS.contains(&a.split('=').next().unwrap_or(a))) {
+        tracing::warn!(
+            "the arguments ask for tool-call or reasoning parsing, which the native engine does not do: answers come \
+             as the model writes them (the vllm engine parses them)"
+        );
+    }
     let mut options = settings.engine.clone();
     if let Some(len) = args.max_model_len {
         options.max_model_len = Some(len);
@@ -1013,6 +1036,21 @@ mod tests {
             choose_engine(ModelEngine::Vllm, Ok(&qwen3), false, "q").unwrap_err().contains("asks for the vllm engine")
         );
         assert_eq!(choose_engine(auto, Ok(&qwen3), false, "q").unwrap(), EngineKind::Native);
+    }
+
+    /// Governance's parsers send a model the native engine runs to vLLM under `auto`, where
+    /// there is one; a GonkaNode's explicit choice and an ML node without vLLM keep it native.
+    #[test]
+    fn answer_parsers_prefer_vllm_under_auto() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let governance = args(&["--enable-auto-tool-choice", "--tool-call-parser", "minimax_m2"]);
+        let (auto, native) = (ModelEngine::Auto, EngineKind::Native);
+        assert_eq!(engine_for_answers(native, auto, true, &governance), EngineKind::Vllm);
+        assert_eq!(engine_for_answers(native, auto, true, &args(&["--reasoning-parser=glm45"])), EngineKind::Vllm);
+        assert_eq!(engine_for_answers(native, auto, true, &args(&["--max-model-len", "128"])), native);
+        assert_eq!(engine_for_answers(native, auto, false, &governance), native);
+        assert_eq!(engine_for_answers(native, ModelEngine::Native, true, &governance), native);
+        assert_eq!(engine_for_answers(EngineKind::Vllm, auto, true, &[]), EngineKind::Vllm);
     }
 
     #[test]
