@@ -16,8 +16,11 @@
 //! `/v2/poc-batches/{model}/generated|validated`; the public API's `/v1/epochs/latest` with a
 //! phase tests set; [`ml_node_client`], the ML-node client as upstream's network node writes its
 //! requests; [`round`], which drives registered ML nodes through a PoC v1 round with the 2025
-//! network node's call sequence, and [`round_v2`], a PoC v2 round with the 2026 one's.
+//! network node's call sequence, and [`round_v2`], a PoC v2 round with the 2026 one's;
+//! [`inference_validation`], the 2026 network node's rewriting of an executor's chat request,
+//! the validator's replay of its answer and their comparison.
 
+pub mod inference_validation;
 pub mod ml_node_client;
 pub mod round;
 pub mod round_v2;

@@ -18,6 +18,7 @@ use axum::extract::State;
 use axum::routing::post;
 use common::{Daemon, eventually};
 use fake_nvml::Scenario;
+use gonka_devnet::inference_validation as validation;
 use gonka_inference::generate::greedy;
 use gonka_inference::poc_v2::{self, Reflections, Round};
 use gonka_inference::tokenizer::ChatTokenizer;
@@ -512,80 +513,45 @@ async fn poc_v2_generates_with_chat_held_off_and_validates() {
 /// A GonkaNode's `modelStorage` reaches the daemon as daemon.json `modelsDir` and
 /// `preloadModel`: the model comes up as the daemon starts, with its `models` args, and the
 /// network node finds it serving.
-/// The network node's `EnforcedTokens.from_content` of an answer's logprobs.
-fn enforced_from(content: &[Value]) -> Value {
-    let tokens: Vec<Value> = content
-        .iter()
-        .map(|p| json!({"token": p["token"], "top_tokens": p["top_logprobs"].as_array().unwrap().iter().map(|t| t["token"].clone()).collect::<Vec<_>>()}))
-        .collect();
-    json!({"tokens": tokens})
-}
-
-/// The network node's similarity of a validator's logprobs to an executor's
-/// (`decentralized-api` `customSimilarity`): per position, over the validator's top tokens,
-/// `|v − o| / (1e-6 + |v| + |o|) / 2`, `o` the executor's logprob of the same token or, where it
-/// reported none, one step below its two lowest; summed, over `max(100, positions) × top`.
-fn similarity(original: &[Value], validation: &[Value]) -> f64 {
-    let mut distance = 0.0;
-    for (o, v) in original.iter().zip(validation) {
-        let reported: BTreeMap<String, f64> = o["top_logprobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| (t["token"].as_str().unwrap().to_string(), t["logprob"].as_f64().unwrap()))
-            .collect();
-        let mut sorted: Vec<f64> = reported.values().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let (min1, min2) = if sorted.len() >= 2 { (sorted[0], sorted[1]) } else { (sorted[0], sorted[0] - 100.0) };
-        let next = min1 - (min2 - min1);
-        for t in v["top_logprobs"].as_array().unwrap() {
-            let value = t["logprob"].as_f64().unwrap();
-            let original = reported.get(t["token"].as_str().unwrap()).copied().unwrap_or(next);
-            distance += (value - original).abs() / (1e-6 + value.abs() + original.abs()) / 2.0;
-        }
-    }
-    let per_position = original[0]["top_logprobs"].as_array().unwrap().len().max(1);
-    1.0 - distance / (original.len().max(100) * per_position) as f64
-}
-
 /// An answer carries what the network's inference validation reads, as gonka's vLLM fork
-/// writes it, and a validator's replay of it passes. The executor's request is the one the
-/// network node sends (logprobs with top 5, `min_tokens`, special tokens kept, token ids, a
-/// seed, `processed_logprobs`, streamed with usage); the replay is built from the streamed
-/// answer as the network node builds it (`enforced_tokens`, unstreamed) and scored with its
-/// similarity: the same tokens, similarity 1 where the threshold is 0.9 or more. Logprobs of
-/// another distribution score below; a replay naming an id outside the vocabulary is refused (400, which
-/// the network node takes as a pass) and the engine goes on.
+/// writes it, and validators' replays of it pass. The executor's request is the one the 2026
+/// network node makes of a user's (`gonka_devnet::inference_validation`: logprobs with top 5,
+/// `min_tokens`, special tokens kept, token ids, a seed, here `processed_logprobs`, streamed
+/// with usage); the replays are built from the streamed answer as the network node builds them
+/// (`enforced_tokens`, whole) and judged with its similarity: on the same ML node and on
+/// another, the same tokens and similarity 1 where the threshold is 0.9. An executor serving
+/// another model is caught (below 0.9); tampered or raw logprobs score lower; a replay naming
+/// an id outside the vocabulary is refused (400, which the network node takes as a pass) and
+/// the engine goes on.
 #[tokio::test(flavor = "multi_thread")]
-async fn answers_carry_logprobs_and_a_validators_replay_passes() {
+async fn answers_carry_logprobs_and_validators_replays_pass() {
     let (_root, dir) = models_dir();
     let node = start(dir.parent().unwrap().parent().unwrap());
     assert_eq!(node.up(MODEL, &[]).0, 200);
     let messages = json!([{"role": "user", "content": "Kubernetes operators reconcile desired state."}]);
-    let request = json!({
-        "model": MODEL, "messages": messages, "max_tokens": 110, "max_completion_tokens": 110, "min_tokens": 110,
-        "temperature": 0.9, "top_p": 0.05, "seed": 7, "logprobs": true, "top_logprobs": 5,
-        "skip_special_tokens": false, "return_token_ids": true, "logprobs_mode": "processed_logprobs",
-        "stream": true, "stream_options": {"include_usage": true}
-    });
+    // 110 tokens: the similarity divides by at least 100 positions, so an answer this long is
+    // one another model's logprobs can fail. top_p 0.05 keeps a few tokens (this model is far
+    // from decisive): processed logprobs show the ones cut at -9999.
+    let user = json!({"model": MODEL, "messages": messages, "max_tokens": 110, "min_tokens": 110,
+                      "temperature": 0.9, "top_p": 0.05, "stream": true});
+    let mode = Some("processed_logprobs");
+    let request = validation::executor_request(&user, 7, mode);
     let (status, body) = node.post("/v1/chat/completions", &request).await;
     assert_eq!(status, 200, "{body}");
+    let executed = validation::Answer::read(&body).unwrap();
     let events = sse_data(&body);
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let prompt_ids = chunks[0]["prompt_token_ids"].as_array().expect("the prompt's ids on the first event").clone();
     assert!(chunks[1..].iter().all(|c| c.get("prompt_token_ids").is_none()));
-    // Every streamed token's logprobs, in order, and its id.
-    let content: Vec<Value> =
-        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).flatten().cloned().collect();
     let ids: Vec<i64> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["token_ids"].as_array())
         .flatten()
         .map(|t| t.as_i64().unwrap())
         .collect();
-    let usage = &chunks.last().unwrap()["usage"];
-    assert_eq!(usage["completion_tokens"], 110, "min_tokens holds the end off: {usage}");
-    assert_eq!(usage["prompt_tokens"].as_u64(), Some(prompt_ids.len() as u64));
+    assert_eq!(executed.completion_tokens, Some(110), "min_tokens holds the end off");
+    assert_eq!(executed.prompt_tokens, Some(prompt_ids.len() as u64));
+    let content = &executed.logprobs;
     assert_eq!((content.len(), ids.len()), (110, 110));
     let tokenizer = ChatTokenizer::load(&dir).unwrap();
     for (entry, id) in content.iter().zip(&ids) {
@@ -603,64 +569,68 @@ async fn answers_carry_logprobs_and_a_validators_replay_passes() {
             assert!(t["logprob"].as_f64().unwrap() >= -9999.0);
         }
     }
-    // top_p 0.05 keeps a few tokens (this model is far from decisive): processed logprobs show
-    // the ones cut at -9999.
     assert!(content.iter().flat_map(|e| e["top_logprobs"].as_array().unwrap()).any(|t| t["logprob"] == -9999.0));
 
-    // The validator's replay, unstreamed, at its own seed.
-    let mut replay = request.clone();
-    replay["enforced_tokens"] = enforced_from(&content);
-    replay["stream"] = json!(false);
-    replay["seed"] = json!(12345);
-    replay.as_object_mut().unwrap().remove("stream_options");
-    let (status, validation) = node.post_json("/v1/chat/completions", &replay).await;
-    assert_eq!(status, 200, "{validation}");
-    let replayed = validation["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
-    let tokens = |c: &[Value]| c.iter().map(|e| e["token"].clone()).collect::<Vec<_>>();
-    assert_eq!(tokens(&replayed), tokens(&content));
-    assert_eq!(validation["choices"][0]["token_ids"], json!(ids));
-    assert_eq!(validation["prompt_token_ids"], json!(prompt_ids));
-    assert_eq!(validation["usage"]["completion_tokens"], 110);
-    let score = similarity(&content, &replayed);
-    assert!(score > 0.9999, "{score}");
+    // The validator's replay, on the same ML node, at the network node's other seed.
+    let replay = validation::validation_request(&user, &executed, 12345, mode);
+    let (status, validated) = node.post_json("/v1/chat/completions", &replay).await;
+    assert_eq!(status, 200, "{validated}");
+    assert_eq!(validated["choices"][0]["token_ids"], json!(ids));
+    assert_eq!(validated["prompt_token_ids"], json!(prompt_ids));
+    let replayed = validation::Answer::read(&validated.to_string()).unwrap();
+    let verdict = validation::judge(&executed, &replayed);
+    assert!(matches!(verdict, validation::Verdict::Similarity(s) if s > 0.9999), "{verdict:?}");
     // The same replay without logprobs_mode reads the executor's from its padded top lists.
     let mut unnamed = replay.clone();
     unnamed.as_object_mut().unwrap().remove("logprobs_mode");
     let (_, again) = node.post_json("/v1/chat/completions", &unnamed).await;
-    assert!(similarity(&content, again["choices"][0]["logprobs"]["content"].as_array().unwrap()) > 0.9999);
+    assert_eq!(validation::judge(&executed, &validation::Answer::read(&again.to_string()).unwrap()), verdict);
     // Raw logprobs (no cut) against the executor's processed ones: a different distribution.
-    let mut raw = replay.clone();
-    raw["logprobs_mode"] = json!("raw_logprobs");
-    let (_, raw) = node.post_json("/v1/chat/completions", &raw).await;
-    let raw_score = similarity(&content, raw["choices"][0]["logprobs"]["content"].as_array().unwrap());
-    assert!(raw_score < score, "{raw_score} against {score}");
-
-    // An executor that reports another distribution (every kept token's logprob 5 lower)
-    // scores below the threshold. (The score divides by at least 100 positions: an answer
-    // this long, 110 tokens, is one a tampered report can fail.)
-    let mut tampered = content.clone();
-    for entry in &mut tampered {
+    let (_, raw) = node
+        .post_json("/v1/chat/completions", &validation::validation_request(&user, &executed, 1, Some("raw_logprobs")))
+        .await;
+    let raw = validation::judge(&executed, &validation::Answer::read(&raw.to_string()).unwrap());
+    assert!(
+        matches!((&raw, &verdict), (validation::Verdict::Similarity(r), validation::Verdict::Similarity(s)) if r < s),
+        "{raw:?}"
+    );
+    // An executor that reports another distribution (every kept token's logprob 5 lower).
+    let mut tampered = executed.clone();
+    for entry in &mut tampered.logprobs {
         for t in entry["top_logprobs"].as_array_mut().unwrap() {
             if t["logprob"].as_f64().unwrap() > -9999.0 {
                 t["logprob"] = json!(t["logprob"].as_f64().unwrap() - 5.0);
             }
         }
     }
-    let tampered_score = similarity(&tampered, &replayed);
-    assert!(tampered_score < 0.9, "{tampered_score}");
+    assert!(!validation::judge(&tampered, &replayed).is_valid());
+
+    // Another ML node with the same model validates it too; one serving another model (the
+    // same architecture, other weights) as executor is caught by it.
+    let (_other_root, other_dir) = models_dir();
+    let validator = start(other_dir.parent().unwrap().parent().unwrap());
+    assert_eq!(validator.up(MODEL, &[]).0, 200);
+    let (_, elsewhere) = validator.post_json("/v1/chat/completions", &replay).await;
+    let elsewhere = validation::judge(&executed, &validation::Answer::read(&elsewhere.to_string()).unwrap());
+    assert!(elsewhere.is_valid(), "{elsewhere:?}");
+    let cheap_root = tempfile::tempdir().unwrap();
+    gonka_e2e::write_tiny_qwen(&cheap_root.path().join(MODEL), "qwen3", json!({"seed": 4})).unwrap();
+    let cheat = start(cheap_root.path());
+    assert_eq!(cheat.up(MODEL, &[]).0, 200);
+    let (_, body) = cheat.post("/v1/chat/completions", &request).await;
+    let cheated = validation::Answer::read(&body).unwrap();
+    let (_, caught) =
+        validator.post_json("/v1/chat/completions", &validation::validation_request(&user, &cheated, 9, mode)).await;
+    let caught = validation::judge(&cheated, &validation::Answer::read(&caught.to_string()).unwrap());
+    assert!(matches!(caught, validation::Verdict::Similarity(s) if s < validation::THRESHOLD), "{caught:?}");
 
     // Ids outside the vocabulary: the fork's refusal; the engine serves on.
     let mut bad = replay.clone();
     bad["enforced_tokens"]["tokens"][3]["token"] = json!("99999999");
     let (status, err) = node.post_json("/v1/chat/completions", &bad).await;
     assert_eq!(status, 400);
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("invalid enforced token at position 3: 99999999 not in [0, "),
-        "{err}"
-    );
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("invalid enforced token at position 3: 99999999 not in [0, "), "{err}");
     let (status, err) = node.post_json("/v1/chat/completions", &json!({"messages": messages, "top_logprobs": 3})).await;
     assert_eq!(status, 400);
     assert!(err["error"]["message"].as_str().unwrap().contains("`logprobs` must be set to true"), "{err}");
