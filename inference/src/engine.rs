@@ -333,7 +333,11 @@ struct Sequence {
     /// KV-cache bytes held for it while it runs (prompt plus `max_tokens`).
     reserved: u64,
     prompt: Vec<i64>,
-    /// Prompt tokens already in the cache.
+    /// What is prefilled: the prompt, then a replay's enforced tokens but the last (their
+    /// logits are all known to be needed, so a replay takes one prefill, not a decode step a
+    /// token).
+    feed: Vec<i64>,
+    /// Tokens of `feed` already in the cache.
     prefilled: usize,
     /// The last sampled token (the next step's input once the prompt is in).
     last: Option<i64>,
@@ -424,10 +428,13 @@ impl Scheduler {
                 let stream = TextStream::new(request.params.skip_special_tokens);
                 // `generate` bounded max_tokens by the room the context leaves.
                 let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
+                let replayed = request.params.enforced.len().min(request.params.max_tokens);
+                let feed = [&request.prompt[..], &request.params.enforced[..replayed.saturating_sub(1)]].concat();
                 self.waiting.push_back(Sequence {
                     cache: self.model.new_cache(tokens),
                     reserved: self.model.spec.kv_bytes_for(tokens as u64),
                     prompt: request.prompt,
+                    feed,
                     prefilled: 0,
                     last: None,
                     completion_tokens: 0,
@@ -466,42 +473,62 @@ impl Scheduler {
     }
 
     fn step(&mut self) {
-        // Decoding sequences first (one token each), then prompt chunks in the budget left.
+        // Decoding sequences first (one token each), then prefill chunks in the budget left.
         let mut budget = self.options.max_step_tokens.max(1);
-        for s in self.running.iter_mut().filter(|s| s.prefilled == s.prompt.len()) {
+        for s in self.running.iter_mut().filter(|s| s.prefilled == s.feed.len()) {
             s.input = Some(vec![s.last.expect("a prefilled sequence has sampled")]);
             budget = budget.saturating_sub(1);
         }
-        for s in self.running.iter_mut().filter(|s| s.prefilled < s.prompt.len()) {
+        for s in self.running.iter_mut().filter(|s| s.prefilled < s.feed.len()) {
             if budget == 0 {
                 break;
             }
-            let chunk = (s.prompt.len() - s.prefilled).min(budget);
-            s.input = Some(s.prompt[s.prefilled..s.prefilled + chunk].to_vec());
+            let chunk = (s.feed.len() - s.prefilled).min(budget);
+            s.input = Some(s.feed[s.prefilled..s.prefilled + chunk].to_vec());
             budget -= chunk;
         }
         let model = &self.model;
-        let mut samples = Vec::new();
+        // The rows that give a token, in step order: (sequence, row of the step's tokens).
+        let mut samples: Vec<(usize, i64)> = Vec::new();
+        // The sequence of each step entry.
+        let mut step_of = Vec::new();
         let mut steps = Vec::new();
+        let mut row = 0i64;
         for (i, s) in self.running.iter_mut().enumerate() {
-            let Sequence { input, cache, prefilled, prompt, .. } = s;
+            let Sequence { input, cache, prefilled, feed, prompt, .. } = s;
             if let Some(tokens) = input.take() {
-                if *prefilled < prompt.len() {
+                let len = tokens.len() as i64;
+                if *prefilled < feed.len() {
+                    // Positions from the prompt's last on give a token: a sequence samples once
+                    // its whole prompt is in, a replay at each of its tokens.
+                    let start = *prefilled as i64;
                     *prefilled += tokens.len();
+                    let first = (prompt.len() as i64 - 1).max(start);
+                    samples.extend((first..start + len).map(|p| (i, row + p - start)));
+                } else {
+                    samples.push((i, row));
                 }
-                // A sequence samples once its whole prompt is in.
-                if *prefilled == prompt.len() {
-                    samples.push(i);
-                }
-                steps.push((steps.len(), i, Step { input: StepInput::Tokens(tokens), cache: Some(cache) }));
+                row += len;
+                step_of.push(i);
+                steps.push(Step { input: StepInput::Tokens(tokens), cache: Some(cache) });
             }
         }
-        let rows: Vec<i64> =
-            steps.iter().filter(|(_, i, _)| samples.contains(i)).map(|(row, _, _)| *row as i64).collect();
-        let mut batch: Vec<Step<'_>> = steps.into_iter().map(|(_, _, step)| step).collect();
+        // One row a sequence but for replays, which need every row of theirs.
+        let last_rows = samples.windows(2).all(|w| w[0].0 != w[1].0);
+        let rows: Vec<i64> = samples.iter().map(|&(_, row)| row).collect();
+        let mut batch = steps;
         let forward = catch_unwind(AssertUnwindSafe(|| {
-            let hidden = model.forward(&mut batch, None, Output::Last);
-            let hidden = hidden.index_select(0, &Tensor::from_slice(&rows).to_device(hidden.device()));
+            let hidden = if last_rows {
+                // `Output::Last` gives each entry's last row; those of sequences that sample.
+                let sampled: Vec<i64> = (0..step_of.len() as i64)
+                    .filter(|&n| samples.iter().any(|&(i, _)| i == step_of[n as usize]))
+                    .collect();
+                let hidden = model.forward(&mut batch, None, Output::Last);
+                hidden.index_select(0, &Tensor::from_slice(&sampled).to_device(hidden.device()))
+            } else {
+                let hidden = model.forward(&mut batch, None, Output::All);
+                hidden.index_select(0, &Tensor::from_slice(&rows).to_device(hidden.device()))
+            };
             let logits = model.logits(&hidden).to_kind(Kind::Float).to_device(Device::Cpu);
             let width = logits.size()[1] as usize;
             let flat = Vec::<f32>::try_from(logits.flatten(0, -1)).expect("float logits");
@@ -520,13 +547,17 @@ impl Scheduler {
             }
         };
         let mut finished = Vec::new();
-        for (row, &i) in samples.iter().enumerate() {
+        for (n, &(i, _)) in samples.iter().enumerate() {
+            if finished.contains(&i) {
+                // A replay that ended within its prefill: the rest of its rows are not its.
+                continue;
+            }
             let s = &mut self.running[i];
             let mut stops = s.params.stop_token_ids.clone();
             if !s.params.ignore_eos {
                 stops.extend_from_slice(&self.tokenizer.eos_token_ids);
             }
-            let choice = s.sampler.choose(&flat[row * width..(row + 1) * width], s.completion_tokens, &stops);
+            let choice = s.sampler.choose(&flat[n * width..(n + 1) * width], s.completion_tokens, &stops);
             let token = choice.token;
             let _ = s.events.send(Event::Token(choice));
             s.last = Some(token);
@@ -536,6 +567,7 @@ impl Scheduler {
                 finished.push(i);
             }
         }
+        finished.sort_unstable();
         for i in finished.into_iter().rev() {
             self.running.swap_remove(i);
         }

@@ -285,9 +285,29 @@ async fn logprobs_are_transformers_and_a_replay_reports_them_again() {
     assert!(drawn_below_the_top > 0, "{tokens:?}");
 
     // The validator's replay: the same tokens and logprobs, whatever its temperature and seed.
+    // Its tokens are prefilled at once (then in chunks of 5, a prompt's boundary inside one),
+    // where the executor decoded them one by one: the same numbers to float32's rounding.
+    let same = |a: &[Choice], b: &[Choice]| {
+        assert_eq!(a.iter().map(|c| c.token).collect::<Vec<_>>(), b.iter().map(|c| c.token).collect::<Vec<_>>());
+        for (a, b) in a.iter().zip(b) {
+            let (a, b) = (a.logprobs.as_ref().unwrap(), b.logprobs.as_ref().unwrap());
+            assert!((a.logprob - b.logprob).abs() < 1e-5, "{a:?} {b:?}");
+            assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>());
+            assert!(a.top.iter().zip(&b.top).all(|(x, y)| (x.1 - y.1).abs() < 1e-5), "{a:?} {b:?}");
+        }
+    };
     let replay = SamplingParams { temperature: 0.3, seed: Some(99), enforced: tokens.clone(), ..sampled.clone() };
-    let (replayed, _) = collect_choices(generate(replay)).await;
-    assert_eq!(replayed, executed);
+    let (replayed, _) = collect_choices(generate(replay.clone())).await;
+    same(&replayed, &executed);
+    let chunked = start(&f, EngineOptions { max_step_tokens: 5, ..EngineOptions::default() });
+    let events = chunked.generate(Generation { prompt: prompt.clone(), params: replay.clone() }).unwrap();
+    same(&collect_choices(events).await.0, &executed);
+    // A replay shorter than max_tokens goes on from its last token as a generation does.
+    let half = SamplingParams { enforced: tokens[..4].to_vec(), temperature: 0.0, ..sampled.clone() };
+    let (went_on, _) = collect_choices(generate(half)).await;
+    let greedy_after =
+        greedy(&load(&f.dir, &LoadOptions::default()).unwrap(), &[&prompt[..], &tokens[..4]].concat(), 4, &[]);
+    assert_eq!(went_on.iter().map(|c| c.token).collect::<Vec<_>>(), [&tokens[..4], &greedy_after[..]].concat());
 
     // A replayed token the model ranks low is emitted all the same, at its own logprob; the
     // positions after it see it in their past.
@@ -300,8 +320,8 @@ async fn logprobs_are_transformers_and_a_replay_reports_them_again() {
     let at = |i: usize| f64::from(replayed[i].logprobs.as_ref().unwrap().logprob);
     let expected = log_softmax(&logits[prompt.len() + 1]);
     assert!((at(2) - expected[corrupted[2] as usize]).abs() < 1e-4);
-    assert_eq!(replayed[..2], executed[..2]);
-    assert_ne!(replayed[3].logprobs, executed[3].logprobs);
+    same(&replayed[..2], &executed[..2]);
+    assert!((at(3) - f64::from(executed[3].logprobs.as_ref().unwrap().logprob)).abs() > 1e-3);
 }
 
 #[tokio::test(flavor = "multi_thread")]
