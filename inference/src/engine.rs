@@ -42,11 +42,20 @@ pub struct EngineOptions {
     /// paging): a step never allocates past the budget, so one long request cannot make the
     /// device run out of memory and fail every sequence in the step.
     pub kv_cache_bytes: Option<u64>,
+    /// Positions of a validator's replay whose logits one step reads at most (each a row of
+    /// the vocabulary's width in float32: 256 rows of a 200,000-token vocabulary are 200 MB).
+    pub max_replay_rows: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_sequences: 32, max_step_tokens: 2048, max_model_len: None, kv_cache_bytes: None }
+        Self {
+            max_sequences: 32,
+            max_step_tokens: 2048,
+            max_model_len: None,
+            kv_cache_bytes: None,
+            max_replay_rows: 256,
+        }
     }
 }
 
@@ -483,7 +492,10 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            let chunk = (s.feed.len() - s.prefilled).min(budget);
+            // A replay's rows each make a row of logits: at most max_replay_rows a step.
+            let sampled_from = (s.prompt.len() - 1).max(s.prefilled);
+            let rows_cap = sampled_from + self.options.max_replay_rows.max(1) - s.prefilled;
+            let chunk = (s.feed.len() - s.prefilled).min(budget).min(rows_cap);
             s.input = Some(s.feed[s.prefilled..s.prefilled + chunk].to_vec());
             budget -= chunk;
         }

@@ -302,6 +302,10 @@ async fn logprobs_are_transformers_and_a_replay_reports_them_again() {
     let chunked = start(&f, EngineOptions { max_step_tokens: 5, ..EngineOptions::default() });
     let events = chunked.generate(Generation { prompt: prompt.clone(), params: replay.clone() }).unwrap();
     same(&collect_choices(events).await.0, &executed);
+    // And at most 3 positions' logits a step.
+    let bounded = start(&f, EngineOptions { max_replay_rows: 3, ..EngineOptions::default() });
+    let events = bounded.generate(Generation { prompt: prompt.clone(), params: replay.clone() }).unwrap();
+    same(&collect_choices(events).await.0, &executed);
     // A replay shorter than max_tokens goes on from its last token as a generation does.
     let half = SamplingParams { enforced: tokens[..4].to_vec(), temperature: 0.0, ..sampled.clone() };
     let (went_on, _) = collect_choices(generate(half)).await;
