@@ -4,7 +4,8 @@
 //! from `manifests/` and running with its ServiceAccount's rights, and the sample GonkaNodes
 //! from `manifests/samples/` rolled out to ML-node pods. Prints progress, then the fleet, a PoC
 //! v1 round as a 2025 network node runs it, and — what a 2026 network node does — a GonkaNode
-//! whose ML nodes preload a tiny Qwen3 from their model volume, prove it with PoC v2 and chat;
+//! whose ML nodes preload a tiny Qwen3 from their model volume, prove it with PoC v2 and chat,
+//! one ML node's answer validated by the other as the network node validates inferences;
 //! then, with vLLM's CPU build at hand (`GONKA_VLLM_PYTHON`, as `make demo` sets it), the same
 //! for a GonkaNode whose model runs on vLLM (`engine: vllm`).
 //!
@@ -379,7 +380,8 @@ impl V2Fleet {
 /// `modelStorage` mounts it and preloads the model, registered with a devnet playing a 2026
 /// network node; node-daemons stand in for its pods (reading the directory where the kubelet
 /// would mount the volume), the devnet runs a PoC v2 round, the weight reaches the GonkaNode's
-/// status, and a chat answer streams from a pod's inference port.
+/// status, and a chat answer streams from a pod's inference port (on the native engine, then
+/// validated: [`validate_inference`]).
 async fn poc_v2_round(
     cp: &ControlPlane,
     api: &Api<GonkaNode>,
@@ -530,6 +532,40 @@ async fn poc_v2_round(
     for e in events.iter().rev().take(2).rev() {
         println!("  data: {e}");
     }
+    if fleet.engine.is_none() {
+        validate_inference(&devnet, model).await?;
+    }
     drop(stand_ins);
+    Ok(())
+}
+
+/// What a 2026 network node does with an inference (`gonka_devnet::inference_validation`): the
+/// user's request rewritten for validation and executed on one ML node, its answer replayed on
+/// the other with the executor's tokens enforced, the two compared. (Only on the native engine
+/// here: vLLM's CPU build is not gonka's fork, which replays.)
+async fn validate_inference(devnet: &gonka_devnet::Shared, model: &str) -> anyhow::Result<()> {
+    use gonka_devnet::inference_validation::{Answer, executor_request, judge, validation_request};
+    let hosts: Vec<String> =
+        devnet.lock().expect("devnet").nodes().iter().map(|n| n.node.config.host.clone()).collect();
+    let (executor, validator) = (hosts.first().context("a node")?, hosts.last().context("a node")?);
+    let user = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 24, "stream": true});
+    let mode = Some("processed_logprobs");
+    let http = reqwest::Client::new();
+    let post = |host: &str, body: serde_json::Value| {
+        let request = http.post(format!("http://{host}:5000/v1/chat/completions")).json(&body);
+        async move { anyhow::Ok(request.send().await?.error_for_status()?.text().await?) }
+    };
+    let executed =
+        Answer::read(&post(executor, executor_request(&user, 42, mode)).await?).map_err(anyhow::Error::msg)?;
+    let replay = validation_request(&user, &executed, 42, mode);
+    let replayed = Answer::read(&post(validator, replay).await?).map_err(anyhow::Error::msg)?;
+    let verdict = judge(&executed, &replayed);
+    println!(
+        "\n# inference validation: {} tokens with their top-5 logprobs from {executor}, replayed on {validator}: {verdict:?} ({})",
+        executed.logprobs.len(),
+        if verdict.is_valid() { "valid" } else { "INVALID" }
+    );
+    anyhow::ensure!(verdict.is_valid(), "the replay did not validate the answer: {verdict:?}");
     Ok(())
 }
