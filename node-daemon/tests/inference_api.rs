@@ -543,6 +543,8 @@ async fn answers_carry_logprobs_and_validators_replays_pass() {
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let prompt_ids = chunks[0]["prompt_token_ids"].as_array().expect("the prompt's ids on the first event").clone();
     assert!(chunks[1..].iter().all(|c| c.get("prompt_token_ids").is_none()));
+    // The role event carries no tokens, so no token ids (as vLLM leaves the field unset).
+    assert_eq!((chunks[0]["choices"][0].get("token_ids"), &chunks[0]["choices"][0]["logprobs"]), (None, &Value::Null));
     let ids: Vec<i64> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["token_ids"].as_array())

@@ -383,7 +383,7 @@ async fn chat(
                         delta,
                         logprobs: if tokens.is_empty() { None } else { logprobs_of(tokens) },
                         finish_reason: finish_reason.map(str::to_string),
-                        token_ids: ids_of(tokens),
+                        token_ids: if tokens.is_empty() { None } else { ids_of(tokens) },
                     }]
                 } else {
                     Vec::new()
