@@ -352,6 +352,8 @@ struct Sequence {
     last: Option<i64>,
     completion_tokens: usize,
     params: SamplingParams,
+    /// The ids that end it: its stop token ids, and end-of-sequence ids unless ignored.
+    stops: Vec<i64>,
     sampler: Sampler,
     stream: TextStream,
     /// Generated text (special tokens skipped) and how much of it was sent.
@@ -439,6 +441,10 @@ impl Scheduler {
                 let tokens = (request.prompt.len() + request.params.max_tokens) as i64;
                 let replayed = request.params.enforced.len().min(request.params.max_tokens);
                 let feed = [&request.prompt[..], &request.params.enforced[..replayed.saturating_sub(1)]].concat();
+                let mut stops = request.params.stop_token_ids.clone();
+                if !request.params.ignore_eos {
+                    stops.extend_from_slice(&self.tokenizer.eos_token_ids);
+                }
                 self.waiting.push_back(Sequence {
                     cache: self.model.new_cache(tokens),
                     reserved: self.model.spec.kv_bytes_for(tokens as u64),
@@ -448,6 +454,7 @@ impl Scheduler {
                     last: None,
                     completion_tokens: 0,
                     params: request.params,
+                    stops,
                     sampler,
                     stream,
                     text: String::new(),
@@ -500,10 +507,9 @@ impl Scheduler {
             budget -= chunk;
         }
         let model = &self.model;
-        // The rows that give a token, in step order: (sequence, row of the step's tokens).
-        let mut samples: Vec<(usize, i64)> = Vec::new();
-        // The sequence of each step entry.
-        let mut step_of = Vec::new();
+        // The rows that give a token, in step order: (sequence, its step entry, row of the
+        // step's tokens).
+        let mut samples: Vec<(usize, i64, i64)> = Vec::new();
         let mut steps = Vec::new();
         let mut row = 0i64;
         for (i, s) in self.running.iter_mut().enumerate() {
@@ -516,25 +522,23 @@ impl Scheduler {
                     let start = *prefilled as i64;
                     *prefilled += tokens.len();
                     let first = (prompt.len() as i64 - 1).max(start);
-                    samples.extend((first..start + len).map(|p| (i, row + p - start)));
+                    let entry = steps.len() as i64;
+                    samples.extend((first..start + len).map(|p| (i, entry, row + p - start)));
                 } else {
-                    samples.push((i, row));
+                    samples.push((i, steps.len() as i64, row));
                 }
                 row += len;
-                step_of.push(i);
                 steps.push(Step { input: StepInput::Tokens(tokens), cache: Some(cache) });
             }
         }
         // One row a sequence but for replays, which need every row of theirs.
         let last_rows = samples.windows(2).all(|w| w[0].0 != w[1].0);
-        let rows: Vec<i64> = samples.iter().map(|&(_, row)| row).collect();
+        let rows: Vec<i64> = samples.iter().map(|&(_, _, row)| row).collect();
         let mut batch = steps;
         let forward = catch_unwind(AssertUnwindSafe(|| {
             let hidden = if last_rows {
-                // `Output::Last` gives each entry's last row; those of sequences that sample.
-                let sampled: Vec<i64> = (0..step_of.len() as i64)
-                    .filter(|&n| samples.iter().any(|&(i, _)| i == step_of[n as usize]))
-                    .collect();
+                // `Output::Last` gives each entry's last row: those of the entries that sample.
+                let sampled: Vec<i64> = samples.iter().map(|&(_, entry, _)| entry).collect();
                 let hidden = model.forward(&mut batch, None, Output::Last);
                 hidden.index_select(0, &Tensor::from_slice(&sampled).to_device(hidden.device()))
             } else {
@@ -559,17 +563,13 @@ impl Scheduler {
             }
         };
         let mut finished = Vec::new();
-        for (n, &(i, _)) in samples.iter().enumerate() {
+        for (n, &(i, _, _)) in samples.iter().enumerate() {
             if finished.contains(&i) {
                 // A replay that ended within its prefill: the rest of its rows are not its.
                 continue;
             }
             let s = &mut self.running[i];
-            let mut stops = s.params.stop_token_ids.clone();
-            if !s.params.ignore_eos {
-                stops.extend_from_slice(&self.tokenizer.eos_token_ids);
-            }
-            let choice = s.sampler.choose(&flat[n * width..(n + 1) * width], s.completion_tokens, &stops);
+            let choice = s.sampler.choose(&flat[n * width..(n + 1) * width], s.completion_tokens, &s.stops);
             let token = choice.token;
             let _ = s.events.send(Event::Token(choice));
             s.last = Some(token);
@@ -579,7 +579,6 @@ impl Scheduler {
                 finished.push(i);
             }
         }
-        finished.sort_unstable();
         for i in finished.into_iter().rev() {
             self.running.swap_remove(i);
         }
@@ -587,12 +586,10 @@ impl Scheduler {
 
     /// Takes sequence `i`'s new token into its text; the reason it ends, if it does.
     fn after_token(&mut self, i: usize, token: i64) -> Option<FinishReason> {
-        let eos = &self.tokenizer.eos_token_ids;
         let s = &mut self.running[i];
         // Before min_tokens nothing but the length ends it (a replay may enforce a stop id).
         let may_stop = s.completion_tokens >= s.params.min_tokens;
-        let stop_id = (!s.params.ignore_eos && eos.contains(&token)) || s.params.stop_token_ids.contains(&token);
-        if may_stop && stop_id {
+        if may_stop && s.stops.contains(&token) {
             s.flush(&self.tokenizer);
             return Some(FinishReason::Stop);
         }
