@@ -1,10 +1,12 @@
 //! Inference on the served model (feature `torch`): the manager that brings a model up on one
 //! of two engines ([`manager`]), the model cache behind `/api/v1/models/*` ([`model_cache`]),
 //! and for each engine the inference port and PoC v2: the native engine of `gonka-inference`
-//! ([`openai`], its answers' logprobs and validation replays in [`logprobs`], [`pow_v2`]) or vLLM servers the daemon runs and fronts ([`vllm`]). Which one
+//! ([`openai`], its answers' logprobs and validation replays in [`logprobs`], the reasoning and
+//! tool calls read out of them in [`answer_parsers`], [`pow_v2`]) or vLLM servers the daemon runs and fronts ([`vllm`]). Which one
 //! answers is decided in one place per port: [`inference_port`] here, the PoC v2 routes'
 //! seam in [`pow_v2::engine_seam`]. The port's bounds ([`port_bounds`]) stand in front of both.
 
+pub mod answer_parsers;
 pub mod logprobs;
 pub mod manager;
 pub mod model_cache;
