@@ -136,6 +136,11 @@ impl ChatTokenizer {
         own.or_else(|| self.eos_token_ids.first().copied())
     }
 
+    /// A token's id by its text (added tokens included), as vLLM's parsers look their markers up.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.tokenizer.token_to_id(token).map(i64::from)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

@@ -272,7 +272,9 @@ async fn a_model_comes_up_serves_the_openai_api_and_goes_down() {
     assert_eq!(status, 200, "{chat}");
     assert_eq!(chat["object"], "chat.completion");
     assert!(chat["id"].as_str().unwrap().starts_with("chatcmpl-"));
-    assert_eq!(chat["choices"][0]["message"], json!({"role": "assistant", "content": text}));
+    // As vLLM writes it without answer parsers: no reasoning, no tool calls.
+    let message = json!({"role": "assistant", "content": text, "reasoning": null, "tool_calls": []});
+    assert_eq!(chat["choices"][0]["message"], message);
     assert_eq!(chat["usage"]["prompt_tokens"], prompt_tokens);
     assert_eq!(chat["usage"]["completion_tokens"], completion_tokens);
     let finish = if completion_tokens == 12 { "length" } else { "stop" };
@@ -328,6 +330,19 @@ async fn a_model_comes_up_serves_the_openai_api_and_goes_down() {
     assert_eq!((status, err["error"]["code"].as_u64()), (400, Some(400)));
     let (status, _) = node.post_json("/v1/chat/completions", &json!({"messages": messages, "n": 2})).await;
     assert_eq!(status, 400);
+    // Tools need a tool-call parser, as vLLM started without --enable-auto-tool-choice says.
+    let tools = json!([{"type": "function", "function": {"name": "get_time"}}]);
+    let (status, err) = node.post_json("/v1/chat/completions", &json!({"messages": messages, "tools": tools})).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        err["error"]["message"],
+        "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"
+    );
+    let without = json!({"messages": messages, "tools": tools, "tool_choice": "none", "max_tokens": 1});
+    assert_eq!(node.post_json("/v1/chat/completions", &without).await.0, 200);
+    let (status, err) = node.post_json("/v1/chat/completions", &json!({"messages": messages, "tools": []})).await;
+    assert_eq!(status, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("must not be an empty array"), "{err}");
     let long_prompt = vec![5; 200];
     let (status, err) = node.post_json("/v1/completions", &json!({"prompt": long_prompt})).await;
     assert_eq!(status, 400);
@@ -750,4 +765,117 @@ async fn the_inference_port_and_the_engine_stay_within_their_bounds() {
     eventually("the slot is given back", || metric("gonka_ml_node_inference_requests_in_flight") == 0.0);
     let (status, answer) = node.post_json("/v1/chat/completions", &chat).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+/// MiniMax-M2 under governance's arguments (`--enable-auto-tool-choice --tool-call-parser
+/// minimax_m2 --reasoning-parser minimax_m2_append_think`) on the native engine: a tiny
+/// MiniMax-M2 whose tokenizer has the model's markers, its answer forced (`enforced_str`) to a
+/// thought and a tool call, comes back as gonka's vLLM fork serves it — `<think>` restored in
+/// front of the content, the call read out with its arguments coerced to the tool's schema,
+/// `finish_reason` `tool_calls`; streamed, the content in pieces and the call whole in one
+/// delta, and with `return_token_ids` every token (and its logprobs) still in the stream, as
+/// the network node's validation needs. Without tools the text stays content; choices the
+/// native engine cannot meet, and parsers it lacks, are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn minimax_m2_answers_are_parsed_as_the_networks_vllm_parses_them() {
+    const M2: &str = "MiniMaxAI/Tiny-MiniMax-M2";
+    let root = tempfile::tempdir().unwrap();
+    let markers = ["<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>"];
+    gonka_e2e::write_tiny_qwen(&root.path().join(M2), "minimax_m2", json!({"added_tokens": markers})).unwrap();
+    let node = start(root.path());
+    let governance = [
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "minimax_m2",
+        "--reasoning-parser",
+        "minimax_m2_append_think",
+    ];
+    let (status, body) = node.up(M2, &governance);
+    assert_eq!(status, 200, "{body}");
+
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]);
+    let thought = "Ok.</think>\n";
+    let answer = format!(
+        "{thought}<minimax:tool_call><invoke name=\"get_weather\"><parameter name=\"city\"> Oslo </parameter>\
+         <parameter name=\"days\">3</parameter></invoke></minimax:tool_call>"
+    );
+    let messages = json!([{"role": "user", "content": "Weather in Oslo?"}]);
+    let chat = json!({"messages": messages, "tools": tools, "enforced_str": answer, "temperature": 0});
+    let (status, whole) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{whole}");
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{whole}");
+    let message = &choice["message"];
+    assert_eq!((&message["content"], &message["reasoning"]), (&json!(format!("<think>{thought}")), &Value::Null));
+    let calls = message["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{message}");
+    let id = calls[0]["id"].as_str().unwrap();
+    assert!(id.len() == 46 && id.starts_with("chatcmpl-tool-"), "{id}");
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"], json!({"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"days\": 3}"}));
+
+    // Streamed: the content in pieces, then the call whole in one delta with a call_ id.
+    let stream = |extra: Value| {
+        let mut body = chat.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body["stream"] = json!(true);
+        body
+    };
+    let (status, body) = node.post("/v1/chat/completions", &stream(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    let content: String = deltas[1..].iter().filter_map(|d| d["content"].as_str()).collect();
+    assert_eq!(content, format!("<think>{thought}"), "{body}");
+    let streamed_calls: Vec<&Value> = deltas.iter().filter_map(|d| d["tool_calls"].as_array()).flatten().collect();
+    assert_eq!(streamed_calls.len(), 1, "{body}");
+    let call = streamed_calls[0];
+    let id = call["id"].as_str().unwrap();
+    assert!(id.len() == 29 && id.starts_with("call_"), "{id}");
+    assert_eq!((&call["index"], &call["type"]), (&json!(0), &json!("function")));
+    assert_eq!(call["function"], calls[0]["function"]);
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"));
+    // Without token ids, the call's markup sends no events: far fewer than the tokens.
+    let completion_tokens = whole["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(chunks.len() < completion_tokens / 2, "{} events for {completion_tokens} tokens", chunks.len());
+
+    // With token ids and logprobs (as the network node asks), every token is in the stream.
+    let (status, body) =
+        node.post("/v1/chat/completions", &stream(json!({"return_token_ids": true, "logprobs": true}))).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let ids: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["token_ids"].as_array()).flatten().collect();
+    let logprobs: usize =
+        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).map(Vec::len).sum();
+    assert_eq!((ids.len(), logprobs), (completion_tokens, completion_tokens), "{body}");
+    let tokenizer = ChatTokenizer::load(&root.path().join(M2)).unwrap();
+    let mut forced = tokenizer.encode(&answer, false).unwrap();
+    forced.push(tokenizer.eos_token_id().unwrap());
+    assert_eq!(json!(ids), json!(forced));
+    assert!(chunks.iter().any(|c| c["choices"][0]["delta"] == json!({})), "events the parser holds are sent empty");
+
+    // No tools: nothing is parsed but the thinking's opening.
+    let plain = json!({"messages": messages, "enforced_str": answer, "temperature": 0});
+    let (status, reply) = node.post_json("/v1/chat/completions", &plain).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["message"]["content"], json!(format!("<think>{answer}")));
+    let reply = &reply["choices"][0];
+    assert_eq!((&reply["message"]["tool_calls"], &reply["finish_reason"]), (&json!([]), &json!("stop")));
+
+    // "required" would need decoding constrained to the schemas: refused, naming the vllm engine.
+    let required = json!({"messages": messages, "tools": tools, "tool_choice": "required"});
+    let (status, err) = node.post_json("/v1/chat/completions", &required).await;
+    assert_eq!(status, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("vllm engine"), "{err}");
+
+    // A parser the native engine lacks: the start fails naming it.
+    assert_eq!(node.daemon.post_json("POST", "/api/v1/inference/down", &Value::Null).0, 200);
+    let (status, body) = node.up(M2, &["--enable-auto-tool-choice", "--tool-call-parser", "glm47"]);
+    assert_eq!(status, 500, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("--tool-call-parser glm47"), "{body}");
 }

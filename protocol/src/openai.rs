@@ -78,6 +78,13 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub tools: Option<Value>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name": …}}`;
+    /// `None` when left out, `Some(Value::Null)` for an explicit `null` (vLLM tells them apart).
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    /// Whether an answer may call several tools at once (default true; false keeps the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
     /// vLLM's: variables for the chat template (Qwen3's `enable_thinking`), or DeepSeek-V4's
@@ -121,6 +128,11 @@ pub struct EnforcedToken {
 
 fn yes() -> bool {
     true
+}
+
+/// A field that is present, `null` included (left out, `#[serde(default)]` makes it `None`).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 /// `prompt` of a text completion: text or token ids (one prompt; lists of prompts are refused).
@@ -167,10 +179,42 @@ impl Usage {
     }
 }
 
+/// A whole answer's message, as vLLM writes it: the content (`null` when the answer is only
+/// tool calls), the reasoning a reasoning parser read out (`null` otherwise), the tool calls.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(default)]
+    pub reasoning: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A tool call in a whole answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function a tool call calls, and its arguments as a JSON object's text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A tool call in a streamed delta: MiniMax-M2's parser sends each call whole, once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeltaToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub index: usize,
+    pub function: FunctionCall,
 }
 
 /// A chat answer's logprobs (vLLM's `ChatCompletionLogProbs`).
@@ -221,12 +265,16 @@ pub struct ChatCompletion {
     pub prompt_token_ids: Option<Vec<i64>>,
 }
 
+/// A streamed answer's delta. Fields are left out unless set, as vLLM writes deltas:
+/// `content` may be set to `null` (`Some(None)`, beside tool calls), `tool_calls` to a list.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Delta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
+    pub content: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<DeltaToolCall>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

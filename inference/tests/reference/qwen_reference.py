@@ -166,9 +166,11 @@ CORPUS = [
 ]
 
 
-def write_tokenizer(directory, vocab_size):
+def write_tokenizer(directory, vocab_size, added=()):
     """A byte-level BPE in Qwen's shape (Qwen2's split pattern, byte-level decoder, ChatML
-    special tokens), trained on a few sentences so its ids fit the tiny model's vocabulary."""
+    special tokens), trained on a few sentences so its ids fit the tiny model's vocabulary;
+    `added`: more tokens kept whole, not special (MiniMax-M2's `<think>` and tool-call markers,
+    whose text answer parsers read)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -182,12 +184,13 @@ def write_tokenizer(directory, vocab_size):
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(specials),
+        vocab_size=vocab_size - len(specials) - len(added),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     tok.add_special_tokens(specials)
+    tok.add_tokens(list(added))
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
     )
@@ -464,7 +467,7 @@ def main():
         save["max_shard_size"] = req["shard_size"]
     model.save_pretrained(req["dir"], **save)
     if req.get("tokenizer"):
-        tokenizer = write_tokenizer(req["dir"], config.get_text_config().vocab_size)
+        tokenizer = write_tokenizer(req["dir"], config.get_text_config().vocab_size, req.get("added_tokens", ()))
         with open(f"{req['dir']}/generation_config.json", "w") as f:
             json.dump({"eos_token_id": [tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                         tokenizer.convert_tokens_to_ids("<|endoftext|>")]}, f)

@@ -25,6 +25,7 @@ use gonka_protocol::ml_node::InferenceUpRequest;
 use serde::Serialize;
 use tch::Device;
 
+use super::answer_parsers::{self, AnswerParsers};
 use super::vllm::{self, VllmSettings, supervisor::VllmServer};
 use crate::node_state::InferenceState;
 
@@ -118,18 +119,16 @@ pub fn choose_engine(
     }
 }
 
-/// The vLLM flags that shape answers: tool calls and reasoning parsed out of the text
-/// (governance runs the network's models with them).
-const ANSWER_PARSER_FLAGS: [&str; 2] = ["--tool-call-parser", "--reasoning-parser"];
-
-/// The engine for a model whose arguments ask vLLM to parse answers: the native engine returns
-/// the model's text as it is (no tool or reasoning parsers), so under `auto` vLLM serves it
-/// where this ML node has vLLM, answering as the network's other hosts do; `engine`, the choice
-/// made from the checkpoint, otherwise.
+/// The engine for a model whose arguments ask vLLM for answer parsers (governance runs the
+/// network's models with them): where the native engine lacks one of them
+/// ([`answer_parsers`]), under `auto` vLLM serves the model when this ML node has vLLM,
+/// answering as the network's other hosts do; `engine`, the choice made from the checkpoint,
+/// otherwise (the native engine then refuses to start with the parser named).
 pub fn engine_for_answers(engine: EngineKind, choice: ModelEngine, has_vllm: bool, args: &[String]) -> EngineKind {
-    let parses = args.iter().any(|a| ANSWER_PARSER_FLAGS.contains(&a.split('=').next().unwrap_or(a)));
+    let native = parse_args(args)
+        .is_ok_and(|a| answer_parsers::parsed_natively(a.tool_call_parser.as_deref(), a.reasoning_parser.as_deref()));
     match engine {
-        EngineKind::Native if parses && has_vllm && choice == ModelEngine::Auto => EngineKind::Vllm,
+        EngineKind::Native if !native && has_vllm && choice == ModelEngine::Auto => EngineKind::Vllm,
         engine => engine,
     }
 }
@@ -159,6 +158,9 @@ pub struct Served {
     /// GPU memory beside the weights that the KV cache and a forward's activations share (a PoC
     /// v2 batch, which runs when no chat does, may take all of it); `None` on the CPU.
     pub working_memory: Option<u64>,
+    /// The reasoning and tool-call parsers its chat answers go through (`--reasoning-parser`,
+    /// `--enable-auto-tool-choice --tool-call-parser`).
+    pub parsers: AnswerParsers,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize)]
@@ -606,6 +608,11 @@ struct EngineArgs {
     /// The dtype the KV cache keeps (`--kv-cache-dtype`; governance runs MiniMax-M2.7 with
     /// `fp8`); `None`: the model's.
     kv_cache_dtype: Option<tch::Kind>,
+    /// The answer parsers (`--tool-call-parser`, `--reasoning-parser`), and whether tool calls
+    /// are parsed at all (`--enable-auto-tool-choice`).
+    tool_call_parser: Option<String>,
+    reasoning_parser: Option<String>,
+    auto_tools: bool,
     ignored: Vec<String>,
 }
 
@@ -660,6 +667,8 @@ fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
             "--gpu-memory-utilization",
             "--kv-cache-memory-bytes",
             "--kv-cache-dtype",
+            "--tool-call-parser",
+            "--reasoning-parser",
         ]
         .contains(&flag.as_str());
         let value = if takes_value {
@@ -678,6 +687,9 @@ fn parse_args(args: &[String]) -> Result<EngineArgs, String> {
         };
         match flag.as_str() {
             "--served-model-name" => out.served_model_name = value,
+            "--tool-call-parser" => out.tool_call_parser = value,
+            "--reasoning-parser" => out.reasoning_parser = value,
+            "--enable-auto-tool-choice" => out.auto_tools = true,
             // vLLM's `auto` and -1: the model's own length.
             "--max-model-len" if matches!(value.as_deref(), Some("auto" | "-1")) => out.max_model_len = None,
             "--max-model-len" => out.max_model_len = Some(number(&value)?),
@@ -785,12 +797,15 @@ fn bring_up_native(
     if !args.ignored.is_empty() {
         tracing::info!(ignored = ?args.ignored, "vLLM arguments this engine does not use");
     }
-    if args.ignored.iter().any(|a| ANSWER_PARSER_FLAGS.contains(&a.split('=').next().unwrap_or(a))) {
-        tracing::warn!(
-            "the arguments ask for tool-call or reasoning parsing, which the native engine does not do: answers come \
-             as the model writes them (the vllm engine parses them)"
-        );
-    }
+    // The tokenizer first: the answer parsers' markers are checked before the weights load.
+    let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
+    let parsers = AnswerParsers::from_flags(
+        args.tool_call_parser.as_deref(),
+        args.reasoning_parser.as_deref(),
+        args.auto_tools,
+        |token| tokenizer.token_id(token),
+    )
+    .map_err(|e| e.to_string())?;
     let mut options = settings.engine.clone();
     if let Some(len) = args.max_model_len {
         options.max_model_len = Some(len);
@@ -831,7 +846,6 @@ fn bring_up_native(
     };
     load_options.layers_per_device = gpu_plan.as_ref().map(|plan| plan.placement.layers_per_device());
     let model = gonka_inference::load(&directory, &load_options).map_err(|e| e.to_string())?;
-    let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
     if tokenizer.vocab_size() as i64 > model.spec.vocab_size {
         return Err(format!(
             "the tokenizer has {} tokens, the model's vocabulary {}",
@@ -871,6 +885,7 @@ fn bring_up_native(
         defaults: GenerationDefaults::read(&directory),
         directory,
         working_memory: gpu_plan.map(|plan| plan.working_memory),
+        parsers,
     })
 }
 
@@ -1038,18 +1053,26 @@ mod tests {
         assert_eq!(choose_engine(auto, Ok(&qwen3), false, "q").unwrap(), EngineKind::Native);
     }
 
-    /// Governance's parsers send a model the native engine runs to vLLM under `auto`, where
-    /// there is one; a GonkaNode's explicit choice and an ML node without vLLM keep it native.
+    /// Parsers the native engine lacks (governance's GLM ones) send a model it runs to vLLM
+    /// under `auto`, where there is one; MiniMax-M2's, which it has, keep it native, as do a
+    /// GonkaNode's explicit choice and an ML node without vLLM.
     #[test]
-    fn answer_parsers_prefer_vllm_under_auto() {
+    fn answer_parsers_the_native_engine_lacks_prefer_vllm_under_auto() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let governance = args(&["--enable-auto-tool-choice", "--tool-call-parser", "minimax_m2"]);
+        let glm = args(&["--enable-auto-tool-choice", "--tool-call-parser", "glm47", "--reasoning-parser", "glm45"]);
+        let minimax = args(&[
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "minimax_m2",
+            "--reasoning-parser=minimax_m2_append_think",
+        ]);
         let (auto, native) = (ModelEngine::Auto, EngineKind::Native);
-        assert_eq!(engine_for_answers(native, auto, true, &governance), EngineKind::Vllm);
+        assert_eq!(engine_for_answers(native, auto, true, &glm), EngineKind::Vllm);
         assert_eq!(engine_for_answers(native, auto, true, &args(&["--reasoning-parser=glm45"])), EngineKind::Vllm);
+        assert_eq!(engine_for_answers(native, auto, true, &minimax), native);
         assert_eq!(engine_for_answers(native, auto, true, &args(&["--max-model-len", "128"])), native);
-        assert_eq!(engine_for_answers(native, auto, false, &governance), native);
-        assert_eq!(engine_for_answers(native, ModelEngine::Native, true, &governance), native);
+        assert_eq!(engine_for_answers(native, auto, false, &glm), native);
+        assert_eq!(engine_for_answers(native, ModelEngine::Native, true, &glm), native);
         assert_eq!(engine_for_answers(EngineKind::Vllm, auto, true, &[]), EngineKind::Vllm);
     }
 
@@ -1070,8 +1093,8 @@ mod tests {
 
     /// The arguments a network node hands an ML node for MiniMax-M2.7 today: governance's model
     /// args, then the H200 node args of upstream's deploy/join config (docs: gonka-network.md
-    /// §9). The native engine reads the context length, the FP8 cache and the sequence limit,
-    /// and passes over the rest (tool and reasoning parsers, tensor parallelism, vLLM's MoE and
+    /// §9). The native engine reads the context length, the FP8 cache, the sequence limit and
+    /// the answer parsers, and passes over the rest (tensor parallelism, vLLM's MoE and
     /// attention backends, its scheduling policy), values included.
     #[test]
     fn minimax_m2_7s_network_arguments_are_read() {
@@ -1106,14 +1129,12 @@ mod tests {
         assert_eq!(parsed.kv_cache_dtype, Some(tch::Kind::Float8e4m3fn));
         assert_eq!(parsed.max_num_seqs, Some(608));
         assert_eq!(parsed.served_model_name, None);
+        assert_eq!(parsed.tool_call_parser.as_deref(), Some("minimax_m2"));
+        assert_eq!(parsed.reasoning_parser.as_deref(), Some("minimax_m2_append_think"));
+        assert!(parsed.auto_tools);
         assert_eq!(
             parsed.ignored,
             vec![
-                "--enable-auto-tool-choice",
-                "--tool-call-parser",
-                "minimax_m2",
-                "--reasoning-parser",
-                "minimax_m2_append_think",
                 "-tp",
                 "2",
                 "--moe-backend",

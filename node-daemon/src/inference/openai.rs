@@ -23,13 +23,14 @@ use gonka_inference::engine::{Event, FinishReason, Generation};
 use gonka_inference::sampling::{Choice, SamplingParams};
 use gonka_protocol::openai::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs, ChatMessage, ChunkChoice,
-    Completion, CompletionChoice, CompletionRequest, Delta, ErrorInfo, ErrorResponse, ModelCard, ModelList, Prompt,
-    Sampling, TokenizeRequest, TokenizeResponse, Usage,
+    Completion, CompletionChoice, CompletionRequest, Delta, DeltaToolCall, ErrorInfo, ErrorResponse, FunctionCall,
+    ModelCard, ModelList, Prompt, Sampling, TokenizeRequest, TokenizeResponse, ToolCall, Usage,
 };
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::answer_parsers::{AnswerParsers, DeltaOut, ToolChoice, ToolRequest};
 use super::logprobs;
 use super::manager::{InferenceManager, Served};
 
@@ -338,6 +339,10 @@ async fn chat(
     let mut params = sampling(&served, request.sampling, max_tokens)?;
     let top = logprobs::top_count(request.logprobs, request.top_logprobs).map_err(OpenAiError::bad_request)?;
     params.logprobs = top;
+    let tool_request =
+        ToolRequest::read(request.tools.as_ref(), request.tool_choice.as_ref(), request.parallel_tool_calls)
+            .map_err(OpenAiError::bad_request)?;
+    tools_servable(&served.parsers, &tool_request.choice)?;
     let messages = flatten_content(request.messages)?;
     let (add_generation_prompt, tools, kwargs) =
         (request.add_generation_prompt, request.tools, request.chat_template_kwargs);
@@ -360,6 +365,8 @@ async fn chat(
     .await?;
     params.enforced = enforced.unwrap_or_default();
     let prompt_token_ids = request.return_token_ids.then(|| prompt.clone());
+    let parsers = served.parsers;
+    let mut stream_parser = parsers.stream(tool_request.clone(), &prompt);
     let events = start(&served, prompt, params)?;
     let (id, created, model) = (request_id("chatcmpl"), now(), served.name.clone());
     let return_token_ids = request.return_token_ids;
@@ -399,12 +406,16 @@ async fn chat(
                 }
             }
         };
-        let mut first = chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, &[], None, None);
+        let role = Delta { role: Some("assistant".into()), content: Some(Some(String::new())), tool_calls: None };
+        let mut first = chunk(role, &[], None, None);
         first.prompt_token_ids = prompt_token_ids;
         let first = serde_json::to_string(&first).expect("serialisable");
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        let parallel = tool_request.parallel;
         // Tokens wait for the text they make (a stop string may hold it back) and go out with it,
-        // or with the finish.
+        // or with the finish. The answer parsers read each piece; where they hold one back
+        // (a tool call being written), no event goes out for it unless token ids were asked
+        // for, and its tokens' logprobs with it, as vLLM streams.
         let mut pending: Vec<Choice> = Vec::new();
         let render = move |event: Event| {
             let json = |c: &ChatCompletionChunk| serde_json::to_string(c).expect("serialisable");
@@ -415,11 +426,19 @@ async fn chat(
                 }
                 Event::Text(text) => {
                     let tokens = std::mem::take(&mut pending);
-                    vec![json(&chunk(Delta { role: None, content: Some(text) }, &tokens, None, None))]
+                    let ids: Vec<i64> = tokens.iter().map(|c| c.token).collect();
+                    match stream_parser.next(&text, &ids) {
+                        Some(out) => vec![json(&chunk(delta(out, parallel), &tokens, None, None))],
+                        None if return_token_ids => vec![json(&chunk(Delta::default(), &tokens, None, None))],
+                        None => Vec::new(),
+                    }
                 }
                 Event::Finished { reason, prompt_tokens, completion_tokens } => {
                     let tokens = std::mem::take(&mut pending);
-                    let mut out = vec![json(&chunk(Delta::default(), &tokens, Some(reason.as_str()), None))];
+                    let ids: Vec<i64> = tokens.iter().map(|c| c.token).collect();
+                    let last = stream_parser.next("", &ids).map(|out| delta(out, parallel)).unwrap_or_default();
+                    let reason = if stream_parser.tools_streamed { "tool_calls" } else { reason.as_str() };
+                    let mut out = vec![json(&chunk(last, &tokens, Some(reason), None))];
                     if include_usage {
                         let usage = Usage::new(prompt_tokens, completion_tokens);
                         out.push(json(&chunk(Delta::default(), &[], None, Some(usage))));
@@ -433,6 +452,7 @@ async fn chat(
         return Ok(stream_events(events, Some(first), render).into_response());
     }
     let answer = finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let (message, finish_reason) = whole_message(&parsers, &answer, &tool_request);
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -440,15 +460,88 @@ async fn chat(
         model,
         choices: vec![ChatChoice {
             index: 0,
-            message: ChatMessage { role: "assistant".into(), content: answer.text },
+            message,
             logprobs: logprobs_of(&answer.tokens),
-            finish_reason: Some(answer.reason.as_str().into()),
+            finish_reason: Some(finish_reason),
             token_ids: ids_of(&answer.tokens),
         }],
         usage: answer.usage,
         prompt_token_ids,
     })
     .into_response())
+}
+
+/// Refuses a `tool_choice` this model's answers cannot meet, with vLLM's messages where vLLM
+/// refuses it too: tool calls need a tool-call parser (`--enable-auto-tool-choice
+/// --tool-call-parser`), and "required" and named choices constrain decoding to the tools'
+/// schemas, which the native engine does not do.
+fn tools_servable(parsers: &AnswerParsers, choice: &ToolChoice) -> Result<(), OpenAiError> {
+    let named = |c: &ToolChoice| match c {
+        ToolChoice::Named(name) => format!("{{\"type\": \"function\", \"function\": {{\"name\": \"{name}\"}}}}"),
+        _ => "required".into(),
+    };
+    match choice {
+        ToolChoice::None | ToolChoice::Null => Ok(()),
+        ToolChoice::Auto if parsers.tool_calls.is_none() => Err(OpenAiError::bad_request(
+            "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
+        )),
+        ToolChoice::Auto => Ok(()),
+        other if parsers.tool_calls.is_none() => Err(OpenAiError::bad_request(format!(
+            "tool_choice=\"{}\" requires --tool-call-parser to be set",
+            named(other)
+        ))),
+        other => Err(OpenAiError::bad_request(format!(
+            "tool_choice \"{}\" needs decoding constrained to the tools' JSON schemas, which the native engine does \
+             not do; serve the model with the vllm engine for it",
+            named(other)
+        ))),
+    }
+}
+
+/// A whole answer's message and finish reason, through the model's answer parsers (the fork's
+/// `chat_completion_full_generator`): tool calls only for an "auto" choice, which makes the
+/// finish reason `tool_calls`.
+fn whole_message(parsers: &AnswerParsers, answer: &Answer, request: &ToolRequest) -> (ChatMessage, String) {
+    let parsed = parsers.whole(&answer.text, request);
+    let mut calls: Vec<ToolCall> = match parsed.tool_calls {
+        Some(calls) if request.choice == ToolChoice::Auto => calls
+            .into_iter()
+            .map(|c| ToolCall {
+                id: format!("chatcmpl-tool-{}", uuid::Uuid::new_v4().simple()),
+                kind: "function".into(),
+                function: FunctionCall { name: c.name, arguments: c.arguments },
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let called = !calls.is_empty();
+    if !request.parallel {
+        calls.truncate(1);
+    }
+    let message = ChatMessage {
+        role: "assistant".into(),
+        content: parsed.content,
+        reasoning: parsed.reasoning,
+        tool_calls: calls,
+    };
+    (message, if called { "tool_calls".into() } else { answer.reason.as_str().into() })
+}
+
+/// A streamed delta as the wire writes it; with `parallel` false only the first call's.
+fn delta(out: DeltaOut, parallel: bool) -> Delta {
+    let tool_calls = out.tool_calls.map(|calls| {
+        calls
+            .into_iter()
+            .filter(|c| parallel || c.index == 0)
+            .map(|c| DeltaToolCall {
+                id: c.id,
+                kind: "function".into(),
+                index: c.index,
+                function: FunctionCall { name: c.call.name, arguments: c.call.arguments },
+            })
+            .collect()
+    });
+    Delta { role: None, content: out.content, tool_calls }
 }
 
 async fn completions(

@@ -16,6 +16,16 @@ use serde_json::Value;
 
 use self::minimax_m2::{ThinkTokens, ToolCallStream, ToolCallTokens};
 
+/// The parsers' names parsed here (vLLM's registry names).
+pub const NATIVE_TOOL_CALL_PARSERS: [&str; 1] = ["minimax_m2"];
+pub const NATIVE_REASONING_PARSERS: [&str; 1] = ["minimax_m2_append_think"];
+
+/// Whether the native engine parses answers as these flags ask.
+pub fn parsed_natively(tool_call_parser: Option<&str>, reasoning_parser: Option<&str>) -> bool {
+    tool_call_parser.is_none_or(|p| NATIVE_TOOL_CALL_PARSERS.contains(&p))
+        && reasoning_parser.is_none_or(|p| p.is_empty() || NATIVE_REASONING_PARSERS.contains(&p))
+}
+
 /// A parser flag this ML node cannot honour, or one the fork would refuse at start-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AnswerParsersError {
