@@ -78,8 +78,8 @@ pub struct Reasoning {
     pub drop_thinking: bool,
 }
 
-/// Python's truth of a JSON value.
-fn truthy(value: &Value) -> bool {
+/// Python's truth of a JSON value (`bool(x)`; also how vLLM's parsers read template flags).
+pub fn truthy(value: &Value) -> bool {
     match value {
         Value::Null => false,
         Value::Bool(b) => *b,

@@ -775,7 +775,8 @@ async fn the_inference_port_and_the_engine_stay_within_their_bounds() {
 /// `finish_reason` `tool_calls`; streamed, the content in pieces and the call whole in one
 /// delta, and with `return_token_ids` every token (and its logprobs) still in the stream, as
 /// the network node's validation needs. Without tools the text stays content; choices the
-/// native engine cannot meet, and parsers it lacks, are refused.
+/// native engine cannot meet are refused; with a tool-call parser it lacks (`hermes`), tools
+/// are taken and the answer comes back as the model wrote it.
 #[tokio::test(flavor = "multi_thread")]
 async fn minimax_m2_answers_are_parsed_as_the_networks_vllm_parses_them() {
     const M2: &str = "MiniMaxAI/Tiny-MiniMax-M2";
@@ -873,9 +874,93 @@ async fn minimax_m2_answers_are_parsed_as_the_networks_vllm_parses_them() {
     assert_eq!(status, 400);
     assert!(err["error"]["message"].as_str().unwrap().contains("vllm engine"), "{err}");
 
-    // A parser the native engine lacks: the start fails naming it.
+    // A tool-call parser the native engine lacks: served, the answer unparsed.
     assert_eq!(node.daemon.post_json("POST", "/api/v1/inference/down", &Value::Null).0, 200);
-    let (status, body) = node.up(M2, &["--enable-auto-tool-choice", "--tool-call-parser", "glm47"]);
-    assert_eq!(status, 500, "{body}");
-    assert!(body["detail"].as_str().unwrap().contains("--tool-call-parser glm47"), "{body}");
+    let (status, body) = node.up(M2, &["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]);
+    assert_eq!(status, 200, "{body}");
+    let (status, reply) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{reply}");
+    let reply = &reply["choices"][0];
+    assert_eq!((&reply["message"]["content"], &reply["message"]["tool_calls"]), (&json!(answer), &json!([])));
+    assert_eq!(reply["finish_reason"], "stop");
+}
+
+/// GLM-5.3-Flash under governance's parsers (`--enable-auto-tool-choice --tool-call-parser
+/// glm47 --reasoning-parser glm45`) on the native engine: a tiny `glm5_next`, its answer forced
+/// to a thought and a call, comes back with the thought as `reasoning` and the call read out
+/// (its value typed by the tool's schema); streamed, the thought in `reasoning` deltas, the
+/// call's name first and its arguments in pieces that add up to the whole answer's; a
+/// "required" choice is served (GLM's parser needs no constrained decoding) and with thinking
+/// off the thought stays content.
+#[tokio::test(flavor = "multi_thread")]
+async fn glm_answers_are_parsed_as_the_networks_vllm_parses_them() {
+    const GLM: &str = "zai-org/Tiny-GLM-5.3-Flash";
+    let root = tempfile::tempdir().unwrap();
+    let markers = [
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "</tool_call>",
+        "<arg_key>",
+        "</arg_key>",
+        "<arg_value>",
+        "</arg_value>",
+    ];
+    gonka_e2e::write_tiny_qwen(&root.path().join(GLM), "glm5_next", json!({"added_tokens": markers})).unwrap();
+    let node = start(root.path());
+    let governance = ["--enable-auto-tool-choice", "--tool-call-parser", "glm47", "--reasoning-parser", "glm45"];
+    let (status, body) = node.up(GLM, &governance);
+    assert_eq!(status, 200, "{body}");
+
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]);
+    let answer = "Hm.</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value>\
+                  <arg_key>days</arg_key><arg_value>3</arg_value></tool_call>";
+    let chat = json!({"messages": [{"role": "user", "content": "Weather?"}], "tools": tools, "enforced_str": answer,
+                      "temperature": 0});
+    let (status, whole) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{whole}");
+    let (message, finish) = (&whole["choices"][0]["message"], &whole["choices"][0]["finish_reason"]);
+    assert_eq!(
+        (&message["reasoning"], &message["content"], finish),
+        (&json!("Hm."), &Value::Null, &json!("tool_calls"))
+    );
+    let arguments = "{\"city\": \"Oslo\", \"days\": 3}";
+    assert_eq!(message["tool_calls"][0]["function"], json!({"name": "get_weather", "arguments": arguments}));
+    assert!(message["tool_calls"][0]["id"].as_str().unwrap().starts_with("chatcmpl-tool-"));
+
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let (status, body) = node.post("/v1/chat/completions", &streamed).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    let reasoning: String = deltas.iter().filter_map(|d| d["reasoning"].as_str()).collect();
+    assert_eq!(reasoning, "Hm.", "{body}");
+    let pieces: Vec<&Value> = deltas.iter().filter_map(|d| d["tool_calls"].as_array()).flatten().collect();
+    assert_eq!(pieces[0]["function"], json!({"name": "get_weather", "arguments": ""}), "{body}");
+    assert!(pieces[0]["id"].as_str().unwrap().starts_with("chatcmpl-tool-") && pieces[0]["type"] == "function");
+    assert!(pieces.len() > 2 && pieces[1..].iter().all(|p| p.get("id").is_none() && p["index"] == 0), "{body}");
+    let joined: String = pieces.iter().filter_map(|p| p["function"]["arguments"].as_str()).collect();
+    assert_eq!(joined, arguments);
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"));
+
+    let mut required = chat.clone();
+    required["tool_choice"] = json!("required");
+    let (status, reply) = node.post_json("/v1/chat/completions", &required).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (&reply["choices"][0]["message"]["content"], &reply["choices"][0]["finish_reason"]),
+        (&json!(""), &json!("tool_calls"))
+    );
+
+    let mut plain = chat.clone();
+    plain["chat_template_kwargs"] = json!({"enable_thinking": false});
+    plain["tool_choice"] = json!("none");
+    let (status, reply) = node.post_json("/v1/chat/completions", &plain).await;
+    assert_eq!(status, 200, "{reply}");
+    let message = &reply["choices"][0]["message"];
+    assert_eq!((&message["reasoning"], &message["content"]), (&Value::Null, &json!(answer)));
 }

@@ -207,14 +207,23 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// A tool call in a streamed delta: MiniMax-M2's parser sends each call whole, once.
+/// A tool call's piece in a streamed delta: where a call starts, its id, type and name; then
+/// (or with them, as MiniMax-M2's parser sends each call whole) its arguments' text.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DeltaToolCall {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub index: usize,
-    pub function: FunctionCall,
+    pub function: DeltaFunctionCall,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeltaFunctionCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// A chat answer's logprobs (vLLM's `ChatCompletionLogProbs`).
@@ -273,6 +282,9 @@ pub struct Delta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Option<String>>,
+    /// What a reasoning parser read out of this delta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<DeltaToolCall>>,
 }

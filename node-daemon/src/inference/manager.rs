@@ -123,7 +123,7 @@ pub fn choose_engine(
 /// network's models with them): where the native engine lacks one of them
 /// ([`answer_parsers`]), under `auto` vLLM serves the model when this ML node has vLLM,
 /// answering as the network's other hosts do; `engine`, the choice made from the checkpoint,
-/// otherwise (the native engine then refuses to start with the parser named).
+/// otherwise (the native engine then leaves those answers unparsed, and logs it).
 pub fn engine_for_answers(engine: EngineKind, choice: ModelEngine, has_vllm: bool, args: &[String]) -> EngineKind {
     let native = parse_args(args)
         .is_ok_and(|a| answer_parsers::parsed_natively(a.tool_call_parser.as_deref(), a.reasoning_parser.as_deref()));
@@ -799,13 +799,20 @@ fn bring_up_native(
     }
     // The tokenizer first: the answer parsers' markers are checked before the weights load.
     let tokenizer = ChatTokenizer::load(&directory).map_err(|e| e.to_string())?;
-    let parsers = AnswerParsers::from_flags(
+    let (parsers, not_native) = AnswerParsers::from_flags(
         args.tool_call_parser.as_deref(),
         args.reasoning_parser.as_deref(),
         args.auto_tools,
         |token| tokenizer.token_id(token),
     )
     .map_err(|e| e.to_string())?;
+    if !not_native.is_empty() {
+        tracing::warn!(
+            flags = ?not_native,
+            "answer parsers the native engine does not have: those answers come as the model writes them (the vllm \
+             engine parses them)"
+        );
+    }
     let mut options = settings.engine.clone();
     if let Some(len) = args.max_model_len {
         options.max_model_len = Some(len);
@@ -1053,13 +1060,14 @@ mod tests {
         assert_eq!(choose_engine(auto, Ok(&qwen3), false, "q").unwrap(), EngineKind::Native);
     }
 
-    /// Parsers the native engine lacks (governance's GLM ones) send a model it runs to vLLM
-    /// under `auto`, where there is one; MiniMax-M2's, which it has, keep it native, as do a
+    /// Parsers the native engine lacks send a model it runs to vLLM under `auto`, where there
+    /// is one; governance's MiniMax-M2 and GLM ones, which it has, keep it native, as do a
     /// GonkaNode's explicit choice and an ML node without vLLM.
     #[test]
     fn answer_parsers_the_native_engine_lacks_prefer_vllm_under_auto() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let glm = args(&["--enable-auto-tool-choice", "--tool-call-parser", "glm47", "--reasoning-parser", "glm45"]);
+        let hermes = args(&["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]);
         let minimax = args(&[
             "--enable-auto-tool-choice",
             "--tool-call-parser",
@@ -1067,12 +1075,13 @@ mod tests {
             "--reasoning-parser=minimax_m2_append_think",
         ]);
         let (auto, native) = (ModelEngine::Auto, EngineKind::Native);
-        assert_eq!(engine_for_answers(native, auto, true, &glm), EngineKind::Vllm);
-        assert_eq!(engine_for_answers(native, auto, true, &args(&["--reasoning-parser=glm45"])), EngineKind::Vllm);
+        assert_eq!(engine_for_answers(native, auto, true, &hermes), EngineKind::Vllm);
+        assert_eq!(engine_for_answers(native, auto, true, &args(&["--reasoning-parser=qwen3"])), EngineKind::Vllm);
         assert_eq!(engine_for_answers(native, auto, true, &minimax), native);
+        assert_eq!(engine_for_answers(native, auto, true, &glm), native);
         assert_eq!(engine_for_answers(native, auto, true, &args(&["--max-model-len", "128"])), native);
-        assert_eq!(engine_for_answers(native, auto, false, &glm), native);
-        assert_eq!(engine_for_answers(native, ModelEngine::Native, true, &glm), native);
+        assert_eq!(engine_for_answers(native, auto, false, &hermes), native);
+        assert_eq!(engine_for_answers(native, ModelEngine::Native, true, &hermes), native);
         assert_eq!(engine_for_answers(EngineKind::Vllm, auto, true, &[]), EngineKind::Vllm);
     }
 

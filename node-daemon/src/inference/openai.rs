@@ -23,14 +23,14 @@ use gonka_inference::engine::{Event, FinishReason, Generation};
 use gonka_inference::sampling::{Choice, SamplingParams};
 use gonka_protocol::openai::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs, ChatMessage, ChunkChoice,
-    Completion, CompletionChoice, CompletionRequest, Delta, DeltaToolCall, ErrorInfo, ErrorResponse, FunctionCall,
-    ModelCard, ModelList, Prompt, Sampling, TokenizeRequest, TokenizeResponse, ToolCall, Usage,
+    Completion, CompletionChoice, CompletionRequest, Delta, DeltaFunctionCall, DeltaToolCall, ErrorInfo, ErrorResponse,
+    FunctionCall, ModelCard, ModelList, Prompt, Sampling, TokenizeRequest, TokenizeResponse, ToolCall, Usage,
 };
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::answer_parsers::{AnswerParsers, DeltaOut, ToolChoice, ToolRequest};
+use super::answer_parsers::{AnswerParsers, DeltaOut, StreamFailed, ToolChoice, ToolRequest};
 use super::logprobs;
 use super::manager::{InferenceManager, Served};
 
@@ -304,7 +304,7 @@ async fn finish(mut events: Events) -> Result<Answer, String> {
 
 /// Server-sent events of a generation: `first` if any, what `render` makes of each event (its
 /// tokens, text and end: the last of them `[DONE]`), or an error event and `[DONE]` when the
-/// engine fails.
+/// engine fails. Nothing follows a `[DONE]` (the generation is dropped, which cancels it).
 fn stream_events<R>(
     events: Events,
     first: Option<String>,
@@ -323,10 +323,17 @@ where
             }
             event => render(event),
         };
-        futures::stream::iter(out.into_iter().map(|data| Ok(SseEvent::default().data(data))))
+        futures::stream::iter(out)
     });
-    let head = futures::stream::iter(first.into_iter().map(|data| Ok(SseEvent::default().data(data))));
-    Sse::new(head.chain(body))
+    let head = futures::stream::iter(first);
+    let until_done = head.chain(body).scan(false, |done, data: String| {
+        let next = (!*done).then(|| {
+            *done = data == "[DONE]";
+            data
+        });
+        futures::future::ready(next)
+    });
+    Sse::new(until_done.map(|data| Ok(SseEvent::default().data(data))))
 }
 
 async fn chat(
@@ -339,9 +346,13 @@ async fn chat(
     let mut params = sampling(&served, request.sampling, max_tokens)?;
     let top = logprobs::top_count(request.logprobs, request.top_logprobs).map_err(OpenAiError::bad_request)?;
     params.logprobs = top;
-    let tool_request =
-        ToolRequest::read(request.tools.as_ref(), request.tool_choice.as_ref(), request.parallel_tool_calls)
-            .map_err(OpenAiError::bad_request)?;
+    let tool_request = ToolRequest::read(
+        request.tools.as_ref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls,
+        request.chat_template_kwargs.as_ref(),
+    )
+    .map_err(OpenAiError::bad_request)?;
     tools_servable(&served.parsers, &tool_request.choice)?;
     let messages = flatten_content(request.messages)?;
     let (add_generation_prompt, tools, kwargs) =
@@ -406,12 +417,11 @@ async fn chat(
                 }
             }
         };
-        let role = Delta { role: Some("assistant".into()), content: Some(Some(String::new())), tool_calls: None };
+        let role = Delta { role: Some("assistant".into()), content: Some(Some(String::new())), ..Delta::default() };
         let mut first = chunk(role, &[], None, None);
         first.prompt_token_ids = prompt_token_ids;
         let first = serde_json::to_string(&first).expect("serialisable");
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        let parallel = tool_request.parallel;
         // Tokens wait for the text they make (a stop string may hold it back) and go out with it,
         // or with the finish. The answer parsers read each piece; where they hold one back
         // (a tool call being written), no event goes out for it unless token ids were asked
@@ -427,18 +437,22 @@ async fn chat(
                 Event::Text(text) => {
                     let tokens = std::mem::take(&mut pending);
                     let ids: Vec<i64> = tokens.iter().map(|c| c.token).collect();
-                    match stream_parser.next(&text, &ids) {
-                        Some(out) => vec![json(&chunk(delta(out, parallel), &tokens, None, None))],
-                        None if return_token_ids => vec![json(&chunk(Delta::default(), &tokens, None, None))],
-                        None => Vec::new(),
+                    match stream_parser.next(&text, &ids, false) {
+                        Ok(Some(out)) => vec![json(&chunk(delta(out), &tokens, None, None))],
+                        Ok(None) if return_token_ids => vec![json(&chunk(Delta::default(), &tokens, None, None))],
+                        Ok(None) => Vec::new(),
+                        Err(failed) => parser_failed(&failed),
                     }
                 }
                 Event::Finished { reason, prompt_tokens, completion_tokens } => {
                     let tokens = std::mem::take(&mut pending);
                     let ids: Vec<i64> = tokens.iter().map(|c| c.token).collect();
-                    let last = stream_parser.next("", &ids).map(|out| delta(out, parallel)).unwrap_or_default();
-                    let reason = if stream_parser.tools_streamed { "tool_calls" } else { reason.as_str() };
-                    let mut out = vec![json(&chunk(last, &tokens, Some(reason), None))];
+                    let last = match stream_parser.next("", &ids, true) {
+                        Ok(out) => out.map(delta).unwrap_or_default(),
+                        Err(failed) => return parser_failed(&failed),
+                    };
+                    let reason = stream_parser.finish_reason(reason.as_str());
+                    let mut out = vec![json(&chunk(last, &tokens, Some(&reason), None))];
                     if include_usage {
                         let usage = Usage::new(prompt_tokens, completion_tokens);
                         out.push(json(&chunk(Delta::default(), &[], None, Some(usage))));
@@ -453,6 +467,7 @@ async fn chat(
     }
     let answer = finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let (message, finish_reason) = whole_message(&parsers, &answer, &tool_request);
+
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -472,9 +487,9 @@ async fn chat(
 }
 
 /// Refuses a `tool_choice` this model's answers cannot meet, with vLLM's messages where vLLM
-/// refuses it too: tool calls need a tool-call parser (`--enable-auto-tool-choice
-/// --tool-call-parser`), and "required" and named choices constrain decoding to the tools'
-/// schemas, which the native engine does not do.
+/// refuses it too: tools need `--enable-auto-tool-choice --tool-call-parser`, and "required"
+/// and named choices constrain decoding to the tools' schemas, which the native engine does
+/// not do.
 fn tools_servable(parsers: &AnswerParsers, choice: &ToolChoice) -> Result<(), OpenAiError> {
     let named = |c: &ToolChoice| match c {
         ToolChoice::Named(name) => format!("{{\"type\": \"function\", \"function\": {{\"name\": \"{name}\"}}}}"),
@@ -482,11 +497,12 @@ fn tools_servable(parsers: &AnswerParsers, choice: &ToolChoice) -> Result<(), Op
     };
     match choice {
         ToolChoice::None | ToolChoice::Null => Ok(()),
-        ToolChoice::Auto if parsers.tool_calls.is_none() => Err(OpenAiError::bad_request(
+        ToolChoice::Auto if !parsers.auto_tools => Err(OpenAiError::bad_request(
             "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
         )),
         ToolChoice::Auto => Ok(()),
-        other if parsers.tool_calls.is_none() => Err(OpenAiError::bad_request(format!(
+        _ if parsers.tool_calls.is_some_and(|p| p.parses_required_and_named()) => Ok(()),
+        other if !parsers.auto_tools => Err(OpenAiError::bad_request(format!(
             "tool_choice=\"{}\" requires --tool-call-parser to be set",
             named(other)
         ))),
@@ -499,49 +515,45 @@ fn tools_servable(parsers: &AnswerParsers, choice: &ToolChoice) -> Result<(), Op
 }
 
 /// A whole answer's message and finish reason, through the model's answer parsers (the fork's
-/// `chat_completion_full_generator`): tool calls only for an "auto" choice, which makes the
-/// finish reason `tool_calls`.
+/// `chat_completion_full_generator`); each call gets vLLM's `chatcmpl-tool-` id.
 fn whole_message(parsers: &AnswerParsers, answer: &Answer, request: &ToolRequest) -> (ChatMessage, String) {
-    let parsed = parsers.whole(&answer.text, request);
-    let mut calls: Vec<ToolCall> = match parsed.tool_calls {
-        Some(calls) if request.choice == ToolChoice::Auto => calls
-            .into_iter()
-            .map(|c| ToolCall {
-                id: format!("chatcmpl-tool-{}", uuid::Uuid::new_v4().simple()),
-                kind: "function".into(),
-                function: FunctionCall { name: c.name, arguments: c.arguments },
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let called = !calls.is_empty();
-    if !request.parallel {
-        calls.truncate(1);
-    }
-    let message = ChatMessage {
-        role: "assistant".into(),
-        content: parsed.content,
-        reasoning: parsed.reasoning,
-        tool_calls: calls,
-    };
-    (message, if called { "tool_calls".into() } else { answer.reason.as_str().into() })
+    let message = parsers.message(&answer.text, request, answer.reason.as_str());
+    let tool_calls = message
+        .tool_calls
+        .into_iter()
+        .map(|c| ToolCall {
+            id: format!("chatcmpl-tool-{}", uuid::Uuid::new_v4().simple()),
+            kind: "function".into(),
+            function: FunctionCall { name: c.name, arguments: c.arguments },
+        })
+        .collect();
+    let chat =
+        ChatMessage { role: "assistant".into(), content: message.content, reasoning: message.reasoning, tool_calls };
+    (chat, message.finish_reason)
 }
 
-/// A streamed delta as the wire writes it; with `parallel` false only the first call's.
-fn delta(out: DeltaOut, parallel: bool) -> Delta {
+/// A streamed delta as the wire writes it.
+fn delta(out: DeltaOut) -> Delta {
     let tool_calls = out.tool_calls.map(|calls| {
         calls
             .into_iter()
-            .filter(|c| parallel || c.index == 0)
             .map(|c| DeltaToolCall {
+                kind: c.id.is_some().then(|| "function".to_string()),
                 id: c.id,
-                kind: "function".into(),
                 index: c.index,
-                function: FunctionCall { name: c.call.name, arguments: c.call.arguments },
+                function: DeltaFunctionCall { name: c.name, arguments: c.arguments },
             })
             .collect()
     });
-    Delta { role: None, content: out.content, tool_calls }
+    Delta { role: None, content: out.content, reasoning: out.reasoning, tool_calls }
+}
+
+/// Where the fork's stream fails (a parser's exception): vLLM's error event, then the end.
+fn parser_failed(failed: &StreamFailed) -> Vec<String> {
+    let error = ErrorResponse {
+        error: ErrorInfo { message: failed.to_string(), kind: "InternalServerError".into(), param: None, code: 500 },
+    };
+    vec![serde_json::to_string(&error).expect("serialisable"), "[DONE]".into()]
 }
 
 async fn completions(

@@ -23,21 +23,6 @@ const INVOKE_END: &str = "</invoke>";
 const PARAMETER_START: &str = "<parameter name=";
 const PARAMETER_END: &str = "</parameter>";
 
-/// The special tokens' ids the reasoning parser reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ThinkTokens {
-    pub start: i64,
-    pub end: i64,
-}
-
-impl ThinkTokens {
-    /// Whether the thinking is over in `ids`: the last of `<think>` and `</think>` in them is
-    /// `</think>` (the fork's `is_reasoning_end`).
-    pub fn reasoning_ended(&self, ids: &[i64]) -> bool {
-        ids.iter().rev().find(|&&id| id == self.start || id == self.end) == Some(&self.end)
-    }
-}
-
 /// The tool-call markers' ids (the fork refuses to start without them in the vocabulary).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ToolCallTokens {
@@ -174,7 +159,12 @@ impl ToolCallStream {
             match invoke(invokes[index], tools) {
                 Ok(Some(call)) => {
                     self.calls_sent += 1;
-                    calls.push(StreamedCall { index, id: format!("call_{}", &random_hex()[..24]), call });
+                    calls.push(StreamedCall {
+                        index,
+                        id: Some(format!("call_{}", &random_hex()[..24])),
+                        name: Some(call.name),
+                        arguments: call.arguments,
+                    });
                 }
                 Ok(None) => {}
                 // The fork's stream fails here with the coercion's exception; this one leaves
@@ -183,7 +173,11 @@ impl ToolCallStream {
             }
         }
         if !calls.is_empty() || before.is_some() {
-            return Some(DeltaOut { content: Some(before.map(str::to_string)), tool_calls: Some(calls) });
+            return Some(DeltaOut {
+                content: Some(before.map(str::to_string)),
+                reasoning: None,
+                tool_calls: Some(calls),
+            });
         }
         // The end of the sequence after a call: an empty delta, so that the finish goes out.
         let eos_after_calls =
@@ -216,14 +210,5 @@ mod tests {
         assert_eq!(call("\">"), some("", "{}"), "one quote: Python's [1:-1] of it is empty");
         assert_eq!(call(">\"f\""), None);
         assert_eq!(call(""), None);
-    }
-
-    #[test]
-    fn reasoning_ends_at_the_last_think_marker() {
-        let think = ThinkTokens { start: 1, end: 2 };
-        assert!(think.reasoning_ended(&[5, 1, 5, 2, 5]));
-        assert!(!think.reasoning_ended(&[2, 5, 1, 5]));
-        assert!(!think.reasoning_ended(&[5, 5]));
-        assert!(!think.reasoning_ended(&[]));
     }
 }
