@@ -891,7 +891,8 @@ async fn minimax_m2_answers_are_parsed_as_the_networks_vllm_parses_them() {
 /// (its value typed by the tool's schema); streamed, the thought in `reasoning` deltas, the
 /// call's name first and its arguments in pieces that add up to the whole answer's; a
 /// "required" choice is served (GLM's parser needs no constrained decoding) and with thinking
-/// off the thought stays content.
+/// off the thought stays content; a value Python reads as a set, which JSON cannot hold, ends
+/// the stream with an error event and `[DONE]`, as the fork's does.
 #[tokio::test(flavor = "multi_thread")]
 async fn glm_answers_are_parsed_as_the_networks_vllm_parses_them() {
     const GLM: &str = "zai-org/Tiny-GLM-5.3-Flash";
@@ -955,6 +956,18 @@ async fn glm_answers_are_parsed_as_the_networks_vllm_parses_them() {
         (&reply["choices"][0]["message"]["content"], &reply["choices"][0]["finish_reason"]),
         (&json!(""), &json!("tool_calls"))
     );
+
+    let set = answer.replace("<arg_value>3</arg_value>", "<arg_value>{1, 2}</arg_value>");
+    let mut failing = streamed.clone();
+    failing["enforced_str"] = json!(set);
+    let (status, body) = node.post("/v1/chat/completions", &failing).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    let [.., error, done] = events.as_slice() else { panic!("{body}") };
+    assert_eq!(done, "[DONE]");
+    let error: Value = serde_json::from_str(error).unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("glm47"), "{body}");
+    assert!(events.iter().all(|e| !e.contains("finish_reason\":\"")), "no finish after the failure: {body}");
 
     let mut plain = chat.clone();
     plain["chat_template_kwargs"] = json!({"enable_thinking": false});

@@ -467,7 +467,6 @@ async fn chat(
     }
     let answer = finish(events).await.map_err(|e| OpenAiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let (message, finish_reason) = whole_message(&parsers, &answer, &tool_request);
-
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
