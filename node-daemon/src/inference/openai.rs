@@ -354,6 +354,9 @@ async fn chat(
     )
     .map_err(OpenAiError::bad_request)?;
     tools_servable(&served.parsers, &tool_request.choice)?;
+    if served.parsers.keeps_special_tokens(&tool_request) {
+        params.skip_special_tokens = false;
+    }
     let messages = flatten_content(request.messages)?;
     let (add_generation_prompt, tools, kwargs) =
         (request.add_generation_prompt, request.tools, request.chat_template_kwargs);

@@ -155,6 +155,16 @@ impl AnswerParsers {
         self.reasoning.is_some() || self.tool_calls.is_some()
     }
 
+    /// Whether a request's answer keeps special tokens' text whatever it asks
+    /// (`skip_special_tokens` false): GLM's parser sets it for requests with tools whose
+    /// choice is not "none" (its `adjust_request`), so that markers a tokenizer counts as
+    /// special still reach it.
+    pub fn keeps_special_tokens(&self, request: &ToolRequest) -> bool {
+        self.tool_calls == Some(ToolCallParser::Glm47)
+            && !request.tools.is_empty()
+            && request.choice != ToolChoice::None
+    }
+
     fn reasoning_for(&self, request: &ToolRequest) -> Option<Reasoning> {
         Some(match self.reasoning? {
             ReasoningParser::MinimaxM2AppendThink(think) => Reasoning::AppendThink(think),
@@ -690,6 +700,21 @@ mod tests {
         assert!(!think.reasoning_ended(&[2, 5, 1, 5]));
         assert!(!think.reasoning_ended(&[5, 5]));
         assert!(!think.reasoning_ended(&[]));
+    }
+
+    #[test]
+    fn glms_parser_keeps_special_tokens_where_tools_may_be_called() {
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        let request = |choice: Option<Value>| ToolRequest::read(Some(&tools), choice.as_ref(), None, None).unwrap();
+        let glm = AnswerParsers { tool_calls: Some(ToolCallParser::Glm47), auto_tools: true, ..Default::default() };
+        assert!(glm.keeps_special_tokens(&request(None)));
+        assert!(glm.keeps_special_tokens(&request(Some(json!("required")))));
+        assert!(glm.keeps_special_tokens(&request(Some(Value::Null))));
+        assert!(!glm.keeps_special_tokens(&request(Some(json!("none")))));
+        assert!(!glm.keeps_special_tokens(&ToolRequest::default()));
+        let minimax = ToolCallParser::MinimaxM2(minimax_m2::ToolCallTokens { start: 1, end: 2 });
+        let minimax = AnswerParsers { tool_calls: Some(minimax), auto_tools: true, ..Default::default() };
+        assert!(!minimax.keeps_special_tokens(&request(None)));
     }
 
     /// The fork's `check_tool_usage`, message for message.
