@@ -15,12 +15,10 @@
 use gonka_inference::deepseek_v4_chat::truthy;
 use serde_json::Value;
 
-use super::python_json::{self, PyJson, python_strip};
+use super::python_json::{self, PyJson, is_python_space, python_strip};
 use super::python_literal::{self, Evaluated};
-use super::{DeltaOut, FunctionCall, StreamedCall, ThinkTokens};
+use super::{DeltaOut, FunctionCall, StreamedCall, THINK_END, THINK_START, ThinkTokens};
 
-pub const THINK_START: &str = "<think>";
-pub const THINK_END: &str = "</think>";
 pub const TOOL_CALL_START: &str = "<tool_call>";
 pub const TOOL_CALL_END: &str = "</tool_call>";
 const ARG_KEY: &str = "<arg_key>";
@@ -144,10 +142,6 @@ fn deserialize(value: &str) -> Result<PyJson, Raised> {
     }
 }
 
-fn is_space(c: char) -> bool {
-    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
-}
-
 /// Each `<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>` of `text`, left to right (a
 /// key runs on to a later `</arg_key>` when no value follows the first, as the regex does).
 fn arg_pairs(text: &str) -> Vec<(&str, &str)> {
@@ -158,7 +152,7 @@ fn arg_pairs(text: &str) -> Vec<(&str, &str)> {
         let mut end_from = key_start;
         while let Some(key_end) = text[end_from..].find(ARG_KEY_END).map(|i| end_from + i) {
             let after = key_end + ARG_KEY_END.len();
-            let value_open = after + text[after..].find(|c: char| !is_space(c)).unwrap_or(text.len() - after);
+            let value_open = after + text[after..].find(|c: char| !is_python_space(c)).unwrap_or(text.len() - after);
             if text[value_open..].starts_with(ARG_VALUE) {
                 let value_start = value_open + ARG_VALUE.len();
                 if let Some(value_end) = text[value_start..].find(ARG_VALUE_END).map(|i| value_start + i) {
@@ -180,16 +174,16 @@ fn call_detail(call: &str) -> Option<(&str, Option<&str>)> {
     let mut from = 0;
     while let Some(at) = call[from..].find(TOOL_CALL_START).map(|i| from + i) {
         let body = &call[at + TOOL_CALL_START.len()..];
-        let name_start = body.find(|c: char| !is_space(c)).unwrap_or(body.len());
+        let name_start = body.find(|c: char| !is_python_space(c)).unwrap_or(body.len());
         let rest = &body[name_start..];
         // The shortest run of non-space characters after which the rest fits.
         for (i, c) in rest.char_indices() {
-            if is_space(c) && i == 0 {
+            if is_python_space(c) && i == 0 {
                 break;
             }
             let end = i + c.len_utf8();
             let tail = &rest[end..];
-            let tail = &tail[tail.find(|c: char| !is_space(c)).unwrap_or(tail.len())..];
+            let tail = &tail[tail.find(|c: char| !is_python_space(c)).unwrap_or(tail.len())..];
             if tail.starts_with(ARG_KEY)
                 && let Some(close) = tail.rfind(TOOL_CALL_END)
             {
@@ -198,7 +192,7 @@ fn call_detail(call: &str) -> Option<(&str, Option<&str>)> {
             if tail.starts_with(TOOL_CALL_END) {
                 return Some((&rest[..end], None));
             }
-            if rest[end..].starts_with(is_space) {
+            if rest[end..].starts_with(is_python_space) {
                 break;
             }
         }

@@ -12,10 +12,8 @@
 use serde_json::Value;
 
 use super::python_json::{self, Overflow, PyJson, python_strip};
-use super::{DeltaOut, FunctionCall, StreamedCall};
+use super::{DeltaOut, FunctionCall, StreamedCall, THINK_START};
 
-pub const THINK_START: &str = "<think>";
-pub const THINK_END: &str = "</think>";
 pub const TOOL_CALL_START: &str = "<minimax:tool_call>";
 pub const TOOL_CALL_END: &str = "</minimax:tool_call>";
 const INVOKE_START: &str = "<invoke name=";

@@ -28,7 +28,11 @@ pub fn parsed_natively(tool_call_parser: Option<&str>, reasoning_parser: Option<
         && reasoning_parser.is_none_or(|p| p.is_empty() || NATIVE_REASONING_PARSERS.contains(&p))
 }
 
-/// The ids of `<think>` and `</think>`, which both families' reasoning parsers read.
+/// The thinking's markers, which both families' reasoning parsers read.
+pub const THINK_START: &str = "<think>";
+pub const THINK_END: &str = "</think>";
+
+/// The ids of `<think>` and `</think>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThinkTokens {
     pub start: i64,
@@ -120,13 +124,13 @@ impl AnswerParsers {
             Some("minimax_m2_append_think") => {
                 let parser = "minimax_m2_append_think";
                 Some(ReasoningParser::MinimaxM2AppendThink(ThinkTokens {
-                    start: token(parser, minimax_m2::THINK_START)?,
-                    end: token(parser, minimax_m2::THINK_END)?,
+                    start: token(parser, THINK_START)?,
+                    end: token(parser, THINK_END)?,
                 }))
             }
             Some("glm45") => Some(ReasoningParser::Glm45(ThinkTokens {
-                start: token("glm45", glm::THINK_START)?,
-                end: token("glm45", glm::THINK_END)?,
+                start: token("glm45", THINK_START)?,
+                end: token("glm45", THINK_END)?,
             })),
             Some(other) => {
                 not_native.push(format!("--reasoning-parser {other}"));
@@ -148,11 +152,6 @@ impl AnswerParsers {
             }
         };
         Ok((Self { reasoning, tool_calls, auto_tools }, not_native))
-    }
-
-    /// Whether any parser is on.
-    pub fn any(&self) -> bool {
-        self.reasoning.is_some() || self.tool_calls.is_some()
     }
 
     /// Whether a request's answer keeps special tokens' text whatever it asks
@@ -452,7 +451,7 @@ impl StreamParser {
         if self.in_reasoning() {
             let (delta, ended, content_ids) = match self.reasoning {
                 Some(Reasoning::AppendThink(think)) => {
-                    let prefix = if self.previous_ids.is_empty() { minimax_m2::THINK_START } else { "" };
+                    let prefix = if self.previous_ids.is_empty() { THINK_START } else { "" };
                     let delta = DeltaOut::content(&format!("{prefix}{text}"));
                     (Some(delta), think.reasoning_ended(&current_ids), ids.clone())
                 }
@@ -668,7 +667,7 @@ mod tests {
         assert_eq!(parsers, (expected, Vec::new()));
         // vLLM leaves the tool-call parser off without --enable-auto-tool-choice.
         let (off, _) = AnswerParsers::from_flags(Some("minimax_m2"), None, false, vocab).unwrap();
-        assert!(!off.any() && !off.auto_tools);
+        assert_eq!(off, AnswerParsers::default());
         assert_eq!(AnswerParsers::from_flags(None, None, true, vocab), Err(AnswerParsersError::AutoToolsWithoutParser));
         let (glm, not_native) = AnswerParsers::from_flags(Some("glm47"), Some("glm45"), true, vocab).unwrap();
         let think = ThinkTokens { start: 100, end: 101 };

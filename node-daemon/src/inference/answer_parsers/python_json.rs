@@ -363,7 +363,12 @@ fn without_underscores(text: &str) -> Option<String> {
 /// Python's `str.strip()`: Unicode white space, and the four ASCII separators (0x1c–0x1f)
 /// Python counts as space too.
 pub fn python_strip(text: &str) -> &str {
-    text.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+    text.trim_matches(is_python_space)
+}
+
+/// Python's white space (`str.isspace`, regular expressions' `\s`).
+pub fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// The fork's `extract_types_from_schema`: the JSON-schema types a parameter's schema allows,
