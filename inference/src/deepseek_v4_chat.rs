@@ -1,16 +1,25 @@
 //! DeepSeek-V4's chat encoding: the prompt vLLM renders under `--tokenizer-mode deepseek_v4`
-//! (governance runs DeepSeek-V4-Flash so), restated from vLLM 0.32's
+//! (governance runs DeepSeek-V4-Flash so), restated from vLLM 0.25.1's
 //! `tokenizers/deepseek_v4.py` (which reads the request's `chat_template_kwargs`) and
 //! `tokenizers/deepseek_v4_encoding.py` (which writes the text). The model has no Jinja
 //! template for this: special tokens mark the turns (`<｜User｜>`, `<｜Assistant｜>`), `<think>`
-//! opens reasoning and `</think>` closes it, tools are described in the system turn and called
-//! in "DSML" blocks, and tool results travel inside user turns.
+//! opens reasoning and `</think>` closes it, tools are described in a system turn and called
+//! in "DSML" blocks, tool results travel inside user turns, and a turn may carry a `task`
+//! whose special token follows it.
 //!
-//! Messages are read as vLLM's chat parser hands them on: `role`, `content` (text, or text
-//! parts), an assistant's `reasoning` and `tool_calls`, a tool result's `tool_call_id`. Other
-//! fields (the encoding's internal `task`, `wo_eos`, `response_format`) never reach it there,
-//! so they do not here either. Validators re-encode a chat's prompt with vLLM, so every byte
-//! matters: tests compare with vLLM's own functions.
+//! Why 0.25.1: it is the vLLM the network's ML nodes run (`mlnode:3.0.16` is stock 0.25.1 with
+//! gonka's PoC seams, which leave the tokenizer alone; gonka's fork on 0.23 carries the same two
+//! files, byte for byte), and a validator re-encodes an executor's prompt with it, so every
+//! byte matters. vLLM 0.32 changed the defaults (thinking on at high effort unless turned off,
+//! the request's tools in the first system turn instead of a new one, a last system turn opening
+//! the answer, text parts joined by blank lines); a prompt written 0.32's way would not be the
+//! prompt a validator reproduces. The tests compare with 0.25.1's own functions' output.
+//!
+//! Messages are read as vLLM 0.25.1's chat parser hands them on (content format "string"):
+//! `role`, `content` as text (its text parts joined by a line break: the daemon's
+//! `flatten_content` and [`text_of`] here), an assistant's `reasoning` and `tool_calls`, a
+//! tool result's `tool_call_id`, a developer's `tools`, and any message's `task` (a string).
+//! Nothing else of a message reaches the encoding there (`response_format`, `wo_eos` do not).
 
 use std::collections::HashMap;
 
@@ -26,11 +35,21 @@ const DSML: &str = "｜DSML｜";
 const USER: &str = "<｜User｜>";
 const ASSISTANT: &str = "<｜Assistant｜>";
 const LATEST_REMINDER: &str = "<｜latest_reminder｜>";
-const IMAGE: &str = "<｜deepseek_image｜>";
 
-/// What the first turn says of the effort to reason, in thinking mode.
-const EFFORT_HIGH: &str = "Reasoning Effort: Absolute maximum with no shortcuts permitted.\nYou MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\nExplicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n";
-const EFFORT_MAX: &str = "Reasoning Effort: Beyond maximum — exhaustive, relentless, and uncompromising.\nYou MUST reason with the utmost depth and rigor, leaving absolutely nothing to chance: exhaustively decompose the problem into its most fundamental components, trace every causal chain to its root, and resolve the underlying cause rather than any surface symptom.\nDo not stop reasoning until you have independently verified the solution from multiple angles and are certain that no assumption remains unchecked and no error remains undiscovered.\n\n";
+/// What the first turn says of the effort to reason, in thinking mode at the most effort (0.25.1
+/// says nothing at any other).
+const EFFORT_MAX: &str = "Reasoning Effort: Absolute maximum with no shortcuts permitted.\nYou MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\nExplicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n";
+
+/// The special token each `task` puts after its turn (quick instruction tasks: the model
+/// classifies or extracts instead of answering).
+const TASKS: [(&str, &str); 6] = [
+    ("action", "<｜action｜>"),
+    ("query", "<｜query｜>"),
+    ("authority", "<｜authority｜>"),
+    ("domain", "<｜domain｜>"),
+    ("title", "<｜title｜>"),
+    ("read_url", "<｜read_url｜>"),
+];
 
 /// How the tools are offered, `{schemas}` replaced by one JSON schema a line.
 const TOOLS: &str = r#"## Tools
@@ -60,20 +79,14 @@ Otherwise, output directly after </think> with tool calls or final response.
 You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
 "#;
 
-/// How much reasoning the first turn asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effort {
-    Low,
-    High,
-    Max,
-}
-
 /// A request's reasoning settings, from its `chat_template_kwargs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reasoning {
     /// Thinking mode (`<think>` opens the answer) or chat mode (`</think>` does).
     pub thinking: bool,
-    pub effort: Effort,
+    /// `reasoning_effort` at its most (`max`, `xhigh`): the first turn asks for exhaustive
+    /// reasoning. Any other effort writes the same prompt as none.
+    pub max_effort: bool,
     /// Earlier turns' reasoning left out.
     pub drop_thinking: bool,
 }
@@ -91,29 +104,20 @@ pub fn truthy(value: &Value) -> bool {
 }
 
 impl Reasoning {
-    /// As vLLM's `DeepseekV4Tokenizer` reads them: thinking unless `thinking` or
-    /// `enable_thinking` is given and neither is true; `reasoning_effort` `"none"` turns
-    /// thinking off, `"max"` is the most, `"low"`, `"minimal"` and `"medium"` the least, any
-    /// other text high, and none at all high when thinking; `drop_thinking` true unless given.
+    /// As vLLM 0.25.1's `DeepseekV4Tokenizer` reads them: chat mode unless `thinking` or
+    /// `enable_thinking` is true; `reasoning_effort` `"none"` turns thinking off, `"max"` and
+    /// `"xhigh"` ask for the most, any other text for "high" (which changes nothing written);
+    /// `drop_thinking` true unless given.
     pub fn from_kwargs(kwargs: Option<&Map<String, Value>>) -> Self {
         let get = |key: &str| kwargs.and_then(|k| k.get(key));
-        let mut thinking = match (get("thinking"), get("enable_thinking")) {
-            (None, None) => true,
-            (a, b) => a.is_some_and(truthy) || b.is_some_and(truthy),
-        };
-        let effort = match get("reasoning_effort").and_then(Value::as_str) {
-            None if thinking => Effort::High,
-            None => Effort::Low,
-            Some("none") => {
-                thinking = false;
-                Effort::Low
-            }
-            Some("max") => Effort::Max,
-            Some("low" | "minimal" | "medium") => Effort::Low,
-            Some(_) => Effort::High,
-        };
+        let mut thinking = get("thinking").is_some_and(truthy) || get("enable_thinking").is_some_and(truthy);
+        let effort = get("reasoning_effort").and_then(Value::as_str);
+        if effort == Some("none") {
+            thinking = false;
+        }
+        let max_effort = matches!(effort, Some("max" | "xhigh"));
         let drop_thinking = get("drop_thinking").is_none_or(truthy);
-        Self { thinking, effort, drop_thinking }
+        Self { thinking, max_effort, drop_thinking }
     }
 }
 
@@ -126,8 +130,9 @@ struct Message {
     reasoning: Option<String>,
     tool_calls: Vec<Value>,
     tool_call_id: String,
-    /// The tools offered (a system turn's, from the request).
+    /// The tools offered: the request's (in a system turn made for them) or a developer's own.
     tools: Vec<Value>,
+    task: Option<String>,
     /// A user turn's parts once tool results are merged into it (every user turn has them).
     blocks: Option<Vec<Block>>,
 }
@@ -135,22 +140,40 @@ struct Message {
 #[derive(Debug, Clone)]
 enum Block {
     Text(String),
-    ToolResult { id: String, content: Value },
+    ToolResult { id: String, content: String },
 }
 
 impl Message {
     fn read(value: &Value) -> Result<Self, String> {
         let field = |name: &str| value.get(name).filter(|v| !v.is_null());
         let role = field("role").and_then(Value::as_str).ok_or_else(|| format!("a message without a role: {value}"))?;
+        let tool_calls = field("tool_calls").and_then(Value::as_array).cloned().unwrap_or_default();
+        for call in &tool_calls {
+            let function = call.get("function").filter(|f| f.is_object());
+            let typed = call.get("type").is_none_or(|t| t == "function");
+            if !call.is_object() || function.is_none() || !typed {
+                return Err("chat completions only support assistant tool_calls of type 'function'.".into());
+            }
+        }
+        // vLLM's chat parser keeps a developer's tools only.
+        let tools = match role {
+            "developer" => field("tools").and_then(Value::as_array).cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
         Ok(Self {
             role: role.to_string(),
             content: field("content").cloned(),
             reasoning: field("reasoning").map(|r| r.as_str().map_or_else(|| r.to_string(), str::to_string)),
-            tool_calls: field("tool_calls").and_then(Value::as_array).cloned().unwrap_or_default(),
+            tool_calls,
             tool_call_id: field("tool_call_id").and_then(Value::as_str).unwrap_or_default().to_string(),
-            tools: Vec::new(),
+            tools,
+            task: field("task").and_then(Value::as_str).map(str::to_string),
             blocks: None,
         })
+    }
+
+    fn text(&self) -> Result<Option<String>, String> {
+        text_of(self.content.as_ref())
     }
 }
 
@@ -163,37 +186,36 @@ fn python_str(value: Option<&Value>) -> String {
     }
 }
 
-/// Text parts joined by blank lines, images as their placeholder; a string as it is.
-fn flatten_content(content: Option<&Value>) -> Result<Option<String>, String> {
-    let Some(content) = content else { return Ok(None) };
-    let Value::Array(parts) = content else {
-        return Ok(Some(content.as_str().map_or_else(|| python_str(Some(content)), str::to_string)));
-    };
-    let texts = parts
-        .iter()
-        .map(|part| match part.get("type").and_then(Value::as_str) {
-            _ if !part.is_object() => Ok(python_str(Some(part))),
-            Some("image" | "image_url") => Ok(IMAGE.to_string()),
-            Some("text") => Ok(part.get("text").and_then(Value::as_str).unwrap_or_default().to_string()),
-            other => Err(format!("unsupported content part type {other:?}")),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(texts.join("\n\n")))
+/// A message's content as text, as vLLM's "string" content format makes it: text as it is,
+/// text parts joined by a line break (any other part refused).
+pub fn text_of(content: Option<&Value>) -> Result<Option<String>, String> {
+    match content {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(Value::Array(parts)) => {
+            let texts = parts
+                .iter()
+                .map(|part| match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(text))) => Ok(text.as_str()),
+                    _ => Err("only text content parts are supported".to_string()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(texts.join("\n")))
+        }
+        Some(other) => Ok(Some(python_str(Some(other)))),
+    }
 }
 
 /// Tool results become parts of a user turn, the previous one where it is made of parts already;
-/// consecutive user turns merge likewise.
+/// consecutive user turns merge likewise, unless the earlier one carries a task.
 fn merge_tool_messages(messages: Vec<Message>) -> Result<Vec<Message>, String> {
     let mut merged: Vec<Message> = Vec::new();
-    for mut message in messages {
-        let open_user = merged.last_mut().filter(|m| m.role == "user" && m.blocks.is_some());
+    for message in messages {
         match message.role.as_str() {
             "tool" => {
-                let block = Block::ToolResult {
-                    id: message.tool_call_id.clone(),
-                    content: message.content.take().unwrap_or(Value::String(String::new())),
-                };
-                match open_user {
+                let content = message.text()?.unwrap_or_default();
+                let block = Block::ToolResult { id: message.tool_call_id, content };
+                match open_user(&mut merged, false) {
                     Some(user) => user.blocks.as_mut().expect("filtered").push(block),
                     None => {
                         merged.push(Message { role: "user".into(), blocks: Some(vec![block]), ..Message::default() })
@@ -201,20 +223,29 @@ fn merge_tool_messages(messages: Vec<Message>) -> Result<Vec<Message>, String> {
                 }
             }
             "user" => {
-                let text = flatten_content(message.content.as_ref())?.unwrap_or_default();
-                match open_user {
+                let text = message.text()?.unwrap_or_default();
+                match open_user(&mut merged, true) {
                     Some(user) => user.blocks.as_mut().expect("filtered").push(Block::Text(text)),
-                    None => {
-                        message.content = Some(Value::String(text.clone()));
-                        message.blocks = Some(vec![Block::Text(text)]);
-                        merged.push(message);
-                    }
+                    // A new user turn keeps its task, nothing else but its text.
+                    None => merged.push(Message {
+                        role: "user".into(),
+                        content: Some(Value::String(text.clone())),
+                        blocks: Some(vec![Block::Text(text)]),
+                        task: message.task,
+                        ..Message::default()
+                    }),
                 }
             }
             _ => merged.push(message),
         }
     }
     Ok(merged)
+}
+
+/// The last turn if a tool result or a user's text joins it: a user turn made of parts (for a
+/// user's text, one without a task).
+fn open_user(merged: &mut [Message], untasked: bool) -> Option<&mut Message> {
+    merged.last_mut().filter(|m| m.role == "user" && m.blocks.is_some() && (!untasked || m.task.is_none()))
 }
 
 /// A tool call's id (`id`, or its function's).
@@ -264,14 +295,17 @@ fn last_user_index(messages: &[Message]) -> Option<usize> {
 }
 
 /// Earlier turns' reasoning left out: assistant turns before the last user turn lose theirs,
-/// developer turns before it go.
+/// developer turns (and turns of roles the encoding does not know) before it go.
 fn drop_thinking_messages(messages: Vec<Message>) -> Vec<Message> {
     let last_user = last_user_index(&messages);
     messages
         .into_iter()
         .enumerate()
         .filter_map(|(i, mut message)| {
-            let kept_role = matches!(message.role.as_str(), "user" | "system" | "tool" | "latest_reminder");
+            let kept_role = matches!(
+                message.role.as_str(),
+                "user" | "system" | "tool" | "latest_reminder" | "direct_search_results"
+            );
             if kept_role || last_user.is_none_or(|u| i >= u) {
                 Some(message)
             } else if message.role == "assistant" {
@@ -296,18 +330,21 @@ fn render_tools(tools: &[Value]) -> Result<String, String> {
 }
 
 /// A tool call's arguments as DSML parameters, one a line: text as it is, anything else as JSON.
+/// As vLLM's chat parser reads them first: JSON text is parsed, and none (or JSON's null) is
+/// no arguments.
 fn dsml_arguments(call: &Value) -> Result<String, String> {
     let arguments = call.get("function").and_then(|f| f.get("arguments")).unwrap_or(&Value::Null);
-    let parsed;
-    let arguments = match arguments {
-        Value::String(text) => {
-            parsed = serde_json::from_str::<Value>(text).map_err(|e| format!("tool call arguments: {e}"))?;
-            &parsed
-        }
-        other => other,
+    let parsed = match arguments {
+        none if !truthy(none) => Value::Object(Map::new()),
+        Value::String(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Null) => Value::Object(Map::new()),
+            Ok(value) => value,
+            Err(e) => return Err(format!("tool call arguments: {e}")),
+        },
+        other => other.clone(),
     };
-    let Value::Object(arguments) = arguments else {
-        return Err(format!("tool call arguments are not an object: {arguments}"));
+    let Value::Object(arguments) = parsed else {
+        return Err(format!("tool call arguments are not an object: {parsed}"));
     };
     Ok(arguments
         .iter()
@@ -322,6 +359,28 @@ fn dsml_arguments(call: &Value) -> Result<String, String> {
         .join("\n"))
 }
 
+/// An assistant turn's tool calls as a DSML block (empty without calls).
+fn dsml_calls(calls: &[Value]) -> Result<String, String> {
+    if calls.is_empty() {
+        return Ok(String::new());
+    }
+    let invokes = calls
+        .iter()
+        .map(|call| {
+            let name = call
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .ok_or_else(|| format!("a tool call without a name: {call}"))?;
+            Ok(format!(
+                "<{DSML}invoke name=\"{}\">\n{}\n</{DSML}invoke>",
+                python_str(Some(name)),
+                dsml_arguments(call)?
+            ))
+        })
+        .collect::<Result<Vec<String>, String>>()?;
+    Ok(format!("\n\n<{DSML}tool_calls>\n{}\n</{DSML}tool_calls>", invokes.join("\n")))
+}
+
 /// One turn's text, and what opens the next.
 fn render(
     index: usize,
@@ -330,19 +389,14 @@ fn render(
     last_user: Option<usize>,
 ) -> Result<String, String> {
     let message = &messages[index];
-    let content = flatten_content(message.content.as_ref())?;
+    let content = message.text()?;
     let mut prompt = String::new();
-    if index == 0 && reasoning.thinking {
-        prompt += match reasoning.effort {
-            Effort::Low => "",
-            Effort::High => EFFORT_HIGH,
-            Effort::Max => EFFORT_MAX,
-        };
+    if index == 0 && reasoning.thinking && reasoning.max_effort {
+        prompt += EFFORT_MAX;
     }
     let tools = || -> Result<String, String> {
         if message.tools.is_empty() { Ok(String::new()) } else { Ok(format!("\n\n{}", render_tools(&message.tools)?)) }
     };
-    let after_last_user = |i: usize| last_user.is_none_or(|u| i > u);
     match message.role.as_str() {
         "system" => {
             prompt += content.as_deref().unwrap_or_default();
@@ -356,30 +410,16 @@ fn render(
         }
         "user" => {
             prompt += USER;
-            let parts: Vec<String> = message
-                .blocks
-                .iter()
-                .flatten()
-                .map(|block| match block {
-                    Block::Text(text) => text.clone(),
-                    Block::ToolResult { content, .. } => {
-                        let text = match content {
-                            Value::Array(parts) => parts
-                                .iter()
-                                .map(|p| match p.get("type").and_then(Value::as_str) {
-                                    Some("text") => {
-                                        p.get("text").and_then(Value::as_str).unwrap_or_default().to_string()
-                                    }
-                                    other => format!("[Unsupported {}]", python_str(other.map(Value::from).as_ref())),
-                                })
-                                .collect::<Vec<_>>()
-                                .join("\n\n"),
-                            other => python_str(Some(other)),
-                        };
-                        format!("<tool_result>{text}</tool_result>")
-                    }
-                })
-                .collect();
+            let parts: Vec<String> = match &message.blocks {
+                Some(blocks) => blocks
+                    .iter()
+                    .map(|block| match block {
+                        Block::Text(text) => text.clone(),
+                        Block::ToolResult { content, .. } => format!("<tool_result>{content}</tool_result>"),
+                    })
+                    .collect(),
+                None => vec![content.unwrap_or_default()],
+            };
             prompt += &parts.join("\n\n");
         }
         "latest_reminder" => {
@@ -387,19 +427,11 @@ fn render(
             prompt += &content.unwrap_or_else(|| "None".into());
         }
         "assistant" => {
-            let mut calls = String::new();
-            if !message.tool_calls.is_empty() {
-                let invokes = message
-                    .tool_calls
-                    .iter()
-                    .map(|call| {
-                        let name = python_str(call.get("function").and_then(|f| f.get("name")));
-                        Ok(format!("<{DSML}invoke name=\"{name}\">\n{}\n</{DSML}invoke>", dsml_arguments(call)?))
-                    })
-                    .collect::<Result<Vec<String>, String>>()?;
-                calls = format!("\n\n<{DSML}tool_calls>\n{}\n</{DSML}tool_calls>", invokes.join("\n"));
-            }
-            if reasoning.thinking && (!reasoning.drop_thinking || after_last_user(index)) {
+            let calls = dsml_calls(&message.tool_calls)?;
+            // The answer to a task is not reasoned.
+            let after_task = index > 0 && messages[index - 1].task.is_some();
+            let after_last_user = last_user.is_none_or(|u| index > u);
+            if reasoning.thinking && !after_task && (!reasoning.drop_thinking || after_last_user) {
                 prompt += message.reasoning.as_deref().unwrap_or_default();
                 prompt += END_THINK;
             }
@@ -413,14 +445,18 @@ fn render(
     if next.is_some_and(|r| r != "assistant" && r != "latest_reminder") {
         return Ok(prompt);
     }
-    // The assistant's turn opens after a user's or a developer's, and after a system turn that
-    // ends the conversation or opens an assistant's.
-    let opens = match message.role.as_str() {
-        "user" | "developer" => true,
-        "system" => next.is_none_or(|r| r == "assistant"),
-        _ => false,
-    };
-    if opens {
+    if let Some(task) = &message.task {
+        let token = TASKS.iter().find(|(name, _)| name == task).map(|(_, token)| *token).ok_or_else(|| {
+            let valid: Vec<&str> = TASKS.iter().map(|(name, _)| *name).collect();
+            format!("invalid task {task:?}: valid tasks are {valid:?}")
+        })?;
+        if task == "action" {
+            prompt += ASSISTANT;
+            prompt += if reasoning.thinking { THINK } else { END_THINK };
+        }
+        prompt += token;
+    } else if matches!(message.role.as_str(), "user" | "developer") {
+        // The assistant's turn opens after a user's or a developer's (a system turn never opens it).
         prompt += ASSISTANT;
         let thinks = reasoning.thinking && (!reasoning.drop_thinking || last_user.is_none_or(|u| index >= u));
         prompt += if thinks { THINK } else { END_THINK };
@@ -428,8 +464,8 @@ fn render(
     Ok(prompt)
 }
 
-/// The prompt text of `messages` (OpenAI-shaped), with the request's `tools` offered in the
-/// first system turn (one is made where there is none) and its `chat_template_kwargs`.
+/// The prompt text of `messages` (OpenAI-shaped), with the request's `tools` offered in a
+/// system turn of their own put first, and its `chat_template_kwargs`.
 pub fn encode(
     messages: &[Value],
     tools: Option<&Value>,
@@ -438,15 +474,7 @@ pub fn encode(
     let reasoning = Reasoning::from_kwargs(kwargs);
     let mut messages = messages.iter().map(Message::read).collect::<Result<Vec<_>, _>>()?;
     if let Some(tools) = tools.and_then(Value::as_array).filter(|t| !t.is_empty()) {
-        let index = match messages.iter().position(|m| m.role == "system") {
-            Some(i) => i,
-            None => {
-                let system = Message::read(&serde_json::json!({"role": "system"}))?;
-                messages.insert(0, system);
-                0
-            }
-        };
-        messages[index].tools = tools.clone();
+        messages.insert(0, Message { role: "system".into(), tools: tools.clone(), ..Message::default() });
     }
     let mut messages = merge_tool_messages(messages)?;
     sort_tool_results(&mut messages);
@@ -470,27 +498,28 @@ mod tests {
 
     use super::*;
 
-    /// `chat_template_kwargs` as vLLM's tokenizer reads them (its own behaviour is compared
-    /// whole in the daemon's `inference_api` tests).
+    /// `chat_template_kwargs` as vLLM 0.25.1's tokenizer reads them (its own behaviour is
+    /// compared whole in the daemon's `inference_api` tests).
     #[test]
     fn kwargs_are_read_as_vllm_reads_them() {
         let read = |kwargs: Value| Reasoning::from_kwargs(kwargs.as_object());
-        let r = |thinking, effort, drop_thinking| Reasoning { thinking, effort, drop_thinking };
-        assert_eq!(read(json!({})), r(true, Effort::High, true), "thinking, high, by default");
-        assert_eq!(read(json!({"thinking": false})), r(false, Effort::Low, true));
-        // Either key true turns it on; present and falsy (null, 0, "") off.
+        let r = |thinking, max_effort, drop_thinking| Reasoning { thinking, max_effort, drop_thinking };
+        assert_eq!(read(json!({})), r(false, false, true), "chat mode by default");
+        assert_eq!(read(json!({"thinking": true})), r(true, false, true));
+        // Either key true turns it on; present and falsy (null, 0, "") leave it off.
         assert!(read(json!({"thinking": false, "enable_thinking": 1})).thinking);
         assert!(!read(json!({"enable_thinking": null})).thinking);
         assert!(!read(json!({"thinking": ""})).thinking);
-        assert_eq!(read(json!({"reasoning_effort": "none"})), r(false, Effort::Low, true));
-        assert_eq!(read(json!({"reasoning_effort": "max"})).effort, Effort::Max);
-        for low in ["low", "minimal", "medium"] {
-            assert_eq!(read(json!({"reasoning_effort": low})).effort, Effort::Low, "{low}");
+        assert_eq!(read(json!({"thinking": true, "reasoning_effort": "none"})), r(false, false, true));
+        for max in ["max", "xhigh"] {
+            assert!(read(json!({"reasoning_effort": max})).max_effort, "{max}");
         }
-        assert_eq!(read(json!({"reasoning_effort": "extreme"})).effort, Effort::High);
-        assert_eq!(read(json!({"reasoning_effort": 3})).effort, Effort::High, "not text: as if absent");
+        for other in [json!("high"), json!("low"), json!("extreme"), json!(3)] {
+            assert!(!read(json!({"reasoning_effort": other})).max_effort, "{other}");
+        }
         assert!(!read(json!({"drop_thinking": false})).drop_thinking);
         assert!(!read(json!({"drop_thinking": 0})).drop_thinking);
+        assert!(!read(json!({"drop_thinking": null})).drop_thinking);
     }
 
     /// Malformed requests are refused with the reason, not rendered.
@@ -505,5 +534,12 @@ mod tests {
         let tools = json!([{"type": "function"}]);
         let refused = encode(&[json!({"role": "user", "content": "x"})], Some(&tools), None).unwrap_err();
         assert!(refused.contains("a tool without a function"), "{refused}");
+        let untyped = json!([{"role": "assistant", "content": "", "tool_calls": [{"type": "code", "function": {}}]}]);
+        assert!(err(untyped).contains("type 'function'"));
+        let images = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
+        assert!(err(images).contains("only text content parts"));
+        // A task is checked where its token would be written.
+        let task = json!([{"role": "user", "content": "x", "task": "poem"}]);
+        assert!(err(task).contains("invalid task \"poem\""));
     }
 }

@@ -106,124 +106,80 @@ fn sse_data(body: &str) -> Vec<String> {
     body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
 }
 
-/// Chat requests for DeepSeek-V4's encoding: `(messages, tools, chat_template_kwargs)`, each
-/// telling a rule of it apart.
-fn deepseek_v4_chat_cases() -> Vec<(Value, Value, Value)> {
-    let earlier = json!([
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4", "reasoning": "Two and two make four."},
-        {"role": "user", "content": "And 3+3?"},
-    ]);
-    let tools = json!([
-        {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
-        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
-    ]);
-    let calls = json!([
-        {"role": "user", "content": "Weather in Paris for 2 days, and the time?"},
-        {"role": "assistant", "content": "", "reasoning": "Both tools.", "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                "arguments": "{\"city\": \"Paris\", \"days\": 2, \"options\": {\"unit\": \"C\", \"hourly\": false}}"}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
-        ]},
-        // Answered in the other order: the encoding sorts them by call.
-        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
-    ]);
-    let none = Value::Null;
-    vec![
-        // Thinking by default, at high effort.
-        (json!([{"role": "user", "content": "Hi"}]), none.clone(), none.clone()),
-        (
-            json!([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]),
-            none.clone(),
-            json!({"thinking": false}),
-        ),
-        // An earlier turn's reasoning dropped, kept, and each effort.
-        (earlier.clone(), none.clone(), none.clone()),
-        (earlier.clone(), none.clone(), json!({"drop_thinking": false})),
-        (earlier.clone(), none.clone(), json!({"reasoning_effort": "max"})),
-        (earlier.clone(), none.clone(), json!({"reasoning_effort": "none"})),
-        (earlier, none.clone(), json!({"enable_thinking": true, "reasoning_effort": "medium"})),
-        // Tools offered (in a system turn made for them, and in the one given), called, answered.
-        (calls.clone(), tools.clone(), none.clone()),
-        (calls.clone(), tools.clone(), json!({"thinking": false})),
-        (
-            json!([{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Time?"}]),
-            tools,
-            none.clone(),
-        ),
-        // Tool results without tools offered: earlier reasoning dropped again.
-        (calls, none.clone(), none.clone()),
-        // Consecutive user turns merge; a developer turn; a system turn that ends the conversation.
-        (
-            json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
-            none.clone(),
-            json!({"thinking": false}),
-        ),
-        (
-            json!([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}]),
-            none.clone(),
-            none.clone(),
-        ),
-        (
-            json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "system", "content": "z"}]),
-            none.clone(),
-            json!({"thinking": false}),
-        ),
-        (json!([{"role": "user", "content": "東京 café 🚀"}]), none.clone(), none),
-    ]
-}
-
-/// DeepSeek-V4's chat prompts against vLLM's own encoding (its CPU build's
-/// `--tokenizer-mode deepseek_v4` tokenizer, `deepseek_v4_chat_reference.py`): the same text
-/// for each case of [`deepseek_v4_chat_cases`], and through the daemon's `/tokenize` (with the
-/// request's `tools` and `chat_template_kwargs`) the same token ids; a developer turn without
-/// content is refused by both; a chat completion runs on it.
+/// DeepSeek-V4's chat prompts against the network's vLLM (0.25.1) writing them: the cases and
+/// texts `deepseek_v4_chat_reference.py` recorded from that version's own tokenizer wrapper and
+/// encoding (`deepseek_v4_chat.json`). The engine writes the same text for each, or refuses
+/// where vLLM does; through the daemon's `/tokenize` (the request's `tools` and
+/// `chat_template_kwargs`) the ids are transformers' encoding of that text, as vLLM's wrapper
+/// tokenises it; a request's `reasoning_effort` reaches the encoding as vLLM 0.25.1 hands it
+/// on; a chat completion runs on it.
 #[tokio::test(flavor = "multi_thread")]
-async fn deepseek_v4_chat_prompts_are_vllms() {
+async fn deepseek_v4_chat_prompts_are_the_network_vllms() {
     const V4: &str = "deepseek-ai/Tiny-DeepSeek-V4";
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join(V4);
-    gonka_e2e::write_tiny_qwen(&dir, "deepseek_v4", json!({})).unwrap();
-    let cases = deepseek_v4_chat_cases();
-    let empty_developer = (json!([{"role": "developer", "content": ""}]), Value::Null, Value::Null);
-    let request: Vec<Value> = cases
-        .iter()
-        .chain([&empty_developer])
-        .map(|(messages, tools, kwargs)| json!({"messages": messages, "tools": tools, "kwargs": kwargs}))
-        .collect();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/deepseek_v4_chat_reference.py");
-    let out = std::process::Command::new(gonka_e2e::vllm_python().unwrap())
+    // Long enough for the prompts with the most reasoning effort asked (504 tokens).
+    gonka_e2e::write_tiny_qwen(&dir, "deepseek_v4", json!({"config": {"max_position_embeddings": 1024}})).unwrap();
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/deepseek_v4_chat.json");
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(recorded).unwrap()).unwrap();
+    assert!(cases.len() >= 30, "{} cases", cases.len());
+
+    let tokenizer = ChatTokenizer::load(&dir).unwrap();
+    let render = |case: &Value| {
+        let messages = case["messages"].as_array().unwrap();
+        tokenizer.apply_chat_template_with(messages, true, Some(&case["tools"]), case["kwargs"].as_object())
+    };
+    let (served, refused): (Vec<&Value>, Vec<&Value>) = cases.iter().partition(|c| c.get("text").is_some());
+    for case in &served {
+        let text = render(case).unwrap_or_else(|e| panic!("{}: {e}", case["name"]));
+        assert_eq!(text, case["text"].as_str().unwrap(), "{}", case["name"]);
+    }
+    assert_eq!(refused.len(), 2);
+    for case in &refused {
+        assert!(render(case).is_err(), "{} is refused by vLLM: {}", case["name"], case["error"]);
+    }
+
+    let texts: Vec<&Value> = served.iter().map(|c| &c["text"]).collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/tokenizer_reference.py");
+    let out = std::process::Command::new(gonka_e2e::python())
         .arg(script)
-        .arg(json!({"dir": dir, "cases": request}).to_string())
+        .arg(json!({"dir": dir, "texts": texts}).to_string())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let theirs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-
-    let tokenizer = ChatTokenizer::load(&dir).unwrap();
-    for (i, ((messages, tools, kwargs), expected)) in cases.iter().zip(&theirs).enumerate() {
-        let text = tokenizer
-            .apply_chat_template_with(messages.as_array().unwrap(), true, Some(tools), kwargs.as_object())
-            .unwrap_or_else(|e| panic!("case {i}: {e}"));
-        assert_eq!(text, expected["text"].as_str().unwrap_or_else(|| panic!("case {i}: {expected}")), "case {i}");
-    }
-    assert!(theirs.last().unwrap()["error"].as_str().is_some_and(|e| e.contains("developer")));
-    let refused = tokenizer.apply_chat_template_with(empty_developer.0.as_array().unwrap(), true, None, None);
-    assert!(refused.unwrap_err().to_string().contains("developer"));
+    let encoded = serde_json::from_slice::<Value>(&out.stdout).unwrap()["encoded"].clone();
 
     let node = start(root.path());
     assert_eq!(node.up(V4, &[]).0, 200);
-    for (i, ((messages, tools, kwargs), expected)) in cases.iter().zip(&theirs).enumerate() {
-        let body = json!({"messages": messages, "tools": tools, "chat_template_kwargs": kwargs});
+    for (case, ids) in served.iter().zip(encoded.as_array().unwrap()) {
+        let body =
+            json!({"messages": case["messages"], "tools": case["tools"], "chat_template_kwargs": case["kwargs"]});
         let (status, tokens) = node.post_json("/tokenize", &body).await;
-        assert_eq!((status, &tokens["tokens"]), (200, &expected["ids"]), "case {i}");
+        assert_eq!((status, &tokens["tokens"]), (200, ids), "{}", case["name"]);
     }
-    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
-        "chat_template_kwargs": {"thinking": false}});
+    // A chat's `reasoning_effort` (vLLM 0.25.1's request field; `/tokenize` has none) reaches
+    // the encoding, and unless the request's kwargs name `enable_thinking`, turns thinking on
+    // for any effort but "none". The prompt's ids come back with `return_token_ids`.
+    let position = |name: &str| served.iter().position(|c| c["name"] == name).unwrap();
+    let earlier = &served[position("max effort")]["messages"];
+    let effort = |effort: &str, kwargs: Value| {
+        json!({"messages": earlier, "reasoning_effort": effort, "chat_template_kwargs": kwargs,
+               "max_tokens": 1, "return_token_ids": true})
+    };
+    for (body, expected) in [
+        (effort("max", json!({})), "max effort"),
+        (effort("xhigh", json!({"drop_thinking": true})), "xhigh effort"),
+        (effort("high", json!({})), "high effort"),
+        (effort("none", json!({"thinking": true})), "effort none"),
+        (effort("max", json!({"enable_thinking": false})), "max effort in chat mode"),
+    ] {
+        let (status, reply) = node.post_json("/v1/chat/completions", &body).await;
+        assert_eq!((status, &reply["prompt_token_ids"]), (200, &encoded[position(expected)]), "{reply}");
+    }
+    let (status, reply) = node.post_json("/v1/chat/completions", &effort("extreme", json!({}))).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap().contains("reasoning_effort"), "{reply}");
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3});
     let (status, reply) = node.post_json("/v1/chat/completions", &chat).await;
     assert_eq!((status, reply["usage"]["completion_tokens"].as_u64()), (200, Some(3)), "{reply}");
 }

