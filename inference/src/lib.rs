@@ -12,6 +12,7 @@
 //! among threads of ours.
 
 pub mod batch;
+pub mod chat_template_reads;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu_attention;
@@ -27,6 +28,7 @@ pub mod models;
 pub mod packed_matmul;
 pub mod placement;
 pub mod poc_v2;
+pub mod python_json;
 pub mod sampling;
 pub mod tokenizer;
 

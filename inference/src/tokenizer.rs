@@ -7,11 +7,13 @@
 
 use std::path::Path;
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error as TemplateError, ErrorKind, Value as TemplateValue};
-use serde::Serialize;
 use serde_json::Value;
 
+use crate::chat_template_reads::TemplateReads;
 use crate::error::LoadError;
+use crate::python_json::Dumps;
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -27,8 +29,9 @@ pub struct ChatTokenizer {
 
 /// How a model's chat messages become its prompt.
 enum ChatFormat {
-    /// Its Jinja template (boxed: the environment is large, and one is made per model).
-    Template(Box<Environment<'static>>),
+    /// Its Jinja template (boxed: the environment is large, and one is made per model), and
+    /// what vLLM finds it reads of the messages.
+    Template(Box<Environment<'static>>, TemplateReads),
     /// DeepSeek-V4's encoding (`config.json`'s `model_type` is `deepseek_v4`): what vLLM renders
     /// under `--tokenizer-mode deepseek_v4`, governance's setting for it, whatever template the
     /// checkpoint carries.
@@ -92,6 +95,7 @@ impl ChatTokenizer {
         };
         let env = template
             .map(|source| {
+                let reads = TemplateReads::of(&source);
                 let mut env = Environment::new();
                 env.set_trim_blocks(true);
                 env.set_lstrip_blocks(true);
@@ -100,7 +104,7 @@ impl ChatTokenizer {
                     Err(TemplateError::new(ErrorKind::InvalidOperation, message))
                 });
                 env.add_filter("tojson", python_json);
-                env.add_template_owned(TEMPLATE_NAME, source).map(|_| env).map_err(|e| LoadError::Checkpoint {
+                env.add_template_owned(TEMPLATE_NAME, source).map(|_| (env, reads)).map_err(|e| LoadError::Checkpoint {
                     path: dir.join("chat_template.jinja"),
                     message: format!("chat template does not parse: {e}"),
                 })
@@ -110,7 +114,7 @@ impl ChatTokenizer {
             .and_then(|c| c.get("model_type").and_then(Value::as_str).map(str::to_string));
         let chat = match (model_type.as_deref(), env) {
             (Some("deepseek_v4"), _) => ChatFormat::DeepseekV4,
-            (_, Some(env)) => ChatFormat::Template(Box::new(env)),
+            (_, Some((env, reads))) => ChatFormat::Template(Box::new(env), reads),
             (_, None) => ChatFormat::None,
         };
         let bos_token = token_text(config.get("bos_token"));
@@ -134,6 +138,15 @@ impl ChatTokenizer {
     pub fn eos_token_id(&self) -> Option<i64> {
         let own = self.eos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t)).map(i64::from);
         own.or_else(|| self.eos_token_ids.first().copied())
+    }
+
+    /// What the chat template reads of the messages (vLLM's content format and developer-role
+    /// findings), which decides how a request's messages are handed to it.
+    pub fn template_reads(&self) -> TemplateReads {
+        match &self.chat {
+            ChatFormat::Template(_, reads) => *reads,
+            ChatFormat::DeepseekV4 | ChatFormat::None => TemplateReads::ENCODING,
+        }
     }
 
     /// A token's id by its text (added tokens included), as vLLM's parsers look their markers up.
@@ -179,7 +192,7 @@ impl ChatTokenizer {
         kwargs: Option<&serde_json::Map<String, Value>>,
     ) -> Result<String, TokenizeError> {
         let env = match &self.chat {
-            ChatFormat::Template(env) => env,
+            ChatFormat::Template(env, _) => env,
             ChatFormat::DeepseekV4 => {
                 return crate::deepseek_v4_chat::encode(messages, tools, kwargs).map_err(TokenizeError::Encoding);
             }
@@ -246,52 +259,49 @@ impl TextStream {
     }
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False)`: `", "` and `": "` separators (transformers
-/// renders `tojson` so), or `indent` spaces per level.
-fn python_json(value: TemplateValue, indent: Option<usize>) -> Result<TemplateValue, TemplateError> {
-    // Serialised straight from the template value, which keeps its maps' order (Python's).
-    let text = match indent {
-        Some(n) => {
-            let spaces = " ".repeat(n);
-            let mut out = Vec::new();
-            let mut ser = serde_json::Serializer::with_formatter(
-                &mut out,
-                serde_json::ser::PrettyFormatter::with_indent(spaces.as_bytes()),
-            );
-            value.serialize(&mut ser).map(|()| String::from_utf8(out).expect("serde_json writes UTF-8"))
-        }
-        None => python_json_text(&value),
-    };
-    let text = text.map_err(|e| TemplateError::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    Ok(TemplateValue::from_safe_string(text))
+/// transformers' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`, its arguments given in that order or by name (MiniMax-M2's
+/// and GLM's templates write `tojson(ensure_ascii=False)`).
+fn python_json(value: TemplateValue, args: &[TemplateValue], kwargs: Kwargs) -> Result<TemplateValue, TemplateError> {
+    const NAMES: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
+    let invalid = |message: String| TemplateError::new(ErrorKind::InvalidOperation, message);
+    if args.len() > NAMES.len() {
+        return Err(invalid(format!("tojson takes at most {} arguments", NAMES.len())));
+    }
+    let mut given = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let named: Option<TemplateValue> = kwargs.get(name)?;
+        given.push(args.get(i).cloned().or(named).filter(|v| !v.is_none() && !v.is_undefined()));
+    }
+    kwargs.assert_all_used()?;
+    let mut dumps = Dumps::default();
+    if let Some(v) = &given[0] {
+        dumps.ensure_ascii = v.is_true();
+    }
+    if let Some(v) = &given[1] {
+        // An integer is that many spaces (none below one); text is used as it is.
+        dumps.indent = Some(match v.as_str() {
+            Some(text) => text.to_string(),
+            None => " ".repeat(v.as_i64().ok_or_else(|| invalid(format!("tojson: indent {v}")))?.max(0) as usize),
+        });
+    }
+    if let Some(v) = &given[2] {
+        let pair: Vec<String> =
+            v.try_iter().map_err(|_| invalid(format!("tojson: separators {v}")))?.map(|s| s.to_string()).collect();
+        let [item, key] = <[String; 2]>::try_from(pair).map_err(|_| invalid(format!("tojson: separators {v}")))?;
+        dumps.separators = Some((item, key));
+    }
+    if let Some(v) = &given[3] {
+        dumps.sort_keys = v.is_true();
+    }
+    // The template value as JSON keeps its maps' order (Python's).
+    let json = serde_json::to_value(&value).map_err(|e| invalid(e.to_string()))?;
+    Ok(TemplateValue::from_safe_string(dumps.dumps(&json)))
 }
 
-/// `json.dumps(value, ensure_ascii=False)` as Python writes it.
-fn python_json_text(value: &impl Serialize) -> Result<String, serde_json::Error> {
-    let mut out = Vec::new();
-    value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter))?;
-    Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
-}
-
-/// [`python_json_text`] of a JSON value, which always serialises.
+/// `json.dumps(value, ensure_ascii=False)` of a JSON value, as Python writes it.
 pub(crate) fn python_json_string(value: &Value) -> String {
-    python_json_text(value).expect("a JSON value serialises")
-}
-
-struct PythonFormatter;
-
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
-    }
-
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
-    }
-
-    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        writer.write_all(b": ")
-    }
+    Dumps::default().dumps(value)
 }
 
 #[cfg(test)]
@@ -300,7 +310,21 @@ mod tests {
 
     #[test]
     fn tojson_writes_what_python_writes() {
-        let v = TemplateValue::from_serialize(serde_json::json!({"name": "get_weather", "args": [1, "東京"]}));
-        assert_eq!(python_json(v, None).unwrap().to_string(), r#"{"name": "get_weather", "args": [1, "東京"]}"#);
+        let mut env = Environment::new();
+        env.add_filter("tojson", python_json);
+        let v = serde_json::json!({"name": "get_weather", "args": [1, "東京"]});
+        let render =
+            |call: &str| env.render_str(&format!("{{{{ v | {call} }}}}"), minijinja::context! {v => v}).unwrap();
+        // Each as transformers' `tojson` (CPython's json.dumps) writes it.
+        assert_eq!(render("tojson"), r#"{"name": "get_weather", "args": [1, "東京"]}"#);
+        assert_eq!(render("tojson(ensure_ascii=False)"), r#"{"name": "get_weather", "args": [1, "東京"]}"#);
+        assert_eq!(render("tojson(ensure_ascii=True)"), r#"{"name": "get_weather", "args": [1, "\u6771\u4eac"]}"#);
+        assert_eq!(render("tojson(True)"), render("tojson(ensure_ascii=True)"), "the first argument is ensure_ascii");
+        assert_eq!(
+            render("tojson(indent=1, sort_keys=True)"),
+            "{\n \"args\": [\n  1,\n  \"東京\"\n ],\n \"name\": \"get_weather\"\n}"
+        );
+        assert_eq!(render("tojson(separators=(',', ':'))"), r#"{"name":"get_weather","args":[1,"東京"]}"#);
+        assert!(env.render_str("{{ v | tojson(colour=1) }}", minijinja::context! {v => v}).is_err());
     }
 }

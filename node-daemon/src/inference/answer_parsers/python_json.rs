@@ -5,6 +5,8 @@
 //! `repr`, integers of any length, text unescaped beyond what JSON needs. Clients read the
 //! arguments string itself, so its bytes are the fork's.
 
+pub use gonka_inference::python_json::float_repr;
+use gonka_inference::python_json::write_str;
 use serde_json::Value;
 
 /// A JSON value as Python's `json` module holds one: integers keep every digit, floats are
@@ -40,7 +42,7 @@ impl PyJson {
             PyJson::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             PyJson::Int(digits) => out.push_str(digits),
             PyJson::Float(x) => out.push_str(&float_repr(*x)),
-            PyJson::Str(s) => write_str(s, out),
+            PyJson::Str(s) => write_str(s, false, out),
             PyJson::Array(items) => {
                 out.push('[');
                 for (i, item) in items.iter().enumerate() {
@@ -57,7 +59,7 @@ impl PyJson {
                     if i > 0 {
                         out.push_str(", ");
                     }
-                    write_str(key, out);
+                    write_str(key, false, out);
                     out.push_str(": ");
                     value.write(out);
                 }
@@ -87,60 +89,6 @@ impl PyJson {
         }
         PyJson::Object(out)
     }
-}
-
-fn write_str(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// Python's `repr` of a float (`json.dumps` writes floats so): the shortest digits that read
-/// back to it, in exponent form below 1e-4 and from 1e16 on.
-pub fn float_repr(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    let sign = if x.is_sign_negative() { "-" } else { "" };
-    if x == 0.0 {
-        return format!("{sign}0.0");
-    }
-    // Rust's `{:e}` gives the shortest round-trip digits: "d.ddde±x".
-    let sci = format!("{:e}", x.abs());
-    let (mantissa, exponent) = sci.split_once('e').expect("`{:e}` writes an exponent");
-    let exponent: i32 = exponent.parse().expect("`{:e}` writes an integer exponent");
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    if !(-4..16).contains(&exponent) {
-        let (first, rest) = digits.split_at(1);
-        let fraction = if rest.is_empty() { String::new() } else { format!(".{rest}") };
-        let exp_sign = if exponent < 0 { '-' } else { '+' };
-        return format!("{sign}{first}{fraction}e{exp_sign}{:02}", exponent.abs());
-    }
-    let point = exponent + 1;
-    let text = if point <= 0 {
-        format!("0.{}{digits}", "0".repeat((-point) as usize))
-    } else if point as usize >= digits.len() {
-        format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
-    } else {
-        let (whole, fraction) = digits.split_at(point as usize);
-        format!("{whole}.{fraction}")
-    };
-    format!("{sign}{text}")
 }
 
 struct Reader<'a> {
