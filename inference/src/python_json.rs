@@ -2,7 +2,8 @@
 //! templates (`json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 //! sort_keys=False)` and its keyword arguments), what DeepSeek-V4's encoding writes, and what
 //! the answer parsers restate (the daemon's `python_json` builds on [`float_repr`] and
-//! [`write_str`]). Floats as Python's `repr`, strings escaped as Python escapes them.
+//! [`write_str`]). Floats as Python's `repr`, strings escaped as Python escapes them; and
+//! Python's white space.
 
 use serde_json::Value;
 
@@ -121,6 +122,17 @@ pub fn write_str(s: &str, ensure_ascii: bool, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+/// Python's `str.strip()`: Unicode white space, and the four ASCII separators (0x1c–0x1f)
+/// Python counts as space too.
+pub fn python_strip(text: &str) -> &str {
+    text.trim_matches(is_python_space)
+}
+
+/// Python's white space (`str.isspace`, regular expressions' `\s`).
+pub fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// Python's `repr` of a float (`json.dumps` writes floats so): the shortest digits that read

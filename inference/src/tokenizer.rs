@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::chat_template_reads::TemplateReads;
 use crate::error::LoadError;
-use crate::python_json::Dumps;
+use crate::python_json::{Dumps, is_python_space, python_strip};
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -209,6 +209,74 @@ impl ChatTokenizer {
                 ..TemplateValue::from_serialize(kwargs.cloned().unwrap_or_default())
             })
             .map_err(|e| TokenizeError::Template(e.to_string()))
+    }
+}
+
+impl ChatTokenizer {
+    /// The prompt that carries on the last message instead of opening a new turn
+    /// (`continue_final_message`), as transformers' `render_jinja_template` writes it: a tag
+    /// after the last message's text (its last text part's), rendered without the generation
+    /// prompt, and cut where the tag is (with the space the template trimmed, if it did).
+    /// DeepSeek-V4's encoding has no such mode (vLLM's wrapper ignores the flag): its prompt is
+    /// the usual one.
+    pub fn continue_final_message(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        kwargs: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<String, TokenizeError> {
+        const TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+        let refused = |message: &str| Err(TokenizeError::Template(message.to_string()));
+        let template = match &self.chat {
+            ChatFormat::Template(env, _) => {
+                env.get_template(TEMPLATE_NAME).map_err(|e| TokenizeError::Template(e.to_string()))?
+            }
+            ChatFormat::DeepseekV4 => return self.apply_chat_template_with(messages, true, tools, kwargs),
+            ChatFormat::None => return Err(TokenizeError::NoChatTemplate),
+        };
+        let mut messages = messages.to_vec();
+        let Some(last) = messages.last_mut() else {
+            return refused("continue_final_message is set but the conversation is empty!");
+        };
+        let final_text = match last.get_mut("content") {
+            None | Some(Value::Null) => {
+                return refused("continue_final_message is set but the final message has no \"content\" to continue!");
+            }
+            _ if !template.source().contains("content") => {
+                return refused(
+                    "continue_final_message is set to \"content\" but this is not an accepted field in the chat_template",
+                );
+            }
+            Some(Value::String(text)) => {
+                let final_text = text.clone();
+                text.push_str(TAG);
+                final_text
+            }
+            Some(Value::Array(parts)) => {
+                let Some(Value::String(text)) = parts.iter_mut().rev().find_map(|p| p.get_mut("text")) else {
+                    return refused(
+                        "continue_final_message is set but we could not find any text to continue in the final message!",
+                    );
+                };
+                let final_text = text.clone();
+                text.push_str(TAG);
+                final_text
+            }
+            Some(_) => return refused("continue_final_message is set but the final message's content is not text"),
+        };
+        let rendered = self.apply_chat_template_with(&messages, false, tools, kwargs)?;
+        let tag = TAG.trim_end();
+        if !rendered.contains(python_strip(&final_text)) || !rendered.contains(tag) {
+            return refused(
+                "continue_final_message is set but the final message does not appear in the chat after applying the chat template!",
+            );
+        }
+        let at = rendered.rfind(tag).expect("checked above");
+        Ok(if rendered[at..].starts_with(TAG) {
+            rendered[..at].to_string()
+        } else {
+            rendered[..at].trim_end_matches(is_python_space).to_string()
+        })
     }
 }
 

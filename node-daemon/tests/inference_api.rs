@@ -194,8 +194,9 @@ async fn deepseek_v4_chat_prompts_are_the_network_vllms() {
 /// its own functions made of the same requests (`chat_conversation.py` recorded
 /// `chat_conversation.json`): the content format and developer role it finds in each template,
 /// the messages through its chat parser in each format with and without developer turns made
-/// system turns, the tools written back, and whole prompts rendered; then through the daemon's
-/// `/tokenize`, the ids of those prompts.
+/// system turns, the tools written back, and whole prompts rendered (a continued last message
+/// among them); then through the daemon's `/tokenize` and a chat, the ids of those prompts, and
+/// vLLM's refusals.
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_requests_reach_templates_as_the_network_vllm_hands_them_on() {
     use gonka_inference::chat_template_reads::{ContentFormat, TemplateReads};
@@ -257,17 +258,21 @@ async fn chat_requests_reach_templates_as_the_network_vllm_hands_them_on() {
         let case = conversations[prompt["conversation"].as_str().unwrap()];
         let messages = conversation::messages(case["messages"].as_array().unwrap().clone(), tokenizer.template_reads());
         let tools = conversation::tools(Some(&case["tools"])).unwrap();
-        let text = tokenizer
-            .apply_chat_template_with(&messages.unwrap(), true, tools.as_ref(), prompt["kwargs"].as_object())
-            .unwrap();
+        let (messages, kwargs) = (messages.unwrap(), prompt["kwargs"].as_object());
+        let text = if prompt["request"]["continue_final_message"] == true {
+            tokenizer.continue_final_message(&messages, tools.as_ref(), kwargs)
+        } else {
+            let add_generation_prompt = prompt["request"]["add_generation_prompt"].as_bool().unwrap_or(true);
+            tokenizer.apply_chat_template_with(&messages, add_generation_prompt, tools.as_ref(), kwargs)
+        };
+        let text = text.unwrap();
         let expected = prompt["text"]["value"].as_str().unwrap();
         assert_eq!(text, expected, "{template}: {}", prompt["conversation"]);
         texts.push(expected.to_string());
-        requests.push((
-            template.to_string(),
-            json!({"messages": case["messages"], "tools": case["tools"],
-            "chat_template_kwargs": prompt["kwargs"]}),
-        ));
+        let mut request = json!({"messages": case["messages"], "tools": case["tools"],
+            "chat_template_kwargs": prompt["kwargs"]});
+        request.as_object_mut().unwrap().extend(prompt["request"].as_object().unwrap().clone());
+        requests.push((template.to_string(), request));
     }
     // Through the daemon: the template that loops over content parts, a tool history on it.
     let parts = root.path().join("templates/parts");
@@ -275,18 +280,39 @@ async fn chat_requests_reach_templates_as_the_network_vllm_hands_them_on() {
     std::fs::create_dir_all(model.parent().unwrap()).unwrap();
     std::fs::rename(&parts, &model).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/reference/tokenizer_reference.py");
-    let (index, body) = requests.iter().enumerate().find(|(_, (t, _))| t == "parts").map(|(i, (_, b))| (i, b)).unwrap();
+    let on_parts: Vec<usize> = (0..requests.len()).filter(|&i| requests[i].0 == "parts").collect();
     let out = std::process::Command::new(gonka_e2e::python())
         .arg(script)
-        .arg(json!({"dir": model, "texts": [texts[index]]}).to_string())
+        .arg(json!({"dir": model, "texts": on_parts.iter().map(|&i| &texts[i]).collect::<Vec<_>>()}).to_string())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ids = serde_json::from_slice::<Value>(&out.stdout).unwrap()["encoded"][0].clone();
+    let encoded = serde_json::from_slice::<Value>(&out.stdout).unwrap()["encoded"].clone();
     let node = start(root.path());
     assert_eq!(node.up("Org/Parts", &[]).0, 200);
-    let (status, tokens) = node.post_json("/tokenize", body).await;
-    assert_eq!((status, &tokens["tokens"]), (200, &ids), "{body}");
+    for (n, &i) in on_parts.iter().enumerate() {
+        let body = &requests[i].1;
+        let (status, tokens) = node.post_json("/tokenize", body).await;
+        assert_eq!((status, &tokens["tokens"]), (200, &encoded[n]), "{body}");
+    }
+    // A continued message's prompt in a chat comes back with `return_token_ids`.
+    let continued = on_parts.iter().position(|&i| requests[i].1["continue_final_message"] == true).unwrap();
+    let mut chat = requests[on_parts[continued]].1.clone();
+    chat.as_object_mut().unwrap().extend([("max_tokens".into(), json!(1)), ("return_token_ids".into(), json!(true))]);
+    let (status, reply) = node.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!((status, &reply["prompt_token_ids"]), (200, &encoded[continued]), "{reply}");
+    // Refused as vLLM refuses them: both ends at once, and a template of the request's own.
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    for bad in [
+        json!({"messages": messages, "continue_final_message": true}),
+        json!({"messages": messages, "chat_template": "{{ messages }}"}),
+        json!({"messages": messages, "chat_template_kwargs": {"chat_template": "{{ messages }}"}}),
+    ] {
+        let (status, reply) = node.post_json("/v1/chat/completions", &bad).await;
+        assert_eq!(status, 400, "{bad}: {reply}");
+        let (status, reply) = node.post_json("/tokenize", &bad).await;
+        assert_eq!(status, 400, "{bad}: {reply}");
+    }
     // A call's arguments that are not JSON are refused, as vLLM refuses them.
     let bad = json!({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "a", "type": "function",
         "function": {"name": "f", "arguments": "{not json"}}]}], "max_tokens": 1});

@@ -87,6 +87,14 @@ pub struct ChatCompletionRequest {
     pub parallel_tool_calls: Option<bool>,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
+    /// vLLM's: the prompt carries on the last message (an assistant's prefix) instead of opening
+    /// a turn; needs `add_generation_prompt` false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continue_final_message: bool,
+    /// vLLM's: a template of the request's own, refused (vLLM's `--trust-request-chat-template`
+    /// is off): a validator would render the prompt with the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     /// vLLM's: variables for the chat template (Qwen3's `enable_thinking`), or DeepSeek-V4's
     /// encoding settings (`thinking`, `reasoning_effort`, `drop_thinking`).
     #[serde(default)]
@@ -372,6 +380,12 @@ pub struct TokenizeRequest {
     pub add_special_tokens: bool,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
+    /// With `messages`, as a chat request's.
+    #[serde(default)]
+    pub continue_final_message: bool,
+    /// With `messages`, as a chat request's (refused).
+    #[serde(default)]
+    pub chat_template: Option<String>,
     /// With `messages`, as a chat request's.
     #[serde(default)]
     pub tools: Option<Value>,

@@ -212,6 +212,52 @@ fn sampling(served: &Served, s: Sampling, max_tokens: Option<u64>) -> Result<Sam
     })
 }
 
+/// How a chat request's prompt ends: opening the assistant's turn, carrying on the last message,
+/// or neither; a template of the request's own refused, as vLLM refuses it.
+fn prompt_end(
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    chat_template: Option<&str>,
+    kwargs: Option<&Map<String, Value>>,
+) -> Result<PromptEnd, OpenAiError> {
+    if chat_template.is_some() || kwargs.is_some_and(|k| k.get("chat_template").is_some_and(|t| !t.is_null())) {
+        return Err(OpenAiError::bad_request(
+            "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request \
+             with untrusted chat template.",
+        ));
+    }
+    match (add_generation_prompt, continue_final_message) {
+        (true, true) => Err(OpenAiError::bad_request(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        )),
+        (_, true) => Ok(PromptEnd::ContinueFinalMessage),
+        (add, false) => Ok(PromptEnd::Render { add_generation_prompt: add }),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PromptEnd {
+    Render { add_generation_prompt: bool },
+    ContinueFinalMessage,
+}
+
+impl PromptEnd {
+    fn render(
+        self,
+        tokenizer: &gonka_inference::tokenizer::ChatTokenizer,
+        messages: &[Value],
+        tools: Option<&Value>,
+        kwargs: Option<&Map<String, Value>>,
+    ) -> Result<String, gonka_inference::tokenizer::TokenizeError> {
+        match self {
+            PromptEnd::Render { add_generation_prompt } => {
+                tokenizer.apply_chat_template_with(messages, add_generation_prompt, tools, kwargs)
+            }
+            PromptEnd::ContinueFinalMessage => tokenizer.continue_final_message(messages, tools, kwargs),
+        }
+    }
+}
+
 /// The efforts vLLM's chat request takes (`reasoning_effort`).
 const REASONING_EFFORTS: [&str; 7] = ["none", "minimal", "low", "medium", "high", "xhigh", "max"];
 
@@ -363,7 +409,12 @@ async fn chat(
     let reads = served.engine.tokenizer().template_reads();
     let messages = conversation::messages(request.messages, reads).map_err(OpenAiError::bad_request)?;
     let tools = conversation::tools(request.tools.as_ref()).map_err(OpenAiError::bad_request)?;
-    let add_generation_prompt = request.add_generation_prompt;
+    let end = prompt_end(
+        request.add_generation_prompt,
+        request.continue_final_message,
+        request.chat_template.as_deref(),
+        kwargs.as_ref(),
+    )?;
     let (enforced_tokens, enforced_str) = (request.enforced_tokens, request.enforced_str);
     // A replay naming no logprobs mode reads the executor's from its top lists, as the fork does.
     if !mode_named && let Some(mode) = enforced_tokens.as_ref().and_then(logprobs::detected_mode) {
@@ -372,8 +423,8 @@ async fn chat(
     let vocab_size = served.engine.spec().vocab_size;
     let (prompt, enforced) = off_the_runtime(&served, move |served| {
         let tokenizer = served.engine.tokenizer();
-        let prompt = tokenizer
-            .apply_chat_template_with(&messages, add_generation_prompt, tools.as_ref(), kwargs.as_ref())
+        let prompt = end
+            .render(tokenizer, &messages, tools.as_ref(), kwargs.as_ref())
             .and_then(|text| tokenizer.encode(&text, false))
             .map_err(|e| e.to_string())?;
         let enforced =
@@ -636,7 +687,7 @@ async fn tokenize(
     OpenAiJson(request): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, OpenAiError> {
     let served = serving(&manager, request.model.as_deref())?;
-    let (add_special_tokens, add_generation_prompt) = (request.add_special_tokens, request.add_generation_prompt);
+    let add_special_tokens = request.add_special_tokens;
     let tokens = match (request.prompt, request.messages) {
         (Some(prompt), None) => {
             off_the_runtime(&served, move |served| {
@@ -649,10 +700,15 @@ async fn tokenize(
             let messages = conversation::messages(messages, reads).map_err(OpenAiError::bad_request)?;
             let tools = conversation::tools(request.tools.as_ref()).map_err(OpenAiError::bad_request)?;
             let kwargs = request.chat_template_kwargs;
+            let end = prompt_end(
+                request.add_generation_prompt,
+                request.continue_final_message,
+                request.chat_template.as_deref(),
+                kwargs.as_ref(),
+            )?;
             off_the_runtime(&served, move |served| {
                 let tokenizer = served.engine.tokenizer();
-                tokenizer
-                    .apply_chat_template_with(&messages, add_generation_prompt, tools.as_ref(), kwargs.as_ref())
+                end.render(tokenizer, &messages, tools.as_ref(), kwargs.as_ref())
                     .and_then(|text| tokenizer.encode(&text, false))
                     .map_err(|e| e.to_string())
             })

@@ -120,6 +120,9 @@ TEMPLATES = {
     "tools' content": "{% for t in tools %}{% for p in t.content %}{% endfor %}{% endfor %}",
     "two loop names": "{% for a, b in messages|batch(2) %}{% endfor %}{% for p in content %}{% endfor %}",
     "developer named": "{% for m in messages %}{% if m.role == \"developer\" %}D{% endif %}{% endfor %}",
+    # Trims what it writes, so a continued message's trailing space goes.
+    "trimmed": "{% for m in messages %}[{{ m.role }}] {{ m.content | trim }}\n{% endfor %}"
+               "{% if add_generation_prompt %}[assistant]{% endif %}",
 }
 
 WEATHER = {"type": "function", "function": {
@@ -160,17 +163,27 @@ CONVERSATIONS = {
         {"id": "c", "type": "function", "function": {"name": "h"}}]}], None),
     "a tool with extras": ([{"role": "user", "content": "hi"}], [
         {"type": "function", "x_extra": 1, "defer_loading": True, "function": {"name": "f", "extra": "e"}}]),
+    "an assistant's prefix": ([{"role": "user", "content": "A haiku?"},
+                               {"role": "assistant", "content": "Autumn moon, "}], None),
+    "an assistant's prefix in parts": ([{"role": "user", "content": "A haiku?"},
+                                        {"role": "assistant", "content": [{"type": "text", "text": "Autumn"},
+                                                                          {"type": "text", "text": "moon"}]}], None),
     "arguments that are not JSON": ([{"role": "assistant", "content": "", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}], None),
 }
+CONTINUE = {"add_generation_prompt": False, "continue_final_message": True}
 PROMPTS = [
-    ("plain", "a tool history", {"enable_thinking": False}),
-    ("plain", "developer turns", {}),
-    ("plain", "parts of every text kind", {}),
-    ("parts", "a tool history", {}),
-    ("parts", "developer turns", {}),
-    ("parts", "a developer first", {}),
-    ("parts", "arguments of every kind", {}),
+    ("plain", "a tool history", {"enable_thinking": False}, {}),
+    ("plain", "developer turns", {}, {}),
+    ("plain", "parts of every text kind", {}, {}),
+    ("parts", "a tool history", {}, {}),
+    ("parts", "developer turns", {}, {}),
+    ("parts", "a developer first", {}, {}),
+    ("parts", "arguments of every kind", {}, {}),
+    ("plain", "an assistant's prefix", {}, CONTINUE),
+    ("parts", "an assistant's prefix in parts", {}, CONTINUE),
+    ("trimmed", "an assistant's prefix", {}, CONTINUE),
+    ("trimmed", "an assistant's prefix", {}, {"add_generation_prompt": False}),
 ]
 
 
@@ -207,17 +220,19 @@ def main():
                     "tools_written": attempt(lambda: written_tools(tools)),
                 })
     prompts = []
-    for template, name, kwargs in PROMPTS:
+    for template, name, kwargs, fields in PROMPTS:
         messages, tools = CONVERSATIONS[name]
         source = TEMPLATES[template]
+        # The request's own fields (`build_chat_params` hands them to the template).
+        ends = {"add_generation_prompt": True, "continue_final_message": False, **fields}
 
         def render():
             conv, _, _ = parse_chat_messages(copy.deepcopy(messages), MODEL,
                                              content_format=_detect_content_format(source, default="string"))
             return safe_apply_chat_template(MODEL, TOKENIZER, conv, tools=written_tools(tools), chat_template=source,
-                                            tokenize=False, add_generation_prompt=True, continue_final_message=False,
-                                            **kwargs)
-        prompts.append({"template": template, "conversation": name, "kwargs": kwargs, "text": attempt(render)})
+                                            tokenize=False, **ends, **kwargs)
+        prompts.append({"template": template, "conversation": name, "kwargs": kwargs, "request": fields,
+                        "text": attempt(render)})
     json.dump({"vllm": vllm.__version__, "templates": templates, "conversations": conversations, "prompts": prompts},
               sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")

@@ -5,8 +5,8 @@
 //! `repr`, integers of any length, text unescaped beyond what JSON needs. Clients read the
 //! arguments string itself, so its bytes are the fork's.
 
-pub use gonka_inference::python_json::float_repr;
 use gonka_inference::python_json::write_str;
+pub use gonka_inference::python_json::{float_repr, is_python_space, python_strip};
 use serde_json::Value;
 
 /// A JSON value as Python's `json` module holds one: integers keep every digit, floats are
@@ -306,17 +306,6 @@ fn without_underscores(text: &str) -> Option<String> {
         }
     }
     Some(text.replace('_', ""))
-}
-
-/// Python's `str.strip()`: Unicode white space, and the four ASCII separators (0x1c–0x1f)
-/// Python counts as space too.
-pub fn python_strip(text: &str) -> &str {
-    text.trim_matches(is_python_space)
-}
-
-/// Python's white space (`str.isspace`, regular expressions' `\s`).
-pub fn is_python_space(c: char) -> bool {
-    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// The fork's `extract_types_from_schema`: the JSON-schema types a parameter's schema allows,
