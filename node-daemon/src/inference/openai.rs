@@ -21,6 +21,7 @@ use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
 use gonka_inference::engine::{Event, FinishReason, Generation};
 use gonka_inference::sampling::{Choice, SamplingParams};
+use gonka_inference::tokenizer::ChatTokenizer;
 use gonka_protocol::openai::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatLogprobs, ChatMessage, ChunkChoice,
     Completion, CompletionChoice, CompletionRequest, Delta, DeltaFunctionCall, DeltaToolCall, ErrorInfo, ErrorResponse,
@@ -212,50 +213,71 @@ fn sampling(served: &Served, s: Sampling, max_tokens: Option<u64>) -> Result<Sam
     })
 }
 
-/// How a chat request's prompt ends: opening the assistant's turn, carrying on the last message,
-/// or neither; a template of the request's own refused, as vLLM refuses it.
-fn prompt_end(
+/// A chat request's prompt, as vLLM makes it: the messages and tools handed on
+/// ([`conversation`]), the template's variables, and how the prompt ends.
+struct ChatPrompt {
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    kwargs: Option<Map<String, Value>>,
+    end: PromptEnd,
+}
+
+/// The request fields a chat prompt is made of (a chat completion's and `/tokenize`'s alike).
+struct ChatFields {
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    kwargs: Option<Map<String, Value>>,
     add_generation_prompt: bool,
     continue_final_message: bool,
-    chat_template: Option<&str>,
-    kwargs: Option<&Map<String, Value>>,
-) -> Result<PromptEnd, OpenAiError> {
-    if chat_template.is_some() || kwargs.is_some_and(|k| k.get("chat_template").is_some_and(|t| !t.is_null())) {
-        return Err(OpenAiError::bad_request(
-            "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request \
-             with untrusted chat template.",
-        ));
-    }
-    match (add_generation_prompt, continue_final_message) {
-        (true, true) => Err(OpenAiError::bad_request(
-            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-        )),
-        (_, true) => Ok(PromptEnd::ContinueFinalMessage),
-        (add, false) => Ok(PromptEnd::Render { add_generation_prompt: add }),
-    }
+    chat_template: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PromptEnd {
-    Render { add_generation_prompt: bool },
-    ContinueFinalMessage,
-}
+impl ChatPrompt {
+    /// The request's messages and tools as vLLM hands them to this model's template; a template
+    /// of the request's own refused, as vLLM refuses it.
+    fn read(served: &Served, fields: ChatFields) -> Result<Self, OpenAiError> {
+        let kwargs = fields.kwargs;
+        let template_given = kwargs.as_ref().and_then(|k| k.get("chat_template")).is_some_and(|t| !t.is_null());
+        if fields.chat_template.is_some() || template_given {
+            return Err(OpenAiError::bad_request(
+                "Chat template is passed with request, but --trust-request-chat-template is not set. Refused \
+                 request with untrusted chat template.",
+            ));
+        }
+        let end = match (fields.add_generation_prompt, fields.continue_final_message) {
+            (true, true) => {
+                return Err(OpenAiError::bad_request(
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                ));
+            }
+            (_, true) => PromptEnd::ContinueFinalMessage,
+            (add_generation_prompt, false) => PromptEnd::Render { add_generation_prompt },
+        };
+        let reads = served.engine.tokenizer().template_reads();
+        let messages = conversation::messages(fields.messages, reads).map_err(OpenAiError::bad_request)?;
+        let tools = conversation::tools(fields.tools.as_ref()).map_err(OpenAiError::bad_request)?;
+        Ok(Self { messages, tools, kwargs, end })
+    }
 
-impl PromptEnd {
-    fn render(
-        self,
-        tokenizer: &gonka_inference::tokenizer::ChatTokenizer,
-        messages: &[Value],
-        tools: Option<&Value>,
-        kwargs: Option<&Map<String, Value>>,
-    ) -> Result<String, gonka_inference::tokenizer::TokenizeError> {
-        match self {
+    /// The prompt's token ids (CPU-bound: run off the runtime).
+    fn token_ids(&self, tokenizer: &ChatTokenizer) -> Result<Vec<i64>, String> {
+        let (messages, tools, kwargs) = (&self.messages, self.tools.as_ref(), self.kwargs.as_ref());
+        let text = match self.end {
             PromptEnd::Render { add_generation_prompt } => {
                 tokenizer.apply_chat_template_with(messages, add_generation_prompt, tools, kwargs)
             }
             PromptEnd::ContinueFinalMessage => tokenizer.continue_final_message(messages, tools, kwargs),
-        }
+        };
+        text.and_then(|text| tokenizer.encode(&text, false)).map_err(|e| e.to_string())
     }
+}
+
+/// How a chat prompt ends: opening the assistant's turn (or not), or carrying on the last
+/// message (an assistant's prefix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PromptEnd {
+    Render { add_generation_prompt: bool },
+    ContinueFinalMessage,
 }
 
 /// The efforts vLLM's chat request takes (`reasoning_effort`).
@@ -406,14 +428,16 @@ async fn chat(
     if served.parsers.keeps_special_tokens(&tool_request) {
         params.skip_special_tokens = false;
     }
-    let reads = served.engine.tokenizer().template_reads();
-    let messages = conversation::messages(request.messages, reads).map_err(OpenAiError::bad_request)?;
-    let tools = conversation::tools(request.tools.as_ref()).map_err(OpenAiError::bad_request)?;
-    let end = prompt_end(
-        request.add_generation_prompt,
-        request.continue_final_message,
-        request.chat_template.as_deref(),
-        kwargs.as_ref(),
+    let chat_prompt = ChatPrompt::read(
+        &served,
+        ChatFields {
+            messages: request.messages,
+            tools: request.tools,
+            kwargs,
+            add_generation_prompt: request.add_generation_prompt,
+            continue_final_message: request.continue_final_message,
+            chat_template: request.chat_template,
+        },
     )?;
     let (enforced_tokens, enforced_str) = (request.enforced_tokens, request.enforced_str);
     // A replay naming no logprobs mode reads the executor's from its top lists, as the fork does.
@@ -423,10 +447,7 @@ async fn chat(
     let vocab_size = served.engine.spec().vocab_size;
     let (prompt, enforced) = off_the_runtime(&served, move |served| {
         let tokenizer = served.engine.tokenizer();
-        let prompt = end
-            .render(tokenizer, &messages, tools.as_ref(), kwargs.as_ref())
-            .and_then(|text| tokenizer.encode(&text, false))
-            .map_err(|e| e.to_string())?;
+        let prompt = chat_prompt.token_ids(tokenizer)?;
         let enforced =
             logprobs::enforced_ids(enforced_tokens.as_ref(), enforced_str.as_deref(), tokenizer, vocab_size)?;
         Ok((prompt, enforced))
@@ -696,23 +717,18 @@ async fn tokenize(
             .await?
         }
         (None, Some(messages)) => {
-            let reads = served.engine.tokenizer().template_reads();
-            let messages = conversation::messages(messages, reads).map_err(OpenAiError::bad_request)?;
-            let tools = conversation::tools(request.tools.as_ref()).map_err(OpenAiError::bad_request)?;
-            let kwargs = request.chat_template_kwargs;
-            let end = prompt_end(
-                request.add_generation_prompt,
-                request.continue_final_message,
-                request.chat_template.as_deref(),
-                kwargs.as_ref(),
+            let chat_prompt = ChatPrompt::read(
+                &served,
+                ChatFields {
+                    messages,
+                    tools: request.tools,
+                    kwargs: request.chat_template_kwargs,
+                    add_generation_prompt: request.add_generation_prompt,
+                    continue_final_message: request.continue_final_message,
+                    chat_template: request.chat_template,
+                },
             )?;
-            off_the_runtime(&served, move |served| {
-                let tokenizer = served.engine.tokenizer();
-                end.render(tokenizer, &messages, tools.as_ref(), kwargs.as_ref())
-                    .and_then(|text| tokenizer.encode(&text, false))
-                    .map_err(|e| e.to_string())
-            })
-            .await?
+            off_the_runtime(&served, move |served| chat_prompt.token_ids(served.engine.tokenizer())).await?
         }
         _ => return Err(OpenAiError::bad_request("give either prompt or messages")),
     };
