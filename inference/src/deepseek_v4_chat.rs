@@ -17,7 +17,7 @@
 //!
 //! Messages are read as vLLM 0.25.1's chat parser hands them on (content format "string"):
 //! `role`, `content` as text (its text parts joined by a line break: the daemon's
-//! `flatten_content` and [`text_of`] here), an assistant's `reasoning` and `tool_calls`, a
+//! `conversation` and [`text_of`] here), an assistant's `reasoning` and `tool_calls`, a
 //! tool result's `tool_call_id`, a developer's `tools`, and any message's `task` (a string).
 //! Nothing else of a message reaches the encoding there (`response_format`, `wo_eos` do not).
 
@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::tokenizer::python_json_string;
+use crate::python_json::{self, truthy};
 
 const BOS: &str = "<｜begin▁of▁sentence｜>";
 const EOS: &str = "<｜end▁of▁sentence｜>";
@@ -89,18 +89,6 @@ pub struct Reasoning {
     pub max_effort: bool,
     /// Earlier turns' reasoning left out.
     pub drop_thinking: bool,
-}
-
-/// Python's truth of a JSON value (`bool(x)`; also how vLLM's parsers read template flags).
-pub fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
 }
 
 impl Reasoning {
@@ -182,7 +170,7 @@ fn python_str(value: Option<&Value>) -> String {
     match value {
         None | Some(Value::Null) => "None".into(),
         Some(Value::String(s)) => s.clone(),
-        Some(other) => python_json_string(other),
+        Some(other) => python_json::dumps(other),
     }
 }
 
@@ -323,7 +311,7 @@ fn render_tools(tools: &[Value]) -> Result<String, String> {
     let schemas = tools
         .iter()
         .map(|tool| {
-            tool.get("function").map(python_json_string).ok_or_else(|| format!("a tool without a function: {tool}"))
+            tool.get("function").map(python_json::dumps).ok_or_else(|| format!("a tool without a function: {tool}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TOOLS.replace("{schemas}", &schemas.join("\n")))
@@ -351,7 +339,7 @@ fn dsml_arguments(call: &Value) -> Result<String, String> {
         .map(|(key, value)| {
             let (string, text) = match value {
                 Value::String(s) => ("true", s.clone()),
-                other => ("false", python_json_string(other)),
+                other => ("false", python_json::dumps(other)),
             };
             format!("<{DSML}parameter name=\"{key}\" string=\"{string}\">{text}</{DSML}parameter>")
         })

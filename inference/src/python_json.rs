@@ -3,7 +3,7 @@
 //! sort_keys=False)` and its keyword arguments), what DeepSeek-V4's encoding writes, and what
 //! the answer parsers restate (the daemon's `python_json` builds on [`float_repr`] and
 //! [`write_str`]). Floats as Python's `repr`, strings escaped as Python escapes them; and
-//! Python's white space.
+//! Python's white space and truth.
 
 use serde_json::Value;
 
@@ -57,7 +57,7 @@ impl Dumps {
                     self.separate(i, depth + 1, item, out);
                     self.write(v, depth + 1, item, key, out);
                 }
-                self.close(depth, out);
+                self.separate(0, depth, item, out);
                 out.push(']');
             }
             Value::Object(map) => {
@@ -72,25 +72,19 @@ impl Dumps {
                     out.push_str(key);
                     self.write(v, depth + 1, item, key, out);
                 }
-                self.close(depth, out);
+                self.separate(0, depth, item, out);
                 out.push('}');
             }
         }
     }
 
-    /// Before the `i`-th item at `depth`: the item separator after the first, then with an
-    /// indent a new line indented to the depth.
+    /// Before the `i`-th item at `depth` (and, as item 0 at the outer depth, before the closing
+    /// bracket): the item separator after the first, then with an indent a new line indented
+    /// to the depth.
     fn separate(&self, i: usize, depth: usize, item: &str, out: &mut String) {
         if i > 0 {
             out.push_str(item);
         }
-        if let Some(indent) = &self.indent {
-            out.push('\n');
-            out.push_str(&indent.repeat(depth));
-        }
-    }
-
-    fn close(&self, depth: usize, out: &mut String) {
         if let Some(indent) = &self.indent {
             out.push('\n');
             out.push_str(&indent.repeat(depth));
@@ -122,6 +116,23 @@ pub fn write_str(s: &str, ensure_ascii: bool, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+/// `json.dumps(value, ensure_ascii=False)`, as transformers' `tojson` writes it by default.
+pub fn dumps(value: &Value) -> String {
+    Dumps::default().dumps(value)
+}
+
+/// Python's truth of a JSON value (`bool(x)`; also how vLLM's parsers read template flags).
+pub fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }
 
 /// Python's `str.strip()`: Unicode white space, and the four ASCII separators (0x1c–0x1f)

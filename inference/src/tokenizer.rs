@@ -367,11 +367,6 @@ fn python_json(value: TemplateValue, args: &[TemplateValue], kwargs: Kwargs) -> 
     Ok(TemplateValue::from_safe_string(dumps.dumps(&json)))
 }
 
-/// `json.dumps(value, ensure_ascii=False)` of a JSON value, as Python writes it.
-pub(crate) fn python_json_string(value: &Value) -> String {
-    Dumps::default().dumps(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@
 //! loops over a message's content gets parts, not text. Pure: no engine, no I/O.
 
 use gonka_inference::chat_template_reads::{ContentFormat, TemplateReads};
+use gonka_inference::python_json::truthy;
 use serde_json::{Map, Value, json};
 
 /// The messages as vLLM's chat parser makes them for a template that reads them as `reads`
@@ -178,11 +179,6 @@ fn parse_tool_call_arguments(message: &mut Value) -> Result<(), String> {
         function.insert("arguments".into(), arguments);
     }
     Ok(())
-}
-
-/// Python's truth of a JSON value.
-fn truthy(value: &Value) -> bool {
-    gonka_inference::deepseek_v4_chat::truthy(value)
 }
 
 /// A developer turn as a system turn (without its tools).

@@ -12,7 +12,7 @@
 //! streamed, and nothing after it in the stream is; a streamed value that is not text may be
 //! sent raw and its JSON never closed.
 
-use gonka_inference::deepseek_v4_chat::truthy;
+use gonka_inference::python_json::truthy;
 use serde_json::Value;
 
 use super::python_json::{self, PyJson, is_python_space, python_strip};
